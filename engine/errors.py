@@ -1,0 +1,66 @@
+"""Typed errors. The HTTP layer maps each to an OpenAI-shaped error and status code."""
+
+
+class OrchardError(Exception):
+    """Base class: every error the engine raises on purpose."""
+
+    status_code = 500
+    error_type = "server_error"
+
+    def __init__(self, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def to_openai(self) -> dict:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.error_type,
+                "param": self.param,
+                "code": self.code,
+            }
+        }
+
+
+class ModelLoadError(OrchardError):
+    """A model source could not be resolved or read (missing, corrupt, offline...)."""
+
+    status_code = 500
+    error_type = "model_load_error"
+
+
+class UnsupportedModelError(ModelLoadError):
+    """The file is readable but its architecture or quantization is not supported."""
+
+
+class InvalidRequestError(OrchardError):
+    """The request is malformed or out of range: a 400 for the client."""
+
+    status_code = 400
+    error_type = "invalid_request_error"
+
+
+class ModelNotFoundError(OrchardError):
+    status_code = 404
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str, param: str | None = "model"):
+        super().__init__(message, param=param, code="model_not_found")
+
+
+class OverloadedError(OrchardError):
+    """The engine's queue is full; the client should retry later."""
+
+    status_code = 503
+    error_type = "overloaded_error"
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message, code="overloaded")
+        self.retry_after_s = retry_after_s
+
+
+class EngineDeadError(OrchardError):
+    status_code = 503
+    error_type = "server_error"
