@@ -1,0 +1,53 @@
+"""Engine options. Plain pydantic models, so the YAML `args:` of a deployment map 1:1."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class EngineConfig(BaseModel):
+    """How one model is run: scheduling, streaming and KV cache."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    continuous_batching: bool = Field(
+        True, description="Continuous batching (requests join and leave the running batch between steps). "
+        "False is simple mode: one request at a time, the others wait in FIFO order."
+    )
+    max_num_seqs: int = Field(16, ge=1, le=1024, description="Most sequences decoding at once.")
+    prefill_batch_size: int = Field(8, ge=1, le=256, description="Most prompts prefilled together.")
+    prefill_step_size: int = Field(
+        512, ge=16, le=65536,
+        description="Prompt tokens per prefill chunk; decoding sequences step between chunks.",
+    )
+    stream_interval: int = Field(
+        1, ge=1, le=1024, description="Emit output every N tokens (1 = every token); the last chunk is always flushed."
+    )
+    max_waiting: int = Field(256, ge=1, description="Most requests waiting for a slot before new ones are refused (503).")
+    context_length: int | None = Field(
+        None, ge=16, description="Prompt + completion limit in tokens; default: the model's own context length."
+    )
+    default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none.")
+    fast_cpu: bool | None = Field(
+        None, description="Dequantize to float32 for the OpenBLAS CPU path. None: automatic (CPU-only Linux)."
+    )
+    # KV cache
+    paged_cache: bool = Field(True, description="Paged KV cache with prefix sharing (block pool).")
+    block_size: int = Field(32, ge=1, le=4096, description="Tokens per KV block.")
+    cache_memory_mb: int | None = Field(None, ge=1, description="KV cache budget in MB; overrides cache_memory_percent.")
+    cache_memory_percent: float = Field(0.20, gt=0, le=0.95, description="KV cache budget as a fraction of RAM.")
+    memory_aware: bool = Field(True, description="Budget by bytes (True) or by entry count (False).")
+    max_cache_entries: int = Field(64, ge=1, description="Cached prompts kept when memory_aware is False.")
+
+    @model_validator(mode="after")
+    def _simple_mode(self) -> "EngineConfig":
+        if not self.continuous_batching:
+            self.max_num_seqs = 1
+            self.prefill_batch_size = 1
+        self.prefill_batch_size = min(self.prefill_batch_size, self.max_num_seqs)
+        return self
+
+
+Role = Literal["system", "user", "assistant", "tool", "developer"]

@@ -1,0 +1,234 @@
+"""AsyncEngine: one model, one loop thread, an asyncio API.
+
+All MLX work (loading included) happens on the engine's own thread. Callers on any asyncio loop
+submit requests and read their outputs from an async iterator; the thread hands outputs back
+with `loop.call_soon_threadsafe`.
+
+    engine = AsyncEngine.from_source("smollm2-135m-instruct", EngineConfig())
+    stream = engine.submit(PromptInput(messages=[{"role": "user", "content": "Hi"}]), SamplingParams())
+    async for out in stream:
+        print(out.text, end="")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import queue
+import threading
+import time
+import uuid
+
+from .config import EngineConfig
+from .errors import EngineDeadError, InvalidRequestError, OrchardError, OverloadedError
+from .kv_cache import make_cache_manager
+from .loader import LoadedModel, load_model
+from .prompts import encode_prompt
+from .request import PromptInput, RequestOutput
+from .sampling import SamplingParams
+from .scheduler import Scheduler, Sequence
+from .text_stream import TextStream
+
+log = logging.getLogger(__name__)
+_STOP = object()
+
+
+class RequestStream:
+    """Async iterator over one request's outputs; closing it early aborts the request."""
+
+    def __init__(self, engine: "AsyncEngine", request_id: str, prompt_tokens: int):
+        self.request_id = request_id
+        self.prompt_tokens = prompt_tokens
+        self._engine = engine
+        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        self.finished = False
+
+    def _put(self, item: RequestOutput | BaseException) -> None:  # called from the engine thread
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        try:
+            item = await self._queue.get()
+        except asyncio.CancelledError:
+            self._engine.abort(self.request_id)
+            raise
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        if item.finished:
+            self.finished = True
+        return item
+
+    async def aclose(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self._engine.abort(self.request_id)
+
+
+class AsyncEngine:
+    def __init__(self, source: str, config: EngineConfig | None = None):
+        """Start the loop thread, which loads the model; blocks until it is ready."""
+        self.config = config or EngineConfig()
+        self.source = source
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, RequestStream] = {}
+        self._lock = threading.Lock()
+        self._ready = threading.Event()
+        self._load_error: BaseException | None = None
+        self._dead: BaseException | None = None
+        self._ids = itertools.count()
+        self.loaded: LoadedModel | None = None
+        self.scheduler: Scheduler | None = None
+        self._thread = threading.Thread(target=self._thread_main, name=f"orchard-engine-{source}", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._load_error is not None:
+            raise self._load_error
+
+    @classmethod
+    def from_source(cls, source: str, config: EngineConfig | None = None) -> "AsyncEngine":
+        return cls(source, config)
+
+    # --- public API (any thread / event loop) ---------------------------------------------
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    @property
+    def context_length(self) -> int:
+        return self.config.context_length or self.loaded.context_length
+
+    @property
+    def info(self) -> dict:
+        return {**self.loaded.summary(), "context_length": self.context_length}
+
+    def submit(self, prompt: PromptInput, params: SamplingParams, request_id: str | None = None) -> RequestStream:
+        """Validate and enqueue a request. Raises InvalidRequestError / OverloadedError at once."""
+        self.check_health()
+        prompt_ids = encode_prompt(self.tokenizer, prompt)
+        max_tokens = self._max_tokens(len(prompt_ids), params)
+        with self._lock:
+            if len(self._streams) >= self.config.max_num_seqs + self.config.max_waiting:
+                raise OverloadedError(f"too many requests waiting for {self.source}; retry later")
+            request_id = request_id or f"req-{uuid.uuid4().hex[:16]}"
+            if request_id in self._streams:
+                raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
+            stream = RequestStream(self, request_id, len(prompt_ids))
+            self._streams[request_id] = stream
+        text = TextStream(self.tokenizer.detokenizer, params.stop)
+        self._inbox.put(("add", Sequence(request_id, prompt_ids, params, max_tokens, text)))
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def stats(self) -> dict:
+        sched = self.scheduler.stats() if self.scheduler else {}
+        return {"model": self.source, **sched, "cache": self.scheduler.cache.stats() if self.scheduler else {}}
+
+    def clear_cache(self) -> None:
+        self._inbox.put(("clear_cache", None))
+
+    def check_health(self) -> None:
+        if self._dead is not None or not self._thread.is_alive():
+            raise EngineDeadError(f"engine for {self.source} is not running: {self._dead}")
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._inbox.put((_STOP, None))
+        self._thread.join(timeout)
+
+    def _max_tokens(self, prompt_len: int, params: SamplingParams) -> int:
+        room = self.context_length - prompt_len
+        if room < 1:
+            raise InvalidRequestError(
+                f"the prompt is {prompt_len} tokens; this model's context is {self.context_length} tokens",
+                param="messages", code="context_length_exceeded",
+            )
+        if params.max_tokens is None:
+            return min(self.config.default_max_tokens, room)
+        if params.max_tokens > room:
+            raise InvalidRequestError(
+                f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds this model's "
+                f"context of {self.context_length} tokens", param="max_tokens", code="context_length_exceeded",
+            )
+        return params.max_tokens
+
+    # --- the loop thread -----------------------------------------------------------------
+
+    def _thread_main(self) -> None:
+        try:
+            self.loaded = load_model(self.source, fast_cpu=self.config.fast_cpu)
+            cache = make_cache_manager(self.loaded.model, self.config)
+            self.scheduler = Scheduler(self.loaded.model, self.loaded.tokenizer, self.config, cache)
+        except BaseException as exc:  # noqa: BLE001 - reported to the constructor
+            self._load_error = exc
+            self._ready.set()
+            return
+        self._ready.set()
+        try:
+            self._loop()
+        except BaseException as exc:  # noqa: BLE001
+            log.exception("engine loop for %s died", self.source)
+            self._dead = exc
+            self._fail_streams(EngineDeadError(f"engine for {self.source} died: {exc}"))
+
+    def _loop(self) -> None:
+        sched = self.scheduler
+        while True:
+            if not self._drain_inbox(block=not sched.has_work()):
+                return
+            if not sched.has_work():
+                continue
+            try:
+                outputs = sched.step()
+            except OrchardError:
+                raise
+            except Exception:  # noqa: BLE001 - keep serving; the affected requests end with "abort"
+                log.exception("engine step failed; aborting the running requests")
+                outputs = sched.fail_all()
+            self._deliver(outputs)
+
+    def _drain_inbox(self, block: bool) -> bool:
+        """Apply queued adds/aborts. False when asked to stop."""
+        while True:
+            try:
+                kind, item = self._inbox.get(block=block, timeout=0.5 if block else None)
+            except queue.Empty:
+                return True
+            block = False
+            if kind is _STOP:
+                self._fail_streams(EngineDeadError(f"engine for {self.source} is shutting down"))
+                return False
+            if kind == "add":
+                if item.request_id in self._streams:
+                    self.scheduler.add(item)
+            elif kind == "abort":
+                out = self.scheduler.abort(item)
+                self._deliver([out] if out is not None else [])
+                with self._lock:
+                    self._streams.pop(item, None)
+            elif kind == "clear_cache":
+                self.scheduler.cache.clear()
+
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            with self._lock:
+                stream = self._streams.get(out.request_id)
+                if out.finished:
+                    self._streams.pop(out.request_id, None)
+            if stream is not None:
+                stream._put(out)
+
+    def _fail_streams(self, exc: BaseException) -> None:
+        with self._lock:
+            streams, self._streams = list(self._streams.values()), {}
+        for stream in streams:
+            stream._put(exc)

@@ -1,0 +1,66 @@
+"""Prompt → token ids: chat messages through the model's chat template, or plain text."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .errors import InvalidRequestError
+from .request import PromptInput
+
+
+def encode_prompt(tokenizer, prompt: PromptInput) -> list[int]:
+    given = [f for f in ("messages", "text", "token_ids") if getattr(prompt, f) is not None]
+    if len(given) != 1:
+        raise InvalidRequestError("give exactly one of messages, prompt text or token ids", param="messages")
+    if prompt.token_ids is not None:
+        ids = _check_ids(prompt.token_ids, len(tokenizer))
+    elif prompt.text is not None:
+        ids = tokenizer.encode(prompt.text)
+    else:
+        ids = _apply_chat_template(tokenizer, prompt.messages)
+    if not ids:
+        raise InvalidRequestError("the prompt is empty", param="prompt")
+    return ids
+
+
+def _check_ids(ids: list[int], vocab: int) -> list[int]:
+    bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
+    if bad:
+        raise InvalidRequestError(f"token ids must be integers in [0, {vocab}): got {bad[0]!r}", param="prompt")
+    return list(ids)
+
+
+def _apply_chat_template(tokenizer, messages: list[dict[str, Any]]) -> list[int]:
+    if not messages:
+        raise InvalidRequestError("messages must be a non-empty list", param="messages")
+    if not tokenizer.has_chat_template:
+        raise InvalidRequestError(
+            "this model has no chat template (a base model): use /v1/completions with a prompt",
+            param="messages",
+        )
+    normalized = [_normalize_message(m, i) for i, m in enumerate(messages)]
+    try:
+        return list(tokenizer.apply_chat_template(normalized, add_generation_prompt=True))
+    except Exception as exc:  # jinja2 TemplateError and friends: the template rejected the conversation
+        raise InvalidRequestError(f"the chat template rejected these messages: {exc}", param="messages") from exc
+
+
+def _normalize_message(message: dict[str, Any], index: int) -> dict[str, Any]:
+    """OpenAI content may be a string or a list of text parts; templates want a string."""
+    if not isinstance(message, dict) or "role" not in message:
+        raise InvalidRequestError(f"messages[{index}] needs a role and content", param=f"messages.{index}")
+    content = message.get("content")
+    if isinstance(content, list):
+        texts = []
+        for part in content:
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise InvalidRequestError(
+                    f"messages[{index}]: only text content parts are supported", param=f"messages.{index}.content"
+                )
+            texts.append(str(part.get("text", "")))
+        content = "".join(texts)
+    elif content is None:
+        content = ""
+    elif not isinstance(content, str):
+        raise InvalidRequestError(f"messages[{index}].content must be a string", param=f"messages.{index}.content")
+    return {**message, "content": content}

@@ -1,0 +1,179 @@
+"""The continuous-batching loop of one model, synchronous and single-threaded.
+
+It drives mlx_lm's BatchGenerator, which already interleaves one decode step of the running batch
+with one prefill chunk (prefill_step_size tokens) of newly admitted prompts, so a long prompt
+never stalls decoding sequences. On top of it this module keeps per-request state: sampling,
+stop strings, streaming with a stream interval, usage, abort, and the KV cache seam
+(`engine.kv_cache.PromptCacheManager`) through which prefix-cached prompts are inserted.
+
+Simple mode is the same loop with a batch of one: requests wait in FIFO order.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+from mlx_lm.generate import BatchGenerator, StopSequences
+
+from .config import EngineConfig
+from .request import FinishReason, RequestOutput, Usage
+from .sampling import SamplingParams, make_processors, make_sampler
+from .text_stream import TextStream
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Sequence:
+    """One request inside the engine."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    text: TextStream
+    arrival: float = field(default_factory=time.monotonic)
+    uid: int | None = None
+    cached_tokens: int = 0
+    output_ids: list[int] = field(default_factory=list)
+    pending_ids: list[int] = field(default_factory=list)
+    pending_text: str = ""
+    first_token_time: float | None = None
+    finish_reason: FinishReason | None = None
+
+    def usage(self) -> Usage:
+        return Usage(len(self.prompt_ids), len(self.output_ids), self.cached_tokens)
+
+
+class Scheduler:
+    def __init__(self, model, tokenizer, config: EngineConfig, cache_manager):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.config = config
+        self.cache = cache_manager
+        self.eos_ids = sorted(tokenizer.eos_token_ids)
+        self.sequences: dict[str, Sequence] = {}
+        self._by_uid: dict[int, Sequence] = {}
+        self.counters = {"requests": 0, "finished": 0, "aborted": 0, "prompt_tokens": 0, "generated_tokens": 0}
+        self.gen = self._make_generator()
+
+    def _make_generator(self) -> BatchGenerator:
+        return BatchGenerator(
+            self.model,
+            completion_batch_size=self.config.max_num_seqs,
+            prefill_batch_size=self.config.prefill_batch_size,
+            prefill_step_size=self.config.prefill_step_size,
+        )
+
+    # --- admission ---------------------------------------------------------------------
+
+    def add(self, seq: Sequence) -> None:
+        prompt_cache, cached = self.cache.acquire(seq.prompt_ids)
+        seq.cached_tokens = cached
+        stops = [[t] for t in ([] if seq.params.ignore_eos else self.eos_ids) + seq.params.stop_token_ids]
+        (seq.uid,) = self.gen.insert(
+            [seq.prompt_ids[cached:]],
+            max_tokens=[seq.max_tokens],
+            caches=[prompt_cache] if prompt_cache is not None else None,
+            samplers=[make_sampler(seq.params)],
+            logits_processors=[make_processors(seq.params)],
+            stop_sequences=[StopSequences(stops)],
+        )
+        self.sequences[seq.request_id] = seq
+        self._by_uid[seq.uid] = seq
+        self.counters["requests"] += 1
+        self.counters["prompt_tokens"] += len(seq.prompt_ids)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        seq = self.sequences.get(request_id)
+        if seq is None:
+            return None
+        self.gen.remove([seq.uid])
+        self.counters["aborted"] += 1
+        return self._finish(seq, "abort", cache=None)
+
+    # --- stepping ----------------------------------------------------------------------
+
+    def has_work(self) -> bool:
+        return bool(self.sequences)
+
+    def step(self) -> list[RequestOutput]:
+        """One decode step of the running batch plus one prefill chunk; the outputs it produced."""
+        _, responses = self.gen.next()
+        outputs, stopped = [], []
+        for r in responses:
+            seq = self._by_uid.get(r.uid)
+            if seq is None:
+                continue
+            out = self._on_token(seq, r.token, r.finish_reason, r.prompt_cache)
+            if out is not None:
+                outputs.append(out)
+            if seq.finish_reason is None and seq.text.stopped:
+                stopped.append(seq)
+        for seq in stopped:  # a stop string ended these: take them out of the batch
+            self.gen.remove([seq.uid])
+            outputs.append(self._finish(seq, "stop", cache=None))
+        return outputs
+
+    def _on_token(self, seq: Sequence, token: int, finish: str | None, cache) -> RequestOutput | None:
+        now = time.monotonic()
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        seq.output_ids.append(token)
+        self.counters["generated_tokens"] += 1
+        if finish != "stop":  # a stop token is counted but never shown
+            seq.pending_ids.append(token)
+            seq.pending_text += seq.text.add(token)
+        if finish is not None:
+            return self._finish(seq, finish, cache)
+        if seq.text.stopped:
+            return None
+        if len(seq.pending_ids) >= self.config.stream_interval or len(seq.output_ids) == 1:
+            return self._flush(seq)
+        return None
+
+    def _flush(self, seq: Sequence) -> RequestOutput | None:
+        if not seq.pending_ids and not seq.pending_text:
+            return None
+        out = RequestOutput(seq.request_id, seq.pending_text, seq.pending_ids, first_token_time=seq.first_token_time)
+        seq.pending_text, seq.pending_ids = "", []
+        return out
+
+    def _finish(self, seq: Sequence, reason: FinishReason, cache) -> RequestOutput:
+        seq.finish_reason = reason
+        seq.pending_text += seq.text.finish()
+        self.sequences.pop(seq.request_id, None)
+        self._by_uid.pop(seq.uid, None)
+        self.counters["finished"] += 1
+        if cache is not None:
+            self.cache.store(seq.prompt_ids + seq.output_ids[:-1], cache)
+        return RequestOutput(
+            seq.request_id,
+            seq.pending_text,
+            seq.pending_ids,
+            finish_reason=reason,
+            usage=seq.usage(),
+            first_token_time=seq.first_token_time,
+        )
+
+    def fail_all(self) -> list[RequestOutput]:
+        """After an internal error: end every request (abort) and start a fresh generator."""
+        outputs = [self._finish(seq, "abort", cache=None) for seq in list(self.sequences.values())]
+        self.gen.close()
+        self.gen = self._make_generator()
+        mx.clear_cache()
+        return outputs
+
+    # --- introspection -----------------------------------------------------------------
+
+    def stats(self) -> dict:
+        running = sum(1 for s in self.sequences.values() if s.first_token_time is not None)
+        return {
+            "running": running,
+            "waiting": len(self.sequences) - running,
+            "kv_cache_bytes": self.gen.prompt_cache_nbytes,
+            **self.counters,
+        }
