@@ -13,11 +13,9 @@ with `loop.call_soon_threadsafe`.
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import queue
 import threading
-import time
 import uuid
 
 from .config import EngineConfig
@@ -83,7 +81,6 @@ class AsyncEngine:
         self._ready = threading.Event()
         self._load_error: BaseException | None = None
         self._dead: BaseException | None = None
-        self._ids = itertools.count()
         self.loaded: LoadedModel | None = None
         self.scheduler: Scheduler | None = None
         self._thread = threading.Thread(target=self._thread_main, name=f"orchard-engine-{source}", daemon=True)

@@ -131,7 +131,7 @@ class Scheduler:
             return self._finish(seq, finish, cache)
         if seq.text.stopped:
             return None
-        if len(seq.pending_ids) >= self.config.stream_interval or len(seq.output_ids) == 1:
+        if len(seq.pending_ids) >= self.config.stream_interval:
             return self._flush(seq)
         return None
 

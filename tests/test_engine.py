@@ -1,0 +1,135 @@
+"""The continuous-batching engine on the real SmolLM2 model (CPU, short prompts, few tokens)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from engine.config import EngineConfig
+from engine.engine import AsyncEngine
+from engine.errors import InvalidRequestError
+from engine.request import PromptInput
+from engine.sampling import SamplingParams
+
+from .conftest import SMOLLM
+
+QUESTIONS = ["What is 2+2?", "Name 3 colors.", "What is Python?", "Capital of Japan?", "Who wrote Hamlet?"]
+
+
+def chat(q: str) -> PromptInput:
+    return PromptInput(messages=[{"role": "user", "content": q}])
+
+
+@pytest.fixture(scope="module")
+def engine():
+    eng = AsyncEngine.from_source(SMOLLM, EngineConfig(paged_cache=False))
+    yield eng
+    eng.shutdown()
+
+
+async def collect(stream):
+    outs = [out async for out in stream]
+    ids = [t for o in outs for t in o.token_ids]
+    return "".join(o.text for o in outs), ids, outs
+
+
+async def run(engine, prompt, **params):
+    return await collect(engine.submit(prompt, SamplingParams(**params)))
+
+
+async def test_batched_greedy_equals_solo_with_late_insert(engine):
+    solo = [(await run(engine, chat(q), temperature=0, max_tokens=12))[1] for q in QUESTIONS]
+    first = [engine.submit(chat(q), SamplingParams(temperature=0, max_tokens=12)) for q in QUESTIONS[:4]]
+    heads = [await s.__anext__() for s in first]  # all four are decoding now
+    late = engine.submit(chat(QUESTIONS[4]), SamplingParams(temperature=0, max_tokens=12))
+    rests = await asyncio.gather(*(collect(s) for s in [*first, late]))
+    batched = [h.token_ids + r[1] for h, r in zip(heads, rests[:4])] + [rests[4][1]]
+    assert batched == solo
+
+
+async def test_seed_reproducible_inside_a_batch(engine):
+    params = dict(temperature=1.0, top_p=0.95, top_k=50, seed=1234, max_tokens=12)
+    alone = (await run(engine, chat("Tell me a story."), **params))[1]
+    noise = [engine.submit(chat(q), SamplingParams(temperature=1.0, max_tokens=12)) for q in QUESTIONS[:3]]
+    again, *_ = await asyncio.gather(run(engine, chat("Tell me a story."), **params), *(collect(s) for s in noise))
+    assert again[1] == alone
+
+
+async def test_stop_string_is_not_returned(engine):
+    text, _, outs = await run(engine, chat("Count from 1 to 10, separated by commas."), temperature=0, max_tokens=40, stop=["5"])
+    unstopped, _, _ = await run(engine, chat("Count from 1 to 10, separated by commas."), temperature=0, max_tokens=40)
+    assert "5" in unstopped
+    assert outs[-1].finish_reason == "stop"
+    assert "5" not in text and unstopped.startswith(text)
+
+
+async def test_max_tokens_gives_length(engine):
+    _, ids, outs = await run(engine, chat("Write a long essay about the sea."), temperature=0, max_tokens=7)
+    assert outs[-1].finish_reason == "length"
+    assert len(ids) == 7 and outs[-1].usage.completion_tokens == 7
+    assert outs[-1].usage.prompt_tokens > 10
+
+
+async def test_abort_mid_stream_frees_everything(engine):
+    stream = engine.submit(chat("Write a long essay about the sea."), SamplingParams(temperature=0, max_tokens=200))
+    await stream.__anext__()
+    await stream.aclose()
+    for _ in range(100):
+        stats = engine.stats()
+        if stats["running"] == 0 and stats["waiting"] == 0:
+            break
+        await asyncio.sleep(0.05)
+    assert stats["running"] == 0 and stats["waiting"] == 0
+    assert stats["kv_cache_bytes"] == 0
+    assert stats["aborted"] >= 1
+    _, ids, _ = await run(engine, chat("What is 2+2?"), temperature=0, max_tokens=4)  # still serving
+    assert len(ids) > 0
+
+
+async def test_bad_input_is_rejected_and_engine_keeps_serving(engine):
+    bad_params = [{"max_tokens": 0}, {"temperature": -0.5}, {"top_p": 0.0}, {"top_p": 1.5}, {"bogus": 1}]
+    for values in bad_params:
+        with pytest.raises(InvalidRequestError) as info:
+            SamplingParams.parse(values)
+        assert info.value.param == next(iter(values))
+    with pytest.raises(InvalidRequestError, match="context"):
+        engine.submit(PromptInput(token_ids=[1] * (engine.context_length + 5)), SamplingParams())
+    with pytest.raises(InvalidRequestError):
+        engine.submit(PromptInput(messages=[]), SamplingParams())
+    with pytest.raises(InvalidRequestError):
+        engine.submit(PromptInput(token_ids=[10**9]), SamplingParams())
+    _, ids, _ = await run(engine, chat("What is 2+2?"), temperature=0, max_tokens=4)
+    assert len(ids) == 4 or len(ids) > 0
+
+
+async def test_stream_interval_chunks():
+    eng = AsyncEngine.from_source(SMOLLM, EngineConfig(stream_interval=4, paged_cache=False))
+    try:
+        _, ids, outs = await run(eng, chat("Write a long essay about the sea."), temperature=0, max_tokens=10)
+    finally:
+        eng.shutdown()
+    assert [len(o.token_ids) for o in outs] == [4, 4, 2]
+    assert len(ids) == 10
+
+
+async def test_simple_mode_queues_in_fifo_order():
+    eng = AsyncEngine.from_source(SMOLLM, EngineConfig(continuous_batching=False, paged_cache=False))
+    try:
+        order: list[int] = []
+
+        async def one(i):
+            _, ids, _ = await run(eng, chat(QUESTIONS[i]), temperature=0, max_tokens=6)
+            order.append(i)
+            return ids
+
+        tasks = [asyncio.create_task(one(i)) for i in range(3)]
+        await asyncio.sleep(0.3)
+        waiting = eng.stats()["waiting"]
+        results = await asyncio.gather(*tasks)
+        solo = [(await run(eng, chat(QUESTIONS[i]), temperature=0, max_tokens=6))[1] for i in range(3)]
+    finally:
+        eng.shutdown()
+    assert waiting >= 1  # the others waited instead of being rejected
+    assert order == [0, 1, 2]
+    assert results == solo
