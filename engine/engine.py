@@ -16,6 +16,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 import uuid
 
 from .config import EngineConfig
@@ -30,6 +31,7 @@ from .text_stream import TextStream
 
 log = logging.getLogger(__name__)
 _STOP = object()
+ARRIVAL_WINDOW_S = 0.005  # when idle, gather requests that arrive together into one prefill
 
 
 class RequestStream:
@@ -200,6 +202,8 @@ class AsyncEngine:
                 kind, item = self._inbox.get(block=block, timeout=0.5 if block else None)
             except queue.Empty:
                 return True
+            if block:  # woken from idle: let requests sent together arrive before stepping
+                time.sleep(ARRIVAL_WINDOW_S)
             block = False
             if kind is _STOP:
                 self._fail_streams(EngineDeadError(f"engine for {self.source} is shutting down"))

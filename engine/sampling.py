@@ -66,10 +66,17 @@ class SamplingParams(BaseModel):
             raise InvalidRequestError(f"{field}: {err['msg']}" if field else err["msg"], param=field) from exc
 
 
+def greedy(logprobs: mx.array) -> mx.array:
+    return mx.argmax(logprobs, axis=-1)
+
+
 def make_sampler(params: SamplingParams) -> Sampler:
-    """A sampler over log-probabilities [1, vocab] → [1] with this request's own random key."""
+    """A sampler over log-probabilities [B, vocab] → [B] with this request's own random key.
+
+    Greedy requests share one function, so an all-greedy batch samples in one batched call.
+    """
     if params.greedy:
-        return lambda logprobs: mx.argmax(logprobs, axis=-1)
+        return greedy
     key = [mx.random.key(params.seed)] if params.seed is not None else None
     inv_temp = 1.0 / params.temperature
 

@@ -141,7 +141,7 @@ def main() -> None:
     out = {
         "generator": f"llama-cpp-python {llama_cpp.__version__} (llama.cpp built from PyPI source, CPU)",
         "created": datetime.date.today().isoformat(),
-        "command": "python scripts/make_llama_cpp_reference.py " + " ".join(sys.argv[1:]),
+        "command": " ".join(["python scripts/make_llama_cpp_reference.py"] + sys.argv[1:]),
         "settings": {"n_ctx": N_CTX, "n_threads": N_THREADS, "n_gen": N_GEN,
                      "tokenize": "add_bos=False, special=True",
                      "greedy": "add_bos=model default, special=True; argmax, no EOS stop"},

@@ -1,0 +1,150 @@
+"""Engine-level continuous batching: single request vs N concurrent, against raw mlx_lm.
+
+    python -m benchmarks.bench_engine                       # SmolLM2 on this machine
+    python -m benchmarks.bench_engine --model synthetic:qwen3-0.6b-8bit --batches 1 5 16   # GPU
+
+For each batch size it runs our AsyncEngine (N requests submitted together) and then raw
+mlx_lm BatchGenerator on the same loaded weights, in the same process, with the seed's prompts
+cycled, a fixed max_tokens and EOS ignored. Prints one JSON document and a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import sys
+import time
+
+PROMPTS = ["What is 2+2?", "Name 3 colors.", "What is Python?", "Capital of Japan?", "Who wrote Hamlet?"]
+
+
+def prompt_ids(tokenizer, n: int) -> list[list[int]]:
+    from engine.prompts import encode_prompt
+    from engine.request import PromptInput
+
+    if not tokenizer.has_chat_template:  # synthetic model: fixed-length token-id prompts
+        return [[(7 * i + j) % 1000 + 10 for j in range(32)] for i in range(n)]
+    return [encode_prompt(tokenizer, PromptInput(messages=[{"role": "user", "content": PROMPTS[i % 5]}])) for i in range(n)]
+
+
+async def run_engine(engine, prompts, max_tokens: int) -> dict:
+    from engine.request import PromptInput
+    from engine.sampling import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+
+    async def one(ids):
+        start = time.perf_counter()
+        ttft, n = None, 0
+        async for out in engine.submit(PromptInput(token_ids=ids), params):
+            ttft = ttft if ttft is not None else time.perf_counter() - start
+            n += len(out.token_ids)
+        return ttft, n
+
+    start = time.perf_counter()
+    results = await asyncio.gather(*(one(p) for p in prompts))
+    return summarize(results, time.perf_counter() - start)
+
+
+def run_raw(model, prompts, max_tokens: int, config) -> dict:
+    """mlx_lm's BatchGenerator alone: the baseline our loop must keep up with."""
+    from mlx_lm.generate import BatchGenerator
+
+    gen = BatchGenerator(
+        model, completion_batch_size=config.max_num_seqs, prefill_batch_size=config.prefill_batch_size,
+        prefill_step_size=config.prefill_step_size,
+    )
+    start = time.perf_counter()
+    uids = gen.insert(prompts, max_tokens=[max_tokens] * len(prompts))
+    first, counts, done = {}, {u: 0 for u in uids}, set()
+    while len(done) < len(uids):
+        for r in gen.next_generated():
+            first.setdefault(r.uid, time.perf_counter() - start)
+            counts[r.uid] += 1
+            if r.finish_reason is not None:
+                done.add(r.uid)
+    gen.close()
+    return summarize([(first[u], counts[u]) for u in uids], time.perf_counter() - start)
+
+
+def summarize(results, wall: float) -> dict:
+    ttfts = [t for t, _ in results]
+    tokens = sum(n for _, n in results)
+    return {
+        "requests": len(results), "tokens": tokens, "wall_s": round(wall, 3),
+        "tok_per_s": round(tokens / wall, 2), "ttft_p50_ms": round(statistics.median(ttfts) * 1000, 1),
+        "ttft_max_ms": round(max(ttfts) * 1000, 1),
+    }
+
+
+def machine() -> dict:
+    import mlx.core as mx
+    import mlx_lm
+
+    from engine.cpu_fast_path import openblas_loaded
+
+    return {
+        "platform": platform.platform(), "processor": platform.machine(), "python": platform.python_version(),
+        "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "device": str(mx.default_device()),
+        "openblas_preloaded": openblas_loaded(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "command": " ".join(sys.orig_argv),
+    }
+
+
+def table(rows: list[dict]) -> str:
+    lines = ["| batch | ours tok/s | raw mlx_lm tok/s | ours/raw | speedup vs single | TTFT p50 ms (ours / raw) |",
+             "|---|---|---|---|---|---|"]
+    single = rows[0]["ours"]["tok_per_s"]
+    for r in rows:
+        o, b = r["ours"], r["raw"]
+        lines.append(f"| {r['batch']} | {o['tok_per_s']} | {b['tok_per_s']} | {o['tok_per_s'] / b['tok_per_s']:.3f} "
+                     f"| {o['tok_per_s'] / single:.2f}x | {o['ttft_p50_ms']} / {b['ttft_p50_ms']} |")
+    return "\n".join(lines)
+
+
+async def main_async(args) -> dict:
+    from engine.config import EngineConfig
+    from engine.engine import AsyncEngine
+
+    from .synthetic_model import resolve_model
+
+    source = resolve_model(args.model)
+    config = EngineConfig(max_num_seqs=max(args.batches), prefill_batch_size=8, paged_cache=args.paged)
+    engine = AsyncEngine.from_source(source, config)
+    model, tokenizer = engine.loaded.model, engine.tokenizer
+    await run_engine(engine, prompt_ids(tokenizer, 2), 4)  # warm-up
+    rows = []
+    for n in args.batches:
+        prompts = prompt_ids(tokenizer, n)
+        ours = await run_engine(engine, prompts, args.max_tokens)
+        raw = run_raw(model, prompts, args.max_tokens, config)  # same weights; our loop is idle meanwhile
+        rows.append({"batch": n, "ours": ours, "raw": raw})
+        print(f"batch {n}: ours {ours['tok_per_s']} tok/s, raw {raw['tok_per_s']} tok/s", file=sys.stderr, flush=True)
+    engine.shutdown()
+    return {"machine": machine(), "model": engine.info, "max_tokens": args.max_tokens, "rows": rows}
+
+
+def main() -> None:
+    from engine.cpu_fast_path import reexec_with_openblas
+
+    reexec_with_openblas()
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m-instruct", help="a model source or synthetic:qwen3-0.6b-8bit")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 5, 16])
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--paged", action="store_true", help="run the engine with the paged KV cache")
+    parser.add_argument("--json-out")
+    args = parser.parse_args()
+    result = asyncio.run(main_async(args))
+    print(json.dumps(result, indent=2))
+    print(table(result["rows"]))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(result, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()

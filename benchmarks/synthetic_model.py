@@ -1,0 +1,64 @@
+"""A random-weight model of a real model's shape, written as an MLX directory.
+
+Throughput does not depend on weight values, so GPU benchmarks use the seed's shape
+(Qwen3-0.6B, 8-bit) without downloading anything. The tokenizer is a plain word-level
+vocabulary of the right size with no chat template: benchmarks drive it with token ids.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+SHAPES = {
+    "qwen3-0.6b-8bit": {
+        "model_type": "qwen3", "hidden_size": 1024, "num_hidden_layers": 28, "intermediate_size": 3072,
+        "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
+        "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0, "max_position_embeddings": 40960,
+        "tie_word_embeddings": True, "eos_token_id": 0,
+        "quantization": {"group_size": 64, "bits": 8},
+    },
+}
+
+
+def resolve_model(name: str) -> str:
+    """`synthetic:<shape>` → a directory (made once per process); anything else is returned as is."""
+    if not name.startswith("synthetic:"):
+        return name
+    out = Path(tempfile.gettempdir()) / f"orchard-{name.split(':', 1)[1]}"
+    if not (out / "config.json").exists():
+        make_synthetic_model(name.split(":", 1)[1], out)
+    return str(out)
+
+
+def make_synthetic_model(shape: str, out: Path) -> Path:
+    import mlx.core as mx
+    import mlx.nn as nn
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import _get_classes
+
+    config = SHAPES[shape]
+    model_class, args_class = _get_classes(config)
+    model = model_class(args_class.from_dict(config))
+    quant = config.get("quantization")
+    if quant:
+        nn.quantize(model, group_size=quant["group_size"], bits=quant["bits"])
+    out.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    _write_tokenizer(out, config["vocab_size"])
+    return out
+
+
+def _write_tokenizer(out: Path, vocab_size: int) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    vocab = {f"t{i}": i for i in range(vocab_size)}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="t1"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    tokenizer.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "t0", "unk_token": "t1"}
+    ))
