@@ -70,6 +70,34 @@ def run_raw(model, prompts, max_tokens: int, config) -> dict:
     return summarize([(first[u], counts[u]) for u in uids], time.perf_counter() - start)
 
 
+def run_scheduler(engine, prompts, max_tokens: int, profile: bool = False) -> dict:
+    """Our scheduler driven synchronously on this thread: the loop's cost without the thread hop."""
+    import cProfile
+    import pstats
+
+    from engine.sampling import SamplingParams
+    from engine.scheduler import Scheduler, Sequence
+    from engine.text_stream import TextStream
+
+    sched = Scheduler(engine.loaded.model, engine.tokenizer, engine.config, engine.scheduler.cache)
+    params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
+    profiler = cProfile.Profile() if profile else None
+    start = time.perf_counter()
+    if profiler:
+        profiler.enable()
+    seqs = [Sequence(f"s{i}", ids, params, max_tokens, TextStream(engine.tokenizer.detokenizer, [])) for i, ids in enumerate(prompts)]
+    for seq in seqs:
+        sched.add(seq)
+    while sched.has_work():
+        sched.step()
+    if profiler:
+        profiler.disable()
+        pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(12)
+    wall = time.perf_counter() - start
+    sched.gen.close()
+    return summarize([(s.first_token_time - s.arrival, len(s.output_ids)) for s in seqs], wall)
+
+
 def summarize(results, wall: float) -> dict:
     ttfts = [t for t, _ in results]
     tokens = sum(n for _, n in results)
@@ -95,13 +123,14 @@ def machine() -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| batch | ours tok/s | raw mlx_lm tok/s | ours/raw | speedup vs single | TTFT p50 ms (ours / raw) |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| batch | engine tok/s | scheduler (sync) tok/s | raw mlx_lm tok/s | engine/raw | engine speedup vs single "
+             "| TTFT p50 ms (engine / raw) |", "|---|---|---|---|---|---|---|"]
     single = rows[0]["ours"]["tok_per_s"]
     for r in rows:
-        o, b = r["ours"], r["raw"]
-        lines.append(f"| {r['batch']} | {o['tok_per_s']} | {b['tok_per_s']} | {o['tok_per_s'] / b['tok_per_s']:.3f} "
-                     f"| {o['tok_per_s'] / single:.2f}x | {o['ttft_p50_ms']} / {b['ttft_p50_ms']} |")
+        o, s, b = r["ours"], r["scheduler"], r["raw"]
+        lines.append(f"| {r['batch']} | {o['tok_per_s']} | {s['tok_per_s']} | {b['tok_per_s']} "
+                     f"| {o['tok_per_s'] / b['tok_per_s']:.3f} | {o['tok_per_s'] / single:.2f}x "
+                     f"| {o['ttft_p50_ms']} / {b['ttft_p50_ms']} |")
     return "\n".join(lines)
 
 
@@ -115,14 +144,18 @@ async def main_async(args) -> dict:
     config = EngineConfig(max_num_seqs=max(args.batches), prefill_batch_size=8, paged_cache=args.paged)
     engine = AsyncEngine.from_source(source, config)
     model, tokenizer = engine.loaded.model, engine.tokenizer
-    await run_engine(engine, prompt_ids(tokenizer, 2), 4)  # warm-up
     rows = []
     for n in args.batches:
         prompts = prompt_ids(tokenizer, n)
+        # Warm-up at this batch size first (kernel compilation for new shapes must not count).
+        await run_engine(engine, prompts, 8)
+        run_raw(model, prompts, 8, config)
         ours = await run_engine(engine, prompts, args.max_tokens)
         raw = run_raw(model, prompts, args.max_tokens, config)  # same weights; our loop is idle meanwhile
-        rows.append({"batch": n, "ours": ours, "raw": raw})
-        print(f"batch {n}: ours {ours['tok_per_s']} tok/s, raw {raw['tok_per_s']} tok/s", file=sys.stderr, flush=True)
+        sched = run_scheduler(engine, prompts, args.max_tokens, profile=args.profile and n == args.batches[0])
+        rows.append({"batch": n, "ours": ours, "scheduler": sched, "raw": raw})
+        print(f"batch {n}: engine {ours['tok_per_s']} tok/s, scheduler {sched['tok_per_s']}, raw {raw['tok_per_s']}",
+              file=sys.stderr, flush=True)
     engine.shutdown()
     return {"machine": machine(), "model": engine.info, "max_tokens": args.max_tokens, "rows": rows}
 
@@ -136,6 +169,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 5, 16])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--paged", action="store_true", help="run the engine with the paged KV cache")
+    parser.add_argument("--profile", action="store_true", help="cProfile the synchronous scheduler at the first batch size")
     parser.add_argument("--json-out")
     args = parser.parse_args()
     result = asyncio.run(main_async(args))

@@ -73,6 +73,8 @@ def reexec_with_openblas() -> None:
     """
     if not sys.platform.startswith("linux") or openblas_loaded() or os.environ.get(_REEXEC_MARK):
         return
+    if not wants_fast_path():
+        return
     env = openblas_env()
     if not env:
         return

@@ -45,9 +45,6 @@ class RequestStream:
         self._loop = asyncio.get_running_loop()
         self.finished = False
 
-    def _put(self, item: RequestOutput | BaseException) -> None:  # called from the engine thread
-        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
-
     def __aiter__(self):
         return self
 
@@ -220,16 +217,25 @@ class AsyncEngine:
                 self.scheduler.cache.clear()
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
-        for out in outputs:
-            with self._lock:
+        """Hand a step's outputs to their streams: one thread hop per event loop, not per token."""
+        by_loop: dict = {}
+        with self._lock:
+            for out in outputs:
                 stream = self._streams.get(out.request_id)
                 if out.finished:
                     self._streams.pop(out.request_id, None)
-            if stream is not None:
-                stream._put(out)
+                if stream is not None:
+                    by_loop.setdefault(stream._loop, []).append((stream, out))
+        for loop, items in by_loop.items():
+            loop.call_soon_threadsafe(_put_all, items)
 
     def _fail_streams(self, exc: BaseException) -> None:
         with self._lock:
             streams, self._streams = list(self._streams.values()), {}
         for stream in streams:
-            stream._put(exc)
+            stream._loop.call_soon_threadsafe(stream._queue.put_nowait, exc)
+
+
+def _put_all(items) -> None:  # runs on the streams' event loop
+    for stream, out in items:
+        stream._queue.put_nowait(out)
