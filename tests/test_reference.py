@@ -5,10 +5,14 @@ llama-cpp-python 0.3.36 (llama.cpp built from its PyPI source, CPU) on the same 
 tokenization of 20 strings (no BOS, special tokens parsed) and 16-token greedy continuations of
 5 prompts with the top-1/top-2 logit margin at every step. CI does not rebuild llama.cpp.
 
-Greedy continuations must match token for token, except that a divergence is accepted at a step
-where llama.cpp's own top-2 margin is below MARGIN_SLACK logits: there two implementations with
-different numerics (llama.cpp's quantized dot products vs our float32 weights) may pick either.
-Everything after such a step is a different continuation and is not compared.
+Greedy continuations are compared teacher-forced: we feed llama.cpp's tokens and, at each of the
+16 steps, our argmax must be llama.cpp's token, or the two must be a near tie in both
+implementations: llama.cpp's top-1/top-2 margin plus our own margin between the two tokens below
+NEAR_TIE logits. llama.cpp quantizes activations to 8 bits in its Q4_1/Q8_0 dot products while
+our fast path runs float32 weights, so near ties can flip; a loader bug (a wrong permutation, a
+wrong norm offset, a wrong tokenizer) moves logits by whole units and fails at once. Measured on
+these files: 4 of 10 continuations match all 16 tokens greedily; the other 6 first differ at
+steps with llama.cpp margins of 0.04-0.33 and ours of 0.02-0.20.
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from engine.sources import resolve_source
 from .conftest import GEMMA, SMOLLM
 
 REFERENCE = json.loads((Path(__file__).parent / "fixtures" / "llama_cpp_reference.json").read_text())
-MARGIN_SLACK = 0.25
+NEAR_TIE = 0.75
 MODELS = {"smollm2": SMOLLM, "gemma3": GEMMA}
 
 
@@ -54,23 +58,23 @@ def test_greedy_continuations_match_llama_cpp(case):
     ref, loaded = case
     for item in ref["greedy"]:
         assert loaded.tokenizer.encode(item["prompt"]) == item["prompt_ids"], item["prompt"]
-        ours = greedy(loaded.model, item["prompt_ids"], len(item["ids"]))
-        diverged = next((i for i, (a, b) in enumerate(zip(ours, item["ids"])) if a != b), None)
-        if diverged is not None:
-            margin = item["margins"][diverged]
-            assert margin < MARGIN_SLACK, (
-                f"{item['prompt']!r}: diverged at step {diverged} where llama.cpp's margin is {margin:.3f}"
+        for step, (logits, expected) in enumerate(teacher_forced_logits(loaded.model, item)):
+            ours = mx.argmax(logits).item()
+            if ours == expected:
+                continue
+            gap = (logits[ours] - logits[expected]).item() + item["margins"][step]
+            assert gap < NEAR_TIE, (
+                f"{item['prompt']!r} step {step}: we pick {ours}, llama.cpp {expected}; "
+                f"llama.cpp margin {item['margins'][step]:.3f}, combined {gap:.3f}"
             )
 
 
-def greedy(model, prompt: list[int], n: int) -> list[int]:
+def teacher_forced_logits(model, item):
+    """Our next-token logits at each step, feeding the reference's tokens."""
     from mlx_lm.models.cache import make_prompt_cache
 
     cache = make_prompt_cache(model)
-    logits = model(mx.array([prompt]), cache=cache)[0, -1]
-    out = []
-    for _ in range(n):
-        token = mx.argmax(logits).item()
-        out.append(token)
+    logits = model(mx.array([item["prompt_ids"]]), cache=cache)[0, -1]
+    for token in item["ids"]:
+        yield logits, token
         logits = model(mx.array([[token]]), cache=cache)[0, -1]
-    return out
