@@ -40,7 +40,7 @@ def smoke(max_tokens: int) -> int:
     return 0
 
 
-def export(source: str, out_dir: str) -> int:
+def export(source: str, out_dir: str, dequantize: bool) -> int:
     from . import gguf
     from .sources import resolve_source
 
@@ -48,7 +48,7 @@ def export(source: str, out_dir: str) -> int:
     if resolved.kind != "gguf":
         print(f"{source} is not a GGUF file (it is {resolved.kind})", file=sys.stderr)
         return 2
-    print(gguf.export_mlx(resolved.location, out_dir))
+    print(gguf.export_mlx(resolved.location, out_dir, dequantize=dequantize))
     return 0
 
 
@@ -76,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("export", help="export a GGUF file to an MLX directory that mlx_lm.load opens")
     p.add_argument("source")
     p.add_argument("out_dir")
+    p.add_argument("--dequantize", action="store_true", help="write float32 weights (fast on Linux CPU + OpenBLAS)")
     p = sub.add_parser("generate", help="stream a completion from any model source")
     p.add_argument("source")
     p.add_argument("prompt")
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "smoke":
             return smoke(args.max_tokens)
         if args.command == "export":
-            return export(args.source, args.out_dir)
+            return export(args.source, args.out_dir, args.dequantize)
         return generate(args.source, args.prompt, args.max_tokens, args.chat)
     except OrchardError as exc:
         print(f"error: {exc.message}", file=sys.stderr)

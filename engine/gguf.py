@@ -125,8 +125,11 @@ def export_cache_key(path: Path) -> str:
     return f"{path.stem}-{digest.hexdigest()[:16]}"
 
 
-def export_mlx(path: str | Path, out_dir: str | Path) -> Path:
-    """Convert a GGUF file into an MLX model directory at out_dir (written atomically)."""
+def export_mlx(path: str | Path, out_dir: str | Path, dequantize: bool = False) -> Path:
+    """Convert a GGUF file into an MLX model directory at out_dir (written atomically).
+
+    `dequantize=True` writes float32 weights (for MLX's CPU backend on Linux, see cpu_fast_path).
+    """
     info = read_info(path)
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".partial")
@@ -134,6 +137,8 @@ def export_mlx(path: str | Path, out_dir: str | Path) -> Path:
     tmp.mkdir(parents=True)
     start = time.perf_counter()
     weights, quantized = load_weights(info)
+    if quantized and dequantize:
+        weights, quantized = dequantize_weights(weights), False
     config = make_config(info, set(weights))
     if quantized:
         config["quantization"] = {"group_size": 32, "bits": 4, "mode": "affine"}
@@ -166,6 +171,21 @@ def load_weights(info: GGUFInfo) -> tuple[dict[str, mx.array], bool]:
         if new_name is not None:
             weights[new_name] = value
     return weights, quantized
+
+
+def dequantize_weights(weights: dict[str, mx.array]) -> dict[str, mx.array]:
+    """Expand MLX affine-quantized triplets (weight, scales, biases; group 32) to float32."""
+    out = {}
+    for name, value in weights.items():
+        if name.endswith((".scales", ".biases")):
+            continue
+        stem = name.removesuffix(".weight")
+        if name.endswith(".weight") and f"{stem}.scales" in weights:
+            scales, biases = weights[f"{stem}.scales"], weights[f"{stem}.biases"]
+            bits = value.shape[-1] * 32 // (scales.shape[-1] * 32)
+            value = mx.dequantize(value, scales, biases, group_size=32, bits=bits)
+        out[name] = value.astype(mx.float32) if mx.issubdtype(value.dtype, mx.floating) else value
+    return out
 
 
 def _dequantize_all(info: GGUFInfo) -> dict[str, mx.array]:
