@@ -192,7 +192,10 @@ def _dequantize_all(info: GGUFInfo) -> dict[str, mx.array]:
     from gguf import GGUFReader, GGMLQuantizationType, quants
 
     out = {}
-    for tensor in GGUFReader(info.path).tensors:
+    tensors = GGUFReader(info.path).tensors
+    for index, tensor in enumerate(tensors):
+        if index % max(1, len(tensors) // 4) == 0:
+            log.info("dequantizing %s: tensor %d/%d", info.path.name, index, len(tensors))
         try:
             values = quants.dequantize(tensor.data, tensor.tensor_type)
         except NotImplementedError as exc:
