@@ -1,0 +1,277 @@
+"""The application's `args:` schema: what `serve_config.yaml` may say under `args`.
+
+    applications:
+      - import_path: deployments.app:build_app
+        args:                      # <- validated by OrchardConfig, field for field
+          models: [...]
+          router: {...}
+
+Every field is described and unknown fields are refused, so a typo fails at `serve run` with a
+message that names the field (see `validate_args`). Check a file without starting Ray:
+
+    python -m deployments.config serve_config.yaml
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import re
+import sys
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from engine.config import EngineConfig
+
+IMPORT_PATH = "deployments.app:build_app"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+
+
+class ModelDeploymentOptions(BaseModel):
+    """Ray Serve options of one model's deployment (YAML `deployments:` overrides still win)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int = Field(1, ge=1, le=64, description="Replicas of this model (each loads its own copy).")
+    num_cpus: float = Field(
+        0.0, ge=0, description="CPUs Ray reserves per replica. 0 lets several models share a small machine."
+    )
+    max_ongoing_requests: int | None = Field(
+        None, ge=1,
+        description="Requests one replica takes at once. Default: engine max_num_seqs + max_waiting, so the "
+        "engine's own queue (and its 503) decides.",
+    )
+    max_queued_requests: int = Field(
+        -1, ge=-1, description="Requests queued in front of busy replicas before a 503 (-1: no limit)."
+    )
+    env_vars: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra environment variables of the replica process, e.g. OPENBLAS_NUM_THREADS "
+        "(LD_PRELOAD for the CPU fast path is added by the builder).",
+    )
+
+
+class ModelConfig(BaseModel):
+    """One hosted model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="The name clients send as `model` (also the deployment's name: model-<name>).")
+    source: str = Field(
+        description="Where the weights come from: pkg://<package>/<file>.gguf, a local .gguf file or MLX "
+        "directory, or a Hugging Face repo id such as mlx-community/Qwen3-0.6B-8bit."
+    )
+    engine: EngineConfig = Field(
+        default_factory=EngineConfig, description="Engine options: batching, streaming, KV cache, limits."
+    )
+    default_sampling: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Sampling parameters used when a request leaves them out (temperature, top_p, max_tokens, "
+        "stop, ...); same names and ranges as the request fields.",
+    )
+    chat_template: str | None = Field(
+        None,
+        description="Jinja chat template over `messages` and `add_generation_prompt`, for models whose "
+        "tokenizer has none (base models such as the bundled gemma-3-270m). Leave BOS out.",
+    )
+    stream_window_ms: float = Field(
+        30.0, ge=0, le=1000,
+        description="The model deployment sends its output to the router at most once per window (the first "
+        "token goes at once). Each hop costs a few ms, so tokens travel in chunks.",
+    )
+    stream_max_chunks_per_s: float = Field(
+        100.0, ge=1,
+        description="Most chunks per second one model replica sends over all its streams: with many "
+        "streams each one's window widens to active_streams / this (every chunk costs CPU in the model "
+        "replica, the router and the HTTP proxy).",
+    )
+    deployment: ModelDeploymentOptions = Field(
+        default_factory=ModelDeploymentOptions, description="Ray Serve options of this model's deployment."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        v = v.strip()
+        if not _NAME_RE.match(v):
+            raise ValueError(
+                "must be 1-128 characters: letters, digits and . _ : / -, starting with a letter or digit"
+            )
+        return v
+
+    @field_validator("source")
+    @classmethod
+    def _source(cls, v: str) -> str:
+        v = v.strip()
+        if not v:
+            raise ValueError("must not be empty")
+        problem = source_problem(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        from .chat_template import check_template
+
+        problem = check_template(v)
+        if problem:
+            raise ValueError(problem)
+        return v
+
+    @field_validator("default_sampling")
+    @classmethod
+    def _sampling(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if not v:
+            return {}
+        from engine.sampling import SamplingParams  # imports MLX: only when there is something to check
+
+        try:
+            parsed = SamplingParams.model_validate(v)
+        except ValidationError as exc:
+            raise ValueError(format_validation_error(exc, root="default_sampling")) from None
+        return parsed.model_dump(include=set(v))
+
+    @property
+    def deployment_name(self) -> str:
+        return "model-" + self.name.replace("/", "--").replace(":", "-")
+
+
+class RouterConfig(BaseModel):
+    """The OpenAI-compatible HTTP router."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    api_key: str | None = Field(
+        None, min_length=8, description="If set, /v1/* requires `Authorization: Bearer <api_key>`."
+    )
+    api_key_env: str | None = Field(
+        None, description="Name of an environment variable holding the API key (keeps secrets out of YAML)."
+    )
+    max_request_body_bytes: int = Field(
+        1_048_576, ge=1024, description="Larger request bodies are refused with 413."
+    )
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="A request still running after this long is aborted (504, or an error event)."
+    )
+    retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After seconds sent with 503 responses.")
+    num_replicas: int = Field(1, ge=1, le=64, description="Router replicas (metrics are per replica).")
+    num_cpus: float = Field(0.0, ge=0, description="CPUs Ray reserves per router replica.")
+    max_ongoing_requests: int = Field(
+        512, ge=1, description="Requests one router replica handles at once (a stream holds one until it ends)."
+    )
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> "RouterConfig":
+        if self.api_key and self.api_key_env:
+            raise ValueError("give api_key or api_key_env, not both")
+        return self
+
+    def resolved_api_key(self) -> str | None:
+        """The key, reading api_key_env in the router's process; refuses to run open if it is unset."""
+        if self.api_key_env:
+            key = os.environ.get(self.api_key_env)
+            if not key:
+                raise ConfigError(f"router.api_key_env: environment variable {self.api_key_env} is not set "
+                                  "(set it where `serve run` starts, or drop api_key_env to run without a key)")
+            return key
+        return self.api_key
+
+
+class OrchardConfig(BaseModel):
+    """Everything under `args:` of the application."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    models: list[ModelConfig] = Field(min_length=1, description="The hosted models, routed by name.")
+    router: RouterConfig = Field(default_factory=RouterConfig, description="HTTP router options.")
+
+    @model_validator(mode="after")
+    def _unique(self) -> "OrchardConfig":
+        for attr in ("name", "deployment_name"):
+            seen: set[str] = set()
+            for m in self.models:
+                key = getattr(m, attr)
+                if key in seen:
+                    raise ValueError(f"two models share the {attr.replace('_', ' ')} {key!r}; names must be unique")
+                seen.add(key)
+        return self
+
+
+def source_problem(source: str) -> str | None:
+    """A cheap check that a source can be found, without loading anything. None when it looks fine."""
+    if source.startswith("pkg://"):
+        package, _, relative = source[len("pkg://"):].partition("/")
+        if not package or not relative:
+            return f"{source!r}: expected pkg://<package>/<file>"
+        if importlib.util.find_spec(package) is None:
+            return f"{source!r}: Python package {package!r} is not installed"
+        return None
+    path = Path(source).expanduser()
+    if source.startswith(("/", "./", "../", "~")) or path.suffix.lower() == ".gguf":
+        return None if path.exists() else f"{source!r}: no such file or directory"
+    if path.exists() or source.count("/") == 1:
+        return None
+    return f"{source!r}: not a pkg:// source, a local path or an org/name repo id"
+
+
+def format_validation_error(exc: ValidationError, root: str = "args") -> str:
+    """One line per problem, each naming the field: `args.models[1].engine.block_size: ...`."""
+    lines = []
+    for err in exc.errors():
+        where = root
+        for part in err["loc"]:
+            where += f"[{part}]" if isinstance(part, int) else f".{part}"
+        msg, got = err["msg"].removeprefix("Value error, "), err.get("input")
+        quiet = err["type"] in ("missing", "value_error") or "api_key" in where or isinstance(got, (dict, list))
+        lines.append(f"{where}: {msg}" + ("" if quiet else f" (got {got!r})"))
+    return "\n".join(lines)
+
+
+class ConfigError(ValueError):
+    """The application's args are invalid; the message names every bad field."""
+
+
+def validate_args(args: dict | OrchardConfig | None) -> OrchardConfig:
+    if isinstance(args, OrchardConfig):
+        return args
+    try:
+        return OrchardConfig.model_validate(args or {})
+    except ValidationError as exc:
+        raise ConfigError("invalid mlx-orchard application args:\n" + format_validation_error(exc)) from None
+
+
+def check_serve_config(path: str) -> list[OrchardConfig]:
+    """Validate the args of every mlx-orchard application in a Ray Serve config file."""
+    import yaml
+
+    doc = yaml.safe_load(Path(path).read_text()) or {}
+    apps = [a for a in doc.get("applications", []) if a.get("import_path") == IMPORT_PATH]
+    if not apps:
+        raise ConfigError(f"{path}: no application with import_path {IMPORT_PATH}")
+    return [validate_args(a.get("args")) for a in apps]
+
+
+def main(argv: list[str] | None = None) -> int:
+    paths = argv if argv is not None else sys.argv[1:]
+    if not paths:
+        print("usage: python -m deployments.config SERVE_CONFIG.yaml ...", file=sys.stderr)
+        return 2
+    status = 0
+    for path in paths:
+        try:
+            for cfg in check_serve_config(path):
+                print(f"{path}: ok ({', '.join(m.name for m in cfg.models)})")
+        except (ConfigError, OSError) as exc:
+            print(f"{path}: {exc}", file=sys.stderr)
+            status = 1
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

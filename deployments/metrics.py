@@ -1,0 +1,112 @@
+"""Prometheus metrics of the router, per model (prometheus_client ships with ray[serve]).
+
+Request, token and latency figures are measured by the router as the client sees them; running
+and waiting sequences and the KV cache figures are read from each engine at scrape time. Every
+router replica keeps its own registry, so run one router replica when /metrics is scraped.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the router)
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 30, 60)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1, 2.5)
+# engine stats key -> (metric suffix, help) for the figures that get their own gauges
+ENGINE_GAUGES = {
+    "running": ("running_sequences", "Sequences decoding now."),
+    "waiting": ("waiting_requests", "Requests waiting for a slot or for their prefill."),
+    "kv_cache_bytes": ("kv_cache_bytes", "Bytes of KV cache held by running sequences."),
+}
+CACHE_GAUGES = {
+    "blocks_total": ("cache_blocks_total", "KV blocks in the pool."),
+    "blocks_used": ("cache_blocks_used", "KV blocks in use (running or cached)."),
+    "blocks_free": ("cache_blocks_free", "KV blocks free."),
+    "hit_rate": ("cache_hit_rate", "Admitted prompts that reused cached blocks (full or prefix hits) / prompts."),
+    "token_hit_rate": ("cache_token_hit_rate", "Prompt tokens served from the prefix cache / prompt tokens."),
+    "bytes": ("cache_bytes", "Bytes of the KV block pool."),
+}
+
+
+def derived_cache_stats(stats: dict[str, Any], cache: dict[str, Any]) -> dict[str, float]:
+    """Hit rates from the engine's counters, unless the cache reports them itself."""
+    out = {}
+    queries = cache.get("queries") or 0
+    if "hit_rate" not in cache and queries:
+        out["hit_rate"] = (cache.get("hits", 0) + cache.get("prefix_hits", 0)) / queries
+    prompt_tokens = stats.get("prompt_tokens") or 0
+    if "token_hit_rate" not in cache and "tokens_reused" in cache and prompt_tokens:
+        out["token_hit_rate"] = cache["tokens_reused"] / prompt_tokens
+    return out
+
+
+class RouterMetrics:
+    def __init__(self, prefix: str = "orchard"):
+        self.registry = CollectorRegistry(auto_describe=True)
+        r, p = self.registry, prefix
+        self.requests = Counter(f"{p}_requests", "HTTP requests by model, endpoint and status.",
+                                ["model", "endpoint", "status"], registry=r)
+        self.prompt_tokens = Counter(f"{p}_prompt_tokens", "Prompt tokens.", ["model"], registry=r)
+        self.cached_tokens = Counter(f"{p}_cached_prompt_tokens", "Prompt tokens served from the prefix cache.",
+                                     ["model"], registry=r)
+        self.completion_tokens = Counter(f"{p}_completion_tokens", "Generated tokens.", ["model"], registry=r)
+        self.ttft = Histogram(f"{p}_time_to_first_token_seconds", "Request arrival to first token, at the router.",
+                              ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.itl = Histogram(f"{p}_inter_token_latency_seconds", "Time between tokens (chunk gap / tokens in it).",
+                             ["model"], buckets=ITL_BUCKETS, registry=r)
+        self.duration = Histogram(f"{p}_request_duration_seconds", "Request arrival to last token.",
+                                  ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.up = Gauge(f"{p}_model_up", "1 when the model answered the stats call of this scrape.", ["model"], registry=r)
+        self.engine = {k: Gauge(f"{p}_{name}", doc, ["model"], registry=r) for k, (name, doc) in ENGINE_GAUGES.items()}
+        self.cache = {k: Gauge(f"{p}_{name}", doc, ["model"], registry=r) for k, (name, doc) in CACHE_GAUGES.items()}
+        self.engine_other = Gauge(f"{p}_engine_stat", "Other numeric engine and cache statistics.",
+                                  ["model", "stat"], registry=r)
+
+    def observe_request(self, model: str, endpoint: str, status: int) -> None:
+        self.requests.labels(model, endpoint, str(status)).inc()
+
+    def observe_usage(self, model: str, usage: dict | None) -> None:
+        if not usage:
+            return
+        self.prompt_tokens.labels(model).inc(usage.get("prompt_tokens", 0))
+        self.completion_tokens.labels(model).inc(usage.get("completion_tokens", 0))
+        cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
+        self.cached_tokens.labels(model).inc(cached)
+
+    def observe_gap(self, model: str, gap_s: float, n_tokens: int) -> None:
+        """A chunk of n tokens arrived gap_s after the previous one."""
+        if n_tokens > 0:
+            per_token = gap_s / n_tokens
+            itl = self.itl.labels(model)
+            for _ in range(n_tokens):
+                itl.observe(per_token)
+
+    def set_engine_stats(self, model: str, stats: dict[str, Any] | None) -> None:
+        """Gauges from one model's `stats()`; None when the model did not answer."""
+        self.up.labels(model).set(0 if stats is None else 1)
+        if stats is None:
+            return
+        cache = stats.get("cache") if isinstance(stats.get("cache"), dict) else {}
+        for key, value in _numbers(stats, skip={"cache"}):
+            gauge = self.engine.get(key)
+            (gauge.labels(model) if gauge else self.engine_other.labels(model, key)).set(value)
+        for key, value in [*_numbers(cache), *derived_cache_stats(stats, cache).items()]:
+            gauge = self.cache.get(key)
+            (gauge.labels(model) if gauge else self.engine_other.labels(model, f"cache_{key}")).set(value)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+def _numbers(stats: dict[str, Any], skip: set[str] = frozenset(), prefix: str = ""):
+    """(dotted key, value) for every number in a nested dict (booleans as 0/1)."""
+    for key, value in stats.items():
+        if key in skip:
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            yield from _numbers(value, prefix=f"{name}_")
+        elif isinstance(value, (int, float)):
+            yield name, float(value)

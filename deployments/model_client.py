@@ -1,0 +1,169 @@
+"""The router's side of the router → model hop.
+
+A ModelClient starts a streaming call on one model and hands back a ModelCall: an async iterator
+of chunk dicts (see model_server.py) that turns error items, Ray failures and the request deadline
+into ApiErrors, records latencies for the metrics, and cancels the remote stream on close — which
+aborts the request in the engine when the HTTP client went away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, AsyncIterator, Callable, Protocol
+
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import (
+    BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError, RequestCancelledError,
+)
+
+from .config import RouterConfig
+from .openai_protocol import ApiError
+
+log = logging.getLogger("ray.serve")
+
+
+class ModelCall:
+    """One running request. Iterate for chunks; always `await close()` (idempotent)."""
+
+    def __init__(self, model: str, items: AsyncIterator[dict], cancel: Callable[[], None],
+                 started_at: float, deadline: float, retry_after_s: int = 1):
+        self.model, self.started_at, self.deadline = model, started_at, deadline
+        self._items, self._cancel, self._retry_after_s = items, cancel, retry_after_s
+        self._first: dict | None = None
+        self.done = False
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
+        self.gaps: list[tuple[float, int]] = []  # (seconds since the previous chunk, tokens in this chunk)
+        self.usage: dict | None = None
+        self.request_id: str | None = None
+
+    async def begin(self) -> "ModelCall":
+        """Wait for the first chunk, so that a refused request becomes an HTTP error, not a stream."""
+        try:
+            self._first = await self._next()
+        except BaseException:
+            await self.close()
+            raise
+        return self
+
+    async def _next(self) -> dict | None:
+        remaining = self.deadline - time.monotonic()
+        try:
+            if remaining <= 0:
+                raise asyncio.TimeoutError
+            item = await asyncio.wait_for(self._items.__anext__(), remaining)
+        except StopAsyncIteration:
+            self.done = True
+            return None
+        except asyncio.TimeoutError:
+            raise ApiError(504, f"the request took longer than the router's request_timeout_s "
+                           f"({self.deadline - self.started_at:.0f} s)", type="timeout_error", code="timeout") from None
+        except (ApiError, asyncio.CancelledError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - Ray failures become OpenAI-shaped errors
+            raise ray_error(self.model, exc, self._retry_after_s) from exc
+        if "error" in item:
+            self.done = True
+            raise ApiError.from_item(item, self._retry_after_s)
+        self._observe(item)
+        return item
+
+    def _observe(self, item: dict) -> None:
+        now = time.monotonic()
+        if self.first_token_at is None:
+            self.first_token_at = now
+            self.request_id = item.get("request_id")
+        elif item["n_tokens"]:
+            self.gaps.append((now - (self.last_token_at or now), item["n_tokens"]))
+        if item["n_tokens"]:
+            self.last_token_at = now
+        if item.get("finish_reason") is not None:
+            self.usage = item.get("usage")
+            self.done = True
+
+    def __aiter__(self):
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[dict]:
+        if self._first is not None:
+            first, self._first = self._first, None
+            yield first
+            if first.get("finish_reason") is not None:
+                return
+        while not self.done:
+            item = await self._next()
+            if item is None:
+                return
+            yield item
+
+    async def close(self) -> None:
+        """Cancel the remote stream unless it already finished (the engine then aborts the request)."""
+        if not self.done:
+            self.done = True
+            try:
+                self._cancel()
+            except Exception:  # noqa: BLE001 - best effort
+                log.debug("cancelling a model stream failed", exc_info=True)
+
+
+def ray_error(model: str, exc: BaseException, retry_after_s: int = 1) -> ApiError:
+    """A failure of the hop (Ray Serve's own queue limits included) as an OpenAI-shaped error."""
+    retry = {"Retry-After": str(retry_after_s)}
+    if isinstance(exc, BackPressureError):
+        if exc.retry_after_s:
+            retry = {"Retry-After": str(max(1, round(exc.retry_after_s)))}
+        return ApiError(exc.status_code, f"model {model!r} is overloaded (queue full); retry later",
+                        type="overloaded_error", code="overloaded", headers=retry)
+    if isinstance(exc, (DeploymentUnavailableError, ReplicaUnavailableError, RayActorError)):
+        return ApiError(503, f"model {model!r} is unavailable right now: {type(exc).__name__}",
+                        type="server_error", code="model_unavailable", headers=retry)
+    if isinstance(exc, RequestCancelledError):
+        return ApiError(499, "the request was cancelled", type="server_error", code="cancelled")
+    log.error("model %s failed: %r", model, exc)
+    return ApiError(500, f"model {model!r} failed: {type(exc).__name__}", type="server_error")
+
+
+class ModelClient(Protocol):
+    name: str
+
+    async def start(self, payload: dict[str, Any], started_at: float, deadline: float) -> ModelCall: ...
+
+    async def stats(self, timeout_s: float) -> dict[str, Any]: ...
+
+    async def health(self, timeout_s: float) -> None: ...
+
+
+async def _wait(response, timeout_s: float):
+    async def get():
+        return await response
+
+    return await asyncio.wait_for(get(), timeout_s)
+
+
+class RayModelClient:
+    """A ModelClient over a ModelServer's DeploymentHandle (the streaming handle is made once)."""
+
+    def __init__(self, name: str, handle, config: RouterConfig):
+        self.name = name
+        self._handle = handle
+        self._stream = handle.options(stream=True, method_name="generate")
+        self._retry_after_s = config.retry_after_s
+
+    async def start(self, payload: dict[str, Any], started_at: float, deadline: float) -> ModelCall:
+        try:
+            gen = self._stream.remote(payload)
+        except Exception as exc:  # noqa: BLE001
+            raise ray_error(self.name, exc, self._retry_after_s) from exc
+        call = ModelCall(self.name, gen, gen.cancel, started_at, deadline, self._retry_after_s)
+        return await call.begin()
+
+    async def stats(self, timeout_s: float) -> dict[str, Any]:
+        try:
+            return await _wait(self._handle.stats.remote(), timeout_s)
+        except (asyncio.TimeoutError, Exception) as exc:
+            raise ray_error(self.name, exc, self._retry_after_s) from exc
+
+    async def health(self, timeout_s: float) -> None:
+        await _wait(self._handle.check_health.remote(), timeout_s)

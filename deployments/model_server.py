@@ -1,0 +1,184 @@
+"""ModelServer: one Ray Serve deployment per model, a thin shell around the engine's AsyncEngine.
+
+The router calls `generate` through a streaming handle. Each item that crosses the hop is a plain
+dict, one of:
+
+    {"text": str, "n_tokens": int, "finish_reason": str | None, "usage": dict | None,
+     "request_id": str, "prompt_tokens": int}                   # a chunk of output
+    {"error": {"message", "type", "param", "code"}, "status_code": int, "retry_after_s": float | None}
+
+A hop costs several ms, so output is coalesced: the first token goes at once, then whatever the
+engine produced is sent at most once per window; the last chunk goes as soon as it exists. The
+window is `stream_window_ms`, widened when many streams are active so that the replica sends at
+most `stream_max_chunks_per_s` chunks in all. Closing the stream (the router cancels it when its
+client disconnects) aborts the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, AsyncIterator, Callable
+
+from ray import serve
+
+from engine.config import EngineConfig
+from engine.errors import OrchardError, OverloadedError
+
+from .chat_template import render as render_chat
+
+log = logging.getLogger("ray.serve")
+
+
+def error_item(exc: OrchardError) -> dict[str, Any]:
+    return {
+        **exc.to_openai(),
+        "status_code": exc.status_code,
+        "retry_after_s": getattr(exc, "retry_after_s", None) if isinstance(exc, OverloadedError) else None,
+    }
+
+
+class Coalescer:
+    """Reads an engine stream in a background task and hands out merged chunks, one per window.
+
+    `window_s` is a number or a function returning one (read again for every chunk).
+    """
+
+    def __init__(self, stream, window_s: float | Callable[[], float]):
+        self.stream = stream
+        self._window = window_s if callable(window_s) else (lambda: window_s)
+        self._items: list = []
+        self._event = asyncio.Event()
+        self._done = False
+        self._error: BaseException | None = None
+        self._last_sent = float("-inf")
+        self._task = asyncio.get_running_loop().create_task(self._pump())
+
+    async def _pump(self) -> None:
+        try:
+            async for out in self.stream:
+                self._items.append(out)
+                self._event.set()
+        except Exception as exc:  # noqa: BLE001 - handed to the consumer
+            self._error = exc
+        finally:
+            self._done = True
+            self._event.set()
+
+    def _finished(self) -> bool:
+        return self._done or (bool(self._items) and self._items[-1].finished)
+
+    async def _wait(self, timeout: float | None) -> bool:
+        self._event.clear()
+        try:
+            await asyncio.wait_for(self._event.wait(), timeout)
+            return True
+        except asyncio.TimeoutError:
+            return False
+
+    async def next_batch(self) -> list:
+        """The outputs to send next; [] when the stream has ended."""
+        while not self._items and not self._done:
+            await self._wait(None)
+        deadline = self._last_sent + self._window()
+        while not self._finished():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or not await self._wait(remaining):
+                break
+        batch, self._items = self._items, []
+        if not batch and self._error is not None:
+            raise self._error
+        self._last_sent = time.monotonic()
+        return batch
+
+    async def aclose(self) -> None:
+        if not self._task.done():
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+        await self.stream.aclose()
+
+
+def merge(batch: list, stream) -> dict[str, Any]:
+    """Several RequestOutput deltas → one chunk dict."""
+    last = batch[-1]
+    return {
+        "text": "".join(o.text for o in batch),
+        "n_tokens": sum(len(o.token_ids) for o in batch),
+        "finish_reason": last.finish_reason,
+        "usage": last.usage.to_openai() if last.usage is not None else None,
+        "request_id": stream.request_id,
+        "prompt_tokens": stream.prompt_tokens,
+    }
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, health_check_period_s=10, health_check_timeout_s=30)
+class ModelServer:
+    """Hosts one model. Constructed by the app builder with validated ModelConfig fields."""
+
+    def __init__(self, name: str, source: str, engine: dict, default_sampling: dict | None = None,
+                 stream_window_ms: float = 30.0, stream_max_chunks_per_s: float = 100.0,
+                 chat_template: str | None = None):
+        from engine.engine import AsyncEngine  # MLX loads in the replica, not in the builder
+
+        self.name = name
+        self.default_sampling = dict(default_sampling or {})
+        self.window_s = stream_window_ms / 1000.0
+        self.max_chunks_per_s = stream_max_chunks_per_s
+        self.active_streams = 0
+        self.chat_template = chat_template
+        self.engine = AsyncEngine.from_source(source, EngineConfig.model_validate(engine))
+        log.info("model %s ready: %s", name, self.engine.info)
+
+    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Stream one request: {"prompt": {messages|text|token_ids}, "sampling": {...}, "request_id": str}."""
+        from engine.request import PromptInput
+        from engine.sampling import SamplingParams
+
+        try:
+            params = SamplingParams.parse({**self.default_sampling, **request.get("sampling", {})})
+            prompt = request["prompt"]
+            if self.chat_template and prompt.get("messages") is not None:
+                prompt = {"text": render_chat(self.chat_template, prompt["messages"])}
+            stream = self.engine.submit(PromptInput(**prompt), params, request.get("request_id"))
+        except OrchardError as exc:
+            yield error_item(exc)
+            return
+        chunks = Coalescer(stream, self._stream_window)
+        self.active_streams += 1
+        try:
+            while batch := await chunks.next_batch():
+                yield merge(batch, stream)
+        except OrchardError as exc:
+            yield error_item(exc)
+        finally:
+            self.active_streams -= 1
+            await chunks.aclose()
+
+    def _stream_window(self) -> float:
+        """Seconds between two chunks of one stream: the configured window, widened when many streams
+        are active so that the replica sends at most max_chunks_per_s chunks in all."""
+        return max(self.window_s, self.active_streams / self.max_chunks_per_s)
+
+    def info(self) -> dict[str, Any]:
+        return {"name": self.name, **self.engine.info}
+
+    def stats(self) -> dict[str, Any]:
+        return {**self.engine.stats(), "name": self.name}
+
+    def check_health(self) -> None:
+        """Ray Serve's health hook: raising marks the replica unhealthy and Serve replaces it."""
+        self.engine.check_health()
+
+    def shutdown_engine(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            self.engine = None
+            engine.shutdown()
+
+    def __del__(self):
+        """Ray Serve calls this when the replica stops (after in-flight requests drained)."""
+        self.shutdown_engine()

@@ -1,0 +1,228 @@
+"""OpenAI-compatible request and response shapes, and the OpenAI error body.
+
+Requests are parsed strictly (types are not coerced; unknown fields are refused) and every problem
+becomes a 400 that names the field. Range checks of the sampling values belong to the engine's
+SamplingParams, which reports them the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+Role = Literal["system", "user", "assistant", "tool", "developer"]
+SAMPLING_FIELDS = (
+    "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty",
+    "presence_penalty", "frequency_penalty", "stop", "stop_token_ids", "ignore_eos",
+)
+
+
+class ApiError(Exception):
+    """An error answered in the OpenAI shape: {"error": {"message", "type", "param", "code"}}."""
+
+    def __init__(self, status_code: int, message: str, *, type: str = "invalid_request_error",
+                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status_code = status_code
+        self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+        self.headers = headers or {}
+
+    @classmethod
+    def from_item(cls, item: dict, retry_after_s: int = 1) -> "ApiError":
+        """From an error item of the model deployment (an engine OrchardError, flattened)."""
+        err, status = item["error"], int(item.get("status_code", 500))
+        headers = {"Retry-After": str(max(1, round(item.get("retry_after_s") or retry_after_s)))} if status == 503 else None
+        return cls(status, err.get("message", "error"), type=err.get("type", "server_error"),
+                   param=err.get("param"), code=err.get("code"), headers=headers)
+
+
+_UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "null"}
+
+
+def bad_request(exc: ValidationError) -> ApiError:
+    """The first problem of a request body, naming its field (`messages.0.role`)."""
+    err = exc.errors()[0]
+    param = ".".join(str(p) for p in err["loc"] if str(p) not in _UNION_TAGS and "[" not in str(p)) or None
+    if err["type"] == "json_invalid":
+        return ApiError(400, f"the request body is not valid JSON: {err['ctx'].get('error', err['msg'])}")
+    if err["type"] == "model_type" and not param:
+        return ApiError(400, "the request body must be a JSON object")
+    msg = err["msg"].removeprefix("Value error, ")
+    return ApiError(400, f"{param}: {msg}" if param else msg, param=param)
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Role
+    content: str | list[TextPart] | None = None
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_only(cls, v):
+        if isinstance(v, list):
+            for part in v:
+                if not isinstance(part, dict) or part.get("type") != "text":
+                    raise ValueError("only text content parts ({\"type\": \"text\", \"text\": ...}) are supported")
+        return v
+
+    def as_dict(self) -> dict[str, Any]:
+        content = self.content if not isinstance(self.content, list) else "".join(p.text for p in self.content)
+        msg = {"role": self.role, "content": content or ""}
+        if self.name:
+            msg["name"] = self.name
+        return msg
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore", strict=True)
+    include_usage: bool = False
+
+
+class _SamplingRequest(_Strict):
+    """Fields shared by both endpoints. Ranges are checked by the engine's SamplingParams."""
+
+    model: str = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    n: int = 1
+    user: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    seed: int | None = None
+    repetition_penalty: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    stop: str | list[str] | None = None
+    stop_token_ids: list[int] | None = None
+    ignore_eos: bool | None = None
+
+    @field_validator("n")
+    @classmethod
+    def _one_choice(cls, v: int) -> int:
+        if v != 1:
+            raise ValueError("only n=1 is supported")
+        return v
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    def sampling(self) -> dict[str, Any]:
+        """The sampling fields the client set (the model's defaults fill the rest)."""
+        return {f: getattr(self, f) for f in SAMPLING_FIELDS if getattr(self, f) is not None}
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: Literal[False] | None = None
+
+    def sampling(self) -> dict[str, Any]:
+        out = super().sampling()
+        if self.max_completion_tokens is not None and self.max_tokens is None:
+            out["max_tokens"] = self.max_completion_tokens
+        return out
+
+    def prompt(self) -> dict[str, Any]:
+        return {"messages": [m.as_dict() for m in self.messages]}
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[int] | list[str] | list[list[int]]
+    echo: Literal[False] = False
+    logprobs: None = None
+
+    @field_validator("prompt")
+    @classmethod
+    def _single(cls, v):
+        if isinstance(v, list) and v and isinstance(v[0], (str, list)):
+            if len(v) != 1:
+                raise ValueError("only one prompt per request is supported")
+            v = v[0]
+        if not v:
+            raise ValueError("the prompt is empty")
+        return v
+
+    def prompt_input(self) -> dict[str, Any]:
+        return {"text": self.prompt} if isinstance(self.prompt, str) else {"token_ids": list(self.prompt)}
+
+
+def parse_request(body: bytes, model_cls: type[_Strict]) -> Any:
+    try:
+        return model_cls.model_validate_json(body)
+    except ValidationError as exc:
+        raise bad_request(exc) from None
+
+
+# --- responses -----------------------------------------------------------------------------
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+
+
+class ResponseBuilder:
+    """Builds the JSON bodies and SSE chunks of one response (chat or text completion)."""
+
+    def __init__(self, kind: Literal["chat", "text"], model: str, request_id: str):
+        self.kind, self.model, self.id = kind, model, request_id
+        self.created = int(time.time())
+        self.object = "chat.completion" if kind == "chat" else "text_completion"
+
+    def _base(self, obj: str) -> dict[str, Any]:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
+
+    def full(self, text: str, finish_reason: str | None, usage: dict | None) -> dict[str, Any]:
+        if self.kind == "chat":
+            choice = {"index": 0, "message": {"role": "assistant", "content": text},
+                      "logprobs": None, "finish_reason": finish_reason}
+        else:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+        return {**self._base(self.object), "choices": [choice], "usage": usage, "system_fingerprint": None}
+
+    def chunk(self, text: str | None, finish_reason: str | None = None, *, first: bool = False,
+              with_usage_field: bool = False) -> dict[str, Any]:
+        if self.kind == "chat":
+            delta: dict[str, Any] = {"role": "assistant"} if first else {}
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            out = {**self._base("chat.completion.chunk"), "choices": [choice]}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            out = {**self._base("text_completion"), "choices": [choice]}
+        if with_usage_field:
+            out["usage"] = None
+        return out
+
+    def usage_chunk(self, usage: dict | None) -> dict[str, Any]:
+        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
+        return {**self._base(obj), "choices": [], "usage": usage}
+
+
+def sse(data: dict[str, Any] | str) -> bytes:
+    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
+    return f"data: {payload}\n\n".encode()
+
+
+SSE_DONE = sse("[DONE]")
+
+
+def model_card(name: str, created: int, **extra: Any) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "mlx-orchard", **extra}

