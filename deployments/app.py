@@ -44,7 +44,6 @@ def bind_model(model: ModelConfig):
         default_sampling=model.default_sampling,
         stream_window_ms=model.stream_window_ms,
         stream_max_chunks_per_s=model.stream_max_chunks_per_s,
-        chat_template=model.chat_template,
     )
 
 

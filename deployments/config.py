@@ -71,11 +71,6 @@ class ModelConfig(BaseModel):
         description="Sampling parameters used when a request leaves them out (temperature, top_p, max_tokens, "
         "stop, ...); same names and ranges as the request fields.",
     )
-    chat_template: str | None = Field(
-        None,
-        description="Jinja chat template over `messages` and `add_generation_prompt`, for models whose "
-        "tokenizer has none (base models such as the bundled gemma-3-270m). Leave BOS out.",
-    )
     stream_window_ms: float = Field(
         30.0, ge=0, le=1000,
         description="The model deployment sends its output to the router at most once per window (the first "
@@ -108,18 +103,6 @@ class ModelConfig(BaseModel):
         if not v:
             raise ValueError("must not be empty")
         problem = source_problem(v)
-        if problem:
-            raise ValueError(problem)
-        return v
-
-    @field_validator("chat_template")
-    @classmethod
-    def _template(cls, v: str | None) -> str | None:
-        if v is None:
-            return None
-        from .chat_template import check_template
-
-        problem = check_template(v)
         if problem:
             raise ValueError(problem)
         return v

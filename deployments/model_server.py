@@ -26,8 +26,6 @@ from ray import serve
 from engine.config import EngineConfig
 from engine.errors import OrchardError, OverloadedError
 
-from .chat_template import render as render_chat
-
 log = logging.getLogger("ray.serve")
 
 
@@ -120,8 +118,7 @@ class ModelServer:
     """Hosts one model. Constructed by the app builder with validated ModelConfig fields."""
 
     def __init__(self, name: str, source: str, engine: dict, default_sampling: dict | None = None,
-                 stream_window_ms: float = 30.0, stream_max_chunks_per_s: float = 100.0,
-                 chat_template: str | None = None):
+                 stream_window_ms: float = 30.0, stream_max_chunks_per_s: float = 100.0):
         from engine.engine import AsyncEngine  # MLX loads in the replica, not in the builder
 
         self.name = name
@@ -129,7 +126,6 @@ class ModelServer:
         self.window_s = stream_window_ms / 1000.0
         self.max_chunks_per_s = stream_max_chunks_per_s
         self.active_streams = 0
-        self.chat_template = chat_template
         self.engine = AsyncEngine.from_source(source, EngineConfig.model_validate(engine))
         log.info("model %s ready: %s", name, self.engine.info)
 
@@ -140,10 +136,7 @@ class ModelServer:
 
         try:
             params = SamplingParams.parse({**self.default_sampling, **request.get("sampling", {})})
-            prompt = request["prompt"]
-            if self.chat_template and prompt.get("messages") is not None:
-                prompt = {"text": render_chat(self.chat_template, prompt["messages"])}
-            stream = self.engine.submit(PromptInput(**prompt), params, request.get("request_id"))
+            stream = self.engine.submit(PromptInput(**request["prompt"]), params, request.get("request_id"))
         except OrchardError as exc:
             yield error_item(exc)
             return

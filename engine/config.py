@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class EngineConfig(BaseModel):
@@ -30,6 +30,10 @@ class EngineConfig(BaseModel):
         None, ge=16, description="Prompt + completion limit in tokens; default: the model's own context length."
     )
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none.")
+    chat_template: str | None = Field(
+        None, description="A Jinja chat template (Hugging Face style: `messages`, `add_generation_prompt`, "
+        "`bos_token`) used instead of the tokenizer's; lets base models without one take chat messages.",
+    )
     fast_cpu: bool | None = Field(
         None, description="Dequantize to float32 for the OpenBLAS CPU path. None: automatic (CPU-only Linux)."
     )
@@ -40,6 +44,19 @@ class EngineConfig(BaseModel):
     cache_memory_percent: float = Field(0.20, gt=0, le=0.95, description="KV cache budget as a fraction of RAM.")
     memory_aware: bool = Field(True, description="Budget by bytes (True) or by entry count (False).")
     max_cache_entries: int = Field(64, ge=1, description="Cached prompts kept when memory_aware is False.")
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_parses(cls, v: str | None) -> str | None:
+        if v is not None:
+            from jinja2 import TemplateSyntaxError
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            try:
+                ImmutableSandboxedEnvironment().parse(v)
+            except TemplateSyntaxError as exc:
+                raise ValueError(f"not a valid Jinja template: {exc}") from exc
+        return v
 
     @model_validator(mode="after")
     def _simple_mode(self) -> "EngineConfig":

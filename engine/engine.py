@@ -109,7 +109,7 @@ class AsyncEngine:
     def submit(self, prompt: PromptInput, params: SamplingParams, request_id: str | None = None) -> RequestStream:
         """Validate and enqueue a request. Raises InvalidRequestError / OverloadedError at once."""
         self.check_health()
-        prompt_ids = encode_prompt(self.tokenizer, prompt)
+        prompt_ids = encode_prompt(self.tokenizer, prompt, self.config.chat_template)
         max_tokens = self._max_tokens(len(prompt_ids), params)
         with self._lock:
             if len(self._streams) >= self.config.max_num_seqs + self.config.max_waiting:

@@ -8,7 +8,8 @@ from .errors import InvalidRequestError
 from .request import PromptInput
 
 
-def encode_prompt(tokenizer, prompt: PromptInput) -> list[int]:
+def encode_prompt(tokenizer, prompt: PromptInput, chat_template: str | None = None) -> list[int]:
+    """Token ids of a prompt; `chat_template` (EngineConfig) replaces the tokenizer's own."""
     given = [f for f in ("messages", "text", "token_ids") if getattr(prompt, f) is not None]
     if len(given) != 1:
         raise InvalidRequestError("give exactly one of messages, prompt text or token ids", param="messages")
@@ -17,7 +18,7 @@ def encode_prompt(tokenizer, prompt: PromptInput) -> list[int]:
     elif prompt.text is not None:
         ids = tokenizer.encode(prompt.text)
     else:
-        ids = _apply_chat_template(tokenizer, prompt.messages)
+        ids = _apply_chat_template(tokenizer, prompt.messages, chat_template)
     if not ids:
         raise InvalidRequestError("the prompt is empty", param="prompt")
     return ids
@@ -30,17 +31,18 @@ def _check_ids(ids: list[int], vocab: int) -> list[int]:
     return list(ids)
 
 
-def _apply_chat_template(tokenizer, messages: list[dict[str, Any]]) -> list[int]:
+def _apply_chat_template(tokenizer, messages: list[dict[str, Any]], template: str | None) -> list[int]:
     if not messages:
         raise InvalidRequestError("messages must be a non-empty list", param="messages")
-    if not tokenizer.has_chat_template:
+    if template is None and not tokenizer.has_chat_template:
         raise InvalidRequestError(
             "this model has no chat template (a base model): use /v1/completions with a prompt",
             param="messages",
         )
     normalized = [_normalize_message(m, i) for i, m in enumerate(messages)]
     try:
-        return list(tokenizer.apply_chat_template(normalized, add_generation_prompt=True))
+        extra = {"chat_template": template} if template is not None else {}
+        return list(tokenizer.apply_chat_template(normalized, add_generation_prompt=True, **extra))
     except Exception as exc:  # jinja2 TemplateError and friends: the template rejected the conversation
         raise InvalidRequestError(f"the chat template rejected these messages: {exc}", param="messages") from exc
 

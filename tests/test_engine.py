@@ -133,3 +133,12 @@ async def test_simple_mode_queues_in_fifo_order():
     assert waiting >= 1  # the others waited instead of being rejected
     assert order == [0, 1, 2]
     assert results == solo
+
+
+def test_config_chat_template_lets_a_base_model_chat(smollm):
+    from engine.prompts import encode_prompt
+
+    template = "{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}" \
+               "{% if add_generation_prompt %}[assistant] {% endif %}"
+    ids = encode_prompt(smollm.tokenizer, chat("hi"), template)
+    assert smollm.tokenizer.decode(ids) == f"{smollm.tokenizer.bos_token}[user] hi\n[assistant] "
