@@ -4,7 +4,10 @@ It drives mlx_lm's BatchGenerator, which already interleaves one decode step of 
 with one prefill chunk (prefill_step_size tokens) of newly admitted prompts, so a long prompt
 never stalls decoding sequences. On top of it this module keeps per-request state: sampling,
 stop strings, streaming with a stream interval, usage, abort, and the KV cache seam
-(`engine.kv_cache.PromptCacheManager`) through which prefix-cached prompts are inserted.
+(`engine.kv_cache`): a request first waits here until the cache manager admits it (the paged
+cache holds it back while its KV budget is taken, or while a running request is still computing
+the same prompt prefix, which it then reuses), is inserted with the cache of its cached prefix,
+and hands its cache back when it ends.
 
 Simple mode is the same loop with a batch of one: requests wait in FIFO order.
 """
@@ -13,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import mlx.core as mx
@@ -36,7 +40,8 @@ class Sequence:
     max_tokens: int
     text: TextStream
     arrival: float = field(default_factory=time.monotonic)
-    uid: int | None = None
+    uid: int | None = None  # BatchGenerator uid; None while waiting for admission
+    kv: list | None = None  # the prompt cache from the cache manager (None without one)
     cached_tokens: int = 0
     output_ids: list[int] = field(default_factory=list)
     pending_ids: list[int] = field(default_factory=list)
@@ -56,6 +61,7 @@ class Scheduler:
         self.cache = cache_manager
         self.eos_ids = sorted(tokenizer.eos_token_ids)
         self.sequences: dict[str, Sequence] = {}
+        self.waiting: deque[Sequence] = deque()  # not admitted by the cache manager yet (FIFO)
         self._by_uid: dict[int, Sequence] = {}
         self.counters = {"requests": 0, "finished": 0, "aborted": 0, "prompt_tokens": 0, "generated_tokens": 0}
         self.gen = self._make_generator()
@@ -71,29 +77,42 @@ class Scheduler:
     # --- admission ---------------------------------------------------------------------
 
     def add(self, seq: Sequence) -> None:
-        prompt_cache, cached = self.cache.acquire(seq.prompt_ids)
+        self.sequences[seq.request_id] = seq
+        self.waiting.append(seq)
+        self.counters["requests"] += 1
+        self.counters["prompt_tokens"] += len(seq.prompt_ids)
+        self._admit()
+
+    def _admit(self) -> None:
+        """Insert waiting requests, in order, while the cache manager admits them."""
+        while self.waiting and self.cache.can_admit(self.waiting[0].prompt_ids, self.waiting[0].max_tokens):
+            self._insert(self.waiting.popleft())
+
+    def _insert(self, seq: Sequence) -> None:
+        seq.kv, cached = self.cache.acquire(seq.prompt_ids, seq.max_tokens)
         seq.cached_tokens = cached
         stops = [[t] for t in ([] if seq.params.ignore_eos else self.eos_ids) + seq.params.stop_token_ids]
         (seq.uid,) = self.gen.insert(
             [seq.prompt_ids[cached:]],
             max_tokens=[seq.max_tokens],
-            caches=[prompt_cache] if prompt_cache is not None else None,
+            caches=[seq.kv] if seq.kv is not None else None,
+            all_tokens=[seq.prompt_ids[:cached]],  # penalties see the whole prompt
             samplers=[make_sampler(seq.params)],
             logits_processors=[make_processors(seq.params)],
             stop_sequences=[StopSequences(stops)],
         )
-        self.sequences[seq.request_id] = seq
         self._by_uid[seq.uid] = seq
-        self.counters["requests"] += 1
-        self.counters["prompt_tokens"] += len(seq.prompt_ids)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         seq = self.sequences.get(request_id)
         if seq is None:
             return None
-        self.gen.remove([seq.uid])
+        if seq.uid is None:
+            self.waiting.remove(seq)
+        else:
+            self.gen.remove([seq.uid])
         self.counters["aborted"] += 1
-        return self._finish(seq, "abort", cache=None)
+        return self._finish(seq, "abort")
 
     # --- stepping ----------------------------------------------------------------------
 
@@ -102,23 +121,24 @@ class Scheduler:
 
     def step(self) -> list[RequestOutput]:
         """One decode step of the running batch plus one prefill chunk; the outputs it produced."""
+        self._admit()
         _, responses = self.gen.next()
         outputs, stopped = [], []
         for r in responses:
             seq = self._by_uid.get(r.uid)
             if seq is None:
                 continue
-            out = self._on_token(seq, r.token, r.finish_reason, r.prompt_cache)
+            out = self._on_token(seq, r.token, r.finish_reason)
             if out is not None:
                 outputs.append(out)
             if seq.finish_reason is None and seq.text.stopped:
                 stopped.append(seq)
         for seq in stopped:  # a stop string ended these: take them out of the batch
             self.gen.remove([seq.uid])
-            outputs.append(self._finish(seq, "stop", cache=None))
+            outputs.append(self._finish(seq, "stop"))
         return outputs
 
-    def _on_token(self, seq: Sequence, token: int, finish: str | None, cache) -> RequestOutput | None:
+    def _on_token(self, seq: Sequence, token: int, finish: str | None) -> RequestOutput | None:
         now = time.monotonic()
         if seq.first_token_time is None:
             seq.first_token_time = now
@@ -128,7 +148,7 @@ class Scheduler:
             seq.pending_ids.append(token)
             seq.pending_text += seq.text.add(token)
         if finish is not None:
-            return self._finish(seq, finish, cache)
+            return self._finish(seq, finish)
         if seq.text.stopped:
             return None
         if len(seq.pending_ids) >= self.config.stream_interval:
@@ -142,14 +162,17 @@ class Scheduler:
         seq.pending_text, seq.pending_ids = "", []
         return out
 
-    def _finish(self, seq: Sequence, reason: FinishReason, cache) -> RequestOutput:
+    def _finish(self, seq: Sequence, reason: FinishReason) -> RequestOutput:
         seq.finish_reason = reason
         seq.pending_text += seq.text.finish()
         self.sequences.pop(seq.request_id, None)
         self._by_uid.pop(seq.uid, None)
         self.counters["finished"] += 1
-        if cache is not None:
-            self.cache.store(seq.prompt_ids + seq.output_ids[:-1], cache)
+        if reason == "abort":
+            self.cache.release(seq.kv)
+        else:  # the K/V of the prompt and of every output token but the last is in the cache
+            self.cache.store(seq.prompt_ids + seq.output_ids[:-1], seq.kv)
+        seq.kv = None
         return RequestOutput(
             seq.request_id,
             seq.pending_text,
@@ -161,7 +184,9 @@ class Scheduler:
 
     def fail_all(self) -> list[RequestOutput]:
         """After an internal error: end every request (abort) and start a fresh generator."""
-        outputs = [self._finish(seq, "abort", cache=None) for seq in list(self.sequences.values())]
+        outputs = [self._finish(seq, "abort") for seq in list(self.sequences.values())]
+        self.waiting.clear()
+        self.cache.clear()  # cached K/V may be half-written: start the cache afresh too
         self.gen.close()
         self.gen = self._make_generator()
         mx.clear_cache()

@@ -1,0 +1,378 @@
+"""mlx_lm cache-protocol classes over the block pool.
+
+mlx_lm's models talk to one cache object per layer (`update_and_fetch`, `make_mask`, `offset`) and
+its BatchGenerator moves caches between batches (`merge`, `extend`, `filter`, `extract`, a
+deepcopy in `split`, `prepare`/`finalize` around right-padded prompt chunks, `state` evaluated
+after every prefill chunk). Here every sequence is a `SeqBlocks`: a block table into the shared
+`BlockPool` plus how many tokens each layer has written. Cache objects only point at SeqBlocks, so
+merging, splitting, copying and extracting never copy K/V, and two sequences that share a prefix
+point at the same physical blocks while they run.
+
+Layout inside a batch: every row starts at position 0 (no left padding). `offset` is an array of
+each row's current length (RoPE positions), the gathered keys are `[B, H, nb * block_size, D]`
+with `nb` the widest row's block count (shorter rows padded with the zero block), and `make_mask`
+hides, per row, everything after the query's own position (causality, the row's tail and the
+padding at once) and, for sliding-window layers, everything `window_size` or more tokens back.
+Tokens past a row's real length in a right-padded prompt chunk are written to the trash block.
+
+Writes go into the row's blocks. A block that is shared (ref count > 1) or held by the prefix
+index is never written: the first write into it makes a private copy (copy-on-write).
+
+Reads. MLX has no paged-attention kernel, and mlx_lm's attention wants one `[B, H, L, D]` array
+per layer. The plain way, a gather of every row's blocks per layer per step, costs a copy of the
+whole batch's K/V each decode step: on this CPU about +45% per decode step at batch 16 with
+1000-token contexts (it is as much memory traffic as the attention itself). So a decode batch
+may keep *working copies* instead: per layer a contiguous `[B, H, L + 64, D]` K and V, built by
+one gather and then updated in place with each step's token (the pool stays the storage of
+record: every token is written there too). That makes decode as fast as mlx_lm's contiguous
+cache, but it is one more copy of each row's whole context, shared prefix included. The policy
+(`PagedContext._copy_pays`): working copies only when less than half of the rows' blocks are
+shared with another sequence (they then at most double what those rows hold alone) and they fit
+the part of the budget the pool does not use or need; otherwise every step gathers, and a shared
+prefix stays one copy in memory at the price of the gather. Prefill chunks always gather (the
+copy is small next to the chunk's compute).
+
+Block lifetime is not tied to these objects (mlx_lm drops them freely: `list.clear()`, filtered
+deques): the cache manager (`engine.kv_cache.PagedCacheManager`) owns each SeqBlocks from
+`acquire` to `store`/`release`.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import numpy as np
+from mlx_lm.models.cache import _BaseCache
+
+from .block_pool import BlockPool, slab_index
+
+
+class SeqBlocks:
+    """One sequence's KV: its block table and the tokens each layer has written."""
+
+    __slots__ = ("uid", "table", "written", "max_blocks", "prompt_ids", "prompt_hashes", "registered")
+    _uids = itertools.count()
+
+    def __init__(self, table: list[int], written: int, num_layers: int, max_blocks: int = 0):
+        self.uid = next(self._uids)
+        self.table = table
+        self.written = [written] * num_layers
+        self.max_blocks = max_blocks  # worst case (prompt + max_tokens), for admission accounting
+        self.prompt_ids: list[int] = []
+        self.prompt_hashes: list[bytes] = []  # chain hashes of the prompt's full blocks
+        self.registered = 0  # prompt blocks [0, registered) are in the prefix index (or skipped)
+
+    @property
+    def length(self) -> int:
+        """Tokens whose K/V every layer has written."""
+        return min(self.written)
+
+
+@dataclass
+class _Plan:
+    """Where one forward step of a batch writes and what it reads; the same for every layer."""
+
+    tables: np.ndarray  # [B, nb] block ids, padded with BlockPool.NULL
+    starts: np.ndarray  # [B] positions of the first new token
+    real: np.ndarray  # [B] new tokens that are not padding
+    n: int
+    working_copy: bool = False  # decode through per-layer working copies (see BatchPagedKVCache)
+    _rows: dict = field(default_factory=dict)
+    _slabs: dict = field(default_factory=dict)
+    _copy_rows: dict = field(default_factory=dict)
+
+    @property
+    def width(self) -> int:
+        """Blocks gathered per row: the widest row after this step."""
+        return self.tables.shape[1]
+
+    def rows(self, heads: int, bs: int) -> mx.array:
+        """Pool rows for the new keys [B, H, N, D] in that order."""
+        if heads not in self._rows:
+            B, N = len(self.starts), self.n
+            i = np.arange(N)
+            pos = self.starts[:, None] + i[None, :]
+            valid = i[None, :] < self.real[:, None]
+            col = np.minimum(pos // bs, self.tables.shape[1] - 1)
+            blk = np.where(valid, np.take_along_axis(self.tables, col, axis=1), BlockPool.TRASH)
+            slot = np.where(valid, pos % bs, i[None, :] % bs)
+            h = np.arange(heads)[None, :, None]
+            rows = (blk[:, None, :] * heads + h) * bs + slot[:, None, :]
+            self._rows[heads] = mx.array(rows.reshape(-1).astype(np.int32))
+        return self._rows[heads]
+
+    def slabs(self, heads: int, width: int | None = None) -> mx.array:
+        """[B, H, width] slabs of the rows' blocks (padded with the zero block) for a gather."""
+        width = width or self.width
+        if (heads, width) not in self._slabs:
+            tables = self.tables
+            if width > tables.shape[1]:
+                tables = np.pad(tables, ((0, 0), (0, width - tables.shape[1])), constant_values=BlockPool.NULL)
+            self._slabs[heads, width] = mx.array(slab_index(tables, heads).astype(np.int32))
+        return self._slabs[heads, width]
+
+    def copy_rows(self, heads: int, cap: int) -> mx.array:
+        """Rows of a working copy ([B * H * cap, D]) where one new token per row goes."""
+        if (heads, cap) not in self._copy_rows:
+            bh = np.arange(len(self.starts) * heads).reshape(len(self.starts), heads)
+            self._copy_rows[heads, cap] = mx.array((bh * cap + self.starts[:, None]).reshape(-1).astype(np.int32))
+        return self._copy_rows[heads, cap]
+
+
+class PagedContext:
+    """What the cache objects of one model share: the pool and the per-step memo."""
+
+    # Room a working copy keeps for tokens to come; it is rebuilt (one gather) when outgrown.
+    copy_step = 64
+
+    def __init__(self, pool: BlockPool, num_layers: int):
+        self.pool = pool
+        self.num_layers = num_layers
+        self.policy = "auto"  # working copies: "auto", "always" or "never"
+        self.room = lambda: None  # budget blocks not spoken for (None: unbounded); set by the manager
+        self.counters = {"steps_gathered": 0, "steps_working_copy": 0, "working_copy_builds": 0}
+        self.copy_bytes: dict[int, int] = {}  # id(cache object) -> bytes of its working copy
+        self._plan_key = None
+        self._plan: _Plan | None = None
+        self._offset_key = None
+        self._offset: mx.array | None = None
+
+    def offsets(self, starts: tuple[int, ...]) -> mx.array:
+        if starts != self._offset_key:
+            self._offset_key, self._offset = starts, mx.array(starts, dtype=mx.int32)
+        return self._offset
+
+    def plan(self, rows: list[SeqBlocks], starts: list[int], real: list[int], n: int) -> _Plan:
+        """Make room for the new tokens (allocation, copy-on-write) and index them. The first layer
+        of a step does the work; the others find it memoized."""
+        key = (self.pool.epoch, tuple(r.uid for r in rows), tuple(starts), tuple(real), n)
+        if key == self._plan_key:
+            return self._plan
+        for row, start, count in zip(rows, starts, real):
+            if count:
+                self._make_room(row, start, start + count)
+        bs = self.pool.block_size
+        width = max(-(-(s + n) // bs) for s in starts)
+        tables = np.full((len(rows), width), BlockPool.NULL, dtype=np.int64)
+        for i, row in enumerate(rows):
+            t = row.table[:width]
+            tables[i, : len(t)] = t
+        plan = _Plan(tables, np.asarray(starts, dtype=np.int64), np.asarray(real, dtype=np.int64), n)
+        plan.working_copy = n == 1 and all(real) and self._copy_pays(rows, width)
+        self.counters["steps_working_copy" if plan.working_copy else "steps_gathered"] += 1
+        self._plan_key = (self.pool.epoch, *key[1:])
+        self._plan = plan
+        return plan
+
+    def _copy_pays(self, rows: list[SeqBlocks], width: int) -> bool:
+        """Whether a decode batch should keep contiguous working copies of its K/V.
+
+        A working copy makes a decode step as cheap as mlx_lm's contiguous cache (one new token
+        written per row, no gather), but it holds each row's whole context once more, shared
+        blocks included. So only when less than half of the rows' blocks are shared with another
+        sequence (then the copy at most doubles what the rows hold alone) and the copy fits the
+        budget. Otherwise every step gathers the rows' blocks, and a shared prefix stays one copy."""
+        if self.policy != "auto":
+            return self.policy == "always"
+        refs = self.pool.refs
+        held = sum(len(r.table) for r in rows)
+        shared = sum(1 for r in rows for b in r.table if refs[b] > 1)
+        if 2 * shared >= held:
+            return False
+        room = self.room()
+        need = len(rows) * (width + -(-self.copy_step // self.pool.block_size))
+        return room is None or need - self._copies_in_blocks() <= room
+
+    def _copies_in_blocks(self) -> int:
+        return sum(self.copy_bytes.values()) // max(1, self.pool.block_bytes)
+
+    def _make_room(self, row: SeqBlocks, start: int, end: int) -> None:
+        pool, bs = self.pool, self.pool.block_size
+        for k in range(start // bs, min(len(row.table), -(-end // bs))):
+            if pool.frozen(row.table[k]):  # shared or cached: write into a private copy
+                old = row.table[k]
+                row.table[k] = pool.copy_block(old)
+                pool.decref(old)
+        while len(row.table) * bs < end:
+            row.table.append(pool.allocate())
+
+    def mask(self, starts: list[int], n: int, window_size: int | None) -> mx.array:
+        """[B, 1, N, L] bool: query i of row b (position starts[b] + i) sees key j iff j <= its
+        position (and j is less than window_size back)."""
+        bs = self.pool.block_size
+        width = max(-(-(s + n) // bs) for s in starts) * bs
+        q = np.asarray(starts)[:, None] + np.arange(n)[None, :]
+        j = np.arange(width)[None, None, :]
+        m = j <= q[:, :, None]
+        if window_size is not None:
+            m &= j > q[:, :, None] - window_size
+        return mx.array(m[:, None])
+
+
+class BatchPagedKVCache(_BaseCache):
+    """One layer's cache for a batch of sequences, each a SeqBlocks in the pool."""
+
+    def __init__(self, ctx: PagedContext, layer: int, rows: list[SeqBlocks]):
+        self.ctx = ctx
+        self.layer = layer
+        self.rows = list(rows)
+        self._real_left: list[int] | None = None  # real tokens left per row in a right-padded prompt
+        self._copy: dict | None = None  # decode working copy (see _through_copy)
+
+    # --- what the model sees -------------------------------------------------------------
+
+    def _starts(self) -> list[int]:
+        return [r.written[self.layer] for r in self.rows]
+
+    @property
+    def offset(self):
+        return self.ctx.offsets(tuple(self._starts()))
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        n = keys.shape[2]
+        starts = self._starts()
+        if self._real_left is None:
+            real = [n] * len(self.rows)
+        else:
+            real = [min(n, left) for left in self._real_left]
+            self._real_left = [left - r for left, r in zip(self._real_left, real)]
+        ctx, pool = self.ctx, self.ctx.pool
+        plan = ctx.plan(self.rows, starts, real, n)
+        heads = pool.layers[self.layer].kv_heads
+        pool.write(self.layer, plan.rows(heads, pool.block_size), keys, values)
+        for row, count in zip(self.rows, real):
+            row.written[self.layer] += count
+        if plan.working_copy:
+            return self._through_copy(plan, heads, keys, values)
+        self._drop_copy()
+        return pool.read(self.layer, plan.slabs(heads))
+
+    def _through_copy(self, plan: _Plan, heads: int, keys: mx.array, values: mx.array):
+        """Decode through the working copy: [B, H, cap, D] per K and V, each row from position 0
+        like the gather, kept across steps. A step writes its token into the pool (the storage of
+        record, done by the caller) and into the copy; the copy is rebuilt by one gather when the
+        batch changed (rows, lengths) or outgrew it."""
+        pool, bs = self.ctx.pool, self.ctx.pool.block_size
+        shape = pool.layers[self.layer]
+        B, width = len(self.rows), plan.width * bs
+        ident = tuple(r.uid for r in self.rows)
+        after = tuple(r.written[self.layer] for r in self.rows)
+        c = self._copy
+        if c is None or c["rows"] != ident or c["lengths"] != tuple(plan.starts.tolist()) or c["cap"] < width:
+            blocks = plan.width + -(-self.ctx.copy_step // bs)
+            k, v = pool.read(self.layer, plan.slabs(heads, blocks))  # holds this step's token already
+            cap = blocks * bs
+            c = self._copy = {"rows": ident, "cap": cap}
+            c["k"], c["v"] = k.reshape(-1, shape.k_dim), v.reshape(-1, shape.v_dim)
+            self.ctx.copy_bytes[id(self)] = c["k"].nbytes + c["v"].nbytes
+            self.ctx.counters["working_copy_builds"] += 1
+        else:
+            idx = plan.copy_rows(heads, c["cap"])
+            c["k"][idx] = keys.reshape(-1, shape.k_dim)
+            c["v"][idx] = values.reshape(-1, shape.v_dim)
+        c["lengths"] = after
+        cap = c["cap"]
+        k = c["k"].reshape(B, heads, cap, shape.k_dim)[:, :, :width]
+        v = c["v"].reshape(B, heads, cap, shape.v_dim)[:, :, :width]
+        return k, v
+
+    def _drop_copy(self) -> None:
+        if self._copy is not None:
+            self._copy = None
+            self.ctx.copy_bytes.pop(id(self), None)
+
+    def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None, **kwargs):
+        return self.ctx.mask(self._starts(), N, window_size)
+
+    # --- what BatchGenerator does with it --------------------------------------------------
+
+    def prepare(self, *, left_padding=None, lengths=None, right_padding=None):
+        if left_padding is not None and any(left_padding):
+            raise ValueError("paged caches take no left padding")
+        if right_padding is not None and max(right_padding) > 0:
+            self._real_left = list(lengths)
+
+    def finalize(self):
+        self._real_left = None
+
+    def filter(self, batch_indices):
+        if isinstance(batch_indices, mx.array):
+            batch_indices = batch_indices.tolist()
+        self.rows = [self.rows[i] for i in batch_indices]
+        self._real_left = None
+        self._drop_copy()
+
+    def extend(self, other: "BatchPagedKVCache"):
+        self.rows.extend(other.rows)
+        self._real_left = None
+        self._drop_copy()
+        other._drop_copy()
+
+    def extract(self, idx: int) -> "PagedKVCache":
+        return PagedKVCache(self.ctx, self.layer, self.rows[idx])
+
+    @classmethod
+    def merge(cls, caches) -> "BatchPagedKVCache":
+        first = caches[0]
+        rows = [r for c in caches for r in c.rows]
+        return BatchPagedKVCache(first.ctx, first.layer, rows)
+
+    def __deepcopy__(self, memo):
+        """A new view of the same sequences (the pool and the SeqBlocks are shared, not copied)."""
+        new = copy.copy(self)
+        new.rows = list(self.rows)
+        new._real_left = None if self._real_left is None else list(self._real_left)
+        new._copy = None
+        return new
+
+    def __del__(self):
+        self.ctx.copy_bytes.pop(id(self), None)
+
+    @property
+    def state(self):
+        """The layer's pool arrays: evaluating them commits every write issued so far."""
+        return self.ctx.pool.layer_state(self.layer)
+
+    @state.setter
+    def state(self, v):
+        raise NotImplementedError("a paged cache cannot be restored from a state")
+
+    @property
+    def nbytes(self) -> int:
+        """The layer's share of the distinct blocks the rows hold, plus a working copy if any."""
+        blocks = {b for r in self.rows for b in r.table}
+        copy_bytes = self.ctx.copy_bytes.get(id(self), 0) if self._copy is not None else 0
+        return len(blocks) * self.ctx.pool.layer_block_bytes[self.layer] + copy_bytes
+
+    def size(self) -> int:
+        return max(self._starts(), default=0)
+
+    def empty(self) -> bool:
+        return not self.rows or self.size() == 0
+
+    def is_trimmable(self) -> bool:
+        return True
+
+    def trim(self, n: int) -> int:
+        n = min(n, min(self._starts(), default=0))
+        for r in self.rows:
+            r.written[self.layer] -= n
+        return n
+
+
+class PagedKVCache(BatchPagedKVCache):
+    """One layer's cache for one sequence (what `acquire` hands out and `extract` returns)."""
+
+    def __init__(self, ctx: PagedContext, layer: int, seq: SeqBlocks):
+        super().__init__(ctx, layer, [seq])
+
+    @property
+    def seq(self) -> SeqBlocks:
+        return self.rows[0]
+
+    @property
+    def offset(self) -> int:
+        return self.rows[0].written[self.layer]
