@@ -22,7 +22,7 @@ ENGINE_GAUGES = {
 }
 CACHE_GAUGES = {
     "blocks_total": ("cache_blocks_total", "KV blocks in the pool."),
-    "blocks_used": ("cache_blocks_used", "KV blocks in use (running or cached)."),
+    "blocks_used": ("cache_blocks_used", "KV blocks held by running requests."),
     "blocks_free": ("cache_blocks_free", "KV blocks free."),
     "hit_rate": ("cache_hit_rate", "Admitted prompts that reused cached blocks (full or prefix hits) / prompts."),
     "token_hit_rate": ("cache_token_hit_rate", "Prompt tokens served from the prefix cache / prompt tokens."),

@@ -181,6 +181,8 @@ class PagedCacheManager:
         most (mlx_lm needs one token to compute the first logits)."""
         bs = self.pool.block_size
         cached = min(match.tokens(bs), prompt_len - 1)
+        if cached == 1 and prompt_len > 2:  # a lone shared BOS is no prefix worth a copy-on-write
+            cached = 0
         nblocks = -(-cached // bs)
         table = match.blocks[:nblocks]
         if nblocks > len(table):

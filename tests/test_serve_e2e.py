@@ -82,13 +82,18 @@ def server(tmp_path_factory):
         print(f"serve run healthy after {ready_s:.1f}s")
         yield {"proc": proc, "log": log, "ready_s": ready_s}
     finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        _ray("stop", "--force")
+        _stop(proc)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """SIGINT the `serve run` (a clean shutdown), kill it if it hangs, then stop Ray."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    _ray("stop", "--force")
 
 
 def test_bad_yaml_fails_with_a_message_naming_the_field(tmp_path):
@@ -107,12 +112,7 @@ def test_bad_yaml_fails_with_a_message_naming_the_field(tmp_path):
             time.sleep(1)
         output = log.read_text()
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        _ray("stop", "--force")
+        _stop(proc)
     assert "args.models[0].engine.max_num_seqs: Input should be greater than or equal to 1" in output
     assert "args.models[0].stream_windw_ms: Extra inputs are not permitted" in output
 
