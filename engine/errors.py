@@ -42,14 +42,6 @@ class InvalidRequestError(OrchardError):
     error_type = "invalid_request_error"
 
 
-class ModelNotFoundError(OrchardError):
-    status_code = 404
-    error_type = "invalid_request_error"
-
-    def __init__(self, message: str, param: str | None = "model"):
-        super().__init__(message, param=param, code="model_not_found")
-
-
 class OverloadedError(OrchardError):
     """The engine's queue is full; the client should retry later."""
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,6 @@ class LoadedModel:
     weights_bytes: int
     load_seconds: float
     fast_cpu: bool
-    notes: list[str] = field(default_factory=list)
 
     @property
     def context_length(self) -> int:

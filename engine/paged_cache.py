@@ -92,7 +92,7 @@ class _Plan:
     def rows(self, heads: int, bs: int) -> mx.array:
         """Pool rows for the new keys [B, H, N, D] in that order."""
         if heads not in self._rows:
-            B, N = len(self.starts), self.n
+            N = self.n
             i = np.arange(N)
             pos = self.starts[:, None] + i[None, :]
             valid = i[None, :] < self.real[:, None]
