@@ -3,6 +3,12 @@
 The YAML `args:` map 1:1 to OrchardConfig (deployments/config.py). One ModelServer deployment is
 bound per model, named `model-<name>`, and the OrchardRouter ingress gets their handles.
 
+Every model deployment autoscales between 0 replicas (unloaded) and its num_replicas (loaded);
+the memory governor (deployments.governor, the application's `autoscaling_policy`) decides which
+under the host budget `args.memory`. The builder works out what the governor needs to know
+before a model was ever loaded: its KV share of the budget and its estimated footprint, and it
+refuses a config that can never fit (a model larger than the budget, eager models over it).
+
 On CPU-only Linux each model replica gets LD_PRELOAD=<OpenBLAS> through its runtime_env, so MLX
 in that process uses OpenBLAS (engine.cpu_fast_path). Note that a `ray_actor_options` override in
 the YAML `deployments:` section replaces the whole dict, runtime_env included: set a model's
@@ -11,13 +17,30 @@ num_cpus under its args (`deployment.num_cpus`) instead.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from ray.serve import Application
 
 from engine.cpu_fast_path import openblas_env
 
-from .config import ModelConfig, OrchardConfig, RouterConfig, validate_args
+from .config import ConfigError, ModelConfig, OrchardConfig, RouterConfig, validate_args
+from .governor import FALLBACK_POLICY_PATH, governor_kwargs
 from .model_server import ModelServer
 from .router import OrchardRouter
+
+# How fast the governor sees what happens: replicas and handles push their metrics this often,
+# averaged over this window (Ray's defaults, 10 s and 30 s, would make every load wait).
+METRICS_INTERVAL_S = 0.5
+LOOK_BACK_PERIOD_S = 2.0
+
+
+@dataclass(frozen=True)
+class ModelPlan:
+    """What the builder decided for one model."""
+
+    config: ModelConfig
+    engine: dict  # EngineConfig fields, with the KV budget resolved against the host budget
+    footprint_bytes: int  # per replica, estimated (a loaded replica measures its own)
 
 
 def model_actor_options(model: ModelConfig) -> dict:
@@ -28,36 +51,114 @@ def model_actor_options(model: ModelConfig) -> dict:
     return options
 
 
-def bind_model(model: ModelConfig):
-    engine = model.engine
-    max_ongoing = model.deployment.max_ongoing_requests or engine.max_num_seqs + engine.max_waiting
+def plan_model(model: ModelConfig, budget: int) -> ModelPlan:
+    """Resolve the model's KV budget against the host budget and estimate its footprint."""
+    from engine.memory import estimate_weights_bytes, estimate_working_bytes
+
+    engine = model.engine.model_dump()
+    if engine["cache_memory_mb"] is None:
+        engine["cache_memory_mb"] = max(1, int(budget * model.engine.cache_memory_percent) >> 20)
+    if model.footprint_mb is not None:
+        return ModelPlan(model, engine, model.footprint_mb * 2**20)
+    weights = estimate_weights_bytes(model.source, _fast_cpu(model))
+    if weights is None:
+        raise ConfigError(f"args.models[{model.name}].footprint_mb: {model.source!r} is not downloaded yet, so "
+                          "its size is unknown; give its footprint in MiB (weights + KV + working memory)")
+    return ModelPlan(model, engine, weights + engine["cache_memory_mb"] * 2**20 + estimate_working_bytes(weights))
+
+
+def _fast_cpu(model: ModelConfig) -> bool:
+    if model.engine.fast_cpu is not None:
+        return model.engine.fast_cpu
+    from engine.cpu_fast_path import wants_fast_path
+
+    return wants_fast_path()
+
+
+def check_budget(plans: list[ModelPlan], budget: int) -> None:
+    """A model that can never fit, or eager models that cannot all load at start: a config error."""
+    from engine.memory import mib
+
+    for p in plans:
+        need = p.footprint_bytes * p.config.deployment.num_replicas
+        if need > budget:
+            raise ConfigError(
+                f"model {p.config.name!r} needs {mib(need)} (weights + KV {p.engine['cache_memory_mb']} MiB + "
+                f"working memory, x{p.config.deployment.num_replicas} replicas) but the whole memory budget is "
+                f"{mib(budget)}: raise args.memory.budget_mb / budget_percent, or lower its engine.cache_memory_mb"
+            )
+    eager = [p for p in plans if p.config.load == "eager"]
+    total = sum(p.footprint_bytes * p.config.deployment.num_replicas for p in eager)
+    if total > budget:
+        names = ", ".join(f"{p.config.name} {mib(p.footprint_bytes)}" for p in eager)
+        raise ConfigError(f"the eager models need {mib(total)} together ({names}) but the memory budget is "
+                          f"{mib(budget)}: set load: on_demand on some of them, or raise args.memory")
+
+
+def autoscaling_config(p: ModelPlan, budget: int) -> dict:
+    m = p.config
+    full = m.deployment.num_replicas
+    return {
+        "min_replicas": full if (m.pinned and m.load == "eager") else 0,
+        "max_replicas": full,
+        "initial_replicas": full if m.load == "eager" else 0,
+        "metrics_interval_s": METRICS_INTERVAL_S,
+        "look_back_period_s": LOOK_BACK_PERIOD_S,
+        "upscale_delay_s": 0.0,
+        "downscale_delay_s": 0.0,  # keep_alive is the governor's
+        "downscale_to_zero_delay_s": 0.0,
+        "policy": {
+            "policy_function": FALLBACK_POLICY_PATH,
+            "policy_kwargs": governor_kwargs(model=m.name, budget_bytes=budget, footprint_bytes=p.footprint_bytes,
+                                             full=full, keep_alive_s=m.keep_alive),
+        },
+    }
+
+
+def bind_model(p: ModelPlan, budget: int):
+    model, engine = p.config, p.engine
+    max_ongoing = model.deployment.max_ongoing_requests or engine["max_num_seqs"] + engine["max_waiting"]
     return ModelServer.options(
         name=model.deployment_name,
-        num_replicas=model.deployment.num_replicas,
+        autoscaling_config=autoscaling_config(p, budget),
         max_ongoing_requests=max_ongoing,
         max_queued_requests=model.deployment.max_queued_requests,
+        graceful_shutdown_wait_loop_s=0.5,  # an idle replica being unloaded stops at once
         ray_actor_options=model_actor_options(model),
     ).bind(
         name=model.name,
         source=model.source,
-        engine=engine.model_dump(),
+        engine=engine,
         default_sampling=model.default_sampling,
         stream_window_ms=model.stream_window_ms,
         stream_max_chunks_per_s=model.stream_max_chunks_per_s,
+        memory_share_bytes=p.footprint_bytes,
     )
 
 
-def bind_router(router: RouterConfig, models: dict) -> Application:
+def model_facts(p: ModelPlan) -> dict:
+    """What the router reports of a model before it ever loaded (/v1/models, metrics)."""
+    m = p.config
+    return {"deployment": m.deployment_name, "load": m.load, "keep_alive_s": m.keep_alive,
+            "load_timeout_s": m.load_timeout_s, "footprint_bytes": p.footprint_bytes,
+            "replicas": m.deployment.num_replicas}
+
+
+def bind_router(router: RouterConfig, models: dict, facts: dict, budget: int) -> Application:
     return OrchardRouter.options(
         name="OrchardRouter",
         num_replicas=router.num_replicas,
         max_ongoing_requests=router.max_ongoing_requests,
         ray_actor_options={"num_cpus": router.num_cpus},
-    ).bind(router=router.model_dump(), models=models)
+    ).bind(router=router.model_dump(), models=models, facts=facts, budget_bytes=budget)
 
 
 def build_app(args: dict) -> Application:
     """Ray Serve app builder. Raises ConfigError naming each bad field of `args`."""
     config: OrchardConfig = validate_args(args)
-    models = {m.name: bind_model(m) for m in config.models}
-    return bind_router(config.router, models)
+    budget = config.memory.budget_bytes()
+    plans = [plan_model(m, budget) for m in config.models]
+    check_budget(plans, budget)
+    models = {p.config.name: bind_model(p, budget) for p in plans}
+    facts = {p.config.name: model_facts(p) for p in plans}
+    return bind_router(config.router, models, facts, budget)

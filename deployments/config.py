@@ -19,7 +19,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -51,6 +51,59 @@ class ModelDeploymentOptions(BaseModel):
         description="Extra environment variables of the replica process, e.g. OPENBLAS_NUM_THREADS "
         "(LD_PRELOAD for the CPU fast path is added by the builder).",
     )
+
+
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400}
+PINNED = ("forever", "never", "pinned")
+
+
+def parse_keep_alive(value: Any) -> float | None:
+    """Seconds a model may stay idle before it unloads; None: never (pinned).
+    Accepts a number of seconds, "30s" / "5m" / "1h", or "forever" / -1."""
+    if isinstance(value, bool):
+        raise ValueError("must be a duration such as 300, '5m' or 'forever'")
+    if isinstance(value, (int, float)):
+        if value < 0:
+            return None
+        return float(value)
+    text = str(value).strip().lower()
+    if text in PINNED or text == "-1":
+        return None
+    match = _DURATION_RE.match(text)
+    if not match:
+        raise ValueError(f"{value!r} is not a duration: use seconds (300), '30s', '5m', '1h' or 'forever'")
+    return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+
+
+class MemoryConfig(BaseModel):
+    """The host memory budget every model on a host shares: weights + KV pool + working memory."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    budget_mb: int | None = Field(
+        None, ge=64, description="The budget in MiB. Default: budget_percent of the host's memory."
+    )
+    budget_percent: float | None = Field(
+        None, gt=0, le=1,
+        description="The budget as a fraction of the host's memory (on a Mac: Metal's recommended working set, "
+        "else RAM). Default: the whole working set on a Mac, 0.6 of RAM elsewhere.",
+    )
+
+    @model_validator(mode="after")
+    def _one(self) -> "MemoryConfig":
+        if self.budget_mb is not None and self.budget_percent is not None:
+            raise ValueError("give budget_mb or budget_percent, not both")
+        return self
+
+    def budget_bytes(self) -> int:
+        from engine.memory import default_budget_bytes, host_memory_bytes
+
+        if self.budget_mb is not None:
+            return self.budget_mb * 2**20
+        if self.budget_percent is not None:
+            return int(host_memory_bytes() * self.budget_percent)
+        return default_budget_bytes()
 
 
 class ModelConfig(BaseModel):
@@ -85,6 +138,33 @@ class ModelConfig(BaseModel):
     deployment: ModelDeploymentOptions = Field(
         default_factory=ModelDeploymentOptions, description="Ray Serve options of this model's deployment."
     )
+    load: Literal["eager", "on_demand"] = Field(
+        "eager", description="eager: loaded when the app starts; on_demand: loaded by the first request for it."
+    )
+    keep_alive: float | None = Field(
+        1800.0,
+        description="Idle time after which the model unloads (seconds, '30s', '5m', '1h'), or 'forever' to pin "
+        "it: a pinned model is never unloaded, not even to make room for another.",
+    )
+    load_timeout_s: float = Field(
+        120.0, gt=0,
+        description="How long a request waits for this model to load (and for room in the memory budget) "
+        "before it gets 503 with Retry-After.",
+    )
+    footprint_mb: int | None = Field(
+        None, ge=1,
+        description="Memory the governor reserves for this model before its first load measures it (weights "
+        "+ KV + working). Default: estimated from the weight files; needed for hub models not yet downloaded.",
+    )
+
+    @field_validator("keep_alive", mode="before")
+    @classmethod
+    def _keep_alive(cls, v: Any) -> float | None:
+        return None if v is None else parse_keep_alive(v)
+
+    @property
+    def pinned(self) -> bool:
+        return self.keep_alive is None
 
     @field_validator("name")
     @classmethod
@@ -173,6 +253,9 @@ class OrchardConfig(BaseModel):
 
     models: list[ModelConfig] = Field(min_length=1, description="The hosted models, routed by name.")
     router: RouterConfig = Field(default_factory=RouterConfig, description="HTTP router options.")
+    memory: MemoryConfig = Field(
+        default_factory=MemoryConfig, description="The memory budget all models of a host share."
+    )
 
     @model_validator(mode="after")
     def _unique(self) -> "OrchardConfig":

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the router)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 30, 60)
+COLD_BUCKETS = (0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300)
 ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.2, 0.5, 1, 2.5)
 # engine stats key -> (metric suffix, help) for the figures that get their own gauges
 ENGINE_GAUGES = {
@@ -63,6 +64,21 @@ class RouterMetrics:
         self.cache = {k: Gauge(f"{p}_{name}", doc, ["model"], registry=r) for k, (name, doc) in CACHE_GAUGES.items()}
         self.engine_other = Gauge(f"{p}_engine_stat", "Other numeric engine and cache statistics.",
                                   ["model", "stat"], registry=r)
+        # the memory governor (deployments.governor), as this router sees Ray Serve's replicas
+        self.budget = Gauge(f"{p}_memory_budget_bytes", "The host memory budget all models share.", registry=r)
+        self.used = Gauge(f"{p}_memory_used_bytes", "Footprints of the models loaded or loading.", registry=r)
+        self.footprint = Gauge(f"{p}_model_footprint_bytes", "A model's footprint (measured once loaded).",
+                               ["model"], registry=r)
+        self.loaded = Gauge(f"{p}_model_loaded", "1 when the model is loaded, else 0.", ["model"], registry=r)
+        self.state = Gauge(f"{p}_model_state", "1 for the model's current state.", ["model", "state"], registry=r)
+        self.loads = Counter(f"{p}_model_loads", "Times the model was loaded.", ["model"], registry=r)
+        self.unloads = Counter(f"{p}_model_unloads", "Times the model was unloaded.", ["model"], registry=r)
+        self.cold_start = Histogram(f"{p}_model_cold_start_seconds",
+                                    "Replica start to ready (process, imports, load, warm-up), per load.",
+                                    ["model"], buckets=COLD_BUCKETS, registry=r)
+        self.cold_ttft = Histogram(f"{p}_cold_request_first_token_seconds",
+                                   "Arrival to first token of requests that found their model unloaded.",
+                                   ["model"], buckets=COLD_BUCKETS, registry=r)
 
     def observe_request(self, model: str, endpoint: str, status: int) -> None:
         self.requests.labels(model, endpoint, str(status)).inc()
@@ -95,6 +111,29 @@ class RouterMetrics:
         for key, value in [*_numbers(cache), *derived_cache_stats(stats, cache).items()]:
             gauge = self.cache.get(key)
             (gauge.labels(model) if gauge else self.engine_other.labels(model, f"cache_{key}")).set(value)
+
+    def model_event(self, rec, event: str) -> None:
+        """A ModelDirectory transition (deployments.model_directory)."""
+        if event == "load":
+            self.loads.labels(rec.name).inc()
+            cold = (rec.replica or {}).get("cold_start_s")
+            if cold is not None:
+                self.cold_start.labels(rec.name).observe(cold)
+        elif event == "unload":
+            self.unloads.labels(rec.name).inc()
+
+    def set_governor(self, directory) -> None:
+        from .model_directory import LOADED, LOADING, UNLOADED, UNLOADING
+
+        self.budget.set(directory.budget_bytes)
+        self.used.set(directory.used_bytes())
+        for rec in directory.models.values():
+            self.footprint.labels(rec.name).set(rec.footprint_bytes)
+            self.loaded.labels(rec.name).set(1 if rec.state == LOADED else 0)
+            for state in (LOADED, LOADING, UNLOADING, UNLOADED):
+                self.state.labels(rec.name, state).set(1 if rec.state == state else 0)
+            self.loads.labels(rec.name).inc(0)
+            self.unloads.labels(rec.name).inc(0)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

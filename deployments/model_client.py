@@ -28,8 +28,11 @@ class ModelCall:
     """One running request. Iterate for chunks; always `await close()` (idempotent)."""
 
     def __init__(self, model: str, items: AsyncIterator[dict], cancel: Callable[[], None],
-                 started_at: float, deadline: float, retry_after_s: int = 1):
+                 started_at: float, deadline: float, retry_after_s: int = 1, load_timeout_s: float | None = None):
+        """`load_timeout_s`: the model is not loaded; its first chunk must come within this long
+        (it covers the load and waiting for room in the memory budget), else 503."""
         self.model, self.started_at, self.deadline = model, started_at, deadline
+        self.load_timeout_s = load_timeout_s
         self._items, self._cancel, self._retry_after_s = items, cancel, retry_after_s
         self._first: dict | None = None
         self.done = False
@@ -42,14 +45,20 @@ class ModelCall:
     async def begin(self) -> "ModelCall":
         """Wait for the first chunk, so that a refused request becomes an HTTP error, not a stream."""
         try:
-            self._first = await self._next()
+            self._first = await self._next(self._load_deadline())
         except BaseException:
             await self.close()
             raise
         return self
 
-    async def _next(self) -> dict | None:
-        remaining = self.deadline - time.monotonic()
+    def _load_deadline(self) -> float | None:
+        if self.load_timeout_s is None:
+            return None
+        return min(self.deadline, self.started_at + self.load_timeout_s)
+
+    async def _next(self, load_deadline: float | None = None) -> dict | None:
+        deadline = load_deadline or self.deadline
+        remaining = deadline - time.monotonic()
         try:
             if remaining <= 0:
                 raise asyncio.TimeoutError
@@ -58,6 +67,8 @@ class ModelCall:
             self.done = True
             return None
         except asyncio.TimeoutError:
+            if load_deadline is not None and load_deadline < self.deadline:
+                raise load_timeout_error(self.model, self.load_timeout_s, self._retry_after_s) from None
             raise ApiError(504, f"the request took longer than the router's request_timeout_s "
                            f"({self.deadline - self.started_at:.0f} s)", type="timeout_error", code="timeout") from None
         except (ApiError, asyncio.CancelledError):
@@ -108,6 +119,12 @@ class ModelCall:
                 log.debug("cancelling a model stream failed", exc_info=True)
 
 
+def load_timeout_error(model: str, load_timeout_s: float, retry_after_s: int = 1) -> ApiError:
+    return ApiError(503, f"model {model!r} is not loaded and could not be loaded within its load_timeout_s "
+                    f"({load_timeout_s:g} s): it is loading, or the memory budget is held by busy models; retry later",
+                    type="server_error", code="model_loading", headers={"Retry-After": str(retry_after_s)})
+
+
 def ray_error(model: str, exc: BaseException, retry_after_s: int = 1) -> ApiError:
     """A failure of the hop (Ray Serve's own queue limits included) as an OpenAI-shaped error."""
     retry = {"Retry-After": str(retry_after_s)}
@@ -128,11 +145,16 @@ def ray_error(model: str, exc: BaseException, retry_after_s: int = 1) -> ApiErro
 class ModelClient(Protocol):
     name: str
 
-    async def start(self, payload: dict[str, Any], started_at: float, deadline: float) -> ModelCall: ...
+    async def start(self, payload: dict[str, Any], started_at: float, deadline: float,
+                    load_timeout_s: float | None = None) -> ModelCall: ...
 
     async def stats(self, timeout_s: float) -> dict[str, Any]: ...
 
     async def health(self, timeout_s: float) -> None: ...
+
+    async def info(self, timeout_s: float) -> dict[str, Any]: ...
+
+    async def request_unload(self, timeout_s: float) -> dict[str, Any]: ...
 
 
 async def _wait(response, timeout_s: float):
@@ -151,19 +173,37 @@ class RayModelClient:
         self._stream = handle.options(stream=True, method_name="generate")
         self._retry_after_s = config.retry_after_s
 
-    async def start(self, payload: dict[str, Any], started_at: float, deadline: float) -> ModelCall:
+    async def start(self, payload: dict[str, Any], started_at: float, deadline: float,
+                    load_timeout_s: float | None = None) -> ModelCall:
         try:
             gen = self._stream.remote(payload)
         except Exception as exc:  # noqa: BLE001
             raise ray_error(self.name, exc, self._retry_after_s) from exc
-        call = ModelCall(self.name, gen, gen.cancel, started_at, deadline, self._retry_after_s)
+        call = ModelCall(self.name, gen, gen.cancel, started_at, deadline, self._retry_after_s, load_timeout_s)
         return await call.begin()
 
-    async def stats(self, timeout_s: float) -> dict[str, Any]:
+    async def _call(self, method: str, timeout_s: float, *, load: bool = False):
+        response = getattr(self._handle, method).remote()
         try:
-            return await _wait(self._handle.stats.remote(), timeout_s)
-        except (asyncio.TimeoutError, Exception) as exc:
+            return await _wait(response, timeout_s)
+        except asyncio.TimeoutError:
+            response.cancel()
+            if load:
+                raise load_timeout_error(self.name, timeout_s, self._retry_after_s) from None
+            raise ApiError(504, f"model {self.name!r} did not answer {method} within {timeout_s:g} s",
+                           type="timeout_error", code="timeout") from None
+        except Exception as exc:  # noqa: BLE001
             raise ray_error(self.name, exc, self._retry_after_s) from exc
+
+    async def stats(self, timeout_s: float) -> dict[str, Any]:
+        return await self._call("stats", timeout_s)
 
     async def health(self, timeout_s: float) -> None:
         await _wait(self._handle.check_health.remote(), timeout_s)
+
+    async def info(self, timeout_s: float, load: bool = False) -> dict[str, Any]:
+        """The replica's info; on an unloaded model this loads it (`load`: a timeout is then a 503)."""
+        return await self._call("info", timeout_s, load=load)
+
+    async def request_unload(self, timeout_s: float) -> dict[str, Any]:
+        return await self._call("request_unload", timeout_s)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import Any, AsyncIterator, Callable
 
@@ -118,16 +119,27 @@ class ModelServer:
     """Hosts one model. Constructed by the app builder with validated ModelConfig fields."""
 
     def __init__(self, name: str, source: str, engine: dict, default_sampling: dict | None = None,
-                 stream_window_ms: float = 30.0, stream_max_chunks_per_s: float = 100.0):
+                 stream_window_ms: float = 30.0, stream_max_chunks_per_s: float = 100.0,
+                 memory_share_bytes: int | None = None):
         from engine.engine import AsyncEngine  # MLX loads in the replica, not in the builder
+        from engine.memory import apply_process_limits, mib
 
+        started = time.monotonic()
         self.name = name
         self.default_sampling = dict(default_sampling or {})
         self.window_s = stream_window_ms / 1000.0
         self.max_chunks_per_s = stream_max_chunks_per_s
         self.active_streams = 0
+        self.last_active = time.monotonic()
+        self.unload_requested = False
         self.engine = AsyncEngine.from_source(source, EngineConfig.model_validate(engine))
-        log.info("model %s ready: %s", name, self.engine.info)
+        footprint = self.engine.footprint
+        self.limits = apply_process_limits(max(memory_share_bytes or 0, footprint.total))
+        self.loaded_info = {"pid": os.getpid(), "loaded_at": time.time(),
+                            "cold_start_s": round(time.monotonic() - started, 3), "footprint": footprint.to_dict()}
+        log.info("model %s ready in %.1fs: %s; footprint %s (weights %s, KV %s, working %s)", name,
+                 self.loaded_info["cold_start_s"], self.engine.info, mib(footprint.total), mib(footprint.weights),
+                 mib(footprint.kv), mib(footprint.working))
 
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Stream one request: {"prompt": {messages|text|token_ids}, "sampling": {...}, "request_id": str}."""
@@ -149,6 +161,7 @@ class ModelServer:
             yield error_item(exc)
         finally:
             self.active_streams -= 1
+            self.last_active = time.monotonic()
             await chunks.aclose()
 
     def _stream_window(self) -> float:
@@ -157,10 +170,23 @@ class ModelServer:
         return max(self.window_s, self.active_streams / self.max_chunks_per_s)
 
     def info(self) -> dict[str, Any]:
-        return {"name": self.name, **self.engine.info}
+        return {"name": self.name, **self.engine.info, **self.loaded_info}
 
     def stats(self) -> dict[str, Any]:
-        return {**self.engine.stats(), "name": self.name}
+        return {**self.engine.stats(), "name": self.name, "replica": self.loaded_info}
+
+    def idle_s(self) -> float:
+        return 0.0 if self.active_streams else time.monotonic() - self.last_active
+
+    def record_autoscaling_stats(self) -> dict[str, float]:
+        """Custom autoscaling metrics, read by the memory governor (deployments.governor)."""
+        return {"footprint_bytes": float(self.engine.footprint.total), "idle_s": self.idle_s(),
+                "unload_requested": float(self.unload_requested), "active": float(self.active_streams)}
+
+    def request_unload(self) -> dict[str, Any]:
+        """An operator asked to unload this model: the governor stops this replica once it is idle."""
+        self.unload_requested = True
+        return {"name": self.name, "unload_requested": True, "active": self.active_streams}
 
     def check_health(self) -> None:
         """Ray Serve's health hook: raising marks the replica unhealthy and Serve replaces it."""

@@ -22,6 +22,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .config import RouterConfig
 from .metrics import CONTENT_TYPE_LATEST, RouterMetrics
 from .model_client import ModelCall, ModelClient, RayModelClient
+from .model_directory import LOADED, ModelDirectory
 from .openai_protocol import (
     SSE_DONE, ApiError, ChatCompletionRequest, CompletionRequest, ResponseBuilder, model_card, new_id,
     parse_request, sse,
@@ -33,12 +34,45 @@ log = logging.getLogger("ray.serve")
 class RouterCore:
     """State and request handling shared by every route."""
 
-    def __init__(self, config: RouterConfig, models: dict[str, ModelClient]):
+    def __init__(self, config: RouterConfig, models: dict[str, ModelClient], directory: ModelDirectory | None = None,
+                 metrics: RouterMetrics | None = None):
+        """`directory`: the models' load states (None: every model is always loaded, no governor)."""
         self.config = config
         self.models = models
+        self.directory = directory
         self.api_key = config.resolved_api_key()
-        self.metrics = RouterMetrics()
+        self.metrics = metrics or RouterMetrics()
         self.created = int(time.time())
+
+    def is_loaded(self, name: str) -> bool:
+        if self.directory is None:
+            return True
+        self.directory.start()
+        return self.directory.record(name).state == LOADED
+
+    def starting(self) -> list[str]:
+        """Eager models that have not finished their first load (the app is still starting)."""
+        if self.directory is None:
+            return []
+        self.directory.start()
+        return [r.name for r in self.directory.models.values() if r.facts.get("load") == "eager" and not r.loads]
+
+    def load_timeout(self, name: str) -> float | None:
+        """The first-chunk limit of a request that finds its model unloaded; None when it is loaded."""
+        if self.is_loaded(name):
+            return None
+        return float(self.directory.record(name).facts["load_timeout_s"])
+
+    def touch(self, name: str) -> None:
+        if self.directory is not None:
+            self.directory.touch(name)
+
+    def model_card(self, name: str) -> dict[str, Any]:
+        extra = self.directory.record(name).card() if self.directory is not None else {"state": LOADED}
+        return model_card(name, self.created, **extra)
+
+    async def loaded_names(self) -> list[str]:
+        return [n for n in self.models if self.is_loaded(n)]
 
     def client(self, name: str) -> ModelClient:
         if name not in self.models:
@@ -83,7 +117,11 @@ class RouterCore:
                 "prompt": req.prompt() if kind == "chat" else req.prompt_input(),
                 "sampling": req.sampling(),
             }
-            call = await client.start(payload, start, self._deadline(start))
+            load_timeout = self.load_timeout(model)
+            self.touch(model)
+            call = await client.start(payload, start, self._deadline(start), load_timeout)
+            if load_timeout is not None and call.first_token_at is not None:
+                self.metrics.cold_ttft.labels(model).observe(call.first_token_at - start)
         except ApiError as exc:
             self.metrics.observe_request(model if model in self.models else "-", endpoint, exc.status_code)
             raise
@@ -147,9 +185,38 @@ class RouterCore:
         m.observe_usage(name, call.usage)
 
     async def gather_stats(self) -> dict[str, dict | None]:
-        names = list(self.models)
+        """Stats of the loaded models (calling an unloaded one would load it)."""
+        names = await self.loaded_names()
         results = await asyncio.gather(*(self.models[n].stats(timeout_s=5.0) for n in names), return_exceptions=True)
         return {n: (None if isinstance(r, BaseException) else r) for n, r in zip(names, results)}
+
+    async def load(self, name: str) -> dict[str, Any]:
+        """POST /v1/models/{name}/load: returns once the model is loaded (503 after load_timeout_s)."""
+        client = self.client(name)
+        self.touch(name)
+        timeout = self.load_timeout(name) or 30.0
+        info = await client.info(timeout_s=timeout, load=True)
+        if self.directory is not None:
+            await self.directory.refresh()
+        return {**self.model_card(name), "replica": info}
+
+    async def unload(self, name: str) -> dict[str, Any]:
+        """POST /v1/models/{name}/unload: the governor unloads it once idle (pinned: 409)."""
+        client = self.client(name)
+        if self.directory is None:
+            raise ApiError(409, "this router runs without the memory governor: models cannot be unloaded",
+                           code="not_supported")
+        rec = self.directory.record(name)
+        if rec.facts.get("keep_alive_s") is None:
+            raise ApiError(409, f"model {name!r} is pinned (keep_alive: forever) and is never unloaded",
+                           param="keep_alive", code="model_pinned")
+        if rec.state == LOADED:
+            await client.request_unload(timeout_s=10.0)
+        return {**self.model_card(name), "unload_requested": rec.state == LOADED}
+
+
+def memory_summary(directory: ModelDirectory) -> dict[str, Any]:
+    return {"budget_bytes": directory.budget_bytes, "used_bytes": directory.used_bytes()}
 
 
 def _error_response(exc: ApiError) -> JSONResponse:
@@ -193,10 +260,23 @@ def create_app(core: RouterCore) -> FastAPI:
 
     @app.get("/v1/models", dependencies=[auth])
     async def list_models():
-        return {"object": "list", "data": [model_card(n, core.created) for n in core.models]}
+        return {"object": "list", "data": [core.model_card(n) for n in core.models],
+                **({"memory": memory_summary(core.directory)} if core.directory is not None else {})}
+
+    @app.post("/v1/models/{name:path}/load", dependencies=[auth])
+    async def load_model(name: str):
+        return await core.load(name)
+
+    @app.post("/v1/models/{name:path}/unload", dependencies=[auth])
+    async def unload_model(name: str):
+        return await core.unload(name)
 
     @app.get("/v1/models/{name:path}/cache", dependencies=[auth])
     async def model_cache(name: str):
+        core.client(name)
+        if not core.is_loaded(name):
+            return {"object": "model.cache", "model": name, "state": core.model_card(name)["state"],
+                    "cache": {}, "engine": {}}
         stats = await core.client(name).stats(timeout_s=10.0)
         cache = stats.get("cache") if isinstance(stats.get("cache"), dict) else {}
         engine = {k: v for k, v in stats.items() if k != "cache"}
@@ -205,13 +285,17 @@ def create_app(core: RouterCore) -> FastAPI:
     @app.get("/v1/models/{name:path}", dependencies=[auth])
     async def retrieve_model(name: str):
         core.client(name)
-        return model_card(name, core.created)
+        return core.model_card(name)
 
     @app.get("/health")
     async def health():
-        results = await asyncio.gather(*(c.health(timeout_s=5.0) for c in core.models.values()), return_exceptions=True)
-        status = {n: ("ok" if r is None else f"unhealthy: {r}") for n, r in zip(core.models, results)}
-        healthy = all(r is None for r in results)
+        names = await core.loaded_names()
+        results = await asyncio.gather(*(core.models[n].health(timeout_s=5.0) for n in names), return_exceptions=True)
+        status = {n: core.model_card(n)["state"] for n in core.models}
+        status.update({n: ("ok" if r is None else f"unhealthy: {r}") for n, r in zip(names, results)})
+        starting = core.starting()
+        status.update({n: "starting" for n in starting})
+        healthy = all(r is None for r in results) and not starting
         return JSONResponse({"status": "ok" if healthy else "unhealthy", "models": status},
                             status_code=200 if healthy else 503)
 
@@ -219,6 +303,8 @@ def create_app(core: RouterCore) -> FastAPI:
     async def metrics():
         for name, stats in (await core.gather_stats()).items():
             core.metrics.set_engine_stats(name, stats)
+        if core.directory is not None:
+            core.metrics.set_governor(core.directory)
         return Response(core.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     return app
@@ -229,9 +315,15 @@ def create_app(core: RouterCore) -> FastAPI:
 class OrchardRouter:
     """The ingress deployment. `models` maps each model name to its ModelServer's handle."""
 
-    def __init__(self, router: dict, models: dict[str, Any]):
+    def __init__(self, router: dict, models: dict[str, Any], facts: dict[str, dict] | None = None,
+                 budget_bytes: int = 0):
         config = RouterConfig.model_validate(router)
-        self.core = RouterCore(config, {name: RayModelClient(name, h, config) for name, h in models.items()})
+        clients = {name: RayModelClient(name, h, config) for name, h in models.items()}
+        metrics, directory = RouterMetrics(), None
+        if facts is not None:
+            directory = ModelDirectory(facts, budget_bytes, lambda n: clients[n].info(timeout_s=10.0),
+                                       app_name=serve.get_replica_context().app_name, on_change=metrics.model_event)
+        self.core = RouterCore(config, clients, directory, metrics)
         log.info("router ready for models: %s", ", ".join(self.core.models))
 
     def __serve_build_asgi_app__(self) -> FastAPI:

@@ -21,8 +21,9 @@ import uuid
 
 from .config import EngineConfig
 from .errors import EngineDeadError, InvalidRequestError, OrchardError, OverloadedError
-from .kv_cache import make_cache_manager
+from .kv_cache import budget_bytes, make_cache_manager
 from .loader import LoadedModel, load_model
+from .memory import Footprint, measure_working_bytes
 from .prompts import encode_prompt
 from .request import PromptInput, RequestOutput
 from .sampling import SamplingParams
@@ -82,6 +83,7 @@ class AsyncEngine:
         self._dead: BaseException | None = None
         self.loaded: LoadedModel | None = None
         self.scheduler: Scheduler | None = None
+        self.footprint: Footprint | None = None
         self._thread = threading.Thread(target=self._thread_main, name=f"orchard-engine-{source}", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -164,6 +166,7 @@ class AsyncEngine:
             self.loaded = load_model(self.source, fast_cpu=self.config.fast_cpu)
             cache = make_cache_manager(self.loaded.model, self.config)
             self.scheduler = Scheduler(self.loaded.model, self.loaded.tokenizer, self.config, cache)
+            self.footprint = self._measure_footprint(cache)
         except BaseException as exc:  # noqa: BLE001 - reported to the constructor
             self._load_error = exc
             self._ready.set()
@@ -175,6 +178,13 @@ class AsyncEngine:
             log.exception("engine loop for %s died", self.source)
             self._dead = exc
             self._fail_streams(EngineDeadError(f"engine for {self.source} died: {exc}"))
+
+    def _measure_footprint(self, cache) -> Footprint:
+        """Weights as loaded, the KV pool's budget, and the working memory of a warm-up prefill."""
+        cfg = self.config
+        working = measure_working_bytes(self.loaded.model, cfg.prefill_batch_size, cfg.prefill_step_size)
+        kv = int(getattr(cache, "budget_bytes", 0) or budget_bytes(cfg))
+        return Footprint(weights=self.loaded.weights_bytes, kv=kv, working=working, measured=True)
 
     def _loop(self) -> None:
         sched = self.scheduler

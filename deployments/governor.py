@@ -1,0 +1,211 @@
+"""The memory governor: which models are loaded, under one host budget.
+
+Every model is a Ray Serve deployment that autoscales between 0 replicas (unloaded: its process
+is gone, and all its memory with it) and its `num_replicas` (loaded). Ray Serve does the work:
+requests for a model with no replica wait in the handle's queue while one starts, and one
+replica means one load however many requests wait. What it does not know is the budget, so the
+application's `autoscaling_policy` is `governor_policy` below: every control-loop tick (0.1 s)
+Ray hands it one AutoscalingContext per model and it answers how many replicas each should
+have. The decision is `plan()`, a pure function of what every model costs, uses and waits for:
+
+1. A loaded model idle for its keep_alive, or one an operator asked to unload, unloads.
+2. Cold models with waiting requests are taken first come, first served. One that fits in what
+   is free loads. One that does not makes room: the least recently used idle, unpinned loaded
+   models unload until it fits, and it loads once their memory is really returned (their
+   replicas are gone). While nothing can be freed (the others are busy or pinned) it waits, and
+   so do the cold models behind it; its requests get 503 at the router after load_timeout_s.
+3. A model that is serving (requests running or queued) is never unloaded.
+
+Omitting a model from the answer leaves it as it is: that is how a cold model waits (Ray's own
+cold-start path would otherwise start any deployment with queued requests at once).
+
+Inputs per model come from Ray: running/target replicas and queued + running requests; from
+the model's replicas, as custom autoscaling metrics (ModelServer.record_autoscaling_stats): the
+measured footprint, seconds idle and an operator's unload request; and from the builder, in the
+deployment's `autoscaling_config.policy.policy_kwargs`: the budget, keep_alive and the estimated
+footprint (used until a replica has measured it).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+log = logging.getLogger("ray.serve")
+
+POLICY_PATH = "deployments.governor:governor_policy"
+# Ray counts a stopping replica as gone at once, but its process frees its memory only when it
+# exits (graceful shutdown, then the actor is killed): an unloaded model's footprint stays
+# counted this long after its target went to 0.
+RELEASE_S = 5.0
+FALLBACK_POLICY_PATH = "deployments.governor:keep_alive_policy"
+
+
+@dataclass(frozen=True)
+class ModelUsage:
+    """What the governor knows of one model at one instant."""
+
+    name: str
+    footprint: int  # bytes per replica: weights + KV pool + working memory
+    full: int  # replicas when loaded
+    replicas: int = 0  # running now
+    target: int = 0  # what Ray is converging to (0: unloaded or unloading)
+    demand: float = 0.0  # requests running or queued at the handles
+    idle_s: float = 0.0  # seconds since it last served a request
+    keep_alive_s: float | None = 1800.0  # None: pinned
+    unload_requested: bool = False
+    waiting_since: float | None = None  # when requests started waiting for it while unloaded
+    releasing: bool = False  # unloaded a moment ago: its process may still be exiting
+
+    @property
+    def holds(self) -> int:
+        """Bytes it holds or is about to hold (a stopping replica still holds its memory)."""
+        return self.footprint * max(self.replicas, self.target, self.full if self.releasing else 0)
+
+    @property
+    def busy(self) -> bool:
+        return self.demand > 0
+
+    @property
+    def loaded(self) -> bool:
+        return self.target > 0
+
+    @property
+    def evictable(self) -> bool:
+        return self.loaded and not self.busy and self.keep_alive_s is not None and self.replicas >= self.target
+
+
+@dataclass
+class Plan:
+    targets: dict[str, int] = field(default_factory=dict)  # models to change; absent: leave as is
+    reasons: dict[str, str] = field(default_factory=dict)
+
+    def set(self, name: str, replicas: int, reason: str) -> None:
+        self.targets[name] = replicas
+        self.reasons[name] = reason
+
+
+def plan(models: list[ModelUsage], budget: int) -> Plan:
+    """The governor's decision: replica targets for the models that must change."""
+    out = Plan()
+    for m in models:
+        if m.loaded and not m.busy and m.keep_alive_s is not None:
+            if m.unload_requested:
+                out.set(m.name, 0, "unload requested")
+            elif m.idle_s >= m.keep_alive_s:
+                out.set(m.name, 0, f"idle {m.idle_s:.0f}s >= keep_alive {m.keep_alive_s:.0f}s")
+    free = budget - sum(m.holds for m in models)
+    cold = sorted((m for m in models if not m.loaded and m.busy), key=lambda m: (m.waiting_since or 0.0, m.name))
+    for m in cold:
+        need = m.footprint * m.full
+        if need <= free:
+            out.set(m.name, m.full, f"load: needs {need >> 20} MiB, {free >> 20} MiB free")
+            free -= need
+            continue
+        releasing = sum(x.holds for x in models if not x.loaded or x.name in out.targets)
+        victims = _lru_victims(models, out, need - free - releasing)
+        if victims is None:
+            break  # nothing can make room now: it (and everything queued behind it) waits
+        for v in victims:
+            out.set(v.name, 0, f"evicted (least recently used, idle {v.idle_s:.0f}s) to load {m.name}")
+        break  # it loads once the memory is really returned
+    return out
+
+
+def _lru_victims(models: list[ModelUsage], out: Plan, short: int) -> list[ModelUsage] | None:
+    """Idle unpinned models to unload, longest idle first, freeing at least `short` bytes;
+    [] when memory already being released is enough; None when it cannot be done."""
+    if short <= 0:
+        return []
+    picked, freed = [], 0
+    for v in sorted((x for x in models if x.evictable and x.name not in out.targets), key=lambda x: -x.idle_s):
+        picked.append(v)
+        freed += v.holds
+        if freed >= short:
+            return picked
+    return None
+
+
+# --- the Ray Serve glue --------------------------------------------------------------------
+
+
+def governor_kwargs(*, model: str, budget_bytes: int, footprint_bytes: int, full: int,
+                    keep_alive_s: float | None) -> dict[str, Any]:
+    """What the builder puts in a model deployment's autoscaling_config.policy.policy_kwargs."""
+    return {"model": model, "budget_bytes": budget_bytes, "footprint_bytes": footprint_bytes,
+            "full": full, "keep_alive_s": keep_alive_s}
+
+
+def _usage(ctx, now: float) -> tuple[ModelUsage | None, dict]:
+    """One deployment's ModelUsage, and the policy state to keep for it."""
+    kwargs = getattr(getattr(ctx.config, "policy", None), "policy_kwargs", None) or {}
+    if "model" not in kwargs:
+        return None, {}
+    state = {k: v for k, v in ctx.policy_state.items() if not k.startswith("__")}
+    metrics = ctx.aggregated_metrics or {}
+
+    def largest(metric: str) -> float | None:
+        values = list((metrics.get(metric) or {}).values())
+        return max(values) if values else None
+
+    demand = float(ctx.total_num_requests or 0.0)
+    if demand > 0 or "last_busy" not in state:
+        state["last_busy"] = now
+    idle = now - state["last_busy"]
+    reported_idle = largest("idle_s")
+    if reported_idle is not None and ctx.current_num_replicas > 0:
+        idle = min(idle, reported_idle) if demand > 0 else reported_idle
+    measured = largest("footprint_bytes")
+    if measured:
+        state["footprint"] = int(measured)
+    cold = ctx.target_num_replicas == 0 and demand > 0
+    state["waiting_since"] = (state.get("waiting_since") or now) if cold else None
+    if ctx.target_num_replicas == 0 and state.get("target", 0) > 0:
+        state["released_at"] = now
+    state["target"] = ctx.target_num_replicas
+    releasing = now - state.get("released_at", float("-inf")) < RELEASE_S
+    usage = ModelUsage(
+        name=kwargs["model"], footprint=int(state.get("footprint") or kwargs["footprint_bytes"]),
+        full=int(kwargs.get("full", 1)), replicas=ctx.current_num_replicas, target=ctx.target_num_replicas,
+        demand=demand, idle_s=max(0.0, idle), keep_alive_s=kwargs.get("keep_alive_s"),
+        unload_requested=bool(largest("unload_requested")), waiting_since=state["waiting_since"],
+        releasing=releasing,
+    )
+    return usage, {**state, "budget_bytes": kwargs["budget_bytes"]}
+
+
+def governor_policy(contexts: dict) -> tuple[dict, dict]:
+    """Ray Serve's application-level autoscaling policy (set in serve_config.yaml):
+    `autoscaling_policy: {policy_function: deployments.governor:governor_policy}`."""
+    now = time.time()
+    usages, states, ids = [], {}, {}
+    for dep_id, ctx in contexts.items():
+        usage, state = _usage(ctx, now)
+        if usage is None:
+            continue
+        usages.append(usage)
+        states[dep_id], ids[usage.name] = state, dep_id
+    if not usages:
+        return {}, {}
+    budget = min(states[ids[u.name]]["budget_bytes"] for u in usages)
+    decision = plan(usages, budget)
+    for name, reason in decision.reasons.items():
+        if contexts[ids[name]].target_num_replicas != decision.targets[name]:
+            log.info("governor: %s -> %d replica(s): %s", name, decision.targets[name], reason)
+    return {ids[n]: r for n, r in decision.targets.items()}, states
+
+
+def keep_alive_policy(ctx) -> tuple[int, dict]:
+    """Deployment-level fallback when the application sets no `autoscaling_policy`: keep_alive
+    and on-demand loading still work, but nothing enforces the shared budget."""
+    usage, state = _usage(ctx, time.time())
+    if usage is None:
+        return ctx.target_num_replicas, {}
+    if not state.get("warned"):
+        log.warning("model %s: the application has no autoscaling_policy %s: the memory budget is not "
+                    "enforced (see serve_config.yaml)", usage.name, POLICY_PATH)
+        state["warned"] = True
+    decision = plan([usage], budget=1 << 62)
+    return decision.targets.get(usage.name, ctx.target_num_replicas), state

@@ -1,0 +1,148 @@
+"""What the router knows of every configured model: loaded, loading, unloading or unloaded.
+
+The governor (deployments.governor) decides; Ray Serve starts and stops the replicas; this
+module watches. It polls Ray Serve's own status (`serve.status()`: replicas per state, per
+deployment) twice a second and turns transitions into the figures operators read: state, loads,
+unloads, cold-start seconds, bytes. It never calls an unloaded model (a call would queue a
+request and so load it), and calls a loaded one only once per replica, for its measured
+footprint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Awaitable, Callable
+
+log = logging.getLogger("ray.serve")
+
+POLL_S = 0.5
+LOADED, LOADING, UNLOADING, UNLOADED = "loaded", "loading", "unloading", "unloaded"
+_STARTING = ("STARTING", "UPDATING", "RECOVERING", "PENDING_MIGRATION")
+
+
+def model_state(replica_states: dict[str, int]) -> str:
+    """One deployment's replica counts (by Ray's ReplicaState name) as a model state."""
+    count = {str(getattr(k, "value", k)): v for k, v in replica_states.items() if v}
+    if count.get("RUNNING"):
+        return LOADED
+    if any(count.get(s) for s in _STARTING):
+        return LOADING
+    if count.get("STOPPING"):
+        return UNLOADING
+    return UNLOADED
+
+
+@dataclass
+class ModelRecord:
+    name: str
+    facts: dict  # from the builder: deployment, load, keep_alive_s, load_timeout_s, footprint_bytes, replicas
+    state: str = UNLOADED
+    replica: dict | None = None  # the loaded replica's own info: pid, loaded_at, cold_start_s, footprint
+    last_used: float | None = None  # wall time of the last request this router sent it
+    loads: int = 0
+    unloads: int = 0
+    seen_replicas: set = field(default_factory=set)
+
+    @property
+    def footprint_bytes(self) -> int:
+        measured = (self.replica or {}).get("footprint", {}).get("total")
+        return int(measured or self.facts["footprint_bytes"])
+
+    def card(self) -> dict[str, Any]:
+        keep_alive = self.facts.get("keep_alive_s")
+        return {
+            "state": self.state, "load": self.facts.get("load"),
+            "keep_alive": "forever" if keep_alive is None else keep_alive,
+            "footprint_bytes": self.footprint_bytes,
+            "footprint": (self.replica or {}).get("footprint") or {"total": self.facts["footprint_bytes"],
+                                                                    "measured": False},
+            "last_used": self.last_used, "loads": self.loads, "unloads": self.unloads,
+            "pid": (self.replica or {}).get("pid") if self.state == LOADED else None,
+        }
+
+
+class ModelDirectory:
+    """Polls Ray Serve's status for the app's model deployments; `on_change` hears every
+    transition (the router's metrics)."""
+
+    def __init__(self, facts: dict[str, dict], budget_bytes: int,
+                 fetch_info: Callable[[str], Awaitable[dict]], app_name: str | None = None,
+                 on_change: Callable[[ModelRecord, str], None] | None = None,
+                 read_status: Callable[[], Any] | None = None):
+        self.models = {name: ModelRecord(name, f) for name, f in facts.items()}
+        self.budget_bytes = budget_bytes
+        self._fetch_info = fetch_info
+        self._app_name = app_name
+        self._on_change = on_change
+        self._read_status = read_status or _serve_status
+        self._task: asyncio.Task | None = None
+        self.polled_at = 0.0
+
+    def start(self) -> None:
+        """Start watching (idempotent; needs the router's event loop)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def record(self, name: str) -> ModelRecord:
+        return self.models[name]
+
+    def touch(self, name: str) -> None:
+        self.models[name].last_used = time.time()
+
+    def used_bytes(self) -> int:
+        """Bytes reserved by the models that are loaded or on their way (as the governor counts them)."""
+        return sum(r.footprint_bytes * r.facts.get("replicas", 1) for r in self.models.values()
+                   if r.state in (LOADED, LOADING, UNLOADING))
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception:  # noqa: BLE001 - keep watching; the next poll may work
+                log.debug("reading Ray Serve status failed", exc_info=True)
+            await asyncio.sleep(POLL_S)
+
+    async def refresh(self) -> None:
+        status = await asyncio.to_thread(self._read_status)
+        apps = getattr(status, "applications", {}) or {}
+        app = apps.get(self._app_name) if self._app_name else next(iter(apps.values()), None)
+        if app is None:
+            return
+        deployments = getattr(app, "deployments", {}) or {}
+        for rec in self.models.values():
+            dep = deployments.get(rec.facts["deployment"])
+            await self._update(rec, model_state(dep.replica_states) if dep is not None else UNLOADED)
+        self.polled_at = time.monotonic()
+
+    async def _update(self, rec: ModelRecord, state: str) -> None:
+        before, rec.state = rec.state, state
+        if state == LOADED and (rec.replica is None or before != LOADED):
+            try:
+                rec.replica = await asyncio.wait_for(self._fetch_info(rec.name), 10.0)
+            except Exception:  # noqa: BLE001 - try again at the next poll
+                rec.state = before if before != LOADED else LOADING
+                return
+            key = (rec.replica.get("pid"), rec.replica.get("loaded_at"))
+            if key not in rec.seen_replicas:
+                rec.seen_replicas.add(key)
+                rec.loads += 1
+                self._changed(rec, "load")
+        if before in (LOADED, UNLOADING) and state == UNLOADED:
+            rec.unloads += 1
+            self._changed(rec, "unload")
+        elif before != state:
+            self._changed(rec, state)
+
+    def _changed(self, rec: ModelRecord, event: str) -> None:
+        log.info("model %s: %s", rec.name, event if event in ("load", "unload") else f"-> {event}")
+        if self._on_change is not None:
+            self._on_change(rec, event)
+
+
+def _serve_status():
+    from ray import serve
+
+    return serve.status()

