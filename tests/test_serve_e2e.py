@@ -8,92 +8,32 @@ is left. Token auth stays at Ray's default (on): it guards Ray's own ports, not 
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import openai
 import psutil
 import pytest
 
+from .serve_helpers import BASE, ROOT, ray, ray_processes, start_serve, stop, wait_for_log, wait_healthy
+
 pytestmark = pytest.mark.slow
 
-ROOT = Path(__file__).resolve().parents[1]
-BASE = "http://127.0.0.1:8000"
 MODELS = ("smollm2-135m-instruct", "gemma-3-270m")
-RAY_PROCESS_NAMES = ("gcs_server", "raylet", "ray::", "dashboard.py", "ServeController", "ServeReplica", "ProxyActor")
-BIN = Path(sys.executable).parent
-
-
-def _ray(*args: str) -> None:
-    ray = shutil.which("ray", path=str(BIN)) or "ray"
-    subprocess.run([ray, *args], cwd=ROOT, capture_output=True, timeout=120)
-
-
-def _ray_processes() -> list[str]:
-    found = []
-    for p in psutil.process_iter(["pid", "name", "cmdline"]):
-        cmd = " ".join(p.info["cmdline"] or []) or (p.info["name"] or "")
-        if any(n in cmd for n in RAY_PROCESS_NAMES) and "pytest" not in cmd:
-            found.append(f"{p.info['pid']} {cmd[:100]}")
-    return found
-
-
-def _clean_ray() -> None:
-    """`ray stop`, but never under a live server: fail instead of killing someone else's cluster."""
-    try:
-        httpx.get(f"{BASE}/", timeout=2)
-    except httpx.HTTPError:
-        _ray("stop", "--force")
-        return
-    pytest.fail(f"{BASE} is already serving: stop that server (or its Ray cluster) before this test")
-
-
-def _wait_healthy(proc: subprocess.Popen, log: Path, timeout_s: float = 180) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout_s:
-        if proc.poll() is not None:
-            pytest.fail(f"serve run exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            r = httpx.get(f"{BASE}/health", timeout=10)
-            if r.status_code == 200 and r.json().get("status") == "ok":
-                return time.monotonic() - start
-        except (httpx.HTTPError, ValueError):
-            pass
-        time.sleep(1)
-    pytest.fail(f"/health not ok after {timeout_s}s:\n{log.read_text()[-4000:]}")
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    _clean_ray()
     log = tmp_path_factory.mktemp("serve") / "serve_run.log"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    with open(log, "w") as out:
-        proc = subprocess.Popen([str(BIN / "serve"), "run", "serve_config.yaml"], cwd=ROOT, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = start_serve("serve_config.yaml", log)
     try:
-        ready_s = _wait_healthy(proc, log)
+        ready_s = wait_healthy(proc, log)
         print(f"serve run healthy after {ready_s:.1f}s")
         yield {"proc": proc, "log": log, "ready_s": ready_s}
     finally:
-        _stop(proc)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """SIGINT the `serve run` (a clean shutdown), kill it if it hangs, then stop Ray."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    _ray("stop", "--force")
+        stop(proc)
 
 
 def test_bad_yaml_fails_with_a_message_naming_the_field(tmp_path):
@@ -101,18 +41,12 @@ def test_bad_yaml_fails_with_a_message_naming_the_field(tmp_path):
     text = (ROOT / "serve_config.yaml").read_text().replace("max_num_seqs: 16", "max_num_seqs: 0", 1)
     bad = tmp_path / "bad.yaml"
     bad.write_text(text.replace("stream_window_ms: 30", "stream_windw_ms: 30", 1))
-    _clean_ray()
     log = tmp_path / "bad_run.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen([str(BIN / "serve"), "run", str(bad)], cwd=ROOT, stdout=out,
-                                stderr=subprocess.STDOUT, start_new_session=True)
+    proc = start_serve(bad, log)
     try:
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline and "Deploying app 'orchard' failed" not in log.read_text():
-            time.sleep(1)
-        output = log.read_text()
+        output = wait_for_log(proc, log, "Deploying app 'orchard' failed")
     finally:
-        _stop(proc)
+        stop(proc)
     assert "args.models[0].engine.max_num_seqs: Input should be greater than or equal to 1" in output
     assert "args.models[0].stream_windw_ms: Extra inputs are not permitted" in output
 
@@ -238,11 +172,11 @@ def test_zz_shutdown_leaves_no_ray_process(server):
     assert len(tree) > 3  # gcs_server, raylet, workers...
     proc.send_signal(signal.SIGINT)
     proc.wait(60)
-    _ray("stop", "--force")
+    ray("stop", "--force")
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and (any(psutil.pid_exists(p) for p in tree) or _ray_processes()):
+    while time.monotonic() < deadline and (any(psutil.pid_exists(p) for p in tree) or ray_processes()):
         time.sleep(0.5)
     alive = [p for p in tree if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-    assert not alive and not _ray_processes(), (alive, _ray_processes())
+    assert not alive and not ray_processes(), (alive, ray_processes())
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{BASE}/health", timeout=5)

@@ -1,0 +1,99 @@
+"""Helpers for tests that start a real `serve run` in a subprocess (tests/test_*_e2e.py).
+
+Each starts on a clean Ray (`ray stop` first: this stops any local Ray cluster on the machine,
+so it refuses to run while something already serves on the port) and stops with SIGINT.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = "http://127.0.0.1:8000"
+BIN = Path(sys.executable).parent
+RAY_PROCESS_NAMES = ("gcs_server", "raylet", "ray::", "dashboard.py", "ServeController", "ServeReplica", "ProxyActor")
+
+
+def ray(*args: str) -> None:
+    exe = shutil.which("ray", path=str(BIN)) or "ray"
+    subprocess.run([exe, *args], cwd=ROOT, capture_output=True, timeout=120)
+
+
+def ray_processes() -> list[str]:
+    found = []
+    for p in psutil.process_iter(["pid", "name", "cmdline"]):
+        cmd = " ".join(p.info["cmdline"] or []) or (p.info["name"] or "")
+        if any(n in cmd for n in RAY_PROCESS_NAMES) and "pytest" not in cmd:
+            found.append(f"{p.info['pid']} {cmd[:100]}")
+    return found
+
+
+def clean_ray() -> None:
+    """`ray stop`, but never under a live server: fail instead of killing someone else's cluster."""
+    try:
+        httpx.get(f"{BASE}/", timeout=2)
+    except httpx.HTTPError:
+        ray("stop", "--force")
+        return
+    pytest.fail(f"{BASE} is already serving: stop that server (or its Ray cluster) before this test")
+
+
+def start_serve(config: str | Path, log: Path) -> subprocess.Popen:
+    clean_ray()
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    with open(log, "w") as out:
+        return subprocess.Popen([str(BIN / "serve"), "run", str(config)], cwd=ROOT, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_healthy(proc: subprocess.Popen, log: Path, timeout_s: float = 180) -> float:
+    start = time.monotonic()
+    while time.monotonic() - start < timeout_s:
+        if proc.poll() is not None:
+            pytest.fail(f"serve run exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
+        try:
+            r = httpx.get(f"{BASE}/health", timeout=10)
+            if r.status_code == 200 and r.json().get("status") == "ok":
+                return time.monotonic() - start
+        except (httpx.HTTPError, ValueError):
+            pass
+        time.sleep(1)
+    pytest.fail(f"/health not ok after {timeout_s}s:\n{log.read_text()[-4000:]}")
+
+
+def wait_for_log(proc: subprocess.Popen, log: Path, text: str, timeout_s: float = 120) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and text not in log.read_text() and proc.poll() is None:
+        time.sleep(1)
+    return log.read_text()
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """SIGINT the `serve run` (a clean shutdown), kill it if it hangs, then stop Ray."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    ray("stop", "--force")
+
+
+def metric(text: str, name: str, **labels: str) -> float | None:
+    """One sample's value from Prometheus text, or None."""
+    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    prefix = f"{name}{{{want}}} " if want else f"{name} "
+    for line in text.splitlines():
+        if line.startswith(prefix):
+            return float(line[len(prefix):])
+    return None
