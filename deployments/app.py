@@ -58,12 +58,10 @@ def plan_model(model: ModelConfig, budget: int) -> ModelPlan:
     engine = model.engine.model_dump()
     if engine["cache_memory_mb"] is None:
         engine["cache_memory_mb"] = max(1, int(budget * model.engine.cache_memory_percent) >> 20)
-    if model.footprint_mb is not None:
-        return ModelPlan(model, engine, model.footprint_mb * 2**20)
-    weights = estimate_weights_bytes(model.source, _fast_cpu(model))
+    weights = model.weights_mb * 2**20 if model.weights_mb else estimate_weights_bytes(model.source, _fast_cpu(model))
     if weights is None:
-        raise ConfigError(f"args.models[{model.name}].footprint_mb: {model.source!r} is not downloaded yet, so "
-                          "its size is unknown; give its footprint in MiB (weights + KV + working memory)")
+        raise ConfigError(f"model {model.name!r}: {model.source!r} is not downloaded yet, so the size of its "
+                          "weights is unknown: give it as weights_mb (the governor measures it after the first load)")
     return ModelPlan(model, engine, weights + engine["cache_memory_mb"] * 2**20 + estimate_working_bytes(weights))
 
 

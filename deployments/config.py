@@ -151,10 +151,10 @@ class ModelConfig(BaseModel):
         description="How long a request waits for this model to load (and for room in the memory budget) "
         "before it gets 503 with Retry-After.",
     )
-    footprint_mb: int | None = Field(
+    weights_mb: int | None = Field(
         None, ge=1,
-        description="Memory the governor reserves for this model before its first load measures it (weights "
-        "+ KV + working). Default: estimated from the weight files; needed for hub models not yet downloaded.",
+        description="The weights' size once loaded, in MiB, for the governor's estimate before the first load "
+        "measures it. Default: read from the weight files; needed for hub models not downloaded yet.",
     )
 
     @field_validator("keep_alive", mode="before")

@@ -76,6 +76,7 @@ class RouterMetrics:
         self.cold_start = Histogram(f"{p}_model_cold_start_seconds",
                                     "Replica start to ready (process, imports, load, warm-up), per load.",
                                     ["model"], buckets=COLD_BUCKETS, registry=r)
+        self._seen: dict[str, tuple[int, int, int]] = {}  # loads, unloads, cold starts already counted
         self.cold_ttft = Histogram(f"{p}_cold_request_first_token_seconds",
                                    "Arrival to first token of requests that found their model unloaded.",
                                    ["model"], buckets=COLD_BUCKETS, registry=r)
@@ -112,17 +113,8 @@ class RouterMetrics:
             gauge = self.cache.get(key)
             (gauge.labels(model) if gauge else self.engine_other.labels(model, f"cache_{key}")).set(value)
 
-    def model_event(self, rec, event: str) -> None:
-        """A ModelDirectory transition (deployments.model_directory)."""
-        if event == "load":
-            self.loads.labels(rec.name).inc()
-            cold = (rec.replica or {}).get("cold_start_s")
-            if cold is not None:
-                self.cold_start.labels(rec.name).observe(cold)
-        elif event == "unload":
-            self.unloads.labels(rec.name).inc()
-
     def set_governor(self, directory) -> None:
+        """Gauges and counters from the router's ModelDirectory (deployments.model_directory)."""
         from .model_directory import LOADED, LOADING, UNLOADED, UNLOADING
 
         self.budget.set(directory.budget_bytes)
@@ -132,8 +124,13 @@ class RouterMetrics:
             self.loaded.labels(rec.name).set(1 if rec.state == LOADED else 0)
             for state in (LOADED, LOADING, UNLOADING, UNLOADED):
                 self.state.labels(rec.name, state).set(1 if rec.state == state else 0)
-            self.loads.labels(rec.name).inc(0)
-            self.unloads.labels(rec.name).inc(0)
+            loads, unloads, colds = self._seen.get(rec.name, (0, 0, 0))
+            self.loads.labels(rec.name).inc(rec.loads - loads)
+            self.unloads.labels(rec.name).inc(rec.unloads - unloads)
+            for seconds in rec.cold_starts[colds:]:
+                if seconds is not None:
+                    self.cold_start.labels(rec.name).observe(seconds)
+            self._seen[rec.name] = (rec.loads, rec.unloads, len(rec.cold_starts))
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

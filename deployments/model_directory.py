@@ -44,6 +44,7 @@ class ModelRecord:
     last_used: float | None = None  # wall time of the last request this router sent it
     loads: int = 0
     unloads: int = 0
+    cold_starts: list = field(default_factory=list)  # seconds from replica start to ready, per load
     seen_replicas: set = field(default_factory=set)
 
     @property
@@ -65,18 +66,16 @@ class ModelRecord:
 
 
 class ModelDirectory:
-    """Polls Ray Serve's status for the app's model deployments; `on_change` hears every
-    transition (the router's metrics)."""
+    """Polls Ray Serve's status for the app's model deployments (`read_status`, replaceable in
+    tests) and keeps one ModelRecord per model; the router's metrics read the records."""
 
     def __init__(self, facts: dict[str, dict], budget_bytes: int,
                  fetch_info: Callable[[str], Awaitable[dict]], app_name: str | None = None,
-                 on_change: Callable[[ModelRecord, str], None] | None = None,
                  read_status: Callable[[], Any] | None = None):
         self.models = {name: ModelRecord(name, f) for name, f in facts.items()}
         self.budget_bytes = budget_bytes
         self._fetch_info = fetch_info
         self._app_name = app_name
-        self._on_change = on_change
         self._read_status = read_status or _serve_status
         self._task: asyncio.Task | None = None
         self.polled_at = 0.0
@@ -129,17 +128,11 @@ class ModelDirectory:
             if key not in rec.seen_replicas:
                 rec.seen_replicas.add(key)
                 rec.loads += 1
-                self._changed(rec, "load")
+                rec.cold_starts.append(rec.replica.get("cold_start_s"))
         if before in (LOADED, UNLOADING) and state == UNLOADED:
             rec.unloads += 1
-            self._changed(rec, "unload")
-        elif before != state:
-            self._changed(rec, state)
-
-    def _changed(self, rec: ModelRecord, event: str) -> None:
-        log.info("model %s: %s", rec.name, event if event in ("load", "unload") else f"-> {event}")
-        if self._on_change is not None:
-            self._on_change(rec, event)
+        if before != rec.state:
+            log.info("model %s: %s -> %s", rec.name, before, rec.state)
 
 
 def _serve_status():

@@ -34,14 +34,13 @@ log = logging.getLogger("ray.serve")
 class RouterCore:
     """State and request handling shared by every route."""
 
-    def __init__(self, config: RouterConfig, models: dict[str, ModelClient], directory: ModelDirectory | None = None,
-                 metrics: RouterMetrics | None = None):
+    def __init__(self, config: RouterConfig, models: dict[str, ModelClient], directory: ModelDirectory | None = None):
         """`directory`: the models' load states (None: every model is always loaded, no governor)."""
         self.config = config
         self.models = models
         self.directory = directory
         self.api_key = config.resolved_api_key()
-        self.metrics = metrics or RouterMetrics()
+        self.metrics = RouterMetrics()
         self.created = int(time.time())
 
     def is_loaded(self, name: str) -> bool:
@@ -319,11 +318,11 @@ class OrchardRouter:
                  budget_bytes: int = 0):
         config = RouterConfig.model_validate(router)
         clients = {name: RayModelClient(name, h, config) for name, h in models.items()}
-        metrics, directory = RouterMetrics(), None
+        directory = None
         if facts is not None:
             directory = ModelDirectory(facts, budget_bytes, lambda n: clients[n].info(timeout_s=10.0),
-                                       app_name=serve.get_replica_context().app_name, on_change=metrics.model_event)
-        self.core = RouterCore(config, clients, directory, metrics)
+                                       app_name=serve.get_replica_context().app_name)
+        self.core = RouterCore(config, clients, directory)
         log.info("router ready for models: %s", ", ".join(self.core.models))
 
     def __serve_build_asgi_app__(self) -> FastAPI:

@@ -79,19 +79,32 @@ def estimate_weights_bytes(source: str, fast_cpu: bool) -> int | None:
 
     resolved = resolve_source(source)
     path = Path(resolved.location)
-    if resolved.kind == "gguf":
+    if resolved.kind == "hub":
+        path = _hub_snapshot(resolved.location)
+        if path is None:
+            return None
+    elif resolved.kind == "gguf":
         exported = default_cache_dir() / "gguf" / gguf.export_cache_key(path)
         if (exported / "config.json").exists():
             path = exported
         else:
             return _gguf_params(path) * 4 if fast_cpu else path.stat().st_size
-    elif resolved.kind != "mlx_dir":
-        return None
     files = sorted(path.glob("*.safetensors"))
     if not fast_cpu:
         return sum(f.stat().st_size for f in files)
     bits = (json.loads((path / "config.json").read_text()).get("quantization") or {}).get("bits")
     return 4 * sum(_safetensors_params(f, bits) for f in files)
+
+
+def _hub_snapshot(repo_id: str) -> Path | None:
+    """The repo's directory in the local Hugging Face cache, if it was downloaded before."""
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(repo_id, local_files_only=True, allow_patterns=["*.json", "*.safetensors"]))
+    except Exception:  # noqa: BLE001 - not in the cache (or no hub library): unknown
+        return None
+    return path if (path / "config.json").exists() else None
 
 
 def _gguf_params(path: Path) -> int:

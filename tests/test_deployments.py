@@ -46,13 +46,14 @@ class FakeClient:
                 await asyncio.sleep(self.delay)
             yield item
 
-    async def start(self, payload, started_at, deadline):
+    async def start(self, payload, started_at, deadline, load_timeout_s=None):
         self.payloads.append(payload)
 
         def cancel():
             self.cancelled += 1
 
-        return await ModelCall(self.name, self._gen(), cancel, started_at, deadline).begin()
+        return await ModelCall(self.name, self._gen(), cancel, started_at, deadline,
+                               load_timeout_s=load_timeout_s).begin()
 
     async def stats(self, timeout_s):
         return {"running": 1, "waiting": 2, "kv_cache_bytes": 10, "prompt_tokens": 100,
@@ -60,7 +61,12 @@ class FakeClient:
                           "tokens_reused": 25, "mode": "memory"}}
 
     async def health(self, timeout_s):
+        self.health_calls = getattr(self, "health_calls", 0) + 1
         return None
+
+    async def info(self, timeout_s, load=False):
+        return {"pid": 4242, "loaded_at": 1.0, "cold_start_s": 2.5,
+                "footprint": {"weights": 100, "kv": 50, "working": 10, "total": 160, "measured": True}}
 
 
 def make_client(router=None, **clients):
@@ -340,3 +346,67 @@ def test_ray_queue_limits_become_503_with_retry_after():
     assert err.status_code == 503 and err.headers == {"Retry-After": "3"}
     assert err.body["error"]["code"] == "overloaded"
     assert ray_error("m1", RuntimeError("boom")).status_code == 500
+
+
+# --- the memory governor as the router sees it (deployments.model_directory) --------------------
+
+
+HELLO = [{"role": "user", "content": "Hi"}]
+
+
+def governed_client(replicas: dict[str, dict], **clients):
+    """A router whose models' states come from a fake Ray Serve status (replica counts by state)."""
+    from types import SimpleNamespace
+
+    from deployments.model_directory import ModelDirectory
+
+    facts = {n: {"deployment": f"model-{n}", "load": "on_demand", "keep_alive_s": 60.0, "load_timeout_s": 0.3,
+                 "footprint_bytes": 1000, "replicas": 1} for n in clients}
+    status = SimpleNamespace(applications={"orchard": SimpleNamespace(deployments={
+        f"model-{n}": SimpleNamespace(replica_states=replicas.get(n, {})) for n in clients})})
+    directory = ModelDirectory(facts, 5000, lambda n: clients[n].info(1.0), app_name="orchard",
+                               read_status=lambda: status)
+    core = RouterCore(RouterConfig.model_validate({}), clients, directory)
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(core)), base_url="http://test"), core
+
+
+async def test_models_list_shows_states_bytes_and_the_budget():
+    client, core = governed_client({"m1": {"RUNNING": 1}, "m2": {"STARTING": 1}},
+                                   m1=FakeClient("m1"), m2=FakeClient("m2"), m3=FakeClient("m3"))
+    await core.directory.refresh()
+    async with client:
+        body = (await client.get("/v1/models")).json()
+    cards = {m["id"]: m for m in body["data"]}
+    assert {n: c["state"] for n, c in cards.items()} == {"m1": "loaded", "m2": "loading", "m3": "unloaded"}
+    assert cards["m1"]["footprint_bytes"] == 160 and cards["m1"]["loads"] == 1 and cards["m1"]["pid"] == 4242
+    assert cards["m3"]["footprint_bytes"] == 1000 and cards["m3"]["footprint"]["measured"] is False
+    assert body["memory"] == {"budget_bytes": 5000, "used_bytes": 160 + 1000}
+
+
+async def test_a_request_that_waits_past_load_timeout_is_a_503_with_retry_after():
+    slow = FakeClient("m2", delay=2.0)  # its first chunk comes after the 0.3 s load_timeout_s
+    client, core = governed_client({"m1": {"RUNNING": 1}}, m1=FakeClient("m1"), m2=slow)
+    await core.directory.refresh()
+    async with client:
+        r = await client.post("/v1/chat/completions", json={"model": "m2", "messages": HELLO})
+        ok = await client.post("/v1/chat/completions", json={"model": "m1", "messages": HELLO})
+    assert r.status_code == 503 and r.headers["retry-after"] == "1"
+    assert r.json()["error"]["code"] == "model_loading" and "load_timeout_s" in r.json()["error"]["message"]
+    assert slow.cancelled == 1  # it left the queue
+    assert ok.status_code == 200
+
+
+async def test_health_metrics_and_cache_never_call_an_unloaded_model():
+    idle = FakeClient("m2")
+    client, core = governed_client({"m1": {"RUNNING": 1}}, m1=FakeClient("m1"), m2=idle)
+    await core.directory.refresh()
+    async with client:
+        health = (await client.get("/health")).json()
+        metrics = (await client.get("/metrics")).text
+        cache = (await client.get("/v1/models/m2/cache")).json()
+    assert health["models"] == {"m1": "ok", "m2": "unloaded"}
+    assert cache["state"] == "unloaded" and cache["cache"] == {}
+    assert getattr(idle, "health_calls", 0) == 0 and idle.payloads == []
+    assert 'orchard_model_state{model="m2",state="unloaded"} 1.0' in metrics
+    assert 'orchard_model_loads_total{model="m1"} 1.0' in metrics
+    assert "orchard_memory_budget_bytes 5000.0" in metrics

@@ -95,12 +95,14 @@ def test_coalescer_sends_first_token_at_once_then_one_chunk_per_window():
 def real():
     from ray import serve
 
-    from deployments.app import bind_model
+    from deployments.app import bind_model, plan_model
     from deployments.model_client import RayModelClient
 
     cfg = validate_args({"models": [{"name": "smollm2", "source": SMOLLM, "stream_window_ms": 20,
                                      "engine": {"max_num_seqs": 8, "max_waiting": 8}}]})
-    handle = serve.run(bind_model(cfg.models[0]), name="orchard-test", _local_testing_mode=True)
+    budget = cfg.memory.budget_bytes()
+    handle = serve.run(bind_model(plan_model(cfg.models[0], budget), budget), name="orchard-test",
+                       _local_testing_mode=True)
     client = RayModelClient("smollm2", handle, cfg.router)
     core = RouterCore(cfg.router, {"smollm2": client})
     yield core, client, handle
