@@ -44,8 +44,9 @@ class ModelPlan:
 
 
 def model_actor_options(model: ModelConfig) -> dict:
+    """Ray options of a model's replicas; OpenBLAS is preloaded only where MLX runs on the CPU."""
     options: dict = {"num_cpus": model.deployment.num_cpus}
-    env = {**openblas_env(), **model.deployment.env_vars}
+    env = {**(openblas_env() if _fast_cpu(model) else {}), **model.deployment.env_vars}
     if env:
         options["runtime_env"] = {"env_vars": env}
     return options

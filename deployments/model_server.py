@@ -144,10 +144,10 @@ class ModelServer:
     async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Stream one request: {"prompt": {messages|text|token_ids}, "sampling": {...}, "request_id": str}."""
         from engine.request import PromptInput
-        from engine.sampling import SamplingParams
+        from engine.sampling import SamplingParams, with_defaults
 
         try:
-            params = SamplingParams.parse({**self.default_sampling, **request.get("sampling", {})})
+            params = SamplingParams.parse(with_defaults(self.default_sampling, request.get("sampling", {})))
             stream = self.engine.submit(PromptInput(**request["prompt"]), params, request.get("request_id"))
         except OrchardError as exc:
             yield error_item(exc)

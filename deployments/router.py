@@ -245,7 +245,11 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def create_app(core: RouterCore) -> FastAPI:
-    app = FastAPI(title="mlx-orchard", summary="OpenAI-compatible API over MLX models", docs_url="/docs")
+    # With an API key every route but /health needs it; the schema and docs pages are then off.
+    keyed = core.api_key is not None
+    app = FastAPI(title="mlx-orchard", summary="OpenAI-compatible API over MLX models",
+                  docs_url=None if keyed else "/docs", redoc_url=None if keyed else "/redoc",
+                  openapi_url=None if keyed else "/openapi.json")
     _install_error_handlers(app)
     auth = Depends(core.check_auth)
 
@@ -298,7 +302,7 @@ def create_app(core: RouterCore) -> FastAPI:
         return JSONResponse({"status": "ok" if healthy else "unhealthy", "models": status},
                             status_code=200 if healthy else 503)
 
-    @app.get("/metrics")
+    @app.get("/metrics", dependencies=[auth])
     async def metrics():
         for name, stats in (await core.gather_stats()).items():
             core.metrics.set_engine_stats(name, stats)

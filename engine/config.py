@@ -37,11 +37,19 @@ class EngineConfig(BaseModel):
     fast_cpu: bool | None = Field(
         None, description="Dequantize to float32 for the OpenBLAS CPU path. None: automatic (CPU-only Linux)."
     )
+    step_timeout_s: float = Field(
+        120.0, gt=0, description="A step running longer than this makes the health check fail (a hung "
+        "engine: Ray Serve replaces the replica).",
+    )
     # KV cache
     paged_cache: bool = Field(True, description="Paged KV cache with prefix sharing (block pool).")
     block_size: int = Field(32, ge=1, le=4096, description="Tokens per KV block.")
     cache_memory_mb: int | None = Field(None, ge=1, description="KV cache budget in MB; overrides cache_memory_percent.")
-    cache_memory_percent: float = Field(0.20, gt=0, le=0.95, description="KV cache budget as a fraction of RAM.")
+    cache_memory_percent: float = Field(
+        0.20, gt=0, le=0.95,
+        description="KV cache budget as a fraction of memory: of the host memory budget (args.memory) under "
+        "Ray Serve, of RAM for the engine alone.",
+    )
     memory_aware: bool = Field(True, description="Budget by bytes (True) or by entry count (False).")
     max_cache_entries: int = Field(64, ge=1, description="Cached prompts kept when memory_aware is False.")
 

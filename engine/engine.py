@@ -33,6 +33,7 @@ from .text_stream import TextStream
 log = logging.getLogger(__name__)
 _STOP = object()
 ARRIVAL_WINDOW_S = 0.005  # when idle, gather requests that arrive together into one prefill
+STATS_INTERVAL_S = 0.25  # the loop publishes a stats snapshot this often (other threads read it)
 
 
 class RequestStream:
@@ -84,6 +85,9 @@ class AsyncEngine:
         self.loaded: LoadedModel | None = None
         self.scheduler: Scheduler | None = None
         self.footprint: Footprint | None = None
+        self._stats: dict = {}
+        self._stats_at = 0.0
+        self._step_started: float | None = None
         self._thread = threading.Thread(target=self._thread_main, name=f"orchard-engine-{source}", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -129,15 +133,21 @@ class AsyncEngine:
         self._inbox.put(("abort", request_id))
 
     def stats(self) -> dict:
-        sched = self.scheduler.stats() if self.scheduler else {}
-        return {"model": self.source, **sched, "cache": self.scheduler.cache.stats() if self.scheduler else {}}
+        """The loop thread's latest snapshot (at most STATS_INTERVAL_S old): never read live
+        scheduler state from another thread."""
+        return {"model": self.source, **self._stats}
 
     def clear_cache(self) -> None:
         self._inbox.put(("clear_cache", None))
 
     def check_health(self) -> None:
+        """Raises when the loop thread died or one step has been running for step_timeout_s (hung)."""
         if self._dead is not None or not self._thread.is_alive():
             raise EngineDeadError(f"engine for {self.source} is not running: {self._dead}")
+        started = self._step_started
+        if started is not None and time.monotonic() - started > self.config.step_timeout_s:
+            raise EngineDeadError(f"engine for {self.source} is hung: one step has run for "
+                                  f"{time.monotonic() - started:.0f} s (step_timeout_s {self.config.step_timeout_s:g})")
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._inbox.put((_STOP, None))
@@ -171,6 +181,7 @@ class AsyncEngine:
             self._load_error = exc
             self._ready.set()
             return
+        self._publish_stats(force=True)
         self._ready.set()
         try:
             self._loop()
@@ -191,8 +202,10 @@ class AsyncEngine:
         while True:
             if not self._drain_inbox(block=not sched.has_work()):
                 return
+            self._publish_stats()
             if not sched.has_work():
                 continue
+            self._step_started = time.monotonic()
             try:
                 outputs = sched.step()
             except OrchardError:
@@ -200,15 +213,27 @@ class AsyncEngine:
             except Exception:  # noqa: BLE001 - keep serving; the affected requests end with "abort"
                 log.exception("engine step failed; aborting the running requests")
                 outputs = sched.fail_all()
+            finally:
+                self._step_started = None
             self._deliver(outputs)
 
+    def _publish_stats(self, force: bool = False) -> None:
+        now = time.monotonic()
+        if force or now - self._stats_at >= STATS_INTERVAL_S:
+            self._stats = {**self.scheduler.stats(), "cache": self.scheduler.cache.stats()}
+            self._stats_at = now
+
     def _drain_inbox(self, block: bool) -> bool:
-        """Apply queued adds/aborts. False when asked to stop."""
+        """Apply queued adds/aborts (then refresh the stats snapshot). False when asked to stop."""
+        changed = False
         while True:
             try:
                 kind, item = self._inbox.get(block=block, timeout=0.5 if block else None)
             except queue.Empty:
+                if changed:
+                    self._publish_stats(force=True)
                 return True
+            changed = True
             if block:  # woken from idle: let requests sent together arrive before stepping
                 time.sleep(ARRIVAL_WINDOW_S)
             block = False
@@ -227,7 +252,11 @@ class AsyncEngine:
                 self.scheduler.cache.clear()
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
-        """Hand a step's outputs to their streams: one thread hop per event loop, not per token."""
+        """Hand a step's outputs to their streams: one thread hop per event loop, not per token.
+        When a request finishes, the stats snapshot is refreshed first (a caller that saw its last
+        output then reads stats that include it)."""
+        if any(out.finished for out in outputs):
+            self._publish_stats(force=True)
         by_loop: dict = {}
         with self._lock:
             for out in outputs:
@@ -237,13 +266,22 @@ class AsyncEngine:
                 if stream is not None:
                     by_loop.setdefault(stream._loop, []).append((stream, out))
         for loop, items in by_loop.items():
-            loop.call_soon_threadsafe(_put_all, items)
+            try:
+                loop.call_soon_threadsafe(_put_all, items)
+            except RuntimeError:  # that caller's event loop has closed: nobody reads these streams
+                log.warning("dropping %d stream(s) whose event loop has closed", len(items))
+                for stream, out in items:
+                    if not out.finished:
+                        self.abort(stream.request_id)
 
     def _fail_streams(self, exc: BaseException) -> None:
         with self._lock:
             streams, self._streams = list(self._streams.values()), {}
         for stream in streams:
-            stream._loop.call_soon_threadsafe(stream._queue.put_nowait, exc)
+            try:
+                stream._loop.call_soon_threadsafe(stream._queue.put_nowait, exc)
+            except RuntimeError:  # its event loop has closed
+                pass
 
 
 def _put_all(items) -> None:  # runs on the streams' event loop

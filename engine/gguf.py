@@ -22,6 +22,7 @@ import json
 import logging
 import re
 import shutil
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,16 +126,27 @@ def export_cache_key(path: Path) -> str:
     return f"{path.stem}-{digest.hexdigest()[:16]}"
 
 
-def export_mlx(path: str | Path, out_dir: str | Path, dequantize: bool = False) -> Path:
+def export_mlx(path: str | Path, out_dir: str | Path, dequantize: bool = False, replace: bool = True) -> Path:
     """Convert a GGUF file into an MLX model directory at out_dir (written atomically).
+
+    Each export writes into its own temporary directory beside out_dir and renames it into place,
+    so processes exporting the same file at once never touch each other's work. `replace=False`
+    (the loader's export cache): a complete out_dir that appeared meanwhile is kept, the first
+    rename wins.
 
     `dequantize=True` writes float32 weights (for MLX's CPU backend on Linux, see cpu_fast_path).
     """
     info = read_info(path)
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=out_dir.name + ".partial-", dir=out_dir.parent))
+    try:
+        return _export_into(info, tmp, out_dir, dequantize, replace)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _export_into(info: GGUFInfo, tmp: Path, out_dir: Path, dequantize: bool, replace: bool) -> Path:
     start = time.perf_counter()
     weights, quantized = load_weights(info)
     if quantized and dequantize:
@@ -145,8 +157,15 @@ def export_mlx(path: str | Path, out_dir: str | Path, dequantize: bool = False) 
     mx.save_safetensors(str(tmp / "model.safetensors"), weights, metadata={"format": "mlx"})
     (tmp / "config.json").write_text(json.dumps(config, indent=2))
     write_tokenizer(info, tmp)
+    if not replace and (out_dir / "config.json").exists():
+        log.info("%s was exported by another process meanwhile; using it", out_dir)
+        return out_dir
     shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    try:
+        tmp.rename(out_dir)
+    except OSError:  # another process renamed its export into place first
+        if replace or not (out_dir / "config.json").exists():
+            raise
     log.info("exported %s to %s in %.1fs", info.path.name, out_dir, time.perf_counter() - start)
     return out_dir
 

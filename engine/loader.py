@@ -67,12 +67,12 @@ def load_model(source: str, *, fast_cpu: bool | None = None, cache_dir: str | Pa
     log.info("loading %s (%s)", resolved.original, resolved.kind)
     model_path = _local_mlx_dir(resolved, Path(cache_dir) if cache_dir else default_cache_dir())
     model, tokenizer, config = _mlx_lm_load(model_path, resolved)
-    use_fast = cpu_fast_path.wants_fast_path() if fast_cpu is None else fast_cpu
+    use_fast = _use_fast_path() if fast_cpu is None else fast_cpu
     if use_fast:
         to_float32(model)
         cpu_fast_path.warn_if_slow()
     elif cpu_fast_path.wants_fast_path():
-        log.info("fast CPU path disabled: keeping %s weights", weights_dtype(model))
+        log.info("fast CPU path off: keeping %s weights", weights_dtype(model))
     loaded = LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -90,6 +90,17 @@ def load_model(source: str, *, fast_cpu: bool | None = None, cache_dir: str | Pa
     return loaded
 
 
+def _use_fast_path() -> bool:
+    """Automatic: float32 weights only where they pay, on a CPU-only MLX with OpenBLAS in the
+    process; without OpenBLAS they would cost 6-8x the memory of quantized weights for no speed."""
+    if not cpu_fast_path.wants_fast_path():
+        return False
+    if not cpu_fast_path.openblas_loaded():
+        cpu_fast_path.warn_if_slow()
+        return False
+    return True
+
+
 def _local_mlx_dir(resolved: ResolvedSource, cache_dir: Path) -> Path:
     if resolved.kind == "mlx_dir":
         return Path(resolved.location)
@@ -101,7 +112,7 @@ def _local_mlx_dir(resolved: ResolvedSource, cache_dir: Path) -> Path:
         log.info("using cached MLX export %s", target)
         return target
     log.info("exporting %s to an MLX directory at %s (once)", gguf_path.name, target)
-    return gguf.export_mlx(gguf_path, target)
+    return gguf.export_mlx(gguf_path, target, replace=False)
 
 
 def _download(repo_id: str) -> Path:

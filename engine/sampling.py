@@ -66,6 +66,20 @@ class SamplingParams(BaseModel):
             raise InvalidRequestError(f"{field}: {err['msg']}" if field else err["msg"], param=field) from exc
 
 
+JOINED = ("stop", "stop_token_ids")
+
+
+def with_defaults(defaults: dict, request: dict) -> dict:
+    """A request's sampling values over a model's defaults. Stop strings and stop token ids are
+    joined, not replaced: a model's own (Gemma's <end_of_turn>) stop it whatever a client sends."""
+    out = {**defaults, **request}
+    for key in JOINED:
+        if defaults.get(key) and request.get(key):
+            as_list = lambda v: [v] if isinstance(v, (str, int)) else list(v)  # noqa: E731
+            out[key] = list(dict.fromkeys(as_list(defaults[key]) + as_list(request[key])))
+    return out
+
+
 def greedy(logprobs: mx.array) -> mx.array:
     return mx.argmax(logprobs, axis=-1)
 

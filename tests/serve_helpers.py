@@ -78,6 +78,18 @@ def wait_for_log(proc: subprocess.Popen, log: Path, text: str, timeout_s: float 
     return log.read_text()
 
 
+def failed_deploy_output(config_text: str, tmp_path: Path) -> str:
+    """`serve run` a config that must fail to deploy; what it printed once Ray said so."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(config_text)
+    log = tmp_path / "bad_run.log"
+    proc = start_serve(bad, log)
+    try:
+        return wait_for_log(proc, log, "Deploying app 'orchard' failed")
+    finally:
+        stop(proc)
+
+
 def stop(proc: subprocess.Popen) -> None:
     """SIGINT the `serve run` (a clean shutdown), kill it if it hangs, then stop Ray."""
     if proc.poll() is None:

@@ -275,9 +275,13 @@ def test_api_key_and_body_limit():
             health = await client.get("/health")
             big = await client.post("/v1/chat/completions", headers={"Authorization": "Bearer secret-key-123"},
                                     json={**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]})
-        return no_key, bad_key, ok, health, big
+            others = [await client.get("/metrics"), await client.post("/v1/models/m1/load"),
+                      await client.post("/v1/models/m1/unload"), await client.get("/v1/models/m1/cache"),
+                      await client.get("/v1/models/m1"), await client.get("/openapi.json"), await client.get("/docs")]
+        return no_key, bad_key, ok, health, big, others
 
-    no_key, bad_key, ok, health, big = run(go())
+    no_key, bad_key, ok, health, big, others = run(go())
+    assert [r.status_code for r in others] == [401, 401, 401, 401, 401, 404, 404]  # every route but /health
     assert no_key.status_code == 401 and bad_key.status_code == 401
     assert no_key.json()["error"]["type"] == "authentication_error"
     assert ok.status_code == 200 and [m["id"] for m in ok.json()["data"]] == ["m1"]

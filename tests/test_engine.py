@@ -142,3 +142,52 @@ def test_config_chat_template_lets_a_base_model_chat(smollm):
                "{% if add_generation_prompt %}[assistant] {% endif %}"
     ids = encode_prompt(smollm.tokenizer, chat("hi"), template)
     assert smollm.tokenizer.decode(ids) == f"{smollm.tokenizer.bos_token}[user] hi\n[assistant] "
+
+
+def test_a_models_stop_tokens_and_strings_are_joined_not_replaced_by_a_request():
+    from engine.sampling import with_defaults
+
+    defaults = {"stop_token_ids": [106], "stop": ["<end_of_turn>"], "temperature": 1.0}
+    merged = with_defaults(defaults, {"stop_token_ids": [7, 106], "stop": "END", "temperature": 0})
+    assert merged == {"stop_token_ids": [106, 7], "stop": ["<end_of_turn>", "END"], "temperature": 0}
+    assert with_defaults(defaults, {}) == defaults
+
+
+async def test_a_stream_whose_event_loop_closed_does_not_kill_the_engine(engine):
+    def orphan():  # a caller on another event loop that goes away mid-stream
+        loop = asyncio.new_event_loop()
+
+        async def start():
+            stream = engine.submit(chat("Write a long essay about the sea."),
+                                   SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))
+            await stream.__anext__()
+
+        loop.run_until_complete(start())
+        loop.close()
+
+    await asyncio.to_thread(orphan)
+    for _ in range(200):  # the engine notices the closed loop and aborts the orphan
+        stats = engine.stats()
+        if stats["running"] == 0 and stats["waiting"] == 0:
+            break
+        await asyncio.sleep(0.05)
+    engine.check_health()
+    assert stats["running"] == 0 and stats["kv_cache_bytes"] == 0
+    _, ids, _ = await run(engine, chat("What is 2+2?"), temperature=0, max_tokens=4)
+    assert len(ids) > 0
+
+
+def test_a_hung_step_fails_the_health_check():
+    import time
+
+    from engine.errors import EngineDeadError
+
+    eng = AsyncEngine.from_source(SMOLLM, EngineConfig(step_timeout_s=1.0))
+    try:
+        eng.check_health()
+        eng._step_started = time.monotonic() - 5  # as if one step had been running for 5 s
+        with pytest.raises(EngineDeadError, match="hung"):
+            eng.check_health()
+    finally:
+        eng._step_started = None
+        eng.shutdown()

@@ -16,7 +16,7 @@ import openai
 import psutil
 import pytest
 
-from .serve_helpers import BASE, ROOT, metric, start_serve, stop, wait_for_log, wait_healthy
+from .serve_helpers import BASE, ROOT, failed_deploy_output, metric, start_serve, stop, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -115,15 +115,7 @@ class Stream(threading.Thread):
 
 
 def test_0_a_model_larger_than_the_budget_fails_at_start(tmp_path):
-    text = CONFIG.read_text().replace("budget_mb: 2350", "budget_mb: 400")
-    bad = tmp_path / "small_budget.yaml"
-    bad.write_text(text)
-    log = tmp_path / "serve_run.log"
-    proc = start_serve(bad, log)
-    try:
-        output = wait_for_log(proc, log, "Deploying app 'orchard' failed")
-    finally:
-        stop(proc)
+    output = failed_deploy_output(CONFIG.read_text().replace("budget_mb: 2350", "budget_mb: 400"), tmp_path)
     assert "model 'tiny-a' needs" in output and "the whole memory budget is 400 MiB" in output
 
 

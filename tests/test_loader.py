@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import mlx.core as mx
 import mlx_lm
@@ -99,3 +102,18 @@ def test_hub_id_without_network_names_offline_alternatives(monkeypatch, tmp_path
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(ModelLoadError, match="Offline alternatives"):
         load_model("mlx-community/Qwen3-0.6B-8bit")
+
+
+def test_two_processes_exporting_one_gguf_at_once_both_get_one_complete_export(tmp_path):
+    """Two replicas starting together export into their own temporary directories; one rename wins."""
+    code = ("import pathlib; from engine.loader import _local_mlx_dir; from engine.sources import resolve_source; "
+            f"print(_local_mlx_dir(resolve_source({SMOLLM!r}), pathlib.Path({str(tmp_path)!r})))")
+    root = Path(__file__).resolve().parents[1]
+    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=root, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    exported = {out.strip().splitlines()[-1] for out, _ in outs}
+    assert len(exported) == 1
+    assert [p.name for p in (tmp_path / "gguf").iterdir()] == [Path(exported.pop()).name]  # no .partial left
+    mlx_lm.load(str(next((tmp_path / "gguf").iterdir())))
