@@ -41,6 +41,12 @@ class ApiError(Exception):
 
 
 _UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "null"}
+# OpenAI request fields this server does not implement: refused by name, never ignored.
+UNSUPPORTED = {
+    "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "response_format",
+    "logprobs", "top_logprobs", "logit_bias", "echo", "best_of", "suffix", "audio", "modalities",
+    "prediction", "web_search_options", "reasoning_effort", "service_tier", "store", "metadata",
+}
 
 
 def bad_request(exc: ValidationError) -> ApiError:
@@ -51,6 +57,9 @@ def bad_request(exc: ValidationError) -> ApiError:
         return ApiError(400, f"the request body is not valid JSON: {err['ctx'].get('error', err['msg'])}")
     if err["type"] == "model_type" and not param:
         return ApiError(400, "the request body must be a JSON object")
+    if param in UNSUPPORTED and err["type"] in ("extra_forbidden", "literal_error", "none_required"):
+        return ApiError(400, f"{param}: not supported by this server; remove it from the request",
+                        param=param, code="unsupported_parameter")
     msg = err["msg"].removeprefix("Value error, ")
     return ApiError(400, f"{param}: {msg}" if param else msg, param=param)
 

@@ -216,6 +216,20 @@ class AsyncEngine:
             finally:
                 self._step_started = None
             self._deliver(outputs)
+            self._fail_rejected()
+
+    def _fail_rejected(self) -> None:
+        """End the requests the scheduler could not start, each with its own error."""
+        for request_id, exc in self.scheduler.take_rejected():
+            with self._lock:
+                stream = self._streams.pop(request_id, None)
+            if stream is not None:
+                error = exc if isinstance(exc, OrchardError) else InvalidRequestError(
+                    f"this request could not be started: {type(exc).__name__}: {exc}")
+                try:
+                    stream._loop.call_soon_threadsafe(stream._queue.put_nowait, error)
+                except RuntimeError:  # its event loop has closed
+                    pass
 
     def _publish_stats(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -243,6 +257,7 @@ class AsyncEngine:
             if kind == "add":
                 if item.request_id in self._streams:
                     self.scheduler.add(item)
+                    self._fail_rejected()
             elif kind == "abort":
                 out = self.scheduler.abort(item)
                 self._deliver([out] if out is not None else [])

@@ -6,7 +6,7 @@ random key) and its own penalties, so one batch can mix greedy and sampled reque
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Annotated, Callable
 
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
@@ -27,12 +27,12 @@ class SamplingParams(BaseModel):
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     top_k: int = Field(0, ge=0, description="0 disables top-k.")
     min_p: float = Field(0.0, ge=0.0, le=1.0)
-    seed: int | None = Field(None, description="Makes sampling reproducible per request.")
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64, description="Makes sampling reproducible per request.")
     repetition_penalty: float = Field(1.0, gt=0.0, le=10.0)
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     stop: list[str] = Field(default_factory=list, description="Stop strings; matched text is not returned.")
-    stop_token_ids: list[int] = Field(default_factory=list)
+    stop_token_ids: list[Annotated[int, Field(ge=0, lt=2**31)]] = Field(default_factory=list, max_length=64)
     ignore_eos: bool = Field(False, description="Keep generating past EOS (benchmarks).")
 
     @field_validator("stop", mode="before")
@@ -63,7 +63,8 @@ class SamplingParams(BaseModel):
         except ValidationError as exc:
             err = exc.errors()[0]
             field = ".".join(str(p) for p in err["loc"]) or None
-            raise InvalidRequestError(f"{field}: {err['msg']}" if field else err["msg"], param=field) from exc
+            msg = err["msg"].removeprefix("Value error, ")
+            raise InvalidRequestError(f"{field}: {msg}" if field else msg, param=field) from exc
 
 
 JOINED = ("stop", "stop_token_ids")
@@ -91,7 +92,7 @@ def make_sampler(params: SamplingParams) -> Sampler:
     """
     if params.greedy:
         return greedy
-    key = [mx.random.key(params.seed)] if params.seed is not None else None
+    key = [mx.random.key(params.seed % 2**64)] if params.seed is not None else None
     inv_temp = 1.0 / params.temperature
 
     def sample(logprobs: mx.array) -> mx.array:

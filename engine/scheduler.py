@@ -63,7 +63,9 @@ class Scheduler:
         self.sequences: dict[str, Sequence] = {}
         self.waiting: deque[Sequence] = deque()  # not admitted by the cache manager yet (FIFO)
         self._by_uid: dict[int, Sequence] = {}
-        self.counters = {"requests": 0, "finished": 0, "aborted": 0, "prompt_tokens": 0, "generated_tokens": 0}
+        self.counters = {"requests": 0, "finished": 0, "aborted": 0, "rejected": 0, "prompt_tokens": 0,
+                         "generated_tokens": 0}
+        self.rejected: list[tuple[str, Exception]] = []
         self.gen = self._make_generator()
 
     def _make_generator(self) -> BatchGenerator:
@@ -84,24 +86,44 @@ class Scheduler:
         self._admit()
 
     def _admit(self) -> None:
-        """Insert waiting requests, in order, while the cache manager admits them."""
+        """Insert waiting requests, in order, while the cache manager admits them. A request that
+        cannot be inserted fails alone (`take_rejected`); the others go on."""
         while self.waiting and self.cache.can_admit(self.waiting[0].prompt_ids, self.waiting[0].max_tokens):
-            self._insert(self.waiting.popleft())
+            seq = self.waiting.popleft()
+            try:
+                self._insert(seq)
+            except Exception as exc:  # noqa: BLE001 - this request's own failure, not the batch's
+                log.exception("request %s could not be started", seq.request_id)
+                self._reject(seq, exc)
 
     def _insert(self, seq: Sequence) -> None:
+        sampler, processors = make_sampler(seq.params), make_processors(seq.params)  # per request: may raise
+        stops = [[t] for t in ([] if seq.params.ignore_eos else self.eos_ids) + seq.params.stop_token_ids]
         seq.kv, cached = self.cache.acquire(seq.prompt_ids, seq.max_tokens)
         seq.cached_tokens = cached
-        stops = [[t] for t in ([] if seq.params.ignore_eos else self.eos_ids) + seq.params.stop_token_ids]
         (seq.uid,) = self.gen.insert(
             [seq.prompt_ids[cached:]],
             max_tokens=[seq.max_tokens],
             caches=[seq.kv] if seq.kv is not None else None,
             all_tokens=[seq.prompt_ids[:cached]],  # penalties see the whole prompt
-            samplers=[make_sampler(seq.params)],
-            logits_processors=[make_processors(seq.params)],
+            samplers=[sampler],
+            logits_processors=[processors],
             stop_sequences=[StopSequences(stops)],
         )
         self._by_uid[seq.uid] = seq
+
+    def _reject(self, seq: Sequence, exc: Exception) -> None:
+        if seq.kv is not None:
+            self.cache.release(seq.kv)
+            seq.kv = None
+        self.sequences.pop(seq.request_id, None)
+        self.counters["rejected"] += 1
+        self.rejected.append((seq.request_id, exc))
+
+    def take_rejected(self) -> list[tuple[str, Exception]]:
+        """Requests that failed to start since the last call, with why."""
+        out, self.rejected = self.rejected, []
+        return out
 
     def abort(self, request_id: str) -> RequestOutput | None:
         seq = self.sequences.get(request_id)

@@ -191,3 +191,33 @@ def test_a_hung_step_fails_the_health_check():
     finally:
         eng._step_started = None
         eng.shutdown()
+
+
+async def test_a_request_that_cannot_start_fails_alone(engine, monkeypatch):
+    """A failure building one request's sampler ends that request with a 400, not the batch."""
+    import engine.scheduler as scheduler_module
+
+    real = scheduler_module.make_sampler
+
+    def picky(params):
+        if params.seed == 666:
+            raise ValueError("no such seed")
+        return real(params)
+
+    monkeypatch.setattr(scheduler_module, "make_sampler", picky)
+    neighbour = engine.submit(chat("Write a long essay about the sea."), SamplingParams(temperature=0, max_tokens=8))
+    bad = engine.submit(chat("What is 2+2?"), SamplingParams(temperature=0, max_tokens=4, seed=666))
+    with pytest.raises(InvalidRequestError, match="no such seed"):
+        async for _ in bad:
+            pass
+    outs = [o async for o in neighbour]
+    assert outs[-1].finish_reason == "length" and sum(len(o.token_ids) for o in outs) == 8
+    engine.check_health()
+    assert engine.stats()["rejected"] >= 1
+
+
+def test_out_of_range_seed_and_stop_ids_are_bad_requests():
+    for bad in ({"seed": 10**40}, {"stop_token_ids": [10**12]}, {"stop_token_ids": [-1]}):
+        with pytest.raises(InvalidRequestError):
+            SamplingParams.parse(bad)
+    assert SamplingParams.parse({"seed": -5}).seed == -5

@@ -189,6 +189,75 @@ def test_hundred_streams_with_ten_disconnects_lose_nothing_and_leak_no_block(ser
     assert r.status_code == 200
 
 
+def _hostile_bodies() -> dict[str, bytes]:
+    m, msg = MODELS[0], [{"role": "user", "content": "hi"}]
+
+    def body(**fields) -> bytes:
+        return json.dumps({"model": m, "messages": msg, **fields}).encode()
+
+    raw = b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], ' % m.encode()
+    return {
+        "model is a number": json.dumps({"model": 5, "messages": msg}).encode(),
+        "messages is a string": body(messages="hi"), "max_tokens is a string": body(max_tokens="ten"),
+        "huge max_tokens": body(max_tokens=10**30), "huge temperature": body(temperature=1e308),
+        "huge seed": body(seed=10**40), "huge stop token id": body(stop_token_ids=[10**12]),
+        "NaN": raw + b'"temperature": NaN}', "Infinity": raw + b'"top_p": Infinity}',
+        "invalid UTF-8": b'{"model": "%s", "messages": [{"role": "user", "content": "\xff hi"}]}' % m.encode(),
+        "1000 stop strings": body(stop=[f"s{i}" for i in range(1000)]),
+        "deeply nested": raw[:-2] + b', "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
+        "over the size limit": body(messages=[{"role": "user", "content": "x" * 2_000_000}]),
+        "unknown field": body(frobnicate=1), "n > 1": body(n=2), "logprobs": body(logprobs=True),
+        "tools": body(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]),
+        "response_format": body(response_format={"type": "json_object"}), "logit_bias": body(logit_bias={"1": 5}),
+        "an image part": body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
+        "a made-up role": body(messages=[{"role": "wizard", "content": "hi"}]),
+        "empty body": b"", "a list": b"[1, 2]", "null": b"null",
+    }
+
+
+@pytest.mark.parametrize("name,raw", list(_hostile_bodies().items()), ids=list(_hostile_bodies()))
+def test_hostile_bodies_are_4xx_in_the_openai_error_shape(server, name, raw):
+    r = httpx.post(f"{BASE}/v1/chat/completions", content=raw, headers={"content-type": "application/json"},
+                   timeout=60)
+    assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
+    error = r.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    if name in ("logprobs", "tools", "response_format", "logit_bias"):
+        assert error["code"] == "unsupported_parameter" and error["param"] in name
+
+
+def test_the_server_is_healthy_after_the_hostile_bodies(client):
+    assert httpx.get(f"{BASE}/health", timeout=30).json()["models"] == {m: "ok" for m in MODELS}
+    r = client.chat.completions.create(model=MODELS[0], messages=HELLO, max_tokens=4, temperature=0)
+    assert r.choices[0].message.content
+
+
+def test_sigkill_of_a_model_process_mid_stream_ends_its_stream_cleanly_and_it_comes_back(client):
+    pids = {m["id"]: m["pid"] for m in httpx.get(f"{BASE}/v1/models", timeout=30).json()["data"]}
+    body = {"model": MODELS[0], "prompt": "Count from one to one thousand:", "max_tokens": 300, "temperature": 0,
+            "ignore_eos": True, "stream": True}
+    events = []
+    with httpx.stream("POST", f"{BASE}/v1/completions", json=body, timeout=120) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+                if len(events) == 3:
+                    os.kill(pids[MODELS[0]], signal.SIGKILL)
+    assert events[-1] == "[DONE]"
+    assert json.loads(events[-2])["error"]["code"] == "model_unavailable"  # a clean error event, no hang
+    r = client.completions.create(model=MODELS[0], prompt="Hi", max_tokens=3)  # Ray Serve restarted it
+    assert r.choices[0].text
+    assert client.completions.create(model=MODELS[1], prompt="Hi", max_tokens=3).choices[0].text
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:
+        after = {m["id"]: m["pid"] for m in httpx.get(f"{BASE}/v1/models", timeout=30).json()["data"]}
+        if after[MODELS[0]] not in (None, pids[MODELS[0]]):
+            break
+        time.sleep(0.5)
+    assert after[MODELS[0]] not in (None, pids[MODELS[0]]), after  # a new process
+    assert after[MODELS[1]] == pids[MODELS[1]]  # the other model never noticed
+
+
 def test_metrics_and_health(server):
     text = httpx.get(f"{BASE}/metrics", timeout=30).text
     for model in MODELS:
