@@ -176,17 +176,59 @@ def test_hundred_streams_with_ten_disconnects_lose_nothing_and_leak_no_block(ser
     results = asyncio.run(go())
     assert results.count(None) == 10
     assert all(n == max_tokens for n in results if n is not None), results
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        stats = httpx.get(f"{BASE}/v1/models/{model}/cache", timeout=30).json()
-        engine, cache = stats["engine"], stats["cache"]
-        if engine["running"] == 0 and engine["waiting"] == 0 and cache["live_sequences"] == 0:
-            break
-        time.sleep(0.5)
+    engine, cache = _settled(model)
     assert engine["running"] == 0 and engine["waiting"] == 0, engine
     assert cache["live_sequences"] == 0 and cache["blocks_used"] == 0, cache  # every block is back
     r = httpx.post(f"{BASE}/v1/completions", json={"model": model, "prompt": "Hi", "max_tokens": 2}, timeout=60)
     assert r.status_code == 200
+
+
+def _settled(model: str, timeout_s: float = 60) -> tuple[dict, dict]:
+    """A model's engine and cache stats once nothing runs or waits."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        stats = httpx.get(f"{BASE}/v1/models/{model}/cache", timeout=30).json()
+        engine, cache = stats["engine"], stats["cache"]
+        if (engine["running"] == 0 and engine["waiting"] == 0 and cache["live_sequences"] == 0) \
+                or time.monotonic() > deadline:
+            return engine, cache
+        time.sleep(0.5)
+
+
+def test_two_hundred_clients_with_random_disconnects_get_answers_or_clean_refusals(server, client):
+    import random
+
+    rng = random.Random(7)
+    leave_after = {i: rng.randint(0, 1) for i in rng.sample(range(200), 30)}  # chunks read before leaving
+
+    async def one(c: httpx.AsyncClient, i: int) -> str:
+        body = {"model": MODELS[i % 2], "prompt": f"Tell me about the number {i}.", "max_tokens": 8,
+                "temperature": 0.7, "stream": True}
+        async with c.stream("POST", "/v1/completions", json=body) as r:
+            if r.status_code != 200:
+                assert r.status_code in (429, 503) and r.headers["retry-after"].isdigit(), r.status_code
+                return f"refused {r.status_code}"
+            chunks = 0
+            async for line in r.aiter_lines():
+                assert '"error"' not in line, line
+                chunks += line.startswith("data: {")
+                if i in leave_after and chunks > leave_after[i]:
+                    return "left"
+            return "ok"
+
+    async def go():
+        limits = httpx.Limits(max_connections=200)
+        async with httpx.AsyncClient(base_url=BASE, timeout=300, limits=limits) as c:
+            return await asyncio.gather(*(one(c, i) for i in range(200)))
+
+    outcomes = asyncio.run(go())
+    refused_leavers = sum(outcomes[i].startswith("refused") for i in leave_after)
+    assert outcomes.count("left") == 30 - refused_leavers and outcomes.count("ok") >= 100, sorted(set(outcomes))
+    for model in MODELS:
+        engine, cache = _settled(model)
+        assert engine["running"] == 0 and engine["waiting"] == 0 and cache["blocks_used"] == 0, (model, engine)
+    r = client.chat.completions.create(model=MODELS[0], messages=HELLO, max_tokens=4, temperature=0)
+    assert r.choices[0].message.content
 
 
 def _hostile_bodies() -> dict[str, bytes]:
