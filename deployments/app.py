@@ -132,6 +132,7 @@ def bind_model(p: ModelPlan, budget: int):
         stream_window_ms=model.stream_window_ms,
         stream_max_chunks_per_s=model.stream_max_chunks_per_s,
         memory_share_bytes=p.footprint_bytes,
+        allow_ignore_eos=model.allow_ignore_eos,
     )
 
 

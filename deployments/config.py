@@ -138,6 +138,10 @@ class ModelConfig(BaseModel):
     deployment: ModelDeploymentOptions = Field(
         default_factory=ModelDeploymentOptions, description="Ray Serve options of this model's deployment."
     )
+    allow_ignore_eos: bool = Field(
+        False, description="Let clients send ignore_eos (generate past the end of text to max_tokens: benchmarks "
+        "want it; on a shared server it lets one client force full-length generations).",
+    )
     load: Literal["eager", "on_demand"] = Field(
         "eager", description="eager: loaded when the app starts; on_demand: loaded by the first request for it."
     )

@@ -25,7 +25,7 @@ from typing import Any, AsyncIterator, Callable
 from ray import serve
 
 from engine.config import EngineConfig
-from engine.errors import OrchardError, OverloadedError
+from engine.errors import InvalidRequestError, OrchardError, OverloadedError
 
 log = logging.getLogger("ray.serve")
 
@@ -120,13 +120,14 @@ class ModelServer:
 
     def __init__(self, name: str, source: str, engine: dict, default_sampling: dict | None = None,
                  stream_window_ms: float = 30.0, stream_max_chunks_per_s: float = 100.0,
-                 memory_share_bytes: int | None = None):
+                 memory_share_bytes: int | None = None, allow_ignore_eos: bool = False):
         from engine.engine import AsyncEngine  # MLX loads in the replica, not in the builder
         from engine.memory import apply_process_limits, mib
 
         started = time.monotonic()
         self.name = name
         self.default_sampling = dict(default_sampling or {})
+        self.allow_ignore_eos = allow_ignore_eos
         self.window_s = stream_window_ms / 1000.0
         self.max_chunks_per_s = stream_max_chunks_per_s
         self.active_streams = 0
@@ -148,6 +149,9 @@ class ModelServer:
 
         try:
             params = SamplingParams.parse(with_defaults(self.default_sampling, request.get("sampling", {})))
+            if params.ignore_eos and not self.allow_ignore_eos:
+                raise InvalidRequestError(f"ignore_eos is not allowed for model {self.name!r} (its operator can "
+                                          "set allow_ignore_eos in the model's config)", param="ignore_eos")
             stream = self.engine.submit(PromptInput(**request["prompt"]), params, request.get("request_id"))
         except OrchardError as exc:
             yield error_item(exc)

@@ -98,7 +98,7 @@ def real():
     from deployments.app import bind_model, plan_model
     from deployments.model_client import RayModelClient
 
-    cfg = validate_args({"models": [{"name": "smollm2", "source": SMOLLM, "stream_window_ms": 20,
+    cfg = validate_args({"models": [{"name": "smollm2", "source": SMOLLM, "stream_window_ms": 20, "allow_ignore_eos": True,
                                      "engine": {"max_num_seqs": 8, "max_waiting": 8}}]})
     budget = cfg.memory.budget_bytes()
     handle = serve.run(bind_model(plan_model(cfg.models[0], budget), budget), name="orchard-test",

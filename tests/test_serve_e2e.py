@@ -78,10 +78,17 @@ def test_chat_completion_json_and_stream(client, model):
 
 @pytest.mark.parametrize("model", MODELS)
 def test_completions_and_max_tokens(client, model):
+    extra = {"ignore_eos": True} if model == MODELS[0] else {}  # only SmolLM2's config allows it
     r = client.completions.create(model=model, prompt="The capital of France is", max_tokens=6, temperature=0,
-                                  extra_body={"ignore_eos": True})
+                                  extra_body=extra)
     assert r.object == "text_completion" and r.choices[0].text
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 6
+
+
+def test_ignore_eos_needs_the_operators_switch(client):
+    with pytest.raises(openai.BadRequestError) as info:  # gemma's config does not allow it
+        client.completions.create(model=MODELS[1], prompt="Hi", max_tokens=4, extra_body={"ignore_eos": True})
+    assert info.value.body["param"] == "ignore_eos" and "allow_ignore_eos" in info.value.body["message"]
 
 
 def test_stop_strings(client):
