@@ -63,6 +63,23 @@ async def drive(args, models: list[str]) -> Counter:
     return outcomes
 
 
+def rss_by_process(pid: int) -> dict[str, int]:
+    """RSS (MiB) of each process in the tree, by Ray actor or program name."""
+    import psutil
+
+    from benchmarks.openai_bench.cpu import group_of
+
+    root = psutil.Process(pid)
+    out: dict[str, int] = {}
+    for p in [root, *root.children(recursive=True)]:
+        try:
+            label = group_of(p.cmdline(), p.name())
+            out[label] = out.get(label, 0) + p.memory_info().rss // 2**20
+        except psutil.Error:
+            pass
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+
+
 def slope_mib_per_min(samples: list[tuple[float, int]]) -> float | None:
     if len(samples) < 3:
         return None
@@ -114,10 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         outcomes = asyncio.run(drive(args, models))
         after = httpx.get(f"{BASE}/health", timeout=30).json()
+        kv_pools = {m: httpx.get(f"{BASE}/v1/models/{m}/cache", timeout=30).json()["cache"].get("bytes")
+                    for m in models}
+        by_process = rss_by_process(proc.pid)
     finally:
         rss.stop()
         stop(proc)
     doc = {"benchmark": "soak", "machine": machine(), "settings": vars(args), "health_after": after,
+           "kv_pool_bytes_end": kv_pools, "rss_mib_by_process_end": by_process,
            **report(rss.samples, outcomes, warmup_s=60), "rss_mib": rss.samples}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

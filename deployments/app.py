@@ -17,7 +17,9 @@ num_cpus under its args (`deployment.num_cpus`) instead.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from ray.serve import Application
 
@@ -28,6 +30,8 @@ from .governor import FALLBACK_POLICY_PATH, governor_kwargs
 from .model_server import ModelServer
 from .router import OrchardRouter
 
+log = logging.getLogger("ray.serve")
+MAX_LOAD_RETRIES = 2  # a model whose replica fails to start is retried this often, then reported failed
 # How fast the governor sees what happens: replicas and handles push their metrics this often,
 # averaged over this window (Ray's defaults, 10 s and 30 s, would make every load wait).
 METRICS_INTERVAL_S = 0.5
@@ -54,16 +58,31 @@ def model_actor_options(model: ModelConfig) -> dict:
 
 def plan_model(model: ModelConfig, budget: int) -> ModelPlan:
     """Resolve the model's KV budget against the host budget and estimate its footprint."""
-    from engine.memory import estimate_weights_bytes, estimate_working_bytes
+    from engine.memory import estimate_working_bytes
 
     engine = model.engine.model_dump()
     if engine["cache_memory_mb"] is None:
         engine["cache_memory_mb"] = max(1, int(budget * model.engine.cache_memory_percent) >> 20)
-    weights = model.weights_mb * 2**20 if model.weights_mb else estimate_weights_bytes(model.source, _fast_cpu(model))
+    weights = model.weights_mb * 2**20 if model.weights_mb else _estimate_weights(model)
     if weights is None:
         raise ConfigError(f"model {model.name!r}: {model.source!r} is not downloaded yet, so the size of its "
                           "weights is unknown: give it as weights_mb (the governor measures it after the first load)")
     return ModelPlan(model, engine, weights + engine["cache_memory_mb"] * 2**20 + estimate_working_bytes(weights))
+
+
+def _estimate_weights(model: ModelConfig) -> int | None:
+    """From the weight files' headers; an unreadable file does not stop the other models: it is
+    estimated from its size, and its own load fails with the reason (served as a 503)."""
+    from engine.memory import estimate_weights_bytes
+    from engine.sources import resolve_source
+
+    try:
+        return estimate_weights_bytes(model.source, _fast_cpu(model))
+    except Exception as exc:  # noqa: BLE001 - a corrupt or truncated file
+        log.warning("model %s: cannot read the size of %s (%s): estimating from the file size", model.name,
+                    model.source, exc)
+        path = Path(resolve_source(model.source).location)
+        return path.stat().st_size * (8 if _fast_cpu(model) else 1)
 
 
 def _fast_cpu(model: ModelConfig) -> bool:
@@ -109,7 +128,8 @@ def autoscaling_config(p: ModelPlan, budget: int) -> dict:
         "policy": {
             "policy_function": FALLBACK_POLICY_PATH,
             "policy_kwargs": governor_kwargs(model=m.name, budget_bytes=budget, footprint_bytes=p.footprint_bytes,
-                                             full=full, keep_alive_s=m.keep_alive),
+                                             full=full, keep_alive_s=m.keep_alive,
+                                             load_timeout_s=m.load_timeout_s),
         },
     }
 
@@ -123,6 +143,7 @@ def bind_model(p: ModelPlan, budget: int):
         max_ongoing_requests=max_ongoing,
         max_queued_requests=model.deployment.max_queued_requests,
         graceful_shutdown_wait_loop_s=0.5,  # an idle replica being unloaded stops at once
+        max_constructor_retry_count=MAX_LOAD_RETRIES,
         ray_actor_options=model_actor_options(model),
     ).bind(
         name=model.name,

@@ -15,6 +15,8 @@ have. The decision is `plan()`, a pure function of what every model costs, uses 
    replicas are gone). While nothing can be freed (the others are busy or pinned) it waits, and
    so do the cold models behind it; its requests get 503 at the router after load_timeout_s.
 3. A model that is serving (requests running or queued) is never unloaded.
+4. A load that has not finished after load_timeout_s, with no request waiting any more (its
+   replica keeps failing to start), is given up, so that it stops holding budget.
 
 Omitting a model from the answer leaves it as it is: that is how a cold model waits (Ray's own
 cold-start path would otherwise start any deployment with queued requests at once).
@@ -58,6 +60,8 @@ class ModelUsage:
     unload_requested: bool = False
     waiting_since: float | None = None  # when requests started waiting for it while unloaded
     releasing: bool = False  # unloaded a moment ago: its process may still be exiting
+    loading_s: float = 0.0  # how long it has had a target but no running replica
+    load_timeout_s: float = 120.0
 
     @property
     def holds(self) -> int:
@@ -91,7 +95,9 @@ def plan(models: list[ModelUsage], budget: int) -> Plan:
     """The governor's decision: replica targets for the models that must change."""
     out = Plan()
     for m in models:
-        if m.loaded and not m.busy and m.keep_alive_s is not None:
+        if m.loaded and m.replicas == 0 and not m.busy and m.loading_s > m.load_timeout_s:
+            out.set(m.name, 0, f"gave up a load unfinished after {m.loading_s:.0f}s with no request waiting")
+        elif m.loaded and not m.busy and m.keep_alive_s is not None:
             if m.unload_requested:
                 out.set(m.name, 0, "unload requested")
             elif m.idle_s >= m.keep_alive_s:
@@ -132,10 +138,10 @@ def _lru_victims(models: list[ModelUsage], out: Plan, short: int) -> list[ModelU
 
 
 def governor_kwargs(*, model: str, budget_bytes: int, footprint_bytes: int, full: int,
-                    keep_alive_s: float | None) -> dict[str, Any]:
+                    keep_alive_s: float | None, load_timeout_s: float = 120.0) -> dict[str, Any]:
     """What the builder puts in a model deployment's autoscaling_config.policy.policy_kwargs."""
     return {"model": model, "budget_bytes": budget_bytes, "footprint_bytes": footprint_bytes,
-            "full": full, "keep_alive_s": keep_alive_s}
+            "full": full, "keep_alive_s": keep_alive_s, "load_timeout_s": load_timeout_s}
 
 
 def _usage(ctx, now: float) -> tuple[ModelUsage | None, dict]:
@@ -166,12 +172,15 @@ def _usage(ctx, now: float) -> tuple[ModelUsage | None, dict]:
         state["released_at"] = now
     state["target"] = ctx.target_num_replicas
     releasing = now - state.get("released_at", float("-inf")) < RELEASE_S
+    starting = ctx.target_num_replicas > 0 and ctx.current_num_replicas == 0
+    state["loading_since"] = (state.get("loading_since") or now) if starting else None
     usage = ModelUsage(
         name=kwargs["model"], footprint=int(state.get("footprint") or kwargs["footprint_bytes"]),
         full=int(kwargs.get("full", 1)), replicas=ctx.current_num_replicas, target=ctx.target_num_replicas,
         demand=demand, idle_s=max(0.0, idle), keep_alive_s=kwargs.get("keep_alive_s"),
         unload_requested=bool(largest("unload_requested")), waiting_since=state["waiting_since"],
-        releasing=releasing,
+        releasing=releasing, loading_s=now - state["loading_since"] if starting else 0.0,
+        load_timeout_s=float(kwargs.get("load_timeout_s", 120.0)),
     )
     return usage, {**state, "budget_bytes": kwargs["budget_bytes"]}
 

@@ -46,6 +46,7 @@ class ModelRecord:
     unloads: int = 0
     cold_starts: list = field(default_factory=list)  # seconds from replica start to ready, per load
     seen_replicas: set = field(default_factory=set)
+    load_error: str | None = None  # Ray's message while the deployment fails to start its replicas
 
     @property
     def footprint_bytes(self) -> int:
@@ -62,6 +63,7 @@ class ModelRecord:
                                                                     "measured": False},
             "last_used": self.last_used, "loads": self.loads, "unloads": self.unloads,
             "pid": (self.replica or {}).get("pid") if self.state == LOADED else None,
+            **({"load_error": self.load_error} if self.load_error else {}),
         }
 
 
@@ -114,6 +116,7 @@ class ModelDirectory:
         for rec in self.models.values():
             dep = deployments.get(rec.facts["deployment"])
             await self._update(rec, model_state(dep.replica_states) if dep is not None else UNLOADED)
+            rec.load_error = _load_error(dep) if rec.state != LOADED else None
         self.polled_at = time.monotonic()
 
     async def _update(self, rec: ModelRecord, state: str) -> None:
@@ -133,6 +136,19 @@ class ModelDirectory:
             rec.unloads += 1
         if before != rec.state:
             log.info("model %s: %s -> %s", rec.name, before, rec.state)
+
+
+FAILED = ("UNHEALTHY", "DEPLOY_FAILED")
+
+
+def _load_error(dep) -> str | None:
+    """Ray's message when the deployment's replicas fail to start (a load that fails)."""
+    status = str(getattr(getattr(dep, "status", None), "value", getattr(dep, "status", "")))
+    if status not in FAILED:
+        return None
+    message = str(getattr(dep, "message", "") or status)
+    last = [line.strip() for line in message.splitlines() if line.strip()]
+    return last[-1][:500] if last else status
 
 
 def _serve_status():

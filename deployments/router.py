@@ -57,10 +57,15 @@ class RouterCore:
         return [r.name for r in self.directory.models.values() if r.facts.get("load") == "eager" and not r.loads]
 
     def load_timeout(self, name: str) -> float | None:
-        """The first-chunk limit of a request that finds its model unloaded; None when it is loaded."""
+        """The first-chunk limit of a request that finds its model unloaded; None when it is loaded.
+        A model whose load is failing answers 503 at once, with Ray's reason."""
         if self.is_loaded(name):
             return None
-        return float(self.directory.record(name).facts["load_timeout_s"])
+        rec = self.directory.record(name)
+        if rec.load_error:
+            raise ApiError(503, f"model {name!r} failed to load: {rec.load_error}", type="server_error",
+                           code="model_load_failed", headers={"Retry-After": str(self.config.retry_after_s)})
+        return float(rec.facts["load_timeout_s"])
 
     def touch(self, name: str) -> None:
         if self.directory is not None:

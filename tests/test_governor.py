@@ -69,6 +69,14 @@ def test_keep_alive_unloads_idle_models_only():
     assert plan(models, 10_000 * MiB).targets == {"old": 0}
 
 
+def test_a_load_that_never_finishes_is_given_up_once_nobody_waits():
+    stuck = ModelUsage("s", 800 * MiB, 1, target=1, loading_s=200, load_timeout_s=120)
+    assert plan([stuck], 2000 * MiB).targets == {"s": 0}
+    waited = ModelUsage("s", 800 * MiB, 1, target=1, loading_s=200, load_timeout_s=120, demand=1)
+    assert plan([waited], 2000 * MiB).targets == {}  # someone still waits: keep trying
+    assert plan([ModelUsage("s", 800 * MiB, 1, target=1, loading_s=30)], 2000 * MiB).targets == {}
+
+
 def test_an_operator_unload_waits_until_the_model_is_idle():
     assert plan([loaded("a", idle=0, unload_requested=True)], 10_000 * MiB).targets == {"a": 0}
     assert plan([loaded("a", demand=1, unload_requested=True)], 10_000 * MiB).targets == {}

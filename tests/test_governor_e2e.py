@@ -221,3 +221,17 @@ def test_7_metrics_show_the_budget_and_the_models():
         assert metric(text, "orchard_model_loads_total", model=name) == card["loads"]
         assert metric(text, "orchard_model_state", model=name, state=card["state"]) == 1.0
     assert metric(text, "orchard_model_cold_start_seconds_count", model="tiny-a") == 2
+
+
+def test_8_a_load_that_fails_is_a_503_with_the_reason_and_nothing_else_is_disturbed(client):
+    start = time.monotonic()
+    with pytest.raises(openai.InternalServerError) as info:
+        ask(client, "broken")  # a truncated GGUF file
+    assert info.value.status_code == 503 and info.value.body["message"]
+    assert time.monotonic() - start < 60
+    card = wait_until(lambda: models()["broken"] if models()["broken"].get("load_error") else None, 60,
+                      "Ray to report the failed load")
+    with pytest.raises(openai.InternalServerError) as info:
+        ask(client, "broken")  # now answered at once, with the reason
+    assert info.value.body["code"] == "model_load_failed" and "broken" in info.value.body["message"]
+    assert card["state"] != "loaded" and "Paris" in ask(client, "tiny-a")
