@@ -188,6 +188,19 @@ class RouterCore:
             m.duration.labels(name).observe(call.last_token_at - call.started_at)
         m.observe_usage(name, call.usage)
 
+    async def health(self) -> JSONResponse:
+        """GET /health: the loaded models' health checks; unloaded ones report their state, eager
+        ones still on their first load make it 503 (starting)."""
+        names = await self.loaded_names()
+        results = await asyncio.gather(*(self.models[n].health(timeout_s=5.0) for n in names), return_exceptions=True)
+        status = {n: self.model_card(n)["state"] for n in self.models}
+        status.update({n: ("ok" if r is None else f"unhealthy: {r}") for n, r in zip(names, results)})
+        starting = self.starting()
+        status.update({n: "starting" for n in starting})
+        healthy = all(r is None for r in results) and not starting
+        return JSONResponse({"status": "ok" if healthy else "unhealthy", "models": status},
+                            status_code=200 if healthy else 503)
+
     async def gather_stats(self) -> dict[str, dict | None]:
         """Stats of the loaded models (calling an unloaded one would load it)."""
         names = await self.loaded_names()
@@ -266,6 +279,26 @@ def create_app(core: RouterCore) -> FastAPI:
     async def completions(request: Request):
         return await core.complete(request, "text")
 
+    _install_model_routes(app, core, auth)
+
+    @app.get("/health")
+    async def health():
+        return await core.health()
+
+    @app.get("/metrics", dependencies=[auth])
+    async def metrics():
+        for name, stats in (await core.gather_stats()).items():
+            core.metrics.set_engine_stats(name, stats)
+        if core.directory is not None:
+            core.metrics.set_governor(core.directory)
+        return Response(core.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return app
+
+
+def _install_model_routes(app: FastAPI, core: RouterCore, auth) -> None:
+    """/v1/models and one model's card, load, unload and cache stats."""
+
     @app.get("/v1/models", dependencies=[auth])
     async def list_models():
         return {"object": "list", "data": [core.model_card(n) for n in core.models],
@@ -294,28 +327,6 @@ def create_app(core: RouterCore) -> FastAPI:
     async def retrieve_model(name: str):
         core.client(name)
         return core.model_card(name)
-
-    @app.get("/health")
-    async def health():
-        names = await core.loaded_names()
-        results = await asyncio.gather(*(core.models[n].health(timeout_s=5.0) for n in names), return_exceptions=True)
-        status = {n: core.model_card(n)["state"] for n in core.models}
-        status.update({n: ("ok" if r is None else f"unhealthy: {r}") for n, r in zip(names, results)})
-        starting = core.starting()
-        status.update({n: "starting" for n in starting})
-        healthy = all(r is None for r in results) and not starting
-        return JSONResponse({"status": "ok" if healthy else "unhealthy", "models": status},
-                            status_code=200 if healthy else 503)
-
-    @app.get("/metrics", dependencies=[auth])
-    async def metrics():
-        for name, stats in (await core.gather_stats()).items():
-            core.metrics.set_engine_stats(name, stats)
-        if core.directory is not None:
-            core.metrics.set_governor(core.directory)
-        return Response(core.metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-    return app
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=512)
