@@ -226,6 +226,7 @@ class AsyncEngine:
             if stream is not None:
                 error = exc if isinstance(exc, OrchardError) else InvalidRequestError(
                     f"this request could not be started: {type(exc).__name__}: {exc}")
+                log.warning("request %s ended alone: %s", request_id, error)
                 try:
                     stream._loop.call_soon_threadsafe(stream._queue.put_nowait, error)
                 except RuntimeError:  # its event loop has closed

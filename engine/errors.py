@@ -56,3 +56,10 @@ class OverloadedError(OrchardError):
 class EngineDeadError(OrchardError):
     status_code = 503
     error_type = "server_error"
+
+
+class RequestFailedError(OrchardError):
+    """One request failed inside the engine (its own work, e.g. detokenizing); the others go on."""
+
+    status_code = 500
+    error_type = "server_error"

@@ -23,6 +23,7 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 
 from .config import EngineConfig
+from .errors import RequestFailedError
 from .request import FinishReason, RequestOutput, Usage
 from .sampling import SamplingParams, make_processors, make_sampler
 from .text_stream import TextStream
@@ -112,6 +113,13 @@ class Scheduler:
         )
         self._by_uid[seq.uid] = seq
 
+    def _fail_one(self, seq: Sequence, exc: Exception) -> None:
+        """End one running request with an error; the batch and the prefix cache are untouched."""
+        if seq.finish_reason is None and seq.request_id in self.sequences:
+            self.gen.remove([seq.uid])
+        self._by_uid.pop(seq.uid, None)
+        self._reject(seq, RequestFailedError(f"this request failed in the engine: {type(exc).__name__}: {exc}"))
+
     def _reject(self, seq: Sequence, exc: Exception) -> None:
         if seq.kv is not None:
             self.cache.release(seq.kv)
@@ -121,7 +129,7 @@ class Scheduler:
         self.rejected.append((seq.request_id, exc))
 
     def take_rejected(self) -> list[tuple[str, Exception]]:
-        """Requests that failed to start since the last call, with why."""
+        """Requests that failed (to start, or alone while running) since the last call, with why."""
         out, self.rejected = self.rejected, []
         return out
 
@@ -150,7 +158,12 @@ class Scheduler:
             seq = self._by_uid.get(r.uid)
             if seq is None:
                 continue
-            out = self._on_token(seq, r.token, r.finish_reason)
+            try:
+                out = self._on_token(seq, r.token, r.finish_reason)
+            except Exception as exc:  # noqa: BLE001 - this request's own work failed: end it alone
+                log.exception("request %s failed while handling its token", seq.request_id)
+                self._fail_one(seq, exc)
+                continue
             if out is not None:
                 outputs.append(out)
             if seq.finish_reason is None and seq.text.stopped:

@@ -221,3 +221,43 @@ def test_out_of_range_seed_and_stop_ids_are_bad_requests():
         with pytest.raises(InvalidRequestError):
             SamplingParams.parse(bad)
     assert SamplingParams.parse({"seed": -5}).seed == -5
+
+
+async def test_a_request_that_fails_mid_stream_ends_alone_and_the_cache_stays(monkeypatch):
+    """A failure in one request's own per-token work (here: its detokenizing) ends that request;
+    its neighbours in the batch finish with all their tokens and the prefix cache is not cleared."""
+    from engine.text_stream import TextStream
+
+    real_add = TextStream.add
+
+    def add(self, token):
+        self.seen = getattr(self, "seen", 0) + 1
+        if "BOOM" in self._stop and self.seen > 3:  # the fourth token of the marked request
+            raise RuntimeError("detokenizer exploded")
+        return real_add(self, token)
+
+    engine = AsyncEngine.from_source(SMOLLM, EngineConfig(cache_memory_mb=64))  # the paged cache on
+    try:
+        await _fail_one_request_beside_a_neighbour(engine, monkeypatch, add)
+    finally:
+        engine.shutdown()
+
+
+async def _fail_one_request_beside_a_neighbour(engine, monkeypatch, add):
+    from engine.errors import RequestFailedError
+    from engine.text_stream import TextStream
+
+    warm = chat("Write a long essay about the sea.")
+    await run(engine, warm, temperature=0, max_tokens=4)  # now cached
+    monkeypatch.setattr(TextStream, "add", add)
+    neighbour = engine.submit(chat("Write a long essay about the moon."), SamplingParams(temperature=0, max_tokens=16))
+    bad = engine.submit(chat("Write a long essay about the sun."),
+                        SamplingParams(temperature=0, max_tokens=16, stop=["BOOM"]))
+    with pytest.raises(RequestFailedError, match="detokenizer exploded"):
+        async for _ in bad:
+            pass
+    outs = [o async for o in neighbour]
+    assert outs[-1].finish_reason == "length" and sum(len(o.token_ids) for o in outs) == 16
+    engine.check_health()
+    _, _, outs = await run(engine, warm, temperature=0, max_tokens=4)
+    assert outs[-1].usage.cached_tokens > 0  # the prefix cache survived
