@@ -120,9 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=12)
     ap.add_argument("--leave-every", type=int, default=5, help="one request in N leaves mid-stream")
     ap.add_argument("--sample-s", type=float, default=2.0)
+    ap.add_argument("--kv-mb", type=int, help="override every model's engine.cache_memory_mb (a small pool fills "
+                    "in the first minute, so what grows after it is not the KV cache)")
     ap.add_argument("--out", default="docs/results")
     args = ap.parse_args(argv)
     cfg = yaml.safe_load(Path(args.config).read_text())
+    if args.kv_mb:
+        for app in cfg["applications"]:
+            for model in app["args"]["models"]:
+                model.setdefault("engine", {})["cache_memory_mb"] = args.kv_mb
     proc = start(cfg)
     models = [m["id"] for m in httpx.get(f"{BASE}/v1/models", timeout=30).json()["data"]]
     rss = RssSampler(proc.pid, args.sample_s)
@@ -142,8 +148,10 @@ def main(argv: list[str] | None = None) -> int:
            **report(rss.samples, outcomes, warmup_s=60), "rss_mib": rss.samples}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "soak_cpu.json").write_text(json.dumps(doc, indent=1))
-    plot(rss.samples, out / "soak_rss.png", f"serve run under load: {args.clients} clients, {args.minutes:g} min")
+    name = f"soak_kv{args.kv_mb}" if args.kv_mb else "soak"
+    (out / f"{name}_cpu.json").write_text(json.dumps(doc, indent=1))
+    plot(rss.samples, out / f"{name}_rss.png", f"serve run under load: {args.clients} clients, {args.minutes:g} min"
+         + (f", KV pools {args.kv_mb} MiB" if args.kv_mb else ""))
     print(json.dumps({k: v for k, v in doc.items() if k != "rss_mib"}, indent=1))
     rows = [[k, v] for k, v in sorted(outcomes.items())]
     print(md_table(["outcome", "requests"], rows))
