@@ -213,6 +213,19 @@ def test_6_operators_load_and_unload(client):
     assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
 
 
+def test_6b_a_request_that_arrives_while_its_model_unloads_is_answered(client):
+    before = models()["tiny-b"]["loads"]
+    r = httpx.post(f"{BASE}/v1/models/tiny-b/load", timeout=240)
+    assert r.status_code == 200 and r.json()["state"] == "loaded", r.text
+    assert httpx.post(f"{BASE}/v1/models/tiny-b/unload", timeout=30).status_code == 200
+    assert "Paris" in ask(client, "tiny-b")  # right behind the unload: answered, by this replica or a new one
+    wait_until(lambda: states()["tiny-b"] == "unloaded", 30, "tiny-b to unload once idle")
+    assert "Paris" in ask(client, "tiny-b")  # and loaded again on demand
+    card = wait_until(lambda: models()["tiny-b"] if models()["tiny-b"]["state"] == "loaded" else None, 10,
+                      "tiny-b to show as loaded")
+    assert card["loads"] >= before + 2  # the operator's load, then the load on demand
+
+
 def test_7_metrics_show_the_budget_and_the_models():
     text = httpx.get(f"{BASE}/metrics", timeout=30).text
     assert metric(text, "orchard_memory_budget_bytes") == BUDGET_MB * 2**20
