@@ -75,7 +75,7 @@ class RouterCore:
         extra = self.directory.record(name).card() if self.directory is not None else {"state": LOADED}
         return model_card(name, self.created, **extra)
 
-    async def loaded_names(self) -> list[str]:
+    def loaded_names(self) -> list[str]:
         return [n for n in self.models if self.is_loaded(n)]
 
     def client(self, name: str) -> ModelClient:
@@ -191,7 +191,7 @@ class RouterCore:
     async def health(self) -> JSONResponse:
         """GET /health: the loaded models' health checks; unloaded ones report their state, eager
         ones still on their first load make it 503 (starting)."""
-        names = await self.loaded_names()
+        names = self.loaded_names()
         results = await asyncio.gather(*(self.models[n].health(timeout_s=5.0) for n in names), return_exceptions=True)
         status = {n: self.model_card(n)["state"] for n in self.models}
         status.update({n: ("ok" if r is None else f"unhealthy: {r}") for n, r in zip(names, results)})
@@ -203,7 +203,7 @@ class RouterCore:
 
     async def gather_stats(self) -> dict[str, dict | None]:
         """Stats of the loaded models (calling an unloaded one would load it)."""
-        names = await self.loaded_names()
+        names = self.loaded_names()
         results = await asyncio.gather(*(self.models[n].stats(timeout_s=5.0) for n in names), return_exceptions=True)
         return {n: (None if isinstance(r, BaseException) else r) for n, r in zip(names, results)}
 

@@ -227,10 +227,7 @@ class AsyncEngine:
                 error = exc if isinstance(exc, OrchardError) else InvalidRequestError(
                     f"this request could not be started: {type(exc).__name__}: {exc}")
                 log.warning("request %s ended alone: %s", request_id, error)
-                try:
-                    stream._loop.call_soon_threadsafe(stream._queue.put_nowait, error)
-                except RuntimeError:  # its event loop has closed
-                    pass
+                _post(stream._loop, stream._queue.put_nowait, error)
 
     def _publish_stats(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -282,9 +279,7 @@ class AsyncEngine:
                 if stream is not None:
                     by_loop.setdefault(stream._loop, []).append((stream, out))
         for loop, items in by_loop.items():
-            try:
-                loop.call_soon_threadsafe(_put_all, items)
-            except RuntimeError:  # that caller's event loop has closed: nobody reads these streams
+            if not _post(loop, _put_all, items):  # nobody reads these streams any more
                 log.warning("dropping %d stream(s) whose event loop has closed", len(items))
                 for stream, out in items:
                     if not out.finished:
@@ -294,10 +289,16 @@ class AsyncEngine:
         with self._lock:
             streams, self._streams = list(self._streams.values()), {}
         for stream in streams:
-            try:
-                stream._loop.call_soon_threadsafe(stream._queue.put_nowait, exc)
-            except RuntimeError:  # its event loop has closed
-                pass
+            _post(stream._loop, stream._queue.put_nowait, exc)
+
+
+def _post(loop, fn, *args) -> bool:
+    """Run fn(*args) on a caller's event loop; False when that loop has closed."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+        return True
+    except RuntimeError:
+        return False
 
 
 def _put_all(items) -> None:  # runs on the streams' event loop

@@ -8,8 +8,8 @@ A model's footprint is three numbers, all in bytes:
 - working: the activations of a prefill at the engine's largest batch (prefill_batch_size
   prompts of prefill_step_size tokens).
 
-Before a model was ever loaded the governor works with `estimate_footprint` (file sizes, the
-export's parameter count); after load the engine measures weights and working memory
+Before a model was ever loaded the builder estimates it (`estimate_weights_bytes` from file
+headers, `estimate_working_bytes`); after load the engine measures weights and working memory
 (`measure_working_bytes`) and the governor uses that from then on.
 """
 

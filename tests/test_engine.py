@@ -205,15 +205,22 @@ async def test_a_request_that_cannot_start_fails_alone(engine, monkeypatch):
         return real(params)
 
     monkeypatch.setattr(scheduler_module, "make_sampler", picky)
-    neighbour = engine.submit(chat("Write a long essay about the sea."), SamplingParams(temperature=0, max_tokens=8))
-    bad = engine.submit(chat("What is 2+2?"), SamplingParams(temperature=0, max_tokens=4, seed=666))
-    with pytest.raises(InvalidRequestError, match="no such seed"):
-        async for _ in bad:
+    await fails_alone(engine, SamplingParams(temperature=0, max_tokens=4, seed=666), InvalidRequestError,
+                      "no such seed", neighbour_tokens=8)
+    assert engine.stats()["rejected"] >= 1
+
+
+async def fails_alone(engine, bad: SamplingParams, error: type, match: str, neighbour_tokens: int) -> None:
+    """A request with `bad` ends with `error` while a neighbour submitted beside it finishes in full."""
+    neighbour = engine.submit(chat("Write a long essay about the moon."),
+                              SamplingParams(temperature=0, max_tokens=neighbour_tokens))
+    failing = engine.submit(chat("Write a long essay about the sun."), bad)
+    with pytest.raises(error, match=match):
+        async for _ in failing:
             pass
     outs = [o async for o in neighbour]
-    assert outs[-1].finish_reason == "length" and sum(len(o.token_ids) for o in outs) == 8
+    assert outs[-1].finish_reason == "length" and sum(len(o.token_ids) for o in outs) == neighbour_tokens
     engine.check_health()
-    assert engine.stats()["rejected"] >= 1
 
 
 def test_out_of_range_seed_and_stop_ids_are_bad_requests():
@@ -250,14 +257,9 @@ async def _fail_one_request_beside_a_neighbour(engine, monkeypatch, add):
     warm = chat("Write a long essay about the sea.")
     await run(engine, warm, temperature=0, max_tokens=4)  # now cached
     monkeypatch.setattr(TextStream, "add", add)
-    neighbour = engine.submit(chat("Write a long essay about the moon."), SamplingParams(temperature=0, max_tokens=16))
-    bad = engine.submit(chat("Write a long essay about the sun."),
-                        SamplingParams(temperature=0, max_tokens=16, stop=["BOOM"]))
-    with pytest.raises(RequestFailedError, match="detokenizer exploded"):
-        async for _ in bad:
-            pass
-    outs = [o async for o in neighbour]
-    assert outs[-1].finish_reason == "length" and sum(len(o.token_ids) for o in outs) == 16
-    engine.check_health()
+    await fails_alone(engine, SamplingParams(temperature=0, max_tokens=16, stop=["BOOM"]), RequestFailedError,
+                      "detokenizer exploded", neighbour_tokens=16)
+    cache = engine.stats()["cache"]
+    assert cache["live_sequences"] == 0 and cache["blocks_used"] == 0  # the failed request's blocks are back
     _, _, outs = await run(engine, warm, temperature=0, max_tokens=4)
     assert outs[-1].usage.cached_tokens > 0  # the prefix cache survived
