@@ -19,6 +19,8 @@ import openai
 import psutil
 import pytest
 
+from benchmarks.hostile_bodies import UNSUPPORTED, hostile_bodies
+
 from .serve_helpers import BASE, ROOT, failed_deploy_output, ray, ray_processes, start_serve, stop, wait_healthy
 
 pytestmark = pytest.mark.slow
@@ -239,29 +241,7 @@ def test_two_hundred_clients_with_random_disconnects_get_answers_or_clean_refusa
 
 
 def _hostile_bodies() -> dict[str, bytes]:
-    m, msg = MODELS[0], [{"role": "user", "content": "hi"}]
-
-    def body(**fields) -> bytes:
-        return json.dumps({"model": m, "messages": msg, **fields}).encode()
-
-    raw = b'{"model": "%s", "messages": [{"role": "user", "content": "hi"}], ' % m.encode()
-    return {
-        "model is a number": json.dumps({"model": 5, "messages": msg}).encode(),
-        "messages is a string": body(messages="hi"), "max_tokens is a string": body(max_tokens="ten"),
-        "huge max_tokens": body(max_tokens=10**30), "huge temperature": body(temperature=1e308),
-        "huge seed": body(seed=10**40), "huge stop token id": body(stop_token_ids=[10**12]),
-        "NaN": raw + b'"temperature": NaN}', "Infinity": raw + b'"top_p": Infinity}',
-        "invalid UTF-8": b'{"model": "%s", "messages": [{"role": "user", "content": "\xff hi"}]}' % m.encode(),
-        "1000 stop strings": body(stop=[f"s{i}" for i in range(1000)]),
-        "deeply nested": raw[:-2] + b', "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
-        "over the size limit": body(messages=[{"role": "user", "content": "x" * 2_000_000}]),
-        "unknown field": body(frobnicate=1), "n > 1": body(n=2), "logprobs": body(logprobs=True),
-        "tools": body(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-        "response_format": body(response_format={"type": "json_object"}), "logit_bias": body(logit_bias={"1": 5}),
-        "an image part": body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
-        "a made-up role": body(messages=[{"role": "wizard", "content": "hi"}]),
-        "empty body": b"", "a list": b"[1, 2]", "null": b"null",
-    }
+    return hostile_bodies(MODELS[0])
 
 
 @pytest.mark.parametrize("name,raw", list(_hostile_bodies().items()), ids=list(_hostile_bodies()))
@@ -271,7 +251,7 @@ def test_hostile_bodies_are_4xx_in_the_openai_error_shape(server, name, raw):
     assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
-    if name in ("logprobs", "tools", "response_format", "logit_bias"):
+    if name in UNSUPPORTED:
         assert error["code"] == "unsupported_parameter" and error["param"] in name
 
 
