@@ -37,30 +37,48 @@ STATS_INTERVAL_S = 0.25  # the loop publishes a stats snapshot this often (other
 
 
 class RequestStream:
-    """Async iterator over one request's outputs; closing it early aborts the request."""
+    """Async iterator over one request's outputs; closing it early aborts the request.
+
+    Outputs the reader has not taken yet are merged into one (vLLM's output collector does the
+    same): a reader slower than the engine gets bigger deltas, never a growing queue."""
 
     def __init__(self, engine: "AsyncEngine", request_id: str, prompt_tokens: int):
         self.request_id = request_id
         self.prompt_tokens = prompt_tokens
         self._engine = engine
-        self._queue: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._pending: RequestOutput | None = None
+        self._error: BaseException | None = None
+        self._ready = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self.finished = False
 
     def __aiter__(self):
         return self
 
+    def put(self, item: RequestOutput | BaseException) -> None:
+        """Runs on the stream's event loop (the engine posts it there)."""
+        if isinstance(item, BaseException):
+            self._error = item
+        elif self._pending is None:
+            self._pending = item
+        else:
+            self._pending = _merge(self._pending, item)
+        self._ready.set()
+
     async def __anext__(self) -> RequestOutput:
         if self.finished:
             raise StopAsyncIteration
         try:
-            item = await self._queue.get()
+            await self._ready.wait()
         except asyncio.CancelledError:
             self._engine.abort(self.request_id)
             raise
-        if isinstance(item, BaseException):
+        item, self._pending = self._pending, None
+        if item is None:  # only an error is left: what was produced before it came first
             self.finished = True
-            raise item
+            raise self._error
+        if self._error is None:
+            self._ready.clear()
         if item.finished:
             self.finished = True
         return item
@@ -69,6 +87,12 @@ class RequestStream:
         if not self.finished:
             self.finished = True
             self._engine.abort(self.request_id)
+
+
+def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
+    """Two deltas of one request as one (b came after a)."""
+    return RequestOutput(a.request_id, a.text + b.text, a.token_ids + b.token_ids, finish_reason=b.finish_reason,
+                         usage=b.usage, first_token_time=a.first_token_time or b.first_token_time, created=a.created)
 
 
 class AsyncEngine:
@@ -227,7 +251,7 @@ class AsyncEngine:
                 error = exc if isinstance(exc, OrchardError) else InvalidRequestError(
                     f"this request could not be started: {type(exc).__name__}: {exc}")
                 log.warning("request %s ended alone: %s", request_id, error)
-                _post(stream._loop, stream._queue.put_nowait, error)
+                _post(stream._loop, stream.put, error)
 
     def _publish_stats(self, force: bool = False) -> None:
         now = time.monotonic()
@@ -289,7 +313,7 @@ class AsyncEngine:
         with self._lock:
             streams, self._streams = list(self._streams.values()), {}
         for stream in streams:
-            _post(stream._loop, stream._queue.put_nowait, exc)
+            _post(stream._loop, stream.put, exc)
 
 
 def _post(loop, fn, *args) -> bool:
@@ -303,4 +327,4 @@ def _post(loop, fn, *args) -> bool:
 
 def _put_all(items) -> None:  # runs on the streams' event loop
     for stream, out in items:
-        stream._queue.put_nowait(out)
+        stream.put(out)

@@ -4,14 +4,15 @@ A cache manager hands the scheduler a prompt cache for the part of a prompt it a
 (`acquire`) and takes it back when the request ends: `store` after a normal finish (what it
 computed may serve later prompts), `release` after an abort. `can_admit` says whether a request may
 start now or must wait (the KV budget is taken, or a running request is computing the same
-prefix). The scheduler inserts the rest of the prompt on top; mlx_lm's cache protocol does the
-attention.
+prefix). The scheduler hands the cache and the rest of the prompt to its batch loop; mlx_lm's cache
+protocol (`update_and_fetch`, `make_mask`) does the attention.
 
     cache, cached_tokens = manager.acquire(prompt_ids, max_tokens)
-    ...   # BatchGenerator.insert([prompt_ids[cached_tokens:]], caches=[cache], ...)
+    ...   # loop.insert(cache, prompt_ids, cached_tokens, ...) (engine.batch_loop)
     manager.store(prompt_ids + output_ids[:-1], cache)   # or manager.release(cache)
 
-`NoCache` computes every prompt from scratch with mlx_lm's own contiguous caches. `PagedCacheManager`
+`NoCache` computes every prompt from scratch with mlx_lm's own contiguous caches (and mlx_lm's
+BatchGenerator as the loop). `PagedCacheManager`
 keeps all K/V in a block pool (engine.block_pool): running requests that share a prefix share its
 blocks, finished prompts stay cached within a byte budget (or an entry count), and a new prompt
 reuses the longest cached prefix (engine.prefix_cache). engine.paged_cache has the cache classes

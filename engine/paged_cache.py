@@ -1,12 +1,12 @@
 """mlx_lm cache-protocol classes over the block pool.
 
-mlx_lm's models talk to one cache object per layer (`update_and_fetch`, `make_mask`, `offset`) and
-its BatchGenerator moves caches between batches (`merge`, `extend`, `filter`, `extract`, a
-deepcopy in `split`, `prepare`/`finalize` around right-padded prompt chunks, `state` evaluated
-after every prefill chunk). Here every sequence is a `SeqBlocks`: a block table into the shared
-`BlockPool` plus how many tokens each layer has written. Cache objects only point at SeqBlocks, so
-merging, splitting, copying and extracting never copy K/V, and two sequences that share a prefix
-point at the same physical blocks while they run.
+mlx_lm's models talk to one cache object per layer (`update_and_fetch`, `make_mask`, `offset`).
+Our batch loop (engine.batch_loop) makes one `BatchPagedKVCache` per layer for a batch of rows
+(`set_chunk` before a right-padded prompt chunk, `state` to commit the writes); that is the
+whole protocol between them. Every sequence is a `SeqBlocks`: a block table into the shared
+`BlockPool` plus how many tokens each layer has written. Cache objects only point at SeqBlocks,
+so a new batch view never copies K/V, and two sequences that share a prefix point at the same
+physical blocks while they run.
 
 Layout inside a batch: every row starts at position 0 (no left padding). `offset` is an array of
 each row's current length (RoPE positions), the gathered keys are `[B, H, nb * block_size, D]`
@@ -32,14 +32,13 @@ the part of the budget the pool does not use or need; otherwise every step gathe
 prefix stays one copy in memory at the price of the gather. Prefill chunks always gather (the
 copy is small next to the chunk's compute).
 
-Block lifetime is not tied to these objects (mlx_lm drops them freely: `list.clear()`, filtered
-deques): the cache manager (`engine.kv_cache.PagedCacheManager`) owns each SeqBlocks from
+Block lifetime is not tied to these objects (the loop makes new ones whenever its batch changes):
+the cache manager (`engine.kv_cache.PagedCacheManager`) owns each SeqBlocks from
 `acquire` to `store`/`release`.
 """
 
 from __future__ import annotations
 
-import copy
 import itertools
 from dataclasses import dataclass, field
 
@@ -287,46 +286,10 @@ class BatchPagedKVCache(_BaseCache):
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None, **kwargs):
         return self.ctx.mask(self._starts(), N, window_size)
 
-    # --- what BatchGenerator does with it --------------------------------------------------
-
-    def prepare(self, *, left_padding=None, lengths=None, right_padding=None):
-        if left_padding is not None and any(left_padding):
-            raise ValueError("paged caches take no left padding")
-        if right_padding is not None and max(right_padding) > 0:
-            self._real_left = list(lengths)
-
-    def finalize(self):
-        self._real_left = None
-
-    def filter(self, batch_indices):
-        if isinstance(batch_indices, mx.array):
-            batch_indices = batch_indices.tolist()
-        self.rows = [self.rows[i] for i in batch_indices]
-        self._real_left = None
-        self._drop_copy()
-
-    def extend(self, other: "BatchPagedKVCache"):
-        self.rows.extend(other.rows)
-        self._real_left = None
-        self._drop_copy()
-        other._drop_copy()
-
-    def extract(self, idx: int) -> "PagedKVCache":
-        return PagedKVCache(self.ctx, self.layer, self.rows[idx])
-
-    @classmethod
-    def merge(cls, caches) -> "BatchPagedKVCache":
-        first = caches[0]
-        rows = [r for c in caches for r in c.rows]
-        return BatchPagedKVCache(first.ctx, first.layer, rows)
-
-    def __deepcopy__(self, memo):
-        """A new view of the same sequences (the pool and the SeqBlocks are shared, not copied)."""
-        new = copy.copy(self)
-        new.rows = list(self.rows)
-        new._real_left = None if self._real_left is None else list(self._real_left)
-        new._copy = None
-        return new
+    def set_chunk(self, real: list[int]) -> None:
+        """The next forward call is a right-padded prompt chunk with `real[i]` real tokens in row i
+        (the padding is written to the trash block)."""
+        self._real_left = list(real)
 
     def __del__(self):
         self.ctx.copy_bytes.pop(id(self), None)
@@ -352,15 +315,6 @@ class BatchPagedKVCache(_BaseCache):
 
     def empty(self) -> bool:
         return not self.rows or self.size() == 0
-
-    def is_trimmable(self) -> bool:
-        return True
-
-    def trim(self, n: int) -> int:
-        n = min(n, min(self._starts(), default=0))
-        for r in self.rows:
-            r.written[self.layer] -= n
-        return n
 
 
 class PagedKVCache(BatchPagedKVCache):

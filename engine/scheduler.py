@@ -1,9 +1,11 @@
 """The continuous-batching loop of one model, synchronous and single-threaded.
 
-It drives mlx_lm's BatchGenerator, which already interleaves one decode step of the running batch
-with one prefill chunk (prefill_step_size tokens) of newly admitted prompts, so a long prompt
-never stalls decoding sequences. On top of it this module keeps per-request state: sampling,
-stop strings, streaming with a stream interval, usage, abort, and the KV cache seam
+With the paged cache it drives our own batch loop (engine.batch_loop); without it (or for a model
+whose caches the paged cache cannot hold) mlx_lm's BatchGenerator, behind the same small
+interface (`MlxLmBatch`). Both interleave one decode step of the running batch with one prefill
+chunk (prefill_step_size tokens) of newly admitted prompts, so a long prompt never stalls decoding
+sequences. On top of them this module keeps per-request state: stop strings, streaming with a
+stream interval, usage, abort, and the KV cache seam
 (`engine.kv_cache`): a request first waits here until the cache manager admits it (the paged
 cache holds it back while its KV budget is taken, or while a running request is still computing
 the same prompt prefix, which it then reuses), is inserted with the cache of its cached prefix,
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 
+from .batch_loop import BatchLoop, Token
 from .config import EngineConfig
 from .errors import RequestFailedError
 from .request import FinishReason, RequestOutput, Usage
@@ -41,7 +44,7 @@ class Sequence:
     max_tokens: int
     text: TextStream
     arrival: float = field(default_factory=time.monotonic)
-    uid: int | None = None  # BatchGenerator uid; None while waiting for admission
+    uid: int | None = None  # the batch's uid; None while waiting for admission
     kv: list | None = None  # the prompt cache from the cache manager (None without one)
     cached_tokens: int = 0
     output_ids: list[int] = field(default_factory=list)
@@ -67,15 +70,16 @@ class Scheduler:
         self.counters = {"requests": 0, "finished": 0, "aborted": 0, "rejected": 0, "prompt_tokens": 0,
                          "generated_tokens": 0}
         self.rejected: list[tuple[str, Exception]] = []
-        self.gen = self._make_generator()
+        self.gen = self._make_batch()
 
-    def _make_generator(self) -> BatchGenerator:
-        return BatchGenerator(
-            self.model,
-            completion_batch_size=self.config.max_num_seqs,
-            prefill_batch_size=self.config.prefill_batch_size,
-            prefill_step_size=self.config.prefill_step_size,
-        )
+    def _make_batch(self) -> "BatchLoop | MlxLmBatch":
+        cfg = self.config
+        sizes = dict(max_num_seqs=cfg.max_num_seqs, prefill_batch_size=cfg.prefill_batch_size,
+                     prefill_step_size=cfg.prefill_step_size)
+        ctx = getattr(self.cache, "ctx", None)
+        if ctx is not None:
+            return BatchLoop(self.model, ctx, vocab_size=vocab_size(self.model), **sizes)
+        return MlxLmBatch(self.model, **sizes)
 
     # --- admission ---------------------------------------------------------------------
 
@@ -98,25 +102,16 @@ class Scheduler:
                 self._reject(seq, exc)
 
     def _insert(self, seq: Sequence) -> None:
-        sampler, processors = make_sampler(seq.params), make_processors(seq.params)  # per request: may raise
-        stops = [[t] for t in ([] if seq.params.ignore_eos else self.eos_ids) + seq.params.stop_token_ids]
+        stops = ([] if seq.params.ignore_eos else self.eos_ids) + seq.params.stop_token_ids
         seq.kv, cached = self.cache.acquire(seq.prompt_ids, seq.max_tokens)
         seq.cached_tokens = cached
-        (seq.uid,) = self.gen.insert(
-            [seq.prompt_ids[cached:]],
-            max_tokens=[seq.max_tokens],
-            caches=[seq.kv] if seq.kv is not None else None,
-            all_tokens=[seq.prompt_ids[:cached]],  # penalties see the whole prompt
-            samplers=[sampler],
-            logits_processors=[processors],
-            stop_sequences=[StopSequences(stops)],
-        )
+        seq.uid = self.gen.insert(seq.kv, seq.prompt_ids, cached, seq.max_tokens, seq.params, stops)
         self._by_uid[seq.uid] = seq
 
     def _fail_one(self, seq: Sequence, exc: Exception) -> None:
         """End one running request with an error; the batch and the prefix cache are untouched."""
         if seq.finish_reason is None and seq.request_id in self.sequences:
-            self.gen.remove([seq.uid])
+            self.gen.remove(seq.uid)
         self._by_uid.pop(seq.uid, None)
         self._reject(seq, RequestFailedError(f"this request failed in the engine: {type(exc).__name__}: {exc}"))
 
@@ -140,7 +135,7 @@ class Scheduler:
         if seq.uid is None:
             self.waiting.remove(seq)
         else:
-            self.gen.remove([seq.uid])
+            self.gen.remove(seq.uid)
         self.counters["aborted"] += 1
         return self._finish(seq, "abort")
 
@@ -152,14 +147,13 @@ class Scheduler:
     def step(self) -> list[RequestOutput]:
         """One decode step of the running batch plus one prefill chunk; the outputs it produced."""
         self._admit()
-        _, responses = self.gen.next()
         outputs, stopped = [], []
-        for r in responses:
+        for r in self.gen.step():
             seq = self._by_uid.get(r.uid)
             if seq is None:
                 continue
             try:
-                out = self._on_token(seq, r.token, r.finish_reason)
+                out = self._on_token(seq, r.token, r.finish)
             except Exception as exc:  # noqa: BLE001 - this request's own work failed: end it alone
                 log.exception("request %s failed while handling its token", seq.request_id)
                 self._fail_one(seq, exc)
@@ -169,7 +163,7 @@ class Scheduler:
             if seq.finish_reason is None and seq.text.stopped:
                 stopped.append(seq)
         for seq in stopped:  # a stop string ended these: take them out of the batch
-            self.gen.remove([seq.uid])
+            self.gen.remove(seq.uid)
             outputs.append(self._finish(seq, "stop"))
         return outputs
 
@@ -223,7 +217,7 @@ class Scheduler:
         self.waiting.clear()
         self.cache.clear()  # cached K/V may be half-written: start the cache afresh too
         self.gen.close()
-        self.gen = self._make_generator()
+        self.gen = self._make_batch()
         mx.clear_cache()
         return outputs
 
@@ -234,6 +228,50 @@ class Scheduler:
         return {
             "running": running,
             "waiting": len(self.sequences) - running,
-            "kv_cache_bytes": self.gen.prompt_cache_nbytes,
+            "kv_cache_bytes": self.gen.nbytes,
             **self.counters,
         }
+
+
+def vocab_size(model) -> int:
+    args = getattr(model, "args", None)
+    size = getattr(args, "vocab_size", None)
+    if size:
+        return int(size)
+    return int(model(mx.array([[0]]))[0, -1].shape[-1])
+
+
+class MlxLmBatch:
+    """mlx_lm's BatchGenerator behind the interface of `BatchLoop` (for caches it cannot page)."""
+
+    def __init__(self, model, *, max_num_seqs: int, prefill_batch_size: int, prefill_step_size: int):
+        self.gen = BatchGenerator(model, completion_batch_size=max_num_seqs, prefill_batch_size=prefill_batch_size,
+                                  prefill_step_size=prefill_step_size)
+
+    def insert(self, kv, prompt_ids: list[int], cached: int, max_tokens: int, params: SamplingParams,
+               stop_ids: list[int]) -> int:
+        sampler, processors = make_sampler(params), make_processors(params)  # per request: may raise
+        (uid,) = self.gen.insert(
+            [prompt_ids[cached:]],
+            max_tokens=[max_tokens],
+            caches=[kv] if kv is not None else None,
+            all_tokens=[prompt_ids[:cached]],  # penalties see the whole prompt
+            samplers=[sampler],
+            logits_processors=[processors],
+            stop_sequences=[StopSequences([[t] for t in stop_ids])],
+        )
+        return uid
+
+    def remove(self, uid: int) -> None:
+        self.gen.remove([uid])
+
+    def step(self) -> list[Token]:
+        _, responses = self.gen.next()
+        return [Token(r.uid, r.token, r.finish_reason) for r in responses]
+
+    @property
+    def nbytes(self) -> int:
+        return self.gen.prompt_cache_nbytes
+
+    def close(self) -> None:
+        self.gen.close()

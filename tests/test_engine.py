@@ -21,9 +21,10 @@ def chat(q: str) -> PromptInput:
     return PromptInput(messages=[{"role": "user", "content": q}])
 
 
-@pytest.fixture(scope="module")
-def engine():
-    eng = AsyncEngine.from_source(SMOLLM, EngineConfig(paged_cache=False))
+@pytest.fixture(scope="module", params=["batch_loop", "mlx_lm"])
+def engine(request):
+    """Both batch loops: ours (over the paged cache) and mlx_lm's BatchGenerator (cache off)."""
+    eng = AsyncEngine.from_source(SMOLLM, EngineConfig(paged_cache=request.param == "batch_loop", cache_memory_mb=64))
     yield eng
     eng.shutdown()
 
@@ -85,6 +86,19 @@ async def test_abort_mid_stream_frees_everything(engine):
     assert stats["aborted"] >= 1
     _, ids, _ = await run(engine, chat("What is 2+2?"), temperature=0, max_tokens=4)  # still serving
     assert len(ids) > 0
+
+
+async def test_a_slow_reader_gets_merged_deltas_not_a_growing_queue(engine):
+    params = dict(temperature=0, max_tokens=12, ignore_eos=True)
+    text, ids, _ = await run(engine, chat("Write a long essay about the sea."), **params)
+    stream = engine.submit(chat("Write a long essay about the sea."), SamplingParams(**params))
+    for _ in range(200):  # read nothing until the request has finished
+        await asyncio.sleep(0.05)
+        if engine.stats()["running"] == 0 and engine.stats()["waiting"] == 0:
+            break
+    outs = [o async for o in stream]
+    assert len(outs) == 1 and outs[0].finish_reason == "length"
+    assert outs[0].token_ids == ids and outs[0].text == text
 
 
 async def test_bad_input_is_rejected_and_engine_keeps_serving(engine):
@@ -195,16 +209,18 @@ def test_a_hung_step_fails_the_health_check():
 
 async def test_a_request_that_cannot_start_fails_alone(engine, monkeypatch):
     """A failure building one request's sampler ends that request with a 400, not the batch."""
+    import engine.batch_loop as batch_loop_module
     import engine.scheduler as scheduler_module
 
-    real = scheduler_module.make_sampler
+    def picky(real):
+        def build(params):
+            if params.seed == 666:
+                raise ValueError("no such seed")
+            return real(params)
+        return build
 
-    def picky(params):
-        if params.seed == 666:
-            raise ValueError("no such seed")
-        return real(params)
-
-    monkeypatch.setattr(scheduler_module, "make_sampler", picky)
+    monkeypatch.setattr(scheduler_module, "make_sampler", picky(scheduler_module.make_sampler))
+    monkeypatch.setattr(batch_loop_module, "row_key", picky(batch_loop_module.row_key))
     await fails_alone(engine, SamplingParams(temperature=0, max_tokens=4, seed=666), InvalidRequestError,
                       "no such seed", neighbour_tokens=8)
     assert engine.stats()["rejected"] >= 1

@@ -1,0 +1,236 @@
+"""Our continuous-batching loop over an mlx_lm model and the paged KV cache.
+
+Each `step()` issues, without waiting for the device:
+- one decode step of the running batch: its input tokens are the previous step's sampled tokens,
+  still on the device (a lazy array), so the step is enqueued before those are read;
+- one prefill chunk (up to `prefill_step_size` tokens of up to `prefill_batch_size` prompts,
+  right-padded): the prompt but its last token, whose K/V go to the pool; the last token is the
+  row's input to its first decode step, which samples its first output token.
+
+Then it reads the previous step's tokens (the one host sync of the step) and reports them. A
+row that finished there (a stop token) was already in the step just issued: that one token of
+work is wasted, its output dropped, and the row leaves the batch at the next step. A row that
+reaches `max_tokens` is known on the host and is never issued past it.
+
+Sampling is one graph for the whole batch (engine.batch_sampling). The K/V live in the block pool:
+the loop hands the model one `BatchPagedKVCache` per layer over the rows' `SeqBlocks`, made again
+only when the batch changes (they keep the decode working copies between steps). The cache
+protocol between loop and cache is small: `BatchPagedKVCache(ctx, layer, rows)` for a batch,
+`set_chunk(real)` before a right-padded prefill chunk, and `state` to commit the writes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import mlx.core as mx
+import numpy as np
+
+from .batch_sampling import BatchSampling, needs_counts, row_key
+from .paged_cache import BatchPagedKVCache, PagedContext, SeqBlocks
+from .sampling import SamplingParams
+
+
+@dataclass(eq=False)
+class Row:
+    """One sequence in the loop."""
+
+    uid: int
+    blocks: SeqBlocks
+    todo: list[int]  # prompt tokens not prefilled yet (the last one is the first decode input)
+    max_tokens: int
+    stops: frozenset[int]
+    params: SamplingParams
+    key: np.ndarray
+    history: list[int] | None  # prompt + output so far, kept only for penalties
+    issued: int = 0  # output tokens computed or in flight
+    produced: int = 0  # output tokens read back
+    done: bool = False
+
+
+@dataclass
+class Token:
+    """One output token of one row; `finish` is "stop" (a stop token) or "length" on the last."""
+
+    uid: int
+    token: int
+    finish: str | None = None
+
+
+@dataclass
+class _Issued:
+    rows: list[Row]
+    tokens: mx.array  # [B] sampled, maybe not evaluated yet
+
+
+@dataclass
+class _Batch:
+    """The decode batch: its rows, their caches and sampling arrays, and its next inputs."""
+
+    rows: list[Row] = field(default_factory=list)
+    caches: list[BatchPagedKVCache] | None = None
+    sampling: BatchSampling | None = None
+    inputs: mx.array | None = None  # [B] next input token per row (device)
+
+
+def batch_rows_history(row: Row, joined: bool) -> list[int]:
+    """The tokens a row's penalties count before its next input (the step adds that one). The
+    host history lacks a running row's in-flight token, which is that input; a row that just
+    joined has its input, its last prompt token, in the history already."""
+    if row.history is None:
+        return []
+    return row.history[:-1] if joined else row.history
+
+
+class BatchLoop:
+    """Continuous batching over the paged cache: `insert` rows, `step()` for their tokens."""
+
+    def __init__(self, model, ctx: PagedContext, *, max_num_seqs: int, prefill_batch_size: int,
+                 prefill_step_size: int, vocab_size: int):
+        self.model = model
+        self.ctx = ctx
+        self.max_num_seqs = max_num_seqs
+        self.prefill_batch_size = prefill_batch_size
+        self.prefill_step_size = prefill_step_size
+        self.vocab_size = vocab_size
+        self.prefilling: list[Row] = []
+        self.joining: list[Row] = []  # prefilled, to enter the decode batch at the next step
+        self.batch = _Batch()
+        self.rows: dict[int, Row] = {}
+        self._issued: _Issued | None = None
+        self._uids = itertools.count()
+
+    # --- rows in and out ----------------------------------------------------------------
+
+    def insert(self, kv: list, prompt_ids: list[int], cached: int, max_tokens: int, params: SamplingParams,
+               stop_ids: list[int]) -> int:
+        """A sequence whose paged cache `kv` (from the cache manager) holds `prompt_ids[:cached]`;
+        at least the prompt's last token is left to compute."""
+        if cached >= len(prompt_ids):
+            raise ValueError("a row needs at least one prompt token to compute")
+        todo = prompt_ids[cached:]
+        row = Row(next(self._uids), kv[0].seq, list(todo), max_tokens, frozenset(stop_ids), params, row_key(params),
+                  list(prompt_ids) if needs_counts(params) else None)
+        self.rows[row.uid] = row
+        (self.prefilling if len(todo) > 1 else self.joining).append(row)
+        return row.uid
+
+    def remove(self, uid: int) -> None:
+        row = self.rows.pop(uid, None)
+        if row is not None:
+            row.done = True
+            if row in self.prefilling:
+                self.prefilling.remove(row)
+            if row in self.joining:
+                self.joining.remove(row)
+
+    def has_work(self) -> bool:
+        return bool(self.rows) or self._issued is not None
+
+    # --- one step -----------------------------------------------------------------------
+
+    def step(self) -> list[Token]:
+        """Issue the next decode step and prefill chunk, then report the previous step's tokens."""
+        issued = self._issue_decode()
+        prefilled = self._issue_prefill()
+        if issued is not None or prefilled:  # the tokens, and the K/V writes into the pool
+            mx.async_eval(*([issued.tokens] if issued is not None else []), *self._pool_state())
+        previous, self._issued = self._issued, issued
+        return self._read(previous) if previous is not None else []
+
+    def _issue_decode(self) -> _Issued | None:
+        batch = self.batch
+        keep = [i for i, r in enumerate(batch.rows) if not r.done and r.issued < r.max_tokens]
+        room = self.max_num_seqs - len(keep)
+        joining, self.joining = self.joining[:room], self.joining[room:]
+        if len(keep) != len(batch.rows) or joining:
+            self._rebatch(keep, joining)
+        if not batch.rows:
+            return None
+        inputs = batch.inputs
+        positions = mx.array(np.fromiter((r.issued for r in batch.rows), np.uint32, len(batch.rows)))
+        logits = self.model(inputs[:, None], cache=batch.caches)[:, -1, :]
+        tokens = batch.sampling.sample(logits, inputs, positions)
+        for r in batch.rows:
+            r.issued += 1
+        batch.inputs = tokens
+        return _Issued(list(batch.rows), tokens)
+
+    def _rebatch(self, keep: list[int], joining: list[Row]) -> None:
+        """The batch changed: new caches and sampling arrays; inputs filtered and extended."""
+        batch = self.batch
+        parts = []
+        if keep:
+            parts.append(batch.inputs if len(keep) == len(batch.rows) else batch.inputs[mx.array(keep)])
+        if joining:
+            parts.append(mx.array([r.todo[-1] for r in joining], dtype=mx.uint32))
+            for r in joining:
+                r.todo = []
+        rows = [batch.rows[i] for i in keep] + joining
+        batch.rows = rows
+        if not rows:
+            batch.caches = batch.sampling = batch.inputs = None
+            return
+        batch.inputs = mx.concatenate([p.astype(mx.uint32) for p in parts]) if len(parts) > 1 else parts[0]
+        batch.caches = [BatchPagedKVCache(self.ctx, layer, [r.blocks for r in rows]) for layer in range(self.ctx.num_layers)]
+        histories = None
+        if any(r.history is not None for r in rows):  # what each row has seen before its next input
+            kept = [batch_rows_history(r, joined=False) for r in rows[: len(rows) - len(joining)]]
+            histories = kept + [batch_rows_history(r, joined=True) for r in joining]
+        batch.sampling = BatchSampling.build([r.params for r in rows], [r.key for r in rows], histories,
+                                             self.vocab_size)
+
+    def _issue_prefill(self) -> bool:
+        """One chunk of the waiting prompts (all but their last token), if any wait."""
+        rows = self.prefilling[: self.prefill_batch_size]
+        if not rows:
+            return False
+        n = min(self.prefill_step_size, max(len(r.todo) - 1 for r in rows))
+        real = [min(n, len(r.todo) - 1) for r in rows]
+        chunk = np.zeros((len(rows), n), dtype=np.uint32)
+        for i, (r, k) in enumerate(zip(rows, real)):
+            chunk[i, :k] = r.todo[:k]
+            r.todo = r.todo[k:]
+        caches = [BatchPagedKVCache(self.ctx, layer, [r.blocks for r in rows]) for layer in range(self.ctx.num_layers)]
+        for c in caches:
+            c.set_chunk(real)
+        self.model(mx.array(chunk), cache=caches)  # the logits are never evaluated: only the K/V writes
+        for r in rows:
+            if len(r.todo) == 1:
+                self.prefilling.remove(r)
+                self.joining.append(r)
+        return True
+
+    def _pool_state(self) -> list[mx.array]:
+        pool = self.ctx.pool
+        return [a for layer in range(self.ctx.num_layers) for a in pool.layer_state(layer)]
+
+    def _read(self, issued: _Issued) -> list[Token]:
+        """The host sync: one step's tokens, with their finish reasons."""
+        out = []
+        for row, token in zip(issued.rows, issued.tokens.tolist()):
+            if row.done:  # removed, or finished in an earlier step: this token was spare work
+                continue
+            if row.history is not None:
+                row.history.append(token)
+            row.produced += 1
+            finish = "stop" if token in row.stops else "length" if row.produced >= row.max_tokens else None
+            if finish is not None:
+                row.done = True
+                self.rows.pop(row.uid, None)
+            out.append(Token(row.uid, token, finish))
+        return out
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the distinct blocks the rows hold."""
+        blocks = {b for r in self.rows.values() for b in r.blocks.table}
+        return len(blocks) * self.ctx.pool.block_bytes
+
+    def close(self) -> None:
+        self.prefilling.clear()
+        self.joining.clear()
+        self.rows.clear()
+        self.batch = _Batch()
+        self._issued = None
