@@ -16,7 +16,7 @@ SHAPES = {
         "model_type": "qwen3", "hidden_size": 1024, "num_hidden_layers": 28, "intermediate_size": 3072,
         "num_attention_heads": 16, "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936,
         "rms_norm_eps": 1e-6, "rope_theta": 1_000_000.0, "max_position_embeddings": 40960,
-        "tie_word_embeddings": True, "eos_token_id": 0,
+        "tie_word_embeddings": True, "eos_token_id": 0, "torch_dtype": "bfloat16",
         "quantization": {"group_size": 64, "bits": 8},
     },
 }
@@ -41,6 +41,7 @@ def make_synthetic_model(shape: str, out: Path) -> Path:
     config = SHAPES[shape]
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
+    model.set_dtype(mx.bfloat16)  # as mlx-community checkpoints: bf16 weights, so bf16 scales and norms
     quant = config.get("quantization")
     if quant:
         nn.quantize(model, group_size=quant["group_size"], bits=quant["bits"])

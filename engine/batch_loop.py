@@ -44,6 +44,7 @@ class Row:
     params: SamplingParams
     key: np.ndarray
     history: list[int] | None  # prompt + output so far, kept only for penalties
+    start: int = 0  # output tokens before this insert (a preempted request resumes): seeds' positions
     issued: int = 0  # output tokens computed or in flight
     produced: int = 0  # output tokens read back
     done: bool = False
@@ -104,14 +105,14 @@ class BatchLoop:
     # --- rows in and out ----------------------------------------------------------------
 
     def insert(self, kv: list, prompt_ids: list[int], cached: int, max_tokens: int, params: SamplingParams,
-               stop_ids: list[int]) -> int:
+               stop_ids: list[int], start: int = 0) -> int:
         """A sequence whose paged cache `kv` (from the cache manager) holds `prompt_ids[:cached]`;
         at least the prompt's last token is left to compute."""
         if cached >= len(prompt_ids):
             raise ValueError("a row needs at least one prompt token to compute")
         todo = prompt_ids[cached:]
         row = Row(next(self._uids), kv[0].seq, list(todo), max_tokens, frozenset(stop_ids), params, row_key(params),
-                  list(prompt_ids) if needs_counts(params) else None)
+                  list(prompt_ids) if needs_counts(params) else None, start)
         self.rows[row.uid] = row
         (self.prefilling if len(todo) > 1 else self.joining).append(row)
         return row.uid
@@ -119,6 +120,7 @@ class BatchLoop:
     def remove(self, uid: int) -> None:
         row = self.rows.pop(uid, None)
         if row is not None:
+            self._flush()  # its blocks go back to the cache manager next
             row.done = True
             if row in self.prefilling:
                 self.prefilling.remove(row)
@@ -149,7 +151,7 @@ class BatchLoop:
         if not batch.rows:
             return None
         inputs = batch.inputs
-        positions = mx.array(np.fromiter((r.issued for r in batch.rows), np.uint32, len(batch.rows)))
+        positions = mx.array(np.fromiter((r.start + r.issued for r in batch.rows), np.uint32, len(batch.rows)))
         logits = self.model(inputs[:, None], cache=batch.caches)[:, -1, :]
         tokens = batch.sampling.sample(logits, inputs, positions)
         for r in batch.rows:
@@ -160,6 +162,7 @@ class BatchLoop:
     def _rebatch(self, keep: list[int], joining: list[Row]) -> None:
         """The batch changed: new caches and sampling arrays; inputs filtered and extended."""
         batch = self.batch
+        self._flush()
         parts = []
         if keep:
             parts.append(batch.inputs if len(keep) == len(batch.rows) else batch.inputs[mx.array(keep)])
@@ -186,6 +189,7 @@ class BatchLoop:
         rows = self.prefilling[: self.prefill_batch_size]
         if not rows:
             return False
+        self._flush()  # the chunk may reuse a block a decoding row has just filled
         n = min(self.prefill_step_size, max(len(r.todo) - 1 for r in rows))
         real = [min(n, len(r.todo) - 1) for r in rows]
         chunk = np.zeros((len(rows), n), dtype=np.uint32)
@@ -201,6 +205,26 @@ class BatchLoop:
                 self.prefilling.remove(r)
                 self.joining.append(r)
         return True
+
+    def blocks_needed(self) -> int:
+        """New blocks the next step takes at most: a decoding row crossing into a new block (or
+        copying a shared one), and the next prompt chunk's blocks."""
+        pool, bs = self.ctx.pool, self.ctx.pool.block_size
+        need = 0
+        for r in itertools.chain(self.batch.rows, self.joining):
+            if r.done or r.issued >= r.max_tokens:
+                continue
+            k = r.blocks.length // bs
+            need += k >= len(r.blocks.table) or pool.frozen(r.blocks.table[k])
+        for r in self.prefilling[: self.prefill_batch_size]:
+            end = r.blocks.length + min(self.prefill_step_size, len(r.todo) - 1)
+            need += max(0, -(-end // bs) - len(r.blocks.table)) + 1  # + a copy of a shared partial block
+        return need
+
+    def _flush(self) -> None:
+        """Decode tokens held only in working copies go to the rows' blocks."""
+        for cache in self.batch.caches or ():
+            cache.flush()
 
     def _pool_state(self) -> list[mx.array]:
         pool = self.ctx.pool
@@ -220,6 +244,8 @@ class BatchLoop:
                 row.done = True
                 self.rows.pop(row.uid, None)
             out.append(Token(row.uid, token, finish))
+        if any(t.finish for t in out):
+            self._flush()  # the finished rows' blocks go to the prefix cache next
         return out
 
     @property

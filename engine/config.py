@@ -50,6 +50,12 @@ class EngineConfig(BaseModel):
         description="KV cache budget as a fraction of memory: of the host memory budget (args.memory) under "
         "Ray Serve, of RAM for the engine alone.",
     )
+    kv_admission: Literal["on_demand", "reserve"] = Field(
+        "on_demand", description="on_demand: a request starts when its prompt's blocks fit and takes blocks "
+        "as it grows; when the pool runs out the newest running request is preempted (its blocks go to "
+        "the prefix cache, it resumes from there later). reserve: a request starts only when its worst "
+        "case (prompt + max_tokens) fits next to the running requests' worst cases.",
+    )
     memory_aware: bool = Field(True, description="Budget by bytes (True) or by entry count (False).")
     max_cache_entries: int = Field(64, ge=1, description="Cached prompts kept when memory_aware is False.")
 

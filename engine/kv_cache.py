@@ -84,6 +84,7 @@ class PagedCacheManager:
         block_bytes = bs * sum(s.kv_heads * (s.k_dim + s.v_dim) for s in layers) * dtype.size
         self.budget_bytes = budget_bytes(config)
         self.memory_aware = config.memory_aware
+        self.reserve = config.kv_admission == "reserve"
         capacity = max(1, self.budget_bytes // block_bytes - BlockPool.RESERVED) if self.memory_aware else None
         self.pool = BlockPool(layers, dtype, bs, capacity, cache_share=1 - WORKING_COPY_SHARE)
         self.ctx = PagedContext(self.pool, len(layers))
@@ -95,8 +96,9 @@ class PagedCacheManager:
 
     def can_admit(self, prompt_ids: list[int], max_tokens: int) -> bool:
         """False while the request should wait: a running request is computing blocks of its
-        prefix (it will reuse them once written), or its worst case does not fit the budget next
-        to the running requests' worst cases. A request alone always runs."""
+        prefix (it will reuse them once written), or its prompt's new blocks (plus one to grow
+        into) do not fit next to the running requests' blocks (`kv_admission: reserve`: its worst
+        case next to theirs). A request alone always runs."""
         if not self.live:
             return True
         self._sync()
@@ -107,8 +109,24 @@ class PagedCacheManager:
             return True
         table, _ = self._reuse(match, len(prompt_ids))
         pinned = sum(1 for b in table if self.pool.refs[b] > 0)  # already counted as used
-        need = self._worst_case(len(prompt_ids), max_tokens) - pinned
-        return self.pool.used + self._outstanding() + need <= self.pool.capacity
+        if self.reserve:
+            need = self._worst_case(len(prompt_ids), max_tokens) - pinned
+            return self.pool.used + self._outstanding() + need <= self.pool.capacity
+        need = len(table) - pinned + self._new_blocks(len(prompt_ids), match) + 1
+        return self.pool.used + need <= self.pool.capacity - self.ctx.copies_in_blocks()
+
+    def headroom(self) -> int | None:
+        """Blocks the running requests may still take before the budget is used up (None: no
+        budget). Cached blocks count as free: they are evicted when needed."""
+        if self.pool.capacity is None:
+            return None
+        return self.pool.capacity - self.pool.used - self.ctx.copies_in_blocks()
+
+    def _new_blocks(self, prompt_len: int, match) -> int:
+        """Blocks a prompt needs beyond what it reuses."""
+        _, cached = self._reuse(match, prompt_len)
+        bs = self.pool.block_size
+        return -(-prompt_len // bs) - cached // bs
 
     def acquire(self, prompt_ids: list[int], max_tokens: int = 0):
         """A paged cache holding the longest cached prefix of the prompt (all but its last token
@@ -202,6 +220,9 @@ class PagedCacheManager:
         return self.pool.capacity - max(self.pool.total, self.pool.used + self._outstanding())
 
     def _outstanding(self) -> int:
+        """Blocks the running requests may still take in the worst case (reserve mode only)."""
+        if not self.reserve:
+            return 0
         return sum(max(0, s.max_blocks - len(s.table)) for s in self.live.values())
 
     def _sync(self) -> None:

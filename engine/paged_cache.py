@@ -22,10 +22,11 @@ Reads. MLX has no paged-attention kernel, and mlx_lm's attention wants one `[B, 
 per layer. The plain way, a gather of every row's blocks per layer per step, costs a copy of the
 whole batch's K/V each decode step: on this CPU about +45% per decode step at batch 16 with
 1000-token contexts (it is as much memory traffic as the attention itself). So a decode batch
-may keep *working copies* instead: per layer a contiguous `[B, H, L + 64, D]` K and V, built by
-one gather and then updated in place with each step's token (the pool stays the storage of
-record: every token is written there too). That makes decode as fast as mlx_lm's contiguous
-cache, but it is one more copy of each row's whole context, shared prefix included. The policy
+may keep *working copies* instead (engine.working_copy): per layer a contiguous K and V laid out
+as mlx_lm's batch cache (rows right-aligned), built by one gather and then written one column a
+step; decode tokens reach the pool when the loop flushes (before the batch changes, a prompt
+chunk runs or a row leaves). That makes decode as cheap as mlx_lm's contiguous cache, but it is
+one more copy of each row's whole context, shared prefix included. The policy
 (`PagedContext._copy_pays`): working copies only when less than half of the rows' blocks are
 shared with another sequence (they then at most double what those rows hold alone) and they fit
 the part of the budget the pool does not use or need; otherwise every step gathers, and a shared
@@ -47,6 +48,7 @@ import numpy as np
 from mlx_lm.models.cache import _BaseCache
 
 from .block_pool import BlockPool, slab_index
+from .working_copy import Geometry, WorkingCopy
 
 
 class SeqBlocks:
@@ -81,7 +83,6 @@ class _Plan:
     working_copy: bool = False  # decode through per-layer working copies (see BatchPagedKVCache)
     _rows: dict = field(default_factory=dict)
     _slabs: dict = field(default_factory=dict)
-    _copy_rows: dict = field(default_factory=dict)
 
     @property
     def width(self) -> int:
@@ -113,13 +114,6 @@ class _Plan:
             self._slabs[heads, width] = mx.array(slab_index(tables, heads).astype(np.int32))
         return self._slabs[heads, width]
 
-    def copy_rows(self, heads: int, cap: int) -> mx.array:
-        """Rows of a working copy ([B * H * cap, D]) where one new token per row goes."""
-        if (heads, cap) not in self._copy_rows:
-            bh = np.arange(len(self.starts) * heads).reshape(len(self.starts), heads)
-            self._copy_rows[heads, cap] = mx.array((bh * cap + self.starts[:, None]).reshape(-1).astype(np.int32))
-        return self._copy_rows[heads, cap]
-
 
 class PagedContext:
     """What the cache objects of one model share: the pool and the per-step memo."""
@@ -138,6 +132,7 @@ class PagedContext:
         self._plan: _Plan | None = None
         self._offset_key = None
         self._offset: mx.array | None = None
+        self.geometry: Geometry | None = None  # of the decode batch's working copies
 
     def offsets(self, starts: tuple[int, ...]) -> mx.array:
         if starts != self._offset_key:
@@ -161,6 +156,12 @@ class PagedContext:
             tables[i, : len(t)] = t
         plan = _Plan(tables, np.asarray(starts, dtype=np.int64), np.asarray(real, dtype=np.int64), n)
         plan.working_copy = n == 1 and all(real) and self._copy_pays(rows, width)
+        if plan.working_copy:
+            ident = tuple(r.uid for r in rows)
+            if self.geometry is not None and self.geometry.follows(ident, starts):
+                self.geometry.col += 1
+            else:
+                self.geometry = Geometry.new(ident, starts, self.copy_step)
         self.counters["steps_working_copy" if plan.working_copy else "steps_gathered"] += 1
         self._plan_key = (self.pool.epoch, *key[1:])
         self._plan = plan
@@ -183,9 +184,9 @@ class PagedContext:
             return False
         room = self.room()
         need = len(rows) * (width + -(-self.copy_step // self.pool.block_size))
-        return room is None or need - self._copies_in_blocks() <= room
+        return room is None or need - self.copies_in_blocks() <= room
 
-    def _copies_in_blocks(self) -> int:
+    def copies_in_blocks(self) -> int:
         return sum(self.copy_bytes.values()) // max(1, self.pool.block_bytes)
 
     def _make_room(self, row: SeqBlocks, start: int, end: int) -> None:
@@ -230,60 +231,53 @@ class BatchPagedKVCache(_BaseCache):
     def offset(self):
         return self.ctx.offsets(tuple(self._starts()))
 
+    def _step_plan(self, n: int) -> _Plan:
+        starts = self._starts()
+        real = [n] * len(self.rows) if self._real_left is None else [min(n, left) for left in self._real_left]
+        return self.ctx.plan(self.rows, starts, real, n)
+
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         n = keys.shape[2]
-        starts = self._starts()
-        if self._real_left is None:
-            real = [n] * len(self.rows)
-        else:
-            real = [min(n, left) for left in self._real_left]
-            self._real_left = [left - r for left, r in zip(self._real_left, real)]
-        ctx, pool = self.ctx, self.ctx.pool
-        plan = ctx.plan(self.rows, starts, real, n)
-        heads = pool.layers[self.layer].kv_heads
-        pool.write(self.layer, plan.rows(heads, pool.block_size), keys, values)
-        for row, count in zip(self.rows, real):
-            row.written[self.layer] += count
+        plan = self._step_plan(n)
+        if self._real_left is not None:
+            self._real_left = [left - r for left, r in zip(self._real_left, plan.real.tolist())]
         if plan.working_copy:
-            return self._through_copy(plan, heads, keys, values)
-        self._drop_copy()
-        return pool.read(self.layer, plan.slabs(heads))
-
-    def _through_copy(self, plan: _Plan, heads: int, keys: mx.array, values: mx.array):
-        """Decode through the working copy: [B, H, cap, D] per K and V, each row from position 0
-        like the gather, kept across steps. A step writes its token into the pool (the storage of
-        record, done by the caller) and into the copy; the copy is rebuilt by one gather when the
-        batch changed (rows, lengths) or outgrew it."""
-        pool, bs = self.ctx.pool, self.ctx.pool.block_size
-        shape = pool.layers[self.layer]
-        B, width = len(self.rows), plan.width * bs
-        ident = tuple(r.uid for r in self.rows)
-        after = tuple(r.written[self.layer] for r in self.rows)
-        c = self._copy
-        if c is None or c["rows"] != ident or c["lengths"] != tuple(plan.starts.tolist()) or c["cap"] < width:
-            blocks = plan.width + -(-self.ctx.copy_step // bs)
-            k, v = pool.read(self.layer, plan.slabs(heads, blocks))  # holds this step's token already
-            cap = blocks * bs
-            c = self._copy = {"rows": ident, "cap": cap}
-            c["k"], c["v"] = k.reshape(-1, shape.k_dim), v.reshape(-1, shape.v_dim)
-            self.ctx.copy_bytes[id(self)] = c["k"].nbytes + c["v"].nbytes
-            self.ctx.counters["working_copy_builds"] += 1
+            out = self._through_copy(keys, values)
         else:
-            idx = plan.copy_rows(heads, c["cap"])
-            c["k"][idx] = keys.reshape(-1, shape.k_dim)
-            c["v"][idx] = values.reshape(-1, shape.v_dim)
-        c["lengths"] = after
-        cap = c["cap"]
-        k = c["k"].reshape(B, heads, cap, shape.k_dim)[:, :, :width]
-        v = c["v"].reshape(B, heads, cap, shape.v_dim)[:, :, :width]
-        return k, v
+            self._drop_copy()
+            pool = self.ctx.pool
+            heads = pool.layers[self.layer].kv_heads
+            pool.write(self.layer, plan.rows(heads, pool.block_size), keys, values)
+            out = pool.read(self.layer, plan.slabs(heads))
+        for row, count in zip(self.rows, plan.real.tolist()):
+            row.written[self.layer] += count
+        return out
+
+    def _through_copy(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Decode through the working copy (engine.working_copy): built by one gather when the
+        geometry is new, then one column per step; the tokens reach the pool at `flush`."""
+        geom = self.ctx.geometry
+        if self._copy is None or self._copy.geom is not geom:
+            self._drop_copy()
+            self._copy = WorkingCopy(self.ctx.pool, self.layer, geom, [r.table for r in self.rows], self._starts())
+            self.ctx.copy_bytes[id(self)] = self._copy.nbytes
+            self.ctx.counters["working_copy_builds"] += 1
+        return self._copy.append(keys, values)
+
+    def flush(self) -> None:
+        """Write the decode tokens held only in the working copy into the rows' blocks."""
+        if self._copy is not None:
+            self._copy.flush([r.table for r in self.rows])
 
     def _drop_copy(self) -> None:
         if self._copy is not None:
+            self.flush()
             self._copy = None
             self.ctx.copy_bytes.pop(id(self), None)
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None, **kwargs):
+        if self._step_plan(N).working_copy:
+            return self.ctx.geometry.mask(window_size)
         return self.ctx.mask(self._starts(), N, window_size)
 
     def set_chunk(self, real: list[int]) -> None:

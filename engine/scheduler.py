@@ -53,6 +53,15 @@ class Sequence:
     first_token_time: float | None = None
     finish_reason: FinishReason | None = None
 
+    @property
+    def tokens(self) -> list[int]:
+        """What its cache must hold to go on: the prompt and, after a preemption, its output."""
+        return self.prompt_ids + self.output_ids if self.output_ids else self.prompt_ids
+
+    @property
+    def remaining(self) -> int:
+        return self.max_tokens - len(self.output_ids)
+
     def usage(self) -> Usage:
         return Usage(len(self.prompt_ids), len(self.output_ids), self.cached_tokens)
 
@@ -67,7 +76,7 @@ class Scheduler:
         self.sequences: dict[str, Sequence] = {}
         self.waiting: deque[Sequence] = deque()  # not admitted by the cache manager yet (FIFO)
         self._by_uid: dict[int, Sequence] = {}
-        self.counters = {"requests": 0, "finished": 0, "aborted": 0, "rejected": 0, "prompt_tokens": 0,
+        self.counters = {"requests": 0, "finished": 0, "aborted": 0, "rejected": 0, "preempted": 0, "prompt_tokens": 0,
                          "generated_tokens": 0}
         self.rejected: list[tuple[str, Exception]] = []
         self.gen = self._make_batch()
@@ -93,7 +102,7 @@ class Scheduler:
     def _admit(self) -> None:
         """Insert waiting requests, in order, while the cache manager admits them. A request that
         cannot be inserted fails alone (`take_rejected`); the others go on."""
-        while self.waiting and self.cache.can_admit(self.waiting[0].prompt_ids, self.waiting[0].max_tokens):
+        while self.waiting and self.cache.can_admit(self.waiting[0].tokens, self.waiting[0].remaining):
             seq = self.waiting.popleft()
             try:
                 self._insert(seq)
@@ -103,10 +112,35 @@ class Scheduler:
 
     def _insert(self, seq: Sequence) -> None:
         stops = ([] if seq.params.ignore_eos else self.eos_ids) + seq.params.stop_token_ids
-        seq.kv, cached = self.cache.acquire(seq.prompt_ids, seq.max_tokens)
-        seq.cached_tokens = cached
-        seq.uid = self.gen.insert(seq.kv, seq.prompt_ids, cached, seq.max_tokens, seq.params, stops)
+        tokens = seq.tokens
+        seq.kv, cached = self.cache.acquire(tokens, seq.remaining)
+        if not seq.output_ids:
+            seq.cached_tokens = cached
+        seq.uid = self.gen.insert(seq.kv, tokens, cached, seq.remaining, seq.params, stops, start=len(seq.output_ids))
         self._by_uid[seq.uid] = seq
+
+    def _preempt_for_room(self) -> None:
+        """Before a step: while the running requests' next blocks do not fit the KV budget,
+        preempt the newest (never the last one). vLLM's recompute preemption, made cheap by the
+        prefix cache: its blocks are indexed, and it resumes from them when it is admitted again
+        (first in line), unless they were evicted meanwhile."""
+        headroom = getattr(self.cache, "headroom", None)
+        if headroom is None or headroom() is None:
+            return
+        while self.gen.blocks_needed() > headroom():
+            running = [s for s in self.sequences.values() if s.uid is not None and s.finish_reason is None]
+            if len(running) <= 1:
+                return
+            self._preempt(max(running, key=lambda s: s.arrival))
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.gen.remove(seq.uid)
+        self._by_uid.pop(seq.uid, None)
+        self.cache.store(seq.tokens[:-1], seq.kv)  # the K/V it holds: all but its newest token
+        seq.kv, seq.uid = None, None
+        self.waiting.appendleft(seq)
+        self.counters["preempted"] += 1
+        log.info("request %s preempted after %d tokens (KV budget full)", seq.request_id, len(seq.output_ids))
 
     def _fail_one(self, seq: Sequence, exc: Exception) -> None:
         """End one running request with an error; the batch and the prefix cache are untouched."""
@@ -147,6 +181,7 @@ class Scheduler:
     def step(self) -> list[RequestOutput]:
         """One decode step of the running batch plus one prefill chunk; the outputs it produced."""
         self._admit()
+        self._preempt_for_room()
         outputs, stopped = [], []
         for r in self.gen.step():
             seq = self._by_uid.get(r.uid)
@@ -249,7 +284,7 @@ class MlxLmBatch:
                                   prefill_step_size=prefill_step_size)
 
     def insert(self, kv, prompt_ids: list[int], cached: int, max_tokens: int, params: SamplingParams,
-               stop_ids: list[int]) -> int:
+               stop_ids: list[int], start: int = 0) -> int:
         sampler, processors = make_sampler(params), make_processors(params)  # per request: may raise
         (uid,) = self.gen.insert(
             [prompt_ids[cached:]],
@@ -264,6 +299,9 @@ class MlxLmBatch:
 
     def remove(self, uid: int) -> None:
         self.gen.remove([uid])
+
+    def blocks_needed(self) -> int:
+        return 0
 
     def step(self) -> list[Token]:
         _, responses = self.gen.next()

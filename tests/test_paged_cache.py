@@ -249,6 +249,27 @@ async def test_tiny_budget_evicts_and_outputs_stay_the_same(off):
     assert stats["blocks_used"] == 0 and stats["live_sequences"] == 0
 
 
+async def test_a_kv_budget_ten_times_too_small_preempts_and_outputs_stay_the_same(off):
+    """16 requests whose worst cases need 64 blocks share a pool of 6: each starts when its prompt
+    fits and takes blocks as it grows; when the pool runs out the newest is preempted and resumes
+    later from its cached blocks. Greedy outputs equal the unconstrained run; nothing leaks and
+    the pool never grows past its budget."""
+    params = dict(max_tokens=70, ignore_eos=True)
+    questions = [f"Write a poem about the letter {c}." for c in "ABCDEFGHIJKLMNOP"]
+    eng = AsyncEngine.from_source(SMOLLM, EngineConfig(cache_memory_mb=12))  # 6 blocks of 32 tokens
+    try:
+        got = await asyncio.gather(*(run(eng, chat(q, "Be brief."), **params) for q in questions))
+        stats = await settled(eng)
+    finally:
+        eng.shutdown()
+    want = await asyncio.gather(*(run(off, chat(q, "Be brief."), **params) for q in questions))
+    assert [ids for ids, _ in got] == [ids for ids, _ in want]
+    assert stats["preempted"] > 0
+    cache = stats["cache"]
+    assert cache["blocks_capacity"] == 6 and cache["over_budget_blocks"] == 0
+    assert cache["blocks_used"] == 0 and cache["live_sequences"] == 0
+
+
 async def test_entry_count_mode(off):
     eng = AsyncEngine.from_source(SMOLLM, EngineConfig(memory_aware=False, max_cache_entries=2))
     try:

@@ -1,0 +1,109 @@
+"""Decode working copies: a contiguous K/V per layer for a decode batch, written back lazily.
+
+A decode step through the pool writes each row's token with a scatter and gathers every row's
+blocks again. A working copy is what mlx_lm's own batch cache is: per layer one `[B, H, cap, D]`
+K and V with the rows *right-aligned* (left padding), so every step writes one column for all rows
+with a slice update and attention reads a view `[:, :, :col]`; the mask hides each row's padding.
+The copy is built by one gather when the batch changes (`Geometry`: rows, lengths, capacity) and
+is then the only place decode tokens go: they are written back to the rows' blocks (`flush`, one
+scatter per layer) before anything else may read them: the batch changes, a prompt chunk runs
+(it may reuse a block that a row just filled), or a row leaves (its blocks go to the prefix
+cache or back to the pool).
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+_ids = itertools.count()
+
+
+@dataclass
+class Geometry:
+    """Where a decode batch's tokens sit in its working copies (the same for every layer)."""
+
+    ident: tuple[int, ...]  # the rows (SeqBlocks uids)
+    pad: np.ndarray  # [B] left padding: row b's position p is column pad[b] + p
+    col: int  # columns written after this step
+    cap: int
+    gen: int  # a new geometry means every layer rebuilds its copy
+
+    @classmethod
+    def new(cls, ident: tuple[int, ...], lengths: list[int], room: int) -> "Geometry":
+        """Lengths before this step's token; `room` columns for tokens to come."""
+        longest = max(lengths)
+        pad = np.asarray([longest - n for n in lengths], dtype=np.int64)
+        return cls(ident, pad, longest + 1, longest + 1 + room, next(_ids))
+
+    def follows(self, ident: tuple[int, ...], lengths: list[int]) -> bool:
+        """Whether this step continues the geometry: same rows, each one token further, room left."""
+        return (ident == self.ident and self.col < self.cap
+                and all(int(p) + n == self.col for p, n in zip(self.pad, lengths)))
+
+    def mask(self, window_size: int | None) -> mx.array:
+        """[B, 1, 1, col] bool: a row sees its own columns (and, with a window, the last ones)."""
+        cols = mx.arange(self.col)[None, :]
+        visible = cols >= mx.array(self.pad)[:, None]
+        if window_size is not None:
+            visible = visible & (cols > self.col - 1 - window_size)
+        return visible[:, None, None, :]
+
+
+class WorkingCopy:
+    """One layer's copy for one geometry; `flushed` columns are in the pool already."""
+
+    def __init__(self, pool, layer: int, geom: Geometry, tables: list[list[int]], lengths: list[int]):
+        self.pool, self.layer, self.geom = pool, layer, geom
+        shape = pool.layers[layer]
+        B, H, bs = len(lengths), shape.kv_heads, pool.block_size
+        self.k = mx.zeros((B, H, geom.cap, shape.k_dim), pool.dtype)
+        self.v = mx.zeros((B, H, geom.cap, shape.v_dim), pool.dtype)
+        longest = max(lengths)
+        if longest:
+            pos = np.arange(longest)[None, :] - geom.pad[:, None]  # [B, longest] position per column
+            valid = pos >= 0
+            table = np.zeros((B, max(1, -(-longest // bs))), dtype=np.int64)
+            for b, t in enumerate(tables):
+                table[b, : min(len(t), table.shape[1])] = t[: table.shape[1]]
+            blocks = np.take_along_axis(table, np.where(valid, pos // bs, 0), axis=1)
+            rows = _pool_rows(np.where(valid, blocks, pool.NULL), np.where(valid, pos % bs, 0), H, bs)
+            idx = mx.array(rows.reshape(-1).astype(np.int32))
+            self.k[:, :, :longest, :] = pool.k[layer][idx].reshape(B, H, longest, shape.k_dim)
+            self.v[:, :, :longest, :] = pool.v[layer][idx].reshape(B, H, longest, shape.v_dim)
+        self.flushed = longest
+
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+    def append(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        """Write this step's token (column geom.col - 1) and return the views attention reads."""
+        col = self.geom.col
+        self.k[:, :, col - 1 : col, :] = keys
+        self.v[:, :, col - 1 : col, :] = values
+        return self.k[:, :, :col, :], self.v[:, :, :col, :]
+
+    def flush(self, tables: list[list[int]]) -> None:
+        """Write the columns not in the pool yet into the rows' blocks (one scatter per K and V)."""
+        start, end = self.flushed, self.geom.col
+        if end <= start:
+            return
+        pool, bs = self.pool, self.pool.block_size
+        H = pool.layers[self.layer].kv_heads
+        pos = np.arange(start, end)[None, :] - self.geom.pad[:, None]  # [B, m]
+        blocks = np.stack([np.asarray(t, dtype=np.int64)[np.minimum(p // bs, len(t) - 1)] for t, p in zip(tables, pos)])
+        rows = mx.array(_pool_rows(np.where(pos >= 0, blocks, pool.TRASH), pos % bs, H, bs).reshape(-1).astype(np.int32))
+        shape = pool.layers[self.layer]
+        pool.k[self.layer][rows] = self.k[:, :, start:end, :].reshape(-1, shape.k_dim)
+        pool.v[self.layer][rows] = self.v[:, :, start:end, :].reshape(-1, shape.v_dim)
+        self.flushed = end
+
+
+def _pool_rows(blocks: np.ndarray, slots: np.ndarray, heads: int, bs: int) -> np.ndarray:
+    """Pool rows [B, H, m] of (block, slot) pairs [B, m], in the [B, H, m] order of a K slab."""
+    h = np.arange(heads)[None, :, None]
+    return (blocks[:, None, :] * heads + h) * bs + slots[:, None, :]
