@@ -79,7 +79,11 @@ def run_scheduler(engine, prompts, max_tokens: int, profile: bool = False) -> di
     from engine.scheduler import Scheduler, Sequence
     from engine.text_stream import TextStream
 
-    sched = Scheduler(engine.loaded.model, engine.tokenizer, engine.config, engine.scheduler.cache)
+    from engine.kv_cache import make_cache_manager
+
+    # A cache of its own, made on this thread: MLX streams belong to the thread that made them.
+    cache = make_cache_manager(engine.loaded.model, engine.config)
+    sched = Scheduler(engine.loaded.model, engine.tokenizer, engine.config, cache)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
     profiler = cProfile.Profile() if profile else None
     start = time.perf_counter()
