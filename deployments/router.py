@@ -72,6 +72,8 @@ class RouterCore:
             self.directory.touch(name)
 
     def model_card(self, name: str) -> dict[str, Any]:
+        if self.directory is not None:
+            self.directory.start()  # a client that only ever lists the models sees them load too
         extra = self.directory.record(name).card() if self.directory is not None else {"state": LOADED}
         return model_card(name, self.created, **extra)
 

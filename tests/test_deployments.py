@@ -387,6 +387,20 @@ async def test_models_list_shows_states_bytes_and_the_budget():
     assert body["memory"] == {"budget_bytes": 5000, "used_bytes": 160 + 1000}
 
 
+async def test_listing_the_models_alone_keeps_their_states_fresh():
+    """A client that only ever lists the models (no /health, no request) sees eager models load."""
+    client, core = governed_client({"m1": {"RUNNING": 1}}, m1=FakeClient("m1"))
+    async with client:
+        first = (await client.get("/v1/models")).json()["data"][0]["state"]
+        for _ in range(40):
+            await asyncio.sleep(0.05)
+            if (await client.get("/v1/models")).json()["data"][0]["state"] == "loaded":
+                break
+        else:
+            raise AssertionError("the model list never saw the model load")
+    assert first == "unloaded"  # before the first poll
+
+
 async def test_a_request_that_waits_past_load_timeout_is_a_503_with_retry_after():
     slow = FakeClient("m2", delay=2.0)  # its first chunk comes after the 0.3 s load_timeout_s
     client, core = governed_client({"m1": {"RUNNING": 1}}, m1=FakeClient("m1"), m2=slow)
