@@ -101,6 +101,7 @@ class BatchLoop:
         self.rows: dict[int, Row] = {}
         self._issued: _Issued | None = None
         self._uids = itertools.count()
+        self.peak_batch = 0  # most rows decoding at once
 
     # --- rows in and out ----------------------------------------------------------------
 
@@ -150,6 +151,7 @@ class BatchLoop:
             self._rebatch(keep, joining)
         if not batch.rows:
             return None
+        self.peak_batch = max(self.peak_batch, len(batch.rows))
         inputs = batch.inputs
         positions = mx.array(np.fromiter((r.start + r.issued for r in batch.rows), np.uint32, len(batch.rows)))
         logits = self.model(inputs[:, None], cache=batch.caches)[:, -1, :]

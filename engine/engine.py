@@ -234,9 +234,10 @@ class AsyncEngine:
                 outputs = sched.step()
             except OrchardError:
                 raise
-            except Exception:  # noqa: BLE001 - keep serving; the affected requests end with "abort"
-                log.exception("engine step failed; aborting the running requests")
-                outputs = sched.fail_all()
+            except Exception as exc:  # noqa: BLE001 - keep serving; the batch's requests end with an error
+                log.exception("engine step failed; ending the requests in its batch")
+                sched.fail_all(exc)
+                outputs = []
             finally:
                 self._step_started = None
             self._deliver(outputs)

@@ -246,15 +246,18 @@ class Scheduler:
             first_token_time=seq.first_token_time,
         )
 
-    def fail_all(self) -> list[RequestOutput]:
-        """After an internal error: end every request (abort) and start a fresh generator."""
-        outputs = [self._finish(seq, "abort") for seq in list(self.sequences.values())]
-        self.waiting.clear()
-        self.cache.clear()  # cached K/V may be half-written: start the cache afresh too
+    def fail_all(self, exc: Exception) -> None:
+        """After a failed step, whose cause no single request is known to be: every request in the
+        batch ends with an error (`take_rejected`), and a fresh batch loop starts. Requests still
+        waiting for admission were not part of it: they stay, and run next."""
+        error = RequestFailedError(f"the engine step this request was part of failed: {type(exc).__name__}: {exc}")
+        for seq in [s for s in self.sequences.values() if s.uid is not None]:
+            self._by_uid.pop(seq.uid, None)
+            self._reject(seq, error)
         self.gen.close()
+        self.cache.clear()  # K/V written in that step may be half-done: drop the cached prefixes too
         self.gen = self._make_batch()
         mx.clear_cache()
-        return outputs
 
     # --- introspection -----------------------------------------------------------------
 
@@ -264,6 +267,7 @@ class Scheduler:
             "running": running,
             "waiting": len(self.sequences) - running,
             "kv_cache_bytes": self.gen.nbytes,
+            "batch_peak": getattr(self.gen, "peak_batch", None),
             **self.counters,
         }
 

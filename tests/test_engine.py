@@ -279,3 +279,36 @@ async def _fail_one_request_beside_a_neighbour(engine, monkeypatch, add):
     assert cache["live_sequences"] == 0 and cache["blocks_used"] == 0  # the failed request's blocks are back
     _, _, outs = await run(engine, warm, temperature=0, max_tokens=4)
     assert outs[-1].usage.cached_tokens > 0  # the prefix cache survived
+
+
+async def test_a_failed_step_ends_its_batch_with_an_error_and_the_engine_serves_on(monkeypatch):
+    """An exception inside a batched step (no single request known as its cause): the requests in
+    that batch end with an error (never a silent empty answer); a request still waiting for
+    admission is not lost and runs next; the engine stays healthy and nothing leaks."""
+    from engine.batch_loop import BatchLoop
+    from engine.errors import RequestFailedError
+
+    eng = AsyncEngine.from_source(SMOLLM, EngineConfig(cache_memory_mb=3))  # one block: the second waits
+    try:
+        params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+        solo = (await run(eng, chat(QUESTIONS[1]), temperature=0, max_tokens=12, ignore_eos=True))[1]
+        real, calls = BatchLoop._issue_decode, []
+
+        def flaky(self):
+            calls.append(1)
+            if len(calls) == 4:
+                raise RuntimeError("injected step failure")
+            return real(self)
+
+        monkeypatch.setattr(BatchLoop, "_issue_decode", flaky)
+        running = eng.submit(chat(QUESTIONS[0]), params)
+        waiting = eng.submit(chat(QUESTIONS[1]), params)
+        first, second = await asyncio.gather(collect(running), collect(waiting), return_exceptions=True)
+        assert isinstance(first, RequestFailedError) and "injected step failure" in str(first)
+        assert second[1] == solo  # it waited, then ran in the fresh loop
+        eng.check_health()
+        cache = eng.stats()["cache"]
+        assert cache["live_sequences"] == 0 and cache["blocks_used"] == 0
+        assert len((await run(eng, chat(QUESTIONS[2]), temperature=0, max_tokens=4))[1]) > 0
+    finally:
+        eng.shutdown()
