@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import time
+
+from .output import emit
 
 QUESTIONS = ["What is 2+2?", "Name 3 colors.", "What is Python?", "Capital of Japan?", "Who wrote Hamlet?",
              "What is the boiling point of water?", "Name a planet.", "What is 10 times 3?"]
@@ -74,17 +75,12 @@ def main() -> None:
         r.pop("outputs")
     doc = {"model": args.model, "kv_mb": args.kv_mb, "requests": args.requests, "max_tokens": args.max_tokens,
            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "outputs_identical": same, "rows": rows}
-    print(json.dumps(doc, indent=2))
-    print("| admission | most sequences at once | tok/s | TTFT p50 / max (s) | preempted | blocks peak / capacity |")
-    print("|---|---|---|---|---|---|")
-    for r in rows:
-        print(f"| {r['mode']} | {r['batch_peak']} | {r['tok_per_s']} | {r['ttft_p50_s']} / {r['ttft_max_s']} "
-              f"| {r['preempted']} | {r['blocks_used_peak']} / {r['blocks_capacity']} |")
-    print(f"outputs identical across modes: {same}")
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(doc, f, indent=2)
-
+    lines = ["| admission | most sequences at once | tok/s | TTFT p50 / max (s) | preempted | blocks peak / capacity |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {r['mode']} | {r['batch_peak']} | {r['tok_per_s']} | {r['ttft_p50_s']} / {r['ttft_max_s']} "
+              f"| {r['preempted']} | {r['blocks_used_peak']} / {r['blocks_capacity']} |" for r in rows]
+    lines.append(f"outputs identical across modes: {same}")
+    emit(doc, "\n".join(lines), args.json_out)
 
 if __name__ == "__main__":
     main()

@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import platform
 import statistics
 import sys
 import time
+
+from .output import emit
 
 PROMPTS = ["What is 2+2?", "Name 3 colors.", "What is Python?", "Capital of Japan?", "Who wrote Hamlet?"]
 
@@ -177,11 +178,7 @@ def main() -> None:
     parser.add_argument("--json-out")
     args = parser.parse_args()
     result = asyncio.run(main_async(args))
-    print(json.dumps(result, indent=2))
-    print(table(result["rows"]))
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(result, f, indent=2)
+    emit(result, table(result["rows"]), args.json_out)
 
 
 if __name__ == "__main__":

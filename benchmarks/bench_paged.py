@@ -26,10 +26,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import statistics
 import sys
 import time
+
+from .output import emit
 
 SENTENCE = "Rule {i}: visitors of the botanical garden keep to the paths in zone {i} and never feed the fish."
 
@@ -363,11 +364,7 @@ def main() -> None:
     if args.quick:
         args.rounds, args.reps, args.e2e_decode = 4, 1, False
     result = asyncio.run(main_async(args))
-    print(json.dumps(result, indent=2))
-    print(tables(result))
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(result, f, indent=2)
+    emit(result, tables(result), args.json_out)
 
 
 if __name__ == "__main__":

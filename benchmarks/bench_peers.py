@@ -24,6 +24,8 @@ import statistics
 import sys
 import time
 
+from .output import emit
+
 QUESTIONS = ["What is 2+2?", "Name 3 colors.", "What is Python?", "Capital of Japan?", "Who wrote Hamlet?"]
 LONG = "Answer at length, in detail, with examples: "
 MAX_TOKENS = 64
@@ -135,12 +137,7 @@ def main() -> None:
         results = [r for f in args.merge for r in (json.load(open(f)).get("results") or [json.load(open(f))])]
     else:
         results = [asyncio.run(run(args))]
-    doc = {"results": results}
-    print(json.dumps(doc, indent=2))
-    print(table(results))
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump(doc, f, indent=2)
+    emit({"results": results}, table(results), args.out)
 
 
 if __name__ == "__main__":
