@@ -270,6 +270,31 @@ async def test_a_kv_budget_ten_times_too_small_preempts_and_outputs_stay_the_sam
     assert cache["blocks_used"] == 0 and cache["live_sequences"] == 0
 
 
+async def test_penalties_in_the_batch_equal_mlx_lms_processors(on, off):
+    """The batch loop's vectorised penalties give mlx_lm's per-request logits processors' tokens."""
+    params = dict(temperature=0, max_tokens=24, repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=0.3)
+    prompts = [chat(q, "Be brief.") for q in ("List ten fruits.", "Repeat the word cat many times.")]
+    got = await asyncio.gather(*(run(on, p, **params) for p in prompts))
+    want = await asyncio.gather(*(run(off, p, **params) for p in prompts))
+    assert [ids for ids, _ in got] == [ids for ids, _ in want]
+
+
+async def test_a_seeded_request_samples_the_same_tokens_through_preemptions(on):
+    """Randomness is keyed by (seed, token position): a request preempted and resumed in a tiny
+    budget samples what it samples with room to spare."""
+    params = dict(temperature=0.9, top_p=0.95, top_k=40, max_tokens=70, ignore_eos=True)
+    prompts = [chat(f"Write a poem about the letter {c}.", "Be brief.") for c in "ABCDEFGH"]
+    roomy = await asyncio.gather(*(run(on, p, seed=i, **params) for i, p in enumerate(prompts)))
+    eng = AsyncEngine.from_source(SMOLLM, EngineConfig(cache_memory_mb=12))
+    try:
+        tight = await asyncio.gather(*(run(eng, p, seed=i, **params) for i, p in enumerate(prompts)))
+        stats = await settled(eng)
+    finally:
+        eng.shutdown()
+    assert stats["preempted"] > 0
+    assert [ids for ids, _ in tight] == [ids for ids, _ in roomy]
+
+
 async def test_entry_count_mode(off):
     eng = AsyncEngine.from_source(SMOLLM, EngineConfig(memory_aware=False, max_cache_entries=2))
     try:
