@@ -73,6 +73,7 @@ class _Batch:
     caches: list[BatchPagedKVCache] | None = None
     sampling: BatchSampling | None = None
     inputs: mx.array | None = None  # [B] next input token per row (device)
+    positions: mx.array | None = None  # [B] index of the token each row samples next (device)
 
 
 def batch_rows_history(row: Row, joined: bool) -> list[int]:
@@ -88,13 +89,12 @@ class BatchLoop:
     """Continuous batching over the paged cache: `insert` rows, `step()` for their tokens."""
 
     def __init__(self, model, ctx: PagedContext, *, max_num_seqs: int, prefill_batch_size: int,
-                 prefill_step_size: int, vocab_size: int):
+                 prefill_step_size: int):
         self.model = model
         self.ctx = ctx
         self.max_num_seqs = max_num_seqs
         self.prefill_batch_size = prefill_batch_size
         self.prefill_step_size = prefill_step_size
-        self.vocab_size = vocab_size
         self.prefilling: list[Row] = []
         self.joining: list[Row] = []  # prefilled, to enter the decode batch at the next step
         self.batch = _Batch()
@@ -138,7 +138,7 @@ class BatchLoop:
         issued = self._issue_decode()
         prefilled = self._issue_prefill()
         if issued is not None or prefilled:  # the tokens, and the K/V writes into the pool
-            mx.async_eval(*([issued.tokens] if issued is not None else []), *self._pool_state())
+            mx.async_eval(*([issued.tokens] if issued is not None else []), *self.ctx.pool.take_writes())
         previous, self._issued = self._issued, issued
         return self._read(previous) if previous is not None else []
 
@@ -153,12 +153,11 @@ class BatchLoop:
             return None
         self.peak_batch = max(self.peak_batch, len(batch.rows))
         inputs = batch.inputs
-        positions = mx.array(np.fromiter((r.start + r.issued for r in batch.rows), np.uint32, len(batch.rows)))
         logits = self.model(inputs[:, None], cache=batch.caches)[:, -1, :]
-        tokens = batch.sampling.sample(logits, inputs, positions)
+        tokens = batch.sampling.sample(logits, inputs, batch.positions)
         for r in batch.rows:
             r.issued += 1
-        batch.inputs = tokens
+        batch.inputs, batch.positions = tokens, batch.positions + 1
         return _Issued(list(batch.rows), tokens)
 
     def _rebatch(self, keep: list[int], joining: list[Row]) -> None:
@@ -175,7 +174,7 @@ class BatchLoop:
         rows = [batch.rows[i] for i in keep] + joining
         batch.rows = rows
         if not rows:
-            batch.caches = batch.sampling = batch.inputs = None
+            batch.caches = batch.sampling = batch.inputs = batch.positions = None
             return
         batch.inputs = mx.concatenate([p.astype(mx.uint32) for p in parts]) if len(parts) > 1 else parts[0]
         batch.caches = [BatchPagedKVCache(self.ctx, layer, [r.blocks for r in rows]) for layer in range(self.ctx.num_layers)]
@@ -183,8 +182,8 @@ class BatchLoop:
         if any(r.history is not None for r in rows):  # what each row has seen before its next input
             kept = [batch_rows_history(r, joined=False) for r in rows[: len(rows) - len(joining)]]
             histories = kept + [batch_rows_history(r, joined=True) for r in joining]
-        batch.sampling = BatchSampling.build([r.params for r in rows], [r.key for r in rows], histories,
-                                             self.vocab_size)
+        batch.sampling = BatchSampling.build([r.params for r in rows], [r.key for r in rows], histories)
+        batch.positions = mx.array(np.fromiter((r.start + r.issued for r in rows), np.uint32, len(rows)))
 
     def _issue_prefill(self) -> bool:
         """One chunk of the waiting prompts (all but their last token), if any wait."""
@@ -208,6 +207,12 @@ class BatchLoop:
                 self.joining.append(r)
         return True
 
+    def blocks_needed_at_most(self) -> int:
+        """A bound on `blocks_needed` without looking at the rows' tables."""
+        bs = self.ctx.pool.block_size
+        prefill = sum(-(-min(self.prefill_step_size, len(r.todo)) // bs) + 2 for r in self.prefilling[: self.prefill_batch_size])
+        return 2 * (len(self.batch.rows) + len(self.joining)) + prefill
+
     def blocks_needed(self) -> int:
         """New blocks the next step takes at most: a decoding row crossing into a new block (or
         copying a shared one), and the next prompt chunk's blocks."""
@@ -227,10 +232,6 @@ class BatchLoop:
         """Decode tokens held only in working copies go to the rows' blocks."""
         for cache in self.batch.caches or ():
             cache.flush()
-
-    def _pool_state(self) -> list[mx.array]:
-        pool = self.ctx.pool
-        return [a for layer in range(self.ctx.num_layers) for a in pool.layer_state(layer)]
 
     def _read(self, issued: _Issued) -> list[Token]:
         """The host sync: one step's tokens, with their finish reasons."""

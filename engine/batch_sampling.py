@@ -43,20 +43,20 @@ class BatchSampling:
     min_p: mx.array | None
     keys: mx.array | None  # [B, 2] uint32 base keys; None when every row is greedy
     penalties: tuple[mx.array, mx.array, mx.array] | None  # repetition, presence, frequency [B, 1]
+    histories: list[list[int]] | None = None  # each row's tokens so far, counted at the first step
     counts: mx.array | None = None  # [B, vocab] token counts (prompt + output) when penalties apply
 
     @classmethod
-    def build(cls, params: list[SamplingParams], keys: list[np.ndarray], histories: list[list[int]] | None,
-              vocab: int) -> "BatchSampling":
+    def build(cls, params: list[SamplingParams], keys: list[np.ndarray],
+              histories: list[list[int]] | None) -> "BatchSampling":
         """`histories`: each row's tokens so far (only read when some row has penalties)."""
         col = lambda values, dtype=mx.float32: mx.array(values, dtype=dtype)[:, None]  # noqa: E731
         all_greedy = all(p.greedy for p in params)
         filters = any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in params) and not all_greedy
-        penalties = counts = None
+        penalties = None
         if histories is not None and any(needs_counts(p) for p in params):
             penalties = (col([p.repetition_penalty for p in params]), col([p.presence_penalty for p in params]),
                          col([p.frequency_penalty for p in params]))
-            counts = token_counts(histories, vocab)
         return cls(
             greedy=all_greedy,
             inv_temp=col([0.0 if p.greedy else 1.0 / p.temperature for p in params]),
@@ -66,13 +66,15 @@ class BatchSampling:
             min_p=col([p.min_p for p in params]) if filters else None,
             keys=None if all_greedy else mx.array(np.stack(keys)),
             penalties=penalties,
-            counts=counts,
+            histories=histories if penalties is not None else None,
         )
 
     def sample(self, logits: mx.array, inputs: mx.array, positions: mx.array) -> mx.array:
         """Next tokens [B] from logits [B, vocab]. `inputs` are the tokens this step consumed (they
         join the penalty counts first); `positions` each row's index of the token being sampled."""
         if self.penalties is not None:
+            if self.counts is None:  # the vocabulary is the logits' width
+                self.counts, self.histories = token_counts(self.histories, logits.shape[-1]), None
             rows = mx.arange(inputs.shape[0])
             self.counts = self.counts.at[rows, inputs].add(1.0)
             logits = apply_penalties(logits.astype(mx.float32), self.counts, *self.penalties)

@@ -71,6 +71,7 @@ class BlockPool:
         self.epoch = 0  # bumped on every change of a block's contents owner (allocation, copy, growth)
         self.counters = {"evictions": 0, "cow_copies": 0, "grows": 0, "over_budget_blocks": 0}
         self.peak_used = 0  # most blocks referenced at once
+        self.dirty = False  # writes not evaluated yet (see take_writes)
         self._reset_storage()
 
     # --- storage ---------------------------------------------------------------------------
@@ -206,6 +207,7 @@ class BlockPool:
                 data = mx.contiguous(pool[i][src * n : (src + 1) * n])
                 mx.eval(data)
                 pool[i][dst * n : (dst + 1) * n] = data
+        self.dirty = True
         self.counters["cow_copies"] += 1
         return dst
 
@@ -215,6 +217,18 @@ class BlockPool:
         """Scatter `keys`/`values` ([B, H, N, D], flattened in that order) into pool rows."""
         self.k[layer][rows] = keys.reshape(-1, keys.shape[-1])
         self.v[layer][rows] = values.reshape(-1, values.shape[-1])
+        self.dirty = True
+
+    def read_rows(self, layer: int, rows: mx.array) -> tuple[mx.array, mx.array]:
+        """Gather single pool rows (`row_index` order), flattened to [n, D]."""
+        return self.k[layer][rows], self.v[layer][rows]
+
+    def take_writes(self) -> list[mx.array]:
+        """The pool arrays written since the last call, to evaluate with the step (else none)."""
+        if not self.dirty:
+            return []
+        self.dirty = False
+        return [a for layer in range(len(self.layers)) for a in (self.k[layer], self.v[layer])]
 
     def read(self, layer: int, slabs: mx.array) -> tuple[mx.array, mx.array]:
         """Gather `[block_size, D]` slabs: `slabs` is [B, H, nb] of `block * H + head`."""
@@ -252,6 +266,12 @@ class BlockPool:
             "blocks_used_peak": self.peak_used,
             **self.counters,
         }
+
+
+def row_index(blocks: np.ndarray, slots: np.ndarray, kv_heads: int, block_size: int) -> np.ndarray:
+    """Pool rows [B, H, m] of (block, slot) pairs [B, m], in the [B, H, m] order of a K/V slab."""
+    h = np.arange(kv_heads)[None, :, None]
+    return (blocks[:, None, :] * kv_heads + h) * block_size + slots[:, None, :]
 
 
 def slab_index(tables: np.ndarray, kv_heads: int) -> np.ndarray:

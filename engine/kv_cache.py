@@ -107,12 +107,14 @@ class PagedCacheManager:
             return False
         if self.pool.capacity is None:
             return True
-        table, _ = self._reuse(match, len(prompt_ids))
+        table, cached = self._reuse(match, len(prompt_ids))
         pinned = sum(1 for b in table if self.pool.refs[b] > 0)  # already counted as used
         if self.reserve:
             need = self._worst_case(len(prompt_ids), max_tokens) - pinned
             return self.pool.used + self._outstanding() + need <= self.pool.capacity
-        need = len(table) - pinned + self._new_blocks(len(prompt_ids), match) + 1
+        bs = self.pool.block_size
+        fresh = -(-len(prompt_ids) // bs) - cached // bs  # blocks beyond the reused ones (a partial one is copied)
+        need = len(table) - pinned + fresh + 1
         return self.pool.used + need <= self.pool.capacity - self.ctx.copies_in_blocks()
 
     def headroom(self) -> int | None:
@@ -121,12 +123,6 @@ class PagedCacheManager:
         if self.pool.capacity is None:
             return None
         return self.pool.capacity - self.pool.used - self.ctx.copies_in_blocks()
-
-    def _new_blocks(self, prompt_len: int, match) -> int:
-        """Blocks a prompt needs beyond what it reuses."""
-        _, cached = self._reuse(match, prompt_len)
-        bs = self.pool.block_size
-        return -(-prompt_len // bs) - cached // bs
 
     def acquire(self, prompt_ids: list[int], max_tokens: int = 0):
         """A paged cache holding the longest cached prefix of the prompt (all but its last token

@@ -47,7 +47,7 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import _BaseCache
 
-from .block_pool import BlockPool, slab_index
+from .block_pool import BlockPool, row_index, slab_index
 from .working_copy import Geometry, WorkingCopy
 
 
@@ -99,8 +99,7 @@ class _Plan:
             col = np.minimum(pos // bs, self.tables.shape[1] - 1)
             blk = np.where(valid, np.take_along_axis(self.tables, col, axis=1), BlockPool.TRASH)
             slot = np.where(valid, pos % bs, i[None, :] % bs)
-            h = np.arange(heads)[None, :, None]
-            rows = (blk[:, None, :] * heads + h) * bs + slot[:, None, :]
+            rows = row_index(blk, slot, heads, bs)
             self._rows[heads] = mx.array(rows.reshape(-1).astype(np.int32))
         return self._rows[heads]
 

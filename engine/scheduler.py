@@ -87,7 +87,7 @@ class Scheduler:
                      prefill_step_size=cfg.prefill_step_size)
         ctx = getattr(self.cache, "ctx", None)
         if ctx is not None:
-            return BatchLoop(self.model, ctx, vocab_size=vocab_size(self.model), **sizes)
+            return BatchLoop(self.model, ctx, **sizes)
         return MlxLmBatch(self.model, **sizes)
 
     # --- admission ---------------------------------------------------------------------
@@ -125,7 +125,8 @@ class Scheduler:
         prefix cache: its blocks are indexed, and it resumes from them when it is admitted again
         (first in line), unless they were evicted meanwhile."""
         headroom = getattr(self.cache, "headroom", None)
-        if headroom is None or headroom() is None:
+        room = headroom() if headroom is not None else None
+        if room is None or room >= self.gen.blocks_needed_at_most():  # the common case: no per-row work
             return
         while self.gen.blocks_needed() > headroom():
             running = [s for s in self.sequences.values() if s.uid is not None and s.finish_reason is None]
@@ -272,14 +273,6 @@ class Scheduler:
         }
 
 
-def vocab_size(model) -> int:
-    args = getattr(model, "args", None)
-    size = getattr(args, "vocab_size", None)
-    if size:
-        return int(size)
-    return int(model(mx.array([[0]]))[0, -1].shape[-1])
-
-
 class MlxLmBatch:
     """mlx_lm's BatchGenerator behind the interface of `BatchLoop` (for caches it cannot page)."""
 
@@ -305,6 +298,9 @@ class MlxLmBatch:
         self.gen.remove([uid])
 
     def blocks_needed(self) -> int:
+        return 0
+
+    def blocks_needed_at_most(self) -> int:
         return 0
 
     def step(self) -> list[Token]:

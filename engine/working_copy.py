@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
+from .block_pool import row_index
+
 _ids = itertools.count()
 
 
@@ -31,6 +33,7 @@ class Geometry:
     col: int  # columns written after this step
     cap: int
     gen: int  # a new geometry means every layer rebuilds its copy
+    _pad: mx.array | None = None  # `pad` on the device, made once
 
     @classmethod
     def new(cls, ident: tuple[int, ...], lengths: list[int], room: int) -> "Geometry":
@@ -46,8 +49,10 @@ class Geometry:
 
     def mask(self, window_size: int | None) -> mx.array:
         """[B, 1, 1, col] bool: a row sees its own columns (and, with a window, the last ones)."""
+        if self._pad is None:
+            self._pad = mx.array(self.pad)[:, None]
         cols = mx.arange(self.col)[None, :]
-        visible = cols >= mx.array(self.pad)[:, None]
+        visible = cols >= self._pad
         if window_size is not None:
             visible = visible & (cols > self.col - 1 - window_size)
         return visible[:, None, None, :]
@@ -70,10 +75,10 @@ class WorkingCopy:
             for b, t in enumerate(tables):
                 table[b, : min(len(t), table.shape[1])] = t[: table.shape[1]]
             blocks = np.take_along_axis(table, np.where(valid, pos // bs, 0), axis=1)
-            rows = _pool_rows(np.where(valid, blocks, pool.NULL), np.where(valid, pos % bs, 0), H, bs)
-            idx = mx.array(rows.reshape(-1).astype(np.int32))
-            self.k[:, :, :longest, :] = pool.k[layer][idx].reshape(B, H, longest, shape.k_dim)
-            self.v[:, :, :longest, :] = pool.v[layer][idx].reshape(B, H, longest, shape.v_dim)
+            rows = row_index(np.where(valid, blocks, pool.NULL), np.where(valid, pos % bs, 0), H, bs)
+            k, v = pool.read_rows(layer, mx.array(rows.reshape(-1).astype(np.int32)))
+            self.k[:, :, :longest, :] = k.reshape(B, H, longest, shape.k_dim)
+            self.v[:, :, :longest, :] = v.reshape(B, H, longest, shape.v_dim)
         self.flushed = longest
 
     @property
@@ -96,14 +101,8 @@ class WorkingCopy:
         H = pool.layers[self.layer].kv_heads
         pos = np.arange(start, end)[None, :] - self.geom.pad[:, None]  # [B, m]
         blocks = np.stack([np.asarray(t, dtype=np.int64)[np.minimum(p // bs, len(t) - 1)] for t, p in zip(tables, pos)])
-        rows = mx.array(_pool_rows(np.where(pos >= 0, blocks, pool.TRASH), pos % bs, H, bs).reshape(-1).astype(np.int32))
-        shape = pool.layers[self.layer]
-        pool.k[self.layer][rows] = self.k[:, :, start:end, :].reshape(-1, shape.k_dim)
-        pool.v[self.layer][rows] = self.v[:, :, start:end, :].reshape(-1, shape.v_dim)
+        rows = row_index(np.where(pos >= 0, blocks, pool.TRASH), pos % bs, H, bs)
+        pool.write(self.layer, mx.array(rows.reshape(-1).astype(np.int32)), self.k[:, :, start:end, :],
+                   self.v[:, :, start:end, :])
         self.flushed = end
 
-
-def _pool_rows(blocks: np.ndarray, slots: np.ndarray, heads: int, bs: int) -> np.ndarray:
-    """Pool rows [B, H, m] of (block, slot) pairs [B, m], in the [B, H, m] order of a K slab."""
-    h = np.arange(heads)[None, :, None]
-    return (blocks[:, None, :] * heads + h) * bs + slots[:, None, :]
