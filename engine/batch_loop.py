@@ -16,7 +16,8 @@ Sampling is one graph for the whole batch (engine.batch_sampling). The K/V live 
 the loop hands the model one `BatchPagedKVCache` per layer over the rows' `SeqBlocks`, made again
 only when the batch changes (they keep the decode working copies between steps). The cache
 protocol between loop and cache is small: `BatchPagedKVCache(ctx, layer, rows)` for a batch,
-`set_chunk(real)` before a right-padded prefill chunk, and `state` to commit the writes.
+`set_chunk(real)` before a right-padded prefill chunk, `flush()` before anything else reads the
+rows' blocks; the pool hands over what it wrote (`take_writes`) to be evaluated with the step.
 """
 
 from __future__ import annotations

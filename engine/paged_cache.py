@@ -2,8 +2,8 @@
 
 mlx_lm's models talk to one cache object per layer (`update_and_fetch`, `make_mask`, `offset`).
 Our batch loop (engine.batch_loop) makes one `BatchPagedKVCache` per layer for a batch of rows
-(`set_chunk` before a right-padded prompt chunk, `state` to commit the writes); that is the
-whole protocol between them. Every sequence is a `SeqBlocks`: a block table into the shared
+(`set_chunk` before a right-padded prompt chunk, `flush` before anything else reads the rows'
+blocks); that is the whole protocol between them. Every sequence is a `SeqBlocks`: a block table into the shared
 `BlockPool` plus how many tokens each layer has written. Cache objects only point at SeqBlocks,
 so a new batch view never copies K/V, and two sequences that share a prefix point at the same
 physical blocks while they run.
