@@ -2,7 +2,9 @@
 
 The governor (deployments.governor) decides; Ray Serve starts and stops the replicas; this
 module watches. It polls Ray Serve's own status (`serve.status()`: replicas per state, per
-deployment) twice a second and turns transitions into the figures operators read: state, loads,
+deployment) twice a second while something may change (a model loading or unloading, requests in
+the last ACTIVE_S) and every IDLE_POLL_S otherwise, since each poll costs the router and Ray's
+controller CPU that an idle server should not spend; it turns transitions into the figures operators read: state, loads,
 unloads, cold-start seconds, bytes. It never calls an unloaded model (a call would queue a
 request and so load it), and calls a loaded one only once per replica, for its measured
 footprint.
@@ -18,7 +20,9 @@ from typing import Any, Awaitable, Callable
 
 log = logging.getLogger("ray.serve")
 
-POLL_S = 0.5
+POLL_S = 0.5        # while a model is changing state or requests are arriving
+IDLE_POLL_S = 5.0   # otherwise
+ACTIVE_S = 10.0     # how long after a request (or a load/unload call) polling stays fast
 LOADED, LOADING, UNLOADING, UNLOADED = "loaded", "loading", "unloading", "unloaded"
 _STARTING = ("STARTING", "UPDATING", "RECOVERING", "PENDING_MIGRATION")
 
@@ -80,11 +84,14 @@ class ModelDirectory:
         self._app_name = app_name
         self._read_status = read_status or _serve_status
         self._task: asyncio.Task | None = None
+        self._wake: asyncio.Event | None = None
+        self._active_until = 0.0
         self.polled_at = 0.0
 
     def start(self) -> None:
         """Start watching (idempotent; needs the router's event loop)."""
         if self._task is None or self._task.done():
+            self._wake = asyncio.Event()
             self._task = asyncio.get_running_loop().create_task(self._run())
 
     def record(self, name: str) -> ModelRecord:
@@ -92,6 +99,18 @@ class ModelDirectory:
 
     def touch(self, name: str) -> None:
         self.models[name].last_used = time.time()
+        self.expect_change()
+
+    def expect_change(self) -> None:
+        """Poll fast for the next ACTIVE_S: a request or a load/unload call may start a transition."""
+        was_idle = time.monotonic() >= self._active_until
+        self._active_until = time.monotonic() + ACTIVE_S
+        if was_idle and self._wake is not None:
+            self._wake.set()
+
+    def _poll_interval(self) -> float:
+        changing = any(r.state in (LOADING, UNLOADING) for r in self.models.values())
+        return POLL_S if changing or time.monotonic() < self._active_until else IDLE_POLL_S
 
     def used_bytes(self) -> int:
         """Bytes reserved by the models that are loaded or on their way (as the governor counts them)."""
@@ -104,7 +123,11 @@ class ModelDirectory:
                 await self.refresh()
             except Exception:  # noqa: BLE001 - keep watching; the next poll may work
                 log.debug("reading Ray Serve status failed", exc_info=True)
-            await asyncio.sleep(POLL_S)
+            self._wake.clear()
+            try:
+                await asyncio.wait_for(self._wake.wait(), self._poll_interval())
+            except asyncio.TimeoutError:
+                pass
 
     async def refresh(self) -> None:
         status = await asyncio.to_thread(self._read_status)

@@ -231,6 +231,7 @@ class RouterCore:
                            param="keep_alive", code="model_pinned")
         if rec.state == LOADED:
             await client.request_unload(timeout_s=10.0)
+            self.directory.expect_change()
         return {**self.model_card(name), "unload_requested": rec.state == LOADED}
 
 

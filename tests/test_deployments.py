@@ -6,6 +6,7 @@ The real model in Ray Serve's local testing mode: tests/test_deployments_model.p
 from __future__ import annotations
 
 import asyncio
+import time
 import json
 
 import httpx
@@ -399,6 +400,34 @@ async def test_listing_the_models_alone_keeps_their_states_fresh():
         else:
             raise AssertionError("the model list never saw the model load")
     assert first == "unloaded"  # before the first poll
+
+
+async def test_an_idle_router_polls_ray_serve_slowly_and_a_request_speeds_it_up(monkeypatch):
+    """Each status poll costs the router and Ray's controller CPU: an idle server polls every
+    IDLE_POLL_S, and a request (which may start a load) brings back fast polling at once."""
+    from types import SimpleNamespace
+
+    from deployments import model_directory
+    from deployments.model_directory import ModelDirectory
+
+    monkeypatch.setattr(model_directory, "POLL_S", 0.05)
+    monkeypatch.setattr(model_directory, "ACTIVE_S", 0.3)
+    polls = []
+    status = SimpleNamespace(applications={"orchard": SimpleNamespace(deployments={
+        "model-m1": SimpleNamespace(replica_states={"RUNNING": 1})})})
+    facts = {"m1": {"deployment": "model-m1", "load": "eager", "keep_alive_s": 60.0, "load_timeout_s": 1.0,
+                    "footprint_bytes": 1000, "replicas": 1}}
+    directory = ModelDirectory(facts, 5000, FakeClient("m1").info, app_name="orchard",
+                               read_status=lambda: polls.append(time.monotonic()) or status)
+    directory.start()
+    await asyncio.sleep(0.5)
+    idle_polls = len(polls)
+    directory.touch("m1")
+    await asyncio.sleep(0.2)
+    busy_polls = len(polls) - idle_polls
+    directory._task.cancel()
+    assert idle_polls == 1  # the first poll, then IDLE_POLL_S (5 s) of quiet
+    assert busy_polls >= 3  # every 50 ms after the request
 
 
 async def test_a_request_that_waits_past_load_timeout_is_a_503_with_retry_after():
