@@ -116,18 +116,7 @@ class RouterCore:
             body = await self.read_body(request)
             req = parse_request(body, ChatCompletionRequest if kind == "chat" else CompletionRequest)
             model = req.model
-            client = self.client(model)
-            builder = ResponseBuilder(kind, model, new_id("chatcmpl" if kind == "chat" else "cmpl"))
-            payload = {
-                "request_id": builder.id,
-                "prompt": req.prompt() if kind == "chat" else req.prompt_input(),
-                "sampling": req.sampling(),
-            }
-            load_timeout = self.load_timeout(model)
-            self.touch(model)
-            call = await client.start(payload, start, self._deadline(start), load_timeout)
-            if load_timeout is not None and call.first_token_at is not None:
-                self.metrics.cold_ttft.labels(model).observe(call.first_token_at - start)
+            call, builder = await self.start(req, kind, start)
         except ApiError as exc:
             self.metrics.observe_request(model if model in self.models else "-", endpoint, exc.status_code)
             raise
@@ -138,17 +127,37 @@ class RouterCore:
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         try:
-            body = await self._collect(call, builder)
+            body = await self.collect(call, builder)
         except ApiError as exc:
             self.metrics.observe_request(model, endpoint, exc.status_code)
             raise
         self.metrics.observe_request(model, endpoint, 200)
         return JSONResponse(body)
 
+    async def start(self, req: ChatCompletionRequest | CompletionRequest, kind: str,
+                    start: float) -> tuple[ModelCall, ResponseBuilder]:
+        """Send a parsed request to its model; returns once its first chunk is there (or raises
+        ApiError). Other APIs (engine-independent adapters) build a request and call this too."""
+        model = req.model
+        client = self.client(model)
+        builder = ResponseBuilder(kind, model, new_id("chatcmpl" if kind == "chat" else "cmpl"))
+        payload = {
+            "request_id": builder.id,
+            "prompt": req.prompt() if kind == "chat" else req.prompt_input(),
+            "sampling": req.sampling(),
+        }
+        load_timeout = self.load_timeout(model)
+        self.touch(model)
+        call = await client.start(payload, start, self._deadline(start), load_timeout)
+        if load_timeout is not None and call.first_token_at is not None:
+            self.metrics.cold_ttft.labels(model).observe(call.first_token_at - start)
+        return call, builder
+
     def _deadline(self, start: float) -> float:
         return start + self.config.request_timeout_s
 
-    async def _collect(self, call: ModelCall, builder: ResponseBuilder) -> dict[str, Any]:
+    async def collect(self, call: ModelCall, builder: ResponseBuilder) -> dict[str, Any]:
+        """The whole response body of a call (non-streamed)."""
         parts, last = [], None
         try:
             async for chunk in call:
@@ -161,23 +170,29 @@ class RouterCore:
             raise ApiError(502, "the model ended the stream without output", type="server_error")
         return builder.full("".join(parts), last["finish_reason"], last["usage"])
 
-    async def _sse(self, call: ModelCall, builder: ResponseBuilder, include_usage: bool) -> AsyncIterator[bytes]:
+    async def chunks(self, call: ModelCall, builder: ResponseBuilder, include_usage: bool) -> AsyncIterator[dict]:
+        """A call's streamed response as OpenAI chunk dicts; an error mid-stream is the last item,
+        an OpenAI error body ({"error": ...}). Closes the call at the end or when abandoned."""
         usage, first = None, True
         try:
             async for chunk in call:
                 if chunk["text"] or first:
-                    yield sse(builder.chunk(chunk["text"], first=first, with_usage_field=include_usage))
+                    yield builder.chunk(chunk["text"], first=first, with_usage_field=include_usage)
                     first = False
                 if chunk["finish_reason"] is not None:
                     usage = chunk["usage"]
-                    yield sse(builder.chunk(None, chunk["finish_reason"], with_usage_field=include_usage))
+                    yield builder.chunk(None, chunk["finish_reason"], with_usage_field=include_usage)
             if include_usage:
-                yield sse(builder.usage_chunk(usage))
+                yield builder.usage_chunk(usage)
         except ApiError as exc:  # the engine failed or the deadline passed mid-stream
-            yield sse(exc.body)
+            yield exc.body
         finally:
             await call.close()
             self._record(call)
+
+    async def _sse(self, call: ModelCall, builder: ResponseBuilder, include_usage: bool) -> AsyncIterator[bytes]:
+        async for item in self.chunks(call, builder, include_usage):
+            yield sse(item)
         yield SSE_DONE
 
     def _record(self, call: ModelCall) -> None:
