@@ -41,6 +41,7 @@ class ModelCall:
         self.gaps: list[tuple[float, int]] = []  # (seconds since the previous chunk, tokens in this chunk)
         self.usage: dict | None = None
         self.request_id: str | None = None
+        self.prompt_tokens: int | None = None  # known from the first chunk on (before the usage)
 
     async def begin(self) -> "ModelCall":
         """Wait for the first chunk, so that a refused request becomes an HTTP error, not a stream."""
@@ -86,6 +87,7 @@ class ModelCall:
         if self.first_token_at is None:
             self.first_token_at = now
             self.request_id = item.get("request_id")
+            self.prompt_tokens = item.get("prompt_tokens")
         elif item["n_tokens"]:
             self.gaps.append((now - (self.last_token_at or now), item["n_tokens"]))
         if item["n_tokens"]:
@@ -156,6 +158,8 @@ class ModelClient(Protocol):
 
     async def request_unload(self, timeout_s: float) -> dict[str, Any]: ...
 
+    async def count_tokens(self, prompt: dict[str, Any], timeout_s: float, load: bool = False) -> int: ...
+
 
 async def _wait(response, timeout_s: float):
     async def get():
@@ -182,8 +186,8 @@ class RayModelClient:
         call = ModelCall(self.name, gen, gen.cancel, started_at, deadline, self._retry_after_s, load_timeout_s)
         return await call.begin()
 
-    async def _call(self, method: str, timeout_s: float, *, load: bool = False):
-        response = getattr(self._handle, method).remote()
+    async def _call(self, method: str, timeout_s: float, *args: Any, load: bool = False):
+        response = getattr(self._handle, method).remote(*args)
         try:
             return await _wait(response, timeout_s)
         except asyncio.TimeoutError:
@@ -207,3 +211,10 @@ class RayModelClient:
 
     async def request_unload(self, timeout_s: float) -> dict[str, Any]:
         return await self._call("request_unload", timeout_s)
+
+    async def count_tokens(self, prompt: dict[str, Any], timeout_s: float, load: bool = False) -> int:
+        """The prompt's token count through the model's chat template, without generating."""
+        result = await self._call("count_tokens", timeout_s, prompt, load=load)
+        if "error" in result:
+            raise ApiError.from_item(result, self._retry_after_s)
+        return int(result["input_tokens"])

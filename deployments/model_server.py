@@ -173,6 +173,18 @@ class ModelServer:
         are active so that the replica sends at most max_chunks_per_s chunks in all."""
         return max(self.window_s, self.active_streams / self.max_chunks_per_s)
 
+    def count_tokens(self, prompt: dict[str, Any]) -> dict[str, Any]:
+        """{"input_tokens": n}: a prompt ({messages|text|token_ids}) as `generate` would encode it,
+        without generating (Anthropic's count_tokens); or an error item, as `generate` yields."""
+        from engine.prompts import encode_prompt
+        from engine.request import PromptInput
+
+        try:
+            ids = encode_prompt(self.engine.tokenizer, PromptInput(**prompt), self.engine.config.chat_template)
+        except OrchardError as exc:
+            return error_item(exc)
+        return {"input_tokens": len(ids)}
+
     def info(self) -> dict[str, Any]:
         return {"name": self.name, **self.engine.info, **self.loaded_info}
 
