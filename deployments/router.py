@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from .anthropic_api import install_anthropic_routes
 from .config import RouterConfig
 from .metrics import CONTENT_TYPE_LATEST, RouterMetrics
 from .model_client import ModelCall, ModelClient, RayModelClient
@@ -298,6 +299,7 @@ def create_app(core: RouterCore) -> FastAPI:
         return await core.complete(request, "text")
 
     _install_model_routes(app, core, auth)
+    install_anthropic_routes(app, core)
 
     @app.get("/health")
     async def health():
