@@ -88,7 +88,8 @@ def _text_blocks(v: Any, allowed: tuple[str, ...] = ("text",)) -> Any:
             if kind in UNSUPPORTED_BLOCKS:
                 raise ValueError(f"block {i}: {kind!r} content blocks are not supported by this server")
             if kind not in allowed:
-                raise ValueError(f"block {i}: unknown content block type {kind!r} (expected one of {', '.join(allowed)})")
+                raise ValueError(f"block {i}: unknown content block type {kind!r} "
+                                 f"(expected one of {', '.join(allowed)})")
     return v
 
 
@@ -263,7 +264,8 @@ def _tools(req: CountTokensRequest) -> dict[str, Any]:
         return out
     if choice.type == "tool":
         if not choice.name:
-            raise ApiError(400, "tool_choice.name: required when tool_choice.type is \"tool\"", param="tool_choice.name")
+            raise ApiError(400, "tool_choice.name: required when tool_choice.type is \"tool\"",
+                           param="tool_choice.name")
         if choice.name not in {t.name for t in req.tools or []}:
             raise ApiError(400, f"tool_choice.name: no tool named {choice.name!r} in tools", param="tool_choice.name")
         out["tool_choice"] = {"type": "function", "function": {"name": choice.name}}

@@ -13,7 +13,7 @@ import httpx2
 import pytest
 
 from deployments.anthropic_api import (
-    CountTokensRequest, MessageEvents, MessagesRequest, error_body, parse, to_message, to_openai,
+    CountTokensRequest, MessageEvents, MessagesRequest, error_body, parse, stream_events, to_message, to_openai,
 )
 from deployments.config import RouterConfig
 from deployments.openai_protocol import ApiError
@@ -64,7 +64,8 @@ def test_text_request_with_system_turns_and_sampling():
     req = request(system="Be brief.", stop_sequences=["\n\n"], temperature=0.5, top_p=0.9, top_k=40,
                   metadata={"user_id": "u-1"},
                   messages=[{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-                            {"role": "user", "content": [{"type": "text", "text": "how "}, {"type": "text", "text": "are you"}]}])
+                            {"role": "user", "content": [{"type": "text", "text": "how "},
+                                                         {"type": "text", "text": "are you"}]}])
     assert to_openai(req) == {
         "model": "m1", "max_tokens": 8, "stop": ["\n\n"], "temperature": 0.5, "top_p": 0.9, "top_k": 40,
         "messages": [
@@ -79,7 +80,8 @@ def test_system_blocks_cache_control_and_stream_options():
     req = request(system=[{"type": "text", "text": "A", "cache_control": {"type": "ephemeral"}},
                           {"type": "text", "text": "B"}], stream=True, cache_control={"type": "ephemeral", "ttl": "1h"})
     out = to_openai(req)
-    assert out["messages"][0] == {"role": "system", "content": [{"type": "text", "text": "A"}, {"type": "text", "text": "B"}]}
+    assert out["messages"][0] == {"role": "system",
+                                  "content": [{"type": "text", "text": "A"}, {"type": "text", "text": "B"}]}
     assert out["stream"] is True and out["stream_options"] == {"include_usage": True}
 
 
@@ -104,7 +106,8 @@ def test_tool_use_and_tool_result_become_tool_calls_and_tool_messages():
                                           "parameters": tools[0]["input_schema"]}},
         {"type": "function", "function": {"name": "now", "parameters": {"type": "object"}}}]
     assert "tool_choice" not in out and "parallel_tool_calls" not in out
-    assert out["messages"][1] == {"role": "assistant", "content": [{"type": "text", "text": "Checking."}], "tool_calls": [
+    assert out["messages"][1] == {
+        "role": "assistant", "content": [{"type": "text", "text": "Checking."}], "tool_calls": [
         {"id": "toolu_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
         {"id": "toolu_2", "type": "function", "function": {"name": "now", "arguments": "{}"}}]}
     assert out["messages"][2:] == [
@@ -203,7 +206,8 @@ def test_count_tokens_body_is_the_conversation_only():
     out = to_openai(parse(json.dumps({"model": "m1", "messages": HI, "system": "s"}).encode(), CountTokensRequest))
     assert out == {"model": "m1", "messages": [{"role": "system", "content": [{"type": "text", "text": "s"}]},
                                                {"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
-    assert refused({"model": "m1", "messages": HI, "max_tokens": 3}, CountTokensRequest).body["error"]["param"] == "max_tokens"
+    err = refused({"model": "m1", "messages": HI, "max_tokens": 3}, CountTokensRequest)
+    assert err.body["error"]["param"] == "max_tokens"
 
 
 # --- OpenAI → Anthropic ----------------------------------------------------------------------
@@ -229,9 +233,12 @@ def test_stop_reasons(finish, reason):
     assert to_message(completion({"content": "x"}, finish), "msg_1")["stop_reason"] == reason
 
 
+WEATHER_CALL = {"id": "call_1", "type": "function",
+                "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+
+
 def test_tool_calls_become_tool_use_blocks_with_parsed_input():
-    calls = [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}},
-             {"id": "call_2", "type": "function", "function": {"name": "now", "arguments": ""}}]
+    calls = [WEATHER_CALL, {"id": "call_2", "type": "function", "function": {"name": "now", "arguments": ""}}]
     msg = to_message(completion({"content": None, "tool_calls": calls}, "tool_calls"), "msg_1")
     assert msg["content"] == [{"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Paris"}},
                               {"type": "tool_use", "id": "call_2", "name": "now", "input": {}}]
@@ -297,7 +304,8 @@ def test_tool_call_stream_event_sequence():
     names = [n for n, _ in out]
     assert names == ["message_start", "content_block_start", "content_block_delta", "content_block_stop",
                      "content_block_start", "content_block_delta", "content_block_delta", "content_block_stop",
-                     "content_block_start", "content_block_delta", "content_block_stop", "message_delta", "message_stop"]
+                     "content_block_start", "content_block_delta", "content_block_stop", "message_delta",
+                     "message_stop"]
     assert out[4][1] == {"type": "content_block_start", "index": 1, "content_block": {
         "type": "tool_use", "id": "call_1", "name": "get_weather", "input": {}}}
     partial = [d["delta"]["partial_json"] for n, d in out if n == "content_block_delta" and d["index"] == 1]
@@ -307,6 +315,24 @@ def test_tool_call_stream_event_sequence():
     assert out[11][1]["delta"]["stop_reason"] == "tool_use"
     forced = events_of([oai_chunk(tool_delta(0, "call_1", "f", "{}")), oai_chunk({}, "stop"), usage_chunk()])
     assert forced[-2][1]["delta"]["stop_reason"] == "tool_use"
+
+
+async def test_closing_the_sse_body_closes_the_chunks():
+    """A client that goes away closes the body; the chunks' own close is what cancels the model call."""
+    closed = []
+
+    async def chunks():
+        try:
+            yield oai_chunk({"content": "a"})
+            yield oai_chunk({"content": "b"})
+        finally:
+            closed.append(True)
+
+    body = stream_events(chunks(), MessageEvents("msg_1", "m1", 3))
+    assert (await body.__anext__()).startswith(b"event: message_start\n")
+    await body.__anext__()
+    await body.aclose()
+    assert closed == [True]
 
 
 def test_an_error_mid_stream_is_an_error_event():
@@ -343,7 +369,8 @@ async def test_sdk_create_and_stream_a_text_answer():
     assert (msg.usage.input_tokens, msg.usage.cache_read_input_tokens, msg.usage.output_tokens) == (2, 1, 3)
     payload = core.models["m1"].payloads[0]
     assert payload["request_id"] == "chatcmpl-" + msg.id.removeprefix("msg_")
-    assert payload["prompt"] == {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]}
+    assert payload["prompt"] == {"messages": [{"role": "system", "content": "Be brief."},
+                                              {"role": "user", "content": "hi"}]}
     assert payload["sampling"] == {"max_tokens": 4, "temperature": 0.0, "stop": ["END"]}
 
     async with client.messages.stream(model="m1", max_tokens=4, messages=HI) as stream:
@@ -394,9 +421,10 @@ class ScriptedCore(RouterCore):
 
 
 async def test_sdk_reads_tool_use_blocks_created_and_streamed(monkeypatch):
-    calls = [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]
+    calls = [WEATHER_CALL]
     core = ScriptedCore(completion({"content": None, "tool_calls": calls}, "tool_calls"),
-                        [oai_chunk({"role": "assistant", "content": ""}), oai_chunk(tool_delta(0, "call_1", "get_weather")),
+                        [oai_chunk({"role": "assistant", "content": ""}),
+                         oai_chunk(tool_delta(0, "call_1", "get_weather")),
                          oai_chunk(tool_delta(0, args='{"city"')), oai_chunk(tool_delta(0, args=': "Paris"}')),
                          oai_chunk({}, "tool_calls"), usage_chunk()])
     # Until the chat path takes tools, the translated request is checked as it would be sent.
@@ -407,7 +435,8 @@ async def test_sdk_reads_tool_use_blocks_created_and_streamed(monkeypatch):
                                        tool_choice={"type": "tool", "name": "get_weather"})
     assert core.requests[0].body["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
     assert msg.stop_reason == "tool_use" and msg.content[0].type == "tool_use"
-    assert (msg.content[0].id, msg.content[0].name, msg.content[0].input) == ("call_1", "get_weather", {"city": "Paris"})
+    use = msg.content[0]
+    assert (use.id, use.name, use.input) == ("call_1", "get_weather", {"city": "Paris"})
     async with client.messages.stream(model="m1", max_tokens=16, messages=HI, tools=tools) as stream:
         final = await stream.get_final_message()
     assert final.stop_reason == "tool_use" and len(final.content) == 1
@@ -433,10 +462,12 @@ async def test_sdk_raises_its_typed_errors():
                   "status_code": 503, "retry_after_s": 2.0}
     invalid = {"error": {"message": "temperature: too hot", "type": "invalid_request_error", "param": "temperature",
                          "code": None}, "status_code": 400, "retry_after_s": None}
-    client = sdk(make_core(m1=CountingClient("m1"), busy=FakeClient("busy", [overloaded]), hot=FakeClient("hot", [invalid])))
+    client = sdk(make_core(m1=CountingClient("m1"), busy=FakeClient("busy", [overloaded]),
+                           hot=FakeClient("hot", [invalid])))
     with pytest.raises(anthropic.BadRequestError) as bad:
         await client.messages.create(model="m1", max_tokens=4, messages=HI, extra_body={"bogus": 1})
-    assert bad.value.body == {"type": "error", "error": {"type": "invalid_request_error", "message": "bogus: unknown field"}}
+    assert bad.value.body == {"type": "error",
+                              "error": {"type": "invalid_request_error", "message": "bogus: unknown field"}}
     with pytest.raises(anthropic.NotFoundError) as missing:
         await client.messages.create(model="nope", max_tokens=4, messages=HI)
     assert missing.value.body["error"]["type"] == "not_found_error" and "m1" in missing.value.body["error"]["message"]
@@ -449,7 +480,8 @@ async def test_sdk_raises_its_typed_errors():
 
 
 async def test_an_engine_failure_mid_stream_raises_in_the_sdk():
-    died = {"error": {"message": "engine died", "type": "server_error", "param": None, "code": None}, "status_code": 503}
+    died = {"error": {"message": "engine died", "type": "server_error", "param": None, "code": None},
+            "status_code": 503}
     client = sdk(make_core(m1=FakeClient("m1", [chunk("Hel"), died])))
     seen = []
     with pytest.raises(anthropic.APIStatusError) as info:
@@ -504,7 +536,8 @@ async def test_an_unexpected_failure_is_a_500_in_anthropics_shape():
     with pytest.raises(anthropic.InternalServerError) as info:
         await sdk(make_core(m1=Broken("m1"))).messages.count_tokens(model="m1", messages=HI)
     assert info.value.status_code == 500
-    assert info.value.body == {"type": "error", "error": {"type": "api_error", "message": "internal error: RuntimeError"}}
+    assert info.value.body == {"type": "error",
+                               "error": {"type": "api_error", "message": "internal error: RuntimeError"}}
 
 
 async def test_metrics_count_messages_requests():
