@@ -29,6 +29,7 @@ import mlx.core as mx
 import numpy as np
 
 from .batch_sampling import BatchSampling, needs_counts, row_key
+from .constraints import Constraint, Grammars, apply_bitmask
 from .paged_cache import BatchPagedKVCache, PagedContext, SeqBlocks
 from .sampling import SamplingParams
 
@@ -46,6 +47,8 @@ class Row:
     key: np.ndarray
     history: list[int] | None  # prompt + output so far, kept only for penalties
     start: int = 0  # output tokens before this insert (a preempted request resumes): seeds' positions
+    constraint: Constraint | None = None  # its grammar (structured output), fed each token read back
+    top_logprobs: int | None = None  # None: no logprobs; k: the chosen token's and the k best
     issued: int = 0  # output tokens computed or in flight
     produced: int = 0  # output tokens read back
     done: bool = False
@@ -58,12 +61,20 @@ class Token:
     uid: int
     token: int
     finish: str | None = None
+    logprob: float | None = None  # when the row asked for logprobs
+    top: list[tuple[int, float]] | None = None  # its top_logprobs best (token, logprob), best first
 
 
 @dataclass
 class _Issued:
+    """One decode step in flight."""
+
     rows: list[Row]
     tokens: mx.array  # [B] sampled, maybe not evaluated yet
+    logprobs: tuple[mx.array, mx.array, mx.array] | None = None  # chosen [B], top ids / values [B, k]
+
+    def arrays(self) -> list[mx.array]:
+        return [self.tokens, *(self.logprobs or ())]
 
 
 @dataclass
@@ -75,6 +86,8 @@ class _Batch:
     sampling: BatchSampling | None = None
     inputs: mx.array | None = None  # [B] next input token per row (device)
     positions: mx.array | None = None  # [B] index of the token each row samples next (device)
+    constrained: bool = False  # some row has a grammar: the step reads the previous tokens first
+    top_logprobs: int | None = None  # the most any row asks for (None: no row asks)
 
 
 def batch_rows_history(row: Row, joined: bool) -> list[int]:
@@ -90,8 +103,9 @@ class BatchLoop:
     """Continuous batching over the paged cache: `insert` rows, `step()` for their tokens."""
 
     def __init__(self, model, ctx: PagedContext, *, max_num_seqs: int, prefill_batch_size: int,
-                 prefill_step_size: int):
+                 prefill_step_size: int, grammars: Grammars | None = None):
         self.model = model
+        self.grammars = grammars
         self.ctx = ctx
         self.max_num_seqs = max_num_seqs
         self.prefill_batch_size = prefill_batch_size
@@ -107,14 +121,16 @@ class BatchLoop:
     # --- rows in and out ----------------------------------------------------------------
 
     def insert(self, kv: list, prompt_ids: list[int], cached: int, max_tokens: int, params: SamplingParams,
-               stop_ids: list[int], start: int = 0) -> int:
+               stop_ids: list[int], start: int = 0, constraint: Constraint | None = None) -> int:
         """A sequence whose paged cache `kv` (from the cache manager) holds `prompt_ids[:cached]`;
-        at least the prompt's last token is left to compute."""
+        at least the prompt's last token is left to compute. `constraint`: its grammar, which has
+        consumed the request's output so far."""
         if cached >= len(prompt_ids):
             raise ValueError("a row needs at least one prompt token to compute")
         todo = prompt_ids[cached:]
         row = Row(next(self._uids), kv[0].seq, list(todo), max_tokens, frozenset(stop_ids), params, row_key(params),
-                  list(prompt_ids) if needs_counts(params) else None, start)
+                  list(prompt_ids) if needs_counts(params) else None, start, constraint,
+                  params.top_logprobs if params.logprobs else None)
         self.rows[row.uid] = row
         (self.prefilling if len(todo) > 1 else self.joining).append(row)
         return row.uid
@@ -136,14 +152,16 @@ class BatchLoop:
 
     def step(self) -> list[Token]:
         """Issue the next decode step and prefill chunk, then report the previous step's tokens."""
-        issued = self._issue_decode()
+        issued, out = self._issue_decode()
         prefilled = self._issue_prefill()
         if issued is not None or prefilled:  # the tokens, and the K/V writes into the pool
-            mx.async_eval(*([issued.tokens] if issued is not None else []), *self.ctx.pool.take_writes())
+            mx.async_eval(*(issued.arrays() if issued is not None else []), *self.ctx.pool.take_writes())
         previous, self._issued = self._issued, issued
-        return self._read(previous) if previous is not None else []
+        return out + self._read(previous) if previous is not None else out
 
-    def _issue_decode(self) -> _Issued | None:
+    def _issue_decode(self) -> tuple[_Issued | None, list[Token]]:
+        """The next decode step (None without rows), and the previous step's tokens when a
+        grammar needed them before this step's sampling."""
         batch = self.batch
         keep = [i for i, r in enumerate(batch.rows) if not r.done and r.issued < r.max_tokens]
         room = self.max_num_seqs - len(keep)
@@ -151,15 +169,21 @@ class BatchLoop:
         if len(keep) != len(batch.rows) or joining:
             self._rebatch(keep, joining)
         if not batch.rows:
-            return None
+            return None, []
         self.peak_batch = max(self.peak_batch, len(batch.rows))
         inputs = batch.inputs
         logits = self.model(inputs[:, None], cache=batch.caches)[:, -1, :]
-        tokens = batch.sampling.sample(logits, inputs, batch.positions)
+        read: list[Token] = []
+        if batch.constrained:  # the host computes the masks while the device runs the forward pass
+            mx.async_eval(logits)
+            previous, self._issued = self._issued, None
+            read = self._read(previous) if previous is not None else []
+            logits = apply_bitmask(logits, self.grammars.bitmask([r.constraint for r in batch.rows]))
+        tokens, logprobs = batch.sampling.sample(logits, inputs, batch.positions, batch.top_logprobs)
         for r in batch.rows:
             r.issued += 1
         batch.inputs, batch.positions = tokens, batch.positions + 1
-        return _Issued(list(batch.rows), tokens)
+        return _Issued(list(batch.rows), tokens, logprobs), read
 
     def _rebatch(self, keep: list[int], joining: list[Row]) -> None:
         """The batch changed: new caches and sampling arrays; inputs filtered and extended."""
@@ -176,6 +200,7 @@ class BatchLoop:
         batch.rows = rows
         if not rows:
             batch.caches = batch.sampling = batch.inputs = batch.positions = None
+            batch.constrained, batch.top_logprobs = False, None
             return
         batch.inputs = mx.concatenate([p.astype(mx.uint32) for p in parts]) if len(parts) > 1 else parts[0]
         batch.caches = [BatchPagedKVCache(self.ctx, layer, [r.blocks for r in rows]) for layer in range(self.ctx.num_layers)]
@@ -184,6 +209,9 @@ class BatchLoop:
             kept = [batch_rows_history(r, joined=False) for r in rows[: len(rows) - len(joining)]]
             histories = kept + [batch_rows_history(r, joined=True) for r in joining]
         batch.sampling = BatchSampling.build([r.params for r in rows], [r.key for r in rows], histories)
+        batch.constrained = any(r.constraint is not None for r in rows)
+        asks = [r.top_logprobs for r in rows if r.top_logprobs is not None]
+        batch.top_logprobs = max(asks) if asks else None
         batch.positions = mx.array(np.fromiter((r.start + r.issued for r in rows), np.uint32, len(rows)))
 
     def _issue_prefill(self) -> bool:
@@ -235,19 +263,28 @@ class BatchLoop:
             cache.flush()
 
     def _read(self, issued: _Issued) -> list[Token]:
-        """The host sync: one step's tokens, with their finish reasons."""
+        """The host sync: one step's tokens, with their finish reasons (and logprobs if asked)."""
         out = []
-        for row, token in zip(issued.rows, issued.tokens.tolist()):
+        chosen = top_ids = top_lps = None
+        if issued.logprobs is not None:
+            chosen, top_ids, top_lps = (a.tolist() for a in issued.logprobs)
+        for i, (row, token) in enumerate(zip(issued.rows, issued.tokens.tolist())):
             if row.done:  # removed, or finished in an earlier step: this token was spare work
                 continue
             if row.history is not None:
                 row.history.append(token)
             row.produced += 1
             finish = "stop" if token in row.stops else "length" if row.produced >= row.max_tokens else None
+            if row.constraint is not None and finish is None:
+                finish = "stop" if not row.constraint.consume(token) or row.constraint.stopped else None
             if finish is not None:
                 row.done = True
                 self.rows.pop(row.uid, None)
-            out.append(Token(row.uid, token, finish))
+            t = Token(row.uid, token, finish)
+            if row.top_logprobs is not None:
+                k = row.top_logprobs
+                t.logprob, t.top = chosen[i], list(zip(top_ids[i][:k], top_lps[i][:k]))
+            out.append(t)
         if any(t.finish for t in out):
             self._flush()  # the finished rows' blocks go to the prefix cache next
         return out

@@ -69,9 +69,13 @@ class BatchSampling:
             histories=histories if penalties is not None else None,
         )
 
-    def sample(self, logits: mx.array, inputs: mx.array, positions: mx.array) -> mx.array:
+    def sample(self, logits: mx.array, inputs: mx.array, positions: mx.array,
+               top_logprobs: int | None = None) -> tuple[mx.array, tuple[mx.array, mx.array, mx.array] | None]:
         """Next tokens [B] from logits [B, vocab]. `inputs` are the tokens this step consumed (they
-        join the penalty counts first); `positions` each row's index of the token being sampled."""
+        join the penalty counts first); `positions` each row's index of the token being sampled.
+        With `top_logprobs` (some row asks for logprobs) also the chosen tokens' log-probabilities
+        [B] and the best `top_logprobs` tokens and theirs [B, k], from the distribution after
+        penalties and any grammar mask, before temperature and filters (as vLLM reports them)."""
         if self.penalties is not None:
             if self.counts is None:  # the vocabulary is the logits' width
                 self.counts, self.histories = token_counts(self.histories, logits.shape[-1]), None
@@ -79,6 +83,12 @@ class BatchSampling:
             self.counts = self.counts.at[rows, inputs].add(1.0)
             logits = apply_penalties(logits.astype(mx.float32), self.counts, *self.penalties)
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
+        tokens = self._choose(logprobs, positions)
+        if top_logprobs is None:
+            return tokens, None
+        return tokens, best_logprobs(logprobs, tokens, top_logprobs)
+
+    def _choose(self, logprobs: mx.array, positions: mx.array) -> mx.array:
         best = mx.argmax(logprobs, axis=-1)
         if self.greedy:
             return best
@@ -88,6 +98,17 @@ class BatchSampling:
             self.keys, positions)
         sampled = mx.argmax(logprobs * self.inv_temp + noise, axis=-1)
         return mx.where(self.is_greedy, best, sampled)
+
+
+def best_logprobs(logprobs: mx.array, tokens: mx.array, k: int) -> tuple[mx.array, mx.array, mx.array]:
+    """The chosen tokens' log-probabilities [B], and the k most likely tokens and theirs [B, k]."""
+    chosen = mx.take_along_axis(logprobs, tokens[:, None], axis=-1)[:, 0]
+    k = max(1, k)
+    top = mx.argpartition(-logprobs, k - 1, axis=-1)[:, :k]
+    values = mx.take_along_axis(logprobs, top, axis=-1)
+    order = mx.argsort(-values, axis=-1)
+    return (chosen.astype(mx.float32), mx.take_along_axis(top, order, axis=-1),
+            mx.take_along_axis(values, order, axis=-1).astype(mx.float32))
 
 
 def fold(key: mx.array, position: mx.array) -> mx.array:

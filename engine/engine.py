@@ -20,6 +20,7 @@ import time
 import uuid
 
 from .config import EngineConfig
+from .constraints import Constraint
 from .errors import EngineDeadError, InvalidRequestError, OrchardError, OverloadedError
 from .kv_cache import budget_bytes, make_cache_manager
 from .loader import LoadedModel, load_model
@@ -91,8 +92,10 @@ class RequestStream:
 
 def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
     """Two deltas of one request as one (b came after a)."""
+    logprobs = (a.logprobs or []) + (b.logprobs or []) if a.logprobs is not None or b.logprobs is not None else None
     return RequestOutput(a.request_id, a.text + b.text, a.token_ids + b.token_ids, finish_reason=b.finish_reason,
-                         usage=b.usage, first_token_time=a.first_token_time or b.first_token_time, created=a.created)
+                         usage=b.usage, first_token_time=a.first_token_time or b.first_token_time, created=a.created,
+                         logprobs=logprobs)
 
 
 class AsyncEngine:
@@ -136,9 +139,18 @@ class AsyncEngine:
     def info(self) -> dict:
         return {**self.loaded.summary(), "context_length": self.context_length}
 
-    def submit(self, prompt: PromptInput, params: SamplingParams, request_id: str | None = None) -> RequestStream:
-        """Validate and enqueue a request. Raises InvalidRequestError / OverloadedError at once."""
+    def compile_guided(self, params: SamplingParams) -> Constraint | None:
+        """The matcher of a request's `guided` spec (a bad schema is an InvalidRequestError). Can
+        take a while for a big schema, so callers on an event loop run it in a thread."""
+        return self.scheduler.grammars.compile(params.guided) if params.guided is not None else None
+
+    def submit(self, prompt: PromptInput, params: SamplingParams, request_id: str | None = None,
+               constraint: Constraint | None = None) -> RequestStream:
+        """Validate and enqueue a request. Raises InvalidRequestError / OverloadedError at once.
+        `constraint`: the request's compiled `guided` spec (compiled here when not given)."""
         self.check_health()
+        if params.guided is not None and constraint is None:
+            constraint = self.compile_guided(params)
         prompt_ids = encode_prompt(self.tokenizer, prompt, self.config.chat_template)
         max_tokens = self._max_tokens(len(prompt_ids), params)
         with self._lock:
@@ -150,7 +162,7 @@ class AsyncEngine:
             stream = RequestStream(self, request_id, len(prompt_ids))
             self._streams[request_id] = stream
         text = TextStream(self.tokenizer.detokenizer, params.stop)
-        self._inbox.put(("add", Sequence(request_id, prompt_ids, params, max_tokens, text)))
+        self._inbox.put(("add", Sequence(request_id, prompt_ids, params, max_tokens, text, constraint=constraint)))
         return stream
 
     def abort(self, request_id: str) -> None:

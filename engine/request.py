@@ -48,6 +48,8 @@ class RequestOutput:
     usage: Usage | None = None
     first_token_time: float | None = None  # monotonic time of the request's first token (first delta)
     created: float = field(default_factory=time.time)
+    # with logprobs: one entry per token of token_ids, {"id", "token", "logprob", "top": [[id, token, logprob]]}
+    logprobs: list[dict[str, Any]] | None = None
 
     @property
     def finished(self) -> bool:

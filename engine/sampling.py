@@ -12,6 +12,7 @@ import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from .constraints import GuidedSpec
 from .errors import InvalidRequestError
 
 Sampler = Callable[[mx.array], mx.array]
@@ -34,6 +35,9 @@ class SamplingParams(BaseModel):
     stop: list[str] = Field(default_factory=list, description="Stop strings; matched text is not returned.")
     stop_token_ids: list[Annotated[int, Field(ge=0, lt=2**31)]] = Field(default_factory=list, max_length=64)
     ignore_eos: bool = Field(False, description="Keep generating past EOS (benchmarks).")
+    logprobs: bool = Field(False, description="Return each output token's log-probability.")
+    top_logprobs: int = Field(0, ge=0, le=20, description="With logprobs: also the k most likely tokens.")
+    guided: GuidedSpec | None = Field(None, description="A JSON schema or grammar the output must match.")
 
     @field_validator("stop", mode="before")
     @classmethod

@@ -25,6 +25,8 @@ import mlx.core as mx
 from mlx_lm.generate import BatchGenerator, StopSequences
 
 from .batch_loop import BatchLoop, Token
+from .batch_sampling import best_logprobs
+from .constraints import Constraint, GrammarProcessor, Grammars, logits_width
 from .config import EngineConfig
 from .errors import RequestFailedError
 from .request import FinishReason, RequestOutput, Usage
@@ -52,6 +54,8 @@ class Sequence:
     pending_text: str = ""
     first_token_time: float | None = None
     finish_reason: FinishReason | None = None
+    constraint: Constraint | None = None  # its grammar (structured output); it lives with the request
+    pending_logprobs: list[dict] | None = None  # with params.logprobs: one entry per pending token
 
     @property
     def tokens(self) -> list[int]:
@@ -79,12 +83,13 @@ class Scheduler:
         self.counters = {"requests": 0, "finished": 0, "aborted": 0, "rejected": 0, "preempted": 0, "prompt_tokens": 0,
                          "generated_tokens": 0}
         self.rejected: list[tuple[str, Exception]] = []
+        self.grammars = Grammars(tokenizer, logits_width(model), self.eos_ids)
         self.gen = self._make_batch()
 
     def _make_batch(self) -> "BatchLoop | MlxLmBatch":
         cfg = self.config
         sizes = dict(max_num_seqs=cfg.max_num_seqs, prefill_batch_size=cfg.prefill_batch_size,
-                     prefill_step_size=cfg.prefill_step_size)
+                     prefill_step_size=cfg.prefill_step_size, grammars=self.grammars)
         ctx = getattr(self.cache, "ctx", None)
         if ctx is not None:
             return BatchLoop(self.model, ctx, **sizes)
@@ -116,7 +121,8 @@ class Scheduler:
         seq.kv, cached = self.cache.acquire(tokens, seq.remaining)
         if not seq.output_ids:
             seq.cached_tokens = cached
-        seq.uid = self.gen.insert(seq.kv, tokens, cached, seq.remaining, seq.params, stops, start=len(seq.output_ids))
+        seq.uid = self.gen.insert(seq.kv, tokens, cached, seq.remaining, seq.params, stops, start=len(seq.output_ids),
+                                  constraint=seq.constraint)
         self._by_uid[seq.uid] = seq
 
     def _preempt_for_room(self) -> None:
@@ -189,7 +195,7 @@ class Scheduler:
             if seq is None:
                 continue
             try:
-                out = self._on_token(seq, r.token, r.finish)
+                out = self._on_token(seq, r)
             except Exception as exc:  # noqa: BLE001 - this request's own work failed: end it alone
                 log.exception("request %s failed while handling its token", seq.request_id)
                 self._fail_one(seq, exc)
@@ -203,15 +209,18 @@ class Scheduler:
             outputs.append(self._finish(seq, "stop"))
         return outputs
 
-    def _on_token(self, seq: Sequence, token: int, finish: str | None) -> RequestOutput | None:
+    def _on_token(self, seq: Sequence, r: Token) -> RequestOutput | None:
+        token, finish = r.token, r.finish
         now = time.monotonic()
         if seq.first_token_time is None:
             seq.first_token_time = now
         seq.output_ids.append(token)
         self.counters["generated_tokens"] += 1
-        if finish != "stop":  # a stop token is counted but never shown
+        if finish != "stop" or token not in self.eos_ids + seq.params.stop_token_ids:  # a stop token is never shown
             seq.pending_ids.append(token)
             seq.pending_text += seq.text.add(token)
+            if seq.params.logprobs:
+                seq.pending_logprobs = (seq.pending_logprobs or []) + [self._logprob_entry(r)]
         if finish is not None:
             return self._finish(seq, finish)
         if seq.text.stopped:
@@ -220,11 +229,17 @@ class Scheduler:
             return self._flush(seq)
         return None
 
+    def _logprob_entry(self, r: Token) -> dict:
+        decode = lambda t: self.tokenizer.decode([t])  # noqa: E731
+        return {"id": r.token, "token": decode(r.token), "logprob": r.logprob,
+                "top": [[t, decode(t), lp] for t, lp in r.top or ()]}
+
     def _flush(self, seq: Sequence) -> RequestOutput | None:
         if not seq.pending_ids and not seq.pending_text:
             return None
-        out = RequestOutput(seq.request_id, seq.pending_text, seq.pending_ids, first_token_time=seq.first_token_time)
-        seq.pending_text, seq.pending_ids = "", []
+        out = RequestOutput(seq.request_id, seq.pending_text, seq.pending_ids, first_token_time=seq.first_token_time,
+                            logprobs=seq.pending_logprobs)
+        seq.pending_text, seq.pending_ids, seq.pending_logprobs = "", [], None
         return out
 
     def _finish(self, seq: Sequence, reason: FinishReason) -> RequestOutput:
@@ -245,6 +260,7 @@ class Scheduler:
             finish_reason=reason,
             usage=seq.usage(),
             first_token_time=seq.first_token_time,
+            logprobs=seq.pending_logprobs,
         )
 
     def fail_all(self, exc: Exception) -> None:
@@ -274,27 +290,34 @@ class Scheduler:
 
 
 class MlxLmBatch:
-    """mlx_lm's BatchGenerator behind the interface of `BatchLoop` (for caches it cannot page)."""
+    """mlx_lm's BatchGenerator behind the interface of `BatchLoop` (for caches it cannot page).
+    A grammar is a logits processor here, and logprobs come from its per-token log-probabilities."""
 
-    def __init__(self, model, *, max_num_seqs: int, prefill_batch_size: int, prefill_step_size: int):
+    def __init__(self, model, *, max_num_seqs: int, prefill_batch_size: int, prefill_step_size: int,
+                 grammars: Grammars | None = None):
         self.gen = BatchGenerator(model, completion_batch_size=max_num_seqs, prefill_batch_size=prefill_batch_size,
                                   prefill_step_size=prefill_step_size)
+        self.grammars = grammars
+        self.rows: dict[int, tuple[GrammarProcessor | None, int | None, list[int]]] = {}
 
     def insert(self, kv, prompt_ids: list[int], cached: int, max_tokens: int, params: SamplingParams,
-               stop_ids: list[int], start: int = 0) -> int:
+               stop_ids: list[int], start: int = 0, constraint: Constraint | None = None) -> int:
         sampler, processors = make_sampler(params), make_processors(params)  # per request: may raise
+        grammar = GrammarProcessor(self.grammars, constraint) if constraint is not None else None
         (uid,) = self.gen.insert(
             [prompt_ids[cached:]],
             max_tokens=[max_tokens],
             caches=[kv] if kv is not None else None,
             all_tokens=[prompt_ids[:cached]],  # penalties see the whole prompt
             samplers=[sampler],
-            logits_processors=[processors],
+            logits_processors=[processors + ([grammar] if grammar is not None else [])],
             stop_sequences=[StopSequences([[t] for t in stop_ids])],
         )
+        self.rows[uid] = (grammar, params.top_logprobs if params.logprobs else None, [])
         return uid
 
     def remove(self, uid: int) -> None:
+        self.rows.pop(uid, None)
         self.gen.remove([uid])
 
     def blocks_needed(self) -> int:
@@ -305,7 +328,30 @@ class MlxLmBatch:
 
     def step(self) -> list[Token]:
         _, responses = self.gen.next()
-        return [Token(r.uid, r.token, r.finish_reason) for r in responses]
+        out = []
+        for r in responses:
+            if r.uid not in self.rows:
+                continue
+            token = self._token(r)
+            if token.finish is not None:
+                if r.finish_reason is None:  # the grammar ended it: BatchGenerator does not know
+                    self.gen.remove([r.uid])
+                self.rows.pop(r.uid, None)
+            out.append(token)
+        return out
+
+    def _token(self, r) -> Token:
+        grammar, k, output = self.rows[r.uid]
+        output.append(r.token)
+        finish = r.finish_reason
+        if grammar is not None and finish is None:
+            grammar.feed(len(output) - 1, r.token)
+            finish = "stop" if grammar.constraint.stopped else None
+        t = Token(r.uid, r.token, finish)
+        if k is not None:
+            chosen, top_ids, top_lps = (a.tolist() for a in best_logprobs(r.logprobs[None], mx.array([r.token]), k))
+            t.logprob, t.top = chosen[0], list(zip(top_ids[0], top_lps[0]))
+        return t
 
     @property
     def nbytes(self) -> int:
