@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import json
 
-# The OpenAI features a server may refuse instead of honouring (our router refuses them by name).
-UNSUPPORTED = ("logprobs", "tools", "response_format", "logit_bias")
+# OpenAI features a server may refuse instead of honouring (our router refuses these by name).
+UNSUPPORTED = ("logit_bias", "audio")
 
 
 def hostile_bodies(model: str) -> dict[str, bytes]:
@@ -29,9 +29,14 @@ def hostile_bodies(model: str) -> dict[str, bytes]:
         "1000 stop strings": body(stop=[f"s{i}" for i in range(1000)]),
         "deeply nested": raw[:-2] + b', "x": ' + b"[" * 100_000 + b"]" * 100_000 + b"}",
         "over the size limit": body(messages=[{"role": "user", "content": "x" * 2_000_000}]),
-        "unknown field": body(frobnicate=1), "n > 1": body(n=2), "logprobs": body(logprobs=True),
-        "tools": body(tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-        "response_format": body(response_format={"type": "json_object"}), "logit_bias": body(logit_bias={"1": 5}),
+        "unknown field": body(frobnicate=1), "n > 1": body(n=2), "logit_bias": body(logit_bias={"1": 5}),
+        "audio": body(audio={"voice": "alloy", "format": "wav"}),
+        "top_logprobs without logprobs": body(top_logprobs=3), "top_logprobs 50": body(logprobs=True, top_logprobs=50),
+        "a tool without a name": body(tools=[{"type": "function", "function": {"parameters": {}}}]),
+        "tool_choice naming no tool": body(tool_choice={"type": "function", "function": {"name": "f"}}),
+        "an unknown response_format": body(response_format={"type": "xml"}),
+        "a schema that does not compile": body(response_format={"type": "json_schema", "json_schema": {
+            "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "strin"}}}}}),
         "an image part": body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
         "a made-up role": body(messages=[{"role": "wizard", "content": "hi"}]),
         "empty body": b"", "a list": b"[1, 2]", "null": b"null",

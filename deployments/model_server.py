@@ -111,6 +111,8 @@ def merge(batch: list, stream) -> dict[str, Any]:
         "usage": last.usage.to_openai() if last.usage is not None else None,
         "request_id": stream.request_id,
         "prompt_tokens": stream.prompt_tokens,
+        **({"logprobs": [e for o in batch for e in o.logprobs or ()]} if any(o.logprobs is not None for o in batch)
+           else {}),
     }
 
 
@@ -152,7 +154,8 @@ class ModelServer:
             if params.ignore_eos and not self.allow_ignore_eos:
                 raise InvalidRequestError(f"ignore_eos is not allowed for model {self.name!r} (its operator can "
                                           "set allow_ignore_eos in the model's config)", param="ignore_eos")
-            stream = self.engine.submit(PromptInput(**request["prompt"]), params, request.get("request_id"))
+            constraint = await asyncio.to_thread(self.engine.compile_guided, params) if params.guided else None
+            stream = self.engine.submit(PromptInput(**request["prompt"]), params, request.get("request_id"), constraint)
         except OrchardError as exc:
             yield error_item(exc)
             return

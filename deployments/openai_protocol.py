@@ -8,11 +8,12 @@ SamplingParams, which reports them the same way.
 from __future__ import annotations
 
 import json
-import time
-import uuid
+import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+
+from .tools import ResponseFormat, Tool, ToolChoice, ToolPlan, tool_plan
 
 Role = Literal["system", "user", "assistant", "tool", "developer"]
 SAMPLING_FIELDS = (
@@ -43,8 +44,7 @@ class ApiError(Exception):
 _UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "null"}
 # OpenAI request fields this server does not implement: refused by name, never ignored.
 UNSUPPORTED = {
-    "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "response_format",
-    "logprobs", "top_logprobs", "logit_bias", "echo", "best_of", "suffix", "audio", "modalities",
+    "functions", "function_call", "logit_bias", "echo", "best_of", "suffix", "audio", "modalities",
     "prediction", "web_search_options", "reasoning_effort", "service_tier", "store", "metadata",
 }
 
@@ -61,6 +61,8 @@ def bad_request(exc: ValidationError) -> ApiError:
         return ApiError(400, f"{param}: not supported by this server; remove it from the request",
                         param=param, code="unsupported_parameter")
     msg = err["msg"].removeprefix("Value error, ")
+    if not param and (named := re.match(r"^([a-z_]+(?:\.[a-z_0-9]+)*): ", msg)):  # a check across fields
+        return ApiError(400, msg, param=named.group(1))
     return ApiError(400, f"{param}: {msg}" if param else msg, param=param)
 
 
@@ -73,10 +75,23 @@ class TextPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"]
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     role: Role
     content: str | list[TextPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
+    tool_call_id: str | None = None  # a tool turn: the call it answers
 
     @field_validator("content", mode="before")
     @classmethod
@@ -87,11 +102,23 @@ class ChatMessage(_Strict):
                     raise ValueError("only text content parts ({\"type\": \"text\", \"text\": ...}) are supported")
         return v
 
+    @model_validator(mode="after")
+    def _tool_fields(self):
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("tool_calls belong to an assistant message")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id it answers")
+        return self
+
     def as_dict(self) -> dict[str, Any]:
         content = self.content if not isinstance(self.content, list) else "".join(p.text for p in self.content)
-        msg = {"role": self.role, "content": content or ""}
+        msg: dict[str, Any] = {"role": self.role, "content": content or ""}
         if self.name:
             msg["name"] = self.name
+        if self.tool_calls:
+            msg["tool_calls"] = [c.model_dump() for c in self.tool_calls]
+        if self.tool_call_id:
+            msg["tool_call_id"] = self.tool_call_id
         return msg
 
 
@@ -140,22 +167,56 @@ class _SamplingRequest(_Strict):
 class ChatCompletionRequest(_SamplingRequest):
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None
-    logprobs: Literal[False] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    response_format: ResponseFormat | None = None
+    tools: list[Tool] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    _plan: ToolPlan = PrivateAttr(default_factory=ToolPlan)
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs: needs logprobs: true")
+        self._plan = tool_plan(self.tools, self.tool_choice, self.parallel_tool_calls, self.response_format)
+        return self
+
+    @property
+    def plan(self) -> ToolPlan:
+        return self._plan
 
     def sampling(self) -> dict[str, Any]:
         out = super().sampling()
         if self.max_completion_tokens is not None and self.max_tokens is None:
             out["max_tokens"] = self.max_completion_tokens
+        if self.logprobs:
+            out["logprobs"], out["top_logprobs"] = True, self.top_logprobs or 0
+        guided = self.plan.guided()
+        if guided is not None:
+            out["guided"] = guided
         return out
 
     def prompt(self) -> dict[str, Any]:
-        return {"messages": [m.as_dict() for m in self.messages]}
+        out: dict[str, Any] = {"messages": [m.as_dict() for m in self.messages]}
+        if self.plan.render_tools:
+            out["tools"] = [t.model_dump(exclude_none=True) for t in self.tools]
+        return out
 
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[int] | list[str] | list[list[int]]
     echo: Literal[False] = False
-    logprobs: None = None
+    logprobs: int | None = Field(None, ge=0, le=5)  # OpenAI's legacy shape: the k best per token
+    response_format: ResponseFormat | None = None
+
+    def sampling(self) -> dict[str, Any]:
+        out = super().sampling()
+        if self.logprobs is not None:
+            out["logprobs"], out["top_logprobs"] = True, self.logprobs
+        if self.response_format is not None and self.response_format.guided() is not None:
+            out["guided"] = self.response_format.guided()
+        return out
 
     @field_validator("prompt")
     @classmethod
@@ -180,49 +241,6 @@ def parse_request(body: bytes, model_cls: type[_Strict]) -> Any:
 
 
 # --- responses -----------------------------------------------------------------------------
-
-
-def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
-
-
-class ResponseBuilder:
-    """Builds the JSON bodies and SSE chunks of one response (chat or text completion)."""
-
-    def __init__(self, kind: Literal["chat", "text"], model: str, request_id: str):
-        self.kind, self.model, self.id = kind, model, request_id
-        self.created = int(time.time())
-        self.object = "chat.completion" if kind == "chat" else "text_completion"
-
-    def _base(self, obj: str) -> dict[str, Any]:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model}
-
-    def full(self, text: str, finish_reason: str | None, usage: dict | None) -> dict[str, Any]:
-        if self.kind == "chat":
-            choice = {"index": 0, "message": {"role": "assistant", "content": text},
-                      "logprobs": None, "finish_reason": finish_reason}
-        else:
-            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        return {**self._base(self.object), "choices": [choice], "usage": usage, "system_fingerprint": None}
-
-    def chunk(self, text: str | None, finish_reason: str | None = None, *, first: bool = False,
-              with_usage_field: bool = False) -> dict[str, Any]:
-        if self.kind == "chat":
-            delta: dict[str, Any] = {"role": "assistant"} if first else {}
-            if text is not None:
-                delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
-            out = {**self._base("chat.completion.chunk"), "choices": [choice]}
-        else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
-            out = {**self._base("text_completion"), "choices": [choice]}
-        if with_usage_field:
-            out["usage"] = None
-        return out
-
-    def usage_chunk(self, usage: dict | None) -> dict[str, Any]:
-        obj = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-        return {**self._base(obj), "choices": [], "usage": usage}
 
 
 def sse(data: dict[str, Any] | str) -> bytes:

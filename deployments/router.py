@@ -24,8 +24,9 @@ from .config import RouterConfig
 from .metrics import CONTENT_TYPE_LATEST, RouterMetrics
 from .model_client import ModelCall, ModelClient, RayModelClient
 from .model_directory import LOADED, ModelDirectory
+from .openai_responses import ResponseBuilder, new_id
 from .openai_protocol import (
-    SSE_DONE, ApiError, ChatCompletionRequest, CompletionRequest, ResponseBuilder, model_card, new_id,
+    SSE_DONE, ApiError, ChatCompletionRequest, CompletionRequest, model_card,
     parse_request, sse,
 )
 
@@ -141,7 +142,8 @@ class RouterCore:
         ApiError). Other APIs (engine-independent adapters) build a request and call this too."""
         model = req.model
         client = self.client(model)
-        builder = ResponseBuilder(kind, model, new_id("chatcmpl" if kind == "chat" else "cmpl"))
+        builder = ResponseBuilder(kind, model, new_id("chatcmpl" if kind == "chat" else "cmpl"),
+                                  tools=kind == "chat" and req.plan.parse, logprobs=req.logprobs not in (None, False))
         payload = {
             "request_id": builder.id,
             "prompt": req.prompt() if kind == "chat" else req.prompt_input(),
@@ -159,30 +161,31 @@ class RouterCore:
 
     async def collect(self, call: ModelCall, builder: ResponseBuilder) -> dict[str, Any]:
         """The whole response body of a call (non-streamed)."""
-        parts, last = [], None
+        parts, logprobs, last = [], [], None
         try:
             async for chunk in call:
                 parts.append(chunk["text"])
+                logprobs += chunk.get("logprobs") or []
                 last = chunk
         finally:
             await call.close()
             self._record(call)
         if last is None:
             raise ApiError(502, "the model ended the stream without output", type="server_error")
-        return builder.full("".join(parts), last["finish_reason"], last["usage"])
+        return builder.full("".join(parts), last["finish_reason"], last["usage"], logprobs)
 
     async def chunks(self, call: ModelCall, builder: ResponseBuilder, include_usage: bool) -> AsyncIterator[dict]:
         """A call's streamed response as OpenAI chunk dicts; an error mid-stream is the last item,
         an OpenAI error body ({"error": ...}). Closes the call at the end or when abandoned."""
-        usage, first = None, True
+        usage = None
         try:
             async for chunk in call:
-                if chunk["text"] or first:
-                    yield builder.chunk(chunk["text"], first=first, with_usage_field=include_usage)
-                    first = False
+                for out in builder.deltas(chunk["text"], chunk.get("logprobs"), with_usage_field=include_usage):
+                    yield out
                 if chunk["finish_reason"] is not None:
                     usage = chunk["usage"]
-                    yield builder.chunk(None, chunk["finish_reason"], with_usage_field=include_usage)
+                    for out in builder.final(chunk["finish_reason"], with_usage_field=include_usage):
+                        yield out
             if include_usage:
                 yield builder.usage_chunk(usage)
         except ApiError as exc:  # the engine failed or the deadline passed mid-stream

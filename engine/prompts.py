@@ -6,6 +6,7 @@ from typing import Any
 
 from .errors import InvalidRequestError
 from .request import PromptInput
+from .tool_prompt import for_template, hermes, template_takes_tools
 
 
 def encode_prompt(tokenizer, prompt: PromptInput, chat_template: str | None = None) -> list[int]:
@@ -18,7 +19,7 @@ def encode_prompt(tokenizer, prompt: PromptInput, chat_template: str | None = No
     elif prompt.text is not None:
         ids = tokenizer.encode(prompt.text)
     else:
-        ids = _apply_chat_template(tokenizer, prompt.messages, chat_template)
+        ids = _apply_chat_template(tokenizer, prompt.messages, chat_template, prompt.tools)
     if not ids:
         raise InvalidRequestError("the prompt is empty", param="prompt")
     return ids
@@ -31,7 +32,8 @@ def _check_ids(ids: list[int], vocab: int) -> list[int]:
     return list(ids)
 
 
-def _apply_chat_template(tokenizer, messages: list[dict[str, Any]], template: str | None) -> list[int]:
+def _apply_chat_template(tokenizer, messages: list[dict[str, Any]], template: str | None,
+                         tools: list[dict[str, Any]] | None = None) -> list[int]:
     if not messages:
         raise InvalidRequestError("messages must be a non-empty list", param="messages")
     if template is None and not tokenizer.has_chat_template:
@@ -40,8 +42,14 @@ def _apply_chat_template(tokenizer, messages: list[dict[str, Any]], template: st
             param="messages",
         )
     normalized = [_normalize_message(m, i) for i, m in enumerate(messages)]
+    extra: dict[str, Any] = {"chat_template": template} if template is not None else {}
+    if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in normalized):
+        if template_takes_tools(tokenizer, template):
+            normalized = for_template(normalized)
+            extra["tools"] = tools
+        else:
+            normalized = hermes(normalized, tools)
     try:
-        extra = {"chat_template": template} if template is not None else {}
         return list(tokenizer.apply_chat_template(normalized, add_generation_prompt=True, **extra))
     except Exception as exc:  # jinja2 TemplateError and friends: the template rejected the conversation
         raise InvalidRequestError(f"the chat template rejected these messages: {exc}", param="messages") from exc

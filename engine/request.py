@@ -16,6 +16,7 @@ class PromptInput:
     messages: list[dict[str, Any]] | None = None
     text: str | None = None
     token_ids: list[int] | None = None
+    tools: list[dict[str, Any]] | None = None  # OpenAI function tools, rendered with the messages
 
 
 @dataclass

@@ -420,20 +420,19 @@ class ScriptedCore(RouterCore):
             yield c
 
 
-async def test_sdk_reads_tool_use_blocks_created_and_streamed(monkeypatch):
+async def test_sdk_reads_tool_use_blocks_created_and_streamed():
     calls = [WEATHER_CALL]
     core = ScriptedCore(completion({"content": None, "tool_calls": calls}, "tool_calls"),
                         [oai_chunk({"role": "assistant", "content": ""}),
                          oai_chunk(tool_delta(0, "call_1", "get_weather")),
                          oai_chunk(tool_delta(0, args='{"city"')), oai_chunk(tool_delta(0, args=': "Paris"}')),
                          oai_chunk({}, "tool_calls"), usage_chunk()])
-    # Until the chat path takes tools, the translated request is checked as it would be sent.
-    monkeypatch.setattr("deployments.anthropic_api.to_chat_request", lambda req: FakeChatRequest(to_openai(req)))
     client = sdk(core)
     tools = [{"name": "get_weather", "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}}}]
     msg = await client.messages.create(model="m1", max_tokens=16, messages=HI, tools=tools,
                                        tool_choice={"type": "tool", "name": "get_weather"})
-    assert core.requests[0].body["tool_choice"] == {"type": "function", "function": {"name": "get_weather"}}
+    assert core.requests[0].tool_choice.model_dump() == {"type": "function", "function": {"name": "get_weather"}}
+    assert core.requests[0].plan.grammar is not None  # the named call is forced
     assert msg.stop_reason == "tool_use" and msg.content[0].type == "tool_use"
     use = msg.content[0]
     assert (use.id, use.name, use.input) == ("call_1", "get_weather", {"city": "Paris"})
@@ -441,20 +440,6 @@ async def test_sdk_reads_tool_use_blocks_created_and_streamed(monkeypatch):
         final = await stream.get_final_message()
     assert final.stop_reason == "tool_use" and len(final.content) == 1
     assert final.content[0].type == "tool_use" and final.content[0].input == {"city": "Paris"}
-
-
-class FakeChatRequest:
-    """Stands in for ChatCompletionRequest where the OpenAI side does not take a field yet (tools)."""
-
-    def __init__(self, body: dict):
-        self.body, self.model, self.stream = body, body["model"], body.get("stream", False)
-        self.include_usage = True
-
-    def prompt(self):
-        return {"messages": self.body["messages"]}
-
-    def sampling(self):
-        return {"max_tokens": self.body.get("max_tokens")}
 
 
 async def test_sdk_raises_its_typed_errors():

@@ -40,6 +40,7 @@ class _Out:
         self.text, self.token_ids = f"t{i} ", [i]
         self.finish_reason = "length" if last else None
         self.usage = None
+        self.logprobs = None
 
     @property
     def finished(self):

@@ -1,0 +1,198 @@
+"""OpenAI tools and response_format on the router's side: validating them, the plan they make
+for one request, and the tool calls parsed out of the model's output.
+
+The model sees tools through its chat template or the Hermes prompt (engine/tool_prompt.py) and
+calls them as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`. With tool_choice
+"required" or a named function the call is forced by a grammar (a Lark grammar whose JSON is the
+functions' schemas), so its arguments always validate; with "auto" the model may call or answer,
+and calls are parsed out of what it wrote. tool_choice "none" leaves the tools out.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from engine.constraints import JSON_OPTIONS
+from engine.tool_prompt import CALL_CLOSE, CALL_OPEN
+
+MAX_PARALLEL_CALLS = 4  # a forced parallel call makes at most this many calls
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class JsonSchemaFormat(_Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: str | None = None
+    schema_: dict[str, Any] = Field(default_factory=lambda: {"type": "object"}, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def guided(self) -> dict[str, Any] | None:
+        """The engine's GuidedSpec (as a dict) for this format; None for plain text."""
+        if self.type == "json_object":
+            return {"json_object": True}
+        if self.type == "json_schema":
+            if self.json_schema is None:
+                raise ValueError("response_format.json_schema: required when type is json_schema")
+            return {"json_schema": self.json_schema.schema_}
+        return None
+
+
+class FunctionDef(_Strict):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+@dataclass
+class ToolPlan:
+    """What one chat request's tools and response_format mean for the engine and the parser."""
+
+    render_tools: bool = False  # the prompt describes the tools
+    parse: bool = False  # calls are parsed out of the output
+    grammar: str | None = None  # the Lark grammar that forces the call(s)
+    response_format: ResponseFormat | None = None
+
+    def guided(self) -> dict[str, Any] | None:
+        if self.grammar is not None:
+            return {"lark": self.grammar}
+        return self.response_format.guided() if self.response_format is not None else None
+
+
+def tool_plan(tools: list[Tool] | None, choice: ToolChoice | None, parallel: bool | None,
+              response_format: ResponseFormat | None) -> ToolPlan:
+    """Raises ValueError (a 400 naming the field) for a choice that names no tool, a choice
+    without tools, or a forced call together with a JSON response_format."""
+    if response_format is not None:
+        response_format.guided()  # a json_schema type without its schema is refused here
+    if not tools:
+        if choice not in (None, "none"):
+            raise ValueError("tool_choice: needs tools")
+        return ToolPlan(response_format=response_format)
+    names = [t.function.name for t in tools]
+    if len(set(names)) != len(names):
+        raise ValueError("tools: function names must be unique")
+    choice = choice or "auto"
+    if choice == "none":
+        return ToolPlan(response_format=response_format)
+    forced = None
+    if isinstance(choice, NamedToolChoice):
+        if choice.function.name not in names:
+            raise ValueError(f"tool_choice: no tool named {choice.function.name!r} in tools")
+        forced = [t for t in tools if t.function.name == choice.function.name]
+    elif choice == "required":
+        forced = tools
+    if forced is not None and response_format is not None and response_format.type != "text":
+        raise ValueError("response_format: cannot be combined with a forced tool_choice")
+    grammar = call_grammar(forced, parallel is not False and choice == "required") if forced else None
+    return ToolPlan(render_tools=True, parse=True, grammar=grammar, response_format=response_format)
+
+
+def call_grammar(tools: list[Tool], parallel: bool) -> str:
+    """A Lark grammar for one call (or up to MAX_PARALLEL_CALLS) of these functions, in the
+    Hermes tags, arguments held to each function's parameters schema."""
+    options = [{"type": "object", "properties": {"name": {"const": t.function.name},
+                                                 "arguments": t.function.parameters or {"type": "object"}},
+                "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
+    schema = {"anyOf": options, "x-guidance": JSON_OPTIONS}
+    repeat = f"{{1,{MAX_PARALLEL_CALLS}}}" if parallel else ""
+    return (f"start: call{repeat}\n"
+            f"call: {json.dumps(CALL_OPEN + chr(10))} %json {json.dumps(schema)} {json.dumps(chr(10) + CALL_CLOSE)} \"\\n\"?\n")
+
+
+# --- parsing calls out of the output -----------------------------------------------------
+
+
+def new_call_id() -> str:
+    return f"call_{uuid.uuid4().hex[:24]}"
+
+
+class ToolCallParser:
+    """Splits streamed output into content and tool calls. Text that may be the start of a
+    `<tool_call>` tag is held back until it is known; a call is reported once its closing tag
+    arrives. What does not parse as a call stays content, unchanged."""
+
+    def __init__(self):
+        self._buffer = ""
+        self.calls: list[dict[str, Any]] = []
+
+    def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
+        """New content that is safe to show, and the calls completed by this text."""
+        self._buffer += text
+        content, done = "", []
+        while True:
+            buf = self._buffer
+            start = buf.find(CALL_OPEN)
+            if start < 0:
+                keep = _partial_tag(buf)
+                content, self._buffer = content + buf[: len(buf) - keep], buf[len(buf) - keep:]
+                break
+            end = buf.find(CALL_CLOSE, start)
+            if end < 0:
+                content, self._buffer = content + buf[:start], buf[start:]
+                break
+            call = _call(buf[start + len(CALL_OPEN): end])
+            if call is None:  # not a call after all: the text stays content
+                content += buf[: end + len(CALL_CLOSE)]
+            else:
+                content += buf[:start]
+                done.append(call)
+                self.calls.append(call)
+            self._buffer = buf[end + len(CALL_CLOSE):]
+        if self.calls and not content.strip():
+            content = ""  # the newlines between calls
+        return content, done
+
+    def finish(self) -> str:
+        """The rest, at the end of the output (an unclosed call stays content)."""
+        rest, self._buffer = self._buffer, ""
+        return rest.strip() if self.calls else rest
+
+
+def _call(body: str) -> dict[str, Any] | None:
+    try:
+        value = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
+        return None
+    arguments = value.get("arguments", value.get("parameters", {}))
+    return {"id": new_call_id(), "type": "function",
+            "function": {"name": value["name"], "arguments": json.dumps(arguments, ensure_ascii=False)}}
+
+
+def _partial_tag(text: str) -> int:
+    """How many trailing characters of `text` could begin CALL_OPEN."""
+    for n in range(min(len(CALL_OPEN) - 1, len(text)), 0, -1):
+        if CALL_OPEN.startswith(text[-n:]):
+            return n
+    return 0
