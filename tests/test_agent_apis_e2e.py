@@ -1,5 +1,6 @@
-"""End to end: the Anthropic Messages API of a real `serve run serve_config.yaml`, driven with the
-official `anthropic` client against the small SmolLM2 model (greedy, a few tokens).
+"""End to end, what agents use, on a real `serve run serve_config.yaml` with the small SmolLM2 model
+(greedy, few tokens): the Anthropic Messages API through the official `anthropic` client, and
+structured output, tool calls and logprobs through the official `openai` client.
 
 Starts on a clean Ray (`ray stop` first: this stops any local Ray cluster on the machine) and stops
 with SIGINT, as tests/test_serve_e2e.py does. This SDK's create() has no temperature parameter:
@@ -8,8 +9,12 @@ greedy decoding goes in extra_body.
 
 from __future__ import annotations
 
+import concurrent.futures
+import json
+
 import anthropic
 import jsonschema
+import openai
 import pytest
 
 from .serve_helpers import BASE, start_serve, stop, wait_healthy
@@ -113,7 +118,7 @@ WEATHER = [{"name": "get_weather", "description": "The current weather of a city
 
 def test_tool_use_round_trip(client):
     question = {"role": "user", "content": "What is the weather in Paris?"}
-    msg = client.messages.create(model=MODEL, max_tokens=16, messages=[question], tools=WEATHER,
+    msg = client.messages.create(model=MODEL, max_tokens=64, messages=[question], tools=WEATHER,
                                  tool_choice={"type": "tool", "name": "get_weather"}, extra_body=GREEDY)
     uses = [b for b in msg.content if b.type == "tool_use"]
     assert msg.stop_reason == "tool_use" and uses, msg
@@ -125,3 +130,114 @@ def test_tool_use_round_trip(client):
         question, {"role": "assistant", "content": msg.content}, {"role": "user", "content": [result]}])
     assert answer.stop_reason in ("end_turn", "max_tokens")
     assert [b.type for b in answer.content] == ["text"] and answer.content[0].text.strip()
+
+
+# --- OpenAI: structured output, tools, logprobs ---------------------------------------------------
+
+SCHEMAS = [
+    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16}, "age": {"type": "integer",
+     "minimum": 0, "maximum": 120}}, "required": ["name", "age"], "additionalProperties": False},
+    {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}}, "required": ["color"]},
+    {"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string", "maxLength": 10},
+     "minItems": 1, "maxItems": 3}}, "required": ["tags"], "additionalProperties": False},
+    {"type": "object", "properties": {"user": {"type": "object", "properties": {
+        "id": {"type": "integer", "minimum": 1, "maximum": 999}, "admin": {"type": "boolean"}},
+        "required": ["id", "admin"], "additionalProperties": False}}, "required": ["user"],
+     "additionalProperties": False},
+    {"type": "object", "properties": {"score": {"type": "number", "minimum": 0, "maximum": 10},
+     "passed": {"type": "boolean"}}, "required": ["score", "passed"], "additionalProperties": False},
+    {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}, "country": {"type": "string",
+     "maxLength": 20}, "population": {"type": "integer", "minimum": 0, "maximum": 99999999}},
+     "required": ["city", "country"], "additionalProperties": False},
+    {"type": "object", "properties": {"points": {"type": "array", "items": {"type": "object", "properties": {
+        "x": {"type": "integer", "minimum": -99, "maximum": 99}, "y": {"type": "integer", "minimum": -99,
+        "maximum": 99}}, "required": ["x", "y"], "additionalProperties": False}, "maxItems": 2}},
+     "required": ["points"], "additionalProperties": False},
+    {"type": "object", "properties": {"status": {"enum": ["ok", "error"]}, "code": {"type": "integer",
+     "minimum": 100, "maximum": 599}}, "required": ["status", "code"], "additionalProperties": False},
+    {"type": "object", "properties": {"answer": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 9},
+     {"type": "string", "maxLength": 12}]}}, "required": ["answer"], "additionalProperties": False},
+    {"type": "object", "properties": {"title": {"type": "string", "maxLength": 24}, "done": {"type": "boolean"},
+     "priority": {"enum": [1, 2, 3]}}, "required": ["title", "done", "priority"], "additionalProperties": False},
+]
+OPENAI_WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The current weather of a city.",
+                                                   "parameters": WEATHER_SCHEMA}}
+ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+
+
+@pytest.fixture(scope="module")
+def oai(server):
+    return openai.OpenAI(base_url=f"{BASE}/v1", api_key="not-needed", max_retries=0, timeout=120)
+
+
+@pytest.mark.parametrize("index", range(len(SCHEMAS)))
+def test_json_schema_output_parses_and_validates(oai, index):
+    schema = SCHEMAS[index]
+    r = oai.chat.completions.create(model=MODEL, temperature=0, max_tokens=120, messages=[
+        {"role": "user", "content": f"Reply with a JSON object for this schema: {json.dumps(schema)}"}],
+        response_format={"type": "json_schema", "json_schema": {"name": f"s{index}", "schema": schema, "strict": True}})
+    assert r.choices[0].finish_reason == "stop", r.choices[0].message.content
+    jsonschema.validate(json.loads(r.choices[0].message.content), schema)
+
+
+def test_an_unconstrained_neighbour_of_constrained_requests_keeps_its_greedy_output(oai):
+    free = dict(model=MODEL, temperature=0, max_tokens=24, messages=[{"role": "user", "content": "Name 3 colors."}])
+    solo = oai.chat.completions.create(**free).choices[0].message.content
+    constrained = dict(model=MODEL, temperature=0, max_tokens=60, messages=ASK_WEATHER,
+                       response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMAS[0]}})
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        jobs = [pool.submit(oai.chat.completions.create, **constrained) for _ in range(3)]
+        beside = pool.submit(oai.chat.completions.create, **free)
+        for job in jobs:
+            jsonschema.validate(json.loads(job.result().choices[0].message.content), SCHEMAS[0])
+    assert beside.result().choices[0].message.content == solo
+
+
+def test_tool_choice_required_gives_a_call_whose_arguments_validate(oai):
+    r = oai.chat.completions.create(model=MODEL, temperature=0, max_tokens=64, messages=ASK_WEATHER,
+                                    tools=[OPENAI_WEATHER], tool_choice="required")
+    choice = r.choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.tool_calls, choice
+    for call in choice.message.tool_calls:
+        assert call.type == "function" and call.function.name == "get_weather" and call.id
+        jsonschema.validate(json.loads(call.function.arguments), WEATHER_SCHEMA)
+
+
+def test_streamed_tool_calls_assemble_to_the_same_call(oai):
+    args = dict(model=MODEL, temperature=0, max_tokens=64, messages=ASK_WEATHER, tools=[OPENAI_WEATHER],
+                tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    whole = oai.chat.completions.create(**args).choices[0].message.tool_calls
+    calls, finish = {}, None
+    for c in oai.chat.completions.create(**args, stream=True):
+        for tc in c.choices[0].delta.tool_calls or [] if c.choices else []:
+            entry = calls.setdefault(tc.index, {"name": "", "arguments": ""})
+            entry["name"] += tc.function.name or ""
+            entry["arguments"] += tc.function.arguments or ""
+        finish = (c.choices[0].finish_reason if c.choices else None) or finish
+    assert finish == "tool_calls"
+    assert [calls[i] for i in sorted(calls)] == [{"name": t.function.name, "arguments": t.function.arguments}
+                                                 for t in whole]
+
+
+def test_a_full_tool_round_trip(oai):
+    call = oai.chat.completions.create(model=MODEL, temperature=0, max_tokens=64, messages=ASK_WEATHER,
+                                       tools=[OPENAI_WEATHER], tool_choice="required").choices[0].message
+    history = ASK_WEATHER + [call.model_dump(exclude_none=True)] + [
+        {"role": "tool", "tool_call_id": tc.id, "content": '{"temp_c": 18, "sky": "sunny"}'} for tc in call.tool_calls]
+    final = oai.chat.completions.create(model=MODEL, temperature=0, max_tokens=24, messages=history,
+                                        tools=[OPENAI_WEATHER])
+    assert final.choices[0].message.content and final.choices[0].finish_reason in ("stop", "length")
+
+
+def test_logprobs_are_there_and_match_the_chosen_tokens(oai):
+    r = oai.chat.completions.create(model=MODEL, temperature=0, max_tokens=8, messages=HELLO, logprobs=True,
+                                    top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens or r.choices[0].finish_reason == "stop"
+    # mlx_lm's streaming detokenizer drops the first token's leading space from the text
+    assert "".join(t.token for t in content).strip() == r.choices[0].message.content.strip()
+    for t in content:
+        assert t.logprob <= 0 and len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token  # greedy: the best
+    text = oai.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0,
+                                  logprobs=2).choices[0]
+    assert "".join(text.logprobs.tokens).strip() == text.text.strip() and len(text.logprobs.top_logprobs[0]) == 2
