@@ -22,23 +22,28 @@ SHAPES = {
 }
 
 
-def resolve_model(name: str) -> str:
-    """`synthetic:<shape>` → a directory (made once per process); anything else is returned as is."""
+def resolve_model(name: str, tokenizer: str | None = None) -> str:
+    """`synthetic:<shape>` → a directory (made once per process); anything else is returned as is.
+    `tokenizer`: a directory whose real tokenizer the synthetic model takes (its vocabulary
+    size too), for benchmarks that need real text, such as grammars."""
     if not name.startswith("synthetic:"):
         return name
-    out = Path(tempfile.gettempdir()) / f"orchard-{name.split(':', 1)[1]}"
+    shape = name.split(":", 1)[1]
+    out = Path(tempfile.gettempdir()) / f"orchard-{shape}{'-' + Path(tokenizer).name if tokenizer else ''}"
     if not (out / "config.json").exists():
-        make_synthetic_model(name.split(":", 1)[1], out)
+        make_synthetic_model(shape, out, tokenizer)
     return str(out)
 
 
-def make_synthetic_model(shape: str, out: Path) -> Path:
+def make_synthetic_model(shape: str, out: Path, tokenizer: str | None = None) -> Path:
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten
     from mlx_lm.utils import _get_classes
 
-    config = SHAPES[shape]
+    config = dict(SHAPES[shape])
+    if tokenizer is not None:
+        config["vocab_size"], config["eos_token_id"] = _copy_tokenizer(Path(tokenizer), out)
     model_class, args_class = _get_classes(config)
     model = model_class(args_class.from_dict(config))
     model.set_dtype(mx.bfloat16)  # as mlx-community checkpoints: bf16 weights, so bf16 scales and norms
@@ -48,8 +53,25 @@ def make_synthetic_model(shape: str, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    _write_tokenizer(out, config["vocab_size"])
+    if tokenizer is None:
+        _write_tokenizer(out, config["vocab_size"])
     return out
+
+
+def _copy_tokenizer(src: Path, out: Path) -> tuple[int, int]:
+    """The tokenizer files of `src` into `out`; returns the vocabulary size (padded to 64) and
+    the EOS id."""
+    import shutil
+
+    from tokenizers import Tokenizer
+
+    out.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (src / name).exists():
+            shutil.copy(src / name, out / name)
+    eos = json.loads((src / "config.json").read_text()).get("eos_token_id", 0) if (src / "config.json").exists() else 0
+    size = Tokenizer.from_file(str(src / "tokenizer.json")).get_vocab_size(with_added_tokens=True)
+    return -(-size // 64) * 64, eos
 
 
 def _write_tokenizer(out: Path, vocab_size: int) -> None:
