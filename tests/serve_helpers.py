@@ -56,6 +56,19 @@ def start_serve(config: str | Path, log: Path) -> subprocess.Popen:
                                 stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def serving(tmp_path_factory, config: str | Path = "serve_config.yaml"):
+    """A module fixture's body: `serve run CONFIG` until /health is ok, yielding its process, log
+    and start-up seconds; stopped (SIGINT) when the module is done."""
+    log = tmp_path_factory.mktemp("serve") / "serve_run.log"
+    proc = start_serve(config, log)
+    try:
+        ready_s = wait_healthy(proc, log)
+        print(f"serve run healthy after {ready_s:.1f}s")
+        yield {"proc": proc, "log": log, "ready_s": ready_s}
+    finally:
+        stop(proc)
+
+
 def wait_healthy(proc: subprocess.Popen, log: Path, timeout_s: float = 180) -> float:
     start = time.monotonic()
     while time.monotonic() - start < timeout_s:

@@ -17,7 +17,7 @@ import jsonschema
 import openai
 import pytest
 
-from .serve_helpers import BASE, start_serve, stop, wait_healthy
+from .serve_helpers import BASE, serving
 
 pytestmark = pytest.mark.slow
 
@@ -30,14 +30,7 @@ EVENT_ORDER = ["message_start", "content_block_start", "content_block_delta", "c
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    log = tmp_path_factory.mktemp("serve") / "serve_run.log"
-    proc = start_serve("serve_config.yaml", log)
-    try:
-        ready_s = wait_healthy(proc, log)
-        print(f"serve run healthy after {ready_s:.1f}s")
-        yield {"proc": proc, "log": log, "ready_s": ready_s}
-    finally:
-        stop(proc)
+    yield from serving(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ import pytest
 
 from benchmarks.hostile_bodies import UNSUPPORTED, hostile_bodies
 
-from .serve_helpers import BASE, ROOT, failed_deploy_output, ray, ray_processes, start_serve, stop, wait_healthy
+from .serve_helpers import BASE, ROOT, failed_deploy_output, ray, ray_processes, serving
 
 pytestmark = pytest.mark.slow
 
@@ -30,14 +30,7 @@ MODELS = ("smollm2-135m-instruct", "gemma-3-270m")
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    log = tmp_path_factory.mktemp("serve") / "serve_run.log"
-    proc = start_serve("serve_config.yaml", log)
-    try:
-        ready_s = wait_healthy(proc, log)
-        print(f"serve run healthy after {ready_s:.1f}s")
-        yield {"proc": proc, "log": log, "ready_s": ready_s}
-    finally:
-        stop(proc)
+    yield from serving(tmp_path_factory)
 
 
 def test_bad_yaml_fails_with_a_message_naming_the_field(tmp_path):
