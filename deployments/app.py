@@ -9,10 +9,17 @@ under the host budget `args.memory`. The builder works out what the governor nee
 before a model was ever loaded: its KV share of the budget and its estimated footprint, and it
 refuses a config that can never fit (a model larger than the budget, eager models over it).
 
-On CPU-only Linux each model replica gets LD_PRELOAD=<OpenBLAS> through its runtime_env, so MLX
-in that process uses OpenBLAS (engine.cpu_fast_path). Note that a `ray_actor_options` override in
-the YAML `deployments:` section replaces the whole dict, runtime_env included: set a model's
-num_cpus under its args (`deployment.num_cpus`) instead.
+On a cluster the builder runs on one machine and the replicas on others, so nothing it passes a
+replica may be a fact of its own machine: the source string travels as written (the replica
+resolves it, and exports a GGUF into its own node's cache), and the CPU fast path's OpenBLAS is
+preloaded by its soname (`LD_PRELOAD=libopenblas.so.0` through the runtime_env), which each
+node's dynamic loader finds in its own library path (Debian's libopenblas0-pthread registers it;
+macOS ignores LD_PRELOAD, and MLX there runs on Metal). Placement is Ray's: custom `resources`
+per replica (e.g. the Apple GPU of a Mac) and `max_replicas_per_node`.
+
+Note that a `ray_actor_options` override in the YAML `deployments:` section replaces the whole
+dict, runtime_env and resources included: set a model's num_cpus under its args
+(`deployment.num_cpus`) instead.
 """
 
 from __future__ import annotations
@@ -23,11 +30,10 @@ from pathlib import Path
 
 from ray.serve import Application
 
-from engine.cpu_fast_path import openblas_env
-
 from .config import ConfigError, ModelConfig, OrchardConfig, RouterConfig, validate_args
 from .governor import FALLBACK_POLICY_PATH, governor_kwargs
 from .model_server import ModelServer
+from .request_router import ROUTER_PATH
 from .router import OrchardRouter
 
 log = logging.getLogger("ray.serve")
@@ -47,13 +53,28 @@ class ModelPlan:
     footprint_bytes: int  # per replica, estimated (a loaded replica measures its own)
 
 
+OPENBLAS_SONAME = "libopenblas.so.0"  # found by each node's dynamic loader, not a path of the builder's
+
+
 def model_actor_options(model: ModelConfig) -> dict:
-    """Ray options of a model's replicas; OpenBLAS is preloaded only where MLX runs on the CPU."""
+    """Ray options of a model's replicas. OpenBLAS is preloaded by name unless the model turns the
+    fast path off: a replica on a node without it, or whose MLX has a GPU, keeps its own BLAS
+    (the loader decides float32 weights in the replica, from what that process has)."""
     options: dict = {"num_cpus": model.deployment.num_cpus}
-    env = {**(openblas_env() if _fast_cpu(model) else {}), **model.deployment.env_vars}
+    if model.deployment.resources:
+        options["resources"] = dict(model.deployment.resources)
+    preload = {"LD_PRELOAD": OPENBLAS_SONAME} if model.engine.fast_cpu is not False else {}
+    env = {**preload, **model.deployment.env_vars}
     if env:
         options["runtime_env"] = {"env_vars": env}
     return options
+
+
+def request_router_config(model: ModelConfig) -> dict | None:
+    """Ray Serve's request_router_config for the model (None: Ray's power-of-two default)."""
+    if model.deployment.request_router != "prefix_affinity":
+        return None
+    return {"request_router_class": ROUTER_PATH, "request_router_kwargs": model.deployment.affinity.model_dump()}
 
 
 def plan_model(model: ModelConfig, budget: int) -> ModelPlan:
@@ -137,8 +158,11 @@ def autoscaling_config(p: ModelPlan, budget: int) -> dict:
 def bind_model(p: ModelPlan, budget: int):
     model, engine = p.config, p.engine
     max_ongoing = model.deployment.max_ongoing_requests or engine["max_num_seqs"] + engine["max_waiting"]
+    placement = {k: v for k, v in (("max_replicas_per_node", model.deployment.max_replicas_per_node),
+                                   ("request_router_config", request_router_config(model))) if v is not None}
     return ModelServer.options(
         name=model.deployment_name,
+        **placement,
         autoscaling_config=autoscaling_config(p, budget),
         max_ongoing_requests=max_ongoing,
         max_queued_requests=model.deployment.max_queued_requests,

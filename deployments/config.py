@@ -21,7 +21,9 @@ import sys
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator,
+)
 
 from engine.config import EngineConfig
 
@@ -29,27 +31,24 @@ IMPORT_PATH = "deployments.app:build_app"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 
 
-class ModelDeploymentOptions(BaseModel):
-    """Ray Serve options of one model's deployment (YAML `deployments:` overrides still win)."""
+class AffinityOptions(BaseModel):
+    """Prefix-affinity routing (deployments.request_router.PrefixAffinityRouter)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    num_replicas: int = Field(1, ge=1, le=64, description="Replicas of this model (each loads its own copy).")
-    num_cpus: float = Field(
-        0.0, ge=0, description="CPUs Ray reserves per replica. 0 lets several models share a small machine."
+    imbalanced_threshold: int = Field(
+        10, ge=0, description="Balance wins over affinity: a replica with this many more requests than the "
+        "least loaded one is not preferred for its prefixes.",
     )
-    max_ongoing_requests: int | None = Field(
-        None, ge=1,
-        description="Requests one replica takes at once. Default: engine max_num_seqs + max_waiting, so the "
-        "engine's own queue (and its 503) decides.",
+    match_rate_threshold: float = Field(
+        0.1, ge=0, le=1, description="Below this share of the prompt matched, a request counts as a new prefix "
+        "and goes to the replica that holds the fewest prefixes.",
     )
-    max_queued_requests: int = Field(
-        -1, ge=-1, description="Requests queued in front of busy replicas before a 503 (-1: no limit)."
+    block_chars: int = Field(
+        64, ge=8, le=65536, description="Characters per hashed prompt block (about 16 tokens at the default).",
     )
-    env_vars: dict[str, str] = Field(
-        default_factory=dict,
-        description="Extra environment variables of the replica process, e.g. OPENBLAS_NUM_THREADS "
-        "(LD_PRELOAD for the CPU fast path is added by the builder).",
+    max_blocks_per_replica: int = Field(
+        65536, ge=16, description="Blocks remembered per replica (least recently sent forgotten first).",
     )
 
 
@@ -74,6 +73,54 @@ def parse_keep_alive(value: Any) -> float | None:
     if not match:
         raise ValueError(f"{value!r} is not a duration: use seconds (300), '30s', '5m', '1h' or 'forever'")
     return float(match.group(1)) * _UNITS[match.group(2) or "s"]
+
+
+class ModelDeploymentOptions(BaseModel):
+    """Ray Serve options of one model's deployment (YAML `deployments:` overrides still win)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int = Field(1, ge=1, le=64, description="Replicas of this model (each loads its own copy).")
+    num_cpus: float = Field(
+        0.0, ge=0, description="CPUs Ray reserves per replica. 0 lets several models share a small machine."
+    )
+    max_ongoing_requests: int | None = Field(
+        None, ge=1,
+        description="Requests one replica takes at once. Default: engine max_num_seqs + max_waiting, so the "
+        "engine's own queue (and its 503) decides.",
+    )
+    max_queued_requests: int = Field(
+        -1, ge=-1, description="Requests queued in front of busy replicas before a 503 (-1: no limit)."
+    )
+    env_vars: dict[str, str] = Field(
+        default_factory=dict,
+        description="Extra environment variables of the replica process, e.g. OPENBLAS_NUM_THREADS "
+        "(LD_PRELOAD for the CPU fast path is added by the builder; its library is found on the replica's node).",
+    )
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray custom resources each replica needs, e.g. {apple_gpu: 1}: replicas only land on nodes "
+        "started with them (`ray start --resources '{\"apple_gpu\": 1}'`).",
+    )
+    max_replicas_per_node: int | None = Field(
+        None, ge=1, description="At most this many replicas of this model on one node (1 spreads them)."
+    )
+    request_router: Literal["power_of_two", "prefix_affinity"] = Field(
+        "power_of_two",
+        description="How the router picks a replica: power_of_two (Ray Serve's default: the less loaded of two) "
+        "or prefix_affinity (the replica that was sent the same prompt prefix, unless queues diverge).",
+    )
+    affinity: AffinityOptions = Field(
+        default_factory=AffinityOptions, description="Options of request_router: prefix_affinity."
+    )
+
+    @field_validator("resources")
+    @classmethod
+    def _resources(cls, v: dict[str, float]) -> dict[str, float]:
+        for name, amount in v.items():
+            if name in ("CPU", "GPU", "memory") or amount <= 0:
+                raise ValueError(f"{name!r}: give custom resources with an amount > 0 (CPUs are num_cpus)")
+        return v
 
 
 class MemoryConfig(BaseModel):
@@ -112,6 +159,11 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="The name clients send as `model` (also the deployment's name: model-<name>).")
+    weights_mb: int | None = Field(
+        None, ge=1,
+        description="The weights' size once loaded, in MiB, for the governor's estimate before the first load "
+        "measures it. Default: read from the weight files; needed for hub models not downloaded yet and for\n        sources that exist only on the nodes that run the model (declared before `source`, which reads it).",
+    )
     source: str = Field(
         description="Where the weights come from: pkg://<package>/<file>.gguf, a local .gguf file or MLX "
         "directory, or a Hugging Face repo id such as mlx-community/Qwen3-0.6B-8bit."
@@ -155,11 +207,6 @@ class ModelConfig(BaseModel):
         description="How long a request waits for this model to load (and for room in the memory budget) "
         "before it gets 503 with Retry-After.",
     )
-    weights_mb: int | None = Field(
-        None, ge=1,
-        description="The weights' size once loaded, in MiB, for the governor's estimate before the first load "
-        "measures it. Default: read from the weight files; needed for hub models not downloaded yet.",
-    )
 
     @field_validator("keep_alive", mode="before")
     @classmethod
@@ -182,13 +229,16 @@ class ModelConfig(BaseModel):
 
     @field_validator("source")
     @classmethod
-    def _source(cls, v: str) -> str:
+    def _source(cls, v: str, info: ValidationInfo) -> str:
+        """The builder checks the source on its own machine; a model replica resolves it again on its
+        node. A source missing here is fine when weights_mb says its size (the builder needs no file)."""
         v = v.strip()
         if not v:
             raise ValueError("must not be empty")
         problem = source_problem(v)
-        if problem:
-            raise ValueError(problem)
+        if problem and not info.data.get("weights_mb"):
+            raise ValueError(f"{problem} on this machine (where the app is built); if it exists only on the "
+                             "nodes that run the model, give weights_mb")
         return v
 
     @field_validator("default_sampling")

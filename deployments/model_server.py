@@ -135,6 +135,7 @@ class ModelServer:
         self.active_streams = 0
         self.last_active = time.monotonic()
         self.unload_requested = False
+        self.served = 0  # generate calls taken (record_routing_stats)
         self.engine = AsyncEngine.from_source(source, EngineConfig.model_validate(engine))
         footprint = self.engine.footprint
         self.limits = apply_process_limits(max(memory_share_bytes or 0, footprint.total))
@@ -161,6 +162,7 @@ class ModelServer:
             return
         chunks = Coalescer(stream, self._stream_window)
         self.active_streams += 1
+        self.served += 1
         try:
             while batch := await chunks.next_batch():
                 yield merge(batch, stream)
@@ -201,6 +203,15 @@ class ModelServer:
         """Custom autoscaling metrics, read by the memory governor (deployments.governor)."""
         return {"footprint_bytes": float(self.engine.footprint.total), "idle_s": self.idle_s(),
                 "unload_requested": float(self.unload_requested), "active": float(self.active_streams)}
+
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Ray Serve's per-replica routing stats (RunningReplica.routing_stats in a request router,
+        ReplicaActor.record_routing_stats for an operator): where this replica runs, what it served."""
+        import ray
+
+        cache = self.engine.stats().get("cache") or {}
+        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "served": self.served,
+                "active": self.active_streams, "cache": {k: v for k, v in cache.items() if isinstance(v, (int, float))}}
 
     def request_unload(self) -> dict[str, Any]:
         """An operator asked to unload this model: the governor stops this replica once it is idle."""

