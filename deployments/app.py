@@ -194,7 +194,7 @@ def bind_router(router: RouterConfig, models: dict, facts: dict, budget: int) ->
         name="OrchardRouter",
         num_replicas=router.num_replicas,
         max_ongoing_requests=router.max_ongoing_requests,
-        ray_actor_options={"num_cpus": router.num_cpus},
+        ray_actor_options={"num_cpus": router.num_cpus, **({"resources": router.resources} if router.resources else {})},
     ).bind(router=router.model_dump(), models=models, facts=facts, budget_bytes=budget)
 
 

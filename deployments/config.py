@@ -117,10 +117,15 @@ class ModelDeploymentOptions(BaseModel):
     @field_validator("resources")
     @classmethod
     def _resources(cls, v: dict[str, float]) -> dict[str, float]:
-        for name, amount in v.items():
-            if name in ("CPU", "GPU", "memory") or amount <= 0:
-                raise ValueError(f"{name!r}: give custom resources with an amount > 0 (CPUs are num_cpus)")
-        return v
+        return check_resources(v)
+
+
+def check_resources(resources: dict[str, float]) -> dict[str, float]:
+    """Custom Ray resources only, each with an amount > 0 (CPUs have their own field)."""
+    for name, amount in resources.items():
+        if name in ("CPU", "GPU", "memory") or amount <= 0:
+            raise ValueError(f"{name!r}: give custom resources with an amount > 0 (CPUs are num_cpus)")
+    return resources
 
 
 class MemoryConfig(BaseModel):
@@ -279,9 +284,19 @@ class RouterConfig(BaseModel):
     retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After seconds sent with 503 responses.")
     num_replicas: int = Field(1, ge=1, le=64, description="Router replicas (metrics are per replica).")
     num_cpus: float = Field(0.0, ge=0, description="CPUs Ray reserves per router replica.")
+    resources: dict[str, float] = Field(
+        default_factory=dict,
+        description="Ray custom resources each router replica needs, e.g. {head: 1} to keep it on the node "
+        "that runs the HTTP proxy (a router on a node that dies takes every model's requests with it).",
+    )
     max_ongoing_requests: int = Field(
         512, ge=1, description="Requests one router replica handles at once (a stream holds one until it ends)."
     )
+
+    @field_validator("resources")
+    @classmethod
+    def _resources(cls, v: dict[str, float]) -> dict[str, float]:
+        return check_resources(v)
 
     @model_validator(mode="after")
     def _one_key_source(self) -> "RouterConfig":
