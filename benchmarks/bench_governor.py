@@ -31,6 +31,7 @@ import yaml
 from benchmarks.openai_bench.metrics import percentile
 from benchmarks.openai_bench.report import md_table
 from benchmarks.openai_bench.runner import machine
+from benchmarks.serve_process import start_serve_run
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "http://127.0.0.1:8000"
@@ -83,8 +84,7 @@ def start(cfg: dict, timeout_s: float = 300) -> subprocess.Popen:
     subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True)
     path = Path(tempfile.mkdtemp()) / "governor_bench.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    proc = subprocess.Popen([str(BIN / "serve"), "run", str(path)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = start_serve_run(path)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:

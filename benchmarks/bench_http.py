@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.serve_process import start_serve_run
+
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "http://127.0.0.1:8000"
 PROMPTS = ["What is 2+2?", "Name 3 colors.", "What is Python?", "Capital of Japan?", "Who wrote Hamlet?"]
@@ -160,8 +162,7 @@ def start_serve(config: str) -> tuple[subprocess.Popen, float]:
 
     subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
     start = time.perf_counter()
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "serve"), "run", config], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = start_serve_run(config)
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
     while time.perf_counter() - start < 300:
         if proc.poll() is not None:

@@ -17,12 +17,12 @@ import asyncio
 import json
 import os
 import signal
-import subprocess
 import sys
 import time
 import urllib.request
 
 from .output import emit
+from .serve_process import start_serve_run
 
 BASE = "http://127.0.0.1:8000"
 BUSY, IDLE = "smollm2-135m-instruct", "gemma-3-270m"
@@ -102,9 +102,7 @@ def main() -> None:
     p.add_argument("--json-out")
     args = p.parse_args()
     say = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
-    server = subprocess.Popen([os.path.join(os.path.dirname(sys.executable), "serve"), "run", args.config],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    server = start_serve_run(args.config)
     try:
         wait_for(BUSY, "loaded")
         wait_for(IDLE, "loaded")

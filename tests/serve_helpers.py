@@ -6,7 +6,6 @@ so it refuses to run while something already serves on the port) and stops with 
 
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import subprocess
@@ -17,6 +16,8 @@ from pathlib import Path
 import httpx
 import psutil
 import pytest
+
+from benchmarks.serve_process import start_serve_run
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "http://127.0.0.1:8000"
@@ -50,10 +51,8 @@ def clean_ray() -> None:
 
 def start_serve(config: str | Path, log: Path) -> subprocess.Popen:
     clean_ray()
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     with open(log, "w") as out:
-        return subprocess.Popen([str(BIN / "serve"), "run", str(config)], cwd=ROOT, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return start_serve_run(config, out)
 
 
 def serving(tmp_path_factory, config: str | Path = "serve_config.yaml"):
