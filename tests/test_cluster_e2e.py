@@ -20,7 +20,8 @@ import openai
 import pytest
 import ray
 
-from tests.serve_helpers import BASE, BIN, ROOT, clean_ray, ray_processes, stop, wait_healthy
+from benchmarks.serve_process import start_serve_run
+from tests.serve_helpers import BASE, ROOT, clean_ray, ray_processes, stop, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -86,16 +87,10 @@ def cluster(tmp_path_factory):
 
 
 def start_serve_on(address: str, log):
-    """`serve run` of the YAML against the running cluster (RAY_ADDRESS), not a new local Ray; SIGINT
-    at its default as in benchmarks.serve_process (a background job inherits it ignored)."""
-    import signal
-    import subprocess
-
+    """`serve run` of the YAML against the running cluster (RAY_ADDRESS), not a new local Ray."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": address}
     with open(log, "w") as out:
-        return subprocess.Popen([str(BIN / "serve"), "run", "--address", address, str(CONFIG)], cwd=ROOT, env=env,
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        return start_serve_run(CONFIG, out, args=("--address", address), env=env)
 
 
 def test_1_both_replicas_load_one_per_node_and_answer(cluster):
