@@ -185,7 +185,8 @@ class ModelServer:
         from engine.request import PromptInput
 
         try:
-            ids = encode_prompt(self.engine.tokenizer, PromptInput(**prompt), self.engine.config.chat_template)
+            cfg = self.engine.config
+            ids = encode_prompt(self.engine.tokenizer, PromptInput(**prompt), cfg.chat_template, cfg.tool_prompt)
         except OrchardError as exc:
             return error_item(exc)
         return {"input_tokens": len(ids)}

@@ -34,6 +34,11 @@ class EngineConfig(BaseModel):
         None, description="A Jinja chat template (Hugging Face style: `messages`, `add_generation_prompt`, "
         "`bos_token`) used instead of the tokenizer's; lets base models without one take chat messages.",
     )
+    tool_prompt: str | None = Field(
+        None, description="The system-prompt text that describes tools to a model whose chat template does "
+        "not take them (in the Hermes <tool_call> format); `{tools}` becomes one JSON schema per line. "
+        "Default: the Hermes prompt (engine.tool_prompt.HERMES_SYSTEM).",
+    )
     fast_cpu: bool | None = Field(
         None, description="Dequantize to float32 for the OpenBLAS CPU path. None: automatic (CPU-only Linux)."
     )
@@ -58,6 +63,13 @@ class EngineConfig(BaseModel):
     )
     memory_aware: bool = Field(True, description="Budget by bytes (True) or by entry count (False).")
     max_cache_entries: int = Field(64, ge=1, description="Cached prompts kept when memory_aware is False.")
+
+    @field_validator("tool_prompt")
+    @classmethod
+    def _tool_prompt_has_tools(cls, v: str | None) -> str | None:
+        if v is not None and "{tools}" not in v:
+            raise ValueError("must contain {tools}, where the tools' JSON schemas go")
+        return v
 
     @field_validator("chat_template")
     @classmethod

@@ -151,7 +151,7 @@ class AsyncEngine:
         self.check_health()
         if params.guided is not None and constraint is None:
             constraint = self.compile_guided(params)
-        prompt_ids = encode_prompt(self.tokenizer, prompt, self.config.chat_template)
+        prompt_ids = encode_prompt(self.tokenizer, prompt, self.config.chat_template, self.config.tool_prompt)
         max_tokens = self._max_tokens(len(prompt_ids), params)
         with self._lock:
             if len(self._streams) >= self.config.max_num_seqs + self.config.max_waiting:

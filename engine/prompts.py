@@ -9,8 +9,10 @@ from .request import PromptInput
 from .tool_prompt import for_template, hermes, template_takes_tools
 
 
-def encode_prompt(tokenizer, prompt: PromptInput, chat_template: str | None = None) -> list[int]:
-    """Token ids of a prompt; `chat_template` (EngineConfig) replaces the tokenizer's own."""
+def encode_prompt(tokenizer, prompt: PromptInput, chat_template: str | None = None,
+                  tool_prompt: str | None = None) -> list[int]:
+    """Token ids of a prompt; `chat_template` (EngineConfig) replaces the tokenizer's own, and
+    `tool_prompt` the Hermes prompt that describes tools to a template that does not take them."""
     given = [f for f in ("messages", "text", "token_ids") if getattr(prompt, f) is not None]
     if len(given) != 1:
         raise InvalidRequestError("give exactly one of messages, prompt text or token ids", param="messages")
@@ -19,7 +21,7 @@ def encode_prompt(tokenizer, prompt: PromptInput, chat_template: str | None = No
     elif prompt.text is not None:
         ids = tokenizer.encode(prompt.text)
     else:
-        ids = _apply_chat_template(tokenizer, prompt.messages, chat_template, prompt.tools)
+        ids = _apply_chat_template(tokenizer, prompt.messages, chat_template, prompt.tools, tool_prompt)
     if not ids:
         raise InvalidRequestError("the prompt is empty", param="prompt")
     return ids
@@ -33,7 +35,7 @@ def _check_ids(ids: list[int], vocab: int) -> list[int]:
 
 
 def _apply_chat_template(tokenizer, messages: list[dict[str, Any]], template: str | None,
-                         tools: list[dict[str, Any]] | None = None) -> list[int]:
+                         tools: list[dict[str, Any]] | None = None, tool_prompt: str | None = None) -> list[int]:
     if not messages:
         raise InvalidRequestError("messages must be a non-empty list", param="messages")
     if template is None and not tokenizer.has_chat_template:
@@ -48,7 +50,7 @@ def _apply_chat_template(tokenizer, messages: list[dict[str, Any]], template: st
             normalized = for_template(normalized)
             extra["tools"] = tools
         else:
-            normalized = hermes(normalized, tools)
+            normalized = hermes(normalized, tools, tool_prompt)
     try:
         return list(tokenizer.apply_chat_template(normalized, add_generation_prompt=True, **extra))
     except Exception as exc:  # jinja2 TemplateError and friends: the template rejected the conversation

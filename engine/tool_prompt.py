@@ -15,11 +15,11 @@ from typing import Any
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 
-HERMES_SYSTEM = (
+HERMES_SYSTEM = (  # `{tools}` is replaced (str.replace: the text's other braces stay as they are)
     "You may call one or more functions to assist with the user query.\n\n"
     "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
     "For each function call, return a json object with function name and arguments within "
-    "<tool_call></tool_call> XML tags:\n<tool_call>\n{{\"name\": <function-name>, \"arguments\": <args-json-object>}}\n"
+    "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n"
     "</tool_call>"
 )
 
@@ -47,9 +47,10 @@ def for_template(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def hermes(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -> list[dict[str, Any]]:
+def hermes(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+           system: str | None = None) -> list[dict[str, Any]]:
     """OpenAI messages (tool calls, tool results) as plain Hermes-format turns, tools (if any)
-    described in the system prompt."""
+    described in the system prompt (`system`, with `{tools}`; default HERMES_SYSTEM)."""
     out: list[dict[str, Any]] = []
     for m in messages:
         if m.get("tool_calls"):
@@ -61,7 +62,8 @@ def hermes(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None) -
         else:
             out.append({k: v for k, v in m.items() if k in ("role", "content", "name")})
     if tools:
-        described = HERMES_SYSTEM.format(tools="\n".join(json.dumps(t, ensure_ascii=False) for t in tools))
+        schemas = "\n".join(json.dumps(t, ensure_ascii=False) for t in tools)
+        described = (system or HERMES_SYSTEM).replace("{tools}", schemas)
         if out and out[0]["role"] in ("system", "developer"):
             out[0] = {"role": "system", "content": f"{out[0]['content']}\n\n{described}"}
         else:

@@ -94,3 +94,35 @@ async def test_logprobs_do_not_change_tokens_and_are_absent_unless_asked(engine)
     _, with_lp, _ = await run(engine, chat("Name 3 colors."), temperature=0, max_tokens=8, logprobs=True)
     assert plain == with_lp
     assert all(o.logprobs is None for o in outs)
+
+
+# --- tools in the prompt (engine.tool_prompt) ------------------------------------------------
+
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+CALLED = [{"role": "user", "content": "Weather in Paris?"},
+          {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "type": "function", "function": {
+              "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+          {"role": "tool", "tool_call_id": "c1", "content": "18 C"}]
+
+
+def test_tools_reach_a_template_without_tool_support_as_the_hermes_prompt(smollm):
+    from engine.prompts import encode_prompt
+    from engine.request import PromptInput
+
+    text = smollm.tokenizer.decode(encode_prompt(smollm.tokenizer, PromptInput(messages=CALLED, tools=[WEATHER_TOOL])))
+    assert "<tools>" in text and '"name": "get_weather"' in text  # the system prompt describes the tool
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in text
+    assert "<tool_response>\n18 C\n</tool_response>" in text
+    custom = encode_prompt(smollm.tokenizer, PromptInput(messages=CALLED[:1], tools=[WEATHER_TOOL]),
+                           tool_prompt="Functions you may call:\n{tools}\nAnswer with <tool_call>{...}</tool_call>.")
+    custom_text = smollm.tokenizer.decode(custom)
+    assert "Functions you may call:\n{" in custom_text and "<tools>" not in custom_text
+
+
+def test_a_tool_prompt_without_its_placeholder_is_a_config_error():
+    from pydantic import ValidationError
+
+    from engine.config import EngineConfig
+
+    with pytest.raises(ValidationError, match=r"must contain \{tools\}"):
+        EngineConfig(tool_prompt="Use the tools.")
