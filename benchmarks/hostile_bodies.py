@@ -37,6 +37,8 @@ def hostile_bodies(model: str) -> dict[str, bytes]:
         "an unknown response_format": body(response_format={"type": "xml"}),
         "a schema that does not compile": body(response_format={"type": "json_schema", "json_schema": {
             "name": "x", "schema": {"type": "object", "properties": {"a": {"type": "strin"}}}}}),
+        "a forced tool whose parameters do not compile": body(tool_choice="required", tools=[
+            {"type": "function", "function": {"name": "f", "parameters": {"type": "strin"}}}]),
         "an image part": body(messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
         "a made-up role": body(messages=[{"role": "wizard", "content": "hi"}]),
         "empty body": b"", "a list": b"[1, 2]", "null": b"null",

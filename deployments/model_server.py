@@ -181,12 +181,10 @@ class ModelServer:
     def count_tokens(self, prompt: dict[str, Any]) -> dict[str, Any]:
         """{"input_tokens": n}: a prompt ({messages|text|token_ids}) as `generate` would encode it,
         without generating (Anthropic's count_tokens); or an error item, as `generate` yields."""
-        from engine.prompts import encode_prompt
         from engine.request import PromptInput
 
         try:
-            cfg = self.engine.config
-            ids = encode_prompt(self.engine.tokenizer, PromptInput(**prompt), cfg.chat_template, cfg.tool_prompt)
+            ids = self.engine.encode(PromptInput(**prompt))
         except OrchardError as exc:
             return error_item(exc)
         return {"input_tokens": len(ids)}

@@ -109,10 +109,9 @@ class ResponseBuilder:
         chunk["choices"][0]["delta"]["tool_calls"] = [{"index": index, **call}]
         return chunk
 
-    def chunk(self, text: str | None, finish_reason: str | None = None, *, first: bool | None = None,
+    def chunk(self, text: str | None, finish_reason: str | None = None, *,
               logprobs: list[dict] | None = None, with_usage_field: bool = False) -> dict[str, Any]:
-        first = self._first if first is None else first
-        self._first = False
+        first, self._first = self._first, False
         if self.kind == "chat":
             delta: dict[str, Any] = {"role": "assistant"} if first else {}
             if text is not None:

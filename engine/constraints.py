@@ -98,10 +98,12 @@ class Grammars:
                 self._executor = llguidance.LLExecutor()
             return self._lltok
 
-    def compile(self, spec: GuidedSpec, param: str = "response_format") -> Constraint:
-        """A fresh matcher for one request; a grammar or schema that does not compile is a 400."""
+    def compile(self, spec: GuidedSpec) -> Constraint:
+        """A fresh matcher for one request; a grammar or schema that does not compile is a 400
+        naming the field it came from (a Lark grammar: the forced tool call's `tools`)."""
         import llguidance
 
+        param = "tools" if spec.lark is not None else "response_format"
         try:
             grammar = spec.grammar()
         except ValueError as exc:

@@ -139,6 +139,11 @@ class AsyncEngine:
     def info(self) -> dict:
         return {**self.loaded.summary(), "context_length": self.context_length}
 
+    def encode(self, prompt: PromptInput) -> list[int]:
+        """A prompt's token ids as a request gets them: the chat template (the config's, else the
+        model's), tools rendered in it. Raises InvalidRequestError."""
+        return encode_prompt(self.tokenizer, prompt, self.config.chat_template, self.config.tool_prompt)
+
     def compile_guided(self, params: SamplingParams) -> Constraint | None:
         """The matcher of a request's `guided` spec (a bad schema is an InvalidRequestError). Can
         take a while for a big schema, so callers on an event loop run it in a thread."""
@@ -151,7 +156,7 @@ class AsyncEngine:
         self.check_health()
         if params.guided is not None and constraint is None:
             constraint = self.compile_guided(params)
-        prompt_ids = encode_prompt(self.tokenizer, prompt, self.config.chat_template, self.config.tool_prompt)
+        prompt_ids = self.encode(prompt)
         max_tokens = self._max_tokens(len(prompt_ids), params)
         with self._lock:
             if len(self._streams) >= self.config.max_num_seqs + self.config.max_waiting:

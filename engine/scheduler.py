@@ -220,7 +220,9 @@ class Scheduler:
             seq.pending_ids.append(token)
             seq.pending_text += seq.text.add(token)
             if seq.params.logprobs:
-                seq.pending_logprobs = (seq.pending_logprobs or []) + [self._logprob_entry(r)]
+                if seq.pending_logprobs is None:
+                    seq.pending_logprobs = []
+                seq.pending_logprobs.append(self._logprob_entry(r))
         if finish is not None:
             return self._finish(seq, finish)
         if seq.text.stopped:

@@ -74,6 +74,10 @@ async def test_a_constrained_neighbour_leaves_greedy_outputs_unchanged(engine):
 async def test_a_bad_schema_is_refused_at_submit(engine):
     with pytest.raises(InvalidRequestError, match="response_format"):
         engine.submit(chat("hi"), SamplingParams(guided=GuidedSpec(json_schema={"type": "strin"})))
+    with pytest.raises(InvalidRequestError, match="tools") as err:  # a forced call's grammar names `tools`
+        engine.submit(chat("hi"), SamplingParams(guided=GuidedSpec(lark='start: "<tool_call>" %json {"type": "strin"}')))
+    assert err.value.param == "tools"
+    assert engine.stats()["running"] == engine.stats()["waiting"] == 0  # nothing was queued
 
 
 async def test_logprobs_are_consistent_with_the_chosen_tokens(engine):
