@@ -12,7 +12,9 @@ row that finished there (a stop token) was already in the step just issued: that
 work is wasted, its output dropped, and the row leaves the batch at the next step. A row that
 reaches `max_tokens` is known on the host and is never issued past it.
 
-Sampling is one graph for the whole batch (engine.batch_sampling). The K/V live in the block pool:
+A decode step through working copies is one compiled function (engine.compiled_step); a step
+that gathers, and every prefill chunk, is the model's own call. Sampling is one graph for the
+whole batch (engine.batch_sampling). The K/V live in the block pool:
 the loop hands the model one `BatchPagedKVCache` per layer over the rows' `SeqBlocks`, made again
 only when the batch changes (they keep the decode working copies between steps). The cache
 protocol between loop and cache is small: `BatchPagedKVCache(ctx, layer, rows)` for a batch,
@@ -29,8 +31,9 @@ import mlx.core as mx
 import numpy as np
 
 from .batch_sampling import BatchSampling, needs_counts, row_key
+from .compiled_step import CompiledDecode
 from .constraints import Constraint, Grammars, apply_bitmask
-from .paged_cache import BatchPagedKVCache, PagedContext, SeqBlocks
+from .paged_cache import BatchPagedKVCache, PagedContext, SeqBlocks, decode_copies
 from .sampling import SamplingParams
 
 
@@ -103,8 +106,9 @@ class BatchLoop:
     """Continuous batching over the paged cache: `insert` rows, `step()` for their tokens."""
 
     def __init__(self, model, ctx: PagedContext, *, max_num_seqs: int, prefill_batch_size: int,
-                 prefill_step_size: int, grammars: Grammars | None = None):
+                 prefill_step_size: int, grammars: Grammars | None = None, compiled: bool = True):
         self.model = model
+        self.compiled = CompiledDecode(model) if compiled else None
         self.grammars = grammars
         self.ctx = ctx
         self.max_num_seqs = max_num_seqs
@@ -172,7 +176,7 @@ class BatchLoop:
             return None, []
         self.peak_batch = max(self.peak_batch, len(batch.rows))
         inputs = batch.inputs
-        logits = self.model(inputs[:, None], cache=batch.caches)[:, -1, :]
+        logits = self._decode_logits(batch)
         read: list[Token] = []
         if batch.constrained:  # the host computes the masks while the device runs the forward pass
             mx.async_eval(logits)
@@ -184,6 +188,19 @@ class BatchLoop:
             r.issued += 1
         batch.inputs, batch.positions = tokens, batch.positions + 1
         return _Issued(list(batch.rows), tokens, logprobs), read
+
+    def _decode_logits(self, batch: _Batch) -> mx.array:
+        """[B, vocab]: the compiled step when the batch decodes through working copies, else the
+        model's own call (through the caches, which gather)."""
+        copies = decode_copies(batch.caches) if self.compiled is not None else None
+        if copies is None:
+            return self.model(batch.inputs[:, None], cache=batch.caches)[:, -1, :]
+        geom = self.ctx.geometry
+        logits, ks, vs = self.compiled(batch.inputs, geom.col - 1, geom.pad_array, [c.k for c in copies],
+                                       [c.v for c in copies])
+        for cache, k, v in zip(batch.caches, ks, vs):
+            cache.commit_column(k, v)
+        return logits
 
     def _rebatch(self, keep: list[int], joining: list[Row]) -> None:
         """The batch changed: new caches and sampling arrays; inputs filtered and extended."""

@@ -42,6 +42,10 @@ class EngineConfig(BaseModel):
     fast_cpu: bool | None = Field(
         None, description="Dequantize to float32 for the OpenBLAS CPU path. None: automatic (CPU-only Linux)."
     )
+    compiled_decode: bool = Field(
+        True, description="Decode steps through working copies run as one compiled MLX function (traced "
+        "once per batch shape), instead of the model's Python every step; the paged cache only.",
+    )
     step_timeout_s: float = Field(
         120.0, gt=0, description="A step running longer than this makes the health check fail (a hung "
         "engine: Ray Serve replaces the replica).",

@@ -117,8 +117,9 @@ class _Plan:
 class PagedContext:
     """What the cache objects of one model share: the pool and the per-step memo."""
 
-    # Room a working copy keeps for tokens to come; it is rebuilt (one gather) when outgrown.
-    copy_step = 64
+    # A working copy's capacity is a multiple of this many columns; it grows by as many when full
+    # (the compiled decode step reads whole copies, so the step is small; one trace per capacity).
+    copy_step = 32
 
     def __init__(self, pool: BlockPool, num_layers: int):
         self.pool = pool
@@ -157,9 +158,7 @@ class PagedContext:
         plan.working_copy = n == 1 and all(real) and self._copy_pays(rows, width)
         if plan.working_copy:
             ident = tuple(r.uid for r in rows)
-            if self.geometry is not None and self.geometry.follows(ident, starts):
-                self.geometry.col += 1
-            else:
+            if self.geometry is None or not self.geometry.advance(ident, starts, self.copy_step):
                 self.geometry = Geometry.new(ident, starts, self.copy_step)
         self.counters["steps_working_copy" if plan.working_copy else "steps_gathered"] += 1
         self._plan_key = (self.pool.epoch, *key[1:])
@@ -255,13 +254,24 @@ class BatchPagedKVCache(_BaseCache):
     def _through_copy(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Decode through the working copy (engine.working_copy): built by one gather when the
         geometry is new, then one column per step; the tokens reach the pool at `flush`."""
+        return self._working_copy().append(keys, values)
+
+    def _working_copy(self) -> WorkingCopy:
+        """This layer's copy for the decode batch's geometry, at the geometry's capacity."""
         geom = self.ctx.geometry
         if self._copy is None or self._copy.geom is not geom:
             self._drop_copy()
             self._copy = WorkingCopy(self.ctx.pool, self.layer, geom, [r.table for r in self.rows], self._starts())
-            self.ctx.copy_bytes[id(self)] = self._copy.nbytes
             self.ctx.counters["working_copy_builds"] += 1
-        return self._copy.append(keys, values)
+        self._copy.fit()
+        self.ctx.copy_bytes[id(self)] = self._copy.nbytes
+        return self._copy
+
+    def commit_column(self, k: mx.array, v: mx.array) -> None:
+        """A compiled decode step wrote this step's column: its copy's new K and V."""
+        self._copy.k, self._copy.v = k, v
+        for row in self.rows:
+            row.written[self.layer] += 1
 
     def flush(self) -> None:
         """Write the decode tokens held only in the working copy into the rows' blocks."""
@@ -308,6 +318,15 @@ class BatchPagedKVCache(_BaseCache):
 
     def empty(self) -> bool:
         return not self.rows or self.size() == 0
+
+
+def decode_copies(caches: list[BatchPagedKVCache]) -> list[WorkingCopy] | None:
+    """Before a compiled decode step (engine.compiled_step): plan the batch's one-token step and,
+    when it goes through working copies, every layer's copy; None when it gathers (the model's
+    own call through the caches does that step)."""
+    if not caches[0]._step_plan(1).working_copy:
+        return None
+    return [c._working_copy() for c in caches]
 
 
 class PagedKVCache(BatchPagedKVCache):

@@ -92,7 +92,7 @@ class Scheduler:
                      prefill_step_size=cfg.prefill_step_size, grammars=self.grammars)
         ctx = getattr(self.cache, "ctx", None)
         if ctx is not None:
-            return BatchLoop(self.model, ctx, **sizes)
+            return BatchLoop(self.model, ctx, compiled=cfg.compiled_decode, **sizes)
         return MlxLmBatch(self.model, **sizes)
 
     # --- admission ---------------------------------------------------------------------
@@ -282,11 +282,14 @@ class Scheduler:
 
     def stats(self) -> dict:
         running = sum(1 for s in self.sequences.values() if s.first_token_time is not None)
+        compiled = getattr(self.gen, "compiled", None)
         return {
             "running": running,
             "waiting": len(self.sequences) - running,
             "kv_cache_bytes": self.gen.nbytes,
             "batch_peak": getattr(self.gen, "peak_batch", None),
+            "compiled_steps": compiled.steps if compiled else 0,
+            "compiled_shapes": len(compiled.shapes) if compiled else 0,  # traces made (rows x capacity)
             **self.counters,
         }
 

@@ -4,8 +4,8 @@ A decode step through the pool writes each row's token with a scatter and gather
 blocks again. A working copy is what mlx_lm's own batch cache is: per layer one `[B, H, cap, D]`
 K and V with the rows *right-aligned* (left padding), so every step writes one column for all rows
 with a slice update and attention reads a view `[:, :, :col]`; the mask hides each row's padding.
-The copy is built by one gather when the batch changes (`Geometry`: rows, lengths, capacity) and
-is then the only place decode tokens go: they are written back to the rows' blocks (`flush`, one
+The copy is built by one gather when the batch changes (`Geometry`: rows, lengths, capacity),
+grows at its end when full, and is then the only place decode tokens go: they are written back to the rows' blocks (`flush`, one
 scatter per layer) before anything else may read them: the batch changes, a prompt chunk runs
 (it may reuse a block that a row just filled), or a row leaves (its blocks go to the prefix
 cache or back to the pool).
@@ -33,26 +33,36 @@ class Geometry:
     col: int  # columns written after this step
     cap: int
     gen: int  # a new geometry means every layer rebuilds its copy
-    _pad: mx.array | None = None  # `pad` on the device, made once
+    _pad: mx.array | None = None
 
     @classmethod
-    def new(cls, ident: tuple[int, ...], lengths: list[int], room: int) -> "Geometry":
-        """Lengths before this step's token; `room` columns for tokens to come."""
+    def new(cls, ident: tuple[int, ...], lengths: list[int], step: int) -> "Geometry":
+        """Lengths before this step's token; the capacity is a multiple of `step` columns."""
         longest = max(lengths)
-        pad = np.asarray([longest - n for n in lengths], dtype=np.int64)
-        return cls(ident, pad, longest + 1, longest + 1 + room, next(_ids))
+        pad = np.asarray([longest - n for n in lengths], dtype=np.int32)
+        return cls(ident, pad, longest + 1, -(-(longest + 1) // step) * step, next(_ids))
 
-    def follows(self, ident: tuple[int, ...], lengths: list[int]) -> bool:
-        """Whether this step continues the geometry: same rows, each one token further, room left."""
-        return (ident == self.ident and self.col < self.cap
-                and all(int(p) + n == self.col for p, n in zip(self.pad, lengths)))
+    def advance(self, ident: tuple[int, ...], lengths: list[int], step: int) -> bool:
+        """Continue with this step if it has the same rows, each one token further (growing the
+        capacity by `step` columns when it is full); False: the batch needs a new geometry."""
+        if ident != self.ident or not all(int(p) + n == self.col for p, n in zip(self.pad, lengths)):
+            return False
+        self.col += 1
+        if self.col > self.cap:
+            self.cap += step
+        return True
+
+    @property
+    def pad_array(self) -> mx.array:
+        """`pad` on the device, made once."""
+        if self._pad is None:
+            self._pad = mx.array(self.pad)
+        return self._pad
 
     def mask(self, window_size: int | None) -> mx.array:
         """[B, 1, 1, col] bool: a row sees its own columns (and, with a window, the last ones)."""
-        if self._pad is None:
-            self._pad = mx.array(self.pad)[:, None]
         cols = mx.arange(self.col)[None, :]
-        visible = cols >= self._pad
+        visible = cols >= self.pad_array[:, None]
         if window_size is not None:
             visible = visible & (cols > self.col - 1 - window_size)
         return visible[:, None, None, :]
@@ -84,6 +94,14 @@ class WorkingCopy:
     @property
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
+
+    def fit(self) -> None:
+        """Grow to the geometry's capacity (it grows at the end, by whole steps, when full)."""
+        extra = self.geom.cap - self.k.shape[2]
+        if extra > 0:
+            B, H = self.k.shape[:2]
+            self.k = mx.concatenate([self.k, mx.zeros((B, H, extra, self.k.shape[3]), self.k.dtype)], axis=2)
+            self.v = mx.concatenate([self.v, mx.zeros((B, H, extra, self.v.shape[3]), self.v.dtype)], axis=2)
 
     def append(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Write this step's token (column geom.col - 1) and return the views attention reads."""

@@ -312,16 +312,19 @@ async def test_entry_count_mode(off):
 
 
 async def test_gemma_sliding_window_equals_cache_off():
-    """Gemma 3: 5 of 6 layers attend to a 512-token window. Prompts past the window, shared prefix."""
+    """Gemma 3: 5 of 6 layers attend to a 512-token window. Prompts past the window, shared prefix;
+    the first one decodes through the compiled step."""
     text = " ".join(f"On day {i} the caravan crossed the dunes and counted {i * 7} camels." for i in range(45))
     prompts = [PromptInput(text=text + q) for q in (" How many camels on day 3?", " Where did the caravan go?")]
-    results = {}
+    results, compiled_steps = {}, 0
     for paged in (False, True):
         eng = AsyncEngine.from_source(GEMMA, EngineConfig(paged_cache=paged))
         try:
             results[paged] = [await run(eng, p, max_tokens=6) for p in prompts]
+            compiled_steps = eng.stats()["compiled_steps"]  # the window in the compiled step's mask
         finally:
             eng.shutdown()
+    assert compiled_steps > 0
     assert results[True][0][1].prompt_tokens > 600
     assert [ids for ids, _ in results[True]] == [ids for ids, _ in results[False]]
     assert results[True][1][1].cached_tokens > 550

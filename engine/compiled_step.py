@@ -1,0 +1,77 @@
+"""The decode step as one compiled MLX function over fixed-size working copies.
+
+A decode step through mlx_lm's model is built by Python every time: each of the model's layers
+makes its attention, MLP and cache calls, ~20 MLX ops a layer, and on a fast device the host
+building that graph is the limit (the step is host-bound). `mx.compile` traces the step once per
+input shape and replays the recorded graph from then on, with its element-wise ops fused, so a
+step costs the host one call instead of a model's worth of Python.
+
+A trace is only reused while shapes stay the same, so the compiled step reads and writes the
+*whole* working copy of each layer (`[B, H, cap, D]`, engine.working_copy) and takes the column
+it writes, and each row's left padding, as arrays: a shape changes only when the batch's rows
+change or its copies grow (`cap` is a multiple of `PagedContext.copy_step`), and each such shape
+is traced once and kept. Attention then reads the copy's empty columns too, hidden by the mask
+like the padding; that is why `cap` grows in small steps.
+
+The model sees, per layer, a `_ColumnCache`: mlx_lm's cache protocol (`offset`,
+`update_and_fetch`, `make_mask`) over the copy's arrays. The loop's bookkeeping (blocks, the
+geometry, the rows' lengths) happens outside the compiled function, once a step
+(`BatchPagedKVCache.copies_for_step` / `commit_step`).
+"""
+
+from __future__ import annotations
+
+import mlx.core as mx
+from mlx_lm.models.cache import _BaseCache
+
+
+class _ColumnCache(_BaseCache):
+    """One layer's working copy inside the trace: this step writes column `col` of every row."""
+
+    def __init__(self, k: mx.array, v: mx.array, col: mx.array, pad: mx.array):
+        self.k, self.v, self.col, self.pad = k, v, col, pad
+        self._start = mx.concatenate([mx.zeros((2,), mx.int32), col.reshape(1), mx.zeros((1,), mx.int32)])
+
+    @property
+    def offset(self) -> mx.array:
+        """[B] each row's position of this step's token (RoPE)."""
+        return self.col - self.pad
+
+    def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        self.k = mx.slice_update(self.k, keys, self._start, (0, 1, 2, 3))
+        self.v = mx.slice_update(self.v, values, self._start, (0, 1, 2, 3))
+        return self.k, self.v
+
+    def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None, **kwargs) -> mx.array:
+        """[B, 1, 1, cap]: a row sees its columns from its padding to this step's (and, with a
+        window, only the last `window_size` of them)."""
+        cols = mx.arange(self.k.shape[2])[None, :]
+        visible = (cols >= self.pad[:, None]) & (cols <= self.col)
+        if window_size is not None:
+            visible = visible & (cols > self.col - window_size)
+        return visible[:, None, None, :]
+
+    @property
+    def state(self):
+        return self.k, self.v
+
+
+class CompiledDecode:
+    """`model`'s one-token step over working copies, compiled (one trace per batch shape)."""
+
+    def __init__(self, model):
+        self.model = model
+        self._step = mx.compile(self._forward)
+        self.steps = 0
+        self.shapes: set[tuple[int, int]] = set()  # (rows, capacity) traced so far
+
+    def _forward(self, inputs: mx.array, col: mx.array, pad: mx.array, ks: list[mx.array], vs: list[mx.array]):
+        caches = [_ColumnCache(k, v, col, pad) for k, v in zip(ks, vs)]
+        logits = self.model(inputs[:, None], cache=caches)[:, -1, :]
+        return logits, [c.k for c in caches], [c.v for c in caches]
+
+    def __call__(self, inputs: mx.array, col: int, pad: mx.array, ks: list[mx.array], vs: list[mx.array]):
+        """Logits `[B, vocab]` for `inputs` `[B]` written at column `col`; the copies' new K and V."""
+        self.steps += 1
+        self.shapes.add((ks[0].shape[0], ks[0].shape[2]))
+        return self._step(inputs, mx.array(col, dtype=mx.int32), pad, ks, vs)
