@@ -2,6 +2,7 @@
 
     python -m benchmarks.bench_engine                       # SmolLM2 on this machine
     python -m benchmarks.bench_engine --model synthetic:qwen3-0.6b-8bit --batches 1 5 16   # GPU
+    python -m benchmarks.bench_engine --paged --eager       # + the engine without the compiled step
 
 For each batch size it runs our AsyncEngine (N requests submitted together) and then raw
 mlx_lm BatchGenerator on the same loaded weights, in the same process, with the seed's prompts
@@ -128,14 +129,17 @@ def machine() -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| batch | engine tok/s | scheduler (sync) tok/s | raw mlx_lm tok/s | engine/raw | engine speedup vs single "
-             "| TTFT p50 ms (engine / raw) |", "|---|---|---|---|---|---|---|"]
-    single = rows[0]["ours"]["tok_per_s"]
+    eager = "eager" in rows[0]
+    lines = ["| batch | engine tok/s |" + (" engine, eager decode tok/s |" if eager else "")
+             + " scheduler (sync) tok/s | raw mlx_lm tok/s | engine/raw | engine speedup vs single "
+             "| raw speedup vs single | TTFT p50 ms (engine / raw) |", "|---" * (8 + eager) + "|"]
+    single, raw_single = rows[0]["ours"]["tok_per_s"], rows[0]["raw"]["tok_per_s"]
     for r in rows:
         o, s, b = r["ours"], r["scheduler"], r["raw"]
-        lines.append(f"| {r['batch']} | {o['tok_per_s']} | {s['tok_per_s']} | {b['tok_per_s']} "
+        lines.append(f"| {r['batch']} | {o['tok_per_s']} |" + (f" {r['eager']['tok_per_s']} |" if eager else "")
+                     + f" {s['tok_per_s']} | {b['tok_per_s']} "
                      f"| {o['tok_per_s'] / b['tok_per_s']:.3f} | {o['tok_per_s'] / single:.2f}x "
-                     f"| {o['ttft_p50_ms']} / {b['ttft_p50_ms']} |")
+                     f"| {b['tok_per_s'] / raw_single:.2f}x | {o['ttft_p50_ms']} / {b['ttft_p50_ms']} |")
     return "\n".join(lines)
 
 
@@ -148,6 +152,8 @@ async def main_async(args) -> dict:
     source = resolve_model(args.model)
     config = EngineConfig(max_num_seqs=max(args.batches), prefill_batch_size=8, paged_cache=args.paged)
     engine = AsyncEngine.from_source(source, config)
+    # The same engine with the model's own (uncompiled) decode step, for the compiled step's gain.
+    eager = AsyncEngine.from_source(source, config.model_copy(update={"compiled_decode": False})) if args.eager else None
     model, tokenizer = engine.loaded.model, engine.tokenizer
     rows = []
     for n in args.batches:
@@ -159,9 +165,14 @@ async def main_async(args) -> dict:
         raw = run_raw(model, prompts, args.max_tokens, config)  # same weights; our loop is idle meanwhile
         sched = run_scheduler(engine, prompts, args.max_tokens, profile=args.profile and n == args.batches[0])
         rows.append({"batch": n, "ours": ours, "scheduler": sched, "raw": raw})
+        if eager is not None:
+            await run_engine(eager, prompts, 8)
+            rows[-1]["eager"] = await run_engine(eager, prompts, args.max_tokens)
         print(f"batch {n}: engine {ours['tok_per_s']} tok/s, scheduler {sched['tok_per_s']}, raw {raw['tok_per_s']}",
               file=sys.stderr, flush=True)
     engine.shutdown()
+    if eager is not None:
+        eager.shutdown()
     return {"machine": machine(), "model": engine.info, "max_tokens": args.max_tokens, "rows": rows}
 
 
@@ -174,6 +185,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 5, 16])
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--paged", action="store_true", help="run the engine with the paged KV cache")
+    parser.add_argument("--eager", action="store_true", help="also run the engine without the compiled decode step")
     parser.add_argument("--profile", action="store_true", help="cProfile the synchronous scheduler at the first batch size")
     parser.add_argument("--json-out")
     args = parser.parse_args()

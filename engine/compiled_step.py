@@ -9,9 +9,9 @@ step costs the host one call instead of a model's worth of Python.
 A trace is only reused while shapes stay the same, so the compiled step reads and writes the
 *whole* working copy of each layer (`[B, H, cap, D]`, engine.working_copy) and takes the column
 it writes, and each row's left padding, as arrays: a shape changes only when the batch's rows
-change or its copies grow (`cap` is a multiple of `PagedContext.copy_step`), and each such shape
-is traced once and kept. Attention then reads the copy's empty columns too, hidden by the mask
-like the padding; that is why `cap` grows in small steps.
+change or its copies grow (`engine.working_copy.capacity`), and each such shape is traced once
+and kept. Attention then reads the copy's empty columns too, hidden by the mask like the
+padding; that is why `cap` grows in small steps (at most ~1/8 of the context).
 
 The model sees, per layer, a `_ColumnCache`: mlx_lm's cache protocol (`offset`,
 `update_and_fetch`, `make_mask`) over the copy's arrays. The loop's bookkeeping (blocks, the
@@ -57,7 +57,12 @@ class _ColumnCache(_BaseCache):
 
 
 class CompiledDecode:
-    """`model`'s one-token step over working copies, compiled (one trace per batch shape)."""
+    """`model`'s one-token step over working copies, compiled (one trace per batch shape).
+
+    MLX keeps every trace of a compiled function until the function goes, so past `max_traces`
+    shapes the function is made again (its traces dropped) rather than grow without bound."""
+
+    max_traces = 256
 
     def __init__(self, model):
         self.model = model
@@ -73,5 +78,9 @@ class CompiledDecode:
     def __call__(self, inputs: mx.array, col: int, pad: mx.array, ks: list[mx.array], vs: list[mx.array]):
         """Logits `[B, vocab]` for `inputs` `[B]` written at column `col`; the copies' new K and V."""
         self.steps += 1
-        self.shapes.add((ks[0].shape[0], ks[0].shape[2]))
+        shape = (ks[0].shape[0], ks[0].shape[2])
+        if shape not in self.shapes and len(self.shapes) >= self.max_traces:
+            self._step = mx.compile(self._forward)
+            self.shapes.clear()
+        self.shapes.add(shape)
         return self._step(inputs, mx.array(col, dtype=mx.int32), pad, ks, vs)

@@ -117,9 +117,8 @@ class _Plan:
 class PagedContext:
     """What the cache objects of one model share: the pool and the per-step memo."""
 
-    # A working copy's capacity is a multiple of this many columns; it grows by as many when full
-    # (the compiled decode step reads whole copies, so the step is small; one trace per capacity).
-    copy_step = 32
+    # A working copy's capacity grows by at least this many columns (engine.working_copy.capacity).
+    copy_step = 16
 
     def __init__(self, pool: BlockPool, num_layers: int):
         self.pool = pool

@@ -24,6 +24,15 @@ from .block_pool import row_index
 _ids = itertools.count()
 
 
+def capacity(cols: int, step: int) -> int:
+    """Columns a working copy holds for `cols`: a multiple of `step`, or of an eighth of the power
+    of two below `cols` when that is more. The compiled decode step reads whole copies, so the
+    empty columns stay under ~1/8 of what it reads, and the distinct capacities (one trace
+    each) grow with the log of the context."""
+    grain = max(step, 1 << max(0, cols.bit_length() - 4))
+    return -(-cols // grain) * grain
+
+
 @dataclass
 class Geometry:
     """Where a decode batch's tokens sit in its working copies (the same for every layer)."""
@@ -37,19 +46,19 @@ class Geometry:
 
     @classmethod
     def new(cls, ident: tuple[int, ...], lengths: list[int], step: int) -> "Geometry":
-        """Lengths before this step's token; the capacity is a multiple of `step` columns."""
+        """Lengths before this step's token; the capacity from `capacity`."""
         longest = max(lengths)
         pad = np.asarray([longest - n for n in lengths], dtype=np.int32)
-        return cls(ident, pad, longest + 1, -(-(longest + 1) // step) * step, next(_ids))
+        return cls(ident, pad, longest + 1, capacity(longest + 1, step), next(_ids))
 
     def advance(self, ident: tuple[int, ...], lengths: list[int], step: int) -> bool:
-        """Continue with this step if it has the same rows, each one token further (growing the
-        capacity by `step` columns when it is full); False: the batch needs a new geometry."""
+        """Continue with this step if it has the same rows, each one token further (the capacity
+        grows when full); False: the batch needs a new geometry."""
         if ident != self.ident or not all(int(p) + n == self.col for p, n in zip(self.pad, lengths)):
             return False
         self.col += 1
         if self.col > self.cap:
-            self.cap += step
+            self.cap = capacity(self.col, step)
         return True
 
     @property
@@ -96,7 +105,7 @@ class WorkingCopy:
         return self.k.nbytes + self.v.nbytes
 
     def fit(self) -> None:
-        """Grow to the geometry's capacity (it grows at the end, by whole steps, when full)."""
+        """Grow to the geometry's capacity (it grows at the end when full)."""
         extra = self.geom.cap - self.k.shape[2]
         if extra > 0:
             B, H = self.k.shape[:2]

@@ -14,11 +14,12 @@ from engine.config import EngineConfig
 from engine.engine import AsyncEngine
 from engine.request import PromptInput
 from engine.sampling import SamplingParams
+from engine.working_copy import capacity
 
 from .conftest import SMOLLM
 
 PROMPTS = ["Rivers flow into", "The oldest tree in Europe grows in a valley where", "Paper"]
-MAX_TOKENS = [40, 12, 40]  # 40 tokens outgrow a 32-column copy; the second row leaves early
+MAX_TOKENS = [40, 12, 40]  # 40 tokens outgrow the copies twice; the second row leaves early
 
 
 async def _outputs(engine: AsyncEngine) -> list[list[int]]:
@@ -52,7 +53,14 @@ async def test_compiled_decode_equals_the_models_own_step(engines):
     assert got["compiled"] == got["eager"] == got["off"]
     stats = engines["compiled"].stats()
     assert stats["compiled_steps"] >= max(MAX_TOKENS) - 1
-    # one trace per (rows, capacity): 3 rows at 32 and 64 columns, then 2 rows at 64, and fewer
-    # shapes than steps by far
-    assert 2 <= stats["compiled_shapes"] <= 6 < stats["compiled_steps"]
+    # one trace per (rows, capacity), the capacity growing by 16 columns: far fewer than steps
+    assert 2 <= stats["compiled_shapes"] <= 10 < stats["compiled_steps"]
     assert engines["eager"].stats()["compiled_steps"] == 0
+
+
+def test_capacities_are_few_and_mostly_full():
+    caps = [capacity(cols, 16) for cols in range(1, 8193)]
+    assert all(c >= cols for cols, c in enumerate(caps, 1))
+    assert all(b >= a for a, b in zip(caps, caps[1:]))
+    assert all((c - cols) / cols < 1 / 8 for cols, c in enumerate(caps, 1) if cols > 128)
+    assert len(set(caps)) <= 56  # one trace per capacity and batch size: the log of the context
