@@ -313,6 +313,7 @@ class BatchLoop:
         return len(blocks) * self.ctx.pool.block_bytes
 
     def close(self) -> None:
+        self.compiled = None
         self.prefilling.clear()
         self.joining.clear()
         self.rows.clear()

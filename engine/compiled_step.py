@@ -56,6 +56,18 @@ class _ColumnCache(_BaseCache):
         return self.k, self.v
 
 
+def _decode_step(model):
+    """The function to compile: a closure over the model only (no reference cycle through the
+    CompiledDecode, so its traces go when it goes, on the thread that drops it)."""
+
+    def forward(inputs: mx.array, col: mx.array, pad: mx.array, ks: list[mx.array], vs: list[mx.array]):
+        caches = [_ColumnCache(k, v, col, pad) for k, v in zip(ks, vs)]
+        logits = model(inputs[:, None], cache=caches)[:, -1, :]
+        return logits, [c.k for c in caches], [c.v for c in caches]
+
+    return forward
+
+
 class CompiledDecode:
     """`model`'s one-token step over working copies, compiled (one trace per batch shape).
 
@@ -66,21 +78,16 @@ class CompiledDecode:
 
     def __init__(self, model):
         self.model = model
-        self._step = mx.compile(self._forward)
+        self._step = mx.compile(_decode_step(model))
         self.steps = 0
         self.shapes: set[tuple[int, int]] = set()  # (rows, capacity) traced so far
-
-    def _forward(self, inputs: mx.array, col: mx.array, pad: mx.array, ks: list[mx.array], vs: list[mx.array]):
-        caches = [_ColumnCache(k, v, col, pad) for k, v in zip(ks, vs)]
-        logits = self.model(inputs[:, None], cache=caches)[:, -1, :]
-        return logits, [c.k for c in caches], [c.v for c in caches]
 
     def __call__(self, inputs: mx.array, col: int, pad: mx.array, ks: list[mx.array], vs: list[mx.array]):
         """Logits `[B, vocab]` for `inputs` `[B]` written at column `col`; the copies' new K and V."""
         self.steps += 1
         shape = (ks[0].shape[0], ks[0].shape[2])
         if shape not in self.shapes and len(self.shapes) >= self.max_traces:
-            self._step = mx.compile(self._forward)
+            self._step = mx.compile(_decode_step(self.model))
             self.shapes.clear()
         self.shapes.add(shape)
         return self._step(inputs, mx.array(col, dtype=mx.int32), pad, ks, vs)

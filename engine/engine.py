@@ -230,6 +230,8 @@ class AsyncEngine:
             log.exception("engine loop for %s died", self.source)
             self._dead = exc
             self._fail_streams(EngineDeadError(f"engine for {self.source} died: {exc}"))
+        finally:
+            self.scheduler.gen.close()  # its compiled step's traces go on the thread that made them
 
     def _measure_footprint(self, cache) -> Footprint:
         """Weights as loaded, the KV pool's budget, and the working memory of a warm-up prefill."""
