@@ -82,6 +82,8 @@ class BatchSampling:
             rows = mx.arange(inputs.shape[0])
             self.counts = self.counts.at[rows, inputs].add(1.0)
             logits = apply_penalties(logits.astype(mx.float32), self.counts, *self.penalties)
+        if self.greedy and top_logprobs is None:  # the argmax of the logits is the argmax of the logprobs
+            return mx.argmax(logits, axis=-1), None
         logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)
         tokens = self._choose(logprobs, positions)
         if top_logprobs is None:
