@@ -158,15 +158,16 @@ async def main_async(args) -> dict:
     rows = []
     for n in args.batches:
         prompts = prompt_ids(tokenizer, n)
-        # Warm-up at this batch size first (kernel compilation for new shapes must not count).
-        await run_engine(engine, prompts, 8)
-        run_raw(model, prompts, 8, config)
+        # Warm-up at this batch size first (kernel compilation for new shapes must not count;
+        # --warmup-tokens as many as --max-tokens: every shape of the run, the compiled step's too).
+        await run_engine(engine, prompts, args.warmup_tokens)
+        run_raw(model, prompts, args.warmup_tokens, config)
         ours = await run_engine(engine, prompts, args.max_tokens)
         raw = run_raw(model, prompts, args.max_tokens, config)  # same weights; our loop is idle meanwhile
         sched = run_scheduler(engine, prompts, args.max_tokens, profile=args.profile and n == args.batches[0])
         rows.append({"batch": n, "ours": ours, "scheduler": sched, "raw": raw})
         if eager is not None:
-            await run_engine(eager, prompts, 8)
+            await run_engine(eager, prompts, args.warmup_tokens)
             rows[-1]["eager"] = await run_engine(eager, prompts, args.max_tokens)
         print(f"batch {n}: engine {ours['tok_per_s']} tok/s, scheduler {sched['tok_per_s']}, raw {raw['tok_per_s']}",
               file=sys.stderr, flush=True)
@@ -184,6 +185,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="a model source or synthetic:qwen3-0.6b-8bit")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 5, 16])
     parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--warmup-tokens", type=int, default=8, help="tokens of the warm-up run before each measurement")
     parser.add_argument("--paged", action="store_true", help="run the engine with the paged KV cache")
     parser.add_argument("--eager", action="store_true", help="also run the engine without the compiled decode step")
     parser.add_argument("--profile", action="store_true", help="cProfile the synchronous scheduler at the first batch size")
