@@ -6,7 +6,9 @@ A multi-tenant workload: `--tenants` distinct system prompts (~`--system-tokens`
 script starts its own `serve run` (2 replicas of SmolLM2 on this node, `deployment.request_router`
 the only difference), plays the same workload and reports the cached-token hit rate (cached /
 prompt tokens, from each response's usage), TTFT p50/p99, aggregate generated tok/s, and the
-requests each replica served (ModelServer.record_routing_stats).
+requests each replica served (ModelServer.record_routing_stats), and how far apart the replicas'
+queues were: every 0.2 s each replica's requests in flight, the largest gap between them (the
+router must keep it within `affinity.imbalanced_threshold`).
 
     python -m benchmarks.bench_affinity --out docs/results/bench_affinity_cpu.json
 
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -84,33 +87,59 @@ async def play(requests: list[list[dict]], concurrency: int, max_tokens: int) ->
         return results, time.perf_counter() - start
 
 
-def replica_counts() -> list[int]:
-    """Requests each model replica served (its record_routing_stats), smallest first."""
+def model_replicas() -> list:
+    """The model's replica actors (their record_routing_stats say what each served and holds)."""
     import ray
 
-    ray.init(address="auto", logging_level="ERROR")
-    try:
-        counts = []
-        for entry in ray.util.list_named_actors(all_namespaces=True):
-            if entry["namespace"] == "serve" and f"#model-{MODEL}#" in entry["name"]:
-                actor = ray.get_actor(entry["name"], namespace="serve")
-                counts.append(ray.get(actor.record_routing_stats.remote(), timeout=30)["served"])
-        return sorted(counts)
-    finally:
-        ray.shutdown()
+    return [ray.get_actor(e["name"], namespace="serve") for e in ray.util.list_named_actors(all_namespaces=True)
+            if e["namespace"] == "serve" and f"#model-{MODEL}#" in e["name"]]
+
+
+def routing_stats(actors: list) -> list[dict]:
+    import ray
+
+    return ray.get([a.record_routing_stats.remote() for a in actors], timeout=30)
+
+
+class QueueSampler(threading.Thread):
+    """Samples every replica's requests in flight (running or waiting) every `interval_s`."""
+
+    def __init__(self, actors: list, interval_s: float = 0.2):
+        super().__init__(daemon=True)
+        self.actors, self.interval_s = actors, interval_s
+        self.samples: list[list[int]] = []
+        self.done = threading.Event()
+
+    def run(self) -> None:
+        while not self.done.wait(self.interval_s):
+            self.samples.append([s["active"] for s in routing_stats(self.actors)])
+
+    def summary(self) -> dict:
+        gaps = sorted(max(s) - min(s) for s in self.samples) or [0]
+        return {"queue_samples": len(self.samples), "queue_gap_max": gaps[-1],
+                "queue_gap_p95": gaps[int(0.95 * (len(gaps) - 1))], "queue_max": max(map(max, self.samples or [[0]]))}
 
 
 def run_mode(router: str, args) -> dict:
+    import ray
+
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(serve_config(router), f)
     proc, startup_s = start_serve(f.name)
     try:
         time.sleep(3)  # the second replica: start_serve returns on the first answer
-        before = replica_counts()
+        ray.init(address="auto", logging_level="ERROR")
+        actors = model_replicas()
+        before = sorted(s["served"] for s in routing_stats(actors))
+        sampler = QueueSampler(actors)
+        sampler.start()
         results, wall = asyncio.run(play(workload(args.tenants, args.users, args.system_tokens),
                                          args.concurrency, args.max_tokens))
-        after = replica_counts()
+        sampler.done.set()
+        sampler.join()
+        after = sorted(s["served"] for s in routing_stats(actors))
     finally:
+        ray.shutdown()
         stop_serve(proc)
         Path(f.name).unlink(missing_ok=True)
     prompt, cached = sum(r["prompt"] for r in results), sum(r["cached"] for r in results)
@@ -119,14 +148,16 @@ def run_mode(router: str, args) -> dict:
             "hit_rate": round(cached / prompt, 3), "prompt_tokens": prompt, "cached_tokens": cached,
             "ttft_p50_ms": round(1000 * percentile(ttfts, 50), 1), "ttft_p99_ms": round(1000 * percentile(ttfts, 99), 1),
             "tok_s": round(sum(r["completion"] for r in results) / wall, 1),
-            "served_per_replica": [a - b for a, b in zip(after, before)] if len(after) == len(before) else after}
+            "served_per_replica": [a - b for a, b in zip(after, before)] if len(after) == len(before) else after,
+            **sampler.summary()}
 
 
 def table(doc: dict) -> str:
-    rows = ["| router | hit rate | TTFT p50 ms | TTFT p99 ms | tok/s | per replica |", "|---|---|---|---|---|---|"]
+    rows = ["| router | hit rate | TTFT p50 ms | TTFT p99 ms | tok/s | per replica | queue gap max / p95 |",
+            "|---|---|---|---|---|---|---|"]
     for m in doc["modes"]:
         rows.append(f"| {m['router']} | {m['hit_rate']:.3f} | {m['ttft_p50_ms']} | {m['ttft_p99_ms']} | {m['tok_s']} | "
-                    f"{m['served_per_replica']} |")
+                    f"{m['served_per_replica']} | {m['queue_gap_max']} / {m['queue_gap_p95']} |")
     a, p = doc["modes"]
     rows.append(f"\nprefix_affinity / power_of_two: hit rate x{a['hit_rate'] / max(p['hit_rate'], 1e-9):.2f}, "
                 f"TTFT p50 x{a['ttft_p50_ms'] / p['ttft_p50_ms']:.2f}, tok/s x{a['tok_s'] / p['tok_s']:.2f}")

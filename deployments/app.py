@@ -56,11 +56,14 @@ class ModelPlan:
 OPENBLAS_SONAME = "libopenblas.so.0"  # found by each node's dynamic loader, not a path of the builder's
 
 
-def model_actor_options(model: ModelConfig) -> dict:
+def model_actor_options(model: ModelConfig, reserve_bytes: int | None = None) -> dict:
     """Ray options of a model's replicas. OpenBLAS is preloaded by name unless the model turns the
     fast path off: a replica on a node without it, or whose MLX has a GPU, keeps its own BLAS
-    (the loader decides float32 weights in the replica, from what that process has)."""
+    (the loader decides float32 weights in the replica, from what that process has).
+    `reserve_bytes` (memory.per_node): Ray's `memory` resource each replica holds."""
     options: dict = {"num_cpus": model.deployment.num_cpus}
+    if reserve_bytes:
+        options["memory"] = reserve_bytes
     if model.deployment.resources:
         options["resources"] = dict(model.deployment.resources)
     preload = {"LD_PRELOAD": OPENBLAS_SONAME} if model.engine.fast_cpu is not False else {}
@@ -155,7 +158,7 @@ def autoscaling_config(p: ModelPlan, budget: int) -> dict:
     }
 
 
-def bind_model(p: ModelPlan, budget: int):
+def bind_model(p: ModelPlan, budget: int, per_node: bool = False):
     model, engine = p.config, p.engine
     max_ongoing = model.deployment.max_ongoing_requests or engine["max_num_seqs"] + engine["max_waiting"]
     placement = {k: v for k, v in (("max_replicas_per_node", model.deployment.max_replicas_per_node),
@@ -168,7 +171,7 @@ def bind_model(p: ModelPlan, budget: int):
         max_queued_requests=model.deployment.max_queued_requests,
         graceful_shutdown_wait_loop_s=0.5,  # an idle replica being unloaded stops at once
         max_constructor_retry_count=MAX_LOAD_RETRIES,
-        ray_actor_options=model_actor_options(model),
+        ray_actor_options=model_actor_options(model, p.footprint_bytes if per_node else None),
     ).bind(
         name=model.name,
         source=model.source,
@@ -204,6 +207,6 @@ def build_app(args: dict) -> Application:
     budget = config.memory.budget_bytes()
     plans = [plan_model(m, budget) for m in config.models]
     check_budget(plans, budget)
-    models = {p.config.name: bind_model(p, budget) for p in plans}
+    models = {p.config.name: bind_model(p, budget, config.memory.per_node) for p in plans}
     facts = {p.config.name: model_facts(p) for p in plans}
     return bind_router(config.router, models, facts, budget)

@@ -141,6 +141,12 @@ class MemoryConfig(BaseModel):
         description="The budget as a fraction of the host's memory (on a Mac: Metal's recommended working set, "
         "else RAM). Default: the whole working set on a Mac, 0.6 of RAM elsewhere.",
     )
+    per_node: bool = Field(
+        False, description="Each model replica reserves its footprint as Ray's `memory` resource, so Ray places "
+        "replicas only on nodes with that much left and never over-packs one, after a node loss too (a node's "
+        "budget: `ray start --memory BYTES`). The governor still budgets the application as a whole: on a "
+        "cluster give budget_mb as the sum of the nodes' budgets.",
+    )
 
     @model_validator(mode="after")
     def _one(self) -> "MemoryConfig":

@@ -2,8 +2,10 @@
 raylets, one GCS), tests/fixtures/cluster.yaml deployed on it by a real `serve run --address`, and
 the openai client over HTTP.
 
-The YAML asks for 2 SmolLM2 replicas, one per node (each node has one `orchard_slot`), routed by
-prefix affinity; the router stays on the head (`orchard_head`). The tests run in order on one
+The YAML asks for 2 SmolLM2 replicas routed by prefix affinity, each reserving its footprint as
+Ray's `memory` resource (`memory.per_node`); each node's memory has room for one replica, so Ray
+places one per node, and after the worker's loss the replacement waits for room rather than
+over-pack the head. The router stays on the head (`orchard_head`). The tests run in order on one
 cluster: both replicas load (exporting the GGUF into one empty cache at once) and answer; a
 shared-prefix workload sticks to one replica per prefix (every repeat of a tenant's prompt is
 served from cache); the worker node dies under streaming requests (those on it end with a clean
@@ -67,13 +69,14 @@ def cluster(tmp_path_factory):
     saved_cache = os.environ.get("ORCHARD_CACHE")
     os.environ["ORCHARD_CACHE"] = str(tmp / "cache")  # empty, inherited by both nodes: both replicas export at once
     started = time.monotonic()
-    c = Cluster(initialize_head=True, head_node_args={
-        "num_cpus": 2, "resources": {"orchard_slot": 1, "orchard_head": 1}})
-    worker = c.add_node(num_cpus=1, resources={"orchard_slot": 1})
+    room = int(1.5 * replica_footprint())  # each node's memory budget: one replica, not two
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "memory": room, "resources": {"orchard_head": 1}})
+    worker = c.add_node(num_cpus=1, memory=room)
     ray.init(address=c.address)
     log = tmp / "serve.log"
     proc = start_serve_on(c.address, log)
-    STATE.update(cluster=c, worker=worker, proc=proc, log=log, t0=started, cluster_start_s=time.monotonic() - started)
+    STATE.update(cluster=c, worker=worker, proc=proc, log=log, t0=started, cluster_start_s=time.monotonic() - started,
+                 room=room)
     STATE["start_s"] = wait_healthy(proc, log, timeout_s=300)
     try:
         yield STATE
@@ -84,6 +87,17 @@ def cluster(tmp_path_factory):
         if not STATE.get("shut_down"):
             c.shutdown()
         os.environ.pop("ORCHARD_CACHE") if saved_cache is None else os.environ.update(ORCHARD_CACHE=saved_cache)
+
+
+def replica_footprint() -> int:
+    """The bytes each model replica reserves in Ray (the builder's footprint estimate)."""
+    import yaml
+
+    from deployments.app import plan_model
+    from deployments.config import validate_args
+
+    config = validate_args(yaml.safe_load(CONFIG.read_text())["applications"][0]["args"])
+    return plan_model(config.models[0], config.memory.budget_bytes()).footprint_bytes
 
 
 def start_serve_on(address: str, log):
@@ -172,6 +186,9 @@ def test_3_worker_node_dies_in_flight_requests_end_cleanly_new_ones_succeed(clus
         assert ask(SYSTEMS[i % 4] if i % 2 else f"After {i}. " + SYSTEMS[0], "still there?").choices
     survivors = replicas()
     assert len(survivors) == 1 and next(iter(survivors.values()))["node_id"] != worker_id
+    # the replacement found no node with room: it waits, the head holds one replica's memory
+    head_memory = ray.available_resources().get("memory", 0)
+    assert head_memory < replica_footprint() <= cluster["room"], (head_memory, cluster["room"])
     print(f"\nin flight at the kill: {len(results)} streams, {len(errors)} ended with {errors[:1]}, the last "
           f"{in_flight_ended_s:.1f}s after the kill; new requests sent 0-2 s after it: {probed}; failing in the "
           f"recovery loop: {failures}, 5 in a row answered from {recovered_at - killed_at:.1f}s after the kill")

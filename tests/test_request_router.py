@@ -219,6 +219,27 @@ def test_yaml_selects_the_router_and_placement():
     assert a.ray_actor_options["runtime_env"]["env_vars"]["LD_PRELOAD"] == "libopenblas.so.0"  # no path
 
 
+def test_memory_per_node_reserves_each_replicas_footprint_in_ray():
+    from ray.serve._private.build_app import build_app as serve_build
+
+    from deployments.app import plan_model
+    from deployments.config import validate_args as validate
+
+    args = {"models": [{"name": "a", "source": SMOLLM, "deployment": {"num_replicas": 2}},
+                       {"name": "b", "source": SMOLLM, "engine": {"cache_memory_mb": 64}}],
+            "memory": {"budget_mb": 8192, "per_node": True}}
+    deps = {d.name: d for d in serve_build(build_app(args), name="orchard").deployments}
+    config = validate(args)
+    for model in config.models:
+        want = plan_model(model, config.memory.budget_bytes()).footprint_bytes
+        assert deps[model.deployment_name].ray_actor_options["memory"] == want > 0
+    assert deps["model-a"].ray_actor_options["memory"] > deps["model-b"].ray_actor_options["memory"]
+    assert "memory" not in deps["OrchardRouter"].ray_actor_options
+    args["memory"]["per_node"] = False
+    plain = {d.name: d for d in serve_build(build_app(args), name="orchard").deployments}
+    assert "memory" not in plain["model-a"].ray_actor_options
+
+
 def test_router_config_errors_name_the_field():
     cases = [({"request_router": "round_robin"}, r"deployment\.request_router"),
              ({"affinity": {"block_chars": 2}}, r"deployment\.affinity\.block_chars"),
