@@ -11,7 +11,7 @@ chains its parent's, and each replica remembers (LRU, bounded) the hashes of wha
 A request goes, in this order of preference:
 
 1. to the replica whose remembered chain covers the longest prefix of its prompt, when that
-   covers at least `match_rate_threshold` of it and that replica's queue is at most
+   covers at least `match_rate_threshold` of it and that replica's queue is less than
    `imbalanced_threshold` requests longer than the least loaded one's (balance wins over
    affinity when queues diverge);
 2. for a new prefix, to the (not overloaded) replica that remembers the fewest blocks, so that
@@ -122,7 +122,9 @@ def rank_replicas(replicas: Sequence[Hashable], queues: dict, matched: dict, siz
 
     `queues`: requests at each replica (None: unknown, counted as the least loaded);
     `matched`: leading blocks of the prompt each replica was sent; `sizes`: blocks each remembers.
-    A replica more than imbalanced_threshold requests behind the least loaded one is never preferred.
+    A replica imbalanced_threshold or more requests behind the least loaded one is never preferred
+    (as Ray Serve LLM's PrefixCacheAffinityRouter: balanced means a gap under the threshold), so
+    routing a request never leaves a replica more than the threshold behind.
     """
     least = min((q for q in queues.values() if q is not None), default=0)
 
@@ -130,7 +132,7 @@ def rank_replicas(replicas: Sequence[Hashable], queues: dict, matched: dict, siz
         q = queues.get(r)
         return 0 if q is None else q - least
 
-    balanced = [r for r in replicas if behind(r) <= policy.imbalanced_threshold]  # the least loaded always is
+    balanced = [r for r in replicas if behind(r) == 0 or behind(r) < policy.imbalanced_threshold]
     everyone = list(replicas)
     if n_blocks == 0:
         return [everyone], "balance"

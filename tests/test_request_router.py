@@ -77,10 +77,12 @@ def test_rank_prefers_the_longest_match_when_balanced():
 
 
 def test_rank_balance_wins_when_queues_diverge():
-    ranks, why = rank_replicas(["a", "b"], {"a": 11, "b": 0}, {"a": 10, "b": 0}, {"a": 50, "b": 0}, 10, POLICY)
-    assert (ranks, why) == ([["a", "b"]], "balance")
     ranks, why = rank_replicas(["a", "b"], {"a": 10, "b": 0}, {"a": 10, "b": 0}, {"a": 50, "b": 0}, 10, POLICY)
-    assert why == "affinity"  # exactly at the threshold still counts as balanced
+    assert (ranks, why) == ([["a", "b"]], "balance")  # at the threshold: one more would put it past
+    ranks, why = rank_replicas(["a", "b"], {"a": 9, "b": 0}, {"a": 10, "b": 0}, {"a": 50, "b": 0}, 10, POLICY)
+    assert why == "affinity"  # under the threshold still counts as balanced
+    zero = AffinityPolicy(imbalanced_threshold=0, match_rate_threshold=0.1)
+    assert rank_replicas(["a", "b"], {"a": 0, "b": 0}, {"a": 10}, {"a": 5}, 10, zero) == ([["a"], ["a", "b"]], "affinity")
 
 
 def test_rank_new_prefix_goes_to_the_replica_holding_least():
@@ -169,9 +171,9 @@ def test_router_balance_wins_when_queues_diverge():
         router = make_router(PrefixAffinityRouter, [a, b], block_chars=32, imbalanced_threshold=10)
         owner = await route(router, chat(SYSTEMS[0], "first"), 0)
         other = b if owner is a else a
-        owner.queue = 10  # 10 requests behind the other replica: still its prefix's replica
+        owner.queue = 9  # 9 requests behind the other replica: still its prefix's replica
         at_threshold = await route(router, chat(SYSTEMS[0], "second"), 1)
-        owner.queue = 11  # 11 behind: affinity yields to balance
+        owner.queue = 10  # 10 behind (the threshold): affinity yields to balance
         diverged = await route(router, chat(SYSTEMS[0], "third"), 2)
         return owner, other, at_threshold, diverged, router
 
