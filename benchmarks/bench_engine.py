@@ -98,7 +98,7 @@ def run_scheduler(engine, prompts, max_tokens: int, profile: bool = False) -> di
         sched.step()
     if profiler:
         profiler.disable()
-        pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(12)
+        pstats.Stats(profiler, stream=sys.stderr).sort_stats("tottime").print_stats(25)
     wall = time.perf_counter() - start
     sched.gen.close()
     return summarize([(s.first_token_time - s.arrival, len(s.output_ids)) for s in seqs], wall)
