@@ -16,13 +16,15 @@ padding; that is why `cap` grows in small steps (at most ~1/8 of the context).
 The model sees, per layer, a `_ColumnCache`: mlx_lm's cache protocol (`offset`,
 `update_and_fetch`, `make_mask`) over the copy's arrays. The loop's bookkeeping (blocks, the
 geometry, the rows' lengths) happens outside the compiled function, once a step
-(`BatchPagedKVCache.copies_for_step` / `commit_step`).
+(`paged_cache.decode_copies` before it, `BatchPagedKVCache.commit_column` after).
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 from mlx_lm.models.cache import _BaseCache
+
+from .working_copy import visible
 
 
 class _ColumnCache(_BaseCache):
@@ -43,13 +45,8 @@ class _ColumnCache(_BaseCache):
         return self.k, self.v
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None, **kwargs) -> mx.array:
-        """[B, 1, 1, cap]: a row sees its columns from its padding to this step's (and, with a
-        window, only the last `window_size` of them)."""
-        cols = mx.arange(self.k.shape[2])[None, :]
-        visible = (cols >= self.pad[:, None]) & (cols <= self.col)
-        if window_size is not None:
-            visible = visible & (cols > self.col - window_size)
-        return visible[:, None, None, :]
+        """[B, 1, 1, cap] over the whole copy: its empty columns are hidden like the padding."""
+        return visible(mx.arange(self.k.shape[2]), self.col, self.pad, window_size)
 
     @property
     def state(self):

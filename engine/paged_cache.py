@@ -262,8 +262,9 @@ class BatchPagedKVCache(_BaseCache):
             self._drop_copy()
             self._copy = WorkingCopy(self.ctx.pool, self.layer, geom, [r.table for r in self.rows], self._starts())
             self.ctx.counters["working_copy_builds"] += 1
-        self._copy.fit()
-        self.ctx.copy_bytes[id(self)] = self._copy.nbytes
+            self.ctx.copy_bytes[id(self)] = self._copy.nbytes
+        elif self._copy.fit():
+            self.ctx.copy_bytes[id(self)] = self._copy.nbytes
         return self._copy
 
     def commit_column(self, k: mx.array, v: mx.array) -> None:

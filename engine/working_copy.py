@@ -5,8 +5,8 @@ blocks again. A working copy is what mlx_lm's own batch cache is: per layer one 
 K and V with the rows *right-aligned* (left padding), so every step writes one column for all rows
 with a slice update and attention reads a view `[:, :, :col]`; the mask hides each row's padding.
 The copy is built by one gather when the batch changes (`Geometry`: rows, lengths, capacity),
-grows at its end when full, and is then the only place decode tokens go: they are written back to the rows' blocks (`flush`, one
-scatter per layer) before anything else may read them: the batch changes, a prompt chunk runs
+grows at its end when full, and is then the only place decode tokens go: they are written back
+to the rows' blocks (`flush`, one scatter per layer) before anything else may read them: the batch changes, a prompt chunk runs
 (it may reuse a block that a row just filled), or a row leaves (its blocks go to the prefix
 cache or back to the pool).
 """
@@ -31,6 +31,17 @@ def capacity(cols: int, step: int) -> int:
     each) grow with the log of the context."""
     grain = max(step, 1 << max(0, cols.bit_length() - 4))
     return -(-cols // grain) * grain
+
+
+def visible(cols: mx.array, last, pad: mx.array, window_size: int | None) -> mx.array:
+    """[B, 1, 1, C] bool for a decode step writing column `last` (an int, or an array inside a
+    compiled step): row b sees columns `cols` from its padding `pad[b]` to `last` and, with a
+    window, only the last `window_size` of them. The one rule both decode paths mask with."""
+    cols = cols[None, :]
+    seen = (cols >= pad[:, None]) & (cols <= last)
+    if window_size is not None:
+        seen = seen & (cols > last - window_size)
+    return seen[:, None, None, :]
 
 
 @dataclass
@@ -69,12 +80,8 @@ class Geometry:
         return self._pad
 
     def mask(self, window_size: int | None) -> mx.array:
-        """[B, 1, 1, col] bool: a row sees its own columns (and, with a window, the last ones)."""
-        cols = mx.arange(self.col)[None, :]
-        visible = cols >= self.pad_array[:, None]
-        if window_size is not None:
-            visible = visible & (cols > self.col - 1 - window_size)
-        return visible[:, None, None, :]
+        """[B, 1, 1, col] bool over the columns written so far (`visible`)."""
+        return visible(mx.arange(self.col), self.col - 1, self.pad_array, window_size)
 
 
 class WorkingCopy:
@@ -104,13 +111,15 @@ class WorkingCopy:
     def nbytes(self) -> int:
         return self.k.nbytes + self.v.nbytes
 
-    def fit(self) -> None:
-        """Grow to the geometry's capacity (it grows at the end when full)."""
+    def fit(self) -> bool:
+        """Grow to the geometry's capacity (it grows at the end when full); whether it grew."""
         extra = self.geom.cap - self.k.shape[2]
-        if extra > 0:
-            B, H = self.k.shape[:2]
-            self.k = mx.concatenate([self.k, mx.zeros((B, H, extra, self.k.shape[3]), self.k.dtype)], axis=2)
-            self.v = mx.concatenate([self.v, mx.zeros((B, H, extra, self.v.shape[3]), self.v.dtype)], axis=2)
+        if extra <= 0:
+            return False
+        B, H = self.k.shape[:2]
+        self.k = mx.concatenate([self.k, mx.zeros((B, H, extra, self.k.shape[3]), self.k.dtype)], axis=2)
+        self.v = mx.concatenate([self.v, mx.zeros((B, H, extra, self.v.shape[3]), self.v.dtype)], axis=2)
+        return True
 
     def append(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Write this step's token (column geom.col - 1) and return the views attention reads."""
