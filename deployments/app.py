@@ -77,7 +77,9 @@ def request_router_config(model: ModelConfig) -> dict | None:
     """Ray Serve's request_router_config for the model (None: Ray's power-of-two default)."""
     if model.deployment.request_router != "prefix_affinity":
         return None
-    return {"request_router_class": ROUTER_PATH, "request_router_kwargs": model.deployment.affinity.model_dump()}
+    affinity = model.deployment.affinity
+    return {"request_router_class": ROUTER_PATH, "request_router_kwargs": affinity.model_dump(exclude={"report_period_s"}),
+            "request_routing_stats_period_s": affinity.report_period_s}
 
 
 def plan_model(model: ModelConfig, budget: int) -> ModelPlan:
@@ -181,6 +183,8 @@ def bind_model(p: ModelPlan, budget: int, per_node: bool = False):
         stream_max_chunks_per_s=model.stream_max_chunks_per_s,
         memory_share_bytes=p.footprint_bytes,
         allow_ignore_eos=model.allow_ignore_eos,
+        prefix_block_chars=model.deployment.affinity.block_chars if model.deployment.request_router == "prefix_affinity"
+        else None,
     )
 
 

@@ -50,6 +50,10 @@ class AffinityOptions(BaseModel):
     max_blocks_per_replica: int = Field(
         65536, ge=16, description="Blocks remembered per replica (least recently sent forgotten first).",
     )
+    report_period_s: float = Field(
+        2.0, gt=0, le=600, description="How often each replica reports which prompt prefixes its paged cache "
+        "really holds (Ray Serve's request_routing_stats_period_s); the routers take each report as the truth.",
+    )
 
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")

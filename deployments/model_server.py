@@ -27,6 +27,8 @@ from ray import serve
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError, OrchardError, OverloadedError
 
+from .prefix_residency import PrefixResidency
+
 log = logging.getLogger("ray.serve")
 
 
@@ -122,7 +124,8 @@ class ModelServer:
 
     def __init__(self, name: str, source: str, engine: dict, default_sampling: dict | None = None,
                  stream_window_ms: float = 30.0, stream_max_chunks_per_s: float = 100.0,
-                 memory_share_bytes: int | None = None, allow_ignore_eos: bool = False):
+                 memory_share_bytes: int | None = None, allow_ignore_eos: bool = False,
+                 prefix_block_chars: int | None = None):
         from engine.engine import AsyncEngine  # MLX loads in the replica, not in the builder
         from engine.memory import apply_process_limits, mib
 
@@ -136,6 +139,8 @@ class ModelServer:
         self.last_active = time.monotonic()
         self.unload_requested = False
         self.served = 0  # generate calls taken (record_routing_stats)
+        # prefix-affinity routing: what this replica's cache holds, reported to the routers
+        self.residency = PrefixResidency(prefix_block_chars) if prefix_block_chars else None
         self.engine = AsyncEngine.from_source(source, EngineConfig.model_validate(engine))
         footprint = self.engine.footprint
         self.limits = apply_process_limits(max(memory_share_bytes or 0, footprint.total))
@@ -160,6 +165,9 @@ class ModelServer:
         except OrchardError as exc:
             yield error_item(exc)
             return
+        if self.residency is not None:
+            self.residency.served(request, stream.prompt_ids, self.engine.block_hashes(stream.prompt_ids),
+                                  self.engine.config.block_size)
         chunks = Coalescer(stream, self._stream_window)
         self.active_streams += 1
         self.served += 1
@@ -203,14 +211,22 @@ class ModelServer:
         return {"footprint_bytes": float(self.engine.footprint.total), "idle_s": self.idle_s(),
                 "unload_requested": float(self.unload_requested), "active": float(self.active_streams)}
 
-    def record_routing_stats(self) -> dict[str, Any]:
+    async def record_routing_stats(self) -> dict[str, Any]:
         """Ray Serve's per-replica routing stats (RunningReplica.routing_stats in a request router,
-        ReplicaActor.record_routing_stats for an operator): where this replica runs, what it served."""
+        ReplicaActor.record_routing_stats for an operator): where this replica runs, what it served,
+        and with prefix-affinity routing, the prompt prefixes its cache holds (`prefixes`)."""
         import ray
 
         cache = self.engine.stats().get("cache") or {}
-        return {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "served": self.served,
-                "active": self.active_streams, "cache": {k: v for k, v in cache.items() if isinstance(v, (int, float))}}
+        stats = {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "served": self.served,
+                 "active": self.active_streams,
+                 "cache": {k: v for k, v in cache.items() if isinstance(v, (int, float))}}
+        if self.residency is not None:
+            try:
+                stats["prefixes"] = await self.residency.report(self.engine)
+            except (asyncio.TimeoutError, RuntimeError) as exc:  # a busy or stopping engine: no report this time
+                log.warning("model %s: no prefix report this period (%s)", self.name, type(exc).__name__)
+        return stats
 
     def request_unload(self) -> dict[str, Any]:
         """An operator asked to unload this model: the governor stops this replica once it is idle."""

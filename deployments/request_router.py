@@ -5,10 +5,15 @@ to Ray Serve as the deployment's `request_router_config`, so every handle to the
 OrchardRouter's) routes with it. Power-of-two stays the default.
 
 Each replica's paged KV cache keeps the blocks of the prompts it computed, keyed by chained
-block hashes. The router cannot compute those (it has text, not tokens), so it keeps the same
-structure over characters: a prompt is cut into blocks of `block_chars`, each block's hash
-chains its parent's, and each replica remembers (LRU, bounded) the hashes of what it was sent.
-A request goes, in this order of preference:
+block hashes of tokens. The router has text, not tokens, so it keeps the same structure over
+characters: a prompt is cut into blocks of `block_chars`, each block's hash chains its parent's.
+Per replica it knows (LRU, bounded) two things: what this handle sent there, and what the
+replica last reported its cache really holds. Every `report_period_s` each replica maps the
+token blocks still in its cache back to these text-block hashes (deployments.prefix_residency)
+and returns them from `record_routing_stats`; Ray Serve hands the report to every handle's
+router, which replaces its guess for that replica with it (keeping what it sent since). So a
+prefix the cache evicted stops attracting requests, and one another router replica sent there
+starts to. A request goes, in this order of preference:
 
 1. to the replica whose remembered chain covers the longest prefix of its prompt, when that
    covers at least `match_rate_threshold` of it and that replica's queue is less than
@@ -23,15 +28,16 @@ Ray Serve LLM's `PrefixCacheAffinityRouter` follows the same policy, but in Ray 
 that it calls with blocking `ray.get` on the handle's event loop (three round trips a request,
 stalling every stream of the OrchardRouter meanwhile), and that actor may live on a worker
 node whose loss breaks routing. This router keeps its state in the handle's process: no call,
-no actor to lose. Its view is what this handle sent; with several OrchardRouter replicas each
-keeps its own.
+no actor to lose. Between two reports its view is what this handle sent.
 
 Prompt text is hashed here and never logged.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Hashable, Sequence
@@ -43,6 +49,9 @@ log = logging.getLogger("ray.serve")
 ROUTER_PATH = "deployments.request_router:PrefixAffinityRouter"
 _ROUTED_METHOD = "generate"  # the only call whose prompt is remembered (stats/info carry none)
 _MAX_PENDING_HASHES = 4096  # hashes kept between choosing a replica and the request being sent
+# What this handle sent a replica this long before its report was made stays known: the report
+# may have been taken before those requests reached the replica's cache (clocks of two nodes too).
+REPORT_SLACK_S = 2.0
 
 
 def prompt_text(payload: Any) -> str | None:
@@ -75,26 +84,29 @@ def _content_text(content: Any) -> str:
 
 def block_hashes(text: str, block_chars: int) -> list[int]:
     """Chained hashes of the text's full blocks: block i's hash covers the whole prefix up to it,
-    as the engine's block hashes do (a partial last block is never shared, so it is left out)."""
-    out, parent = [], 0
+    as the engine's block hashes do (a partial last block is never shared, so it is left out).
+    Deterministic across processes (not Python's salted `hash`): replicas report them back."""
+    out, parent = [], b""
     for end in range(block_chars, len(text) + 1, block_chars):
-        parent = hash((parent, text[end - block_chars:end]))
-        out.append(parent)
+        block = text[end - block_chars:end].encode("utf-8", "surrogatepass")
+        parent = hashlib.blake2b(parent + block, digest_size=8).digest()
+        out.append(int.from_bytes(parent, "little", signed=True))
     return out
 
 
 class PrefixIndex:
-    """The block hashes one replica was sent, least recently sent forgotten first."""
+    """The block hashes one replica holds, as far as this handle knows: what it sent there, and
+    what the replica last reported its cache really holds. Least recently sent forgotten first."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
-        self._blocks: OrderedDict[int, None] = OrderedDict()
+        self._blocks: OrderedDict[int, float] = OrderedDict()  # hash -> when sent (0: reported)
 
     def __len__(self) -> int:
         return len(self._blocks)
 
     def match(self, hashes: Sequence[int]) -> int:
-        """How many leading blocks of a prompt this replica was sent."""
+        """How many leading blocks of a prompt this replica holds."""
         n = 0
         for h in hashes:
             if h not in self._blocks:
@@ -102,10 +114,25 @@ class PrefixIndex:
             n += 1
         return n
 
-    def insert(self, hashes: Sequence[int]) -> None:
+    def insert(self, hashes: Sequence[int], now: float | None = None) -> None:
+        now = time.time() if now is None else now
         for h in hashes:
-            self._blocks[h] = None
+            self._blocks[h] = now
             self._blocks.move_to_end(h)
+        self._trim()
+
+    def replace(self, reported: Sequence[int], sent_after: float) -> None:
+        """A replica's report (most recently used first) becomes the truth: blocks it evicted are
+        forgotten, blocks other handles sent it are learned. What this handle sent after
+        `sent_after` stays: the report may predate it."""
+        fresh = [(h, t) for h, t in self._blocks.items() if t > sent_after]
+        self._blocks = OrderedDict((h, 0.0) for h in reversed(reported))
+        for h, t in fresh:
+            self._blocks[h] = t
+            self._blocks.move_to_end(h)
+        self._trim()
+
+    def _trim(self) -> None:
         while len(self._blocks) > self.capacity:
             self._blocks.popitem(last=False)
 
@@ -156,8 +183,9 @@ class PrefixAffinityRouter(RequestRouter):
         self.block_chars = block_chars
         self.max_blocks = max_blocks_per_replica
         self.indexes: dict[ReplicaID, PrefixIndex] = {}
-        self.decisions = {"affinity": 0, "new_prefix": 0, "balance": 0}
+        self.decisions = {"affinity": 0, "new_prefix": 0, "balance": 0, "reports": 0}
         self._pending: OrderedDict[str, list[int]] = OrderedDict()
+        self._reports: dict[ReplicaID, float] = {}  # when each replica's last report taken was made
 
     def _hashes(self, pending: PendingRequest | None) -> list[int]:
         """The prompt's block hashes, computed once per request (routing may retry)."""
@@ -204,10 +232,23 @@ class PrefixAffinityRouter(RequestRouter):
             self.indexes.setdefault(replica_id, PrefixIndex(self.max_blocks)).insert(hashes)
 
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
-        """A replica that left (unloaded, died, replaced) takes its prefixes with it."""
+        """A replica that left (unloaded, died, replaced) takes its prefixes with it. Ray calls
+        this also when a replica's routing stats change: its report of what its cache holds."""
         super().update_replicas(replicas)
         for rid in set(self.indexes) - self._replica_id_set:
             del self.indexes[rid]
+            self._reports.pop(rid, None)
+        for r in replicas:
+            self._take_report(r.replica_id, (getattr(r, "routing_stats", None) or {}).get("prefixes"))
+
+    def _take_report(self, rid: ReplicaID, report: dict | None) -> None:
+        """ModelServer.record_routing_stats' "prefixes": {"at", "block_chars", "hashes"}."""
+        if not report or report.get("block_chars") != self.block_chars or self._reports.get(rid) == report["at"]:
+            return
+        self._reports[rid] = report["at"]
+        index = self.indexes.setdefault(rid, PrefixIndex(self.max_blocks))
+        index.replace(report["hashes"], report["at"] - REPORT_SLACK_S)
+        self.decisions["reports"] += 1
 
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)

@@ -13,6 +13,7 @@ with `loop.call_soon_threadsafe`.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import logging
 import queue
 import threading
@@ -43,9 +44,10 @@ class RequestStream:
     Outputs the reader has not taken yet are merged into one (vLLM's output collector does the
     same): a reader slower than the engine gets bigger deltas, never a growing queue."""
 
-    def __init__(self, engine: "AsyncEngine", request_id: str, prompt_tokens: int):
+    def __init__(self, engine: "AsyncEngine", request_id: str, prompt_ids: list[int]):
         self.request_id = request_id
-        self.prompt_tokens = prompt_tokens
+        self.prompt_ids = prompt_ids
+        self.prompt_tokens = len(prompt_ids)
         self._engine = engine
         self._pending: RequestOutput | None = None
         self._error: BaseException | None = None
@@ -164,7 +166,7 @@ class AsyncEngine:
             request_id = request_id or f"req-{uuid.uuid4().hex[:16]}"
             if request_id in self._streams:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
-            stream = RequestStream(self, request_id, len(prompt_ids))
+            stream = RequestStream(self, request_id, prompt_ids)
             self._streams[request_id] = stream
         text = TextStream(self.tokenizer.detokenizer, params.stop)
         self._inbox.put(("add", Sequence(request_id, prompt_ids, params, max_tokens, text, constraint=constraint)))
@@ -180,6 +182,17 @@ class AsyncEngine:
 
     def clear_cache(self) -> None:
         self._inbox.put(("clear_cache", None))
+
+    def block_hashes(self, prompt_ids: list[int]) -> list[bytes]:
+        """The prefix cache's chain hashes of a prompt's full blocks ([] without a paged cache)."""
+        return self.scheduler.cache.block_hashes(prompt_ids)
+
+    def resident_blocks(self, chains: list[list[bytes]]) -> concurrent.futures.Future:
+        """For each chain of block hashes, how many leading blocks the cache holds now, as the
+        loop thread sees it between two steps (a Future of a list of ints)."""
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(("resident", (chains, done)))
+        return done
 
     def check_health(self) -> None:
         """Raises when the loop thread died or one step has been running for step_timeout_s (hung)."""
@@ -307,6 +320,9 @@ class AsyncEngine:
                     self._streams.pop(item, None)
             elif kind == "clear_cache":
                 self.scheduler.cache.clear()
+            elif kind == "resident":
+                chains, done = item
+                done.set_result([self.scheduler.cache.resident(c) for c in chains])
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         """Hand a step's outputs to their streams: one thread hop per event loop, not per token.

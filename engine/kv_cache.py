@@ -67,6 +67,12 @@ class NoCache:
     def clear(self) -> None:
         return None
 
+    def block_hashes(self, token_ids: list[int]) -> list[bytes]:
+        return []
+
+    def resident(self, hashes: list[bytes]) -> int:
+        return 0
+
     def stats(self) -> dict:
         return {"enabled": False}
 
@@ -175,6 +181,14 @@ class PagedCacheManager:
         self.index.clear()
         self.pool.shrink()
         self.pool.peak_used = self.pool.used
+
+    def block_hashes(self, token_ids: list[int]) -> list[bytes]:
+        """Chain hashes of a prompt's full blocks, the prefix index's keys. Pure: any thread."""
+        return self.index.chain(token_ids)
+
+    def resident(self, hashes: list[bytes]) -> int:
+        """Leading blocks of a chain the index holds now (the loop thread only)."""
+        return self.index.resident(hashes)
 
     def stats(self) -> dict:
         """Read-only (other threads may call it while the engine steps)."""

@@ -101,6 +101,16 @@ class PrefixCache:
         match.partial_tokens = best
         return match
 
+    def resident(self, hashes: list[bytes]) -> int:
+        """How many of a chain's leading full blocks are indexed now (no counters, no LRU touch):
+        what a replica reports to the request router as really held."""
+        n = 0
+        for h in hashes:
+            if h not in self.full:
+                break
+            n += 1
+        return n
+
     def record(self, cached: int, prompt_len: int) -> None:
         """Count one admitted prompt: MISS, HIT (all but the last token reused) or PREFIX_HIT."""
         c = self.counters

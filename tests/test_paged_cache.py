@@ -328,3 +328,36 @@ async def test_gemma_sliding_window_equals_cache_off():
     assert results[True][0][1].prompt_tokens > 600
     assert [ids for ids, _ in results[True]] == [ids for ids, _ in results[False]]
     assert results[True][1][1].cached_tokens > 550
+
+
+async def test_a_replica_reports_the_prefixes_its_cache_still_holds():
+    """The prefix-affinity report (deployments.prefix_residency): the router's text-block hashes
+    of the prompts whose token blocks are still cached; an evicted prefix drops out of it."""
+    from deployments.prefix_residency import PrefixResidency
+    from deployments.request_router import block_hashes, prompt_text
+
+    eng = AsyncEngine.from_source(SMOLLM, EngineConfig(cache_memory_mb=12))  # 6 blocks of 32 tokens
+    residency = PrefixResidency(block_chars=64)
+
+    async def serve(system: str, question: str) -> list[int]:
+        payload = {"prompt": {"messages": [{"role": "system", "content": system}, {"role": "user", "content": question}]}}
+        stream = eng.submit(PromptInput(**payload["prompt"]), SamplingParams(**GREEDY))
+        residency.served(payload, stream.prompt_ids, eng.block_hashes(stream.prompt_ids), eng.config.block_size)
+        async for _ in stream:
+            pass
+        return block_hashes(prompt_text(payload), 64)
+
+    try:
+        library = await serve(SYSTEM, QUESTIONS[0])
+        first = (await residency.report(eng))["hashes"]
+        for name in ("Aster", "Birch", "Cedar"):  # other tenants' prompts push the library's out
+            newest = await serve(f"Tenant {name} support desk. " + "Answer politely and briefly. " * 8, "Hello?")
+        later = (await residency.report(eng))["hashes"]
+        eng.clear_cache()
+        await settled(eng)
+        cleared = (await residency.report(eng))["hashes"]
+    finally:
+        eng.shutdown()
+    assert len(library) // 2 <= len(first) <= len(library) and first == library[: len(first)]
+    assert library[0] not in later and newest[0] in later
+    assert cleared == []

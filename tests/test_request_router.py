@@ -57,6 +57,18 @@ def test_block_hashes_chain_like_the_engine():
     assert block_hashes("short", 8) == []
 
 
+def test_block_hashes_are_the_same_in_every_process():
+    """Replicas report these hashes back to the routers: Python's salted str hash would differ."""
+    import subprocess
+    import sys
+
+    text = SYSTEMS[0] + "question"
+    code = f"from deployments.request_router import block_hashes; print(block_hashes({text!r}, 32))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env={**__import__("os").environ, "PYTHONHASHSEED": "12345"}).stdout
+    assert out.strip() == str(block_hashes(text, 32)) and len(block_hashes(text, 32)) > 5
+
+
 def test_prefix_index_matches_leading_blocks_and_forgets_lru():
     ix = PrefixIndex(capacity=4)
     ix.insert([1, 2, 3])
@@ -66,6 +78,16 @@ def test_prefix_index_matches_leading_blocks_and_forgets_lru():
     ix.insert([2])  # touched: now 3 is the oldest
     ix.insert([11])
     assert ix.match([2]) == 1 and 3 not in ix._blocks
+
+
+def test_prefix_index_takes_a_report_as_the_truth_but_keeps_later_sends():
+    ix = PrefixIndex(capacity=100)
+    ix.insert([1, 2, 3], now=100.0)
+    ix.insert([7, 8], now=205.0)  # sent after the report below was made
+    ix.replace([4, 5], sent_after=200.0)  # the replica holds 4, 5 (another router sent them), not 1-3
+    assert ix.match([1, 2]) == 0 and ix.match([4, 5]) == 2 and ix.match([7, 8]) == 2
+    ix.replace([], sent_after=300.0)  # its cache was cleared
+    assert len(ix) == 0
 
 
 POLICY = AffinityPolicy(imbalanced_threshold=10, match_rate_threshold=0.1)
@@ -105,6 +127,7 @@ class LocalReplica:
         self.max_ongoing_requests = 100
         self.queue = 0
         self.multiplexed_model_ids: set[str] = set()  # what Ray's power-of-two router reads besides
+        self.routing_stats: dict = {}  # ModelServer.record_routing_stats, as Ray delivers it
         self.node_id, self.availability_zone = "", None
 
     async def get_queue_len(self, *, deadline_s: float) -> int:
@@ -179,7 +202,7 @@ def test_router_balance_wins_when_queues_diverge():
 
     owner, other, at_threshold, diverged, router = asyncio.run(go())
     assert at_threshold is owner and diverged is other
-    assert router.decisions == {"new_prefix": 1, "affinity": 1, "balance": 1}
+    assert router.decisions == {"new_prefix": 1, "affinity": 1, "balance": 1, "reports": 0}
 
 
 def test_router_forgets_a_replica_that_left():
@@ -198,6 +221,37 @@ def test_router_forgets_a_replica_that_left():
     assert router._pending == {}  # nothing left behind between choosing and sending
 
 
+def report(router, hashes: list[int], later_s: float = 0.0, block_chars: int = 32) -> dict:
+    """A replica's routing stats as ModelServer.record_routing_stats returns them."""
+    import time
+
+    return {"prefixes": {"at": time.time() + later_s, "block_chars": block_chars, "hashes": hashes}}
+
+
+def test_router_follows_the_replicas_reports_of_what_they_hold():
+    """A's report drops the prefix it was sent (evicted); B's report holds one this router never
+    sent (another router replica did): routing follows the reports, not its own sends."""
+    async def go():
+        a, b = LocalReplica("a"), LocalReplica("b")
+        router = make_router(PrefixAffinityRouter, [a, b], block_chars=32)
+        owner = await route(router, chat(SYSTEMS[0], "q0"), 0)
+        other = b if owner is a else a
+        learned = block_hashes(prompt_text(chat(SYSTEMS[1], "elsewhere")), 32)
+        owner.routing_stats = report(router, [], later_s=10)  # made 10 s after our send: it was evicted
+        other.routing_stats = report(router, learned[:-1], later_s=10)
+        router.update_replicas([a, b])
+        router.update_replicas([a, b])  # the same reports again: taken once
+        to_learned = await route(router, chat(SYSTEMS[1], "q1"), 1)
+        evicted_len = len(router.indexes[owner.replica_id])
+        other.routing_stats = report(router, [], later_s=20, block_chars=64)  # another block size: ignored
+        router.update_replicas([a, b])
+        return owner, other, to_learned, evicted_len, router
+
+    owner, other, to_learned, evicted_len, router = asyncio.run(go())
+    assert to_learned is other and router.decisions["affinity"] == 1
+    assert evicted_len == 0 and router.decisions["reports"] == 2
+
+
 # --- configuration ---------------------------------------------------------------------------
 
 
@@ -207,13 +261,15 @@ def test_yaml_selects_the_router_and_placement():
     app = build_app({"models": [
         {"name": "a", "source": SMOLLM, "deployment": {
             "num_replicas": 2, "request_router": "prefix_affinity", "resources": {"orchard_slot": 1},
-            "max_replicas_per_node": 1, "affinity": {"imbalanced_threshold": 4}}},
+            "max_replicas_per_node": 1, "affinity": {"imbalanced_threshold": 4, "report_period_s": 3}}},
         {"name": "b", "source": SMOLLM}], "memory": {"budget_mb": 8192}})
     deps = {d.name: d for d in serve_build(app, name="orchard").deployments}
     a, b = deps["model-a"], deps["model-b"]
     router_cfg = a._deployment_config.request_router_config
     assert router_cfg.request_router_class == ROUTER_PATH
     assert router_cfg.request_router_kwargs["imbalanced_threshold"] == 4
+    assert router_cfg.request_routing_stats_period_s == 3 and "report_period_s" not in router_cfg.request_router_kwargs
+    assert a.init_kwargs["prefix_block_chars"] == 64 and b.init_kwargs["prefix_block_chars"] is None
     assert a.ray_actor_options["resources"] == {"orchard_slot": 1.0}
     assert a._replica_config.max_replicas_per_node == 1
     assert a._deployment_config.autoscaling_config.max_replicas == 2

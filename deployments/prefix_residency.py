@@ -1,0 +1,80 @@
+"""What a model replica's paged cache really holds, told in the request router's terms.
+
+The prefix-affinity router (deployments.request_router) keys prompts by chained hashes of
+fixed-size blocks of their *text*; the engine keys its KV blocks by chained hashes of *token*
+blocks. A replica knows both for every prompt it served: it remembers, for the most recent
+prompts, the router's text-block hashes next to the engine's token-block hashes. When Ray Serve
+asks for its routing stats (`record_routing_stats`, every `affinity.report_period_s`), it asks
+its engine how many leading token blocks of each remembered prompt are still in the cache, and
+reports the text blocks those cover. Ray delivers the report to every handle's router, which
+takes it as the truth for that replica: prefixes the cache evicted stop attracting requests, and
+prefixes that other routers sent there start to.
+
+A text block counts as held when the tokens still cached cover at least its share of the prompt
+(text and tokens of one prompt grow together; the chat template's few extra tokens make this
+slightly conservative). Hashes only: no prompt text is kept or logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import OrderedDict
+from typing import Any
+
+from .request_router import block_hashes, prompt_text
+
+
+class PrefixResidency:
+    """The recent prompts of one replica, and the report of which of their blocks it holds."""
+
+    def __init__(self, block_chars: int, max_prompts: int = 256, max_hashes: int = 8192):
+        self.block_chars = block_chars
+        self.max_prompts = max_prompts
+        self.max_hashes = max_hashes
+        # last text hash of a prompt -> (its text-block hashes, its text length, its token blocks,
+        # its token count); least recently served first
+        self._prompts: OrderedDict[int, tuple[list[int], int, list[bytes], int]] = OrderedDict()
+        self.block_size = 0
+
+    def __len__(self) -> int:
+        return len(self._prompts)
+
+    def served(self, payload: dict[str, Any], prompt_ids: list[int], token_blocks: list[bytes],
+               block_size: int) -> None:
+        """Remember one generate payload's prompt (as the router hashed it) and its token blocks."""
+        text = prompt_text(payload)
+        hashes = block_hashes(text, self.block_chars) if text else []
+        if not hashes or not token_blocks:
+            return
+        self.block_size = block_size
+        key = hashes[-1]
+        self._prompts[key] = (hashes, len(text), token_blocks, len(prompt_ids))
+        self._prompts.move_to_end(key)
+        while len(self._prompts) > self.max_prompts:
+            self._prompts.popitem(last=False)
+
+    def held_text_blocks(self, n_text: int, text_len: int, resident_blocks: int, prompt_tokens: int) -> int:
+        """Leading text blocks covered by `resident_blocks` cached token blocks of the prompt."""
+        if prompt_tokens <= 0 or resident_blocks <= 0:
+            return 0
+        covered = min(1.0, resident_blocks * self.block_size / prompt_tokens)
+        return min(n_text, int(covered * text_len) // self.block_chars)
+
+    async def report(self, engine, timeout_s: float = 2.0) -> dict[str, Any]:
+        """{"at", "block_chars", "hashes"}: the text-block hashes this replica's cache holds, the
+        most recently served prompts' first, at most max_hashes."""
+        prompts = list(reversed(self._prompts.values()))
+        at = time.time()
+        resident = await asyncio.wait_for(asyncio.wrap_future(engine.resident_blocks([p[2] for p in prompts])),
+                                          timeout_s) if prompts else []
+        seen: set[int] = set()
+        out: list[int] = []
+        for (hashes, text_len, _, tokens), blocks in zip(prompts, resident):
+            for h in hashes[: self.held_text_blocks(len(hashes), text_len, blocks, tokens)]:
+                if h not in seen:
+                    seen.add(h)
+                    out.append(h)
+            if len(out) >= self.max_hashes:
+                break
+        return {"at": at, "block_chars": self.block_chars, "hashes": out[: self.max_hashes]}
