@@ -30,6 +30,8 @@ from engine.errors import InvalidRequestError, OrchardError, OverloadedError
 from .prefix_residency import PrefixResidency
 
 log = logging.getLogger("ray.serve")
+REPORT_MIN_INTERVAL_S = 1.0  # prefix reports (record_routing_stats) are reused this long
+REPORT_TIMEOUT_S = 5.0  # the engine answers between two steps; a prefill step can take seconds on a CPU
 
 
 def error_item(exc: OrchardError) -> dict[str, Any]:
@@ -141,6 +143,8 @@ class ModelServer:
         self.served = 0  # generate calls taken (record_routing_stats)
         # prefix-affinity routing: what this replica's cache holds, reported to the routers
         self.residency = PrefixResidency(prefix_block_chars) if prefix_block_chars else None
+        self._report: dict[str, Any] | None = None
+        self._report_made = 0.0
         self.engine = AsyncEngine.from_source(source, EngineConfig.model_validate(engine))
         footprint = self.engine.footprint
         self.limits = apply_process_limits(max(memory_share_bytes or 0, footprint.total))
@@ -221,12 +225,23 @@ class ModelServer:
         stats = {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "served": self.served,
                  "active": self.active_streams,
                  "cache": {k: v for k, v in cache.items() if isinstance(v, (int, float))}}
-        if self.residency is not None:
-            try:
-                stats["prefixes"] = await self.residency.report(self.engine)
-            except (asyncio.TimeoutError, RuntimeError) as exc:  # a busy or stopping engine: no report this time
-                log.warning("model %s: no prefix report this period (%s)", self.name, type(exc).__name__)
+        if self.residency is not None and (report := await self._prefix_report()) is not None:
+            stats["prefixes"] = report
         return stats
+
+    async def _prefix_report(self) -> dict[str, Any] | None:
+        """The residency report, made at most once a second whoever asks (Ray's controller every
+        report_period_s, operators and benchmarks in between); None when the engine did not answer
+        in time (a long prefill step): the routers keep what they know."""
+        now = time.monotonic()
+        if self._report is None or now - self._report_made >= REPORT_MIN_INTERVAL_S:
+            try:
+                self._report = await self.residency.report(self.engine, timeout_s=REPORT_TIMEOUT_S)
+                self._report_made = now
+            except (asyncio.TimeoutError, RuntimeError) as exc:  # busy, or stopping
+                log.debug("model %s: no prefix report this time (%s)", self.name, type(exc).__name__)
+                return None
+        return self._report
 
     def request_unload(self) -> dict[str, Any]:
         """An operator asked to unload this model: the governor stops this replica once it is idle."""

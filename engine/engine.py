@@ -322,7 +322,8 @@ class AsyncEngine:
                 self.scheduler.cache.clear()
             elif kind == "resident":
                 chains, done = item
-                done.set_result([self.scheduler.cache.resident(c) for c in chains])
+                if done.set_running_or_notify_cancel():  # the asker may have given up (timed out)
+                    done.set_result([self.scheduler.cache.resident(c) for c in chains])
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         """Hand a step's outputs to their streams: one thread hop per event loop, not per token.

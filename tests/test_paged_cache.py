@@ -353,6 +353,9 @@ async def test_a_replica_reports_the_prefixes_its_cache_still_holds():
         for name in ("Aster", "Birch", "Cedar"):  # other tenants' prompts push the library's out
             newest = await serve(f"Tenant {name} support desk. " + "Answer politely and briefly. " * 8, "Hello?")
         later = (await residency.report(eng))["hashes"]
+        eng.resident_blocks([eng.block_hashes([1] * 64)]).cancel()  # an asker that gave up
+        await serve(SYSTEM, QUESTIONS[1])  # the engine lives on
+        eng.check_health()
         eng.clear_cache()
         await settled(eng)
         cleared = (await residency.report(eng))["hashes"]
