@@ -121,6 +121,14 @@ class ModelCall:
                 log.debug("cancelling a model stream failed", exc_info=True)
 
 
+START_ATTEMPTS = 3  # a request is sent at most this often while its replicas are lost before any output
+
+
+def replica_lost(err: ApiError) -> bool:
+    """Whether a call failed because its replica died or became unreachable (not the request's fault)."""
+    return isinstance(err.__cause__, (RayActorError, ReplicaUnavailableError))
+
+
 def load_timeout_error(model: str, load_timeout_s: float, retry_after_s: int = 1) -> ApiError:
     return ApiError(503, f"model {model!r} is not loaded and could not be loaded within its load_timeout_s "
                     f"({load_timeout_s:g} s): it is loading, or the memory budget is held by busy models; retry later",
@@ -179,12 +187,25 @@ class RayModelClient:
 
     async def start(self, payload: dict[str, Any], started_at: float, deadline: float,
                     load_timeout_s: float | None = None) -> ModelCall:
-        try:
-            gen = self._stream.remote(payload)
-        except Exception as exc:  # noqa: BLE001
-            raise ray_error(self.name, exc, self._retry_after_s) from exc
-        call = ModelCall(self.name, gen, gen.cancel, started_at, deadline, self._retry_after_s, load_timeout_s)
-        return await call.begin()
+        """The call once its first chunk is there. A request whose replica was lost before that
+        chunk (its node died, it is unreachable) is sent again, to another replica: nothing of it
+        reached the client yet. Once output has streamed, a lost replica ends the stream with an
+        error instead (the client has part of an answer)."""
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                gen = self._stream.remote(payload)
+            except Exception as exc:  # noqa: BLE001
+                raise ray_error(self.name, exc, self._retry_after_s) from exc
+            call = ModelCall(self.name, gen, gen.cancel, started_at, deadline, self._retry_after_s, load_timeout_s)
+            try:
+                return await call.begin()
+            except ApiError as err:
+                if attempt == START_ATTEMPTS or not replica_lost(err) or time.monotonic() >= deadline:
+                    raise
+                log.warning("model %s: its replica was lost before the first token (%s); sending the request "
+                            "again (attempt %d of %d)", self.name, type(err.__cause__).__name__, attempt + 1,
+                            START_ATTEMPTS)
+        raise AssertionError("unreachable")
 
     async def _call(self, method: str, timeout_s: float, *args: Any, load: bool = False):
         response = getattr(self._handle, method).remote(*args)

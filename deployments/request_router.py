@@ -52,6 +52,7 @@ _MAX_PENDING_HASHES = 4096  # hashes kept between choosing a replica and the req
 # What this handle sent a replica this long before its report was made stays known: the report
 # may have been taken before those requests reached the replica's cache (clocks of two nodes too).
 REPORT_SLACK_S = 2.0
+SUSPECT_S = 10.0  # a replica a call could not reach is offered last this long
 
 
 def prompt_text(payload: Any) -> str | None:
@@ -186,6 +187,7 @@ class PrefixAffinityRouter(RequestRouter):
         self.decisions = {"affinity": 0, "new_prefix": 0, "balance": 0, "reports": 0}
         self._pending: OrderedDict[str, list[int]] = OrderedDict()
         self._reports: dict[ReplicaID, float] = {}  # when each replica's last report taken was made
+        self._suspect: dict[ReplicaID, float] = {}  # unreachable lately: offered last until then
 
     def _hashes(self, pending: PendingRequest | None) -> list[int]:
         """The prompt's block hashes, computed once per request (routing may retry)."""
@@ -212,9 +214,10 @@ class PrefixAffinityRouter(RequestRouter):
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+        candidate_replicas, suspects = self._split_suspects(candidate_replicas)
         hashes = self._hashes(pending_request)
         if not hashes or len(candidate_replicas) < 2:
-            return [list(candidate_replicas)]
+            return [list(candidate_replicas)] + ([suspects] if suspects else [])
         by_id = {r.replica_id: r for r in candidate_replicas}
         index = {rid: self.indexes.get(rid) for rid in by_id}
         ranks, why = rank_replicas(
@@ -222,7 +225,17 @@ class PrefixAffinityRouter(RequestRouter):
             {rid: ix.match(hashes) if ix else 0 for rid, ix in index.items()},
             {rid: len(ix) if ix else 0 for rid, ix in index.items()}, len(hashes), self.policy)
         self.decisions[why] += 1
-        return [[by_id[rid] for rid in rank] for rank in ranks]
+        return [[by_id[rid] for rid in rank] for rank in ranks] + ([suspects] if suspects else [])
+
+    def _split_suspects(self, replicas: list[RunningReplica]) -> tuple[list[RunningReplica], list[RunningReplica]]:
+        """(replicas to rank, replicas unreachable lately), all to rank when every one is a suspect."""
+        now = time.monotonic()
+        for rid in [rid for rid, until in self._suspect.items() if until <= now]:
+            del self._suspect[rid]
+        suspects = [r for r in replicas if r.replica_id in self._suspect]
+        if not suspects or len(suspects) == len(replicas):
+            return list(replicas), []
+        return [r for r in replicas if r.replica_id not in self._suspect], suspects
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         """The request went to `replica_id`: that replica now holds (or is computing) its prefix."""
@@ -238,6 +251,7 @@ class PrefixAffinityRouter(RequestRouter):
         for rid in set(self.indexes) - self._replica_id_set:
             del self.indexes[rid]
             self._reports.pop(rid, None)
+            self._suspect.pop(rid, None)
         for r in replicas:
             self._take_report(r.replica_id, (getattr(r, "routing_stats", None) or {}).get("prefixes"))
 
@@ -253,3 +267,10 @@ class PrefixAffinityRouter(RequestRouter):
     def on_replica_actor_died(self, replica_id: ReplicaID) -> None:
         super().on_replica_actor_died(replica_id)
         self.indexes.pop(replica_id, None)
+
+    def on_replica_actor_unavailable(self, replica_id: ReplicaID) -> None:
+        """A call to the replica failed (its node may be gone): its prefixes are not worth a
+        detour, and it is offered last for a while (its next report restores what it holds)."""
+        super().on_replica_actor_unavailable(replica_id)
+        self.indexes.pop(replica_id, None)
+        self._suspect[replica_id] = time.monotonic() + SUSPECT_S

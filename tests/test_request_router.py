@@ -252,6 +252,23 @@ def test_router_follows_the_replicas_reports_of_what_they_hold():
     assert evicted_len == 0 and router.decisions["reports"] == 2
 
 
+def test_a_replica_a_call_could_not_reach_is_offered_last():
+    async def go():
+        a, b = LocalReplica("a"), LocalReplica("b")
+        router = make_router(PrefixAffinityRouter, [a, b], block_chars=32)
+        owner = await route(router, chat(SYSTEMS[2], "q0"), 0)
+        other = b if owner is a else a
+        router.on_replica_actor_unavailable(owner.replica_id)  # e.g. its node just died
+        ranks = await router.choose_replicas([a, b], None)  # a call without a prompt (stats)
+        retried = await route(router, chat(SYSTEMS[2], "q1"), 1)
+        alone = await router.choose_replicas([owner], None)  # the only one left: still offered
+        return owner, other, ranks, retried, alone, router
+
+    owner, other, ranks, retried, alone, router = asyncio.run(go())
+    assert ranks == [[other], [owner]] and retried is other and alone == [[owner]]
+    assert owner.replica_id not in router.indexes
+
+
 # --- configuration ---------------------------------------------------------------------------
 
 
