@@ -139,7 +139,7 @@ def check_budget(plans: list[ModelPlan], budget: int) -> None:
                           f"{mib(budget)}: set load: on_demand on some of them, or raise args.memory")
 
 
-def autoscaling_config(p: ModelPlan, budget: int) -> dict:
+def autoscaling_config(p: ModelPlan, budget: int, per_node: bool = False) -> dict:
     m = p.config
     full = m.deployment.num_replicas
     return {
@@ -155,7 +155,7 @@ def autoscaling_config(p: ModelPlan, budget: int) -> dict:
             "policy_function": FALLBACK_POLICY_PATH,
             "policy_kwargs": governor_kwargs(model=m.name, budget_bytes=budget, footprint_bytes=p.footprint_bytes,
                                              full=full, keep_alive_s=m.keep_alive,
-                                             load_timeout_s=m.load_timeout_s),
+                                             load_timeout_s=m.load_timeout_s, per_node=per_node),
         },
     }
 
@@ -168,7 +168,7 @@ def bind_model(p: ModelPlan, budget: int, per_node: bool = False):
     return ModelServer.options(
         name=model.deployment_name,
         **placement,
-        autoscaling_config=autoscaling_config(p, budget),
+        autoscaling_config=autoscaling_config(p, budget, per_node),
         max_ongoing_requests=max_ongoing,
         max_queued_requests=model.deployment.max_queued_requests,
         graceful_shutdown_wait_loop_s=0.5,  # an idle replica being unloaded stops at once

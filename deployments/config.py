@@ -148,8 +148,8 @@ class MemoryConfig(BaseModel):
     per_node: bool = Field(
         False, description="Each model replica reserves its footprint as Ray's `memory` resource, so Ray places "
         "replicas only on nodes with that much left and never over-packs one, after a node loss too (a node's "
-        "budget: `ray start --memory BYTES`). The governor still budgets the application as a whole: on a "
-        "cluster give budget_mb as the sum of the nodes' budgets.",
+        "budget: `ray start --memory BYTES`). The governor then budgets against the live nodes' memory (the "
+        "smaller of it and budget_mb): a lost node's memory leaves the budget, and idle models unload to make room.",
     )
 
     @model_validator(mode="after")

@@ -8,7 +8,9 @@ application's `autoscaling_policy` is `governor_policy` below: every control-loo
 Ray hands it one AutoscalingContext per model and it answers how many replicas each should
 have. The decision is `plan()`, a pure function of what every model costs, uses and waits for:
 
-1. A loaded model idle for its keep_alive, or one an operator asked to unload, unloads.
+1. A loaded model idle for its keep_alive, or one an operator asked to unload, unloads. When the
+   budget shrank under what the loaded models hold (with `memory.per_node` the budget is at most
+   the live nodes' `memory`, and a node left), idle models unload, least recently used first.
 2. Cold models with waiting requests are taken first come, first served. One that fits in what
    is free loads. One that does not makes room: the least recently used idle, unpinned loaded
    models unload until it fits, and it loads once their memory is really returned (their
@@ -33,7 +35,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 log = logging.getLogger("ray.serve")
 
@@ -103,6 +105,11 @@ def plan(models: list[ModelUsage], budget: int) -> Plan:
             elif m.idle_s >= m.keep_alive_s:
                 out.set(m.name, 0, f"idle {m.idle_s:.0f}s >= keep_alive {m.keep_alive_s:.0f}s")
     free = budget - sum(m.holds for m in models)
+    if free < 0:  # the budget shrank under what is loaded (a node left the cluster): idle models yield
+        releasing = sum(x.holds for x in models if x.name in out.targets)
+        for v in _lru_victims(models, out, -free - releasing, partial=True):
+            out.set(v.name, 0, f"evicted (least recently used, idle {v.idle_s:.0f}s): the budget shrank "
+                               f"to {budget >> 20} MiB")
     cold = sorted((m for m in models if not m.loaded and m.busy), key=lambda m: (m.waiting_since or 0.0, m.name))
     for m in cold:
         need = m.footprint * m.full
@@ -120,9 +127,10 @@ def plan(models: list[ModelUsage], budget: int) -> Plan:
     return out
 
 
-def _lru_victims(models: list[ModelUsage], out: Plan, short: int) -> list[ModelUsage] | None:
+def _lru_victims(models: list[ModelUsage], out: Plan, short: int, partial: bool = False) -> list[ModelUsage] | None:
     """Idle unpinned models to unload, longest idle first, freeing at least `short` bytes;
-    [] when memory already being released is enough; None when it cannot be done."""
+    [] when memory already being released is enough; None when it cannot be done (`partial`:
+    then every idle model, as much as can be freed)."""
     if short <= 0:
         return []
     picked, freed = [], 0
@@ -131,17 +139,45 @@ def _lru_victims(models: list[ModelUsage], out: Plan, short: int) -> list[ModelU
         freed += v.holds
         if freed >= short:
             return picked
-    return None
+    return picked if partial else None
 
 
 # --- the Ray Serve glue --------------------------------------------------------------------
 
 
 def governor_kwargs(*, model: str, budget_bytes: int, footprint_bytes: int, full: int,
-                    keep_alive_s: float | None, load_timeout_s: float = 120.0) -> dict[str, Any]:
+                    keep_alive_s: float | None, load_timeout_s: float = 120.0, per_node: bool = False) -> dict[str, Any]:
     """What the builder puts in a model deployment's autoscaling_config.policy.policy_kwargs."""
     return {"model": model, "budget_bytes": budget_bytes, "footprint_bytes": footprint_bytes,
-            "full": full, "keep_alive_s": keep_alive_s, "load_timeout_s": load_timeout_s}
+            "full": full, "keep_alive_s": keep_alive_s, "load_timeout_s": load_timeout_s, "per_node": per_node}
+
+
+class ClusterMemory:
+    """With memory.per_node, the sum of the live nodes' `memory` resources (what model replicas
+    can reserve), read from Ray at most every `every_s` (the policy runs ten times a second)."""
+
+    def __init__(self, every_s: float = 5.0, nodes: Callable[[], list[dict]] | None = None):
+        self.every_s, self._nodes = every_s, nodes
+        self._at, self._bytes = float("-inf"), None
+
+    def __call__(self, now: float) -> int | None:
+        if now - self._at >= self.every_s:
+            self._at = now
+            try:
+                nodes = self._nodes() if self._nodes else _ray_nodes()
+                self._bytes = int(sum(n.get("Resources", {}).get("memory", 0) for n in nodes if n.get("Alive")))
+            except Exception:  # noqa: BLE001 - keep the last figure; the configured budget still holds
+                log.warning("governor: could not read the cluster's nodes", exc_info=True)
+        return self._bytes or None
+
+
+def _ray_nodes() -> list[dict]:
+    import ray
+
+    return ray.nodes()
+
+
+CLUSTER_MEMORY = ClusterMemory()
 
 
 def _usage(ctx, now: float) -> tuple[ModelUsage | None, dict]:
@@ -182,7 +218,7 @@ def _usage(ctx, now: float) -> tuple[ModelUsage | None, dict]:
         releasing=releasing, loading_s=now - state["loading_since"] if starting else 0.0,
         load_timeout_s=float(kwargs.get("load_timeout_s", 120.0)),
     )
-    return usage, {**state, "budget_bytes": kwargs["budget_bytes"]}
+    return usage, {**state, "budget_bytes": kwargs["budget_bytes"], "per_node": bool(kwargs.get("per_node"))}
 
 
 def governor_policy(contexts: dict) -> tuple[dict, dict]:
@@ -199,6 +235,8 @@ def governor_policy(contexts: dict) -> tuple[dict, dict]:
     if not usages:
         return {}, {}
     budget = min(states[ids[u.name]]["budget_bytes"] for u in usages)
+    if any(states[ids[u.name]]["per_node"] for u in usages) and (nodes := CLUSTER_MEMORY(now)) is not None:
+        budget = min(budget, nodes)  # a lost node takes its memory out of the budget
     decision = plan(usages, budget)
     for name, reason in decision.reasons.items():
         if contexts[ids[name]].target_num_replicas != decision.targets[name]:

@@ -49,6 +49,27 @@ def test_a_model_still_loading_is_not_a_victim():
     assert plan([loading, loaded("a", idle=1), cold("c")], 2000 * MiB).targets == {"a": 0}
 
 
+def test_a_budget_that_shrank_under_the_loaded_models_unloads_idle_ones():
+    """A node left the cluster (memory.per_node): busy model b's lost replica waits for room;
+    idle models make it, least recently used first, pinned ones excepted."""
+    b = ModelUsage("b", 800 * MiB, 2, replicas=1, target=2, demand=3)  # one replica pending
+    models = [loaded("a", idle=50), loaded("c", idle=5), loaded("pin", idle=99, keep_alive_s=None), b]
+    out = plan(models, 3300 * MiB)  # holds 5 x 800 MiB (b counts both its replicas)
+    assert out.targets == {"a": 0} and "budget shrank" in out.reasons["a"]
+    assert plan(models, 1000 * MiB).targets == {"a": 0, "c": 0}  # short of room even so: every idle one
+
+
+def test_the_cluster_memory_is_read_from_ray_at_most_every_few_seconds():
+    from deployments.governor import ClusterMemory
+
+    calls = []
+    nodes = [{"Alive": True, "Resources": {"memory": 3e9}}, {"Alive": False, "Resources": {"memory": 5e9}}]
+    memory = ClusterMemory(every_s=5.0, nodes=lambda: calls.append(1) or nodes)
+    assert memory(100.0) == 3_000_000_000 and memory(103.0) == 3_000_000_000 and len(calls) == 1
+    nodes.append({"Alive": True, "Resources": {"memory": 1e9}})
+    assert memory(106.0) == 4_000_000_000 and len(calls) == 2
+
+
 def test_memory_being_released_is_waited_for_not_evicted_again():
     models = [ModelUsage("a", 800 * MiB, 1, releasing=True), loaded("b", idle=100), cold("c")]
     assert plan(models, 2000 * MiB).targets == {}
