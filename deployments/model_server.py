@@ -145,6 +145,7 @@ class ModelServer:
         self.residency = PrefixResidency(prefix_block_chars) if prefix_block_chars else None
         self._report: dict[str, Any] | None = None
         self._report_made = 0.0
+        self._refresh: asyncio.Task | None = None
         self.engine = AsyncEngine.from_source(source, EngineConfig.model_validate(engine))
         footprint = self.engine.footprint
         self.limits = apply_process_limits(max(memory_share_bytes or 0, footprint.total))
@@ -169,9 +170,8 @@ class ModelServer:
         except OrchardError as exc:
             yield error_item(exc)
             return
-        if self.residency is not None:
-            self.residency.served(request, stream.prompt_ids, self.engine.block_hashes(stream.prompt_ids),
-                                  self.engine.config.block_size)
+        prompt_key = self.residency.served(request, stream.prompt_ids, self.engine.block_hashes(stream.prompt_ids),
+                                           self.engine.config.block_size) if self.residency is not None else None
         chunks = Coalescer(stream, self._stream_window)
         self.active_streams += 1
         self.served += 1
@@ -183,6 +183,8 @@ class ModelServer:
         finally:
             self.active_streams -= 1
             self.last_active = time.monotonic()
+            if self.residency is not None:
+                self.residency.finished(prompt_key)
             await chunks.aclose()
 
     def _stream_window(self) -> float:
@@ -225,23 +227,26 @@ class ModelServer:
         stats = {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "served": self.served,
                  "active": self.active_streams,
                  "cache": {k: v for k, v in cache.items() if isinstance(v, (int, float))}}
-        if self.residency is not None and (report := await self._prefix_report()) is not None:
+        if self.residency is not None and (report := self._prefix_report()) is not None:
             stats["prefixes"] = report
         return stats
 
-    async def _prefix_report(self) -> dict[str, Any] | None:
-        """The residency report, made at most once a second whoever asks (Ray's controller every
-        report_period_s, operators and benchmarks in between); None when the engine did not answer
-        in time (a long prefill step): the routers keep what they know."""
-        now = time.monotonic()
-        if self._report is None or now - self._report_made >= REPORT_MIN_INTERVAL_S:
-            try:
-                self._report = await self.residency.report(self.engine, timeout_s=REPORT_TIMEOUT_S)
-                self._report_made = now
-            except (asyncio.TimeoutError, RuntimeError) as exc:  # busy, or stopping
-                log.debug("model %s: no prefix report this time (%s)", self.name, type(exc).__name__)
-                return None
+    def _prefix_report(self) -> dict[str, Any] | None:
+        """The latest residency report, at once (None before the first): a stale one (older than
+        a second) is remade in the background, so that whoever asks (Ray's controller every
+        report_period_s, operators and benchmarks in between) never waits for the engine, which
+        answers only between two steps (a prefill step can take seconds on a CPU)."""
+        stale = self._report is None or time.monotonic() - self._report_made >= REPORT_MIN_INTERVAL_S
+        if stale and (self._refresh is None or self._refresh.done()):
+            self._refresh = asyncio.get_running_loop().create_task(self._remake_report())
         return self._report
+
+    async def _remake_report(self) -> None:
+        try:
+            self._report = await self.residency.report(self.engine, timeout_s=REPORT_TIMEOUT_S)
+            self._report_made = time.monotonic()
+        except (asyncio.TimeoutError, RuntimeError) as exc:  # busy, or stopping: the routers keep what they know
+            log.debug("model %s: no prefix report this time (%s)", self.name, type(exc).__name__)
 
     def request_unload(self) -> dict[str, Any]:
         """An operator asked to unload this model: the governor stops this replica once it is idle."""

@@ -12,14 +12,16 @@ prefixes that other routers sent there start to.
 
 A text block counts as held when the tokens still cached cover at least its share of the prompt
 (text and tokens of one prompt grow together; the chat template's few extra tokens make this
-slightly conservative). Hashes only: no prompt text is kept or logged.
+slightly conservative). A prompt whose request is still queued or running counts as held whole:
+its blocks are being computed here, and requests that share them wait for them. Hashes only: no
+prompt text is kept or logged.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from typing import Any
 
 from .request_router import block_hashes, prompt_text
@@ -35,24 +37,34 @@ class PrefixResidency:
         # last text hash of a prompt -> (its text-block hashes, its text length, its token blocks,
         # its token count); least recently served first
         self._prompts: OrderedDict[int, tuple[list[int], int, list[bytes], int]] = OrderedDict()
+        self._active: Counter[int] = Counter()  # prompts of requests not finished yet
         self.block_size = 0
 
     def __len__(self) -> int:
         return len(self._prompts)
 
     def served(self, payload: dict[str, Any], prompt_ids: list[int], token_blocks: list[bytes],
-               block_size: int) -> None:
-        """Remember one generate payload's prompt (as the router hashed it) and its token blocks."""
+               block_size: int) -> int | None:
+        """Remember one generate payload's prompt (as the router hashed it) and its token blocks;
+        returns the key to pass to `finished` when the request ends."""
         text = prompt_text(payload)
         hashes = block_hashes(text, self.block_chars) if text else []
         if not hashes or not token_blocks:
-            return
+            return None
         self.block_size = block_size
         key = hashes[-1]
         self._prompts[key] = (hashes, len(text), token_blocks, len(prompt_ids))
         self._prompts.move_to_end(key)
+        self._active[key] += 1
         while len(self._prompts) > self.max_prompts:
             self._prompts.popitem(last=False)
+        return key
+
+    def finished(self, key: int | None) -> None:
+        if key is not None and self._active[key] > 0:
+            self._active[key] -= 1
+            if not self._active[key]:
+                del self._active[key]
 
     def held_text_blocks(self, n_text: int, text_len: int, resident_blocks: int, prompt_tokens: int) -> int:
         """Leading text blocks covered by `resident_blocks` cached token blocks of the prompt."""
@@ -64,14 +76,16 @@ class PrefixResidency:
     async def report(self, engine, timeout_s: float = 2.0) -> dict[str, Any]:
         """{"at", "block_chars", "hashes"}: the text-block hashes this replica's cache holds, the
         most recently served prompts' first, at most max_hashes."""
-        prompts = list(reversed(self._prompts.values()))
+        keys = list(reversed(self._prompts))
+        prompts = [self._prompts[k] for k in keys]
         at = time.time()
         resident = await asyncio.wait_for(asyncio.wrap_future(engine.resident_blocks([p[2] for p in prompts])),
                                           timeout_s) if prompts else []
         seen: set[int] = set()
         out: list[int] = []
-        for (hashes, text_len, _, tokens), blocks in zip(prompts, resident):
-            for h in hashes[: self.held_text_blocks(len(hashes), text_len, blocks, tokens)]:
+        for key, (hashes, text_len, _, tokens), blocks in zip(keys, prompts, resident):
+            held = len(hashes) if key in self._active else self.held_text_blocks(len(hashes), text_len, blocks, tokens)
+            for h in hashes[:held]:
                 if h not in seen:
                     seen.add(h)
                     out.append(h)

@@ -342,9 +342,10 @@ async def test_a_replica_reports_the_prefixes_its_cache_still_holds():
     async def serve(system: str, question: str) -> list[int]:
         payload = {"prompt": {"messages": [{"role": "system", "content": system}, {"role": "user", "content": question}]}}
         stream = eng.submit(PromptInput(**payload["prompt"]), SamplingParams(**GREEDY))
-        residency.served(payload, stream.prompt_ids, eng.block_hashes(stream.prompt_ids), eng.config.block_size)
+        key = residency.served(payload, stream.prompt_ids, eng.block_hashes(stream.prompt_ids), eng.config.block_size)
         async for _ in stream:
             pass
+        residency.finished(key)
         return block_hashes(prompt_text(payload), 64)
 
     try:
@@ -353,6 +354,11 @@ async def test_a_replica_reports_the_prefixes_its_cache_still_holds():
         for name in ("Aster", "Birch", "Cedar"):  # other tenants' prompts push the library's out
             newest = await serve(f"Tenant {name} support desk. " + "Answer politely and briefly. " * 8, "Hello?")
         later = (await residency.report(eng))["hashes"]
+        payload = {"prompt": {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Queued?"}]}}
+        ids = eng.encode(PromptInput(**payload["prompt"]))
+        queued = residency.served(payload, ids, eng.block_hashes(ids), eng.config.block_size)  # not finished yet
+        while_queued = (await residency.report(eng))["hashes"]
+        residency.finished(queued)
         eng.resident_blocks([eng.block_hashes([1] * 64)]).cancel()  # an asker that gave up
         await serve(SYSTEM, QUESTIONS[1])  # the engine lives on
         eng.check_health()
@@ -363,4 +369,5 @@ async def test_a_replica_reports_the_prefixes_its_cache_still_holds():
         eng.shutdown()
     assert len(library) // 2 <= len(first) <= len(library) and first == library[: len(first)]
     assert library[0] not in later and newest[0] in later
+    assert library[0] in while_queued  # a request still queued or running: its prefix counts as held
     assert cleared == []
