@@ -205,12 +205,17 @@ def test_router_balance_wins_when_queues_diverge():
     assert router.decisions == {"new_prefix": 1, "affinity": 1, "balance": 1, "reports": 0}
 
 
+async def owned(system: str):
+    """Replicas a and b behind a router: the router, the replica that took `system`'s first request, the other."""
+    a, b = LocalReplica("a"), LocalReplica("b")
+    router = make_router(PrefixAffinityRouter, [a, b], block_chars=32)
+    owner = await route(router, chat(system, "q0"), 0)
+    return router, owner, b if owner is a else a
+
+
 def test_router_forgets_a_replica_that_left():
     async def go():
-        a, b = LocalReplica("a"), LocalReplica("b")
-        router = make_router(PrefixAffinityRouter, [a, b], block_chars=32)
-        owner = await route(router, chat(SYSTEMS[1], "q"), 0)
-        survivor = b if owner is a else a
+        router, owner, survivor = await owned(SYSTEMS[1])
         router.update_replicas([survivor])
         after = await route(router, chat(SYSTEMS[1], "q"), 1)
         stats = await route(router, {"no": "prompt"}, 2, method="stats")
@@ -232,10 +237,8 @@ def test_router_follows_the_replicas_reports_of_what_they_hold():
     """A's report drops the prefix it was sent (evicted); B's report holds one this router never
     sent (another router replica did): routing follows the reports, not its own sends."""
     async def go():
-        a, b = LocalReplica("a"), LocalReplica("b")
-        router = make_router(PrefixAffinityRouter, [a, b], block_chars=32)
-        owner = await route(router, chat(SYSTEMS[0], "q0"), 0)
-        other = b if owner is a else a
+        router, owner, other = await owned(SYSTEMS[0])
+        a, b = owner, other
         learned = block_hashes(prompt_text(chat(SYSTEMS[1], "elsewhere")), 32)
         owner.routing_stats = report(router, [], later_s=10)  # made 10 s after our send: it was evicted
         other.routing_stats = report(router, learned[:-1], later_s=10)
@@ -254,12 +257,9 @@ def test_router_follows_the_replicas_reports_of_what_they_hold():
 
 def test_a_replica_a_call_could_not_reach_is_offered_last():
     async def go():
-        a, b = LocalReplica("a"), LocalReplica("b")
-        router = make_router(PrefixAffinityRouter, [a, b], block_chars=32)
-        owner = await route(router, chat(SYSTEMS[2], "q0"), 0)
-        other = b if owner is a else a
+        router, owner, other = await owned(SYSTEMS[2])
         router.on_replica_actor_unavailable(owner.replica_id)  # e.g. its node just died
-        ranks = await router.choose_replicas([a, b], None)  # a call without a prompt (stats)
+        ranks = await router.choose_replicas([owner, other], None)  # a call without a prompt (stats)
         retried = await route(router, chat(SYSTEMS[2], "q1"), 1)
         alone = await router.choose_replicas([owner], None)  # the only one left: still offered
         return owner, other, ranks, retried, alone, router
