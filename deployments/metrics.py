@@ -77,6 +77,9 @@ class RouterMetrics:
                                     "Replica start to ready (process, imports, load, warm-up), per load.",
                                     ["model"], buckets=COLD_BUCKETS, registry=r)
         self._seen: dict[str, tuple[int, int, int]] = {}  # loads, unloads, cold starts already counted
+        self.routing = Gauge(f"{p}_prefix_routing_decisions", "Prefix-affinity routing in this router: requests "
+                             "routed by affinity, as a new prefix or by balance, and replica reports taken.",
+                             ["model", "decision"], registry=r)
         self.cold_ttft = Histogram(f"{p}_cold_request_first_token_seconds",
                                    "Arrival to first token of requests that found their model unloaded.",
                                    ["model"], buckets=COLD_BUCKETS, registry=r)
@@ -131,6 +134,11 @@ class RouterMetrics:
                 if seconds is not None:
                     self.cold_start.labels(rec.name).observe(seconds)
             self._seen[rec.name] = (rec.loads, rec.unloads, len(rec.cold_starts))
+
+    def set_routing(self, model: str, decisions: dict[str, int] | None) -> None:
+        """The model's prefix-affinity router decisions (deployments.request_router.routing_decisions)."""
+        for decision, n in (decisions or {}).items():
+            self.routing.labels(model, decision).set(n)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

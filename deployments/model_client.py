@@ -181,6 +181,7 @@ class RayModelClient:
 
     def __init__(self, name: str, handle, config: RouterConfig):
         self.name = name
+        self.deployment = getattr(handle, "deployment_name", None)  # the model's Ray Serve deployment
         self._handle = handle
         self._stream = handle.options(stream=True, method_name="generate")
         self._retry_after_s = config.retry_after_s

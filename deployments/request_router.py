@@ -38,7 +38,8 @@ from __future__ import annotations
 import hashlib
 import logging
 import time
-from collections import OrderedDict
+import weakref
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 from typing import Any, Hashable, Sequence
 
@@ -174,6 +175,18 @@ def rank_replicas(replicas: Sequence[Hashable], queues: dict, matched: dict, siz
     return [[r for r in balanced if sizes.get(r, 0) == fewest], everyone], "new_prefix"
 
 
+_ROUTERS: "weakref.WeakSet[PrefixAffinityRouter]" = weakref.WeakSet()  # this process's, for /metrics
+
+
+def routing_decisions() -> dict[str, dict[str, int]]:
+    """What this process's prefix-affinity routers decided and the reports they took, by
+    deployment name (the OrchardRouter's /metrics: its handles' routers live in its process)."""
+    out: dict[str, Counter] = {}
+    for router in list(_ROUTERS):
+        out.setdefault(router._deployment_id.name, Counter()).update(router.decisions)
+    return {name: dict(counts) for name, counts in out.items()}
+
+
 class PrefixAffinityRouter(RequestRouter):
     """Ray Serve request router: prefix affinity over load balance (see the module docstring).
     `request_router_kwargs` are initialize_state's arguments (deployment.affinity in the YAML)."""
@@ -188,6 +201,7 @@ class PrefixAffinityRouter(RequestRouter):
         self._pending: OrderedDict[str, list[int]] = OrderedDict()
         self._reports: dict[ReplicaID, float] = {}  # when each replica's last report taken was made
         self._suspect: dict[ReplicaID, float] = {}  # unreachable lately: offered last until then
+        _ROUTERS.add(self)
 
     def _hashes(self, pending: PendingRequest | None) -> list[int]:
         """The prompt's block hashes, computed once per request (routing may retry)."""

@@ -25,6 +25,7 @@ from .metrics import CONTENT_TYPE_LATEST, RouterMetrics
 from .model_client import ModelCall, ModelClient, RayModelClient
 from .model_directory import LOADED, ModelDirectory
 from .openai_responses import ResponseBuilder, new_id
+from .request_router import routing_decisions
 from .openai_protocol import (
     SSE_DONE, ApiError, ChatCompletionRequest, CompletionRequest, model_card,
     parse_request, sse,
@@ -312,6 +313,9 @@ def create_app(core: RouterCore) -> FastAPI:
     async def metrics():
         for name, stats in (await core.gather_stats()).items():
             core.metrics.set_engine_stats(name, stats)
+        decisions = routing_decisions()
+        for name, client in core.models.items():
+            core.metrics.set_routing(name, decisions.get(getattr(client, "deployment", None)))
         if core.directory is not None:
             core.metrics.set_governor(core.directory)
         return Response(core.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -19,6 +19,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import openai
 import pytest
 import ray
@@ -159,6 +160,11 @@ def test_2_a_shared_prefix_sticks_to_one_replica(cluster):
             break
         time.sleep(1)
     assert holders == [1] * len(SYSTEMS), (holders, [len(h) for h in held])
+    # ...and the OrchardRouter's prefix-affinity router took those reports (Ray delivered them)
+    metrics = httpx.get(f"{BASE}/metrics", timeout=30).text
+    routing = {line.split('decision="')[1].split('"')[0]: float(line.split()[-1]) for line in metrics.splitlines()
+               if line.startswith("orchard_prefix_routing_decisions{")}
+    assert routing.get("reports", 0) > 0 and routing.get("affinity", 0) >= 12, routing
     print(f"\ncached tokens per tenant {cached} of {prompt_tokens}; requests per replica {delta}")
 
 

