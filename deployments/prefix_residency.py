@@ -40,9 +40,6 @@ class PrefixResidency:
         self._active: Counter[int] = Counter()  # prompts of requests not finished yet
         self.block_size = 0
 
-    def __len__(self) -> int:
-        return len(self._prompts)
-
     def served(self, payload: dict[str, Any], prompt_ids: list[int], token_blocks: list[bytes],
                block_size: int) -> int | None:
         """Remember one generate payload's prompt (as the router hashed it) and its token blocks;

@@ -36,6 +36,7 @@ Prompt text is hashed here and never logged.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import logging
 import time
 import weakref
@@ -201,7 +202,9 @@ class PrefixAffinityRouter(RequestRouter):
         self._pending: OrderedDict[str, list[int]] = OrderedDict()
         self._reports: dict[ReplicaID, float] = {}  # when each replica's last report taken was made
         self._suspect: dict[ReplicaID, float] = {}  # unreachable lately: offered last until then
-        _ROUTERS.add(self)
+        # Ray Serve may ship this class by value (cloudpickle), with globals of its own: register
+        # with the module the OrchardRouter imported, which /metrics reads
+        importlib.import_module(ROUTER_PATH.split(":")[0])._ROUTERS.add(self)
 
     def _hashes(self, pending: PendingRequest | None) -> list[int]:
         """The prompt's block hashes, computed once per request (routing may retry)."""
