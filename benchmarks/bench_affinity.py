@@ -10,7 +10,7 @@ requests each replica served (ModelServer.record_routing_stats), and how far apa
 queues were: every 0.2 s each replica's requests in flight, the largest gap between them (the
 router must keep it within `affinity.imbalanced_threshold`).
 
-    python -m benchmarks.bench_affinity --out docs/results/bench_affinity_cpu.json
+    python -m benchmarks.bench_affinity --out docs/results/bench_affinity_cpu.json   # + .png next to it
 
 Needs the machine to itself (it stops any local Ray first).
 """
@@ -108,16 +108,20 @@ class QueueSampler(threading.Thread):
         super().__init__(daemon=True)
         self.actors, self.interval_s = actors, interval_s
         self.samples: list[list[int]] = []
+        self.times: list[float] = []  # seconds since the workload began, per sample
         self.done = threading.Event()
 
     def run(self) -> None:
+        start = time.perf_counter()
         while not self.done.wait(self.interval_s):
             self.samples.append([s["active"] for s in routing_stats(self.actors)])
+            self.times.append(round(time.perf_counter() - start, 2))
 
     def summary(self) -> dict:
         gaps = sorted(max(s) - min(s) for s in self.samples) or [0]
         return {"queue_samples": len(self.samples), "queue_gap_max": gaps[-1],
-                "queue_gap_p95": gaps[int(0.95 * (len(gaps) - 1))], "queue_max": max(map(max, self.samples or [[0]]))}
+                "queue_gap_p95": gaps[int(0.95 * (len(gaps) - 1))], "queue_max": max(map(max, self.samples or [[0]])),
+                "queue_series": [[t, *q] for t, q in zip(self.times, self.samples)]}
 
 
 def run_mode(router: str, args) -> dict:
@@ -149,7 +153,37 @@ def run_mode(router: str, args) -> dict:
             "ttft_p50_ms": round(1000 * percentile(ttfts, 50), 1), "ttft_p99_ms": round(1000 * percentile(ttfts, 99), 1),
             "tok_s": round(sum(r["completion"] for r in results) / wall, 1),
             "served_per_replica": [a - b for a, b in zip(after, before)] if len(after) == len(before) else after,
+            "ttfts_s": [round(t, 3) for t in ttfts], "hits": [round(r["cached"] / r["prompt"], 3) for r in results],
             **sampler.summary()}
+
+
+def plot(doc: dict, path: Path) -> None:
+    """Per router: each request's cached share and TTFT (in arrival order), and the replicas'
+    queue gap over the run."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (hits, ttft, gap) = plt.subplots(1, 3, figsize=(14, 4))
+    for m in doc["modes"]:
+        label = f"{m['router']} (hit rate {m['hit_rate']:.2f})"
+        hits.plot(range(len(m["hits"])), m["hits"], marker=".", linestyle="", label=label)
+        ttft.plot(sorted(m["ttfts_s"]), [(i + 1) / len(m["ttfts_s"]) for i in range(len(m["ttfts_s"]))],
+                  label=f"{m['router']} (p50 {m['ttft_p50_ms'] / 1000:.1f} s)")
+        series = m["queue_series"]
+        gap.plot([s[0] for s in series], [max(s[1:]) - min(s[1:]) for s in series], label=m["router"])
+    threshold = doc["workload"].get("imbalanced_threshold", 10)
+    gap.axhline(threshold, color="grey", linestyle="--", label=f"imbalanced_threshold {threshold}")
+    hits.set(xlabel="request (arrival order)", ylabel="cached share of the prompt", title="prefix cache hits")
+    ttft.set(xlabel="TTFT (s)", ylabel="share of requests", title="TTFT, cumulative")
+    gap.set(xlabel="seconds into the run", ylabel="requests in flight, max - min replica", title="queue gap")
+    for ax in (hits, ttft, gap):
+        ax.legend(fontsize=8)
+    w = doc["workload"]
+    fig.suptitle(f"{w['tenants']} tenants x {w['users']} users, {w['concurrency']} in flight, 2 replicas")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def table(doc: dict) -> str:
@@ -172,9 +206,13 @@ def main() -> None:
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=16)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
     args = ap.parse_args()
     doc = {"workload": vars(args), "modes": [run_mode(r, args) for r in ("prefix_affinity", "power_of_two")]}
     emit(doc, table(doc), args.out)
+    target = args.plot or (str(Path(args.out).with_suffix(".png")) if args.out else None)
+    if target:
+        plot(doc, Path(target))
 
 
 if __name__ == "__main__":
