@@ -190,7 +190,7 @@ def test_3_worker_node_dies_in_flight_requests_end_cleanly_new_ones_succeed(clus
     on_worker = [name for name, s in replicas().items() if s["node_id"] == worker_id]
     assert len(on_worker) == 1
     pool = ThreadPoolExecutor(9)
-    futures = [pool.submit(stream_until_done, f"Stream {i}. " + SYSTEMS[i % 4], 400) for i in range(6)]
+    futures = [pool.submit(stream_until_done, f"Stream {i}. " + SYSTEMS[i % 4], 160) for i in range(6)]
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(STREAMING) < len(futures):  # every stream has output
         time.sleep(0.2)
