@@ -105,11 +105,12 @@ def plan(models: list[ModelUsage], budget: int) -> Plan:
             elif m.idle_s >= m.keep_alive_s:
                 out.set(m.name, 0, f"idle {m.idle_s:.0f}s >= keep_alive {m.keep_alive_s:.0f}s")
     free = budget - sum(m.holds for m in models)
-    if free < 0:  # the budget shrank under what is loaded (a node left the cluster): idle models yield
+    if free < 0:  # over budget (a node left the cluster, or footprints measured larger): idle models yield
         releasing = sum(x.holds for x in models if x.name in out.targets)
         for v in _lru_victims(models, out, -free - releasing, partial=True):
-            out.set(v.name, 0, f"evicted (least recently used, idle {v.idle_s:.0f}s): the budget shrank "
-                               f"to {budget >> 20} MiB")
+            out.set(v.name, 0, f"evicted (least recently used, idle {v.idle_s:.0f}s): the loaded models hold "
+                               f"more than the budget of {budget >> 20} MiB (the budget shrank, or footprints "
+                               "measured larger than estimated)")
     cold = sorted((m for m in models if not m.loaded and m.busy), key=lambda m: (m.waiting_since or 0.0, m.name))
     for m in cold:
         need = m.footprint * m.full

@@ -129,6 +129,14 @@ def replica_lost(err: ApiError) -> bool:
     return isinstance(err.__cause__, (RayActorError, ReplicaUnavailableError))
 
 
+def resend_payload(payload: dict[str, Any], attempt: int) -> dict[str, Any]:
+    """The payload of a resend, under its own engine request id: a replica that was only
+    unreachable may still hold the first attempt's id, and would refuse the same one again."""
+    if not payload.get("request_id"):
+        return payload
+    return {**payload, "request_id": f"{payload['request_id']}-resend{attempt}"}
+
+
 def load_timeout_error(model: str, load_timeout_s: float, retry_after_s: int = 1) -> ApiError:
     return ApiError(503, f"model {model!r} is not loaded and could not be loaded within its load_timeout_s "
                     f"({load_timeout_s:g} s): it is loading, or the memory budget is held by busy models; retry later",
@@ -193,8 +201,9 @@ class RayModelClient:
         reached the client yet. Once output has streamed, a lost replica ends the stream with an
         error instead (the client has part of an answer)."""
         for attempt in range(1, START_ATTEMPTS + 1):
+            sent = payload if attempt == 1 else resend_payload(payload, attempt)
             try:
-                gen = self._stream.remote(payload)
+                gen = self._stream.remote(sent)
             except Exception as exc:  # noqa: BLE001
                 raise ray_error(self.name, exc, self._retry_after_s) from exc
             call = ModelCall(self.name, gen, gen.cancel, started_at, deadline, self._retry_after_s, load_timeout_s)

@@ -170,12 +170,14 @@ class ModelServer:
         except OrchardError as exc:
             yield error_item(exc)
             return
-        prompt_key = self.residency.served(request, stream.prompt_ids, self.engine.block_hashes(stream.prompt_ids),
-                                           self.engine.config.block_size) if self.residency is not None else None
         chunks = Coalescer(stream, self._stream_window)
         self.active_streams += 1
         self.served += 1
+        prompt_key = None
         try:
+            if self.residency is not None:
+                prompt_key = self.residency.served(request, stream.prompt_ids, self.engine.block_hashes(stream.prompt_ids),
+                                                   self.engine.config.block_size)
             while batch := await chunks.next_batch():
                 yield merge(batch, stream)
         except OrchardError as exc:

@@ -25,11 +25,11 @@ from .metrics import CONTENT_TYPE_LATEST, RouterMetrics
 from .model_client import ModelCall, ModelClient, RayModelClient
 from .model_directory import LOADED, ModelDirectory
 from .openai_responses import ResponseBuilder, new_id
-from .request_router import routing_decisions
 from .openai_protocol import (
     SSE_DONE, ApiError, ChatCompletionRequest, CompletionRequest, model_card,
     parse_request, sse,
 )
+from .request_router import routing_decisions
 
 log = logging.getLogger("ray.serve")
 

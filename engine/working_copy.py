@@ -6,9 +6,9 @@ K and V with the rows *right-aligned* (left padding), so every step writes one c
 with a slice update and attention reads a view `[:, :, :col]`; the mask hides each row's padding.
 The copy is built by one gather when the batch changes (`Geometry`: rows, lengths, capacity),
 grows at its end when full, and is then the only place decode tokens go: they are written back
-to the rows' blocks (`flush`, one scatter per layer) before anything else may read them: the batch changes, a prompt chunk runs
-(it may reuse a block that a row just filled), or a row leaves (its blocks go to the prefix
-cache or back to the pool).
+to the rows' blocks (`flush`, one scatter per layer) before anything else may read them: the
+batch changes, a prompt chunk runs (it may reuse a block that a row just filled), or a row
+leaves (its blocks go to the prefix cache or back to the pool).
 """
 
 from __future__ import annotations

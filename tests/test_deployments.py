@@ -377,13 +377,14 @@ class _Stream:
 
 class _Handle:
     def __init__(self, streams):
-        self.streams, self.sent = list(streams), 0
+        self.streams, self.sent, self.request_ids = list(streams), 0, []
 
     def options(self, **_):
         return self
 
     def remote(self, payload):
         self.sent += 1
+        self.request_ids.append(payload.get("request_id"))
         return self.streams.pop(0)
 
 
@@ -400,11 +401,12 @@ def test_a_request_whose_replica_is_lost_before_its_first_token_is_sent_again():
         handle = _Handle(streams)
         client = RayModelClient("m1", handle, RouterConfig())
         now = time.monotonic()
-        return handle, run(client.start({"prompt": {}}, now, now + 30))
+        return handle, run(client.start({"prompt": {}, "request_id": "chatcmpl-1"}, now, now + 30))
 
     lost = [_Stream(error=ActorUnavailableError("node gone", None)), _Stream(error=ActorDiedError())]
     handle, call = start(lost + [_Stream([CHUNK])])
     assert handle.sent == 3 and call._first == CHUNK and all(s.cancelled for s in lost)
+    assert len(set(handle.request_ids)) == 3  # each resend under its own engine id (a live replica keeps the first)
     with pytest.raises(ApiError) as refused:  # the request's own error is never resent
         start([_Stream([{"error": {"message": "bad", "type": "invalid_request_error", "param": None, "code": None},
                          "status_code": 400, "retry_after_s": None}]), _Stream([CHUNK])])
