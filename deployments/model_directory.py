@@ -86,6 +86,7 @@ class ModelDirectory:
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
         self._active_until = 0.0
+        self._refreshing = asyncio.Lock()  # the watch loop's poll and a load call's: one at a time
         self.polled_at = 0.0
 
     def start(self) -> None:
@@ -130,6 +131,10 @@ class ModelDirectory:
                 pass
 
     async def refresh(self) -> None:
+        async with self._refreshing:
+            await self._refresh()
+
+    async def _refresh(self) -> None:
         status = await asyncio.to_thread(self._read_status)
         apps = getattr(status, "applications", {}) or {}
         app = apps.get(self._app_name) if self._app_name else next(iter(apps.values()), None)
@@ -143,13 +148,18 @@ class ModelDirectory:
         self.polled_at = time.monotonic()
 
     async def _update(self, rec: ModelRecord, state: str) -> None:
-        before, rec.state = rec.state, state
-        if state == LOADED and (rec.replica is None or before != LOADED):
+        """Take one poll's state. A model turns LOADED only with its new replica's info in hand,
+        so that no reader sees it loaded with the info of the replica before."""
+        before = rec.state
+        fetch = state == LOADED and (rec.replica is None or before != LOADED)
+        if fetch:
             try:
                 rec.replica = await asyncio.wait_for(self._fetch_info(rec.name), 10.0)
             except Exception:  # noqa: BLE001 - try again at the next poll
                 rec.state = before if before != LOADED else LOADING
                 return
+        rec.state = state
+        if fetch:
             key = (rec.replica.get("pid"), rec.replica.get("loaded_at"))
             if key not in rec.seen_replicas:
                 rec.seen_replicas.add(key)

@@ -467,6 +467,39 @@ async def test_listing_the_models_alone_keeps_their_states_fresh():
     assert first == "unloaded"  # before the first poll
 
 
+async def test_a_reloaded_model_never_shows_the_old_replicas_pid_or_misses_a_load():
+    """Two refreshes at once (the watch loop's and a load call's) while a new replica's info is
+    on its way: neither may report the model loaded with the replica before's pid."""
+    from types import SimpleNamespace
+
+    from deployments.model_directory import ModelDirectory
+
+    pids = iter([1001, 1002])
+
+    async def info(name):
+        await asyncio.sleep(0.05)
+        pid = next(pids)
+        return {"pid": pid, "loaded_at": float(pid), "cold_start_s": 1.0, "footprint": {"total": 10}}
+
+    replicas = {"RUNNING": 1}
+    status = SimpleNamespace(applications={"orchard": SimpleNamespace(deployments={
+        "model-m1": SimpleNamespace(replica_states=replicas)})})
+    facts = {"m1": {"deployment": "model-m1", "load": "on_demand", "keep_alive_s": 60.0, "load_timeout_s": 1.0,
+                    "footprint_bytes": 10, "replicas": 1}}
+    directory = ModelDirectory(facts, 5000, info, app_name="orchard", read_status=lambda: status)
+    await directory.refresh()
+    replicas.clear()  # it unloads
+    await directory.refresh()
+    replicas["RUNNING"] = 1  # a new replica
+
+    async def card_after_refresh():
+        await directory.refresh()
+        return directory.record("m1").card()
+
+    cards = await asyncio.gather(card_after_refresh(), card_after_refresh())
+    assert [c["pid"] for c in cards] == [1002, 1002] and cards[0]["loads"] == 2 and cards[0]["unloads"] == 1
+
+
 async def test_an_idle_router_polls_ray_serve_slowly_and_a_request_speeds_it_up(monkeypatch):
     """Each status poll costs the router and Ray's controller CPU: an idle server polls every
     IDLE_POLL_S, and a request (which may start a load) brings back fast polling at once."""
