@@ -8,11 +8,12 @@ application's `autoscaling_policy` is `governor_policy` below: every control-loo
 Ray hands it one AutoscalingContext per model and it answers how many replicas each should
 have. The decision is `plan()`, a pure function of what every model costs, uses and waits for:
 
-1. A loaded model idle for its keep_alive, or one an operator asked to unload, unloads. When the
-   budget shrank under what the loaded models hold (with `memory.per_node` the budget is at most
-   the live nodes' `memory`, and a node left), idle models unload, least recently used first.
+1. A loaded model idle for its keep_alive, or one an operator asked to unload, unloads. When
+   the loaded models no longer fit (the budget shrank, or, with `memory.per_node`, a node left
+   and its replicas find no node with room), idle models unload, least recently used first.
 2. Cold models with waiting requests are taken first come, first served. One that fits in what
-   is free loads. One that does not makes room: the least recently used idle, unpinned loaded
+   is free loads (per node: each of its replicas finds a live node with room, next to the
+   replicas already placed there; see `Room`). One that does not makes room: the least recently used idle, unpinned loaded
    models unload until it fits, and it loads once their memory is really returned (their
    replicas are gone). While nothing can be freed (the others are busy or pinned) it waits, and
    so do the cold models behind it; its requests get 503 at the router after load_timeout_s.
@@ -27,14 +28,16 @@ Inputs per model come from Ray: running/target replicas and queued + running req
 the model's replicas, as custom autoscaling metrics (ModelServer.record_autoscaling_stats): the
 measured footprint, seconds idle and an operator's unload request; and from the builder, in the
 deployment's `autoscaling_config.policy.policy_kwargs`: the budget, keep_alive and the estimated
-footprint (used until a replica has measured it).
+footprint (used until a replica has measured it). With `memory.per_node`, each replica also
+reports the node it runs on (a metric named NODE_METRIC + node id), and the live nodes' `memory`
+comes from Ray every 5 s (ClusterMemory).
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 log = logging.getLogger("ray.serve")
@@ -45,6 +48,7 @@ POLICY_PATH = "deployments.governor:governor_policy"
 # counted this long after its target went to 0 (an idle replica stops in ~0.6 s here).
 RELEASE_S = 2.0
 FALLBACK_POLICY_PATH = "deployments.governor:keep_alive_policy"
+NODE_METRIC = "on_node:"  # + node id: the custom autoscaling metric naming a replica's node
 
 
 @dataclass(frozen=True)
@@ -64,11 +68,20 @@ class ModelUsage:
     releasing: bool = False  # unloaded a moment ago: its process may still be exiting
     loading_s: float = 0.0  # how long it has had a target but no running replica
     load_timeout_s: float = 120.0
+    reserve: int = 0  # bytes of a node's `memory` each replica reserves (memory.per_node; 0: footprint)
+    nodes: tuple[str, ...] = ()  # the node of each running replica (memory.per_node)
 
     @property
     def holds(self) -> int:
         """Bytes it holds or is about to hold (a stopping replica still holds its memory)."""
         return self.footprint * max(self.replicas, self.target, self.full if self.releasing else 0)
+
+    @property
+    def replicas_held(self) -> list[tuple[str | None, int]]:
+        """(node or None while unplaced, reserved bytes) for each replica it holds or will hold."""
+        count = max(self.replicas, self.target, self.full if self.releasing else 0, len(self.nodes))
+        size = self.reserve or self.footprint
+        return [(node, size) for node in self.nodes] + [(None, size)] * (count - len(self.nodes))
 
     @property
     def busy(self) -> bool:
@@ -93,9 +106,10 @@ class Plan:
         self.reasons[name] = reason
 
 
-def plan(models: list[ModelUsage], budget: int) -> Plan:
-    """The governor's decision: replica targets for the models that must change."""
-    out = Plan()
+def plan(models: list[ModelUsage], budget: int, nodes: dict[str, int] | None = None) -> Plan:
+    """The governor's decision: replica targets for the models that must change. `nodes`
+    (memory.per_node): each live node's `memory`, where every replica must also find room."""
+    out, room = Plan(), Room(budget, nodes)
     for m in models:
         if m.loaded and m.replicas == 0 and not m.busy and m.loading_s > m.load_timeout_s:
             out.set(m.name, 0, f"gave up a load unfinished after {m.loading_s:.0f}s with no request waiting")
@@ -104,22 +118,21 @@ def plan(models: list[ModelUsage], budget: int) -> Plan:
                 out.set(m.name, 0, "unload requested")
             elif m.idle_s >= m.keep_alive_s:
                 out.set(m.name, 0, f"idle {m.idle_s:.0f}s >= keep_alive {m.keep_alive_s:.0f}s")
-    free = budget - sum(m.holds for m in models)
-    if free < 0:  # over budget (a node left the cluster, or footprints measured larger): idle models yield
-        releasing = sum(x.holds for x in models if x.name in out.targets)
-        for v in _lru_victims(models, out, -free - releasing, partial=True):
-            out.set(v.name, 0, f"evicted (least recently used, idle {v.idle_s:.0f}s): the loaded models hold "
-                               f"more than the budget of {budget >> 20} MiB (the budget shrank, or footprints "
-                               "measured larger than estimated)")
+    held = list(models)
+    if not room.fits(held):  # over budget (a node left, or footprints measured larger): idle models yield
+        staying = [m for m in models if m.name not in out.targets]
+        for v in _lru_victims(models, out, staying, room, partial=True):
+            out.set(v.name, 0, f"evicted (least recently used, idle {v.idle_s:.0f}s): the loaded models do not "
+                               f"fit {room} (it shrank, or footprints measured larger than estimated)")
     cold = sorted((m for m in models if not m.loaded and m.busy), key=lambda m: (m.waiting_since or 0.0, m.name))
     for m in cold:
-        need = m.footprint * m.full
-        if need <= free:
-            out.set(m.name, m.full, f"load: needs {need >> 20} MiB, {free >> 20} MiB free")
-            free -= need
+        wanted = replace(m, target=m.full)
+        if room.fits([*held, wanted]):
+            out.set(m.name, m.full, f"load: needs {m.footprint * m.full >> 20} MiB, which fits {room}")
+            held.append(wanted)
             continue
-        releasing = sum(x.holds for x in models if not x.loaded or x.name in out.targets)
-        victims = _lru_victims(models, out, need - free - releasing)
+        staying = [x for x in held if x.loaded and out.targets.get(x.name) != 0]  # what is released: back
+        victims = _lru_victims(models, out, [*staying, wanted], room)
         if victims is None:
             break  # nothing can make room now: it (and everything queued behind it) waits
         for v in victims:
@@ -128,19 +141,53 @@ def plan(models: list[ModelUsage], budget: int) -> Plan:
     return out
 
 
-def _lru_victims(models: list[ModelUsage], out: Plan, short: int, partial: bool = False) -> list[ModelUsage] | None:
-    """Idle unpinned models to unload, longest idle first, freeing at least `short` bytes;
-    [] when memory already being released is enough; None when it cannot be done (`partial`:
-    then every idle model, as much as can be freed)."""
-    if short <= 0:
-        return []
-    picked, freed = [], 0
+class Room:
+    """Where replicas can go: a byte budget for their footprints and, with memory.per_node, the
+    live nodes' `memory` for their reservations. A placed replica holds room on its node (on a
+    node that left, nothing); the unplaced ones (pending, or about to start) must each find a node
+    with room, largest first, on the fullest node that holds it (best fit, as a scheduler would
+    place them: Ray never splits a replica across nodes)."""
+
+    def __init__(self, budget: int, nodes: dict[str, int] | None = None):
+        self.budget, self.nodes = budget, dict(nodes or {})
+
+    def fits(self, models: list[ModelUsage]) -> bool:
+        if sum(m.holds for m in models) > self.budget:
+            return False
+        if not self.nodes:
+            return True
+        free, unplaced = dict(self.nodes), []
+        for node, size in (r for m in models for r in m.replicas_held):
+            if node in free:
+                free[node] -= size
+            else:
+                unplaced.append(size)
+        for size in sorted(unplaced, reverse=True):
+            fitting = [n for n, f in free.items() if f >= size]
+            if not fitting:
+                return False
+            free[min(fitting, key=free.get)] -= size
+        return all(f >= 0 for f in free.values())
+
+    def __str__(self) -> str:
+        text = f"the budget of {self.budget >> 20} MiB"
+        if self.nodes:
+            text += f" and {len(self.nodes)} node(s) of {'/'.join(str(n >> 20) for n in self.nodes.values())} MiB"
+        return text
+
+
+def _lru_victims(models: list[ModelUsage], out: Plan, staying: list[ModelUsage], room: Room,
+                 partial: bool = False) -> list[ModelUsage] | None:
+    """Idle unpinned models to unload, longest idle first, until `staying` fits the room; [] when
+    it already does (memory being released is enough); None when no victims make it fit
+    (`partial`: then every idle model, as much as can be freed)."""
+    picked = []
     for v in sorted((x for x in models if x.evictable and x.name not in out.targets), key=lambda x: -x.idle_s):
-        picked.append(v)
-        freed += v.holds
-        if freed >= short:
+        if room.fits(staying):
             return picked
-    return picked if partial else None
+        picked.append(v)
+        staying = [x for x in staying if x.name != v.name]
+    return picked if partial or room.fits(staying) else None
 
 
 # --- the Ray Serve glue --------------------------------------------------------------------
@@ -154,22 +201,24 @@ def governor_kwargs(*, model: str, budget_bytes: int, footprint_bytes: int, full
 
 
 class ClusterMemory:
-    """With memory.per_node, the sum of the live nodes' `memory` resources (what model replicas
-    can reserve), read from Ray at most every `every_s` (the policy runs ten times a second)."""
+    """With memory.per_node, each live node's `memory` resource (what model replicas can
+    reserve there) by node id, read from Ray at most every `every_s` (the policy runs ten times
+    a second)."""
 
     def __init__(self, every_s: float = 5.0, nodes: Callable[[], list[dict]] | None = None):
         self.every_s, self._nodes = every_s, nodes
-        self._at, self._bytes = float("-inf"), None
+        self._at, self._memory = float("-inf"), None
 
-    def __call__(self, now: float) -> int | None:
+    def __call__(self, now: float) -> dict[str, int] | None:
         if now - self._at >= self.every_s:
             self._at = now
             try:
                 nodes = self._nodes() if self._nodes else _ray_nodes()
-                self._bytes = int(sum(n.get("Resources", {}).get("memory", 0) for n in nodes if n.get("Alive")))
+                self._memory = {n["NodeID"]: int(n["Resources"]["memory"]) for n in nodes
+                                if n.get("Alive") and n.get("Resources", {}).get("memory")}
             except Exception:  # noqa: BLE001 - keep the last figure; the configured budget still holds
                 log.warning("governor: could not read the cluster's nodes", exc_info=True)
-        return self._bytes or None
+        return self._memory or None
 
 
 def _ray_nodes() -> list[dict]:
@@ -211,13 +260,16 @@ def _usage(ctx, now: float) -> tuple[ModelUsage | None, dict]:
     releasing = now - state.get("released_at", float("-inf")) < RELEASE_S
     starting = ctx.target_num_replicas > 0 and ctx.current_num_replicas == 0
     state["loading_since"] = (state.get("loading_since") or now) if starting else None
+    nodes = tuple(metric[len(NODE_METRIC):] for metric, replicas in metrics.items()
+                  if metric.startswith(NODE_METRIC) for _ in replicas)
     usage = ModelUsage(
         name=kwargs["model"], footprint=int(state.get("footprint") or kwargs["footprint_bytes"]),
         full=int(kwargs.get("full", 1)), replicas=ctx.current_num_replicas, target=ctx.target_num_replicas,
         demand=demand, idle_s=max(0.0, idle), keep_alive_s=kwargs.get("keep_alive_s"),
         unload_requested=bool(largest("unload_requested")), waiting_since=state["waiting_since"],
         releasing=releasing, loading_s=now - state["loading_since"] if starting else 0.0,
-        load_timeout_s=float(kwargs.get("load_timeout_s", 120.0)),
+        load_timeout_s=float(kwargs.get("load_timeout_s", 120.0)), reserve=int(kwargs["footprint_bytes"]),
+        nodes=nodes,
     )
     return usage, {**state, "budget_bytes": kwargs["budget_bytes"], "per_node": bool(kwargs.get("per_node"))}
 
@@ -236,9 +288,8 @@ def governor_policy(contexts: dict) -> tuple[dict, dict]:
     if not usages:
         return {}, {}
     budget = min(states[ids[u.name]]["budget_bytes"] for u in usages)
-    if any(states[ids[u.name]]["per_node"] for u in usages) and (nodes := CLUSTER_MEMORY(now)) is not None:
-        budget = min(budget, nodes)  # a lost node takes its memory out of the budget
-    decision = plan(usages, budget)
+    nodes = CLUSTER_MEMORY(now) if any(states[ids[u.name]]["per_node"] for u in usages) else None
+    decision = plan(usages, budget, nodes)  # a lost node takes its memory out of the room
     for name, reason in decision.reasons.items():
         if contexts[ids[name]].target_num_replicas != decision.targets[name]:
             log.info("governor: %s -> %d replica(s): %s", name, decision.targets[name], reason)

@@ -27,6 +27,7 @@ from ray import serve
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError, OrchardError, OverloadedError
 
+from .governor import NODE_METRIC
 from .prefix_residency import PrefixResidency
 
 log = logging.getLogger("ray.serve")
@@ -216,8 +217,11 @@ class ModelServer:
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Custom autoscaling metrics, read by the memory governor (deployments.governor)."""
+        import ray
+
         return {"footprint_bytes": float(self.engine.footprint.total), "idle_s": self.idle_s(),
-                "unload_requested": float(self.unload_requested), "active": float(self.active_streams)}
+                "unload_requested": float(self.unload_requested), "active": float(self.active_streams),
+                NODE_METRIC + ray.get_runtime_context().get_node_id(): 1.0}  # where its memory is reserved
 
     async def record_routing_stats(self) -> dict[str, Any]:
         """Ray Serve's per-replica routing stats (RunningReplica.routing_stats in a request router,

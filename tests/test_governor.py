@@ -3,6 +3,7 @@ the builder's budget checks. The same rules run for real in tests/test_governor_
 
 from __future__ import annotations
 
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -55,7 +56,7 @@ def test_a_budget_that_shrank_under_the_loaded_models_unloads_idle_ones():
     b = ModelUsage("b", 800 * MiB, 2, replicas=1, target=2, demand=3)  # one replica pending
     models = [loaded("a", idle=50), loaded("c", idle=5), loaded("pin", idle=99, keep_alive_s=None), b]
     out = plan(models, 3300 * MiB)  # holds 5 x 800 MiB (b counts both its replicas)
-    assert out.targets == {"a": 0} and "budget shrank" in out.reasons["a"]
+    assert out.targets == {"a": 0} and "shrank" in out.reasons["a"]
     assert plan(models, 1000 * MiB).targets == {"a": 0, "c": 0}  # short of room even so: every idle one
 
 
@@ -63,11 +64,66 @@ def test_the_cluster_memory_is_read_from_ray_at_most_every_few_seconds():
     from deployments.governor import ClusterMemory
 
     calls = []
-    nodes = [{"Alive": True, "Resources": {"memory": 3e9}}, {"Alive": False, "Resources": {"memory": 5e9}}]
+    nodes = [{"NodeID": "n1", "Alive": True, "Resources": {"memory": 3e9}},
+             {"NodeID": "n2", "Alive": False, "Resources": {"memory": 5e9}}]
     memory = ClusterMemory(every_s=5.0, nodes=lambda: calls.append(1) or nodes)
-    assert memory(100.0) == 3_000_000_000 and memory(103.0) == 3_000_000_000 and len(calls) == 1
-    nodes.append({"Alive": True, "Resources": {"memory": 1e9}})
-    assert memory(106.0) == 4_000_000_000 and len(calls) == 2
+    assert memory(100.0) == {"n1": 3_000_000_000} and memory(103.0) == {"n1": 3_000_000_000} and len(calls) == 1
+    nodes.append({"NodeID": "n3", "Alive": True, "Resources": {"memory": 1e9}})
+    assert memory(106.0) == {"n1": 3_000_000_000, "n3": 1_000_000_000} and len(calls) == 2
+
+
+NODES = {"n1": 1000 * MiB, "n2": 1000 * MiB}
+
+
+def test_per_node_a_replica_loads_only_where_one_node_has_room_for_it():
+    """1,000 MiB free in all, but 500 MiB on each node: an 800 MiB replica waits; smaller ones load."""
+    held = [loaded("a", 500, demand=1, nodes=("n1",)), loaded("b", 500, demand=1, nodes=("n2",))]  # busy
+    assert plan([*held, cold("big", 800)], 4000 * MiB, nodes=NODES).targets == {}
+    assert plan([*held, cold("big", 800)], 4000 * MiB).targets == {"big": 1}  # one total: it would load
+    assert plan([*held, cold("s", 400), cold("t", 400, since=2.0)], 4000 * MiB, nodes=NODES).targets == {
+        "s": 1, "t": 1}
+    assert plan([*held, cold("s", 400), cold("t", 600, since=2.0)], 4000 * MiB, nodes=NODES).targets == {"s": 1}
+
+
+def test_per_node_a_models_replicas_each_need_a_node_with_room():
+    def two():
+        return ModelUsage("two", 600 * MiB, 2, demand=1, waiting_since=1.0)
+    assert plan([two()], 4000 * MiB, nodes={"n1": 1500 * MiB, "n2": 100 * MiB}).targets == {"two": 2}
+    assert plan([two()], 4000 * MiB, nodes=NODES).targets == {"two": 2}
+    assert plan([two()], 4000 * MiB, nodes={"n1": 1100 * MiB, "n2": 500 * MiB}).targets == {}
+
+
+def test_per_node_the_evicted_model_is_the_one_whose_node_then_has_room():
+    """Least recently used first, as many as it takes on the nodes, not merely enough bytes."""
+    x, y = loaded("x", 300, idle=90, nodes=("n1",)), loaded("y", 600, idle=10, nodes=("n2",))
+    out = plan([x, y, cold("big", 900)], 4000 * MiB, nodes=NODES)  # 700 + 400 MiB free: 900 fits neither
+    assert out.targets == {"x": 0}  # n1 then has 1,000 free
+    y_older = replace(y, idle_s=99)
+    assert plan([x, y_older, cold("big", 900)], 4000 * MiB, nodes=NODES).targets == {"y": 0}
+
+
+def test_per_node_replicas_on_a_lost_node_must_find_room_on_the_live_ones():
+    """Model b lost its node's replica (it counts as unplaced): idle models make room for it."""
+    b = ModelUsage("b", 800 * MiB, 1, replicas=0, target=1, demand=3)
+    models = [loaded("a", 800, idle=50, nodes=("n1",)), loaded("c", 150, idle=5, nodes=("n1",)), b]
+    out = plan(models, 9000 * MiB, nodes={"n1": 1000 * MiB})  # n2 is gone
+    assert out.targets == {"a": 0} and "1 node(s)" in out.reasons["a"]
+    placed = replace(b, replicas=1, nodes=("n1",))
+    assert plan([models[1], placed], 9000 * MiB, nodes={"n1": 1000 * MiB}).targets == {}
+
+
+def test_the_policy_reads_each_replicas_node_and_its_reservation():
+    from deployments import governor
+
+    kwargs = governor_kwargs(model="m", budget_bytes=4000 * MiB, footprint_bytes=500 * MiB, full=2,
+                             keep_alive_s=60.0, per_node=True)
+    ctx = SimpleNamespace(config=SimpleNamespace(policy=SimpleNamespace(policy_kwargs=kwargs)), policy_state={},
+                          aggregated_metrics={"footprint_bytes": {"r1": 700.0 * MiB, "r2": 700.0 * MiB},
+                                              "on_node:n1": {"r1": 1.0}, "on_node:n2": {"r2": 1.0}},
+                          total_num_requests=0, current_num_replicas=2, target_num_replicas=2)
+    usage, _ = governor._usage(ctx, 10.0)
+    assert sorted(usage.nodes) == ["n1", "n2"] and usage.reserve == 500 * MiB and usage.footprint == 700 * MiB
+    assert sorted(usage.replicas_held) == [("n1", 500 * MiB), ("n2", 500 * MiB)]
 
 
 def test_memory_being_released_is_waited_for_not_evicted_again():
