@@ -90,14 +90,24 @@ def wait_for_log(proc: subprocess.Popen, log: Path, text: str, timeout_s: float 
     return log.read_text()
 
 
-def failed_deploy_output(config_text: str, tmp_path: Path) -> str:
-    """`serve run` a config that must fail to deploy; what it printed once Ray said so."""
+def failed_deploy_outputs(config_texts: dict[str, str], tmp_path: Path) -> str:
+    """One `serve run` of several configs that must each fail to deploy, as applications of one
+    Serve config (one Ray start for all): what it printed once Ray said so for every one. Each
+    text's first application is renamed to its key and given a route prefix of its own."""
+    import yaml
+
+    configs = {name: yaml.safe_load(text) for name, text in config_texts.items()}
+    merged = {k: v for k, v in next(iter(configs.values())).items() if k != "applications"}
+    merged["applications"] = [{**c["applications"][0], "name": name, "route_prefix": f"/{name}"}
+                              for name, c in configs.items()]
     bad = tmp_path / "bad.yaml"
-    bad.write_text(config_text)
+    bad.write_text(yaml.safe_dump(merged, sort_keys=False))
     log = tmp_path / "bad_run.log"
     proc = start_serve(bad, log)
     try:
-        return wait_for_log(proc, log, "Deploying app 'orchard' failed")
+        for name in configs:
+            output = wait_for_log(proc, log, f"Deploying app '{name}' failed")
+        return output
     finally:
         stop(proc)
 
