@@ -1,6 +1,6 @@
 """The Anthropic Messages adapter without a model: translation both ways, the stream's events, and
 the routes driven by the official `anthropic` SDK over an in-process ASGI transport with scripted
-model clients (tests/test_deployments.py's FakeClient). The real model: tests/test_agent_apis_e2e.py.
+model clients (tests/test_deployments.py's FakeClient). The real model: tests/test_serve_agent_apis_e2e.py.
 """
 
 from __future__ import annotations
