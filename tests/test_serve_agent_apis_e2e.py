@@ -3,8 +3,8 @@
 structured output, tool calls and logprobs through the official `openai` client.
 
 Runs on the `serve run` that tests/test_serve_e2e.py then goes on with (conftest.default_server:
-started on a clean Ray, stopped with SIGINT by that module's last test). This SDK's create() has no temperature parameter:
-greedy decoding goes in extra_body.
+started on a clean Ray, stopped with SIGINT by that module's last test). This SDK's create() has
+no temperature parameter: greedy decoding goes in extra_body.
 """
 
 from __future__ import annotations
