@@ -15,8 +15,9 @@ have. The decision is `plan()`, a pure function of what every model costs, uses 
    is free loads (per node: each of its replicas finds a live node with room, next to the
    replicas already placed there; see `Room`). One that does not makes room: the least
    recently used idle, unpinned loaded models unload until it fits, and it loads once their
-   memory is really returned (their replicas are gone). While nothing can be freed (the others are busy or pinned) it waits, and
-   so do the cold models behind it; its requests get 503 at the router after load_timeout_s.
+   memory is really returned (their replicas are gone). While nothing can be freed (the others
+   are busy or pinned) it waits, and so do the cold models behind it; its requests get 503 at
+   the router after load_timeout_s.
 3. A model that is serving (requests running or queued) is never unloaded.
 4. A load that has not finished after load_timeout_s, with no request waiting any more (its
    replica keeps failing to start), is given up, so that it stops holding budget.
