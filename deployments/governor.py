@@ -73,16 +73,20 @@ class ModelUsage:
     nodes: tuple[str, ...] = ()  # the node of each running replica (memory.per_node)
 
     @property
+    def held_count(self) -> int:
+        """Replicas it holds or is about to hold (a stopping replica still holds its memory)."""
+        return max(self.replicas, self.target, self.full if self.releasing else 0, len(self.nodes))
+
+    @property
     def holds(self) -> int:
-        """Bytes it holds or is about to hold (a stopping replica still holds its memory)."""
-        return self.footprint * max(self.replicas, self.target, self.full if self.releasing else 0)
+        """Bytes it holds or is about to hold."""
+        return self.footprint * self.held_count
 
     @property
     def replicas_held(self) -> list[tuple[str | None, int]]:
         """(node or None while unplaced, reserved bytes) for each replica it holds or will hold."""
-        count = max(self.replicas, self.target, self.full if self.releasing else 0, len(self.nodes))
         size = self.reserve or self.footprint
-        return [(node, size) for node in self.nodes] + [(None, size)] * (count - len(self.nodes))
+        return [(node, size) for node in self.nodes] + [(None, size)] * (self.held_count - len(self.nodes))
 
     @property
     def busy(self) -> bool:
