@@ -13,14 +13,16 @@ token blocks still in its cache back to these text-block hashes (deployments.pre
 and returns them from `record_routing_stats`; Ray Serve hands the report to every handle's
 router, which replaces its guess for that replica with it (keeping what it sent since). So a
 prefix the cache evicted stops attracting requests, and one another router replica sent there
-starts to. A request goes, in this order of preference:
+starts to. A choice of one replica is remembered as soon as it is made, before Ray confirms
+the send: in a burst, a prefix's next request is chosen before its first one has reached the
+replica. A request goes, in this order of preference:
 
 1. to the replica whose remembered chain covers the longest prefix of its prompt, when that
    covers at least `match_rate_threshold` of it and that replica's queue is less than
    `imbalanced_threshold` requests longer than the least loaded one's (balance wins over
    affinity when queues diverge);
 2. for a new prefix, to the (not overloaded) replica that remembers the fewest blocks, so that
-   distinct prefixes spread over the replicas;
+   distinct prefixes spread over the replicas (the shorter queue breaks a tie);
 3. else to the least loaded replica (Ray picks the shortest queue among those offered).
 
 Ray Serve LLM's `PrefixCacheAffinityRouter` follows the same policy, but in Ray 2.60 it reads
@@ -172,8 +174,9 @@ def rank_replicas(replicas: Sequence[Hashable], queues: dict, matched: dict, siz
         if preferred:
             return [preferred, everyone], "affinity"
         return [everyone], "balance"
-    fewest = min(sizes.get(r, 0) for r in balanced)
-    return [[r for r in balanced if sizes.get(r, 0) == fewest], everyone], "new_prefix"
+    # one replica, not a tie for Ray to break: the choice is remembered at once (see choose_replicas)
+    owner = min(balanced, key=lambda r: (sizes.get(r, 0), queues.get(r) or 0))
+    return [[owner], everyone], "new_prefix"
 
 
 _ROUTERS: "weakref.WeakSet[PrefixAffinityRouter]" = weakref.WeakSet()  # this process's, for /metrics
@@ -242,6 +245,10 @@ class PrefixAffinityRouter(RequestRouter):
             {rid: ix.match(hashes) if ix else 0 for rid, ix in index.items()},
             {rid: len(ix) if ix else 0 for rid, ix in index.items()}, len(hashes), self.policy)
         self.decisions[why] += 1
+        if why != "balance" and len(ranks[0]) == 1:
+            # Remembered now, not when Ray confirms the send (a replica round trip later): in a
+            # burst, the next request of this prefix is chosen before then and must follow it.
+            self.indexes.setdefault(ranks[0][0], PrefixIndex(self.max_blocks)).insert(hashes)
         return [[by_id[rid] for rid in rank] for rank in ranks] + ([suspects] if suspects else [])
 
     def _split_suspects(self, replicas: list[RunningReplica]) -> tuple[list[RunningReplica], list[RunningReplica]]:

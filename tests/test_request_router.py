@@ -178,6 +178,28 @@ def test_router_sticks_each_prefix_to_one_replica_and_spreads_prefixes():
     assert router.decisions["affinity"] == 16 and router.decisions["new_prefix"] == 4
 
 
+def test_a_burst_of_one_prefix_follows_its_first_request_before_any_send_is_confirmed():
+    """Ray confirms a send (on_request_routed) a replica round trip after the choice; in a burst
+    the prefix's next requests are chosen before then, and must still go where the first went."""
+    async def go():
+        replicas = [LocalReplica("a"), LocalReplica("b")]
+        router = make_router(PrefixAffinityRouter, replicas, block_chars=32)
+        chosen = []
+        for n, (system, user) in enumerate([(0, 0), (1, 0), (0, 1), (1, 1), (0, 2)]):
+            md = RequestMetadata(request_id=f"r{n}", internal_request_id=f"i{n}", call_method="generate")
+            pending = PendingRequest(args=[chat(SYSTEMS[system], f"user {user}")], kwargs={}, metadata=md)
+            ranks = await router.choose_replicas(replicas, pending)  # never confirmed
+            chosen.append((system, ranks[0]))
+        return chosen, router
+
+    chosen, router = asyncio.run(go())
+    assert all(len(first) == 1 for _, first in chosen)
+    owner = {system: first[0].replica_id.unique_id for system, first in chosen[:2]}
+    assert owner[0] != owner[1]  # two new prefixes: one each
+    assert [first[0].replica_id.unique_id for _, first in chosen] == [owner[s] for s, _ in chosen]
+    assert router.decisions["new_prefix"] == 2 and router.decisions["affinity"] == 3
+
+
 def test_power_of_two_does_not_stick():
     """The same workload through Ray's default router: the check above would fail on it."""
     async def go():
