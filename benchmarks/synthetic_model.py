@@ -1,8 +1,9 @@
 """A random-weight model of a real model's shape, written as an MLX directory.
 
 Throughput does not depend on weight values, so GPU benchmarks use the seed's shape
-(Qwen3-0.6B, 8-bit) without downloading anything. The tokenizer is a plain word-level
-vocabulary of the right size with no chat template: benchmarks drive it with token ids.
+(Qwen3-0.6B, 8-bit) without downloading anything. The tokenizer is a byte-level BPE
+vocabulary of the right size (as the real checkpoint's) with no merges and no chat template:
+benchmarks drive it with token ids.
 """
 
 from __future__ import annotations
@@ -75,13 +76,22 @@ def _copy_tokenizer(src: Path, out: Path) -> tuple[int, int]:
 
 
 def _write_tokenizer(out: Path, vocab_size: int) -> None:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    """A byte-level BPE vocabulary of the model's size, as real Qwen/Llama checkpoints have, so
+    that mlx_lm streams text through its incremental BPE detokenizer (a word-level vocabulary
+    gets its naive one, which re-decodes every sequence's whole text each token). Id 0 is EOS,
+    then the 256 byte symbols, then " t<id>" words; there are no merges: benchmarks send ids."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers.pre_tokenizers import ByteLevel
 
-    vocab = {f"t{i}": i for i in range(vocab_size)}
-    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="t1"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer.decoder = decoders.WordPiece(prefix="##")
+    eos = "<|endoftext|>"
+    symbols = ByteLevel.alphabet()
+    vocab = {eos: 0, **{c: 1 + i for i, c in enumerate(sorted(symbols))}}
+    vocab.update({f"\u0120t{i}": i for i in range(len(vocab), vocab_size)})  # \u0120 is the byte-level space
+    tokenizer = Tokenizer(models.BPE(vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    tokenizer.add_special_tokens([AddedToken(eos, special=True)])
     tokenizer.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "t0", "unk_token": "t1"}
+        {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos}
     ))
