@@ -112,15 +112,18 @@ def failed_deploy_outputs(config_texts: dict[str, str], tmp_path: Path) -> str:
         stop(proc)
 
 
-def stop(proc: subprocess.Popen) -> None:
-    """SIGINT the `serve run` (a clean shutdown), kill it if it hangs, then stop Ray."""
+def stop(proc: subprocess.Popen, stop_ray: bool = True) -> None:
+    """SIGINT the `serve run` (a clean shutdown), kill it if it hangs, then stop Ray (not for a
+    `ray.cluster_utils.Cluster`: its nodes are this process's children, so `ray stop` kills them
+    into zombies and then waits ~24 s for them to exit; `Cluster.shutdown` reaps them)."""
     if proc.poll() is None:
         proc.send_signal(signal.SIGINT)
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
             proc.kill()
-    ray("stop", "--force")
+    if stop_ray:
+        ray("stop", "--force")
 
 
 def metric(text: str, name: str, **labels: str) -> float | None:

@@ -86,7 +86,7 @@ def cluster(tmp_path_factory):
         yield STATE
     finally:
         if proc.poll() is None:
-            stop(proc)
+            stop(proc, stop_ray=False)
         ray.shutdown()
         if not STATE.get("shut_down"):
             c.shutdown()
@@ -251,7 +251,7 @@ def recover(killed_at: float, within_s: float = 90) -> tuple[int, float]:
 def test_4_the_cluster_shuts_down_cleanly(cluster):
     proc = cluster["proc"]
     stop_started = time.monotonic()
-    stop(proc)
+    stop(proc, stop_ray=False)
     assert proc.returncode is not None
     ray.shutdown()
     cluster["cluster"].shutdown()
