@@ -15,6 +15,27 @@ def smollm():
     return load_model(SMOLLM)
 
 
+@pytest.fixture(scope="module")
+def load_once():
+    """Engines built in this module load each model once: the weights (immutable once loaded)
+    are shared by the module's engines, which cuts a load (3-5 s for SmolLM2, 11 s for Gemma,
+    most of it its 262k-token tokenizer) from every engine after the first."""
+    import engine.engine
+    from engine.loader import load_model
+
+    loaded: dict = {}
+
+    def once(source, **kwargs):
+        key = (source, tuple(sorted(kwargs.items())))
+        if key not in loaded:
+            loaded[key] = load_model(source, **kwargs)
+        return loaded[key]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine.engine, "load_model", once)
+        yield
+
+
 @pytest.fixture(scope="session")
 def default_server(tmp_path_factory):
     """`serve run serve_config.yaml`, shared by the modules that test it as users run it

@@ -30,6 +30,11 @@ async def _outputs(engine: AsyncEngine) -> list[list[int]]:
     return list(await asyncio.gather(*(one(p, n) for p, n in zip(PROMPTS, MAX_TOKENS))))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_load_per_model(load_once):
+    """Every engine of this module shares its model's weights (tests/conftest.load_once)."""
+
+
 @pytest.fixture(scope="module")
 def engines():
     made = {name: AsyncEngine.from_source(SMOLLM, cfg) for name, cfg in (

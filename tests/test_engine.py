@@ -21,6 +21,11 @@ def chat(q: str) -> PromptInput:
     return PromptInput(messages=[{"role": "user", "content": q}])
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_load_per_model(load_once):
+    """Every engine of this module shares its model's weights (tests/conftest.load_once)."""
+
+
 @pytest.fixture(scope="module", params=["batch_loop", "mlx_lm"])
 def engine(request):
     """Both batch loops: ours (over the paged cache) and mlx_lm's BatchGenerator (cache off)."""

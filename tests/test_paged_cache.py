@@ -49,6 +49,11 @@ async def settled(engine) -> dict:
     raise AssertionError(f"engine did not settle: {stats}")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_load_per_model(load_once):
+    """Every engine of this module shares its model's weights (tests/conftest.load_once)."""
+
+
 @pytest.fixture(scope="module")
 def off():
     eng = AsyncEngine.from_source(SMOLLM, EngineConfig(paged_cache=False))
