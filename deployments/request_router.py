@@ -15,7 +15,8 @@ router, which replaces its guess for that replica with it (keeping what it sent 
 prefix the cache evicted stops attracting requests, and one another router replica sent there
 starts to. A choice of one replica is remembered as soon as it is made, before Ray confirms
 the send: in a burst, a prefix's next request is chosen before its first one has reached the
-replica. A request goes, in this order of preference:
+replica (when that replica refuses the request, the wrong guess lasts until its next report).
+A request goes, in this order of preference:
 
 1. to the replica whose remembered chain covers the longest prefix of its prompt, when that
    covers at least `match_rate_threshold` of it and that replica's queue is less than
