@@ -155,7 +155,9 @@ def autoscaling_config(p: ModelPlan, budget: int, per_node: bool = False) -> dic
             "policy_function": FALLBACK_POLICY_PATH,
             "policy_kwargs": governor_kwargs(model=m.name, budget_bytes=budget, footprint_bytes=p.footprint_bytes,
                                              full=full, keep_alive_s=m.keep_alive,
-                                             load_timeout_s=m.load_timeout_s, per_node=per_node),
+                                             load_timeout_s=m.load_timeout_s, per_node=per_node,
+                                             resources=m.deployment.resources,
+                                             max_replicas_per_node=m.deployment.max_replicas_per_node),
         },
     }
 

@@ -31,13 +31,16 @@ measured footprint, seconds idle and an operator's unload request; and from the 
 deployment's `autoscaling_config.policy.policy_kwargs`: the budget, keep_alive and the estimated
 footprint (used until a replica has measured it). With `memory.per_node`, each replica also
 reports the node it runs on (a metric named NODE_METRIC + node id), and the live nodes' `memory`
-comes from Ray every 5 s (ClusterMemory).
+comes from Ray every 5 s (ClusterNodes); so do their custom resources, which replicas asking
+for one (`deployment.resources`, e.g. an `apple_gpu` per Mac) must find free on a node, as must
+room under `deployment.max_replicas_per_node`.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from collections import Counter
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
@@ -70,7 +73,9 @@ class ModelUsage:
     loading_s: float = 0.0  # how long it has had a target but no running replica
     load_timeout_s: float = 120.0
     reserve: int = 0  # bytes of a node's `memory` each replica reserves (memory.per_node; 0: footprint)
-    nodes: tuple[str, ...] = ()  # the node of each running replica (memory.per_node)
+    nodes: tuple[str, ...] = ()  # the node of each running replica
+    resources: tuple[tuple[str, float], ...] = ()  # Ray custom resources each replica holds
+    max_per_node: int | None = None  # deployment.max_replicas_per_node
 
     @property
     def held_count(self) -> int:
@@ -83,10 +88,14 @@ class ModelUsage:
         return self.footprint * self.held_count
 
     @property
-    def replicas_held(self) -> list[tuple[str | None, int]]:
-        """(node or None while unplaced, reserved bytes) for each replica it holds or will hold."""
-        size = self.reserve or self.footprint
-        return [(node, size) for node in self.nodes] + [(None, size)] * (self.held_count - len(self.nodes))
+    def placements(self) -> list[str | None]:
+        """The node of each replica it holds or will hold (None: not placed yet)."""
+        return [*self.nodes, *[None] * (self.held_count - len(self.nodes))]
+
+    @property
+    def need(self) -> dict[str, float]:
+        """What each replica holds on its node: `memory` (its reservation) and custom resources."""
+        return {"memory": self.reserve or self.footprint, **dict(self.resources)}
 
     @property
     def busy(self) -> bool:
@@ -111,9 +120,9 @@ class Plan:
         self.reasons[name] = reason
 
 
-def plan(models: list[ModelUsage], budget: int, nodes: dict[str, int] | None = None) -> Plan:
-    """The governor's decision: replica targets for the models that must change. `nodes`
-    (memory.per_node): each live node's `memory`, where every replica must also find room."""
+def plan(models: list[ModelUsage], budget: int, nodes: dict[str, dict[str, float]] | None = None) -> Plan:
+    """The governor's decision: replica targets for the models that must change. `nodes`: each
+    live node's resources that replicas hold (see Room), where every replica must also find room."""
     out, room = Plan(), Room(budget, nodes)
     for m in models:
         if m.loaded and m.replicas == 0 and not m.busy and m.loading_s > m.load_timeout_s:
@@ -147,38 +156,56 @@ def plan(models: list[ModelUsage], budget: int, nodes: dict[str, int] | None = N
 
 
 class Room:
-    """Where replicas can go: a byte budget for their footprints and, with memory.per_node, the
-    live nodes' `memory` for their reservations. A placed replica holds room on its node (on a
-    node that left, nothing); the unplaced ones (pending, or about to start) must each find a node
-    with room, largest first, on the fullest node that holds it (best fit, as a scheduler would
-    place them: Ray never splits a replica across nodes)."""
+    """Where replicas can go: a byte budget for their footprints, and the live nodes' resources
+    (`nodes`: {node id: {resource: amount}}) for what each replica holds on its node: its
+    `memory` reservation (with memory.per_node: `memory` is then in the node's dict) and the
+    custom resources it asks for (e.g. one `apple_gpu` per Mac), at most max_replicas_per_node
+    of a model on one node. A placed replica holds its share of its node (on a node that left,
+    nothing); the unplaced ones (pending, or about to start) must each find a node with all of
+    it free, largest first, on the fullest node that has it (best fit, as a scheduler would
+    place them: Ray never splits a replica across nodes). Resources that the nodes do not list
+    are not checked: without memory.per_node, a replica's memory is only the budget's."""
 
-    def __init__(self, budget: int, nodes: dict[str, int] | None = None):
-        self.budget, self.nodes = budget, dict(nodes or {})
+    def __init__(self, budget: int, nodes: dict[str, dict[str, float]] | None = None):
+        self.budget, self.nodes = budget, {n: dict(r) for n, r in (nodes or {}).items()}
+        self._checked = {k for r in self.nodes.values() for k in r}
 
     def fits(self, models: list[ModelUsage]) -> bool:
         if sum(m.holds for m in models) > self.budget:
             return False
         if not self.nodes:
             return True
-        free, unplaced = dict(self.nodes), []
-        for node, size in (r for m in models for r in m.replicas_held):
-            if node in free:
-                free[node] -= size
-            else:
-                unplaced.append(size)
-        for size in sorted(unplaced, reverse=True):
-            fitting = [n for n, f in free.items() if f >= size]
+        free, count, unplaced = {n: dict(r) for n, r in self.nodes.items()}, Counter(), []
+        for m in models:
+            need = {k: v for k, v in m.need.items() if k in self._checked}
+            for node in m.placements:
+                if node in free:
+                    _take(free[node], need)
+                    count[m.name, node] += 1
+                else:
+                    unplaced.append((m, need))
+        for m, need in sorted(unplaced, key=lambda u: -u[1].get("memory", 0)):
+            fitting = [n for n, f in free.items() if all(f.get(k, 0) >= v for k, v in need.items())
+                       and (m.max_per_node is None or count[m.name, n] < m.max_per_node)]
             if not fitting:
                 return False
-            free[min(fitting, key=free.get)] -= size
-        return all(f >= 0 for f in free.values())
+            node = min(fitting, key=lambda n: free[n].get("memory", 0))
+            _take(free[node], need)
+            count[m.name, node] += 1
+        return all(v >= 0 for f in free.values() for v in f.values())
 
     def __str__(self) -> str:
         text = f"the budget of {self.budget >> 20} MiB"
         if self.nodes:
-            text += f" and {len(self.nodes)} node(s) of {'/'.join(str(n >> 20) for n in self.nodes.values())} MiB"
+            text += f" and {len(self.nodes)} node(s)"
+            if "memory" in self._checked:
+                text += f" of {'/'.join(str(int(r.get('memory', 0)) >> 20) for r in self.nodes.values())} MiB"
         return text
+
+
+def _take(free: dict[str, float], need: dict[str, float]) -> None:
+    for k, v in need.items():
+        free[k] = free.get(k, 0) - v
 
 
 def _lru_victims(models: list[ModelUsage], out: Plan, staying: list[ModelUsage], room: Room,
@@ -199,31 +226,43 @@ def _lru_victims(models: list[ModelUsage], out: Plan, staying: list[ModelUsage],
 
 
 def governor_kwargs(*, model: str, budget_bytes: int, footprint_bytes: int, full: int,
-                    keep_alive_s: float | None, load_timeout_s: float = 120.0, per_node: bool = False) -> dict[str, Any]:
+                    keep_alive_s: float | None, load_timeout_s: float = 120.0, per_node: bool = False,
+                    resources: dict[str, float] | None = None, max_replicas_per_node: int | None = None) -> dict[str, Any]:
     """What the builder puts in a model deployment's autoscaling_config.policy.policy_kwargs."""
     return {"model": model, "budget_bytes": budget_bytes, "footprint_bytes": footprint_bytes,
-            "full": full, "keep_alive_s": keep_alive_s, "load_timeout_s": load_timeout_s, "per_node": per_node}
+            "full": full, "keep_alive_s": keep_alive_s, "load_timeout_s": load_timeout_s, "per_node": per_node,
+            "resources": dict(resources or {}), "max_replicas_per_node": max_replicas_per_node}
 
 
-class ClusterMemory:
-    """With memory.per_node, each live node's `memory` resource (what model replicas can
-    reserve there) by node id, read from Ray at most every `every_s` (the policy runs ten times
-    a second)."""
+_NOT_CUSTOM = {"CPU", "GPU", "memory", "object_store_memory"}  # Ray's own resources (and "node:…")
+
+
+class ClusterNodes:
+    """Each live node's resources that model replicas hold, by node id: its custom resources
+    (`apple_gpu`…) and, with `memory` (memory.per_node), its `memory`. Read from Ray at most
+    every `every_s` (the policy runs ten times a second)."""
 
     def __init__(self, every_s: float = 5.0, nodes: Callable[[], list[dict]] | None = None):
         self.every_s, self._nodes = every_s, nodes
-        self._at, self._memory = float("-inf"), None
+        self._at, self._resources = float("-inf"), None
 
-    def __call__(self, now: float) -> dict[str, int] | None:
+    def __call__(self, now: float, memory: bool = True) -> dict[str, dict[str, float]] | None:
         if now - self._at >= self.every_s:
             self._at = now
             try:
                 nodes = self._nodes() if self._nodes else _ray_nodes()
-                self._memory = {n["NodeID"]: int(n["Resources"]["memory"]) for n in nodes
-                                if n.get("Alive") and n.get("Resources", {}).get("memory")}
+                self._resources = {n["NodeID"]: _held_resources(n.get("Resources") or {}) for n in nodes
+                                   if n.get("Alive")}
             except Exception:  # noqa: BLE001 - keep the last figure; the configured budget still holds
                 log.warning("governor: could not read the cluster's nodes", exc_info=True)
-        return self._memory or None
+        if not self._resources:
+            return None
+        return {n: {k: v for k, v in r.items() if memory or k != "memory"} for n, r in self._resources.items()}
+
+
+def _held_resources(resources: dict[str, float]) -> dict[str, float]:
+    return {k: (int(v) if k == "memory" else v) for k, v in resources.items()
+            if k == "memory" or (k not in _NOT_CUSTOM and ":" not in k)}
 
 
 def _ray_nodes() -> list[dict]:
@@ -232,7 +271,7 @@ def _ray_nodes() -> list[dict]:
     return ray.nodes()
 
 
-CLUSTER_MEMORY = ClusterMemory()
+CLUSTER_NODES = ClusterNodes()
 
 
 def _usage(ctx, now: float) -> tuple[ModelUsage | None, dict]:
@@ -274,9 +313,12 @@ def _usage(ctx, now: float) -> tuple[ModelUsage | None, dict]:
         unload_requested=bool(largest("unload_requested")), waiting_since=state["waiting_since"],
         releasing=releasing, loading_s=now - state["loading_since"] if starting else 0.0,
         load_timeout_s=float(kwargs.get("load_timeout_s", 120.0)), reserve=int(kwargs["footprint_bytes"]),
-        nodes=nodes,
+        nodes=nodes, resources=tuple(sorted((kwargs.get("resources") or {}).items())),
+        max_per_node=kwargs.get("max_replicas_per_node"),
     )
-    return usage, {**state, "budget_bytes": kwargs["budget_bytes"], "per_node": bool(kwargs.get("per_node"))}
+    placed = bool(kwargs.get("per_node") or usage.resources or usage.max_per_node)
+    return usage, {**state, "budget_bytes": kwargs["budget_bytes"], "per_node": bool(kwargs.get("per_node")),
+                   "placed": placed}
 
 
 def governor_policy(contexts: dict) -> tuple[dict, dict]:
@@ -293,8 +335,10 @@ def governor_policy(contexts: dict) -> tuple[dict, dict]:
     if not usages:
         return {}, {}
     budget = min(states[ids[u.name]]["budget_bytes"] for u in usages)
-    nodes = CLUSTER_MEMORY(now) if any(states[ids[u.name]]["per_node"] for u in usages) else None
-    decision = plan(usages, budget, nodes)  # a lost node takes its memory out of the room
+    placed = any(states[ids[u.name]].get("placed") for u in usages)  # on nodes: memory, resources or a cap
+    per_node = any(states[ids[u.name]]["per_node"] for u in usages)
+    nodes = CLUSTER_NODES(now, memory=per_node) if placed else None
+    decision = plan(usages, budget, nodes)  # a lost node takes what it had out of the room
     for name, reason in decision.reasons.items():
         if contexts[ids[name]].target_num_replicas != decision.targets[name]:
             log.info("governor: %s -> %d replica(s): %s", name, decision.targets[name], reason)

@@ -60,19 +60,27 @@ def test_a_budget_that_shrank_under_the_loaded_models_unloads_idle_ones():
     assert plan(models, 1000 * MiB).targets == {"a": 0, "c": 0}  # short of room even so: every idle one
 
 
-def test_the_cluster_memory_is_read_from_ray_at_most_every_few_seconds():
-    from deployments.governor import ClusterMemory
+def test_the_cluster_nodes_are_read_from_ray_at_most_every_few_seconds():
+    from deployments.governor import ClusterNodes
 
     calls = []
-    nodes = [{"NodeID": "n1", "Alive": True, "Resources": {"memory": 3e9}},
+    nodes = [{"NodeID": "n1", "Alive": True, "Resources": {"memory": 3e9, "CPU": 4.0, "apple_gpu": 1.0,
+                                                            "node:10.0.0.1": 1.0, "object_store_memory": 1e9}},
              {"NodeID": "n2", "Alive": False, "Resources": {"memory": 5e9}}]
-    memory = ClusterMemory(every_s=5.0, nodes=lambda: calls.append(1) or nodes)
-    assert memory(100.0) == {"n1": 3_000_000_000} and memory(103.0) == {"n1": 3_000_000_000} and len(calls) == 1
+    read = ClusterNodes(every_s=5.0, nodes=lambda: calls.append(1) or nodes)
+    n1 = {"memory": 3_000_000_000, "apple_gpu": 1.0}  # what replicas hold: not CPUs, not Ray's own
+    assert read(100.0) == {"n1": n1} and read(103.0) == {"n1": n1} and len(calls) == 1
+    assert read(103.0, memory=False) == {"n1": {"apple_gpu": 1.0}}  # without memory.per_node
     nodes.append({"NodeID": "n3", "Alive": True, "Resources": {"memory": 1e9}})
-    assert memory(106.0) == {"n1": 3_000_000_000, "n3": 1_000_000_000} and len(calls) == 2
+    assert read(106.0) == {"n1": n1, "n3": {"memory": 1_000_000_000}} and len(calls) == 2
 
 
-NODES = {"n1": 1000 * MiB, "n2": 1000 * MiB}
+def mem(**mib):
+    """Nodes offering only `memory` (memory.per_node), in MiB."""
+    return {n: {"memory": v * MiB} for n, v in mib.items()}
+
+
+NODES = mem(n1=1000, n2=1000)
 
 
 def test_per_node_a_replica_loads_only_where_one_node_has_room_for_it():
@@ -88,9 +96,9 @@ def test_per_node_a_replica_loads_only_where_one_node_has_room_for_it():
 def test_per_node_a_models_replicas_each_need_a_node_with_room():
     def two():
         return ModelUsage("two", 600 * MiB, 2, demand=1, waiting_since=1.0)
-    assert plan([two()], 4000 * MiB, nodes={"n1": 1500 * MiB, "n2": 100 * MiB}).targets == {"two": 2}
+    assert plan([two()], 4000 * MiB, nodes=mem(n1=1500, n2=100)).targets == {"two": 2}
     assert plan([two()], 4000 * MiB, nodes=NODES).targets == {"two": 2}
-    assert plan([two()], 4000 * MiB, nodes={"n1": 1100 * MiB, "n2": 500 * MiB}).targets == {}
+    assert plan([two()], 4000 * MiB, nodes=mem(n1=1100, n2=500)).targets == {}
 
 
 def test_per_node_the_evicted_model_is_the_one_whose_node_then_has_room():
@@ -106,10 +114,10 @@ def test_per_node_replicas_on_a_lost_node_must_find_room_on_the_live_ones():
     """Model b lost its node's replica (it counts as unplaced): idle models make room for it."""
     b = ModelUsage("b", 800 * MiB, 1, replicas=0, target=1, demand=3)
     models = [loaded("a", 800, idle=50, nodes=("n1",)), loaded("c", 150, idle=5, nodes=("n1",)), b]
-    out = plan(models, 9000 * MiB, nodes={"n1": 1000 * MiB})  # n2 is gone
+    out = plan(models, 9000 * MiB, nodes=mem(n1=1000))  # n2 is gone
     assert out.targets == {"a": 0} and "1 node(s)" in out.reasons["a"]
     placed = replace(b, replicas=1, nodes=("n1",))
-    assert plan([models[1], placed], 9000 * MiB, nodes={"n1": 1000 * MiB}).targets == {}
+    assert plan([models[1], placed], 9000 * MiB, nodes=mem(n1=1000)).targets == {}
 
 
 def test_the_policy_reads_each_replicas_node_and_its_reservation():
@@ -123,7 +131,42 @@ def test_the_policy_reads_each_replicas_node_and_its_reservation():
                           total_num_requests=0, current_num_replicas=2, target_num_replicas=2)
     usage, _ = governor._usage(ctx, 10.0)
     assert sorted(usage.nodes) == ["n1", "n2"] and usage.reserve == 500 * MiB and usage.footprint == 700 * MiB
-    assert sorted(usage.replicas_held) == [("n1", 500 * MiB), ("n2", 500 * MiB)]
+    assert sorted(usage.placements) == ["n1", "n2"] and usage.need == {"memory": 500 * MiB}
+
+
+def test_a_replica_needing_a_custom_resource_waits_for_a_node_with_one_free_and_evicts_for_it():
+    """One `apple_gpu` per Mac (docs/cluster.md): a third model fits both Macs' memory but no GPU
+    is free; the least recently used idle model whose node then has one unloads for it."""
+    gpu = (("apple_gpu", 1.0),)
+    macs = {"m1": {"apple_gpu": 1.0}, "m2": {"apple_gpu": 1.0}}  # without memory.per_node
+    a = loaded("a", 300, idle=90, nodes=("m1",), resources=gpu)
+    b = loaded("b", 300, idle=10, nodes=("m2",), resources=gpu)
+    assert plan([a, b, cold("c", 300, resources=gpu)], 4000 * MiB, nodes=macs).targets == {"a": 0}
+    assert plan([a, b, cold("c", 300, resources=gpu)], 4000 * MiB).targets == {"c": 1}  # no nodes: by bytes only
+    assert plan([a, cold("c", 300, resources=gpu)], 4000 * MiB, nodes=macs).targets == {"c": 1}  # m2 is free
+    busy = [replace(a, demand=1), replace(b, demand=1)]
+    assert plan([*busy, cold("c", 300, resources=gpu)], 4000 * MiB, nodes=macs).targets == {}  # it waits
+    assert plan([*busy, cold("cpu", 300)], 4000 * MiB, nodes=macs).targets == {"cpu": 1}  # needs no GPU
+
+
+def test_max_replicas_per_node_spreads_a_models_replicas():
+    two = ModelUsage("two", 300 * MiB, 2, demand=1, waiting_since=1.0, max_per_node=1)
+    assert plan([two], 4000 * MiB, nodes=mem(n1=2000, n2=2000)).targets == {"two": 2}
+    assert plan([two], 4000 * MiB, nodes=mem(n1=2000)).targets == {}  # one node: only one of the two fits
+    assert plan([replace(two, max_per_node=None)], 4000 * MiB, nodes=mem(n1=2000)).targets == {"two": 2}
+
+
+def test_the_policy_reads_a_replicas_custom_resources_and_cap_and_places_without_per_node_memory():
+    from deployments import governor
+
+    kwargs = governor_kwargs(model="m", budget_bytes=4000 * MiB, footprint_bytes=500 * MiB, full=1,
+                             keep_alive_s=60.0, resources={"apple_gpu": 1.0}, max_replicas_per_node=1)
+    ctx = SimpleNamespace(config=SimpleNamespace(policy=SimpleNamespace(policy_kwargs=kwargs)), policy_state={},
+                          aggregated_metrics={"on_node:n1": {"r1": 1.0}}, total_num_requests=0,
+                          current_num_replicas=1, target_num_replicas=1)
+    usage, state = governor._usage(ctx, 10.0)
+    assert usage.resources == (("apple_gpu", 1.0),) and usage.max_per_node == 1
+    assert state["placed"] and not state["per_node"]  # nodes are read, their memory is not checked
 
 
 def test_memory_being_released_is_waited_for_not_evicted_again():
