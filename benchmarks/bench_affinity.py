@@ -186,7 +186,8 @@ def run_mode(router: str, args) -> dict:
             "ttft_p50_ms": round(1000 * percentile(ttfts, 50), 1), "ttft_p99_ms": round(1000 * percentile(ttfts, 99), 1),
             "tok_s": round(sum(r["completion"] for r in results) / wall, 1),
             "served_per_replica": [a - b for a, b in zip(after, before)] if len(after) == len(before) else after,
-            "decisions": decisions, "ttfts_s": [round(t, 3) for t in ttfts], "hits": [round(r["cached"] / r["prompt"], 3) for r in results],
+            "decisions": decisions, "ttfts_s": [round(t, 3) for t in ttfts],
+            "hits": [round(r["cached"] / r["prompt"], 3) for r in results],
             **sampler.summary()}
 
 

@@ -227,7 +227,8 @@ def _lru_victims(models: list[ModelUsage], out: Plan, staying: list[ModelUsage],
 
 def governor_kwargs(*, model: str, budget_bytes: int, footprint_bytes: int, full: int,
                     keep_alive_s: float | None, load_timeout_s: float = 120.0, per_node: bool = False,
-                    resources: dict[str, float] | None = None, max_replicas_per_node: int | None = None) -> dict[str, Any]:
+                    resources: dict[str, float] | None = None,
+                    max_replicas_per_node: int | None = None) -> dict[str, Any]:
     """What the builder puts in a model deployment's autoscaling_config.policy.policy_kwargs."""
     return {"model": model, "budget_bytes": budget_bytes, "footprint_bytes": footprint_bytes,
             "full": full, "keep_alive_s": keep_alive_s, "load_timeout_s": load_timeout_s, "per_node": per_node,
