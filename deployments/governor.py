@@ -29,11 +29,11 @@ Inputs per model come from Ray: running/target replicas and queued + running req
 the model's replicas, as custom autoscaling metrics (ModelServer.record_autoscaling_stats): the
 measured footprint, seconds idle and an operator's unload request; and from the builder, in the
 deployment's `autoscaling_config.policy.policy_kwargs`: the budget, keep_alive and the estimated
-footprint (used until a replica has measured it). With `memory.per_node`, each replica also
-reports the node it runs on (a metric named NODE_METRIC + node id), and the live nodes' `memory`
-comes from Ray every 5 s (ClusterNodes); so do their custom resources, which replicas asking
-for one (`deployment.resources`, e.g. an `apple_gpu` per Mac) must find free on a node, as must
-room under `deployment.max_replicas_per_node`.
+footprint (used until a replica has measured it). Each replica also reports the node it runs on
+(a metric named NODE_METRIC + node id). When a model asks for node resources (`memory.per_node`,
+`deployment.resources` such as an `apple_gpu` per Mac, or `deployment.max_replicas_per_node`),
+the live nodes' resources come from Ray every 5 s (ClusterNodes), and every replica must find
+what it needs free on one node.
 """
 
 from __future__ import annotations

@@ -22,6 +22,7 @@ import os
 import time
 from typing import Any, AsyncIterator, Callable
 
+import ray
 from ray import serve
 
 from engine.config import EngineConfig
@@ -142,6 +143,7 @@ class ModelServer:
         self.last_active = time.monotonic()
         self.unload_requested = False
         self.served = 0  # generate calls taken (record_routing_stats)
+        self._node_id: str | None = None
         # prefix-affinity routing: what this replica's cache holds, reported to the routers
         self.residency = PrefixResidency(prefix_block_chars) if prefix_block_chars else None
         self._report: dict[str, Any] | None = None
@@ -215,22 +217,26 @@ class ModelServer:
     def idle_s(self) -> float:
         return 0.0 if self.active_streams else time.monotonic() - self.last_active
 
+    @property
+    def node_id(self) -> str:
+        """This replica's Ray node (asked once, when Ray first asks for stats: asking in a process
+        without Ray, as local testing mode is, would start one)."""
+        if self._node_id is None:
+            self._node_id = ray.get_runtime_context().get_node_id()
+        return self._node_id
+
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Custom autoscaling metrics, read by the memory governor (deployments.governor)."""
-        import ray
-
         return {"footprint_bytes": float(self.engine.footprint.total), "idle_s": self.idle_s(),
                 "unload_requested": float(self.unload_requested), "active": float(self.active_streams),
-                NODE_METRIC + ray.get_runtime_context().get_node_id(): 1.0}  # where its memory is reserved
+                NODE_METRIC + self.node_id: 1.0}  # the governor places replicas node by node
 
     async def record_routing_stats(self) -> dict[str, Any]:
         """Ray Serve's per-replica routing stats (RunningReplica.routing_stats in a request router,
         ReplicaActor.record_routing_stats for an operator): where this replica runs, what it served,
         and with prefix-affinity routing, the prompt prefixes its cache holds (`prefixes`)."""
-        import ray
-
         cache = self.engine.stats().get("cache") or {}
-        stats = {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "served": self.served,
+        stats = {"node_id": self.node_id, "pid": os.getpid(), "served": self.served,
                  "active": self.active_streams,
                  "cache": {k: v for k, v in cache.items() if isinstance(v, (int, float))}}
         if self.residency is not None and (report := self._prefix_report()) is not None:
