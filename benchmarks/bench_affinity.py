@@ -146,13 +146,11 @@ class QueueSampler(threading.Thread):
 def router_decisions() -> dict[str, float]:
     """The prefix-affinity router's decision counts, from the OrchardRouter's /metrics."""
     import httpx
+    from prometheus_client.parser import text_string_to_metric_families
 
-    out = {}
-    for line in httpx.get(f"{BASE}/metrics", timeout=30).text.splitlines():
-        if line.startswith("orchard_prefix_routing_decisions{") and f'model="{MODEL}"' in line:
-            decision = line.split('decision="', 1)[1].split('"', 1)[0]
-            out[decision] = float(line.rsplit(" ", 1)[1])
-    return out
+    families = text_string_to_metric_families(httpx.get(f"{BASE}/metrics", timeout=30).text)
+    return {s.labels["decision"]: s.value for f in families if f.name == "orchard_prefix_routing_decisions"
+            for s in f.samples if s.labels.get("model") == MODEL}
 
 
 def run_mode(router: str, args) -> dict:
