@@ -3,6 +3,7 @@
     python -m benchmarks.bench_engine                       # SmolLM2 on this machine
     python -m benchmarks.bench_engine --model synthetic:qwen3-0.6b-8bit --batches 1 5 16   # GPU
     python -m benchmarks.bench_engine --paged --eager       # + the engine without the compiled step
+    python -m benchmarks.bench_engine --paged --pipelining  # + decode pipelined and not, side by side
 
 For each batch size it runs our AsyncEngine (N requests submitted together) and then raw
 mlx_lm BatchGenerator on the same loaded weights, in the same process, with the seed's prompts
@@ -129,18 +130,28 @@ def machine() -> dict:
 
 
 def table(rows: list[dict]) -> str:
-    eager = "eager" in rows[0]
-    lines = ["| batch | engine tok/s |" + (" engine, eager decode tok/s |" if eager else "")
+    extra = [k for k in VARIANTS if k in rows[0]]
+    lines = ["| batch | engine tok/s |" + "".join(f" engine, {VARIANTS[k][0]} tok/s |" for k in extra)
              + " scheduler (sync) tok/s | raw mlx_lm tok/s | engine/raw | engine speedup vs single "
-             "| raw speedup vs single | TTFT p50 ms (engine / raw) |", "|---" * (8 + eager) + "|"]
+             "| raw speedup vs single | TTFT p50 ms (engine" + "".join(f" / {k}" for k in extra) + " / raw) |",
+             "|---" * (8 + len(extra)) + "|"]
     single, raw_single = rows[0]["ours"]["tok_per_s"], rows[0]["raw"]["tok_per_s"]
     for r in rows:
         o, s, b = r["ours"], r["scheduler"], r["raw"]
-        lines.append(f"| {r['batch']} | {o['tok_per_s']} |" + (f" {r['eager']['tok_per_s']} |" if eager else "")
+        lines.append(f"| {r['batch']} | {o['tok_per_s']} |" + "".join(f" {r[k]['tok_per_s']} |" for k in extra)
                      + f" {s['tok_per_s']} | {b['tok_per_s']} "
                      f"| {o['tok_per_s'] / b['tok_per_s']:.3f} | {o['tok_per_s'] / single:.2f}x "
-                     f"| {b['tok_per_s'] / raw_single:.2f}x | {o['ttft_p50_ms']} / {b['ttft_p50_ms']} |")
+                     f"| {b['tok_per_s'] / raw_single:.2f}x | {o['ttft_p50_ms']}"
+                     + "".join(f" / {r[k]['ttft_p50_ms']}" for k in extra) + f" / {b['ttft_p50_ms']} |")
     return "\n".join(lines)
+
+
+# Variants of the engine run beside the default one: name -> (table label, EngineConfig update).
+VARIANTS = {
+    "eager": ("eager decode", {"compiled_decode": False}),
+    "pipelined": ("decode pipelined", {"pipelined_decode": True}),
+    "unpipelined": ("decode unpipelined", {"pipelined_decode": False}),
+}
 
 
 async def main_async(args) -> dict:
@@ -152,8 +163,10 @@ async def main_async(args) -> dict:
     source = resolve_model(args.model)
     config = EngineConfig(max_num_seqs=max(args.batches), prefill_batch_size=8, paged_cache=args.paged)
     engine = AsyncEngine.from_source(source, config)
-    # The same engine with the model's own (uncompiled) decode step, for the compiled step's gain.
-    eager = AsyncEngine.from_source(source, config.model_copy(update={"compiled_decode": False})) if args.eager else None
+    # The same engine with one setting changed (--eager: the model's own uncompiled decode step, for
+    # the compiled step's gain; --pipelining: decode pipelined and not, for what pipelining buys).
+    names = (["eager"] if args.eager else []) + (["pipelined", "unpipelined"] if args.pipelining else [])
+    variants = {k: AsyncEngine.from_source(source, config.model_copy(update=VARIANTS[k][1])) for k in names}
     model, tokenizer = engine.loaded.model, engine.tokenizer
     rows = []
     for n in args.batches:
@@ -166,14 +179,13 @@ async def main_async(args) -> dict:
         raw = run_raw(model, prompts, args.max_tokens, config)  # same weights; our loop is idle meanwhile
         sched = run_scheduler(engine, prompts, args.max_tokens, profile=args.profile and n == args.batches[0])
         rows.append({"batch": n, "ours": ours, "scheduler": sched, "raw": raw})
-        if eager is not None:
-            await run_engine(eager, prompts, args.warmup_tokens)
-            rows[-1]["eager"] = await run_engine(eager, prompts, args.max_tokens)
+        for k, variant in variants.items():
+            await run_engine(variant, prompts, args.warmup_tokens)
+            rows[-1][k] = await run_engine(variant, prompts, args.max_tokens)
         print(f"batch {n}: engine {ours['tok_per_s']} tok/s, scheduler {sched['tok_per_s']}, raw {raw['tok_per_s']}",
               file=sys.stderr, flush=True)
-    engine.shutdown()
-    if eager is not None:
-        eager.shutdown()
+    for e in (engine, *variants.values()):
+        e.shutdown()
     return {"machine": machine(), "model": engine.info, "max_tokens": args.max_tokens, "rows": rows}
 
 
@@ -188,6 +200,8 @@ def main() -> None:
     parser.add_argument("--warmup-tokens", type=int, default=8, help="tokens of the warm-up run before each measurement")
     parser.add_argument("--paged", action="store_true", help="run the engine with the paged KV cache")
     parser.add_argument("--eager", action="store_true", help="also run the engine without the compiled decode step")
+    parser.add_argument("--pipelining", action="store_true",
+                        help="also run the engine with its decode steps pipelined and unpipelined")
     parser.add_argument("--profile", action="store_true", help="cProfile the synchronous scheduler at the first batch size")
     parser.add_argument("--json-out")
     args = parser.parse_args()

@@ -12,6 +12,12 @@ row that finished there (a stop token) was already in the step just issued: that
 work is wasted, its output dropped, and the row leaves the batch at the next step. A row that
 reaches `max_tokens` is known on the host and is never issued past it.
 
+That pipelining pays on a GPU, where the host builds step k+1 while the device runs step k. On
+the CPU it costs a step of latency on every token: there the device is the host's own cores,
+and `mx.async_eval` returns only once all but a few of the step's ops have run, so step k's
+tokens would come out when step k+1 is nearly done. With `pipelined=False` (the default on the
+CPU) a step reads its own tokens right after issuing them.
+
 A decode step through working copies is one compiled function (engine.compiled_step); a step
 that gathers, and every prefill chunk, is the model's own call. Sampling is one graph for the
 whole batch (engine.batch_sampling). The K/V live in the block pool:
@@ -106,8 +112,10 @@ class BatchLoop:
     """Continuous batching over the paged cache: `insert` rows, `step()` for their tokens."""
 
     def __init__(self, model, ctx: PagedContext, *, max_num_seqs: int, prefill_batch_size: int,
-                 prefill_step_size: int, grammars: Grammars | None = None, compiled: bool = True):
+                 prefill_step_size: int, grammars: Grammars | None = None, compiled: bool = True,
+                 pipelined: bool | None = None):
         self.model = model
+        self.pipelined = mx.default_device() != mx.cpu if pipelined is None else pipelined
         self.compiled = CompiledDecode(model) if compiled else None
         self.grammars = grammars
         self.ctx = ctx
@@ -155,11 +163,14 @@ class BatchLoop:
     # --- one step -----------------------------------------------------------------------
 
     def step(self) -> list[Token]:
-        """Issue the next decode step and prefill chunk, then report the previous step's tokens."""
+        """Issue the next decode step and prefill chunk, then report the previous step's tokens
+        (unpipelined: this step's)."""
         issued, out = self._issue_decode()
         prefilled = self._issue_prefill()
         if issued is not None or prefilled:  # the tokens, and the K/V writes into the pool
             mx.async_eval(*(issued.arrays() if issued is not None else []), *self.ctx.pool.take_writes())
+        if not self.pipelined:
+            return out + self._read(issued) if issued is not None else out
         previous, self._issued = self._issued, issued
         return out + self._read(previous) if previous is not None else out
 

@@ -46,6 +46,11 @@ class EngineConfig(BaseModel):
         True, description="Decode steps through working copies run as one compiled MLX function (traced "
         "once per batch shape), instead of the model's Python every step; the paged cache only.",
     )
+    pipelined_decode: bool | None = Field(
+        None, description="Issue decode step k+1 before reading step k's tokens (engine.batch_loop). None: "
+        "automatic, on a GPU only: on the CPU, MLX runs nearly all of a step inside async_eval, so "
+        "pipelining would hold every token back a step.",
+    )
     step_timeout_s: float = Field(
         120.0, gt=0, description="A step running longer than this makes the health check fail (a hung "
         "engine: Ray Serve replaces the replica).",

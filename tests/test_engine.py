@@ -317,3 +317,61 @@ async def test_a_failed_step_ends_its_batch_with_an_error_and_the_engine_serves_
         assert len((await run(eng, chat(QUESTIONS[2]), temperature=0, max_tokens=4))[1]) > 0
     finally:
         eng.shutdown()
+
+
+async def test_the_pipelined_loop_gives_the_same_tokens_as_the_unpipelined_one(engine):
+    """The GPU's loop (step k+1 issued before step k's tokens are read), forced on here: the same
+    greedy tokens in a batch with a late insert, a row ending early on a stop token while the others
+    go on (its spare in-flight token is dropped), and every block back afterwards."""
+    if not engine.config.paged_cache:
+        pytest.skip("the pipelining switch belongs to our loop over the paged cache")
+    assert engine.scheduler.gen.pipelined is False  # the CPU's default
+    _, probe, _ = await run(engine, chat(QUESTIONS[1]), temperature=0, max_tokens=12)
+    stopper = dict(temperature=0, max_tokens=12, stop_token_ids=[probe[3]])
+    want = [(await run(engine, chat(q), temperature=0, max_tokens=12))[1] for q in QUESTIONS]
+    want[1] = (await run(engine, chat(QUESTIONS[1]), **stopper))[1]
+    assert want[1] == probe[:3]  # the stop token itself is not output
+
+    eng = AsyncEngine.from_source(SMOLLM, engine.config.model_copy(update={"pipelined_decode": True}))
+    try:
+        assert eng.scheduler.gen.pipelined is True
+        first = [eng.submit(chat(q), SamplingParams(**(stopper if i == 1 else dict(temperature=0, max_tokens=12))))
+                 for i, q in enumerate(QUESTIONS[:4])]
+        heads = [await s.__anext__() for s in first]
+        late = eng.submit(chat(QUESTIONS[4]), SamplingParams(temperature=0, max_tokens=12))
+        rests = await asyncio.gather(*(collect(s) for s in [*first, late]))
+        got = [h.token_ids + r[1] for h, r in zip(heads, rests[:4])] + [rests[4][1]]
+        assert got == want
+        assert rests[1][2][-1].finish_reason == "stop"
+        for _ in range(100):
+            if eng.stats()["running"] == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert eng.stats()["cache"]["blocks_used"] == 0
+    finally:
+        eng.shutdown()
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_an_unpipelined_step_reports_its_own_tokens(smollm, pipelined):
+    """Unpipelined (the CPU's default), the step that computes a token reports it: the first token
+    comes out of the row's first decode step, not the step after (a step of latency on every token)."""
+    from engine.kv_cache import make_cache_manager
+    from engine.scheduler import Scheduler, Sequence
+    from engine.text_stream import TextStream
+
+    config = EngineConfig(pipelined_decode=pipelined)
+    model, tokenizer = smollm.model, smollm.tokenizer
+    sched = Scheduler(model, tokenizer, config, make_cache_manager(model, config))
+    ids = tokenizer.encode("The river")  # shorter than a prefill chunk: one prefill step, then decode
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    sched.add(Sequence("s", ids, params, 3, TextStream(tokenizer.detokenizer, [])))
+    steps_with_tokens = []
+    for step in range(1, 10):
+        if any(o.token_ids for o in sched.step()):
+            steps_with_tokens.append(step)
+        if not sched.has_work():
+            break
+    sched.gen.close()
+    # the prompt's chunk at step 1; its first decode step at 2 (reported there, or at 3 pipelined)
+    assert steps_with_tokens == ([3, 4, 5] if pipelined else [2, 3, 4])
