@@ -78,7 +78,8 @@ def request_router_config(model: ModelConfig) -> dict | None:
     if model.deployment.request_router != "prefix_affinity":
         return None
     affinity = model.deployment.affinity
-    return {"request_router_class": ROUTER_PATH, "request_router_kwargs": affinity.model_dump(exclude={"report_period_s"}),
+    kwargs = {**affinity.model_dump(exclude={"report_period_s"}), "deployment": model.deployment_name}
+    return {"request_router_class": ROUTER_PATH, "request_router_kwargs": kwargs,
             "request_routing_stats_period_s": affinity.report_period_s}
 
 

@@ -188,16 +188,19 @@ def routing_decisions() -> dict[str, dict[str, int]]:
     deployment name (the OrchardRouter's /metrics: its handles' routers live in its process)."""
     out: dict[str, Counter] = {}
     for router in list(_ROUTERS):
-        out.setdefault(router._deployment_id.name, Counter()).update(router.decisions)
+        out.setdefault(router.deployment, Counter()).update(router.decisions)
     return {name: dict(counts) for name, counts in out.items()}
 
 
 class PrefixAffinityRouter(RequestRouter):
     """Ray Serve request router: prefix affinity over load balance (see the module docstring).
-    `request_router_kwargs` are initialize_state's arguments (deployment.affinity in the YAML)."""
+    `request_router_kwargs` are initialize_state's arguments: deployment.affinity in the YAML, and
+    the deployment's name (the app builder adds it; /metrics labels the decisions with it)."""
 
     def initialize_state(self, imbalanced_threshold: int = 10, match_rate_threshold: float = 0.1,
-                         block_chars: int = 64, max_blocks_per_replica: int = 65536, **_: Any) -> None:
+                         block_chars: int = 64, max_blocks_per_replica: int = 65536, deployment: str = "",
+                         **_: Any) -> None:
+        self.deployment = deployment
         self.policy = AffinityPolicy(imbalanced_threshold, match_rate_threshold)
         self.block_chars = block_chars
         self.max_blocks = max_blocks_per_replica

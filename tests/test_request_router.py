@@ -138,7 +138,7 @@ class LocalReplica:
 def make_router(cls, replicas, **kwargs):
     router = cls(deployment_id=DEPLOYMENT, handle_source=DeploymentHandleSource.UNKNOWN,
                  use_replica_queue_len_cache=False)
-    router.initialize_state(**kwargs)
+    router.initialize_state(**({"deployment": DEPLOYMENT.name} if cls is PrefixAffinityRouter else {}), **kwargs)
     router.update_replicas(replicas)
     return router
 
@@ -310,6 +310,7 @@ def test_yaml_selects_the_router_and_placement():
     assert router_cfg.request_router_class == ROUTER_PATH
     assert router_cfg.request_router_kwargs["imbalanced_threshold"] == 4
     assert router_cfg.request_routing_stats_period_s == 3 and "report_period_s" not in router_cfg.request_router_kwargs
+    assert router_cfg.request_router_kwargs["deployment"] == "model-a"  # what /metrics labels decisions with
     assert a.init_kwargs["prefix_block_chars"] == 64 and b.init_kwargs["prefix_block_chars"] is None
     assert a.ray_actor_options["resources"] == {"orchard_slot": 1.0}
     assert a._replica_config.max_replicas_per_node == 1
