@@ -2,9 +2,10 @@
 
 The governor (deployments.governor) decides; Ray Serve starts and stops the replicas; this
 module watches. It polls Ray Serve's own status (`serve.status()`: replicas per state, per
-deployment) twice a second while something may change (a model loading or unloading, requests in
-the last ACTIVE_S) and every IDLE_POLL_S otherwise, since each poll costs the router and Ray's
-controller CPU that an idle server should not spend; it turns transitions into the figures operators read: state, loads,
+deployment) twice a second while something may change (a model loading or unloading, for ACTIVE_S
+after a request for a model that is not loaded or a load/unload call) and every IDLE_POLL_S
+otherwise, since each poll costs the router and Ray's controller CPU that the models' compute
+threads would rather have; it turns transitions into the figures operators read: state, loads,
 unloads, cold-start seconds, bytes. It never calls an unloaded model (a call would queue a
 request and so load it), and calls a loaded one only once per replica, for its measured
 footprint.
@@ -20,9 +21,9 @@ from typing import Any, Awaitable, Callable
 
 log = logging.getLogger("ray.serve")
 
-POLL_S = 0.5        # while a model is changing state or requests are arriving
+POLL_S = 0.5        # while a model is changing state, or may be about to
 IDLE_POLL_S = 5.0   # otherwise
-ACTIVE_S = 10.0     # how long after a request (or a load/unload call) polling stays fast
+ACTIVE_S = 10.0     # how long after a request for an unloaded model (or a load/unload call) polling stays fast
 LOADED, LOADING, UNLOADING, UNLOADED = "loaded", "loading", "unloading", "unloaded"
 _STARTING = ("STARTING", "UPDATING", "RECOVERING", "PENDING_MIGRATION")
 
@@ -99,8 +100,12 @@ class ModelDirectory:
         return self.models[name]
 
     def touch(self, name: str) -> None:
-        self.models[name].last_used = time.time()
-        self.expect_change()
+        """A request for this model: a model that is not loaded starts loading now (and the
+        governor may unload others for it), so poll fast; requests to loaded models change nothing."""
+        rec = self.models[name]
+        rec.last_used = time.time()
+        if rec.state != LOADED:
+            self.expect_change()
 
     def expect_change(self) -> None:
         """Poll fast for the next ACTIVE_S: a request or a load/unload call may start a transition."""

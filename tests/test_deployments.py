@@ -500,9 +500,10 @@ async def test_a_reloaded_model_never_shows_the_old_replicas_pid_or_misses_a_loa
     assert [c["pid"] for c in cards] == [1002, 1002] and cards[0]["loads"] == 2 and cards[0]["unloads"] == 1
 
 
-async def test_an_idle_router_polls_ray_serve_slowly_and_a_request_speeds_it_up(monkeypatch):
-    """Each status poll costs the router and Ray's controller CPU: an idle server polls every
-    IDLE_POLL_S, and a request (which may start a load) brings back fast polling at once."""
+async def test_a_router_polls_ray_serve_slowly_unless_a_request_may_start_a_load(monkeypatch):
+    """Each status poll costs the router and Ray's controller CPU: a server polls every
+    IDLE_POLL_S, also while it serves loaded models; a request for an unloaded model (which
+    starts its load) brings back fast polling at once."""
     from types import SimpleNamespace
 
     from deployments import model_directory
@@ -513,19 +514,25 @@ async def test_an_idle_router_polls_ray_serve_slowly_and_a_request_speeds_it_up(
     polls = []
     status = SimpleNamespace(applications={"orchard": SimpleNamespace(deployments={
         "model-m1": SimpleNamespace(replica_states={"RUNNING": 1})})})
-    facts = {"m1": {"deployment": "model-m1", "load": "eager", "keep_alive_s": 60.0, "load_timeout_s": 1.0,
-                    "footprint_bytes": 1000, "replicas": 1}}
+    facts = {name: {"deployment": f"model-{name}", "load": "eager", "keep_alive_s": 60.0, "load_timeout_s": 1.0,
+                    "footprint_bytes": 1000, "replicas": 1} for name in ("m1", "m2")}
     directory = ModelDirectory(facts, 5000, FakeClient("m1").info, app_name="orchard",
                                read_status=lambda: polls.append(time.monotonic()) or status)
     directory.start()
-    await asyncio.sleep(0.5)
+    await asyncio.sleep(0.3)
     idle_polls = len(polls)
-    directory.touch("m1")
+    for _ in range(4):  # requests for the loaded model
+        directory.touch("m1")
+        await asyncio.sleep(0.05)
+    serving_polls = len(polls) - idle_polls
+    directory.touch("m2")  # not loaded: its load starts now
     await asyncio.sleep(0.2)
-    busy_polls = len(polls) - idle_polls
+    loading_polls = len(polls) - idle_polls - serving_polls
     directory._task.cancel()
+    assert directory.record("m1").state == "loaded" and directory.record("m2").state == "unloaded"
     assert idle_polls == 1  # the first poll, then IDLE_POLL_S (5 s) of quiet
-    assert busy_polls >= 3  # every 50 ms after the request
+    assert serving_polls == 0
+    assert loading_polls >= 3  # every 50 ms after the request
 
 
 async def test_a_request_that_waits_past_load_timeout_is_a_503_with_retry_after():
