@@ -319,22 +319,22 @@ async def test_a_failed_step_ends_its_batch_with_an_error_and_the_engine_serves_
         eng.shutdown()
 
 
-async def test_the_pipelined_loop_gives_the_same_tokens_as_the_unpipelined_one(engine):
-    """The GPU's loop (step k+1 issued before step k's tokens are read), forced on here: the same
-    greedy tokens in a batch with a late insert, a row ending early on a stop token while the others
-    go on (its spare in-flight token is dropped), and every block back afterwards."""
-    if not engine.config.paged_cache:
-        pytest.skip("the pipelining switch belongs to our loop over the paged cache")
-    assert engine.scheduler.gen.pipelined is False  # the CPU's default
-    _, probe, _ = await run(engine, chat(QUESTIONS[1]), temperature=0, max_tokens=12)
-    stopper = dict(temperature=0, max_tokens=12, stop_token_ids=[probe[3]])
-    want = [(await run(engine, chat(q), temperature=0, max_tokens=12))[1] for q in QUESTIONS]
-    want[1] = (await run(engine, chat(QUESTIONS[1]), **stopper))[1]
-    assert want[1] == probe[:3]  # the stop token itself is not output
-
-    eng = AsyncEngine.from_source(SMOLLM, engine.config.model_copy(update={"pipelined_decode": True}))
+async def test_the_pipelined_loop_gives_the_same_tokens_as_the_unpipelined_one():
+    """The GPU's loop (step k+1 issued before step k's tokens are read), forced on here, against
+    the CPU's default: the same greedy tokens in a batch with a late insert, a row ending early on
+    a stop token while the others go on (its spare in-flight token is dropped), and every block
+    back afterwards."""
+    config = EngineConfig(cache_memory_mb=64)
+    base = AsyncEngine.from_source(SMOLLM, config)
+    eng = AsyncEngine.from_source(SMOLLM, config.model_copy(update={"pipelined_decode": True}))
     try:
-        assert eng.scheduler.gen.pipelined is True
+        assert base.scheduler.gen.pipelined is False and eng.scheduler.gen.pipelined is True
+        _, probe, _ = await run(base, chat(QUESTIONS[1]), temperature=0, max_tokens=12)
+        stopper = dict(temperature=0, max_tokens=12, stop_token_ids=[probe[3]])
+        want = [(await run(base, chat(q), temperature=0, max_tokens=12))[1] for q in QUESTIONS]
+        want[1] = (await run(base, chat(QUESTIONS[1]), **stopper))[1]
+        assert want[1] == probe[:3]  # the stop token itself is not output
+
         first = [eng.submit(chat(q), SamplingParams(**(stopper if i == 1 else dict(temperature=0, max_tokens=12))))
                  for i, q in enumerate(QUESTIONS[:4])]
         heads = [await s.__anext__() for s in first]
@@ -350,6 +350,7 @@ async def test_the_pipelined_loop_gives_the_same_tokens_as_the_unpipelined_one(e
         assert eng.stats()["cache"]["blocks_used"] == 0
     finally:
         eng.shutdown()
+        base.shutdown()
 
 
 @pytest.mark.parametrize("pipelined", [False, True])
