@@ -35,11 +35,11 @@ class ResponseBuilder:
     """Builds the JSON bodies and SSE chunks of one response (chat or text completion)."""
 
     def __init__(self, kind: Literal["chat", "text"], model: str, request_id: str, *, tools: bool = False,
-                 logprobs: bool = False):
+                 forced_tools: bool = False, logprobs: bool = False):
         self.kind, self.model, self.id = kind, model, request_id
         self.created = int(time.time())
         self.object = "chat.completion" if kind == "chat" else "text_completion"
-        self.parser = ToolCallParser() if tools else None
+        self.parser = ToolCallParser(forced=forced_tools) if tools else None
         self.logprobs = logprobs
         self._offset = 0  # text offset of the next token (completions' logprobs)
         self._first = True
@@ -69,8 +69,9 @@ class ResponseBuilder:
             if self.parser is not None:
                 content, calls = self.parser.feed(text)
                 content += self.parser.finish()
+                message = {"role": "assistant", "content": content or (None if calls or self.parser.forced else "")}
                 if calls:
-                    message = {"role": "assistant", "content": content or None, "tool_calls": calls}
+                    message["tool_calls"] = calls
                     finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
             choice = {"index": 0, "message": message, "logprobs": self._logprobs(logprobs),
                       "finish_reason": finish_reason}

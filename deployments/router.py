@@ -144,7 +144,8 @@ class RouterCore:
         model = req.model
         client = self.client(model)
         builder = ResponseBuilder(kind, model, new_id("chatcmpl" if kind == "chat" else "cmpl"),
-                                  tools=kind == "chat" and req.plan.parse, logprobs=req.logprobs not in (None, False))
+                                  tools=kind == "chat" and req.plan.parse,
+                                  forced_tools=kind == "chat" and req.plan.grammar is not None, logprobs=req.logprobs not in (None, False))
         payload = {
             "request_id": builder.id,
             "prompt": req.prompt() if kind == "chat" else req.prompt_input(),

@@ -139,10 +139,14 @@ def new_call_id() -> str:
 class ToolCallParser:
     """Splits streamed output into content and tool calls. Text that may be the start of a
     `<tool_call>` tag is held back until it is known; a call is reported once its closing tag
-    arrives. What does not parse as a call stays content, unchanged."""
+    arrives. What does not parse as a call stays content, unchanged.
 
-    def __init__(self):
+    `forced`: a grammar made the output nothing but calls, so an unclosed call at the end is a
+    call cut off by max_tokens, not content: it is dropped (the finish reason says "length")."""
+
+    def __init__(self, forced: bool = False):
         self._buffer = ""
+        self.forced = forced
         self.calls: list[dict[str, Any]] = []
 
     def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
@@ -173,8 +177,10 @@ class ToolCallParser:
         return content, done
 
     def finish(self) -> str:
-        """The rest, at the end of the output (an unclosed call stays content)."""
+        """The rest, at the end of the output (an unclosed call stays content unless forced)."""
         rest, self._buffer = self._buffer, ""
+        if self.forced and rest.lstrip().startswith(CALL_OPEN):
+            return ""
         return rest.strip() if self.calls else rest
 
 

@@ -47,6 +47,37 @@ async def test_a_required_call_is_forced_by_a_grammar_and_returned_as_tool_calls
     assert call.id.startswith("call_")
 
 
+def cut_off(text: str, size: int = 5) -> list[dict]:
+    """`text` streamed in pieces, ended by max_tokens."""
+    parts = [text[i:i + size] for i in range(0, len(text), size)]
+    return [chunk(p, 1) for p in parts[:-1]] + [chunk(parts[-1], 1, "length", USAGE)]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_forced_call_cut_off_by_max_tokens_is_dropped_not_shown_as_content(stream):
+    text = CALL_TEXT + "\n" + CALL_TEXT[:30]  # a second call, cut off mid-arguments
+    client, _ = sdk(*cut_off(text))
+    r = await client.chat.completions.create(model="m1", messages=HI, tools=[WEATHER], tool_choice="required",
+                                             stream=stream)
+    if not stream:
+        choice = r.choices[0]
+        assert choice.finish_reason == "length" and choice.message.content is None
+        assert [c.function.name for c in choice.message.tool_calls] == ["get_weather"]
+        return
+    content, names, finish = "", [], None
+    async for c in r:
+        content += c.choices[0].delta.content or ""
+        names += [tc.function.name for tc in c.choices[0].delta.tool_calls or []]
+        finish = c.choices[0].finish_reason or finish
+    assert (content, names, finish) == ("", ["get_weather"], "length")
+
+
+async def test_an_unforced_unclosed_call_stays_content():
+    client, _ = sdk(*cut_off("Sure. " + CALL_TEXT[:30]))
+    r = await client.chat.completions.create(model="m1", messages=HI, tools=[WEATHER])
+    assert r.choices[0].message.content == "Sure. " + CALL_TEXT[:30] and not r.choices[0].message.tool_calls
+
+
 async def test_streamed_tool_calls_assemble_to_the_non_streamed_call():
     text = "Let me check.\n" + CALL_TEXT + "\n" + CALL_TEXT.replace("Paris", "Rome")
     client, _ = sdk(*pieces(text, 4))
