@@ -51,6 +51,10 @@ class EngineConfig(BaseModel):
         "automatic, on a GPU only: on the CPU, MLX runs nearly all of a step inside async_eval, so "
         "pipelining would hold every token back a step.",
     )
+    adaptive_cpu_threads: bool = Field(
+        True, description="While busy, give OpenBLAS (the CPU fast path) the cores other processes leave "
+        "free, from 1 up to the threads it started with (engine.cpu_threads); false keeps them fixed.",
+    )
     step_timeout_s: float = Field(
         120.0, gt=0, description="A step running longer than this makes the health check fail (a hung "
         "engine: Ray Serve replaces the replica).",

@@ -21,6 +21,7 @@ import time
 import uuid
 
 from .config import EngineConfig
+from .cpu_threads import BlasThreads
 from .constraints import Constraint
 from .errors import EngineDeadError, InvalidRequestError, OrchardError, OverloadedError
 from .kv_cache import budget_bytes, make_cache_manager
@@ -117,6 +118,7 @@ class AsyncEngine:
         self._stats: dict = {}
         self._stats_at = 0.0
         self._step_started: float | None = None
+        self._blas: BlasThreads | None = None
         self._thread = threading.Thread(target=self._thread_main, name=f"orchard-engine-{source}", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -231,6 +233,7 @@ class AsyncEngine:
             cache = make_cache_manager(self.loaded.model, self.config)
             self.scheduler = Scheduler(self.loaded.model, self.loaded.tokenizer, self.config, cache)
             self.footprint = self._measure_footprint(cache)
+            self._blas = BlasThreads.for_this_process() if self.config.adaptive_cpu_threads else None
         except BaseException as exc:  # noqa: BLE001 - reported to the constructor
             self._load_error = exc
             self._ready.set()
@@ -274,6 +277,8 @@ class AsyncEngine:
                 self._step_started = None
             self._deliver(outputs)
             self._fail_rejected()
+            if self._blas is not None:
+                self._blas.tick()
 
     def _fail_rejected(self) -> None:
         """End the requests the scheduler could not start, each with its own error."""
@@ -289,7 +294,8 @@ class AsyncEngine:
     def _publish_stats(self, force: bool = False) -> None:
         now = time.monotonic()
         if force or now - self._stats_at >= STATS_INTERVAL_S:
-            self._stats = {**self.scheduler.stats(), "cache": self.scheduler.cache.stats()}
+            self._stats = {**self.scheduler.stats(), "cache": self.scheduler.cache.stats(),
+                           "cpu_threads": self._blas.threads if self._blas is not None else None}
             self._stats_at = now
 
     def _drain_inbox(self, block: bool) -> bool:

@@ -1,0 +1,94 @@
+"""OpenBLAS's threads chosen from what else runs (engine/cpu_threads.py): the choice on scripted
+CPU readings, then the real engine on the CPU fast path beside real busy processes."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+import time
+
+import pytest
+from threadpoolctl import threadpool_info
+
+from engine.config import EngineConfig
+from engine.cpu_threads import BlasThreads
+from engine.engine import AsyncEngine
+from engine.request import PromptInput
+from engine.sampling import SamplingParams
+
+from .conftest import SMOLLM
+
+
+class FakeController:
+    def __init__(self):
+        self.limits: list[int] = []
+
+    def limit(self, limits):
+        self.limits.append(limits)
+
+
+def scripted(readings, max_threads=2, cores=2) -> tuple[BlasThreads, FakeController]:
+    """A BlasThreads whose CPU readings are (wall, machine busy s, own s) from `readings`."""
+    controller = FakeController()
+    blas = BlasThreads(controller, max_threads, cores)
+    it = iter(readings)
+    blas._read = lambda: next(it)
+    return blas, controller
+
+
+def test_the_choice_leaves_the_cores_others_use():
+    blas, _ = scripted([])
+    assert [blas.choose(x) for x in (0.0, 0.2, 0.74, 0.8, 1.3, 2.0)] == [2, 2, 2, 1, 1, 1]
+    assert BlasThreads(FakeController(), 4, 8).choose(1.0) == 4  # never above what OpenBLAS started with
+
+
+def test_a_change_needs_two_readings_that_agree_and_an_idle_gap_starts_over():
+    # wall, machine busy, own: the engine uses 1 core; others 1 core, 1 core, then 0.1 after a gap
+    blas, ctl = scripted([(0, 0, 0), (1, 2, 1), (2, 4, 2), (10, 5, 2.5), (11, 6.1, 3.5), (12, 7.2, 4.5), (13, 8.3, 5.5)])
+    blas.tick()  # the first reading: nothing to compare
+    blas.tick()  # others 1.0: one reading for 1 thread
+    assert ctl.limits == [] and blas.threads == 2
+    blas.tick()  # the second agrees
+    assert ctl.limits == [1] and blas.threads == 1
+    blas.tick()  # 8 s later: the engine was idle, a new measurement starts
+    blas.tick(), blas.tick()  # others 0.1 twice: the cores are free again
+    assert ctl.limits == [1, 2] and blas.threads == 2
+    blas.tick()  # still free: nothing changes
+    assert ctl.limits == [1, 2]
+
+
+def spinners(n: int) -> list[subprocess.Popen]:
+    return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
+
+
+async def busy_until(engine: AsyncEngine, threads: int, timeout_s: float = 40.0) -> int:
+    """Keep the engine decoding until its OpenBLAS threads are `threads` (or the time is up)."""
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        async for _ in engine.submit(PromptInput(messages=[{"role": "user", "content": "Count to ten."}]), params):
+            pass
+        await asyncio.sleep(0.25)  # stats are published at most every 0.25 s
+        if engine.stats()["cpu_threads"] == threads:
+            break
+    return engine.stats()["cpu_threads"]
+
+
+async def test_the_engine_gives_openblas_the_cores_other_processes_leave(load_once):
+    if BlasThreads.for_this_process() is None:
+        pytest.skip("needs OpenBLAS loaded with 2+ threads on 2+ cores (the CPU fast path)")
+    engine = AsyncEngine.from_source(SMOLLM, EngineConfig(cache_memory_mb=64))
+    others = spinners(2)
+    try:
+        assert await busy_until(engine, 1) == 1
+        assert {i["num_threads"] for i in threadpool_info() if i["internal_api"] == "openblas"} == {1}
+    finally:
+        for p in others:
+            p.kill()
+            p.wait()
+    try:
+        assert await busy_until(engine, 2) == 2
+        assert {i["num_threads"] for i in threadpool_info() if i["internal_api"] == "openblas"} == {2}
+    finally:
+        engine.shutdown()
