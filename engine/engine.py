@@ -18,6 +18,7 @@ import logging
 import queue
 import threading
 import time
+import os
 import uuid
 
 from .config import EngineConfig
@@ -208,6 +209,8 @@ class AsyncEngine:
     def shutdown(self, timeout: float = 10.0) -> None:
         self._inbox.put((_STOP, None))
         self._thread.join(timeout)
+        if not self._thread.is_alive():
+            _wait_until_gone(self._thread.native_id)
 
     def _max_tokens(self, prompt_len: int, params: SamplingParams) -> int:
         room = self.context_length - prompt_len
@@ -371,3 +374,22 @@ def _post(loop, fn, *args) -> bool:
 def _put_all(items) -> None:  # runs on the streams' event loop
     for stream, out in items:
         stream.put(out)
+
+
+def _wait_until_gone(native_id: int | None, timeout: float = 2.0) -> None:
+    """Wait for a joined thread's OS thread to end, so the interpreter does not finalize under it.
+
+    `Thread.join` returns before the OS thread runs its thread-local destructors, and MLX's take
+    the GIL: if the interpreter is finalizing by then, CPython ends that thread from inside a C++
+    destructor and the process aborts ('terminate called without an active exception'), seen at
+    the exit of a script that shut an engine down on a busy machine. Linux names live threads in
+    /proc/self/task; elsewhere a short sleep lets the destructors run.
+    """
+    task = f"/proc/self/task/{native_id}"
+    if native_id is None or not os.path.isdir("/proc/self/task"):
+        time.sleep(0.05)
+        return
+    deadline = time.monotonic() + timeout
+    while os.path.exists(task) and time.monotonic() < deadline:
+        time.sleep(0.002)
+
