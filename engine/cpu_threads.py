@@ -40,15 +40,24 @@ class BlasThreads:
 
     @classmethod
     def for_this_process(cls) -> "BlasThreads | None":
-        """None unless OpenBLAS is loaded with more than one thread (nothing to choose)."""
+        """None unless OpenBLAS is loaded with more than one thread (nothing to choose).
+
+        The OpenBLAS MLX calls is the one preloaded (`libopenblas`), not NumPy's own copy
+        (`libscipy_openblas`, which a Ray worker starts with one thread).
+        """
         from threadpoolctl import ThreadpoolController
 
-        controller = ThreadpoolController().select(internal_api="openblas")
+        controller = ThreadpoolController().select(prefix="libopenblas")
         if not controller.lib_controllers:
+            log.info("OpenBLAS is not loaded: no threads to choose")
             return None
         threads = controller.info()[0]["num_threads"]
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        return cls(controller, threads, cores) if threads > 1 and cores > 1 else None
+        if threads < 2 or cores < 2:
+            log.info("OpenBLAS has %d thread(s) on %d core(s): no threads to choose", threads, cores)
+            return None
+        log.info("OpenBLAS: up to %d threads on %d cores, chosen while busy from what else runs", threads, cores)
+        return cls(controller, threads, cores)
 
     def _read(self) -> tuple[float, float, float]:
         """(wall, the machine's busy CPU seconds, this process's CPU seconds)."""

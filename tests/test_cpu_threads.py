@@ -9,7 +9,8 @@ import sys
 import time
 
 import pytest
-from threadpoolctl import threadpool_info
+import numpy  # noqa: F401 - its own OpenBLAS copy, loaded as in a model replica
+from threadpoolctl import ThreadpoolController, threadpool_info
 
 from engine.config import EngineConfig
 from engine.cpu_threads import BlasThreads
@@ -75,6 +76,21 @@ async def busy_until(engine: AsyncEngine, threads: int, timeout_s: float = 40.0)
     return engine.stats()["cpu_threads"]
 
 
+def mlx_blas_threads() -> set[int]:
+    return {i["num_threads"] for i in threadpool_info() if i["prefix"] == "libopenblas"}
+
+
+def test_the_openblas_mlx_calls_is_the_one_chosen_not_numpys():
+    """A Ray worker's NumPy copy starts with 1 thread; listed first, it once hid MLX's 2 threads."""
+    numpys = ThreadpoolController().select(prefix="libscipy_openblas")
+    with numpys.limit(limits=1):
+        blas = BlasThreads.for_this_process()
+        if blas is None:
+            pytest.skip("needs OpenBLAS loaded with 2+ threads on 2+ cores (the CPU fast path)")
+        assert {i["prefix"] for i in blas._controller.info()} == {"libopenblas"}
+        assert blas.max_threads >= 2
+
+
 async def test_the_engine_gives_openblas_the_cores_other_processes_leave(load_once):
     if BlasThreads.for_this_process() is None:
         pytest.skip("needs OpenBLAS loaded with 2+ threads on 2+ cores (the CPU fast path)")
@@ -82,13 +98,13 @@ async def test_the_engine_gives_openblas_the_cores_other_processes_leave(load_on
     others = spinners(2)
     try:
         assert await busy_until(engine, 1) == 1
-        assert {i["num_threads"] for i in threadpool_info() if i["internal_api"] == "openblas"} == {1}
+        assert mlx_blas_threads() == {1}
     finally:
         for p in others:
             p.kill()
             p.wait()
     try:
         assert await busy_until(engine, 2) == 2
-        assert {i["num_threads"] for i in threadpool_info() if i["internal_api"] == "openblas"} == {2}
+        assert mlx_blas_threads() == {2}
     finally:
         engine.shutdown()
