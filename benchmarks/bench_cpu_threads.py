@@ -2,13 +2,16 @@
 
     python -m benchmarks.bench_cpu_threads                 # SmolLM2 + Gemma, 5 requests each
     python -m benchmarks.bench_cpu_threads --seconds 60 --rounds 2
+    python -m benchmarks.bench_cpu_threads --serve         # the same through `serve run`
 
 Each model runs in its own process (as each model replica does under `serve run`), with its own
 engine on the CPU fast path. Both warm up, then decode waves of `--batch` requests (32 tokens,
 EOS ignored) for `--seconds`, starting at the same moment. Modes, in turn: `fixed` (OpenBLAS
 keeps the threads it started with: every core, `engine.adaptive_cpu_threads: false`) and
 `adaptive` (the default: engine/cpu_threads.py). Then each model alone, adaptive, for what a
-model that has the machine to itself makes. Prints one JSON document and a markdown table.
+model that has the machine to itself makes. With `--serve`, the same A/B through `serve run` of
+serve_config.yaml (a copy with `adaptive_cpu_threads` set for both models): `--batch` streaming
+clients per model over HTTP, both models at once. Prints one JSON document and a markdown table.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 from .output import emit
 
@@ -70,6 +75,62 @@ def run_together(models: list[str], args, adaptive: bool) -> list[dict]:
     return results
 
 
+def serve_together(args, adaptive: bool) -> list[dict]:
+    """Both models of serve_config.yaml busy at once through `serve run`, `args.batch` clients each."""
+    import tempfile
+
+    import yaml
+
+    from .bench_idle import wait_for
+    from .serve_process import ROOT, start_serve_run
+
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    for model in config["applications"][0]["args"]["models"]:
+        model.setdefault("engine", {})["adaptive_cpu_threads"] = adaptive
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
+        yaml.safe_dump(config, f)
+    server = start_serve_run(f.name)
+    try:
+        for m in MODELS:
+            wait_for(m, "loaded")
+        return asyncio.run(http_waves(args))
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        server.wait(120)
+        os.unlink(f.name)
+
+
+async def http_waves(args) -> list[dict]:
+    from openai import AsyncOpenAI
+
+    client = AsyncOpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none", max_retries=0, timeout=300)
+
+    async def one(model: str, i: int) -> int:
+        stream = await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": f"Write a long essay about topic {i}."}],
+            max_tokens=TOKENS, temperature=0, stream=True, stream_options={"include_usage": True})
+        tokens = 0
+        async for chunk in stream:
+            tokens = chunk.usage.completion_tokens if chunk.usage else tokens
+        return tokens
+
+    async def model_waves(model: str, seconds: float) -> dict:
+        start, tokens = time.perf_counter(), 0
+        while time.perf_counter() - start < seconds:
+            tokens += sum(await asyncio.gather(*(one(model, i) for i in range(args.batch))))
+        return {"model": model, "tok_per_s": round(tokens / (time.perf_counter() - start), 2)}
+
+    async with client:  # closed inside the event loop that made it
+        await asyncio.gather(*(model_waves(m, 8) for m in MODELS))  # warm-up
+        stats = await asyncio.gather(*(model_waves(m, args.seconds) for m in MODELS))
+    with urllib.request.urlopen("http://127.0.0.1:8000/metrics") as r:
+        metrics = r.read().decode()
+    for s in stats:  # the threads each engine had at the end, from the router's /metrics
+        line = next((x for x in metrics.splitlines() if "cpu_threads" in x and s["model"] in x), None)
+        s["cpu_threads"] = int(float(line.split()[-1])) if line else None
+    return stats
+
+
 def table(rows: list[dict]) -> str:
     lines = ["| round | mode | " + " | ".join(f"{m} tok/s (threads)" for m in MODELS) + " | both, tok/s |",
              "|---|---|" + "---|" * len(MODELS) + "---|"]
@@ -85,6 +146,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=40.0)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--load-s", type=float, default=40.0, help="time given to load and warm up")
+    parser.add_argument("--serve", action="store_true", help="through `serve run` of serve_config.yaml")
     parser.add_argument("--json-out")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--start-at", type=float, help=argparse.SUPPRESS)
@@ -100,14 +162,15 @@ def main() -> None:
     for r in range(1, args.rounds + 1):
         for mode in ("fixed", "adaptive"):
             print(f"round {r}: both models, {mode} threads ...", file=sys.stderr, flush=True)
-            models = run_together(MODELS, args, mode == "adaptive")
+            together = serve_together if args.serve else lambda a, adaptive: run_together(MODELS, a, adaptive)
+            models = together(args, mode == "adaptive")
             rows.append({"round": r, "mode": mode, "models": models,
                          "total": round(sum(m["tok_per_s"] for m in models), 2)})
     alone = []
-    for m in MODELS:
+    for m in [] if args.serve else MODELS:
         print(f"{m} alone ...", file=sys.stderr, flush=True)
         alone += run_together([m], args, True)
-    doc = {"machine": {"cores": os.cpu_count(), "load_avg": os.getloadavg()}, "batch": args.batch,
+    doc = {"machine": {"cores": os.cpu_count(), "load_avg": os.getloadavg()}, "serve": args.serve, "batch": args.batch,
            "tokens": TOKENS, "seconds": args.seconds, "together": rows, "alone": alone}
     emit(doc, table(rows) + "\n\nalone, adaptive: " + ", ".join(f"{a['model']} {a['tok_per_s']} tok/s "
                                                                  f"({a['cpu_threads']} threads)" for a in alone),
