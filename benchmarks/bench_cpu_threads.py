@@ -158,11 +158,11 @@ def main() -> None:
     if args.worker:
         print(json.dumps(worker(args.worker, args.batch, args.seconds, args.start_at, args.adaptive)), flush=True)
         return
+    together = serve_together if args.serve else lambda a, adaptive: run_together(MODELS, a, adaptive)
     rows = []
     for r in range(1, args.rounds + 1):
         for mode in ("fixed", "adaptive"):
             print(f"round {r}: both models, {mode} threads ...", file=sys.stderr, flush=True)
-            together = serve_together if args.serve else lambda a, adaptive: run_together(MODELS, a, adaptive)
             models = together(args, mode == "adaptive")
             rows.append({"round": r, "mode": mode, "models": models,
                          "total": round(sum(m["tok_per_s"] for m in models), 2)})

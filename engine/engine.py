@@ -15,10 +15,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import logging
+import os
 import queue
 import threading
 import time
-import os
 import uuid
 
 from .config import EngineConfig
@@ -392,4 +392,3 @@ def _wait_until_gone(native_id: int | None, timeout: float = 2.0) -> None:
     deadline = time.monotonic() + timeout
     while os.path.exists(task) and time.monotonic() < deadline:
         time.sleep(0.002)
-
