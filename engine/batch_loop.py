@@ -113,10 +113,11 @@ class BatchLoop:
 
     def __init__(self, model, ctx: PagedContext, *, max_num_seqs: int, prefill_batch_size: int,
                  prefill_step_size: int, grammars: Grammars | None = None, compiled: bool = True,
-                 pipelined: bool | None = None):
+                 pipelined: bool | None = None, column_write: str | None = None):
         self.model = model
         self.pipelined = mx.default_device() != mx.cpu if pipelined is None else pipelined
-        self.compiled = CompiledDecode(model) if compiled else None
+        select = None if column_write is None else column_write == "select"
+        self.compiled = CompiledDecode(model, select=select) if compiled else None
         self.grammars = grammars
         self.ctx = ctx
         self.max_num_seqs = max_num_seqs

@@ -14,7 +14,12 @@ and kept. Attention then reads the copy's empty columns too, hidden by the mask 
 padding; that is why `cap` grows in small steps (at most ~1/8 of the context).
 
 The model sees, per layer, a `_ColumnCache`: mlx_lm's cache protocol (`offset`,
-`update_and_fetch`, `make_mask`) over the copy's arrays. The loop's bookkeeping (blocks, the
+`update_and_fetch`, `make_mask`) over the copy's arrays. The column is written with a slice update
+at a start given as an array, except on CUDA: there MLX (0.32) launches that update with a thread per
+element of the *whole copy*, not of the column (`copy_general_dynamic` sizes its grid by the output),
+plus a kernel for the offset, so one select over the copy (`mx.where` with the column's one-hot) is
+cheaper: on the H200, 0.7-1.9 ms of device time a step at 1-16 rows against 0.2-0.6 ms
+(docs/benchmarks.md, *Kernels per step on the H200*). The loop's bookkeeping (blocks, the
 geometry, the rows' lengths) happens outside the compiled function, once a step
 (`paged_cache.decode_copies` before it, `BatchPagedKVCache.commit_column` after).
 """
@@ -28,11 +33,13 @@ from .working_copy import visible
 
 
 class _ColumnCache(_BaseCache):
-    """One layer's working copy inside the trace: this step writes column `col` of every row."""
+    """One layer's working copy inside the trace: this step writes column `col` of every row
+    (through `onehot` [1, 1, cap, 1], the column's one-hot, when given)."""
 
-    def __init__(self, k: mx.array, v: mx.array, col: mx.array, pad: mx.array):
-        self.k, self.v, self.col, self.pad = k, v, col, pad
-        self._start = mx.concatenate([mx.zeros((2,), mx.int32), col.reshape(1), mx.zeros((1,), mx.int32)])
+    def __init__(self, k: mx.array, v: mx.array, col: mx.array, pad: mx.array, onehot: mx.array | None = None):
+        self.k, self.v, self.col, self.pad, self.onehot = k, v, col, pad, onehot
+        if onehot is None:
+            self._start = mx.concatenate([mx.zeros((2,), mx.int32), col.reshape(1), mx.zeros((1,), mx.int32)])
 
     @property
     def offset(self) -> mx.array:
@@ -40,8 +47,12 @@ class _ColumnCache(_BaseCache):
         return self.col - self.pad
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        self.k = mx.slice_update(self.k, keys, self._start, (0, 1, 2, 3))
-        self.v = mx.slice_update(self.v, values, self._start, (0, 1, 2, 3))
+        if self.onehot is not None:
+            self.k = mx.where(self.onehot, keys.astype(self.k.dtype), self.k)
+            self.v = mx.where(self.onehot, values.astype(self.v.dtype), self.v)
+        else:
+            self.k = mx.slice_update(self.k, keys, self._start, (0, 1, 2, 3))
+            self.v = mx.slice_update(self.v, values, self._start, (0, 1, 2, 3))
         return self.k, self.v
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None, **kwargs) -> mx.array:
@@ -53,12 +64,18 @@ class _ColumnCache(_BaseCache):
         return self.k, self.v
 
 
-def _decode_step(model):
+def select_column() -> bool:
+    """Whether the step writes its column with a select (on CUDA, see the module's docstring)."""
+    return mx.default_device() == mx.gpu and mx.cuda.is_available()
+
+
+def _decode_step(model, select: bool):
     """The function to compile: a closure over the model only (no reference cycle through the
     CompiledDecode, so its traces go when it goes, on the thread that drops it)."""
 
     def forward(inputs: mx.array, col: mx.array, pad: mx.array, ks: list[mx.array], vs: list[mx.array]):
-        caches = [_ColumnCache(k, v, col, pad) for k, v in zip(ks, vs)]
+        onehot = (mx.arange(ks[0].shape[2]) == col)[None, None, :, None] if select else None
+        caches = [_ColumnCache(k, v, col, pad, onehot) for k, v in zip(ks, vs)]
         logits = model(inputs[:, None], cache=caches)[:, -1, :]
         return logits, [c.k for c in caches], [c.v for c in caches]
 
@@ -73,9 +90,10 @@ class CompiledDecode:
 
     max_traces = 256
 
-    def __init__(self, model):
+    def __init__(self, model, select: bool | None = None):
         self.model = model
-        self._step = mx.compile(_decode_step(model))
+        self.select = select_column() if select is None else select
+        self._step = mx.compile(_decode_step(model, self.select))
         self.steps = 0
         self.shapes: set[tuple[int, int]] = set()  # (rows, capacity) traced so far
 
@@ -84,7 +102,7 @@ class CompiledDecode:
         self.steps += 1
         shape = (ks[0].shape[0], ks[0].shape[2])
         if shape not in self.shapes and len(self.shapes) >= self.max_traces:
-            self._step = mx.compile(_decode_step(self.model))
+            self._step = mx.compile(_decode_step(self.model, self.select))
             self.shapes.clear()
         self.shapes.add(shape)
         return self._step(inputs, mx.array(col, dtype=mx.int32), pad, ks, vs)

@@ -51,6 +51,11 @@ class EngineConfig(BaseModel):
         "automatic, on a GPU only: on the CPU, MLX runs nearly all of a step inside async_eval, so "
         "pipelining would hold every token back a step.",
     )
+    decode_column_write: Literal["slice", "select"] | None = Field(
+        None, description="How the compiled decode step writes its KV column into the working copies: "
+        "a slice update, or a select with the column's one-hot (engine.compiled_step). None: automatic, "
+        "select on CUDA, where MLX's dynamic slice update runs a thread per element of the whole copy.",
+    )
     adaptive_cpu_threads: bool = Field(
         True, description="While busy, give OpenBLAS (the CPU fast path) the cores other processes leave "
         "free, from 1 up to the threads it started with (engine.cpu_threads); false keeps them fixed.",

@@ -92,7 +92,8 @@ class Scheduler:
                      prefill_step_size=cfg.prefill_step_size, grammars=self.grammars)
         ctx = getattr(self.cache, "ctx", None)
         if ctx is not None:
-            return BatchLoop(self.model, ctx, compiled=cfg.compiled_decode, pipelined=cfg.pipelined_decode, **sizes)
+            return BatchLoop(self.model, ctx, compiled=cfg.compiled_decode, pipelined=cfg.pipelined_decode,
+                             column_write=cfg.decode_column_write, **sizes)
         return MlxLmBatch(self.model, **sizes)
 
     # --- admission ---------------------------------------------------------------------

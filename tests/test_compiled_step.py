@@ -39,6 +39,7 @@ def _one_load_per_model(load_once):
 def engines():
     made = {name: AsyncEngine.from_source(SMOLLM, cfg) for name, cfg in (
         ("compiled", EngineConfig()),
+        ("select", EngineConfig(decode_column_write="select")),  # CUDA's column write, forced on
         ("eager", EngineConfig(compiled_decode=False)),
         ("off", EngineConfig(paged_cache=False)),
     )}
@@ -48,14 +49,17 @@ def engines():
 
 
 async def test_compiled_decode_equals_the_models_own_step(engines):
-    ctx = engines["compiled"].scheduler.cache.ctx
-    ctx.policy = "always"  # every decode step through working copies, so every one compiled
+    ctxs = [engines[name].scheduler.cache.ctx for name in ("compiled", "select")]
+    for ctx in ctxs:
+        ctx.policy = "always"  # every decode step through working copies, so every one compiled
     try:
         got = {name: await _outputs(eng) for name, eng in engines.items()}
     finally:
-        ctx.policy = "auto"
+        for ctx in ctxs:
+            ctx.policy = "auto"
     assert [len(ids) for ids in got["compiled"]] == MAX_TOKENS
-    assert got["compiled"] == got["eager"] == got["off"]
+    assert engines["select"].scheduler.gen.compiled.select and not engines["compiled"].scheduler.gen.compiled.select
+    assert got["compiled"] == got["select"] == got["eager"] == got["off"]
     stats = engines["compiled"].stats()
     assert stats["compiled_steps"] >= max(MAX_TOKENS) - 1
     # one trace per (rows, capacity), the capacity growing by 16 columns: far fewer than steps
@@ -69,3 +73,25 @@ def test_capacities_are_few_and_mostly_full():
     assert all(b >= a for a, b in zip(caps, caps[1:]))
     assert all((c - cols) / cols < 1 / 8 for cols, c in enumerate(caps, 1) if cols > 128)
     assert len(set(caps)) <= 56  # one trace per capacity and batch size: the log of the context
+
+
+def test_the_cuda_column_write_equals_the_slice_update(engines):
+    """On CUDA the step writes its column with a select over the copy (engine.compiled_step's
+    docstring says why); forced here on the CPU, it gives the slice update's copies and logits."""
+    import mlx.core as mx
+
+    from engine.compiled_step import CompiledDecode
+
+    model = engines["compiled"].loaded.model
+    args = model.args
+    rows, cap, col = 3, 32, 20
+    shape = (rows, args.num_key_value_heads, cap, args.hidden_size // args.num_attention_heads)
+    ks = [mx.random.normal(shape) for _ in model.layers]
+    vs = [mx.random.normal(shape) for _ in model.layers]
+    inputs, pad = mx.array([5, 17, 400]), mx.array([0, 4, 11], dtype=mx.int32)
+    out = {select: CompiledDecode(model, select=select)(inputs, col, pad, ks, vs) for select in (False, True)}
+    (logits_a, ks_a, vs_a), (logits_b, ks_b, vs_b) = out[False], out[True]
+    assert all(mx.array_equal(a, b).item() for a, b in zip(ks_a + vs_a, ks_b + vs_b))
+    assert not mx.array_equal(ks_a[0], ks[0]).item()  # the column was written
+    assert mx.array_equal(ks_a[0][:, :, :col], ks[0][:, :, :col]).item()
+    assert mx.allclose(logits_a, logits_b, atol=1e-4).item()
