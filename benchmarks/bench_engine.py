@@ -4,6 +4,7 @@
     python -m benchmarks.bench_engine --model synthetic:qwen3-0.6b-8bit --batches 1 5 16   # GPU
     python -m benchmarks.bench_engine --paged --eager       # + the engine without the compiled step
     python -m benchmarks.bench_engine --paged --pipelining  # + decode pipelined and not, side by side
+    python -m benchmarks.bench_engine --paged --column-write  # + KV column by slice update and by select
 
 For each batch size it runs our AsyncEngine (N requests submitted together) and then raw
 mlx_lm BatchGenerator on the same loaded weights, in the same process, with the seed's prompts
@@ -151,6 +152,8 @@ VARIANTS = {
     "eager": ("eager decode", {"compiled_decode": False}),
     "pipelined": ("decode pipelined", {"pipelined_decode": True}),
     "unpipelined": ("decode unpipelined", {"pipelined_decode": False}),
+    "slice": ("column by slice update", {"decode_column_write": "slice"}),
+    "select": ("column by select", {"decode_column_write": "select"}),
 }
 
 
@@ -165,7 +168,8 @@ async def main_async(args) -> dict:
     engine = AsyncEngine.from_source(source, config)
     # The same engine with one setting changed (--eager: the model's own uncompiled decode step, for
     # the compiled step's gain; --pipelining: decode pipelined and not, for what pipelining buys).
-    names = (["eager"] if args.eager else []) + (["pipelined", "unpipelined"] if args.pipelining else [])
+    names = ((["eager"] if args.eager else []) + (["pipelined", "unpipelined"] if args.pipelining else [])
+             + (["slice", "select"] if args.column_write else []))
     variants = {k: AsyncEngine.from_source(source, config.model_copy(update=VARIANTS[k][1])) for k in names}
     model, tokenizer = engine.loaded.model, engine.tokenizer
     rows = []
@@ -202,6 +206,8 @@ def main() -> None:
     parser.add_argument("--eager", action="store_true", help="also run the engine without the compiled decode step")
     parser.add_argument("--pipelining", action="store_true",
                         help="also run the engine with its decode steps pipelined and unpipelined")
+    parser.add_argument("--column-write", action="store_true",
+                        help="also run the engine with the decode step's KV column written by slice update and by select")
     parser.add_argument("--profile", action="store_true", help="cProfile the synchronous scheduler at the first batch size")
     parser.add_argument("--json-out")
     args = parser.parse_args()
