@@ -116,8 +116,7 @@ class BatchLoop:
                  pipelined: bool | None = None, column_write: str | None = None):
         self.model = model
         self.pipelined = mx.default_device() != mx.cpu if pipelined is None else pipelined
-        select = None if column_write is None else column_write == "select"
-        self.compiled = CompiledDecode(model, select=select) if compiled else None
+        self.compiled = CompiledDecode(model, column_write) if compiled else None
         self.grammars = grammars
         self.ctx = ctx
         self.max_num_seqs = max_num_seqs

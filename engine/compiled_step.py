@@ -64,9 +64,13 @@ class _ColumnCache(_BaseCache):
         return self.k, self.v
 
 
-def select_column() -> bool:
-    """Whether the step writes its column with a select (on CUDA, see the module's docstring)."""
-    return mx.default_device() == mx.gpu and mx.cuda.is_available()
+def select_column(column_write: str | None = None) -> bool:
+    """Whether the step writes its column with a select: `column_write` ("slice" / "select",
+    `EngineConfig.decode_column_write`), or when None, on CUDA (see the module's docstring)."""
+    if column_write is not None:
+        return column_write == "select"
+    cuda = getattr(mx, "cuda", None)  # absent from some builds (engine.cpu_fast_path does the same)
+    return mx.default_device() == mx.gpu and cuda is not None and cuda.is_available()
 
 
 def _decode_step(model, select: bool):
@@ -90,9 +94,9 @@ class CompiledDecode:
 
     max_traces = 256
 
-    def __init__(self, model, select: bool | None = None):
+    def __init__(self, model, column_write: str | None = None):
         self.model = model
-        self.select = select_column() if select is None else select
+        self.select = select_column(column_write)
         self._step = mx.compile(_decode_step(model, self.select))
         self.steps = 0
         self.shapes: set[tuple[int, int]] = set()  # (rows, capacity) traced so far

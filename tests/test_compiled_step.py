@@ -89,8 +89,8 @@ def test_the_cuda_column_write_equals_the_slice_update(engines):
     ks = [mx.random.normal(shape) for _ in model.layers]
     vs = [mx.random.normal(shape) for _ in model.layers]
     inputs, pad = mx.array([5, 17, 400]), mx.array([0, 4, 11], dtype=mx.int32)
-    out = {select: CompiledDecode(model, select=select)(inputs, col, pad, ks, vs) for select in (False, True)}
-    (logits_a, ks_a, vs_a), (logits_b, ks_b, vs_b) = out[False], out[True]
+    out = {how: CompiledDecode(model, how)(inputs, col, pad, ks, vs) for how in ("slice", "select")}
+    (logits_a, ks_a, vs_a), (logits_b, ks_b, vs_b) = out["slice"], out["select"]
     assert all(mx.array_equal(a, b).item() for a, b in zip(ks_a + vs_a, ks_b + vs_b))
     assert not mx.array_equal(ks_a[0], ks[0]).item()  # the column was written
     assert mx.array_equal(ks_a[0][:, :, :col], ks[0][:, :, :col]).item()
