@@ -1,0 +1,160 @@
+"""Where an engine step's wall time goes, beside the bare decode loops on the same device.
+
+    python -m benchmarks.bench_step_phases --model synthetic:qwen3-0.6b-8bit --batches 1 5 16   # GPU
+
+For each batch size, in interleaved rounds: the compiled decode step alone in a bare pipelined
+loop (`bench_decode_step`'s `select` on CUDA, `slice` elsewhere), the model over mlx_lm's own
+KVCache in the same loop (no mask), and then our AsyncEngine with the same number of requests,
+with the engine's own methods timed (wrapped for the run, restored after):
+- `loop.step`: a whole step of the batch loop; `launch + wait` is what is left of it once the
+  parts below are taken out: MLX's `async_eval` (on CUDA it encodes and launches every kernel of
+  the step on this thread) and the wait for the device.
+- `issue_decode` (its `compiled_call`: replaying the compiled graph; `decode_copies`: the plan
+  and the working copies), `issue_prefill`, `read` (the host sync and the tokens' bookkeeping).
+- `on_token` (the scheduler's per-token work: detokenizer, stop strings), `deliver` (outputs to
+  the asyncio side), `admit`.
+Prints JSON, then a table, per step in ms.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import contextlib
+import functools
+import time
+
+from .output import emit
+
+# (owner module, class or None, attribute, label): what the engine run times.
+TIMED = [
+    ("engine.scheduler", "Scheduler", "step", "sched.step"),
+    ("engine.batch_loop", "BatchLoop", "step", "loop.step"),
+    ("engine.batch_loop", "BatchLoop", "_issue_decode", "issue_decode"),
+    ("engine.compiled_step", "CompiledDecode", "__call__", "compiled_call"),
+    ("engine.batch_loop", None, "decode_copies", "decode_copies"),
+    ("engine.batch_loop", "BatchLoop", "_issue_prefill", "issue_prefill"),
+    ("engine.batch_loop", "BatchLoop", "_read", "read"),
+    ("engine.scheduler", "Scheduler", "_on_token", "on_token"),
+    ("engine.scheduler", "Scheduler", "_admit", "admit"),
+    ("engine.engine", "AsyncEngine", "_deliver", "deliver"),
+]
+PARTS = ("issue_decode", "issue_prefill", "read")  # loop.step = these + launch and wait
+
+
+@contextlib.contextmanager
+def timers(totals: collections.Counter):
+    """Wrap each TIMED callable to add its wall time to `totals`; put them back after."""
+    import importlib
+
+    saved = []
+    for module_name, cls, attr, label in TIMED:
+        owner = importlib.import_module(module_name)
+        owner = getattr(owner, cls) if cls else owner
+        original = getattr(owner, attr)
+
+        def timed(*args, _f=original, _label=label, **kwargs):
+            start = time.perf_counter()
+            try:
+                return _f(*args, **kwargs)
+            finally:
+                totals[_label] += time.perf_counter() - start
+                totals[_label + " calls"] += 1
+
+        saved.append((owner, attr, original))
+        setattr(owner, attr, functools.wraps(original)(timed))
+    try:
+        yield
+    finally:
+        for owner, attr, original in saved:
+            setattr(owner, attr, original)
+
+
+def per_step(totals: collections.Counter, steps: int) -> dict:
+    ms = {k: round(1000 * v / steps, 3) for k, v in totals.items() if not k.endswith(" calls")}
+    ms["launch + wait"] = round(ms.get("loop.step", 0.0) - sum(ms.get(k, 0.0) for k in PARTS), 3)
+    return ms
+
+
+async def measure(engine, model, batch: int, tokens: int, rounds: int, write: str) -> dict:
+    import mlx.core as mx
+
+    from engine.compiled_step import _decode_step
+
+    from .bench_decode_step import mlx_lm_step, our_step, pipelined
+    from .bench_engine import prompt_ids, run_engine
+
+    prompts = prompt_ids(engine.tokenizer, batch)
+    await run_engine(engine, prompts, tokens)  # every shape of the run traced before it counts
+    bare = our_step(model, mx.compile(_decode_step(model, write == "select")), batch, 256)
+    plain = mlx_lm_step(model, batch, 256)
+    pipelined(bare, batch, 16), pipelined(plain, batch, 16)
+    row = {"batch": batch, "rounds": []}
+    for _ in range(rounds):
+        loops = {"bare": pipelined(bare, batch, tokens), "mlx_lm": pipelined(plain, batch, tokens)}
+        totals = collections.Counter()
+        with timers(totals):
+            result = await run_engine(engine, prompts, tokens)
+        steps = totals["loop.step calls"]
+        row["rounds"].append({
+            "engine_tok_s": result["tok_per_s"], "engine_ms_per_step": round(1000 * result["wall_s"] / steps, 2),
+            **{f"{k}_tok_s": round(v, 1) for k, v in loops.items()},
+            **{f"{k}_ms_per_step": round(1000 * batch / v, 2) for k, v in loops.items()},
+            "steps": steps, "ms": per_step(totals, steps),
+        })
+        print(f"batch {batch}: engine {result['tok_per_s']} tok/s, bare {loops['bare']:.0f}, "
+              f"mlx_lm {loops['mlx_lm']:.0f}", flush=True)
+    return row
+
+
+async def main_async(args) -> dict:
+    import mlx.core as mx
+
+    from engine.compiled_step import select_column
+    from engine.config import EngineConfig
+    from engine.engine import AsyncEngine
+
+    from .bench_engine import machine
+    from .synthetic_model import resolve_model
+
+    config = EngineConfig(max_num_seqs=max(args.batches), prefill_batch_size=8, paged_cache=True)
+    engine = AsyncEngine.from_source(resolve_model(args.model), config)
+    write = "select" if select_column(config.decode_column_write) else "slice"
+    try:
+        rows = [await measure(engine, engine.loaded.model, b, args.tokens, args.rounds, write) for b in args.batches]
+    finally:
+        engine.shutdown()
+    return {"machine": machine(), "device": str(mx.default_device()), "model": args.model,
+            "tokens": args.tokens, "column_write": write, "rows": rows}
+
+
+LABELS = ["loop.step", "launch + wait", "issue_decode", "compiled_call", "decode_copies", "read", "on_token", "deliver"]
+
+
+def table(doc: dict) -> str:
+    lines = [f"{doc['device']}, {doc['model']}, {doc['tokens']} tokens a request; ms a step, per round", "",
+             "| batch | engine | bare loop | mlx_lm loop | " + " | ".join(LABELS) + " |",
+             "|---:" * (4 + len(LABELS)) + "|"]
+    for row in doc["rows"]:
+        for r in row["rounds"]:
+            lines.append(f"| {row['batch']} | {r['engine_ms_per_step']} ({r['engine_tok_s']:.0f} tok/s) "
+                         f"| {r['bare_ms_per_step']} | {r['mlx_lm_ms_per_step']} | "
+                         + " | ".join(f"{r['ms'].get(k, 0.0):.2f}" for k in LABELS) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="synthetic:qwen3-0.6b-8bit")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 5, 16])
+    parser.add_argument("--tokens", type=int, default=256, help="new tokens per request (and bare-loop steps)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--json-out")
+    args = parser.parse_args()
+    doc = asyncio.run(main_async(args))
+    emit(doc, table(doc), args.json_out)
+
+
+if __name__ == "__main__":
+    main()
