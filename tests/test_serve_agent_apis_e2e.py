@@ -17,7 +17,7 @@ import jsonschema
 import openai
 import pytest
 
-from .serve_helpers import BASE
+from .serve_helpers import BASE, serving
 
 pytestmark = pytest.mark.slow
 
@@ -29,8 +29,11 @@ EVENT_ORDER = ["message_start", "content_block_start", "content_block_delta", "c
 
 
 @pytest.fixture(scope="module")
-def server(default_server):
-    return default_server
+def server(default_server, tmp_path_factory):
+    if default_server["proc"].poll() is None:
+        yield default_server
+    else:  # test_serve_e2e ran first (files given in another order) and ended it with Ctrl-C
+        yield from serving(tmp_path_factory)
 
 
 @pytest.fixture(scope="module")
