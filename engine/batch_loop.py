@@ -18,8 +18,10 @@ and `mx.async_eval` returns only once all but a few of the step's ops have run, 
 tokens would come out when step k+1 is nearly done. With `pipelined=False` (the default on the
 CPU) a step reads its own tokens right after issuing them.
 
-A decode step through working copies is one compiled function (engine.compiled_step); a step
-that gathers, and every prefill chunk, is the model's own call. Sampling is one graph for the
+A decode step through working copies is one compiled function (engine.compiled_step), except
+on CUDA while no row is padded: that step needs no mask and runs eagerly, so attention gets MLX's
+fused kernel (`compiled_step.eager_unpadded`). A step that gathers, and every prefill chunk, is
+the model's own call. Sampling is one graph for the
 whole batch (engine.batch_sampling). The K/V live in the block pool:
 the loop hands the model one `BatchPagedKVCache` per layer over the rows' `SeqBlocks`, made again
 only when the batch changes (they keep the decode working copies between steps). The cache
@@ -37,7 +39,7 @@ import mlx.core as mx
 import numpy as np
 
 from .batch_sampling import BatchSampling, needs_counts, row_key
-from .compiled_step import CompiledDecode
+from .compiled_step import CompiledDecode, eager_unpadded
 from .constraints import Constraint, Grammars, apply_bitmask
 from .paged_cache import BatchPagedKVCache, PagedContext, SeqBlocks, decode_copies
 from .sampling import SamplingParams
@@ -113,10 +115,11 @@ class BatchLoop:
 
     def __init__(self, model, ctx: PagedContext, *, max_num_seqs: int, prefill_batch_size: int,
                  prefill_step_size: int, grammars: Grammars | None = None, compiled: bool = True,
-                 pipelined: bool | None = None, column_write: str | None = None):
+                 pipelined: bool | None = None, column_write: str | None = None, unpadded: str | None = None):
         self.model = model
         self.pipelined = mx.default_device() != mx.cpu if pipelined is None else pipelined
         self.compiled = CompiledDecode(model, column_write) if compiled else None
+        self.eager_unpadded = eager_unpadded(unpadded)
         self.grammars = grammars
         self.ctx = ctx
         self.max_num_seqs = max_num_seqs
@@ -202,11 +205,12 @@ class BatchLoop:
 
     def _decode_logits(self, batch: _Batch) -> mx.array:
         """[B, vocab]: the compiled step when the batch decodes through working copies, else the
-        model's own call (through the caches, which gather)."""
+        model's own call (through the caches, which gather, or append to the copies and mask only
+        what is padded: `eager_unpadded`)."""
         copies = decode_copies(batch.caches) if self.compiled is not None else None
-        if copies is None:
-            return self.model(batch.inputs[:, None], cache=batch.caches)[:, -1, :]
         geom = self.ctx.geometry
+        if copies is None or (self.eager_unpadded and geom.sees_all(None)):
+            return self.model(batch.inputs[:, None], cache=batch.caches)[:, -1, :]
         logits, ks, vs = self.compiled(batch.inputs, geom.col - 1, geom.pad_array, [c.k for c in copies],
                                        [c.v for c in copies])
         for cache, k, v in zip(batch.caches, ks, vs):

@@ -56,6 +56,11 @@ class EngineConfig(BaseModel):
         "a slice update, or a select with the column's one-hot (engine.compiled_step). None: automatic, "
         "select on CUDA, where MLX's dynamic slice update runs a thread per element of the whole copy.",
     )
+    unpadded_decode: Literal["eager", "compiled"] | None = Field(
+        None, description="A decode batch whose rows all have one length (one row always has) needs no "
+        "attention mask: run its steps eagerly and unmasked, or through the compiled step, which masks its "
+        "whole copy. None: automatic, eager on CUDA, where MLX's fused vector attention refuses a mask.",
+    )
     adaptive_cpu_threads: bool = Field(
         True, description="While busy, give OpenBLAS (the CPU fast path) the cores other processes leave "
         "free, from 1 up to the threads it started with (engine.cpu_threads); false keeps them fixed.",

@@ -286,7 +286,7 @@ class BatchPagedKVCache(_BaseCache):
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None, **kwargs):
         if self._step_plan(N).working_copy:
-            return self.ctx.geometry.mask(window_size)
+            return self.ctx.geometry.mask(window_size, return_array)
         return self.ctx.mask(self._starts(), N, window_size)
 
     def set_chunk(self, real: list[int]) -> None:

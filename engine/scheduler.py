@@ -93,7 +93,7 @@ class Scheduler:
         ctx = getattr(self.cache, "ctx", None)
         if ctx is not None:
             return BatchLoop(self.model, ctx, compiled=cfg.compiled_decode, pipelined=cfg.pipelined_decode,
-                             column_write=cfg.decode_column_write, **sizes)
+                             column_write=cfg.decode_column_write, unpadded=cfg.unpadded_decode, **sizes)
         return MlxLmBatch(self.model, **sizes)
 
     # --- admission ---------------------------------------------------------------------

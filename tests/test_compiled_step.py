@@ -1,8 +1,8 @@
 """The compiled decode step (engine.compiled_step) gives the tokens of the model's own step.
 
 Rows of different lengths in one batch (left padding in the working copies), outputs long enough
-to grow the copies past their first capacity, and a row leaving mid-batch (a new geometry). On
-the real SmolLM2, CPU, greedy."""
+to grow the copies past their first capacity, a row leaving mid-batch (a new geometry), and a lone
+row decoding eagerly without a mask (CUDA's default). On the real SmolLM2, CPU, greedy."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from engine.config import EngineConfig
 from engine.engine import AsyncEngine
 from engine.request import PromptInput
 from engine.sampling import SamplingParams
-from engine.working_copy import capacity
+from engine.working_copy import Geometry, capacity
 
 from .conftest import SMOLLM
 
@@ -41,6 +41,7 @@ def engines():
         ("compiled", EngineConfig()),
         ("select", EngineConfig(decode_column_write="select")),  # CUDA's column write, forced on
         ("eager", EngineConfig(compiled_decode=False)),
+        ("unpadded", EngineConfig(unpadded_decode="eager")),  # CUDA's default, forced on
         ("off", EngineConfig(paged_cache=False)),
     )}
     yield made
@@ -49,7 +50,7 @@ def engines():
 
 
 async def test_compiled_decode_equals_the_models_own_step(engines):
-    ctxs = [engines[name].scheduler.cache.ctx for name in ("compiled", "select")]
+    ctxs = [engines[name].scheduler.cache.ctx for name in ("compiled", "select", "unpadded")]
     for ctx in ctxs:
         ctx.policy = "always"  # every decode step through working copies, so every one compiled
     try:
@@ -59,12 +60,37 @@ async def test_compiled_decode_equals_the_models_own_step(engines):
             ctx.policy = "auto"
     assert [len(ids) for ids in got["compiled"]] == MAX_TOKENS
     assert engines["select"].scheduler.gen.compiled.select and not engines["compiled"].scheduler.gen.compiled.select
-    assert got["compiled"] == got["select"] == got["eager"] == got["off"]
+    assert got["compiled"] == got["select"] == got["eager"] == got["unpadded"] == got["off"]
     stats = engines["compiled"].stats()
     assert stats["compiled_steps"] >= max(MAX_TOKENS) - 1
     # one trace per (rows, capacity), the capacity growing by 16 columns: far fewer than steps
     assert 2 <= stats["compiled_shapes"] <= 10 < stats["compiled_steps"]
     assert engines["eager"].stats()["compiled_steps"] == 0
+    assert engines["unpadded"].stats()["compiled_steps"] >= max(MAX_TOKENS) - 1  # its rows are padded
+
+
+async def test_an_unpadded_batch_decodes_eagerly_and_unmasked(engines):
+    """With `unpadded_decode: eager` a lone row (never padded) skips the compiled step; its
+    attention gets no mask at all, and its tokens are the compiled step's."""
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+
+    async def solo(name: str) -> list[int]:
+        prompt = PromptInput(text=PROMPTS[1])
+        return [t async for o in engines[name].submit(prompt, params) for t in o.token_ids]
+
+    before = {name: engines[name].stats()["compiled_steps"] for name in ("compiled", "unpadded")}
+    assert await solo("unpadded") == await solo("compiled")
+    assert engines["unpadded"].stats()["compiled_steps"] == before["unpadded"]
+    assert engines["compiled"].stats()["compiled_steps"] > before["compiled"]
+
+
+def test_a_mask_that_hides_nothing_is_none():
+    geom = Geometry.new((1, 2), [7, 7], step=16)
+    assert geom.sees_all(None) and geom.mask(None) is None
+    assert geom.mask(None, return_array=True).tolist() == [[[[True] * 8]]] * 2  # a model that asks for an array
+    assert geom.mask(4) is not None and not geom.sees_all(4)  # a sliding window cuts the first columns
+    padded = Geometry.new((1, 2), [7, 5], step=16)
+    assert not padded.sees_all(None) and padded.mask(None)[1, 0, 0].tolist() == [False] * 2 + [True] * 6
 
 
 def test_capacities_are_few_and_mostly_full():
