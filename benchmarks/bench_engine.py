@@ -5,16 +5,20 @@
     python -m benchmarks.bench_engine --paged --eager       # + the engine without the compiled step
     python -m benchmarks.bench_engine --paged --pipelining  # + decode pipelined and not, side by side
     python -m benchmarks.bench_engine --paged --column-write  # + KV column by slice update and by select
+    python -m benchmarks.bench_engine --paged --unpadded --ragged  # + unpadded batches eager and compiled
 
 For each batch size it runs our AsyncEngine (N requests submitted together) and then raw
 mlx_lm BatchGenerator on the same loaded weights, in the same process, with the seed's prompts
-cycled, a fixed max_tokens and EOS ignored. Prints one JSON document and a markdown table.
+cycled, a fixed max_tokens and EOS ignored. With `--rounds N` every run is made N times,
+interleaved, and the table gives each one's median (the JSON keeps every round's tok/s): a
+single pass on a noisy host says little. Prints one JSON document and a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import platform
 import statistics
 import sys
@@ -25,12 +29,14 @@ from .output import emit
 PROMPTS = ["What is 2+2?", "Name 3 colors.", "What is Python?", "Capital of Japan?", "Who wrote Hamlet?"]
 
 
-def prompt_ids(tokenizer, n: int) -> list[list[int]]:
+def prompt_ids(tokenizer, n: int, ragged: bool = False) -> list[list[int]]:
+    """The seed's prompts cycled; on the synthetic model token ids, 32 each, or with `ragged` 32-47
+    (rows of different lengths: a padded decode batch, as a server mostly runs)."""
     from engine.prompts import encode_prompt
     from engine.request import PromptInput
 
-    if not tokenizer.has_chat_template:  # synthetic model: fixed-length token-id prompts
-        return [[(7 * i + j) % 1000 + 10 for j in range(32)] for i in range(n)]
+    if not tokenizer.has_chat_template:  # synthetic model: token-id prompts
+        return [[(7 * i + j) % 1000 + 10 for j in range(32 + (5 * i) % 16 * ragged)] for i in range(n)]
     return [encode_prompt(tokenizer, PromptInput(messages=[{"role": "user", "content": PROMPTS[i % 5]}])) for i in range(n)]
 
 
@@ -106,6 +112,12 @@ def run_scheduler(engine, prompts, max_tokens: int, profile: bool = False) -> di
     return summarize([(s.first_token_time - s.arrival, len(s.output_ids)) for s in seqs], wall)
 
 
+def median_run(runs: list[dict]) -> dict:
+    """The run with the median tok/s, with every run's tok/s beside it (`--rounds`)."""
+    ranked = sorted(runs, key=lambda r: r["tok_per_s"])
+    return {**ranked[(len(ranked) - 1) // 2], "tok_per_s_rounds": [r["tok_per_s"] for r in runs]}
+
+
 def summarize(results, wall: float) -> dict:
     ttfts = [t for t, _ in results]
     tokens = sum(n for _, n in results)
@@ -154,6 +166,8 @@ VARIANTS = {
     "unpipelined": ("decode unpipelined", {"pipelined_decode": False}),
     "slice": ("column by slice update", {"decode_column_write": "slice"}),
     "select": ("column by select", {"decode_column_write": "select"}),
+    "unpadded_eager": ("unpadded eager", {"unpadded_decode": "eager"}),
+    "unpadded_compiled": ("unpadded compiled", {"unpadded_decode": "compiled"}),
 }
 
 
@@ -169,23 +183,28 @@ async def main_async(args) -> dict:
     # The same engine with one setting changed (--eager: the model's own uncompiled decode step, for
     # the compiled step's gain; --pipelining: decode pipelined and not, for what pipelining buys).
     names = ((["eager"] if args.eager else []) + (["pipelined", "unpipelined"] if args.pipelining else [])
-             + (["slice", "select"] if args.column_write else []))
+             + (["slice", "select"] if args.column_write else [])
+             + (["unpadded_eager", "unpadded_compiled"] if args.unpadded else []))
     variants = {k: AsyncEngine.from_source(source, config.model_copy(update=VARIANTS[k][1])) for k in names}
     model, tokenizer = engine.loaded.model, engine.tokenizer
     rows = []
     for n in args.batches:
-        prompts = prompt_ids(tokenizer, n)
+        prompts = prompt_ids(tokenizer, n, args.ragged)
         # Warm-up at this batch size first (kernel compilation for new shapes must not count;
         # --warmup-tokens as many as --max-tokens: every shape of the run, the compiled step's too).
         await run_engine(engine, prompts, args.warmup_tokens)
         run_raw(model, prompts, args.warmup_tokens, config)
-        ours = await run_engine(engine, prompts, args.max_tokens)
-        raw = run_raw(model, prompts, args.max_tokens, config)  # same weights; our loop is idle meanwhile
-        sched = run_scheduler(engine, prompts, args.max_tokens, profile=args.profile and n == args.batches[0])
-        rows.append({"batch": n, "ours": ours, "scheduler": sched, "raw": raw})
-        for k, variant in variants.items():
+        for variant in variants.values():
             await run_engine(variant, prompts, args.warmup_tokens)
-            rows[-1][k] = await run_engine(variant, prompts, args.max_tokens)
+        runs = collections.defaultdict(list)
+        for _ in range(args.rounds):  # interleaved, so a slow minute of the host hits every run alike
+            runs["ours"].append(await run_engine(engine, prompts, args.max_tokens))
+            runs["raw"].append(run_raw(model, prompts, args.max_tokens, config))  # same weights; our loop idle
+            for k, variant in variants.items():
+                runs[k].append(await run_engine(variant, prompts, args.max_tokens))
+        sched = run_scheduler(engine, prompts, args.max_tokens, profile=args.profile and n == args.batches[0])
+        rows.append({"batch": n, "scheduler": sched, **{k: median_run(v) for k, v in runs.items()}})
+        ours, raw = rows[-1]["ours"], rows[-1]["raw"]
         print(f"batch {n}: engine {ours['tok_per_s']} tok/s, scheduler {sched['tok_per_s']}, raw {raw['tok_per_s']}",
               file=sys.stderr, flush=True)
     for e in (engine, *variants.values()):
@@ -208,6 +227,12 @@ def main() -> None:
                         help="also run the engine with its decode steps pipelined and unpipelined")
     parser.add_argument("--column-write", action="store_true",
                         help="also run the engine with the decode step's KV column written by slice update and by select")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="measure each run this many times, interleaved; the table gives the median")
+    parser.add_argument("--unpadded", action="store_true",
+                        help="also run the engine with unpadded decode batches eager (unmasked) and compiled")
+    parser.add_argument("--ragged", action="store_true",
+                        help="synthetic model: prompts of 32-47 tokens, so decode batches are padded")
     parser.add_argument("--profile", action="store_true", help="cProfile the synchronous scheduler at the first batch size")
     parser.add_argument("--json-out")
     args = parser.parse_args()
