@@ -18,10 +18,10 @@ import statistics
 import sys
 import time
 
+from .openai_bench.prompts import SEED_QUESTIONS
 from .output import emit
 
-QUESTIONS = ["What is 2+2?", "Name 3 colors.", "What is Python?", "Capital of Japan?", "Who wrote Hamlet?",
-             "What is the boiling point of water?", "Name a planet.", "What is 10 times 3?"]
+QUESTIONS = SEED_QUESTIONS + ["What is the boiling point of water?", "Name a planet.", "What is 10 times 3?"]
 
 
 async def run_mode(source: str, mode: str, args) -> dict:

@@ -24,9 +24,10 @@ import statistics
 import sys
 import time
 
+from .openai_bench.prompts import SEED_QUESTIONS
 from .output import emit
 
-PROMPTS = ["What is 2+2?", "Name 3 colors.", "What is Python?", "Capital of Japan?", "Who wrote Hamlet?"]
+PROMPTS = SEED_QUESTIONS
 
 
 def prompt_ids(tokenizer, n: int, ragged: bool = False) -> list[list[int]]:

@@ -27,11 +27,12 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.openai_bench.prompts import SEED_QUESTIONS
 from benchmarks.serve_process import start_serve_run
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "http://127.0.0.1:8000"
-PROMPTS = ["What is 2+2?", "Name 3 colors.", "What is Python?", "Capital of Japan?", "Who wrote Hamlet?"]
+PROMPTS = SEED_QUESTIONS
 
 
 def pct(values: list[float], q: float) -> float | None:

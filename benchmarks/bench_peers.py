@@ -24,9 +24,10 @@ import statistics
 import sys
 import time
 
+from .openai_bench.prompts import SEED_QUESTIONS
 from .output import emit
 
-QUESTIONS = ["What is 2+2?", "Name 3 colors.", "What is Python?", "Capital of Japan?", "Who wrote Hamlet?"]
+QUESTIONS = SEED_QUESTIONS
 LONG = "Answer at length, in detail, with examples: "
 MAX_TOKENS = 64
 

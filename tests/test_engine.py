@@ -6,6 +6,7 @@ import asyncio
 
 import pytest
 
+from benchmarks.openai_bench.prompts import SEED_QUESTIONS
 from engine.config import EngineConfig
 from engine.engine import AsyncEngine
 from engine.errors import InvalidRequestError
@@ -14,7 +15,7 @@ from engine.sampling import SamplingParams
 
 from .conftest import SMOLLM
 
-QUESTIONS = ["What is 2+2?", "Name 3 colors.", "What is Python?", "Capital of Japan?", "Who wrote Hamlet?"]
+QUESTIONS = SEED_QUESTIONS
 
 
 def chat(q: str) -> PromptInput:
