@@ -318,21 +318,28 @@ async def test_entry_count_mode(off):
 
 async def test_gemma_sliding_window_equals_cache_off():
     """Gemma 3: 5 of 6 layers attend to a 512-token window. Prompts past the window, shared prefix;
-    the first one decodes through the compiled step."""
+    the first one decodes through the compiled step, and with `unpadded_decode: eager` (CUDA's
+    default, forced here) the lone rows decode eagerly: the window masks its 5 layers, the global
+    layer gets no mask."""
     text = " ".join(f"On day {i} the caravan crossed the dunes and counted {i * 7} camels." for i in range(45))
     prompts = [PromptInput(text=text + q) for q in (" How many camels on day 3?", " Where did the caravan go?")]
-    results, compiled_steps = {}, 0
-    for paged in (False, True):
-        eng = AsyncEngine.from_source(GEMMA, EngineConfig(paged_cache=paged))
+    configs = {"off": EngineConfig(paged_cache=False), "paged": EngineConfig(),
+               "eager": EngineConfig(unpadded_decode="eager")}
+    results, compiled_steps, copy_steps = {}, {}, {}
+    for name, config in configs.items():
+        eng = AsyncEngine.from_source(GEMMA, config)
         try:
-            results[paged] = [await run(eng, p, max_tokens=6) for p in prompts]
-            compiled_steps = eng.stats()["compiled_steps"]  # the window in the compiled step's mask
+            results[name] = [await run(eng, p, max_tokens=6) for p in prompts]
+            stats = eng.stats()
+            compiled_steps[name] = stats["compiled_steps"]  # the window in the compiled step's mask
+            copy_steps[name] = stats["cache"].get("steps_working_copy", 0)
         finally:
             eng.shutdown()
-    assert compiled_steps > 0
-    assert results[True][0][1].prompt_tokens > 600
-    assert [ids for ids, _ in results[True]] == [ids for ids, _ in results[False]]
-    assert results[True][1][1].cached_tokens > 550
+    assert compiled_steps["paged"] > 0 and compiled_steps["eager"] == 0 < copy_steps["eager"]
+    assert results["paged"][0][1].prompt_tokens > 600
+    assert [ids for ids, _ in results["paged"]] == [ids for ids, _ in results["off"]]
+    assert [ids for ids, _ in results["eager"]] == [ids for ids, _ in results["off"]]
+    assert results["paged"][1][1].cached_tokens > 550 and results["eager"][1][1].cached_tokens > 550
 
 
 async def test_a_replica_reports_the_prefixes_its_cache_still_holds():
