@@ -18,16 +18,16 @@ and `mx.async_eval` returns only once all but a few of the step's ops have run, 
 tokens would come out when step k+1 is nearly done. With `pipelined=False` (the default on the
 CPU) a step reads its own tokens right after issuing them.
 
-A decode step through working copies is one compiled function (engine.compiled_step), except
-on CUDA while no row is padded: that step needs no mask and runs eagerly, so attention gets MLX's
-fused kernel (`compiled_step.eager_unpadded`). A step that gathers, and every prefill chunk, is
-the model's own call. Sampling is one graph for the
-whole batch (engine.batch_sampling). The K/V live in the block pool:
-the loop hands the model one `BatchPagedKVCache` per layer over the rows' `SeqBlocks`, made again
-only when the batch changes (they keep the decode working copies between steps). The cache
-protocol between loop and cache is small: `BatchPagedKVCache(ctx, layer, rows)` for a batch,
-`set_chunk(real)` before a right-padded prefill chunk, `flush()` before anything else reads the
-rows' blocks; the pool hands over what it wrote (`take_writes`) to be evaluated with the step.
+A decode step through working copies is one compiled function (engine.compiled_step), except on CUDA
+while no row is padded: that step needs no mask and runs eagerly, so attention gets MLX's fused
+kernel (`compiled_step.eager_unpadded`). A step that gathers, and every prefill chunk, is the
+model's own call. Sampling is one graph for the whole batch (engine.batch_sampling). The K/V live in
+the block pool: the loop hands the model one `BatchPagedKVCache` per layer over the rows'
+`SeqBlocks`, made again only when the batch changes (they keep the decode working copies between
+steps). The cache protocol between loop and cache is small: `BatchPagedKVCache(ctx, layer, rows)`
+for a batch, `set_chunk(real)` before a right-padded prefill chunk, `flush()` before anything else
+reads the rows' blocks; the pool hands over what it wrote (`take_writes`) to be evaluated with the
+step.
 """
 
 from __future__ import annotations
