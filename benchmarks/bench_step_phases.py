@@ -13,7 +13,9 @@ with the engine's own methods timed (wrapped for the run, restored after):
   and the working copies), `issue_prefill`, `read` (the host sync and the tokens' bookkeeping).
 - `on_token` (the scheduler's per-token work: detokenizer, stop strings), `deliver` (outputs to
   the asyncio side), `admit`.
-The engine's figures include the timers' own cost (a few µs a call; `on_token` is called once a
+On CUDA a batch with no padding decodes eagerly and unmasked (`engine.unpadded_decode`), and
+then has no `compiled_call`; these prompts are all 32 tokens, so batch 1 always does, and 5 and 16
+when their rows were admitted in one step. The engine's figures include the timers' own cost (a few µs a call; `on_token` is called once a
 row a step). Prints JSON, then a table, per step in ms.
 """
 
