@@ -15,8 +15,8 @@ with the engine's own methods timed (wrapped for the run, restored after):
   the asyncio side), `admit`.
 On CUDA a batch with no padding decodes eagerly and unmasked (`engine.unpadded_decode`), and
 then has no `compiled_call`; these prompts are all 32 tokens, so batch 1 always does, and 5 and 16
-when their rows were admitted in one step. The engine's figures include the timers' own cost (a few µs a call; `on_token` is called once a
-row a step). Prints JSON, then a table, per step in ms.
+when their rows were admitted in one step. The engine's figures include the timers' own cost (a
+few µs a call; `on_token` is called once a row a step). Prints JSON, then a table, per step in ms.
 """
 
 from __future__ import annotations
