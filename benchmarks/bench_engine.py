@@ -27,8 +27,6 @@ import time
 from .openai_bench.prompts import SEED_QUESTIONS
 from .output import emit
 
-PROMPTS = SEED_QUESTIONS
-
 
 def prompt_ids(tokenizer, n: int, ragged: bool = False) -> list[list[int]]:
     """The seed's prompts cycled; on the synthetic model token ids, 32 each, or with `ragged` 32-47
@@ -37,8 +35,10 @@ def prompt_ids(tokenizer, n: int, ragged: bool = False) -> list[list[int]]:
     from engine.request import PromptInput
 
     if not tokenizer.has_chat_template:  # synthetic model: token-id prompts
-        return [[(7 * i + j) % 1000 + 10 for j in range(32 + (5 * i) % 16 * ragged)] for i in range(n)]
-    return [encode_prompt(tokenizer, PromptInput(messages=[{"role": "user", "content": PROMPTS[i % 5]}])) for i in range(n)]
+        lengths = [32 + (5 * i) % 16 if ragged else 32 for i in range(n)]
+        return [[(7 * i + j) % 1000 + 10 for j in range(length)] for i, length in enumerate(lengths)]
+    return [encode_prompt(tokenizer, PromptInput(messages=[{"role": "user", "content": SEED_QUESTIONS[i % 5]}]))
+            for i in range(n)]
 
 
 async def run_engine(engine, prompts, max_tokens: int) -> dict:

@@ -32,7 +32,6 @@ from benchmarks.serve_process import start_serve_run
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "http://127.0.0.1:8000"
-PROMPTS = SEED_QUESTIONS
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -60,7 +59,7 @@ async def engine_request(engine, i: int, max_tokens: int) -> tuple[float, int]:
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0, ignore_eos=True)
     start = time.perf_counter()
-    stream = engine.submit(PromptInput(messages=[{"role": "user", "content": PROMPTS[i % 5]}]), params)
+    stream = engine.submit(PromptInput(messages=[{"role": "user", "content": SEED_QUESTIONS[i % 5]}]), params)
     ttft, tokens = None, 0
     async for out in stream:
         if out.token_ids and ttft is None:
@@ -93,7 +92,7 @@ def bench_engine(model, levels: list[int], rounds: int, max_tokens: int) -> dict
 
 
 async def http_request(client, model: str, i: int, max_tokens: int) -> tuple[float, int]:
-    body = {"model": model, "messages": [{"role": "user", "content": PROMPTS[i % 5]}], "max_tokens": max_tokens,
+    body = {"model": model, "messages": [{"role": "user", "content": SEED_QUESTIONS[i % 5]}], "max_tokens": max_tokens,
             "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     start = time.perf_counter()
     ttft, tokens = None, 0

@@ -27,7 +27,6 @@ import time
 from .openai_bench.prompts import SEED_QUESTIONS
 from .output import emit
 
-QUESTIONS = SEED_QUESTIONS
 LONG = "Answer at length, in detail, with examples: "
 MAX_TOKENS = 64
 
@@ -72,7 +71,7 @@ class Target:
 
 async def wave(target: Target, n: int) -> float:
     start = time.perf_counter()
-    results = await asyncio.gather(*(target.one(LONG + QUESTIONS[i % 5]) for i in range(n)))
+    results = await asyncio.gather(*(target.one(LONG + SEED_QUESTIONS[i % 5]) for i in range(n)))
     return sum(tokens for _, tokens in results) / (time.perf_counter() - start)
 
 
@@ -88,7 +87,7 @@ async def run(args) -> dict:
     say = lambda *a: print(f"[{args.label}]", *a, file=sys.stderr, flush=True)  # noqa: E731
     await wave(t, 5)  # warm-up: kernels for these shapes, and the servers' caches
     ttfts = []
-    for q in QUESTIONS * 2:
+    for q in SEED_QUESTIONS * 2:
         ttft, _ = await t.one(q, max_tokens=8)
         if ttft is not None:
             ttfts.append(ttft)
