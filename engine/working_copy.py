@@ -55,6 +55,9 @@ class Geometry:
     gen: int  # a new geometry means every layer rebuilds its copy
     _pad: mx.array | None = None
 
+    def __post_init__(self):
+        self.padded = bool(self.pad.any())  # fixed for the geometry; asked by every layer a step
+
     @classmethod
     def new(cls, ident: tuple[int, ...], lengths: list[int], step: int) -> "Geometry":
         """Lengths before this step's token; the capacity from `capacity`."""
@@ -81,7 +84,7 @@ class Geometry:
 
     def sees_all(self, window_size: int | None) -> bool:
         """Whether every row sees every column written so far: no padding, no window cut."""
-        return not self.pad.any() and (window_size is None or self.col <= window_size)
+        return not self.padded and (window_size is None or self.col <= window_size)
 
     def mask(self, window_size: int | None, return_array: bool = False) -> mx.array | None:
         """[B, 1, 1, col] bool over the columns written so far (`visible`); None when it would hide
