@@ -59,7 +59,7 @@ async def run_mode(source: str, mode: str, args) -> dict:
 
 
 def main() -> None:
-    from engine.cpu_fast_path import reexec_with_openblas
+    from engine.loading.cpu_fast_path import reexec_with_openblas
 
     reexec_with_openblas()
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -8,7 +8,7 @@ Each model runs in its own process (as each model replica does under `serve run`
 engine on the CPU fast path. Both warm up, then decode waves of `--batch` requests (32 tokens,
 EOS ignored) for `--seconds`, starting at the same moment. Modes, in turn: `fixed` (OpenBLAS
 keeps the threads it started with: every core, `engine.adaptive_cpu_threads: false`) and
-`adaptive` (the default: engine/cpu_threads.py). Then each model alone, adaptive, for what a
+`adaptive` (the default: engine/loading/cpu_threads.py). Then each model alone, adaptive, for what a
 model that has the machine to itself makes. With `--serve`, the same A/B through `serve run` of
 serve_config.yaml (a copy with `adaptive_cpu_threads` set for both models): `--batch` streaming
 clients per model over HTTP, both models at once. Prints one JSON document and a markdown table.
@@ -152,7 +152,7 @@ def main() -> None:
     parser.add_argument("--start-at", type=float, help=argparse.SUPPRESS)
     parser.add_argument("--adaptive", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    from engine.cpu_fast_path import reexec_with_openblas
+    from engine.loading.cpu_fast_path import reexec_with_openblas
 
     reexec_with_openblas()
     if args.worker:

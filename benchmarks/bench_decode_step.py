@@ -159,7 +159,7 @@ VARIANTS = ("slice", "select", "unmasked", "mlx_lm")
 
 
 def run(args) -> dict:
-    from engine.loader import load_model
+    from engine.loading.loader import load_model
 
     from .synthetic_model import resolve_model
 

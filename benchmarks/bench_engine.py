@@ -90,7 +90,7 @@ def run_scheduler(engine, prompts, max_tokens: int, profile: bool = False) -> di
     from engine.scheduler import Scheduler, Sequence
     from engine.text_stream import TextStream
 
-    from engine.kv_cache import make_cache_manager
+    from engine.kv.manager import make_cache_manager
 
     # A cache of its own, made on this thread: MLX streams belong to the thread that made them.
     cache = make_cache_manager(engine.loaded.model, engine.config)
@@ -133,7 +133,7 @@ def machine() -> dict:
     import mlx.core as mx
     import mlx_lm
 
-    from engine.cpu_fast_path import openblas_loaded
+    from engine.loading.cpu_fast_path import openblas_loaded
 
     return {
         "platform": platform.platform(), "processor": platform.machine(), "python": platform.python_version(),
@@ -214,7 +214,7 @@ async def main_async(args) -> dict:
 
 
 def main() -> None:
-    from engine.cpu_fast_path import reexec_with_openblas
+    from engine.loading.cpu_fast_path import reexec_with_openblas
 
     reexec_with_openblas()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -233,7 +233,7 @@ def table(report: dict) -> str:
 
 
 def main() -> None:
-    from engine.cpu_fast_path import reexec_with_openblas
+    from engine.loading.cpu_fast_path import reexec_with_openblas
 
     reexec_with_openblas()
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -6,7 +6,7 @@
 Each (model, path) runs in its own child process, because OpenBLAS must be preloaded before MLX:
   stock  load_model(source, fast_cpu=False), no LD_PRELOAD: weights as mlx_lm gets them from the
          MLX export (SmolLM2 4-bit; Gemma's K-quant export is float32 already), reference BLAS.
-  fast   load_model(source, fast_cpu=True) with engine.cpu_fast_path.openblas_env() applied.
+  fast   load_model(source, fast_cpu=True) with engine.loading.cpu_fast_path.openblas_env() applied.
 The parent loads every model once first so the GGUF -> MLX export is cached; "load s" is then the
 child's LoadedModel.load_seconds. Prefill is timed the way mlx_lm's generate_step does it: the
 prompt goes through the model with a prompt cache, the cache is evaluated, and the logits of the
@@ -78,9 +78,9 @@ def run_child(args) -> dict:
     import mlx_lm  # noqa: F401 - imported before the timer so load_seconds excludes it
     import mlx_lm.models.cache  # noqa: F401
 
-    from engine import cpu_fast_path
-    from engine.loader import load_model
-    from engine.sources import BUNDLED
+    from engine.loading import cpu_fast_path
+    from engine.loading.loader import load_model
+    from engine.loading.sources import BUNDLED
 
     loaded = load_model(BUNDLED[args.model], fast_cpu=args.path == "fast")
     model, notes = loaded.model, []
@@ -131,7 +131,7 @@ def run_child(args) -> dict:
 
 
 def child_env(path: str) -> dict[str, str]:
-    from engine import cpu_fast_path
+    from engine.loading import cpu_fast_path
 
     env = {k: v for k, v in os.environ.items() if k != "LD_PRELOAD"}
     if path == "fast":
@@ -158,8 +158,8 @@ def run_one(model: str, path: str, args) -> dict:
 
 def warm_exports(models: list[str]) -> dict:
     """Load each model once (stock) in the parent so the GGUF -> MLX export is cached for the children."""
-    from engine.loader import load_model
-    from engine.sources import BUNDLED
+    from engine.loading.loader import load_model
+    from engine.loading.sources import BUNDLED
 
     times = {}
     for name in models:
@@ -171,7 +171,7 @@ def warm_exports(models: list[str]) -> dict:
 def machine_info() -> dict:
     import mlx.core as mx
 
-    from engine import cpu_fast_path
+    from engine.loading import cpu_fast_path
 
     return {
         "platform": platform.platform(),
@@ -211,7 +211,7 @@ def table(results: list[dict], models: list[str]) -> str:
 
 
 def parse_args(argv=None):
-    from engine.sources import BUNDLED
+    from engine.loading.sources import BUNDLED
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=list(BUNDLED), choices=list(BUNDLED))

@@ -136,7 +136,7 @@ async def ten_users(source: str, paged: bool, block_size: int, users: int, syste
 
 
 def kv_bytes_per_token(engine) -> int:
-    from engine.kv_cache import probe_layers
+    from engine.kv.manager import probe_layers
 
     layers, dtype = probe_layers(engine.loaded.model)
     return sum(s.kv_heads * (s.k_dim + s.v_dim) for s in layers) * dtype.size
@@ -189,9 +189,9 @@ def decode_steps(source: str, block_sizes: list[int], batch: int, context: int, 
     from mlx_lm.sample_utils import make_sampler
 
     from engine.config import EngineConfig
-    from engine.kv_cache import make_cache_manager, probe_layers
-    from engine.loader import load_model
-    from engine.paged_cache import BatchPagedKVCache, SeqBlocks
+    from engine.kv.manager import make_cache_manager, probe_layers
+    from engine.loading.loader import load_model
+    from engine.kv.paged_cache import BatchPagedKVCache, SeqBlocks
 
     model = load_model(source).model
     nl = len(model.layers)
@@ -342,7 +342,7 @@ async def main_async(args) -> dict:
 
 
 def main() -> None:
-    from engine.cpu_fast_path import reexec_with_openblas
+    from engine.loading.cpu_fast_path import reexec_with_openblas
 
     reexec_with_openblas()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

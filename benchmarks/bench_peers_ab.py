@@ -59,7 +59,7 @@ def bench_ours(config: str, model: str, waves: int) -> dict:
 
 
 def bench_mlx_lm_server(weights: str, waves: int) -> dict:
-    from engine.cpu_fast_path import find_openblas
+    from engine.loading.cpu_fast_path import find_openblas
 
     blas = find_openblas()
     env = {**os.environ, **({"LD_PRELOAD": blas} if blas else {})}

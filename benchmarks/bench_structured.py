@@ -83,7 +83,7 @@ def main() -> None:
     p.add_argument("--tokens", type=int, default=48)
     p.add_argument("--json-out")
     args = p.parse_args()
-    from engine.cpu_fast_path import reexec_with_openblas
+    from engine.loading.cpu_fast_path import reexec_with_openblas
 
     reexec_with_openblas()  # on Linux CPU: float32 weights over OpenBLAS, as the server runs them
     from engine.config import EngineConfig

@@ -101,7 +101,7 @@ def _estimate_weights(model: ModelConfig) -> int | None:
     """From the weight files' headers; an unreadable file does not stop the other models: it is
     estimated from its size, and its own load fails with the reason (served as a 503)."""
     from engine.memory import estimate_weights_bytes
-    from engine.sources import resolve_source
+    from engine.loading.sources import resolve_source
 
     try:
         return estimate_weights_bytes(model.source, _fast_cpu(model))
@@ -115,7 +115,7 @@ def _estimate_weights(model: ModelConfig) -> int | None:
 def _fast_cpu(model: ModelConfig) -> bool:
     if model.engine.fast_cpu is not None:
         return model.engine.fast_cpu
-    from engine.cpu_fast_path import wants_fast_path
+    from engine.loading.cpu_fast_path import wants_fast_path
 
     return wants_fast_path()
 

@@ -41,7 +41,7 @@ import numpy as np
 from .batch_sampling import BatchSampling, needs_counts, row_key
 from .compiled_step import CompiledDecode, eager_unpadded
 from .constraints import Constraint, Grammars, apply_bitmask
-from .paged_cache import BatchPagedKVCache, PagedContext, SeqBlocks, decode_copies
+from .kv.paged_cache import BatchPagedKVCache, PagedContext, SeqBlocks, decode_copies
 from .sampling import SamplingParams
 
 

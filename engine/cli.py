@@ -11,7 +11,7 @@ import logging
 import sys
 import time
 
-from .cpu_fast_path import reexec_with_openblas
+from .loading.cpu_fast_path import reexec_with_openblas
 
 SMOKE = [
     ("smollm2-135m-instruct", {"messages": [{"role": "user", "content": "What is the capital of France?"}]}),
@@ -23,7 +23,7 @@ def smoke(max_tokens: int) -> int:
     """Load each bundled model and answer one question greedily."""
     import mlx_lm
 
-    from .loader import load_model
+    from .loading.loader import load_model
     from .prompts import encode_prompt
     from .request import PromptInput
 
@@ -41,8 +41,8 @@ def smoke(max_tokens: int) -> int:
 
 
 def export(source: str, out_dir: str, dequantize: bool) -> int:
-    from . import gguf
-    from .sources import resolve_source
+    from .loading import gguf
+    from .loading.sources import resolve_source
 
     resolved = resolve_source(source)
     if resolved.kind != "gguf":
@@ -55,7 +55,7 @@ def export(source: str, out_dir: str, dequantize: bool) -> int:
 def generate(source: str, prompt: str, max_tokens: int, chat: bool) -> int:
     import mlx_lm
 
-    from .loader import load_model
+    from .loading.loader import load_model
     from .prompts import encode_prompt
     from .request import PromptInput
 

@@ -7,9 +7,9 @@ input shape and replays the recorded graph from then on, with its element-wise o
 step costs the host one call instead of a model's worth of Python.
 
 A trace is only reused while shapes stay the same, so the compiled step reads and writes the
-*whole* working copy of each layer (`[B, H, cap, D]`, engine.working_copy) and takes the column
+*whole* working copy of each layer (`[B, H, cap, D]`, engine.kv.working_copy) and takes the column
 it writes, and each row's left padding, as arrays: a shape changes only when the batch's rows
-change or its copies grow (`engine.working_copy.capacity`), and each such shape is traced once
+change or its copies grow (`engine.kv.working_copy.capacity`), and each such shape is traced once
 and kept. Attention then reads the copy's empty columns too, hidden by the mask like the
 padding; that is why `cap` grows in small steps (at most ~1/8 of the context).
 
@@ -29,7 +29,7 @@ from __future__ import annotations
 import mlx.core as mx
 from mlx_lm.models.cache import _BaseCache
 
-from .working_copy import visible
+from .kv.working_copy import visible
 
 
 class _ColumnCache(_BaseCache):
@@ -65,7 +65,7 @@ class _ColumnCache(_BaseCache):
 
 
 def _on_cuda() -> bool:
-    cuda = getattr(mx, "cuda", None)  # absent from some builds (engine.cpu_fast_path does the same)
+    cuda = getattr(mx, "cuda", None)  # absent from some builds (engine.loading.cpu_fast_path does the same)
     return mx.default_device() == mx.gpu and cuda is not None and cuda.is_available()
 
 

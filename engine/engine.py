@@ -22,11 +22,11 @@ import time
 import uuid
 
 from .config import EngineConfig
-from .cpu_threads import BlasThreads
+from .loading.cpu_threads import BlasThreads
 from .constraints import Constraint
 from .errors import EngineDeadError, InvalidRequestError, OrchardError, OverloadedError
-from .kv_cache import budget_bytes, make_cache_manager
-from .loader import LoadedModel, load_model
+from .kv.manager import budget_bytes, make_cache_manager
+from .loading.loader import LoadedModel, load_model
 from .memory import Footprint, measure_working_bytes
 from .prompts import encode_prompt
 from .request import PromptInput, RequestOutput

@@ -73,9 +73,9 @@ def default_budget_bytes() -> int:
 def estimate_weights_bytes(source: str, fast_cpu: bool) -> int | None:
     """Bytes the weights will take once loaded, from file headers alone; None when unknown (a hub
     id that is not downloaded yet)."""
-    from . import gguf
-    from .loader import default_cache_dir
-    from .sources import resolve_source
+    from .loading import gguf
+    from .loading.loader import default_cache_dir
+    from .loading.sources import resolve_source
 
     resolved = resolve_source(source)
     path = Path(resolved.location)

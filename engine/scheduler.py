@@ -6,7 +6,7 @@ interface (`MlxLmBatch`). Both interleave one decode step of the running batch w
 chunk (prefill_step_size tokens) of newly admitted prompts, so a long prompt never stalls decoding
 sequences. On top of them this module keeps per-request state: stop strings, streaming with a
 stream interval, usage, abort, and the KV cache seam
-(`engine.kv_cache`): a request first waits here until the cache manager admits it (the paged
+(`engine.kv.manager`): a request first waits here until the cache manager admits it (the paged
 cache holds it back while its KV budget is taken, or while a running request is still computing
 the same prompt prefix, which it then reuses), is inserted with the cache of its cached prefix,
 and hands its cache back when it ends.

@@ -10,7 +10,7 @@ GEMMA = "gemma-3-270m"
 
 @pytest.fixture(scope="session")
 def smollm():
-    from engine.loader import load_model
+    from engine.loading.loader import load_model
 
     return load_model(SMOLLM)
 
@@ -21,7 +21,7 @@ def load_once():
     are shared by the module's engines, which cuts a load (3-5 s for SmolLM2, 11 s for Gemma,
     most of it its 262k-token tokenizer) from every engine after the first."""
     import engine.engine
-    from engine.loader import load_model
+    from engine.loading.loader import load_model
 
     loaded: dict = {}
 

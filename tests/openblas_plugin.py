@@ -1,6 +1,6 @@
 """Loaded with `-p tests.openblas_plugin` (pyproject addopts), before pytest captures output:
-re-executes the test process with OpenBLAS preloaded on CPU-only Linux (engine.cpu_fast_path)."""
+re-executes the test process with OpenBLAS preloaded on CPU-only Linux (engine.loading.cpu_fast_path)."""
 
-from engine.cpu_fast_path import reexec_with_openblas
+from engine.loading.cpu_fast_path import reexec_with_openblas
 
 reexec_with_openblas()

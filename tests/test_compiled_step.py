@@ -14,7 +14,7 @@ from engine.config import EngineConfig
 from engine.engine import AsyncEngine
 from engine.request import PromptInput
 from engine.sampling import SamplingParams
-from engine.working_copy import Geometry, capacity
+from engine.kv.working_copy import Geometry, capacity
 
 from .conftest import SMOLLM
 

@@ -1,4 +1,4 @@
-"""OpenBLAS's threads chosen from what else runs (engine/cpu_threads.py): the choice on scripted
+"""OpenBLAS's threads chosen from what else runs (engine/loading/cpu_threads.py): the choice on scripted
 CPU readings, then the real engine on the CPU fast path beside real busy processes."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import numpy  # noqa: F401 - its own OpenBLAS copy, loaded as in a model replica
 from threadpoolctl import ThreadpoolController, threadpool_info
 
 from engine.config import EngineConfig
-from engine.cpu_threads import BlasThreads
+from engine.loading.cpu_threads import BlasThreads
 from engine.engine import AsyncEngine
 from engine.request import PromptInput
 from engine.sampling import SamplingParams

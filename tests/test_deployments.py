@@ -146,7 +146,7 @@ def test_build_app_binds_one_deployment_per_model():
     assert built.ingress_deployment_name == "OrchardRouter"
     opts = names["model-a"].ray_actor_options
     assert opts["num_cpus"] == 0
-    from engine.cpu_fast_path import openblas_env
+    from engine.loading.cpu_fast_path import openblas_env
 
     if openblas_env():
         assert "libopenblas" in opts["runtime_env"]["env_vars"]["LD_PRELOAD"]

@@ -2,7 +2,7 @@
 
 The ModelServer's output coalescing, and the real SmolLM2 model in a ModelServer run by Ray
 Serve's local testing mode (in-process), behind the real router app, driven over ASGI with httpx.
-Set LD_PRELOAD to OpenBLAS (engine.cpu_fast_path.openblas_env()) for the fast CPU path; the tests
+Set LD_PRELOAD to OpenBLAS (engine.loading.cpu_fast_path.openblas_env()) for the fast CPU path; the tests
 pass without it, only slower.
 """
 

@@ -357,7 +357,7 @@ async def test_the_pipelined_loop_gives_the_same_tokens_as_the_unpipelined_one()
 def test_an_unpipelined_step_reports_its_own_tokens(smollm, pipelined):
     """Unpipelined (the CPU's default), the step that computes a token reports it: the first token
     comes out of the row's first decode step, not the step after (a step of latency on every token)."""
-    from engine.kv_cache import make_cache_manager
+    from engine.kv.manager import make_cache_manager
     from engine.scheduler import Scheduler, Sequence
     from engine.text_stream import TextStream
 

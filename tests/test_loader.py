@@ -12,13 +12,13 @@ import mlx_lm
 import numpy as np
 import pytest
 
-from engine import cpu_fast_path
+from engine.loading import cpu_fast_path
 from engine.errors import ModelLoadError, UnsupportedModelError
-from engine.gguf import unpermute_rope_rows
-from engine.loader import load_model, weights_dtype
+from engine.loading.gguf import unpermute_rope_rows
+from engine.loading.loader import load_model, weights_dtype
 from engine.prompts import encode_prompt
 from engine.request import PromptInput
-from engine.sources import resolve_source
+from engine.loading.sources import resolve_source
 
 from .conftest import GEMMA, SMOLLM
 
@@ -41,7 +41,7 @@ def test_smollm_answers_paris_through_its_chat_template(smollm):
 
 
 def test_export_is_an_mlx_directory_that_keeps_quantization(smollm, tmp_path):
-    from engine.gguf import export_mlx
+    from engine.loading.gguf import export_mlx
 
     out = export_mlx(resolve_source(SMOLLM).location, tmp_path / "smollm")
     config = json.loads((out / "config.json").read_text())
@@ -106,7 +106,7 @@ def test_hub_id_without_network_names_offline_alternatives(monkeypatch, tmp_path
 
 def test_two_processes_exporting_one_gguf_at_once_both_get_one_complete_export(tmp_path):
     """Two replicas starting together export into their own temporary directories; one rename wins."""
-    code = ("import pathlib; from engine.loader import _local_mlx_dir; from engine.sources import resolve_source; "
+    code = ("import pathlib; from engine.loading.loader import _local_mlx_dir; from engine.loading.sources import resolve_source; "
             f"print(_local_mlx_dir(resolve_source({SMOLLM!r}), pathlib.Path({str(tmp_path)!r})))")
     root = Path(__file__).resolve().parents[1]
     procs = [subprocess.Popen([sys.executable, "-c", code], cwd=root, stdout=subprocess.PIPE,

@@ -8,10 +8,10 @@ import asyncio
 import mlx.core as mx
 import pytest
 
-from engine.block_pool import BlockPool, LayerShape
+from engine.kv.block_pool import BlockPool, LayerShape
 from engine.config import EngineConfig
 from engine.engine import AsyncEngine
-from engine.prefix_cache import PrefixCache
+from engine.kv.prefix_cache import PrefixCache
 from engine.request import PromptInput
 from engine.sampling import SamplingParams
 
@@ -197,7 +197,7 @@ async def test_ten_users_share_one_copy_of_the_system_prompt(on, off):
 
 
 async def test_decode_through_working_copies_or_gathers_equals_cache_off(on, off):
-    """Both ways a decode step reads the pool (engine.paged_cache) give the cache-off tokens."""
+    """Both ways a decode step reads the pool (engine.kv.paged_cache) give the cache-off tokens."""
     prompts = [PromptInput(text=t) for t in ("Rivers flow into", "The oldest tree in Europe", "Paper was invented")]
     want = [(await run(off, p, max_tokens=10))[0] for p in prompts]
     ctx = on.scheduler.cache.ctx

@@ -23,8 +23,8 @@ from pathlib import Path
 import mlx.core as mx
 import pytest
 
-from engine.loader import load_model
-from engine.sources import resolve_source
+from engine.loading.loader import load_model
+from engine.loading.sources import resolve_source
 
 from .conftest import GEMMA, SMOLLM
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
 
 SourceKind = Literal["gguf", "mlx_dir", "hub"]
 

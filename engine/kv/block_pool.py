@@ -57,7 +57,7 @@ class BlockPool:
         """`capacity_blocks`: most usable blocks (the byte budget / block_bytes); None: unbounded.
         `cache_share`: the pool grows past this share of the capacity only for referenced blocks
         (running requests); up to it, it grows rather than evict cached blocks. The rest of the
-        budget is left to decode working copies (engine.paged_cache) while nothing else needs it."""
+        budget is left to decode working copies (engine.kv.paged_cache) while nothing else needs it."""
         self.layers = list(layers)
         self.dtype = dtype
         self.block_size = block_size

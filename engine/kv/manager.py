@@ -13,9 +13,9 @@ protocol (`update_and_fetch`, `make_mask`) does the attention.
 
 `NoCache` computes every prompt from scratch with mlx_lm's own contiguous caches (and mlx_lm's
 BatchGenerator as the loop). `PagedCacheManager`
-keeps all K/V in a block pool (engine.block_pool): running requests that share a prefix share its
+keeps all K/V in a block pool (engine.kv.block_pool): running requests that share a prefix share its
 blocks, finished prompts stay cached within a byte budget (or an entry count), and a new prompt
-reuses the longest cached prefix (engine.prefix_cache). engine.paged_cache has the cache classes
+reuses the longest cached prefix (engine.kv.prefix_cache). engine.kv.paged_cache has the cache classes
 mlx_lm's models and BatchGenerator talk to.
 
 How a request goes through the paged cache:
@@ -42,7 +42,7 @@ import logging
 import mlx.core as mx
 
 from .block_pool import BlockPool, LayerShape
-from .config import EngineConfig
+from ..config import EngineConfig
 from .paged_cache import PagedContext, PagedKVCache, SeqBlocks
 from .prefix_cache import PrefixCache
 

@@ -22,7 +22,7 @@ Reads. MLX has no paged-attention kernel, and mlx_lm's attention wants one `[B, 
 per layer. The plain way, a gather of every row's blocks per layer per step, costs a copy of the
 whole batch's K/V each decode step: on this CPU about +45% per decode step at batch 16 with
 1000-token contexts (it is as much memory traffic as the attention itself). So a decode batch
-may keep *working copies* instead (engine.working_copy): per layer a contiguous K and V laid out
+may keep *working copies* instead (engine.kv.working_copy): per layer a contiguous K and V laid out
 as mlx_lm's batch cache (rows right-aligned), built by one gather and then written one column a
 step; decode tokens reach the pool when the loop flushes (before the batch changes, a prompt
 chunk runs or a row leaves). That makes decode as cheap as mlx_lm's contiguous cache, but it is
@@ -34,7 +34,7 @@ prefix stays one copy in memory at the price of the gather. Prefill chunks alway
 copy is small next to the chunk's compute).
 
 Block lifetime is not tied to these objects (the loop makes new ones whenever its batch changes):
-the cache manager (`engine.kv_cache.PagedCacheManager`) owns each SeqBlocks from
+the cache manager (`engine.kv.manager.PagedCacheManager`) owns each SeqBlocks from
 `acquire` to `store`/`release`.
 """
 
@@ -117,7 +117,7 @@ class _Plan:
 class PagedContext:
     """What the cache objects of one model share: the pool and the per-step memo."""
 
-    # A working copy's capacity grows by at least this many columns (engine.working_copy.capacity).
+    # A working copy's capacity grows by at least this many columns (engine.kv.working_copy.capacity).
     copy_step = 16
 
     def __init__(self, pool: BlockPool, num_layers: int):
@@ -251,7 +251,7 @@ class BatchPagedKVCache(_BaseCache):
         return out
 
     def _through_copy(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
-        """Decode through the working copy (engine.working_copy): built by one gather when the
+        """Decode through the working copy (engine.kv.working_copy): built by one gather when the
         geometry is new, then one column per step; the tokens reach the pool at `flush`."""
         return self._working_copy().append(keys, values)
 

