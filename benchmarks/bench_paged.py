@@ -190,8 +190,8 @@ def decode_steps(source: str, block_sizes: list[int], batch: int, context: int, 
 
     from engine.config import EngineConfig
     from engine.kv.manager import make_cache_manager, probe_layers
-    from engine.loading.loader import load_model
     from engine.kv.paged_cache import BatchPagedKVCache, SeqBlocks
+    from engine.loading.loader import load_model
 
     model = load_model(source).model
     nl = len(model.layers)

@@ -100,8 +100,8 @@ def plan_model(model: ModelConfig, budget: int) -> ModelPlan:
 def _estimate_weights(model: ModelConfig) -> int | None:
     """From the weight files' headers; an unreadable file does not stop the other models: it is
     estimated from its size, and its own load fails with the reason (served as a 503)."""
-    from engine.memory import estimate_weights_bytes
     from engine.loading.sources import resolve_source
+    from engine.memory import estimate_weights_bytes
 
     try:
         return estimate_weights_bytes(model.source, _fast_cpu(model))

@@ -12,9 +12,9 @@ import pytest
 
 from engine.config import EngineConfig
 from engine.engine import AsyncEngine
+from engine.kv.working_copy import Geometry, capacity
 from engine.request import PromptInput
 from engine.sampling import SamplingParams
-from engine.kv.working_copy import Geometry, capacity
 
 from .conftest import SMOLLM
 

@@ -13,8 +13,8 @@ import numpy  # noqa: F401 - its own OpenBLAS copy, loaded as in a model replica
 from threadpoolctl import ThreadpoolController, threadpool_info
 
 from engine.config import EngineConfig
-from engine.loading.cpu_threads import BlasThreads
 from engine.engine import AsyncEngine
+from engine.loading.cpu_threads import BlasThreads
 from engine.request import PromptInput
 from engine.sampling import SamplingParams
 

@@ -12,13 +12,13 @@ import mlx_lm
 import numpy as np
 import pytest
 
-from engine.loading import cpu_fast_path
 from engine.errors import ModelLoadError, UnsupportedModelError
+from engine.loading import cpu_fast_path
 from engine.loading.gguf import unpermute_rope_rows
 from engine.loading.loader import load_model, weights_dtype
+from engine.loading.sources import resolve_source
 from engine.prompts import encode_prompt
 from engine.request import PromptInput
-from engine.loading.sources import resolve_source
 
 from .conftest import GEMMA, SMOLLM
 

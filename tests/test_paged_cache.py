@@ -8,9 +8,9 @@ import asyncio
 import mlx.core as mx
 import pytest
 
-from engine.kv.block_pool import BlockPool, LayerShape
 from engine.config import EngineConfig
 from engine.engine import AsyncEngine
+from engine.kv.block_pool import BlockPool, LayerShape
 from engine.kv.prefix_cache import PrefixCache
 from engine.request import PromptInput
 from engine.sampling import SamplingParams
