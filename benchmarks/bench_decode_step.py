@@ -107,13 +107,17 @@ def pipelined(one, rows: int, steps: int) -> float:
     return rows * steps / (time.perf_counter() - start)
 
 
-def kernels(one, rows: int, steps: int) -> dict:
-    """CUDA kernels a step and their device time (torch.profiler records MLX's kernels)."""
-    import torch
+def profile_kernels():
+    """A torch.profiler context that records CUDA activity: MLX's kernels too, from any thread."""
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        pipelined(one, rows, steps)
+    return profile(activities=[ProfilerActivity.CUDA])
+
+
+def kernel_summary(prof, steps: int) -> dict:
+    """CUDA kernels a step and their device time, from a finished `profile_kernels()`."""
+    import torch
+
     count, device_us = collections.Counter(), collections.Counter()
     for event in prof.events():
         if event.device_type == torch.autograd.DeviceType.CUDA:
@@ -123,6 +127,13 @@ def kernels(one, rows: int, steps: int) -> dict:
            for k, t in device_us.most_common(6)]
     return {"kernels_per_step": round(sum(count.values()) / steps), "device_ms_per_step":
             round(sum(device_us.values()) / steps / 1000, 2), "top": top}
+
+
+def kernels(one, rows: int, steps: int) -> dict:
+    """CUDA kernels a step of `one` in the pipelined loop, and their device time."""
+    with profile_kernels() as prof:
+        pipelined(one, rows, steps)
+    return kernel_summary(prof, steps)
 
 
 def logits_agree(model, masked, unmasked, rows: int, cols: int) -> dict:

@@ -1,6 +1,7 @@
 """Where an engine step's wall time goes, beside the bare decode loops on the same device.
 
     python -m benchmarks.bench_step_phases --model synthetic:qwen3-0.6b-8bit --batches 1 5 16   # GPU
+    python -m benchmarks.bench_step_phases --ragged --kernels   # padded batches; kernels a step (CUDA)
 
 For each batch size, in interleaved rounds: the compiled decode step alone in a bare pipelined
 loop (`bench_decode_step`'s `select` on CUDA, `slice` elsewhere), the model over mlx_lm's own
@@ -14,8 +15,11 @@ with the engine's own methods timed (wrapped for the run, restored after):
 - `on_token` (the scheduler's per-token work: detokenizer, stop strings), `deliver` (outputs to
   the asyncio side), `admit`.
 On CUDA a batch with no padding decodes eagerly and unmasked (`engine.unpadded_decode`), and
-then has no `compiled_call`; these prompts are all 32 tokens, so batch 1 always does, and 5 and 16
-when their rows were admitted in one step. The engine's figures include the timers' own cost (a
+then has no `compiled_call`; the table counts the compiled steps. These prompts are all 32 tokens,
+so batch 1 always decodes eagerly there, and 5 and 16 when their rows were admitted in one step;
+`--ragged` gives prompts of 32–47 tokens, so batches above one are padded and compiled. `--kernels`
+adds the CUDA kernels a loop step (torch.profiler; a prefill step counts as a step) for one more
+engine run and for the two bare loops. The engine's figures include the timers' own cost (a
 few µs a call; `on_token` is called once a row a step). Prints JSON, then a table, per step in ms.
 """
 
@@ -80,22 +84,23 @@ def per_step(totals: collections.Counter, steps: int) -> dict:
     return ms
 
 
-async def measure(engine, model, batch: int, tokens: int, rounds: int, write: str) -> dict:
+async def measure(engine, model, batch: int, args, write: str) -> dict:
     import mlx.core as mx
 
     from engine.compiled_step import _decode_step
 
-    from .bench_decode_step import mlx_lm_step, our_step, pipelined
+    from .bench_decode_step import kernels, mlx_lm_step, our_step, pipelined
     from .bench_engine import prompt_ids, run_engine
 
-    prompts = prompt_ids(engine.tokenizer, batch)
+    tokens = args.tokens
+    prompts = prompt_ids(engine.tokenizer, batch, ragged=args.ragged)
     await run_engine(engine, prompts, tokens)  # every shape of the run traced before it counts
     bare = our_step(model, mx.compile(_decode_step(model, write == "select")), batch, 256)
     plain = mlx_lm_step(model, batch, 256)
     for loop in (bare, plain):  # warm-up
         pipelined(loop, batch, 16)
     row = {"batch": batch, "rounds": []}
-    for _ in range(rounds):
+    for _ in range(args.rounds):
         loops = {"bare": pipelined(bare, batch, tokens), "mlx_lm": pipelined(plain, batch, tokens)}
         totals = collections.Counter()
         with timers(totals):
@@ -105,11 +110,26 @@ async def measure(engine, model, batch: int, tokens: int, rounds: int, write: st
             "engine_tok_s": result["tok_per_s"], "engine_ms_per_step": round(1000 * result["wall_s"] / steps, 2),
             **{f"{k}_tok_s": round(v, 1) for k, v in loops.items()},
             **{f"{k}_ms_per_step": round(1000 * batch / v, 2) for k, v in loops.items()},
-            "steps": steps, "ms": per_step(totals, steps),
+            "steps": steps, "compiled_steps": totals["compiled_call calls"], "ms": per_step(totals, steps),
         })
         print(f"batch {batch}: engine {result['tok_per_s']} tok/s, bare {loops['bare']:.0f}, "
               f"mlx_lm {loops['mlx_lm']:.0f}", flush=True)
+    if args.kernels:
+        row["kernels"] = {"engine": await engine_kernels(engine, prompts, tokens),
+                          "bare": kernels(bare, batch, 64), "mlx_lm": kernels(plain, batch, 64)}
     return row
+
+
+async def engine_kernels(engine, prompts, tokens: int) -> dict:
+    """CUDA kernels a loop step of one engine run, and how many of its steps were compiled."""
+    from .bench_decode_step import kernel_summary, profile_kernels
+    from .bench_engine import run_engine
+
+    totals = collections.Counter()
+    with timers(totals), profile_kernels() as prof:
+        await run_engine(engine, prompts, tokens)
+    steps = totals["loop.step calls"]
+    return {**kernel_summary(prof, steps), "steps": steps, "compiled_steps": totals["compiled_call calls"]}
 
 
 async def main_async(args) -> dict:
@@ -126,25 +146,37 @@ async def main_async(args) -> dict:
     engine = AsyncEngine.from_source(resolve_model(args.model), config)
     write = "select" if select_column(config.decode_column_write) else "slice"
     try:
-        rows = [await measure(engine, engine.loaded.model, b, args.tokens, args.rounds, write) for b in args.batches]
+        rows = [await measure(engine, engine.loaded.model, b, args, write) for b in args.batches]
     finally:
         engine.shutdown()
     return {"machine": machine(), "device": str(mx.default_device()), "model": args.model,
-            "tokens": args.tokens, "column_write": write, "rows": rows}
+            "tokens": args.tokens, "ragged": args.ragged, "column_write": write, "rows": rows}
 
 
 LABELS = ["loop.step", "launch + wait", "issue_decode", "compiled_call", "decode_copies", "read", "on_token", "deliver"]
 
 
 def table(doc: dict) -> str:
-    lines = [f"{doc['device']}, {doc['model']}, {doc['tokens']} tokens a request; ms a step, per round", "",
-             "| batch | engine | bare loop | mlx_lm loop | " + " | ".join(LABELS) + " |",
-             "|---:" * (4 + len(LABELS)) + "|"]
+    prompts = "ragged prompts (32–47 tokens)" if doc.get("ragged") else "32-token prompts"
+    lines = [f"{doc['device']}, {doc['model']}, {prompts}, {doc['tokens']} tokens a request; ms a step, "
+             "per round", "",
+             "| batch | engine | compiled steps | bare loop | mlx_lm loop | " + " | ".join(LABELS) + " |",
+             "|---:" * (5 + len(LABELS)) + "|"]
     for row in doc["rows"]:
         for r in row["rounds"]:
             lines.append(f"| {row['batch']} | {r['engine_ms_per_step']} ({r['engine_tok_s']:.0f} tok/s) "
-                         f"| {r['bare_ms_per_step']} | {r['mlx_lm_ms_per_step']} | "
+                         f"| {r['compiled_steps']} / {r['steps']} | {r['bare_ms_per_step']} "
+                         f"| {r['mlx_lm_ms_per_step']} | "
                          + " | ".join(f"{r['ms'].get(k, 0.0):.2f}" for k in LABELS) + " |")
+    if "kernels" in doc["rows"][0]:
+        lines += ["", "| batch | engine kernels/step (device ms; compiled steps) | bare loop | mlx_lm loop |",
+                  "|---:|---:|---:|---:|"]
+        for row in doc["rows"]:
+            k = row["kernels"]
+            lines.append(f"| {row['batch']} | {k['engine']['kernels_per_step']} ({k['engine']['device_ms_per_step']}; "
+                         f"{k['engine']['compiled_steps']} / {k['engine']['steps']}) | "
+                         + " | ".join(f"{k[v]['kernels_per_step']} ({k[v]['device_ms_per_step']})"
+                                      for v in ("bare", "mlx_lm")) + " |")
     return "\n".join(lines)
 
 
@@ -154,6 +186,9 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 5, 16])
     parser.add_argument("--tokens", type=int, default=256, help="new tokens per request (and bare-loop steps)")
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--ragged", action="store_true", help="prompts of 32–47 tokens, so decode batches are padded")
+    parser.add_argument("--kernels", action="store_true",
+                        help="also count CUDA kernels a step, through the engine and the bare loops (needs torch)")
     parser.add_argument("--json-out")
     args = parser.parse_args()
     doc = asyncio.run(main_async(args))
