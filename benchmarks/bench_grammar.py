@@ -170,9 +170,7 @@ def run_tokenizer(label: str, tok_dir: str, args) -> dict:
 
     transformers.logging.set_verbosity_error()
     hf_tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
-    paths = {}
-    for name, (_, inst) in SCHEMAS.items():
-        paths[name] = hf_tok.encode(instance_text(inst), add_special_tokens=False)
+    paths = {name: hf_tok.encode(instance_text(inst), add_special_tokens=False) for name, (_, inst) in SCHEMAS.items()}
     names = list(SCHEMAS)
     if args.quick:
         names = names[:4] + ["json_object"]
@@ -186,70 +184,77 @@ def run_tokenizer(label: str, tok_dir: str, args) -> dict:
         log(f"{label}: {eng} ready (tokenizer/vocabulary setup {workers[eng].info['setup_s']}s)")
     try:
         for k, name in enumerate(names):
-            schema = SCHEMAS[name][0]
-            entry = {"name": name, "tokens": len(paths[name]), "text": instance_text(SCHEMAS[name][1])}
             order = list(ENGINES) if k % 2 == 0 else list(reversed(ENGINES))
-            for eng in order:
-                reply = workers[eng].request(
-                    ("schema", name, schema, paths[name], args.reps, args.second_compile_below_s),
-                    timeout=args.compile_timeout_s,
-                )
-                if reply is None:
-                    res = {"ok": False, "error": f"timeout: compile + walk over {args.compile_timeout_s}s (worker restarted)"}
-                else:
-                    res = reply[2]
-                entry[eng] = res
-            lg, oc = entry.get("llguidance", {}), entry.get("outlines_core", {})
-            if lg.get("ok") and oc.get("ok"):
-                entry["ratio_outlines_over_llg"] = {
-                    "compile_first": round(oc["compile_first_ms"] / lg["compile_first_ms"], 2),
-                    "per_token_mean": round(oc["per_token_us"]["mean"] / lg["per_token_us"]["mean"], 2),
-                    "per_token_p99": round(oc["per_token_us"]["p99"] / lg["per_token_us"]["p99"], 2),
-                    "cold_per_token_mean": round(oc["cold_per_token_us"]["mean"] / lg["cold_per_token_us"]["mean"], 2),
-                    "warm_per_token_mean": round(oc["warm_per_token_us"]["mean"] / lg["warm_per_token_us"]["mean"], 2),
-                }
-            doc["schemas"].append(entry)
-            log(f"{label}: {name:16s} ({len(paths[name])} tok) " + "  ".join(
-                f"{e}: " + (f"compile {entry[e]['compile_first_ms']:.1f} ms, {entry[e]['cold_per_token_us']['mean']:.1f} cold / "
-                               f"{entry[e]['warm_per_token_us']['mean']:.1f} warm us/tok"
-                            if entry[e].get("ok") else f"FAILED {entry[e].get('error') or entry[e].get('failures')}")
-                for e in ENGINES))
+            doc["schemas"].append(schema_entry(workers, order, name, paths[name], args, label))
         if not args.no_batch:
-            rows = [(n, paths[n]) for n in names]
-            doc["batch"] = {}
-            threads: list[int | None] = [None]
-            if (os.cpu_count() or 1) > 1:
-                threads.append(os.cpu_count())
-            for eng in ENGINES:
-                log(f"{label}: batch of {BATCH_ROWS} rows, {eng}")
-                reply = workers[eng].request(("batch", rows, args.batch_steps, threads), timeout=300)
-                doc["batch"][eng] = reply[1] if reply else {"error": "timeout"}
+            doc["batch"] = batch_runs(workers, [(n, paths[n]) for n in names], args, label)
     finally:
         for w in workers.values():
             w.close()
-    # summary per engine
-    doc["summary"] = {}
+    doc["summary"] = summary(doc["schemas"])
+    return doc
+
+
+def schema_entry(workers: dict, order: list[str], name: str, path: list[int], args, label: str) -> dict:
+    """One schema through each engine's worker (in `order`), with outlines-core's ratios to llguidance."""
+    entry = {"name": name, "tokens": len(path), "text": instance_text(SCHEMAS[name][1])}
+    for eng in order:
+        reply = workers[eng].request(("schema", name, SCHEMAS[name][0], path, args.reps, args.second_compile_below_s),
+                                     timeout=args.compile_timeout_s)
+        entry[eng] = reply[2] if reply is not None else {
+            "ok": False, "error": f"timeout: compile + walk over {args.compile_timeout_s}s (worker restarted)"}
+    lg, oc = entry.get("llguidance", {}), entry.get("outlines_core", {})
+    if lg.get("ok") and oc.get("ok"):
+        entry["ratio_outlines_over_llg"] = {
+            "compile_first": round(oc["compile_first_ms"] / lg["compile_first_ms"], 2),
+            **{f"{key}_mean": round(oc[f"{key}_us"]["mean"] / lg[f"{key}_us"]["mean"], 2)
+               for key in ("per_token", "cold_per_token", "warm_per_token")},
+            "per_token_p99": round(oc["per_token_us"]["p99"] / lg["per_token_us"]["p99"], 2),
+        }
+    log(f"{label}: {name:16s} ({len(path)} tok) " + "  ".join(
+        f"{e}: " + (f"compile {entry[e]['compile_first_ms']:.1f} ms, {entry[e]['cold_per_token_us']['mean']:.1f} cold / "
+                       f"{entry[e]['warm_per_token_us']['mean']:.1f} warm us/tok"
+                    if entry[e].get("ok") else f"FAILED {entry[e].get('error') or entry[e].get('failures')}")
+        for e in ENGINES))
+    return entry
+
+
+def batch_runs(workers: dict, rows: list, args, label: str) -> dict:
+    """Each engine's batch of BATCH_ROWS rows: one thread, and all cores where there are several."""
+    threads: list[int | None] = [None]
+    if (os.cpu_count() or 1) > 1:
+        threads.append(os.cpu_count())
+    out = {}
     for eng in ENGINES:
-        ok = [s[eng] for s in doc["schemas"] if s.get(eng, {}).get("ok")]
-        doc["summary"][eng] = {
+        log(f"{label}: batch of {BATCH_ROWS} rows, {eng}")
+        reply = workers[eng].request(("batch", rows, args.batch_steps, threads), timeout=300)
+        out[eng] = reply[1] if reply else {"error": "timeout"}
+    return out
+
+
+def summary(schemas: list[dict]) -> dict:
+    """Per engine, geometric means and maxima over the schemas it compiled; the ratios' geomeans."""
+    out = {}
+    for eng in ENGINES:
+        ok = [s[eng] for s in schemas if s.get(eng, {}).get("ok")]
+        out[eng] = {
             "schemas_ok": len(ok),
-            "schemas": len(doc["schemas"]),
+            "schemas": len(schemas),
             "compile_first_ms_geomean": _r(_geomean([r["compile_first_ms"] for r in ok])),
             "compile_first_ms_max": _r(max((r["compile_first_ms"] for r in ok), default=None)),
-            "new_state_us_geomean": _r(_geomean([r["new_state_us"]["mean"] for r in ok])),
-            "per_token_us_mean_geomean": _r(_geomean([r["per_token_us"]["mean"] for r in ok])),
-            "cold_per_token_us_mean_geomean": _r(_geomean([r["cold_per_token_us"]["mean"] for r in ok])),
-            "warm_per_token_us_mean_geomean": _r(_geomean([r["warm_per_token_us"]["mean"] for r in ok])),
+            **{f"{key}_geomean": _r(_geomean([r[field]["mean"] for r in ok])) for key, field in (
+                ("new_state_us", "new_state_us"), ("per_token_us_mean", "per_token_us"),
+                ("cold_per_token_us_mean", "cold_per_token_us"), ("warm_per_token_us_mean", "warm_per_token_us"))},
             "per_token_us_p99_max": _r(max((r["per_token_us"]["p99"] for r in ok), default=None)),
             "warm_per_token_us_p99_max": _r(max((r["warm_per_token_us"]["p99"] for r in ok), default=None)),
             "first_mask_us_geomean": _r(_geomean([r["first_mask_us"]["mean"] for r in ok])),
         }
-    both = [s["ratio_outlines_over_llg"] for s in doc["schemas"] if "ratio_outlines_over_llg" in s]
-    doc["summary"]["ratio_outlines_over_llg_geomean"] = {
+    both = [s["ratio_outlines_over_llg"] for s in schemas if "ratio_outlines_over_llg" in s]
+    out["ratio_outlines_over_llg_geomean"] = {
         k: _r(_geomean([b[k] for b in both]))
         for k in ("compile_first", "per_token_mean", "per_token_p99", "cold_per_token_mean", "warm_per_token_mean")
     } if both else None
-    return doc
+    return out
 
 
 def _r(x, nd: int = 2):
@@ -264,72 +269,89 @@ def _fmt(x, nd=1) -> str:
     return f"{x:.{nd}f}"
 
 
+def _tok_cell(r: dict) -> str:
+    c, w = r["cold_per_token_us"], r["warm_per_token_us"]
+    return f"{_fmt(c['mean'])} / {_fmt(w['mean'])} / {_fmt(w['p99'])}"
+
+
+def _schema_table(t: dict) -> list[str]:
+    lines = [f"\n### {t['label']} (vocab {t['vocab']:,})\n",
+             "µs/token = next-token mask + consume; cold = first walk after compile, warm = later walks "
+             "(fresh matcher each: llguidance deep_copy of the cached template, outlines-core Guide(index)).\n",
+             "| schema | tokens | llg compile ms 1st / 2nd | oc compile ms 1st / 2nd | llg µs/tok cold / warm / warm p99 "
+             "| oc µs/tok cold / warm / warm p99 | oc/llg warm µs/tok |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for s in t["schemas"]:
+        cells = []
+        for e in ENGINES:
+            r = s.get(e, {})
+            if r.get("ok"):
+                cells.append((f"{_fmt(r['compile_first_ms'], 2)} / {_fmt(r.get('compile_second_ms'), 2)}", _tok_cell(r)))
+            else:
+                why = (r.get("error") or str(r.get("failures")) or "failed")[:60].replace("|", "/")
+                cells.append((f"FAIL: {why}", "–"))
+        ratio = s.get("ratio_outlines_over_llg", {}).get("warm_per_token_mean")
+        lines.append(f"| {s['name']} | {s['tokens']} | {cells[0][0]} | {cells[1][0]} | {cells[0][1]} | "
+                     f"{cells[1][1]} | {_fmt(ratio, 2)}× |")
+    return lines
+
+
+def _summary_table(t: dict) -> list[str]:
+    sm = t["summary"]
+    lines = ["", "| engine | schemas ok | tokenizer setup s | compile ms geomean / max | new matcher µs | "
+             "first mask µs | µs/tok cold (geomean) | µs/tok warm (geomean) | warm p99 (worst schema) |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for e in ENGINES:
+        m = sm[e]
+        lines.append(f"| {e} | {m['schemas_ok']}/{m['schemas']} | {t['engines'][e]['setup_s']} | "
+                     f"{_fmt(m['compile_first_ms_geomean'], 2)} / {_fmt(m['compile_first_ms_max'], 2)} | "
+                     f"{_fmt(m['new_state_us_geomean'])} | {_fmt(m['first_mask_us_geomean'])} | "
+                     f"{_fmt(m['cold_per_token_us_mean_geomean'])} | {_fmt(m['warm_per_token_us_mean_geomean'])} | "
+                     f"{_fmt(m['warm_per_token_us_p99_max'])} |")
+    rg = sm.get("ratio_outlines_over_llg_geomean")
+    if rg:
+        lines.append(f"\noutlines-core / llguidance (geomean over schemas): compile {_fmt(rg['compile_first'], 0)}×, "
+                     f"µs/token cold {_fmt(rg['cold_per_token_mean'], 2)}×, warm {_fmt(rg['warm_per_token_mean'], 2)}×")
+    return lines
+
+
+def _batch_table(batch: dict) -> list[str]:
+    lines = ["", f"| {BATCH_ROWS} rows, µs per step | mask mean / p99 | consume mean | mask+consume mean |",
+             "|---|---:|---:|---:|"]
+    for e, br in batch.items():
+        for k, v in br.items():
+            if isinstance(v, dict) and "mask_us" in v:
+                lines.append(f"| {e} {k} | {_fmt(v['mask_us']['mean'])} / {_fmt(v['mask_us']['p99'])} | "
+                             f"{_fmt(v['consume_us']['mean'])} | {_fmt(v['step_us']['mean'])} |")
+    return lines
+
+
+def _bitmask_table(rows: list[dict]) -> list[str]:
+    lines = ["\n### apply_bitmask (MLX, float32 logits)\n",
+             "| vocab | B | correct | eager µs mean / p99 | mx.compile(apply_bitmask) µs mean / p99 "
+             "| its first call (trace) ms | eager + np→mx copy µs | argmax alone µs (reference) |",
+             "|---:|---:|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['vocab']:,} | {r['B']} | {r['correct']} | {_fmt(r['eager_us']['mean'])} / "
+                     f"{_fmt(r['eager_us']['p99'])} | {_fmt(r['compiled_us']['mean'])} / {_fmt(r['compiled_us']['p99'])} | "
+                     f"{_fmt(r['compiled_first_call_ms'], 2)} | "
+                     f"{_fmt(r['eager_with_np_copy_us']['mean'])} | {_fmt(r['reference_argmax_us']['mean'])} |")
+    return lines
+
+
 def render(doc: dict) -> str:
     lines = []
-
-    def tok_cell(r):
-        c, w = r["cold_per_token_us"], r["warm_per_token_us"]
-        return f"{_fmt(c['mean'])} / {_fmt(w['mean'])} / {_fmt(w['p99'])}"
-
     for t in doc["tokenizers"]:
-        lines.append(f"\n### {t['label']} (vocab {t['vocab']:,})\n")
-        lines.append("µs/token = next-token mask + consume; cold = first walk after compile, warm = later walks "
-                     "(fresh matcher each: llguidance deep_copy of the cached template, outlines-core Guide(index)).\n")
-        lines.append("| schema | tokens | llg compile ms 1st / 2nd | oc compile ms 1st / 2nd | llg µs/tok cold / warm / warm p99 "
-                     "| oc µs/tok cold / warm / warm p99 | oc/llg warm µs/tok |")
-        lines.append("|---|---:|---:|---:|---:|---:|---:|")
-        for s in t["schemas"]:
-            cells = []
-            for e in ENGINES:
-                r = s.get(e, {})
-                if r.get("ok"):
-                    cells.append((f"{_fmt(r['compile_first_ms'], 2)} / {_fmt(r.get('compile_second_ms'), 2)}", tok_cell(r)))
-                else:
-                    why = (r.get("error") or str(r.get("failures")) or "failed")[:60].replace("|", "/")
-                    cells.append((f"FAIL: {why}", "–"))
-            ratio = s.get("ratio_outlines_over_llg", {}).get("warm_per_token_mean")
-            lines.append(f"| {s['name']} | {s['tokens']} | {cells[0][0]} | {cells[1][0]} | {cells[0][1]} | "
-                         f"{cells[1][1]} | {_fmt(ratio, 2)}× |")
-        sm = t["summary"]
-        lines.append("")
-        lines.append("| engine | schemas ok | tokenizer setup s | compile ms geomean / max | new matcher µs | "
-                     "first mask µs | µs/tok cold (geomean) | µs/tok warm (geomean) | warm p99 (worst schema) |")
-        lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-        for e in ENGINES:
-            m = sm[e]
-            lines.append(f"| {e} | {m['schemas_ok']}/{m['schemas']} | {t['engines'][e]['setup_s']} | "
-                         f"{_fmt(m['compile_first_ms_geomean'], 2)} / {_fmt(m['compile_first_ms_max'], 2)} | "
-                         f"{_fmt(m['new_state_us_geomean'])} | {_fmt(m['first_mask_us_geomean'])} | "
-                         f"{_fmt(m['cold_per_token_us_mean_geomean'])} | {_fmt(m['warm_per_token_us_mean_geomean'])} | "
-                         f"{_fmt(m['warm_per_token_us_p99_max'])} |")
-        rg = sm.get("ratio_outlines_over_llg_geomean")
-        if rg:
-            lines.append(f"\noutlines-core / llguidance (geomean over schemas): compile {_fmt(rg['compile_first'], 0)}×, "
-                         f"µs/token cold {_fmt(rg['cold_per_token_mean'], 2)}×, warm {_fmt(rg['warm_per_token_mean'], 2)}×")
+        lines += _schema_table(t) + _summary_table(t)
         if t.get("batch"):
-            lines.append("")
-            lines.append(f"| {BATCH_ROWS} rows, µs per step | mask mean / p99 | consume mean | mask+consume mean |")
-            lines.append("|---|---:|---:|---:|")
-            for e, br in t["batch"].items():
-                for k, v in br.items():
-                    if isinstance(v, dict) and "mask_us" in v:
-                        lines.append(f"| {e} {k} | {_fmt(v['mask_us']['mean'])} / {_fmt(v['mask_us']['p99'])} | "
-                                     f"{_fmt(v['consume_us']['mean'])} | {_fmt(v['step_us']['mean'])} |")
+            lines += _batch_table(t["batch"])
     if doc.get("apply_bitmask"):
-        lines.append("\n### apply_bitmask (MLX, float32 logits)\n")
-        lines.append("| vocab | B | correct | eager µs mean / p99 | mx.compile(apply_bitmask) µs mean / p99 "
-                     "| its first call (trace) ms | eager + np→mx copy µs | argmax alone µs (reference) |")
-        lines.append("|---:|---:|---|---:|---:|---:|---:|---:|")
-        for r in doc["apply_bitmask"]:
-            lines.append(f"| {r['vocab']:,} | {r['B']} | {r['correct']} | {_fmt(r['eager_us']['mean'])} / "
-                         f"{_fmt(r['eager_us']['p99'])} | {_fmt(r['compiled_us']['mean'])} / {_fmt(r['compiled_us']['p99'])} | "
-                         f"{_fmt(r['compiled_first_call_ms'], 2)} | "
-                         f"{_fmt(r['eager_with_np_copy_us']['mean'])} | {_fmt(r['reference_argmax_us']['mean'])} |")
+        lines += _bitmask_table(doc["apply_bitmask"])
     lines.append("\nExcluded: " + "; ".join(f"{x['engine']}: {x['reason']}" for x in doc["excluded"]))
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="HF tokenizer dir (default: SmolLM2 export)")
     ap.add_argument("--stress-tokenizer", default=DEFAULT_STRESS_TOKENIZER,
@@ -348,11 +370,12 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     if args.quick:
         args.reps, args.batch_steps, args.no_stress = 2, 16, True
+    return args
 
-    t_start = time.time()
-    check_instances()
-    tok_dirs = [("SmolLM2-135M", args.tokenizer)]
-    skipped = []
+
+def tokenizer_dirs(args) -> tuple[list[tuple[str, str]], list[str]]:
+    """The tokenizers to run (label, directory), and what was skipped; exits if the first is missing."""
+    tok_dirs, skipped = [("SmolLM2-135M", args.tokenizer)], []
     if not args.no_stress:
         if os.path.exists(os.path.join(args.stress_tokenizer, "tokenizer.json")):
             tok_dirs.append(("Gemma-3-270m", args.stress_tokenizer))
@@ -363,10 +386,13 @@ def main(argv=None) -> None:
     if not os.path.exists(os.path.join(args.tokenizer, "tokenizer.json")):
         sys.exit(f"{args.tokenizer}/tokenizer.json missing: "
                  f"python -m engine.cli export smollm2-135m-instruct {args.tokenizer} --dequantize")
+    return tok_dirs, skipped
 
+
+def header(args, argv, skipped: list[str]) -> dict:
     import mlx.core as mx
 
-    doc: dict = {
+    return {
         "benchmark": "bench_grammar",
         "command": "python -m benchmarks.bench_grammar " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": {
@@ -389,6 +415,14 @@ def main(argv=None) -> None:
         "skipped": skipped,
         "tokenizers": [],
     }
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    t_start = time.time()
+    check_instances()
+    tok_dirs, skipped = tokenizer_dirs(args)
+    doc = header(args, argv, skipped)
     for label, d in tok_dirs:
         log(f"tokenizer {label}: {d}")
         doc["tokenizers"].append(run_tokenizer(label, d, args))

@@ -179,60 +179,48 @@ async def ttft_cold_warm(source: str, prompt_tokens: int, reps: int) -> dict:
 # --- 3. decode step, model level ---------------------------------------------------------------
 
 
-def decode_steps(source: str, block_sizes: list[int], batch: int, context: int, rounds: int) -> dict:
-    """ms per decode step of mlx_lm's own decode loop (GenerationBatch: pipelined, async eval) over
-    batch x context tokens of synthetic K/V: contiguous BatchKVCache vs the paged cache gathering
-    blocks every step (per block size) vs the paged cache with decode working copies."""
+def _contiguous_caches(shapes, batch: int, context: int) -> list:
+    """mlx_lm's BatchKVCache per layer, filled with `context` columns of random K/V."""
     import mlx.core as mx
-    from mlx_lm.generate import GenerationBatch, StopSequences
     from mlx_lm.models.cache import BatchKVCache
-    from mlx_lm.sample_utils import make_sampler
+
+    caches = []
+    for s in shapes:
+        c = BatchKVCache([0] * batch)
+        c.keys = mx.random.normal((batch, s.kv_heads, context, s.k_dim))
+        c.values = mx.random.normal((batch, s.kv_heads, context, s.v_dim))
+        c.offset, c._idx = mx.array([context] * batch), context
+        caches.append(c)
+    mx.eval([c.state for c in caches])
+    return caches
+
+
+def _paged_caches(model, block_size: int, policy: str, batch: int, context: int):
+    """A paged cache manager with `batch` rows of `context` random tokens, and its per-layer caches."""
+    import mlx.core as mx
 
     from engine.config import EngineConfig
-    from engine.kv.manager import make_cache_manager, probe_layers
+    from engine.kv.manager import make_cache_manager
     from engine.kv.paged_cache import BatchPagedKVCache, SeqBlocks
-    from engine.loading.loader import load_model
 
-    model = load_model(source).model
     nl = len(model.layers)
-    shapes, _ = probe_layers(model)
-    managers = {}
+    mgr = make_cache_manager(model, EngineConfig(block_size=block_size))
+    mgr.ctx.policy = policy
+    pool = mgr.pool
+    rows = [SeqBlocks([pool.allocate() for _ in range(-(-context // block_size))], context, nl) for _ in range(batch)]
+    for i in range(nl):
+        pool.k[i] = mx.random.normal(pool.k[i].shape)
+        pool.v[i] = mx.random.normal(pool.v[i].shape)
+    mx.eval(pool.k, pool.v)
+    return mgr, [BatchPagedKVCache(mgr.ctx, i, rows) for i in range(nl)]
 
-    def contiguous():
-        caches = []
-        for s in shapes:
-            c = BatchKVCache([0] * batch)
-            c.keys = mx.random.normal((batch, s.kv_heads, context, s.k_dim))
-            c.values = mx.random.normal((batch, s.kv_heads, context, s.v_dim))
-            c.offset, c._idx = mx.array([context] * batch), context
-            caches.append(c)
-        mx.eval([c.state for c in caches])
-        return caches
 
-    def paged(name: str, bs: int, policy: str):
-        mgr = managers[name] = make_cache_manager(model, EngineConfig(block_size=bs))
-        mgr.ctx.policy = policy
-        pool = mgr.pool
-        rows = [SeqBlocks([pool.allocate() for _ in range(-(-context // bs))], context, nl) for _ in range(batch)]
-        for i in range(nl):
-            pool.k[i] = mx.random.normal(pool.k[i].shape)
-            pool.v[i] = mx.random.normal(pool.v[i].shape)
-        mx.eval(pool.k, pool.v)
-        return [BatchPagedKVCache(mgr.ctx, i, rows) for i in range(nl)]
-
-    def decoder(cache):
-        return GenerationBatch(model, list(range(batch)), mx.zeros((batch,), mx.uint32), cache, [[] for _ in range(batch)],
-                               [], make_sampler(0.0), [], [StopSequences() for _ in range(batch)], [10**9] * batch)
-
-    caches = {"contiguous": contiguous()}
-    for bs in block_sizes:
-        caches[f"paged_gather_bs{bs}"] = paged(f"paged_gather_bs{bs}", bs, "never")
-    caches["paged_working_copy"] = paged("paged_working_copy", 32, "auto")
-    decoders = {name: decoder(c) for name, c in caches.items()}
-    for d in decoders.values():  # warm-up (the contiguous cache grows its buffer on the first step)
-        d.next(), d.next()
+def _step_times(decoders: dict, rounds: int, batch: int) -> dict:
+    """Per decoder, the median ms a step over `rounds` interleaved rounds of 4 steps, and the
+    process CPU time (all threads: the work, less the machine's noise), both also as ratios to
+    the contiguous cache's in the same round."""
     per_round = {k: [] for k in decoders}
-    cpu_round = {k: [] for k in decoders}  # process CPU time (all threads): the work, less the machine's noise
+    cpu_round = {k: [] for k in decoders}
     for _ in range(rounds):
         for name, d in decoders.items():
             t, c = time.perf_counter(), time.process_time()
@@ -250,10 +238,37 @@ def decode_steps(source: str, block_sizes: list[int], batch: int, context: int, 
                      "vs_contiguous": round(statistics.median(ratios), 3),
                      "cpu_ms_per_step": round(statistics.median(cpu_round[name]) * 1000, 1),
                      "cpu_vs_contiguous": round(statistics.median(cpu_ratios), 3)}
-    copy_ctx = managers["paged_working_copy"].ctx
-    return {"batch": batch, "context": context, "rounds": rounds, "steps": out,
-            "working_copy_steps": copy_ctx.counters["steps_working_copy"],
-            "working_copy_builds": copy_ctx.counters["working_copy_builds"]}
+    return out
+
+
+def decode_steps(source: str, block_sizes: list[int], batch: int, context: int, rounds: int) -> dict:
+    """ms per decode step of mlx_lm's own decode loop (GenerationBatch: pipelined, async eval) over
+    batch x context tokens of synthetic K/V: contiguous BatchKVCache vs the paged cache gathering
+    blocks every step (per block size) vs the paged cache with decode working copies."""
+    import mlx.core as mx
+    from mlx_lm.generate import GenerationBatch, StopSequences
+    from mlx_lm.sample_utils import make_sampler
+
+    from engine.kv.manager import probe_layers
+    from engine.loading.loader import load_model
+
+    model = load_model(source).model
+    shapes, _ = probe_layers(model)
+
+    def decoder(cache):
+        return GenerationBatch(model, list(range(batch)), mx.zeros((batch,), mx.uint32), cache, [[] for _ in range(batch)],
+                               [], make_sampler(0.0), [], [StopSequences() for _ in range(batch)], [10**9] * batch)
+
+    caches, managers = {"contiguous": _contiguous_caches(shapes, batch, context)}, {}
+    for name, bs, policy in [*((f"paged_gather_bs{bs}", bs, "never") for bs in block_sizes),
+                             ("paged_working_copy", 32, "auto")]:
+        managers[name], caches[name] = _paged_caches(model, bs, policy, batch, context)
+    decoders = {name: decoder(c) for name, c in caches.items()}
+    for d in decoders.values():  # warm-up (the contiguous cache grows its buffer on the first step)
+        d.next(), d.next()
+    return {"batch": batch, "context": context, "rounds": rounds, "steps": _step_times(decoders, rounds, batch),
+            "working_copy_steps": managers["paged_working_copy"].ctx.counters["steps_working_copy"],
+            "working_copy_builds": managers["paged_working_copy"].ctx.counters["working_copy_builds"]}
 
 
 # --- 4. decode end to end -------------------------------------------------------------------------

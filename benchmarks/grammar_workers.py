@@ -186,81 +186,93 @@ def _walk(eng, art, tokens: list[int], reps: int) -> dict:
     }
 
 
+class _RowSet:
+    """A batch's rows, each walking its own path and starting again with a fresh state when done.
+    Rows start staggered along their paths (the prefix consumed untimed)."""
+
+    def __init__(self, eng, arts: dict, rows: list[tuple[str, list[int]]]):
+        self.eng, self.arts, self.rows = eng, arts, rows
+        self.states = [eng.new_state(arts[name]) for name, _ in rows]
+        self.pos = [(i * 5) % len(path) for i, (_, path) in enumerate(rows)]
+        for i, st in enumerate(self.states):
+            for tok in rows[i][1][: self.pos[i]]:
+                eng.consume(st, tok)
+
+    def next_tokens(self) -> list[int]:
+        return [path[self.pos[i]] for i, (_, path) in enumerate(self.rows)]
+
+    def advance(self) -> None:
+        for i, (name, path) in enumerate(self.rows):
+            self.pos[i] += 1
+            if self.pos[i] == len(path):
+                self.states[i] = self.eng.new_state(self.arts[name])
+                self.pos[i] = 0
+
+
+def _timings(mask_ns: list[int], consume_ns: list[int]) -> dict:
+    return {"mask_us": stats_us(mask_ns), "consume_us": stats_us(consume_ns),
+            "step_us": stats_us([a + c for a, c in zip(mask_ns, consume_ns)])}
+
+
+def _sequential_step(eng, rows: _RowSet, base: int, stride: int) -> tuple[int, int]:
+    """Each row's mask into its line of the bitmask, then each row's token: (mask ns, consume ns)."""
+    toks = rows.next_tokens()
+    t0 = time.perf_counter_ns()
+    for i, st in enumerate(rows.states):
+        eng.fill(st, base + i * stride, stride)
+    t1 = time.perf_counter_ns()
+    for i, st in enumerate(rows.states):
+        eng.consume(st, toks[i])
+    t2 = time.perf_counter_ns()
+    rows.advance()
+    return t1 - t0, t2 - t1
+
+
+def _parallel_step(executor, rows: _RowSet, bitmask) -> tuple[int, int, bool]:
+    """llguidance's parallel fill and consume over the batch: (mask ns, consume ns, all consumed)."""
+    import llguidance.numpy as lln
+
+    toks = rows.next_tokens()
+    t0 = time.perf_counter_ns()
+    lln.fill_next_token_bitmask_par(executor, [(m, i) for i, m in enumerate(rows.states)], bitmask)
+    t1 = time.perf_counter_ns()
+    res = lln.consume_token_par(executor, list(zip(rows.states, toks)))
+    t2 = time.perf_counter_ns()
+    rows.advance()
+    return t1 - t0, t2 - t1, all(res)
+
+
 def _batch(eng, arts: dict, rows: list[tuple[str, list[int]]], steps: int, threads: list[int | None]) -> dict:
-    """16 rows, each walking its own path, restarting with a fresh state when done."""
+    """16 rows, each walking its own path; sequential masks, and llguidance's parallel ones (which
+    must give the same bitmask) at each thread count."""
     import numpy as np
 
     words = (eng.vocab + 31) // 32
     b = len(rows)
-
-    class Set:
-        def __init__(self):  # rows start staggered along their paths (prefix consumed untimed)
-            self.states = [eng.new_state(arts[name]) for name, _ in rows]
-            self.pos = [(i * 5) % len(rows[i][1]) for i in range(b)]
-            for i, st in enumerate(self.states):
-                for tok in rows[i][1][: self.pos[i]]:
-                    eng.consume(st, tok)
-
-        def next_tokens(self):
-            return [rows[i][1][self.pos[i]] for i in range(b)]
-
-        def advance(self):
-            for i in range(b):
-                self.pos[i] += 1
-                if self.pos[i] == len(rows[i][1]):
-                    self.states[i] = eng.new_state(arts[rows[i][0]])
-                    self.pos[i] = 0
-
-    out: dict = {"rows": b, "steps": steps, "schemas": [n for n, _ in rows]}
-    seq = Set()
+    seq = _RowSet(eng, arts, rows)
     bm_seq = np.zeros((b, words), dtype=np.int32)
-    base, stride = bm_seq.ctypes.data, words * 4
-    par_sets = {}
-    execs = {}
+    par_sets, execs = {}, {}
     if eng.name == "llguidance":
         import llguidance
-        import llguidance.numpy as lln
 
         for t in threads:
             execs[t] = llguidance.LLExecutor() if t is None else llguidance.LLExecutor(num_threads=t)
-            par_sets[t] = Set()
-        bm_par = np.zeros((b, words), dtype=np.int32)
-    seq_mask, seq_cons = [], []
-    par_mask = {t: [] for t in par_sets}
-    par_cons = {t: [] for t in par_sets}
+            par_sets[t] = _RowSet(eng, arts, rows)
+    bm_par = np.zeros((b, words), dtype=np.int32)
+    seq_ns: tuple[list, list] = ([], [])
+    par_ns = {t: ([], []) for t in par_sets}
     mismatches = 0
-    for step in range(steps):
-        # sequential
-        toks = seq.next_tokens()
-        t0 = time.perf_counter_ns()
-        for i, st in enumerate(seq.states):
-            eng.fill(st, base + i * stride, stride)
-        t1 = time.perf_counter_ns()
-        for i, st in enumerate(seq.states):
-            eng.consume(st, toks[i])
-        t2 = time.perf_counter_ns()
-        seq_mask.append(t1 - t0)
-        seq_cons.append(t2 - t1)
+    for _ in range(steps):
+        for got, into in zip(_sequential_step(eng, seq, bm_seq.ctypes.data, words * 4), seq_ns):
+            into.append(got)
         for t, ps in par_sets.items():
-            ex = execs[t]
-            ptoks = ps.next_tokens()
-            t0 = time.perf_counter_ns()
-            lln.fill_next_token_bitmask_par(ex, [(m, i) for i, m in enumerate(ps.states)], bm_par)
-            t1 = time.perf_counter_ns()
-            res = lln.consume_token_par(ex, list(zip(ps.states, ptoks)))
-            t2 = time.perf_counter_ns()
-            par_mask[t].append(t1 - t0)
-            par_cons[t].append(t2 - t1)
-            if not np.array_equal(bm_par, bm_seq) or not all(res):
-                mismatches += 1
-            ps.advance()
-        seq.advance()
-    out["sequential"] = {"mask_us": stats_us(seq_mask), "consume_us": stats_us(seq_cons),
-                         "step_us": stats_us([a + c for a, c in zip(seq_mask, seq_cons)])}
+            mask, cons, ok = _parallel_step(execs[t], ps, bm_par)
+            par_ns[t][0].append(mask)
+            par_ns[t][1].append(cons)
+            mismatches += not ok or not np.array_equal(bm_par, bm_seq)
+    out: dict = {"rows": b, "steps": steps, "schemas": [n for n, _ in rows], "sequential": _timings(*seq_ns)}
     for t in par_sets:
-        key = f"parallel_threads_{'default' if t is None else t}"
-        out[key] = {"mask_us": stats_us(par_mask[t]), "consume_us": stats_us(par_cons[t]),
-                    "step_us": stats_us([a + c for a, c in zip(par_mask[t], par_cons[t])])}
+        out[f"parallel_threads_{'default' if t is None else t}"] = _timings(*par_ns[t])
     out["par_seq_mask_mismatch_steps"] = mismatches if par_sets else None
     return out
 
