@@ -538,7 +538,7 @@ async def count_tokens(core, request: Request) -> dict[str, int]:
     by its replica without generating. An unloaded model is loaded first, like /v1/models/{name}/load."""
     req = parse(await core.read_body(request), CountTokensRequest)
     client = core.client(req.model)
-    prompt = to_chat_request(req).prompt()
+    prompt = to_chat_request(req).prompt_input()
     load_timeout = core.load_timeout(req.model)
     core.touch(req.model)
     n = await client.count_tokens(prompt, timeout_s=load_timeout or 30.0, load=load_timeout is not None)

@@ -18,7 +18,10 @@ from ray.serve.exceptions import (
     BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError, RequestCancelledError,
 )
 
+from engine.request import PromptInput
+
 from .config import RouterConfig
+from .hop import GenerateRequest
 from .openai_protocol import ApiError
 
 log = logging.getLogger("ray.serve")
@@ -129,14 +132,6 @@ def replica_lost(err: ApiError) -> bool:
     return isinstance(err.__cause__, (RayActorError, ReplicaUnavailableError))
 
 
-def resend_payload(payload: dict[str, Any], attempt: int) -> dict[str, Any]:
-    """The payload of a resend, under its own engine request id: a replica that was only
-    unreachable may still hold the first attempt's id, and would refuse the same one again."""
-    if not payload.get("request_id"):
-        return payload
-    return {**payload, "request_id": f"{payload['request_id']}-resend{attempt}"}
-
-
 def load_timeout_error(model: str, load_timeout_s: float, retry_after_s: int = 1) -> ApiError:
     return ApiError(503, f"model {model!r} is not loaded and could not be loaded within its load_timeout_s "
                     f"({load_timeout_s:g} s): it is loading, or the memory budget is held by busy models; retry later",
@@ -163,7 +158,7 @@ def ray_error(model: str, exc: BaseException, retry_after_s: int = 1) -> ApiErro
 class ModelClient(Protocol):
     name: str
 
-    async def start(self, payload: dict[str, Any], started_at: float, deadline: float,
+    async def start(self, request: GenerateRequest, started_at: float, deadline: float,
                     load_timeout_s: float | None = None) -> ModelCall: ...
 
     async def stats(self, timeout_s: float) -> dict[str, Any]: ...
@@ -174,7 +169,7 @@ class ModelClient(Protocol):
 
     async def request_unload(self, timeout_s: float) -> dict[str, Any]: ...
 
-    async def count_tokens(self, prompt: dict[str, Any], timeout_s: float, load: bool = False) -> int: ...
+    async def count_tokens(self, prompt: PromptInput, timeout_s: float, load: bool = False) -> int: ...
 
 
 async def _wait(response, timeout_s: float):
@@ -194,14 +189,14 @@ class RayModelClient:
         self._stream = handle.options(stream=True, method_name="generate")
         self._retry_after_s = config.retry_after_s
 
-    async def start(self, payload: dict[str, Any], started_at: float, deadline: float,
+    async def start(self, request: GenerateRequest, started_at: float, deadline: float,
                     load_timeout_s: float | None = None) -> ModelCall:
         """The call once its first chunk is there. A request whose replica was lost before that
         chunk (its node died, it is unreachable) is sent again, to another replica: nothing of it
         reached the client yet. Once output has streamed, a lost replica ends the stream with an
         error instead (the client has part of an answer)."""
         for attempt in range(1, START_ATTEMPTS + 1):
-            sent = payload if attempt == 1 else resend_payload(payload, attempt)
+            sent = request if attempt == 1 else request.resent(attempt)
             try:
                 gen = self._stream.remote(sent)
             except Exception as exc:  # noqa: BLE001
@@ -243,7 +238,7 @@ class RayModelClient:
     async def request_unload(self, timeout_s: float) -> dict[str, Any]:
         return await self._call("request_unload", timeout_s)
 
-    async def count_tokens(self, prompt: dict[str, Any], timeout_s: float, load: bool = False) -> int:
+    async def count_tokens(self, prompt: PromptInput, timeout_s: float, load: bool = False) -> int:
         """The prompt's token count through the model's chat template, without generating."""
         result = await self._call("count_tokens", timeout_s, prompt, load=load)
         if "error" in result:

@@ -1,13 +1,7 @@
 """ModelServer: one Ray Serve deployment per model, a thin shell around the engine's AsyncEngine.
 
-The router calls `generate` through a streaming handle. Each item that crosses the hop is a plain
-dict, one of:
-
-    {"text": str, "n_tokens": int, "finish_reason": str | None, "usage": dict | None,
-     "request_id": str, "prompt_tokens": int}                   # a chunk of output
-    {"error": {"message", "type", "param", "code"}, "status_code": int, "retry_after_s": float | None}
-
-A hop costs several ms, so output is coalesced: the first token goes at once, then whatever the
+The router calls `generate` through a streaming handle with a `GenerateRequest`; each item that
+comes back is a `Chunk` of output or, last, an `ErrorItem` (deployments.hop). A hop costs several ms, so output is coalesced: the first token goes at once, then whatever the
 engine produced is sent at most once per window; the last chunk goes as soon as it exists. The
 window is `stream_window_ms`, widened when many streams are active so that the replica sends at
 most `stream_max_chunks_per_s` chunks in all. Closing the stream (the router cancels it when its
@@ -26,22 +20,16 @@ import ray
 from ray import serve
 
 from engine.config import EngineConfig
-from engine.errors import InvalidRequestError, OrchardError, OverloadedError
+from engine.errors import InvalidRequestError, OrchardError
+from engine.request import PromptInput
 
 from .governor import NODE_METRIC
+from .hop import Chunk, ErrorItem, GenerateRequest, error_item
 from .prefix_residency import PrefixResidency
 
 log = logging.getLogger("ray.serve")
 REPORT_MIN_INTERVAL_S = 1.0  # prefix reports (record_routing_stats) are reused this long
 REPORT_TIMEOUT_S = 5.0  # the engine answers between two steps; a prefill step can take seconds on a CPU
-
-
-def error_item(exc: OrchardError) -> dict[str, Any]:
-    return {
-        **exc.to_openai(),
-        "status_code": exc.status_code,
-        "retry_after_s": getattr(exc, "retry_after_s", None) if isinstance(exc, OverloadedError) else None,
-    }
 
 
 class Coalescer:
@@ -107,8 +95,8 @@ class Coalescer:
         await self.stream.aclose()
 
 
-def merge(batch: list, stream) -> dict[str, Any]:
-    """Several RequestOutput deltas → one chunk dict."""
+def merge(batch: list, stream) -> Chunk:
+    """Several RequestOutput deltas → one chunk."""
     last = batch[-1]
     return {
         "text": "".join(o.text for o in batch),
@@ -158,18 +146,17 @@ class ModelServer:
                  self.loaded_info["cold_start_s"], self.engine.info, mib(footprint.total), mib(footprint.weights),
                  mib(footprint.kv), mib(footprint.working))
 
-    async def generate(self, request: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Stream one request: {"prompt": {messages|text|token_ids}, "sampling": {...}, "request_id": str}."""
-        from engine.request import PromptInput
+    async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk | ErrorItem]:
+        """Stream one request's output, coalesced; an error is the last item."""
         from engine.sampling import SamplingParams, with_defaults
 
         try:
-            params = SamplingParams.parse(with_defaults(self.default_sampling, request.get("sampling", {})))
+            params = SamplingParams.parse(with_defaults(self.default_sampling, request.sampling))
             if params.ignore_eos and not self.allow_ignore_eos:
                 raise InvalidRequestError(f"ignore_eos is not allowed for model {self.name!r} (its operator can "
                                           "set allow_ignore_eos in the model's config)", param="ignore_eos")
             constraint = await asyncio.to_thread(self.engine.compile_guided, params) if params.guided else None
-            stream = self.engine.submit(PromptInput(**request["prompt"]), params, request.get("request_id"), constraint)
+            stream = self.engine.submit(request.prompt, params, request.request_id, constraint)
         except OrchardError as exc:
             yield error_item(exc)
             return
@@ -197,13 +184,11 @@ class ModelServer:
         are active so that the replica sends at most max_chunks_per_s chunks in all."""
         return max(self.window_s, self.active_streams / self.max_chunks_per_s)
 
-    def count_tokens(self, prompt: dict[str, Any]) -> dict[str, Any]:
-        """{"input_tokens": n}: a prompt ({messages|text|token_ids}) as `generate` would encode it,
-        without generating (Anthropic's count_tokens); or an error item, as `generate` yields."""
-        from engine.request import PromptInput
-
+    def count_tokens(self, prompt: PromptInput) -> dict[str, Any]:
+        """{"input_tokens": n}: a prompt as `generate` would encode it, without generating
+        (Anthropic's count_tokens); or an error item, as `generate` yields."""
         try:
-            ids = self.engine.encode(PromptInput(**prompt))
+            ids = self.engine.encode(prompt)
         except OrchardError as exc:
             return error_item(exc)
         return {"input_tokens": len(ids)}

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
+from engine.request import PromptInput
+
 from .tools import ResponseFormat, Tool, ToolChoice, ToolPlan, tool_plan
 
 Role = Literal["system", "user", "assistant", "tool", "developer"]
@@ -197,11 +199,9 @@ class ChatCompletionRequest(_SamplingRequest):
             out["guided"] = guided
         return out
 
-    def prompt(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"messages": [m.as_dict() for m in self.messages]}
-        if self.plan.render_tools:
-            out["tools"] = [t.model_dump(exclude_none=True) for t in self.tools]
-        return out
+    def prompt_input(self) -> PromptInput:
+        tools = [t.model_dump(exclude_none=True) for t in self.tools] if self.plan.render_tools else None
+        return PromptInput(messages=[m.as_dict() for m in self.messages], tools=tools)
 
 
 class CompletionRequest(_SamplingRequest):
@@ -229,8 +229,8 @@ class CompletionRequest(_SamplingRequest):
             raise ValueError("the prompt is empty")
         return v
 
-    def prompt_input(self) -> dict[str, Any]:
-        return {"text": self.prompt} if isinstance(self.prompt, str) else {"token_ids": list(self.prompt)}
+    def prompt_input(self) -> PromptInput:
+        return PromptInput(text=self.prompt) if isinstance(self.prompt, str) else PromptInput(token_ids=list(self.prompt))
 
 
 def parse_request(body: bytes, model_cls: type[_Strict]) -> Any:

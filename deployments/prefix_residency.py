@@ -24,6 +24,7 @@ import time
 from collections import Counter, OrderedDict
 from typing import Any
 
+from .hop import GenerateRequest
 from .request_router import block_hashes, prompt_text
 
 
@@ -40,11 +41,11 @@ class PrefixResidency:
         self._active: Counter[int] = Counter()  # prompts of requests not finished yet
         self.block_size = 0
 
-    def served(self, payload: dict[str, Any], prompt_ids: list[int], token_blocks: list[bytes],
+    def served(self, request: GenerateRequest, prompt_ids: list[int], token_blocks: list[bytes],
                block_size: int) -> int | None:
-        """Remember one generate payload's prompt (as the router hashed it) and its token blocks;
-        returns the key to pass to `finished` when the request ends."""
-        text = prompt_text(payload)
+        """Remember one request's prompt (as the router hashed it) and its token blocks; returns the
+        key to pass to `finished` when the request ends."""
+        text = prompt_text(request)
         hashes = block_hashes(text, self.block_chars) if text else []
         if not hashes or not token_blocks:
             return None

@@ -49,6 +49,8 @@ from typing import Any, Hashable, Sequence
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
+from .hop import GenerateRequest
+
 log = logging.getLogger("ray.serve")
 
 ROUTER_PATH = "deployments.request_router:PrefixAffinityRouter"
@@ -60,23 +62,23 @@ REPORT_SLACK_S = 2.0
 SUSPECT_S = 10.0  # a replica a call could not reach is offered last this long
 
 
-def prompt_text(payload: Any) -> str | None:
-    """The text whose prefix decides a generate payload's replica ({"prompt": {messages|text|
-    token_ids, tools}}), in the order the chat template renders it; None for anything else."""
-    if not isinstance(payload, dict) or not isinstance(payload.get("prompt"), dict):
+def prompt_text(request: Any) -> str | None:
+    """The text whose prefix decides a `GenerateRequest`'s replica, in the order the chat template
+    renders it; None for anything else (the arguments of other calls)."""
+    if not isinstance(request, GenerateRequest):
         return None
-    prompt = payload["prompt"]
+    prompt = request.prompt
     parts: list[str] = []
-    if prompt.get("tools"):
-        parts.append(f"\x02tools:{prompt['tools']!r}")  # templates render tools before the messages
-    if prompt.get("messages") is not None:
-        for message in prompt["messages"]:
+    if prompt.tools:
+        parts.append(f"\x02tools:{prompt.tools!r}")  # templates render tools before the messages
+    if prompt.messages is not None:
+        for message in prompt.messages:
             if isinstance(message, dict):
                 parts.append(f"\x02{message.get('role')}:{_content_text(message.get('content'))}")
-    elif prompt.get("text") is not None:
-        parts.append(str(prompt["text"]))
-    elif prompt.get("token_ids") is not None:
-        parts.append(",".join(str(t) for t in prompt["token_ids"]) + ",")
+    elif prompt.text is not None:
+        parts.append(str(prompt.text))
+    elif prompt.token_ids is not None:
+        parts.append(",".join(str(t) for t in prompt.token_ids) + ",")
     return "".join(parts) or None
 
 

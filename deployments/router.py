@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .anthropic_api import install_anthropic_routes
 from .config import RouterConfig
+from .hop import GenerateRequest
 from .metrics import CONTENT_TYPE_LATEST, RouterMetrics
 from .model_client import ModelCall, ModelClient, RayModelClient
 from .model_directory import LOADED, ModelDirectory
@@ -146,14 +147,10 @@ class RouterCore:
         builder = ResponseBuilder(kind, model, new_id("chatcmpl" if kind == "chat" else "cmpl"),
                                   tools=kind == "chat" and req.plan.parse,
                                   forced_tools=kind == "chat" and req.plan.grammar is not None, logprobs=req.logprobs not in (None, False))
-        payload = {
-            "request_id": builder.id,
-            "prompt": req.prompt() if kind == "chat" else req.prompt_input(),
-            "sampling": req.sampling(),
-        }
+        request = GenerateRequest(req.prompt_input(), req.sampling(), request_id=builder.id)
         load_timeout = self.load_timeout(model)
         self.touch(model)
-        call = await client.start(payload, start, self._deadline(start), load_timeout)
+        call = await client.start(request, start, self._deadline(start), load_timeout)
         if load_timeout is not None and call.first_token_at is not None:
             self.metrics.cold_ttft.labels(model).observe(call.first_token_at - start)
         return call, builder

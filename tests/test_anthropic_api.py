@@ -18,6 +18,7 @@ from deployments.anthropic_api import (
 from deployments.config import RouterConfig
 from deployments.openai_protocol import ApiError
 from deployments.router import RouterCore, create_app
+from engine.request import PromptInput
 
 from .test_deployments import USAGE, FakeClient, chunk
 
@@ -40,7 +41,7 @@ class CountingClient(FakeClient):
 
     async def count_tokens(self, prompt, timeout_s, load=False):
         self.payloads.append(prompt)
-        return sum(len(m["content"]) for m in prompt["messages"])
+        return sum(len(m["content"]) for m in prompt.messages)
 
 
 def make_core(router=None, **clients) -> RouterCore:
@@ -505,8 +506,8 @@ async def test_count_tokens_through_the_replica():
     client = sdk(core)
     counted = await client.messages.count_tokens(model="m1", system="ab", messages=HI)
     assert counted.input_tokens == 4  # CountingClient: one per character of "ab" and "hi"
-    assert core.models["m1"].payloads == [{"messages": [{"role": "system", "content": "ab"},
-                                                        {"role": "user", "content": "hi"}]}]
+    assert core.models["m1"].payloads == [PromptInput(messages=[{"role": "system", "content": "ab"},
+                                                                {"role": "user", "content": "hi"}])]
     with pytest.raises(anthropic.NotFoundError):
         await client.messages.count_tokens(model="nope", messages=HI)
     with pytest.raises(anthropic.BadRequestError, match="thinking: not supported"):

@@ -25,7 +25,9 @@ import pytest
 import ray
 
 from benchmarks.serve_process import start_serve_run
+from deployments.hop import GenerateRequest
 from deployments.request_router import block_hashes, prompt_text
+from engine.request import PromptInput
 from tests.serve_helpers import BASE, ROOT, clean_ray, ray_processes, stop, wait_healthy
 
 pytestmark = pytest.mark.slow
@@ -149,9 +151,8 @@ def test_2_a_shared_prefix_sticks_to_one_replica(cluster):
     assert sum(delta) == 16 and min(delta) >= 4, delta  # tenants spread: both replicas got some
     # each replica's report of what its cache holds (what the routers route on, remade at most once
     # a second, asked for every report_period_s): every tenant's prompt is held by exactly one
-    firsts = [block_hashes(prompt_text({"prompt": {"messages": [{"role": "system", "content": system},
-                                                                {"role": "user", "content": "?"}]}}), 64)[0]
-              for system in SYSTEMS]
+    firsts = [block_hashes(prompt_text(GenerateRequest(PromptInput(messages=[
+        {"role": "system", "content": system}, {"role": "user", "content": "?"}]))), 64)[0] for system in SYSTEMS]
     deadline = time.monotonic() + 15
     while True:
         held = [set(s.get("prefixes", {}).get("hashes", [])) for s in replicas().values()]

