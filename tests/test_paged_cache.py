@@ -71,12 +71,12 @@ def on():
 # --- the pool and the index without a model ---------------------------------------------------
 
 
-def _pool(capacity=4, block_size=4) -> BlockPool:
-    return BlockPool([LayerShape(2, 8, 8)] * 3, mx.float32, block_size, capacity)
+def _pool(capacity=4, block_size=4, on_evict=None) -> BlockPool:
+    return BlockPool([LayerShape(2, 8, 8)] * 3, mx.float32, block_size, capacity, on_evict=on_evict)
 
 
 def test_lru_evicts_tails_first_and_counts_blocks():
-    pool = _pool(capacity=4)
+    pool = _pool(capacity=4, on_evict=lambda block: index.forget(block))
     index = PrefixCache(pool, b"salt")
     ids = list(range(100, 116))  # four full blocks of 4
     hashes = index.chain(ids)
@@ -345,6 +345,7 @@ async def test_gemma_sliding_window_equals_cache_off():
 async def test_a_replica_reports_the_prefixes_its_cache_still_holds():
     """The prefix-affinity report (deployments.prefix_residency): the router's text-block hashes
     of the prompts whose token blocks are still cached; an evicted prefix drops out of it."""
+    from deployments.hop import GenerateRequest
     from deployments.prefix_residency import PrefixResidency
     from deployments.request_router import block_hashes, prompt_text
 
@@ -352,13 +353,14 @@ async def test_a_replica_reports_the_prefixes_its_cache_still_holds():
     residency = PrefixResidency(block_chars=64)
 
     async def serve(system: str, question: str) -> list[int]:
-        payload = {"prompt": {"messages": [{"role": "system", "content": system}, {"role": "user", "content": question}]}}
-        stream = eng.submit(PromptInput(**payload["prompt"]), SamplingParams(**GREEDY))
-        key = residency.served(payload, stream.prompt_ids, eng.block_hashes(stream.prompt_ids), eng.config.block_size)
+        request = GenerateRequest(PromptInput(messages=[{"role": "system", "content": system},
+                                                        {"role": "user", "content": question}]))
+        stream = eng.submit(request.prompt, SamplingParams(**GREEDY))
+        key = residency.served(request, stream.prompt_ids, eng.block_hashes(stream.prompt_ids), eng.config.block_size)
         async for _ in stream:
             pass
         residency.finished(key)
-        return block_hashes(prompt_text(payload), 64)
+        return block_hashes(prompt_text(request), 64)
 
     try:
         library = await serve(SYSTEM, QUESTIONS[0])
@@ -366,9 +368,10 @@ async def test_a_replica_reports_the_prefixes_its_cache_still_holds():
         for name in ("Aster", "Birch", "Cedar"):  # other tenants' prompts push the library's out
             newest = await serve(f"Tenant {name} support desk. " + "Answer politely and briefly. " * 8, "Hello?")
         later = (await residency.report(eng))["hashes"]
-        payload = {"prompt": {"messages": [{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Queued?"}]}}
-        ids = eng.encode(PromptInput(**payload["prompt"]))
-        queued = residency.served(payload, ids, eng.block_hashes(ids), eng.config.block_size)  # not finished yet
+        queued_request = GenerateRequest(PromptInput(messages=[{"role": "system", "content": SYSTEM},
+                                                               {"role": "user", "content": "Queued?"}]))
+        ids = eng.encode(queued_request.prompt)
+        queued = residency.served(queued_request, ids, eng.block_hashes(ids), eng.config.block_size)  # not finished yet
         while_queued = (await residency.report(eng))["hashes"]
         residency.finished(queued)
         eng.resident_blocks([eng.block_hashes([1] * 64)]).cancel()  # an asker that gave up

@@ -53,11 +53,14 @@ class BlockPool:
         capacity_blocks: int | None,
         first_growth: int = 64,
         cache_share: float = 1.0,
+        on_evict: Callable[[int], None] | None = None,
     ):
         """`capacity_blocks`: most usable blocks (the byte budget / block_bytes); None: unbounded.
         `cache_share`: the pool grows past this share of the capacity only for referenced blocks
         (running requests); up to it, it grows rather than evict cached blocks. The rest of the
-        budget is left to decode working copies (engine.kv.paged_cache) while nothing else needs it."""
+        budget is left to decode working copies (engine.kv.paged_cache) while nothing else needs it.
+        `on_evict(block)`: told of each cached block the pool evicts, before it is reused (the
+        prefix index forgets it)."""
         self.layers = list(layers)
         self.dtype = dtype
         self.block_size = block_size
@@ -67,7 +70,7 @@ class BlockPool:
         size = dtype.size
         self.layer_block_bytes = [block_size * s.kv_heads * (s.k_dim + s.v_dim) * size for s in self.layers]
         self.block_bytes = sum(self.layer_block_bytes)
-        self.on_evict: Callable[[int], None] | None = None
+        self.on_evict = on_evict
         self.epoch = 0  # bumped on every change of a block's contents owner (allocation, copy, growth)
         self.counters = {"evictions": 0, "cow_copies": 0, "grows": 0, "over_budget_blocks": 0}
         self.peak_used = 0  # most blocks referenced at once

@@ -92,11 +92,11 @@ class PagedCacheManager:
         self.memory_aware = config.memory_aware
         self.reserve = config.kv_admission == "reserve"
         capacity = max(1, self.budget_bytes // block_bytes - BlockPool.RESERVED) if self.memory_aware else None
-        self.pool = BlockPool(layers, dtype, bs, capacity, cache_share=1 - WORKING_COPY_SHARE)
-        self.ctx = PagedContext(self.pool, len(layers))
+        self.pool = BlockPool(layers, dtype, bs, capacity, cache_share=1 - WORKING_COPY_SHARE,
+                              on_evict=self._forget_evicted)
+        self.ctx = PagedContext(self.pool, len(layers), room=self._room)
         self.index = PrefixCache(self.pool, salt, None if self.memory_aware else config.max_cache_entries)
         self.live: dict[int, SeqBlocks] = {}  # uid -> running sequence
-        self.ctx.room = self._room
 
     # --- the seam --------------------------------------------------------------------------
 
@@ -221,6 +221,10 @@ class PagedCacheManager:
     def _worst_case(self, prompt_len: int, max_tokens: int) -> int:
         """Blocks a request can hold at most: prompt + max_tokens, plus one copy-on-write."""
         return -(-(prompt_len + max_tokens) // self.pool.block_size) + 1
+
+    def _forget_evicted(self, block: int) -> None:
+        """The pool evicted a cached block: the prefix index forgets it."""
+        self.index.forget(block)
 
     def _room(self) -> int | None:
         """Budget (in blocks) that the pool neither occupies nor may grow into for the running

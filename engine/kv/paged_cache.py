@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import Callable
 
 import mlx.core as mx
 import numpy as np
@@ -120,11 +121,11 @@ class PagedContext:
     # A working copy's capacity grows by at least this many columns (engine.kv.working_copy.capacity).
     copy_step = 16
 
-    def __init__(self, pool: BlockPool, num_layers: int):
+    def __init__(self, pool: BlockPool, num_layers: int, room: Callable[[], int | None] = lambda: None):
         self.pool = pool
         self.num_layers = num_layers
         self.policy = "auto"  # working copies: "auto", "always" or "never"
-        self.room = lambda: None  # budget blocks not spoken for (None: unbounded); set by the manager
+        self.room = room  # budget blocks not spoken for (None: unbounded), from the cache manager
         self.counters = {"steps_gathered": 0, "steps_working_copy": 0, "working_copy_builds": 0}
         self.copy_bytes: dict[int, int] = {}  # id(cache object) -> bytes of its working copy
         self._plan_key = None

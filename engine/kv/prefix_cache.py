@@ -16,9 +16,9 @@ Blocks a running request is still computing are *pending*: another request with 
 waits for them (`Match.pending`) instead of computing them again.
 
 Two eviction modes. Memory-aware: the pool evicts unreferenced cached blocks LRU when it needs room
-and tells the index (`_forget`). Entry count (memory_aware False): every finished request leaves one
-entry (the cached blocks it used); past `max_entries` the least recently used entry goes, with its
-blocks unless another entry or a running request holds them.
+and tells the index (`forget`, through the pool's `on_evict`). Entry count (memory_aware False):
+every finished request leaves one entry (the cached blocks it used); past `max_entries` the least
+recently used entry goes, with its blocks unless another entry or a running request holds them.
 """
 
 from __future__ import annotations
@@ -58,7 +58,6 @@ class PrefixCache:
         self._entries_of: dict[int, set[int]] = {}
         self._next_entry = 0
         self.counters = {"queries": 0, "hits": 0, "misses": 0, "prefix_hits": 0, "tokens_reused": 0}
-        pool.on_evict = self._forget
 
     # --- hashing ---------------------------------------------------------------------------
 
@@ -149,7 +148,8 @@ class PrefixCache:
         self.pool.set_cached(block, True)
         return True
 
-    def _forget(self, block: int) -> None:
+    def forget(self, block: int) -> None:
+        """Drop an evicted block from the index (the pool's `on_evict`)."""
         parent, _, h = self.meta.pop(block)
         if h is not None:
             self.full.pop(h, None)
@@ -164,7 +164,7 @@ class PrefixCache:
 
     def clear(self) -> None:
         for b in list(self.meta):
-            self._forget(b)
+            self.forget(b)
             self.pool.set_cached(b, False)
         self.pending.clear()
         self.entries.clear()
@@ -193,7 +193,7 @@ class PrefixCache:
                 self._entries_of.get(b, set()).discard(e)
         for b in list(self.meta):
             if not self._entries_of.get(b) and self.pool.refs[b] == 0:
-                self._forget(b)
+                self.forget(b)
                 self.pool.evict(b)
 
     # --- numbers -------------------------------------------------------------------------
