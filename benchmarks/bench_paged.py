@@ -209,9 +209,9 @@ def _paged_caches(model, block_size: int, policy: str, batch: int, context: int)
     pool = mgr.pool
     rows = [SeqBlocks([pool.allocate() for _ in range(-(-context // block_size))], context, nl) for _ in range(batch)]
     for i in range(nl):
-        pool.k[i] = mx.random.normal(pool.k[i].shape)
-        pool.v[i] = mx.random.normal(pool.v[i].shape)
-    mx.eval(pool.k, pool.v)
+        pool.storage.k[i] = mx.random.normal(pool.storage.k[i].shape)
+        pool.storage.v[i] = mx.random.normal(pool.storage.v[i].shape)
+    mx.eval(pool.storage.k, pool.storage.v)
     return mgr, [BatchPagedKVCache(mgr.ctx, i, rows) for i in range(nl)]
 
 

@@ -26,8 +26,8 @@ the block pool: the loop hands the model one `BatchPagedKVCache` per layer over 
 `SeqBlocks`, made again only when the batch changes (they keep the decode working copies between
 steps). The cache protocol between loop and cache is small: `BatchPagedKVCache(ctx, layer, rows)`
 for a batch, `set_chunk(real)` before a right-padded prefill chunk, `flush()` before anything else
-reads the rows' blocks; the pool hands over what it wrote (`take_writes`) to be evaluated with the
-step.
+reads the rows' blocks; the pool's storage hands over what it wrote (`take_writes`) to be
+evaluated with the step.
 """
 
 from __future__ import annotations
@@ -171,7 +171,7 @@ class BatchLoop:
         issued, out = self._issue_decode()
         prefilled = self._issue_prefill()
         if issued is not None or prefilled:  # the tokens, and the K/V writes into the pool
-            mx.async_eval(*(issued.arrays() if issued is not None else []), *self.ctx.pool.take_writes())
+            mx.async_eval(*(issued.arrays() if issued is not None else []), *self.ctx.pool.storage.take_writes())
         if not self.pipelined:
             return out + self._read(issued) if issued is not None else out
         previous, self._issued = self._issued, issued

@@ -10,7 +10,8 @@ import pytest
 
 from engine.config import EngineConfig
 from engine.engine import AsyncEngine
-from engine.kv.block_pool import BlockPool, LayerShape
+from engine.kv.block_pool import BlockPool
+from engine.kv.kv_storage import LayerShape
 from engine.kv.prefix_cache import PrefixCache
 from engine.request import PromptInput
 from engine.sampling import SamplingParams
@@ -110,10 +111,10 @@ def test_copy_on_write_copies_every_layer():
     src = pool.allocate()
     n = 2 * pool.block_size
     for layer in range(3):
-        pool.k[layer][src * n : (src + 1) * n] = mx.full((n, 8), float(layer + 1))
+        pool.storage.k[layer][src * n : (src + 1) * n] = mx.full((n, 8), float(layer + 1))
     dst = pool.copy_block(src)
     for layer in range(3):
-        assert mx.all(pool.k[layer][dst * n : (dst + 1) * n] == layer + 1).item()
+        assert mx.all(pool.storage.k[layer][dst * n : (dst + 1) * n] == layer + 1).item()
     assert pool.counters["cow_copies"] == 1 and dst != src
 
 

@@ -41,7 +41,8 @@ import logging
 
 import mlx.core as mx
 
-from .block_pool import BlockPool, LayerShape
+from .block_pool import BlockPool
+from .kv_storage import LayerShape
 from ..config import EngineConfig
 from .paged_cache import PagedContext, PagedKVCache, SeqBlocks
 from .prefix_cache import PrefixCache

@@ -48,7 +48,8 @@ import mlx.core as mx
 import numpy as np
 from mlx_lm.models.cache import _BaseCache
 
-from .block_pool import BlockPool, row_index, slab_index
+from .block_pool import BlockPool
+from .kv_storage import row_index, slab_index
 from .working_copy import Geometry, WorkingCopy
 
 
@@ -244,9 +245,10 @@ class BatchPagedKVCache(_BaseCache):
         else:
             self._drop_copy()
             pool = self.ctx.pool
-            heads = pool.layers[self.layer].kv_heads
-            pool.write(self.layer, plan.rows(heads, pool.block_size), keys, values)
-            out = pool.read(self.layer, plan.slabs(heads))
+            store = pool.storage
+            heads = store.layers[self.layer].kv_heads
+            store.write(self.layer, plan.rows(heads, pool.block_size), keys, values)
+            out = store.read(self.layer, plan.slabs(heads))
         for row, count in zip(self.rows, plan.real.tolist()):
             row.written[self.layer] += count
         return out
@@ -301,7 +303,7 @@ class BatchPagedKVCache(_BaseCache):
     @property
     def state(self):
         """The layer's pool arrays: evaluating them commits every write issued so far."""
-        return self.ctx.pool.layer_state(self.layer)
+        return self.ctx.pool.storage.layer_state(self.layer)
 
     @state.setter
     def state(self, v):
@@ -312,7 +314,7 @@ class BatchPagedKVCache(_BaseCache):
         """The layer's share of the distinct blocks the rows hold, plus a working copy if any."""
         blocks = {b for r in self.rows for b in r.table}
         copy_bytes = self.ctx.copy_bytes.get(id(self), 0) if self._copy is not None else 0
-        return len(blocks) * self.ctx.pool.layer_block_bytes[self.layer] + copy_bytes
+        return len(blocks) * self.ctx.pool.storage.layer_block_bytes[self.layer] + copy_bytes
 
     def size(self) -> int:
         return max(self._starts(), default=0)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from .block_pool import row_index
+from .kv_storage import row_index
 
 _ids = itertools.count()
 
@@ -100,10 +100,11 @@ class WorkingCopy:
 
     def __init__(self, pool, layer: int, geom: Geometry, tables: list[list[int]], lengths: list[int]):
         self.pool, self.layer, self.geom = pool, layer, geom
-        shape = pool.layers[layer]
+        store = pool.storage
+        shape = store.layers[layer]
         B, H, bs = len(lengths), shape.kv_heads, pool.block_size
-        self.k = mx.zeros((B, H, geom.cap, shape.k_dim), pool.dtype)
-        self.v = mx.zeros((B, H, geom.cap, shape.v_dim), pool.dtype)
+        self.k = mx.zeros((B, H, geom.cap, shape.k_dim), store.dtype)
+        self.v = mx.zeros((B, H, geom.cap, shape.v_dim), store.dtype)
         longest = max(lengths)
         if longest:
             pos = np.arange(longest)[None, :] - geom.pad[:, None]  # [B, longest] position per column
@@ -113,7 +114,7 @@ class WorkingCopy:
                 table[b, : min(len(t), table.shape[1])] = t[: table.shape[1]]
             blocks = np.take_along_axis(table, np.where(valid, pos // bs, 0), axis=1)
             rows = row_index(np.where(valid, blocks, pool.NULL), np.where(valid, pos % bs, 0), H, bs)
-            k, v = pool.read_rows(layer, mx.array(rows.reshape(-1).astype(np.int32)))
+            k, v = store.read_rows(layer, mx.array(rows.reshape(-1).astype(np.int32)))
             self.k[:, :, :longest, :] = k.reshape(B, H, longest, shape.k_dim)
             self.v[:, :, :longest, :] = v.reshape(B, H, longest, shape.v_dim)
         self.flushed = longest
@@ -145,11 +146,11 @@ class WorkingCopy:
         if end <= start:
             return
         pool, bs = self.pool, self.pool.block_size
-        H = pool.layers[self.layer].kv_heads
+        H = pool.storage.layers[self.layer].kv_heads
         pos = np.arange(start, end)[None, :] - self.geom.pad[:, None]  # [B, m]
         blocks = np.stack([np.asarray(t, dtype=np.int64)[np.minimum(p // bs, len(t) - 1)] for t, p in zip(tables, pos)])
         rows = row_index(np.where(pos >= 0, blocks, pool.TRASH), pos % bs, H, bs)
-        pool.write(self.layer, mx.array(rows.reshape(-1).astype(np.int32)), self.k[:, :, start:end, :],
+        pool.storage.write(self.layer, mx.array(rows.reshape(-1).astype(np.int32)), self.k[:, :, start:end, :],
                    self.v[:, :, start:end, :])
         self.flushed = end
 

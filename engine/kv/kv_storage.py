@@ -1,0 +1,117 @@
+"""The K/V arrays behind one model's block pool: MLX storage only, no bookkeeping.
+
+One block id spans all layers (like vLLM): block `b` holds `block_size` consecutive token
+positions of one sequence, in every layer. Per layer the storage is two arrays, K and V, of shape
+`[num_blocks * kv_heads * block_size, head_dim]`, i.e. `[num_blocks, kv_heads, block_size,
+head_dim]` flattened, so
+
+- a write of new tokens is one scatter of rows into each array (in place: the arrays are kept
+  singly referenced, so MLX donates their buffers), and
+- a read of a batch's blocks is one `take` of whole `[block_size, head_dim]` slabs that lands
+  directly in the `[B, kv_heads, L, head_dim]` layout attention wants (no transpose copy).
+
+Growing appends blocks (ids stay valid). Block 0 (`NULL`) is all zeros and never written: it pads
+short rows in a gather. Block 1 (`TRASH`) takes the writes of padding tokens and is never read.
+Which block is free, cached or shared is the block pool's business (engine.kv.block_pool).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import mlx.core as mx
+import numpy as np
+
+NULL = 0  # zeros; pads gathers, never written
+TRASH = 1  # padding tokens are written here; never gathered
+RESERVED = 2
+
+
+@dataclass(frozen=True)
+class LayerShape:
+    kv_heads: int
+    k_dim: int
+    v_dim: int
+
+
+class KVStorage:
+    def __init__(self, layers: list[LayerShape], dtype: mx.Dtype, block_size: int):
+        self.layers = list(layers)
+        self.dtype = dtype
+        self.block_size = block_size
+        self.layer_block_bytes = [block_size * s.kv_heads * (s.k_dim + s.v_dim) * dtype.size for s in self.layers]
+        self.block_bytes = sum(self.layer_block_bytes)
+        self.dirty = False  # writes not evaluated yet (see take_writes)
+        self.reset()
+
+    def reset(self) -> None:
+        """Only the reserved blocks: every other block's memory goes back."""
+        self.k = [self._zeros(RESERVED, s.k_dim, s) for s in self.layers]
+        self.v = [self._zeros(RESERVED, s.v_dim, s) for s in self.layers]
+        mx.eval(self.k, self.v)
+        self.num_blocks = RESERVED
+
+    def grow(self, add: int) -> None:
+        """Append `add` zeroed blocks to every layer."""
+        for i, s in enumerate(self.layers):
+            self.k[i] = mx.concatenate([self.k[i], self._zeros(add, s.k_dim, s)])
+            self.v[i] = mx.concatenate([self.v[i], self._zeros(add, s.v_dim, s)])
+        mx.eval(self.k, self.v)  # the old arrays go now, not at the end of the next step
+        self.num_blocks += add
+
+    def _zeros(self, blocks: int, dim: int, s: LayerShape) -> mx.array:
+        return mx.zeros((blocks * s.kv_heads * self.block_size, dim), self.dtype)
+
+    def copy(self, src: int, dst: int) -> None:
+        """The contents of block `src` into block `dst`, in every layer."""
+        for i, s in enumerate(self.layers):
+            n = s.kv_heads * self.block_size
+            for arrays in (self.k, self.v):
+                # A real copy, evaluated now: a view of the array would keep its buffer shared and
+                # turn the update below into a copy of the whole array.
+                data = mx.contiguous(arrays[i][src * n : (src + 1) * n])
+                mx.eval(data)
+                arrays[i][dst * n : (dst + 1) * n] = data
+        self.dirty = True
+
+    # --- reads and writes (one layer) -----------------------------------------------------
+
+    def write(self, layer: int, rows: mx.array, keys: mx.array, values: mx.array) -> None:
+        """Scatter `keys`/`values` ([B, H, N, D], flattened in that order) into storage rows."""
+        self.k[layer][rows] = keys.reshape(-1, keys.shape[-1])
+        self.v[layer][rows] = values.reshape(-1, values.shape[-1])
+        self.dirty = True
+
+    def read_rows(self, layer: int, rows: mx.array) -> tuple[mx.array, mx.array]:
+        """Gather single rows (`row_index` order), flattened to [n, D]."""
+        return self.k[layer][rows], self.v[layer][rows]
+
+    def read(self, layer: int, slabs: mx.array) -> tuple[mx.array, mx.array]:
+        """Gather `[block_size, D]` slabs: `slabs` is [B, H, nb] of `block * H + head`."""
+        bs = self.block_size
+        B, H, nb = slabs.shape
+        s = self.layers[layer]
+        k = mx.take(self.k[layer].reshape(-1, bs * s.k_dim), slabs, axis=0).reshape(B, H, nb * bs, s.k_dim)
+        v = mx.take(self.v[layer].reshape(-1, bs * s.v_dim), slabs, axis=0).reshape(B, H, nb * bs, s.v_dim)
+        return k, v
+
+    def take_writes(self) -> list[mx.array]:
+        """The arrays written since the last call, to evaluate with the step (else none)."""
+        if not self.dirty:
+            return []
+        self.dirty = False
+        return [a for layer in range(len(self.layers)) for a in (self.k[layer], self.v[layer])]
+
+    def layer_state(self, layer: int) -> tuple[mx.array, mx.array]:
+        return self.k[layer], self.v[layer]
+
+
+def row_index(blocks: np.ndarray, slots: np.ndarray, kv_heads: int, block_size: int) -> np.ndarray:
+    """Storage rows [B, H, m] of (block, slot) pairs [B, m], in the [B, H, m] order of a K/V slab."""
+    h = np.arange(kv_heads)[None, :, None]
+    return (blocks[:, None, :] * kv_heads + h) * block_size + slots[:, None, :]
+
+
+def slab_index(tables: np.ndarray, kv_heads: int) -> np.ndarray:
+    """[B, nb] block ids -> [B, H, nb] slab ids (`block * H + head`) for `KVStorage.read`."""
+    return tables[:, None, :] * kv_heads + np.arange(kv_heads, dtype=tables.dtype)[None, :, None]
