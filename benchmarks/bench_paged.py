@@ -136,10 +136,11 @@ async def ten_users(source: str, paged: bool, block_size: int, users: int, syste
 
 
 def kv_bytes_per_token(engine) -> int:
+    from engine.kv.kv_storage import layer_block_bytes
     from engine.kv.manager import probe_layers
 
     layers, dtype = probe_layers(engine.loaded.model)
-    return sum(s.kv_heads * (s.k_dim + s.v_dim) for s in layers) * dtype.size
+    return sum(layer_block_bytes(layers, dtype, 1))  # a block of one token
 
 
 # --- 2. TTFT cold vs warm -------------------------------------------------------------------------

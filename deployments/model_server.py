@@ -1,7 +1,9 @@
 """ModelServer: one Ray Serve deployment per model, a thin shell around the engine's AsyncEngine.
 
 The router calls `generate` through a streaming handle with a `GenerateRequest`; each item that
-comes back is a `Chunk` of output or, last, an `ErrorItem` (deployments.hop). A hop costs several ms, so output is coalesced: the first token goes at once, then whatever the
+comes back is a `Chunk` of output or, last, an `ErrorItem` (deployments.hop).
+
+A hop costs several ms, so output is coalesced: the first token goes at once, then whatever the
 engine produced is sent at most once per window; the last chunk goes as soon as it exists. The
 window is `stream_window_ms`, widened when many streams are active so that the replica sends at
 most `stream_max_chunks_per_s` chunks in all. Closing the stream (the router cancels it when its

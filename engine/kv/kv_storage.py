@@ -34,12 +34,17 @@ class LayerShape:
     v_dim: int
 
 
+def layer_block_bytes(layers: list[LayerShape], dtype: mx.Dtype, block_size: int) -> list[int]:
+    """Bytes of one block's K and V, layer by layer."""
+    return [block_size * s.kv_heads * (s.k_dim + s.v_dim) * dtype.size for s in layers]
+
+
 class KVStorage:
     def __init__(self, layers: list[LayerShape], dtype: mx.Dtype, block_size: int):
         self.layers = list(layers)
         self.dtype = dtype
         self.block_size = block_size
-        self.layer_block_bytes = [block_size * s.kv_heads * (s.k_dim + s.v_dim) * dtype.size for s in self.layers]
+        self.layer_block_bytes = layer_block_bytes(self.layers, dtype, block_size)
         self.block_bytes = sum(self.layer_block_bytes)
         self.dirty = False  # writes not evaluated yet (see take_writes)
         self.reset()

@@ -41,9 +41,9 @@ import logging
 
 import mlx.core as mx
 
-from .block_pool import BlockPool
-from .kv_storage import LayerShape
 from ..config import EngineConfig
+from .block_pool import BlockPool
+from .kv_storage import LayerShape, layer_block_bytes
 from .paged_cache import PagedContext, PagedKVCache, SeqBlocks
 from .prefix_cache import PrefixCache
 
@@ -88,7 +88,7 @@ class PagedCacheManager:
 
     def __init__(self, layers: list[LayerShape], dtype: mx.Dtype, config: EngineConfig, salt: bytes = b""):
         bs = config.block_size
-        block_bytes = bs * sum(s.kv_heads * (s.k_dim + s.v_dim) for s in layers) * dtype.size
+        block_bytes = sum(layer_block_bytes(layers, dtype, bs))
         self.budget_bytes = budget_bytes(config)
         self.memory_aware = config.memory_aware
         self.reserve = config.kv_admission == "reserve"
