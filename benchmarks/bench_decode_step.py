@@ -49,7 +49,10 @@ def _unmasked_step(model):
 
 def _copies(model, rows: int, cols: int):
     args = model.args
-    heads, dim = args.num_key_value_heads, getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads
+    heads, dim = (
+        args.num_key_value_heads,
+        getattr(args, "head_dim", None) or args.hidden_size // args.num_attention_heads,
+    )
     dtype = model.model.norm.weight.dtype  # the activations' dtype (bf16 for mlx-community checkpoints)
     shape = (rows, heads, cols, dim)
     ks = [mx.random.normal(shape).astype(dtype) for _ in model.layers]
@@ -123,10 +126,15 @@ def kernel_summary(prof, steps: int) -> dict:
         if event.device_type == torch.autograd.DeviceType.CUDA:
             count[event.name[:60]] += 1
             device_us[event.name[:60]] += event.device_time
-    top = [{"kernel": k, "per_step": round(count[k] / steps, 1), "us_per_step": round(t / steps, 1)}
-           for k, t in device_us.most_common(6)]
-    return {"kernels_per_step": round(sum(count.values()) / steps), "device_ms_per_step":
-            round(sum(device_us.values()) / steps / 1000, 2), "top": top}
+    top = [
+        {"kernel": k, "per_step": round(count[k] / steps, 1), "us_per_step": round(t / steps, 1)}
+        for k, t in device_us.most_common(6)
+    ]
+    return {
+        "kernels_per_step": round(sum(count.values()) / steps),
+        "device_ms_per_step": round(sum(device_us.values()) / steps / 1000, 2),
+        "top": top,
+    }
 
 
 def kernels(one, rows: int, steps: int) -> dict:
@@ -175,11 +183,18 @@ def run(args) -> dict:
     from .synthetic_model import resolve_model
 
     model = load_model(resolve_model(args.model)).model
-    steps = {"slice": mx.compile(_decode_step(model, False)), "select": mx.compile(_decode_step(model, True)),
-             "unmasked": _unmasked_step(model)}
+    steps = {
+        "slice": mx.compile(_decode_step(model, False)),
+        "select": mx.compile(_decode_step(model, True)),
+        "unmasked": _unmasked_step(model),
+    }
     rows = []
     for batch in args.batches:
-        row = {"batch": batch, "cols": args.cols, **logits_agree(model, steps["slice"], steps["unmasked"], batch, args.cols)}
+        row = {
+            "batch": batch,
+            "cols": args.cols,
+            **logits_agree(model, steps["slice"], steps["unmasked"], batch, args.cols),
+        }
         ones = {name: our_step(model, step, batch, args.cols) for name, step in steps.items()}
         ones["mlx_lm"] = mlx_lm_step(model, batch, args.cols)
         for one in ones.values():
@@ -193,27 +208,45 @@ def run(args) -> dict:
             row["kernels"] = {name: kernels(one, batch, 64) for name, one in ones.items()}
         print(f"batch {batch}: " + ", ".join(f"{n} {row[n + '_tok_s']}" for n in ones), flush=True)
         rows.append(row)
-    return {"device": str(mx.default_device()), "mlx": mx.__version__, "model": args.model, "cols": args.cols,
-            "steps": args.steps, "rows": rows}
+    return {
+        "device": str(mx.default_device()),
+        "mlx": mx.__version__,
+        "model": args.model,
+        "cols": args.cols,
+        "steps": args.steps,
+        "rows": rows,
+    }
 
 
 def table(result: dict) -> str:
     span = lambda xs: f"{min(xs)}–{max(xs)}" if len(xs) > 1 else f"{xs[0]}"  # noqa: E731
-    lines = [f"device {result['device']}, mlx {result['mlx']}, {result['model']}, {result['cols']} keys; "
-             "ranges over the rounds", "",
-             "| batch |" + "".join(f" {v} tok/s |" for v in VARIANTS) + " SDPA µs masked | unmasked "
-             "| logits max rel. diff (unmasked) | same argmax |", "|---:" * (len(VARIANTS) + 5) + "|"]
+    lines = [
+        f"device {result['device']}, mlx {result['mlx']}, {result['model']}, {result['cols']} keys; "
+        "ranges over the rounds",
+        "",
+        "| batch |" + "".join(f" {v} tok/s |" for v in VARIANTS) + " SDPA µs masked | unmasked "
+        "| logits max rel. diff (unmasked) | same argmax |",
+        "|---:" * (len(VARIANTS) + 5) + "|",
+    ]
     for r in result["rows"]:
-        lines.append(f"| {r['batch']} |" + "".join(f" {span(r[v + '_tok_s'])} |" for v in VARIANTS)
-                     + f" {span(r['sdpa_masked_us'])} | {span(r['sdpa_unmasked_us'])} | {r['max_rel_diff']} "
-                     f"| {r['same_argmax']} |")
+        lines.append(
+            f"| {r['batch']} |"
+            + "".join(f" {span(r[v + '_tok_s'])} |" for v in VARIANTS)
+            + f" {span(r['sdpa_masked_us'])} | {span(r['sdpa_unmasked_us'])} | {r['max_rel_diff']} "
+            f"| {r['same_argmax']} |"
+        )
     if "kernels" in result["rows"][0]:
-        lines += ["", "| batch |" + "".join(f" {v} kernels/step (device ms) |" for v in VARIANTS),
-                  "|---:" * (len(VARIANTS) + 1) + "|"]
+        lines += [
+            "",
+            "| batch |" + "".join(f" {v} kernels/step (device ms) |" for v in VARIANTS),
+            "|---:" * (len(VARIANTS) + 1) + "|",
+        ]
         for r in result["rows"]:
             k = r["kernels"]
-            lines.append(f"| {r['batch']} |" + "".join(
-                f" {k[v]['kernels_per_step']} ({k[v]['device_ms_per_step']}) |" for v in VARIANTS))
+            lines.append(
+                f"| {r['batch']} |"
+                + "".join(f" {k[v]['kernels_per_step']} ({k[v]['device_ms_per_step']}) |" for v in VARIANTS)
+            )
     return "\n".join(lines)
 
 

@@ -37,8 +37,10 @@ def prompt_ids(tokenizer, n: int, ragged: bool = False) -> list[list[int]]:
     if not tokenizer.has_chat_template:  # synthetic model: token-id prompts
         lengths = [32 + (5 * i) % 16 if ragged else 32 for i in range(n)]
         return [[(7 * i + j) % 1000 + 10 for j in range(length)] for i, length in enumerate(lengths)]
-    return [encode_prompt(tokenizer, PromptInput(messages=[{"role": "user", "content": SEED_QUESTIONS[i % 5]}]))
-            for i in range(n)]
+    return [
+        encode_prompt(tokenizer, PromptInput(messages=[{"role": "user", "content": SEED_QUESTIONS[i % 5]}]))
+        for i in range(n)
+    ]
 
 
 async def run_engine(engine, prompts, max_tokens: int) -> dict:
@@ -65,7 +67,9 @@ def run_raw(model, prompts, max_tokens: int, config) -> dict:
     from mlx_lm.generate import BatchGenerator
 
     gen = BatchGenerator(
-        model, completion_batch_size=config.max_num_seqs, prefill_batch_size=config.prefill_batch_size,
+        model,
+        completion_batch_size=config.max_num_seqs,
+        prefill_batch_size=config.prefill_batch_size,
         prefill_step_size=config.prefill_step_size,
     )
     start = time.perf_counter()
@@ -86,11 +90,10 @@ def run_scheduler(engine, prompts, max_tokens: int, profile: bool = False) -> di
     import cProfile
     import pstats
 
+    from engine.kv.manager import make_cache_manager
     from engine.sampling import SamplingParams
     from engine.scheduler import Scheduler, Sequence
     from engine.text_stream import TextStream
-
-    from engine.kv.manager import make_cache_manager
 
     # A cache of its own, made on this thread: MLX streams belong to the thread that made them.
     cache = make_cache_manager(engine.loaded.model, engine.config)
@@ -100,7 +103,10 @@ def run_scheduler(engine, prompts, max_tokens: int, profile: bool = False) -> di
     start = time.perf_counter()
     if profiler:
         profiler.enable()
-    seqs = [Sequence(f"s{i}", ids, params, max_tokens, TextStream(engine.tokenizer.detokenizer, [])) for i, ids in enumerate(prompts)]
+    seqs = [
+        Sequence(f"s{i}", ids, params, max_tokens, TextStream(engine.tokenizer.detokenizer, []))
+        for i, ids in enumerate(prompts)
+    ]
     for seq in seqs:
         sched.add(seq)
     while sched.has_work():
@@ -123,8 +129,11 @@ def summarize(results, wall: float) -> dict:
     ttfts = [t for t, _ in results]
     tokens = sum(n for _, n in results)
     return {
-        "requests": len(results), "tokens": tokens, "wall_s": round(wall, 3),
-        "tok_per_s": round(tokens / wall, 2), "ttft_p50_ms": round(statistics.median(ttfts) * 1000, 1),
+        "requests": len(results),
+        "tokens": tokens,
+        "wall_s": round(wall, 3),
+        "tok_per_s": round(tokens / wall, 2),
+        "ttft_p50_ms": round(statistics.median(ttfts) * 1000, 1),
         "ttft_max_ms": round(max(ttfts) * 1000, 1),
     }
 
@@ -136,27 +145,39 @@ def machine() -> dict:
     from engine.loading.cpu_fast_path import openblas_loaded
 
     return {
-        "platform": platform.platform(), "processor": platform.machine(), "python": platform.python_version(),
-        "mlx": mx.__version__, "mlx_lm": mlx_lm.__version__, "device": str(mx.default_device()),
-        "openblas_preloaded": openblas_loaded(), "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "platform": platform.platform(),
+        "processor": platform.machine(),
+        "python": platform.python_version(),
+        "mlx": mx.__version__,
+        "mlx_lm": mlx_lm.__version__,
+        "device": str(mx.default_device()),
+        "openblas_preloaded": openblas_loaded(),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "command": " ".join(sys.orig_argv),
     }
 
 
 def table(rows: list[dict]) -> str:
     extra = [k for k in VARIANTS if k in rows[0]]
-    lines = ["| batch | engine tok/s |" + "".join(f" engine, {VARIANTS[k][0]} tok/s |" for k in extra)
-             + " scheduler (sync) tok/s | raw mlx_lm tok/s | engine/raw | engine speedup vs single "
-             "| raw speedup vs single | TTFT p50 ms (engine" + "".join(f" / {k}" for k in extra) + " / raw) |",
-             "|---" * (8 + len(extra)) + "|"]
+    lines = [
+        "| batch | engine tok/s |"
+        + "".join(f" engine, {VARIANTS[k][0]} tok/s |" for k in extra)
+        + " scheduler (sync) tok/s | raw mlx_lm tok/s | engine/raw | engine speedup vs single "
+        "| raw speedup vs single | TTFT p50 ms (engine" + "".join(f" / {k}" for k in extra) + " / raw) |",
+        "|---" * (8 + len(extra)) + "|",
+    ]
     single, raw_single = rows[0]["ours"]["tok_per_s"], rows[0]["raw"]["tok_per_s"]
     for r in rows:
         o, s, b = r["ours"], r["scheduler"], r["raw"]
-        lines.append(f"| {r['batch']} | {o['tok_per_s']} |" + "".join(f" {r[k]['tok_per_s']} |" for k in extra)
-                     + f" {s['tok_per_s']} | {b['tok_per_s']} "
-                     f"| {o['tok_per_s'] / b['tok_per_s']:.3f} | {o['tok_per_s'] / single:.2f}x "
-                     f"| {b['tok_per_s'] / raw_single:.2f}x | {o['ttft_p50_ms']}"
-                     + "".join(f" / {r[k]['ttft_p50_ms']}" for k in extra) + f" / {b['ttft_p50_ms']} |")
+        lines.append(
+            f"| {r['batch']} | {o['tok_per_s']} |"
+            + "".join(f" {r[k]['tok_per_s']} |" for k in extra)
+            + f" {s['tok_per_s']} | {b['tok_per_s']} "
+            f"| {o['tok_per_s'] / b['tok_per_s']:.3f} | {o['tok_per_s'] / single:.2f}x "
+            f"| {b['tok_per_s'] / raw_single:.2f}x | {o['ttft_p50_ms']}"
+            + "".join(f" / {r[k]['ttft_p50_ms']}" for k in extra)
+            + f" / {b['ttft_p50_ms']} |"
+        )
     return "\n".join(lines)
 
 
@@ -183,9 +204,12 @@ async def main_async(args) -> dict:
     engine = AsyncEngine.from_source(source, config)
     # The same engine with one setting changed (--eager: the model's own uncompiled decode step, for
     # the compiled step's gain; --pipelining: decode pipelined and not, for what pipelining buys).
-    names = ((["eager"] if args.eager else []) + (["pipelined", "unpipelined"] if args.pipelining else [])
-             + (["slice", "select"] if args.column_write else [])
-             + (["unpadded_eager", "unpadded_compiled"] if args.unpadded else []))
+    names = (
+        (["eager"] if args.eager else [])
+        + (["pipelined", "unpipelined"] if args.pipelining else [])
+        + (["slice", "select"] if args.column_write else [])
+        + (["unpadded_eager", "unpadded_compiled"] if args.unpadded else [])
+    )
     variants = {k: AsyncEngine.from_source(source, config.model_copy(update=VARIANTS[k][1])) for k in names}
     model, tokenizer = engine.loaded.model, engine.tokenizer
     rows = []
@@ -206,8 +230,11 @@ async def main_async(args) -> dict:
         sched = run_scheduler(engine, prompts, args.max_tokens, profile=args.profile and n == args.batches[0])
         rows.append({"batch": n, "scheduler": sched, **{k: median_run(v) for k, v in runs.items()}})
         ours, raw = rows[-1]["ours"], rows[-1]["raw"]
-        print(f"batch {n}: engine {ours['tok_per_s']} tok/s, scheduler {sched['tok_per_s']}, raw {raw['tok_per_s']}",
-              file=sys.stderr, flush=True)
+        print(
+            f"batch {n}: engine {ours['tok_per_s']} tok/s, scheduler {sched['tok_per_s']}, raw {raw['tok_per_s']}",
+            file=sys.stderr,
+            flush=True,
+        )
     for e in (engine, *variants.values()):
         e.shutdown()
     return {"machine": machine(), "model": engine.info, "max_tokens": args.max_tokens, "rows": rows}
@@ -221,20 +248,36 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m-instruct", help="a model source or synthetic:qwen3-0.6b-8bit")
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 5, 16])
     parser.add_argument("--max-tokens", type=int, default=64)
-    parser.add_argument("--warmup-tokens", type=int, default=8, help="tokens of the warm-up run before each measurement")
+    parser.add_argument(
+        "--warmup-tokens", type=int, default=8, help="tokens of the warm-up run before each measurement"
+    )
     parser.add_argument("--paged", action="store_true", help="run the engine with the paged KV cache")
     parser.add_argument("--eager", action="store_true", help="also run the engine without the compiled decode step")
-    parser.add_argument("--pipelining", action="store_true",
-                        help="also run the engine with its decode steps pipelined and unpipelined")
-    parser.add_argument("--column-write", action="store_true",
-                        help="also run the engine with the decode step's KV column written by slice update and by select")
-    parser.add_argument("--rounds", type=int, default=1,
-                        help="measure each run this many times, interleaved; the table gives the median")
-    parser.add_argument("--unpadded", action="store_true",
-                        help="also run the engine with unpadded decode batches eager (unmasked) and compiled")
-    parser.add_argument("--ragged", action="store_true",
-                        help="synthetic model: prompts of 32-47 tokens, so decode batches are padded")
-    parser.add_argument("--profile", action="store_true", help="cProfile the synchronous scheduler at the first batch size")
+    parser.add_argument(
+        "--pipelining", action="store_true", help="also run the engine with its decode steps pipelined and unpipelined"
+    )
+    parser.add_argument(
+        "--column-write",
+        action="store_true",
+        help="also run the engine with the decode step's KV column written by slice update and by select",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="measure each run this many times, interleaved; the table gives the median",
+    )
+    parser.add_argument(
+        "--unpadded",
+        action="store_true",
+        help="also run the engine with unpadded decode batches eager (unmasked) and compiled",
+    )
+    parser.add_argument(
+        "--ragged", action="store_true", help="synthetic model: prompts of 32-47 tokens, so decode batches are padded"
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="cProfile the synchronous scheduler at the first batch size"
+    )
     parser.add_argument("--json-out")
     args = parser.parse_args()
     result = asyncio.run(main_async(args))

@@ -43,13 +43,32 @@ ENGINE = {"max_num_seqs": 8, "prefill_batch_size": 4, "max_waiting": 32, "cache_
 
 
 def config(budget_mb: int, load: str) -> dict:
-    models = [{"name": n, "source": s, "load": load, "keep_alive": "1h", "load_timeout_s": 300, "engine": ENGINE,
-               "deployment": {"num_cpus": 0, "env_vars": {"OPENBLAS_NUM_THREADS": "1"}}} for n, s in MODELS.items()]
-    return {"proxy_location": "HeadOnly", "http_options": {"host": "127.0.0.1", "port": 8000},
-            "logging_config": {"log_level": "WARNING", "enable_access_log": False},
-            "applications": [{"name": "orchard", "route_prefix": "/", "import_path": "deployments.app:build_app",
-                              "autoscaling_policy": {"policy_function": "deployments.governor:governor_policy"},
-                              "args": {"memory": {"budget_mb": budget_mb}, "models": models}}]}
+    models = [
+        {
+            "name": n,
+            "source": s,
+            "load": load,
+            "keep_alive": "1h",
+            "load_timeout_s": 300,
+            "engine": ENGINE,
+            "deployment": {"num_cpus": 0, "env_vars": {"OPENBLAS_NUM_THREADS": "1"}},
+        }
+        for n, s in MODELS.items()
+    ]
+    return {
+        "proxy_location": "HeadOnly",
+        "http_options": {"host": "127.0.0.1", "port": 8000},
+        "logging_config": {"log_level": "WARNING", "enable_access_log": False},
+        "applications": [
+            {
+                "name": "orchard",
+                "route_prefix": "/",
+                "import_path": "deployments.app:build_app",
+                "autoscaling_policy": {"policy_function": "deployments.governor:governor_policy"},
+                "args": {"memory": {"budget_mb": budget_mb}, "models": models},
+            }
+        ],
+    }
 
 
 class RssSampler(threading.Thread):
@@ -113,8 +132,13 @@ def states() -> dict[str, dict]:
 
 def one_request(model: str, max_tokens: int) -> float:
     """Seconds to the first streamed token of one completion."""
-    body = {"model": model, "prompt": "The capital of France is", "max_tokens": max_tokens, "temperature": 0,
-            "stream": True}
+    body = {
+        "model": model,
+        "prompt": "The capital of France is",
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "stream": True,
+    }
     start = time.monotonic()
     with httpx.stream("POST", f"{BASE}/v1/completions", json=body, timeout=600) as r:
         r.raise_for_status()
@@ -142,7 +166,9 @@ def run_scenario(label: str, cfg: dict, rounds: int, max_tokens: int) -> dict:
             at = round(time.monotonic() - rss.t0, 2)
             ttft = one_request(model, max_tokens)
             events.append({"model": model, "at_s": at, "state_before": was, "ttft_s": round(ttft, 3)})
-            print(f"[{label}] {i + 1}/{len(order)} {model:10s} {was:9s} TTFT {ttft:6.2f} s", file=sys.stderr, flush=True)
+            print(
+                f"[{label}] {i + 1}/{len(order)} {model:10s} {was:9s} TTFT {ttft:6.2f} s", file=sys.stderr, flush=True
+            )
         time.sleep(1.0)
         cards = states()
     finally:
@@ -156,25 +182,54 @@ def summarize(label: str, cfg: dict, events: list[dict], cards: dict, samples: l
     for name, card in cards.items():
         mine = [e for e in events if e["model"] == name]
         cold = [e["ttft_s"] for e in mine if e["state_before"] != "loaded"]
-        per_model[name] = {"loads": card["loads"], "unloads": card["unloads"],
-                           "cold_ttft_s": cold, "footprint_mib": card["footprint_bytes"] >> 20}
+        per_model[name] = {
+            "loads": card["loads"],
+            "unloads": card["unloads"],
+            "cold_ttft_s": cold,
+            "footprint_mib": card["footprint_bytes"] >> 20,
+        }
     ttfts = [e["ttft_s"] for e in events]
     return {
-        "label": label, "budget_mb": cfg["applications"][0]["args"]["memory"]["budget_mb"],
-        "requests": len(events), "loads": sum(m["loads"] for m in per_model.values()),
+        "label": label,
+        "budget_mb": cfg["applications"][0]["args"]["memory"]["budget_mb"],
+        "requests": len(events),
+        "loads": sum(m["loads"] for m in per_model.values()),
         "unloads": sum(m["unloads"] for m in per_model.values()),
-        "ttft_p50_s": round(percentile(ttfts, 50), 3), "ttft_p99_s": round(percentile(ttfts, 99), 3),
+        "ttft_p50_s": round(percentile(ttfts, 50), 3),
+        "ttft_p99_s": round(percentile(ttfts, 99), 3),
         "rss_peak_mib": max(r for _, r in samples) if samples else None,
-        "models": per_model, "events": events, "rss_mib": samples,
+        "models": per_model,
+        "events": events,
+        "rss_mib": samples,
     }
 
 
 def table(results: list[dict]) -> str:
-    rows = [[r["label"], f"{r['budget_mb']} MiB", r["requests"], r["loads"], r["unloads"], f"{r['ttft_p50_s']} s",
-             f"{r['ttft_p99_s']} s", f"{r['rss_peak_mib']} MiB"] for r in results]
+    rows = [
+        [
+            r["label"],
+            f"{r['budget_mb']} MiB",
+            r["requests"],
+            r["loads"],
+            r["unloads"],
+            f"{r['ttft_p50_s']} s",
+            f"{r['ttft_p99_s']} s",
+            f"{r['rss_peak_mib']} MiB",
+        ]
+        for r in results
+    ]
     out = md_table(["run", "budget", "requests", "loads", "unloads", "TTFT p50", "TTFT p99", "tree RSS peak"], rows)
-    cold = [[r["label"], name, m["loads"], ", ".join(f"{s:.1f} s" for s in m["cold_ttft_s"]) or "-",
-             f"{m['footprint_mib']} MiB"] for r in results for name, m in r["models"].items()]
+    cold = [
+        [
+            r["label"],
+            name,
+            m["loads"],
+            ", ".join(f"{s:.1f} s" for s in m["cold_ttft_s"]) or "-",
+            f"{m['footprint_mib']} MiB",
+        ]
+        for r in results
+        for name, m in r["models"].items()
+    ]
     return out + "\n\n" + md_table(["run", "model", "loads", "cold TTFT (unloaded -> first token)", "footprint"], cold)
 
 
@@ -206,17 +261,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="docs/results", help="where the JSON and the plot go")
     args = ap.parse_args(argv)
     print(f"budget for two: {mib(args.two_model_budget_mb * 2**20)}", file=sys.stderr)
-    results = [run_scenario("two-model budget", config(args.two_model_budget_mb, "on_demand"), args.rounds,
-                            args.max_tokens),
-               run_scenario("all resident", config(8000, "eager"), args.rounds, args.max_tokens)]
+    results = [
+        run_scenario("two-model budget", config(args.two_model_budget_mb, "on_demand"), args.rounds, args.max_tokens),
+        run_scenario("all resident", config(8000, "eager"), args.rounds, args.max_tokens),
+    ]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    doc = {"benchmark": "bench_governor", "machine": machine(), "rounds": args.rounds,
-           "max_tokens": args.max_tokens, "results": results}
+    doc = {
+        "benchmark": "bench_governor",
+        "machine": machine(),
+        "rounds": args.rounds,
+        "max_tokens": args.max_tokens,
+        "results": results,
+    }
     (out / "bench_governor_cpu.json").write_text(json.dumps(doc, indent=1))
     plot(results, out / "bench_governor_rss.png")
-    print(json.dumps({r["label"]: {k: v for k, v in r.items() if k not in ("events", "rss_mib")} for r in results},
-                     indent=1))
+    print(
+        json.dumps(
+            {r["label"]: {k: v for k, v in r.items() if k not in ("events", "rss_mib")} for r in results}, indent=1
+        )
+    )
     print(table(results))
     return 0
 

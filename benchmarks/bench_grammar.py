@@ -42,9 +42,7 @@ Prints one JSON document, then markdown tables; progress goes to stderr.
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import multiprocessing as mp
 import os
 import platform
 import sys
@@ -174,8 +172,14 @@ def run_tokenizer(label: str, tok_dir: str, args) -> dict:
     names = list(SCHEMAS)
     if args.quick:
         names = names[:4] + ["json_object"]
-    doc: dict = {"label": label, "dir": tok_dir, "vocab": len(hf_tok), "eos": hf_tok.eos_token_id,
-                 "engines": {}, "schemas": []}
+    doc: dict = {
+        "label": label,
+        "dir": tok_dir,
+        "vocab": len(hf_tok),
+        "eos": hf_tok.eos_token_id,
+        "engines": {},
+        "schemas": [],
+    }
     workers = {}
     for eng in ENGINES:
         log(f"{label}: starting {eng} worker")
@@ -199,23 +203,38 @@ def schema_entry(workers: dict, order: list[str], name: str, path: list[int], ar
     """One schema through each engine's worker (in `order`), with outlines-core's ratios to llguidance."""
     entry = {"name": name, "tokens": len(path), "text": instance_text(SCHEMAS[name][1])}
     for eng in order:
-        reply = workers[eng].request(("schema", name, SCHEMAS[name][0], path, args.reps, args.second_compile_below_s),
-                                     timeout=args.compile_timeout_s)
-        entry[eng] = reply[2] if reply is not None else {
-            "ok": False, "error": f"timeout: compile + walk over {args.compile_timeout_s}s (worker restarted)"}
+        reply = workers[eng].request(
+            ("schema", name, SCHEMAS[name][0], path, args.reps, args.second_compile_below_s),
+            timeout=args.compile_timeout_s,
+        )
+        entry[eng] = (
+            reply[2]
+            if reply is not None
+            else {"ok": False, "error": f"timeout: compile + walk over {args.compile_timeout_s}s (worker restarted)"}
+        )
     lg, oc = entry.get("llguidance", {}), entry.get("outlines_core", {})
     if lg.get("ok") and oc.get("ok"):
         entry["ratio_outlines_over_llg"] = {
             "compile_first": round(oc["compile_first_ms"] / lg["compile_first_ms"], 2),
-            **{f"{key}_mean": round(oc[f"{key}_us"]["mean"] / lg[f"{key}_us"]["mean"], 2)
-               for key in ("per_token", "cold_per_token", "warm_per_token")},
+            **{
+                f"{key}_mean": round(oc[f"{key}_us"]["mean"] / lg[f"{key}_us"]["mean"], 2)
+                for key in ("per_token", "cold_per_token", "warm_per_token")
+            },
             "per_token_p99": round(oc["per_token_us"]["p99"] / lg["per_token_us"]["p99"], 2),
         }
-    log(f"{label}: {name:16s} ({len(path)} tok) " + "  ".join(
-        f"{e}: " + (f"compile {entry[e]['compile_first_ms']:.1f} ms, {entry[e]['cold_per_token_us']['mean']:.1f} cold / "
-                       f"{entry[e]['warm_per_token_us']['mean']:.1f} warm us/tok"
-                    if entry[e].get("ok") else f"FAILED {entry[e].get('error') or entry[e].get('failures')}")
-        for e in ENGINES))
+    log(
+        f"{label}: {name:16s} ({len(path)} tok) "
+        + "  ".join(
+            f"{e}: "
+            + (
+                f"compile {entry[e]['compile_first_ms']:.1f} ms, {entry[e]['cold_per_token_us']['mean']:.1f} cold / "
+                f"{entry[e]['warm_per_token_us']['mean']:.1f} warm us/tok"
+                if entry[e].get("ok")
+                else f"FAILED {entry[e].get('error') or entry[e].get('failures')}"
+            )
+            for e in ENGINES
+        )
+    )
     return entry
 
 
@@ -242,18 +261,28 @@ def summary(schemas: list[dict]) -> dict:
             "schemas": len(schemas),
             "compile_first_ms_geomean": _r(_geomean([r["compile_first_ms"] for r in ok])),
             "compile_first_ms_max": _r(max((r["compile_first_ms"] for r in ok), default=None)),
-            **{f"{key}_geomean": _r(_geomean([r[field]["mean"] for r in ok])) for key, field in (
-                ("new_state_us", "new_state_us"), ("per_token_us_mean", "per_token_us"),
-                ("cold_per_token_us_mean", "cold_per_token_us"), ("warm_per_token_us_mean", "warm_per_token_us"))},
+            **{
+                f"{key}_geomean": _r(_geomean([r[field]["mean"] for r in ok]))
+                for key, field in (
+                    ("new_state_us", "new_state_us"),
+                    ("per_token_us_mean", "per_token_us"),
+                    ("cold_per_token_us_mean", "cold_per_token_us"),
+                    ("warm_per_token_us_mean", "warm_per_token_us"),
+                )
+            },
             "per_token_us_p99_max": _r(max((r["per_token_us"]["p99"] for r in ok), default=None)),
             "warm_per_token_us_p99_max": _r(max((r["warm_per_token_us"]["p99"] for r in ok), default=None)),
             "first_mask_us_geomean": _r(_geomean([r["first_mask_us"]["mean"] for r in ok])),
         }
     both = [s["ratio_outlines_over_llg"] for s in schemas if "ratio_outlines_over_llg" in s]
-    out["ratio_outlines_over_llg_geomean"] = {
-        k: _r(_geomean([b[k] for b in both]))
-        for k in ("compile_first", "per_token_mean", "per_token_p99", "cold_per_token_mean", "warm_per_token_mean")
-    } if both else None
+    out["ratio_outlines_over_llg_geomean"] = (
+        {
+            k: _r(_geomean([b[k] for b in both]))
+            for k in ("compile_first", "per_token_mean", "per_token_p99", "cold_per_token_mean", "warm_per_token_mean")
+        }
+        if both
+        else None
+    )
     return out
 
 
@@ -275,67 +304,89 @@ def _tok_cell(r: dict) -> str:
 
 
 def _schema_table(t: dict) -> list[str]:
-    lines = [f"\n### {t['label']} (vocab {t['vocab']:,})\n",
-             "µs/token = next-token mask + consume; cold = first walk after compile, warm = later walks "
-             "(fresh matcher each: llguidance deep_copy of the cached template, outlines-core Guide(index)).\n",
-             "| schema | tokens | llg compile ms 1st / 2nd | oc compile ms 1st / 2nd | llg µs/tok cold / warm / warm p99 "
-             "| oc µs/tok cold / warm / warm p99 | oc/llg warm µs/tok |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"\n### {t['label']} (vocab {t['vocab']:,})\n",
+        "µs/token = next-token mask + consume; cold = first walk after compile, warm = later walks "
+        "(fresh matcher each: llguidance deep_copy of the cached template, outlines-core Guide(index)).\n",
+        "| schema | tokens | llg compile ms 1st / 2nd | oc compile ms 1st / 2nd | llg µs/tok cold / warm / warm p99 "
+        "| oc µs/tok cold / warm / warm p99 | oc/llg warm µs/tok |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for s in t["schemas"]:
         cells = []
         for e in ENGINES:
             r = s.get(e, {})
             if r.get("ok"):
-                cells.append((f"{_fmt(r['compile_first_ms'], 2)} / {_fmt(r.get('compile_second_ms'), 2)}", _tok_cell(r)))
+                cells.append(
+                    (f"{_fmt(r['compile_first_ms'], 2)} / {_fmt(r.get('compile_second_ms'), 2)}", _tok_cell(r))
+                )
             else:
                 why = (r.get("error") or str(r.get("failures")) or "failed")[:60].replace("|", "/")
                 cells.append((f"FAIL: {why}", "–"))
         ratio = s.get("ratio_outlines_over_llg", {}).get("warm_per_token_mean")
-        lines.append(f"| {s['name']} | {s['tokens']} | {cells[0][0]} | {cells[1][0]} | {cells[0][1]} | "
-                     f"{cells[1][1]} | {_fmt(ratio, 2)}× |")
+        lines.append(
+            f"| {s['name']} | {s['tokens']} | {cells[0][0]} | {cells[1][0]} | {cells[0][1]} | "
+            f"{cells[1][1]} | {_fmt(ratio, 2)}× |"
+        )
     return lines
 
 
 def _summary_table(t: dict) -> list[str]:
     sm = t["summary"]
-    lines = ["", "| engine | schemas ok | tokenizer setup s | compile ms geomean / max | new matcher µs | "
-             "first mask µs | µs/tok cold (geomean) | µs/tok warm (geomean) | warm p99 (worst schema) |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "",
+        "| engine | schemas ok | tokenizer setup s | compile ms geomean / max | new matcher µs | "
+        "first mask µs | µs/tok cold (geomean) | µs/tok warm (geomean) | warm p99 (worst schema) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for e in ENGINES:
         m = sm[e]
-        lines.append(f"| {e} | {m['schemas_ok']}/{m['schemas']} | {t['engines'][e]['setup_s']} | "
-                     f"{_fmt(m['compile_first_ms_geomean'], 2)} / {_fmt(m['compile_first_ms_max'], 2)} | "
-                     f"{_fmt(m['new_state_us_geomean'])} | {_fmt(m['first_mask_us_geomean'])} | "
-                     f"{_fmt(m['cold_per_token_us_mean_geomean'])} | {_fmt(m['warm_per_token_us_mean_geomean'])} | "
-                     f"{_fmt(m['warm_per_token_us_p99_max'])} |")
+        lines.append(
+            f"| {e} | {m['schemas_ok']}/{m['schemas']} | {t['engines'][e]['setup_s']} | "
+            f"{_fmt(m['compile_first_ms_geomean'], 2)} / {_fmt(m['compile_first_ms_max'], 2)} | "
+            f"{_fmt(m['new_state_us_geomean'])} | {_fmt(m['first_mask_us_geomean'])} | "
+            f"{_fmt(m['cold_per_token_us_mean_geomean'])} | {_fmt(m['warm_per_token_us_mean_geomean'])} | "
+            f"{_fmt(m['warm_per_token_us_p99_max'])} |"
+        )
     rg = sm.get("ratio_outlines_over_llg_geomean")
     if rg:
-        lines.append(f"\noutlines-core / llguidance (geomean over schemas): compile {_fmt(rg['compile_first'], 0)}×, "
-                     f"µs/token cold {_fmt(rg['cold_per_token_mean'], 2)}×, warm {_fmt(rg['warm_per_token_mean'], 2)}×")
+        lines.append(
+            f"\noutlines-core / llguidance (geomean over schemas): compile {_fmt(rg['compile_first'], 0)}×, "
+            f"µs/token cold {_fmt(rg['cold_per_token_mean'], 2)}×, warm {_fmt(rg['warm_per_token_mean'], 2)}×"
+        )
     return lines
 
 
 def _batch_table(batch: dict) -> list[str]:
-    lines = ["", f"| {BATCH_ROWS} rows, µs per step | mask mean / p99 | consume mean | mask+consume mean |",
-             "|---|---:|---:|---:|"]
+    lines = [
+        "",
+        f"| {BATCH_ROWS} rows, µs per step | mask mean / p99 | consume mean | mask+consume mean |",
+        "|---|---:|---:|---:|",
+    ]
     for e, br in batch.items():
         for k, v in br.items():
             if isinstance(v, dict) and "mask_us" in v:
-                lines.append(f"| {e} {k} | {_fmt(v['mask_us']['mean'])} / {_fmt(v['mask_us']['p99'])} | "
-                             f"{_fmt(v['consume_us']['mean'])} | {_fmt(v['step_us']['mean'])} |")
+                lines.append(
+                    f"| {e} {k} | {_fmt(v['mask_us']['mean'])} / {_fmt(v['mask_us']['p99'])} | "
+                    f"{_fmt(v['consume_us']['mean'])} | {_fmt(v['step_us']['mean'])} |"
+                )
     return lines
 
 
 def _bitmask_table(rows: list[dict]) -> list[str]:
-    lines = ["\n### apply_bitmask (MLX, float32 logits)\n",
-             "| vocab | B | correct | eager µs mean / p99 | mx.compile(apply_bitmask) µs mean / p99 "
-             "| its first call (trace) ms | eager + np→mx copy µs | argmax alone µs (reference) |",
-             "|---:|---:|---|---:|---:|---:|---:|---:|"]
+    lines = [
+        "\n### apply_bitmask (MLX, float32 logits)\n",
+        "| vocab | B | correct | eager µs mean / p99 | mx.compile(apply_bitmask) µs mean / p99 "
+        "| its first call (trace) ms | eager + np→mx copy µs | argmax alone µs (reference) |",
+        "|---:|---:|---|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['vocab']:,} | {r['B']} | {r['correct']} | {_fmt(r['eager_us']['mean'])} / "
-                     f"{_fmt(r['eager_us']['p99'])} | {_fmt(r['compiled_us']['mean'])} / {_fmt(r['compiled_us']['p99'])} | "
-                     f"{_fmt(r['compiled_first_call_ms'], 2)} | "
-                     f"{_fmt(r['eager_with_np_copy_us']['mean'])} | {_fmt(r['reference_argmax_us']['mean'])} |")
+        lines.append(
+            f"| {r['vocab']:,} | {r['B']} | {r['correct']} | {_fmt(r['eager_us']['mean'])} / "
+            f"{_fmt(r['eager_us']['p99'])} | {_fmt(r['compiled_us']['mean'])} / {_fmt(r['compiled_us']['p99'])} | "
+            f"{_fmt(r['compiled_first_call_ms'], 2)} | "
+            f"{_fmt(r['eager_with_np_copy_us']['mean'])} | {_fmt(r['reference_argmax_us']['mean'])} |"
+        )
     return lines
 
 
@@ -354,16 +405,27 @@ def render(doc: dict) -> str:
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokenizer", default=DEFAULT_TOKENIZER, help="HF tokenizer dir (default: SmolLM2 export)")
-    ap.add_argument("--stress-tokenizer", default=DEFAULT_STRESS_TOKENIZER,
-                    help="a large-vocab tokenizer dir (default: Gemma-3-270m export); skipped if missing")
+    ap.add_argument(
+        "--stress-tokenizer",
+        default=DEFAULT_STRESS_TOKENIZER,
+        help="a large-vocab tokenizer dir (default: Gemma-3-270m export); skipped if missing",
+    )
     ap.add_argument("--no-stress", action="store_true")
     ap.add_argument("--reps", type=int, default=5, help="walks per schema and engine, each with a fresh matcher")
     ap.add_argument("--batch-steps", type=int, default=48)
     ap.add_argument("--no-batch", action="store_true")
-    ap.add_argument("--compile-timeout-s", type=float, default=90.0,
-                    help="per engine and schema (compile twice + walks); the worker is restarted past it")
-    ap.add_argument("--second-compile-below-s", type=float, default=3.0,
-                    help="compile a second time only if the first took less than this")
+    ap.add_argument(
+        "--compile-timeout-s",
+        type=float,
+        default=90.0,
+        help="per engine and schema (compile twice + walks); the worker is restarted past it",
+    )
+    ap.add_argument(
+        "--second-compile-below-s",
+        type=float,
+        default=3.0,
+        help="compile a second time only if the first took less than this",
+    )
     ap.add_argument("--bitmask-iters", type=int, default=100)
     ap.add_argument("--quick", action="store_true", help="5 schemas, 2 reps, 16 batch steps, no stress tokenizer")
     ap.add_argument("--json-out")
@@ -380,12 +442,16 @@ def tokenizer_dirs(args) -> tuple[list[tuple[str, str]], list[str]]:
         if os.path.exists(os.path.join(args.stress_tokenizer, "tokenizer.json")):
             tok_dirs.append(("Gemma-3-270m", args.stress_tokenizer))
         else:
-            skipped.append(f"stress tokenizer {args.stress_tokenizer} missing "
-                           "(python -m engine.cli export gemma-3-270m /tmp/gemma-export)")
+            skipped.append(
+                f"stress tokenizer {args.stress_tokenizer} missing "
+                "(python -m engine.cli export gemma-3-270m /tmp/gemma-export)"
+            )
             log(skipped[-1])
     if not os.path.exists(os.path.join(args.tokenizer, "tokenizer.json")):
-        sys.exit(f"{args.tokenizer}/tokenizer.json missing: "
-                 f"python -m engine.cli export smollm2-135m-instruct {args.tokenizer} --dequantize")
+        sys.exit(
+            f"{args.tokenizer}/tokenizer.json missing: "
+            f"python -m engine.cli export smollm2-135m-instruct {args.tokenizer} --dequantize"
+        )
     return tok_dirs, skipped
 
 
@@ -402,14 +468,25 @@ def header(args, argv, skipped: list[str]) -> dict:
             "python": platform.python_version(),
             "loadavg_start": [round(x, 2) for x in os.getloadavg()],
         },
-        "versions": {"llguidance": dist_version("llguidance"), "outlines_core": dist_version("outlines_core"),
-                     "mlx": mx.__version__, "transformers": dist_version("transformers")},
-        "note": ("The CPU may be shared with other work: compare engines by the ratios within this run "
-                 "(schemas alternate engine order). p99 is over reps x tokens per schema (~100-400 samples)."),
-        "config": {"reps": args.reps, "batch_steps": args.batch_steps, "batch_rows": BATCH_ROWS,
-                   "compile_timeout_s": args.compile_timeout_s, "quick": args.quick,
-                   "llguidance_options": "grammar_from_json_schema defaults (flexible whitespace), default slices",
-                   "outlines_options": "build_regex_from_schema defaults (whitespace [ ]?, max_recursion_depth 3)"},
+        "versions": {
+            "llguidance": dist_version("llguidance"),
+            "outlines_core": dist_version("outlines_core"),
+            "mlx": mx.__version__,
+            "transformers": dist_version("transformers"),
+        },
+        "note": (
+            "The CPU may be shared with other work: compare engines by the ratios within this run "
+            "(schemas alternate engine order). p99 is over reps x tokens per schema (~100-400 samples)."
+        ),
+        "config": {
+            "reps": args.reps,
+            "batch_steps": args.batch_steps,
+            "batch_rows": BATCH_ROWS,
+            "compile_timeout_s": args.compile_timeout_s,
+            "quick": args.quick,
+            "llguidance_options": "grammar_from_json_schema defaults (flexible whitespace), default slices",
+            "outlines_options": "build_regex_from_schema defaults (whitespace [ ]?, max_recursion_depth 3)",
+        },
         "schemas": {n: s for n, (s, _) in SCHEMAS.items()},
         "excluded": EXCLUDED,
         "skipped": skipped,

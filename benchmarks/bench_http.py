@@ -45,9 +45,14 @@ def summarize(results: list[tuple[float, int]], wall_s: float) -> dict:
     """results: (ttft seconds, completion tokens) per request."""
     ttfts = [r[0] for r in results]
     tokens = sum(r[1] for r in results)
-    return {"requests": len(results), "tokens": tokens, "wall_s": round(wall_s, 3),
-            "tok_s": round(tokens / wall_s, 2), "ttft_p50_ms": round(1000 * pct(ttfts, 0.5), 1),
-            "ttft_p95_ms": round(1000 * pct(ttfts, 0.95), 1)}
+    return {
+        "requests": len(results),
+        "tokens": tokens,
+        "wall_s": round(wall_s, 3),
+        "tok_s": round(tokens / wall_s, 2),
+        "ttft_p50_ms": round(1000 * pct(ttfts, 0.5), 1),
+        "ttft_p95_ms": round(1000 * pct(ttfts, 0.95), 1),
+    }
 
 
 # --- engine alone -------------------------------------------------------------------------------
@@ -76,6 +81,7 @@ def bench_engine(model, levels: list[int], rounds: int, max_tokens: int) -> dict
         asyncio.run(engine_request(engine, 0, 4))  # warm-up
         out = {}
         for n in levels:
+
             async def wave():
                 return await asyncio.gather(*(engine_request(engine, i, max_tokens) for i in range(n)))
 
@@ -92,8 +98,15 @@ def bench_engine(model, levels: list[int], rounds: int, max_tokens: int) -> dict
 
 
 async def http_request(client, model: str, i: int, max_tokens: int) -> tuple[float, int]:
-    body = {"model": model, "messages": [{"role": "user", "content": SEED_QUESTIONS[i % 5]}], "max_tokens": max_tokens,
-            "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "messages": [{"role": "user", "content": SEED_QUESTIONS[i % 5]}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     start = time.perf_counter()
     ttft, tokens = None, 0
     async with client.stream("POST", f"{BASE}/v1/chat/completions", json=body) as r:
@@ -113,8 +126,11 @@ def serve_processes(deployment: str) -> dict:
     """The proxy, router and model replica processes, found by their Ray process titles."""
     import psutil
 
-    wanted = {"proxy": "ray::ProxyActor", "router": "ServeReplica:orchard:OrchardRouter",
-              "model": f"ServeReplica:orchard:{deployment}"}
+    wanted = {
+        "proxy": "ray::ProxyActor",
+        "router": "ServeReplica:orchard:OrchardRouter",
+        "model": f"ServeReplica:orchard:{deployment}",
+    }
     found = {}
     for p in psutil.process_iter(["cmdline"]):
         cmd = " ".join(p.info["cmdline"] or [])
@@ -208,27 +224,38 @@ def tree_memory(pid: int) -> dict:
 def compare(engine: dict | None, http: dict) -> dict:
     if not engine:
         return {}
-    return {n: {"throughput_ratio": round(http[n]["tok_s"] / engine[n]["tok_s"], 3),
-                "ttft_overhead_p50_ms": round(http[n]["ttft_p50_ms"] - engine[n]["ttft_p50_ms"], 1)}
-            for n in http if n in engine}
+    return {
+        n: {
+            "throughput_ratio": round(http[n]["tok_s"] / engine[n]["tok_s"], 3),
+            "ttft_overhead_p50_ms": round(http[n]["ttft_p50_ms"] - engine[n]["ttft_p50_ms"], 1),
+        }
+        for n in http
+        if n in engine
+    }
 
 
 def table(report: dict) -> str:
-    rows = ["| model | clients | engine tok/s | HTTP tok/s | ratio | engine TTFT p50 | HTTP TTFT p50 | "
-            "HTTP TTFT p95 | overhead p50 | CPU ms/token proxy/router/model |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    rows = [
+        "| model | clients | engine tok/s | HTTP tok/s | ratio | engine TTFT p50 | HTTP TTFT p50 | "
+        "HTTP TTFT p95 | overhead p50 | CPU ms/token proxy/router/model |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|",
+    ]
     for model, res in report["models"].items():
         for n, h in res["http"].items():
             e = (res.get("engine") or {}).get(n, {})
             c = res["compare"].get(n, {})
             cpu = "/".join(str(h["cpu_ms_per_token"].get(r, "-")) for r in ("proxy", "router", "model"))
-            rows.append(f"| {model} | {n} | {e.get('tok_s', '-')} | {h['tok_s']} | {c.get('throughput_ratio', '-')} | "
-                        f"{e.get('ttft_p50_ms', '-')} ms | {h['ttft_p50_ms']} ms | {h['ttft_p95_ms']} ms | "
-                        f"{c.get('ttft_overhead_p50_ms', '-')} ms | {cpu} |")
+            rows.append(
+                f"| {model} | {n} | {e.get('tok_s', '-')} | {h['tok_s']} | {c.get('throughput_ratio', '-')} | "
+                f"{e.get('ttft_p50_ms', '-')} ms | {h['ttft_p50_ms']} ms | {h['ttft_p95_ms']} ms | "
+                f"{c.get('ttft_overhead_p50_ms', '-')} ms | {cpu} |"
+            )
     if report["memory"]:
-        rows.append(f"\nserve run → first answer: {report['serve_start_to_first_answer_s']} s; "
-                    f"process tree: {report['memory']['rss_mb']} MB RSS, {report['memory']['pss_mb']} MB PSS "
-                    f"({report['memory']['processes']} processes)")
+        rows.append(
+            f"\nserve run → first answer: {report['serve_start_to_first_answer_s']} s; "
+            f"process tree: {report['memory']['rss_mb']} MB RSS, {report['memory']['pss_mb']} MB PSS "
+            f"({report['memory']['processes']} processes)"
+        )
     return "\n".join(rows)
 
 
@@ -243,9 +270,12 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--skip-engine", action="store_true", help="HTTP only")
-    ap.add_argument("--attach", action="store_true",
-                    help="benchmark the server already running on 127.0.0.1:8000 (started from --config) "
-                         "instead of starting and stopping `serve run`")
+    ap.add_argument(
+        "--attach",
+        action="store_true",
+        help="benchmark the server already running on 127.0.0.1:8000 (started from --config) "
+        "instead of starting and stopping `serve run`",
+    )
     ap.add_argument("--json-out")
     args = ap.parse_args()
     os.chdir(ROOT)
@@ -253,18 +283,30 @@ def main() -> None:
     from deployments.config import check_serve_config
 
     models = [m for m in check_serve_config(args.config)[0].models if not args.models or m.name in args.models]
-    report = {"host": platform.node(), "cpus": os.cpu_count(), "config": args.config, "max_tokens": args.max_tokens,
-              "rounds": args.rounds, "models": {}}
-    engine = {} if args.skip_engine else {m.name: bench_engine(m, args.concurrency, args.rounds, args.max_tokens)
-                                         for m in models}
+    report = {
+        "host": platform.node(),
+        "cpus": os.cpu_count(),
+        "config": args.config,
+        "max_tokens": args.max_tokens,
+        "rounds": args.rounds,
+        "models": {},
+    }
+    engine = (
+        {}
+        if args.skip_engine
+        else {m.name: bench_engine(m, args.concurrency, args.rounds, args.max_tokens) for m in models}
+    )
     proc, ready_s = (None, None) if args.attach else start_serve(args.config)
     try:
         report["serve_start_to_first_answer_s"] = round(ready_s, 1) if ready_s else None
         report["memory"] = tree_memory(proc.pid) if proc else None
         for m in models:
             http = bench_http_model(m, args.concurrency, args.rounds, args.max_tokens)
-            report["models"][m.name] = {"engine": engine.get(m.name), "http": http,
-                                        "compare": compare(engine.get(m.name), http)}
+            report["models"][m.name] = {
+                "engine": engine.get(m.name),
+                "http": http,
+                "compare": compare(engine.get(m.name), http),
+            }
     finally:
         if proc is not None:
             stop_serve(proc)

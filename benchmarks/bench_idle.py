@@ -30,7 +30,9 @@ BUSY, IDLE = "smollm2-135m-instruct", "gemma-3-270m"
 
 def states() -> dict:
     try:
-        return {m["id"]: m.get("state") for m in json.load(urllib.request.urlopen(BASE + "/v1/models", timeout=5))["data"]}
+        return {
+            m["id"]: m.get("state") for m in json.load(urllib.request.urlopen(BASE + "/v1/models", timeout=5))["data"]
+        }
     except Exception:  # noqa: BLE001 - not up yet
         return {}
 
@@ -44,8 +46,10 @@ def wait_for(model: str, state: str, timeout_s: float = 300) -> None:
 
 
 def post(path: str) -> None:
-    urllib.request.urlopen(urllib.request.Request(BASE + path, method="POST", data=b"{}",
-                                                  headers={"Content-Type": "application/json"}), timeout=60).read()
+    urllib.request.urlopen(
+        urllib.request.Request(BASE + path, method="POST", data=b"{}", headers={"Content-Type": "application/json"}),
+        timeout=60,
+    ).read()
 
 
 def cpu_by_process(seconds: float, work=None) -> tuple[list[dict], object]:
@@ -80,8 +84,14 @@ async def waves(n_clients: int = 5, n_waves: int = 3) -> list[float]:
 
     async def one(i: int) -> int:
         stream = await client.chat.completions.create(
-            model=BUSY, messages=[{"role": "user", "content": f"Write a long essay about topic {i}."}], max_tokens=64,
-            temperature=0, stream=True, stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+            model=BUSY,
+            messages=[{"role": "user", "content": f"Write a long essay about topic {i}."}],
+            max_tokens=64,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body={"ignore_eos": True},
+        )
         tokens = 0
         async for chunk in stream:
             if chunk.usage:
@@ -122,13 +132,20 @@ def main() -> None:
     finally:
         os.killpg(server.pid, signal.SIGINT)
         server.wait(120)
-    doc = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "config": args.config, "idle_cpu": idle,
-           "idle_cores_total": round(sum(r["cores"] for r in idle), 3), "busy_cpu": busy_cpu,
-           "tok_s_5": {"both loaded": both, f"{IDLE} unloaded": alone, "both loaded again": again}}
+    doc = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "config": args.config,
+        "idle_cpu": idle,
+        "idle_cores_total": round(sum(r["cores"] for r in idle), 3),
+        "busy_cpu": busy_cpu,
+        "tok_s_5": {"both loaded": both, f"{IDLE} unloaded": alone, "both loaded again": again},
+    }
     table = ["| SmolLM2 at 5 clients | tok/s per wave |", "|---|---|"]
     table += [f"| {k} | {' / '.join(map(str, v))} |" for k, v in doc["tok_s_5"].items()]
-    table.append(f"\nidle tree: {doc['idle_cores_total']} cores; top: "
-                 + ", ".join(f"{r['process'][:40]} {r['cores']}" for r in idle[:4]))
+    table.append(
+        f"\nidle tree: {doc['idle_cores_total']} cores; top: "
+        + ", ".join(f"{r['process'][:40]} {r['cores']}" for r in idle[:4])
+    )
     emit(doc, "\n".join(table), args.json_out)
 
 

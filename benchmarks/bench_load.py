@@ -140,9 +140,22 @@ def child_env(path: str) -> dict[str, str]:
 
 
 def run_one(model: str, path: str, args) -> dict:
-    cmd = [sys.executable, "-m", "benchmarks.bench_load", "--child", "--model", model, "--path", path,
-           "--prefill-tokens", str(args.prefill_tokens), "--decode-tokens", str(args.decode_tokens),
-           "--prefill-budget-s", str(args.prefill_budget_s)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.bench_load",
+        "--child",
+        "--model",
+        model,
+        "--path",
+        path,
+        "--prefill-tokens",
+        str(args.prefill_tokens),
+        "--decode-tokens",
+        str(args.decode_tokens),
+        "--prefill-budget-s",
+        str(args.prefill_budget_s),
+    ]
     print(f"[bench] {model} / {path} ...", file=sys.stderr, flush=True)
     t0 = time.perf_counter()
     try:
@@ -182,14 +195,16 @@ def machine_info() -> dict:
         "mlx_default_device": str(mx.default_device()),
         "openblas": cpu_fast_path.find_openblas(),
         "loadavg_at_start": [round(x, 2) for x in os.getloadavg()],
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join([sys.executable, "-m", "benchmarks.bench_load", *sys.argv[1:]]),
     }
 
 
 def table(results: list[dict], models: list[str]) -> str:
-    lines = ["| model | path | dtype | weights MB | load s | prefill tok/s | decode tok/s |",
-             "|---|---|---|---:|---:|---:|---:|"]
+    lines = [
+        "| model | path | dtype | weights MB | load s | prefill tok/s | decode tok/s |",
+        "|---|---|---|---:|---:|---:|---:|",
+    ]
     for model in models:
         rows = {r["path"]: r for r in results if r["model"] == model}
         for path in PATHS:
@@ -198,13 +213,17 @@ def table(results: list[dict], models: list[str]) -> str:
                 lines.append(f"| {model} | {path} | error | | | | |")
                 continue
             prefill = f"{r['prefill_tok_s']:.1f}" + (f" ({r['prefill_tokens']} tok)*" if r["notes"] else "")
-            lines.append(f"| {model} | {path} | {r['dtype']} | {r['weights_bytes'] / 1e6:.1f} | {r['load_s']:.2f} "
-                         f"| {prefill} | {r['decode_tok_s']:.1f} |")
+            lines.append(
+                f"| {model} | {path} | {r['dtype']} | {r['weights_bytes'] / 1e6:.1f} | {r['load_s']:.2f} "
+                f"| {prefill} | {r['decode_tok_s']:.1f} |"
+            )
         s, f = rows.get("stock", {}), rows.get("fast", {})
         if "prefill_tok_s" in s and "prefill_tok_s" in f:
-            lines.append(f"| {model} | **fast/stock** | | {f['weights_bytes'] / s['weights_bytes']:.2f}x "
-                         f"| {f['load_s'] / s['load_s']:.2f}x | {f['prefill_tok_s'] / s['prefill_tok_s']:.1f}x "
-                         f"| {f['decode_tok_s'] / s['decode_tok_s']:.1f}x |")
+            lines.append(
+                f"| {model} | **fast/stock** | | {f['weights_bytes'] / s['weights_bytes']:.2f}x "
+                f"| {f['load_s'] / s['load_s']:.2f}x | {f['prefill_tok_s'] / s['prefill_tok_s']:.1f}x "
+                f"| {f['decode_tok_s'] / s['decode_tok_s']:.1f}x |"
+            )
     notes = [f"\\* {r['model']} / {r['path']}: {n}" for r in results for n in r.get("notes", [])]
     errors = [f"error {r['model']} / {r['path']}: {r['error']}" for r in results if "error" in r]
     return "\n".join(lines + ([""] + notes if notes else []) + ([""] + errors if errors else []))
@@ -218,8 +237,12 @@ def parse_args(argv=None):
     p.add_argument("--prefill-tokens", type=int, default=512)
     p.add_argument("--decode-tokens", type=int, default=32)
     p.add_argument("--quick", action="store_true", help="prefill 128 tokens instead of 512")
-    p.add_argument("--prefill-budget-s", type=float, default=240.0,
-                   help="shorten a path's prompt (with a note) when its prefill would take longer than this")
+    p.add_argument(
+        "--prefill-budget-s",
+        type=float,
+        default=240.0,
+        help="shorten a path's prompt (with a note) when its prefill would take longer than this",
+    )
     p.add_argument("--child-timeout-s", type=int, default=900)
     p.add_argument("--json-out", metavar="PATH")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -237,9 +260,14 @@ def main(argv=None) -> int:
         print(json.dumps(run_child(args)))
         return 0
     started = time.perf_counter()
-    doc = {"machine": machine_info(), "settings": {"prefill_tokens": args.prefill_tokens,
-                                                   "decode_tokens": args.decode_tokens,
-                                                   "prefill_budget_s": args.prefill_budget_s}}
+    doc = {
+        "machine": machine_info(),
+        "settings": {
+            "prefill_tokens": args.prefill_tokens,
+            "decode_tokens": args.decode_tokens,
+            "prefill_budget_s": args.prefill_budget_s,
+        },
+    }
     doc["warmup_load_s"] = warm_exports(args.models)
     doc["results"] = [run_one(m, p, args) for m in args.models for p in PATHS]
     doc["wall_s"] = round(time.perf_counter() - started, 1)

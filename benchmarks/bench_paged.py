@@ -92,7 +92,13 @@ async def timed(engine, ids, max_tokens: int) -> dict:
         ttft = ttft if ttft is not None else now - start
         stamps += [now] * len(out.token_ids)
         usage = out.usage or usage
-    return {"start": start, "ttft": ttft, "stamps": stamps, "cached": usage.cached_tokens, "prompt": usage.prompt_tokens}
+    return {
+        "start": start,
+        "ttft": ttft,
+        "stamps": stamps,
+        "cached": usage.cached_tokens,
+        "prompt": usage.prompt_tokens,
+    }
 
 
 # --- 1. ten users, one system prompt ------------------------------------------------------------
@@ -106,7 +112,9 @@ async def ten_users(source: str, paged: bool, block_size: int, users: int, syste
     try:
         tok = engine.tokenizer
         system = text_of_tokens(tok, system_tokens)
-        prompts = [chat_ids(tok, system, f"Question {i}: is zone {i * 3 + 1} open today, and why?") for i in range(users)]
+        prompts = [
+            chat_ids(tok, system, f"Question {i}: is zone {i * 3 + 1} open today, and why?") for i in range(users)
+        ]
         await timed(engine, chat_ids(tok, "Be brief.", "Hello!"), 4)  # warm-up
         engine.clear_cache()
         probe = StepProbe(engine)
@@ -121,17 +129,37 @@ async def ten_users(source: str, paged: bool, block_size: int, users: int, syste
     tokens = sum(len(r["stamps"]) for r in results)
     ideal = sum(len(p) + max_tokens for p in prompts) * token_bytes
     out = {
-        "paged": paged, "block_size": block_size if paged else None, "users": users,
-        "prompt_tokens": [len(p) for p in prompts][:3], "system_prompt_tokens": system_tokens,
-        "ttft_p50_s": round(statistics.median(ttfts), 3), "ttft_max_s": round(ttfts[-1], 3),
-        "tok_per_s": round(tokens / wall, 2), "wall_s": round(wall, 2), "cpu_s": round(cpu, 2), "completion_tokens": tokens,
+        "paged": paged,
+        "block_size": block_size if paged else None,
+        "users": users,
+        "prompt_tokens": [len(p) for p in prompts][:3],
+        "system_prompt_tokens": system_tokens,
+        "ttft_p50_s": round(statistics.median(ttfts), 3),
+        "ttft_max_s": round(ttfts[-1], 3),
+        "tok_per_s": round(tokens / wall, 2),
+        "wall_s": round(wall, 2),
+        "cpu_s": round(cpu, 2),
+        "completion_tokens": tokens,
         "cached_tokens": sorted(r["cached"] for r in results),
         "kv_bytes_peak": probe.peak_pool_bytes if paged else probe.peak_cache_bytes,
-        "mlx_lm_cache_bytes_peak": probe.peak_cache_bytes, "ideal_contiguous_bytes": ideal,
+        "mlx_lm_cache_bytes_peak": probe.peak_cache_bytes,
+        "ideal_contiguous_bytes": ideal,
     }
     if paged:
-        out["cache"] = {k: cache[k] for k in ("blocks_used_peak", "block_bytes", "cow_copies", "steps_gathered",
-                                              "steps_working_copy", "tokens_reused", "hits", "prefix_hits", "misses")}
+        out["cache"] = {
+            k: cache[k]
+            for k in (
+                "blocks_used_peak",
+                "block_bytes",
+                "cow_copies",
+                "steps_gathered",
+                "steps_working_copy",
+                "tokens_reused",
+                "hits",
+                "prefix_hits",
+                "misses",
+            )
+        }
     return out
 
 
@@ -155,7 +183,9 @@ async def ttft_cold_warm(source: str, prompt_tokens: int, reps: int) -> dict:
     contiguous = AsyncEngine.from_source(source, EngineConfig(paged_cache=False))
     try:
         tok = paged.tokenizer
-        ids = tok.encode(text_of_tokens(tok, prompt_tokens, "Chapter {i}: the lighthouse keeper wrote down the weather."))
+        ids = tok.encode(
+            text_of_tokens(tok, prompt_tokens, "Chapter {i}: the lighthouse keeper wrote down the weather.")
+        )
         for engine in (paged, contiguous):
             await timed(engine, ids[:64], 2)  # warm-up
         cold, warm, base, cached = [], [], [], 0
@@ -170,11 +200,20 @@ async def ttft_cold_warm(source: str, prompt_tokens: int, reps: int) -> dict:
         paged.shutdown()
         contiguous.shutdown()
     c, w = statistics.median(cold), statistics.median(warm)
-    return {"prompt_tokens": len(ids), "cold_ttft_s": round(c, 3), "warm_ttft_s": round(w, 4),
-            "warm_over_cold": round(w / c, 4), "warm_cached_tokens": cached, "reps": reps,
-            "contiguous_ttft_s": round(statistics.median(base), 3),
-            "runs_s": {"cold": [round(x, 3) for x in cold], "warm": [round(x, 4) for x in warm],
-                       "contiguous": [round(x, 3) for x in base]}}
+    return {
+        "prompt_tokens": len(ids),
+        "cold_ttft_s": round(c, 3),
+        "warm_ttft_s": round(w, 4),
+        "warm_over_cold": round(w / c, 4),
+        "warm_cached_tokens": cached,
+        "reps": reps,
+        "contiguous_ttft_s": round(statistics.median(base), 3),
+        "runs_s": {
+            "cold": [round(x, 3) for x in cold],
+            "warm": [round(x, 4) for x in warm],
+            "contiguous": [round(x, 3) for x in base],
+        },
+    }
 
 
 # --- 3. decode step, model level ---------------------------------------------------------------
@@ -233,12 +272,14 @@ def _step_times(decoders: dict, rounds: int, batch: int) -> dict:
     for name, times in per_round.items():
         ratios = [t / b for t, b in zip(times, per_round["contiguous"])]
         cpu_ratios = [t / b for t, b in zip(cpu_round[name], cpu_round["contiguous"])]
-        out[name] = {"ms_per_step_median": round(statistics.median(times) * 1000, 1),
-                     "ms_per_step_min": round(min(times) * 1000, 1),
-                     "tok_per_s": round(batch / statistics.median(times), 1),
-                     "vs_contiguous": round(statistics.median(ratios), 3),
-                     "cpu_ms_per_step": round(statistics.median(cpu_round[name]) * 1000, 1),
-                     "cpu_vs_contiguous": round(statistics.median(cpu_ratios), 3)}
+        out[name] = {
+            "ms_per_step_median": round(statistics.median(times) * 1000, 1),
+            "ms_per_step_min": round(min(times) * 1000, 1),
+            "tok_per_s": round(batch / statistics.median(times), 1),
+            "vs_contiguous": round(statistics.median(ratios), 3),
+            "cpu_ms_per_step": round(statistics.median(cpu_round[name]) * 1000, 1),
+            "cpu_vs_contiguous": round(statistics.median(cpu_ratios), 3),
+        }
     return out
 
 
@@ -257,19 +298,36 @@ def decode_steps(source: str, block_sizes: list[int], batch: int, context: int, 
     shapes, _ = probe_layers(model)
 
     def decoder(cache):
-        return GenerationBatch(model, list(range(batch)), mx.zeros((batch,), mx.uint32), cache, [[] for _ in range(batch)],
-                               [], make_sampler(0.0), [], [StopSequences() for _ in range(batch)], [10**9] * batch)
+        return GenerationBatch(
+            model,
+            list(range(batch)),
+            mx.zeros((batch,), mx.uint32),
+            cache,
+            [[] for _ in range(batch)],
+            [],
+            make_sampler(0.0),
+            [],
+            [StopSequences() for _ in range(batch)],
+            [10**9] * batch,
+        )
 
     caches, managers = {"contiguous": _contiguous_caches(shapes, batch, context)}, {}
-    for name, bs, policy in [*((f"paged_gather_bs{bs}", bs, "never") for bs in block_sizes),
-                             ("paged_working_copy", 32, "auto")]:
+    for name, bs, policy in [
+        *((f"paged_gather_bs{bs}", bs, "never") for bs in block_sizes),
+        ("paged_working_copy", 32, "auto"),
+    ]:
         managers[name], caches[name] = _paged_caches(model, bs, policy, batch, context)
     decoders = {name: decoder(c) for name, c in caches.items()}
     for d in decoders.values():  # warm-up (the contiguous cache grows its buffer on the first step)
         d.next(), d.next()
-    return {"batch": batch, "context": context, "rounds": rounds, "steps": _step_times(decoders, rounds, batch),
-            "working_copy_steps": managers["paged_working_copy"].ctx.counters["steps_working_copy"],
-            "working_copy_builds": managers["paged_working_copy"].ctx.counters["working_copy_builds"]}
+    return {
+        "batch": batch,
+        "context": context,
+        "rounds": rounds,
+        "steps": _step_times(decoders, rounds, batch),
+        "working_copy_steps": managers["paged_working_copy"].ctx.counters["steps_working_copy"],
+        "working_copy_builds": managers["paged_working_copy"].ctx.counters["working_copy_builds"],
+    }
 
 
 # --- 4. decode end to end -------------------------------------------------------------------------
@@ -282,8 +340,12 @@ async def decode_e2e(source: str, paged: bool, batch: int, context: int, max_tok
     engine = AsyncEngine.from_source(source, EngineConfig(paged_cache=paged, max_num_seqs=batch))
     try:
         tok = engine.tokenizer
-        prompts = [tok.encode(f"Log {u}. " + text_of_tokens(tok, context - 8, f"Entry {{i}} of station {u}: wind {u}{{i}} knots."))
-                   for u in range(batch)]
+        prompts = [
+            tok.encode(
+                f"Log {u}. " + text_of_tokens(tok, context - 8, f"Entry {{i}} of station {u}: wind {u}{{i}} knots.")
+            )
+            for u in range(batch)
+        ]
         await timed(engine, prompts[0][:32], 2)
         results = await asyncio.gather(*(timed(engine, p, max_tokens) for p in prompts))
         cache = engine.stats()["cache"]
@@ -292,8 +354,14 @@ async def decode_e2e(source: str, paged: bool, batch: int, context: int, max_tok
     all_in = max(r["stamps"][0] for r in results)  # from here on every request decodes
     last = max(r["stamps"][-1] for r in results)
     after = sum(1 for r in results for t in r["stamps"] if t > all_in)
-    out = {"paged": paged, "batch": batch, "context": len(prompts[0]), "max_tokens": max_tokens,
-           "decode_tok_per_s": round(after / (last - all_in), 2), "ttft_max_s": round(max(r["ttft"] for r in results), 2)}
+    out = {
+        "paged": paged,
+        "batch": batch,
+        "context": len(prompts[0]),
+        "max_tokens": max_tokens,
+        "decode_tok_per_s": round(after / (last - all_in), 2),
+        "ttft_max_s": round(max(r["ttft"] for r in results), 2),
+    }
     if paged:
         out["steps_working_copy"], out["steps_gathered"] = cache["steps_working_copy"], cache["steps_gathered"]
     return out
@@ -306,33 +374,56 @@ def tables(result: dict) -> str:
     lines = []
     users = result["ten_users"]
     base = next(r for r in users if not r["paged"])
-    lines += ["### 10 users, one ~500-token system prompt", "",
-              "| cache | block | TTFT p50 s | TTFT max s | agg tok/s | CPU s | peak KV MiB | saved vs contiguous (vs ideal) | reused tokens |",
-              "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "### 10 users, one ~500-token system prompt",
+        "",
+        "| cache | block | TTFT p50 s | TTFT max s | agg tok/s | CPU s | peak KV MiB | saved vs contiguous (vs ideal) | reused tokens |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in users:
         mb = r["kv_bytes_peak"] / 2**20
         saved = 1 - r["kv_bytes_peak"] / base["kv_bytes_peak"]
         saved_ideal = 1 - r["kv_bytes_peak"] / r["ideal_contiguous_bytes"]
-        lines.append(f"| {'paged' if r['paged'] else 'contiguous'} | {r['block_size'] or '-'} | {r['ttft_p50_s']} "
-                     f"| {r['ttft_max_s']} | {r['tok_per_s']} | {r['cpu_s']} | {mb:.1f} | {saved:.1%} ({saved_ideal:.1%}) "
-                     f"| {sum(r['cached_tokens'])} |")
+        lines.append(
+            f"| {'paged' if r['paged'] else 'contiguous'} | {r['block_size'] or '-'} | {r['ttft_p50_s']} "
+            f"| {r['ttft_max_s']} | {r['tok_per_s']} | {r['cpu_s']} | {mb:.1f} | {saved:.1%} ({saved_ideal:.1%}) "
+            f"| {sum(r['cached_tokens'])} |"
+        )
     t = result["ttft"]
-    lines += ["", "### TTFT, one prompt", "",
-              "| prompt tokens | contiguous s | paged cold s | paged warm s | warm / cold | reused |", "|---|---|---|---|---|---|",
-              f"| {t['prompt_tokens']} | {t['contiguous_ttft_s']} | {t['cold_ttft_s']} | {t['warm_ttft_s']} "
-              f"| {t['warm_over_cold']:.1%} | {t['warm_cached_tokens']} |"]
+    lines += [
+        "",
+        "### TTFT, one prompt",
+        "",
+        "| prompt tokens | contiguous s | paged cold s | paged warm s | warm / cold | reused |",
+        "|---|---|---|---|---|---|",
+        f"| {t['prompt_tokens']} | {t['contiguous_ttft_s']} | {t['cold_ttft_s']} | {t['warm_ttft_s']} "
+        f"| {t['warm_over_cold']:.1%} | {t['warm_cached_tokens']} |",
+    ]
     d = result["decode_steps"]
-    lines += ["", f"### Decode step, batch {d['batch']}, {d['context']}-token contexts (mlx_lm GenerationBatch, synthetic K/V)", "",
-              "| cache | ms/step (median) | ms/step (min) | tok/s | wall vs contiguous | CPU ms/step | CPU vs contiguous |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        f"### Decode step, batch {d['batch']}, {d['context']}-token contexts (mlx_lm GenerationBatch, synthetic K/V)",
+        "",
+        "| cache | ms/step (median) | ms/step (min) | tok/s | wall vs contiguous | CPU ms/step | CPU vs contiguous |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, s in d["steps"].items():
-        lines.append(f"| {name} | {s['ms_per_step_median']} | {s['ms_per_step_min']} | {s['tok_per_s']} "
-                     f"| {s['vs_contiguous']:.3f} | {s['cpu_ms_per_step']} | {s['cpu_vs_contiguous']:.3f} |")
+        lines.append(
+            f"| {name} | {s['ms_per_step_median']} | {s['ms_per_step_min']} | {s['tok_per_s']} "
+            f"| {s['vs_contiguous']:.3f} | {s['cpu_ms_per_step']} | {s['cpu_vs_contiguous']:.3f} |"
+        )
     if result.get("decode_e2e"):
-        lines += ["", "### Decode end to end (AsyncEngine), 16 distinct prompts", "",
-                  "| cache | context | decode tok/s | TTFT max s |", "|---|---|---|---|"]
+        lines += [
+            "",
+            "### Decode end to end (AsyncEngine), 16 distinct prompts",
+            "",
+            "| cache | context | decode tok/s | TTFT max s |",
+            "|---|---|---|---|",
+        ]
         for r in result["decode_e2e"]:
-            lines.append(f"| {'paged' if r['paged'] else 'contiguous'} | {r['context']} | {r['decode_tok_per_s']} | {r['ttft_max_s']} |")
+            lines.append(
+                f"| {'paged' if r['paged'] else 'contiguous'} | {r['context']} | {r['decode_tok_per_s']} | {r['ttft_max_s']} |"
+            )
     return "\n".join(lines)
 
 
@@ -344,15 +435,21 @@ async def main_async(args) -> dict:
     for paged, bs in [(False, None)] + [(True, b) for b in args.block_sizes]:
         r = await ten_users(args.model, paged, bs or 32, args.users, args.system_tokens, args.max_tokens)
         users.append(r)
-        print(f"ten users paged={paged} bs={bs}: ttft p50 {r['ttft_p50_s']} s, {r['tok_per_s']} tok/s, "
-              f"peak KV {r['kv_bytes_peak'] / 2**20:.1f} MiB", file=sys.stderr, flush=True)
+        print(
+            f"ten users paged={paged} bs={bs}: ttft p50 {r['ttft_p50_s']} s, {r['tok_per_s']} tok/s, "
+            f"peak KV {r['kv_bytes_peak'] / 2**20:.1f} MiB",
+            file=sys.stderr,
+            flush=True,
+        )
     result["ten_users"] = users
     result["ttft"] = await ttft_cold_warm(args.model, args.prompt_tokens, args.reps)
     print(f"ttft: {result['ttft']}", file=sys.stderr, flush=True)
     result["decode_steps"] = decode_steps(args.model, args.block_sizes, args.batch, args.context, args.rounds)
     print(f"decode steps: {result['decode_steps']}", file=sys.stderr, flush=True)
     if args.e2e_decode:
-        result["decode_e2e"] = [await decode_e2e(args.model, p, args.batch, args.context, args.e2e_tokens) for p in (False, True)]
+        result["decode_e2e"] = [
+            await decode_e2e(args.model, p, args.batch, args.context, args.e2e_tokens) for p in (False, True)
+        ]
         print(f"decode e2e: {result['decode_e2e']}", file=sys.stderr, flush=True)
     return result
 

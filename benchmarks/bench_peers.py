@@ -43,8 +43,12 @@ class Target:
     async def probe(self) -> None:
         """Send ignore_eos only if the server takes it."""
         try:
-            await self.client.chat.completions.create(model=self.model, messages=[{"role": "user", "content": "Hi"}],
-                                                      max_tokens=2, extra_body={"ignore_eos": True})
+            await self.client.chat.completions.create(
+                model=self.model,
+                messages=[{"role": "user", "content": "Hi"}],
+                max_tokens=2,
+                extra_body={"ignore_eos": True},
+            )
             self.extra = {"ignore_eos": True}
         except Exception:  # noqa: BLE001 - a 400 here means: without it
             self.extra = {}
@@ -55,8 +59,14 @@ class Target:
         ttft, chunks, usage = None, 0, None
         try:
             stream = await self.client.chat.completions.create(
-                model=self.model, messages=[{"role": "user", "content": content}], max_tokens=max_tokens,
-                temperature=0, stream=True, stream_options={"include_usage": True}, extra_body=self.extra)
+                model=self.model,
+                messages=[{"role": "user", "content": content}],
+                max_tokens=max_tokens,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body=self.extra,
+            )
             async for chunk in stream:
                 if chunk.usage is not None:
                     usage = chunk.usage.completion_tokens
@@ -110,14 +120,28 @@ async def run(args) -> dict:
     rows["speedup_16"] = round(rows["tok_s_16"] / rows["tok_s_1"], 2)
     rows["errors"] = len(t.errors)
     rows["error_kinds"] = sorted(set(t.errors))[:5]
-    return {"label": args.label, "base_url": args.base_url, "model": args.model, "ignore_eos": bool(t.extra),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "machine": platform.platform(), "rows": rows}
+    return {
+        "label": args.label,
+        "base_url": args.base_url,
+        "model": args.model,
+        "ignore_eos": bool(t.extra),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "machine": platform.platform(),
+        "rows": rows,
+    }
 
 
 def table(results: list[dict]) -> str:
-    keys = [("single TTFT p50 (ms)", "single_ttft_p50_ms"), ("1 client tok/s", "tok_s_1"),
-            ("5 clients tok/s", "tok_s_5"), ("speedup at 5", "speedup_5"), ("16 clients tok/s", "tok_s_16"),
-            ("speedup at 16", "speedup_16"), ("cold ~1k-token TTFT (s)", "cold_1k_ttft_s"), ("errors", "errors")]
+    keys = [
+        ("single TTFT p50 (ms)", "single_ttft_p50_ms"),
+        ("1 client tok/s", "tok_s_1"),
+        ("5 clients tok/s", "tok_s_5"),
+        ("speedup at 5", "speedup_5"),
+        ("16 clients tok/s", "tok_s_16"),
+        ("speedup at 16", "speedup_16"),
+        ("cold ~1k-token TTFT (s)", "cold_1k_ttft_s"),
+        ("errors", "errors"),
+    ]
     lines = ["| | " + " | ".join(r["label"] for r in results) + " |", "|---" * (len(results) + 1) + "|"]
     for name, key in keys:
         lines.append(f"| {name} | " + " | ".join(str(r["rows"].get(key)) for r in results) + " |")

@@ -33,9 +33,14 @@ from .output import emit
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
 PEER_PORT = 8081
-ROWS = [("single TTFT p50 (ms)", "single_ttft_p50_ms", "lower"), ("1 client tok/s", "tok_s_1", "higher"),
-        ("5 clients tok/s", "tok_s_5", "higher"), ("16 clients tok/s", "tok_s_16", "higher"),
-        ("cold ~1k-token TTFT (s)", "cold_1k_ttft_s", "lower"), ("errors", "errors", "lower")]
+ROWS = [
+    ("single TTFT p50 (ms)", "single_ttft_p50_ms", "lower"),
+    ("1 client tok/s", "tok_s_1", "higher"),
+    ("5 clients tok/s", "tok_s_5", "higher"),
+    ("16 clients tok/s", "tok_s_16", "higher"),
+    ("cold ~1k-token TTFT (s)", "cold_1k_ttft_s", "lower"),
+    ("errors", "errors", "lower"),
+]
 
 
 def say(*parts) -> None:
@@ -63,8 +68,12 @@ def bench_mlx_lm_server(weights: str, waves: int) -> dict:
 
     blas = find_openblas()
     env = {**os.environ, **({"LD_PRELOAD": blas} if blas else {})}
-    server = subprocess.Popen([PY, "-m", "mlx_lm", "server", "--model", weights, "--port", str(PEER_PORT)],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [PY, "-m", "mlx_lm", "server", "--model", weights, "--port", str(PEER_PORT)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         for _ in range(120):
             try:
@@ -87,8 +96,13 @@ def paired(rounds: list[dict]) -> dict:
         ratios = [round(a / b, 3) if b else None for a, b in pairs]
         wins = sum((a <= b) if better == "lower" else (a > b) for a, b in pairs)
         known = [x for x in ratios if x is not None]
-        out[key] = {"ours": [a for a, _ in pairs], "peer": [b for _, b in pairs], "ratio": ratios,
-                    "median_ratio": statistics.median(known) if known else None, "ours_won": f"{wins}/{len(pairs)}"}
+        out[key] = {
+            "ours": [a for a, _ in pairs],
+            "peer": [b for _, b in pairs],
+            "ratio": ratios,
+            "median_ratio": statistics.median(known) if known else None,
+            "ours_won": f"{wins}/{len(pairs)}",
+        }
     return out
 
 
@@ -96,8 +110,10 @@ def table(summary: dict) -> str:
     lines = ["| | ours, per round | mlx_lm.server, per round | ours/peer, median | ours won |", "|---|---|---|---|---|"]
     for name, key, _ in ROWS:
         s = summary[key]
-        lines.append(f"| {name} | {' / '.join(map(str, s['ours']))} | {' / '.join(map(str, s['peer']))} | "
-                     f"{s['median_ratio']} | {s['ours_won']} |")
+        lines.append(
+            f"| {name} | {' / '.join(map(str, s['ours']))} | {' / '.join(map(str, s['peer']))} | "
+            f"{s['median_ratio']} | {s['ours_won']} |"
+        )
     return "\n".join(lines)
 
 
@@ -116,11 +132,18 @@ def main() -> None:
     rounds = []
     for i in range(args.rounds):
         say(f"round {i + 1}/{args.rounds}")
-        rounds.append({"ours": bench_ours(args.config, args.model, args.waves),
-                       "peer": bench_mlx_lm_server(args.peer_weights, args.waves)})
+        rounds.append(
+            {
+                "ours": bench_ours(args.config, args.model, args.waves),
+                "peer": bench_mlx_lm_server(args.peer_weights, args.waves),
+            }
+        )
     summary = paired(rounds)
-    emit({"config": args.config, "model": args.model, "cpus": os.cpu_count(), "rounds": rounds, "paired": summary},
-         table(summary), args.out)
+    emit(
+        {"config": args.config, "model": args.model, "cpus": os.cpu_count(), "rounds": rounds, "paired": summary},
+        table(summary),
+        args.out,
+    )
 
 
 if __name__ == "__main__":

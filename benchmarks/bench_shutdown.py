@@ -43,8 +43,11 @@ def leftovers() -> list[str]:
 def one_run(cfg: dict, timeout_s: float) -> dict:
     proc = start(cfg)
     model = httpx.get(f"{BASE}/v1/models", timeout=30).json()["data"][0]["id"]
-    httpx.post(f"{BASE}/v1/chat/completions", timeout=120,
-               json={"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4})
+    httpx.post(
+        f"{BASE}/v1/chat/completions",
+        timeout=120,
+        json={"model": model, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
+    )
     t0 = time.monotonic()
     os.killpg(proc.pid, signal.SIGINT)
     try:
@@ -72,19 +75,29 @@ def main(argv: list[str] | None = None) -> int:
     for i in range(args.runs):
         runs.append(one_run(cfg, args.timeout_s))
         r = runs[-1]
-        print(f"run {i + 1}/{args.runs}: exit {r['exit_code']} after {r['seconds']} s, "
-              f"{len(r['ray_processes_left'])} Ray processes left", file=sys.stderr, flush=True)
+        print(
+            f"run {i + 1}/{args.runs}: exit {r['exit_code']} after {r['seconds']} s, "
+            f"{len(r['ray_processes_left'])} Ray processes left",
+            file=sys.stderr,
+            flush=True,
+        )
     secs = [r["seconds"] for r in runs]
-    summary = {"runs": len(runs), "clean": sum(r["exit_code"] == 0 and not r["ray_processes_left"] for r in runs),
-               "seconds_p50": percentile(secs, 50), "seconds_max": max(secs)}
-    doc = {"benchmark": "bench_shutdown", "machine": machine(), "config": args.config, "summary": summary,
-           "runs": runs}
+    summary = {
+        "runs": len(runs),
+        "clean": sum(r["exit_code"] == 0 and not r["ray_processes_left"] for r in runs),
+        "seconds_p50": percentile(secs, 50),
+        "seconds_max": max(secs),
+    }
+    doc = {"benchmark": "bench_shutdown", "machine": machine(), "config": args.config, "summary": summary, "runs": runs}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "bench_shutdown_cpu.json").write_text(json.dumps(doc, indent=1))
     print(json.dumps(summary, indent=1))
-    print(md_table(["runs", "exit 0 with no Ray process left", "seconds p50", "seconds max"],
-                   [[summary["runs"], summary["clean"], f"{summary['seconds_p50']:.1f} s",
-                     f"{summary['seconds_max']:.1f} s"]]))
+    print(
+        md_table(
+            ["runs", "exit 0 with no Ray process left", "seconds p50", "seconds max"],
+            [[summary["runs"], summary["clean"], f"{summary['seconds_p50']:.1f} s", f"{summary['seconds_max']:.1f} s"]],
+        )
+    )
     return 0
 
 

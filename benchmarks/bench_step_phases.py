@@ -106,17 +106,28 @@ async def measure(engine, model, batch: int, args, write: str) -> dict:
         with timers(totals):
             result = await run_engine(engine, prompts, tokens)
         steps = totals["loop.step calls"]
-        row["rounds"].append({
-            "engine_tok_s": result["tok_per_s"], "engine_ms_per_step": round(1000 * result["wall_s"] / steps, 2),
-            **{f"{k}_tok_s": round(v, 1) for k, v in loops.items()},
-            **{f"{k}_ms_per_step": round(1000 * batch / v, 2) for k, v in loops.items()},
-            "steps": steps, "compiled_steps": totals["compiled_call calls"], "ms": per_step(totals, steps),
-        })
-        print(f"batch {batch}: engine {result['tok_per_s']} tok/s, bare {loops['bare']:.0f}, "
-              f"mlx_lm {loops['mlx_lm']:.0f}", flush=True)
+        row["rounds"].append(
+            {
+                "engine_tok_s": result["tok_per_s"],
+                "engine_ms_per_step": round(1000 * result["wall_s"] / steps, 2),
+                **{f"{k}_tok_s": round(v, 1) for k, v in loops.items()},
+                **{f"{k}_ms_per_step": round(1000 * batch / v, 2) for k, v in loops.items()},
+                "steps": steps,
+                "compiled_steps": totals["compiled_call calls"],
+                "ms": per_step(totals, steps),
+            }
+        )
+        print(
+            f"batch {batch}: engine {result['tok_per_s']} tok/s, bare {loops['bare']:.0f}, "
+            f"mlx_lm {loops['mlx_lm']:.0f}",
+            flush=True,
+        )
     if args.kernels:
-        row["kernels"] = {"engine": await engine_kernels(engine, prompts, tokens),
-                          "bare": kernels(bare, batch, 64), "mlx_lm": kernels(plain, batch, 64)}
+        row["kernels"] = {
+            "engine": await engine_kernels(engine, prompts, tokens),
+            "bare": kernels(bare, batch, 64),
+            "mlx_lm": kernels(plain, batch, 64),
+        }
     return row
 
 
@@ -149,8 +160,15 @@ async def main_async(args) -> dict:
         rows = [await measure(engine, engine.loaded.model, b, args, write) for b in args.batches]
     finally:
         engine.shutdown()
-    return {"machine": machine(), "device": str(mx.default_device()), "model": args.model,
-            "tokens": args.tokens, "ragged": args.ragged, "column_write": write, "rows": rows}
+    return {
+        "machine": machine(),
+        "device": str(mx.default_device()),
+        "model": args.model,
+        "tokens": args.tokens,
+        "ragged": args.ragged,
+        "column_write": write,
+        "rows": rows,
+    }
 
 
 LABELS = ["loop.step", "launch + wait", "issue_decode", "compiled_call", "decode_copies", "read", "on_token", "deliver"]
@@ -158,25 +176,33 @@ LABELS = ["loop.step", "launch + wait", "issue_decode", "compiled_call", "decode
 
 def table(doc: dict) -> str:
     prompts = "ragged prompts (32–47 tokens)" if doc.get("ragged") else "32-token prompts"
-    lines = [f"{doc['device']}, {doc['model']}, {prompts}, {doc['tokens']} tokens a request; ms a step, "
-             "per round", "",
-             "| batch | engine | compiled steps | bare loop | mlx_lm loop | " + " | ".join(LABELS) + " |",
-             "|---:" * (5 + len(LABELS)) + "|"]
+    lines = [
+        f"{doc['device']}, {doc['model']}, {prompts}, {doc['tokens']} tokens a request; ms a step, per round",
+        "",
+        "| batch | engine | compiled steps | bare loop | mlx_lm loop | " + " | ".join(LABELS) + " |",
+        "|---:" * (5 + len(LABELS)) + "|",
+    ]
     for row in doc["rows"]:
         for r in row["rounds"]:
-            lines.append(f"| {row['batch']} | {r['engine_ms_per_step']} ({r['engine_tok_s']:.0f} tok/s) "
-                         f"| {r['compiled_steps']} / {r['steps']} | {r['bare_ms_per_step']} "
-                         f"| {r['mlx_lm_ms_per_step']} | "
-                         + " | ".join(f"{r['ms'].get(k, 0.0):.2f}" for k in LABELS) + " |")
+            lines.append(
+                f"| {row['batch']} | {r['engine_ms_per_step']} ({r['engine_tok_s']:.0f} tok/s) "
+                f"| {r['compiled_steps']} / {r['steps']} | {r['bare_ms_per_step']} "
+                f"| {r['mlx_lm_ms_per_step']} | " + " | ".join(f"{r['ms'].get(k, 0.0):.2f}" for k in LABELS) + " |"
+            )
     if "kernels" in doc["rows"][0]:
-        lines += ["", "| batch | engine kernels/step (device ms; compiled steps) | bare loop | mlx_lm loop |",
-                  "|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "| batch | engine kernels/step (device ms; compiled steps) | bare loop | mlx_lm loop |",
+            "|---:|---:|---:|---:|",
+        ]
         for row in doc["rows"]:
             k = row["kernels"]
-            lines.append(f"| {row['batch']} | {k['engine']['kernels_per_step']} ({k['engine']['device_ms_per_step']}; "
-                         f"{k['engine']['compiled_steps']} / {k['engine']['steps']}) | "
-                         + " | ".join(f"{k[v]['kernels_per_step']} ({k[v]['device_ms_per_step']})"
-                                      for v in ("bare", "mlx_lm")) + " |")
+            lines.append(
+                f"| {row['batch']} | {k['engine']['kernels_per_step']} ({k['engine']['device_ms_per_step']}; "
+                f"{k['engine']['compiled_steps']} / {k['engine']['steps']}) | "
+                + " | ".join(f"{k[v]['kernels_per_step']} ({k[v]['device_ms_per_step']})" for v in ("bare", "mlx_lm"))
+                + " |"
+            )
     return "\n".join(lines)
 
 
@@ -187,8 +213,11 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=256, help="new tokens per request (and bare-loop steps)")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--ragged", action="store_true", help="prompts of 32–47 tokens, so decode batches are padded")
-    parser.add_argument("--kernels", action="store_true",
-                        help="also count CUDA kernels a step, through the engine and the bare loops (needs torch)")
+    parser.add_argument(
+        "--kernels",
+        action="store_true",
+        help="also count CUDA kernels a step, through the engine and the bare loops (needs torch)",
+    )
     parser.add_argument("--json-out")
     args = parser.parse_args()
     doc = asyncio.run(main_async(args))

@@ -21,9 +21,12 @@ import time
 from .bench_engine import machine
 from .output import emit
 
-SCHEMA = {"type": "object", "properties": {"words": {"type": "array", "items": {"type": "string", "maxLength": 8},
-                                                     "minItems": 64}},
-          "required": ["words"], "additionalProperties": False}
+SCHEMA = {
+    "type": "object",
+    "properties": {"words": {"type": "array", "items": {"type": "string", "maxLength": 8}, "minItems": 64}},
+    "required": ["words"],
+    "additionalProperties": False,
+}
 PROMPT = [{"role": "user", "content": "List many short English words as JSON."}]
 
 
@@ -33,8 +36,11 @@ async def run_mode(engine, batch: int, tokens: int, constrained: int) -> dict:
     from engine.request import PromptInput
     from engine.sampling import SamplingParams
 
-    prompt = PromptInput(messages=PROMPT) if engine.tokenizer.has_chat_template else PromptInput(
-        token_ids=[11 + i for i in range(32)])
+    prompt = (
+        PromptInput(messages=PROMPT)
+        if engine.tokenizer.has_chat_template
+        else PromptInput(token_ids=[11 + i for i in range(32)])
+    )
     plain = SamplingParams(temperature=0.0, max_tokens=tokens, ignore_eos=True)
     guided = plain.model_copy(update={"guided": GuidedSpec(json_schema=SCHEMA)})
 
@@ -49,8 +55,14 @@ async def run_mode(engine, batch: int, tokens: int, constrained: int) -> dict:
     wall = time.perf_counter() - start
     if set(counts) != {tokens}:
         raise RuntimeError(f"requests ended early: {counts} (the schema should not complete in {tokens} tokens)")
-    return {"batch": batch, "constrained": constrained, "tokens": sum(counts), "wall_s": round(wall, 3),
-            "tok_per_s": round(sum(counts) / wall, 2), "ms_per_step": round(wall / tokens * 1000, 2)}
+    return {
+        "batch": batch,
+        "constrained": constrained,
+        "tokens": sum(counts),
+        "wall_s": round(wall, 3),
+        "tok_per_s": round(sum(counts) / wall, 2),
+        "ms_per_step": round(wall / tokens * 1000, 2),
+    }
 
 
 async def bench(engine, batches: list[int], tokens: int) -> list[dict]:
@@ -70,8 +82,11 @@ async def bench(engine, batches: list[int], tokens: int) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     lines = ["| batch | constrained rows | tok/s | ms per step | step time vs none |", "|---|---|---|---|---|"]
-    lines += [f"| {r['batch']} | {r['constrained']} | {r['tok_per_s']} | {r['ms_per_step']} | "
-              f"{r['step_vs_unconstrained']:.3f}x |" for r in rows]
+    lines += [
+        f"| {r['batch']} | {r['constrained']} | {r['tok_per_s']} | {r['ms_per_step']} | "
+        f"{r['step_vs_unconstrained']:.3f}x |"
+        for r in rows
+    ]
     return "\n".join(lines)
 
 
@@ -97,8 +112,19 @@ def main() -> None:
         rows = asyncio.run(bench(engine, args.batches, args.tokens))
     finally:
         engine.shutdown()
-    emit({"benchmark": "structured", "model": args.model, "tokenizer": args.tokenizer, "schema": SCHEMA,
-          "tokens_per_request": args.tokens, "machine": machine(), "rows": rows}, table(rows), args.json_out)
+    emit(
+        {
+            "benchmark": "structured",
+            "model": args.model,
+            "tokenizer": args.tokenizer,
+            "schema": SCHEMA,
+            "tokens_per_request": args.tokens,
+            "machine": machine(),
+            "rows": rows,
+        },
+        table(rows),
+        args.json_out,
+    )
 
 
 if __name__ == "__main__":

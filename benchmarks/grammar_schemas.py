@@ -153,9 +153,7 @@ SCHEMAS: dict[str, tuple[dict, object]] = {
                             {
                                 "host": _STR(60),
                                 "port": {"type": "integer", "minimum": 1, "maximum": 65535},
-                                "tls": _obj(
-                                    {"enabled": {"type": "boolean"}, "min_version": {"enum": ["1.2", "1.3"]}}
-                                ),
+                                "tls": _obj({"enabled": {"type": "boolean"}, "min_version": {"enum": ["1.2", "1.3"]}}),
                             }
                         ),
                         "db": _obj(
@@ -236,6 +234,7 @@ SCHEMAS: dict[str, tuple[dict, object]] = {
         {"title": "Report", "count": 3, "ok": True, "tags": ["a", "b"], "meta": {"owner": None, "score": 0.75}},
     ),
 }
+
 
 def instance_text(instance) -> str:
     return json.dumps(instance, ensure_ascii=False)

@@ -210,8 +210,11 @@ class _RowSet:
 
 
 def _timings(mask_ns: list[int], consume_ns: list[int]) -> dict:
-    return {"mask_us": stats_us(mask_ns), "consume_us": stats_us(consume_ns),
-            "step_us": stats_us([a + c for a, c in zip(mask_ns, consume_ns)])}
+    return {
+        "mask_us": stats_us(mask_ns),
+        "consume_us": stats_us(consume_ns),
+        "step_us": stats_us([a + c for a, c in zip(mask_ns, consume_ns)]),
+    }
 
 
 def _sequential_step(eng, rows: _RowSet, base: int, stride: int) -> tuple[int, int]:
@@ -287,8 +290,7 @@ def _worker(engine_name: str, tok_dir: str, conn) -> None:
     transformers.logging.set_verbosity_error()
     hf_tok = transformers.AutoTokenizer.from_pretrained(tok_dir)
     eng = ENGINES[engine_name](hf_tok)
-    conn.send(("ready", {"setup_s": round(eng.setup_s, 3), "version": eng.version, "vocab": eng.vocab,
-                         "eos": eng.eos}))
+    conn.send(("ready", {"setup_s": round(eng.setup_s, 3), "version": eng.version, "vocab": eng.vocab, "eos": eng.eos}))
     arts: dict = {}
     while True:
         msg = conn.recv()

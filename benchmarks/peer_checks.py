@@ -58,8 +58,12 @@ async def answers(c: httpx.AsyncClient, model: str, timeout_s: float = 120) -> d
     """A normal chat request after a check: does the server still answer?"""
     t0 = time.monotonic()
     try:
-        r = await asyncio.wait_for(c.post("/v1/chat/completions", json={
-            "model": model, "messages": HEALTH_MSG, "max_tokens": 4, "temperature": 0}), timeout_s)
+        r = await asyncio.wait_for(
+            c.post(
+                "/v1/chat/completions", json={"model": model, "messages": HEALTH_MSG, "max_tokens": 4, "temperature": 0}
+            ),
+            timeout_s,
+        )
         ok = r.status_code == 200 and bool(r.json()["choices"][0]["message"].get("content"))
         return {"ok": ok, "status": r.status_code, "s": round(time.monotonic() - t0, 2)}
     except Exception as e:  # noqa: BLE001 - anything here is the observation
@@ -79,6 +83,7 @@ def error_shape(r: httpx.Response) -> tuple[bool, str]:
 
 # --- 1. hostile bodies ---------------------------------------------------------------------------
 
+
 async def check_hostile(c: httpx.AsyncClient, model: str) -> dict:
     cases, stalled = {}, False
     for name, raw in hostile_bodies(model).items():
@@ -87,12 +92,13 @@ async def check_hostile(c: httpx.AsyncClient, model: str) -> dict:
             continue
         t0 = time.monotonic()
         try:
-            r = await asyncio.wait_for(c.post("/v1/chat/completions", content=raw,
-                                              headers={"content-type": "application/json"}), 30)
+            r = await asyncio.wait_for(
+                c.post("/v1/chat/completions", content=raw, headers={"content-type": "application/json"}), 30
+            )
             shaped, what = error_shape(r) if r.status_code >= 400 else (False, "200 answered")
             ok = 400 <= r.status_code < 500 and shaped
             cases[name] = {"pass": ok, "status": r.status_code, "openai_error_shape": shaped, "observed": what}
-        except asyncio.TimeoutError:
+        except TimeoutError:
             cases[name] = {"pass": False, "status": None, "observed": "no answer in 30 s"}
         except Exception as e:  # noqa: BLE001
             cases[name] = {"pass": False, "status": None, "observed": f"{type(e).__name__}: {short(e)}"}
@@ -105,34 +111,64 @@ async def check_hostile(c: httpx.AsyncClient, model: str) -> dict:
     after = await answers(c, model)
     failed = [n for n, v in cases.items() if not v["pass"]]
     statuses = Counter(str(v["status"]) for v in cases.values())
-    summary = (f"{len(cases) - len(failed)}/{len(cases)} refused 4xx in the OpenAI shape"
-               + (f"; failed: " + ", ".join(f"{n} ({cases[n]['status']})" for n in failed) if failed else "")
-               + ("" if after["ok"] else "; NOT answering afterwards"))
-    return {"pass": not failed and after["ok"], "summary": summary, "statuses": dict(statuses),
-            "cases": cases, "answers_after": after}
+    summary = (
+        f"{len(cases) - len(failed)}/{len(cases)} refused 4xx in the OpenAI shape"
+        + ("; failed: " + ", ".join(f"{n} ({cases[n]['status']})" for n in failed) if failed else "")
+        + ("" if after["ok"] else "; NOT answering afterwards")
+    )
+    return {
+        "pass": not failed and after["ok"],
+        "summary": summary,
+        "statuses": dict(statuses),
+        "cases": cases,
+        "answers_after": after,
+    }
 
 
 # --- 2. unsupported features ---------------------------------------------------------------------
 
+
 def _feature_request(feature: str, model: str) -> dict:
     base = {"model": model, "max_tokens": 48, "temperature": 0}
     if feature == "tools":
-        return {**base, "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
-                "tools": [{"type": "function", "function": {
-                    "name": "get_weather", "description": "Current weather for a city",
-                    "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                                   "required": ["city"]}}}],
-                "tool_choice": {"type": "function", "function": {"name": "get_weather"}}}
+        return {
+            **base,
+            "messages": [{"role": "user", "content": "What is the weather in Paris?"}],
+            "tools": [
+                {
+                    "type": "function",
+                    "function": {
+                        "name": "get_weather",
+                        "description": "Current weather for a city",
+                        "parameters": {
+                            "type": "object",
+                            "properties": {"city": {"type": "string"}},
+                            "required": ["city"],
+                        },
+                    },
+                }
+            ],
+            "tool_choice": {"type": "function", "function": {"name": "get_weather"}},
+        }
     if feature == "logprobs":
         return {**base, "messages": HEALTH_MSG, "logprobs": True, "max_tokens": 4}
     if feature == "n":
         return {**base, "messages": HEALTH_MSG, "n": 2, "max_tokens": 4, "temperature": 0.8}
     if feature == "response_format":
-        schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"],
-                  "additionalProperties": False}
-        return {**base, "messages": HEALTH_MSG,
-                "response_format": {"type": "json_schema",
-                                    "json_schema": {"name": "reply", "schema": schema, "strict": True}}}
+        schema = {
+            "type": "object",
+            "properties": {"answer": {"type": "string"}},
+            "required": ["answer"],
+            "additionalProperties": False,
+        }
+        return {
+            **base,
+            "messages": HEALTH_MSG,
+            "response_format": {
+                "type": "json_schema",
+                "json_schema": {"name": "reply", "schema": schema, "strict": True},
+            },
+        }
     raise ValueError(feature)
 
 
@@ -176,31 +212,52 @@ async def check_features(c: httpx.AsyncClient, model: str) -> dict:
             param = (r.json().get("error") or {}).get("param") if shaped else None
             pattern = r"\bn\b" if feature == "n" else field
             named = bool(re.search(pattern, what)) or (isinstance(param, str) and field in param)
-            out[feature] = {"pass": named, "verdict": "refused" if named else "refused without naming the field",
-                            "status": r.status_code, "observed": what}
+            out[feature] = {
+                "pass": named,
+                "verdict": "refused" if named else "refused without naming the field",
+                "status": r.status_code,
+                "observed": what,
+            }
         elif r.status_code == 200:
             ok, what = _honoured(feature, r.json())
-            out[feature] = {"pass": ok, "verdict": "honoured" if ok else "silently ignored",
-                            "status": 200, "observed": what}
+            out[feature] = {
+                "pass": ok,
+                "verdict": "honoured" if ok else "silently ignored",
+                "status": 200,
+                "observed": what,
+            }
         else:
-            out[feature] = {"pass": False, "verdict": f"{r.status_code}", "status": r.status_code,
-                            "observed": short(r.text, 100)}
+            out[feature] = {
+                "pass": False,
+                "verdict": f"{r.status_code}",
+                "status": r.status_code,
+                "observed": short(r.text, 100),
+            }
         log(f"  feature {feature}: {out[feature]['verdict']} ({out[feature].get('status')})")
     after = await answers(c, model)
     summary = "; ".join(f"{f}: {v['verdict']}" for f, v in out.items())
-    return {"pass": all(v["pass"] for v in out.values()) and after["ok"], "summary": summary,
-            "features": out, "answers_after": after}
+    return {
+        "pass": all(v["pass"] for v in out.values()) and after["ok"],
+        "summary": summary,
+        "features": out,
+        "answers_after": after,
+    }
 
 
 # --- streaming helpers ---------------------------------------------------------------------------
+
 
 async def _stream(c: httpx.AsyncClient, body: dict, leave_after: int | None) -> dict:
     """One streamed chat completion. leave_after: close after that many data chunks (0 = right after headers)."""
     async with c.stream("POST", "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
             await r.aread()
-            return {"outcome": "refused", "status": r.status_code, "retry_after": r.headers.get("retry-after"),
-                    "observed": short(r.text, 100)}
+            return {
+                "outcome": "refused",
+                "status": r.status_code,
+                "retry_after": r.headers.get("retry-after"),
+                "observed": short(r.text, 100),
+            }
         if leave_after == 0:
             return {"outcome": "left", "status": 200}
         chunks = content_chunks = 0
@@ -229,77 +286,116 @@ async def _stream(c: httpx.AsyncClient, body: dict, leave_after: int | None) -> 
             if leave_after is not None and chunks >= leave_after:
                 return {"outcome": "left", "status": 200}
         tokens = usage.get("completion_tokens") if usage else None
-        return {"outcome": "error" if errors else "ok", "status": 200, "errors": errors, "done": done,
-                "finish": finish, "content_chunks": content_chunks, "usage_tokens": tokens,
-                "tokens": tokens if tokens is not None else content_chunks,
-                "counted_by": "usage" if tokens is not None else "content chunks"}
+        return {
+            "outcome": "error" if errors else "ok",
+            "status": 200,
+            "errors": errors,
+            "done": done,
+            "finish": finish,
+            "content_chunks": content_chunks,
+            "usage_tokens": tokens,
+            "tokens": tokens if tokens is not None else content_chunks,
+            "counted_by": "usage" if tokens is not None else "content chunks",
+        }
 
 
 async def _guarded(coro, timeout_s: float) -> dict:
     try:
         return await asyncio.wait_for(coro, timeout_s)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         return {"outcome": "timeout"}
     except Exception as e:  # noqa: BLE001
         return {"outcome": "transport error", "observed": f"{type(e).__name__}: {short(e, 80)}"}
 
 
 async def probe_ignore_eos(c: httpx.AsyncClient, model: str) -> bool:
-    r = await c.post("/v1/chat/completions", json={"model": model, "messages": HEALTH_MSG, "max_tokens": 2,
-                                                   "ignore_eos": True})
+    r = await c.post(
+        "/v1/chat/completions", json={"model": model, "messages": HEALTH_MSG, "max_tokens": 2, "ignore_eos": True}
+    )
     return r.status_code == 200
 
 
 # --- 3. aborts -----------------------------------------------------------------------------------
 
-async def check_aborts(c: httpx.AsyncClient, model: str, ignore_eos: bool, n: int = 100, leave: int = 10,
-                       max_tokens: int = 16) -> dict:
+
+async def check_aborts(
+    c: httpx.AsyncClient, model: str, ignore_eos: bool, n: int = 100, leave: int = 10, max_tokens: int = 16
+) -> dict:
     extra = {"ignore_eos": True} if ignore_eos else {}
 
     def body(i: int) -> dict:
-        return {"model": model, "messages": [{"role": "user", "content": f"{LONG_PROMPT} (Part {i}.)"}],
-                "max_tokens": max_tokens, "temperature": 0, "stream": True,
-                "stream_options": {"include_usage": True}, **extra}
+        return {
+            "model": model,
+            "messages": [{"role": "user", "content": f"{LONG_PROMPT} (Part {i}.)"}],
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+            **extra,
+        }
 
     leavers = set(range(0, n, n // leave))
     t0 = time.monotonic()
-    results = await asyncio.gather(*(_guarded(_stream(c, body(i), 1 if i in leavers else None), 600)
-                                     for i in range(n)))
+    results = await asyncio.gather(*(_guarded(_stream(c, body(i), 1 if i in leavers else None), 600) for i in range(n)))
     wall = time.monotonic() - t0
     kept = [r for i, r in enumerate(results) if i not in leavers]
     exact = [r for r in kept if r.get("outcome") == "ok" and r.get("tokens") == max_tokens]
     left = sum(r.get("outcome") == "left" for i, r in enumerate(results) if i in leavers)
     token_counts = Counter(str(r.get("tokens")) for r in kept if r.get("outcome") == "ok")
-    outcomes = Counter(f"{r.get('outcome')}" + (f" {r.get('status')}" if r.get("outcome") == "refused" else "")
-                       for r in kept)
+    outcomes = Counter(
+        f"{r.get('outcome')}" + (f" {r.get('status')}" if r.get("outcome") == "refused" else "") for r in kept
+    )
     counted_by = sorted({r["counted_by"] for r in kept if "counted_by" in r})
     after = await answers(c, model)
     problems = [f"{k}: {v}" for k, v in outcomes.items() if k != "ok"]
     if len(exact) < len(kept):
         problems.append(f"tokens per request {dict(token_counts)}")
-    summary = (f"{len(exact)}/{len(kept)} got exactly {max_tokens} tokens ({'/'.join(counted_by) or '-'}), "
-               f"{left}/{len(leavers)} left; {wall:.0f} s"
-               + (f"; {'; '.join(problems)}" if problems else "")
-               + ("" if after["ok"] else "; NOT answering afterwards"))
+    summary = (
+        f"{len(exact)}/{len(kept)} got exactly {max_tokens} tokens ({'/'.join(counted_by) or '-'}), "
+        f"{left}/{len(leavers)} left; {wall:.0f} s"
+        + (f"; {'; '.join(problems)}" if problems else "")
+        + ("" if after["ok"] else "; NOT answering afterwards")
+    )
     samples = [r for r in kept if r.get("outcome") != "ok"][:3]
     log(f"  aborts: {summary}")
-    return {"pass": len(exact) == len(kept) and after["ok"], "summary": summary, "wall_s": round(wall, 1),
-            "ignore_eos_sent": ignore_eos, "outcomes": dict(outcomes), "tokens": dict(token_counts),
-            "finish_reasons": dict(Counter(str(r.get("finish")) for r in kept if r.get("outcome") == "ok")),
-            "samples_not_ok": samples, "answers_after": after}
+    return {
+        "pass": len(exact) == len(kept) and after["ok"],
+        "summary": summary,
+        "wall_s": round(wall, 1),
+        "ignore_eos_sent": ignore_eos,
+        "outcomes": dict(outcomes),
+        "tokens": dict(token_counts),
+        "finish_reasons": dict(Counter(str(r.get("finish")) for r in kept if r.get("outcome") == "ok")),
+        "samples_not_ok": samples,
+        "answers_after": after,
+    }
 
 
 # --- 4. load -------------------------------------------------------------------------------------
 
-async def check_load(c: httpx.AsyncClient, model: str, ignore_eos: bool, n: int = 200, leave: int = 20,
-                     max_tokens: int = 8, seed: int = 7) -> dict:
+
+async def check_load(
+    c: httpx.AsyncClient,
+    model: str,
+    ignore_eos: bool,
+    n: int = 200,
+    leave: int = 20,
+    max_tokens: int = 8,
+    seed: int = 7,
+) -> dict:
     rng = random.Random(seed)
     leave_after = {i: rng.randint(0, 4) for i in rng.sample(range(n), leave)}  # data chunks before leaving
     extra = {"ignore_eos": True} if ignore_eos else {}
 
     def body(i: int) -> dict:
-        return {"model": model, "messages": [{"role": "user", "content": f"Tell me about the number {i}."}],
-                "max_tokens": max_tokens, "temperature": 0.7, "stream": True, **extra}
+        return {
+            "model": model,
+            "messages": [{"role": "user", "content": f"Tell me about the number {i}."}],
+            "max_tokens": max_tokens,
+            "temperature": 0.7,
+            "stream": True,
+            **extra,
+        }
 
     t0 = time.monotonic()
     results = await asyncio.gather(*(_guarded(_stream(c, body(i), leave_after.get(i)), 600) for i in range(n)))
@@ -319,11 +415,20 @@ async def check_load(c: httpx.AsyncClient, model: str, ignore_eos: bool, n: int 
                 bad.append(r)
         outcomes[key] += 1
     after = await answers(c, model)
-    summary = (", ".join(f"{v} {k}" for k, v in sorted(outcomes.items())) + f"; {wall:.0f} s"
-               + ("" if after["ok"] else "; NOT answering afterwards"))
+    summary = (
+        ", ".join(f"{v} {k}" for k, v in sorted(outcomes.items()))
+        + f"; {wall:.0f} s"
+        + ("" if after["ok"] else "; NOT answering afterwards")
+    )
     log(f"  load: {summary}")
-    return {"pass": not bad and after["ok"], "summary": summary, "wall_s": round(wall, 1),
-            "outcomes": dict(outcomes), "samples_bad": bad[:3], "answers_after": after}
+    return {
+        "pass": not bad and after["ok"],
+        "summary": summary,
+        "wall_s": round(wall, 1),
+        "outcomes": dict(outcomes),
+        "samples_bad": bad[:3],
+        "answers_after": after,
+    }
 
 
 # --- driver --------------------------------------------------------------------------------------
@@ -333,25 +438,40 @@ CHECKS = ("hostile", "features", "aborts", "load")
 
 async def run(args) -> dict:
     limits = httpx.Limits(max_connections=400, max_keepalive_connections=50)
-    async with httpx.AsyncClient(base_url=args.base_url.rstrip("/"), timeout=httpx.Timeout(600, connect=60),
-                                 limits=limits, headers={"authorization": "Bearer none"}) as c:
+    async with httpx.AsyncClient(
+        base_url=args.base_url.rstrip("/"),
+        timeout=httpx.Timeout(600, connect=60),
+        limits=limits,
+        headers={"authorization": "Bearer none"},
+    ) as c:
         try:
             listed = [m.get("id") for m in (await c.get("/v1/models")).json().get("data", [])]
         except Exception as e:  # noqa: BLE001
             listed = [f"GET /v1/models failed: {type(e).__name__}"]
         ignore_eos = args.ignore_eos == "on" or (args.ignore_eos == "auto" and await probe_ignore_eos(c, args.model))
-        report = {"label": args.label, "base_url": args.base_url, "model": args.model, "models_listed": listed,
-                  "started": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-                  "ignore_eos_accepted": ignore_eos, "checks": {}}
+        report = {
+            "label": args.label,
+            "base_url": args.base_url,
+            "model": args.model,
+            "models_listed": listed,
+            "started": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+            "ignore_eos_accepted": ignore_eos,
+            "checks": {},
+        }
         for name in args.checks:
             log(f"[{args.label}] check {name} ...")
             t0 = time.monotonic()
-            fn = {"hostile": lambda: check_hostile(c, args.model), "features": lambda: check_features(c, args.model),
-                  "aborts": lambda: check_aborts(c, args.model, ignore_eos),
-                  "load": lambda: check_load(c, args.model, ignore_eos)}[name]
+            fn = {
+                "hostile": lambda: check_hostile(c, args.model),
+                "features": lambda: check_features(c, args.model),
+                "aborts": lambda: check_aborts(c, args.model, ignore_eos),
+                "load": lambda: check_load(c, args.model, ignore_eos),
+            }[name]
             report["checks"][name] = await fn()
-            log(f"[{args.label}] {name}: {'pass' if report['checks'][name]['pass'] else 'FAIL'} "
-                f"({time.monotonic() - t0:.0f} s)")
+            log(
+                f"[{args.label}] {name}: {'pass' if report['checks'][name]['pass'] else 'FAIL'} "
+                f"({time.monotonic() - t0:.0f} s)"
+            )
             if args.out:  # after every check, so a run cut short keeps what it measured
                 with open(args.out, "w") as f:
                     json.dump(report, f, indent=1)
@@ -360,8 +480,7 @@ async def run(args) -> dict:
 
 def markdown(reports: list[dict]) -> str:
     names = [n for n in CHECKS if any(n in r["checks"] for r in reports)]
-    lines = ["| check | " + " | ".join(r["label"] for r in reports) + " |",
-             "|---|" + "---|" * len(reports)]
+    lines = ["| check | " + " | ".join(r["label"] for r in reports) + " |", "|---|" + "---|" * len(reports)]
     for n in names:
         cells = []
         for r in reports:

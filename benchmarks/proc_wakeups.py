@@ -50,23 +50,34 @@ def measure(seconds: float) -> dict:
     a = snapshot()
     time.sleep(seconds)
     b = snapshot()
-    procs: dict[int, dict] = collections.defaultdict(lambda: {"cores": 0.0, "wakeups_per_s": 0.0, "preempted_per_s": 0.0})
+    procs: dict[int, dict] = collections.defaultdict(
+        lambda: {"cores": 0.0, "wakeups_per_s": 0.0, "preempted_per_s": 0.0}
+    )
     threads = []
     for key, (name, comm, cpu, vol, invol) in b.items():
         if key not in a:
             continue
-        d = {"cores": (cpu - a[key][2]) / seconds, "wakeups_per_s": (vol - a[key][3]) / seconds,
-             "preempted_per_s": (invol - a[key][4]) / seconds}
+        d = {
+            "cores": (cpu - a[key][2]) / seconds,
+            "wakeups_per_s": (vol - a[key][3]) / seconds,
+            "preempted_per_s": (invol - a[key][4]) / seconds,
+        }
         proc = procs[key[0]]
         proc["cmd"] = name
         for k, v in d.items():
             proc[k] += v
         threads.append({"pid": key[0], "tid": key[1], "thread": comm, **d})
-    rows = sorted(({"pid": pid, **v} for pid, v in procs.items() if v["cores"] or v["wakeups_per_s"]),
-                  key=lambda r: -r["wakeups_per_s"])
+    rows = sorted(
+        ({"pid": pid, **v} for pid, v in procs.items() if v["cores"] or v["wakeups_per_s"]),
+        key=lambda r: -r["wakeups_per_s"],
+    )
     threads.sort(key=lambda t: -t["wakeups_per_s"])
-    return {"seconds": seconds, "processes": rows, "threads": threads[:20],
-            "total_wakeups_per_s": round(sum(r["wakeups_per_s"] for r in rows), 1)}
+    return {
+        "seconds": seconds,
+        "processes": rows,
+        "threads": threads[:20],
+        "total_wakeups_per_s": round(sum(r["wakeups_per_s"] for r in rows), 1),
+    }
 
 
 def main() -> None:

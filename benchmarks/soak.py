@@ -27,11 +27,17 @@ from benchmarks.openai_bench.report import md_table
 from benchmarks.openai_bench.runner import machine
 
 
-async def client_loop(c: httpx.AsyncClient, models: list[str], rng: random.Random, until: float,
-                      leave_every: int, outcomes: Counter) -> None:
+async def client_loop(
+    c: httpx.AsyncClient, models: list[str], rng: random.Random, until: float, leave_every: int, outcomes: Counter
+) -> None:
     while time.monotonic() < until:
-        body = {"model": rng.choice(models), "stream": True, "max_tokens": rng.randint(4, 48), "temperature": 0.8,
-                "messages": [{"role": "user", "content": f"Write about item {rng.randint(0, 10**6)}."}]}
+        body = {
+            "model": rng.choice(models),
+            "stream": True,
+            "max_tokens": rng.randint(4, 48),
+            "temperature": 0.8,
+            "messages": [{"role": "user", "content": f"Write about item {rng.randint(0, 10**6)}."}],
+        }
         leave_at = rng.randint(1, 6) if rng.randrange(leave_every) == 0 else None
         try:
             async with c.stream("POST", "/v1/chat/completions", json=body) as r:
@@ -58,8 +64,9 @@ async def drive(args, models: list[str]) -> Counter:
     outcomes: Counter = Counter()
     until = time.monotonic() + args.minutes * 60
     async with httpx.AsyncClient(base_url=BASE, timeout=300) as c:
-        await asyncio.gather(*(client_loop(c, models, random.Random(i), until, args.leave_every, outcomes)
-                               for i in range(args.clients)))
+        await asyncio.gather(
+            *(client_loop(c, models, random.Random(i), until, args.leave_every, outcomes) for i in range(args.clients))
+        )
     return outcomes
 
 
@@ -91,9 +98,13 @@ def slope_mib_per_min(samples: list[tuple[float, int]]) -> float | None:
 
 def report(samples: list, outcomes: Counter, warmup_s: float) -> dict:
     steady = [(t, r) for t, r in samples if t >= warmup_s]
-    return {"outcomes": dict(outcomes), "rss_after_warmup_mib": steady[0][1] if steady else None,
-            "rss_end_mib": samples[-1][1] if samples else None, "rss_peak_mib": max(r for _, r in samples),
-            "rss_slope_mib_per_min": slope_mib_per_min(steady)}
+    return {
+        "outcomes": dict(outcomes),
+        "rss_after_warmup_mib": steady[0][1] if steady else None,
+        "rss_end_mib": samples[-1][1] if samples else None,
+        "rss_peak_mib": max(r for _, r in samples),
+        "rss_slope_mib_per_min": slope_mib_per_min(steady),
+    }
 
 
 def plot(samples: list, path: Path, title: str) -> None:
@@ -120,8 +131,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=12)
     ap.add_argument("--leave-every", type=int, default=5, help="one request in N leaves mid-stream")
     ap.add_argument("--sample-s", type=float, default=2.0)
-    ap.add_argument("--kv-mb", type=int, help="override every model's engine.cache_memory_mb (a small pool fills "
-                    "in the first minute, so what grows after it is not the KV cache)")
+    ap.add_argument(
+        "--kv-mb",
+        type=int,
+        help="override every model's engine.cache_memory_mb (a small pool fills "
+        "in the first minute, so what grows after it is not the KV cache)",
+    )
     ap.add_argument("--out", default="docs/results")
     args = ap.parse_args(argv)
     cfg = yaml.safe_load(Path(args.config).read_text())
@@ -137,27 +152,49 @@ def main(argv: list[str] | None = None) -> int:
     try:
         outcomes = asyncio.run(drive(args, models))
         after = httpx.get(f"{BASE}/health", timeout=30).json()
-        kv_pools = {m: httpx.get(f"{BASE}/v1/models/{m}/cache", timeout=30).json()["cache"].get("bytes")
-                    for m in models}
+        kv_pools = {
+            m: httpx.get(f"{BASE}/v1/models/{m}/cache", timeout=30).json()["cache"].get("bytes") for m in models
+        }
         by_process = rss_by_process(proc.pid)
     finally:
         rss.stop()
         stop(proc)
-    doc = {"benchmark": "soak", "machine": machine(), "settings": vars(args), "health_after": after,
-           "kv_pool_bytes_end": kv_pools, "rss_mib_by_process_end": by_process,
-           **report(rss.samples, outcomes, warmup_s=60), "rss_mib": rss.samples}
+    doc = {
+        "benchmark": "soak",
+        "machine": machine(),
+        "settings": vars(args),
+        "health_after": after,
+        "kv_pool_bytes_end": kv_pools,
+        "rss_mib_by_process_end": by_process,
+        **report(rss.samples, outcomes, warmup_s=60),
+        "rss_mib": rss.samples,
+    }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = f"soak_kv{args.kv_mb}" if args.kv_mb else "soak"
     (out / f"{name}_cpu.json").write_text(json.dumps(doc, indent=1))
-    plot(rss.samples, out / f"{name}_rss.png", f"serve run under load: {args.clients} clients, {args.minutes:g} min"
-         + (f", KV pools {args.kv_mb} MiB" if args.kv_mb else ""))
+    plot(
+        rss.samples,
+        out / f"{name}_rss.png",
+        f"serve run under load: {args.clients} clients, {args.minutes:g} min"
+        + (f", KV pools {args.kv_mb} MiB" if args.kv_mb else ""),
+    )
     print(json.dumps({k: v for k, v in doc.items() if k != "rss_mib"}, indent=1))
     rows = [[k, v] for k, v in sorted(outcomes.items())]
     print(md_table(["outcome", "requests"], rows))
-    print(md_table(["RSS after 1 min", "RSS at the end", "peak", "slope"],
-                   [[f"{doc['rss_after_warmup_mib']} MiB", f"{doc['rss_end_mib']} MiB", f"{doc['rss_peak_mib']} MiB",
-                     f"{doc['rss_slope_mib_per_min']} MiB/min"]]))
+    print(
+        md_table(
+            ["RSS after 1 min", "RSS at the end", "peak", "slope"],
+            [
+                [
+                    f"{doc['rss_after_warmup_mib']} MiB",
+                    f"{doc['rss_end_mib']} MiB",
+                    f"{doc['rss_peak_mib']} MiB",
+                    f"{doc['rss_slope_mib_per_min']} MiB/min",
+                ]
+            ],
+        )
+    )
     return 0
 
 

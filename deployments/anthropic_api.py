@@ -15,7 +15,8 @@ import hmac
 import json
 import logging
 import time
-from typing import Annotated, Any, AsyncIterator, Literal
+from collections.abc import AsyncIterator
+from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -28,13 +29,32 @@ log = logging.getLogger("ray.serve")
 BLOCK_TYPES = ("text", "tool_use", "tool_result")
 # Anthropic features this server does not implement: refused by name, never ignored.
 UNSUPPORTED_BLOCKS = {
-    "image", "document", "search_result", "thinking", "redacted_thinking", "server_tool_use",
-    "web_search_tool_result", "web_fetch_tool_result", "code_execution_tool_result", "container_upload",
-    "mcp_tool_use", "mcp_tool_result",
+    "image",
+    "document",
+    "search_result",
+    "thinking",
+    "redacted_thinking",
+    "server_tool_use",
+    "web_search_tool_result",
+    "web_fetch_tool_result",
+    "code_execution_tool_result",
+    "container_upload",
+    "mcp_tool_use",
+    "mcp_tool_result",
 }
 UNSUPPORTED_FIELDS = {
-    "thinking", "service_tier", "container", "mcp_servers", "context_management", "output_format",
-    "output_config", "inference_geo", "strict", "speed", "diagnostics", "user_profile_id",
+    "thinking",
+    "service_tier",
+    "container",
+    "mcp_servers",
+    "context_management",
+    "output_format",
+    "output_config",
+    "inference_geo",
+    "strict",
+    "speed",
+    "diagnostics",
+    "user_profile_id",
     "workspace_id",
 }
 
@@ -84,12 +104,13 @@ def _text_blocks(v: Any, allowed: tuple[str, ...] = ("text",)) -> Any:
         for i, block in enumerate(v):
             kind = block.get("type") if isinstance(block, dict) else None
             if not isinstance(kind, str):
-                raise ValueError(f"block {i} must be an object with a \"type\"")
+                raise ValueError(f'block {i} must be an object with a "type"')
             if kind in UNSUPPORTED_BLOCKS:
                 raise ValueError(f"block {i}: {kind!r} content blocks are not supported by this server")
             if kind not in allowed:
-                raise ValueError(f"block {i}: unknown content block type {kind!r} "
-                                 f"(expected one of {', '.join(allowed)})")
+                raise ValueError(
+                    f"block {i}: unknown content block type {kind!r} (expected one of {', '.join(allowed)})"
+                )
     return v
 
 
@@ -139,15 +160,17 @@ class ToolParam(_Strict):
     def _client_tool(cls, v):
         kind = v.get("type") if isinstance(v, dict) else None
         if isinstance(kind, str) and kind != "custom":
-            raise ValueError(f"server tools ({kind!r}) are not supported by this server; define a client tool "
-                             "with name, description and input_schema")
+            raise ValueError(
+                f"server tools ({kind!r}) are not supported by this server; define a client tool "
+                "with name, description and input_schema"
+            )
         return v
 
     @field_validator("input_schema")
     @classmethod
     def _object_schema(cls, v):
         if v.get("type") != "object":
-            raise ValueError("must be a JSON schema with \"type\": \"object\"")
+            raise ValueError('must be a JSON schema with "type": "object"')
         return v
 
 
@@ -193,12 +216,17 @@ def request_error(exc: ValidationError) -> ApiError:
     err = exc.errors()[0]
     if err["type"] in ("json_invalid", "model_type") and len(err["loc"]) == 0:
         return bad_request(exc)
-    loc = [p for i, p in enumerate(err["loc"])
-           if not (p in BLOCK_TYPES and i > 0 and isinstance(err["loc"][i - 1], int))]
+    loc = [
+        p for i, p in enumerate(err["loc"]) if not (p in BLOCK_TYPES and i > 0 and isinstance(err["loc"][i - 1], int))
+    ]
     param = ".".join(str(p) for p in loc) or None
     if err["type"] == "extra_forbidden" and loc and loc[-1] in UNSUPPORTED_FIELDS:
-        return ApiError(400, f"{param}: not supported by this server; remove it from the request",
-                        param=param, code="unsupported_parameter")
+        return ApiError(
+            400,
+            f"{param}: not supported by this server; remove it from the request",
+            param=param,
+            code="unsupported_parameter",
+        )
     if err["type"] == "extra_forbidden":
         return ApiError(400, f"{param}: unknown field", param=param)
     msg = err["msg"].removeprefix("Value error, ")
@@ -225,8 +253,11 @@ def _user_messages(msg: MessageParam, i: int) -> list[dict[str, Any]]:
     texts = [b for b in msg.content if isinstance(b, TextBlock)]
     for j, b in enumerate(msg.content):
         if isinstance(b, ToolUseBlock):
-            raise ApiError(400, f"messages.{i}.content.{j}: tool_use blocks belong in assistant turns",
-                           param=f"messages.{i}.content.{j}")
+            raise ApiError(
+                400,
+                f"messages.{i}.content.{j}: tool_use blocks belong in assistant turns",
+                param=f"messages.{i}.content.{j}",
+            )
     out = [{"role": "tool", "tool_call_id": r.tool_use_id, "content": r.text()} for r in results]
     if texts or not results:
         out.append({"role": "user", "content": _parts(texts)})
@@ -238,13 +269,21 @@ def _assistant_message(msg: MessageParam, i: int) -> dict[str, Any]:
     texts, calls = [], []
     for j, b in enumerate(msg.content):
         if isinstance(b, ToolResultBlock):
-            raise ApiError(400, f"messages.{i}.content.{j}: tool_result blocks belong in user turns",
-                           param=f"messages.{i}.content.{j}")
+            raise ApiError(
+                400,
+                f"messages.{i}.content.{j}: tool_result blocks belong in user turns",
+                param=f"messages.{i}.content.{j}",
+            )
         if isinstance(b, TextBlock):
             texts.append(b)
         else:
-            calls.append({"id": b.id, "type": "function",
-                          "function": {"name": b.name, "arguments": json.dumps(b.input, ensure_ascii=False)}})
+            calls.append(
+                {
+                    "id": b.id,
+                    "type": "function",
+                    "function": {"name": b.name, "arguments": json.dumps(b.input, ensure_ascii=False)},
+                }
+            )
     out: dict[str, Any] = {"role": "assistant", "content": _parts(texts) if texts or not calls else None}
     if calls:
         out["tool_calls"] = calls
@@ -256,21 +295,28 @@ def _tools(req: CountTokensRequest) -> dict[str, Any]:
     disable_parallel_tool_use → parallel_tool_calls false."""
     out: dict[str, Any] = {}
     if req.tools:
-        out["tools"] = [{"type": "function", "function": {
-            "name": t.name, "parameters": t.input_schema, **({"description": t.description} if t.description else {})}}
-            for t in req.tools]
+        out["tools"] = [
+            {
+                "type": "function",
+                "function": {
+                    "name": t.name,
+                    "parameters": t.input_schema,
+                    **({"description": t.description} if t.description else {}),
+                },
+            }
+            for t in req.tools
+        ]
     choice = req.tool_choice
     if choice is None:
         return out
     if choice.type == "tool":
         if not choice.name:
-            raise ApiError(400, "tool_choice.name: required when tool_choice.type is \"tool\"",
-                           param="tool_choice.name")
+            raise ApiError(400, 'tool_choice.name: required when tool_choice.type is "tool"', param="tool_choice.name")
         if choice.name not in {t.name for t in req.tools or []}:
             raise ApiError(400, f"tool_choice.name: no tool named {choice.name!r} in tools", param="tool_choice.name")
         out["tool_choice"] = {"type": "function", "function": {"name": choice.name}}
     elif choice.name is not None:
-        raise ApiError(400, "tool_choice.name: only for tool_choice.type \"tool\"", param="tool_choice.name")
+        raise ApiError(400, 'tool_choice.name: only for tool_choice.type "tool"', param="tool_choice.name")
     else:
         out["tool_choice"] = {"auto": "auto", "any": "required", "none": "none"}[choice.type]
     if choice.disable_parallel_tool_use and choice.type != "none":
@@ -282,8 +328,12 @@ def _sampling(req: CountTokensRequest) -> dict[str, Any]:
     if not isinstance(req, MessagesRequest):
         return {}
     out: dict[str, Any] = {"max_tokens": req.max_tokens}
-    for ours, theirs in (("stop", "stop_sequences"), ("temperature", "temperature"), ("top_p", "top_p"),
-                         ("top_k", "top_k")):
+    for ours, theirs in (
+        ("stop", "stop_sequences"),
+        ("temperature", "temperature"),
+        ("top_p", "top_p"),
+        ("top_k", "top_k"),
+    ):
         if getattr(req, theirs) is not None:
             out[ours] = getattr(req, theirs)
     if req.stream:
@@ -295,8 +345,11 @@ def to_openai(req: CountTokensRequest) -> dict[str, Any]:
     """The OpenAI chat request body of a Messages (or count_tokens) request."""
     if req.messages[-1].role == "assistant":
         # Anthropic continues a final assistant turn; the chat template would start a new one instead.
-        raise ApiError(400, "messages: a final assistant turn (prefill) is not supported by this server; "
-                       "end with a user turn", param="messages")
+        raise ApiError(
+            400,
+            "messages: a final assistant turn (prefill) is not supported by this server; end with a user turn",
+            param="messages",
+        )
     messages = [{"role": "system", "content": _parts(req.system)}] if req.system else []
     for i, msg in enumerate(req.messages):
         messages += _user_messages(msg, i) if msg.role == "user" else [_assistant_message(msg, i)]
@@ -335,8 +388,12 @@ def usage(u: dict | None) -> dict[str, int]:
     """Anthropic counts cache reads apart: input_tokens + cache_read_input_tokens is the prompt."""
     u = u or {}
     prompt, cached = u.get("prompt_tokens", 0), (u.get("prompt_tokens_details") or {}).get("cached_tokens", 0)
-    return {"input_tokens": prompt - cached, "output_tokens": u.get("completion_tokens", 0),
-            "cache_read_input_tokens": cached, "cache_creation_input_tokens": 0}
+    return {
+        "input_tokens": prompt - cached,
+        "output_tokens": u.get("completion_tokens", 0),
+        "cache_read_input_tokens": cached,
+        "cache_creation_input_tokens": 0,
+    }
 
 
 def tool_input(model: str, arguments: str) -> dict[str, Any]:
@@ -345,8 +402,9 @@ def tool_input(model: str, arguments: str) -> dict[str, Any]:
     except json.JSONDecodeError:
         value = None
     if not isinstance(value, dict):
-        raise ApiError(502, f"model {model!r} produced tool call arguments that are not a JSON object",
-                       type="server_error")
+        raise ApiError(
+            502, f"model {model!r} produced tool call arguments that are not a JSON object", type="server_error"
+        )
     return value
 
 
@@ -359,21 +417,45 @@ def to_message(completion: dict[str, Any], msg_id: str) -> dict[str, Any]:
         content.append({"type": "text", "text": message["content"]})
     for call in message.get("tool_calls") or []:
         fn = call["function"]
-        content.append({"type": "tool_use", "id": call["id"], "name": fn["name"],
-                        "input": tool_input(model, fn.get("arguments", ""))})
-    return {"id": msg_id, "type": "message", "role": "assistant", "model": model, "content": content,
-            "stop_reason": stop_reason(choice["finish_reason"], any(b["type"] == "tool_use" for b in content)),
-            "stop_sequence": None,
-            "usage": usage(completion.get("usage"))}
+        content.append(
+            {
+                "type": "tool_use",
+                "id": call["id"],
+                "name": fn["name"],
+                "input": tool_input(model, fn.get("arguments", "")),
+            }
+        )
+    return {
+        "id": msg_id,
+        "type": "message",
+        "role": "assistant",
+        "model": model,
+        "content": content,
+        "stop_reason": stop_reason(choice["finish_reason"], any(b["type"] == "tool_use" for b in content)),
+        "stop_sequence": None,
+        "usage": usage(completion.get("usage")),
+    }
 
 
 # --- errors ----------------------------------------------------------------------------------
 
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error",
-               504: "timeout_error", 529: "overloaded_error"}
-OPENAI_TYPES = {"invalid_request_error": "invalid_request_error", "authentication_error": "authentication_error",
-                "overloaded_error": "overloaded_error", "timeout_error": "timeout_error"}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+OPENAI_TYPES = {
+    "invalid_request_error": "invalid_request_error",
+    "authentication_error": "authentication_error",
+    "overloaded_error": "overloaded_error",
+    "timeout_error": "timeout_error",
+}
 
 
 def error_type(status: int | None, openai_type: str | None) -> str:
@@ -388,8 +470,10 @@ def error_type(status: int | None, openai_type: str | None) -> str:
 
 def error_body(openai_body: dict[str, Any], status: int | None = None) -> dict[str, Any]:
     err = openai_body.get("error") or {}
-    return {"type": "error", "error": {"type": error_type(status, err.get("type")),
-                                       "message": err.get("message", "error")}}
+    return {
+        "type": "error",
+        "error": {"type": error_type(status, err.get("type")), "message": err.get("message", "error")},
+    }
 
 
 def error_response(exc: ApiError) -> JSONResponse:
@@ -422,9 +506,16 @@ class MessageEvents:
     def start(self) -> list[tuple[str, dict]]:
         """message_start: the message with no content yet; input_tokens is the whole prompt here
         (the cached part is known at the end, and message_delta corrects it)."""
-        message = {"id": self.msg_id, "type": "message", "role": "assistant", "model": self.model, "content": [],
-                   "stop_reason": None, "stop_sequence": None,
-                   "usage": {"input_tokens": self.prompt_tokens, "output_tokens": 0}}
+        message = {
+            "id": self.msg_id,
+            "type": "message",
+            "role": "assistant",
+            "model": self.model,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {"input_tokens": self.prompt_tokens, "output_tokens": 0},
+        }
         return [("message_start", {"type": "message_start", "message": message})]
 
     def feed(self, chunk: dict[str, Any]) -> list[tuple[str, dict]]:
@@ -461,8 +552,9 @@ class MessageEvents:
         events = self._close()
         self.index += 1
         self.open = key
-        return events + [("content_block_start",
-                          {"type": "content_block_start", "index": self.index, "content_block": block})]
+        return events + [
+            ("content_block_start", {"type": "content_block_start", "index": self.index, "content_block": block})
+        ]
 
     def _delta(self, delta: dict) -> tuple[str, dict]:
         return "content_block_delta", {"type": "content_block_delta", "index": self.index, "delta": delta}
@@ -507,8 +599,12 @@ def check_auth(core, request: Request) -> None:
     try:
         core.check_auth(request)
     except ApiError:
-        raise ApiError(401, "invalid or missing API key (x-api-key: <key> or Authorization: Bearer <key>)",
-                       type="authentication_error", code="invalid_api_key") from None
+        raise ApiError(
+            401,
+            "invalid or missing API key (x-api-key: <key> or Authorization: Bearer <key>)",
+            type="authentication_error",
+            code="invalid_api_key",
+        ) from None
 
 
 async def create_message(core, request: Request) -> Response:
@@ -521,9 +617,11 @@ async def create_message(core, request: Request) -> Response:
         msg_id = message_id(builder.id)
         if req.stream:
             events = MessageEvents(msg_id, model, call.prompt_tokens or 0)
-            response = StreamingResponse(stream_events(core.chunks(call, builder, True), events),
-                                         media_type="text/event-stream",
-                                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+            response = StreamingResponse(
+                stream_events(core.chunks(call, builder, True), events),
+                media_type="text/event-stream",
+                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+            )
         else:
             response = JSONResponse(to_message(await core.collect(call, builder), msg_id))
     except ApiError as exc:

@@ -79,8 +79,11 @@ def request_router_config(model: ModelConfig) -> dict | None:
         return None
     affinity = model.deployment.affinity
     kwargs = {**affinity.model_dump(exclude={"report_period_s"}), "deployment": model.deployment_name}
-    return {"request_router_class": ROUTER_PATH, "request_router_kwargs": kwargs,
-            "request_routing_stats_period_s": affinity.report_period_s}
+    return {
+        "request_router_class": ROUTER_PATH,
+        "request_router_kwargs": kwargs,
+        "request_routing_stats_period_s": affinity.report_period_s,
+    }
 
 
 def plan_model(model: ModelConfig, budget: int) -> ModelPlan:
@@ -92,8 +95,10 @@ def plan_model(model: ModelConfig, budget: int) -> ModelPlan:
         engine["cache_memory_mb"] = max(1, int(budget * model.engine.cache_memory_percent) >> 20)
     weights = model.weights_mb * 2**20 if model.weights_mb else _estimate_weights(model)
     if weights is None:
-        raise ConfigError(f"model {model.name!r}: {model.source!r} is not downloaded yet, so the size of its "
-                          "weights is unknown: give it as weights_mb (the governor measures it after the first load)")
+        raise ConfigError(
+            f"model {model.name!r}: {model.source!r} is not downloaded yet, so the size of its "
+            "weights is unknown: give it as weights_mb (the governor measures it after the first load)"
+        )
     return ModelPlan(model, engine, weights + engine["cache_memory_mb"] * 2**20 + estimate_working_bytes(weights))
 
 
@@ -106,8 +111,9 @@ def _estimate_weights(model: ModelConfig) -> int | None:
     try:
         return estimate_weights_bytes(model.source, _fast_cpu(model))
     except Exception as exc:  # noqa: BLE001 - a corrupt or truncated file
-        log.warning("model %s: cannot read the size of %s (%s): estimating from the file size", model.name,
-                    model.source, exc)
+        log.warning(
+            "model %s: cannot read the size of %s (%s): estimating from the file size", model.name, model.source, exc
+        )
         path = Path(resolve_source(model.source).location)
         return path.stat().st_size * (8 if _fast_cpu(model) else 1)
 
@@ -136,8 +142,10 @@ def check_budget(plans: list[ModelPlan], budget: int) -> None:
     total = sum(p.footprint_bytes * p.config.deployment.num_replicas for p in eager)
     if total > budget:
         names = ", ".join(f"{p.config.name} {mib(p.footprint_bytes)}" for p in eager)
-        raise ConfigError(f"the eager models need {mib(total)} together ({names}) but the memory budget is "
-                          f"{mib(budget)}: set load: on_demand on some of them, or raise args.memory")
+        raise ConfigError(
+            f"the eager models need {mib(total)} together ({names}) but the memory budget is "
+            f"{mib(budget)}: set load: on_demand on some of them, or raise args.memory"
+        )
 
 
 def autoscaling_config(p: ModelPlan, budget: int, per_node: bool = False) -> dict:
@@ -154,11 +162,17 @@ def autoscaling_config(p: ModelPlan, budget: int, per_node: bool = False) -> dic
         "downscale_to_zero_delay_s": 0.0,
         "policy": {
             "policy_function": FALLBACK_POLICY_PATH,
-            "policy_kwargs": governor_kwargs(model=m.name, budget_bytes=budget, footprint_bytes=p.footprint_bytes,
-                                             full=full, keep_alive_s=m.keep_alive,
-                                             load_timeout_s=m.load_timeout_s, per_node=per_node,
-                                             resources=m.deployment.resources,
-                                             max_replicas_per_node=m.deployment.max_replicas_per_node),
+            "policy_kwargs": governor_kwargs(
+                model=m.name,
+                budget_bytes=budget,
+                footprint_bytes=p.footprint_bytes,
+                full=full,
+                keep_alive_s=m.keep_alive,
+                load_timeout_s=m.load_timeout_s,
+                per_node=per_node,
+                resources=m.deployment.resources,
+                max_replicas_per_node=m.deployment.max_replicas_per_node,
+            ),
         },
     }
 
@@ -166,8 +180,14 @@ def autoscaling_config(p: ModelPlan, budget: int, per_node: bool = False) -> dic
 def bind_model(p: ModelPlan, budget: int, per_node: bool = False):
     model, engine = p.config, p.engine
     max_ongoing = model.deployment.max_ongoing_requests or engine["max_num_seqs"] + engine["max_waiting"]
-    placement = {k: v for k, v in (("max_replicas_per_node", model.deployment.max_replicas_per_node),
-                                   ("request_router_config", request_router_config(model))) if v is not None}
+    placement = {
+        k: v
+        for k, v in (
+            ("max_replicas_per_node", model.deployment.max_replicas_per_node),
+            ("request_router_config", request_router_config(model)),
+        )
+        if v is not None
+    }
     return ModelServer.options(
         name=model.deployment_name,
         **placement,
@@ -186,7 +206,8 @@ def bind_model(p: ModelPlan, budget: int, per_node: bool = False):
         stream_max_chunks_per_s=model.stream_max_chunks_per_s,
         memory_share_bytes=p.footprint_bytes,
         allow_ignore_eos=model.allow_ignore_eos,
-        prefix_block_chars=model.deployment.affinity.block_chars if model.deployment.request_router == "prefix_affinity"
+        prefix_block_chars=model.deployment.affinity.block_chars
+        if model.deployment.request_router == "prefix_affinity"
         else None,
     )
 
@@ -194,9 +215,14 @@ def bind_model(p: ModelPlan, budget: int, per_node: bool = False):
 def model_facts(p: ModelPlan) -> dict:
     """What the router reports of a model before it ever loaded (/v1/models, metrics)."""
     m = p.config
-    return {"deployment": m.deployment_name, "load": m.load, "keep_alive_s": m.keep_alive,
-            "load_timeout_s": m.load_timeout_s, "footprint_bytes": p.footprint_bytes,
-            "replicas": m.deployment.num_replicas}
+    return {
+        "deployment": m.deployment_name,
+        "load": m.load,
+        "keep_alive_s": m.keep_alive,
+        "load_timeout_s": m.load_timeout_s,
+        "footprint_bytes": p.footprint_bytes,
+        "replicas": m.deployment.num_replicas,
+    }
 
 
 def bind_router(router: RouterConfig, models: dict, facts: dict, budget: int) -> Application:
@@ -204,7 +230,10 @@ def bind_router(router: RouterConfig, models: dict, facts: dict, budget: int) ->
         name="OrchardRouter",
         num_replicas=router.num_replicas,
         max_ongoing_requests=router.max_ongoing_requests,
-        ray_actor_options={"num_cpus": router.num_cpus, **({"resources": router.resources} if router.resources else {})},
+        ray_actor_options={
+            "num_cpus": router.num_cpus,
+            **({"resources": router.resources} if router.resources else {}),
+        },
     ).bind(router=router.model_dump(), models=models, facts=facts, budget_bytes=budget)
 
 

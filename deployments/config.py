@@ -22,7 +22,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import (
-    BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
 )
 
 from engine.config import EngineConfig
@@ -37,21 +43,34 @@ class AffinityOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     imbalanced_threshold: int = Field(
-        10, ge=0, description="Balance wins over affinity: a replica with this many more requests than the "
+        10,
+        ge=0,
+        description="Balance wins over affinity: a replica with this many more requests than the "
         "least loaded one is not preferred for its prefixes.",
     )
     match_rate_threshold: float = Field(
-        0.1, ge=0, le=1, description="Below this share of the prompt matched, a request counts as a new prefix "
+        0.1,
+        ge=0,
+        le=1,
+        description="Below this share of the prompt matched, a request counts as a new prefix "
         "and goes to the replica that holds the fewest prefixes.",
     )
     block_chars: int = Field(
-        64, ge=8, le=65536, description="Characters per hashed prompt block (about 16 tokens at the default).",
+        64,
+        ge=8,
+        le=65536,
+        description="Characters per hashed prompt block (about 16 tokens at the default).",
     )
     max_blocks_per_replica: int = Field(
-        65536, ge=16, description="Blocks remembered per replica (least recently sent forgotten first).",
+        65536,
+        ge=16,
+        description="Blocks remembered per replica (least recently sent forgotten first).",
     )
     report_period_s: float = Field(
-        2.0, gt=0, le=600, description="How often each replica reports which prompt prefixes its paged cache "
+        2.0,
+        gt=0,
+        le=600,
+        description="How often each replica reports which prompt prefixes its paged cache "
         "really holds (Ray Serve's request_routing_stats_period_s); the routers take each report as the truth.",
     )
 
@@ -89,7 +108,8 @@ class ModelDeploymentOptions(BaseModel):
         0.0, ge=0, description="CPUs Ray reserves per replica. 0 lets several models share a small machine."
     )
     max_ongoing_requests: int | None = Field(
-        None, ge=1,
+        None,
+        ge=1,
         description="Requests one replica takes at once. Default: engine max_num_seqs + max_waiting, so the "
         "engine's own queue (and its 503) decides.",
     )
@@ -141,19 +161,22 @@ class MemoryConfig(BaseModel):
         None, ge=64, description="The budget in MiB. Default: budget_percent of the host's memory."
     )
     budget_percent: float | None = Field(
-        None, gt=0, le=1,
+        None,
+        gt=0,
+        le=1,
         description="The budget as a fraction of the host's memory (on a Mac: Metal's recommended working set, "
         "else RAM). Default: the whole working set on a Mac, 0.6 of RAM elsewhere.",
     )
     per_node: bool = Field(
-        False, description="Each model replica reserves its footprint as Ray's `memory` resource, so Ray places "
+        False,
+        description="Each model replica reserves its footprint as Ray's `memory` resource, so Ray places "
         "replicas only on nodes with that much left and never over-packs one, after a node loss too (a node's "
         "budget: `ray start --memory BYTES`). The governor then budgets against the live nodes' memory (the "
         "smaller of it and budget_mb): a lost node's memory leaves the budget, and idle models unload to make room.",
     )
 
     @model_validator(mode="after")
-    def _one(self) -> "MemoryConfig":
+    def _one(self) -> MemoryConfig:
         if self.budget_mb is not None and self.budget_percent is not None:
             raise ValueError("give budget_mb or budget_percent, not both")
         return self
@@ -175,7 +198,8 @@ class ModelConfig(BaseModel):
 
     name: str = Field(description="The name clients send as `model` (also the deployment's name: model-<name>).")
     weights_mb: int | None = Field(
-        None, ge=1,
+        None,
+        ge=1,
         description="The weights' size once loaded, in MiB, for the governor's estimate before the first load "
         "measures it. Default: read from the weight files; needed for hub models not downloaded yet and for\n        sources that exist only on the nodes that run the model (declared before `source`, which reads it).",
     )
@@ -192,12 +216,15 @@ class ModelConfig(BaseModel):
         "stop, ...); same names and ranges as the request fields.",
     )
     stream_window_ms: float = Field(
-        30.0, ge=0, le=1000,
+        30.0,
+        ge=0,
+        le=1000,
         description="The model deployment sends its output to the router at most once per window (the first "
         "token goes at once). Each hop costs a few ms, so tokens travel in chunks.",
     )
     stream_max_chunks_per_s: float = Field(
-        100.0, ge=1,
+        100.0,
+        ge=1,
         description="Most chunks per second one model replica sends over all its streams: with many "
         "streams each one's window widens to active_streams / this (every chunk costs CPU in the model "
         "replica, the router and the HTTP proxy).",
@@ -206,7 +233,8 @@ class ModelConfig(BaseModel):
         default_factory=ModelDeploymentOptions, description="Ray Serve options of this model's deployment."
     )
     allow_ignore_eos: bool = Field(
-        False, description="Let clients send ignore_eos (generate past the end of text to max_tokens: benchmarks "
+        False,
+        description="Let clients send ignore_eos (generate past the end of text to max_tokens: benchmarks "
         "want it; on a shared server it lets one client force full-length generations).",
     )
     load: Literal["eager", "on_demand"] = Field(
@@ -218,7 +246,8 @@ class ModelConfig(BaseModel):
         "it: a pinned model is never unloaded, not even to make room for another.",
     )
     load_timeout_s: float = Field(
-        120.0, gt=0,
+        120.0,
+        gt=0,
         description="How long a request waits for this model to load (and for room in the memory budget) "
         "before it gets 503 with Retry-After.",
     )
@@ -237,9 +266,7 @@ class ModelConfig(BaseModel):
     def _name(cls, v: str) -> str:
         v = v.strip()
         if not _NAME_RE.match(v):
-            raise ValueError(
-                "must be 1-128 characters: letters, digits and . _ : / -, starting with a letter or digit"
-            )
+            raise ValueError("must be 1-128 characters: letters, digits and . _ : / -, starting with a letter or digit")
         return v
 
     @field_validator("source")
@@ -252,8 +279,10 @@ class ModelConfig(BaseModel):
             raise ValueError("must not be empty")
         problem = source_problem(v)
         if problem and not info.data.get("weights_mb"):
-            raise ValueError(f"{problem} on this machine (where the app is built); if it exists only on the "
-                             "nodes that run the model, give weights_mb")
+            raise ValueError(
+                f"{problem} on this machine (where the app is built); if it exists only on the "
+                "nodes that run the model, give weights_mb"
+            )
         return v
 
     @field_validator("default_sampling")
@@ -285,9 +314,7 @@ class RouterConfig(BaseModel):
     api_key_env: str | None = Field(
         None, description="Name of an environment variable holding the API key (keeps secrets out of YAML)."
     )
-    max_request_body_bytes: int = Field(
-        1_048_576, ge=1024, description="Larger request bodies are refused with 413."
-    )
+    max_request_body_bytes: int = Field(1_048_576, ge=1024, description="Larger request bodies are refused with 413.")
     request_timeout_s: float = Field(
         600.0, gt=0, description="A request still running after this long is aborted (504, or an error event)."
     )
@@ -309,7 +336,7 @@ class RouterConfig(BaseModel):
         return check_resources(v)
 
     @model_validator(mode="after")
-    def _one_key_source(self) -> "RouterConfig":
+    def _one_key_source(self) -> RouterConfig:
         if self.api_key and self.api_key_env:
             raise ValueError("give api_key or api_key_env, not both")
         return self
@@ -319,8 +346,10 @@ class RouterConfig(BaseModel):
         if self.api_key_env:
             key = os.environ.get(self.api_key_env)
             if not key:
-                raise ConfigError(f"router.api_key_env: environment variable {self.api_key_env} is not set "
-                                  "(set it where `serve run` starts, or drop api_key_env to run without a key)")
+                raise ConfigError(
+                    f"router.api_key_env: environment variable {self.api_key_env} is not set "
+                    "(set it where `serve run` starts, or drop api_key_env to run without a key)"
+                )
             return key
         return self.api_key
 
@@ -337,7 +366,7 @@ class OrchardConfig(BaseModel):
     )
 
     @model_validator(mode="after")
-    def _unique(self) -> "OrchardConfig":
+    def _unique(self) -> OrchardConfig:
         for attr in ("name", "deployment_name"):
             seen: set[str] = set()
             for m in self.models:
@@ -351,7 +380,7 @@ class OrchardConfig(BaseModel):
 def source_problem(source: str) -> str | None:
     """A cheap check that a source can be found, without loading anything. None when it looks fine."""
     if source.startswith("pkg://"):
-        package, _, relative = source[len("pkg://"):].partition("/")
+        package, _, relative = source[len("pkg://") :].partition("/")
         if not package or not relative:
             return f"{source!r}: expected pkg://<package>/<file>"
         if importlib.util.find_spec(package) is None:

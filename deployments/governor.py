@@ -41,8 +41,9 @@ from __future__ import annotations
 import logging
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 log = logging.getLogger("ray.serve")
 
@@ -136,8 +137,12 @@ def plan(models: list[ModelUsage], budget: int, nodes: dict[str, dict[str, float
     if not room.fits(held):  # over budget (a node left, or footprints measured larger): idle models yield
         staying = [m for m in models if m.name not in out.targets]
         for v in _lru_victims(models, out, staying, room, partial=True):
-            out.set(v.name, 0, f"evicted (least recently used, idle {v.idle_s:.0f}s): the loaded models do not "
-                               f"fit {room} (it shrank, or footprints measured larger than estimated)")
+            out.set(
+                v.name,
+                0,
+                f"evicted (least recently used, idle {v.idle_s:.0f}s): the loaded models do not "
+                f"fit {room} (it shrank, or footprints measured larger than estimated)",
+            )
     cold = sorted((m for m in models if not m.loaded and m.busy), key=lambda m: (m.waiting_since or 0.0, m.name))
     for m in cold:
         wanted = replace(m, target=m.full)
@@ -185,8 +190,12 @@ class Room:
                 else:
                     unplaced.append((m, need))
         for m, need in sorted(unplaced, key=lambda u: -u[1].get("memory", 0)):
-            fitting = [n for n, f in free.items() if all(f.get(k, 0) >= v for k, v in need.items())
-                       and (m.max_per_node is None or count[m.name, n] < m.max_per_node)]
+            fitting = [
+                n
+                for n, f in free.items()
+                if all(f.get(k, 0) >= v for k, v in need.items())
+                and (m.max_per_node is None or count[m.name, n] < m.max_per_node)
+            ]
             if not fitting:
                 return False
             node = min(fitting, key=lambda n: free[n].get("memory", 0))
@@ -208,8 +217,9 @@ def _take(free: dict[str, float], need: dict[str, float]) -> None:
         free[k] = free.get(k, 0) - v
 
 
-def _lru_victims(models: list[ModelUsage], out: Plan, staying: list[ModelUsage], room: Room,
-                 partial: bool = False) -> list[ModelUsage] | None:
+def _lru_victims(
+    models: list[ModelUsage], out: Plan, staying: list[ModelUsage], room: Room, partial: bool = False
+) -> list[ModelUsage] | None:
     """Idle unpinned models to unload, longest idle first, until `staying` fits the room; [] when
     it already does (memory being released is enough); None when no victims make it fit
     (`partial`: then every idle model, as much as can be freed)."""
@@ -225,14 +235,30 @@ def _lru_victims(models: list[ModelUsage], out: Plan, staying: list[ModelUsage],
 # --- the Ray Serve glue --------------------------------------------------------------------
 
 
-def governor_kwargs(*, model: str, budget_bytes: int, footprint_bytes: int, full: int,
-                    keep_alive_s: float | None, load_timeout_s: float = 120.0, per_node: bool = False,
-                    resources: dict[str, float] | None = None,
-                    max_replicas_per_node: int | None = None) -> dict[str, Any]:
+def governor_kwargs(
+    *,
+    model: str,
+    budget_bytes: int,
+    footprint_bytes: int,
+    full: int,
+    keep_alive_s: float | None,
+    load_timeout_s: float = 120.0,
+    per_node: bool = False,
+    resources: dict[str, float] | None = None,
+    max_replicas_per_node: int | None = None,
+) -> dict[str, Any]:
     """What the builder puts in a model deployment's autoscaling_config.policy.policy_kwargs."""
-    return {"model": model, "budget_bytes": budget_bytes, "footprint_bytes": footprint_bytes,
-            "full": full, "keep_alive_s": keep_alive_s, "load_timeout_s": load_timeout_s, "per_node": per_node,
-            "resources": dict(resources or {}), "max_replicas_per_node": max_replicas_per_node}
+    return {
+        "model": model,
+        "budget_bytes": budget_bytes,
+        "footprint_bytes": footprint_bytes,
+        "full": full,
+        "keep_alive_s": keep_alive_s,
+        "load_timeout_s": load_timeout_s,
+        "per_node": per_node,
+        "resources": dict(resources or {}),
+        "max_replicas_per_node": max_replicas_per_node,
+    }
 
 
 _NOT_CUSTOM = {"CPU", "GPU", "memory", "object_store_memory"}  # Ray's own resources (and "node:…")
@@ -252,8 +278,9 @@ class ClusterNodes:
             self._at = now
             try:
                 nodes = self._nodes() if self._nodes else _ray_nodes()
-                self._resources = {n["NodeID"]: _held_resources(n.get("Resources") or {}) for n in nodes
-                                   if n.get("Alive")}
+                self._resources = {
+                    n["NodeID"]: _held_resources(n.get("Resources") or {}) for n in nodes if n.get("Alive")
+                }
             except Exception:  # noqa: BLE001 - keep the last figure; the configured budget still holds
                 log.warning("governor: could not read the cluster's nodes", exc_info=True)
         if not self._resources:
@@ -262,8 +289,11 @@ class ClusterNodes:
 
 
 def _held_resources(resources: dict[str, float]) -> dict[str, float]:
-    return {k: (int(v) if k == "memory" else v) for k, v in resources.items()
-            if k == "memory" or (k not in _NOT_CUSTOM and ":" not in k)}
+    return {
+        k: (int(v) if k == "memory" else v)
+        for k, v in resources.items()
+        if k == "memory" or (k not in _NOT_CUSTOM and ":" not in k)
+    }
 
 
 def _ray_nodes() -> list[dict]:
@@ -305,21 +335,38 @@ def _usage(ctx, now: float) -> tuple[ModelUsage | None, dict]:
     releasing = now - state.get("released_at", float("-inf")) < RELEASE_S
     starting = ctx.target_num_replicas > 0 and ctx.current_num_replicas == 0
     state["loading_since"] = (state.get("loading_since") or now) if starting else None
-    nodes = tuple(metric[len(NODE_METRIC):] for metric, replicas in metrics.items()
-                  if metric.startswith(NODE_METRIC) for _ in replicas)
+    nodes = tuple(
+        metric[len(NODE_METRIC) :]
+        for metric, replicas in metrics.items()
+        if metric.startswith(NODE_METRIC)
+        for _ in replicas
+    )
     usage = ModelUsage(
-        name=kwargs["model"], footprint=int(state.get("footprint") or kwargs["footprint_bytes"]),
-        full=int(kwargs.get("full", 1)), replicas=ctx.current_num_replicas, target=ctx.target_num_replicas,
-        demand=demand, idle_s=max(0.0, idle), keep_alive_s=kwargs.get("keep_alive_s"),
-        unload_requested=bool(largest("unload_requested")), waiting_since=state["waiting_since"],
-        releasing=releasing, loading_s=now - state["loading_since"] if starting else 0.0,
-        load_timeout_s=float(kwargs.get("load_timeout_s", 120.0)), reserve=int(kwargs["footprint_bytes"]),
-        nodes=nodes, resources=tuple(sorted((kwargs.get("resources") or {}).items())),
+        name=kwargs["model"],
+        footprint=int(state.get("footprint") or kwargs["footprint_bytes"]),
+        full=int(kwargs.get("full", 1)),
+        replicas=ctx.current_num_replicas,
+        target=ctx.target_num_replicas,
+        demand=demand,
+        idle_s=max(0.0, idle),
+        keep_alive_s=kwargs.get("keep_alive_s"),
+        unload_requested=bool(largest("unload_requested")),
+        waiting_since=state["waiting_since"],
+        releasing=releasing,
+        loading_s=now - state["loading_since"] if starting else 0.0,
+        load_timeout_s=float(kwargs.get("load_timeout_s", 120.0)),
+        reserve=int(kwargs["footprint_bytes"]),
+        nodes=nodes,
+        resources=tuple(sorted((kwargs.get("resources") or {}).items())),
         max_per_node=kwargs.get("max_replicas_per_node"),
     )
     placed = bool(kwargs.get("per_node") or usage.resources or usage.max_per_node)
-    return usage, {**state, "budget_bytes": kwargs["budget_bytes"], "per_node": bool(kwargs.get("per_node")),
-                   "placed": placed}
+    return usage, {
+        **state,
+        "budget_bytes": kwargs["budget_bytes"],
+        "per_node": bool(kwargs.get("per_node")),
+        "placed": placed,
+    }
 
 
 def governor_policy(contexts: dict) -> tuple[dict, dict]:
@@ -353,8 +400,12 @@ def keep_alive_policy(ctx) -> tuple[int, dict]:
     if usage is None:
         return ctx.target_num_replicas, {}
     if not state.get("warned"):
-        log.warning("model %s: the application has no autoscaling_policy %s: the memory budget is not "
-                    "enforced (see serve_config.yaml)", usage.name, POLICY_PATH)
+        log.warning(
+            "model %s: the application has no autoscaling_policy %s: the memory budget is not "
+            "enforced (see serve_config.yaml)",
+            usage.name,
+            POLICY_PATH,
+        )
         state["warned"] = True
     decision = plan([usage], budget=1 << 62)
     return decision.targets.get(usage.name, ctx.target_num_replicas), state

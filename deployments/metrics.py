@@ -9,8 +9,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401  (re-exported for the router)
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,  # noqa: F401  (re-exported for the router)
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.25, 0.5, 0.75, 1, 2.5, 5, 10, 30, 60)
 COLD_BUCKETS = (0.5, 1, 2, 3, 5, 7.5, 10, 15, 20, 30, 45, 60, 90, 120, 180, 300)
@@ -47,42 +53,75 @@ class RouterMetrics:
     def __init__(self, prefix: str = "orchard"):
         self.registry = CollectorRegistry(auto_describe=True)
         r, p = self.registry, prefix
-        self.requests = Counter(f"{p}_requests", "HTTP requests by model, endpoint and status.",
-                                ["model", "endpoint", "status"], registry=r)
+        self.requests = Counter(
+            f"{p}_requests", "HTTP requests by model, endpoint and status.", ["model", "endpoint", "status"], registry=r
+        )
         self.prompt_tokens = Counter(f"{p}_prompt_tokens", "Prompt tokens.", ["model"], registry=r)
-        self.cached_tokens = Counter(f"{p}_cached_prompt_tokens", "Prompt tokens served from the prefix cache.",
-                                     ["model"], registry=r)
+        self.cached_tokens = Counter(
+            f"{p}_cached_prompt_tokens", "Prompt tokens served from the prefix cache.", ["model"], registry=r
+        )
         self.completion_tokens = Counter(f"{p}_completion_tokens", "Generated tokens.", ["model"], registry=r)
-        self.ttft = Histogram(f"{p}_time_to_first_token_seconds", "Request arrival to first token, at the router.",
-                              ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.itl = Histogram(f"{p}_inter_token_latency_seconds", "Time between tokens (chunk gap / tokens in it).",
-                             ["model"], buckets=ITL_BUCKETS, registry=r)
-        self.duration = Histogram(f"{p}_request_duration_seconds", "Request arrival to last token.",
-                                  ["model"], buckets=LATENCY_BUCKETS, registry=r)
-        self.up = Gauge(f"{p}_model_up", "1 when the model answered the stats call of this scrape.", ["model"], registry=r)
+        self.ttft = Histogram(
+            f"{p}_time_to_first_token_seconds",
+            "Request arrival to first token, at the router.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            f"{p}_inter_token_latency_seconds",
+            "Time between tokens (chunk gap / tokens in it).",
+            ["model"],
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.duration = Histogram(
+            f"{p}_request_duration_seconds",
+            "Request arrival to last token.",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.up = Gauge(
+            f"{p}_model_up", "1 when the model answered the stats call of this scrape.", ["model"], registry=r
+        )
         self.engine = {k: Gauge(f"{p}_{name}", doc, ["model"], registry=r) for k, (name, doc) in ENGINE_GAUGES.items()}
         self.cache = {k: Gauge(f"{p}_{name}", doc, ["model"], registry=r) for k, (name, doc) in CACHE_GAUGES.items()}
-        self.engine_other = Gauge(f"{p}_engine_stat", "Other numeric engine and cache statistics.",
-                                  ["model", "stat"], registry=r)
+        self.engine_other = Gauge(
+            f"{p}_engine_stat", "Other numeric engine and cache statistics.", ["model", "stat"], registry=r
+        )
         # the memory governor (deployments.governor), as this router sees Ray Serve's replicas
         self.budget = Gauge(f"{p}_memory_budget_bytes", "The host memory budget all models share.", registry=r)
         self.used = Gauge(f"{p}_memory_used_bytes", "Footprints of the models loaded or loading.", registry=r)
-        self.footprint = Gauge(f"{p}_model_footprint_bytes", "A model's footprint (measured once loaded).",
-                               ["model"], registry=r)
+        self.footprint = Gauge(
+            f"{p}_model_footprint_bytes", "A model's footprint (measured once loaded).", ["model"], registry=r
+        )
         self.loaded = Gauge(f"{p}_model_loaded", "1 when the model is loaded, else 0.", ["model"], registry=r)
         self.state = Gauge(f"{p}_model_state", "1 for the model's current state.", ["model", "state"], registry=r)
         self.loads = Counter(f"{p}_model_loads", "Times the model was loaded.", ["model"], registry=r)
         self.unloads = Counter(f"{p}_model_unloads", "Times the model was unloaded.", ["model"], registry=r)
-        self.cold_start = Histogram(f"{p}_model_cold_start_seconds",
-                                    "Replica start to ready (process, imports, load, warm-up), per load.",
-                                    ["model"], buckets=COLD_BUCKETS, registry=r)
+        self.cold_start = Histogram(
+            f"{p}_model_cold_start_seconds",
+            "Replica start to ready (process, imports, load, warm-up), per load.",
+            ["model"],
+            buckets=COLD_BUCKETS,
+            registry=r,
+        )
         self._seen: dict[str, tuple[int, int, int]] = {}  # loads, unloads, cold starts already counted
-        self.routing = Gauge(f"{p}_prefix_routing_decisions", "Prefix-affinity routing in this router: requests "
-                             "routed by affinity, as a new prefix or by balance, and replica reports taken.",
-                             ["model", "decision"], registry=r)
-        self.cold_ttft = Histogram(f"{p}_cold_request_first_token_seconds",
-                                   "Arrival to first token of requests that found their model unloaded.",
-                                   ["model"], buckets=COLD_BUCKETS, registry=r)
+        self.routing = Gauge(
+            f"{p}_prefix_routing_decisions",
+            "Prefix-affinity routing in this router: requests "
+            "routed by affinity, as a new prefix or by balance, and replica reports taken.",
+            ["model", "decision"],
+            registry=r,
+        )
+        self.cold_ttft = Histogram(
+            f"{p}_cold_request_first_token_seconds",
+            "Arrival to first token of requests that found their model unloaded.",
+            ["model"],
+            buckets=COLD_BUCKETS,
+            registry=r,
+        )
 
     def observe_request(self, model: str, endpoint: str, status: int) -> None:
         self.requests.labels(model, endpoint, str(status)).inc()

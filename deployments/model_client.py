@@ -11,11 +11,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, AsyncIterator, Callable, Protocol
+from collections.abc import AsyncIterator, Callable
+from typing import Any, Protocol
 
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import (
-    BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError, RequestCancelledError,
+    BackPressureError,
+    DeploymentUnavailableError,
+    ReplicaUnavailableError,
+    RequestCancelledError,
 )
 
 from engine.request import PromptInput
@@ -30,8 +34,16 @@ log = logging.getLogger("ray.serve")
 class ModelCall:
     """One running request. Iterate for chunks; always `await close()` (idempotent)."""
 
-    def __init__(self, model: str, items: AsyncIterator[dict], cancel: Callable[[], None],
-                 started_at: float, deadline: float, retry_after_s: int = 1, load_timeout_s: float | None = None):
+    def __init__(
+        self,
+        model: str,
+        items: AsyncIterator[dict],
+        cancel: Callable[[], None],
+        started_at: float,
+        deadline: float,
+        retry_after_s: int = 1,
+        load_timeout_s: float | None = None,
+    ):
         """`load_timeout_s`: the model is not loaded; its first chunk must come within this long
         (it covers the load and waiting for room in the memory budget), else 503."""
         self.model, self.started_at, self.deadline = model, started_at, deadline
@@ -46,7 +58,7 @@ class ModelCall:
         self.request_id: str | None = None
         self.prompt_tokens: int | None = None  # known from the first chunk on (before the usage)
 
-    async def begin(self) -> "ModelCall":
+    async def begin(self) -> ModelCall:
         """Wait for the first chunk, so that a refused request becomes an HTTP error, not a stream."""
         try:
             self._first = await self._next(self._load_deadline())
@@ -65,16 +77,21 @@ class ModelCall:
         remaining = deadline - time.monotonic()
         try:
             if remaining <= 0:
-                raise asyncio.TimeoutError
+                raise TimeoutError
             item = await asyncio.wait_for(self._items.__anext__(), remaining)
         except StopAsyncIteration:
             self.done = True
             return None
-        except asyncio.TimeoutError:
+        except TimeoutError:
             if load_deadline is not None and load_deadline < self.deadline:
                 raise load_timeout_error(self.model, self.load_timeout_s, self._retry_after_s) from None
-            raise ApiError(504, f"the request took longer than the router's request_timeout_s "
-                           f"({self.deadline - self.started_at:.0f} s)", type="timeout_error", code="timeout") from None
+            raise ApiError(
+                504,
+                f"the request took longer than the router's request_timeout_s "
+                f"({self.deadline - self.started_at:.0f} s)",
+                type="timeout_error",
+                code="timeout",
+            ) from None
         except (ApiError, asyncio.CancelledError):
             raise
         except Exception as exc:  # noqa: BLE001 - Ray failures become OpenAI-shaped errors
@@ -133,9 +150,14 @@ def replica_lost(err: ApiError) -> bool:
 
 
 def load_timeout_error(model: str, load_timeout_s: float, retry_after_s: int = 1) -> ApiError:
-    return ApiError(503, f"model {model!r} is not loaded and could not be loaded within its load_timeout_s "
-                    f"({load_timeout_s:g} s): it is loading, or the memory budget is held by busy models; retry later",
-                    type="server_error", code="model_loading", headers={"Retry-After": str(retry_after_s)})
+    return ApiError(
+        503,
+        f"model {model!r} is not loaded and could not be loaded within its load_timeout_s "
+        f"({load_timeout_s:g} s): it is loading, or the memory budget is held by busy models; retry later",
+        type="server_error",
+        code="model_loading",
+        headers={"Retry-After": str(retry_after_s)},
+    )
 
 
 def ray_error(model: str, exc: BaseException, retry_after_s: int = 1) -> ApiError:
@@ -144,11 +166,21 @@ def ray_error(model: str, exc: BaseException, retry_after_s: int = 1) -> ApiErro
     if isinstance(exc, BackPressureError):
         if exc.retry_after_s:
             retry = {"Retry-After": str(max(1, round(exc.retry_after_s)))}
-        return ApiError(exc.status_code, f"model {model!r} is overloaded (queue full); retry later",
-                        type="overloaded_error", code="overloaded", headers=retry)
+        return ApiError(
+            exc.status_code,
+            f"model {model!r} is overloaded (queue full); retry later",
+            type="overloaded_error",
+            code="overloaded",
+            headers=retry,
+        )
     if isinstance(exc, (DeploymentUnavailableError, ReplicaUnavailableError, RayActorError)):
-        return ApiError(503, f"model {model!r} is unavailable right now: {type(exc).__name__}",
-                        type="server_error", code="model_unavailable", headers=retry)
+        return ApiError(
+            503,
+            f"model {model!r} is unavailable right now: {type(exc).__name__}",
+            type="server_error",
+            code="model_unavailable",
+            headers=retry,
+        )
     if isinstance(exc, RequestCancelledError):
         return ApiError(499, "the request was cancelled", type="server_error", code="cancelled")
     log.error("model %s failed: %r", model, exc)
@@ -158,8 +190,9 @@ def ray_error(model: str, exc: BaseException, retry_after_s: int = 1) -> ApiErro
 class ModelClient(Protocol):
     name: str
 
-    async def start(self, request: GenerateRequest, started_at: float, deadline: float,
-                    load_timeout_s: float | None = None) -> ModelCall: ...
+    async def start(
+        self, request: GenerateRequest, started_at: float, deadline: float, load_timeout_s: float | None = None
+    ) -> ModelCall: ...
 
     async def stats(self, timeout_s: float) -> dict[str, Any]: ...
 
@@ -189,8 +222,9 @@ class RayModelClient:
         self._stream = handle.options(stream=True, method_name="generate")
         self._retry_after_s = config.retry_after_s
 
-    async def start(self, request: GenerateRequest, started_at: float, deadline: float,
-                    load_timeout_s: float | None = None) -> ModelCall:
+    async def start(
+        self, request: GenerateRequest, started_at: float, deadline: float, load_timeout_s: float | None = None
+    ) -> ModelCall:
         """The call once its first chunk is there. A request whose replica was lost before that
         chunk (its node died, it is unreachable) is sent again, to another replica: nothing of it
         reached the client yet. Once output has streamed, a lost replica ends the stream with an
@@ -207,21 +241,30 @@ class RayModelClient:
             except ApiError as err:
                 if attempt == START_ATTEMPTS or not replica_lost(err) or time.monotonic() >= deadline:
                     raise
-                log.warning("model %s: its replica was lost before the first token (%s); sending the request "
-                            "again (attempt %d of %d)", self.name, type(err.__cause__).__name__, attempt + 1,
-                            START_ATTEMPTS)
+                log.warning(
+                    "model %s: its replica was lost before the first token (%s); sending the request "
+                    "again (attempt %d of %d)",
+                    self.name,
+                    type(err.__cause__).__name__,
+                    attempt + 1,
+                    START_ATTEMPTS,
+                )
         raise AssertionError("unreachable")
 
     async def _call(self, method: str, timeout_s: float, *args: Any, load: bool = False):
         response = getattr(self._handle, method).remote(*args)
         try:
             return await _wait(response, timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             response.cancel()
             if load:
                 raise load_timeout_error(self.name, timeout_s, self._retry_after_s) from None
-            raise ApiError(504, f"model {self.name!r} did not answer {method} within {timeout_s:g} s",
-                           type="timeout_error", code="timeout") from None
+            raise ApiError(
+                504,
+                f"model {self.name!r} did not answer {method} within {timeout_s:g} s",
+                type="timeout_error",
+                code="timeout",
+            ) from None
         except Exception as exc:  # noqa: BLE001
             raise ray_error(self.name, exc, self._retry_after_s) from exc
 

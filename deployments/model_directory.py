@@ -16,14 +16,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 log = logging.getLogger("ray.serve")
 
-POLL_S = 0.5        # while a model is changing state, or may be about to
-IDLE_POLL_S = 5.0   # otherwise
-ACTIVE_S = 10.0     # how long after a request for an unloaded model (or a load/unload call) polling stays fast
+POLL_S = 0.5  # while a model is changing state, or may be about to
+IDLE_POLL_S = 5.0  # otherwise
+ACTIVE_S = 10.0  # how long after a request for an unloaded model (or a load/unload call) polling stays fast
 LOADED, LOADING, UNLOADING, UNLOADED = "loaded", "loading", "unloading", "unloaded"
 _STARTING = ("STARTING", "UPDATING", "RECOVERING", "PENDING_MIGRATION")
 
@@ -61,12 +62,15 @@ class ModelRecord:
     def card(self) -> dict[str, Any]:
         keep_alive = self.facts.get("keep_alive_s")
         return {
-            "state": self.state, "load": self.facts.get("load"),
+            "state": self.state,
+            "load": self.facts.get("load"),
             "keep_alive": "forever" if keep_alive is None else keep_alive,
             "footprint_bytes": self.footprint_bytes,
-            "footprint": (self.replica or {}).get("footprint") or {"total": self.facts["footprint_bytes"],
-                                                                    "measured": False},
-            "last_used": self.last_used, "loads": self.loads, "unloads": self.unloads,
+            "footprint": (self.replica or {}).get("footprint")
+            or {"total": self.facts["footprint_bytes"], "measured": False},
+            "last_used": self.last_used,
+            "loads": self.loads,
+            "unloads": self.unloads,
             "pid": (self.replica or {}).get("pid") if self.state == LOADED else None,
             **({"load_error": self.load_error} if self.load_error else {}),
         }
@@ -76,9 +80,14 @@ class ModelDirectory:
     """Polls Ray Serve's status for the app's model deployments (`read_status`, replaceable in
     tests) and keeps one ModelRecord per model; the router's metrics read the records."""
 
-    def __init__(self, facts: dict[str, dict], budget_bytes: int,
-                 fetch_info: Callable[[str], Awaitable[dict]], app_name: str | None = None,
-                 read_status: Callable[[], Any] | None = None):
+    def __init__(
+        self,
+        facts: dict[str, dict],
+        budget_bytes: int,
+        fetch_info: Callable[[str], Awaitable[dict]],
+        app_name: str | None = None,
+        read_status: Callable[[], Any] | None = None,
+    ):
         self.models = {name: ModelRecord(name, f) for name, f in facts.items()}
         self.budget_bytes = budget_bytes
         self._fetch_info = fetch_info
@@ -120,8 +129,11 @@ class ModelDirectory:
 
     def used_bytes(self) -> int:
         """Bytes reserved by the models that are loaded or on their way (as the governor counts them)."""
-        return sum(r.footprint_bytes * r.facts.get("replicas", 1) for r in self.models.values()
-                   if r.state in (LOADED, LOADING, UNLOADING))
+        return sum(
+            r.footprint_bytes * r.facts.get("replicas", 1)
+            for r in self.models.values()
+            if r.state in (LOADED, LOADING, UNLOADING)
+        )
 
     async def _run(self) -> None:
         while True:
@@ -132,7 +144,7 @@ class ModelDirectory:
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), self._poll_interval())
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     async def refresh(self) -> None:

@@ -16,7 +16,8 @@ import asyncio
 import logging
 import os
 import time
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import ray
 from ray import serve
@@ -69,7 +70,7 @@ class Coalescer:
         try:
             await asyncio.wait_for(self._event.wait(), timeout)
             return True
-        except asyncio.TimeoutError:
+        except TimeoutError:
             return False
 
     async def next_batch(self) -> list:
@@ -107,8 +108,11 @@ def merge(batch: list, stream) -> Chunk:
         "usage": last.usage.to_openai() if last.usage is not None else None,
         "request_id": stream.request_id,
         "prompt_tokens": stream.prompt_tokens,
-        **({"logprobs": [e for o in batch for e in o.logprobs or ()]} if any(o.logprobs is not None for o in batch)
-           else {}),
+        **(
+            {"logprobs": [e for o in batch for e in o.logprobs or ()]}
+            if any(o.logprobs is not None for o in batch)
+            else {}
+        ),
     }
 
 
@@ -116,10 +120,18 @@ def merge(batch: list, stream) -> Chunk:
 class ModelServer:
     """Hosts one model. Constructed by the app builder with validated ModelConfig fields."""
 
-    def __init__(self, name: str, source: str, engine: dict, default_sampling: dict | None = None,
-                 stream_window_ms: float = 30.0, stream_max_chunks_per_s: float = 100.0,
-                 memory_share_bytes: int | None = None, allow_ignore_eos: bool = False,
-                 prefix_block_chars: int | None = None):
+    def __init__(
+        self,
+        name: str,
+        source: str,
+        engine: dict,
+        default_sampling: dict | None = None,
+        stream_window_ms: float = 30.0,
+        stream_max_chunks_per_s: float = 100.0,
+        memory_share_bytes: int | None = None,
+        allow_ignore_eos: bool = False,
+        prefix_block_chars: int | None = None,
+    ):
         from engine.engine import AsyncEngine  # MLX loads in the replica, not in the builder
         from engine.memory import apply_process_limits, mib
 
@@ -142,11 +154,22 @@ class ModelServer:
         self.engine = AsyncEngine.from_source(source, EngineConfig.model_validate(engine))
         footprint = self.engine.footprint
         self.limits = apply_process_limits(max(memory_share_bytes or 0, footprint.total))
-        self.loaded_info = {"pid": os.getpid(), "loaded_at": time.time(),
-                            "cold_start_s": round(time.monotonic() - started, 3), "footprint": footprint.to_dict()}
-        log.info("model %s ready in %.1fs: %s; footprint %s (weights %s, KV %s, working %s)", name,
-                 self.loaded_info["cold_start_s"], self.engine.info, mib(footprint.total), mib(footprint.weights),
-                 mib(footprint.kv), mib(footprint.working))
+        self.loaded_info = {
+            "pid": os.getpid(),
+            "loaded_at": time.time(),
+            "cold_start_s": round(time.monotonic() - started, 3),
+            "footprint": footprint.to_dict(),
+        }
+        log.info(
+            "model %s ready in %.1fs: %s; footprint %s (weights %s, KV %s, working %s)",
+            name,
+            self.loaded_info["cold_start_s"],
+            self.engine.info,
+            mib(footprint.total),
+            mib(footprint.weights),
+            mib(footprint.kv),
+            mib(footprint.working),
+        )
 
     async def generate(self, request: GenerateRequest) -> AsyncIterator[Chunk | ErrorItem]:
         """Stream one request's output, coalesced; an error is the last item."""
@@ -155,8 +178,11 @@ class ModelServer:
         try:
             params = SamplingParams.parse(with_defaults(self.default_sampling, request.sampling))
             if params.ignore_eos and not self.allow_ignore_eos:
-                raise InvalidRequestError(f"ignore_eos is not allowed for model {self.name!r} (its operator can "
-                                          "set allow_ignore_eos in the model's config)", param="ignore_eos")
+                raise InvalidRequestError(
+                    f"ignore_eos is not allowed for model {self.name!r} (its operator can "
+                    "set allow_ignore_eos in the model's config)",
+                    param="ignore_eos",
+                )
             constraint = await asyncio.to_thread(self.engine.compile_guided, params) if params.guided else None
             stream = self.engine.submit(request.prompt, params, request.request_id, constraint)
         except OrchardError as exc:
@@ -168,8 +194,12 @@ class ModelServer:
         prompt_key = None
         try:
             if self.residency is not None:
-                prompt_key = self.residency.served(request, stream.prompt_ids, self.engine.block_hashes(stream.prompt_ids),
-                                                   self.engine.config.block_size)
+                prompt_key = self.residency.served(
+                    request,
+                    stream.prompt_ids,
+                    self.engine.block_hashes(stream.prompt_ids),
+                    self.engine.config.block_size,
+                )
             while batch := await chunks.next_batch():
                 yield merge(batch, stream)
         except OrchardError as exc:
@@ -214,18 +244,26 @@ class ModelServer:
 
     def record_autoscaling_stats(self) -> dict[str, float]:
         """Custom autoscaling metrics, read by the memory governor (deployments.governor)."""
-        return {"footprint_bytes": float(self.engine.footprint.total), "idle_s": self.idle_s(),
-                "unload_requested": float(self.unload_requested), "active": float(self.active_streams),
-                NODE_METRIC + self.node_id: 1.0}  # the governor places replicas node by node
+        return {
+            "footprint_bytes": float(self.engine.footprint.total),
+            "idle_s": self.idle_s(),
+            "unload_requested": float(self.unload_requested),
+            "active": float(self.active_streams),
+            NODE_METRIC + self.node_id: 1.0,
+        }  # the governor places replicas node by node
 
     async def record_routing_stats(self) -> dict[str, Any]:
         """Ray Serve's per-replica routing stats (RunningReplica.routing_stats in a request router,
         ReplicaActor.record_routing_stats for an operator): where this replica runs, what it served,
         and with prefix-affinity routing, the prompt prefixes its cache holds (`prefixes`)."""
         cache = self.engine.stats().get("cache") or {}
-        stats = {"node_id": self.node_id, "pid": os.getpid(), "served": self.served,
-                 "active": self.active_streams,
-                 "cache": {k: v for k, v in cache.items() if isinstance(v, (int, float))}}
+        stats = {
+            "node_id": self.node_id,
+            "pid": os.getpid(),
+            "served": self.served,
+            "active": self.active_streams,
+            "cache": {k: v for k, v in cache.items() if isinstance(v, (int, float))},
+        }
         if self.residency is not None and (report := self._prefix_report()) is not None:
             stats["prefixes"] = report
         return stats
@@ -244,7 +282,7 @@ class ModelServer:
         try:
             self._report = await self.residency.report(self.engine, timeout_s=REPORT_TIMEOUT_S)
             self._report_made = time.monotonic()
-        except (asyncio.TimeoutError, RuntimeError) as exc:  # busy, or stopping: the routers keep what they know
+        except (TimeoutError, RuntimeError) as exc:  # busy, or stopping: the routers keep what they know
             log.debug("model %s: no prefix report this time (%s)", self.name, type(exc).__name__)
 
     def request_unload(self) -> dict[str, Any]:

@@ -19,35 +19,73 @@ from .tools import ResponseFormat, Tool, ToolChoice, ToolPlan, tool_plan
 
 Role = Literal["system", "user", "assistant", "tool", "developer"]
 SAMPLING_FIELDS = (
-    "max_tokens", "temperature", "top_p", "top_k", "min_p", "seed", "repetition_penalty",
-    "presence_penalty", "frequency_penalty", "stop", "stop_token_ids", "ignore_eos",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "repetition_penalty",
+    "presence_penalty",
+    "frequency_penalty",
+    "stop",
+    "stop_token_ids",
+    "ignore_eos",
 )
 
 
 class ApiError(Exception):
     """An error answered in the OpenAI shape: {"error": {"message", "type", "param", "code"}}."""
 
-    def __init__(self, status_code: int, message: str, *, type: str = "invalid_request_error",
-                 param: str | None = None, code: str | None = None, headers: dict[str, str] | None = None):
+    def __init__(
+        self,
+        status_code: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
         super().__init__(message)
         self.status_code = status_code
         self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
         self.headers = headers or {}
 
     @classmethod
-    def from_item(cls, item: dict, retry_after_s: int = 1) -> "ApiError":
+    def from_item(cls, item: dict, retry_after_s: int = 1) -> ApiError:
         """From an error item of the model deployment (an engine OrchardError, flattened)."""
         err, status = item["error"], int(item.get("status_code", 500))
-        headers = {"Retry-After": str(max(1, round(item.get("retry_after_s") or retry_after_s)))} if status == 503 else None
-        return cls(status, err.get("message", "error"), type=err.get("type", "server_error"),
-                   param=err.get("param"), code=err.get("code"), headers=headers)
+        headers = (
+            {"Retry-After": str(max(1, round(item.get("retry_after_s") or retry_after_s)))} if status == 503 else None
+        )
+        return cls(
+            status,
+            err.get("message", "error"),
+            type=err.get("type", "server_error"),
+            param=err.get("param"),
+            code=err.get("code"),
+            headers=headers,
+        )
 
 
 _UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "null"}
 # OpenAI request fields this server does not implement: refused by name, never ignored.
 UNSUPPORTED = {
-    "functions", "function_call", "logit_bias", "echo", "best_of", "suffix", "audio", "modalities",
-    "prediction", "web_search_options", "reasoning_effort", "service_tier", "store", "metadata",
+    "functions",
+    "function_call",
+    "logit_bias",
+    "echo",
+    "best_of",
+    "suffix",
+    "audio",
+    "modalities",
+    "prediction",
+    "web_search_options",
+    "reasoning_effort",
+    "service_tier",
+    "store",
+    "metadata",
 }
 
 
@@ -60,8 +98,12 @@ def bad_request(exc: ValidationError) -> ApiError:
     if err["type"] == "model_type" and not param:
         return ApiError(400, "the request body must be a JSON object")
     if param in UNSUPPORTED and err["type"] in ("extra_forbidden", "literal_error", "none_required"):
-        return ApiError(400, f"{param}: not supported by this server; remove it from the request",
-                        param=param, code="unsupported_parameter")
+        return ApiError(
+            400,
+            f"{param}: not supported by this server; remove it from the request",
+            param=param,
+            code="unsupported_parameter",
+        )
     msg = err["msg"].removeprefix("Value error, ")
     if not param and (named := re.match(r"^([a-z_]+(?:\.[a-z_0-9]+)*): ", msg)):  # a check across fields
         return ApiError(400, msg, param=named.group(1))
@@ -101,7 +143,7 @@ class ChatMessage(_Strict):
         if isinstance(v, list):
             for part in v:
                 if not isinstance(part, dict) or part.get("type") != "text":
-                    raise ValueError("only text content parts ({\"type\": \"text\", \"text\": ...}) are supported")
+                    raise ValueError('only text content parts ({"type": "text", "text": ...}) are supported')
         return v
 
     @model_validator(mode="after")
@@ -230,7 +272,9 @@ class CompletionRequest(_SamplingRequest):
         return v
 
     def prompt_input(self) -> PromptInput:
-        return PromptInput(text=self.prompt) if isinstance(self.prompt, str) else PromptInput(token_ids=list(self.prompt))
+        return (
+            PromptInput(text=self.prompt) if isinstance(self.prompt, str) else PromptInput(token_ids=list(self.prompt))
+        )
 
 
 def parse_request(body: bytes, model_cls: type[_Strict]) -> Any:

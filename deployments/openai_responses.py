@@ -24,18 +24,31 @@ def new_id(prefix: str) -> str:
 def chat_logprobs(entries: list[dict]) -> dict[str, Any]:
     """Engine logprob entries ({"id", "token", "logprob", "top": [[id, token, logprob]]}) in the
     chat shape: {"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}], "refusal"}."""
+
     def one(token: str, logprob: float) -> dict[str, Any]:
         return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
 
-    return {"content": [{**one(e["token"], e["logprob"]), "top_logprobs": [one(t, lp) for _, t, lp in e["top"]]}
-                        for e in entries], "refusal": None}
+    return {
+        "content": [
+            {**one(e["token"], e["logprob"]), "top_logprobs": [one(t, lp) for _, t, lp in e["top"]]} for e in entries
+        ],
+        "refusal": None,
+    }
 
 
 class ResponseBuilder:
     """Builds the JSON bodies and SSE chunks of one response (chat or text completion)."""
 
-    def __init__(self, kind: Literal["chat", "text"], model: str, request_id: str, *, tools: bool = False,
-                 forced_tools: bool = False, logprobs: bool = False):
+    def __init__(
+        self,
+        kind: Literal["chat", "text"],
+        model: str,
+        request_id: str,
+        *,
+        tools: bool = False,
+        forced_tools: bool = False,
+        logprobs: bool = False,
+    ):
         self.kind, self.model, self.id = kind, model, request_id
         self.created = int(time.time())
         self.object = "chat.completion" if kind == "chat" else "text_completion"
@@ -57,13 +70,18 @@ class ResponseBuilder:
         for e in entries:
             offsets.append(self._offset)
             self._offset += len(e["token"])
-        return {"tokens": [e["token"] for e in entries], "token_logprobs": [e["logprob"] for e in entries],
-                "top_logprobs": [{t: lp for _, t, lp in e["top"]} for e in entries], "text_offset": offsets}
+        return {
+            "tokens": [e["token"] for e in entries],
+            "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t: lp for _, t, lp in e["top"]} for e in entries],
+            "text_offset": offsets,
+        }
 
     # --- a whole response ---------------------------------------------------------------
 
-    def full(self, text: str, finish_reason: str | None, usage: dict | None,
-             logprobs: list[dict] | None = None) -> dict[str, Any]:
+    def full(
+        self, text: str, finish_reason: str | None, usage: dict | None, logprobs: list[dict] | None = None
+    ) -> dict[str, Any]:
         if self.kind == "chat":
             message: dict[str, Any] = {"role": "assistant", "content": text}
             if self.parser is not None:
@@ -73,8 +91,12 @@ class ResponseBuilder:
                 if calls:
                     message["tool_calls"] = calls
                     finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
-            choice = {"index": 0, "message": message, "logprobs": self._logprobs(logprobs),
-                      "finish_reason": finish_reason}
+            choice = {
+                "index": 0,
+                "message": message,
+                "logprobs": self._logprobs(logprobs),
+                "finish_reason": finish_reason,
+            }
         else:
             choice = {"index": 0, "text": text, "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}
         return {**self._base(self.object), "choices": [choice], "usage": usage, "system_fingerprint": None}
@@ -110,19 +132,33 @@ class ResponseBuilder:
         chunk["choices"][0]["delta"]["tool_calls"] = [{"index": index, **call}]
         return chunk
 
-    def chunk(self, text: str | None, finish_reason: str | None = None, *,
-              logprobs: list[dict] | None = None, with_usage_field: bool = False) -> dict[str, Any]:
+    def chunk(
+        self,
+        text: str | None,
+        finish_reason: str | None = None,
+        *,
+        logprobs: list[dict] | None = None,
+        with_usage_field: bool = False,
+    ) -> dict[str, Any]:
         first, self._first = self._first, False
         if self.kind == "chat":
             delta: dict[str, Any] = {"role": "assistant"} if first else {}
             if text is not None:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": self._logprobs(logprobs) if logprobs else None,
-                      "finish_reason": finish_reason}
+            choice = {
+                "index": 0,
+                "delta": delta,
+                "logprobs": self._logprobs(logprobs) if logprobs else None,
+                "finish_reason": finish_reason,
+            }
             out = {**self._base("chat.completion.chunk"), "choices": [choice]}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": self._logprobs(logprobs) if logprobs else None,
-                      "finish_reason": finish_reason}
+            choice = {
+                "index": 0,
+                "text": text or "",
+                "logprobs": self._logprobs(logprobs) if logprobs else None,
+                "finish_reason": finish_reason,
+            }
             out = {**self._base("text_completion"), "choices": [choice]}
         if with_usage_field:
             out["usage"] = None

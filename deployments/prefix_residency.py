@@ -41,8 +41,9 @@ class PrefixResidency:
         self._active: Counter[int] = Counter()  # prompts of requests not finished yet
         self.block_size = 0
 
-    def served(self, request: GenerateRequest, prompt_ids: list[int], token_blocks: list[bytes],
-               block_size: int) -> int | None:
+    def served(
+        self, request: GenerateRequest, prompt_ids: list[int], token_blocks: list[bytes], block_size: int
+    ) -> int | None:
         """Remember one request's prompt (as the router hashed it) and its token blocks; returns the
         key to pass to `finished` when the request ends."""
         text = prompt_text(request)
@@ -77,8 +78,11 @@ class PrefixResidency:
         keys = list(reversed(self._prompts))
         prompts = [self._prompts[k] for k in keys]
         at = time.time()
-        resident = await asyncio.wait_for(asyncio.wrap_future(engine.resident_blocks([p[2] for p in prompts])),
-                                          timeout_s) if prompts else []
+        resident = (
+            await asyncio.wait_for(asyncio.wrap_future(engine.resident_blocks([p[2] for p in prompts])), timeout_s)
+            if prompts
+            else []
+        )
         seen: set[int] = set()
         out: list[int] = []
         for key, (hashes, text_len, _, tokens), blocks in zip(keys, prompts, resident):

@@ -44,8 +44,9 @@ import logging
 import time
 import weakref
 from collections import Counter, OrderedDict
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-from typing import Any, Hashable, Sequence
+from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
@@ -96,7 +97,7 @@ def block_hashes(text: str, block_chars: int) -> list[int]:
     Deterministic across processes (not Python's salted `hash`): replicas report them back."""
     out, parent = [], b""
     for end in range(block_chars, len(text) + 1, block_chars):
-        block = text[end - block_chars:end].encode("utf-8", "surrogatepass")
+        block = text[end - block_chars : end].encode("utf-8", "surrogatepass")
         parent = hashlib.blake2b(parent + block, digest_size=8).digest()
         out.append(int.from_bytes(parent, "little", signed=True))
     return out
@@ -151,8 +152,9 @@ class AffinityPolicy:
     match_rate_threshold: float = 0.1
 
 
-def rank_replicas(replicas: Sequence[Hashable], queues: dict, matched: dict, sizes: dict, n_blocks: int,
-                  policy: AffinityPolicy) -> tuple[list[list], str]:
+def rank_replicas(
+    replicas: Sequence[Hashable], queues: dict, matched: dict, sizes: dict, n_blocks: int, policy: AffinityPolicy
+) -> tuple[list[list], str]:
     """Ranks of replica keys, most preferred first, and why (affinity | new_prefix | balance).
 
     `queues`: requests at each replica (None: unknown, counted as the least loaded);
@@ -182,7 +184,7 @@ def rank_replicas(replicas: Sequence[Hashable], queues: dict, matched: dict, siz
     return [[owner], everyone], "new_prefix"
 
 
-_ROUTERS: "weakref.WeakSet[PrefixAffinityRouter]" = weakref.WeakSet()  # this process's, for /metrics
+_ROUTERS: weakref.WeakSet[PrefixAffinityRouter] = weakref.WeakSet()  # this process's, for /metrics
 
 
 def routing_decisions() -> dict[str, dict[str, int]]:
@@ -199,9 +201,15 @@ class PrefixAffinityRouter(RequestRouter):
     `request_router_kwargs` are initialize_state's arguments: deployment.affinity in the YAML, and
     the deployment's name (the app builder adds it; /metrics labels the decisions with it)."""
 
-    def initialize_state(self, imbalanced_threshold: int = 10, match_rate_threshold: float = 0.1,
-                         block_chars: int = 64, max_blocks_per_replica: int = 65536, deployment: str = "",
-                         **_: Any) -> None:
+    def initialize_state(
+        self,
+        imbalanced_threshold: int = 10,
+        match_rate_threshold: float = 0.1,
+        block_chars: int = 64,
+        max_blocks_per_replica: int = 65536,
+        deployment: str = "",
+        **_: Any,
+    ) -> None:
         self.deployment = deployment
         self.policy = AffinityPolicy(imbalanced_threshold, match_rate_threshold)
         self.block_chars = block_chars
@@ -238,8 +246,9 @@ class PrefixAffinityRouter(RequestRouter):
                 queues[r.replica_id] = q
         return queues
 
-    async def choose_replicas(self, candidate_replicas: list[RunningReplica],
-                              pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
+    async def choose_replicas(
+        self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
+    ) -> list[list[RunningReplica]]:
         candidate_replicas, suspects = self._split_suspects(candidate_replicas)
         hashes = self._hashes(pending_request)
         if not hashes or len(candidate_replicas) < 2:
@@ -247,9 +256,13 @@ class PrefixAffinityRouter(RequestRouter):
         by_id = {r.replica_id: r for r in candidate_replicas}
         index = {rid: self.indexes.get(rid) for rid in by_id}
         ranks, why = rank_replicas(
-            list(by_id), await self._queue_lens(candidate_replicas),
+            list(by_id),
+            await self._queue_lens(candidate_replicas),
             {rid: ix.match(hashes) if ix else 0 for rid, ix in index.items()},
-            {rid: len(ix) if ix else 0 for rid, ix in index.items()}, len(hashes), self.policy)
+            {rid: len(ix) if ix else 0 for rid, ix in index.items()},
+            len(hashes),
+            self.policy,
+        )
         self.decisions[why] += 1
         if why != "balance" and len(ranks[0]) == 1:
             # Remembered now, not when Ray confirms the send (a replica round trip later): in a

@@ -11,7 +11,8 @@ import asyncio
 import hmac
 import logging
 import time
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -25,11 +26,16 @@ from .hop import GenerateRequest
 from .metrics import CONTENT_TYPE_LATEST, RouterMetrics
 from .model_client import ModelCall, ModelClient, RayModelClient
 from .model_directory import LOADED, ModelDirectory
-from .openai_responses import ResponseBuilder, new_id
 from .openai_protocol import (
-    SSE_DONE, ApiError, ChatCompletionRequest, CompletionRequest, model_card,
-    parse_request, sse,
+    SSE_DONE,
+    ApiError,
+    ChatCompletionRequest,
+    CompletionRequest,
+    model_card,
+    parse_request,
+    sse,
 )
+from .openai_responses import ResponseBuilder, new_id
 from .request_router import routing_decisions
 
 log = logging.getLogger("ray.serve")
@@ -67,8 +73,13 @@ class RouterCore:
             return None
         rec = self.directory.record(name)
         if rec.load_error:
-            raise ApiError(503, f"model {name!r} failed to load: {rec.load_error}", type="server_error",
-                           code="model_load_failed", headers={"Retry-After": str(self.config.retry_after_s)})
+            raise ApiError(
+                503,
+                f"model {name!r} failed to load: {rec.load_error}",
+                type="server_error",
+                code="model_load_failed",
+                headers={"Retry-After": str(self.config.retry_after_s)},
+            )
         return float(rec.facts["load_timeout_s"])
 
     def touch(self, name: str) -> None:
@@ -87,8 +98,12 @@ class RouterCore:
     def client(self, name: str) -> ModelClient:
         if name not in self.models:
             hosted = ", ".join(sorted(self.models))
-            raise ApiError(404, f"model {name!r} is not hosted here; hosted models: {hosted}",
-                           param="model", code="model_not_found")
+            raise ApiError(
+                404,
+                f"model {name!r} is not hosted here; hosted models: {hosted}",
+                param="model",
+                code="model_not_found",
+            )
         return self.models[name]
 
     async def read_body(self, request: Request) -> bytes:
@@ -108,8 +123,12 @@ class RouterCore:
             return
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
         if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
-            raise ApiError(401, "invalid or missing API key (Authorization: Bearer <key>)",
-                           type="authentication_error", code="invalid_api_key")
+            raise ApiError(
+                401,
+                "invalid or missing API key (Authorization: Bearer <key>)",
+                type="authentication_error",
+                code="invalid_api_key",
+            )
 
     async def complete(self, request: Request, kind: str) -> Response:
         """POST /v1/chat/completions (kind "chat") and /v1/completions (kind "text")."""
@@ -127,7 +146,8 @@ class RouterCore:
         if req.stream:
             self.metrics.observe_request(model, endpoint, 200)
             return StreamingResponse(
-                self._sse(call, builder, req.include_usage), media_type="text/event-stream",
+                self._sse(call, builder, req.include_usage),
+                media_type="text/event-stream",
                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
             )
         try:
@@ -138,15 +158,21 @@ class RouterCore:
         self.metrics.observe_request(model, endpoint, 200)
         return JSONResponse(body)
 
-    async def start(self, req: ChatCompletionRequest | CompletionRequest, kind: str,
-                    start: float) -> tuple[ModelCall, ResponseBuilder]:
+    async def start(
+        self, req: ChatCompletionRequest | CompletionRequest, kind: str, start: float
+    ) -> tuple[ModelCall, ResponseBuilder]:
         """Send a parsed request to its model; returns once its first chunk is there (or raises
         ApiError). Other APIs (engine-independent adapters) build a request and call this too."""
         model = req.model
         client = self.client(model)
-        builder = ResponseBuilder(kind, model, new_id("chatcmpl" if kind == "chat" else "cmpl"),
-                                  tools=kind == "chat" and req.plan.parse,
-                                  forced_tools=kind == "chat" and req.plan.grammar is not None, logprobs=req.logprobs not in (None, False))
+        builder = ResponseBuilder(
+            kind,
+            model,
+            new_id("chatcmpl" if kind == "chat" else "cmpl"),
+            tools=kind == "chat" and req.plan.parse,
+            forced_tools=kind == "chat" and req.plan.grammar is not None,
+            logprobs=req.logprobs not in (None, False),
+        )
         request = GenerateRequest(req.prompt_input(), req.sampling(), request_id=builder.id)
         load_timeout = self.load_timeout(model)
         self.touch(model)
@@ -218,8 +244,9 @@ class RouterCore:
         starting = self.starting()
         status.update({n: "starting" for n in starting})
         healthy = all(r is None for r in results) and not starting
-        return JSONResponse({"status": "ok" if healthy else "unhealthy", "models": status},
-                            status_code=200 if healthy else 503)
+        return JSONResponse(
+            {"status": "ok" if healthy else "unhealthy", "models": status}, status_code=200 if healthy else 503
+        )
 
     async def gather_stats(self) -> dict[str, dict | None]:
         """Stats of the loaded models (calling an unloaded one would load it)."""
@@ -241,12 +268,17 @@ class RouterCore:
         """POST /v1/models/{name}/unload: the governor unloads it once idle (pinned: 409)."""
         client = self.client(name)
         if self.directory is None:
-            raise ApiError(409, "this router runs without the memory governor: models cannot be unloaded",
-                           code="not_supported")
+            raise ApiError(
+                409, "this router runs without the memory governor: models cannot be unloaded", code="not_supported"
+            )
         rec = self.directory.record(name)
         if rec.facts.get("keep_alive_s") is None:
-            raise ApiError(409, f"model {name!r} is pinned (keep_alive: forever) and is never unloaded",
-                           param="keep_alive", code="model_pinned")
+            raise ApiError(
+                409,
+                f"model {name!r} is pinned (keep_alive: forever) and is never unloaded",
+                param="keep_alive",
+                code="model_pinned",
+            )
         if rec.state == LOADED:
             await client.request_unload(timeout_s=10.0)
             self.directory.expect_change()
@@ -286,9 +318,13 @@ def _install_error_handlers(app: FastAPI) -> None:
 def create_app(core: RouterCore) -> FastAPI:
     # With an API key every route but /health needs it; the schema and docs pages are then off.
     keyed = core.api_key is not None
-    app = FastAPI(title="mlx-orchard", summary="OpenAI-compatible API over MLX models",
-                  docs_url=None if keyed else "/docs", redoc_url=None if keyed else "/redoc",
-                  openapi_url=None if keyed else "/openapi.json")
+    app = FastAPI(
+        title="mlx-orchard",
+        summary="OpenAI-compatible API over MLX models",
+        docs_url=None if keyed else "/docs",
+        redoc_url=None if keyed else "/redoc",
+        openapi_url=None if keyed else "/openapi.json",
+    )
     _install_error_handlers(app)
     auth = Depends(core.check_auth)
 
@@ -326,8 +362,11 @@ def _install_model_routes(app: FastAPI, core: RouterCore, auth) -> None:
 
     @app.get("/v1/models", dependencies=[auth])
     async def list_models():
-        return {"object": "list", "data": [core.model_card(n) for n in core.models],
-                **({"memory": memory_summary(core.directory)} if core.directory is not None else {})}
+        return {
+            "object": "list",
+            "data": [core.model_card(n) for n in core.models],
+            **({"memory": memory_summary(core.directory)} if core.directory is not None else {}),
+        }
 
     @app.post("/v1/models/{name:path}/load", dependencies=[auth])
     async def load_model(name: str):
@@ -341,8 +380,13 @@ def _install_model_routes(app: FastAPI, core: RouterCore, auth) -> None:
     async def model_cache(name: str):
         core.client(name)
         if not core.is_loaded(name):
-            return {"object": "model.cache", "model": name, "state": core.model_card(name)["state"],
-                    "cache": {}, "engine": {}}
+            return {
+                "object": "model.cache",
+                "model": name,
+                "state": core.model_card(name)["state"],
+                "cache": {},
+                "engine": {},
+            }
         stats = await core.client(name).stats(timeout_s=10.0)
         cache = stats.get("cache") if isinstance(stats.get("cache"), dict) else {}
         engine = {k: v for k, v in stats.items() if k != "cache"}
@@ -359,14 +403,19 @@ def _install_model_routes(app: FastAPI, core: RouterCore, auth) -> None:
 class OrchardRouter:
     """The ingress deployment. `models` maps each model name to its ModelServer's handle."""
 
-    def __init__(self, router: dict, models: dict[str, Any], facts: dict[str, dict] | None = None,
-                 budget_bytes: int = 0):
+    def __init__(
+        self, router: dict, models: dict[str, Any], facts: dict[str, dict] | None = None, budget_bytes: int = 0
+    ):
         config = RouterConfig.model_validate(router)
         clients = {name: RayModelClient(name, h, config) for name, h in models.items()}
         directory = None
         if facts is not None:
-            directory = ModelDirectory(facts, budget_bytes, lambda n: clients[n].info(timeout_s=10.0),
-                                       app_name=serve.get_replica_context().app_name)
+            directory = ModelDirectory(
+                facts,
+                budget_bytes,
+                lambda n: clients[n].info(timeout_s=10.0),
+                app_name=serve.get_replica_context().app_name,
+            )
         self.core = RouterCore(config, clients, directory)
         log.info("router ready for models: %s", ", ".join(self.core.models))
 

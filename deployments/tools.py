@@ -88,8 +88,9 @@ class ToolPlan:
         return self.response_format.guided() if self.response_format is not None else None
 
 
-def tool_plan(tools: list[Tool] | None, choice: ToolChoice | None, parallel: bool | None,
-              response_format: ResponseFormat | None) -> ToolPlan:
+def tool_plan(
+    tools: list[Tool] | None, choice: ToolChoice | None, parallel: bool | None, response_format: ResponseFormat | None
+) -> ToolPlan:
     """Raises ValueError (a 400 naming the field) for a choice that names no tool, a choice
     without tools, or a forced call together with a JSON response_format."""
     if response_format is not None:
@@ -120,13 +121,24 @@ def tool_plan(tools: list[Tool] | None, choice: ToolChoice | None, parallel: boo
 def call_grammar(tools: list[Tool], parallel: bool) -> str:
     """A Lark grammar for one call (or up to MAX_PARALLEL_CALLS) of these functions, in the
     Hermes tags, arguments held to each function's parameters schema."""
-    options = [{"type": "object", "properties": {"name": {"const": t.function.name},
-                                                 "arguments": t.function.parameters or {"type": "object"}},
-                "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
+    options = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"const": t.function.name},
+                "arguments": t.function.parameters or {"type": "object"},
+            },
+            "required": ["name", "arguments"],
+            "additionalProperties": False,
+        }
+        for t in tools
+    ]
     schema = {"anyOf": options, "x-guidance": JSON_OPTIONS}
     repeat = f"{{1,{MAX_PARALLEL_CALLS}}}" if parallel else ""
-    return (f"start: call{repeat}\n"
-            f"call: {json.dumps(CALL_OPEN + chr(10))} %json {json.dumps(schema)} {json.dumps(chr(10) + CALL_CLOSE)} \"\\n\"?\n")
+    return (
+        f"start: call{repeat}\n"
+        f'call: {json.dumps(CALL_OPEN + chr(10))} %json {json.dumps(schema)} {json.dumps(chr(10) + CALL_CLOSE)} "\\n"?\n'
+    )
 
 
 # --- parsing calls out of the output -----------------------------------------------------
@@ -158,20 +170,20 @@ class ToolCallParser:
             start = buf.find(CALL_OPEN)
             if start < 0:
                 keep = _partial_tag(buf)
-                content, self._buffer = content + buf[: len(buf) - keep], buf[len(buf) - keep:]
+                content, self._buffer = content + buf[: len(buf) - keep], buf[len(buf) - keep :]
                 break
             end = buf.find(CALL_CLOSE, start)
             if end < 0:
                 content, self._buffer = content + buf[:start], buf[start:]
                 break
-            call = _call(buf[start + len(CALL_OPEN): end])
+            call = _call(buf[start + len(CALL_OPEN) : end])
             if call is None:  # not a call after all: the text stays content
                 content += buf[: end + len(CALL_CLOSE)]
             else:
                 content += buf[:start]
                 done.append(call)
                 self.calls.append(call)
-            self._buffer = buf[end + len(CALL_CLOSE):]
+            self._buffer = buf[end + len(CALL_CLOSE) :]
         if self.calls and not content.strip():
             content = ""  # the newlines between calls
         return content, done
@@ -192,8 +204,11 @@ def _call(body: str) -> dict[str, Any] | None:
     if not isinstance(value, dict) or not isinstance(value.get("name"), str):
         return None
     arguments = value.get("arguments", value.get("parameters", {}))
-    return {"id": new_call_id(), "type": "function",
-            "function": {"name": value["name"], "arguments": json.dumps(arguments, ensure_ascii=False)}}
+    return {
+        "id": new_call_id(),
+        "type": "function",
+        "function": {"name": value["name"], "arguments": json.dumps(arguments, ensure_ascii=False)},
+    }
 
 
 def _partial_tag(text: str) -> int:

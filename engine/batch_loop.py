@@ -113,9 +113,20 @@ def batch_rows_history(row: Row, joined: bool) -> list[int]:
 class BatchLoop:
     """Continuous batching over the paged cache: `insert` rows, `step()` for their tokens."""
 
-    def __init__(self, model, ctx: PagedContext, *, max_num_seqs: int, prefill_batch_size: int,
-                 prefill_step_size: int, grammars: Grammars | None = None, compiled: bool = True,
-                 pipelined: bool | None = None, column_write: str | None = None, unpadded: str | None = None):
+    def __init__(
+        self,
+        model,
+        ctx: PagedContext,
+        *,
+        max_num_seqs: int,
+        prefill_batch_size: int,
+        prefill_step_size: int,
+        grammars: Grammars | None = None,
+        compiled: bool = True,
+        pipelined: bool | None = None,
+        column_write: str | None = None,
+        unpadded: str | None = None,
+    ):
         self.model = model
         self.pipelined = mx.default_device() != mx.cpu if pipelined is None else pipelined
         self.compiled = CompiledDecode(model, column_write) if compiled else None
@@ -135,17 +146,36 @@ class BatchLoop:
 
     # --- rows in and out ----------------------------------------------------------------
 
-    def insert(self, kv: list, prompt_ids: list[int], cached: int, max_tokens: int, params: SamplingParams,
-               stop_ids: list[int], start: int = 0, constraint: Constraint | None = None) -> int:
+    def insert(
+        self,
+        kv: list,
+        prompt_ids: list[int],
+        cached: int,
+        max_tokens: int,
+        params: SamplingParams,
+        stop_ids: list[int],
+        start: int = 0,
+        constraint: Constraint | None = None,
+    ) -> int:
         """A sequence whose paged cache `kv` (from the cache manager) holds `prompt_ids[:cached]`;
         at least the prompt's last token is left to compute. `constraint`: its grammar, which has
         consumed the request's output so far."""
         if cached >= len(prompt_ids):
             raise ValueError("a row needs at least one prompt token to compute")
         todo = prompt_ids[cached:]
-        row = Row(next(self._uids), kv[0].seq, list(todo), max_tokens, frozenset(stop_ids), params, row_key(params),
-                  list(prompt_ids) if needs_counts(params) else None, start, constraint,
-                  params.top_logprobs if params.logprobs else None)
+        row = Row(
+            next(self._uids),
+            kv[0].seq,
+            list(todo),
+            max_tokens,
+            frozenset(stop_ids),
+            params,
+            row_key(params),
+            list(prompt_ids) if needs_counts(params) else None,
+            start,
+            constraint,
+            params.top_logprobs if params.logprobs else None,
+        )
         self.rows[row.uid] = row
         (self.prefilling if len(todo) > 1 else self.joining).append(row)
         return row.uid
@@ -211,8 +241,9 @@ class BatchLoop:
         geom = self.ctx.geometry
         if copies is None or (self.eager_unpadded and geom.sees_all(None)):
             return self.model(batch.inputs[:, None], cache=batch.caches)[:, -1, :]
-        logits, ks, vs = self.compiled(batch.inputs, geom.col - 1, geom.pad_array, [c.k for c in copies],
-                                       [c.v for c in copies])
+        logits, ks, vs = self.compiled(
+            batch.inputs, geom.col - 1, geom.pad_array, [c.k for c in copies], [c.v for c in copies]
+        )
         for cache, k, v in zip(batch.caches, ks, vs):
             cache.commit_column(k, v)
         return logits
@@ -235,7 +266,9 @@ class BatchLoop:
             batch.constrained, batch.top_logprobs = False, None
             return
         batch.inputs = mx.concatenate([p.astype(mx.uint32) for p in parts]) if len(parts) > 1 else parts[0]
-        batch.caches = [BatchPagedKVCache(self.ctx, layer, [r.blocks for r in rows]) for layer in range(self.ctx.num_layers)]
+        batch.caches = [
+            BatchPagedKVCache(self.ctx, layer, [r.blocks for r in rows]) for layer in range(self.ctx.num_layers)
+        ]
         histories = None
         if any(r.history is not None for r in rows):  # what each row has seen before its next input
             kept = [batch_rows_history(r, joined=False) for r in rows[: len(rows) - len(joining)]]
@@ -271,7 +304,9 @@ class BatchLoop:
     def blocks_needed_at_most(self) -> int:
         """A bound on `blocks_needed` without looking at the rows' tables."""
         bs = self.ctx.pool.block_size
-        prefill = sum(-(-min(self.prefill_step_size, len(r.todo)) // bs) + 2 for r in self.prefilling[: self.prefill_batch_size])
+        prefill = sum(
+            -(-min(self.prefill_step_size, len(r.todo)) // bs) + 2 for r in self.prefilling[: self.prefill_batch_size]
+        )
         return 2 * (len(self.batch.rows) + len(self.joining)) + prefill
 
     def blocks_needed(self) -> int:

@@ -47,16 +47,20 @@ class BatchSampling:
     counts: mx.array | None = None  # [B, vocab] token counts (prompt + output) when penalties apply
 
     @classmethod
-    def build(cls, params: list[SamplingParams], keys: list[np.ndarray],
-              histories: list[list[int]] | None) -> "BatchSampling":
+    def build(
+        cls, params: list[SamplingParams], keys: list[np.ndarray], histories: list[list[int]] | None
+    ) -> BatchSampling:
         """`histories`: each row's tokens so far (only read when some row has penalties)."""
         col = lambda values, dtype=mx.float32: mx.array(values, dtype=dtype)[:, None]  # noqa: E731
         all_greedy = all(p.greedy for p in params)
         filters = any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in params) and not all_greedy
         penalties = None
         if histories is not None and any(needs_counts(p) for p in params):
-            penalties = (col([p.repetition_penalty for p in params]), col([p.presence_penalty for p in params]),
-                         col([p.frequency_penalty for p in params]))
+            penalties = (
+                col([p.repetition_penalty for p in params]),
+                col([p.presence_penalty for p in params]),
+                col([p.frequency_penalty for p in params]),
+            )
         return cls(
             greedy=all_greedy,
             inv_temp=col([0.0 if p.greedy else 1.0 / p.temperature for p in params]),
@@ -69,8 +73,9 @@ class BatchSampling:
             histories=histories if penalties is not None else None,
         )
 
-    def sample(self, logits: mx.array, inputs: mx.array, positions: mx.array,
-               top_logprobs: int | None = None) -> tuple[mx.array, tuple[mx.array, mx.array, mx.array] | None]:
+    def sample(
+        self, logits: mx.array, inputs: mx.array, positions: mx.array, top_logprobs: int | None = None
+    ) -> tuple[mx.array, tuple[mx.array, mx.array, mx.array] | None]:
         """Next tokens [B] from logits [B, vocab]. `inputs` are the tokens this step consumed (they
         join the penalty counts first); `positions` each row's index of the token being sampled.
         With `top_logprobs` (some row asks for logprobs) also the chosen tokens' log-probabilities
@@ -97,7 +102,8 @@ class BatchSampling:
         if self.top_k is not None:
             logprobs = filter_logprobs(logprobs, self.top_k, self.top_p, self.min_p)
         noise = mx.vmap(lambda key, pos: mx.random.gumbel(shape=logprobs.shape[-1:], key=fold(key, pos)))(
-            self.keys, positions)
+            self.keys, positions
+        )
         sampled = mx.argmax(logprobs * self.inv_temp + noise, axis=-1)
         return mx.where(self.is_greedy, best, sampled)
 
@@ -109,8 +115,11 @@ def best_logprobs(logprobs: mx.array, tokens: mx.array, k: int) -> tuple[mx.arra
     top = mx.argpartition(-logprobs, k - 1, axis=-1)[:, :k]
     values = mx.take_along_axis(logprobs, top, axis=-1)
     order = mx.argsort(-values, axis=-1)
-    return (chosen.astype(mx.float32), mx.take_along_axis(top, order, axis=-1),
-            mx.take_along_axis(values, order, axis=-1).astype(mx.float32))
+    return (
+        chosen.astype(mx.float32),
+        mx.take_along_axis(top, order, axis=-1),
+        mx.take_along_axis(values, order, axis=-1).astype(mx.float32),
+    )
 
 
 def fold(key: mx.array, position: mx.array) -> mx.array:

@@ -13,29 +13,36 @@ class EngineConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     continuous_batching: bool = Field(
-        True, description="Continuous batching (requests join and leave the running batch between steps). "
-        "False is simple mode: one request at a time, the others wait in FIFO order."
+        True,
+        description="Continuous batching (requests join and leave the running batch between steps). "
+        "False is simple mode: one request at a time, the others wait in FIFO order.",
     )
     max_num_seqs: int = Field(16, ge=1, le=1024, description="Most sequences decoding at once.")
     prefill_batch_size: int = Field(8, ge=1, le=256, description="Most prompts prefilled together.")
     prefill_step_size: int = Field(
-        512, ge=16, le=65536,
+        512,
+        ge=16,
+        le=65536,
         description="Prompt tokens per prefill chunk; decoding sequences step between chunks.",
     )
     stream_interval: int = Field(
         1, ge=1, le=1024, description="Emit output every N tokens (1 = every token); the last chunk is always flushed."
     )
-    max_waiting: int = Field(256, ge=1, description="Most requests waiting for a slot before new ones are refused (503).")
+    max_waiting: int = Field(
+        256, ge=1, description="Most requests waiting for a slot before new ones are refused (503)."
+    )
     context_length: int | None = Field(
         None, ge=16, description="Prompt + completion limit in tokens; default: the model's own context length."
     )
     default_max_tokens: int = Field(256, ge=1, description="max_tokens when a request gives none.")
     chat_template: str | None = Field(
-        None, description="A Jinja chat template (Hugging Face style: `messages`, `add_generation_prompt`, "
+        None,
+        description="A Jinja chat template (Hugging Face style: `messages`, `add_generation_prompt`, "
         "`bos_token`) used instead of the tokenizer's; lets base models without one take chat messages.",
     )
     tool_prompt: str | None = Field(
-        None, description="The system-prompt text that describes tools to a model whose chat template does "
+        None,
+        description="The system-prompt text that describes tools to a model whose chat template does "
         "not take them (in the Hermes <tool_call> format); `{tools}` becomes one JSON schema per line. "
         "Default: the Hermes prompt (engine.tool_prompt.HERMES_SYSTEM).",
     )
@@ -43,43 +50,55 @@ class EngineConfig(BaseModel):
         None, description="Dequantize to float32 for the OpenBLAS CPU path. None: automatic (CPU-only Linux)."
     )
     compiled_decode: bool = Field(
-        True, description="Decode steps through working copies run as one compiled MLX function (traced "
+        True,
+        description="Decode steps through working copies run as one compiled MLX function (traced "
         "once per batch shape), instead of the model's Python every step; the paged cache only.",
     )
     pipelined_decode: bool | None = Field(
-        None, description="Issue decode step k+1 before reading step k's tokens (engine.batch_loop). None: "
+        None,
+        description="Issue decode step k+1 before reading step k's tokens (engine.batch_loop). None: "
         "automatic, on a GPU only: on the CPU, MLX runs nearly all of a step inside async_eval, so "
         "pipelining would hold every token back a step.",
     )
     decode_column_write: Literal["slice", "select"] | None = Field(
-        None, description="How the compiled decode step writes its KV column into the working copies: "
+        None,
+        description="How the compiled decode step writes its KV column into the working copies: "
         "a slice update, or a select with the column's one-hot (engine.compiled_step). None: automatic, "
         "select on CUDA, where MLX's dynamic slice update runs a thread per element of the whole copy.",
     )
     unpadded_decode: Literal["eager", "compiled"] | None = Field(
-        None, description="A decode batch whose rows all have one length (one row always has) needs no "
+        None,
+        description="A decode batch whose rows all have one length (one row always has) needs no "
         "attention mask: run its steps eagerly and unmasked, or through the compiled step, which masks its "
         "whole copy. None: automatic, eager on CUDA, where MLX's fused vector attention refuses a mask.",
     )
     adaptive_cpu_threads: bool = Field(
-        True, description="While busy, give OpenBLAS (the CPU fast path) the cores other processes leave "
+        True,
+        description="While busy, give OpenBLAS (the CPU fast path) the cores other processes leave "
         "free, from 1 up to the threads it started with (engine.loading.cpu_threads); false keeps them fixed.",
     )
     step_timeout_s: float = Field(
-        120.0, gt=0, description="A step running longer than this makes the health check fail (a hung "
+        120.0,
+        gt=0,
+        description="A step running longer than this makes the health check fail (a hung "
         "engine: Ray Serve replaces the replica).",
     )
     # KV cache
     paged_cache: bool = Field(True, description="Paged KV cache with prefix sharing (block pool).")
     block_size: int = Field(32, ge=1, le=4096, description="Tokens per KV block.")
-    cache_memory_mb: int | None = Field(None, ge=1, description="KV cache budget in MB; overrides cache_memory_percent.")
+    cache_memory_mb: int | None = Field(
+        None, ge=1, description="KV cache budget in MB; overrides cache_memory_percent."
+    )
     cache_memory_percent: float = Field(
-        0.20, gt=0, le=0.95,
+        0.20,
+        gt=0,
+        le=0.95,
         description="KV cache budget as a fraction of memory: of the host memory budget (args.memory) under "
         "Ray Serve, of RAM for the engine alone.",
     )
     kv_admission: Literal["on_demand", "reserve"] = Field(
-        "on_demand", description="on_demand: a request starts when its prompt's blocks fit and takes blocks "
+        "on_demand",
+        description="on_demand: a request starts when its prompt's blocks fit and takes blocks "
         "as it grows; when the pool runs out the newest running request is preempted (its blocks go to "
         "the prefix cache, it resumes from there later). reserve: a request starts only when its worst "
         "case (prompt + max_tokens) fits next to the running requests' worst cases.",
@@ -108,7 +127,7 @@ class EngineConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
-    def _simple_mode(self) -> "EngineConfig":
+    def _simple_mode(self) -> EngineConfig:
         if not self.continuous_batching:
             self.max_num_seqs = 1
             self.prefill_batch_size = 1

@@ -93,8 +93,9 @@ class Grammars:
             if self._lltok is None:
                 import llguidance
 
-                self._lltok = llguidance.LLTokenizer(tokenizer_json(self._hf), n_vocab=self.vocab_size,
-                                                     eos_token=self._eos)
+                self._lltok = llguidance.LLTokenizer(
+                    tokenizer_json(self._hf), n_vocab=self.vocab_size, eos_token=self._eos
+                )
                 self._executor = llguidance.LLExecutor()
             return self._lltok
 
@@ -113,8 +114,9 @@ class Grammars:
         if template is None:
             template = llguidance.LLMatcher(self._tokenizer(), grammar, log_level=0)
             if template.is_error():
-                raise InvalidRequestError(f"{param}: the schema or grammar cannot be enforced: {template.get_error()}",
-                                          param=param)
+                raise InvalidRequestError(
+                    f"{param}: the schema or grammar cannot be enforced: {template.get_error()}", param=param
+                )
         with self._lock:  # most recently used last; a request's copy is its own
             self._templates[grammar] = template
             while len(self._templates) > TEMPLATES:
@@ -154,7 +156,7 @@ class GrammarProcessor:
     step's input (the first gets the prompt's last token); the loop also feeds it each token it
     reads back. Each output token is consumed once, by whichever comes first."""
 
-    def __init__(self, grammars: "Grammars", constraint: Constraint):
+    def __init__(self, grammars: Grammars, constraint: Constraint):
         self.grammars, self.constraint = grammars, constraint
         self.calls = 0
         self.consumed = 0

@@ -22,10 +22,10 @@ import time
 import uuid
 
 from .config import EngineConfig
-from .loading.cpu_threads import BlasThreads
 from .constraints import Constraint
 from .errors import EngineDeadError, InvalidRequestError, OrchardError, OverloadedError
 from .kv.manager import budget_bytes, make_cache_manager
+from .loading.cpu_threads import BlasThreads
 from .loading.loader import LoadedModel, load_model
 from .memory import Footprint, measure_working_bytes
 from .prompts import encode_prompt
@@ -46,7 +46,7 @@ class RequestStream:
     Outputs the reader has not taken yet are merged into one (vLLM's output collector does the
     same): a reader slower than the engine gets bigger deltas, never a growing queue."""
 
-    def __init__(self, engine: "AsyncEngine", request_id: str, prompt_ids: list[int]):
+    def __init__(self, engine: AsyncEngine, request_id: str, prompt_ids: list[int]):
         self.request_id = request_id
         self.prompt_ids = prompt_ids
         self.prompt_tokens = len(prompt_ids)
@@ -97,9 +97,16 @@ class RequestStream:
 def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
     """Two deltas of one request as one (b came after a)."""
     logprobs = (a.logprobs or []) + (b.logprobs or []) if a.logprobs is not None or b.logprobs is not None else None
-    return RequestOutput(a.request_id, a.text + b.text, a.token_ids + b.token_ids, finish_reason=b.finish_reason,
-                         usage=b.usage, first_token_time=a.first_token_time or b.first_token_time, created=a.created,
-                         logprobs=logprobs)
+    return RequestOutput(
+        a.request_id,
+        a.text + b.text,
+        a.token_ids + b.token_ids,
+        finish_reason=b.finish_reason,
+        usage=b.usage,
+        first_token_time=a.first_token_time or b.first_token_time,
+        created=a.created,
+        logprobs=logprobs,
+    )
 
 
 class AsyncEngine:
@@ -127,7 +134,7 @@ class AsyncEngine:
             raise self._load_error
 
     @classmethod
-    def from_source(cls, source: str, config: EngineConfig | None = None) -> "AsyncEngine":
+    def from_source(cls, source: str, config: EngineConfig | None = None) -> AsyncEngine:
         return cls(source, config)
 
     # --- public API (any thread / event loop) ---------------------------------------------
@@ -154,8 +161,13 @@ class AsyncEngine:
         take a while for a big schema, so callers on an event loop run it in a thread."""
         return self.scheduler.grammars.compile(params.guided) if params.guided is not None else None
 
-    def submit(self, prompt: PromptInput, params: SamplingParams, request_id: str | None = None,
-               constraint: Constraint | None = None) -> RequestStream:
+    def submit(
+        self,
+        prompt: PromptInput,
+        params: SamplingParams,
+        request_id: str | None = None,
+        constraint: Constraint | None = None,
+    ) -> RequestStream:
         """Validate and enqueue a request. Raises InvalidRequestError / OverloadedError at once.
         `constraint`: the request's compiled `guided` spec (compiled here when not given)."""
         self.check_health()
@@ -203,8 +215,10 @@ class AsyncEngine:
             raise EngineDeadError(f"engine for {self.source} is not running: {self._dead}")
         started = self._step_started
         if started is not None and time.monotonic() - started > self.config.step_timeout_s:
-            raise EngineDeadError(f"engine for {self.source} is hung: one step has run for "
-                                  f"{time.monotonic() - started:.0f} s (step_timeout_s {self.config.step_timeout_s:g})")
+            raise EngineDeadError(
+                f"engine for {self.source} is hung: one step has run for "
+                f"{time.monotonic() - started:.0f} s (step_timeout_s {self.config.step_timeout_s:g})"
+            )
 
     def shutdown(self, timeout: float = 10.0) -> None:
         self._inbox.put((_STOP, None))
@@ -217,14 +231,17 @@ class AsyncEngine:
         if room < 1:
             raise InvalidRequestError(
                 f"the prompt is {prompt_len} tokens; this model's context is {self.context_length} tokens",
-                param="messages", code="context_length_exceeded",
+                param="messages",
+                code="context_length_exceeded",
             )
         if params.max_tokens is None:
             return min(self.config.default_max_tokens, room)
         if params.max_tokens > room:
             raise InvalidRequestError(
                 f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds this model's "
-                f"context of {self.context_length} tokens", param="max_tokens", code="context_length_exceeded",
+                f"context of {self.context_length} tokens",
+                param="max_tokens",
+                code="context_length_exceeded",
             )
         return params.max_tokens
 
@@ -289,16 +306,22 @@ class AsyncEngine:
             with self._lock:
                 stream = self._streams.pop(request_id, None)
             if stream is not None:
-                error = exc if isinstance(exc, OrchardError) else InvalidRequestError(
-                    f"this request could not be started: {type(exc).__name__}: {exc}")
+                error = (
+                    exc
+                    if isinstance(exc, OrchardError)
+                    else InvalidRequestError(f"this request could not be started: {type(exc).__name__}: {exc}")
+                )
                 log.warning("request %s ended alone: %s", request_id, error)
                 _post(stream._loop, stream.put, error)
 
     def _publish_stats(self, force: bool = False) -> None:
         now = time.monotonic()
         if force or now - self._stats_at >= STATS_INTERVAL_S:
-            self._stats = {**self.scheduler.stats(), "cache": self.scheduler.cache.stats(),
-                           "cpu_threads": self._blas.threads if self._blas is not None else None}
+            self._stats = {
+                **self.scheduler.stats(),
+                "cache": self.scheduler.cache.stats(),
+                "cpu_threads": self._blas.threads if self._blas is not None else None,
+            }
             self._stats_at = now
 
     def _drain_inbox(self, block: bool) -> bool:

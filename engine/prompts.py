@@ -9,8 +9,9 @@ from .request import PromptInput
 from .tool_prompt import for_template, hermes, template_takes_tools
 
 
-def encode_prompt(tokenizer, prompt: PromptInput, chat_template: str | None = None,
-                  tool_prompt: str | None = None) -> list[int]:
+def encode_prompt(
+    tokenizer, prompt: PromptInput, chat_template: str | None = None, tool_prompt: str | None = None
+) -> list[int]:
     """Token ids of a prompt; `chat_template` (EngineConfig) replaces the tokenizer's own, and
     `tool_prompt` the Hermes prompt that describes tools to a template that does not take them."""
     given = [f for f in ("messages", "text", "token_ids") if getattr(prompt, f) is not None]
@@ -34,8 +35,13 @@ def _check_ids(ids: list[int], vocab: int) -> list[int]:
     return list(ids)
 
 
-def _apply_chat_template(tokenizer, messages: list[dict[str, Any]], template: str | None,
-                         tools: list[dict[str, Any]] | None = None, tool_prompt: str | None = None) -> list[int]:
+def _apply_chat_template(
+    tokenizer,
+    messages: list[dict[str, Any]],
+    template: str | None,
+    tools: list[dict[str, Any]] | None = None,
+    tool_prompt: str | None = None,
+) -> list[int]:
     if not messages:
         raise InvalidRequestError("messages must be a non-empty list", param="messages")
     if template is None and not tokenizer.has_chat_template:

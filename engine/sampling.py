@@ -6,7 +6,8 @@ random key) and its own penalties, so one batch can mix greedy and sampled reque
 
 from __future__ import annotations
 
-from typing import Annotated, Callable
+from collections.abc import Callable
+from typing import Annotated
 
 import mlx.core as mx
 from mlx_lm.sample_utils import apply_min_p, apply_top_k, apply_top_p, make_logits_processors
@@ -60,7 +61,7 @@ class SamplingParams(BaseModel):
         return self.temperature == 0.0 or self.top_k == 1
 
     @classmethod
-    def parse(cls, values: dict) -> "SamplingParams":
+    def parse(cls, values: dict) -> SamplingParams:
         """Validate a plain dict, raising InvalidRequestError that names the field."""
         try:
             return cls.model_validate(values)

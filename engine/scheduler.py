@@ -26,8 +26,8 @@ from mlx_lm.generate import BatchGenerator, StopSequences
 
 from .batch_loop import BatchLoop, Token
 from .batch_sampling import best_logprobs
-from .constraints import Constraint, GrammarProcessor, Grammars, logits_width
 from .config import EngineConfig
+from .constraints import Constraint, GrammarProcessor, Grammars, logits_width
 from .errors import RequestFailedError
 from .request import FinishReason, RequestOutput, Usage
 from .sampling import SamplingParams, make_processors, make_sampler
@@ -80,20 +80,38 @@ class Scheduler:
         self.sequences: dict[str, Sequence] = {}
         self.waiting: deque[Sequence] = deque()  # not admitted by the cache manager yet (FIFO)
         self._by_uid: dict[int, Sequence] = {}
-        self.counters = {"requests": 0, "finished": 0, "aborted": 0, "rejected": 0, "preempted": 0, "prompt_tokens": 0,
-                         "generated_tokens": 0}
+        self.counters = {
+            "requests": 0,
+            "finished": 0,
+            "aborted": 0,
+            "rejected": 0,
+            "preempted": 0,
+            "prompt_tokens": 0,
+            "generated_tokens": 0,
+        }
         self.rejected: list[tuple[str, Exception]] = []
         self.grammars = Grammars(tokenizer, logits_width(model), self.eos_ids)
         self.gen = self._make_batch()
 
-    def _make_batch(self) -> "BatchLoop | MlxLmBatch":
+    def _make_batch(self) -> BatchLoop | MlxLmBatch:
         cfg = self.config
-        sizes = dict(max_num_seqs=cfg.max_num_seqs, prefill_batch_size=cfg.prefill_batch_size,
-                     prefill_step_size=cfg.prefill_step_size, grammars=self.grammars)
+        sizes = dict(
+            max_num_seqs=cfg.max_num_seqs,
+            prefill_batch_size=cfg.prefill_batch_size,
+            prefill_step_size=cfg.prefill_step_size,
+            grammars=self.grammars,
+        )
         ctx = getattr(self.cache, "ctx", None)
         if ctx is not None:
-            return BatchLoop(self.model, ctx, compiled=cfg.compiled_decode, pipelined=cfg.pipelined_decode,
-                             column_write=cfg.decode_column_write, unpadded=cfg.unpadded_decode, **sizes)
+            return BatchLoop(
+                self.model,
+                ctx,
+                compiled=cfg.compiled_decode,
+                pipelined=cfg.pipelined_decode,
+                column_write=cfg.decode_column_write,
+                unpadded=cfg.unpadded_decode,
+                **sizes,
+            )
         return MlxLmBatch(self.model, **sizes)
 
     # --- admission ---------------------------------------------------------------------
@@ -122,8 +140,16 @@ class Scheduler:
         seq.kv, cached = self.cache.acquire(tokens, seq.remaining)
         if not seq.output_ids:
             seq.cached_tokens = cached
-        seq.uid = self.gen.insert(seq.kv, tokens, cached, seq.remaining, seq.params, stops, start=len(seq.output_ids),
-                                  constraint=seq.constraint)
+        seq.uid = self.gen.insert(
+            seq.kv,
+            tokens,
+            cached,
+            seq.remaining,
+            seq.params,
+            stops,
+            start=len(seq.output_ids),
+            constraint=seq.constraint,
+        )
         self._by_uid[seq.uid] = seq
 
     def _preempt_for_room(self) -> None:
@@ -234,14 +260,23 @@ class Scheduler:
 
     def _logprob_entry(self, r: Token) -> dict:
         decode = lambda t: self.tokenizer.decode([t])  # noqa: E731
-        return {"id": r.token, "token": decode(r.token), "logprob": r.logprob,
-                "top": [[t, decode(t), lp] for t, lp in r.top or ()]}
+        return {
+            "id": r.token,
+            "token": decode(r.token),
+            "logprob": r.logprob,
+            "top": [[t, decode(t), lp] for t, lp in r.top or ()],
+        }
 
     def _flush(self, seq: Sequence) -> RequestOutput | None:
         if not seq.pending_ids and not seq.pending_text:
             return None
-        out = RequestOutput(seq.request_id, seq.pending_text, seq.pending_ids, first_token_time=seq.first_token_time,
-                            logprobs=seq.pending_logprobs)
+        out = RequestOutput(
+            seq.request_id,
+            seq.pending_text,
+            seq.pending_ids,
+            first_token_time=seq.first_token_time,
+            logprobs=seq.pending_logprobs,
+        )
         seq.pending_text, seq.pending_ids, seq.pending_logprobs = "", [], None
         return out
 
@@ -299,15 +334,35 @@ class MlxLmBatch:
     """mlx_lm's BatchGenerator behind the interface of `BatchLoop` (for caches it cannot page).
     A grammar is a logits processor here, and logprobs come from its per-token log-probabilities."""
 
-    def __init__(self, model, *, max_num_seqs: int, prefill_batch_size: int, prefill_step_size: int,
-                 grammars: Grammars | None = None):
-        self.gen = BatchGenerator(model, completion_batch_size=max_num_seqs, prefill_batch_size=prefill_batch_size,
-                                  prefill_step_size=prefill_step_size)
+    def __init__(
+        self,
+        model,
+        *,
+        max_num_seqs: int,
+        prefill_batch_size: int,
+        prefill_step_size: int,
+        grammars: Grammars | None = None,
+    ):
+        self.gen = BatchGenerator(
+            model,
+            completion_batch_size=max_num_seqs,
+            prefill_batch_size=prefill_batch_size,
+            prefill_step_size=prefill_step_size,
+        )
         self.grammars = grammars
         self.rows: dict[int, tuple[GrammarProcessor | None, int | None, list[int]]] = {}
 
-    def insert(self, kv, prompt_ids: list[int], cached: int, max_tokens: int, params: SamplingParams,
-               stop_ids: list[int], start: int = 0, constraint: Constraint | None = None) -> int:
+    def insert(
+        self,
+        kv,
+        prompt_ids: list[int],
+        cached: int,
+        max_tokens: int,
+        params: SamplingParams,
+        stop_ids: list[int],
+        start: int = 0,
+        constraint: Constraint | None = None,
+    ) -> int:
         sampler, processors = make_sampler(params), make_processors(params)  # per request: may raise
         grammar = GrammarProcessor(self.grammars, constraint) if constraint is not None else None
         (uid,) = self.gen.insert(

@@ -19,7 +19,7 @@ HERMES_SYSTEM = (  # `{tools}` is replaced (str.replace: the text's other braces
     "You may call one or more functions to assist with the user query.\n\n"
     "You are provided with function signatures within <tools></tools> XML tags:\n<tools>\n{tools}\n</tools>\n\n"
     "For each function call, return a json object with function name and arguments within "
-    "<tool_call></tool_call> XML tags:\n<tool_call>\n{\"name\": <function-name>, \"arguments\": <args-json-object>}\n"
+    '<tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": <args-json-object>}\n'
     "</tool_call>"
 )
 
@@ -40,22 +40,26 @@ def for_template(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for m in messages:
         if m.get("tool_calls"):
-            calls = [{**c, "function": {**c["function"], "arguments": _arguments(c["function"]["arguments"])}}
-                     for c in m["tool_calls"]]
+            calls = [
+                {**c, "function": {**c["function"], "arguments": _arguments(c["function"]["arguments"])}}
+                for c in m["tool_calls"]
+            ]
             m = {**m, "tool_calls": calls}
         out.append(m)
     return out
 
 
-def hermes(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
-           system: str | None = None) -> list[dict[str, Any]]:
+def hermes(
+    messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None, system: str | None = None
+) -> list[dict[str, Any]]:
     """OpenAI messages (tool calls, tool results) as plain Hermes-format turns, tools (if any)
     described in the system prompt (`system`, with `{tools}`; default HERMES_SYSTEM)."""
     out: list[dict[str, Any]] = []
     for m in messages:
         if m.get("tool_calls"):
-            calls = "\n".join(call_text(c["function"]["name"], _arguments(c["function"]["arguments"]))
-                              for c in m["tool_calls"])
+            calls = "\n".join(
+                call_text(c["function"]["name"], _arguments(c["function"]["arguments"])) for c in m["tool_calls"]
+            )
             out.append({"role": "assistant", "content": "\n".join(p for p in (m.get("content") or "", calls) if p)})
         elif m["role"] == "tool":
             out.append({"role": "user", "content": f"<tool_response>\n{m.get('content') or ''}\n</tool_response>"})

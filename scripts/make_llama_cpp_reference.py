@@ -15,6 +15,7 @@ against it without building llama.cpp.  Regenerate with:
     /tmp/refvenv/bin/pip install numpy llama-cpp-python==0.3.36
     /tmp/refvenv/bin/python scripts/make_llama_cpp_reference.py
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,8 +26,8 @@ import os
 import re
 import sys
 
-import numpy as np
 import llama_cpp
+import numpy as np
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_OUT = os.path.join(ROOT, "tests", "fixtures", "llama_cpp_reference.json")
@@ -102,21 +103,32 @@ def greedy(llm: llama_cpp.Llama, prompt: str, add_bos: bool) -> dict:
         margins.append(round(float(logits[tok]) - second, 4))
         llm.eval([tok])
     text = llm.detokenize(ids).decode("utf-8", errors="replace")
-    return {"prompt": prompt, "prompt_ids": prompt_ids, "ids": ids,
-            "top_logits": top_logits, "margins": margins, "text": text}
+    return {
+        "prompt": prompt,
+        "prompt_ids": prompt_ids,
+        "ids": ids,
+        "top_logits": top_logits,
+        "margins": margins,
+        "text": text,
+    }
 
 
 def reference_for(path: str) -> dict:
-    llm = llama_cpp.Llama(model_path=path, n_ctx=N_CTX, logits_all=False,
-                          verbose=False, seed=0, n_threads=N_THREADS)
+    llm = llama_cpp.Llama(model_path=path, n_ctx=N_CTX, logits_all=False, verbose=False, seed=0, n_threads=N_THREADS)
     # llama.cpp's own default for this vocab (tokenizer.ggml.add_bos_token).
     add_bos = bool(llama_cpp.llama_vocab_get_add_bos(llama_cpp.llama_model_get_vocab(llm.model)))
-    tokenize = [{"text": t, "ids": llm.tokenize(t.encode("utf-8"), add_bos=False, special=True)}
-                for t in TOKENIZE_STRINGS]
+    tokenize = [
+        {"text": t, "ids": llm.tokenize(t.encode("utf-8"), add_bos=False, special=True)} for t in TOKENIZE_STRINGS
+    ]
     runs = [greedy(llm, p, add_bos) for p in GREEDY_PROMPTS]
     llm.close()
-    return {"file": os.path.basename(path), "sha256": sha256(path), "add_bos": add_bos,
-            "tokenize": tokenize, "greedy": runs}
+    return {
+        "file": os.path.basename(path),
+        "sha256": sha256(path),
+        "add_bos": add_bos,
+        "tokenize": tokenize,
+        "greedy": runs,
+    }
 
 
 def dumps_compact(obj) -> str:
@@ -142,9 +154,13 @@ def main() -> None:
         "generator": f"llama-cpp-python {llama_cpp.__version__} (llama.cpp built from PyPI source, CPU)",
         "created": datetime.date.today().isoformat(),
         "command": " ".join(["python scripts/make_llama_cpp_reference.py"] + sys.argv[1:]),
-        "settings": {"n_ctx": N_CTX, "n_threads": N_THREADS, "n_gen": N_GEN,
-                     "tokenize": "add_bos=False, special=True",
-                     "greedy": "add_bos=model default, special=True; argmax, no EOS stop"},
+        "settings": {
+            "n_ctx": N_CTX,
+            "n_threads": N_THREADS,
+            "n_gen": N_GEN,
+            "tokenize": "add_bos=False, special=True",
+            "greedy": "add_bos=model default, special=True; argmax, no EOS stop",
+        },
         "tokenize_strings": TOKENIZE_STRINGS,
         "greedy_prompts": GREEDY_PROMPTS,
         "models": {},

@@ -98,8 +98,9 @@ def failed_deploy_outputs(config_texts: dict[str, str], tmp_path: Path) -> str:
 
     configs = {name: yaml.safe_load(text) for name, text in config_texts.items()}
     merged = {k: v for k, v in next(iter(configs.values())).items() if k != "applications"}
-    merged["applications"] = [{**c["applications"][0], "name": name, "route_prefix": f"/{name}"}
-                              for name, c in configs.items()]
+    merged["applications"] = [
+        {**c["applications"][0], "name": name, "route_prefix": f"/{name}"} for name, c in configs.items()
+    ]
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump(merged, sort_keys=False))
     log = tmp_path / "bad_run.log"
@@ -132,5 +133,5 @@ def metric(text: str, name: str, **labels: str) -> float | None:
     prefix = f"{name}{{{want}}} " if want else f"{name} "
     for line in text.splitlines():
         if line.startswith(prefix):
-            return float(line[len(prefix):])
+            return float(line[len(prefix) :])
     return None

@@ -11,15 +11,17 @@ def round_of(ours: dict, peer: dict) -> dict:
 
 
 def test_ratios_medians_and_wins_follow_each_rows_direction():
-    rounds = [round_of({"tok_s_1": 12.0, "single_ttft_p50_ms": 160.0}, {"tok_s_1": 10.0, "single_ttft_p50_ms": 200.0}),
-              round_of({"tok_s_1": 9.0, "single_ttft_p50_ms": 250.0}, {"tok_s_1": 10.0, "single_ttft_p50_ms": 200.0}),
-              round_of({"tok_s_1": 11.0, "single_ttft_p50_ms": 190.0}, {"tok_s_1": 10.0, "single_ttft_p50_ms": 200.0})]
+    rounds = [
+        round_of({"tok_s_1": 12.0, "single_ttft_p50_ms": 160.0}, {"tok_s_1": 10.0, "single_ttft_p50_ms": 200.0}),
+        round_of({"tok_s_1": 9.0, "single_ttft_p50_ms": 250.0}, {"tok_s_1": 10.0, "single_ttft_p50_ms": 200.0}),
+        round_of({"tok_s_1": 11.0, "single_ttft_p50_ms": 190.0}, {"tok_s_1": 10.0, "single_ttft_p50_ms": 200.0}),
+    ]
     s = paired(rounds)
     assert s["tok_s_1"]["ratio"] == [1.2, 0.9, 1.1]
     assert s["tok_s_1"]["median_ratio"] == 1.1
-    assert s["tok_s_1"]["ours_won"] == "2/3"           # more tok/s wins
+    assert s["tok_s_1"]["ours_won"] == "2/3"  # more tok/s wins
     assert s["single_ttft_p50_ms"]["ours_won"] == "2/3"  # less TTFT wins
-    assert s["tok_s_5"]["ours_won"] == "0/3"           # a tie is not a win for a higher-is-better row
+    assert s["tok_s_5"]["ours_won"] == "0/3"  # a tie is not a win for a higher-is-better row
 
 
 def test_zero_peer_errors_give_no_ratio_and_fewer_errors_win():

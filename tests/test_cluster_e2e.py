@@ -36,8 +36,10 @@ MODEL = "smollm2-135m-instruct"
 DEPLOYMENT = "model-" + MODEL
 CONFIG = ROOT / "tests" / "fixtures" / "cluster.yaml"
 # Distinct tenants: the tenant's name comes first, so no two share a KV block (32 tokens).
-SYSTEMS = [f"Tenant {name} support desk. " + "Answer in one short sentence and stay polite. " * 6
-           for name in ("Aster", "Birch", "Cedar", "Dahlia")]
+SYSTEMS = [
+    f"Tenant {name} support desk. " + "Answer in one short sentence and stay polite. " * 6
+    for name in ("Aster", "Birch", "Cedar", "Dahlia")
+]
 STATE: dict = {}
 STREAMING: list[str] = []  # streams of test_3 that have received output
 
@@ -48,8 +50,11 @@ def client() -> openai.OpenAI:
 
 def ask(system: str, user: str, max_tokens: int = 4):
     return client().chat.completions.create(
-        model=MODEL, messages=[{"role": "system", "content": system}, {"role": "user", "content": user}],
-        max_tokens=max_tokens, temperature=0)
+        model=MODEL,
+        messages=[{"role": "system", "content": system}, {"role": "user", "content": user}],
+        max_tokens=max_tokens,
+        temperature=0,
+    )
 
 
 def replicas() -> dict[str, dict]:
@@ -81,8 +86,9 @@ def cluster(tmp_path_factory):
     ray.init(address=c.address)
     log = tmp / "serve.log"
     proc = start_serve_on(c.address, log)
-    STATE.update(cluster=c, worker=worker, proc=proc, log=log, t0=started, cluster_start_s=time.monotonic() - started,
-                 room=room)
+    STATE.update(
+        cluster=c, worker=worker, proc=proc, log=log, t0=started, cluster_start_s=time.monotonic() - started, room=room
+    )
     STATE["start_s"] = wait_healthy(proc, log, timeout_s=300)
     try:
         yield STATE
@@ -128,9 +134,11 @@ def test_1_both_replicas_load_one_per_node_and_answer(cluster):
         assert ask(f"Warm-up {i}: " + SYSTEMS[0][::-1], "hi").choices[0].message.content is not None
     served = {name: s["served"] for name, s in replicas().items()}
     assert all(n >= 1 for n in served.values()), served
-    print(f"\ncluster up in {cluster['cluster_start_s']:.1f}s, serve run healthy after {cluster['start_s']:.1f}s, "
-          f"both replicas up {both_up_s:.1f}s from the start; "
-          f"served per replica {sorted(served.values())}")
+    print(
+        f"\ncluster up in {cluster['cluster_start_s']:.1f}s, serve run healthy after {cluster['start_s']:.1f}s, "
+        f"both replicas up {both_up_s:.1f}s from the start; "
+        f"served per replica {sorted(served.values())}"
+    )
 
 
 def test_2_a_shared_prefix_sticks_to_one_replica(cluster):
@@ -151,8 +159,17 @@ def test_2_a_shared_prefix_sticks_to_one_replica(cluster):
     assert sum(delta) == 16 and min(delta) >= 4, delta  # tenants spread: both replicas got some
     # each replica's report of what its cache holds (what the routers route on, remade at most once
     # a second, asked for every report_period_s): every tenant's prompt is held by exactly one
-    firsts = [block_hashes(prompt_text(GenerateRequest(PromptInput(messages=[
-        {"role": "system", "content": system}, {"role": "user", "content": "?"}]))), 64)[0] for system in SYSTEMS]
+    firsts = [
+        block_hashes(
+            prompt_text(
+                GenerateRequest(
+                    PromptInput(messages=[{"role": "system", "content": system}, {"role": "user", "content": "?"}])
+                )
+            ),
+            64,
+        )[0]
+        for system in SYSTEMS
+    ]
     deadline = time.monotonic() + 15
     while True:
         held = [set(s.get("prefixes", {}).get("hashes", [])) for s in replicas().values()]
@@ -163,8 +180,11 @@ def test_2_a_shared_prefix_sticks_to_one_replica(cluster):
     assert holders == [1] * len(SYSTEMS), (holders, [len(h) for h in held])
     # ...and the OrchardRouter's prefix-affinity router took those reports (Ray delivered them)
     metrics = httpx.get(f"{BASE}/metrics", timeout=30).text
-    routing = {line.split('decision="')[1].split('"')[0]: float(line.split()[-1]) for line in metrics.splitlines()
-               if line.startswith("orchard_prefix_routing_decisions{")}
+    routing = {
+        line.split('decision="')[1].split('"')[0]: float(line.split()[-1])
+        for line in metrics.splitlines()
+        if line.startswith("orchard_prefix_routing_decisions{")
+    }
     assert routing.get("reports", 0) > 0 and routing.get("affinity", 0) >= 12, routing
     print(f"\ncached tokens per tenant {cached} of {prompt_tokens}; requests per replica {delta}")
 
@@ -174,8 +194,13 @@ def stream_until_done(system: str, max_tokens: int) -> tuple[str, str]:
     text = ""
     try:
         stream = client().chat.completions.create(
-            model=MODEL, messages=[{"role": "system", "content": system}, {"role": "user", "content": "Count."}],
-            max_tokens=max_tokens, temperature=0, stream=True, extra_body={"ignore_eos": True})
+            model=MODEL,
+            messages=[{"role": "system", "content": system}, {"role": "user", "content": "Count."}],
+            max_tokens=max_tokens,
+            temperature=0,
+            stream=True,
+            extra_body={"ignore_eos": True},
+        )
         for chunk in stream:
             if chunk.choices and chunk.choices[0].delta.content:
                 if not text:
@@ -215,9 +240,11 @@ def test_3_worker_node_dies_in_flight_requests_end_cleanly_new_ones_succeed(clus
     # the replacement found no node with room: it waits, the head holds one replica's memory
     head_memory = ray.available_resources().get("memory", 0)
     assert head_memory < replica_footprint() <= cluster["room"], (head_memory, cluster["room"])
-    print(f"\nin flight at the kill: {len(results)} streams, {len(errors)} ended with {errors[:1]}, the last "
-          f"{in_flight_ended_s:.1f}s after the kill; new requests sent 0-2 s after it: {probed}; failing in the "
-          f"recovery loop: {failures}, 5 in a row answered from {recovered_at - killed_at:.1f}s after the kill")
+    print(
+        f"\nin flight at the kill: {len(results)} streams, {len(errors)} ended with {errors[:1]}, the last "
+        f"{in_flight_ended_s:.1f}s after the kill; new requests sent 0-2 s after it: {probed}; failing in the "
+        f"recovery loop: {failures}, 5 in a row answered from {recovered_at - killed_at:.1f}s after the kill"
+    )
 
 
 def probe(killed_at: float, i: int) -> tuple[str, float, float]:
@@ -245,8 +272,9 @@ def recover(killed_at: float, within_s: float = 90) -> tuple[int, float]:
         except openai.APIError:
             failures, streak, streak_start = failures + 1, 0, None
             time.sleep(0.5)
-    pytest.fail(f"the service did not answer 5 requests in a row within {within_s}s of the node loss "
-                f"({failures} failures)")
+    pytest.fail(
+        f"the service did not answer 5 requests in a row within {within_s}s of the node loss ({failures} failures)"
+    )
 
 
 def test_4_the_cluster_shuts_down_cleanly(cluster):

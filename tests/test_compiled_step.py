@@ -37,13 +37,16 @@ def _one_load_per_model(load_once):
 
 @pytest.fixture(scope="module")
 def engines():
-    made = {name: AsyncEngine.from_source(SMOLLM, cfg) for name, cfg in (
-        ("compiled", EngineConfig()),
-        ("select", EngineConfig(decode_column_write="select")),  # CUDA's column write, forced on
-        ("eager", EngineConfig(compiled_decode=False)),
-        ("unpadded", EngineConfig(unpadded_decode="eager")),  # CUDA's default, forced on
-        ("off", EngineConfig(paged_cache=False)),
-    )}
+    made = {
+        name: AsyncEngine.from_source(SMOLLM, cfg)
+        for name, cfg in (
+            ("compiled", EngineConfig()),
+            ("select", EngineConfig(decode_column_write="select")),  # CUDA's column write, forced on
+            ("eager", EngineConfig(compiled_decode=False)),
+            ("unpadded", EngineConfig(unpadded_decode="eager")),  # CUDA's default, forced on
+            ("off", EngineConfig(paged_cache=False)),
+        )
+    }
     yield made
     for eng in made.values():
         eng.shutdown()

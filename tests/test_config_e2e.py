@@ -16,11 +16,14 @@ pytestmark = pytest.mark.slow
 def output(tmp_path_factory) -> str:
     default = (ROOT / "serve_config.yaml").read_text()
     bad_fields = default.replace("max_num_seqs: 16", "max_num_seqs: 0", 1).replace(
-        "stream_window_ms: 30", "stream_windw_ms: 30", 1)
+        "stream_window_ms: 30", "stream_windw_ms: 30", 1
+    )
     governor = (ROOT / "tests" / "fixtures" / "governor.yaml").read_text()
     assert "max_num_seqs: 16" in default and "stream_window_ms: 30" in default and "budget_mb: 2350" in governor
-    return failed_deploy_outputs({"bad-fields": bad_fields, "small-budget": governor.replace(
-        "budget_mb: 2350", "budget_mb: 400")}, tmp_path_factory.mktemp("bad_config"))
+    return failed_deploy_outputs(
+        {"bad-fields": bad_fields, "small-budget": governor.replace("budget_mb: 2350", "budget_mb: 400")},
+        tmp_path_factory.mktemp("bad_config"),
+    )
 
 
 def test_bad_yaml_fails_with_a_message_naming_the_field(output):

@@ -8,8 +8,8 @@ import subprocess
 import sys
 import time
 
-import pytest
 import numpy  # noqa: F401 - its own OpenBLAS copy, loaded as in a model replica
+import pytest
 from threadpoolctl import ThreadpoolController, threadpool_info
 
 from engine.config import EngineConfig
@@ -46,7 +46,9 @@ def test_the_choice_leaves_the_cores_others_use():
 
 def test_a_change_needs_two_readings_that_agree_and_an_idle_gap_starts_over():
     # wall, machine busy, own: the engine uses 1 core; others 1 core, 1 core, then 0.1 after a gap
-    blas, ctl = scripted([(0, 0, 0), (1, 2, 1), (2, 4, 2), (10, 5, 2.5), (11, 6.1, 3.5), (12, 7.2, 4.5), (13, 8.3, 5.5)])
+    blas, ctl = scripted(
+        [(0, 0, 0), (1, 2, 1), (2, 4, 2), (10, 5, 2.5), (11, 6.1, 3.5), (12, 7.2, 4.5), (13, 8.3, 5.5)]
+    )
     blas.tick()  # the first reading: nothing to compare
     blas.tick()  # others 1.0: one reading for 1 thread
     assert ctl.limits == [] and blas.threads == 2

@@ -30,8 +30,7 @@ def run(coro):
 
 
 def chunk(text, n=1, finish=None, usage=None):
-    return {"text": text, "n_tokens": n, "finish_reason": finish, "usage": usage,
-            "request_id": "r", "prompt_tokens": 3}
+    return {"text": text, "n_tokens": n, "finish_reason": finish, "usage": usage, "request_id": "r", "prompt_tokens": 3}
 
 
 USAGE = {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6, "prompt_tokens_details": {"cached_tokens": 1}}
@@ -65,21 +64,38 @@ class FakeClient:
         def cancel():
             self.cancelled += 1
 
-        return await ModelCall(self.name, self._gen(), cancel, started_at, deadline,
-                               load_timeout_s=load_timeout_s).begin()
+        return await ModelCall(
+            self.name, self._gen(), cancel, started_at, deadline, load_timeout_s=load_timeout_s
+        ).begin()
 
     async def stats(self, timeout_s):
-        return {"running": 1, "waiting": 2, "kv_cache_bytes": 10, "prompt_tokens": 100,
-                "cache": {"blocks_used": 4, "queries": 4, "hits": 1, "prefix_hits": 1, "misses": 2,
-                          "tokens_reused": 25, "mode": "memory"}}
+        return {
+            "running": 1,
+            "waiting": 2,
+            "kv_cache_bytes": 10,
+            "prompt_tokens": 100,
+            "cache": {
+                "blocks_used": 4,
+                "queries": 4,
+                "hits": 1,
+                "prefix_hits": 1,
+                "misses": 2,
+                "tokens_reused": 25,
+                "mode": "memory",
+            },
+        }
 
     async def health(self, timeout_s):
         self.health_calls = getattr(self, "health_calls", 0) + 1
         return None
 
     async def info(self, timeout_s, load=False):
-        return {"pid": 4242, "loaded_at": 1.0, "cold_start_s": 2.5,
-                "footprint": {"weights": 100, "kv": 50, "working": 10, "total": 160, "measured": True}}
+        return {
+            "pid": 4242,
+            "loaded_at": 1.0,
+            "cold_start_s": 2.5,
+            "footprint": {"weights": 100, "kv": 50, "working": 10, "total": 160, "measured": True},
+        }
 
 
 def make_client(router=None, **clients):
@@ -90,7 +106,7 @@ def make_client(router=None, **clients):
 
 
 def sse_events(body: str) -> list:
-    events = [line[len("data: "):] for line in body.split("\n\n") if line.startswith("data: ")]
+    events = [line[len("data: ") :] for line in body.split("\n\n") if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     return [json.loads(e) for e in events[:-1]]
 
@@ -127,17 +143,23 @@ def test_config_rejects_bad_sampling_defaults_and_sources():
 
 def test_chat_template_is_checked_at_config_time():
     with pytest.raises(ConfigError, match=r"args.models\[0\].engine.chat_template: .*not a valid Jinja"):
-        validate_args({"models": [{"name": "a", "source": SMOLLM, "engine": {"chat_template": "{% for m in messages %}"}}]})
+        validate_args(
+            {"models": [{"name": "a", "source": SMOLLM, "engine": {"chat_template": "{% for m in messages %}"}}]}
+        )
 
 
 def test_shipped_yaml_files_validate():
-    from deployments.config import check_serve_config
-
     import yaml
     from ray.serve.schema import ServeDeploySchema
 
-    for path in ("serve_config.yaml", "configs/one_model.yaml", "configs/production.yaml",
-                 "configs/mac_mlx_community.yaml"):
+    from deployments.config import check_serve_config
+
+    for path in (
+        "serve_config.yaml",
+        "configs/one_model.yaml",
+        "configs/production.yaml",
+        "configs/mac_mlx_community.yaml",
+    ):
         ServeDeploySchema.model_validate(yaml.safe_load(open(path)))
         for cfg in check_serve_config(path):
             assert isinstance(cfg, OrchardConfig)
@@ -148,9 +170,14 @@ def test_shipped_yaml_files_validate():
 def test_build_app_binds_one_deployment_per_model():
     from ray.serve._private.build_app import build_app as serve_build
 
-    app = build_app({"models": [{"name": "a", "source": SMOLLM,
-                                 "deployment": {"env_vars": {"OPENBLAS_NUM_THREADS": "1"}}},
-                                {"name": "b/c", "source": SMOLLM}]})
+    app = build_app(
+        {
+            "models": [
+                {"name": "a", "source": SMOLLM, "deployment": {"env_vars": {"OPENBLAS_NUM_THREADS": "1"}}},
+                {"name": "b/c", "source": SMOLLM},
+            ]
+        }
+    )
     built = serve_build(app, name="orchard")
     names = {d.name: d for d in built.deployments}
     assert set(names) == {"OrchardRouter", "model-a", "model-b--c"}
@@ -191,8 +218,9 @@ def test_chat_stream_with_usage():
     async def go():
         client, _ = make_client()
         async with client:
-            return await client.post("/v1/chat/completions", json={**CHAT, "stream": True,
-                                                                   "stream_options": {"include_usage": True}})
+            return await client.post(
+                "/v1/chat/completions", json={**CHAT, "stream": True, "stream_options": {"include_usage": True}}
+            )
 
     r = run(go())
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
@@ -220,24 +248,28 @@ def test_completions_json_and_stream():
     assert "".join(e["choices"][0]["text"] for e in events) == "Hello!"
 
 
-@pytest.mark.parametrize("body,param", [
-    (b"{not json", None),
-    (b"[]", None),
-    ({"model": "m1", "messages": []}, "messages"),
-    ({"model": "m1", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature"),
-    ({"model": "m1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1.5}, "max_tokens"),
-    ({"model": "m1", "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
-    ({"model": "m1", "messages": [{"role": "user", "content": "hi"}], "bogus": 1}, "bogus"),
-    ({"model": "m1", "messages": [{"role": "user", "content": "hi"}], "n": 3}, "n"),
-    ({"messages": [{"role": "user", "content": "hi"}]}, "model"),
-])
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        (b"{not json", None),
+        (b"[]", None),
+        ({"model": "m1", "messages": []}, "messages"),
+        ({"model": "m1", "messages": [{"role": "user", "content": "hi"}], "temperature": "hot"}, "temperature"),
+        ({"model": "m1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1.5}, "max_tokens"),
+        ({"model": "m1", "messages": [{"role": "wizard", "content": "hi"}]}, "messages.0.role"),
+        ({"model": "m1", "messages": [{"role": "user", "content": "hi"}], "bogus": 1}, "bogus"),
+        ({"model": "m1", "messages": [{"role": "user", "content": "hi"}], "n": 3}, "n"),
+        ({"messages": [{"role": "user", "content": "hi"}]}, "model"),
+    ],
+)
 def test_invalid_bodies_are_400_naming_the_field(body, param):
     async def go():
         client, _ = make_client()
         async with client:
             if isinstance(body, bytes):
-                return await client.post("/v1/chat/completions", content=body,
-                                         headers={"content-type": "application/json"})
+                return await client.post(
+                    "/v1/chat/completions", content=body, headers={"content-type": "application/json"}
+                )
             return await client.post("/v1/chat/completions", json=body)
 
     r = run(go())
@@ -261,10 +293,21 @@ def test_unknown_model_is_404_naming_hosted_models():
 
 
 def test_engine_errors_map_to_status_codes():
-    overloaded = {"error": {"message": "queue full", "type": "overloaded_error", "param": None, "code": "overloaded"},
-                  "status_code": 503, "retry_after_s": 2.0}
-    invalid = {"error": {"message": "temperature: too hot", "type": "invalid_request_error",
-                         "param": "temperature", "code": None}, "status_code": 400, "retry_after_s": None}
+    overloaded = {
+        "error": {"message": "queue full", "type": "overloaded_error", "param": None, "code": "overloaded"},
+        "status_code": 503,
+        "retry_after_s": 2.0,
+    }
+    invalid = {
+        "error": {
+            "message": "temperature: too hot",
+            "type": "invalid_request_error",
+            "param": "temperature",
+            "code": None,
+        },
+        "status_code": 400,
+        "retry_after_s": None,
+    }
 
     async def go():
         client, _ = make_client(a=FakeClient("a", [overloaded]), b=FakeClient("b", [invalid]))
@@ -286,11 +329,20 @@ def test_api_key_and_body_limit():
             bad_key = await client.get("/v1/models", headers={"Authorization": "Bearer nope"})
             ok = await client.get("/v1/models", headers={"Authorization": "Bearer secret-key-123"})
             health = await client.get("/health")
-            big = await client.post("/v1/chat/completions", headers={"Authorization": "Bearer secret-key-123"},
-                                    json={**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]})
-            others = [await client.get("/metrics"), await client.post("/v1/models/m1/load"),
-                      await client.post("/v1/models/m1/unload"), await client.get("/v1/models/m1/cache"),
-                      await client.get("/v1/models/m1"), await client.get("/openapi.json"), await client.get("/docs")]
+            big = await client.post(
+                "/v1/chat/completions",
+                headers={"Authorization": "Bearer secret-key-123"},
+                json={**CHAT, "messages": [{"role": "user", "content": "x" * 5000}]},
+            )
+            others = [
+                await client.get("/metrics"),
+                await client.post("/v1/models/m1/load"),
+                await client.post("/v1/models/m1/unload"),
+                await client.get("/v1/models/m1/cache"),
+                await client.get("/v1/models/m1"),
+                await client.get("/openapi.json"),
+                await client.get("/docs"),
+            ]
         return no_key, bad_key, ok, health, big, others
 
     no_key, bad_key, ok, health, big, others = run(go())
@@ -320,19 +372,30 @@ def test_models_cache_metrics_and_unknown_routes():
         client, _ = make_client()
         async with client:
             await client.post("/v1/chat/completions", json=CHAT)
-            return (await client.get("/v1/models/m1/cache"), await client.get("/v1/models/zz/cache"),
-                    await client.get("/metrics"), await client.get("/v1/nope"), await client.get("/v1/models/m1"))
+            return (
+                await client.get("/v1/models/m1/cache"),
+                await client.get("/v1/models/zz/cache"),
+                await client.get("/metrics"),
+                await client.get("/v1/nope"),
+                await client.get("/v1/models/m1"),
+            )
 
     cache, missing, metrics, nope, card = run(go())
     assert cache.json()["cache"]["hits"] == 1 and cache.json()["engine"]["running"] == 1
     assert missing.status_code == 404
     text = metrics.text
-    for needle in ('orchard_requests_total{endpoint="chat",model="m1",status="200"} 1.0',
-                   'orchard_completion_tokens_total{model="m1"} 3.0', "orchard_time_to_first_token_seconds_bucket",
-                   "orchard_inter_token_latency_seconds_count", 'orchard_running_sequences{model="m1"} 1.0',
-                   'orchard_waiting_requests{model="m1"} 2.0', 'orchard_cache_hit_rate{model="m1"} 0.5',
-                   'orchard_cache_blocks_used{model="m1"} 4.0', 'orchard_cache_token_hit_rate{model="m1"} 0.25',
-                   'orchard_engine_stat{model="m1",stat="cache_misses"} 2.0'):
+    for needle in (
+        'orchard_requests_total{endpoint="chat",model="m1",status="200"} 1.0',
+        'orchard_completion_tokens_total{model="m1"} 3.0',
+        "orchard_time_to_first_token_seconds_bucket",
+        "orchard_inter_token_latency_seconds_count",
+        'orchard_running_sequences{model="m1"} 1.0',
+        'orchard_waiting_requests{model="m1"} 2.0',
+        'orchard_cache_hit_rate{model="m1"} 0.5',
+        'orchard_cache_blocks_used{model="m1"} 4.0',
+        'orchard_cache_token_hit_rate{model="m1"} 0.25',
+        'orchard_engine_stat{model="m1",stat="cache_misses"} 2.0',
+    ):
         assert needle in text, needle
     assert nope.status_code == 404 and "error" in nope.json()
     assert card.json()["id"] == "m1"
@@ -347,8 +410,10 @@ def test_api_key_from_environment(monkeypatch):
     async def go():
         client, _ = make_client({"api_key_env": "ORCHARD_TEST_KEY"})
         async with client:
-            return (await client.get("/v1/models"),
-                    await client.get("/v1/models", headers={"Authorization": "Bearer from-the-env-123"}))
+            return (
+                await client.get("/v1/models"),
+                await client.get("/v1/models", headers={"Authorization": "Bearer from-the-env-123"}),
+            )
 
     denied, allowed = run(go())
     assert denied.status_code == 401 and allowed.status_code == 200
@@ -399,8 +464,14 @@ class _Handle:
         return self.streams.pop(0)
 
 
-CHUNK = {"text": "hi", "n_tokens": 1, "finish_reason": "stop", "usage": {"completion_tokens": 1},
-         "request_id": "r", "prompt_tokens": 3}
+CHUNK = {
+    "text": "hi",
+    "n_tokens": 1,
+    "finish_reason": "stop",
+    "usage": {"completion_tokens": 1},
+    "request_id": "r",
+    "prompt_tokens": 3,
+}
 
 
 def test_a_request_whose_replica_is_lost_before_its_first_token_is_sent_again():
@@ -412,15 +483,29 @@ def test_a_request_whose_replica_is_lost_before_its_first_token_is_sent_again():
         handle = _Handle(streams)
         client = RayModelClient("m1", handle, RouterConfig())
         now = time.monotonic()
-        return handle, run(client.start(GenerateRequest(PromptInput(text="hi"), request_id="chatcmpl-1"), now, now + 30))
+        return handle, run(
+            client.start(GenerateRequest(PromptInput(text="hi"), request_id="chatcmpl-1"), now, now + 30)
+        )
 
     lost = [_Stream(error=ActorUnavailableError("node gone", None)), _Stream(error=ActorDiedError())]
     handle, call = start(lost + [_Stream([CHUNK])])
     assert handle.sent == 3 and call._first == CHUNK and all(s.cancelled for s in lost)
     assert len(set(handle.request_ids)) == 3  # each resend under its own engine id (a live replica keeps the first)
     with pytest.raises(ApiError) as refused:  # the request's own error is never resent
-        start([_Stream([{"error": {"message": "bad", "type": "invalid_request_error", "param": None, "code": None},
-                         "status_code": 400, "retry_after_s": None}]), _Stream([CHUNK])])
+        start(
+            [
+                _Stream(
+                    [
+                        {
+                            "error": {"message": "bad", "type": "invalid_request_error", "param": None, "code": None},
+                            "status_code": 400,
+                            "retry_after_s": None,
+                        }
+                    ]
+                ),
+                _Stream([CHUNK]),
+            ]
+        )
     assert refused.value.status_code == 400
     handle = _Handle([_Stream(error=ActorDiedError()) for _ in range(3)] + [_Stream([CHUNK])])
     with pytest.raises(ApiError) as gone:  # every attempt lost: a clean 503, not a hang
@@ -441,19 +526,35 @@ def governed_client(replicas: dict[str, dict], **clients):
 
     from deployments.model_directory import ModelDirectory
 
-    facts = {n: {"deployment": f"model-{n}", "load": "on_demand", "keep_alive_s": 60.0, "load_timeout_s": 0.3,
-                 "footprint_bytes": 1000, "replicas": 1} for n in clients}
-    status = SimpleNamespace(applications={"orchard": SimpleNamespace(deployments={
-        f"model-{n}": SimpleNamespace(replica_states=replicas.get(n, {})) for n in clients})})
-    directory = ModelDirectory(facts, 5000, lambda n: clients[n].info(1.0), app_name="orchard",
-                               read_status=lambda: status)
+    facts = {
+        n: {
+            "deployment": f"model-{n}",
+            "load": "on_demand",
+            "keep_alive_s": 60.0,
+            "load_timeout_s": 0.3,
+            "footprint_bytes": 1000,
+            "replicas": 1,
+        }
+        for n in clients
+    }
+    status = SimpleNamespace(
+        applications={
+            "orchard": SimpleNamespace(
+                deployments={f"model-{n}": SimpleNamespace(replica_states=replicas.get(n, {})) for n in clients}
+            )
+        }
+    )
+    directory = ModelDirectory(
+        facts, 5000, lambda n: clients[n].info(1.0), app_name="orchard", read_status=lambda: status
+    )
     core = RouterCore(RouterConfig.model_validate({}), clients, directory)
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(core)), base_url="http://test"), core
 
 
 async def test_models_list_shows_states_bytes_and_the_budget():
-    client, core = governed_client({"m1": {"RUNNING": 1}, "m2": {"STARTING": 1}},
-                                   m1=FakeClient("m1"), m2=FakeClient("m2"), m3=FakeClient("m3"))
+    client, core = governed_client(
+        {"m1": {"RUNNING": 1}, "m2": {"STARTING": 1}}, m1=FakeClient("m1"), m2=FakeClient("m2"), m3=FakeClient("m3")
+    )
     await core.directory.refresh()
     async with client:
         body = (await client.get("/v1/models")).json()
@@ -493,10 +594,19 @@ async def test_a_reloaded_model_never_shows_the_old_replicas_pid_or_misses_a_loa
         return {"pid": pid, "loaded_at": float(pid), "cold_start_s": 1.0, "footprint": {"total": 10}}
 
     replicas = {"RUNNING": 1}
-    status = SimpleNamespace(applications={"orchard": SimpleNamespace(deployments={
-        "model-m1": SimpleNamespace(replica_states=replicas)})})
-    facts = {"m1": {"deployment": "model-m1", "load": "on_demand", "keep_alive_s": 60.0, "load_timeout_s": 1.0,
-                    "footprint_bytes": 10, "replicas": 1}}
+    status = SimpleNamespace(
+        applications={"orchard": SimpleNamespace(deployments={"model-m1": SimpleNamespace(replica_states=replicas)})}
+    )
+    facts = {
+        "m1": {
+            "deployment": "model-m1",
+            "load": "on_demand",
+            "keep_alive_s": 60.0,
+            "load_timeout_s": 1.0,
+            "footprint_bytes": 10,
+            "replicas": 1,
+        }
+    }
     directory = ModelDirectory(facts, 5000, info, app_name="orchard", read_status=lambda: status)
     await directory.refresh()
     replicas.clear()  # it unloads
@@ -523,12 +633,29 @@ async def test_a_router_polls_ray_serve_slowly_unless_a_request_may_start_a_load
     monkeypatch.setattr(model_directory, "POLL_S", 0.05)
     monkeypatch.setattr(model_directory, "ACTIVE_S", 0.3)
     polls = []
-    status = SimpleNamespace(applications={"orchard": SimpleNamespace(deployments={
-        "model-m1": SimpleNamespace(replica_states={"RUNNING": 1})})})
-    facts = {name: {"deployment": f"model-{name}", "load": "eager", "keep_alive_s": 60.0, "load_timeout_s": 1.0,
-                    "footprint_bytes": 1000, "replicas": 1} for name in ("m1", "m2")}
-    directory = ModelDirectory(facts, 5000, FakeClient("m1").info, app_name="orchard",
-                               read_status=lambda: polls.append(time.monotonic()) or status)
+    status = SimpleNamespace(
+        applications={
+            "orchard": SimpleNamespace(deployments={"model-m1": SimpleNamespace(replica_states={"RUNNING": 1})})
+        }
+    )
+    facts = {
+        name: {
+            "deployment": f"model-{name}",
+            "load": "eager",
+            "keep_alive_s": 60.0,
+            "load_timeout_s": 1.0,
+            "footprint_bytes": 1000,
+            "replicas": 1,
+        }
+        for name in ("m1", "m2")
+    }
+    directory = ModelDirectory(
+        facts,
+        5000,
+        FakeClient("m1").info,
+        app_name="orchard",
+        read_status=lambda: polls.append(time.monotonic()) or status,
+    )
     directory.start()
     await asyncio.sleep(0.3)
     idle_polls = len(polls)

@@ -30,9 +30,10 @@ def run(coro):
 def sse_events(body: str) -> list:
     import json
 
-    events = [line[len("data: "):] for line in body.split("\n\n") if line.startswith("data: ")]
+    events = [line[len("data: ") :] for line in body.split("\n\n") if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     return [json.loads(e) for e in events[:-1]]
+
 
 # --- coalescing on the model side ---------------------------------------------------------------
 
@@ -101,11 +102,23 @@ def real():
     from deployments.app import bind_model, plan_model
     from deployments.model_client import RayModelClient
 
-    cfg = validate_args({"models": [{"name": "smollm2", "source": SMOLLM, "stream_window_ms": 20, "allow_ignore_eos": True,
-                                     "engine": {"max_num_seqs": 8, "max_waiting": 8}}]})
+    cfg = validate_args(
+        {
+            "models": [
+                {
+                    "name": "smollm2",
+                    "source": SMOLLM,
+                    "stream_window_ms": 20,
+                    "allow_ignore_eos": True,
+                    "engine": {"max_num_seqs": 8, "max_waiting": 8},
+                }
+            ]
+        }
+    )
     budget = cfg.memory.budget_bytes()
-    handle = serve.run(bind_model(plan_model(cfg.models[0], budget), budget), name="orchard-test",
-                       _local_testing_mode=True)
+    handle = serve.run(
+        bind_model(plan_model(cfg.models[0], budget), budget), name="orchard-test", _local_testing_mode=True
+    )
     client = RayModelClient("smollm2", handle, cfg.router)
     core = RouterCore(cfg.router, {"smollm2": client})
     yield core, client, handle
@@ -116,8 +129,12 @@ def http(core):
     return httpx.AsyncClient(transport=httpx.ASGITransport(app=create_app(core)), base_url="http://test", timeout=120)
 
 
-GREEDY = {"model": "smollm2", "messages": [{"role": "user", "content": "What is the capital of France?"}],
-          "max_tokens": 10, "temperature": 0}
+GREEDY = {
+    "model": "smollm2",
+    "messages": [{"role": "user", "content": "What is the capital of France?"}],
+    "max_tokens": 10,
+    "temperature": 0,
+}
 
 
 def test_real_chat_json_and_stream_agree(real):
@@ -126,8 +143,9 @@ def test_real_chat_json_and_stream_agree(real):
     async def go():
         async with http(core) as c:
             a = await c.post("/v1/chat/completions", json=GREEDY)
-            b = await c.post("/v1/chat/completions", json={**GREEDY, "stream": True,
-                                                           "stream_options": {"include_usage": True}})
+            b = await c.post(
+                "/v1/chat/completions", json={**GREEDY, "stream": True, "stream_options": {"include_usage": True}}
+            )
         return a, b
 
     a, b = run(go())
@@ -172,8 +190,9 @@ def test_real_engine_errors_are_400(real):
             hot = await c.post("/v1/chat/completions", json={**GREEDY, "temperature": 5})
             top_p = await c.post("/v1/chat/completions", json={**GREEDY, "top_p": 0})
             long = await c.post("/v1/completions", json={"model": "smollm2", "prompt": [1] * 9000, "max_tokens": 1})
-            zero = await c.post("/v1/completions", json={"model": "smollm2", "prompt": "x", "max_tokens": 0,
-                                                         "stream": True})
+            zero = await c.post(
+                "/v1/completions", json={"model": "smollm2", "prompt": "x", "max_tokens": 0, "stream": True}
+            )
         return hot, top_p, long, zero
 
     for r, param in zip(run(go()), ("temperature", "top_p", None, "max_tokens")):
@@ -188,8 +207,11 @@ def test_real_disconnect_aborts_in_the_engine(real):
 
     async def go():
         before = await client.stats(10)
-        request = GenerateRequest(PromptInput(text="Count from one to a hundred:"),
-                                  {"max_tokens": 200, "temperature": 0, "ignore_eos": True}, request_id="abort-me")
+        request = GenerateRequest(
+            PromptInput(text="Count from one to a hundred:"),
+            {"max_tokens": 200, "temperature": 0, "ignore_eos": True},
+            request_id="abort-me",
+        )
         call = await client.start(request, time.monotonic(), time.monotonic() + 60)
         async for _chunk in call:
             break
@@ -212,8 +234,15 @@ def test_real_concurrent_requests_and_metrics(real):
 
     async def go():
         async with http(core) as c:
-            rs = await asyncio.gather(*(c.post("/v1/chat/completions", json={
-                **GREEDY, "messages": [{"role": "user", "content": p}], "max_tokens": 6}) for p in prompts))
+            rs = await asyncio.gather(
+                *(
+                    c.post(
+                        "/v1/chat/completions",
+                        json={**GREEDY, "messages": [{"role": "user", "content": p}], "max_tokens": 6},
+                    )
+                    for p in prompts
+                )
+            )
             return rs, await c.get("/metrics"), await c.get("/health"), await c.get("/v1/models/smollm2/cache")
 
     rs, metrics, health, cache = run(go())

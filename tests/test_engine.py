@@ -16,7 +16,6 @@ from engine.sampling import SamplingParams
 from .conftest import SMOLLM
 
 
-
 def chat(q: str) -> PromptInput:
     return PromptInput(messages=[{"role": "user", "content": q}])
 
@@ -63,7 +62,9 @@ async def test_seed_reproducible_inside_a_batch(engine):
 
 
 async def test_stop_string_is_not_returned(engine):
-    text, _, outs = await run(engine, chat("Count from 1 to 10, separated by commas."), temperature=0, max_tokens=40, stop=["5"])
+    text, _, outs = await run(
+        engine, chat("Count from 1 to 10, separated by commas."), temperature=0, max_tokens=40, stop=["5"]
+    )
     unstopped, _, _ = await run(engine, chat("Count from 1 to 10, separated by commas."), temperature=0, max_tokens=40)
     assert "5" in unstopped
     assert outs[-1].finish_reason == "stop"
@@ -157,8 +158,10 @@ async def test_simple_mode_queues_in_fifo_order():
 def test_config_chat_template_lets_a_base_model_chat(smollm):
     from engine.prompts import encode_prompt
 
-    template = "{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}" \
-               "{% if add_generation_prompt %}[assistant] {% endif %}"
+    template = (
+        "{{ bos_token }}{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+        "{% if add_generation_prompt %}[assistant] {% endif %}"
+    )
     ids = encode_prompt(smollm.tokenizer, chat("hi"), template)
     assert smollm.tokenizer.decode(ids) == f"{smollm.tokenizer.bos_token}[user] hi\n[assistant] "
 
@@ -177,8 +180,9 @@ async def test_a_stream_whose_event_loop_closed_does_not_kill_the_engine(engine)
         loop = asyncio.new_event_loop()
 
         async def start():
-            stream = engine.submit(chat("Write a long essay about the sea."),
-                                   SamplingParams(temperature=0, max_tokens=60, ignore_eos=True))
+            stream = engine.submit(
+                chat("Write a long essay about the sea."), SamplingParams(temperature=0, max_tokens=60, ignore_eos=True)
+            )
             await stream.__anext__()
 
         loop.run_until_complete(start())
@@ -222,19 +226,26 @@ async def test_a_request_that_cannot_start_fails_alone(engine, monkeypatch):
             if params.seed == 666:
                 raise ValueError("no such seed")
             return real(params)
+
         return build
 
     monkeypatch.setattr(scheduler_module, "make_sampler", picky(scheduler_module.make_sampler))
     monkeypatch.setattr(batch_loop_module, "row_key", picky(batch_loop_module.row_key))
-    await fails_alone(engine, SamplingParams(temperature=0, max_tokens=4, seed=666), InvalidRequestError,
-                      "no such seed", neighbour_tokens=8)
+    await fails_alone(
+        engine,
+        SamplingParams(temperature=0, max_tokens=4, seed=666),
+        InvalidRequestError,
+        "no such seed",
+        neighbour_tokens=8,
+    )
     assert engine.stats()["rejected"] >= 1
 
 
 async def fails_alone(engine, bad: SamplingParams, error: type, match: str, neighbour_tokens: int) -> None:
     """A request with `bad` ends with `error` while a neighbour submitted beside it finishes in full."""
-    neighbour = engine.submit(chat("Write a long essay about the moon."),
-                              SamplingParams(temperature=0, max_tokens=neighbour_tokens))
+    neighbour = engine.submit(
+        chat("Write a long essay about the moon."), SamplingParams(temperature=0, max_tokens=neighbour_tokens)
+    )
     failing = engine.submit(chat("Write a long essay about the sun."), bad)
     with pytest.raises(error, match=match):
         async for _ in failing:
@@ -278,8 +289,13 @@ async def _fail_one_request_beside_a_neighbour(engine, monkeypatch, add):
     warm = chat("Write a long essay about the sea.")
     await run(engine, warm, temperature=0, max_tokens=4)  # now cached
     monkeypatch.setattr(TextStream, "add", add)
-    await fails_alone(engine, SamplingParams(temperature=0, max_tokens=16, stop=["BOOM"]), RequestFailedError,
-                      "detokenizer exploded", neighbour_tokens=16)
+    await fails_alone(
+        engine,
+        SamplingParams(temperature=0, max_tokens=16, stop=["BOOM"]),
+        RequestFailedError,
+        "detokenizer exploded",
+        neighbour_tokens=16,
+    )
     cache = engine.stats()["cache"]
     assert cache["live_sequences"] == 0 and cache["blocks_used"] == 0  # the failed request's blocks are back
     _, _, outs = await run(engine, warm, temperature=0, max_tokens=4)
@@ -335,8 +351,10 @@ async def test_the_pipelined_loop_gives_the_same_tokens_as_the_unpipelined_one()
         want[1] = (await run(base, chat(SEED_QUESTIONS[1]), **stopper))[1]
         assert want[1] == probe[:3]  # the stop token itself is not output
 
-        first = [eng.submit(chat(q), SamplingParams(**(stopper if i == 1 else dict(temperature=0, max_tokens=12))))
-                 for i, q in enumerate(SEED_QUESTIONS[:4])]
+        first = [
+            eng.submit(chat(q), SamplingParams(**(stopper if i == 1 else dict(temperature=0, max_tokens=12))))
+            for i, q in enumerate(SEED_QUESTIONS[:4])
+        ]
         heads = [await s.__anext__() for s in first]
         late = eng.submit(chat(SEED_QUESTIONS[4]), SamplingParams(temperature=0, max_tokens=12))
         rests = await asyncio.gather(*(collect(s) for s in [*first, late]))

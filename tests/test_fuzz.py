@@ -14,22 +14,58 @@ from hypothesis import strategies as st
 
 from .test_deployments import LOOP, make_client
 
-FIELDS = ["max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k",
-          "min_p", "seed", "stop", "stop_token_ids", "stream", "stream_options", "n", "user", "logprobs", "tools",
-          "presence_penalty", "frequency_penalty", "repetition_penalty", "ignore_eos", "echo", "response_format"]
-scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.integers(min_value=-(2**70), max_value=2**70),
-                    st.floats(allow_nan=True, allow_infinity=True), st.text(max_size=20))
-values = st.recursive(scalars, lambda inner: st.one_of(st.lists(inner, max_size=4),
-                                                       st.dictionaries(st.text(max_size=8), inner, max_size=4)),
-                      max_leaves=12)
-message = st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "tool", "x"]),
-                                 "content": st.one_of(st.text(max_size=30), values)})
+FIELDS = [
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "min_p",
+    "seed",
+    "stop",
+    "stop_token_ids",
+    "stream",
+    "stream_options",
+    "n",
+    "user",
+    "logprobs",
+    "tools",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+    "ignore_eos",
+    "echo",
+    "response_format",
+]
+scalars = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(),
+    st.integers(min_value=-(2**70), max_value=2**70),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=20),
+)
+values = st.recursive(
+    scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=4)),
+    max_leaves=12,
+)
+message = st.fixed_dictionaries(
+    {
+        "role": st.sampled_from(["user", "system", "assistant", "tool", "x"]),
+        "content": st.one_of(st.text(max_size=30), values),
+    }
+)
 body = st.one_of(
     values,
-    st.fixed_dictionaries({"model": st.sampled_from(["m1", "nope"]), "messages": st.lists(message, max_size=3)},
-                          optional={f: values for f in FIELDS + ["prompt"]}),
-    st.fixed_dictionaries({"model": st.just("m1"), "prompt": st.one_of(st.text(max_size=30), values)},
-                          optional={f: values for f in FIELDS + ["messages"]}),
+    st.fixed_dictionaries(
+        {"model": st.sampled_from(["m1", "nope"]), "messages": st.lists(message, max_size=3)},
+        optional={f: values for f in FIELDS + ["prompt"]},
+    ),
+    st.fixed_dictionaries(
+        {"model": st.just("m1"), "prompt": st.one_of(st.text(max_size=30), values)},
+        optional={f: values for f in FIELDS + ["messages"]},
+    ),
 )
 
 

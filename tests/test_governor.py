@@ -64,9 +64,20 @@ def test_the_cluster_nodes_are_read_from_ray_at_most_every_few_seconds():
     from deployments.governor import ClusterNodes
 
     calls = []
-    nodes = [{"NodeID": "n1", "Alive": True, "Resources": {"memory": 3e9, "CPU": 4.0, "apple_gpu": 1.0,
-                                                            "node:10.0.0.1": 1.0, "object_store_memory": 1e9}},
-             {"NodeID": "n2", "Alive": False, "Resources": {"memory": 5e9}}]
+    nodes = [
+        {
+            "NodeID": "n1",
+            "Alive": True,
+            "Resources": {
+                "memory": 3e9,
+                "CPU": 4.0,
+                "apple_gpu": 1.0,
+                "node:10.0.0.1": 1.0,
+                "object_store_memory": 1e9,
+            },
+        },
+        {"NodeID": "n2", "Alive": False, "Resources": {"memory": 5e9}},
+    ]
     read = ClusterNodes(every_s=5.0, nodes=lambda: calls.append(1) or nodes)
     n1 = {"memory": 3_000_000_000, "apple_gpu": 1.0}  # what replicas hold: not CPUs, not Ray's own
     assert read(100.0) == {"n1": n1} and read(103.0) == {"n1": n1} and len(calls) == 1
@@ -88,14 +99,14 @@ def test_per_node_a_replica_loads_only_where_one_node_has_room_for_it():
     held = [loaded("a", 500, demand=1, nodes=("n1",)), loaded("b", 500, demand=1, nodes=("n2",))]  # busy
     assert plan([*held, cold("big", 800)], 4000 * MiB, nodes=NODES).targets == {}
     assert plan([*held, cold("big", 800)], 4000 * MiB).targets == {"big": 1}  # one total: it would load
-    assert plan([*held, cold("s", 400), cold("t", 400, since=2.0)], 4000 * MiB, nodes=NODES).targets == {
-        "s": 1, "t": 1}
+    assert plan([*held, cold("s", 400), cold("t", 400, since=2.0)], 4000 * MiB, nodes=NODES).targets == {"s": 1, "t": 1}
     assert plan([*held, cold("s", 400), cold("t", 600, since=2.0)], 4000 * MiB, nodes=NODES).targets == {"s": 1}
 
 
 def test_per_node_a_models_replicas_each_need_a_node_with_room():
     def two():
         return ModelUsage("two", 600 * MiB, 2, demand=1, waiting_since=1.0)
+
     assert plan([two()], 4000 * MiB, nodes=mem(n1=1500, n2=100)).targets == {"two": 2}
     assert plan([two()], 4000 * MiB, nodes=NODES).targets == {"two": 2}
     assert plan([two()], 4000 * MiB, nodes=mem(n1=1100, n2=500)).targets == {}
@@ -123,12 +134,21 @@ def test_per_node_replicas_on_a_lost_node_must_find_room_on_the_live_ones():
 def test_the_policy_reads_each_replicas_node_and_its_reservation():
     from deployments import governor
 
-    kwargs = governor_kwargs(model="m", budget_bytes=4000 * MiB, footprint_bytes=500 * MiB, full=2,
-                             keep_alive_s=60.0, per_node=True)
-    ctx = SimpleNamespace(config=SimpleNamespace(policy=SimpleNamespace(policy_kwargs=kwargs)), policy_state={},
-                          aggregated_metrics={"footprint_bytes": {"r1": 700.0 * MiB, "r2": 700.0 * MiB},
-                                              "on_node:n1": {"r1": 1.0}, "on_node:n2": {"r2": 1.0}},
-                          total_num_requests=0, current_num_replicas=2, target_num_replicas=2)
+    kwargs = governor_kwargs(
+        model="m", budget_bytes=4000 * MiB, footprint_bytes=500 * MiB, full=2, keep_alive_s=60.0, per_node=True
+    )
+    ctx = SimpleNamespace(
+        config=SimpleNamespace(policy=SimpleNamespace(policy_kwargs=kwargs)),
+        policy_state={},
+        aggregated_metrics={
+            "footprint_bytes": {"r1": 700.0 * MiB, "r2": 700.0 * MiB},
+            "on_node:n1": {"r1": 1.0},
+            "on_node:n2": {"r2": 1.0},
+        },
+        total_num_requests=0,
+        current_num_replicas=2,
+        target_num_replicas=2,
+    )
     usage, _ = governor._usage(ctx, 10.0)
     assert sorted(usage.nodes) == ["n1", "n2"] and usage.reserve == 500 * MiB and usage.footprint == 700 * MiB
     assert sorted(usage.placements) == ["n1", "n2"] and usage.need == {"memory": 500 * MiB}
@@ -159,11 +179,23 @@ def test_max_replicas_per_node_spreads_a_models_replicas():
 def test_the_policy_reads_a_replicas_custom_resources_and_cap_and_places_without_per_node_memory():
     from deployments import governor
 
-    kwargs = governor_kwargs(model="m", budget_bytes=4000 * MiB, footprint_bytes=500 * MiB, full=1,
-                             keep_alive_s=60.0, resources={"apple_gpu": 1.0}, max_replicas_per_node=1)
-    ctx = SimpleNamespace(config=SimpleNamespace(policy=SimpleNamespace(policy_kwargs=kwargs)), policy_state={},
-                          aggregated_metrics={"on_node:n1": {"r1": 1.0}}, total_num_requests=0,
-                          current_num_replicas=1, target_num_replicas=1)
+    kwargs = governor_kwargs(
+        model="m",
+        budget_bytes=4000 * MiB,
+        footprint_bytes=500 * MiB,
+        full=1,
+        keep_alive_s=60.0,
+        resources={"apple_gpu": 1.0},
+        max_replicas_per_node=1,
+    )
+    ctx = SimpleNamespace(
+        config=SimpleNamespace(policy=SimpleNamespace(policy_kwargs=kwargs)),
+        policy_state={},
+        aggregated_metrics={"on_node:n1": {"r1": 1.0}},
+        total_num_requests=0,
+        current_num_replicas=1,
+        target_num_replicas=1,
+    )
     usage, state = governor._usage(ctx, 10.0)
     assert usage.resources == (("apple_gpu", 1.0),) and usage.max_per_node == 1
     assert state["placed"] and not state["per_node"]  # nodes are read, their memory is not checked
@@ -184,8 +216,12 @@ def test_cold_models_are_served_first_come_first_served():
 
 
 def test_keep_alive_unloads_idle_models_only():
-    models = [loaded("old", idle=301, keep_alive_s=300), loaded("fresh", idle=299, keep_alive_s=300),
-              loaded("busy", idle=999, keep_alive_s=300, demand=1), loaded("pinned", idle=999, keep_alive_s=None)]
+    models = [
+        loaded("old", idle=301, keep_alive_s=300),
+        loaded("fresh", idle=299, keep_alive_s=300),
+        loaded("busy", idle=999, keep_alive_s=300, demand=1),
+        loaded("pinned", idle=999, keep_alive_s=None),
+    ]
     assert plan(models, 10_000 * MiB).targets == {"old": 0}
 
 
@@ -206,18 +242,23 @@ def test_an_operator_unload_waits_until_the_model_is_idle():
 
 
 def ctx(name, *, replicas=0, target=0, requests=0.0, metrics=None, state=None, budget=2000, mb=800, keep=600.0):
-    kwargs = governor_kwargs(model=name, budget_bytes=budget * MiB, footprint_bytes=mb * MiB, full=1,
-                             keep_alive_s=keep)
+    kwargs = governor_kwargs(model=name, budget_bytes=budget * MiB, footprint_bytes=mb * MiB, full=1, keep_alive_s=keep)
     return SimpleNamespace(
-        config=SimpleNamespace(policy=SimpleNamespace(policy_kwargs=kwargs)), policy_state=state or {},
-        aggregated_metrics=metrics or {}, total_num_requests=requests, current_num_replicas=replicas,
+        config=SimpleNamespace(policy=SimpleNamespace(policy_kwargs=kwargs)),
+        policy_state=state or {},
+        aggregated_metrics=metrics or {},
+        total_num_requests=requests,
+        current_num_replicas=replicas,
         target_num_replicas=target,
     )
 
 
 def test_policy_omits_a_waiting_cold_model_so_ray_does_not_start_it():
-    contexts = {"A": ctx("a", replicas=1, target=1, requests=1), "B": ctx("b", replicas=1, target=1, requests=1),
-                "C": ctx("c", requests=3)}
+    contexts = {
+        "A": ctx("a", replicas=1, target=1, requests=1),
+        "B": ctx("b", replicas=1, target=1, requests=1),
+        "C": ctx("c", requests=3),
+    }
     targets, states = governor_policy(contexts)
     assert targets == {} and states["C"]["waiting_since"] is not None
 
@@ -228,8 +269,7 @@ def test_policy_learns_the_measured_footprint_and_keeps_it_after_unload():
     assert states["A"]["footprint"] == 500 * MiB
     states["A"]["target"] = 0  # unloaded long ago
     # unloaded now: no replica reports anything, the learned footprint decides whether c fits
-    contexts = {"A": ctx("a", state=states["A"], requests=1), "B": ctx("b", replicas=1, target=1, requests=1,
-                                                                           mb=1400)}
+    contexts = {"A": ctx("a", state=states["A"], requests=1), "B": ctx("b", replicas=1, target=1, requests=1, mb=1400)}
     targets, _ = governor_policy(contexts)
     assert targets == {"A": 1}  # 500 + 1400 <= 2000, though the 800 MiB estimate would not fit
 
@@ -238,8 +278,11 @@ def test_policy_keeps_counting_an_unloaded_model_until_its_process_is_gone():
     _, states = governor_policy({"A": ctx("a", replicas=1, target=1)})
     _, states = governor_policy({"A": ctx("a", state=states["A"])})  # Ray took it to 0 replicas
     released_at = states["A"]["released_at"]
-    contexts = {"A": ctx("a", state=states["A"]), "B": ctx("b", replicas=1, target=1, requests=1, mb=1000),
-                "C": ctx("c", requests=1)}
+    contexts = {
+        "A": ctx("a", state=states["A"]),
+        "B": ctx("b", replicas=1, target=1, requests=1, mb=1000),
+        "C": ctx("c", requests=1),
+    }
     assert governor_policy(contexts)[0] == {}
     states["A"]["released_at"] = released_at - RELEASE_S
     contexts["A"] = ctx("a", state=states["A"])
@@ -249,8 +292,9 @@ def test_policy_keeps_counting_an_unloaded_model_until_its_process_is_gone():
 # --- config and the builder's budget checks ----------------------------------------------------
 
 
-@pytest.mark.parametrize("text,seconds", [(300, 300.0), ("30s", 30.0), ("5m", 300.0), ("1.5h", 5400.0),
-                                          ("forever", None), (-1, None)])
+@pytest.mark.parametrize(
+    "text,seconds", [(300, 300.0), ("30s", 30.0), ("5m", 300.0), ("1.5h", 5400.0), ("forever", None), (-1, None)]
+)
 def test_keep_alive_durations(text, seconds):
     assert parse_keep_alive(text) == seconds
 
@@ -267,9 +311,15 @@ def test_a_model_larger_than_the_budget_is_a_config_error_naming_it_and_the_numb
 
 
 def test_eager_models_over_the_budget_are_a_config_error():
-    cfg = validate_args({"memory": {"budget_mb": 1500}, "models": [
-        {"name": "a", "source": SMOL, "engine": {"cache_memory_mb": 64}},
-        {"name": "b", "source": SMOL, "engine": {"cache_memory_mb": 64}}]})
+    cfg = validate_args(
+        {
+            "memory": {"budget_mb": 1500},
+            "models": [
+                {"name": "a", "source": SMOL, "engine": {"cache_memory_mb": 64}},
+                {"name": "b", "source": SMOL, "engine": {"cache_memory_mb": 64}},
+            ],
+        }
+    )
     budget = cfg.memory.budget_bytes()
     plans = [plan_model(m, budget) for m in cfg.models]
     with pytest.raises(ConfigError, match="the eager models need"):
@@ -278,8 +328,12 @@ def test_eager_models_over_the_budget_are_a_config_error():
 
 
 def test_the_kv_budget_is_a_share_of_the_host_budget():
-    cfg = validate_args({"memory": {"budget_mb": 4000},
-                         "models": [{"name": "a", "source": SMOL, "engine": {"cache_memory_percent": 0.1}}]})
+    cfg = validate_args(
+        {
+            "memory": {"budget_mb": 4000},
+            "models": [{"name": "a", "source": SMOL, "engine": {"cache_memory_percent": 0.1}}],
+        }
+    )
     p = plan_model(cfg.models[0], cfg.memory.budget_bytes())
     assert p.engine["cache_memory_mb"] == 400
     assert p.footprint_bytes > 400 * MiB + 500 * MiB  # KV + SmolLM2's float32 weights + working memory

@@ -67,8 +67,9 @@ def wait_until(check, timeout_s: float = 30.0, what: str = "condition"):
 
 def ask(client, model: str, max_tokens: int = 10) -> str:
     if model == "gemma":  # a base model: completions
-        r = client.completions.create(model=model, prompt="The capital of France is", max_tokens=max_tokens,
-                                      temperature=0)
+        r = client.completions.create(
+            model=model, prompt="The capital of France is", max_tokens=max_tokens, temperature=0
+        )
         return r.choices[0].text
     r = client.chat.completions.create(model=model, messages=QUESTION, max_tokens=max_tokens, temperature=0)
     return r.choices[0].message.content
@@ -107,9 +108,15 @@ class Stream(threading.Thread):
     def run(self):
         c = openai.OpenAI(base_url=f"{BASE}/v1", api_key="unused", max_retries=0, timeout=300)
         try:
-            stream = c.completions.create(model=self.model, prompt="Count from one to one thousand:",
-                                          max_tokens=self.max_tokens, temperature=0, stream=True,
-                                          stream_options={"include_usage": True}, extra_body={"ignore_eos": True})
+            stream = c.completions.create(
+                model=self.model,
+                prompt="Count from one to one thousand:",
+                max_tokens=self.max_tokens,
+                temperature=0,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True},
+            )
             finish, usage = None, None
             for chunk in stream:
                 self.started.set()
@@ -149,8 +156,12 @@ def test_2_five_concurrent_requests_for_a_cold_model_cause_one_load():
 
     async def go():
         async with openai.AsyncOpenAI(base_url=f"{BASE}/v1", api_key="unused", max_retries=0, timeout=240) as c:
-            return await asyncio.gather(*(c.chat.completions.create(
-                model="tiny-a", messages=QUESTION, max_tokens=10, temperature=0) for _ in range(5)))
+            return await asyncio.gather(
+                *(
+                    c.chat.completions.create(model="tiny-a", messages=QUESTION, max_tokens=10, temperature=0)
+                    for _ in range(5)
+                )
+            )
 
     answers = {r.choices[0].message.content for r in asyncio.run(go())}
     assert len(answers) == 1 and "Paris" in answers.pop()
@@ -199,8 +210,9 @@ def test_4_no_room_in_time_is_a_503_with_retry_after_and_nothing_else_is_disturb
 
 def test_5_keep_alive_unloads_the_model_and_its_memory_is_returned(client):
     assert "Paris" in ask(client, "tiny-e")  # keep_alive: 4s
-    card = wait_until(lambda: models()["tiny-e"] if models()["tiny-e"]["state"] == "loaded" else None, 10,
-                      "tiny-e to show as loaded")
+    card = wait_until(
+        lambda: models()["tiny-e"] if models()["tiny-e"]["state"] == "loaded" else None, 10, "tiny-e to show as loaded"
+    )
     pid = card["pid"]
     rss = psutil.Process(pid).memory_info().rss
     assert rss > card["footprint"]["weights"] * 0.9  # its float32 weights live in that process
@@ -230,8 +242,9 @@ def test_6b_a_request_that_arrives_while_its_model_unloads_is_answered(client):
     assert "Paris" in ask(client, "tiny-b")  # right behind the unload: answered, by this replica or a new one
     wait_until(lambda: states()["tiny-b"] == "unloaded", 30, "tiny-b to unload once idle")
     assert "Paris" in ask(client, "tiny-b")  # and loaded again on demand
-    card = wait_until(lambda: models()["tiny-b"] if models()["tiny-b"]["state"] == "loaded" else None, 10,
-                      "tiny-b to show as loaded")
+    card = wait_until(
+        lambda: models()["tiny-b"] if models()["tiny-b"]["state"] == "loaded" else None, 10, "tiny-b to show as loaded"
+    )
     assert card["loads"] >= before + 2  # the operator's load, then the load on demand
 
 
@@ -251,8 +264,11 @@ def test_8_a_load_that_fails_is_a_503_with_the_reason_and_nothing_else_is_distur
         ask(client, "broken")  # a truncated GGUF file
     assert info.value.status_code == 503 and info.value.body["message"]
     assert time.monotonic() - start < 60
-    card = wait_until(lambda: models()["broken"] if models()["broken"].get("load_error") else None, 60,
-                      "Ray to report the failed load")
+    card = wait_until(
+        lambda: models()["broken"] if models()["broken"].get("load_error") else None,
+        60,
+        "Ray to report the failed load",
+    )
     with pytest.raises(openai.InternalServerError) as info:
         ask(client, "broken")  # now answered at once, with the reason
     assert info.value.body["code"] == "model_load_failed" and "broken" in info.value.body["message"]

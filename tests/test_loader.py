@@ -36,7 +36,9 @@ def test_fast_path_is_active_in_this_process(smollm):
 
 
 def test_smollm_answers_paris_through_its_chat_template(smollm):
-    ids = encode_prompt(smollm.tokenizer, PromptInput(messages=[{"role": "user", "content": "What is the capital of France?"}]))
+    ids = encode_prompt(
+        smollm.tokenizer, PromptInput(messages=[{"role": "user", "content": "What is the capital of France?"}])
+    )
     assert "Paris" in mlx_lm.generate(smollm.model, smollm.tokenizer, ids, max_tokens=12)
 
 
@@ -106,11 +108,17 @@ def test_hub_id_without_network_names_offline_alternatives(monkeypatch, tmp_path
 
 def test_two_processes_exporting_one_gguf_at_once_both_get_one_complete_export(tmp_path):
     """Two replicas starting together export into their own temporary directories; one rename wins."""
-    code = ("import pathlib; from engine.loading.loader import _local_mlx_dir; from engine.loading.sources import resolve_source; "
-            f"print(_local_mlx_dir(resolve_source({SMOLLM!r}), pathlib.Path({str(tmp_path)!r})))")
+    code = (
+        "import pathlib; from engine.loading.loader import _local_mlx_dir; from engine.loading.sources import resolve_source; "
+        f"print(_local_mlx_dir(resolve_source({SMOLLM!r}), pathlib.Path({str(tmp_path)!r})))"
+    )
     root = Path(__file__).resolve().parents[1]
-    procs = [subprocess.Popen([sys.executable, "-c", code], cwd=root, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=600) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
     exported = {out.strip().splitlines()[-1] for out, _ in outs}

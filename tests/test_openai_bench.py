@@ -15,8 +15,8 @@ import pytest
 
 from benchmarks.openai_bench import report
 from benchmarks.openai_bench.__main__ import main
-from benchmarks.openai_bench.cpu import CpuSampler, group_of
 from benchmarks.openai_bench.client import cache_stats, normalize_base, parse_model, parse_target, stream_request
+from benchmarks.openai_bench.cpu import CpuSampler, group_of
 from benchmarks.openai_bench.metrics import RequestResult, percentile, summarize, tpot
 from benchmarks.openai_bench.prompts import prefix_steps, system_prompt
 from benchmarks.openai_bench.scenarios import classify_delta, classify_usage, paged_memory, prefix_status
@@ -25,8 +25,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def ok_result(ttft: float, chunks: list[float], tokens: int) -> RequestResult:
-    return RequestResult(ok=True, ttft=ttft, latency=chunks[-1], chunk_times=chunks, completion_tokens=tokens,
-                         tokens_from_usage=True, prompt_tokens=10)
+    return RequestResult(
+        ok=True,
+        ttft=ttft,
+        latency=chunks[-1],
+        chunk_times=chunks,
+        completion_tokens=tokens,
+        tokens_from_usage=True,
+        prompt_tokens=10,
+    )
 
 
 # --- statistics ---------------------------------------------------------------------------------
@@ -41,9 +48,13 @@ def test_percentile():
 
 
 def test_summarize_counts_errors_and_excludes_them_from_latency():
-    results = [ok_result(0.1, [0.1, 0.2, 0.3], 3), ok_result(0.3, [0.3, 0.5], 2),
-               RequestResult(error="HTTP 503: busy", status=503), RequestResult(error="HTTP 503: busy", status=503),
-               RequestResult(error="timeout (ReadTimeout)")]
+    results = [
+        ok_result(0.1, [0.1, 0.2, 0.3], 3),
+        ok_result(0.3, [0.3, 0.5], 2),
+        RequestResult(error="HTTP 503: busy", status=503),
+        RequestResult(error="HTTP 503: busy", status=503),
+        RequestResult(error="timeout (ReadTimeout)"),
+    ]
     s = summarize(results, wall_s=1.0)
     assert (s["requests"], s["ok"], s["errors"]) == (5, 2, 3)
     assert s["error_kinds"] == {"HTTP 503: busy": 2, "timeout (ReadTimeout)": 1}
@@ -182,23 +193,72 @@ async def test_cache_stats_shapes():
 def sample_doc() -> dict:
     level = summarize([ok_result(0.1, [0.1, 0.2, 0.3], 3)], 0.5)
     bad = summarize([RequestResult(error="HTTP 503: queue full")], 0.1)
-    prefix_rows = [{"step": 1, "description": "First request (prompt A)", "expected": "MISS", "actual": None,
-                    "tokens_reused": None, "prompt_tokens": 200, "cached_tokens": 0, "usage_label": "MISS",
-                    "error": None, "status": "ok (usage)"}]
-    scen = {"batching": {"single": level, "concurrent": bad, "batch": 5, "speedup": None},
-            "streaming": {"skipped": "time budget spent"},
-            "prefix": {"stats_endpoint": False, "rows": prefix_rows},
-            "paged": {**level, "users": 1, "prompt_tokens_per_user": 10, "cached_tokens_total": 0, "memory": {
-                "paged": True, "block_size": 32, "peak_blocks_used": 2, "peak_pool_bytes": 2**20,
-                "peak_engine_kv_bytes": 3 * 2**20, "unshared_kv_bytes": 4 * 2**20, "floor_kv_bytes": 2**19,
-                "saving": 0.75, "saving_engine": 0.25, "best_saving": 0.875}},
-            "sweep": {"levels": [{"concurrency": 1, **level}, {"concurrency": 2, **bad}], "skipped_levels": [4]}}
-    return {"machine": {"date": "d", "platform": "p", "cpus": 2, "memory_gb": 24, "python": "3.11",
-                        "packages": {"httpx": "0.28"}, "command": "cmd"},
-            "settings": {"scenarios": list(scen), "max_tokens": 8, "prompt_set": "seed", "concurrency": [1, 2, 4],
-                         "timeout_s": 60, "max_duration_s": 600},
-            "targets": [{"label": "ours", "base_url": "http://h", "models": [
-                {"name": "m", "request_name": "m", "warm_up": {"ok": True, "ignore_eos": True}, "scenarios": scen}]}]}
+    prefix_rows = [
+        {
+            "step": 1,
+            "description": "First request (prompt A)",
+            "expected": "MISS",
+            "actual": None,
+            "tokens_reused": None,
+            "prompt_tokens": 200,
+            "cached_tokens": 0,
+            "usage_label": "MISS",
+            "error": None,
+            "status": "ok (usage)",
+        }
+    ]
+    scen = {
+        "batching": {"single": level, "concurrent": bad, "batch": 5, "speedup": None},
+        "streaming": {"skipped": "time budget spent"},
+        "prefix": {"stats_endpoint": False, "rows": prefix_rows},
+        "paged": {
+            **level,
+            "users": 1,
+            "prompt_tokens_per_user": 10,
+            "cached_tokens_total": 0,
+            "memory": {
+                "paged": True,
+                "block_size": 32,
+                "peak_blocks_used": 2,
+                "peak_pool_bytes": 2**20,
+                "peak_engine_kv_bytes": 3 * 2**20,
+                "unshared_kv_bytes": 4 * 2**20,
+                "floor_kv_bytes": 2**19,
+                "saving": 0.75,
+                "saving_engine": 0.25,
+                "best_saving": 0.875,
+            },
+        },
+        "sweep": {"levels": [{"concurrency": 1, **level}, {"concurrency": 2, **bad}], "skipped_levels": [4]},
+    }
+    return {
+        "machine": {
+            "date": "d",
+            "platform": "p",
+            "cpus": 2,
+            "memory_gb": 24,
+            "python": "3.11",
+            "packages": {"httpx": "0.28"},
+            "command": "cmd",
+        },
+        "settings": {
+            "scenarios": list(scen),
+            "max_tokens": 8,
+            "prompt_set": "seed",
+            "concurrency": [1, 2, 4],
+            "timeout_s": 60,
+            "max_duration_s": 600,
+        },
+        "targets": [
+            {
+                "label": "ours",
+                "base_url": "http://h",
+                "models": [
+                    {"name": "m", "request_name": "m", "warm_up": {"ok": True, "ignore_eos": True}, "scenarios": scen}
+                ],
+            }
+        ],
+    }
 
 
 def test_markdown_shows_errors_skips_and_na(tmp_path):
@@ -222,8 +282,10 @@ def test_cpu_groups_and_usage():
     assert group_of(["/usr/bin/python3", "-u", "/x/monitor.py", "--logs"], "p") == "python monitor.py"
     assert group_of(["python3", "-c", "print(1)"], "p") == "python -c" and group_of([], "kworker") == "kworker"
     s = CpuSampler()
-    s.samples = [(100.0, {(1, 0.0): ("model", 10.0), (2, 0.0): ("proxy", 1.0)}),
-                 (110.0, {(1, 0.0): ("model", 27.0), (2, 0.0): ("proxy", 1.1), (3, 5.0): ("other", 3.0)})]
+    s.samples = [
+        (100.0, {(1, 0.0): ("model", 10.0), (2, 0.0): ("proxy", 1.0)}),
+        (110.0, {(1, 0.0): ("model", 27.0), (2, 0.0): ("proxy", 1.1), (3, 5.0): ("other", 3.0)}),
+    ]
     assert s.usage(100.2, 109.9) == {"model": 1.7, "other": 0.3}  # proxy's 0.01 cores is below the floor
     doc = sample_doc()
     doc["targets"][0]["models"][0]["scenarios"]["batching"]["cpu_cores"] = {"model": 1.7, "other": 0.3}
@@ -243,12 +305,20 @@ def free_port() -> int:
 def mlx_lm_server(tmp_path_factory):
     """mlx_lm.server on SmolLM2 exported to a float32 MLX directory (the same weights we serve)."""
     out = tmp_path_factory.mktemp("smollm2") / "mlx"
-    subprocess.run([sys.executable, "-m", "engine.cli", "export", "smollm2-135m-instruct", str(out), "--dequantize"],
-                   cwd=ROOT, check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [sys.executable, "-m", "engine.cli", "export", "smollm2-135m-instruct", str(out), "--dequantize"],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     port = free_port()
     log = open(out.parent / "server.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "mlx_lm", "server", "--model", str(out), "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlx_lm", "server", "--model", str(out), "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     try:
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
@@ -268,9 +338,32 @@ def mlx_lm_server(tmp_path_factory):
 @pytest.mark.slow
 def test_run_against_mlx_lm_server(mlx_lm_server, tmp_path, capsys):
     url, model_dir = mlx_lm_server
-    code = main(["--target", f"mlx_lm={url}/v1", f"smollm2={model_dir}", "--max-tokens", "4", "--concurrency", "1", "2",
-                 "--batch-size", "2", "--paged-users", "2", "--out-dir", str(tmp_path), "--label", "t",
-                 "--no-progress", "--max-duration-s", "300", "--timeout-s", "120", "--cpu-profile"])
+    code = main(
+        [
+            "--target",
+            f"mlx_lm={url}/v1",
+            f"smollm2={model_dir}",
+            "--max-tokens",
+            "4",
+            "--concurrency",
+            "1",
+            "2",
+            "--batch-size",
+            "2",
+            "--paged-users",
+            "2",
+            "--out-dir",
+            str(tmp_path),
+            "--label",
+            "t",
+            "--no-progress",
+            "--max-duration-s",
+            "300",
+            "--timeout-s",
+            "120",
+            "--cpu-profile",
+        ]
+    )
     assert code == 0
     doc = json.loads((tmp_path / "t.json").read_text())
     scen = doc["targets"][0]["models"][0]["scenarios"]

@@ -324,8 +324,11 @@ async def test_gemma_sliding_window_equals_cache_off():
     layer gets no mask."""
     text = " ".join(f"On day {i} the caravan crossed the dunes and counted {i * 7} camels." for i in range(45))
     prompts = [PromptInput(text=text + q) for q in (" How many camels on day 3?", " Where did the caravan go?")]
-    configs = {"off": EngineConfig(paged_cache=False), "paged": EngineConfig(),
-               "eager": EngineConfig(unpadded_decode="eager")}
+    configs = {
+        "off": EngineConfig(paged_cache=False),
+        "paged": EngineConfig(),
+        "eager": EngineConfig(unpadded_decode="eager"),
+    }
     results, compiled_steps, copy_steps = {}, {}, {}
     for name, config in configs.items():
         eng = AsyncEngine.from_source(GEMMA, config)
@@ -354,8 +357,9 @@ async def test_a_replica_reports_the_prefixes_its_cache_still_holds():
     residency = PrefixResidency(block_chars=64)
 
     async def serve(system: str, question: str) -> list[int]:
-        request = GenerateRequest(PromptInput(messages=[{"role": "system", "content": system},
-                                                        {"role": "user", "content": question}]))
+        request = GenerateRequest(
+            PromptInput(messages=[{"role": "system", "content": system}, {"role": "user", "content": question}])
+        )
         stream = eng.submit(request.prompt, SamplingParams(**GREEDY))
         key = residency.served(request, stream.prompt_ids, eng.block_hashes(stream.prompt_ids), eng.config.block_size)
         async for _ in stream:
@@ -369,8 +373,9 @@ async def test_a_replica_reports_the_prefixes_its_cache_still_holds():
         for name in ("Aster", "Birch", "Cedar"):  # other tenants' prompts push the library's out
             newest = await serve(f"Tenant {name} support desk. " + "Answer politely and briefly. " * 8, "Hello?")
         later = (await residency.report(eng))["hashes"]
-        queued_request = GenerateRequest(PromptInput(messages=[{"role": "system", "content": SYSTEM},
-                                                               {"role": "user", "content": "Queued?"}]))
+        queued_request = GenerateRequest(
+            PromptInput(messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": "Queued?"}])
+        )
         ids = eng.encode(queued_request.prompt)
         queued = residency.served(queued_request, ids, eng.block_hashes(ids), eng.config.block_size)  # not finished yet
         while_queued = (await residency.report(eng))["hashes"]

@@ -20,7 +20,13 @@ from deployments.app import build_app, request_router_config
 from deployments.config import ConfigError, validate_args
 from deployments.hop import GenerateRequest
 from deployments.request_router import (
-    ROUTER_PATH, AffinityPolicy, PrefixAffinityRouter, PrefixIndex, block_hashes, prompt_text, rank_replicas,
+    ROUTER_PATH,
+    AffinityPolicy,
+    PrefixAffinityRouter,
+    PrefixIndex,
+    block_hashes,
+    prompt_text,
+    rank_replicas,
     routing_decisions,
 )
 from engine.request import PromptInput
@@ -45,7 +51,9 @@ def test_prompt_text_follows_the_rendered_order():
     assert prompt_text(GenerateRequest(PromptInput(token_ids=[1, 2, 3]))) == "1,2,3,"
     parts = PromptInput(messages=[{"role": "user", "content": [{"type": "text", "text": "part"}]}])
     assert "part" in prompt_text(GenerateRequest(parts))
-    with_tools = prompt_text(GenerateRequest(PromptInput(messages=[{"role": "user", "content": "x"}], tools=[{"f": 1}])))
+    with_tools = prompt_text(
+        GenerateRequest(PromptInput(messages=[{"role": "user", "content": "x"}], tools=[{"f": 1}]))
+    )
     assert with_tools.index("tools") < with_tools.index("x")
     assert prompt_text({"prompt": {"text": "a dict"}}) is None and prompt_text("stats") is None
 
@@ -67,8 +75,13 @@ def test_block_hashes_are_the_same_in_every_process():
 
     text = SYSTEMS[0] + "question"
     code = f"from deployments.request_router import block_hashes; print(block_hashes({text!r}, 32))"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                         env={**__import__("os").environ, "PYTHONHASHSEED": "12345"}).stdout
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**__import__("os").environ, "PYTHONHASHSEED": "12345"},
+    ).stdout
     assert out.strip() == str(block_hashes(text, 32)) and len(block_hashes(text, 32)) > 5
 
 
@@ -107,12 +120,16 @@ def test_rank_balance_wins_when_queues_diverge():
     ranks, why = rank_replicas(["a", "b"], {"a": 9, "b": 0}, {"a": 10, "b": 0}, {"a": 50, "b": 0}, 10, POLICY)
     assert why == "affinity"  # under the threshold still counts as balanced
     zero = AffinityPolicy(imbalanced_threshold=0, match_rate_threshold=0.1)
-    assert rank_replicas(["a", "b"], {"a": 0, "b": 0}, {"a": 10}, {"a": 5}, 10, zero) == ([["a"], ["a", "b"]], "affinity")
+    assert rank_replicas(["a", "b"], {"a": 0, "b": 0}, {"a": 10}, {"a": 5}, 10, zero) == (
+        [["a"], ["a", "b"]],
+        "affinity",
+    )
 
 
 def test_rank_new_prefix_goes_to_the_replica_holding_least():
-    ranks, why = rank_replicas(["a", "b", "c"], {"a": 0, "b": 0, "c": 30}, {"a": 0, "b": 0, "c": 0},
-                               {"a": 40, "b": 7, "c": 0}, 10, POLICY)
+    ranks, why = rank_replicas(
+        ["a", "b", "c"], {"a": 0, "b": 0, "c": 30}, {"a": 0, "b": 0, "c": 0}, {"a": 40, "b": 7, "c": 0}, 10, POLICY
+    )
     assert (ranks[0], why) == (["b"], "new_prefix")  # c holds nothing but is 30 requests behind
     low = rank_replicas(["a", "b"], {"a": 0, "b": 0}, {"a": 1, "b": 0}, {"a": 5, "b": 9}, 20, POLICY)
     assert low == ([["a"], ["a", "b"]], "new_prefix")  # 1/20 matched is under match_rate_threshold
@@ -138,8 +155,9 @@ class LocalReplica:
 
 
 def make_router(cls, replicas, **kwargs):
-    router = cls(deployment_id=DEPLOYMENT, handle_source=DeploymentHandleSource.UNKNOWN,
-                 use_replica_queue_len_cache=False)
+    router = cls(
+        deployment_id=DEPLOYMENT, handle_source=DeploymentHandleSource.UNKNOWN, use_replica_queue_len_cache=False
+    )
     router.initialize_state(**({"deployment": DEPLOYMENT.name} if cls is PrefixAffinityRouter else {}), **kwargs)
     router.update_replicas(replicas)
     return router
@@ -183,6 +201,7 @@ def test_router_sticks_each_prefix_to_one_replica_and_spreads_prefixes():
 def test_a_burst_of_one_prefix_follows_its_first_request_before_any_send_is_confirmed():
     """Ray confirms a send (on_request_routed) a replica round trip after the choice; in a burst
     the prefix's next requests are chosen before then, and must still go where the first went."""
+
     async def go():
         replicas = [LocalReplica("a"), LocalReplica("b")]
         router = make_router(PrefixAffinityRouter, replicas, block_chars=32)
@@ -204,6 +223,7 @@ def test_a_burst_of_one_prefix_follows_its_first_request_before_any_send_is_conf
 
 def test_power_of_two_does_not_stick():
     """The same workload through Ray's default router: the check above would fail on it."""
+
     async def go():
         random.seed(7)
         replicas = [LocalReplica("a"), LocalReplica("b")]
@@ -261,6 +281,7 @@ def report(router, hashes: list[int], later_s: float = 0.0, block_chars: int = 3
 def test_router_follows_the_replicas_reports_of_what_they_hold():
     """A's report drops the prefix it was sent (evicted); B's report holds one this router never
     sent (another router replica did): routing follows the reports, not its own sends."""
+
     async def go():
         router, owner, other = await owned(SYSTEMS[0])
         a, b = owner, other
@@ -301,11 +322,25 @@ def test_a_replica_a_call_could_not_reach_is_offered_last():
 def test_yaml_selects_the_router_and_placement():
     from ray.serve._private.build_app import build_app as serve_build
 
-    app = build_app({"models": [
-        {"name": "a", "source": SMOLLM, "deployment": {
-            "num_replicas": 2, "request_router": "prefix_affinity", "resources": {"orchard_slot": 1},
-            "max_replicas_per_node": 1, "affinity": {"imbalanced_threshold": 4, "report_period_s": 3}}},
-        {"name": "b", "source": SMOLLM}], "memory": {"budget_mb": 8192}})
+    app = build_app(
+        {
+            "models": [
+                {
+                    "name": "a",
+                    "source": SMOLLM,
+                    "deployment": {
+                        "num_replicas": 2,
+                        "request_router": "prefix_affinity",
+                        "resources": {"orchard_slot": 1},
+                        "max_replicas_per_node": 1,
+                        "affinity": {"imbalanced_threshold": 4, "report_period_s": 3},
+                    },
+                },
+                {"name": "b", "source": SMOLLM},
+            ],
+            "memory": {"budget_mb": 8192},
+        }
+    )
     deps = {d.name: d for d in serve_build(app, name="orchard").deployments}
     a, b = deps["model-a"], deps["model-b"]
     router_cfg = a._deployment_config.request_router_config
@@ -327,9 +362,13 @@ def test_memory_per_node_reserves_each_replicas_footprint_in_ray():
     from deployments.app import plan_model
     from deployments.config import validate_args as validate
 
-    args = {"models": [{"name": "a", "source": SMOLLM, "deployment": {"num_replicas": 2}},
-                       {"name": "b", "source": SMOLLM, "engine": {"cache_memory_mb": 64}}],
-            "memory": {"budget_mb": 8192, "per_node": True}}
+    args = {
+        "models": [
+            {"name": "a", "source": SMOLLM, "deployment": {"num_replicas": 2}},
+            {"name": "b", "source": SMOLLM, "engine": {"cache_memory_mb": 64}},
+        ],
+        "memory": {"budget_mb": 8192, "per_node": True},
+    }
     deps = {d.name: d for d in serve_build(build_app(args), name="orchard").deployments}
     config = validate(args)
     for model in config.models:
@@ -343,10 +382,12 @@ def test_memory_per_node_reserves_each_replicas_footprint_in_ray():
 
 
 def test_router_config_errors_name_the_field():
-    cases = [({"request_router": "round_robin"}, r"deployment\.request_router"),
-             ({"affinity": {"block_chars": 2}}, r"deployment\.affinity\.block_chars"),
-             ({"affinity": {"typo": 1}}, r"deployment\.affinity\.typo"),
-             ({"resources": {"CPU": 1}}, r"deployment\.resources")]
+    cases = [
+        ({"request_router": "round_robin"}, r"deployment\.request_router"),
+        ({"affinity": {"block_chars": 2}}, r"deployment\.affinity\.block_chars"),
+        ({"affinity": {"typo": 1}}, r"deployment\.affinity\.typo"),
+        ({"resources": {"CPU": 1}}, r"deployment\.resources"),
+    ]
     for deployment, field in cases:
         with pytest.raises(ConfigError, match=field):
             validate_args({"models": [{"name": "a", "source": SMOLLM, "deployment": deployment}]})

@@ -24,8 +24,14 @@ pytestmark = pytest.mark.slow
 MODEL = "smollm2-135m-instruct"
 GREEDY = {"temperature": 0}
 HELLO = [{"role": "user", "content": "Say hello in one short sentence."}]
-EVENT_ORDER = ["message_start", "content_block_start", "content_block_delta", "content_block_stop",
-               "message_delta", "message_stop"]
+EVENT_ORDER = [
+    "message_start",
+    "content_block_start",
+    "content_block_delta",
+    "content_block_stop",
+    "message_delta",
+    "message_stop",
+]
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +65,9 @@ def test_a_matched_stop_sequence_reads_as_end_turn(client):
     full = client.messages.create(model=MODEL, max_tokens=16, messages=HELLO, extra_body=GREEDY).content[0].text
     words = full.split()
     assert len(words) >= 2, full
-    cut = client.messages.create(model=MODEL, max_tokens=16, messages=HELLO, stop_sequences=[words[1]],
-                                 extra_body=GREEDY)
+    cut = client.messages.create(
+        model=MODEL, max_tokens=16, messages=HELLO, stop_sequences=[words[1]], extra_body=GREEDY
+    )
     assert cut.stop_reason == "end_turn" and cut.stop_sequence is None
     assert words[1] not in cut.content[0].text and full.startswith(cut.content[0].text)
 
@@ -75,8 +82,10 @@ def test_stream_deltas_assemble_the_final_message(client):
     assert final.stop_reason == reference.stop_reason
     assert final.usage.output_tokens == reference.usage.output_tokens
 
-    events = [e.type for e in client.messages.create(model=MODEL, max_tokens=16, messages=HELLO, stream=True,
-                                                      extra_body=GREEDY)]
+    events = [
+        e.type
+        for e in client.messages.create(model=MODEL, max_tokens=16, messages=HELLO, stream=True, extra_body=GREEDY)
+    ]
     collapsed = [t for i, t in enumerate(events) if i == 0 or t != events[i - 1]]
     assert collapsed == EVENT_ORDER, events
 
@@ -107,23 +116,38 @@ def test_count_tokens_agrees_with_the_usage_of_create(client):
     assert client.messages.count_tokens(model=MODEL, system=system, messages=longer).input_tokens > counted
 
 
-WEATHER_SCHEMA = {"type": "object", "properties": {"city": {"type": "string", "enum": ["Paris", "London", "Tokyo"]}},
-                  "required": ["city"], "additionalProperties": False}
+WEATHER_SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string", "enum": ["Paris", "London", "Tokyo"]}},
+    "required": ["city"],
+    "additionalProperties": False,
+}
 WEATHER = [{"name": "get_weather", "description": "The current weather of a city.", "input_schema": WEATHER_SCHEMA}]
 
 
 def test_tool_use_round_trip(client):
     question = {"role": "user", "content": "What is the weather in Paris?"}
-    msg = client.messages.create(model=MODEL, max_tokens=64, messages=[question], tools=WEATHER,
-                                 tool_choice={"type": "tool", "name": "get_weather"}, extra_body=GREEDY)
+    msg = client.messages.create(
+        model=MODEL,
+        max_tokens=64,
+        messages=[question],
+        tools=WEATHER,
+        tool_choice={"type": "tool", "name": "get_weather"},
+        extra_body=GREEDY,
+    )
     uses = [b for b in msg.content if b.type == "tool_use"]
     assert msg.stop_reason == "tool_use" and uses, msg
     assert uses[0].name == "get_weather" and uses[0].id
     jsonschema.validate(uses[0].input, WEATHER_SCHEMA)
 
     result = {"type": "tool_result", "tool_use_id": uses[0].id, "content": "18 degrees and sunny"}
-    answer = client.messages.create(model=MODEL, max_tokens=16, tools=WEATHER, extra_body=GREEDY, messages=[
-        question, {"role": "assistant", "content": msg.content}, {"role": "user", "content": [result]}])
+    answer = client.messages.create(
+        model=MODEL,
+        max_tokens=16,
+        tools=WEATHER,
+        extra_body=GREEDY,
+        messages=[question, {"role": "assistant", "content": msg.content}, {"role": "user", "content": [result]}],
+    )
     assert answer.stop_reason in ("end_turn", "max_tokens")
     assert [b.type for b in answer.content] == ["text"] and answer.content[0].text.strip()
 
@@ -131,33 +155,105 @@ def test_tool_use_round_trip(client):
 # --- OpenAI: structured output, tools, logprobs ---------------------------------------------------
 
 SCHEMAS = [
-    {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16}, "age": {"type": "integer",
-     "minimum": 0, "maximum": 120}}, "required": ["name", "age"], "additionalProperties": False},
+    {
+        "type": "object",
+        "properties": {
+            "name": {"type": "string", "maxLength": 16},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        },
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    },
     {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}}, "required": ["color"]},
-    {"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string", "maxLength": 10},
-     "minItems": 1, "maxItems": 3}}, "required": ["tags"], "additionalProperties": False},
-    {"type": "object", "properties": {"user": {"type": "object", "properties": {
-        "id": {"type": "integer", "minimum": 1, "maximum": 999}, "admin": {"type": "boolean"}},
-        "required": ["id", "admin"], "additionalProperties": False}}, "required": ["user"],
-     "additionalProperties": False},
-    {"type": "object", "properties": {"score": {"type": "number", "minimum": 0, "maximum": 10},
-     "passed": {"type": "boolean"}}, "required": ["score", "passed"], "additionalProperties": False},
-    {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}, "country": {"type": "string",
-     "maxLength": 20}, "population": {"type": "integer", "minimum": 0, "maximum": 99999999}},
-     "required": ["city", "country"], "additionalProperties": False},
-    {"type": "object", "properties": {"points": {"type": "array", "items": {"type": "object", "properties": {
-        "x": {"type": "integer", "minimum": -99, "maximum": 99}, "y": {"type": "integer", "minimum": -99,
-        "maximum": 99}}, "required": ["x", "y"], "additionalProperties": False}, "maxItems": 2}},
-     "required": ["points"], "additionalProperties": False},
-    {"type": "object", "properties": {"status": {"enum": ["ok", "error"]}, "code": {"type": "integer",
-     "minimum": 100, "maximum": 599}}, "required": ["status", "code"], "additionalProperties": False},
-    {"type": "object", "properties": {"answer": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 9},
-     {"type": "string", "maxLength": 12}]}}, "required": ["answer"], "additionalProperties": False},
-    {"type": "object", "properties": {"title": {"type": "string", "maxLength": 24}, "done": {"type": "boolean"},
-     "priority": {"enum": [1, 2, 3]}}, "required": ["title", "done", "priority"], "additionalProperties": False},
+    {
+        "type": "object",
+        "properties": {
+            "tags": {"type": "array", "items": {"type": "string", "maxLength": 10}, "minItems": 1, "maxItems": 3}
+        },
+        "required": ["tags"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {
+            "user": {
+                "type": "object",
+                "properties": {"id": {"type": "integer", "minimum": 1, "maximum": 999}, "admin": {"type": "boolean"}},
+                "required": ["id", "admin"],
+                "additionalProperties": False,
+            }
+        },
+        "required": ["user"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {"score": {"type": "number", "minimum": 0, "maximum": 10}, "passed": {"type": "boolean"}},
+        "required": ["score", "passed"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 20},
+            "country": {"type": "string", "maxLength": 20},
+            "population": {"type": "integer", "minimum": 0, "maximum": 99999999},
+        },
+        "required": ["city", "country"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {
+            "points": {
+                "type": "array",
+                "items": {
+                    "type": "object",
+                    "properties": {
+                        "x": {"type": "integer", "minimum": -99, "maximum": 99},
+                        "y": {"type": "integer", "minimum": -99, "maximum": 99},
+                    },
+                    "required": ["x", "y"],
+                    "additionalProperties": False,
+                },
+                "maxItems": 2,
+            }
+        },
+        "required": ["points"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {
+            "status": {"enum": ["ok", "error"]},
+            "code": {"type": "integer", "minimum": 100, "maximum": 599},
+        },
+        "required": ["status", "code"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {
+            "answer": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 9}, {"type": "string", "maxLength": 12}]}
+        },
+        "required": ["answer"],
+        "additionalProperties": False,
+    },
+    {
+        "type": "object",
+        "properties": {
+            "title": {"type": "string", "maxLength": 24},
+            "done": {"type": "boolean"},
+            "priority": {"enum": [1, 2, 3]},
+        },
+        "required": ["title", "done", "priority"],
+        "additionalProperties": False,
+    },
 ]
-OPENAI_WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "The current weather of a city.",
-                                                   "parameters": WEATHER_SCHEMA}}
+OPENAI_WEATHER = {
+    "type": "function",
+    "function": {"name": "get_weather", "description": "The current weather of a city.", "parameters": WEATHER_SCHEMA},
+}
 ASK_WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 
@@ -168,11 +264,20 @@ def oai(server):
 
 def test_json_schema_output_parses_and_validates(oai):
     """Every schema at once (they share the batch, each row under its own grammar)."""
+
     def ask(index: int):
-        return oai.chat.completions.create(model=MODEL, temperature=0, max_tokens=120, messages=[
-            {"role": "user", "content": f"Reply with a JSON object for this schema: {json.dumps(SCHEMAS[index])}"}],
-            response_format={"type": "json_schema",
-                             "json_schema": {"name": f"s{index}", "schema": SCHEMAS[index], "strict": True}})
+        return oai.chat.completions.create(
+            model=MODEL,
+            temperature=0,
+            max_tokens=120,
+            messages=[
+                {"role": "user", "content": f"Reply with a JSON object for this schema: {json.dumps(SCHEMAS[index])}"}
+            ],
+            response_format={
+                "type": "json_schema",
+                "json_schema": {"name": f"s{index}", "schema": SCHEMAS[index], "strict": True},
+            },
+        )
 
     with concurrent.futures.ThreadPoolExecutor(len(SCHEMAS)) as pool:
         answers = list(pool.map(ask, range(len(SCHEMAS))))
@@ -184,8 +289,13 @@ def test_json_schema_output_parses_and_validates(oai):
 def test_an_unconstrained_neighbour_of_constrained_requests_keeps_its_greedy_output(oai):
     free = dict(model=MODEL, temperature=0, max_tokens=24, messages=[{"role": "user", "content": "Name 3 colors."}])
     solo = oai.chat.completions.create(**free).choices[0].message.content
-    constrained = dict(model=MODEL, temperature=0, max_tokens=60, messages=ASK_WEATHER,
-                       response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMAS[0]}})
+    constrained = dict(
+        model=MODEL,
+        temperature=0,
+        max_tokens=60,
+        messages=ASK_WEATHER,
+        response_format={"type": "json_schema", "json_schema": {"name": "s", "schema": SCHEMAS[0]}},
+    )
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
         jobs = [pool.submit(oai.chat.completions.create, **constrained) for _ in range(3)]
         beside = pool.submit(oai.chat.completions.create, **free)
@@ -195,8 +305,9 @@ def test_an_unconstrained_neighbour_of_constrained_requests_keeps_its_greedy_out
 
 
 def test_tool_choice_required_gives_a_call_whose_arguments_validate(oai):
-    r = oai.chat.completions.create(model=MODEL, temperature=0, max_tokens=64, messages=ASK_WEATHER,
-                                    tools=[OPENAI_WEATHER], tool_choice="required")
+    r = oai.chat.completions.create(
+        model=MODEL, temperature=0, max_tokens=64, messages=ASK_WEATHER, tools=[OPENAI_WEATHER], tool_choice="required"
+    )
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.tool_calls, choice
     for call in choice.message.tool_calls:
@@ -204,15 +315,22 @@ def test_tool_choice_required_gives_a_call_whose_arguments_validate(oai):
         jsonschema.validate(json.loads(call.function.arguments), WEATHER_SCHEMA)
     # SmolLM2 repeats the call (~31 tokens each): at 45 tokens the second is cut off, and a forced
     # call cut off is dropped, never shown as content.
-    cut = oai.chat.completions.create(model=MODEL, temperature=0, max_tokens=45, messages=ASK_WEATHER,
-                                      tools=[OPENAI_WEATHER], tool_choice="required").choices[0]
+    cut = oai.chat.completions.create(
+        model=MODEL, temperature=0, max_tokens=45, messages=ASK_WEATHER, tools=[OPENAI_WEATHER], tool_choice="required"
+    ).choices[0]
     assert cut.message.content is None and cut.finish_reason in ("length", "tool_calls"), cut
     assert [c.function.name for c in cut.message.tool_calls] == ["get_weather"], cut
 
 
 def test_streamed_tool_calls_assemble_to_the_same_call(oai):
-    args = dict(model=MODEL, temperature=0, max_tokens=64, messages=ASK_WEATHER, tools=[OPENAI_WEATHER],
-                tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    args = dict(
+        model=MODEL,
+        temperature=0,
+        max_tokens=64,
+        messages=ASK_WEATHER,
+        tools=[OPENAI_WEATHER],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+    )
     whole = oai.chat.completions.create(**args).choices[0].message.tool_calls
     calls, finish = {}, None
     for c in oai.chat.completions.create(**args, stream=True):
@@ -222,29 +340,49 @@ def test_streamed_tool_calls_assemble_to_the_same_call(oai):
             entry["arguments"] += tc.function.arguments or ""
         finish = (c.choices[0].finish_reason if c.choices else None) or finish
     assert finish == "tool_calls"
-    assert [calls[i] for i in sorted(calls)] == [{"name": t.function.name, "arguments": t.function.arguments}
-                                                 for t in whole]
+    assert [calls[i] for i in sorted(calls)] == [
+        {"name": t.function.name, "arguments": t.function.arguments} for t in whole
+    ]
 
 
 def test_a_full_tool_round_trip(oai):
-    call = oai.chat.completions.create(model=MODEL, temperature=0, max_tokens=64, messages=ASK_WEATHER,
-                                       tools=[OPENAI_WEATHER], tool_choice="required").choices[0].message
-    history = ASK_WEATHER + [call.model_dump(exclude_none=True)] + [
-        {"role": "tool", "tool_call_id": tc.id, "content": '{"temp_c": 18, "sky": "sunny"}'} for tc in call.tool_calls]
-    final = oai.chat.completions.create(model=MODEL, temperature=0, max_tokens=24, messages=history,
-                                        tools=[OPENAI_WEATHER])
+    call = (
+        oai.chat.completions.create(
+            model=MODEL,
+            temperature=0,
+            max_tokens=64,
+            messages=ASK_WEATHER,
+            tools=[OPENAI_WEATHER],
+            tool_choice="required",
+        )
+        .choices[0]
+        .message
+    )
+    history = (
+        ASK_WEATHER
+        + [call.model_dump(exclude_none=True)]
+        + [
+            {"role": "tool", "tool_call_id": tc.id, "content": '{"temp_c": 18, "sky": "sunny"}'}
+            for tc in call.tool_calls
+        ]
+    )
+    final = oai.chat.completions.create(
+        model=MODEL, temperature=0, max_tokens=24, messages=history, tools=[OPENAI_WEATHER]
+    )
     assert final.choices[0].message.content and final.choices[0].finish_reason in ("stop", "length")
 
 
 def test_logprobs_are_there_and_match_the_chosen_tokens(oai):
-    r = oai.chat.completions.create(model=MODEL, temperature=0, max_tokens=8, messages=HELLO, logprobs=True,
-                                    top_logprobs=3)
+    r = oai.chat.completions.create(
+        model=MODEL, temperature=0, max_tokens=8, messages=HELLO, logprobs=True, top_logprobs=3
+    )
     content = r.choices[0].logprobs.content
     assert len(content) == r.usage.completion_tokens or r.choices[0].finish_reason == "stop"
     # mlx_lm's streaming detokenizer drops the first token's leading space from the text
     assert "".join(t.token for t in content).strip() == r.choices[0].message.content.strip()
     for t in content:
         assert t.logprob <= 0 and len(t.top_logprobs) == 3 and t.top_logprobs[0].token == t.token  # greedy: the best
-    text = oai.completions.create(model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0,
-                                  logprobs=2).choices[0]
+    text = oai.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=4, temperature=0, logprobs=2
+    ).choices[0]
     assert "".join(text.logprobs.tokens).strip() == text.text.strip() and len(text.logprobs.top_logprobs[0]) == 2

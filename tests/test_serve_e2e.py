@@ -53,8 +53,9 @@ def test_chat_completion_json_and_stream(client, model):
     assert 1 <= r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 0
     assert r.usage.prompt_tokens_details.cached_tokens >= 0
 
-    stream = client.chat.completions.create(model=model, messages=HELLO, max_tokens=8, temperature=0,
-                                            stream=True, stream_options={"include_usage": True})
+    stream = client.chat.completions.create(
+        model=model, messages=HELLO, max_tokens=8, temperature=0, stream=True, stream_options={"include_usage": True}
+    )
     chunks = list(stream)
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
@@ -66,8 +67,9 @@ def test_chat_completion_json_and_stream(client, model):
 @pytest.mark.parametrize("model", MODELS)
 def test_completions_and_max_tokens(client, model):
     extra = {"ignore_eos": True} if model == MODELS[0] else {}  # only SmolLM2's config allows it
-    r = client.completions.create(model=model, prompt="The capital of France is", max_tokens=6, temperature=0,
-                                  extra_body=extra)
+    r = client.completions.create(
+        model=model, prompt="The capital of France is", max_tokens=6, temperature=0, extra_body=extra
+    )
     assert r.object == "text_completion" and r.choices[0].text
     assert r.choices[0].finish_reason == "length" and r.usage.completion_tokens == 6
 
@@ -91,8 +93,12 @@ def test_stop_strings(client):
 def test_five_concurrent_streams(server):
     async def one(c: openai.AsyncOpenAI, i: int):
         stream = await c.chat.completions.create(
-            model=MODELS[i % 2], messages=[{"role": "user", "content": f"Count to {i + 3}."}],
-            max_tokens=8, temperature=0, stream=True)
+            model=MODELS[i % 2],
+            messages=[{"role": "user", "content": f"Count to {i + 3}."}],
+            max_tokens=8,
+            temperature=0,
+            stream=True,
+        )
         parts, finish = [], None
         async for chunk in stream:
             if chunk.choices:
@@ -114,13 +120,16 @@ def test_unknown_model_is_not_found(client):
     assert "smollm2-135m-instruct" in str(info.value)
 
 
-@pytest.mark.parametrize("kwargs,param", [
-    ({"temperature": 5}, "temperature"),
-    ({"top_p": 0}, "top_p"),
-    ({"max_tokens": 0}, "max_tokens"),
-    ({"messages": []}, "messages"),
-    ({"extra_body": {"top_k": "many"}}, "top_k"),
-])
+@pytest.mark.parametrize(
+    "kwargs,param",
+    [
+        ({"temperature": 5}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"messages": []}, "messages"),
+        ({"extra_body": {"top_k": "many"}}, "top_k"),
+    ],
+)
 def test_bad_parameters_are_bad_requests(client, kwargs, param):
     args = {"model": MODELS[0], "messages": HELLO, "max_tokens": 4, **kwargs}
     with pytest.raises(openai.BadRequestError) as info:
@@ -131,8 +140,14 @@ def test_bad_parameters_are_bad_requests(client, kwargs, param):
 def test_client_disconnect_aborts_the_request(server):
     model = MODELS[0]
     before = httpx.get(f"{BASE}/v1/models/{model}/cache", timeout=30).json()["engine"]
-    body = {"model": model, "prompt": "Count from one to one hundred:", "max_tokens": 200,
-            "temperature": 0, "ignore_eos": True, "stream": True}
+    body = {
+        "model": model,
+        "prompt": "Count from one to one hundred:",
+        "max_tokens": 200,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
     with httpx.stream("POST", f"{BASE}/v1/completions", json=body, timeout=60) as r:
         for line in r.iter_lines():
             if line.startswith("data: "):
@@ -152,8 +167,15 @@ def test_hundred_streams_with_ten_disconnects_lose_nothing_and_leak_no_block(ser
     model, max_tokens = MODELS[0], 12
 
     async def one(c: httpx.AsyncClient, i: int) -> int | None:
-        body = {"model": model, "prompt": f"Count from {i} to one thousand:", "max_tokens": max_tokens,
-                "temperature": 0, "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        body = {
+            "model": model,
+            "prompt": f"Count from {i} to one thousand:",
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "ignore_eos": True,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         async with c.stream("POST", "/v1/completions", json=body) as r:
             assert r.status_code == 200, await r.aread()
             async for line in r.aiter_lines():
@@ -183,8 +205,9 @@ def _settled(model: str, timeout_s: float = 60) -> tuple[dict, dict]:
     while True:
         stats = httpx.get(f"{BASE}/v1/models/{model}/cache", timeout=30).json()
         engine, cache = stats["engine"], stats["cache"]
-        if (engine["running"] == 0 and engine["waiting"] == 0 and cache["live_sequences"] == 0) \
-                or time.monotonic() > deadline:
+        if (
+            engine["running"] == 0 and engine["waiting"] == 0 and cache["live_sequences"] == 0
+        ) or time.monotonic() > deadline:
             return engine, cache
         time.sleep(0.5)
 
@@ -196,8 +219,13 @@ def test_two_hundred_clients_with_random_disconnects_get_answers_or_clean_refusa
     leave_after = {i: rng.randint(0, 1) for i in rng.sample(range(200), 30)}  # chunks read before leaving
 
     async def one(c: httpx.AsyncClient, i: int) -> str:
-        body = {"model": MODELS[i % 2], "prompt": f"Tell me about the number {i}.", "max_tokens": 8,
-                "temperature": 0.7, "stream": True}
+        body = {
+            "model": MODELS[i % 2],
+            "prompt": f"Tell me about the number {i}.",
+            "max_tokens": 8,
+            "temperature": 0.7,
+            "stream": True,
+        }
         async with c.stream("POST", "/v1/completions", json=body) as r:
             if r.status_code != 200:
                 assert r.status_code in (429, 503) and r.headers["retry-after"].isdigit(), r.status_code
@@ -231,8 +259,7 @@ def _hostile_bodies() -> dict[str, bytes]:
 
 @pytest.mark.parametrize("name,raw", list(_hostile_bodies().items()), ids=list(_hostile_bodies()))
 def test_hostile_bodies_are_4xx_in_the_openai_error_shape(server, name, raw):
-    r = httpx.post(f"{BASE}/v1/chat/completions", content=raw, headers={"content-type": "application/json"},
-                   timeout=60)
+    r = httpx.post(f"{BASE}/v1/chat/completions", content=raw, headers={"content-type": "application/json"}, timeout=60)
     assert 400 <= r.status_code < 500, (r.status_code, r.text[:300])
     error = r.json()["error"]
     assert set(error) == {"message", "type", "param", "code"} and error["message"]
@@ -248,8 +275,14 @@ def test_the_server_is_healthy_after_the_hostile_bodies(client):
 
 def test_sigkill_of_a_model_process_mid_stream_ends_its_stream_cleanly_and_it_comes_back(client):
     pids = {m["id"]: m["pid"] for m in httpx.get(f"{BASE}/v1/models", timeout=30).json()["data"]}
-    body = {"model": MODELS[0], "prompt": "Count from one to one thousand:", "max_tokens": 300, "temperature": 0,
-            "ignore_eos": True, "stream": True}
+    body = {
+        "model": MODELS[0],
+        "prompt": "Count from one to one thousand:",
+        "max_tokens": 300,
+        "temperature": 0,
+        "ignore_eos": True,
+        "stream": True,
+    }
     events = []
     with httpx.stream("POST", f"{BASE}/v1/completions", json=body, timeout=120) as r:
         for line in r.iter_lines():

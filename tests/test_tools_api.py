@@ -16,9 +16,14 @@ from deployments.tools import ToolCallParser
 
 from .test_deployments import USAGE, FakeClient, chunk
 
-WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Weather in a city",
-                                            "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
-                                                           "required": ["city"]}}}
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
 CALL_TEXT = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 HI = [{"role": "user", "content": "Weather in Paris?"}]
 
@@ -31,7 +36,7 @@ def sdk(*items) -> tuple[openai.AsyncOpenAI, FakeClient]:
 
 
 def pieces(text: str, size: int = 5) -> list[dict]:
-    parts = [text[i:i + size] for i in range(0, len(text), size)]
+    parts = [text[i : i + size] for i in range(0, len(text), size)]
     return [chunk(p, 1) for p in parts[:-1]] + [chunk(parts[-1], 1, "stop", USAGE)]
 
 
@@ -49,7 +54,7 @@ async def test_a_required_call_is_forced_by_a_grammar_and_returned_as_tool_calls
 
 def cut_off(text: str, size: int = 5) -> list[dict]:
     """`text` streamed in pieces, ended by max_tokens."""
-    parts = [text[i:i + size] for i in range(0, len(text), size)]
+    parts = [text[i : i + size] for i in range(0, len(text), size)]
     return [chunk(p, 1) for p in parts[:-1]] + [chunk(parts[-1], 1, "length", USAGE)]
 
 
@@ -57,8 +62,9 @@ def cut_off(text: str, size: int = 5) -> list[dict]:
 async def test_a_forced_call_cut_off_by_max_tokens_is_dropped_not_shown_as_content(stream):
     text = CALL_TEXT + "\n" + CALL_TEXT[:30]  # a second call, cut off mid-arguments
     client, _ = sdk(*cut_off(text))
-    r = await client.chat.completions.create(model="m1", messages=HI, tools=[WEATHER], tool_choice="required",
-                                             stream=stream)
+    r = await client.chat.completions.create(
+        model="m1", messages=HI, tools=[WEATHER], tool_choice="required", stream=stream
+    )
     if not stream:
         choice = r.choices[0]
         assert choice.finish_reason == "length" and choice.message.content is None
@@ -96,7 +102,8 @@ async def test_streamed_tool_calls_assemble_to_the_non_streamed_call():
     assert finish == whole.finish_reason == "tool_calls"
     assert content.strip() == whole.message.content.strip() == "Let me check."
     assert [calls[i] for i in sorted(calls)] == [
-        {"name": c.function.name, "arguments": c.function.arguments} for c in whole.message.tool_calls]
+        {"name": c.function.name, "arguments": c.function.arguments} for c in whole.message.tool_calls
+    ]
     assert [json.loads(calls[i]["arguments"])["city"] for i in sorted(calls)] == ["Paris", "Rome"]
 
 
@@ -112,9 +119,20 @@ async def test_auto_without_a_call_is_plain_content_and_none_leaves_the_tools_ou
 
 async def test_a_tool_round_trip_sends_the_calls_and_results_in_the_history():
     client, fake = sdk(*pieces("It is 21 C in Paris."))
-    history = HI + [{"role": "assistant", "content": None, "tool_calls": [
-        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
-        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp_c": 21}'}]
+    history = HI + [
+        {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [
+                {
+                    "id": "call_1",
+                    "type": "function",
+                    "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "call_1", "content": '{"temp_c": 21}'},
+    ]
     r = await client.chat.completions.create(model="m1", messages=history, tools=[WEATHER])
     assert r.choices[0].message.content == "It is 21 C in Paris."
     sent = fake.payloads[0]["prompt"]["messages"]
@@ -124,8 +142,11 @@ async def test_a_tool_round_trip_sends_the_calls_and_results_in_the_history():
 async def test_response_format_becomes_a_guided_spec():
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
     client, fake = sdk(*pieces('{"a": 1}'))
-    await client.chat.completions.create(model="m1", messages=HI, response_format={
-        "type": "json_schema", "json_schema": {"name": "thing", "schema": schema, "strict": True}})
+    await client.chat.completions.create(
+        model="m1",
+        messages=HI,
+        response_format={"type": "json_schema", "json_schema": {"name": "thing", "schema": schema, "strict": True}},
+    )
     assert fake.payloads[0]["sampling"]["guided"] == {"json_schema": schema}
     client, fake = sdk(*pieces("{}"))
     await client.completions.create(model="m1", prompt="JSON:", extra_body={"response_format": {"type": "json_object"}})
@@ -137,8 +158,10 @@ def entry(token: str, lp: float) -> dict:
 
 
 async def test_logprobs_in_the_chat_and_completions_shapes():
-    items = [{**chunk("Hi", 1), "logprobs": [entry("Hi", -0.1)]},
-             {**chunk(" there", 1, "stop", USAGE), "logprobs": [entry(" there", -0.5)]}]
+    items = [
+        {**chunk("Hi", 1), "logprobs": [entry("Hi", -0.1)]},
+        {**chunk(" there", 1, "stop", USAGE), "logprobs": [entry(" there", -0.5)]},
+    ]
     client, fake = sdk(*items)
     r = await client.chat.completions.create(model="m1", messages=HI, logprobs=True, top_logprobs=2)
     assert fake.payloads[0]["sampling"]["logprobs"] is True and fake.payloads[0]["sampling"]["top_logprobs"] == 2
@@ -152,22 +175,29 @@ async def test_logprobs_in_the_chat_and_completions_shapes():
     assert lp.top_logprobs[0] == {"Hi": -0.1, "x": -1.1}
     client, _ = sdk(*items)
     stream = await client.chat.completions.create(model="m1", messages=HI, logprobs=True, stream=True)
-    streamed = [t.token async for c in stream if c.choices and c.choices[0].logprobs
-                for t in c.choices[0].logprobs.content]
+    streamed = [
+        t.token async for c in stream if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.content
+    ]
     assert streamed == ["Hi", " there"]
 
 
-@pytest.mark.parametrize("fields,param", [
-    ({"tool_choice": "required"}, "tool_choice"),
-    ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
-    ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools.0.function.name"),
-    ({"tools": [WEATHER, WEATHER]}, "tools"),
-    ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
-    ({"response_format": {"type": "xml"}}, "response_format.type"),
-    ({"top_logprobs": 3}, "top_logprobs"),
-    ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-    ({"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}}, "response_format"),
-])
+@pytest.mark.parametrize(
+    "fields,param",
+    [
+        ({"tool_choice": "required"}, "tool_choice"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}}, "tool_choice"),
+        ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools.0.function.name"),
+        ({"tools": [WEATHER, WEATHER]}, "tools"),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema"),
+        ({"response_format": {"type": "xml"}}, "response_format.type"),
+        ({"top_logprobs": 3}, "top_logprobs"),
+        ({"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+        (
+            {"tools": [WEATHER], "tool_choice": "required", "response_format": {"type": "json_object"}},
+            "response_format",
+        ),
+    ],
+)
 async def test_bad_tool_and_format_fields_are_400s_naming_the_field(fields, param):
     client, fake = sdk(*pieces("x"))
     with pytest.raises(openai.BadRequestError) as err:

@@ -56,12 +56,17 @@ def parse_target(parts: list[str], default_models: list[str], api_key: str | Non
 def make_client(target: Target, timeout_s: float, max_connections: int) -> httpx.AsyncClient:
     headers = {"Authorization": f"Bearer {target.api_key}"} if target.api_key else {}
     limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-    return httpx.AsyncClient(base_url=target.base_url, headers=headers, limits=limits,
-                             timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)))
+    return httpx.AsyncClient(
+        base_url=target.base_url,
+        headers=headers,
+        limits=limits,
+        timeout=httpx.Timeout(timeout_s, connect=min(10.0, timeout_s)),
+    )
 
 
-def request_body(model: str, *, messages=None, prompt=None, max_tokens: int, ignore_eos: bool,
-                 stream: bool = True) -> dict:
+def request_body(
+    model: str, *, messages=None, prompt=None, max_tokens: int, ignore_eos: bool, stream: bool = True
+) -> dict:
     body = {"model": model, "max_tokens": max_tokens, "temperature": 0.0, "stream": stream}
     if messages is not None:
         body["messages"] = messages

@@ -37,7 +37,7 @@ class CpuSampler:
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cpu-sampler", daemon=True)
 
-    def start(self) -> "CpuSampler":
+    def start(self) -> CpuSampler:
         self._take()
         self._thread.start()
         return self
@@ -57,8 +57,10 @@ class CpuSampler:
             if info["cpu_times"] is None:
                 continue
             key = (info["pid"], info["create_time"] or 0.0)
-            snap[key] = (group_of(info["cmdline"] or [], info["name"] or "?"),
-                         info["cpu_times"].user + info["cpu_times"].system)
+            snap[key] = (
+                group_of(info["cmdline"] or [], info["name"] or "?"),
+                info["cpu_times"].user + info["cpu_times"].system,
+            )
         self.samples.append((time.time(), snap))
 
     def usage(self, t0: float, t1: float, min_cores: float = 0.02) -> dict[str, float]:

@@ -10,8 +10,11 @@ SEED_QUESTIONS = ["What is 2+2?", "Name 3 colors.", "What is Python?", "Capital 
 # The same questions asking for long answers: a server that ignores `ignore_eos` still produces
 # max_tokens tokens (SmolLM2 answers "Capital of Japan?" in 8 tokens, these in 64+).
 DETAILED_QUESTIONS = [
-    "Explain in detail what 2+2 is.", "Describe 3 colors in detail.", "Explain in detail what Python is.",
-    "Describe the capital of Japan in detail.", "Explain in detail who wrote Hamlet.",
+    "Explain in detail what 2+2 is.",
+    "Describe 3 colors in detail.",
+    "Explain in detail what Python is.",
+    "Describe the capital of Japan in detail.",
+    "Explain in detail who wrote Hamlet.",
 ]
 PROMPT_SETS = {"seed": SEED_QUESTIONS, "detailed": DETAILED_QUESTIONS}
 
@@ -50,19 +53,53 @@ def system_prompt(nonce: str, words: int = 340) -> str:
 
 
 USER_QUESTIONS = [
-    "Where is my parcel?", "Can I return a gift?", "How long is the warranty?", "Do you ship to Norway?",
-    "My card was charged twice.", "How do I reset my password?", "Which size should I order?",
-    "Can I pay with a gift card?", "The zipper broke, what now?", "Can I change my address?",
-    "Is express shipping free?", "How do I cancel an order?", "Do you price match?", "Where is the size guide?",
-    "Can I buy a gift card online?", "How do I contact a human?",
+    "Where is my parcel?",
+    "Can I return a gift?",
+    "How long is the warranty?",
+    "Do you ship to Norway?",
+    "My card was charged twice.",
+    "How do I reset my password?",
+    "Which size should I order?",
+    "Can I pay with a gift card?",
+    "The zipper broke, what now?",
+    "Can I change my address?",
+    "Is express shipping free?",
+    "How do I cancel an order?",
+    "Do you price match?",
+    "Where is the size guide?",
+    "Can I buy a gift card online?",
+    "How do I contact a human?",
 ]
 
 
 # Openers with distinct first letters: prompt A and prompt B of a run start with different words,
 # and a later run on the same server most likely starts with words the cache has never seen.
-OPENERS = ["Amber", "Badger", "Cobalt", "Dolphin", "Ember", "Falcon", "Granite", "Heron", "Indigo", "Juniper",
-           "Kestrel", "Lagoon", "Marble", "Nutmeg", "Orchid", "Pebble", "Quartz", "Saffron", "Tundra", "Umber",
-           "Violet", "Walrus", "Yarrow", "Zephyr"]
+OPENERS = [
+    "Amber",
+    "Badger",
+    "Cobalt",
+    "Dolphin",
+    "Ember",
+    "Falcon",
+    "Granite",
+    "Heron",
+    "Indigo",
+    "Juniper",
+    "Kestrel",
+    "Lagoon",
+    "Marble",
+    "Nutmeg",
+    "Orchid",
+    "Pebble",
+    "Quartz",
+    "Saffron",
+    "Tundra",
+    "Umber",
+    "Violet",
+    "Walrus",
+    "Yarrow",
+    "Zephyr",
+]
 
 
 def openers(nonce: str) -> tuple[str, str]:

@@ -49,16 +49,33 @@ def _skipped(rows: list, label: str, name: str, res: dict, width: int) -> bool:
 
 
 def batching_table(doc: dict) -> str:
-    head = ["server", "model", "single tok/s", "N concurrent tok/s", "speedup", "tokens/req (single / N)",
-            "TTFT p50 ms (single / N)", "errors"]
+    head = [
+        "server",
+        "model",
+        "single tok/s",
+        "N concurrent tok/s",
+        "speedup",
+        "tokens/req (single / N)",
+        "TTFT p50 ms (single / N)",
+        "errors",
+    ]
     rows = []
     for label, name, r in entries(doc, "batching"):
         if _skipped(rows, label, name, r, len(head)):
             continue
         s, c = r["single"], r["concurrent"]
-        rows.append([label, name, s["tok_s"], f"{fmt(c['tok_s'])} (N={r['batch']})", fmt(r["speedup"], "x"),
-                     f"{fmt(s['tokens_per_request'])} / {fmt(c['tokens_per_request'])}",
-                     f"{fmt(s['ttft_p50_ms'])} / {fmt(c['ttft_p50_ms'])}", s["errors"] + c["errors"]])
+        rows.append(
+            [
+                label,
+                name,
+                s["tok_s"],
+                f"{fmt(c['tok_s'])} (N={r['batch']})",
+                fmt(r["speedup"], "x"),
+                f"{fmt(s['tokens_per_request'])} / {fmt(c['tokens_per_request'])}",
+                f"{fmt(s['ttft_p50_ms'])} / {fmt(c['ttft_p50_ms'])}",
+                s["errors"] + c["errors"],
+            ]
+        )
     return md_table(head, rows)
 
 
@@ -67,8 +84,18 @@ def streaming_table(doc: dict) -> str:
     rows = []
     for label, name, r in entries(doc, "streaming"):
         if not _skipped(rows, label, name, r, len(head)):
-            rows.append([label, name, r["ttft_p50_ms"], r["ttft_p99_ms"], r["gen_tok_s_p50"],
-                         r["tokens_per_request"], r["chunks_per_request"], r["errors"]])
+            rows.append(
+                [
+                    label,
+                    name,
+                    r["ttft_p50_ms"],
+                    r["ttft_p99_ms"],
+                    r["gen_tok_s_p50"],
+                    r["tokens_per_request"],
+                    r["chunks_per_request"],
+                    r["errors"],
+                ]
+            )
     return md_table(head, rows)
 
 
@@ -76,24 +103,56 @@ def prefix_tables(doc: dict) -> str:
     head = ["Step", "Description", "Expected", "Actual", "tokens reused", "cached_tokens (usage)", "Status"]
     out = []
     for label, name, r in entries(doc, "prefix"):
-        why = "its cache stats have no hit/miss counters (prefix cache off?)" if r.get("stats_reachable") \
+        why = (
+            "its cache stats have no hit/miss counters (prefix cache off?)"
+            if r.get("stats_reachable")
             else "no cache stats endpoint"
-        out.append(f"**{label} / {name}**" + ("" if r.get("stats_endpoint") else
-                   f" ({why}: Actual is n/a; Status from usage.cached_tokens where reported)"))
+        )
+        out.append(
+            f"**{label} / {name}**"
+            + (
+                ""
+                if r.get("stats_endpoint")
+                else f" ({why}: Actual is n/a; Status from usage.cached_tokens where reported)"
+            )
+        )
         if "skipped" in r:
             out.append(f"skipped: {r['skipped']}")
             continue
-        rows = [[s["step"], s["description"], s["expected"], s["actual"], s["tokens_reused"],
-                 f"{fmt(s['cached_tokens'])} of {fmt(s['prompt_tokens'])}",
-                 s["status"] if not s["error"] else f"error: {s['error']}"] for s in r["rows"]]
+        rows = [
+            [
+                s["step"],
+                s["description"],
+                s["expected"],
+                s["actual"],
+                s["tokens_reused"],
+                f"{fmt(s['cached_tokens'])} of {fmt(s['prompt_tokens'])}",
+                s["status"] if not s["error"] else f"error: {s['error']}",
+            ]
+            for s in r["rows"]
+        ]
         out.append(md_table(head, rows))
     return "\n\n".join(out)
 
 
 def paged_table(doc: dict) -> str:
-    head = ["server", "model", "users", "prompt tok/user (cached)", "paged", "peak blocks used (block size)",
-            "peak pool KV", "peak engine KV", "one copy per user", "floor", "saving: pool / engine / best",
-            "TTFT p50 ms", "TTFT p99 ms", "tok/s", "errors"]
+    head = [
+        "server",
+        "model",
+        "users",
+        "prompt tok/user (cached)",
+        "paged",
+        "peak blocks used (block size)",
+        "peak pool KV",
+        "peak engine KV",
+        "one copy per user",
+        "floor",
+        "saving: pool / engine / best",
+        "TTFT p50 ms",
+        "TTFT p99 ms",
+        "tok/s",
+        "errors",
+    ]
     rows = []
     for label, name, r in entries(doc, "paged"):
         if _skipped(rows, label, name, r, len(head)):
@@ -101,25 +160,64 @@ def paged_table(doc: dict) -> str:
         m = r.get("memory") or {}
         blocks = "n/a" if m.get("peak_blocks_used") is None else f"{m['peak_blocks_used']} ({m['block_size']})"
         cached = r["cached_tokens_total"] / max(1, r["ok"])
-        rows.append([label, name, r["users"], f"{fmt(r['prompt_tokens_per_user'])} ({cached:.0f})",
-                     fmt(m.get("paged")), blocks, mib(m.get("peak_pool_bytes")), mib(m.get("peak_engine_kv_bytes")),
-                     mib(m.get("unshared_kv_bytes")), mib(m.get("floor_kv_bytes")),
-                     " / ".join(pct(m.get(k)) for k in ("saving", "saving_engine", "best_saving")),
-                     r["ttft_p50_ms"], r["ttft_p99_ms"], r["tok_s"], r["errors"]])
+        rows.append(
+            [
+                label,
+                name,
+                r["users"],
+                f"{fmt(r['prompt_tokens_per_user'])} ({cached:.0f})",
+                fmt(m.get("paged")),
+                blocks,
+                mib(m.get("peak_pool_bytes")),
+                mib(m.get("peak_engine_kv_bytes")),
+                mib(m.get("unshared_kv_bytes")),
+                mib(m.get("floor_kv_bytes")),
+                " / ".join(pct(m.get(k)) for k in ("saving", "saving_engine", "best_saving")),
+                r["ttft_p50_ms"],
+                r["ttft_p99_ms"],
+                r["tok_s"],
+                r["errors"],
+            ]
+        )
     return md_table(head, rows)
 
 
 def sweep_table(doc: dict) -> str:
-    head = ["server", "model", "concurrency", "requests", "tok/s", "TTFT p50 ms", "TTFT p99 ms",
-            "ITL p50 ms", "ITL p99 ms", "TPOT p50 ms", "tokens/req", "errors"]
+    head = [
+        "server",
+        "model",
+        "concurrency",
+        "requests",
+        "tok/s",
+        "TTFT p50 ms",
+        "TTFT p99 ms",
+        "ITL p50 ms",
+        "ITL p99 ms",
+        "TPOT p50 ms",
+        "tokens/req",
+        "errors",
+    ]
     rows = []
     for label, name, r in entries(doc, "sweep"):
         if _skipped(rows, label, name, r, len(head)):
             continue
         for lv in r["levels"]:
-            rows.append([label, name, lv["concurrency"], lv["requests"], lv["tok_s"], lv["ttft_p50_ms"],
-                         lv["ttft_p99_ms"], lv["itl_p50_ms"], lv["itl_p99_ms"], lv["tpot_p50_ms"],
-                         lv["tokens_per_request"], lv["errors"]])
+            rows.append(
+                [
+                    label,
+                    name,
+                    lv["concurrency"],
+                    lv["requests"],
+                    lv["tok_s"],
+                    lv["ttft_p50_ms"],
+                    lv["ttft_p99_ms"],
+                    lv["itl_p50_ms"],
+                    lv["itl_p99_ms"],
+                    lv["tpot_p50_ms"],
+                    lv["tokens_per_request"],
+                    lv["errors"],
+                ]
+            )
         for c in r.get("skipped_levels", []):
             rows.append([label, name, c, "skipped: time budget"] + [""] * (len(head) - 4))
     return md_table(head, rows)
@@ -189,15 +287,19 @@ def machine_lines(doc: dict) -> list[str]:
 
 def _machine_lines(doc: dict) -> list[str]:
     m, s = doc["machine"], doc["settings"]
-    out = [f"- date: {m['date']}; command: `{m['command']}`",
-           f"- machine: {m['platform']}, {m['cpus']} CPUs, {m['memory_gb']} GB RAM",
-           f"- client: python {m['python']}, " + ", ".join(f"{k} {v}" for k, v in m["packages"].items()),
-           f"- settings: max_tokens {s['max_tokens']}, prompts `{s['prompt_set']}`, temperature 0, "
-           f"concurrency {s['concurrency']}, timeout {s['timeout_s']} s, budget {s['max_duration_s']} s; "
-           f"wall time {doc.get('wall_s')} s"]
+    out = [
+        f"- date: {m['date']}; command: `{m['command']}`",
+        f"- machine: {m['platform']}, {m['cpus']} CPUs, {m['memory_gb']} GB RAM",
+        f"- client: python {m['python']}, " + ", ".join(f"{k} {v}" for k, v in m["packages"].items()),
+        f"- settings: max_tokens {s['max_tokens']}, prompts `{s['prompt_set']}`, temperature 0, "
+        f"concurrency {s['concurrency']}, timeout {s['timeout_s']} s, budget {s['max_duration_s']} s; "
+        f"wall time {doc.get('wall_s')} s",
+    ]
     for t in doc["targets"]:
-        eos = ", ".join(f"{m['name']}: {'sent' if m.get('warm_up', {}).get('ignore_eos') else 'refused, not sent'}"
-                        for m in t["models"])
+        eos = ", ".join(
+            f"{m['name']}: {'sent' if m.get('warm_up', {}).get('ignore_eos') else 'refused, not sent'}"
+            for m in t["models"]
+        )
         run = f", run {t['run']}" if "run" in t else ""
         out.append(f"- target `{t['label']}` {t['base_url']} (ignore_eos {eos}{run})")
     return out
@@ -205,11 +307,13 @@ def _machine_lines(doc: dict) -> list[str]:
 
 def markdown(doc: dict) -> str:
     parts = ["### Run", "\n".join(machine_lines(doc))]
-    sections = [("batching", "Continuous batching: single request vs N concurrent", batching_table),
-                ("streaming", "Streaming: time to first token and generation speed", streaming_table),
-                ("prefix", "Prefix cache", prefix_tables),
-                ("paged", "Paged KV cache: concurrent users sharing a system prompt", paged_table),
-                ("sweep", "Concurrency sweep", sweep_table)]
+    sections = [
+        ("batching", "Continuous batching: single request vs N concurrent", batching_table),
+        ("streaming", "Streaming: time to first token and generation speed", streaming_table),
+        ("prefix", "Prefix cache", prefix_tables),
+        ("paged", "Paged KV cache: concurrent users sharing a system prompt", paged_table),
+        ("sweep", "Concurrency sweep", sweep_table),
+    ]
     for key, title, render in sections:
         if key in doc["settings"]["scenarios"]:
             parts += [f"### {title}", render(doc)]
@@ -241,9 +345,11 @@ def plot_sweep(doc: dict, out_dir: Path, prefix: str) -> list[str]:
     series = sweep_series(doc)
     if not series:
         return []
-    specs = [("tok_s", "aggregate completion tok/s", [("tok_s", "-")]),
-             ("ttft", "time to first token (ms)", [("ttft_p50_ms", "-"), ("ttft_p99_ms", "--")]),
-             ("itl", "inter-token latency (ms, between chunks)", [("itl_p50_ms", "-"), ("itl_p99_ms", "--")])]
+    specs = [
+        ("tok_s", "aggregate completion tok/s", [("tok_s", "-")]),
+        ("ttft", "time to first token (ms)", [("ttft_p50_ms", "-"), ("ttft_p99_ms", "--")]),
+        ("itl", "inter-token latency (ms, between chunks)", [("itl_p50_ms", "-"), ("itl_p99_ms", "--")]),
+    ]
     paths = []
     for key, ylabel, lines in specs:
         fig, ax = plt.subplots(figsize=(7, 4.5))

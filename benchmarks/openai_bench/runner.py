@@ -32,18 +32,32 @@ def machine() -> dict:
             pass
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
     return {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "platform": platform.platform(),
-        "processor": platform.machine(), "cpus": os.cpu_count(),
-        "memory_gb": round(mem / 2**30, 1) if mem else None, "python": platform.python_version(),
-        "packages": versions, "command": " ".join(sys.orig_argv),
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "platform": platform.platform(),
+        "processor": platform.machine(),
+        "cpus": os.cpu_count(),
+        "memory_gb": round(mem / 2**30, 1) if mem else None,
+        "python": platform.python_version(),
+        "packages": versions,
+        "command": " ".join(sys.orig_argv),
     }
 
 
 def make_ctx(client, target, model, args, deadline, progress, nonce) -> Ctx:
-    return Ctx(client=client, target=target, model=model, max_tokens=args.max_tokens, prompt_set=args.prompts,
-               nonce=nonce, deadline=deadline, progress=progress, concurrency=tuple(args.concurrency),
-               sweep_min_requests=args.sweep_min_requests, batch_size=args.batch_size,
-               paged_users=args.paged_users)
+    return Ctx(
+        client=client,
+        target=target,
+        model=model,
+        max_tokens=args.max_tokens,
+        prompt_set=args.prompts,
+        nonce=nonce,
+        deadline=deadline,
+        progress=progress,
+        concurrency=tuple(args.concurrency),
+        sweep_min_requests=args.sweep_min_requests,
+        batch_size=args.batch_size,
+        paged_users=args.paged_users,
+    )
 
 
 async def run_model(ctx: Ctx, names: list[str], bar: tqdm, sampler=None) -> dict:
@@ -96,8 +110,19 @@ async def run_all(targets: list[Target], args) -> dict:
 
 
 def settings(args) -> dict:
-    keys = ("scenarios", "max_tokens", "prompts", "concurrency", "batch_size", "paged_users",
-            "sweep_min_requests", "timeout_s", "max_duration_s", "label", "cpu_profile")
+    keys = (
+        "scenarios",
+        "max_tokens",
+        "prompts",
+        "concurrency",
+        "batch_size",
+        "paged_users",
+        "sweep_min_requests",
+        "timeout_s",
+        "max_duration_s",
+        "label",
+        "cpu_profile",
+    )
     out = {k: getattr(args, k) for k in keys}
     out["prompt_set"] = out.pop("prompts")
     return out

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import httpx
 
@@ -42,11 +42,13 @@ class Ctx:
     def ignore_eos(self) -> bool:
         return self.target.ignore_eos.get(self.model.request_name, True)
 
-    def chat_body(self, i: int, max_tokens: int | None = None, system: str | None = None,
-                  question: str | None = None) -> dict:
+    def chat_body(
+        self, i: int, max_tokens: int | None = None, system: str | None = None, question: str | None = None
+    ) -> dict:
         msgs = prompts.chat(question, system) if question else prompts.seed_messages(i, self.prompt_set)
-        return request_body(self.model.request_name, messages=msgs, max_tokens=max_tokens or self.max_tokens,
-                            ignore_eos=self.ignore_eos)
+        return request_body(
+            self.model.request_name, messages=msgs, max_tokens=max_tokens or self.max_tokens, ignore_eos=self.ignore_eos
+        )
 
     async def stats(self) -> dict | None:
         """The model's cache stats. A server whose first answer has no stats is not asked again (a
@@ -63,7 +65,9 @@ class Ctx:
             raise OutOfTime()
 
 
-async def run_wave(ctx: Ctx, bodies: list[dict], concurrency: int, path: str = CHAT) -> tuple[list[RequestResult], float]:
+async def run_wave(
+    ctx: Ctx, bodies: list[dict], concurrency: int, path: str = CHAT
+) -> tuple[list[RequestResult], float]:
     """Closed loop: `concurrency` workers send `bodies` in order, each taking the next when its
     request ends. Returns the results (in body order) and the wave's wall time."""
     ctx.check_time()
@@ -151,17 +155,27 @@ async def prefix(ctx: Ctx) -> dict:
         has_stats = has_stats or actual is not None
         reachable = reachable or after is not None
         usage = classify_usage(r.cached_tokens, r.prompt_tokens) if r.ok else None
-        rows.append({
-            "step": step["step"], "description": step["description"], "expected": step["expected"],
-            "actual": actual, "tokens_reused": reused, "prompt_tokens": r.prompt_tokens,
-            "cached_tokens": r.cached_tokens, "usage_label": usage, "error": r.error,
-            "status": "error" if not r.ok else prefix_status(step["expected"], actual, usage),
-        })
+        rows.append(
+            {
+                "step": step["step"],
+                "description": step["description"],
+                "expected": step["expected"],
+                "actual": actual,
+                "tokens_reused": reused,
+                "prompt_tokens": r.prompt_tokens,
+                "cached_tokens": r.cached_tokens,
+                "usage_label": usage,
+                "error": r.error,
+                "status": "error" if not r.ok else prefix_status(step["expected"], actual, usage),
+            }
+        )
     return {"stats_endpoint": bool(has_stats), "stats_reachable": reachable, "rows": rows}
 
 
-PEAK_KEYS = {"cache": ("blocks_used", "bytes_used", "blocks_total", "bytes", "live_sequences"),
-             "engine": ("kv_cache_bytes", "running")}
+PEAK_KEYS = {
+    "cache": ("blocks_used", "bytes_used", "blocks_total", "bytes", "live_sequences"),
+    "engine": ("kv_cache_bytes", "running"),
+}
 
 
 def track_peaks(peaks: dict, snapshot: dict | None) -> None:
@@ -193,13 +207,20 @@ def paged_memory(peaks: dict, cache: dict, results: list[RequestResult]) -> dict
     floor = round((tokens - cached) * per_token) if known else None
     pool, engine = peaks.get("bytes_used"), peaks.get("kv_cache_bytes")
     return {
-        "paged": cache.get("enabled"), "block_size": bs, "block_bytes": block_bytes,
-        "peak_blocks_used": peaks.get("blocks_used"), "peak_pool_bytes": pool,
+        "paged": cache.get("enabled"),
+        "block_size": bs,
+        "block_bytes": block_bytes,
+        "peak_blocks_used": peaks.get("blocks_used"),
+        "peak_pool_bytes": pool,
         # the engine's own figure: the blocks its running rows hold plus any decode working copy
-        "peak_engine_kv_bytes": engine, "peak_running": peaks.get("running"),
-        "tokens_all_users": tokens, "cached_tokens_all_users": cached,
-        "unshared_kv_bytes": unshared, "floor_kv_bytes": floor,
-        "saving": _saving(pool, unshared), "saving_engine": _saving(engine, unshared),
+        "peak_engine_kv_bytes": engine,
+        "peak_running": peaks.get("running"),
+        "tokens_all_users": tokens,
+        "cached_tokens_all_users": cached,
+        "unshared_kv_bytes": unshared,
+        "floor_kv_bytes": floor,
+        "saving": _saving(pool, unshared),
+        "saving_engine": _saving(engine, unshared),
         "best_saving": _saving(floor, unshared),
     }
 
@@ -249,8 +270,10 @@ SCENARIOS = {"batching": batching, "streaming": streaming, "prefix": prefix, "pa
 def planned_requests(ctx: Ctx, names: list[str]) -> int:
     """Requests the scenarios will send (for the progress bar)."""
     count = {
-        "batching": ctx.single_requests + ctx.batch_size, "streaming": ctx.stream_requests,
-        "prefix": len(prompts.prefix_steps("x")), "paged": ctx.paged_users,
+        "batching": ctx.single_requests + ctx.batch_size,
+        "streaming": ctx.stream_requests,
+        "prefix": len(prompts.prefix_steps("x")),
+        "paged": ctx.paged_users,
         "sweep": sum(max(c, ctx.sweep_min_requests) for c in ctx.concurrency),
     }
     return 1 + sum(count[n] for n in names)

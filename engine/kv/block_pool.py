@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from typing import Callable
+from collections.abc import Callable
 
 import mlx.core as mx
 
@@ -200,4 +200,3 @@ class BlockPool:
             "blocks_used_peak": self.peak_used,
             **self.counters,
         }
-

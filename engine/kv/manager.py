@@ -93,8 +93,9 @@ class PagedCacheManager:
         self.memory_aware = config.memory_aware
         self.reserve = config.kv_admission == "reserve"
         capacity = max(1, self.budget_bytes // block_bytes - BlockPool.RESERVED) if self.memory_aware else None
-        self.pool = BlockPool(layers, dtype, bs, capacity, cache_share=1 - WORKING_COPY_SHARE,
-                              on_evict=self._forget_evicted)
+        self.pool = BlockPool(
+            layers, dtype, bs, capacity, cache_share=1 - WORKING_COPY_SHARE, on_evict=self._forget_evicted
+        )
         self.ctx = PagedContext(self.pool, len(layers), room=self._room)
         self.index = PrefixCache(self.pool, salt, None if self.memory_aware else config.max_cache_entries)
         self.live: dict[int, SeqBlocks] = {}  # uid -> running sequence

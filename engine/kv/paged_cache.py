@@ -41,8 +41,8 @@ the cache manager (`engine.kv.manager.PagedCacheManager`) owns each SeqBlocks fr
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import mlx.core as mx
 import numpy as np

@@ -59,7 +59,7 @@ class Geometry:
         self.padded = bool(self.pad.any())  # fixed for the geometry; asked by every layer a step
 
     @classmethod
-    def new(cls, ident: tuple[int, ...], lengths: list[int], step: int) -> "Geometry":
+    def new(cls, ident: tuple[int, ...], lengths: list[int], step: int) -> Geometry:
         """Lengths before this step's token; the capacity from `capacity`."""
         longest = max(lengths)
         pad = np.asarray([longest - n for n in lengths], dtype=np.int32)
@@ -150,7 +150,10 @@ class WorkingCopy:
         pos = np.arange(start, end)[None, :] - self.geom.pad[:, None]  # [B, m]
         blocks = np.stack([np.asarray(t, dtype=np.int64)[np.minimum(p // bs, len(t) - 1)] for t, p in zip(tables, pos)])
         rows = row_index(np.where(pos >= 0, blocks, pool.TRASH), pos % bs, H, bs)
-        pool.storage.write(self.layer, mx.array(rows.reshape(-1).astype(np.int32)), self.k[:, :, start:end, :],
-                   self.v[:, :, start:end, :])
+        pool.storage.write(
+            self.layer,
+            mx.array(rows.reshape(-1).astype(np.int32)),
+            self.k[:, :, start:end, :],
+            self.v[:, :, start:end, :],
+        )
         self.flushed = end
-

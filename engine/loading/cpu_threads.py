@@ -39,7 +39,7 @@ class BlasThreads:
         self._sample: tuple[float, float, float] | None = None
 
     @classmethod
-    def for_this_process(cls) -> "BlasThreads | None":
+    def for_this_process(cls) -> BlasThreads | None:
         """None unless OpenBLAS is loaded with more than one thread (nothing to choose).
 
         The OpenBLAS MLX calls is the one preloaded (`libopenblas`), not NumPy's own copy
@@ -93,6 +93,11 @@ class BlasThreads:
             return
         mx.synchronize()  # no GEMM may be running while OpenBLAS changes its threads
         self._controller.limit(limits=target)
-        log.info("OpenBLAS threads %d -> %d (other processes used %.2f of %d cores)",
-                 self.threads, target, others, self.cores)
+        log.info(
+            "OpenBLAS threads %d -> %d (other processes used %.2f of %d cores)",
+            self.threads,
+            target,
+            others,
+            self.cores,
+        )
         self.threads, self._pending = target, None

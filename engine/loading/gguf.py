@@ -208,7 +208,7 @@ def dequantize_weights(weights: dict[str, mx.array]) -> dict[str, mx.array]:
 
 
 def _dequantize_all(info: GGUFInfo) -> dict[str, mx.array]:
-    from gguf import GGUFReader, GGMLQuantizationType, quants
+    from gguf import GGMLQuantizationType, GGUFReader, quants
 
     out = {}
     tensors = GGUFReader(info.path).tensors
@@ -330,7 +330,9 @@ def write_tokenizer(info: GGUFInfo, out_dir: Path) -> None:
     from transformers.integrations.gguf.gguf_tokenizer_mapping import convert_gguf_tokenizer
 
     meta = info.metadata
-    spec = {name: meta[f"tokenizer.ggml.{key}"] for key, name in _TOKENIZER_KEYS.items() if f"tokenizer.ggml.{key}" in meta}
+    spec = {
+        name: meta[f"tokenizer.ggml.{key}"] for key, name in _TOKENIZER_KEYS.items() if f"tokenizer.ggml.{key}" in meta
+    }
     try:
         tokenizer, _ = convert_gguf_tokenizer(info.arch, spec)
     except (ValueError, KeyError) as exc:
@@ -343,7 +345,12 @@ def write_tokenizer(info: GGUFInfo, out_dir: Path) -> None:
     tokens = spec["tokens"]
     special = {
         name: tokens[int(spec[key])]
-        for name, key in (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("unk_token", "unk_token_id"), ("pad_token", "pad_token_id"))
+        for name, key in (
+            ("bos_token", "bos_token_id"),
+            ("eos_token", "eos_token_id"),
+            ("unk_token", "unk_token_id"),
+            ("pad_token", "pad_token_id"),
+        )
         if key in spec
     }
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", spec.get("tokenizer_type") == "llama"))

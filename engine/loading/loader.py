@@ -21,8 +21,8 @@ import mlx.core as mx
 import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
-from . import cpu_fast_path, gguf
 from ..errors import ModelLoadError
+from . import cpu_fast_path, gguf
 from .sources import OFFLINE_HINT, ResolvedSource, resolve_source
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,10 @@ def load_model(source: str, *, fast_cpu: bool | None = None, cache_dir: str | Pa
     )
     log.info(
         "loaded %s: %s, %.1f MB of weights in %.2fs",
-        resolved.original, loaded.summary()["dtype"], loaded.weights_bytes / 1e6, loaded.load_seconds,
+        resolved.original,
+        loaded.summary()["dtype"],
+        loaded.weights_bytes / 1e6,
+        loaded.load_seconds,
     )
     return loaded
 
@@ -149,7 +152,9 @@ def to_float32(model: nn.Module) -> None:
     from mlx_lm.utils import dequantize_model
 
     dequantize_model(model)
-    model.update(tree_map(lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a, model.parameters()))
+    model.update(
+        tree_map(lambda a: a.astype(mx.float32) if mx.issubdtype(a.dtype, mx.floating) else a, model.parameters())
+    )
     mx.eval(model.parameters())
 
 

