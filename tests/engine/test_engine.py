@@ -13,7 +13,7 @@ from engine.errors import InvalidRequestError
 from engine.request import PromptInput
 from engine.sampling import SamplingParams
 
-from .conftest import SMOLLM
+from ..conftest import SMOLLM
 
 
 def chat(q: str) -> PromptInput:

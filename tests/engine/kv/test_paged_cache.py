@@ -16,7 +16,7 @@ from engine.kv.prefix_cache import PrefixCache
 from engine.request import PromptInput
 from engine.sampling import SamplingParams
 
-from .conftest import GEMMA, SMOLLM
+from ...conftest import GEMMA, SMOLLM
 
 GREEDY = dict(temperature=0, max_tokens=8)
 SYSTEM = (

@@ -18,7 +18,7 @@ from engine.loading.cpu_threads import BlasThreads
 from engine.request import PromptInput
 from engine.sampling import SamplingParams
 
-from .conftest import SMOLLM
+from ..conftest import SMOLLM
 
 
 class FakeController:

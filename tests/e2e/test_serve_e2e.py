@@ -21,7 +21,7 @@ import pytest
 
 from benchmarks.hostile_bodies import UNSUPPORTED, hostile_bodies
 
-from .serve_helpers import BASE, ray, ray_processes
+from .serving import BASE, ray, ray_processes
 
 pytestmark = pytest.mark.slow
 

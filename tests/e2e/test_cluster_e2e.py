@@ -28,7 +28,7 @@ from benchmarks.serve_process import start_serve_run
 from deployments.hop import GenerateRequest
 from deployments.request_router import block_hashes, prompt_text
 from engine.request import PromptInput
-from tests.serve_helpers import BASE, ROOT, clean_ray, ray_processes, stop, wait_healthy
+from .serving import BASE, ROOT, clean_ray, ray_processes, stop, wait_healthy
 
 pytestmark = pytest.mark.slow
 

@@ -16,7 +16,7 @@ from engine.kv.working_copy import Geometry, capacity
 from engine.request import PromptInput
 from engine.sampling import SamplingParams
 
-from .conftest import SMOLLM
+from ..conftest import SMOLLM
 
 PROMPTS = ["Rivers flow into", "The oldest tree in Europe grows in a valley where", "Paper"]
 MAX_TOKENS = [40, 12, 40]  # 40 tokens outgrow the copies twice; the second row leaves early

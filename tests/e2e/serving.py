@@ -19,7 +19,7 @@ import pytest
 
 from benchmarks.serve_process import start_serve_run
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BASE = "http://127.0.0.1:8000"
 BIN = Path(sys.executable).parent
 RAY_PROCESS_NAMES = ("gcs_server", "raylet", "ray::", "dashboard.py", "ServeController", "ServeReplica", "ProxyActor")

@@ -26,9 +26,9 @@ import pytest
 from engine.loading.loader import load_model
 from engine.loading.sources import resolve_source
 
-from .conftest import GEMMA, SMOLLM
+from ..conftest import GEMMA, SMOLLM
 
-REFERENCE = json.loads((Path(__file__).parent / "fixtures" / "llama_cpp_reference.json").read_text())
+REFERENCE = json.loads((Path(__file__).parents[1] / "fixtures" / "llama_cpp_reference.json").read_text())
 NEAR_TIE = 0.75
 MODELS = {"smollm2": SMOLLM, "gemma3": GEMMA}
 

@@ -16,7 +16,7 @@ import openai
 import psutil
 import pytest
 
-from .serve_helpers import BASE, ROOT, metric, start_serve, stop, wait_healthy
+from .serving import BASE, ROOT, metric, start_serve, stop, wait_healthy
 
 pytestmark = pytest.mark.slow
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from .serve_helpers import ROOT, failed_deploy_outputs
+from .serving import ROOT, failed_deploy_outputs
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ import jsonschema
 import openai
 import pytest
 
-from .serve_helpers import BASE, serving
+from .serving import BASE, serving
 
 pytestmark = pytest.mark.slow
 

@@ -20,7 +20,7 @@ from engine.loading.sources import resolve_source
 from engine.prompts import encode_prompt
 from engine.request import PromptInput
 
-from .conftest import GEMMA, SMOLLM
+from ...conftest import GEMMA, SMOLLM
 
 
 def test_bundled_sources_resolve_to_package_files():
@@ -112,7 +112,7 @@ def test_two_processes_exporting_one_gguf_at_once_both_get_one_complete_export(t
         "import pathlib; from engine.loading.loader import _local_mlx_dir; from engine.loading.sources import resolve_source; "
         f"print(_local_mlx_dir(resolve_source({SMOLLM!r}), pathlib.Path({str(tmp_path)!r})))"
     )
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[3]
     procs = [
         subprocess.Popen(
             [sys.executable, "-c", code], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
