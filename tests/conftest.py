@@ -34,15 +34,3 @@ def load_once():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(engine.engine, "load_model", once)
         yield
-
-
-@pytest.fixture(scope="session")
-def default_server(tmp_path_factory):
-    """`serve run serve_config.yaml`, shared by the modules that test it as users run it
-    (test_serve_agent_apis_e2e, then test_serve_e2e, which ends by stopping it with Ctrl-C): one
-    start for both (given the other way round, test_serve_agent_apis_e2e starts its own). No
-    other module runs between them (file order), and any other module that starts Ray
-    (tests/e2e/serving.clean_ray) refuses to while this one serves."""
-    from .e2e.serving import serving
-
-    yield from serving(tmp_path_factory)

@@ -40,7 +40,10 @@ def ray_processes() -> list[str]:
 
 
 def clean_ray() -> None:
-    """`ray stop`, but never under a live server: fail instead of killing someone else's cluster."""
+    """`ray stop`, after stopping the shared default server if it runs; but never under anyone
+    else's live server: fail instead of killing someone else's cluster."""
+    if SharedServer.running is not None:
+        SharedServer.running.stop()
     try:
         httpx.get(f"{BASE}/", timeout=2)
     except httpx.HTTPError:
@@ -55,17 +58,38 @@ def start_serve(config: str | Path, log: Path) -> subprocess.Popen:
         return start_serve_run(config, out)
 
 
-def serving(tmp_path_factory, config: str | Path = "serve_config.yaml"):
-    """A module fixture's body: `serve run CONFIG` until /health is ok, yielding its process, log
-    and start-up seconds; stopped (SIGINT) when the module is done."""
-    log = tmp_path_factory.mktemp("serve") / "serve_run.log"
-    proc = start_serve(config, log)
-    try:
-        ready_s = wait_healthy(proc, log)
-        print(f"serve run healthy after {ready_s:.1f}s")
-        yield {"proc": proc, "log": log, "ready_s": ready_s}
-    finally:
-        stop(proc)
+def _healthy(proc: subprocess.Popen, log: Path) -> float:
+    ready_s = wait_healthy(proc, log)
+    print(f"serve run healthy after {ready_s:.1f}s")
+    return ready_s
+
+
+class SharedServer:
+    """`serve run serve_config.yaml`, shared by the e2e modules that test it as users run it, so
+    it starts once for all of them, whatever order they run in: `get()` starts it when it is not
+    running (first use, or after a module ended it, e.g. with Ctrl-C), and a module that needs Ray
+    to itself stops it first (`clean_ray`). At most one runs; the session stops it at the end."""
+
+    running: SharedServer | None = None
+
+    def __init__(self, tmp_path_factory):
+        self.tmp_path_factory = tmp_path_factory
+        self.info: dict | None = None
+
+    def get(self) -> dict:
+        if self.info is None or self.info["proc"].poll() is not None:
+            log = self.tmp_path_factory.mktemp("serve") / "serve_run.log"
+            proc = start_serve("serve_config.yaml", log)
+            self.info = {"proc": proc, "log": log}
+            SharedServer.running = self
+            self.info["ready_s"] = _healthy(proc, log)
+        return self.info
+
+    def stop(self) -> None:
+        if self.info is not None:
+            stop(self.info["proc"])
+        self.info = None
+        SharedServer.running = None
 
 
 def wait_healthy(proc: subprocess.Popen, log: Path, timeout_s: float = 180) -> float:

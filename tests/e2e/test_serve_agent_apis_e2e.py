@@ -2,9 +2,9 @@
 (greedy, few tokens): the Anthropic Messages API through the official `anthropic` client, and
 structured output, tool calls and logprobs through the official `openai` client.
 
-Runs on the `serve run` that tests/test_serve_e2e.py then goes on with (conftest.default_server:
-started on a clean Ray, stopped with SIGINT by that module's last test). This SDK's create() has
-no temperature parameter: greedy decoding goes in extra_body.
+Runs on the shared `serve run` (tests/e2e/conftest.default_server), which test_serve_e2e also
+uses, in either order. This SDK's create() has no temperature parameter: greedy decoding goes in
+extra_body.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import jsonschema
 import openai
 import pytest
 
-from .serving import BASE, serving
+from .serving import BASE
 
 pytestmark = pytest.mark.slow
 
@@ -35,11 +35,8 @@ EVENT_ORDER = [
 
 
 @pytest.fixture(scope="module")
-def server(default_server, tmp_path_factory):
-    if default_server["proc"].poll() is None:
-        yield default_server
-    else:  # test_serve_e2e ran first (files given in another order) and ended it with Ctrl-C
-        yield from serving(tmp_path_factory)
+def server(default_server):
+    return default_server.get()
 
 
 @pytest.fixture(scope="module")

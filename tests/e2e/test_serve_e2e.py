@@ -30,7 +30,7 @@ MODELS = ("smollm2-135m-instruct", "gemma-3-270m")
 
 @pytest.fixture(scope="module")
 def server(default_server):
-    return default_server
+    return default_server.get()
 
 
 @pytest.fixture(scope="module")
