@@ -20,7 +20,6 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -103,22 +102,22 @@ def serve_together(args, adaptive: bool) -> list[dict]:
 
     import yaml
 
+    from deployments.launch import ROOT, start, stop
+
     from .bench_idle import wait_for
-    from .serve_process import ROOT, start_serve_run
 
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     for model in config["applications"][0]["args"]["models"]:
         model.setdefault("engine", {})["adaptive_cpu_threads"] = adaptive
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(config, f)
-    server = start_serve_run(f.name)
+    server = start(f.name)
     try:
         for m in MODELS:
             wait_for(m, "loaded")
         return asyncio.run(http_waves(args))
     finally:
-        os.killpg(server.pid, signal.SIGINT)
-        server.wait(120)
+        stop(server, group=True, timeout_s=120, stop_ray=False)
         os.unlink(f.name)
 
 

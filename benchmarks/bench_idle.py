@@ -15,14 +15,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import signal
 import sys
 import time
 import urllib.request
 
+from deployments import launch
+
 from .output import emit
-from .serve_process import start_serve_run
 
 BASE = "http://127.0.0.1:8000"
 BUSY, IDLE = "smollm2-135m-instruct", "gemma-3-270m"
@@ -112,7 +111,7 @@ def main() -> None:
     p.add_argument("--json-out")
     args = p.parse_args()
     say = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
-    server = start_serve_run(args.config)
+    server = launch.start(args.config)
     try:
         wait_for(BUSY, "loaded")
         wait_for(IDLE, "loaded")
@@ -130,8 +129,7 @@ def main() -> None:
         say("5 clients, both loaded again")
         again = asyncio.run(waves())
     finally:
-        os.killpg(server.pid, signal.SIGINT)
-        server.wait(120)
+        launch.stop(server, group=True, timeout_s=120, stop_ray=False)
     doc = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "config": args.config,

@@ -23,10 +23,11 @@ import httpx
 import psutil
 import yaml
 
-from benchmarks.bench_governor import BASE, BIN, start
+from benchmarks.bench_governor import BASE, start
 from benchmarks.openai_bench.metrics import percentile
 from benchmarks.openai_bench.report import md_table
 from benchmarks.openai_bench.runner import machine
+from deployments import launch
 
 RAY_DAEMONS = ("gcs_server", "raylet", "ServeController", "ServeReplica", "ProxyActor")
 
@@ -59,7 +60,7 @@ def one_run(cfg: dict, timeout_s: float) -> dict:
     left = leftovers()
     if code is None:
         os.killpg(proc.pid, signal.SIGKILL)
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True)
+    launch.ray_stop()
     return {"exit_code": code, "seconds": round(seconds, 2), "ray_processes_left": left}
 
 

@@ -22,9 +22,10 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.bench_governor import BASE, RssSampler, start, stop
+from benchmarks.bench_governor import BASE, RssSampler, start
 from benchmarks.openai_bench.report import md_table
 from benchmarks.openai_bench.runner import machine
+from deployments import launch
 
 
 async def client_loop(
@@ -158,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         by_process = rss_by_process(proc.pid)
     finally:
         rss.stop()
-        stop(proc)
+        launch.stop(proc)
     doc = {
         "benchmark": "soak",
         "machine": machine(),
