@@ -38,7 +38,7 @@ from collections import Counter
 
 import httpx
 
-from benchmarks.hostile_bodies import hostile_bodies
+from tests.e2e.hostile_bodies import hostile_bodies
 
 LONG_PROMPT = "Write a long, detailed essay about the history of the Roman Empire, from its founding to its fall."
 HEALTH_MSG = [{"role": "user", "content": "Say hello."}]
