@@ -21,7 +21,7 @@ from benchmarks.openai_bench.metrics import RequestResult, percentile, summarize
 from benchmarks.openai_bench.prompts import prefix_steps, system_prompt
 from benchmarks.openai_bench.scenarios import classify_delta, classify_usage, paged_memory, prefix_status
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def ok_result(ttft: float, chunks: list[float], tokens: int) -> RequestResult:
