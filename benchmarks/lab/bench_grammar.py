@@ -1,6 +1,6 @@
 """Grammar engines for structured output (JSON schema / json_object / forced tool calls), measured.
 
-    python -m benchmarks.bench_grammar [--tokenizer DIR] [--stress-tokenizer DIR | --no-stress]
+    python -m benchmarks.lab.bench_grammar [--tokenizer DIR] [--stress-tokenizer DIR | --no-stress]
         [--reps 5] [--batch-steps 48] [--compile-timeout-s 90] [--quick] [--json-out PATH]
 
 Candidates: llguidance (a dependency) and outlines-core (installed only for this benchmark).
@@ -50,7 +50,7 @@ import time
 
 from .grammar_schemas import SCHEMAS, check_instances, instance_text
 from .grammar_workers import BATCH_ROWS, ENGINES, Worker, dist_version, stats_us
-from .output import emit
+from ..output import emit
 
 DEFAULT_TOKENIZER = "/tmp/smollm2-f32"
 DEFAULT_STRESS_TOKENIZER = "/tmp/gemma-export"
@@ -460,7 +460,7 @@ def header(args, argv, skipped: list[str]) -> dict:
 
     return {
         "benchmark": "bench_grammar",
-        "command": "python -m benchmarks.bench_grammar " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m benchmarks.lab.bench_grammar " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": {
             "platform": platform.platform(),
             "machine": platform.machine(),

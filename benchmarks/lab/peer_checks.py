@@ -1,8 +1,8 @@
 """Reliability checks against any OpenAI-compatible server, by base URL: ours or a peer's.
 
-    python -m benchmarks.peer_checks --label ours --base-url http://127.0.0.1:8000 \
+    python -m benchmarks.lab.peer_checks --label ours --base-url http://127.0.0.1:8000 \
         --model smollm2-135m-instruct --out /tmp/ours.json
-    python -m benchmarks.peer_checks --merge /tmp/ours.json /tmp/mlx_lm.json --out docs/results/peer_checks_cpu.json
+    python -m benchmarks.lab.peer_checks --merge /tmp/ours.json /tmp/mlx_lm.json --out docs/results/peer_checks_cpu.json
 
 Checks (each: pass/fail plus what was observed; progress on stderr, JSON and a markdown table on stdout):
 

@@ -1,4 +1,4 @@
-"""The JSON schemas benchmarks/bench_grammar.py walks, each with a valid instance."""
+"""The JSON schemas benchmarks/lab/bench_grammar.py walks, each with a valid instance."""
 
 from __future__ import annotations
 

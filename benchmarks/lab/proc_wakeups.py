@@ -1,6 +1,6 @@
 """CPU and wake-ups of this user's processes (and their busiest threads) over an interval.
 
-    python -m benchmarks.proc_wakeups 15          # e.g. beside an idle or a loaded `serve run`
+    python -m benchmarks.lab.proc_wakeups 15          # e.g. beside an idle or a loaded `serve run`
 
 Per process: cores used, voluntary context switches a second (wake-ups: it slept and was woken)
 and involuntary ones (preempted). On a small machine every wake-up of a side process can preempt a
