@@ -81,7 +81,7 @@ def bench_engine(model, levels: list[int], rounds: int, max_tokens: int) -> dict
         out = {}
         for n in levels:
 
-            async def wave():
+            async def wave(n: int = n):
                 return await asyncio.gather(*(engine_request(engine, i, max_tokens) for i in range(n)))
 
             results, start = [], time.perf_counter()

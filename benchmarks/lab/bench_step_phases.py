@@ -89,8 +89,8 @@ async def measure(engine, model, batch: int, args, write: str) -> dict:
 
     from engine.compiled_step import _decode_step
 
-    from .bench_decode_step import kernels, mlx_lm_step, our_step, pipelined
     from ..bench_engine import prompt_ids, run_engine
+    from .bench_decode_step import kernels, mlx_lm_step, our_step, pipelined
 
     tokens = args.tokens
     prompts = prompt_ids(engine.tokenizer, batch, ragged=args.ragged)
@@ -133,8 +133,8 @@ async def measure(engine, model, batch: int, args, write: str) -> dict:
 
 async def engine_kernels(engine, prompts, tokens: int) -> dict:
     """CUDA kernels a loop step of one engine run, and how many of its steps were compiled."""
-    from .bench_decode_step import kernel_summary, profile_kernels
     from ..bench_engine import run_engine
+    from .bench_decode_step import kernel_summary, profile_kernels
 
     totals = collections.Counter()
     with timers(totals), profile_kernels() as prof:

@@ -187,7 +187,7 @@ def _honoured(feature: str, body: dict) -> tuple[bool, str]:
     if feature == "logprobs":
         lp = ch.get("logprobs")
         content = (lp or {}).get("content") if isinstance(lp, dict) else None
-        return bool(content), f"logprobs: {'%d entries' % len(content) if content else short(json.dumps(lp), 40)}"
+        return bool(content), f"logprobs: {f'{len(content)} entries' if content else short(json.dumps(lp), 40)}"
     if feature == "response_format":
         try:
             parsed = json.loads(msg.get("content") or "")
@@ -504,7 +504,7 @@ def main(argv=None) -> int:
         reports = []
         for path in args.merge:
             data = json.load(open(path))
-            reports.extend(data["servers"] if "servers" in data else [data])
+            reports.extend(data.get("servers", [data]))
     else:
         if not (args.base_url and args.model):
             p.error("--base-url and --model are needed (or --merge)")
