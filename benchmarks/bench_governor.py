@@ -27,8 +27,8 @@ import psutil
 import yaml
 
 from benchmarks.openai_bench.metrics import percentile
-from benchmarks.openai_bench.report import md_table
 from benchmarks.openai_bench.runner import machine
+from benchmarks.openai_bench.tables import md_table
 from deployments import launch
 
 ROOT = Path(__file__).resolve().parents[1]

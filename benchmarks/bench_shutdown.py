@@ -25,8 +25,8 @@ import yaml
 
 from benchmarks.bench_governor import BASE, start
 from benchmarks.openai_bench.metrics import percentile
-from benchmarks.openai_bench.report import md_table
 from benchmarks.openai_bench.runner import machine
+from benchmarks.openai_bench.tables import md_table
 from deployments import launch
 
 RAY_DAEMONS = ("gcs_server", "raylet", "ServeController", "ServeReplica", "ProxyActor")

@@ -23,8 +23,8 @@ from pathlib import Path
 import httpx
 
 from benchmarks.bench_governor import BASE, RssSampler, start
-from benchmarks.openai_bench.report import md_table
 from benchmarks.openai_bench.runner import machine
+from benchmarks.openai_bench.tables import md_table
 from deployments import launch
 
 

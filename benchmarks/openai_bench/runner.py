@@ -15,7 +15,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from . import report
+from . import tables
 from .client import Target, make_client
 from .cpu import CpuSampler
 from .scenarios import SCENARIOS, Ctx, OutOfTime, planned_requests, warm_up
@@ -130,17 +130,17 @@ def settings(args) -> dict:
 
 def write_outputs(doc: dict, out_dir: Path, label: str, plots: bool) -> dict[str, str]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    doc["plots"] = [Path(p).name for p in report.plot_sweep(doc, out_dir, label)] if plots else []
+    doc["plots"] = [Path(p).name for p in tables.plot_sweep(doc, out_dir, label)] if plots else []
     paths = {"json": out_dir / f"{label}.json", "markdown": out_dir / f"{label}.md"}
-    report.write_json(doc, paths["json"])
-    paths["markdown"].write_text(report.markdown(doc))
+    tables.write_json(doc, paths["json"])
+    paths["markdown"].write_text(tables.markdown(doc))
     return {k: str(v) for k, v in paths.items()} | {"plots": ", ".join(str(out_dir / p) for p in doc["plots"])}
 
 
 def merge_files(paths: list[str], args) -> dict:
-    doc = report.merge([json.loads(Path(p).read_text()) for p in paths])
+    doc = tables.merge([json.loads(Path(p).read_text()) for p in paths])
     files = write_outputs(doc, Path(args.out_dir), args.label, not args.no_plots)
-    print(report.markdown(doc))
+    print(tables.markdown(doc))
     for kind, path in files.items():
         print(f"{kind}: {path}", file=sys.stderr)
     return doc
@@ -149,7 +149,7 @@ def merge_files(paths: list[str], args) -> dict:
 def run(targets: list[Target], args) -> dict:
     doc = asyncio.run(run_all(targets, args))
     files = write_outputs(doc, Path(args.out_dir), args.label, not args.no_plots)
-    print(report.markdown(doc))
+    print(tables.markdown(doc))
     for kind, path in files.items():
         print(f"{kind}: {path}", file=sys.stderr)
     return doc
