@@ -19,7 +19,7 @@ import sys
 import time
 
 from .openai_bench.prompts import SEED_QUESTIONS
-from .output import emit
+from .report import emit
 
 QUESTIONS = SEED_QUESTIONS + ["What is the boiling point of water?", "Name a planet.", "What is 10 times 3?"]
 

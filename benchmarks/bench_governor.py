@@ -27,8 +27,7 @@ import psutil
 import yaml
 
 from benchmarks.openai_bench.metrics import percentile
-from benchmarks.openai_bench.runner import machine
-from benchmarks.openai_bench.tables import md_table
+from benchmarks.report import machine, md_table, write_json
 from deployments import launch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -254,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_tokens": args.max_tokens,
         "results": results,
     }
-    (out / "bench_governor_cpu.json").write_text(json.dumps(doc, indent=1))
+    write_json(doc, out / "bench_governor_cpu.json", indent=1)
     plot(results, out / "bench_governor_rss.png")
     print(
         json.dumps(

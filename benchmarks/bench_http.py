@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 
 from benchmarks.openai_bench.prompts import SEED_QUESTIONS
+from benchmarks.report import emit
 from deployments import launch
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -301,11 +302,7 @@ def main() -> None:
     finally:
         if proc is not None:
             stop_serve(proc)
-    print(json.dumps(report, indent=2))
-    print()
-    print(table(report))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(report, indent=2))
+    emit(report, "\n" + table(report), args.json_out)
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ import urllib.request
 
 from deployments import launch
 
-from .output import emit
+from .report import emit
 
 BASE = "http://127.0.0.1:8000"
 BUSY, IDLE = "smollm2-135m-instruct", "gemma-3-270m"

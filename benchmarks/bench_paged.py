@@ -30,7 +30,7 @@ import statistics
 import sys
 import time
 
-from .output import emit
+from .report import emit
 
 SENTENCE = "Rule {i}: visitors of the botanical garden keep to the paths in zone {i} and never feed the fish."
 
@@ -428,9 +428,9 @@ def tables(result: dict) -> str:
 
 
 async def main_async(args) -> dict:
-    from .bench_engine import machine
+    from .report import mlx_machine
 
-    result: dict = {"machine": machine(), "model": args.model}
+    result: dict = {"machine": mlx_machine(), "model": args.model}
     users = []
     for paged, bs in [(False, None)] + [(True, b) for b in args.block_sizes]:
         r = await ten_users(args.model, paged, bs or 32, args.users, args.system_tokens, args.max_tokens)

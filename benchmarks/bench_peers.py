@@ -25,7 +25,7 @@ import sys
 import time
 
 from .openai_bench.prompts import SEED_QUESTIONS
-from .output import emit
+from .report import emit
 
 LONG = "Answer at length, in detail, with examples: "
 MAX_TOKENS = 64

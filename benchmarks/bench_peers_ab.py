@@ -28,7 +28,7 @@ from pathlib import Path
 from .bench_http import start_serve, stop_serve
 from .bench_idle import states
 from .bench_peers import run as run_peers
-from .output import emit
+from .report import emit
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable

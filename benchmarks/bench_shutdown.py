@@ -25,8 +25,7 @@ import yaml
 
 from benchmarks.bench_governor import BASE, start
 from benchmarks.openai_bench.metrics import percentile
-from benchmarks.openai_bench.runner import machine
-from benchmarks.openai_bench.tables import md_table
+from benchmarks.report import machine, md_table, write_json
 from deployments import launch
 
 RAY_DAEMONS = ("gcs_server", "raylet", "ServeController", "ServeReplica", "ProxyActor")
@@ -91,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     doc = {"benchmark": "bench_shutdown", "machine": machine(), "config": args.config, "summary": summary, "runs": runs}
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "bench_shutdown_cpu.json").write_text(json.dumps(doc, indent=1))
+    write_json(doc, Path(args.out) / "bench_shutdown_cpu.json", indent=1)
     print(json.dumps(summary, indent=1))
     print(
         md_table(

@@ -18,8 +18,7 @@ import asyncio
 import sys
 import time
 
-from .bench_engine import machine
-from .output import emit
+from .report import emit, mlx_machine
 
 SCHEMA = {
     "type": "object",
@@ -119,7 +118,7 @@ def main() -> None:
             "tokenizer": args.tokenizer,
             "schema": SCHEMA,
             "tokens_per_request": args.tokens,
-            "machine": machine(),
+            "machine": mlx_machine(),
             "rows": rows,
         },
         table(rows),

@@ -23,8 +23,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.bench_governor import BASE, RssSampler, start
-from benchmarks.openai_bench.runner import machine
-from benchmarks.openai_bench.tables import md_table
+from benchmarks.report import machine, md_table, write_json
 from deployments import launch
 
 
@@ -173,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = f"soak_kv{args.kv_mb}" if args.kv_mb else "soak"
-    (out / f"{name}_cpu.json").write_text(json.dumps(doc, indent=1))
+    write_json(doc, out / f"{name}_cpu.json", indent=1)
     plot(
         rss.samples,
         out / f"{name}_rss.png",

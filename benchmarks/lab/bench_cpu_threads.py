@@ -25,7 +25,7 @@ import sys
 import time
 import urllib.request
 
-from ..output import emit
+from ..report import emit
 
 MODELS = ["smollm2-135m-instruct", "gemma-3-270m"]
 TOKENS = 32

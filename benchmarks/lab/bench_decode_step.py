@@ -28,7 +28,7 @@ import mlx.core as mx
 
 from engine.compiled_step import _ColumnCache, _decode_step
 
-from ..output import emit
+from ..report import emit
 
 
 class _Unmasked(_ColumnCache):

@@ -48,7 +48,7 @@ import platform
 import sys
 import time
 
-from ..output import emit
+from ..report import emit
 from .grammar_schemas import SCHEMAS, check_instances, instance_text
 from .grammar_workers import BATCH_ROWS, ENGINES, Worker, dist_version, stats_us
 

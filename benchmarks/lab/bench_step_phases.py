@@ -32,7 +32,7 @@ import contextlib
 import functools
 import time
 
-from ..output import emit
+from ..report import emit
 
 # (owner module, class or None, attribute, label): what the engine run times.
 TIMED = [
@@ -150,7 +150,7 @@ async def main_async(args) -> dict:
     from engine.config import EngineConfig
     from engine.engine import AsyncEngine
 
-    from ..bench_engine import machine
+    from ..report import mlx_machine
     from ..synthetic_model import resolve_model
 
     config = EngineConfig(max_num_seqs=max(args.batches), prefill_batch_size=8, paged_cache=True)
@@ -161,7 +161,7 @@ async def main_async(args) -> dict:
     finally:
         engine.shutdown()
     return {
-        "machine": machine(),
+        "machine": mlx_machine(),
         "device": str(mx.default_device()),
         "model": args.model,
         "tokens": args.tokens,
