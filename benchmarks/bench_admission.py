@@ -70,7 +70,7 @@ async def run_mode(source: str, mode: str, args) -> dict:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from engine.loading.cpu_fast_path import reexec_with_openblas
 
     reexec_with_openblas()
@@ -80,7 +80,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=1024)
     p.add_argument("--json-out")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     rows = [asyncio.run(run_mode(args.model, mode, args)) for mode in ("reserve", "on_demand")]
     same = rows[0]["outputs"] == rows[1]["outputs"]
     for r in rows:

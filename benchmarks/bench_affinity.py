@@ -306,7 +306,7 @@ def table(doc: dict) -> str:
     return "\n".join(rows)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tenants", type=int, default=8)
     ap.add_argument("--users", type=int, default=4)
@@ -321,7 +321,7 @@ def main() -> None:
     )
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     doc = {"workload": vars(args), "modes": [run_mode(r, args) for r in ("prefix_affinity", "power_of_two")]}
     emit(doc, table(doc), args.out)
     target = args.plot or (str(Path(args.out).with_suffix(".png")) if args.out else None)

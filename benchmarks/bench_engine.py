@@ -220,7 +220,7 @@ async def main_async(args) -> dict:
     return {"machine": mlx_machine(), "model": engine.info, "max_tokens": args.max_tokens, "rows": rows}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from engine.loading.cpu_fast_path import reexec_with_openblas
 
     reexec_with_openblas()
@@ -259,7 +259,7 @@ def main() -> None:
         "--profile", action="store_true", help="cProfile the synchronous scheduler at the first batch size"
     )
     parser.add_argument("--json-out")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     result = asyncio.run(main_async(args))
     emit(result, table(result["rows"]), args.json_out)
 

@@ -251,7 +251,7 @@ def table(report: dict) -> str:
     return "\n".join(rows)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from engine.loading.cpu_fast_path import reexec_with_openblas
 
     reexec_with_openblas()
@@ -269,7 +269,7 @@ def main() -> None:
         "instead of starting and stopping `serve run`",
     )
     ap.add_argument("--json-out")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     os.chdir(ROOT)
     sys.path.insert(0, str(ROOT))
     from deployments.config import check_serve_config

@@ -105,11 +105,11 @@ async def waves(n_clients: int = 5, n_waves: int = 3) -> list[float]:
     return rates[1:]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="serve_config.yaml")
     p.add_argument("--json-out")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     say = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
     server = launch.start(args.config)
     try:

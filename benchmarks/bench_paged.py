@@ -454,7 +454,7 @@ async def main_async(args) -> dict:
     return result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from engine.loading.cpu_fast_path import reexec_with_openblas
 
     reexec_with_openblas()
@@ -473,7 +473,7 @@ def main() -> None:
     parser.add_argument("--no-e2e-decode", dest="e2e_decode", action="store_false")
     parser.add_argument("--quick", action="store_true", help="fewer rounds and reps, no end-to-end decode")
     parser.add_argument("--json-out")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.reps, args.e2e_decode = 4, 1, False
     result = asyncio.run(main_async(args))

@@ -148,7 +148,7 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--label")
     p.add_argument("--base-url")
@@ -156,7 +156,7 @@ def main() -> None:
     p.add_argument("--waves", type=int, default=3)
     p.add_argument("--merge", nargs="+", metavar="JSON", help="combine earlier runs into one report")
     p.add_argument("--out")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.merge:
         results = [r for f in args.merge for r in (json.load(open(f)).get("results") or [json.load(open(f))])]
     else:

@@ -117,7 +117,7 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--config", default="serve_config.yaml")
@@ -125,7 +125,7 @@ def main() -> None:
     p.add_argument("--peer-weights", default="/tmp/smollm2-f32")
     p.add_argument("--waves", type=int, default=3)
     p.add_argument("--out")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     os.chdir(ROOT)
     if not Path(args.peer_weights).exists():
         subprocess.run([PY, "-m", "engine.cli", "export", args.model, args.peer_weights, "--dequantize"], check=True)

@@ -89,14 +89,14 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--tokenizer", help="a real tokenizer for a synthetic model (a directory with tokenizer.json)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--tokens", type=int, default=48)
     p.add_argument("--json-out")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     from engine.loading.cpu_fast_path import reexec_with_openblas
 
     reexec_with_openblas()  # on Linux CPU: float32 weights over OpenBLAS, as the server runs them

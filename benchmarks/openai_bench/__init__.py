@@ -1,7 +1,7 @@
 """Benchmarks any OpenAI-compatible server over HTTP and reproduces the seed's tables.
 
-    python -m benchmarks.openai_bench --base-url http://127.0.0.1:8000 --model smollm2-135m-instruct
-    python -m benchmarks.openai_bench --target ours=http://127.0.0.1:8000 smollm2-135m-instruct \\
+    python -m benchmarks openai --base-url http://127.0.0.1:8000 --model smollm2-135m-instruct
+    python -m benchmarks openai --target ours=http://127.0.0.1:8000 smollm2-135m-instruct \\
         --target mlx_lm=http://127.0.0.1:8081 smollm2-135m-instruct=/path/to/mlx-dir
 
 Scenarios (all streamed, temperature 0, `ignore_eos` where the server accepts it):

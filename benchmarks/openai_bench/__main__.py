@@ -1,4 +1,4 @@
-"""Command line: `python -m benchmarks.openai_bench --help`."""
+"""Command line: `python -m benchmarks openai --help`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from .scenarios import SCENARIOS
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m benchmarks.openai_bench",
+        prog="python -m benchmarks openai",
         description=PACKAGE_DOC,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
