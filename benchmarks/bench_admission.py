@@ -1,6 +1,6 @@
 """Admission by use vs by worst case, in one fixed KV budget (engine alone, same process).
 
-    python -m benchmarks.bench_admission --kv-mb 48 --requests 16 --max-tokens 1024
+    python -m benchmarks admission --kv-mb 48 --requests 16 --max-tokens 1024
 
 16 chat requests with a generous max_tokens (as clients send it) but answers that end on their
 own (greedy, short questions): `kv_admission: reserve` admits a request only when prompt +

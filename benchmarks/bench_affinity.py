@@ -12,7 +12,7 @@ router must keep it within `affinity.imbalanced_threshold` while it still has re
 the whole run's gap includes the drain, when one replica finishes before the other), and the
 affinity router's decisions (its /metrics).
 
-    python -m benchmarks.bench_affinity --out docs/results/bench_affinity_cpu.json   # + .png next to it
+    python -m benchmarks affinity --out docs/results/bench_affinity_cpu.json   # + .png next to it
 
 Needs the machine to itself (it stops any local Ray first).
 """

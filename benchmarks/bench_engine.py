@@ -1,11 +1,11 @@
 """Engine-level continuous batching: single request vs N concurrent, against raw mlx_lm.
 
-    python -m benchmarks.bench_engine                       # SmolLM2 on this machine
-    python -m benchmarks.bench_engine --model synthetic:qwen3-0.6b-8bit --batches 1 5 16   # GPU
-    python -m benchmarks.bench_engine --paged --eager       # + the engine without the compiled step
-    python -m benchmarks.bench_engine --paged --pipelining  # + decode pipelined and not, side by side
-    python -m benchmarks.bench_engine --paged --column-write  # + KV column by slice update and by select
-    python -m benchmarks.bench_engine --paged --unpadded --ragged  # + unpadded batches eager and compiled
+    python -m benchmarks engine                       # SmolLM2 on this machine
+    python -m benchmarks engine --model synthetic:qwen3-0.6b-8bit --batches 1 5 16   # GPU
+    python -m benchmarks engine --paged --eager       # + the engine without the compiled step
+    python -m benchmarks engine --paged --pipelining  # + decode pipelined and not, side by side
+    python -m benchmarks engine --paged --column-write  # + KV column by slice update and by select
+    python -m benchmarks engine --paged --unpadded --ragged  # + unpadded batches eager and compiled
 
 For each batch size it runs our AsyncEngine (N requests submitted together) and then raw
 mlx_lm BatchGenerator on the same loaded weights, in the same process, with the seed's prompts

@@ -8,7 +8,7 @@ loaded eagerly in a budget that holds them all. Each run sends the same round-ro
 router counted, TTFT p50/p99 over the workload, and the process tree's RSS sampled every 0.5 s
 (plotted). Prints JSON and a markdown table.
 
-    python -m benchmarks.bench_governor [--rounds 4] [--out docs/results]
+    python -m benchmarks governor [--rounds 4] [--out docs/results]
 """
 
 from __future__ import annotations

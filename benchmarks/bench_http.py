@@ -1,6 +1,6 @@
 """Throughput and TTFT through Ray Serve over HTTP, next to the engine alone, in one run.
 
-    python -m benchmarks.bench_http [--config serve_config.yaml] [--models NAME ...]
+    python -m benchmarks http [--config serve_config.yaml] [--models NAME ...]
                                     [--concurrency 1 5 16] [--max-tokens 64] [--rounds 2]
                                     [--skip-engine] [--json-out PATH]
 

@@ -1,6 +1,6 @@
 """What an idle model costs the busy one, through `serve run` (default serve_config.yaml).
 
-    python -m benchmarks.bench_idle
+    python -m benchmarks idle
 
 Starts `serve run`, waits for both models, then:
 1. idle: CPU of every process of the tree over 30 s with nothing running (psutil);

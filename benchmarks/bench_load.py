@@ -1,6 +1,6 @@
 """Load time, prefill and decode speed of the bundled models: stock quantized path vs fast CPU path.
 
-    python -m benchmarks.bench_load [--models NAME ...] [--prefill-tokens 512] [--decode-tokens 32]
+    python -m benchmarks load [--models NAME ...] [--prefill-tokens 512] [--decode-tokens 32]
                                     [--quick] [--json-out PATH]
 
 Each (model, path) runs in its own child process, because OpenBLAS must be preloaded before MLX:

@@ -1,6 +1,6 @@
 """The paged KV cache against mlx_lm's contiguous cache (engine with paged_cache=False).
 
-    python -m benchmarks.bench_paged [--quick] [--block-sizes 16 32 64 128] [--no-e2e-decode] [--json-out PATH]
+    python -m benchmarks paged [--quick] [--block-sizes 16 32 64 128] [--no-e2e-decode] [--json-out PATH]
 
 1. Ten users arriving together, one ~500-token system prompt, distinct short questions (AsyncEngine,
    greedy, EOS ignored): TTFT p50 / max, aggregate completion tok/s, and the peak KV bytes held

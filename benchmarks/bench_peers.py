@@ -1,10 +1,10 @@
 """The headline table against peer servers: same weights, same harness, one server at a time.
 
-    python -m benchmarks.bench_peers --label ours --base-url http://127.0.0.1:8000 \
+    python -m benchmarks peers --label ours --base-url http://127.0.0.1:8000 \
         --model smollm2-135m-instruct --out /tmp/ours.json
-    python -m benchmarks.bench_peers --label mlx_lm.server --base-url http://127.0.0.1:8081 \
+    python -m benchmarks peers --label mlx_lm.server --base-url http://127.0.0.1:8081 \
         --model /tmp/smollm2-f32 --out /tmp/mlx_lm.json
-    python -m benchmarks.bench_peers --merge /tmp/ours.json /tmp/mlx_lm.json --out docs/results/peers_cpu.json
+    python -m benchmarks peers --merge /tmp/ours.json /tmp/mlx_lm.json --out docs/results/peers_cpu.json
 
 Rows (all streamed, temperature 0, 64 new tokens, prompts that ask for long answers and
 `ignore_eos` where the server takes it): TTFT p50 of single requests with the seed's short chat

@@ -1,6 +1,6 @@
 """The headline table as paired rounds: `serve run` and mlx_lm.server in turn, ratios per round.
 
-    python -m benchmarks.bench_peers_ab [--rounds 3] [--config serve_config.yaml]
+    python -m benchmarks peers-ab [--rounds 3] [--config serve_config.yaml]
                                         [--model smollm2-135m-instruct] [--peer-weights /tmp/smollm2-f32]
                                         [--out docs/results/peers_ab_cpu.json]
 

@@ -5,7 +5,7 @@ one chat request, then sends SIGINT to the whole group (what a terminal does: Ra
 it too) and times the exit. It records the exit code and any Ray process still alive two seconds
 later (then cleans up with `ray stop --force` for the next run). Prints JSON and a table.
 
-    python -m benchmarks.bench_shutdown [--runs 10]
+    python -m benchmarks shutdown [--runs 10]
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """What a JSON schema costs per token, inside the batch: constrained vs unconstrained decoding.
 
-    python -m benchmarks.bench_structured                                  # SmolLM2 on this machine
-    python -m benchmarks.bench_structured --model synthetic:qwen3-0.6b-8bit --tokenizer DIR   # GPU
+    python -m benchmarks structured                                  # SmolLM2 on this machine
+    python -m benchmarks structured --model synthetic:qwen3-0.6b-8bit --tokenizer DIR   # GPU
 
 For each batch size, in one process on the same loaded weights: B requests under a JSON schema
 whose output cannot end within --tokens (an array of at least 64 short strings), then B plain

@@ -6,7 +6,7 @@ max_tokens, and one in `--leave-every` leaves mid-stream. The RSS of the whole p
 sampled every `--sample-s` seconds. Prints JSON and a table (requests by outcome, RSS after the
 warm-up minute and at the end, the least-squares RSS slope in MiB per minute) and plots the RSS.
 
-    python -m benchmarks.soak --minutes 10
+    python -m benchmarks soak --minutes 10
 """
 
 from __future__ import annotations
