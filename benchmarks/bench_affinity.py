@@ -29,7 +29,7 @@ from pathlib import Path
 import yaml
 
 from benchmarks.bench_http import BASE, start_serve, stop_serve
-from benchmarks.openai_bench.metrics import percentile
+from benchmarks.metrics import percentile
 from benchmarks.report import emit
 
 MODEL = "smollm2-135m-instruct"

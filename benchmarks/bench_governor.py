@@ -26,7 +26,7 @@ import httpx
 import psutil
 import yaml
 
-from benchmarks.openai_bench.metrics import percentile
+from benchmarks.metrics import percentile
 from benchmarks.report import machine, md_table, write_json
 from deployments import launch
 

@@ -24,7 +24,7 @@ import psutil
 import yaml
 
 from benchmarks.bench_governor import BASE, start
-from benchmarks.openai_bench.metrics import percentile
+from benchmarks.metrics import percentile
 from benchmarks.report import machine, md_table, write_json
 from deployments import launch
 

@@ -16,7 +16,7 @@ Outputs: LABEL.json, LABEL.md, LABEL_sweep_{tok_s,ttft,itl}.png under --out-dir.
 counted per kind and listed, never retried. `--merge A.json B.json` renders earlier runs as one
 report; `--cpu-profile` adds the cores each local process used during each scenario.
 
-Modules: client (HTTP, SSE, timing), metrics (pure statistics), prompts, scenarios, tables
-(markdown, JSON, PNG plots), cpu (process sampler), runner (targets x models x scenarios,
-progress bar, time budget).
+Modules: prompts, scenarios, tables (markdown, PNG plots), cpu (process sampler), runner (targets
+x models x scenarios, progress bar, time budget); the HTTP client and the statistics are
+benchmarks/client.py and benchmarks/metrics.py, shared with the other suites.
 """

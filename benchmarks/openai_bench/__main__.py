@@ -6,8 +6,8 @@ import argparse
 import os
 import sys
 
+from ..client import Target, normalize_base, parse_model, parse_target
 from . import __doc__ as PACKAGE_DOC
-from .client import Target, normalize_base, parse_model, parse_target
 from .prompts import PROMPT_SETS
 from .scenarios import SCENARIOS
 

@@ -12,9 +12,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from ..client import Target, make_client
 from ..report import machine, write_json
 from . import tables
-from .client import Target, make_client
 from .cpu import CpuSampler
 from .scenarios import SCENARIOS, Ctx, OutOfTime, planned_requests, warm_up
 

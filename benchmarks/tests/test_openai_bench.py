@@ -13,11 +13,11 @@ from pathlib import Path
 import httpx
 import pytest
 
+from benchmarks.client import cache_stats, normalize_base, parse_model, parse_target, stream_request
+from benchmarks.metrics import RequestResult, percentile, summarize, tpot
 from benchmarks.openai_bench import tables
 from benchmarks.openai_bench.__main__ import main
-from benchmarks.openai_bench.client import cache_stats, normalize_base, parse_model, parse_target, stream_request
 from benchmarks.openai_bench.cpu import CpuSampler, group_of
-from benchmarks.openai_bench.metrics import RequestResult, percentile, summarize, tpot
 from benchmarks.openai_bench.prompts import prefix_steps, system_prompt
 from benchmarks.openai_bench.scenarios import classify_delta, classify_usage, paged_memory, prefix_status
 
