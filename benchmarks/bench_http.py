@@ -26,12 +26,12 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.client import BASE, model_cards
 from benchmarks.openai_bench.prompts import SEED_QUESTIONS
 from benchmarks.report import emit
 from deployments import launch
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = "http://127.0.0.1:8000"
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -180,8 +180,8 @@ def start_serve(config: str) -> tuple[subprocess.Popen, float]:
 
     def answered() -> bool:
         try:
-            models = httpx.get(f"{BASE}/v1/models", timeout=5).json()["data"]
-            r = httpx.post(f"{BASE}/v1/chat/completions", json={**body, "model": models[0]["id"]}, timeout=60)
+            model = list(model_cards(timeout_s=5))[0]
+            r = httpx.post(f"{BASE}/v1/chat/completions", json={**body, "model": model}, timeout=60)
             return r.status_code == 200
         except (httpx.HTTPError, KeyError, IndexError):
             return False

@@ -26,8 +26,8 @@ import urllib.request
 from pathlib import Path
 
 from .bench_http import start_serve, stop_serve
-from .bench_idle import states
 from .bench_peers import run as run_peers
+from .client import model_states
 from .report import emit
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -55,9 +55,9 @@ def bench_ours(config: str, model: str, waves: int) -> dict:
     proc, ready_s = start_serve(config)
     try:
         deadline = time.time() + 300
-        while any(s != "loaded" for s in states().values()) and time.time() < deadline:
+        while any(s != "loaded" for s in model_states().values()) and time.time() < deadline:
             time.sleep(1)  # the other models too: ours is measured with all of them loaded
-        say(f"ours up in {ready_s:.0f} s: {states()}")
+        say(f"ours up in {ready_s:.0f} s: {model_states()}")
         return asyncio.run(run_peers(peers_args("ours", "http://127.0.0.1:8000", model, waves)))
     finally:
         stop_serve(proc)

@@ -23,7 +23,8 @@ import httpx
 import psutil
 import yaml
 
-from benchmarks.bench_governor import BASE, start
+from benchmarks.bench_governor import start
+from benchmarks.client import BASE, model_cards
 from benchmarks.metrics import percentile
 from benchmarks.report import machine, md_table, write_json
 from deployments import launch
@@ -42,7 +43,7 @@ def leftovers() -> list[str]:
 
 def one_run(cfg: dict, timeout_s: float) -> dict:
     proc = start(cfg)
-    model = httpx.get(f"{BASE}/v1/models", timeout=30).json()["data"][0]["id"]
+    model = list(model_cards())[0]
     httpx.post(
         f"{BASE}/v1/chat/completions",
         timeout=120,

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.bench_governor import BASE, RssSampler, start
+from benchmarks.bench_governor import RssSampler, start
+from benchmarks.client import BASE, model_cards
 from benchmarks.report import machine, md_table, write_json
 from deployments import launch
 
@@ -145,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             for model in app["args"]["models"]:
                 model.setdefault("engine", {})["cache_memory_mb"] = args.kv_mb
     proc = start(cfg)
-    models = [m["id"] for m in httpx.get(f"{BASE}/v1/models", timeout=30).json()["data"]]
+    models = list(model_cards())
     rss = RssSampler(proc.pid, args.sample_s)
     rss.start()
     print(f"soaking {models} with {args.clients} clients for {args.minutes} min ...", file=sys.stderr, flush=True)

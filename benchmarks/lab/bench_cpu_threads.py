@@ -104,7 +104,7 @@ def serve_together(args, adaptive: bool) -> list[dict]:
 
     from deployments.launch import ROOT, start, stop
 
-    from ..bench_idle import wait_for
+    from ..client import wait_for_state
 
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     for model in config["applications"][0]["args"]["models"]:
@@ -114,7 +114,7 @@ def serve_together(args, adaptive: bool) -> list[dict]:
     server = start(f.name)
     try:
         for m in MODELS:
-            wait_for(m, "loaded")
+            wait_for_state(m, "loaded")
         return asyncio.run(http_waves(args))
     finally:
         stop(server, group=True, timeout_s=120, stop_ray=False)
