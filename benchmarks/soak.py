@@ -123,9 +123,7 @@ def plot(samples: list, path: Path, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import yaml
-
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="serve_config.yaml")
     ap.add_argument("--minutes", type=float, default=10)
@@ -139,7 +137,13 @@ def main(argv: list[str] | None = None) -> int:
         "in the first minute, so what grows after it is not the KV cache)",
     )
     ap.add_argument("--out", default="docs/results")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def soak(args: argparse.Namespace) -> dict:
+    """`serve run` of the config under load for the run's minutes: the JSON document."""
+    import yaml
+
     cfg = yaml.safe_load(Path(args.config).read_text())
     if args.kv_mb:
         for app in cfg["applications"]:
@@ -160,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         rss.stop()
         launch.stop(proc)
-    doc = {
+    return {
         "benchmark": "soak",
         "machine": machine(),
         "settings": vars(args),
@@ -170,30 +174,27 @@ def main(argv: list[str] | None = None) -> int:
         **report(rss.samples, outcomes, warmup_s=60),
         "rss_mib": rss.samples,
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    doc = soak(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = f"soak_kv{args.kv_mb}" if args.kv_mb else "soak"
     write_json(doc, out / f"{name}_cpu.json", indent=1)
     plot(
-        rss.samples,
+        doc["rss_mib"],
         out / f"{name}_rss.png",
         f"serve run under load: {args.clients} clients, {args.minutes:g} min"
         + (f", KV pools {args.kv_mb} MiB" if args.kv_mb else ""),
     )
     print(json.dumps({k: v for k, v in doc.items() if k != "rss_mib"}, indent=1))
-    rows = [[k, v] for k, v in sorted(outcomes.items())]
-    print(md_table(["outcome", "requests"], rows))
+    print(md_table(["outcome", "requests"], [[k, v] for k, v in sorted(doc["outcomes"].items())]))
+    row = [f"{doc['rss_after_warmup_mib']} MiB", f"{doc['rss_end_mib']} MiB", f"{doc['rss_peak_mib']} MiB"]
     print(
         md_table(
-            ["RSS after 1 min", "RSS at the end", "peak", "slope"],
-            [
-                [
-                    f"{doc['rss_after_warmup_mib']} MiB",
-                    f"{doc['rss_end_mib']} MiB",
-                    f"{doc['rss_peak_mib']} MiB",
-                    f"{doc['rss_slope_mib_per_min']} MiB/min",
-                ]
-            ],
+            ["RSS after 1 min", "RSS at the end", "peak", "slope"], [[*row, f"{doc['rss_slope_mib_per_min']} MiB/min"]]
         )
     )
     return 0

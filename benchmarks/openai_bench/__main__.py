@@ -42,6 +42,12 @@ def parser() -> argparse.ArgumentParser:
         type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
         help=f"comma-separated, from {','.join(SCENARIOS)} (default: all)",
     )
+    add_workload_options(p)
+    return p
+
+
+def add_workload_options(p: argparse.ArgumentParser) -> None:
+    """What each scenario sends, the time budget, and where the outputs go."""
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument(
         "--prompts",
@@ -81,7 +87,6 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
-    return p
 
 
 def targets_from(args, p: argparse.ArgumentParser) -> list[Target]:
