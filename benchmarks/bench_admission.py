@@ -1,6 +1,6 @@
 """Admission by use vs by worst case, in one fixed KV budget (engine alone, same process).
 
-    python -m benchmarks.bench_admission --kv-mb 48 --requests 16 --max-tokens 1024
+    python -m benchmarks admission --kv-mb 48 --requests 16 --max-tokens 1024
 
 16 chat requests with a generous max_tokens (as clients send it) but answers that end on their
 own (greedy, short questions): `kv_admission: reserve` admits a request only when prompt +
@@ -19,7 +19,7 @@ import sys
 import time
 
 from .openai_bench.prompts import SEED_QUESTIONS
-from .output import emit
+from .report import emit
 
 QUESTIONS = SEED_QUESTIONS + ["What is the boiling point of water?", "Name a planet.", "What is 10 times 3?"]
 
@@ -70,7 +70,7 @@ async def run_mode(source: str, mode: str, args) -> dict:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from engine.loading.cpu_fast_path import reexec_with_openblas
 
     reexec_with_openblas()
@@ -80,7 +80,7 @@ def main() -> None:
     p.add_argument("--requests", type=int, default=16)
     p.add_argument("--max-tokens", type=int, default=1024)
     p.add_argument("--json-out")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     rows = [asyncio.run(run_mode(args.model, mode, args)) for mode in ("reserve", "on_demand")]
     same = rows[0]["outputs"] == rows[1]["outputs"]
     for r in rows:

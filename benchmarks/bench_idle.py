@@ -1,6 +1,6 @@
 """What an idle model costs the busy one, through `serve run` (default serve_config.yaml).
 
-    python -m benchmarks.bench_idle
+    python -m benchmarks idle
 
 Starts `serve run`, waits for both models, then:
 1. idle: CPU of every process of the tree over 30 s with nothing running (psutil);
@@ -14,42 +14,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import signal
 import sys
 import time
-import urllib.request
 
-from .output import emit
-from .serve_process import start_serve_run
+from deployments import launch
 
-BASE = "http://127.0.0.1:8000"
+from .client import BASE, post_empty, wait_for_state
+from .report import emit
+
 BUSY, IDLE = "smollm2-135m-instruct", "gemma-3-270m"
-
-
-def states() -> dict:
-    try:
-        return {
-            m["id"]: m.get("state") for m in json.load(urllib.request.urlopen(BASE + "/v1/models", timeout=5))["data"]
-        }
-    except Exception:  # noqa: BLE001 - not up yet
-        return {}
-
-
-def wait_for(model: str, state: str, timeout_s: float = 300) -> None:
-    deadline = time.time() + timeout_s
-    while states().get(model) != state:
-        if time.time() > deadline:
-            raise SystemExit(f"{model} not {state} after {timeout_s:.0f} s: {states()}")
-        time.sleep(1)
-
-
-def post(path: str) -> None:
-    urllib.request.urlopen(
-        urllib.request.Request(BASE + path, method="POST", data=b"{}", headers={"Content-Type": "application/json"}),
-        timeout=60,
-    ).read()
 
 
 def cpu_by_process(seconds: float, work=None) -> tuple[list[dict], object]:
@@ -106,32 +79,31 @@ async def waves(n_clients: int = 5, n_waves: int = 3) -> list[float]:
     return rates[1:]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default="serve_config.yaml")
     p.add_argument("--json-out")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     say = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
-    server = start_serve_run(args.config)
+    server = launch.start(args.config)
     try:
-        wait_for(BUSY, "loaded")
-        wait_for(IDLE, "loaded")
+        wait_for_state(BUSY, "loaded")
+        wait_for_state(IDLE, "loaded")
         time.sleep(5)
         say("idle: sampling CPU for 30 s")
         idle, _ = cpu_by_process(30)
         say("5 clients, both loaded")
         busy_cpu, both = cpu_by_process(0, waves)
-        post(f"/v1/models/{IDLE}/unload")
-        wait_for(IDLE, "unloaded")
+        post_empty(f"/v1/models/{IDLE}/unload")
+        wait_for_state(IDLE, "unloaded")
         say("5 clients, the idle model unloaded")
         alone = asyncio.run(waves())
-        post(f"/v1/models/{IDLE}/load")
-        wait_for(IDLE, "loaded")
+        post_empty(f"/v1/models/{IDLE}/load")
+        wait_for_state(IDLE, "loaded")
         say("5 clients, both loaded again")
         again = asyncio.run(waves())
     finally:
-        os.killpg(server.pid, signal.SIGINT)
-        server.wait(120)
+        launch.stop(server, group=True, timeout_s=120, stop_ray=False)
     doc = {
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
         "config": args.config,

@@ -1,6 +1,6 @@
 """Load time, prefill and decode speed of the bundled models: stock quantized path vs fast CPU path.
 
-    python -m benchmarks.bench_load [--models NAME ...] [--prefill-tokens 512] [--decode-tokens 32]
+    python -m benchmarks load [--models NAME ...] [--prefill-tokens 512] [--decode-tokens 32]
                                     [--quick] [--json-out PATH]
 
 Each (model, path) runs in its own child process, because OpenBLAS must be preloaded before MLX:
@@ -27,6 +27,8 @@ import platform
 import subprocess
 import sys
 import time
+
+from benchmarks.report import emit
 
 PATHS = ("stock", "fast")
 TEXT = (
@@ -272,12 +274,7 @@ def main(argv=None) -> int:
     doc["results"] = [run_one(m, p, args) for m in args.models for p in PATHS]
     doc["wall_s"] = round(time.perf_counter() - started, 1)
     doc["loadavg_at_end"] = [round(x, 2) for x in os.getloadavg()]  # other processes skew the numbers
-    print(json.dumps(doc, indent=2))
-    print()
-    print(table(doc["results"], args.models))
-    if args.json_out:
-        with open(args.json_out, "w") as f:
-            json.dump(doc, f, indent=2)
+    emit(doc, "\n" + table(doc["results"], args.models), args.json_out)
     return 1 if any("error" in r for r in doc["results"]) else 0
 
 

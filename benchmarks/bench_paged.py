@@ -1,6 +1,6 @@
 """The paged KV cache against mlx_lm's contiguous cache (engine with paged_cache=False).
 
-    python -m benchmarks.bench_paged [--quick] [--block-sizes 16 32 64 128] [--no-e2e-decode] [--json-out PATH]
+    python -m benchmarks paged [--quick] [--block-sizes 16 32 64 128] [--no-e2e-decode] [--json-out PATH]
 
 1. Ten users arriving together, one ~500-token system prompt, distinct short questions (AsyncEngine,
    greedy, EOS ignored): TTFT p50 / max, aggregate completion tok/s, and the peak KV bytes held
@@ -30,7 +30,7 @@ import statistics
 import sys
 import time
 
-from .output import emit
+from .report import emit
 
 SENTENCE = "Rule {i}: visitors of the botanical garden keep to the paths in zone {i} and never feed the fish."
 
@@ -428,9 +428,9 @@ def tables(result: dict) -> str:
 
 
 async def main_async(args) -> dict:
-    from .bench_engine import machine
+    from .report import mlx_machine
 
-    result: dict = {"machine": machine(), "model": args.model}
+    result: dict = {"machine": mlx_machine(), "model": args.model}
     users = []
     for paged, bs in [(False, None)] + [(True, b) for b in args.block_sizes]:
         r = await ten_users(args.model, paged, bs or 32, args.users, args.system_tokens, args.max_tokens)
@@ -454,7 +454,7 @@ async def main_async(args) -> dict:
     return result
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     from engine.loading.cpu_fast_path import reexec_with_openblas
 
     reexec_with_openblas()
@@ -473,7 +473,7 @@ def main() -> None:
     parser.add_argument("--no-e2e-decode", dest="e2e_decode", action="store_false")
     parser.add_argument("--quick", action="store_true", help="fewer rounds and reps, no end-to-end decode")
     parser.add_argument("--json-out")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.quick:
         args.rounds, args.reps, args.e2e_decode = 4, 1, False
     result = asyncio.run(main_async(args))

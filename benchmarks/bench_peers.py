@@ -1,10 +1,10 @@
 """The headline table against peer servers: same weights, same harness, one server at a time.
 
-    python -m benchmarks.bench_peers --label ours --base-url http://127.0.0.1:8000 \
+    python -m benchmarks peers --label ours --base-url http://127.0.0.1:8000 \
         --model smollm2-135m-instruct --out /tmp/ours.json
-    python -m benchmarks.bench_peers --label mlx_lm.server --base-url http://127.0.0.1:8081 \
+    python -m benchmarks peers --label mlx_lm.server --base-url http://127.0.0.1:8081 \
         --model /tmp/smollm2-f32 --out /tmp/mlx_lm.json
-    python -m benchmarks.bench_peers --merge /tmp/ours.json /tmp/mlx_lm.json --out docs/results/peers_cpu.json
+    python -m benchmarks peers --merge /tmp/ours.json /tmp/mlx_lm.json --out docs/results/peers_cpu.json
 
 Rows (all streamed, temperature 0, 64 new tokens, prompts that ask for long answers and
 `ignore_eos` where the server takes it): TTFT p50 of single requests with the seed's short chat
@@ -25,7 +25,7 @@ import sys
 import time
 
 from .openai_bench.prompts import SEED_QUESTIONS
-from .output import emit
+from .report import emit
 
 LONG = "Answer at length, in detail, with examples: "
 MAX_TOKENS = 64
@@ -148,7 +148,7 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--label")
     p.add_argument("--base-url")
@@ -156,7 +156,7 @@ def main() -> None:
     p.add_argument("--waves", type=int, default=3)
     p.add_argument("--merge", nargs="+", metavar="JSON", help="combine earlier runs into one report")
     p.add_argument("--out")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     if args.merge:
         results = [r for f in args.merge for r in (json.load(open(f)).get("results") or [json.load(open(f))])]
     else:

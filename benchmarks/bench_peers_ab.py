@@ -1,6 +1,6 @@
 """The headline table as paired rounds: `serve run` and mlx_lm.server in turn, ratios per round.
 
-    python -m benchmarks.bench_peers_ab [--rounds 3] [--config serve_config.yaml]
+    python -m benchmarks peers-ab [--rounds 3] [--config serve_config.yaml]
                                         [--model smollm2-135m-instruct] [--peer-weights /tmp/smollm2-f32]
                                         [--out docs/results/peers_ab_cpu.json]
 
@@ -26,9 +26,9 @@ import urllib.request
 from pathlib import Path
 
 from .bench_http import start_serve, stop_serve
-from .bench_idle import states
 from .bench_peers import run as run_peers
-from .output import emit
+from .client import model_states
+from .report import emit
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -55,9 +55,9 @@ def bench_ours(config: str, model: str, waves: int) -> dict:
     proc, ready_s = start_serve(config)
     try:
         deadline = time.time() + 300
-        while any(s != "loaded" for s in states().values()) and time.time() < deadline:
+        while any(s != "loaded" for s in model_states().values()) and time.time() < deadline:
             time.sleep(1)  # the other models too: ours is measured with all of them loaded
-        say(f"ours up in {ready_s:.0f} s: {states()}")
+        say(f"ours up in {ready_s:.0f} s: {model_states()}")
         return asyncio.run(run_peers(peers_args("ours", "http://127.0.0.1:8000", model, waves)))
     finally:
         stop_serve(proc)
@@ -117,7 +117,7 @@ def table(summary: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--config", default="serve_config.yaml")
@@ -125,7 +125,7 @@ def main() -> None:
     p.add_argument("--peer-weights", default="/tmp/smollm2-f32")
     p.add_argument("--waves", type=int, default=3)
     p.add_argument("--out")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     os.chdir(ROOT)
     if not Path(args.peer_weights).exists():
         subprocess.run([PY, "-m", "engine.cli", "export", args.model, args.peer_weights, "--dequantize"], check=True)

@@ -5,7 +5,7 @@ one chat request, then sends SIGINT to the whole group (what a terminal does: Ra
 it too) and times the exit. It records the exit code and any Ray process still alive two seconds
 later (then cleans up with `ray stop --force` for the next run). Prints JSON and a table.
 
-    python -m benchmarks.bench_shutdown [--runs 10]
+    python -m benchmarks shutdown [--runs 10]
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ import httpx
 import psutil
 import yaml
 
-from benchmarks.bench_governor import BASE, BIN, start
-from benchmarks.openai_bench.metrics import percentile
-from benchmarks.openai_bench.report import md_table
-from benchmarks.openai_bench.runner import machine
+from benchmarks.bench_governor import start
+from benchmarks.client import BASE, model_cards
+from benchmarks.metrics import percentile
+from benchmarks.report import machine, md_table, write_json
+from deployments import launch
 
 RAY_DAEMONS = ("gcs_server", "raylet", "ServeController", "ServeReplica", "ProxyActor")
 
@@ -42,7 +43,7 @@ def leftovers() -> list[str]:
 
 def one_run(cfg: dict, timeout_s: float) -> dict:
     proc = start(cfg)
-    model = httpx.get(f"{BASE}/v1/models", timeout=30).json()["data"][0]["id"]
+    model = list(model_cards())[0]
     httpx.post(
         f"{BASE}/v1/chat/completions",
         timeout=120,
@@ -59,7 +60,7 @@ def one_run(cfg: dict, timeout_s: float) -> dict:
     left = leftovers()
     if code is None:
         os.killpg(proc.pid, signal.SIGKILL)
-    subprocess.run([str(BIN / "ray"), "stop", "--force"], capture_output=True)
+    launch.ray_stop()
     return {"exit_code": code, "seconds": round(seconds, 2), "ray_processes_left": left}
 
 
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     doc = {"benchmark": "bench_shutdown", "machine": machine(), "config": args.config, "summary": summary, "runs": runs}
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "bench_shutdown_cpu.json").write_text(json.dumps(doc, indent=1))
+    write_json(doc, Path(args.out) / "bench_shutdown_cpu.json", indent=1)
     print(json.dumps(summary, indent=1))
     print(
         md_table(

@@ -1,7 +1,7 @@
 """What a JSON schema costs per token, inside the batch: constrained vs unconstrained decoding.
 
-    python -m benchmarks.bench_structured                                  # SmolLM2 on this machine
-    python -m benchmarks.bench_structured --model synthetic:qwen3-0.6b-8bit --tokenizer DIR   # GPU
+    python -m benchmarks structured                                  # SmolLM2 on this machine
+    python -m benchmarks structured --model synthetic:qwen3-0.6b-8bit --tokenizer DIR   # GPU
 
 For each batch size, in one process on the same loaded weights: B requests under a JSON schema
 whose output cannot end within --tokens (an array of at least 64 short strings), then B plain
@@ -18,8 +18,7 @@ import asyncio
 import sys
 import time
 
-from .bench_engine import machine
-from .output import emit
+from .report import emit, mlx_machine
 
 SCHEMA = {
     "type": "object",
@@ -90,14 +89,14 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m-instruct")
     p.add_argument("--tokenizer", help="a real tokenizer for a synthetic model (a directory with tokenizer.json)")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--tokens", type=int, default=48)
     p.add_argument("--json-out")
-    args = p.parse_args()
+    args = p.parse_args(argv)
     from engine.loading.cpu_fast_path import reexec_with_openblas
 
     reexec_with_openblas()  # on Linux CPU: float32 weights over OpenBLAS, as the server runs them
@@ -119,7 +118,7 @@ def main() -> None:
             "tokenizer": args.tokenizer,
             "schema": SCHEMA,
             "tokens_per_request": args.tokens,
-            "machine": machine(),
+            "machine": mlx_machine(),
             "rows": rows,
         },
         table(rows),

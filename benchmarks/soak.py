@@ -6,7 +6,7 @@ max_tokens, and one in `--leave-every` leaves mid-stream. The RSS of the whole p
 sampled every `--sample-s` seconds. Prints JSON and a table (requests by outcome, RSS after the
 warm-up minute and at the end, the least-squares RSS slope in MiB per minute) and plots the RSS.
 
-    python -m benchmarks.soak --minutes 10
+    python -m benchmarks soak --minutes 10
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks.bench_governor import BASE, RssSampler, start, stop
-from benchmarks.openai_bench.report import md_table
-from benchmarks.openai_bench.runner import machine
+from benchmarks.bench_governor import RssSampler, start
+from benchmarks.client import BASE, model_cards
+from benchmarks.report import machine, md_table, write_json
+from deployments import launch
 
 
 async def client_loop(
@@ -122,9 +123,7 @@ def plot(samples: list, path: Path, title: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def main(argv: list[str] | None = None) -> int:
-    import yaml
-
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default="serve_config.yaml")
     ap.add_argument("--minutes", type=float, default=10)
@@ -138,14 +137,20 @@ def main(argv: list[str] | None = None) -> int:
         "in the first minute, so what grows after it is not the KV cache)",
     )
     ap.add_argument("--out", default="docs/results")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def soak(args: argparse.Namespace) -> dict:
+    """`serve run` of the config under load for the run's minutes: the JSON document."""
+    import yaml
+
     cfg = yaml.safe_load(Path(args.config).read_text())
     if args.kv_mb:
         for app in cfg["applications"]:
             for model in app["args"]["models"]:
                 model.setdefault("engine", {})["cache_memory_mb"] = args.kv_mb
     proc = start(cfg)
-    models = [m["id"] for m in httpx.get(f"{BASE}/v1/models", timeout=30).json()["data"]]
+    models = list(model_cards())
     rss = RssSampler(proc.pid, args.sample_s)
     rss.start()
     print(f"soaking {models} with {args.clients} clients for {args.minutes} min ...", file=sys.stderr, flush=True)
@@ -158,8 +163,8 @@ def main(argv: list[str] | None = None) -> int:
         by_process = rss_by_process(proc.pid)
     finally:
         rss.stop()
-        stop(proc)
-    doc = {
+        launch.stop(proc)
+    return {
         "benchmark": "soak",
         "machine": machine(),
         "settings": vars(args),
@@ -169,30 +174,27 @@ def main(argv: list[str] | None = None) -> int:
         **report(rss.samples, outcomes, warmup_s=60),
         "rss_mib": rss.samples,
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    doc = soak(args)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = f"soak_kv{args.kv_mb}" if args.kv_mb else "soak"
-    (out / f"{name}_cpu.json").write_text(json.dumps(doc, indent=1))
+    write_json(doc, out / f"{name}_cpu.json", indent=1)
     plot(
-        rss.samples,
+        doc["rss_mib"],
         out / f"{name}_rss.png",
         f"serve run under load: {args.clients} clients, {args.minutes:g} min"
         + (f", KV pools {args.kv_mb} MiB" if args.kv_mb else ""),
     )
     print(json.dumps({k: v for k, v in doc.items() if k != "rss_mib"}, indent=1))
-    rows = [[k, v] for k, v in sorted(outcomes.items())]
-    print(md_table(["outcome", "requests"], rows))
+    print(md_table(["outcome", "requests"], [[k, v] for k, v in sorted(doc["outcomes"].items())]))
+    row = [f"{doc['rss_after_warmup_mib']} MiB", f"{doc['rss_end_mib']} MiB", f"{doc['rss_peak_mib']} MiB"]
     print(
         md_table(
-            ["RSS after 1 min", "RSS at the end", "peak", "slope"],
-            [
-                [
-                    f"{doc['rss_after_warmup_mib']} MiB",
-                    f"{doc['rss_end_mib']} MiB",
-                    f"{doc['rss_peak_mib']} MiB",
-                    f"{doc['rss_slope_mib_per_min']} MiB/min",
-                ]
-            ],
+            ["RSS after 1 min", "RSS at the end", "peak", "slope"], [[*row, f"{doc['rss_slope_mib_per_min']} MiB/min"]]
         )
     )
     return 0

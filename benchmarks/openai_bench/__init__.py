@@ -1,7 +1,7 @@
 """Benchmarks any OpenAI-compatible server over HTTP and reproduces the seed's tables.
 
-    python -m benchmarks.openai_bench --base-url http://127.0.0.1:8000 --model smollm2-135m-instruct
-    python -m benchmarks.openai_bench --target ours=http://127.0.0.1:8000 smollm2-135m-instruct \\
+    python -m benchmarks openai --base-url http://127.0.0.1:8000 --model smollm2-135m-instruct
+    python -m benchmarks openai --target ours=http://127.0.0.1:8000 smollm2-135m-instruct \\
         --target mlx_lm=http://127.0.0.1:8081 smollm2-135m-instruct=/path/to/mlx-dir
 
 Scenarios (all streamed, temperature 0, `ignore_eos` where the server accepts it):
@@ -16,7 +16,7 @@ Outputs: LABEL.json, LABEL.md, LABEL_sweep_{tok_s,ttft,itl}.png under --out-dir.
 counted per kind and listed, never retried. `--merge A.json B.json` renders earlier runs as one
 report; `--cpu-profile` adds the cores each local process used during each scenario.
 
-Modules: client (HTTP, SSE, timing), metrics (pure statistics), prompts, scenarios, report
-(markdown, JSON, PNG plots), cpu (process sampler), runner (targets x models x scenarios,
-progress bar, time budget).
+Modules: prompts, scenarios, tables (markdown, PNG plots), cpu (process sampler), runner (targets
+x models x scenarios, progress bar, time budget); the HTTP client and the statistics are
+benchmarks/client.py and benchmarks/metrics.py, shared with the other suites.
 """

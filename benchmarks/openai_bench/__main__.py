@@ -1,4 +1,4 @@
-"""Command line: `python -m benchmarks.openai_bench --help`."""
+"""Command line: `python -m benchmarks openai --help`."""
 
 from __future__ import annotations
 
@@ -6,15 +6,15 @@ import argparse
 import os
 import sys
 
+from ..client import Target, normalize_base, parse_model, parse_target
 from . import __doc__ as PACKAGE_DOC
-from .client import Target, normalize_base, parse_model, parse_target
 from .prompts import PROMPT_SETS
 from .scenarios import SCENARIOS
 
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m benchmarks.openai_bench",
+        prog="python -m benchmarks openai",
         description=PACKAGE_DOC,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -42,6 +42,12 @@ def parser() -> argparse.ArgumentParser:
         type=lambda s: [x.strip() for x in s.split(",") if x.strip()],
         help=f"comma-separated, from {','.join(SCENARIOS)} (default: all)",
     )
+    add_workload_options(p)
+    return p
+
+
+def add_workload_options(p: argparse.ArgumentParser) -> None:
+    """What each scenario sends, the time budget, and where the outputs go."""
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument(
         "--prompts",
@@ -81,7 +87,6 @@ def parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-plots", action="store_true")
     p.add_argument("--no-progress", action="store_true")
-    return p
 
 
 def targets_from(args, p: argparse.ArgumentParser) -> list[Target]:

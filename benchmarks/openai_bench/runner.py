@@ -5,42 +5,18 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
-import platform
 import secrets
 import sys
 import time
-from importlib import metadata
 from pathlib import Path
 
 from tqdm import tqdm
 
-from . import report
-from .client import Target, make_client
+from ..client import Target, make_client
+from ..report import machine, write_json
+from . import tables
 from .cpu import CpuSampler
 from .scenarios import SCENARIOS, Ctx, OutOfTime, planned_requests, warm_up
-
-PACKAGES = ("httpx", "matplotlib", "tqdm", "mlx", "mlx-lm", "ray")
-
-
-def machine() -> dict:
-    versions = {}
-    for p in PACKAGES:
-        try:
-            versions[p] = metadata.version(p)
-        except metadata.PackageNotFoundError:
-            pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else None
-    return {
-        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-        "platform": platform.platform(),
-        "processor": platform.machine(),
-        "cpus": os.cpu_count(),
-        "memory_gb": round(mem / 2**30, 1) if mem else None,
-        "python": platform.python_version(),
-        "packages": versions,
-        "command": " ".join(sys.orig_argv),
-    }
 
 
 def make_ctx(client, target, model, args, deadline, progress, nonce) -> Ctx:
@@ -130,17 +106,17 @@ def settings(args) -> dict:
 
 def write_outputs(doc: dict, out_dir: Path, label: str, plots: bool) -> dict[str, str]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    doc["plots"] = [Path(p).name for p in report.plot_sweep(doc, out_dir, label)] if plots else []
+    doc["plots"] = [Path(p).name for p in tables.plot_sweep(doc, out_dir, label)] if plots else []
     paths = {"json": out_dir / f"{label}.json", "markdown": out_dir / f"{label}.md"}
-    report.write_json(doc, paths["json"])
-    paths["markdown"].write_text(report.markdown(doc))
+    write_json(doc, paths["json"])
+    paths["markdown"].write_text(tables.markdown(doc))
     return {k: str(v) for k, v in paths.items()} | {"plots": ", ".join(str(out_dir / p) for p in doc["plots"])}
 
 
 def merge_files(paths: list[str], args) -> dict:
-    doc = report.merge([json.loads(Path(p).read_text()) for p in paths])
+    doc = tables.merge([json.loads(Path(p).read_text()) for p in paths])
     files = write_outputs(doc, Path(args.out_dir), args.label, not args.no_plots)
-    print(report.markdown(doc))
+    print(tables.markdown(doc))
     for kind, path in files.items():
         print(f"{kind}: {path}", file=sys.stderr)
     return doc
@@ -149,7 +125,7 @@ def merge_files(paths: list[str], args) -> dict:
 def run(targets: list[Target], args) -> dict:
     doc = asyncio.run(run_all(targets, args))
     files = write_outputs(doc, Path(args.out_dir), args.label, not args.no_plots)
-    print(report.markdown(doc))
+    print(tables.markdown(doc))
     for kind, path in files.items():
         print(f"{kind}: {path}", file=sys.stderr)
     return doc

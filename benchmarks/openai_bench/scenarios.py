@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import httpx
 
+from ..client import Model, Target, cache_stats, request_body, stream_request
+from ..metrics import RequestResult, gen_tok_s, percentile, ratio, summarize
 from . import prompts
-from .client import Model, Target, cache_stats, request_body, stream_request
-from .metrics import RequestResult, gen_tok_s, percentile, ratio, summarize
 
 CHAT, TEXT = "/v1/chat/completions", "/v1/completions"
 COUNTERS = {"misses": "MISS", "hits": "HIT", "prefix_hits": "PREFIX_HIT"}

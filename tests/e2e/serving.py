@@ -7,7 +7,6 @@ so it refuses to run while something already serves on the port) and stops with 
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import httpx
 import psutil
 import pytest
 
-from benchmarks.serve_process import start_serve_run
+from deployments import launch
 
 ROOT = Path(__file__).resolve().parents[2]
 BASE = "http://127.0.0.1:8000"
@@ -55,7 +54,7 @@ def clean_ray() -> None:
 def start_serve(config: str | Path, log: Path) -> subprocess.Popen:
     clean_ray()
     with open(log, "w") as out:
-        return start_serve_run(config, out)
+        return launch.start(config, out)
 
 
 def _healthy(proc: subprocess.Popen, log: Path) -> float:
@@ -93,18 +92,10 @@ class SharedServer:
 
 
 def wait_healthy(proc: subprocess.Popen, log: Path, timeout_s: float = 180) -> float:
-    start = time.monotonic()
-    while time.monotonic() - start < timeout_s:
-        if proc.poll() is not None:
-            pytest.fail(f"serve run exited with {proc.returncode}:\n{log.read_text()[-4000:]}")
-        try:
-            r = httpx.get(f"{BASE}/health", timeout=10)
-            if r.status_code == 200 and r.json().get("status") == "ok":
-                return time.monotonic() - start
-        except (httpx.HTTPError, ValueError):
-            pass
-        time.sleep(1)
-    pytest.fail(f"/health not ok after {timeout_s}s:\n{log.read_text()[-4000:]}")
+    try:
+        return launch.wait_healthy(proc, timeout_s)
+    except launch.ServeRunFailed as e:
+        pytest.fail(f"{e}:\n{log.read_text()[-4000:]}")
 
 
 def wait_for_log(proc: subprocess.Popen, log: Path, text: str, timeout_s: float = 120) -> str:
@@ -141,14 +132,7 @@ def stop(proc: subprocess.Popen, stop_ray: bool = True) -> None:
     """SIGINT the `serve run` (a clean shutdown), kill it if it hangs, then stop Ray (not for a
     `ray.cluster_utils.Cluster`: its nodes are this process's children, so `ray stop` kills them
     into zombies and then waits ~24 s for them to exit; `Cluster.shutdown` reaps them)."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    if stop_ray:
-        ray("stop", "--force")
+    launch.stop(proc, stop_ray=stop_ray)
 
 
 def metric(text: str, name: str, **labels: str) -> float | None:

@@ -24,10 +24,11 @@ import openai
 import pytest
 import ray
 
-from benchmarks.serve_process import start_serve_run
+from deployments import launch
 from deployments.hop import GenerateRequest
 from deployments.request_router import block_hashes, prompt_text
 from engine.request import PromptInput
+
 from .serving import BASE, ROOT, clean_ray, ray_processes, stop, wait_healthy
 
 pytestmark = pytest.mark.slow
@@ -116,7 +117,7 @@ def start_serve_on(address: str, log):
     """`serve run` of the YAML against the running cluster (RAY_ADDRESS), not a new local Ray."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "RAY_ADDRESS": address}
     with open(log, "w") as out:
-        return start_serve_run(CONFIG, out, args=("--address", address), env=env)
+        return launch.start(CONFIG, out, args=("--address", address), env=env)
 
 
 def test_1_both_replicas_load_one_per_node_and_answer(cluster):

@@ -19,8 +19,7 @@ import openai
 import psutil
 import pytest
 
-from benchmarks.hostile_bodies import UNSUPPORTED, hostile_bodies
-
+from .hostile_bodies import UNSUPPORTED, hostile_bodies
 from .serving import BASE, ray, ray_processes
 
 pytestmark = pytest.mark.slow

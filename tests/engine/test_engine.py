@@ -6,7 +6,6 @@ import asyncio
 
 import pytest
 
-from benchmarks.openai_bench.prompts import SEED_QUESTIONS
 from engine.config import EngineConfig
 from engine.engine import AsyncEngine
 from engine.errors import InvalidRequestError
@@ -14,6 +13,9 @@ from engine.request import PromptInput
 from engine.sampling import SamplingParams
 
 from ..conftest import SMOLLM
+
+# The seed's five questions (benchmarks/openai_bench/prompts.py asks the same; tests do not import benchmarks).
+SEED_QUESTIONS = ["What is 2+2?", "Name 3 colors.", "What is Python?", "Capital of Japan?", "Who wrote Hamlet?"]
 
 
 def chat(q: str) -> PromptInput:

@@ -6,16 +6,9 @@ The results document: {"machine", "settings", "targets": [{"label", "base_url", 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-
-def fmt(v, suffix: str = "") -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, float):
-        v = f"{v:.2f}" if abs(v) < 100 else f"{v:.0f}"
-    return f"{v}{suffix}"
+from ..report import fmt, md_table
 
 
 def mib(n) -> str:
@@ -24,12 +17,6 @@ def mib(n) -> str:
 
 def pct(x) -> str:
     return "n/a" if x is None else f"{100 * x:.0f}%"
-
-
-def md_table(header: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(fmt(c) if not isinstance(c, str) else c for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def entries(doc: dict, scenario: str):
@@ -325,10 +312,6 @@ def markdown(doc: dict) -> str:
     errors = error_lines(doc)
     parts += ["### Errors", "\n".join(errors) if errors else "No request failed."]
     return "\n\n".join(parts) + "\n"
-
-
-def write_json(doc: dict, path: Path) -> None:
-    path.write_text(json.dumps(doc, indent=2) + "\n")
 
 
 def sweep_series(doc: dict) -> list[tuple[str, list[dict]]]:

@@ -1,4 +1,4 @@
-"""Hostile request bodies for /v1/chat/completions, shared by the e2e test and benchmarks/peer_checks.py.
+"""Hostile request bodies for /v1/chat/completions, shared by the e2e test and benchmarks/lab/peer_checks.py.
 
 Each value is the raw body (bytes) to POST with content-type application/json. A robust server
 answers every one with a 4xx in the OpenAI error shape and stays healthy.

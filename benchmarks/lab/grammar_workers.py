@@ -1,4 +1,4 @@
-"""The grammar engines of benchmarks/bench_grammar.py behind one adapter each, and the worker
+"""The grammar engines of benchmarks/lab/bench_grammar.py behind one adapter each, and the worker
 process that runs one engine (so that a compile that runs away can be stopped)."""
 
 from __future__ import annotations

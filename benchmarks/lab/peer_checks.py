@@ -1,8 +1,8 @@
 """Reliability checks against any OpenAI-compatible server, by base URL: ours or a peer's.
 
-    python -m benchmarks.peer_checks --label ours --base-url http://127.0.0.1:8000 \
+    python -m benchmarks.lab.peer_checks --label ours --base-url http://127.0.0.1:8000 \
         --model smollm2-135m-instruct --out /tmp/ours.json
-    python -m benchmarks.peer_checks --merge /tmp/ours.json /tmp/mlx_lm.json --out docs/results/peer_checks_cpu.json
+    python -m benchmarks.lab.peer_checks --merge /tmp/ours.json /tmp/mlx_lm.json --out docs/results/peer_checks_cpu.json
 
 Checks (each: pass/fail plus what was observed; progress on stderr, JSON and a markdown table on stdout):
 
@@ -38,7 +38,7 @@ from collections import Counter
 
 import httpx
 
-from benchmarks.hostile_bodies import hostile_bodies
+from tests.e2e.hostile_bodies import hostile_bodies
 
 LONG_PROMPT = "Write a long, detailed essay about the history of the Roman Empire, from its founding to its fall."
 HEALTH_MSG = [{"role": "user", "content": "Say hello."}]
@@ -187,7 +187,7 @@ def _honoured(feature: str, body: dict) -> tuple[bool, str]:
     if feature == "logprobs":
         lp = ch.get("logprobs")
         content = (lp or {}).get("content") if isinstance(lp, dict) else None
-        return bool(content), f"logprobs: {'%d entries' % len(content) if content else short(json.dumps(lp), 40)}"
+        return bool(content), f"logprobs: {f'{len(content)} entries' if content else short(json.dumps(lp), 40)}"
     if feature == "response_format":
         try:
             parsed = json.loads(msg.get("content") or "")
@@ -504,7 +504,7 @@ def main(argv=None) -> int:
         reports = []
         for path in args.merge:
             data = json.load(open(path))
-            reports.extend(data["servers"] if "servers" in data else [data])
+            reports.extend(data.get("servers", [data]))
     else:
         if not (args.base_url and args.model):
             p.error("--base-url and --model are needed (or --merge)")

@@ -13,15 +13,15 @@ from pathlib import Path
 import httpx
 import pytest
 
-from benchmarks.openai_bench import report
+from benchmarks.client import cache_stats, normalize_base, parse_model, parse_target, stream_request
+from benchmarks.metrics import RequestResult, percentile, summarize, tpot
+from benchmarks.openai_bench import tables
 from benchmarks.openai_bench.__main__ import main
-from benchmarks.openai_bench.client import cache_stats, normalize_base, parse_model, parse_target, stream_request
 from benchmarks.openai_bench.cpu import CpuSampler, group_of
-from benchmarks.openai_bench.metrics import RequestResult, percentile, summarize, tpot
 from benchmarks.openai_bench.prompts import prefix_steps, system_prompt
 from benchmarks.openai_bench.scenarios import classify_delta, classify_usage, paged_memory, prefix_status
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def ok_result(ttft: float, chunks: list[float], tokens: int) -> RequestResult:
@@ -263,7 +263,7 @@ def sample_doc() -> dict:
 
 def test_markdown_shows_errors_skips_and_na(tmp_path):
     doc = sample_doc()
-    md = report.markdown(doc)
+    md = tables.markdown(doc)
     assert "| ours | m | 6.00 | n/a (N=5) | n/a |" in md  # all 5 concurrent failed: no tok/s, no speedup
     assert "| 1 | First request (prompt A) | MISS | n/a | n/a | 0 of 200 | ok (usage) |" in md
     assert "skipped: time budget spent" in md and "| ours | m | 4 | skipped: time budget |" in md
@@ -271,7 +271,7 @@ def test_markdown_shows_errors_skips_and_na(tmp_path):
     assert "- ours / m sweep levels c=2: 1 x HTTP 503: queue full" in md
     assert "| ours | m | 1 | 10 (0) | True | 2 (32) | 1.0 MiB | 3.0 MiB | 4.0 MiB | 0.5 MiB | 75% / 25% / 88% |" in md
     assert md.count("|---|") >= 5
-    paths = report.plot_sweep(doc, tmp_path, "t")
+    paths = tables.plot_sweep(doc, tmp_path, "t")
     assert [Path(p).name for p in paths] == ["t_sweep_tok_s.png", "t_sweep_ttft.png", "t_sweep_itl.png"]
     assert all(Path(p).stat().st_size > 1000 for p in paths)
 
@@ -289,7 +289,7 @@ def test_cpu_groups_and_usage():
     assert s.usage(100.2, 109.9) == {"model": 1.7, "other": 0.3}  # proxy's 0.01 cores is below the floor
     doc = sample_doc()
     doc["targets"][0]["models"][0]["scenarios"]["batching"]["cpu_cores"] = {"model": 1.7, "other": 0.3}
-    assert "| ours | m | batching | n/a | model 1.70, other 0.30 |" in report.markdown(doc)
+    assert "| ours | m | batching | n/a | model 1.70, other 0.30 |" in tables.markdown(doc)
 
 
 # --- one bounded run against a real server -----------------------------------------------------------
@@ -385,7 +385,7 @@ def test_run_against_mlx_lm_server(mlx_lm_server, tmp_path, capsys):
 def test_merge_runs_keeps_every_target():
     a, b = sample_doc(), sample_doc()
     b["machine"] = {**b["machine"], "date": "later", "command": "cmd2"}
-    doc = report.merge([a, b])
+    doc = tables.merge([a, b])
     assert [t["label"] for t in doc["targets"]] == ["ours", "ours (run 2)"]
-    md = report.markdown(doc)
+    md = tables.markdown(doc)
     assert "- run 2: later" in md and "| ours (run 2) | m | 1 | 1 | 6.00 |" in md

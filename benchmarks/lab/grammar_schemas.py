@@ -1,4 +1,4 @@
-"""The JSON schemas benchmarks/bench_grammar.py walks, each with a valid instance."""
+"""The JSON schemas benchmarks/lab/bench_grammar.py walks, each with a valid instance."""
 
 from __future__ import annotations
 
@@ -243,5 +243,5 @@ def instance_text(instance) -> str:
 def check_instances() -> None:
     import jsonschema
 
-    for name, (schema, inst) in SCHEMAS.items():
+    for schema, inst in SCHEMAS.values():
         jsonschema.validate(inst, schema, format_checker=jsonschema.FormatChecker())

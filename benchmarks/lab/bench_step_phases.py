@@ -1,7 +1,7 @@
 """Where an engine step's wall time goes, beside the bare decode loops on the same device.
 
-    python -m benchmarks.bench_step_phases --model synthetic:qwen3-0.6b-8bit --batches 1 5 16   # GPU
-    python -m benchmarks.bench_step_phases --ragged --kernels   # padded batches; kernels a step (CUDA)
+    python -m benchmarks.lab.bench_step_phases --model synthetic:qwen3-0.6b-8bit --batches 1 5 16   # GPU
+    python -m benchmarks.lab.bench_step_phases --ragged --kernels   # padded batches; kernels a step (CUDA)
 
 For each batch size, in interleaved rounds: the compiled decode step alone in a bare pipelined
 loop (`bench_decode_step`'s `select` on CUDA, `slice` elsewhere), the model over mlx_lm's own
@@ -32,7 +32,7 @@ import contextlib
 import functools
 import time
 
-from .output import emit
+from ..report import emit
 
 # (owner module, class or None, attribute, label): what the engine run times.
 TIMED = [
@@ -89,8 +89,8 @@ async def measure(engine, model, batch: int, args, write: str) -> dict:
 
     from engine.compiled_step import _decode_step
 
+    from ..bench_engine import prompt_ids, run_engine
     from .bench_decode_step import kernels, mlx_lm_step, our_step, pipelined
-    from .bench_engine import prompt_ids, run_engine
 
     tokens = args.tokens
     prompts = prompt_ids(engine.tokenizer, batch, ragged=args.ragged)
@@ -133,8 +133,8 @@ async def measure(engine, model, batch: int, args, write: str) -> dict:
 
 async def engine_kernels(engine, prompts, tokens: int) -> dict:
     """CUDA kernels a loop step of one engine run, and how many of its steps were compiled."""
+    from ..bench_engine import run_engine
     from .bench_decode_step import kernel_summary, profile_kernels
-    from .bench_engine import run_engine
 
     totals = collections.Counter()
     with timers(totals), profile_kernels() as prof:
@@ -150,8 +150,8 @@ async def main_async(args) -> dict:
     from engine.config import EngineConfig
     from engine.engine import AsyncEngine
 
-    from .bench_engine import machine
-    from .synthetic_model import resolve_model
+    from ..report import mlx_machine
+    from ..synthetic_model import resolve_model
 
     config = EngineConfig(max_num_seqs=max(args.batches), prefill_batch_size=8, paged_cache=True)
     engine = AsyncEngine.from_source(resolve_model(args.model), config)
@@ -161,7 +161,7 @@ async def main_async(args) -> dict:
     finally:
         engine.shutdown()
     return {
-        "machine": machine(),
+        "machine": mlx_machine(),
         "device": str(mx.default_device()),
         "model": args.model,
         "tokens": args.tokens,

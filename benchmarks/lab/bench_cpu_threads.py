@@ -1,8 +1,8 @@
 """Two models busy at once on one CPU machine: OpenBLAS threads fixed vs chosen from what runs.
 
-    python -m benchmarks.bench_cpu_threads                 # SmolLM2 + Gemma, 5 requests each
-    python -m benchmarks.bench_cpu_threads --seconds 60 --rounds 2
-    python -m benchmarks.bench_cpu_threads --serve         # the same through `serve run`
+    python -m benchmarks.lab.bench_cpu_threads                 # SmolLM2 + Gemma, 5 requests each
+    python -m benchmarks.lab.bench_cpu_threads --seconds 60 --rounds 2
+    python -m benchmarks.lab.bench_cpu_threads --serve         # the same through `serve run`
 
 Each model runs in its own process (as each model replica does under `serve run`), with its own
 engine on the CPU fast path. Both warm up, then decode waves of `--batch` requests (32 tokens,
@@ -20,13 +20,12 @@ import argparse
 import asyncio
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
 import urllib.request
 
-from .output import emit
+from ..report import emit
 
 MODELS = ["smollm2-135m-instruct", "gemma-3-270m"]
 TOKENS = 32
@@ -36,7 +35,7 @@ def worker(source: str, batch: int, seconds: float, start_at: float, adaptive: b
     from engine.config import EngineConfig
     from engine.engine import AsyncEngine
 
-    from .bench_engine import prompt_ids, run_engine
+    from ..bench_engine import prompt_ids, run_engine
 
     engine = AsyncEngine.from_source(
         source, EngineConfig(max_num_seqs=16, paged_cache=True, adaptive_cpu_threads=adaptive)
@@ -72,7 +71,7 @@ def run_together(models: list[str], args, adaptive: bool) -> list[dict]:
             [
                 sys.executable,
                 "-m",
-                "benchmarks.bench_cpu_threads",
+                "benchmarks.lab.bench_cpu_threads",
                 "--worker",
                 m,
                 "--batch",
@@ -103,22 +102,22 @@ def serve_together(args, adaptive: bool) -> list[dict]:
 
     import yaml
 
-    from .bench_idle import wait_for
-    from .serve_process import ROOT, start_serve_run
+    from deployments.launch import ROOT, start, stop
+
+    from ..client import wait_for_state
 
     config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
     for model in config["applications"][0]["args"]["models"]:
         model.setdefault("engine", {})["adaptive_cpu_threads"] = adaptive
     with tempfile.NamedTemporaryFile("w", suffix=".yaml", delete=False) as f:
         yaml.safe_dump(config, f)
-    server = start_serve_run(f.name)
+    server = start(f.name)
     try:
         for m in MODELS:
-            wait_for(m, "loaded")
+            wait_for_state(m, "loaded")
         return asyncio.run(http_waves(args))
     finally:
-        os.killpg(server.pid, signal.SIGINT)
-        server.wait(120)
+        stop(server, group=True, timeout_s=120, stop_ray=False)
         os.unlink(f.name)
 
 

@@ -1,6 +1,6 @@
 """Grammar engines for structured output (JSON schema / json_object / forced tool calls), measured.
 
-    python -m benchmarks.bench_grammar [--tokenizer DIR] [--stress-tokenizer DIR | --no-stress]
+    python -m benchmarks.lab.bench_grammar [--tokenizer DIR] [--stress-tokenizer DIR | --no-stress]
         [--reps 5] [--batch-steps 48] [--compile-timeout-s 90] [--quick] [--json-out PATH]
 
 Candidates: llguidance (a dependency) and outlines-core (installed only for this benchmark).
@@ -48,9 +48,9 @@ import platform
 import sys
 import time
 
+from ..report import emit
 from .grammar_schemas import SCHEMAS, check_instances, instance_text
 from .grammar_workers import BATCH_ROWS, ENGINES, Worker, dist_version, stats_us
-from .output import emit
 
 DEFAULT_TOKENIZER = "/tmp/smollm2-f32"
 DEFAULT_STRESS_TOKENIZER = "/tmp/gemma-export"
@@ -146,10 +146,12 @@ def bench_apply_bitmask(vocab: int, batch_sizes: list[int], iters: int) -> list[
             "device": str(mx.default_device()),
             "correct": correct,
             "compiled_first_call_ms": compile_first_call_ms,
-            "eager_us": time_it(lambda: mx.eval(apply_bitmask(logits, bm))),
-            "compiled_us": time_it(lambda: mx.eval(compiled(logits, bm))),
-            "eager_with_np_copy_us": time_it(lambda: mx.eval(apply_bitmask(logits, mx.array(bm_np)))),
-            "reference_argmax_us": time_it(lambda: mx.eval(mx.argmax(logits, axis=-1))),
+            # time_it calls each lambda before the loop moves on; the defaults bind this iteration's
+            # arrays explicitly
+            "eager_us": time_it(lambda lg=logits, m=bm: mx.eval(apply_bitmask(lg, m))),
+            "compiled_us": time_it(lambda lg=logits, m=bm: mx.eval(compiled(lg, m))),
+            "eager_with_np_copy_us": time_it(lambda lg=logits, m=bm_np: mx.eval(apply_bitmask(lg, mx.array(m)))),
+            "reference_argmax_us": time_it(lambda lg=logits: mx.eval(mx.argmax(lg, axis=-1))),
         }
         out.append(res)
     return out
@@ -460,7 +462,7 @@ def header(args, argv, skipped: list[str]) -> dict:
 
     return {
         "benchmark": "bench_grammar",
-        "command": "python -m benchmarks.bench_grammar " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": "python -m benchmarks.lab.bench_grammar " + " ".join(sys.argv[1:] if argv is None else argv),
         "machine": {
             "platform": platform.platform(),
             "machine": platform.machine(),

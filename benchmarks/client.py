@@ -1,4 +1,5 @@
-"""HTTP side: targets, one streamed request with client-side timing, the cache stats endpoint.
+"""The benchmarks' HTTP client: targets, one streamed request with client-side timing, the cache
+stats endpoint, and the model list with its states for suites that drive our own `serve run`.
 
 Plain httpx (async) and a hand-written SSE reader, so every status code and every byte's arrival
 time is visible and nothing is retried behind our back: a failed request is a counted error.
@@ -13,6 +14,8 @@ from dataclasses import dataclass, field
 import httpx
 
 from .metrics import RequestResult
+
+BASE = "http://127.0.0.1:8000"  # our `serve run` (deployments.launch starts it there)
 
 
 @dataclass
@@ -170,3 +173,33 @@ async def cache_stats(client: httpx.AsyncClient, model: str) -> dict | None:
         return None
     engine = data.get("engine") if isinstance(data.get("engine"), dict) else {}
     return {"cache": data["cache"], "engine": engine}
+
+
+# --- the server's model list, for suites that drive our own `serve run` -------------------------
+
+
+def model_cards(base: str = BASE, timeout_s: float = 30) -> dict[str, dict]:
+    """GET /v1/models: each model's card by id (ours adds `state`, footprint, last use, loads)."""
+    return {m["id"]: m for m in httpx.get(f"{base}/v1/models", timeout=timeout_s).json()["data"]}
+
+
+def model_states(base: str = BASE) -> dict[str, str | None]:
+    """Each model's `state`, or {} while the server is not up yet."""
+    try:
+        return {name: card.get("state") for name, card in model_cards(base, timeout_s=5).items()}
+    except (httpx.HTTPError, ValueError, KeyError):
+        return {}
+
+
+def wait_for_state(model: str, state: str, timeout_s: float = 300, base: str = BASE) -> None:
+    """Poll once a second until MODEL is in STATE (loaded, unloaded, ...); exit the run if it never is."""
+    deadline = time.time() + timeout_s
+    while model_states(base).get(model) != state:
+        if time.time() > deadline:
+            raise SystemExit(f"{model} not {state} after {timeout_s:.0f} s: {model_states(base)}")
+        time.sleep(1)
+
+
+def post_empty(path: str, base: str = BASE, timeout_s: float = 60) -> None:
+    """POST `{}` to PATH (e.g. /v1/models/NAME/unload); an HTTP error raises."""
+    httpx.post(f"{base}{path}", json={}, timeout=timeout_s).raise_for_status()

@@ -1,7 +1,7 @@
 """The compiled decode step alone, on whatever device MLX runs: what its mask and its column write cost.
 
-    python -m benchmarks.bench_decode_step --model synthetic:qwen3-0.6b-8bit --batches 1 5 16   # GPU
-    python -m benchmarks.bench_decode_step --kernels   # + device kernels a step (torch.profiler, CUDA)
+    python -m benchmarks.lab.bench_decode_step --model synthetic:qwen3-0.6b-8bit --batches 1 5 16   # GPU
+    python -m benchmarks.lab.bench_decode_step --kernels   # + device kernels a step (torch.profiler, CUDA)
 
 Each variant runs in a bare pipelined loop (step k+1 enqueued before token k is read, one host sync
 a step), rounds interleaved so drift hits all alike, over full working copies of `--cols` keys:
@@ -28,7 +28,7 @@ import mlx.core as mx
 
 from engine.compiled_step import _ColumnCache, _decode_step
 
-from .output import emit
+from ..report import emit
 
 
 class _Unmasked(_ColumnCache):
@@ -180,7 +180,7 @@ VARIANTS = ("slice", "select", "unmasked", "mlx_lm")
 def run(args) -> dict:
     from engine.loading.loader import load_model
 
-    from .synthetic_model import resolve_model
+    from ..synthetic_model import resolve_model
 
     model = load_model(resolve_model(args.model)).model
     steps = {

@@ -1,19 +1,19 @@
 """CPU and wake-ups of this user's processes (and their busiest threads) over an interval.
 
-    python -m benchmarks.proc_wakeups 15          # e.g. beside an idle or a loaded `serve run`
+    python -m benchmarks.lab.proc_wakeups 15          # e.g. beside an idle or a loaded `serve run`
 
 Per process: cores used, voluntary context switches a second (wake-ups: it slept and was woken)
 and involuntary ones (preempted). On a small machine every wake-up of a side process can preempt a
-compute thread; docs/benchmarks.md ("An idle model costs (almost) nothing") reads these figures.
+compute thread; docs/lab-notebook.md (2026-12-01, "An idle model costs (almost) nothing") reads these figures.
 Linux only (/proc). Prints JSON, then a table.
 """
 
 from __future__ import annotations
 
+import argparse
 import collections
 import json
 import os
-import sys
 import time
 
 import psutil
@@ -80,8 +80,10 @@ def measure(seconds: float) -> dict:
     }
 
 
-def main() -> None:
-    doc = measure(float(sys.argv[1]) if len(sys.argv) > 1 else 15.0)
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("seconds", type=float, nargs="?", default=15.0, help="the interval (default 15)")
+    doc = measure(ap.parse_args(argv).seconds)
     print(json.dumps(doc, indent=2))
     print("| pid | cores | wake-ups/s | preempted/s | command |\n|---|---|---|---|---|")
     for r in doc["processes"][:25]:
