@@ -6,7 +6,7 @@
 
 Checks (each: pass/fail plus what was observed; progress on stderr, JSON and a markdown table on stdout):
 
-1. hostile  - the hostile bodies of tests/test_serve_e2e.py (benchmarks/hostile_bodies.py) to
+1. hostile  - the hostile bodies of tests/e2e/test_serve_e2e.py (benchmarks/hostile_bodies.py) to
               /v1/chat/completions. Pass: every one a 4xx with {"error": {"message": ...}}, no 5xx,
               no hang (30 s each), and the server answers a normal request afterwards.
 2. features - tools (with a forced tool_choice), logprobs, n=2, response_format json_schema. Pass per
