@@ -1,6 +1,6 @@
 """The Anthropic Messages adapter without a model: translation both ways, the stream's events, and
 the routes driven by the official `anthropic` SDK over an in-process ASGI transport with scripted
-model clients (tests/test_deployments.py's FakeClient). The real model: tests/test_serve_agent_apis_e2e.py.
+model clients (tests/fakes.py's FakeClient). The real model: tests/test_serve_agent_apis_e2e.py.
 """
 
 from __future__ import annotations
@@ -26,8 +26,7 @@ from deployments.config import RouterConfig
 from deployments.openai_protocol import ApiError
 from deployments.router import RouterCore, create_app
 from engine.request import PromptInput
-
-from .test_deployments import USAGE, FakeClient, chunk
+from tests.fakes import USAGE, FakeClient, chunk
 
 HI = [{"role": "user", "content": "hi"}]
 

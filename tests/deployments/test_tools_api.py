@@ -13,8 +13,7 @@ import pytest
 from deployments.config import RouterConfig
 from deployments.router import RouterCore, create_app
 from deployments.tools import ToolCallParser
-
-from .test_deployments import USAGE, FakeClient, chunk
+from tests.fakes import USAGE, FakeClient, chunk
 
 WEATHER = {
     "type": "function",
