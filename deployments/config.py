@@ -201,7 +201,8 @@ class ModelConfig(BaseModel):
         None,
         ge=1,
         description="The weights' size once loaded, in MiB, for the governor's estimate before the first load "
-        "measures it. Default: read from the weight files; needed for hub models not downloaded yet and for\n        sources that exist only on the nodes that run the model (declared before `source`, which reads it).",
+        "measures it. Default: read from the weight files; needed for hub models not downloaded yet and for "
+        "sources that exist only on the nodes that run the model (declared before `source`, which reads it).",
     )
     source: str = Field(
         description="Where the weights come from: pkg://<package>/<file>.gguf, a local .gguf file or MLX "

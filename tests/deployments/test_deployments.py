@@ -50,6 +50,20 @@ def test_config_rejects_bad_sampling_defaults_and_sources():
         validate_args({})
 
 
+def test_every_field_description_is_one_clean_line():
+    """What `python -m deployments.config` and the JSON schema show users: no reflow residue."""
+    from pydantic import BaseModel
+
+    from deployments.config import AffinityOptions, MemoryConfig, ModelConfig, ModelDeploymentOptions
+
+    models: list[type[BaseModel]] = [OrchardConfig, RouterConfig, MemoryConfig, ModelConfig]
+    models += [ModelDeploymentOptions, AffinityOptions]
+    for model in models:
+        for name, field in model.model_fields.items():
+            assert field.description, f"{model.__name__}.{name} has no description"
+            assert "\n" not in field.description and "  " not in field.description, f"{model.__name__}.{name}"
+
+
 def test_chat_template_is_checked_at_config_time():
     with pytest.raises(ConfigError, match=r"args.models\[0\].engine.chat_template: .*not a valid Jinja"):
         validate_args(
