@@ -56,7 +56,7 @@ class ErrorItem(TypedDict):
 
 def error_item(exc: OrchardError) -> ErrorItem:
     return {
-        **exc.to_openai(),
+        "error": {"message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code},
         "status_code": exc.status_code,
-        "retry_after_s": getattr(exc, "retry_after_s", None) if isinstance(exc, OverloadedError) else None,
+        "retry_after_s": exc.retry_after_s if isinstance(exc, OverloadedError) else None,
     }

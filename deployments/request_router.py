@@ -38,7 +38,6 @@ Prompt text is hashed here and never logged.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import logging
 import time
@@ -50,7 +49,7 @@ from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from .hop import GenerateRequest
+from .prefix_hashing import block_hashes, prompt_text
 
 log = logging.getLogger("ray.serve")
 
@@ -61,46 +60,6 @@ _MAX_PENDING_HASHES = 4096  # hashes kept between choosing a replica and the req
 # may have been taken before those requests reached the replica's cache (clocks of two nodes too).
 REPORT_SLACK_S = 2.0
 SUSPECT_S = 10.0  # a replica a call could not reach is offered last this long
-
-
-def prompt_text(request: Any) -> str | None:
-    """The text whose prefix decides a `GenerateRequest`'s replica, in the order the chat template
-    renders it; None for anything else (the arguments of other calls)."""
-    if not isinstance(request, GenerateRequest):
-        return None
-    prompt = request.prompt
-    parts: list[str] = []
-    if prompt.tools:
-        parts.append(f"\x02tools:{prompt.tools!r}")  # templates render tools before the messages
-    if prompt.messages is not None:
-        for message in prompt.messages:
-            if isinstance(message, dict):
-                parts.append(f"\x02{message.get('role')}:{_content_text(message.get('content'))}")
-    elif prompt.text is not None:
-        parts.append(str(prompt.text))
-    elif prompt.token_ids is not None:
-        parts.append(",".join(str(t) for t in prompt.token_ids) + ",")
-    return "".join(parts) or None
-
-
-def _content_text(content: Any) -> str:
-    if isinstance(content, str) or content is None:
-        return content or ""
-    if isinstance(content, list):  # OpenAI content parts
-        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
-    return str(content)
-
-
-def block_hashes(text: str, block_chars: int) -> list[int]:
-    """Chained hashes of the text's full blocks: block i's hash covers the whole prefix up to it,
-    as the engine's block hashes do (a partial last block is never shared, so it is left out).
-    Deterministic across processes (not Python's salted `hash`): replicas report them back."""
-    out, parent = [], b""
-    for end in range(block_chars, len(text) + 1, block_chars):
-        block = text[end - block_chars : end].encode("utf-8", "surrogatepass")
-        parent = hashlib.blake2b(parent + block, digest_size=8).digest()
-        out.append(int.from_bytes(parent, "little", signed=True))
-    return out
 
 
 class PrefixIndex:

@@ -19,13 +19,12 @@ from ray.serve.request_router import PendingRequest, ReplicaID
 from deployments.app import build_app, request_router_config
 from deployments.config import ConfigError, validate_args
 from deployments.hop import GenerateRequest
+from deployments.prefix_hashing import block_hashes, prompt_text
 from deployments.request_router import (
     ROUTER_PATH,
     AffinityPolicy,
     PrefixAffinityRouter,
     PrefixIndex,
-    block_hashes,
-    prompt_text,
     rank_replicas,
     routing_decisions,
 )
@@ -74,7 +73,7 @@ def test_block_hashes_are_the_same_in_every_process():
     import sys
 
     text = SYSTEMS[0] + "question"
-    code = f"from deployments.request_router import block_hashes; print(block_hashes({text!r}, 32))"
+    code = f"from deployments.prefix_hashing import block_hashes; print(block_hashes({text!r}, 32))"
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
