@@ -26,7 +26,7 @@ from engine.request import PromptInput
 
 from .config import RouterConfig
 from .hop import GenerateRequest
-from .openai_protocol import ApiError
+from .openai.protocol import ApiError
 
 log = logging.getLogger("ray.serve")
 

@@ -20,13 +20,14 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .anthropic_api import install_anthropic_routes
+from .anthropic.protocol import install_anthropic_routes
 from .config import RouterConfig
 from .hop import GenerateRequest
 from .metrics import CONTENT_TYPE_LATEST, RouterMetrics
 from .model_client import ModelCall, ModelClient, RayModelClient
 from .model_directory import LOADED, ModelDirectory
-from .openai_protocol import (
+from .openai.builders import ResponseBuilder, new_id
+from .openai.protocol import (
     SSE_DONE,
     ApiError,
     ChatCompletionRequest,
@@ -35,7 +36,6 @@ from .openai_protocol import (
     parse_request,
     sse,
 )
-from .openai_responses import ResponseBuilder, new_id
 from .request_router import routing_decisions
 
 log = logging.getLogger("ray.serve")

@@ -12,7 +12,7 @@ import httpx
 import httpx2
 import pytest
 
-from deployments.anthropic_api import (
+from deployments.anthropic.protocol import (
     CountTokensRequest,
     MessageEvents,
     MessagesRequest,
@@ -23,7 +23,7 @@ from deployments.anthropic_api import (
     to_openai,
 )
 from deployments.config import RouterConfig
-from deployments.openai_protocol import ApiError
+from deployments.openai.protocol import ApiError
 from deployments.router import RouterCore, create_app
 from engine.request import PromptInput
 from tests.fakes import USAGE, FakeClient, chunk

@@ -36,7 +36,7 @@ def test_the_replicas_prefix_residency_does_not_import_the_request_router():
 
 
 def test_forced_tool_calls_lay_out_json_as_the_engine_does():
-    from deployments.tools import JSON_OPTIONS
+    from deployments.openai.tools import JSON_OPTIONS
     from engine.constraints import JSON_OPTIONS as ENGINE_JSON_OPTIONS
 
     assert JSON_OPTIONS == ENGINE_JSON_OPTIONS

@@ -22,7 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from .openai_protocol import ApiError, ChatCompletionRequest, bad_request
+from ..openai.protocol import ApiError, ChatCompletionRequest, bad_request
 
 log = logging.getLogger("ray.serve")
 
