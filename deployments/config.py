@@ -33,6 +33,8 @@ from pydantic import (
 
 from engine.config import EngineConfig
 
+from .http.validation import problem_message
+
 IMPORT_PATH = "deployments.app:build_app"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 
@@ -402,7 +404,7 @@ def format_validation_error(exc: ValidationError, root: str = "args") -> str:
         where = root
         for part in err["loc"]:
             where += f"[{part}]" if isinstance(part, int) else f".{part}"
-        msg, got = err["msg"].removeprefix("Value error, "), err.get("input")
+        msg, got = problem_message(err), err.get("input")
         quiet = err["type"] in ("missing", "value_error") or "api_key" in where or isinstance(got, (dict, list))
         lines.append(f"{where}: {msg}" + ("" if quiet else f" (got {got!r})"))
     return "\n".join(lines)

@@ -1,11 +1,10 @@
-"""OpenAI response bodies and stream chunks for one request: text, tool calls, logprobs.
+"""OpenAI response bodies and stream chunks for one request, built from the router's events.
 
-The model deployment streams chunks of text (with per-token logprob entries when asked); a
-`ResponseBuilder` turns them into a `chat.completion` / `text_completion` body or a sequence of
-`chat.completion.chunk` dicts. With tools, the text goes through a ToolCallParser: content is
-streamed as it becomes safe to show, each tool call as one `delta.tool_calls` item (id, name
-and its whole arguments) once its closing tag arrives, which the OpenAI SDK assembles as it
-assembles OpenAI's own; the finish reason is then "tool_calls".
+A `ResponseBuilder` renders a whole response (`events.collect`) as a `chat.completion` /
+`text_completion` body, and a stream's batches (`events.stream`) as `chat.completion.chunk` /
+`text_completion` dicts. The first chunk always carries the role; a tool call is one
+`delta.tool_calls` item (index, id, name and its whole arguments), which the OpenAI SDK assembles
+as it assembles OpenAI's own; logprobs come in the chat shape or the completions (legacy) shape.
 """
 
 from __future__ import annotations
@@ -14,7 +13,17 @@ import time
 import uuid
 from typing import Any, Literal
 
-from .tools import ToolCallParser
+from ..events import (
+    Error,
+    Event,
+    Finish,
+    Logprobs,
+    TextDelta,
+    ToolCallArgsDelta,
+    ToolCallEnd,
+    ToolCallStart,
+    Usage,
+)
 
 
 def new_id(prefix: str) -> str:
@@ -36,8 +45,28 @@ def chat_logprobs(entries: list[dict]) -> dict[str, Any]:
     }
 
 
+def tool_calls(events: list[Event]) -> list[dict[str, Any]]:
+    """The complete calls among `events`, as OpenAI tool_calls items with their `index`."""
+    names: dict[int, tuple[str, str]] = {}
+    arguments: dict[int, str] = {}
+    out = []
+    for e in events:
+        if isinstance(e, ToolCallStart):
+            names[e.index], arguments[e.index] = (e.id, e.name), ""
+        elif isinstance(e, ToolCallArgsDelta):
+            arguments[e.index] += e.text
+        elif isinstance(e, ToolCallEnd):
+            call_id, name = names[e.index]
+            function = {"name": name, "arguments": arguments[e.index]}
+            out.append({"index": e.index, "id": call_id, "type": "function", "function": function})
+    return out
+
+
 class ResponseBuilder:
-    """Builds the JSON bodies and SSE chunks of one response (chat or text completion)."""
+    """Builds the JSON body or the SSE chunks of one response (chat or text completion).
+
+    `tools`: the output is parsed for tool calls (`forced`: a grammar forces them);
+    `include_usage`: every chunk has a `usage` field and the stream ends with a usage chunk."""
 
     def __init__(
         self,
@@ -48,12 +77,13 @@ class ResponseBuilder:
         tools: bool = False,
         forced_tools: bool = False,
         logprobs: bool = False,
+        include_usage: bool = False,
     ):
         self.kind, self.model, self.id = kind, model, request_id
         self.created = int(time.time())
         self.object = "chat.completion" if kind == "chat" else "text_completion"
-        self.parser = ToolCallParser(forced=forced_tools) if tools else None
-        self.logprobs = logprobs
+        self.tools, self.forced = tools, forced_tools
+        self.logprobs, self.include_usage = logprobs, include_usage
         self._offset = 0  # text offset of the next token (completions' logprobs)
         self._first = True
 
@@ -79,88 +109,68 @@ class ResponseBuilder:
 
     # --- a whole response ---------------------------------------------------------------
 
-    def full(
-        self, text: str, finish_reason: str | None, usage: dict | None, logprobs: list[dict] | None = None
-    ) -> dict[str, Any]:
+    def full(self, events: list[Event]) -> dict[str, Any]:
+        """The body of a whole response (`events.collect`'s batch)."""
+        text = "".join(e.text for e in events if isinstance(e, TextDelta))
+        logprobs = [x for e in events if isinstance(e, Logprobs) for x in e.entries]
+        finish = next((e.reason for e in events if isinstance(e, Finish)), None)
+        usage = next((e.usage for e in events if isinstance(e, Usage)), None)
         if self.kind == "chat":
             message: dict[str, Any] = {"role": "assistant", "content": text}
-            if self.parser is not None:
-                content, calls = self.parser.feed(text)
-                content += self.parser.finish()
-                message = {"role": "assistant", "content": content or (None if calls or self.parser.forced else "")}
-                if calls:
-                    message["tool_calls"] = calls
-                    finish_reason = "tool_calls" if finish_reason == "stop" else finish_reason
-            choice = {
-                "index": 0,
-                "message": message,
-                "logprobs": self._logprobs(logprobs),
-                "finish_reason": finish_reason,
-            }
+            calls = [{k: v for k, v in c.items() if k != "index"} for c in tool_calls(events)]
+            if self.tools:
+                message["content"] = text or (None if calls or self.forced else "")
+            if calls:
+                message["tool_calls"] = calls
+            choice = {"index": 0, "message": message, "logprobs": self._logprobs(logprobs), "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": text, "logprobs": self._logprobs(logprobs), "finish_reason": finish_reason}
+            choice = {"index": 0, "text": text, "logprobs": self._logprobs(logprobs), "finish_reason": finish}
         return {**self._base(self.object), "choices": [choice], "usage": usage, "system_fingerprint": None}
 
     # --- a stream ----------------------------------------------------------------------
 
-    def deltas(self, text: str, logprobs: list[dict] | None = None, *, with_usage_field: bool = False) -> list[dict]:
-        """The chunks for one piece of streamed output (the first always carries the role)."""
-        calls: list[dict] = []
-        if self.parser is not None:
-            text, calls = self.parser.feed(text)
+    def chunks(self, batch: list[Event]) -> list[dict[str, Any]]:
+        """The stream items of one batch of `events.stream`; an error is its OpenAI body."""
+        if batch and isinstance(batch[0], Error):
+            return [batch[0].error.body]
+        if batch and isinstance(batch[0], Usage):
+            return [self.usage_chunk(batch[0].usage)] if self.include_usage else []
+        if batch and isinstance(batch[-1], Finish):
+            rest = "".join(e.text for e in batch if isinstance(e, TextDelta))
+            return ([self.chunk(rest)] if rest else []) + [self.chunk(None, batch[-1].reason)]
+        return self._deltas(batch)
+
+    def _deltas(self, batch: list[Event]) -> list[dict[str, Any]]:
+        """One replica chunk's output: its text (the first chunk always, for the role) with its
+        logprobs, then a chunk per completed call (logprobs there when no text chunk took them)."""
+        text = "".join(e.text for e in batch if isinstance(e, TextDelta))
+        logprobs = [x for e in batch if isinstance(e, Logprobs) for x in e.entries] or None
+        calls = tool_calls(batch)
         out = []
         if text or self._first or (logprobs and not calls):
-            out.append(self.chunk(text, logprobs=logprobs, with_usage_field=with_usage_field))
+            out.append(self.chunk(text, logprobs=logprobs))
             logprobs = None
-        out += [self._call_chunk(c, logprobs, with_usage_field) for c in calls]
+        for call in calls:
+            chunk = self.chunk(None, logprobs=logprobs)
+            chunk["choices"][0]["delta"]["tool_calls"] = [call]
+            out.append(chunk)
         return out
 
-    def final(self, finish_reason: str | None, *, with_usage_field: bool = False) -> list[dict]:
-        """The closing chunks: held-back text, then the finish reason."""
-        out = []
-        if self.parser is not None:
-            rest = self.parser.finish()
-            if rest:
-                out.append(self.chunk(rest, with_usage_field=with_usage_field))
-            if self.parser.calls and finish_reason == "stop":
-                finish_reason = "tool_calls"
-        return out + [self.chunk(None, finish_reason, with_usage_field=with_usage_field)]
-
-    def _call_chunk(self, call: dict, logprobs: list[dict] | None, with_usage_field: bool) -> dict:
-        index = self.parser.calls.index(call)
-        chunk = self.chunk(None, logprobs=logprobs, with_usage_field=with_usage_field)
-        chunk["choices"][0]["delta"]["tool_calls"] = [{"index": index, **call}]
-        return chunk
-
     def chunk(
-        self,
-        text: str | None,
-        finish_reason: str | None = None,
-        *,
-        logprobs: list[dict] | None = None,
-        with_usage_field: bool = False,
+        self, text: str | None, finish_reason: str | None = None, *, logprobs: list[dict] | None = None
     ) -> dict[str, Any]:
         first, self._first = self._first, False
+        lp = self._logprobs(logprobs) if logprobs else None
         if self.kind == "chat":
             delta: dict[str, Any] = {"role": "assistant"} if first else {}
             if text is not None:
                 delta["content"] = text
-            choice = {
-                "index": 0,
-                "delta": delta,
-                "logprobs": self._logprobs(logprobs) if logprobs else None,
-                "finish_reason": finish_reason,
-            }
+            choice = {"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish_reason}
             out = {**self._base("chat.completion.chunk"), "choices": [choice]}
         else:
-            choice = {
-                "index": 0,
-                "text": text or "",
-                "logprobs": self._logprobs(logprobs) if logprobs else None,
-                "finish_reason": finish_reason,
-            }
+            choice = {"index": 0, "text": text or "", "logprobs": lp, "finish_reason": finish_reason}
             out = {**self._base("text_completion"), "choices": [choice]}
-        if with_usage_field:
+        if self.include_usage:
             out["usage"] = None
         return out
 

@@ -14,7 +14,7 @@ import pytest
 from deployments.app import build_app
 from deployments.config import ConfigError, OrchardConfig, RouterConfig, validate_args
 from deployments.hop import GenerateRequest
-from deployments.openai.protocol import ApiError
+from deployments.http.errors import ApiError
 from deployments.router import RouterCore, create_app
 from engine.request import PromptInput
 from tests.fakes import USAGE, FakeClient, chunk, make_client, run, sse_events

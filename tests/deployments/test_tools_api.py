@@ -11,8 +11,8 @@ import openai
 import pytest
 
 from deployments.config import RouterConfig
-from deployments.openai.tools import ToolCallParser
 from deployments.router import RouterCore, create_app
+from deployments.tool_parser import ToolCallParser
 from tests.fakes import USAGE, FakeClient, chunk
 
 WEATHER = {
