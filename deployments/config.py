@@ -34,47 +34,10 @@ from pydantic import (
 from engine.config import EngineConfig
 
 from .http.validation import problem_message
+from .settings import KEEP_ALIVE_S, LOAD_TIMEOUT_S, AffinityOptions
 
 IMPORT_PATH = "deployments.app:build_app"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
-
-
-class AffinityOptions(BaseModel):
-    """Prefix-affinity routing (deployments.request_router.PrefixAffinityRouter)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    imbalanced_threshold: int = Field(
-        10,
-        ge=0,
-        description="Balance wins over affinity: a replica with this many more requests than the "
-        "least loaded one is not preferred for its prefixes.",
-    )
-    match_rate_threshold: float = Field(
-        0.1,
-        ge=0,
-        le=1,
-        description="Below this share of the prompt matched, a request counts as a new prefix "
-        "and goes to the replica that holds the fewest prefixes.",
-    )
-    block_chars: int = Field(
-        64,
-        ge=8,
-        le=65536,
-        description="Characters per hashed prompt block (about 16 tokens at the default).",
-    )
-    max_blocks_per_replica: int = Field(
-        65536,
-        ge=16,
-        description="Blocks remembered per replica (least recently sent forgotten first).",
-    )
-    report_period_s: float = Field(
-        2.0,
-        gt=0,
-        le=600,
-        description="How often each replica reports which prompt prefixes its paged cache "
-        "really holds (Ray Serve's request_routing_stats_period_s); the routers take each report as the truth.",
-    )
 
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -244,12 +207,12 @@ class ModelConfig(BaseModel):
         "eager", description="eager: loaded when the app starts; on_demand: loaded by the first request for it."
     )
     keep_alive: float | None = Field(
-        1800.0,
+        KEEP_ALIVE_S,
         description="Idle time after which the model unloads (seconds, '30s', '5m', '1h'), or 'forever' to pin "
         "it: a pinned model is never unloaded, not even to make room for another.",
     )
     load_timeout_s: float = Field(
-        120.0,
+        LOAD_TIMEOUT_S,
         gt=0,
         description="How long a request waits for this model to load (and for room in the memory budget) "
         "before it gets 503 with Retry-After.",

@@ -44,12 +44,12 @@ import time
 import weakref
 from collections import Counter, OrderedDict
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
 from .prefix_hashing import block_hashes, prompt_text
+from .settings import AffinityOptions
 
 log = logging.getLogger("ray.serve")
 
@@ -105,14 +105,8 @@ class PrefixIndex:
             self._blocks.popitem(last=False)
 
 
-@dataclass(frozen=True)
-class AffinityPolicy:
-    imbalanced_threshold: int = 10
-    match_rate_threshold: float = 0.1
-
-
 def rank_replicas(
-    replicas: Sequence[Hashable], queues: dict, matched: dict, sizes: dict, n_blocks: int, policy: AffinityPolicy
+    replicas: Sequence[Hashable], queues: dict, matched: dict, sizes: dict, n_blocks: int, policy: AffinityOptions
 ) -> tuple[list[list], str]:
     """Ranks of replica keys, most preferred first, and why (affinity | new_prefix | balance).
 
@@ -160,19 +154,12 @@ class PrefixAffinityRouter(RequestRouter):
     `request_router_kwargs` are initialize_state's arguments: deployment.affinity in the YAML, and
     the deployment's name (the app builder adds it; /metrics labels the decisions with it)."""
 
-    def initialize_state(
-        self,
-        imbalanced_threshold: int = 10,
-        match_rate_threshold: float = 0.1,
-        block_chars: int = 64,
-        max_blocks_per_replica: int = 65536,
-        deployment: str = "",
-        **_: Any,
-    ) -> None:
+    def initialize_state(self, deployment: str = "", **options: Any) -> None:
+        """`options`: AffinityOptions' fields (others are ignored); unset ones take its defaults."""
         self.deployment = deployment
-        self.policy = AffinityPolicy(imbalanced_threshold, match_rate_threshold)
-        self.block_chars = block_chars
-        self.max_blocks = max_blocks_per_replica
+        self.policy = AffinityOptions(**{k: v for k, v in options.items() if k in AffinityOptions.model_fields})
+        self.block_chars = self.policy.block_chars
+        self.max_blocks = self.policy.max_blocks_per_replica
         self.indexes: dict[ReplicaID, PrefixIndex] = {}
         self.decisions = {"affinity": 0, "new_prefix": 0, "balance": 0, "reports": 0}
         self._pending: OrderedDict[str, list[int]] = OrderedDict()

@@ -64,7 +64,7 @@ class RouterCore:
         if self.directory is None:
             return []
         self.directory.start()
-        return [r.name for r in self.directory.models.values() if r.facts.get("load") == "eager" and not r.loads]
+        return [r.name for r in self.directory.models.values() if r.facts.load == "eager" and not r.loads]
 
     def load_timeout(self, name: str) -> float | None:
         """The first-chunk limit of a request that finds its model unloaded; None when it is loaded.
@@ -80,7 +80,7 @@ class RouterCore:
                 code="model_load_failed",
                 headers={"Retry-After": str(self.config.retry_after_s)},
             )
-        return float(rec.facts["load_timeout_s"])
+        return rec.facts.load_timeout_s
 
     def touch(self, name: str) -> None:
         if self.directory is not None:
@@ -192,7 +192,7 @@ class RouterCore:
                 409, "this router runs without the memory governor: models cannot be unloaded", code="not_supported"
             )
         rec = self.directory.record(name)
-        if rec.facts.get("keep_alive_s") is None:
+        if rec.facts.keep_alive_s is None:
             raise ApiError(
                 409,
                 f"model {name!r} is pinned (keep_alive: forever) and is never unloaded",
