@@ -25,7 +25,7 @@ from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
-from .hop import Chunk
+from .hop import Chunk, merge_chunks
 from .http.errors import ApiError
 from .tool_parser import ParsedCall, ToolCallParser
 
@@ -135,18 +135,15 @@ async def stream(chunks: AsyncIterable[Chunk], parser: ToolCallParser | None = N
 async def collect(chunks: AsyncIterable[Chunk], parser: ToolCallParser | None = None) -> list[Event]:
     """A whole response as one batch; raises the ApiError that ends the chunks, and a 502 when
     there were none. The parser reads the whole text at once."""
-    texts, logprobs, last = [], [], None
-    async for chunk in chunks:
-        texts.append(chunk["text"])
-        logprobs += chunk.get("logprobs") or []
-        last = chunk
-    if last is None:
+    received = [chunk async for chunk in chunks]
+    if not received:
         raise ApiError(502, "the model ended the stream without output", type="server_error")
-    text, calls = "".join(texts), []
+    whole = merge_chunks(received)
+    text, calls = whole["text"], []
     if parser is not None:
         text, calls = parser.feed(text)
         text += parser.finish()
-    events: list[Event] = [TextDelta(text), Logprobs(logprobs)]
+    events: list[Event] = [TextDelta(text), Logprobs(whole.get("logprobs") or [])]
     for i, call in enumerate(calls):
         events += call_events(call, i)
-    return events + [Finish(_finish_reason(last["finish_reason"], parser)), Usage(last["usage"])]
+    return events + [Finish(_finish_reason(whole["finish_reason"], parser)), Usage(whole["usage"])]

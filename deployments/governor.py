@@ -287,6 +287,16 @@ def _ray_nodes() -> list[dict]:
 CLUSTER_NODES = ClusterNodes()
 
 
+def _replica_nodes(metrics: dict) -> tuple[str, ...]:
+    """The node of each running replica, from the NODE_METRIC each one reports."""
+    return tuple(
+        metric[len(NODE_METRIC) :]
+        for metric, replicas in metrics.items()
+        if metric.startswith(NODE_METRIC)
+        for _ in replicas
+    )
+
+
 def _usage(ctx, now: float) -> tuple[ModelUsage | None, dict]:
     """One deployment's ModelUsage, and the policy state to keep for it."""
     raw = getattr(getattr(ctx.config, "policy", None), "policy_kwargs", None) or {}
@@ -318,12 +328,6 @@ def _usage(ctx, now: float) -> tuple[ModelUsage | None, dict]:
     releasing = now - state.get("released_at", float("-inf")) < RELEASE_S
     starting = ctx.target_num_replicas > 0 and ctx.current_num_replicas == 0
     state["loading_since"] = (state.get("loading_since") or now) if starting else None
-    nodes = tuple(
-        metric[len(NODE_METRIC) :]
-        for metric, replicas in metrics.items()
-        if metric.startswith(NODE_METRIC)
-        for _ in replicas
-    )
     usage = ModelUsage(
         name=kwargs.model,
         footprint=int(state.get("footprint") or kwargs.footprint_bytes),
@@ -339,7 +343,7 @@ def _usage(ctx, now: float) -> tuple[ModelUsage | None, dict]:
         loading_s=now - state["loading_since"] if starting else 0.0,
         load_timeout_s=kwargs.load_timeout_s,
         reserve=kwargs.footprint_bytes,
-        nodes=nodes,
+        nodes=_replica_nodes(metrics),
         resources=tuple(sorted(kwargs.resources.items())),
         max_per_node=kwargs.max_replicas_per_node,
     )

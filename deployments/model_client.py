@@ -26,7 +26,7 @@ from engine.request import PromptInput
 
 from .config import RouterConfig
 from .hop import GenerateRequest
-from .openai.protocol import ApiError
+from .http.errors import ApiError
 
 log = logging.getLogger("ray.serve")
 
