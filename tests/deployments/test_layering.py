@@ -1,5 +1,5 @@
-"""What the router process may import: no MLX (it moves bytes and dicts), and the replica's side
-of prefix affinity nothing of the router's side."""
+"""What the router process may import: no MLX (it moves bytes and dicts); the replica's side of
+prefix affinity nothing of the router's side; the event stream and the shared HTTP pieces no API."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ ROUTER_SIDE = [
     "deployments.governor",
     "deployments.request_router",
     "deployments.config",
+    "deployments.openai.serving",
+    "deployments.anthropic.serving",
 ]
 
 
@@ -40,3 +42,13 @@ def test_forced_tool_calls_lay_out_json_as_the_engine_does():
     from engine.constraints import JSON_OPTIONS as ENGINE_JSON_OPTIONS
 
     assert JSON_OPTIONS == ENGINE_JSON_OPTIONS
+
+
+def test_the_event_stream_and_the_http_pieces_know_no_api():
+    loaded = imported_after(
+        "deployments.events", "deployments.http.auth", "deployments.http.sse", "deployments.http.body"
+    )
+    assert "deployments.events" in loaded
+    assert not {
+        m for m in loaded if m.startswith(("deployments.openai", "deployments.anthropic", "deployments.router"))
+    }
