@@ -33,11 +33,15 @@ def response_builder(req: ChatCompletionRequest | CompletionRequest, kind: Kind)
     )
 
 
-async def _sse(batches: AsyncIterator[list[Event]], builder: ResponseBuilder) -> AsyncIterator[bytes]:
-    async for batch in batches:
-        for item in builder.chunks(batch):
-            yield sse_data(item)
-    yield SSE_DONE
+async def sse_body(batches: AsyncIterator[list[Event]], builder: ResponseBuilder) -> AsyncIterator[bytes]:
+    """The SSE body; closing it (the client went away) closes the batches, which cancels the call."""
+    try:
+        async for batch in batches:
+            for item in builder.chunks(batch):
+                yield sse_data(item)
+        yield SSE_DONE
+    finally:
+        await batches.aclose()
 
 
 async def complete(core, request: Request, kind: Kind) -> Response:
@@ -59,7 +63,7 @@ async def complete(core, request: Request, kind: Kind) -> Response:
     parser = req.tool_parser() if kind == "chat" else None
     if req.stream:
         core.observe(model, endpoint, 200)
-        return event_stream(_sse(core.stream(call, parser), builder))
+        return event_stream(sse_body(core.stream(call, parser), builder))
     try:
         events = await core.collect(call, parser)
     except ApiError as exc:

@@ -233,3 +233,24 @@ def test_api_key_from_environment(monkeypatch):
 
     denied, allowed = run(go())
     assert denied.status_code == 401 and allowed.status_code == 200
+
+
+async def test_closing_an_openai_sse_body_closes_the_batches():
+    """A client that goes away closes the body; the batches' own close is what cancels the model call."""
+    from deployments.events import TextDelta
+    from deployments.openai.builders import ResponseBuilder
+    from deployments.openai.serving import sse_body
+
+    closed = []
+
+    async def batches():
+        try:
+            yield [TextDelta("a")]
+            yield [TextDelta("b")]
+        finally:
+            closed.append(True)
+
+    body = sse_body(batches(), ResponseBuilder("chat", "m1", "chatcmpl-1"))
+    assert (await body.__anext__()).startswith(b"data: {")
+    await body.aclose()
+    assert closed == [True]
