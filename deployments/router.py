@@ -36,6 +36,7 @@ from .model_directory import LOADED, ModelDirectory
 from .openai.protocol import model_card
 from .openai.serving import install_openai_routes
 from .request_router import routing_decisions
+from .settings import LOADED_CALL_TIMEOUT_S
 from .tool_parser import ToolCallParser
 
 log = logging.getLogger("ray.serve")
@@ -178,7 +179,7 @@ class RouterCore:
         """POST /v1/models/{name}/load: returns once the model is loaded (503 after load_timeout_s)."""
         client = self.client(name)
         self.touch(name)
-        timeout = self.load_timeout(name) or 30.0
+        timeout = self.load_timeout(name) or LOADED_CALL_TIMEOUT_S
         info = await client.info(timeout_s=timeout, load=True)
         if self.directory is not None:
             await self.directory.refresh()

@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 KEEP_ALIVE_S = 1800.0  # idle seconds before a model unloads (ModelConfig.keep_alive)
 LOAD_TIMEOUT_S = 120.0  # how long a request waits for its model to load (ModelConfig.load_timeout_s)
+LOADED_CALL_TIMEOUT_S = 30.0  # a call that needs no load (a loaded model's info, a token count)
 
 
 class _Frozen(BaseModel):

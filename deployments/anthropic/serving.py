@@ -33,6 +33,7 @@ from ..http.auth import check_api_key
 from ..http.errors import ApiError, anthropic_error_body, anthropic_error_response
 from ..http.sse import event_stream, sse_event
 from ..openai.builders import new_id
+from ..settings import LOADED_CALL_TIMEOUT_S
 from .protocol import CountTokensRequest, MessagesRequest, parse, to_chat_request
 
 log = logging.getLogger("ray.serve")
@@ -228,7 +229,9 @@ async def count_tokens(core, request: Request) -> dict[str, int]:
     prompt = to_chat_request(req).prompt_input()
     load_timeout = core.load_timeout(req.model)
     core.touch(req.model)
-    n = await client.count_tokens(prompt, timeout_s=load_timeout or 30.0, load=load_timeout is not None)
+    n = await client.count_tokens(
+        prompt, timeout_s=load_timeout or LOADED_CALL_TIMEOUT_S, load=load_timeout is not None
+    )
     return {"input_tokens": n}
 
 
