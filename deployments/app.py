@@ -35,6 +35,7 @@ from .governor import FALLBACK_POLICY_PATH, governor_kwargs
 from .model_server import ModelServer
 from .request_router import ROUTER_PATH
 from .router import OrchardRouter
+from .settings import ModelFacts
 
 log = logging.getLogger("ray.serve")
 MAX_LOAD_RETRIES = 2  # a model whose replica fails to start is retried this often, then reported failed
@@ -212,17 +213,17 @@ def bind_model(p: ModelPlan, budget: int, per_node: bool = False):
     )
 
 
-def model_facts(p: ModelPlan) -> dict:
+def model_facts(p: ModelPlan) -> ModelFacts:
     """What the router reports of a model before it ever loaded (/v1/models, metrics)."""
     m = p.config
-    return {
-        "deployment": m.deployment_name,
-        "load": m.load,
-        "keep_alive_s": m.keep_alive,
-        "load_timeout_s": m.load_timeout_s,
-        "footprint_bytes": p.footprint_bytes,
-        "replicas": m.deployment.num_replicas,
-    }
+    return ModelFacts(
+        deployment=m.deployment_name,
+        load=m.load,
+        keep_alive_s=m.keep_alive,
+        load_timeout_s=m.load_timeout_s,
+        footprint_bytes=p.footprint_bytes,
+        replicas=m.deployment.num_replicas,
+    )
 
 
 def bind_router(router: RouterConfig, models: dict, facts: dict, budget: int) -> Application:
@@ -244,5 +245,5 @@ def build_app(args: dict) -> Application:
     plans = [plan_model(m, budget) for m in config.models]
     check_budget(plans, budget)
     models = {p.config.name: bind_model(p, budget, config.memory.per_node) for p in plans}
-    facts = {p.config.name: model_facts(p) for p in plans}
+    facts = {p.config.name: model_facts(p).model_dump() for p in plans}
     return bind_router(config.router, models, facts, budget)

@@ -33,46 +33,11 @@ from pydantic import (
 
 from engine.config import EngineConfig
 
+from .http.validation import problem_message
+from .settings import KEEP_ALIVE_S, LOAD_TIMEOUT_S, AffinityOptions
+
 IMPORT_PATH = "deployments.app:build_app"
 _NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
-
-
-class AffinityOptions(BaseModel):
-    """Prefix-affinity routing (deployments.request_router.PrefixAffinityRouter)."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    imbalanced_threshold: int = Field(
-        10,
-        ge=0,
-        description="Balance wins over affinity: a replica with this many more requests than the "
-        "least loaded one is not preferred for its prefixes.",
-    )
-    match_rate_threshold: float = Field(
-        0.1,
-        ge=0,
-        le=1,
-        description="Below this share of the prompt matched, a request counts as a new prefix "
-        "and goes to the replica that holds the fewest prefixes.",
-    )
-    block_chars: int = Field(
-        64,
-        ge=8,
-        le=65536,
-        description="Characters per hashed prompt block (about 16 tokens at the default).",
-    )
-    max_blocks_per_replica: int = Field(
-        65536,
-        ge=16,
-        description="Blocks remembered per replica (least recently sent forgotten first).",
-    )
-    report_period_s: float = Field(
-        2.0,
-        gt=0,
-        le=600,
-        description="How often each replica reports which prompt prefixes its paged cache "
-        "really holds (Ray Serve's request_routing_stats_period_s); the routers take each report as the truth.",
-    )
 
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -201,7 +166,8 @@ class ModelConfig(BaseModel):
         None,
         ge=1,
         description="The weights' size once loaded, in MiB, for the governor's estimate before the first load "
-        "measures it. Default: read from the weight files; needed for hub models not downloaded yet and for\n        sources that exist only on the nodes that run the model (declared before `source`, which reads it).",
+        "measures it. Default: read from the weight files; needed for hub models not downloaded yet and for "
+        "sources that exist only on the nodes that run the model (declared before `source`, which reads it).",
     )
     source: str = Field(
         description="Where the weights come from: pkg://<package>/<file>.gguf, a local .gguf file or MLX "
@@ -241,12 +207,12 @@ class ModelConfig(BaseModel):
         "eager", description="eager: loaded when the app starts; on_demand: loaded by the first request for it."
     )
     keep_alive: float | None = Field(
-        1800.0,
+        KEEP_ALIVE_S,
         description="Idle time after which the model unloads (seconds, '30s', '5m', '1h'), or 'forever' to pin "
         "it: a pinned model is never unloaded, not even to make room for another.",
     )
     load_timeout_s: float = Field(
-        120.0,
+        LOAD_TIMEOUT_S,
         gt=0,
         description="How long a request waits for this model to load (and for room in the memory budget) "
         "before it gets 503 with Retry-After.",
@@ -401,7 +367,7 @@ def format_validation_error(exc: ValidationError, root: str = "args") -> str:
         where = root
         for part in err["loc"]:
             where += f"[{part}]" if isinstance(part, int) else f".{part}"
-        msg, got = err["msg"].removeprefix("Value error, "), err.get("input")
+        msg, got = problem_message(err), err.get("input")
         quiet = err["type"] in ("missing", "value_error") or "api_key" in where or isinstance(got, (dict, list))
         lines.append(f"{where}: {msg}" + ("" if quiet else f" (got {got!r})"))
     return "\n".join(lines)

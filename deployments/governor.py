@@ -45,6 +45,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from .settings import KEEP_ALIVE_S, LOAD_TIMEOUT_S, PolicyKwargs
+
 log = logging.getLogger("ray.serve")
 
 POLICY_PATH = "deployments.governor:governor_policy"
@@ -67,12 +69,12 @@ class ModelUsage:
     target: int = 0  # what Ray is converging to (0: unloaded or unloading)
     demand: float = 0.0  # requests running or queued at the handles
     idle_s: float = 0.0  # seconds since it last served a request
-    keep_alive_s: float | None = 1800.0  # None: pinned
+    keep_alive_s: float | None = KEEP_ALIVE_S  # None: pinned
     unload_requested: bool = False
     waiting_since: float | None = None  # when requests started waiting for it while unloaded
     releasing: bool = False  # unloaded a moment ago: its process may still be exiting
     loading_s: float = 0.0  # how long it has had a target but no running replica
-    load_timeout_s: float = 120.0
+    load_timeout_s: float = LOAD_TIMEOUT_S
     reserve: int = 0  # bytes of a node's `memory` each replica reserves (memory.per_node; 0: footprint)
     nodes: tuple[str, ...] = ()  # the node of each running replica
     resources: tuple[tuple[str, float], ...] = ()  # Ray custom resources each replica holds
@@ -235,30 +237,10 @@ def _lru_victims(
 # --- the Ray Serve glue --------------------------------------------------------------------
 
 
-def governor_kwargs(
-    *,
-    model: str,
-    budget_bytes: int,
-    footprint_bytes: int,
-    full: int,
-    keep_alive_s: float | None,
-    load_timeout_s: float = 120.0,
-    per_node: bool = False,
-    resources: dict[str, float] | None = None,
-    max_replicas_per_node: int | None = None,
-) -> dict[str, Any]:
-    """What the builder puts in a model deployment's autoscaling_config.policy.policy_kwargs."""
-    return {
-        "model": model,
-        "budget_bytes": budget_bytes,
-        "footprint_bytes": footprint_bytes,
-        "full": full,
-        "keep_alive_s": keep_alive_s,
-        "load_timeout_s": load_timeout_s,
-        "per_node": per_node,
-        "resources": dict(resources or {}),
-        "max_replicas_per_node": max_replicas_per_node,
-    }
+def governor_kwargs(**kwargs: Any) -> dict[str, Any]:
+    """What the builder puts in a model deployment's autoscaling_config.policy.policy_kwargs
+    (`PolicyKwargs`' fields, checked here; Ray carries them as a dict)."""
+    return PolicyKwargs(**kwargs).model_dump()
 
 
 _NOT_CUSTOM = {"CPU", "GPU", "memory", "object_store_memory"}  # Ray's own resources (and "node:…")
@@ -305,11 +287,22 @@ def _ray_nodes() -> list[dict]:
 CLUSTER_NODES = ClusterNodes()
 
 
+def _replica_nodes(metrics: dict) -> tuple[str, ...]:
+    """The node of each running replica, from the NODE_METRIC each one reports."""
+    return tuple(
+        metric[len(NODE_METRIC) :]
+        for metric, replicas in metrics.items()
+        if metric.startswith(NODE_METRIC)
+        for _ in replicas
+    )
+
+
 def _usage(ctx, now: float) -> tuple[ModelUsage | None, dict]:
     """One deployment's ModelUsage, and the policy state to keep for it."""
-    kwargs = getattr(getattr(ctx.config, "policy", None), "policy_kwargs", None) or {}
-    if "model" not in kwargs:
+    raw = getattr(getattr(ctx.config, "policy", None), "policy_kwargs", None) or {}
+    if "model" not in raw:
         return None, {}
+    kwargs = PolicyKwargs.model_validate(raw)
     state = {k: v for k, v in ctx.policy_state.items() if not k.startswith("__")}
     metrics = ctx.aggregated_metrics or {}
 
@@ -335,36 +328,30 @@ def _usage(ctx, now: float) -> tuple[ModelUsage | None, dict]:
     releasing = now - state.get("released_at", float("-inf")) < RELEASE_S
     starting = ctx.target_num_replicas > 0 and ctx.current_num_replicas == 0
     state["loading_since"] = (state.get("loading_since") or now) if starting else None
-    nodes = tuple(
-        metric[len(NODE_METRIC) :]
-        for metric, replicas in metrics.items()
-        if metric.startswith(NODE_METRIC)
-        for _ in replicas
-    )
     usage = ModelUsage(
-        name=kwargs["model"],
-        footprint=int(state.get("footprint") or kwargs["footprint_bytes"]),
-        full=int(kwargs.get("full", 1)),
+        name=kwargs.model,
+        footprint=int(state.get("footprint") or kwargs.footprint_bytes),
+        full=kwargs.full,
         replicas=ctx.current_num_replicas,
         target=ctx.target_num_replicas,
         demand=demand,
         idle_s=max(0.0, idle),
-        keep_alive_s=kwargs.get("keep_alive_s"),
+        keep_alive_s=kwargs.keep_alive_s,
         unload_requested=bool(largest("unload_requested")),
         waiting_since=state["waiting_since"],
         releasing=releasing,
         loading_s=now - state["loading_since"] if starting else 0.0,
-        load_timeout_s=float(kwargs.get("load_timeout_s", 120.0)),
-        reserve=int(kwargs["footprint_bytes"]),
-        nodes=nodes,
-        resources=tuple(sorted((kwargs.get("resources") or {}).items())),
-        max_per_node=kwargs.get("max_replicas_per_node"),
+        load_timeout_s=kwargs.load_timeout_s,
+        reserve=kwargs.footprint_bytes,
+        nodes=_replica_nodes(metrics),
+        resources=tuple(sorted(kwargs.resources.items())),
+        max_per_node=kwargs.max_replicas_per_node,
     )
-    placed = bool(kwargs.get("per_node") or usage.resources or usage.max_per_node)
+    placed = bool(kwargs.per_node or usage.resources or usage.max_per_node)
     return usage, {
         **state,
-        "budget_bytes": kwargs["budget_bytes"],
-        "per_node": bool(kwargs.get("per_node")),
+        "budget_bytes": kwargs.budget_bytes,
+        "per_node": kwargs.per_node,
         "placed": placed,
     }
 

@@ -5,12 +5,15 @@ gets back a stream of items, each a `Chunk` of output or, last, an `ErrorItem`. 
 built from an API request the router has already validated; the replica fills in the model's
 sampling defaults and parses the result once (`engine.sampling.SamplingParams`).
 
-Items stay plain dicts (typed here) because they are merged, relayed and serialized as they are.
+Items stay plain dicts (typed here) because they are merged, relayed and serialized as they are;
+`merge_chunks` is the one way consecutive chunks become one (the replica's stream window, the
+router's whole response). The router turns items into its typed event stream (deployments.events).
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypedDict
 
@@ -46,6 +49,23 @@ class Chunk(TypedDict, total=False):
     logprobs: list[dict[str, Any]]  # present only when the request asked for logprobs
 
 
+def merge_chunks(chunks: Sequence[Chunk]) -> Chunk:
+    """Consecutive chunks of one request as one: text joined, tokens summed, logprobs concatenated
+    (present when any chunk has them), the finish reason and usage of the last."""
+    first, last = chunks[0], chunks[-1]
+    merged: Chunk = {
+        "text": "".join(c["text"] for c in chunks),
+        "n_tokens": sum(c["n_tokens"] for c in chunks),
+        "finish_reason": last["finish_reason"],
+        "usage": last["usage"],
+        "request_id": first["request_id"],
+        "prompt_tokens": first["prompt_tokens"],
+    }
+    if any("logprobs" in c for c in chunks):
+        merged["logprobs"] = [e for c in chunks for e in c.get("logprobs") or ()]
+    return merged
+
+
 class ErrorItem(TypedDict):
     """An error, in OpenAI's shape, with the HTTP status it maps to."""
 
@@ -56,7 +76,7 @@ class ErrorItem(TypedDict):
 
 def error_item(exc: OrchardError) -> ErrorItem:
     return {
-        **exc.to_openai(),
+        "error": {"message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code},
         "status_code": exc.status_code,
-        "retry_after_s": getattr(exc, "retry_after_s", None) if isinstance(exc, OverloadedError) else None,
+        "retry_after_s": exc.retry_after_s if isinstance(exc, OverloadedError) else None,
     }

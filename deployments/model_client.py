@@ -1,7 +1,7 @@
 """The router's side of the router → model hop.
 
 A ModelClient starts a streaming call on one model and hands back a ModelCall: an async iterator
-of chunk dicts (see model_server.py) that turns error items, Ray failures and the request deadline
+of `hop.Chunk` items (see model_server.py) that turns error items, Ray failures and the request deadline
 into ApiErrors, records latencies for the metrics, and cancels the remote stream on close — which
 aborts the request in the engine when the HTTP client went away.
 """
@@ -26,7 +26,7 @@ from engine.request import PromptInput
 
 from .config import RouterConfig
 from .hop import GenerateRequest
-from .openai_protocol import ApiError
+from .http.errors import ApiError
 
 log = logging.getLogger("ray.serve")
 
@@ -94,7 +94,7 @@ class ModelCall:
             ) from None
         except (ApiError, asyncio.CancelledError):
             raise
-        except Exception as exc:  # noqa: BLE001 - Ray failures become OpenAI-shaped errors
+        except Exception as exc:  # noqa: BLE001 - Ray failures become API errors
             raise ray_error(self.model, exc, self._retry_after_s) from exc
         if "error" in item:
             self.done = True
@@ -161,7 +161,7 @@ def load_timeout_error(model: str, load_timeout_s: float, retry_after_s: int = 1
 
 
 def ray_error(model: str, exc: BaseException, retry_after_s: int = 1) -> ApiError:
-    """A failure of the hop (Ray Serve's own queue limits included) as an OpenAI-shaped error."""
+    """A failure of the hop (Ray Serve's own queue limits included) as an ApiError (each API answers it in its own shape)."""
     retry = {"Retry-After": str(retry_after_s)}
     if isinstance(exc, BackPressureError):
         if exc.retry_after_s:

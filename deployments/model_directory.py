@@ -20,6 +20,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from .settings import ModelFacts
+
 log = logging.getLogger("ray.serve")
 
 POLL_S = 0.5  # while a model is changing state, or may be about to
@@ -44,7 +46,7 @@ def model_state(replica_states: dict[str, int]) -> str:
 @dataclass
 class ModelRecord:
     name: str
-    facts: dict  # from the builder: deployment, load, keep_alive_s, load_timeout_s, footprint_bytes, replicas
+    facts: ModelFacts  # from the builder
     state: str = UNLOADED
     replica: dict | None = None  # the loaded replica's own info: pid, loaded_at, cold_start_s, footprint
     last_used: float | None = None  # wall time of the last request this router sent it
@@ -57,17 +59,17 @@ class ModelRecord:
     @property
     def footprint_bytes(self) -> int:
         measured = (self.replica or {}).get("footprint", {}).get("total")
-        return int(measured or self.facts["footprint_bytes"])
+        return int(measured or self.facts.footprint_bytes)
 
     def card(self) -> dict[str, Any]:
-        keep_alive = self.facts.get("keep_alive_s")
+        keep_alive = self.facts.keep_alive_s
         return {
             "state": self.state,
-            "load": self.facts.get("load"),
+            "load": self.facts.load,
             "keep_alive": "forever" if keep_alive is None else keep_alive,
             "footprint_bytes": self.footprint_bytes,
             "footprint": (self.replica or {}).get("footprint")
-            or {"total": self.facts["footprint_bytes"], "measured": False},
+            or {"total": self.facts.footprint_bytes, "measured": False},
             "last_used": self.last_used,
             "loads": self.loads,
             "unloads": self.unloads,
@@ -82,13 +84,13 @@ class ModelDirectory:
 
     def __init__(
         self,
-        facts: dict[str, dict],
+        facts: dict[str, dict | ModelFacts],
         budget_bytes: int,
         fetch_info: Callable[[str], Awaitable[dict]],
         app_name: str | None = None,
         read_status: Callable[[], Any] | None = None,
     ):
-        self.models = {name: ModelRecord(name, f) for name, f in facts.items()}
+        self.models = {name: ModelRecord(name, ModelFacts.model_validate(f)) for name, f in facts.items()}
         self.budget_bytes = budget_bytes
         self._fetch_info = fetch_info
         self._app_name = app_name
@@ -130,7 +132,7 @@ class ModelDirectory:
     def used_bytes(self) -> int:
         """Bytes reserved by the models that are loaded or on their way (as the governor counts them)."""
         return sum(
-            r.footprint_bytes * r.facts.get("replicas", 1)
+            r.footprint_bytes * r.facts.replicas
             for r in self.models.values()
             if r.state in (LOADED, LOADING, UNLOADING)
         )
@@ -159,7 +161,7 @@ class ModelDirectory:
             return
         deployments = getattr(app, "deployments", {}) or {}
         for rec in self.models.values():
-            dep = deployments.get(rec.facts["deployment"])
+            dep = deployments.get(rec.facts.deployment)
             await self._update(rec, model_state(dep.replica_states) if dep is not None else UNLOADED)
             rec.load_error = _load_error(dep) if rec.state != LOADED else None
         self.polled_at = time.monotonic()

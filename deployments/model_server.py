@@ -27,7 +27,7 @@ from engine.errors import InvalidRequestError, OrchardError
 from engine.request import PromptInput
 
 from .governor import NODE_METRIC
-from .hop import Chunk, ErrorItem, GenerateRequest, error_item
+from .hop import Chunk, ErrorItem, GenerateRequest, error_item, merge_chunks
 from .prefix_residency import PrefixResidency
 
 log = logging.getLogger("ray.serve")
@@ -98,22 +98,24 @@ class Coalescer:
         await self.stream.aclose()
 
 
-def merge(batch: list, stream) -> Chunk:
-    """Several RequestOutput deltas → one chunk."""
-    last = batch[-1]
-    return {
-        "text": "".join(o.text for o in batch),
-        "n_tokens": sum(len(o.token_ids) for o in batch),
-        "finish_reason": last.finish_reason,
-        "usage": last.usage.to_openai() if last.usage is not None else None,
+def chunk_of(output, stream) -> Chunk:
+    """One RequestOutput delta of `stream` as a hop chunk."""
+    chunk: Chunk = {
+        "text": output.text,
+        "n_tokens": len(output.token_ids),
+        "finish_reason": output.finish_reason,
+        "usage": output.usage.to_openai() if output.usage is not None else None,
         "request_id": stream.request_id,
         "prompt_tokens": stream.prompt_tokens,
-        **(
-            {"logprobs": [e for o in batch for e in o.logprobs or ()]}
-            if any(o.logprobs is not None for o in batch)
-            else {}
-        ),
     }
+    if output.logprobs is not None:
+        chunk["logprobs"] = list(output.logprobs)
+    return chunk
+
+
+def merge(batch: list, stream) -> Chunk:
+    """Several RequestOutput deltas → one chunk."""
+    return merge_chunks([chunk_of(o, stream) for o in batch])
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, health_check_period_s=10, health_check_timeout_s=30)

@@ -25,7 +25,7 @@ from collections import Counter, OrderedDict
 from typing import Any
 
 from .hop import GenerateRequest
-from .request_router import block_hashes, prompt_text
+from .prefix_hashing import block_hashes, prompt_text
 
 
 class PrefixResidency:

@@ -38,19 +38,18 @@ Prompt text is hashed here and never logged.
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import logging
 import time
 import weakref
 from collections import Counter, OrderedDict
 from collections.abc import Hashable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, RunningReplica
 
-from .hop import GenerateRequest
+from .prefix_hashing import block_hashes, prompt_text
+from .settings import AffinityOptions
 
 log = logging.getLogger("ray.serve")
 
@@ -61,46 +60,6 @@ _MAX_PENDING_HASHES = 4096  # hashes kept between choosing a replica and the req
 # may have been taken before those requests reached the replica's cache (clocks of two nodes too).
 REPORT_SLACK_S = 2.0
 SUSPECT_S = 10.0  # a replica a call could not reach is offered last this long
-
-
-def prompt_text(request: Any) -> str | None:
-    """The text whose prefix decides a `GenerateRequest`'s replica, in the order the chat template
-    renders it; None for anything else (the arguments of other calls)."""
-    if not isinstance(request, GenerateRequest):
-        return None
-    prompt = request.prompt
-    parts: list[str] = []
-    if prompt.tools:
-        parts.append(f"\x02tools:{prompt.tools!r}")  # templates render tools before the messages
-    if prompt.messages is not None:
-        for message in prompt.messages:
-            if isinstance(message, dict):
-                parts.append(f"\x02{message.get('role')}:{_content_text(message.get('content'))}")
-    elif prompt.text is not None:
-        parts.append(str(prompt.text))
-    elif prompt.token_ids is not None:
-        parts.append(",".join(str(t) for t in prompt.token_ids) + ",")
-    return "".join(parts) or None
-
-
-def _content_text(content: Any) -> str:
-    if isinstance(content, str) or content is None:
-        return content or ""
-    if isinstance(content, list):  # OpenAI content parts
-        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
-    return str(content)
-
-
-def block_hashes(text: str, block_chars: int) -> list[int]:
-    """Chained hashes of the text's full blocks: block i's hash covers the whole prefix up to it,
-    as the engine's block hashes do (a partial last block is never shared, so it is left out).
-    Deterministic across processes (not Python's salted `hash`): replicas report them back."""
-    out, parent = [], b""
-    for end in range(block_chars, len(text) + 1, block_chars):
-        block = text[end - block_chars : end].encode("utf-8", "surrogatepass")
-        parent = hashlib.blake2b(parent + block, digest_size=8).digest()
-        out.append(int.from_bytes(parent, "little", signed=True))
-    return out
 
 
 class PrefixIndex:
@@ -146,14 +105,8 @@ class PrefixIndex:
             self._blocks.popitem(last=False)
 
 
-@dataclass(frozen=True)
-class AffinityPolicy:
-    imbalanced_threshold: int = 10
-    match_rate_threshold: float = 0.1
-
-
 def rank_replicas(
-    replicas: Sequence[Hashable], queues: dict, matched: dict, sizes: dict, n_blocks: int, policy: AffinityPolicy
+    replicas: Sequence[Hashable], queues: dict, matched: dict, sizes: dict, n_blocks: int, policy: AffinityOptions
 ) -> tuple[list[list], str]:
     """Ranks of replica keys, most preferred first, and why (affinity | new_prefix | balance).
 
@@ -201,19 +154,12 @@ class PrefixAffinityRouter(RequestRouter):
     `request_router_kwargs` are initialize_state's arguments: deployment.affinity in the YAML, and
     the deployment's name (the app builder adds it; /metrics labels the decisions with it)."""
 
-    def initialize_state(
-        self,
-        imbalanced_threshold: int = 10,
-        match_rate_threshold: float = 0.1,
-        block_chars: int = 64,
-        max_blocks_per_replica: int = 65536,
-        deployment: str = "",
-        **_: Any,
-    ) -> None:
+    def initialize_state(self, deployment: str = "", **options: Any) -> None:
+        """`options`: AffinityOptions' fields (others are ignored); unset ones take its defaults."""
         self.deployment = deployment
-        self.policy = AffinityPolicy(imbalanced_threshold, match_rate_threshold)
-        self.block_chars = block_chars
-        self.max_blocks = max_blocks_per_replica
+        self.policy = AffinityOptions(**{k: v for k, v in options.items() if k in AffinityOptions.model_fields})
+        self.block_chars = self.policy.block_chars
+        self.max_blocks = self.policy.max_blocks_per_replica
         self.indexes: dict[ReplicaID, PrefixIndex] = {}
         self.decisions = {"affinity": 0, "new_prefix": 0, "balance": 0, "reports": 0}
         self._pending: OrderedDict[str, list[int]] = OrderedDict()

@@ -1,14 +1,15 @@
-"""OrchardRouter: the OpenAI-compatible HTTP ingress, routing each request by its `model` field.
+"""OrchardRouter: the HTTP ingress, routing each request by its `model` field.
 
 The FastAPI app is built by `create_app(core)` from a RouterCore, which holds one ModelClient per
 hosted model; the Ray Serve deployment builds both at replica start (tests can drive create_app
-with any clients through httpx). No MLX here: the router only moves dicts and bytes.
+with any clients through httpx). RouterCore sends a request to its model and hands the API
+adapters (deployments.openai, deployments.anthropic) the router's event stream
+(deployments.events); it also serves the model routes, health and metrics. No MLX here.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -16,27 +17,27 @@ from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from .anthropic_api import install_anthropic_routes
+from . import events
+from .anthropic.serving import install_anthropic_routes
 from .config import RouterConfig
+from .events import Event
 from .hop import GenerateRequest
+from .http.auth import check_api_key
+from .http.body import read_body
+from .http.errors import ApiError, openai_error_response
+from .http.validation import problem_param
 from .metrics import CONTENT_TYPE_LATEST, RouterMetrics
 from .model_client import ModelCall, ModelClient, RayModelClient
 from .model_directory import LOADED, ModelDirectory
-from .openai_protocol import (
-    SSE_DONE,
-    ApiError,
-    ChatCompletionRequest,
-    CompletionRequest,
-    model_card,
-    parse_request,
-    sse,
-)
-from .openai_responses import ResponseBuilder, new_id
+from .openai.protocol import model_card
+from .openai.serving import install_openai_routes
 from .request_router import routing_decisions
+from .settings import LOADED_CALL_TIMEOUT_S
+from .tool_parser import ToolCallParser
 
 log = logging.getLogger("ray.serve")
 
@@ -64,7 +65,7 @@ class RouterCore:
         if self.directory is None:
             return []
         self.directory.start()
-        return [r.name for r in self.directory.models.values() if r.facts.get("load") == "eager" and not r.loads]
+        return [r.name for r in self.directory.models.values() if r.facts.load == "eager" and not r.loads]
 
     def load_timeout(self, name: str) -> float | None:
         """The first-chunk limit of a request that finds its model unloaded; None when it is loaded.
@@ -80,7 +81,7 @@ class RouterCore:
                 code="model_load_failed",
                 headers={"Retry-After": str(self.config.retry_after_s)},
             )
-        return float(rec.facts["load_timeout_s"])
+        return rec.facts.load_timeout_s
 
     def touch(self, name: str) -> None:
         if self.directory is not None:
@@ -107,122 +108,42 @@ class RouterCore:
         return self.models[name]
 
     async def read_body(self, request: Request) -> bytes:
-        limit = self.config.max_request_body_bytes
-        declared = request.headers.get("content-length")
-        if declared and declared.isdigit() and int(declared) > limit:
-            raise ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
-        body = bytearray()
-        async for part in request.stream():
-            body += part
-            if len(body) > limit:
-                raise ApiError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
-        return bytes(body)
+        return await read_body(request, self.config.max_request_body_bytes)
 
     def check_auth(self, request: Request) -> None:
-        if not self.api_key:
-            return
-        scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.api_key.encode()):
-            raise ApiError(
-                401,
-                "invalid or missing API key (Authorization: Bearer <key>)",
-                type="authentication_error",
-                code="invalid_api_key",
-            )
+        check_api_key(request, self.api_key)
 
-    async def complete(self, request: Request, kind: str) -> Response:
-        """POST /v1/chat/completions (kind "chat") and /v1/completions (kind "text")."""
-        start = time.monotonic()
-        endpoint = "chat" if kind == "chat" else "completions"
-        model = "-"
-        try:
-            body = await self.read_body(request)
-            req = parse_request(body, ChatCompletionRequest if kind == "chat" else CompletionRequest)
-            model = req.model
-            call, builder = await self.start(req, kind, start)
-        except ApiError as exc:
-            self.metrics.observe_request(model if model in self.models else "-", endpoint, exc.status_code)
-            raise
-        if req.stream:
-            self.metrics.observe_request(model, endpoint, 200)
-            return StreamingResponse(
-                self._sse(call, builder, req.include_usage),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
-        try:
-            body = await self.collect(call, builder)
-        except ApiError as exc:
-            self.metrics.observe_request(model, endpoint, exc.status_code)
-            raise
-        self.metrics.observe_request(model, endpoint, 200)
-        return JSONResponse(body)
+    def observe(self, model: str, endpoint: str, status: int) -> None:
+        """Count one answered request (a model not hosted here counts as "-")."""
+        self.metrics.observe_request(model if model in self.models else "-", endpoint, status)
 
-    async def start(
-        self, req: ChatCompletionRequest | CompletionRequest, kind: str, start: float
-    ) -> tuple[ModelCall, ResponseBuilder]:
-        """Send a parsed request to its model; returns once its first chunk is there (or raises
-        ApiError). Other APIs (engine-independent adapters) build a request and call this too."""
-        model = req.model
+    async def start(self, model: str, request: GenerateRequest, start: float) -> ModelCall:
+        """Send a request to its model; returns once its first chunk is there (or raises ApiError).
+        Every API adapter calls this, then reads the call through `stream` or `collect`."""
         client = self.client(model)
-        builder = ResponseBuilder(
-            kind,
-            model,
-            new_id("chatcmpl" if kind == "chat" else "cmpl"),
-            tools=kind == "chat" and req.plan.parse,
-            forced_tools=kind == "chat" and req.plan.grammar is not None,
-            logprobs=req.logprobs not in (None, False),
-        )
-        request = GenerateRequest(req.prompt_input(), req.sampling(), request_id=builder.id)
         load_timeout = self.load_timeout(model)
         self.touch(model)
-        call = await client.start(request, start, self._deadline(start), load_timeout)
+        call = await client.start(request, start, start + self.config.request_timeout_s, load_timeout)
         if load_timeout is not None and call.first_token_at is not None:
             self.metrics.cold_ttft.labels(model).observe(call.first_token_at - start)
-        return call, builder
+        return call
 
-    def _deadline(self, start: float) -> float:
-        return start + self.config.request_timeout_s
-
-    async def collect(self, call: ModelCall, builder: ResponseBuilder) -> dict[str, Any]:
-        """The whole response body of a call (non-streamed)."""
-        parts, logprobs, last = [], [], None
+    async def collect(self, call: ModelCall, parser: ToolCallParser | None) -> list[Event]:
+        """A call's whole response (`events.collect`); closes the call."""
         try:
-            async for chunk in call:
-                parts.append(chunk["text"])
-                logprobs += chunk.get("logprobs") or []
-                last = chunk
-        finally:
-            await call.close()
-            self._record(call)
-        if last is None:
-            raise ApiError(502, "the model ended the stream without output", type="server_error")
-        return builder.full("".join(parts), last["finish_reason"], last["usage"], logprobs)
-
-    async def chunks(self, call: ModelCall, builder: ResponseBuilder, include_usage: bool) -> AsyncIterator[dict]:
-        """A call's streamed response as OpenAI chunk dicts; an error mid-stream is the last item,
-        an OpenAI error body ({"error": ...}). Closes the call at the end or when abandoned."""
-        usage = None
-        try:
-            async for chunk in call:
-                for out in builder.deltas(chunk["text"], chunk.get("logprobs"), with_usage_field=include_usage):
-                    yield out
-                if chunk["finish_reason"] is not None:
-                    usage = chunk["usage"]
-                    for out in builder.final(chunk["finish_reason"], with_usage_field=include_usage):
-                        yield out
-            if include_usage:
-                yield builder.usage_chunk(usage)
-        except ApiError as exc:  # the engine failed or the deadline passed mid-stream
-            yield exc.body
+            return await events.collect(call, parser)
         finally:
             await call.close()
             self._record(call)
 
-    async def _sse(self, call: ModelCall, builder: ResponseBuilder, include_usage: bool) -> AsyncIterator[bytes]:
-        async for item in self.chunks(call, builder, include_usage):
-            yield sse(item)
-        yield SSE_DONE
+    async def stream(self, call: ModelCall, parser: ToolCallParser | None) -> AsyncIterator[list[Event]]:
+        """A call's streamed response (`events.stream`); closes the call at the end or when abandoned."""
+        try:
+            async for batch in events.stream(call, parser):
+                yield batch
+        finally:
+            await call.close()
+            self._record(call)
 
     def _record(self, call: ModelCall) -> None:
         m, name = self.metrics, call.model
@@ -258,7 +179,7 @@ class RouterCore:
         """POST /v1/models/{name}/load: returns once the model is loaded (503 after load_timeout_s)."""
         client = self.client(name)
         self.touch(name)
-        timeout = self.load_timeout(name) or 30.0
+        timeout = self.load_timeout(name) or LOADED_CALL_TIMEOUT_S
         info = await client.info(timeout_s=timeout, load=True)
         if self.directory is not None:
             await self.directory.refresh()
@@ -272,7 +193,7 @@ class RouterCore:
                 409, "this router runs without the memory governor: models cannot be unloaded", code="not_supported"
             )
         rec = self.directory.record(name)
-        if rec.facts.get("keep_alive_s") is None:
+        if rec.facts.keep_alive_s is None:
             raise ApiError(
                 409,
                 f"model {name!r} is pinned (keep_alive: forever) and is never unloaded",
@@ -289,30 +210,28 @@ def memory_summary(directory: ModelDirectory) -> dict[str, Any]:
     return {"budget_bytes": directory.budget_bytes, "used_bytes": directory.used_bytes()}
 
 
-def _error_response(exc: ApiError) -> JSONResponse:
-    return JSONResponse(exc.body, status_code=exc.status_code, headers=exc.headers)
-
-
 def _install_error_handlers(app: FastAPI) -> None:
+    """Errors of the OpenAI-shaped routes (the Anthropic routes answer their own)."""
+
     @app.exception_handler(ApiError)
     async def api_error(_request: Request, exc: ApiError):
-        return _error_response(exc)
+        return openai_error_response(exc)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_request: Request, exc: RequestValidationError):
         err = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        param = ".".join(str(p) for p in err["loc"][1:]) or None
-        return _error_response(ApiError(400, f"{param}: {err['msg']}" if param else err["msg"], param=param))
+        param = problem_param(err["loc"][1:])
+        return openai_error_response(ApiError(400, f"{param}: {err['msg']}" if param else err["msg"], param=param))
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_request: Request, exc: StarletteHTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return _error_response(ApiError(exc.status_code, str(exc.detail), type=kind))
+        return openai_error_response(ApiError(exc.status_code, str(exc.detail), type=kind))
 
     @app.exception_handler(Exception)
     async def unexpected(_request: Request, exc: Exception):
         log.exception("unexpected error in the router")
-        return _error_response(ApiError(500, f"internal error: {type(exc).__name__}", type="server_error"))
+        return openai_error_response(ApiError(500, f"internal error: {type(exc).__name__}", type="server_error"))
 
 
 def create_app(core: RouterCore) -> FastAPI:
@@ -328,14 +247,7 @@ def create_app(core: RouterCore) -> FastAPI:
     _install_error_handlers(app)
     auth = Depends(core.check_auth)
 
-    @app.post("/v1/chat/completions", dependencies=[auth])
-    async def chat_completions(request: Request):
-        return await core.complete(request, "chat")
-
-    @app.post("/v1/completions", dependencies=[auth])
-    async def completions(request: Request):
-        return await core.complete(request, "text")
-
+    install_openai_routes(app, core, auth)
     _install_model_routes(app, core, auth)
     install_anthropic_routes(app, core)
 

@@ -1,4 +1,5 @@
-"""Typed errors. The HTTP layer maps each to an OpenAI-shaped error and status code."""
+"""Typed errors, each with the HTTP status and error type it maps to; the HTTP layer (deployments)
+shapes them for each API."""
 
 
 class OrchardError(Exception):
@@ -12,16 +13,6 @@ class OrchardError(Exception):
         self.message = message
         self.param = param
         self.code = code
-
-    def to_openai(self) -> dict:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.error_type,
-                "param": self.param,
-                "code": self.code,
-            }
-        }
 
 
 class ModelLoadError(OrchardError):

@@ -12,7 +12,7 @@ import httpx
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from .test_deployments import LOOP, make_client
+from tests.fakes import LOOP, make_client
 
 FIELDS = [
     "max_tokens",

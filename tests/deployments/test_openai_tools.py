@@ -12,9 +12,8 @@ import pytest
 
 from deployments.config import RouterConfig
 from deployments.router import RouterCore, create_app
-from deployments.tools import ToolCallParser
-
-from .test_deployments import USAGE, FakeClient, chunk
+from deployments.tool_parser import ToolCallParser
+from tests.fakes import USAGE, FakeClient, chunk
 
 WEATHER = {
     "type": "function",

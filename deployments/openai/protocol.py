@@ -1,4 +1,4 @@
-"""OpenAI-compatible request and response shapes, and the OpenAI error body.
+"""OpenAI-compatible request shapes (chat completions, completions) and the model card.
 
 Requests are parsed strictly (types are not coerced; unknown fields are refused) and every problem
 becomes a 400 that names the field. Range checks of the sampling values belong to the engine's
@@ -7,14 +7,15 @@ SamplingParams, which reports them the same way.
 
 from __future__ import annotations
 
-import json
-import re
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from engine.request import PromptInput
 
+from ..http.errors import ApiError
+from ..http.validation import Strict, parse_body, request_error
+from ..tool_parser import ToolCallParser
 from .tools import ResponseFormat, Tool, ToolChoice, ToolPlan, tool_plan
 
 Role = Literal["system", "user", "assistant", "tool", "developer"]
@@ -32,41 +33,6 @@ SAMPLING_FIELDS = (
     "stop_token_ids",
     "ignore_eos",
 )
-
-
-class ApiError(Exception):
-    """An error answered in the OpenAI shape: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(
-        self,
-        status_code: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        param: str | None = None,
-        code: str | None = None,
-        headers: dict[str, str] | None = None,
-    ):
-        super().__init__(message)
-        self.status_code = status_code
-        self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
-        self.headers = headers or {}
-
-    @classmethod
-    def from_item(cls, item: dict, retry_after_s: int = 1) -> ApiError:
-        """From an error item of the model deployment (an engine OrchardError, flattened)."""
-        err, status = item["error"], int(item.get("status_code", 500))
-        headers = (
-            {"Retry-After": str(max(1, round(item.get("retry_after_s") or retry_after_s)))} if status == 503 else None
-        )
-        return cls(
-            status,
-            err.get("message", "error"),
-            type=err.get("type", "server_error"),
-            param=err.get("param"),
-            code=err.get("code"),
-            headers=headers,
-        )
 
 
 _UNION_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "null"}
@@ -89,48 +55,37 @@ UNSUPPORTED = {
 }
 
 
+def _field(loc, i: int) -> bool:
+    """Location parts that are fields, not pydantic's union tags (`str`, `function-after[...]`)."""
+    return str(loc[i]) not in _UNION_TAGS and "[" not in str(loc[i])
+
+
+def _unsupported(param: str | None, err: dict) -> bool:
+    return param in UNSUPPORTED and err["type"] in ("extra_forbidden", "literal_error", "none_required")
+
+
 def bad_request(exc: ValidationError) -> ApiError:
     """The first problem of a request body, naming its field (`messages.0.role`)."""
-    err = exc.errors()[0]
-    param = ".".join(str(p) for p in err["loc"] if str(p) not in _UNION_TAGS and "[" not in str(p)) or None
-    if err["type"] == "json_invalid":
-        return ApiError(400, f"the request body is not valid JSON: {err['ctx'].get('error', err['msg'])}")
-    if err["type"] == "model_type" and not param:
-        return ApiError(400, "the request body must be a JSON object")
-    if param in UNSUPPORTED and err["type"] in ("extra_forbidden", "literal_error", "none_required"):
-        return ApiError(
-            400,
-            f"{param}: not supported by this server; remove it from the request",
-            param=param,
-            code="unsupported_parameter",
-        )
-    msg = err["msg"].removeprefix("Value error, ")
-    if not param and (named := re.match(r"^([a-z_]+(?:\.[a-z_0-9]+)*): ", msg)):  # a check across fields
-        return ApiError(400, msg, param=named.group(1))
-    return ApiError(400, f"{param}: {msg}" if param else msg, param=param)
+    return request_error(exc, keep=_field, unsupported=_unsupported)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class TextPart(_Strict):
+class TextPart(Strict):
     type: Literal["text"]
     text: str
 
 
-class FunctionCall(_Strict):
+class FunctionCall(Strict):
     name: str
     arguments: str  # JSON text, as OpenAI sends it
 
 
-class ToolCall(_Strict):
+class ToolCall(Strict):
     id: str
     type: Literal["function"]
     function: FunctionCall
 
 
-class ChatMessage(_Strict):
+class ChatMessage(Strict):
     role: Role
     content: str | list[TextPart] | None = None
     name: str | None = None
@@ -171,7 +126,7 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class _SamplingRequest(_Strict):
+class _SamplingRequest(Strict):
     """Fields shared by both endpoints. Ranges are checked by the engine's SamplingParams."""
 
     model: str = Field(min_length=1)
@@ -230,6 +185,10 @@ class ChatCompletionRequest(_SamplingRequest):
     def plan(self) -> ToolPlan:
         return self._plan
 
+    def tool_parser(self) -> ToolCallParser | None:
+        """The parser of the calls in the output (None: the request has no tools to parse)."""
+        return ToolCallParser(forced=self.plan.grammar is not None) if self.plan.parse else None
+
     def sampling(self) -> dict[str, Any]:
         out = super().sampling()
         if self.max_completion_tokens is not None and self.max_tokens is None:
@@ -277,22 +236,8 @@ class CompletionRequest(_SamplingRequest):
         )
 
 
-def parse_request(body: bytes, model_cls: type[_Strict]) -> Any:
-    try:
-        return model_cls.model_validate_json(body)
-    except ValidationError as exc:
-        raise bad_request(exc) from None
-
-
-# --- responses -----------------------------------------------------------------------------
-
-
-def sse(data: dict[str, Any] | str) -> bytes:
-    payload = data if isinstance(data, str) else json.dumps(data, separators=(",", ":"), ensure_ascii=False)
-    return f"data: {payload}\n\n".encode()
-
-
-SSE_DONE = sse("[DONE]")
+def parse_request(body: bytes, model_cls: type[Strict]) -> Any:
+    return parse_body(body, model_cls, bad_request)
 
 
 def model_card(name: str, created: int, **extra: Any) -> dict[str, Any]:

@@ -1,5 +1,5 @@
-"""OpenAI tools and response_format on the router's side: validating them, the plan they make
-for one request, and the tool calls parsed out of the model's output.
+"""OpenAI tools and response_format on the router's side: validating them and the plan they make
+for one request (the calls are parsed out of the output by deployments.tool_parser).
 
 The model sees tools through its chat template or the Hermes prompt (engine/tool_prompt.py) and
 calls them as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`. With tool_choice
@@ -11,30 +11,30 @@ and calls are parsed out of what it wrote. tool_choice "none" leaves the tools o
 from __future__ import annotations
 
 import json
-import uuid
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-from engine.constraints import JSON_OPTIONS
 from engine.tool_prompt import CALL_CLOSE, CALL_OPEN
 
+from ..http.validation import Strict
+
 MAX_PARALLEL_CALLS = 4  # a forced parallel call makes at most this many calls
+# How a forced call's JSON is laid out (llguidance's options, carried in the grammar's schema):
+# the same as engine.constraints.JSON_OPTIONS, which the router may not import (it loads MLX);
+# a test holds the two equal.
+JSON_OPTIONS = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class JsonSchemaFormat(_Strict):
+class JsonSchemaFormat(Strict):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
     description: str | None = None
     schema_: dict[str, Any] = Field(default_factory=lambda: {"type": "object"}, alias="schema")
     strict: bool | None = None
 
 
-class ResponseFormat(_Strict):
+class ResponseFormat(Strict):
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
@@ -49,23 +49,23 @@ class ResponseFormat(_Strict):
         return None
 
 
-class FunctionDef(_Strict):
+class FunctionDef(Strict):
     name: str = Field(min_length=1, max_length=64, pattern=r"^[a-zA-Z0-9_-]+$")
     description: str | None = None
     parameters: dict[str, Any] | None = None
     strict: bool | None = None
 
 
-class Tool(_Strict):
+class Tool(Strict):
     type: Literal["function"]
     function: FunctionDef
 
 
-class NamedFunction(_Strict):
+class NamedFunction(Strict):
     name: str
 
 
-class NamedToolChoice(_Strict):
+class NamedToolChoice(Strict):
     type: Literal["function"]
     function: NamedFunction
 
@@ -139,81 +139,3 @@ def call_grammar(tools: list[Tool], parallel: bool) -> str:
         f"start: call{repeat}\n"
         f'call: {json.dumps(CALL_OPEN + chr(10))} %json {json.dumps(schema)} {json.dumps(chr(10) + CALL_CLOSE)} "\\n"?\n'
     )
-
-
-# --- parsing calls out of the output -----------------------------------------------------
-
-
-def new_call_id() -> str:
-    return f"call_{uuid.uuid4().hex[:24]}"
-
-
-class ToolCallParser:
-    """Splits streamed output into content and tool calls. Text that may be the start of a
-    `<tool_call>` tag is held back until it is known; a call is reported once its closing tag
-    arrives. What does not parse as a call stays content, unchanged.
-
-    `forced`: a grammar made the output nothing but calls, so an unclosed call at the end is a
-    call cut off by max_tokens, not content: it is dropped (the finish reason says "length")."""
-
-    def __init__(self, forced: bool = False):
-        self._buffer = ""
-        self.forced = forced
-        self.calls: list[dict[str, Any]] = []
-
-    def feed(self, text: str) -> tuple[str, list[dict[str, Any]]]:
-        """New content that is safe to show, and the calls completed by this text."""
-        self._buffer += text
-        content, done = "", []
-        while True:
-            buf = self._buffer
-            start = buf.find(CALL_OPEN)
-            if start < 0:
-                keep = _partial_tag(buf)
-                content, self._buffer = content + buf[: len(buf) - keep], buf[len(buf) - keep :]
-                break
-            end = buf.find(CALL_CLOSE, start)
-            if end < 0:
-                content, self._buffer = content + buf[:start], buf[start:]
-                break
-            call = _call(buf[start + len(CALL_OPEN) : end])
-            if call is None:  # not a call after all: the text stays content
-                content += buf[: end + len(CALL_CLOSE)]
-            else:
-                content += buf[:start]
-                done.append(call)
-                self.calls.append(call)
-            self._buffer = buf[end + len(CALL_CLOSE) :]
-        if self.calls and not content.strip():
-            content = ""  # the newlines between calls
-        return content, done
-
-    def finish(self) -> str:
-        """The rest, at the end of the output (an unclosed call stays content unless forced)."""
-        rest, self._buffer = self._buffer, ""
-        if self.forced and rest.lstrip().startswith(CALL_OPEN):
-            return ""
-        return rest.strip() if self.calls else rest
-
-
-def _call(body: str) -> dict[str, Any] | None:
-    try:
-        value = json.loads(body)
-    except ValueError:
-        return None
-    if not isinstance(value, dict) or not isinstance(value.get("name"), str):
-        return None
-    arguments = value.get("arguments", value.get("parameters", {}))
-    return {
-        "id": new_call_id(),
-        "type": "function",
-        "function": {"name": value["name"], "arguments": json.dumps(arguments, ensure_ascii=False)},
-    }
-
-
-def _partial_tag(text: str) -> int:
-    """How many trailing characters of `text` could begin CALL_OPEN."""
-    for n in range(min(len(CALL_OPEN) - 1, len(text)), 0, -1):
-        if CALL_OPEN.startswith(text[-n:]):
-            return n
-    return 0

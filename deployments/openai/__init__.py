@@ -1,0 +1,1 @@
+"""The OpenAI API: chat completions and completions (request models, tools, response builders)."""

