@@ -13,7 +13,8 @@ On a cluster the builder runs on one machine and the replicas on others, so noth
 replica may be a fact of its own machine: the source string travels as written (the replica
 resolves it, and exports a GGUF into its own node's cache), and the CPU fast path's OpenBLAS is
 preloaded by its soname (`LD_PRELOAD=libopenblas.so.0` through the runtime_env), which each
-node's dynamic loader finds in its own library path (Debian's libopenblas0-pthread registers it;
+node's dynamic loader finds in its own library path (the cmeel-openblas wheel's directory, first on
+LD_LIBRARY_PATH when the builder's environment has it, else the system's;
 macOS ignores LD_PRELOAD, and MLX there runs on Metal). Placement is Ray's: custom `resources`
 per replica (e.g. the Apple GPU of a Mac) and `max_replicas_per_node`.
 
@@ -29,6 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ray.serve import Application
+
+from engine.loading.cpu_fast_path import openblas_env
 
 from .config import ConfigError, ModelConfig, OrchardConfig, RouterConfig, validate_args
 from .governor import FALLBACK_POLICY_PATH, governor_kwargs
@@ -54,9 +57,6 @@ class ModelPlan:
     footprint_bytes: int  # per replica, estimated (a loaded replica measures its own)
 
 
-OPENBLAS_SONAME = "libopenblas.so.0"  # found by each node's dynamic loader, not a path of the builder's
-
-
 def model_actor_options(model: ModelConfig, reserve_bytes: int | None = None) -> dict:
     """Ray options of a model's replicas. OpenBLAS is preloaded by name unless the model turns the
     fast path off: a replica on a node without it, or whose MLX has a GPU, keeps its own BLAS
@@ -67,7 +67,7 @@ def model_actor_options(model: ModelConfig, reserve_bytes: int | None = None) ->
         options["memory"] = reserve_bytes
     if model.deployment.resources:
         options["resources"] = dict(model.deployment.resources)
-    preload = {"LD_PRELOAD": OPENBLAS_SONAME} if model.engine.fast_cpu is not False else {}
+    preload = openblas_env(require_local=False) if model.engine.fast_cpu is not False else {}
     env = {**preload, **model.deployment.env_vars}
     if env:
         options["runtime_env"] = {"env_vars": env}
