@@ -1,5 +1,5 @@
 """The memory governor's policy (deployments.governor.plan, a pure function) and its Ray glue, and
-the builder's budget checks. The same rules run for real in tests/test_governor_e2e.py."""
+the builder's budget checks. The same rules run for real in tests/e2e/test_governor_e2e.py."""
 
 from __future__ import annotations
 

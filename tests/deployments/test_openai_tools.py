@@ -1,6 +1,6 @@
 """The router's side of tools, response_format and logprobs, in-process with scripted model output,
 through the official openai client (ASGI transport). The real model does this in
-tests/test_serve_agent_apis_e2e.py."""
+tests/e2e/test_serve_agent_apis_e2e.py."""
 
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 block hashes, the per-replica index, the ranking policy) and the router itself driven through Ray
 Serve's own routing loop (RequestRouter._choose_replica_for_request) over in-process replicas
 whose queue lengths the test sets. The same workload through Ray's PowerOfTwoChoicesRequestRouter
-shows that the stickiness checks can fail. Through a real 2-node cluster: tests/test_cluster_e2e.py.
+shows that the stickiness checks can fail. Through a real 2-node cluster: tests/e2e/test_cluster_e2e.py.
 """
 
 from __future__ import annotations
