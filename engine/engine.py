@@ -23,9 +23,9 @@ import uuid
 
 from .config import EngineConfig
 from .constraints import Constraint
+from .cpu_threads import BlasThreads
 from .errors import EngineDeadError, InvalidRequestError, OrchardError, OverloadedError
 from .kv.manager import budget_bytes, make_cache_manager
-from .loading.cpu_threads import BlasThreads
 from .loading.loader import LoadedModel, load_model
 from .memory import Footprint, measure_working_bytes
 from .prompts import encode_prompt

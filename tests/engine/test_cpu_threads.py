@@ -13,8 +13,8 @@ import pytest
 from threadpoolctl import ThreadpoolController, threadpool_info
 
 from engine.config import EngineConfig
+from engine.cpu_threads import BlasThreads
 from engine.engine import AsyncEngine
-from engine.loading.cpu_threads import BlasThreads
 from engine.request import PromptInput
 from engine.sampling import SamplingParams
 
