@@ -1,4 +1,4 @@
-"""OpenBLAS's threads chosen from what else runs (engine/loading/cpu_threads.py): the choice on scripted
+"""OpenBLAS's threads chosen from what else runs (engine/cpu_threads.py): the choice on scripted
 CPU readings, then the real engine on the CPU fast path beside real busy processes."""
 
 from __future__ import annotations
