@@ -21,7 +21,7 @@ plus a kernel for the offset, so one select over the copy (`mx.where` with the c
 cheaper: on the H200, 0.7-1.9 ms of device time a step at 1-16 rows against 0.2-0.6 ms
 (docs/benchmarks.md, *Kernels per step on the H200*). The loop's bookkeeping (blocks, the
 geometry, the rows' lengths) happens outside the compiled function, once a step
-(`paged_cache.decode_copies` before it, `BatchPagedKVCache.commit_column` after).
+(`PagedContext.decode_copies` before it, `PagedContext.commit_column` after).
 """
 
 from __future__ import annotations

@@ -200,7 +200,7 @@ def test_a_hung_step_fails_the_health_check():
 async def test_a_request_that_cannot_start_fails_alone(engine, monkeypatch):
     """A failure building one request's sampler ends that request with a 400, not the batch."""
     import engine.batch_loop as batch_loop_module
-    import engine.scheduler as scheduler_module
+    import engine.mlx_lm_batch as mlx_lm_batch_module
 
     def picky(real):
         def build(params):
@@ -210,7 +210,7 @@ async def test_a_request_that_cannot_start_fails_alone(engine, monkeypatch):
 
         return build
 
-    monkeypatch.setattr(scheduler_module, "make_sampler", picky(scheduler_module.make_sampler))
+    monkeypatch.setattr(mlx_lm_batch_module, "make_sampler", picky(mlx_lm_batch_module.make_sampler))
     monkeypatch.setattr(batch_loop_module, "row_key", picky(batch_loop_module.row_key))
     await fails_alone(
         engine,
@@ -357,7 +357,8 @@ def test_an_unpipelined_step_reports_its_own_tokens(smollm, pipelined):
     """Unpipelined (the CPU's default), the step that computes a token reports it: the first token
     comes out of the row's first decode step, not the step after (a step of latency on every token)."""
     from engine.kv.manager import make_cache_manager
-    from engine.scheduler import Scheduler, Sequence
+    from engine.request import Request
+    from engine.scheduler import Scheduler
     from engine.text_stream import TextStream
 
     config = EngineConfig(pipelined_decode=pipelined)
@@ -365,7 +366,7 @@ def test_an_unpipelined_step_reports_its_own_tokens(smollm, pipelined):
     sched = Scheduler(model, tokenizer, config, make_cache_manager(model, config))
     ids = tokenizer.encode("The river")  # shorter than a prefill chunk: one prefill step, then decode
     params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
-    sched.add(Sequence("s", ids, params, 3, TextStream(tokenizer.detokenizer, [])))
+    sched.add(Request("s", ids, params, 3, TextStream(tokenizer.detokenizer, [])))
     steps_with_tokens = []
     for step in range(1, 10):
         if any(o.token_ids for o in sched.step()):
