@@ -9,7 +9,7 @@ hands out paged K/V (`CacheManager.batch_kv`) gets our loop.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from .compiled_step import CompiledDecode
@@ -28,6 +28,7 @@ class Token:
     top: list[tuple[int, float]] | None = None  # its top_logprobs best (token, logprob), best first
 
 
+@runtime_checkable
 class Loop(Protocol):
     """Continuous batching of requests over one model: `insert`, `step()` for their tokens."""
 

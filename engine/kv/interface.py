@@ -19,7 +19,7 @@ salted hashes) is one more implementation behind these protocols, not a branch i
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     import mlx.core as mx
@@ -36,6 +36,7 @@ class StepWrites:
     prefill: list[tuple[SeqBlocks, int]] = field(default_factory=list)  # a prompt chunk of n tokens each
 
 
+@runtime_checkable
 class CacheManager(Protocol):
     """What the scheduler and the engine ask of one model's KV cache."""
 
@@ -73,6 +74,7 @@ class CacheManager(Protocol):
         """The paged K/V our batch loop runs over; None: mlx_lm's own caches (and its loop)."""
 
 
+@runtime_checkable
 class BatchKV(Protocol):
     """The paged K/V as the batch loop sees it."""
 
