@@ -36,6 +36,8 @@ log = logging.getLogger(__name__)
 
 
 class Scheduler:
+    """The requests of one model over its batch loop and its cache manager (the loop thread only)."""
+
     def __init__(self, model, tokenizer, config: EngineConfig, cache_manager: CacheManager):
         self.model = model
         self.tokenizer = tokenizer
