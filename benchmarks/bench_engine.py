@@ -90,8 +90,9 @@ def run_scheduler(engine, prompts, max_tokens: int, profile: bool = False) -> di
     import pstats
 
     from engine.kv.manager import make_cache_manager
+    from engine.request import Request as Sequence
     from engine.sampling import SamplingParams
-    from engine.scheduler import Scheduler, Sequence
+    from engine.scheduler import Scheduler
     from engine.text_stream import TextStream
 
     # A cache of its own, made on this thread: MLX streams belong to the thread that made them.

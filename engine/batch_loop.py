@@ -22,58 +22,55 @@ A decode step through working copies is one compiled function (engine.compiled_s
 while no row is padded: that step needs no mask and runs eagerly, so attention gets MLX's fused
 kernel (`compiled_step.eager_unpadded`). A step that gathers, and every prefill chunk, is the
 model's own call. Sampling is one graph for the whole batch (engine.batch_sampling). The K/V live in
-the block pool: the loop hands the model one `BatchPagedKVCache` per layer over the rows'
-`SeqBlocks`, made again only when the batch changes (they keep the decode working copies between
-steps). The cache protocol between loop and cache is small: `BatchPagedKVCache(ctx, layer, rows)`
-for a batch, `set_chunk(real)` before a right-padded prefill chunk, `flush()` before anything else
-reads the rows' blocks; the pool's storage hands over what it wrote (`take_writes`) to be
-evaluated with the step.
+the block pool, which the loop reaches only through its `BatchKV` (engine.kv.interface): the
+model gets one cache per layer over the rows' blocks (`caches`), made again only when the batch
+changes (they keep the decode working copies between steps), or for a prompt chunk; `flush`
+before anything else reads the rows' blocks; `take_writes` to evaluate with the step. The loop
+never counts blocks: it tells the scheduler what the next step writes (`next_writes`), and the
+cache manager decides whether that fits.
 """
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import numpy as np
 
 from .batch_sampling import BatchSampling, needs_counts, row_key
 from .compiled_step import CompiledDecode, eager_unpadded
-from .constraints import Constraint, Grammars, apply_bitmask
-from .kv.paged_cache import BatchPagedKVCache, PagedContext, SeqBlocks, decode_copies
-from .sampling import SamplingParams
+from .constraints import Grammars, apply_bitmask
+from .kv.interface import BatchKV, StepWrites
+from .kv.paged_cache import BatchPagedKVCache, SeqBlocks
+from .loop import Token
+
+if TYPE_CHECKING:
+    from .request import Request
 
 
 @dataclass(eq=False)
 class Row:
-    """One sequence in the loop."""
+    """A request's place in the loop: what the loop tracks of it between inserts."""
 
-    uid: int
-    blocks: SeqBlocks
+    request: Request
+    blocks: SeqBlocks  # the request's blocks (`request.blocks` at insert)
     todo: list[int]  # prompt tokens not prefilled yet (the last one is the first decode input)
-    max_tokens: int
+    max_tokens: int  # output tokens this insert may produce (the request's remaining ones)
     stops: frozenset[int]
-    params: SamplingParams
     key: np.ndarray
     history: list[int] | None  # prompt + output so far, kept only for penalties
     start: int = 0  # output tokens before this insert (a preempted request resumes): seeds' positions
-    constraint: Constraint | None = None  # its grammar (structured output), fed each token read back
-    top_logprobs: int | None = None  # None: no logprobs; k: the chosen token's and the k best
     issued: int = 0  # output tokens computed or in flight
     produced: int = 0  # output tokens read back
     done: bool = False
 
-
-@dataclass
-class Token:
-    """One output token of one row; `finish` is "stop" (a stop token) or "length" on the last."""
-
-    uid: int
-    token: int
-    finish: str | None = None
-    logprob: float | None = None  # when the row asked for logprobs
-    top: list[tuple[int, float]] | None = None  # its top_logprobs best (token, logprob), best first
+    @property
+    def top_logprobs(self) -> int | None:
+        """None: no logprobs; k: the chosen token's and the k best."""
+        params = self.request.params
+        return params.top_logprobs if params.logprobs else None
 
 
 @dataclass
@@ -116,7 +113,7 @@ class BatchLoop:
     def __init__(
         self,
         model,
-        ctx: PagedContext,
+        kv: BatchKV,
         *,
         max_num_seqs: int,
         prefill_batch_size: int,
@@ -132,56 +129,41 @@ class BatchLoop:
         self.compiled = CompiledDecode(model, column_write) if compiled else None
         self.eager_unpadded = eager_unpadded(unpadded)
         self.grammars = grammars
-        self.ctx = ctx
+        self.kv = kv
         self.max_num_seqs = max_num_seqs
         self.prefill_batch_size = prefill_batch_size
         self.prefill_step_size = prefill_step_size
         self.prefilling: list[Row] = []
         self.joining: list[Row] = []  # prefilled, to enter the decode batch at the next step
         self.batch = _Batch()
-        self.rows: dict[int, Row] = {}
+        self.rows: dict[str, Row] = {}  # request id -> row
         self._issued: _Issued | None = None
-        self._uids = itertools.count()
         self.peak_batch = 0  # most rows decoding at once
 
     # --- rows in and out ----------------------------------------------------------------
 
-    def insert(
-        self,
-        kv: list,
-        prompt_ids: list[int],
-        cached: int,
-        max_tokens: int,
-        params: SamplingParams,
-        stop_ids: list[int],
-        start: int = 0,
-        constraint: Constraint | None = None,
-    ) -> int:
-        """A sequence whose paged cache `kv` (from the cache manager) holds `prompt_ids[:cached]`;
-        at least the prompt's last token is left to compute. `constraint`: its grammar, which has
-        consumed the request's output so far."""
-        if cached >= len(prompt_ids):
+    def insert(self, request: Request, tokens: list[int], cached: int, stop_ids: list[int]) -> None:
+        """A request whose blocks (`request.blocks`, from the cache manager) hold `tokens[:cached]`;
+        at least the last token is left to compute. Its grammar has consumed its output so far."""
+        if cached >= len(tokens):
             raise ValueError("a row needs at least one prompt token to compute")
-        todo = prompt_ids[cached:]
+        params = request.params
+        todo = tokens[cached:]
         row = Row(
-            next(self._uids),
-            kv[0].seq,
+            request,
+            request.blocks,
             list(todo),
-            max_tokens,
+            request.remaining,
             frozenset(stop_ids),
-            params,
             row_key(params),
-            list(prompt_ids) if needs_counts(params) else None,
-            start,
-            constraint,
-            params.top_logprobs if params.logprobs else None,
+            list(tokens) if needs_counts(params) else None,
+            len(request.output_ids),
         )
-        self.rows[row.uid] = row
+        self.rows[request.request_id] = row
         (self.prefilling if len(todo) > 1 else self.joining).append(row)
-        return row.uid
 
-    def remove(self, uid: int) -> None:
-        row = self.rows.pop(uid, None)
+    def remove(self, request: Request) -> None:
+        row = self.rows.pop(request.request_id, None)
         if row is not None:
             self._flush()  # its blocks go back to the cache manager next
             row.done = True
@@ -201,7 +183,7 @@ class BatchLoop:
         issued, out = self._issue_decode()
         prefilled = self._issue_prefill()
         if issued is not None or prefilled:  # the tokens, and the K/V writes into the pool
-            mx.async_eval(*(issued.arrays() if issued is not None else []), *self.ctx.pool.storage.take_writes())
+            mx.async_eval(*(issued.arrays() if issued is not None else []), *self.kv.take_writes())
         if not self.pipelined:
             return out + self._read(issued) if issued is not None else out
         previous, self._issued = self._issued, issued
@@ -226,7 +208,7 @@ class BatchLoop:
             mx.async_eval(logits)
             previous, self._issued = self._issued, None
             read = self._read(previous) if previous is not None else []
-            logits = apply_bitmask(logits, self.grammars.bitmask([r.constraint for r in batch.rows]))
+            logits = apply_bitmask(logits, self.grammars.bitmask([r.request.constraint for r in batch.rows]))
         tokens, logprobs = batch.sampling.sample(logits, inputs, batch.positions, batch.top_logprobs)
         for r in batch.rows:
             r.issued += 1
@@ -237,15 +219,14 @@ class BatchLoop:
         """[B, vocab]: the compiled step when the batch decodes through working copies, else the
         model's own call (through the caches, which gather, or append to the copies and mask only
         what is padded: `eager_unpadded`)."""
-        copies = decode_copies(batch.caches) if self.compiled is not None else None
-        geom = self.ctx.geometry
+        copies = self.kv.decode_copies(batch.caches) if self.compiled is not None else None
+        geom = self.kv.geometry
         if copies is None or (self.eager_unpadded and geom.sees_all(None)):
             return self.model(batch.inputs[:, None], cache=batch.caches)[:, -1, :]
         logits, ks, vs = self.compiled(
             batch.inputs, geom.col - 1, geom.pad_array, [c.k for c in copies], [c.v for c in copies]
         )
-        for cache, k, v in zip(batch.caches, ks, vs):
-            cache.commit_column(k, v)
+        self.kv.commit_column(batch.caches, ks, vs)
         return logits
 
     def _rebatch(self, keep: list[int], joining: list[Row]) -> None:
@@ -266,15 +247,13 @@ class BatchLoop:
             batch.constrained, batch.top_logprobs = False, None
             return
         batch.inputs = mx.concatenate([p.astype(mx.uint32) for p in parts]) if len(parts) > 1 else parts[0]
-        batch.caches = [
-            BatchPagedKVCache(self.ctx, layer, [r.blocks for r in rows]) for layer in range(self.ctx.num_layers)
-        ]
+        batch.caches = self.kv.caches([r.blocks for r in rows])
         histories = None
         if any(r.history is not None for r in rows):  # what each row has seen before its next input
             kept = [batch_rows_history(r, joined=False) for r in rows[: len(rows) - len(joining)]]
             histories = kept + [batch_rows_history(r, joined=True) for r in joining]
-        batch.sampling = BatchSampling.build([r.params for r in rows], [r.key for r in rows], histories)
-        batch.constrained = any(r.constraint is not None for r in rows)
+        batch.sampling = BatchSampling.build([r.request.params for r in rows], [r.key for r in rows], histories)
+        batch.constrained = any(r.request.constraint is not None for r in rows)
         asks = [r.top_logprobs for r in rows if r.top_logprobs is not None]
         batch.top_logprobs = max(asks) if asks else None
         batch.positions = mx.array(np.fromiter((r.start + r.issued for r in rows), np.uint32, len(rows)))
@@ -291,43 +270,30 @@ class BatchLoop:
         for i, (r, k) in enumerate(zip(rows, real)):
             chunk[i, :k] = r.todo[:k]
             r.todo = r.todo[k:]
-        caches = [BatchPagedKVCache(self.ctx, layer, [r.blocks for r in rows]) for layer in range(self.ctx.num_layers)]
-        for c in caches:
-            c.set_chunk(real)
-        self.model(mx.array(chunk), cache=caches)  # the logits are never evaluated: only the K/V writes
+        self.model(
+            mx.array(chunk), cache=self.kv.caches([r.blocks for r in rows], chunk=real)
+        )  # the logits are never evaluated: only the K/V writes
         for r in rows:
             if len(r.todo) == 1:
                 self.prefilling.remove(r)
                 self.joining.append(r)
         return True
 
-    def blocks_needed_at_most(self) -> int:
-        """A bound on `blocks_needed` without looking at the rows' tables."""
-        bs = self.ctx.pool.block_size
-        prefill = sum(
-            -(-min(self.prefill_step_size, len(r.todo)) // bs) + 2 for r in self.prefilling[: self.prefill_batch_size]
-        )
-        return 2 * (len(self.batch.rows) + len(self.joining)) + prefill
-
-    def blocks_needed(self) -> int:
-        """New blocks the next step takes at most: a decoding row crossing into a new block (or
-        copying a shared one), and the next prompt chunk's blocks."""
-        pool, bs = self.ctx.pool, self.ctx.pool.block_size
-        need = 0
-        for r in itertools.chain(self.batch.rows, self.joining):
-            if r.done or r.issued >= r.max_tokens:
-                continue
-            k = r.blocks.length // bs
-            need += k >= len(r.blocks.table) or pool.frozen(r.blocks.table[k])
-        for r in self.prefilling[: self.prefill_batch_size]:
-            end = r.blocks.length + min(self.prefill_step_size, len(r.todo) - 1)
-            need += max(0, -(-end // bs) - len(r.blocks.table)) + 1  # + a copy of a shared partial block
-        return need
+    def next_writes(self) -> StepWrites:
+        """What the next step writes: a token for each decoding row that goes on, and the next
+        prompt chunk."""
+        decode = [
+            r.blocks for r in itertools.chain(self.batch.rows, self.joining) if not r.done and r.issued < r.max_tokens
+        ]
+        prefill = [
+            (r.blocks, min(self.prefill_step_size, len(r.todo) - 1)) for r in self.prefilling[: self.prefill_batch_size]
+        ]
+        return StepWrites(decode, prefill)
 
     def _flush(self) -> None:
         """Decode tokens held only in working copies go to the rows' blocks."""
-        for cache in self.batch.caches or ():
-            cache.flush()
+        if self.batch.caches:
+            self.kv.flush(self.batch.caches)
 
     def _read(self, issued: _Issued) -> list[Token]:
         """The host sync: one step's tokens, with their finish reasons (and logprobs if asked)."""
@@ -342,12 +308,13 @@ class BatchLoop:
                 row.history.append(token)
             row.produced += 1
             finish = "stop" if token in row.stops else "length" if row.produced >= row.max_tokens else None
-            if row.constraint is not None and finish is None:
-                finish = "stop" if not row.constraint.consume(token) or row.constraint.stopped else None
+            constraint = row.request.constraint
+            if constraint is not None and finish is None:
+                finish = "stop" if not constraint.consume(token) or constraint.stopped else None
             if finish is not None:
                 row.done = True
-                self.rows.pop(row.uid, None)
-            t = Token(row.uid, token, finish)
+                self.rows.pop(row.request.request_id, None)
+            t = Token(row.request.request_id, token, finish)
             if row.top_logprobs is not None:
                 k = row.top_logprobs
                 t.logprob, t.top = chosen[i], list(zip(top_ids[i][:k], top_lps[i][:k]))
@@ -359,8 +326,7 @@ class BatchLoop:
     @property
     def nbytes(self) -> int:
         """Bytes of the distinct blocks the rows hold."""
-        blocks = {b for r in self.rows.values() for b in r.blocks.table}
-        return len(blocks) * self.ctx.pool.block_bytes
+        return self.kv.nbytes([r.blocks for r in self.rows.values()])
 
     def close(self) -> None:
         self.compiled = None

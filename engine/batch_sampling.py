@@ -16,9 +16,7 @@ from dataclasses import dataclass
 import mlx.core as mx
 import numpy as np
 
-from .sampling import SamplingParams
-
-PENALTY_CONTEXT = 1024  # tokens a penalty looks back at when the batch is built (as mlx_lm's default)
+from .sampling import PENALTY_WINDOW, SamplingParams
 
 
 def row_key(params: SamplingParams) -> np.ndarray:
@@ -132,7 +130,7 @@ def token_counts(histories: list[list[int]], vocab: int) -> mx.array:
     counts = np.zeros((len(histories), vocab), dtype=np.float32)
     for i, tokens in enumerate(histories):
         if tokens:
-            np.add.at(counts[i], np.asarray(tokens[-PENALTY_CONTEXT:], dtype=np.int64) % vocab, 1.0)
+            np.add.at(counts[i], np.asarray(tokens[-PENALTY_WINDOW:], dtype=np.int64) % vocab, 1.0)
     return mx.array(counts)
 
 

@@ -18,10 +18,9 @@ The model sees, per layer, a `_ColumnCache`: mlx_lm's cache protocol (`offset`,
 at a start given as an array, except on CUDA: there MLX (0.32) launches that update with a thread per
 element of the *whole copy*, not of the column (`copy_general_dynamic` sizes its grid by the output),
 plus a kernel for the offset, so one select over the copy (`mx.where` with the column's one-hot) is
-cheaper: on the H200, 0.7-1.9 ms of device time a step at 1-16 rows against 0.2-0.6 ms
-(docs/benchmarks.md, *Kernels per step on the H200*). The loop's bookkeeping (blocks, the
+cheaper (docs/benchmarks.md, *Kernels per step on the H200*). The loop's bookkeeping (blocks, the
 geometry, the rows' lengths) happens outside the compiled function, once a step
-(`paged_cache.decode_copies` before it, `BatchPagedKVCache.commit_column` after).
+(`PagedContext.decode_copies` before it, `PagedContext.commit_column` after).
 """
 
 from __future__ import annotations
@@ -82,8 +81,8 @@ def eager_unpadded(unpadded_decode: str | None = None) -> bool:
     "compiled", `EngineConfig.unpadded_decode`), or when None, on CUDA. Such a batch needs no mask
     (`Geometry.sees_all`), and MLX's CUDA backend runs unmasked decode attention as one fused vector
     kernel but a masked one as ~5 unfused kernels a layer; the compiled step always masks (it reads
-    its copy's empty columns). On the H200 the eager step made 247 / 228 tok/s at one row against
-    the compiled step's 205 / 142 (docs/benchmarks.md, *Unmasked when nothing is padded*)."""
+    its copy's empty columns), so there the eager step is the faster one (docs/benchmarks.md,
+    *Unmasked when nothing is padded*)."""
     if unpadded_decode is not None:
         return unpadded_decode == "eager"
     return _on_cuda()

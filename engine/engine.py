@@ -23,15 +23,16 @@ import uuid
 
 from .config import EngineConfig
 from .constraints import Constraint
+from .cpu_threads import BlasThreads
 from .errors import EngineDeadError, InvalidRequestError, OrchardError, OverloadedError
-from .kv.manager import budget_bytes, make_cache_manager
-from .loading.cpu_threads import BlasThreads
+from .kv.interface import CacheManager
+from .kv.manager import make_cache_manager
 from .loading.loader import LoadedModel, load_model
 from .memory import Footprint, measure_working_bytes
 from .prompts import encode_prompt
-from .request import PromptInput, RequestOutput
+from .request import PromptInput, Request, RequestOutput
 from .sampling import SamplingParams
-from .scheduler import Scheduler, Sequence
+from .scheduler import Scheduler
 from .text_stream import TextStream
 
 log = logging.getLogger(__name__)
@@ -184,7 +185,7 @@ class AsyncEngine:
             stream = RequestStream(self, request_id, prompt_ids)
             self._streams[request_id] = stream
         text = TextStream(self.tokenizer.detokenizer, params.stop)
-        self._inbox.put(("add", Sequence(request_id, prompt_ids, params, max_tokens, text, constraint=constraint)))
+        self._inbox.put(("add", Request(request_id, prompt_ids, params, max_tokens, text, constraint=constraint)))
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -269,12 +270,11 @@ class AsyncEngine:
         finally:
             self.scheduler.gen.close()  # its compiled step's traces go on the thread that made them
 
-    def _measure_footprint(self, cache) -> Footprint:
-        """Weights as loaded, the KV pool's budget, and the working memory of a warm-up prefill."""
+    def _measure_footprint(self, cache: CacheManager) -> Footprint:
+        """Weights as loaded, the KV cache's budget, and the working memory of a warm-up prefill."""
         cfg = self.config
         working = measure_working_bytes(self.loaded.model, cfg.prefill_batch_size, cfg.prefill_step_size)
-        kv = int(getattr(cache, "budget_bytes", 0) or budget_bytes(cfg))
-        return Footprint(weights=self.loaded.weights_bytes, kv=kv, working=working, measured=True)
+        return Footprint(weights=self.loaded.weights_bytes, kv=cache.budget_bytes, working=working, measured=True)
 
     def _loop(self) -> None:
         sched = self.scheduler

@@ -1,10 +1,16 @@
-"""What goes into the engine and what comes out of it."""
+"""What goes into the engine, what comes out of it, and the record of a request inside it."""
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:  # annotations only: this module is light (the router imports it)
+    from .constraints import Constraint
+    from .kv.paged_cache import SeqBlocks
+    from .sampling import SamplingParams
+    from .text_stream import TextStream
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -55,3 +61,39 @@ class RequestOutput:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+
+@dataclass(eq=False)
+class Request:
+    """One request inside the engine, from its admission to its last output: the one record the
+    scheduler keeps, the batch loop's row points at and the cache manager's blocks are held for.
+    `prompt_ids` is the prompt, stored here only."""
+
+    request_id: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    max_tokens: int
+    text: TextStream
+    constraint: Constraint | None = None  # its grammar (structured output); it lives with the request
+    arrival: float = field(default_factory=time.monotonic)
+    running: bool = False  # in the batch loop; False while waiting for admission (again, once preempted)
+    blocks: SeqBlocks | None = None  # its K/V in the paged cache while running (None without one)
+    cached_tokens: int = 0
+    output_ids: list[int] = field(default_factory=list)
+    pending_ids: list[int] = field(default_factory=list)
+    pending_text: str = ""
+    pending_logprobs: list[dict] | None = None  # with params.logprobs: one entry per pending token
+    first_token_time: float | None = None
+    finish_reason: FinishReason | None = None
+
+    @property
+    def tokens(self) -> list[int]:
+        """What its cache must hold to go on: the prompt and, after a preemption, its output."""
+        return self.prompt_ids + self.output_ids if self.output_ids else self.prompt_ids
+
+    @property
+    def remaining(self) -> int:
+        return self.max_tokens - len(self.output_ids)
+
+    def usage(self) -> Usage:
+        return Usage(len(self.prompt_ids), len(self.output_ids), self.cached_tokens)

@@ -18,6 +18,8 @@ from .errors import InvalidRequestError
 
 Sampler = Callable[[mx.array], mx.array]
 
+PENALTY_WINDOW = 1024  # the last tokens a penalty counts (prompt and output), in both batch loops
+
 
 class SamplingParams(BaseModel):
     """OpenAI-style sampling parameters, validated once at the door."""
@@ -116,12 +118,12 @@ def make_sampler(params: SamplingParams) -> Sampler:
 
 
 def make_processors(params: SamplingParams) -> list:
-    """Penalties over the generated tokens (mlx_lm's logits processors)."""
+    """Penalties over the last `PENALTY_WINDOW` tokens (mlx_lm's logits processors)."""
     return make_logits_processors(
         repetition_penalty=None if params.repetition_penalty == 1.0 else params.repetition_penalty,
-        repetition_context_size=1024,
+        repetition_context_size=PENALTY_WINDOW,
         presence_penalty=params.presence_penalty or None,
-        presence_context_size=1024,
+        presence_context_size=PENALTY_WINDOW,
         frequency_penalty=params.frequency_penalty or None,
-        frequency_context_size=1024,
+        frequency_context_size=PENALTY_WINDOW,
     )

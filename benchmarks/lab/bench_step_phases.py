@@ -40,7 +40,7 @@ TIMED = [
     ("engine.batch_loop", "BatchLoop", "step", "loop.step"),
     ("engine.batch_loop", "BatchLoop", "_issue_decode", "issue_decode"),
     ("engine.compiled_step", "CompiledDecode", "__call__", "compiled_call"),
-    ("engine.batch_loop", None, "decode_copies", "decode_copies"),
+    ("engine.kv.paged_cache", "PagedContext", "decode_copies", "decode_copies"),
     ("engine.batch_loop", "BatchLoop", "_issue_prefill", "issue_prefill"),
     ("engine.batch_loop", "BatchLoop", "_read", "read"),
     ("engine.scheduler", "Scheduler", "_on_token", "on_token"),

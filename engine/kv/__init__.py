@@ -1,2 +1,2 @@
-"""The paged KV cache: a block pool and its bookkeeping, the prefix index, the cache objects mlx_lm's
-models talk to, decode working copies, and the manager that admits requests by the blocks they use."""
+"""The paged KV cache: its typed seam (`interface`), a block pool and its bookkeeping, the prefix
+index, the cache objects mlx_lm's models talk to, decode working copies, and the managers."""

@@ -45,7 +45,8 @@ class BlockPool:
         self.block_size = block_size
         self.block_bytes = self.storage.block_bytes
         self.capacity = capacity_blocks
-        self.soft_capacity = None if capacity_blocks is None else max(1, int(capacity_blocks * cache_share))
+        # blocks the pool grows to before it evicts a cached block (referenced ones may go past it)
+        self.cache_capacity = None if capacity_blocks is None else max(1, int(capacity_blocks * cache_share))
         self.first_growth = first_growth
         self.on_evict = on_evict
         self.epoch = 0  # bumped on every change of a block's contents owner (allocation, copy, growth)
@@ -93,8 +94,8 @@ class BlockPool:
         exceed the budget, i.e. one request larger than the budget runs alone; logged)."""
         if not self.free:
             usable = self.num_blocks - self.RESERVED
-            if self.capacity is None or usable < self.soft_capacity:
-                self._grow(usable + 1, self.soft_capacity)
+            if self.capacity is None or usable < self.cache_capacity:
+                self._grow(usable + 1, self.cache_capacity)
             elif self.lru:
                 self._evict_one()
             elif usable < self.capacity:

@@ -1,37 +1,39 @@
-"""The KV cache seam of the scheduler.
+"""The two cache managers (engine.kv.interface.CacheManager) and the factory that picks one.
 
-A cache manager hands the scheduler a prompt cache for the part of a prompt it already holds
-(`acquire`) and takes it back when the request ends: `store` after a normal finish (what it
-computed may serve later prompts), `release` after an abort. `can_admit` says whether a request may
-start now or must wait (the KV budget is taken, or a running request is computing the same
-prefix). The scheduler hands the cache and the rest of the prompt to its batch loop; mlx_lm's cache
-protocol (`update_and_fetch`, `make_mask`) does the attention.
-
-    cache, cached_tokens = manager.acquire(prompt_ids, max_tokens)
-    ...   # loop.insert(cache, prompt_ids, cached_tokens, ...) (engine.batch_loop)
-    manager.store(prompt_ids + output_ids[:-1], cache)   # or manager.release(cache)
-
-`NoCache` computes every prompt from scratch with mlx_lm's own contiguous caches (and mlx_lm's
-BatchGenerator as the loop). `PagedCacheManager`
-keeps all K/V in a block pool (engine.kv.block_pool): running requests that share a prefix share its
-blocks, finished prompts stay cached within a byte budget (or an entry count), and a new prompt
-reuses the longest cached prefix (engine.kv.prefix_cache). engine.kv.paged_cache has the cache classes
-mlx_lm's models and BatchGenerator talk to.
+`NoCache` computes every prompt from scratch: the model keeps mlx_lm's own contiguous caches and
+mlx_lm's BatchGenerator runs it (engine.mlx_lm_batch). `PagedCacheManager` keeps all K/V in a
+block pool (engine.kv.block_pool): running requests that share a prefix share its blocks,
+finished prompts stay cached within a byte budget (or an entry count), and a new prompt reuses
+the longest cached prefix (engine.kv.prefix_cache). Our batch loop reads and writes the blocks
+through `PagedContext` (engine.kv.paged_cache).
 
 How a request goes through the paged cache:
 - `can_admit`: it waits while a running request is computing full blocks of its prompt that are
   not indexed yet (a request that arrived together with the same system prompt reuses them once
-  written instead of computing them again), or while its worst case (prompt + max_tokens, in
-  blocks) does not fit the budget next to the running requests' worst cases: a running request can
-  then never run out of blocks. A request alone always runs, even one larger than the budget (the
-  pool grows past it, logged).
+  written instead of computing them again), or while the blocks its prompt needs now, plus one to
+  grow into, do not fit next to the blocks in use and the working copies (admission by use). With
+  `kv_admission: reserve` it waits instead while its worst case (prompt + max_tokens, in blocks)
+  does not fit next to the running requests' worst cases. A request alone always runs, even one
+  larger than the budget (the pool grows past it, logged).
 - `acquire`: the longest indexed prefix (full blocks by chained hash, then the best partial block)
   is referenced, never copied; at most all but the last prompt token (HIT), else PREFIX_HIT or
   MISS. As it runs, each full prompt block it finishes is indexed at once (`_sync`).
+- `can_allocate`, before every step: the blocks the step may take (a decoding row crossing into a
+  new block or copying a shared one, a prompt chunk's new blocks plus a copy of a shared partial
+  one) against `headroom`. When they do not fit, the scheduler preempts the newest request.
 - `store` indexes the rest of its blocks (prompt and output, and the last partial block), `release`
   does not; both drop its references. Unreferenced indexed blocks stay cached until evicted (LRU,
   tails first) or, with memory_aware False, until their entry falls out of the last
   max_cache_entries.
+
+The budget, in blocks (memory-aware mode; entry-count mode has none):
+- `BlockPool.capacity`: what the byte budget buys (`budget_bytes` / block bytes, less the reserved blocks).
+- `WORKING_COPY_SHARE`: the share of it that cached (unreferenced) blocks leave to decode working
+  copies: the pool grows for cached blocks only up to the rest (`BlockPool.cache_capacity`).
+- `headroom()`: what running requests may still take: capacity less the blocks in use and the
+  working copies (cached blocks count as free: they are evicted when needed).
+- `copy_room()`: what working copies may take: capacity less what the pool holds or has promised
+  (`_outstanding`, reserve mode only).
 """
 
 from __future__ import annotations
@@ -43,26 +45,33 @@ import mlx.core as mx
 
 from ..config import EngineConfig
 from .block_pool import BlockPool
+from .interface import CacheManager, StepWrites
 from .kv_storage import LayerShape, layer_block_bytes
-from .paged_cache import PagedContext, PagedKVCache, SeqBlocks
+from .paged_cache import PagedContext, SeqBlocks
 from .prefix_cache import PrefixCache
 
 log = logging.getLogger(__name__)
 
 
 class NoCache:
-    """Every prompt is computed from scratch."""
+    """Every prompt is computed from scratch, in mlx_lm's own caches (no budget to decide on)."""
 
-    def can_admit(self, prompt_ids: list[int], max_tokens: int) -> bool:
+    def __init__(self, budget_bytes: int):
+        self.budget_bytes = budget_bytes
+
+    def can_admit(self, tokens: list[int], max_tokens: int) -> bool:
         return True
 
-    def acquire(self, prompt_ids: list[int], max_tokens: int = 0):
+    def acquire(self, tokens: list[int], max_tokens: int) -> tuple[None, int]:
         return None, 0
 
-    def store(self, token_ids: list[int], prompt_cache) -> None:
+    def can_allocate(self, writes: StepWrites) -> bool:
+        return True
+
+    def store(self, token_ids: list[int], blocks: None) -> None:
         return None
 
-    def release(self, prompt_cache) -> None:
+    def release(self, blocks: None) -> None:
         return None
 
     def clear(self) -> None:
@@ -77,8 +86,11 @@ class NoCache:
     def stats(self) -> dict:
         return {"enabled": False}
 
+    def batch_kv(self) -> None:
+        return None
 
-# Share of the byte budget that cached (unreferenced) blocks leave to decode working copies; running
+
+# Share of the budget that cached (unreferenced) blocks leave to decode working copies; running
 # requests may still take the whole budget (then decode gathers blocks instead).
 WORKING_COPY_SHARE = 0.25
 
@@ -96,13 +108,13 @@ class PagedCacheManager:
         self.pool = BlockPool(
             layers, dtype, bs, capacity, cache_share=1 - WORKING_COPY_SHARE, on_evict=self._forget_evicted
         )
-        self.ctx = PagedContext(self.pool, len(layers), room=self._room)
+        self.ctx = PagedContext(self.pool, len(layers), copy_room=self.copy_room)
         self.index = PrefixCache(self.pool, salt, None if self.memory_aware else config.max_cache_entries)
-        self.live: dict[int, SeqBlocks] = {}  # uid -> running sequence
+        self.live: dict[int, SeqBlocks] = {}  # id -> a running request's blocks
 
     # --- the seam --------------------------------------------------------------------------
 
-    def can_admit(self, prompt_ids: list[int], max_tokens: int) -> bool:
+    def can_admit(self, tokens: list[int], max_tokens: int) -> bool:
         """False while the request should wait: a running request is computing blocks of its
         prefix (it will reuse them once written), or its prompt's new blocks (plus one to grow
         into) do not fit next to the running requests' blocks (`kv_admission: reserve`: its worst
@@ -110,52 +122,66 @@ class PagedCacheManager:
         if not self.live:
             return True
         self._sync()
-        match = self.index.lookup(prompt_ids)
+        match = self.index.lookup(tokens)
         if match.pending:
             return False
         if self.pool.capacity is None:
             return True
-        table, cached = self._reuse(match, len(prompt_ids))
+        table, cached = self._reuse(match, len(tokens))
         pinned = sum(1 for b in table if self.pool.refs[b] > 0)  # already counted as used
         if self.reserve:
-            need = self._worst_case(len(prompt_ids), max_tokens) - pinned
+            need = self._worst_case(len(tokens), max_tokens) - pinned
             return self.pool.used + self._outstanding() + need <= self.pool.capacity
         bs = self.pool.block_size
-        fresh = -(-len(prompt_ids) // bs) - cached // bs  # blocks beyond the reused ones (a partial one is copied)
+        fresh = -(-len(tokens) // bs) - cached // bs  # blocks beyond the reused ones (a partial one is copied)
         need = len(table) - pinned + fresh + 1
-        return self.pool.used + need <= self.pool.capacity - self.ctx.copies_in_blocks()
+        return self.pool.used + need <= self.pool.capacity - self.ctx.copy_blocks()
 
-    def headroom(self) -> int | None:
-        """Blocks the running requests may still take before the budget is used up (None: no
-        budget). Cached blocks count as free: they are evicted when needed."""
-        if self.pool.capacity is None:
-            return None
-        return self.pool.capacity - self.pool.used - self.ctx.copies_in_blocks()
-
-    def acquire(self, prompt_ids: list[int], max_tokens: int = 0):
-        """A paged cache holding the longest cached prefix of the prompt (all but its last token
-        at most), and how many tokens that is."""
+    def acquire(self, tokens: list[int], max_tokens: int) -> tuple[SeqBlocks, int]:
+        """The blocks of the longest cached prefix of `tokens` (all but the last token at most),
+        referenced, and how many tokens that is."""
         self._sync()
-        match = self.index.lookup(prompt_ids)
-        table, cached = self._reuse(match, len(prompt_ids))
+        match = self.index.lookup(tokens)
+        table, cached = self._reuse(match, len(tokens))
         for b in table:
             self.pool.incref(b)
         self.index.touch(table)
-        self.index.record(cached, len(prompt_ids))
-        seq = SeqBlocks(table, cached, self.ctx.num_layers, self._worst_case(len(prompt_ids), max_tokens))
-        seq.prompt_ids = list(prompt_ids)
-        seq.prompt_hashes = match.hashes
-        seq.registered = len(match.blocks)
+        self.index.record(cached, len(tokens))
+        worst = self._worst_case(len(tokens), max_tokens)
+        seq = SeqBlocks(table, cached, self.ctx.num_layers, worst, tokens, match.hashes, len(match.blocks))
         for h in match.hashes[len(match.blocks) :]:  # the blocks this request will compute
             if h not in self.index.full:
                 self.index.pending.setdefault(h, seq)
-        self.live[seq.uid] = seq
-        return [PagedKVCache(self.ctx, layer, seq) for layer in range(self.ctx.num_layers)], cached
+        self.live[id(seq)] = seq
+        return seq, cached
 
-    def store(self, token_ids: list[int], prompt_cache) -> None:
+    def can_allocate(self, writes: StepWrites) -> bool:
+        """Whether the blocks the next step may take fit `headroom` (always, without a budget)."""
+        room = self.headroom()
+        if room is None:
+            return True
+        bs = self.pool.block_size
+        at_most = 2 * len(writes.decode) + sum(-(-n // bs) + 2 for _, n in writes.prefill)
+        if room >= at_most:  # the common case: no look at the tables
+            return True
+        return self._blocks_needed(writes) <= room
+
+    def _blocks_needed(self, writes: StepWrites) -> int:
+        """New blocks the step takes at most: a decoding row crossing into a new block (or copying
+        a shared one), and a prompt chunk's new blocks plus a copy of a shared partial block."""
+        pool, bs = self.pool, self.pool.block_size
+        need = 0
+        for seq in writes.decode:
+            k = seq.length // bs
+            need += k >= len(seq.table) or pool.frozen(seq.table[k])
+        for seq, n in writes.prefill:
+            need += max(0, -(-(seq.length + n) // bs) - len(seq.table)) + 1
+        return need
+
+    def store(self, token_ids: list[int], blocks: SeqBlocks | None) -> None:
         """A request finished: index its blocks under `token_ids` (the tokens whose K/V it holds)
         and drop its references."""
-        seq = self._seq(prompt_cache)
+        seq = self._live(blocks)
         if seq is None:
             return
         self._sync()
@@ -170,10 +196,10 @@ class PagedCacheManager:
             self.index.insert(self.index.parent_of(hashes, k), tuple(token_ids[k * bs : n]), seq.table[k])
         self._end(seq)
 
-    def release(self, prompt_cache) -> None:
+    def release(self, blocks: SeqBlocks | None) -> None:
         """A request ended without a result worth keeping (abort): drop its references. Prompt
         blocks it had already computed stay indexed."""
-        seq = self._seq(prompt_cache)
+        seq = self._live(blocks)
         if seq is not None:
             self._sync()
             self._end(seq)
@@ -205,6 +231,31 @@ class PagedCacheManager:
             **self.ctx.counters,
         }
 
+    def batch_kv(self) -> PagedContext:
+        return self.ctx
+
+    # --- the budget (in blocks; None: entry-count mode, no budget) ----------------------------
+
+    def headroom(self) -> int | None:
+        """Blocks the running requests may still take: the capacity less the blocks in use and the
+        working copies. Cached blocks count as free: they are evicted when needed."""
+        if self.pool.capacity is None:
+            return None
+        return self.pool.capacity - self.pool.used - self.ctx.copy_blocks()
+
+    def copy_room(self) -> int | None:
+        """Blocks decode working copies may take: the capacity less what the pool holds or may
+        grow into for the running requests."""
+        if self.pool.capacity is None:
+            return None
+        return self.pool.capacity - max(self.pool.total, self.pool.used + self._outstanding())
+
+    def _outstanding(self) -> int:
+        """Blocks the running requests may still take in the worst case (reserve mode only)."""
+        if not self.reserve:
+            return 0
+        return sum(max(0, s.max_blocks - len(s.table)) for s in self.live.values())
+
     # --- internals -------------------------------------------------------------------------
 
     def _reuse(self, match, prompt_len: int) -> tuple[list[int], int]:
@@ -228,19 +279,6 @@ class PagedCacheManager:
         """The pool evicted a cached block: the prefix index forgets it."""
         self.index.forget(block)
 
-    def _room(self) -> int | None:
-        """Budget (in blocks) that the pool neither occupies nor may grow into for the running
-        requests: what decode working copies may use."""
-        if self.pool.capacity is None:
-            return None
-        return self.pool.capacity - max(self.pool.total, self.pool.used + self._outstanding())
-
-    def _outstanding(self) -> int:
-        """Blocks the running requests may still take in the worst case (reserve mode only)."""
-        if not self.reserve:
-            return 0
-        return sum(max(0, s.max_blocks - len(s.table)) for s in self.live.values())
-
     def _sync(self) -> None:
         """Index the prompt blocks running requests have finished writing, so that requests with
         the same prefix can share them now."""
@@ -253,15 +291,12 @@ class PagedCacheManager:
             for k in range(seq.registered, upto):
                 if self.index.pending.get(hashes[k]) is seq:
                     del self.index.pending[hashes[k]]
-                tokens = tuple(seq.prompt_ids[k * bs : (k + 1) * bs])
+                tokens = tuple(seq.tokens[k * bs : (k + 1) * bs])
                 self.index.insert(self.index.parent_of(hashes, k), tokens, seq.table[k], hashes[k])
             seq.registered = max(seq.registered, upto)
 
-    def _seq(self, prompt_cache) -> SeqBlocks | None:
-        if not prompt_cache or not isinstance(prompt_cache[0], PagedKVCache):
-            return None
-        seq = prompt_cache[0].seq
-        return seq if seq.uid in self.live else None
+    def _live(self, blocks: SeqBlocks | None) -> SeqBlocks | None:
+        return blocks if blocks is not None and id(blocks) in self.live else None
 
     def _end(self, seq: SeqBlocks) -> None:
         for h in seq.prompt_hashes[seq.registered :]:
@@ -270,11 +305,12 @@ class PagedCacheManager:
         self.index.add_entry(seq.table)
         self.pool.release(seq.table)
         seq.table = []
-        del self.live[seq.uid]
+        del self.live[id(seq)]
         self.index.trim_entries()
 
 
 def budget_bytes(config: EngineConfig) -> int:
+    """The KV cache's byte budget: `cache_memory_mb`, else `cache_memory_percent` of the host's memory."""
     if config.cache_memory_mb is not None:
         return config.cache_memory_mb * 2**20
     import psutil
@@ -305,9 +341,11 @@ def model_salt(model, layers: list[LayerShape], dtype) -> bytes:
     return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
 
-def make_cache_manager(model, config: EngineConfig):
+def make_cache_manager(model, config: EngineConfig) -> CacheManager:
+    """The paged cache when the config asks for it and the model's caches are plain KV caches,
+    else `NoCache`."""
     if not config.paged_cache:
-        return NoCache()
+        return NoCache(budget_bytes(config))
     try:
         probed = probe_layers(model)
     except Exception:  # noqa: BLE001 - an odd model: run it without the paged cache
@@ -315,6 +353,6 @@ def make_cache_manager(model, config: EngineConfig):
         probed = None
     if probed is None:
         log.warning("this model's caches are not plain KV caches: paged cache off (prompts computed from scratch)")
-        return NoCache()
+        return NoCache(budget_bytes(config))
     layers, dtype = probed
     return PagedCacheManager(layers, dtype, config, model_salt(model, layers, dtype))

@@ -1,10 +1,11 @@
 """mlx_lm cache-protocol classes over the block pool.
 
 mlx_lm's models talk to one cache object per layer (`update_and_fetch`, `make_mask`, `offset`).
-Our batch loop (engine.batch_loop) makes one `BatchPagedKVCache` per layer for a batch of rows
-(`set_chunk` before a right-padded prompt chunk, `flush` before anything else reads the rows'
-blocks); that is the whole protocol between them. Every sequence is a `SeqBlocks`: a block table into the shared
-`BlockPool` plus how many tokens each layer has written. Cache objects only point at SeqBlocks,
+Our batch loop (engine.batch_loop) gets those through `PagedContext`, its one way to the paged K/V
+(engine.kv.interface.BatchKV): one `BatchPagedKVCache` per layer for a batch of rows (with
+`chunk` before a right-padded prompt chunk), `flush` before anything else reads the rows'
+blocks, the writes to evaluate with a step. Every running request is a `SeqBlocks`: a block table
+into the shared `BlockPool` plus how many tokens each layer has written. Cache objects only point at SeqBlocks,
 so a new batch view never copies K/V, and two sequences that share a prefix point at the same
 physical blocks while they run.
 
@@ -20,8 +21,8 @@ index is never written: the first write into it makes a private copy (copy-on-wr
 
 Reads. MLX has no paged-attention kernel, and mlx_lm's attention wants one `[B, H, L, D]` array
 per layer. The plain way, a gather of every row's blocks per layer per step, costs a copy of the
-whole batch's K/V each decode step: on this CPU about +45% per decode step at batch 16 with
-1000-token contexts (it is as much memory traffic as the attention itself). So a decode batch
+whole batch's K/V each decode step, as much memory traffic as the attention itself
+(docs/benchmarks.md, *Paged KV cache*). So a decode batch
 may keep *working copies* instead (engine.kv.working_copy): per layer a contiguous K and V laid out
 as mlx_lm's batch cache (rows right-aligned), built by one gather and then written one column a
 step; decode tokens reach the pool when the loop flushes (before the batch changes, a prompt
@@ -40,7 +41,6 @@ the cache manager (`engine.kv.manager.PagedCacheManager`) owns each SeqBlocks fr
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -54,19 +54,28 @@ from .working_copy import Geometry, WorkingCopy
 
 
 class SeqBlocks:
-    """One sequence's KV: its block table and the tokens each layer has written."""
+    """One running request's KV: its block table and the tokens each layer has written, with what
+    the cache manager needs to index its prompt blocks as they fill (the cache manager's record,
+    from `acquire` to `store` / `release`). Compared by identity."""
 
-    __slots__ = ("uid", "table", "written", "max_blocks", "prompt_ids", "prompt_hashes", "registered")
-    _uids = itertools.count()
+    __slots__ = ("table", "written", "max_blocks", "tokens", "prompt_hashes", "registered")
 
-    def __init__(self, table: list[int], written: int, num_layers: int, max_blocks: int = 0):
-        self.uid = next(self._uids)
+    def __init__(
+        self,
+        table: list[int],
+        written: int,
+        num_layers: int,
+        max_blocks: int = 0,
+        tokens: list[int] | None = None,
+        prompt_hashes: list[bytes] | None = None,
+        registered: int = 0,
+    ):
         self.table = table
         self.written = [written] * num_layers
-        self.max_blocks = max_blocks  # worst case (prompt + max_tokens), for admission accounting
-        self.prompt_ids: list[int] = []
-        self.prompt_hashes: list[bytes] = []  # chain hashes of the prompt's full blocks
-        self.registered = 0  # prompt blocks [0, registered) are in the prefix index (or skipped)
+        self.max_blocks = max_blocks  # worst case (prompt + max_tokens), for `kv_admission: reserve`
+        self.tokens = tokens if tokens is not None else []  # what it was acquired for (the request's list)
+        self.prompt_hashes = prompt_hashes if prompt_hashes is not None else []  # chain hashes of full blocks
+        self.registered = registered  # prompt blocks [0, registered) are in the prefix index (or skipped)
 
     @property
     def length(self) -> int:
@@ -117,16 +126,17 @@ class _Plan:
 
 
 class PagedContext:
-    """What the cache objects of one model share: the pool and the per-step memo."""
+    """What the cache objects of one model share (the pool, the per-step memo), and the batch
+    loop's one way to the paged K/V (engine.kv.interface.BatchKV)."""
 
     # A working copy's capacity grows by at least this many columns (engine.kv.working_copy.capacity).
     copy_step = 16
 
-    def __init__(self, pool: BlockPool, num_layers: int, room: Callable[[], int | None] = lambda: None):
+    def __init__(self, pool: BlockPool, num_layers: int, copy_room: Callable[[], int | None] = lambda: None):
         self.pool = pool
         self.num_layers = num_layers
         self.policy = "auto"  # working copies: "auto", "always" or "never"
-        self.room = room  # budget blocks not spoken for (None: unbounded), from the cache manager
+        self.copy_room = copy_room  # blocks working copies may take (None: unbounded), from the cache manager
         self.counters = {"steps_gathered": 0, "steps_working_copy": 0, "working_copy_builds": 0}
         self.copy_bytes: dict[int, int] = {}  # id(cache object) -> bytes of its working copy
         self._plan_key = None
@@ -143,7 +153,7 @@ class PagedContext:
     def plan(self, rows: list[SeqBlocks], starts: list[int], real: list[int], n: int) -> _Plan:
         """Make room for the new tokens (allocation, copy-on-write) and index them. The first layer
         of a step does the work; the others find it memoized."""
-        key = (self.pool.epoch, tuple(r.uid for r in rows), tuple(starts), tuple(real), n)
+        key = (self.pool.epoch, tuple(rows), tuple(starts), tuple(real), n)
         if key == self._plan_key:
             return self._plan
         for row, start, count in zip(rows, starts, real):
@@ -158,7 +168,7 @@ class PagedContext:
         plan = _Plan(tables, np.asarray(starts, dtype=np.int64), np.asarray(real, dtype=np.int64), n)
         plan.working_copy = n == 1 and all(real) and self._copy_pays(rows, width)
         if plan.working_copy:
-            ident = tuple(r.uid for r in rows)
+            ident = tuple(rows)
             if self.geometry is None or not self.geometry.advance(ident, starts, self.copy_step):
                 self.geometry = Geometry.new(ident, starts, self.copy_step)
         self.counters["steps_working_copy" if plan.working_copy else "steps_gathered"] += 1
@@ -181,11 +191,12 @@ class PagedContext:
         shared = sum(1 for r in rows for b in r.table if refs[b] > 1)
         if 2 * shared >= held:
             return False
-        room = self.room()
+        room = self.copy_room()
         need = len(rows) * (width + -(-self.copy_step // self.pool.block_size))
-        return room is None or need - self.copies_in_blocks() <= room
+        return room is None or need - self.copy_blocks() <= room
 
-    def copies_in_blocks(self) -> int:
+    def copy_blocks(self) -> int:
+        """The working copies' bytes, in blocks: budget they take from the running requests."""
         return sum(self.copy_bytes.values()) // max(1, self.pool.block_bytes)
 
     def _make_room(self, row: SeqBlocks, start: int, end: int) -> None:
@@ -197,6 +208,38 @@ class PagedContext:
                 pool.decref(old)
         while len(row.table) * bs < end:
             row.table.append(pool.allocate())
+
+    # --- the batch loop's interface (engine.kv.interface.BatchKV) ----------------------------
+
+    def caches(self, rows: list[SeqBlocks], chunk: list[int] | None = None) -> list[BatchPagedKVCache]:
+        """One cache per layer for a batch of rows; `chunk`: a right-padded prompt chunk follows."""
+        caches = [BatchPagedKVCache(self, layer, rows) for layer in range(self.num_layers)]
+        if chunk is not None:
+            for cache in caches:
+                cache.set_chunk(chunk)
+        return caches
+
+    def decode_copies(self, caches: list[BatchPagedKVCache]) -> list[WorkingCopy] | None:
+        """Before a compiled decode step (engine.compiled_step): plan the batch's one-token step and,
+        when it goes through working copies, every layer's copy; None when it gathers (the model's
+        own call through the caches does that step)."""
+        if not caches[0]._step_plan(1).working_copy:
+            return None
+        return [c._working_copy() for c in caches]
+
+    def commit_column(self, caches: list[BatchPagedKVCache], ks: list[mx.array], vs: list[mx.array]) -> None:
+        for cache, k, v in zip(caches, ks, vs):
+            cache.commit_column(k, v)
+
+    def flush(self, caches: list[BatchPagedKVCache]) -> None:
+        for cache in caches:
+            cache.flush()
+
+    def take_writes(self) -> list[mx.array]:
+        return self.pool.storage.take_writes()
+
+    def nbytes(self, rows: list[SeqBlocks]) -> int:
+        return len({b for r in rows for b in r.table}) * self.pool.block_bytes
 
     def mask(self, starts: list[int], n: int, window_size: int | None) -> mx.array:
         """[B, 1, N, L] bool: query i of row b (position starts[b] + i) sees key j iff j <= its
@@ -321,27 +364,3 @@ class BatchPagedKVCache(_BaseCache):
 
     def empty(self) -> bool:
         return not self.rows or self.size() == 0
-
-
-def decode_copies(caches: list[BatchPagedKVCache]) -> list[WorkingCopy] | None:
-    """Before a compiled decode step (engine.compiled_step): plan the batch's one-token step and,
-    when it goes through working copies, every layer's copy; None when it gathers (the model's
-    own call through the caches does that step)."""
-    if not caches[0]._step_plan(1).working_copy:
-        return None
-    return [c._working_copy() for c in caches]
-
-
-class PagedKVCache(BatchPagedKVCache):
-    """One layer's cache for one sequence (what `acquire` hands out and `extract` returns)."""
-
-    def __init__(self, ctx: PagedContext, layer: int, seq: SeqBlocks):
-        super().__init__(ctx, layer, [seq])
-
-    @property
-    def seq(self) -> SeqBlocks:
-        return self.rows[0]
-
-    @property
-    def offset(self) -> int:
-        return self.rows[0].written[self.layer]

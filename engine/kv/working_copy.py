@@ -48,7 +48,7 @@ def visible(cols: mx.array, last, pad: mx.array, window_size: int | None) -> mx.
 class Geometry:
     """Where a decode batch's tokens sit in its working copies (the same for every layer)."""
 
-    ident: tuple[int, ...]  # the rows (SeqBlocks uids)
+    ident: tuple  # the rows (their SeqBlocks, compared by identity)
     pad: np.ndarray  # [B] left padding: row b's position p is column pad[b] + p
     col: int  # columns written after this step
     cap: int
@@ -59,13 +59,13 @@ class Geometry:
         self.padded = bool(self.pad.any())  # fixed for the geometry; asked by every layer a step
 
     @classmethod
-    def new(cls, ident: tuple[int, ...], lengths: list[int], step: int) -> Geometry:
+    def new(cls, ident: tuple, lengths: list[int], step: int) -> Geometry:
         """Lengths before this step's token; the capacity from `capacity`."""
         longest = max(lengths)
         pad = np.asarray([longest - n for n in lengths], dtype=np.int32)
         return cls(ident, pad, longest + 1, capacity(longest + 1, step), next(_ids))
 
-    def advance(self, ident: tuple[int, ...], lengths: list[int], step: int) -> bool:
+    def advance(self, ident: tuple, lengths: list[int], step: int) -> bool:
         """Continue with this step if it has the same rows, each one token further (the capacity
         grows when full); False: the batch needs a new geometry."""
         if ident != self.ident or not all(int(p) + n == self.col for p, n in zip(self.pad, lengths)):

@@ -1,2 +1,2 @@
 """Getting a model into memory: source strings, the GGUF export, mlx_lm's load, and the CPU's fast
-path (float32 weights over a preloaded OpenBLAS, its threads chosen from what runs)."""
+path (float32 weights over a preloaded OpenBLAS)."""

@@ -1,4 +1,4 @@
-"""OpenBLAS's threads chosen from what else runs (engine/loading/cpu_threads.py): the choice on scripted
+"""OpenBLAS's threads chosen from what else runs (engine/cpu_threads.py): the choice on scripted
 CPU readings, then the real engine on the CPU fast path beside real busy processes."""
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ import pytest
 from threadpoolctl import ThreadpoolController, threadpool_info
 
 from engine.config import EngineConfig
+from engine.cpu_threads import BlasThreads
 from engine.engine import AsyncEngine
-from engine.loading.cpu_threads import BlasThreads
 from engine.request import PromptInput
 from engine.sampling import SamplingParams
 

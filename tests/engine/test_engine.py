@@ -13,13 +13,10 @@ from engine.request import PromptInput
 from engine.sampling import SamplingParams
 
 from ..conftest import SMOLLM
+from .helpers import chat, collect, run
 
-# The seed's five questions (benchmarks/openai_bench/prompts.py asks the same; tests do not import benchmarks).
-SEED_QUESTIONS = ["What is 2+2?", "Name 3 colors.", "What is Python?", "Capital of Japan?", "Who wrote Hamlet?"]
-
-
-def chat(q: str) -> PromptInput:
-    return PromptInput(messages=[{"role": "user", "content": q}])
+# Short questions SmolLM2 answers in a few tokens.
+QUESTIONS = ["What is 2+2?", "Name 3 colors.", "What is Python?", "Capital of Japan?", "Who wrote Hamlet?"]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -27,29 +24,11 @@ def _one_load_per_model(load_once):
     """Every engine of this module shares its model's weights (tests/conftest.load_once)."""
 
 
-@pytest.fixture(scope="module", params=["batch_loop", "mlx_lm"])
-def engine(request):
-    """Both batch loops: ours (over the paged cache) and mlx_lm's BatchGenerator (cache off)."""
-    eng = AsyncEngine.from_source(SMOLLM, EngineConfig(paged_cache=request.param == "batch_loop", cache_memory_mb=64))
-    yield eng
-    eng.shutdown()
-
-
-async def collect(stream):
-    outs = [out async for out in stream]
-    ids = [t for o in outs for t in o.token_ids]
-    return "".join(o.text for o in outs), ids, outs
-
-
-async def run(engine, prompt, **params):
-    return await collect(engine.submit(prompt, SamplingParams(**params)))
-
-
 async def test_batched_greedy_equals_solo_with_late_insert(engine):
-    solo = [(await run(engine, chat(q), temperature=0, max_tokens=12))[1] for q in SEED_QUESTIONS]
-    first = [engine.submit(chat(q), SamplingParams(temperature=0, max_tokens=12)) for q in SEED_QUESTIONS[:4]]
+    solo = [(await run(engine, chat(q), temperature=0, max_tokens=12))[1] for q in QUESTIONS]
+    first = [engine.submit(chat(q), SamplingParams(temperature=0, max_tokens=12)) for q in QUESTIONS[:4]]
     heads = [await s.__anext__() for s in first]  # all four are decoding now
-    late = engine.submit(chat(SEED_QUESTIONS[4]), SamplingParams(temperature=0, max_tokens=12))
+    late = engine.submit(chat(QUESTIONS[4]), SamplingParams(temperature=0, max_tokens=12))
     rests = await asyncio.gather(*(collect(s) for s in [*first, late]))
     batched = [h.token_ids + r[1] for h, r in zip(heads, rests[:4])] + [rests[4][1]]
     assert batched == solo
@@ -58,7 +37,7 @@ async def test_batched_greedy_equals_solo_with_late_insert(engine):
 async def test_seed_reproducible_inside_a_batch(engine):
     params = dict(temperature=1.0, top_p=0.95, top_k=50, seed=1234, max_tokens=12)
     alone = (await run(engine, chat("Tell me a story."), **params))[1]
-    noise = [engine.submit(chat(q), SamplingParams(temperature=1.0, max_tokens=12)) for q in SEED_QUESTIONS[:3]]
+    noise = [engine.submit(chat(q), SamplingParams(temperature=1.0, max_tokens=12)) for q in QUESTIONS[:3]]
     again, *_ = await asyncio.gather(run(engine, chat("Tell me a story."), **params), *(collect(s) for s in noise))
     assert again[1] == alone
 
@@ -141,7 +120,7 @@ async def test_simple_mode_queues_in_fifo_order():
         order: list[int] = []
 
         async def one(i):
-            _, ids, _ = await run(eng, chat(SEED_QUESTIONS[i]), temperature=0, max_tokens=6)
+            _, ids, _ = await run(eng, chat(QUESTIONS[i]), temperature=0, max_tokens=6)
             order.append(i)
             return ids
 
@@ -149,7 +128,7 @@ async def test_simple_mode_queues_in_fifo_order():
         await asyncio.sleep(0.3)
         waiting = eng.stats()["waiting"]
         results = await asyncio.gather(*tasks)
-        solo = [(await run(eng, chat(SEED_QUESTIONS[i]), temperature=0, max_tokens=6))[1] for i in range(3)]
+        solo = [(await run(eng, chat(QUESTIONS[i]), temperature=0, max_tokens=6))[1] for i in range(3)]
     finally:
         eng.shutdown()
     assert waiting >= 1  # the others waited instead of being rejected
@@ -221,7 +200,7 @@ def test_a_hung_step_fails_the_health_check():
 async def test_a_request_that_cannot_start_fails_alone(engine, monkeypatch):
     """A failure building one request's sampler ends that request with a 400, not the batch."""
     import engine.batch_loop as batch_loop_module
-    import engine.scheduler as scheduler_module
+    import engine.mlx_lm_batch as mlx_lm_batch_module
 
     def picky(real):
         def build(params):
@@ -231,7 +210,7 @@ async def test_a_request_that_cannot_start_fails_alone(engine, monkeypatch):
 
         return build
 
-    monkeypatch.setattr(scheduler_module, "make_sampler", picky(scheduler_module.make_sampler))
+    monkeypatch.setattr(mlx_lm_batch_module, "make_sampler", picky(mlx_lm_batch_module.make_sampler))
     monkeypatch.setattr(batch_loop_module, "row_key", picky(batch_loop_module.row_key))
     await fails_alone(
         engine,
@@ -314,7 +293,7 @@ async def test_a_failed_step_ends_its_batch_with_an_error_and_the_engine_serves_
     eng = AsyncEngine.from_source(SMOLLM, EngineConfig(cache_memory_mb=3))  # one block: the second waits
     try:
         params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-        solo = (await run(eng, chat(SEED_QUESTIONS[1]), temperature=0, max_tokens=12, ignore_eos=True))[1]
+        solo = (await run(eng, chat(QUESTIONS[1]), temperature=0, max_tokens=12, ignore_eos=True))[1]
         real, calls = BatchLoop._issue_decode, []
 
         def flaky(self):
@@ -324,15 +303,15 @@ async def test_a_failed_step_ends_its_batch_with_an_error_and_the_engine_serves_
             return real(self)
 
         monkeypatch.setattr(BatchLoop, "_issue_decode", flaky)
-        running = eng.submit(chat(SEED_QUESTIONS[0]), params)
-        waiting = eng.submit(chat(SEED_QUESTIONS[1]), params)
+        running = eng.submit(chat(QUESTIONS[0]), params)
+        waiting = eng.submit(chat(QUESTIONS[1]), params)
         first, second = await asyncio.gather(collect(running), collect(waiting), return_exceptions=True)
         assert isinstance(first, RequestFailedError) and "injected step failure" in str(first)
         assert second[1] == solo  # it waited, then ran in the fresh loop
         eng.check_health()
         cache = eng.stats()["cache"]
         assert cache["live_sequences"] == 0 and cache["blocks_used"] == 0
-        assert len((await run(eng, chat(SEED_QUESTIONS[2]), temperature=0, max_tokens=4))[1]) > 0
+        assert len((await run(eng, chat(QUESTIONS[2]), temperature=0, max_tokens=4))[1]) > 0
     finally:
         eng.shutdown()
 
@@ -347,18 +326,18 @@ async def test_the_pipelined_loop_gives_the_same_tokens_as_the_unpipelined_one()
     eng = AsyncEngine.from_source(SMOLLM, config.model_copy(update={"pipelined_decode": True}))
     try:
         assert base.scheduler.gen.pipelined is False and eng.scheduler.gen.pipelined is True
-        _, probe, _ = await run(base, chat(SEED_QUESTIONS[1]), temperature=0, max_tokens=12)
+        _, probe, _ = await run(base, chat(QUESTIONS[1]), temperature=0, max_tokens=12)
         stopper = dict(temperature=0, max_tokens=12, stop_token_ids=[probe[3]])
-        want = [(await run(base, chat(q), temperature=0, max_tokens=12))[1] for q in SEED_QUESTIONS]
-        want[1] = (await run(base, chat(SEED_QUESTIONS[1]), **stopper))[1]
+        want = [(await run(base, chat(q), temperature=0, max_tokens=12))[1] for q in QUESTIONS]
+        want[1] = (await run(base, chat(QUESTIONS[1]), **stopper))[1]
         assert want[1] == probe[:3]  # the stop token itself is not output
 
         first = [
             eng.submit(chat(q), SamplingParams(**(stopper if i == 1 else dict(temperature=0, max_tokens=12))))
-            for i, q in enumerate(SEED_QUESTIONS[:4])
+            for i, q in enumerate(QUESTIONS[:4])
         ]
         heads = [await s.__anext__() for s in first]
-        late = eng.submit(chat(SEED_QUESTIONS[4]), SamplingParams(temperature=0, max_tokens=12))
+        late = eng.submit(chat(QUESTIONS[4]), SamplingParams(temperature=0, max_tokens=12))
         rests = await asyncio.gather(*(collect(s) for s in [*first, late]))
         got = [h.token_ids + r[1] for h, r in zip(heads, rests[:4])] + [rests[4][1]]
         assert got == want
@@ -378,7 +357,8 @@ def test_an_unpipelined_step_reports_its_own_tokens(smollm, pipelined):
     """Unpipelined (the CPU's default), the step that computes a token reports it: the first token
     comes out of the row's first decode step, not the step after (a step of latency on every token)."""
     from engine.kv.manager import make_cache_manager
-    from engine.scheduler import Scheduler, Sequence
+    from engine.request import Request
+    from engine.scheduler import Scheduler
     from engine.text_stream import TextStream
 
     config = EngineConfig(pipelined_decode=pipelined)
@@ -386,7 +366,7 @@ def test_an_unpipelined_step_reports_its_own_tokens(smollm, pipelined):
     sched = Scheduler(model, tokenizer, config, make_cache_manager(model, config))
     ids = tokenizer.encode("The river")  # shorter than a prefill chunk: one prefill step, then decode
     params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
-    sched.add(Sequence("s", ids, params, 3, TextStream(tokenizer.detokenizer, [])))
+    sched.add(Request("s", ids, params, 3, TextStream(tokenizer.detokenizer, [])))
     steps_with_tokens = []
     for step in range(1, 10):
         if any(o.token_ids for o in sched.step()):

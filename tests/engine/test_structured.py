@@ -17,7 +17,7 @@ from engine.constraints import GuidedSpec
 from engine.errors import InvalidRequestError
 from engine.sampling import SamplingParams
 
-from .test_engine import chat, collect, engine, run  # noqa: F401 - the parametrized engine fixture
+from .helpers import chat, collect, run
 
 SCHEMAS = {
     "person": {
