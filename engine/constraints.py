@@ -25,11 +25,11 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, model_validator
 
 from .errors import InvalidRequestError
+from .json_layout import JSON_OPTIONS
 
 log = logging.getLogger(__name__)
 
 TEMPLATES = 64  # compiled grammars kept per model (a schema's next request copies its matcher)
-JSON_OPTIONS = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
 
 
 class GuidedSpec(BaseModel):

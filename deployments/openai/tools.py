@@ -16,15 +16,12 @@ from typing import Any, Literal
 
 from pydantic import Field
 
+from engine.json_layout import JSON_OPTIONS
 from engine.tool_prompt import CALL_CLOSE, CALL_OPEN
 
 from ..http.validation import Strict
 
 MAX_PARALLEL_CALLS = 4  # a forced parallel call makes at most this many calls
-# How a forced call's JSON is laid out (llguidance's options, carried in the grammar's schema):
-# the same as engine.constraints.JSON_OPTIONS, which the router may not import (it loads MLX);
-# a test holds the two equal.
-JSON_OPTIONS = {"whitespace_flexible": False, "key_separator": ": ", "item_separator": ", "}
 
 
 class JsonSchemaFormat(Strict):

@@ -37,13 +37,6 @@ def test_the_replicas_prefix_residency_does_not_import_the_request_router():
     assert "deployments.prefix_hashing" in loaded and "deployments.request_router" not in loaded
 
 
-def test_forced_tool_calls_lay_out_json_as_the_engine_does():
-    from deployments.openai.tools import JSON_OPTIONS
-    from engine.constraints import JSON_OPTIONS as ENGINE_JSON_OPTIONS
-
-    assert JSON_OPTIONS == ENGINE_JSON_OPTIONS
-
-
 def test_the_event_stream_and_the_http_pieces_know_no_api():
     loaded = imported_after(
         "deployments.events", "deployments.http.auth", "deployments.http.sse", "deployments.http.body"
