@@ -75,7 +75,7 @@ class EngineConfig(BaseModel):
     adaptive_cpu_threads: bool = Field(
         True,
         description="While busy, give OpenBLAS (the CPU fast path) the cores other processes leave "
-        "free, from 1 up to the threads it started with (engine.loading.cpu_threads); false keeps them fixed.",
+        "free, from 1 up to the threads it started with (engine.cpu_threads); false keeps them fixed.",
     )
     step_timeout_s: float = Field(
         120.0,

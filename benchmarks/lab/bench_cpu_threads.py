@@ -8,7 +8,7 @@ Each model runs in its own process (as each model replica does under `serve run`
 engine on the CPU fast path. Both warm up, then decode waves of `--batch` requests (32 tokens,
 EOS ignored) for `--seconds`, starting at the same moment. Modes, in turn: `fixed` (OpenBLAS
 keeps the threads it started with: every core, `engine.adaptive_cpu_threads: false`) and
-`adaptive` (the default: engine/loading/cpu_threads.py). Then each model alone, adaptive, for what a
+`adaptive` (the default: engine/cpu_threads.py). Then each model alone, adaptive, for what a
 model that has the machine to itself makes. With `--serve`, the same A/B through `serve run` of
 serve_config.yaml (a copy with `adaptive_cpu_threads` set for both models): `--batch` streaming
 clients per model over HTTP, both models at once. Prints one JSON document and a markdown table.
