@@ -5,7 +5,7 @@
 1. Ten users arriving together, one ~500-token system prompt, distinct short questions (AsyncEngine,
    greedy, EOS ignored): TTFT p50 / max, aggregate completion tok/s, and the peak KV bytes held
    while they run. Paged: peak blocks in use x block bytes (+ decode working copies, if any);
-   contiguous: the peak of mlx_lm's cache bytes (BatchGenerator.prompt_cache_nbytes), and the
+   contiguous: the peak of mlx_lm's cache bytes (the loop's `nbytes`), and the
    ideal contiguous bytes (every token of every user once, no padding) for reference. Sampled after
    every engine step, on the engine thread.
 2. TTFT cold vs warm for one ~1000-token prompt (paged; the cache cleared before each cold run), and
@@ -69,10 +69,12 @@ class StepProbe:
         self.sched.step = step
 
     def sample(self) -> None:
+        from engine.kv.manager import PagedCacheManager
+
         self.steps += 1
-        self.peak_cache_bytes = max(self.peak_cache_bytes, self.sched.gen.prompt_cache_nbytes)
+        self.peak_cache_bytes = max(self.peak_cache_bytes, self.sched.gen.nbytes)
         cache = self.sched.cache
-        if hasattr(cache, "pool"):
+        if isinstance(cache, PagedCacheManager):
             held = cache.pool.used * cache.pool.block_bytes + sum(cache.ctx.copy_bytes.values())
             self.peak_pool_bytes = max(self.peak_pool_bytes, held)
 

@@ -18,7 +18,7 @@ The model sees, per layer, a `_ColumnCache`: mlx_lm's cache protocol (`offset`,
 at a start given as an array, except on CUDA: there MLX (0.32) launches that update with a thread per
 element of the *whole copy*, not of the column (`copy_general_dynamic` sizes its grid by the output),
 plus a kernel for the offset, so one select over the copy (`mx.where` with the column's one-hot) is
-cheaper (docs/benchmarks.md, *Kernels per step on the H200*). The loop's bookkeeping (blocks, the
+cheaper (docs/lab-notebook.md, *Kernels per step on the H200*). The loop's bookkeeping (blocks, the
 geometry, the rows' lengths) happens outside the compiled function, once a step
 (`PagedContext.decode_copies` before it, `PagedContext.commit_column` after).
 """
@@ -81,7 +81,7 @@ def eager_unpadded(unpadded_decode: str | None = None) -> bool:
     "compiled", `EngineConfig.unpadded_decode`), or when None, on CUDA. Such a batch needs no mask
     (`Geometry.sees_all`), and MLX's CUDA backend runs unmasked decode attention as one fused vector
     kernel but a masked one as ~5 unfused kernels a layer; the compiled step always masks (it reads
-    its copy's empty columns), so there the eager step is the faster one (docs/benchmarks.md,
+    its copy's empty columns), so there the eager step is the faster one (docs/lab-notebook.md,
     *Unmasked when nothing is padded*)."""
     if unpadded_decode is not None:
         return unpadded_decode == "eager"

@@ -3,7 +3,7 @@
 On the CPU fast path every matmul is an OpenBLAS GEMM split over its threads, which meet at a
 barrier: when another busy process takes one of the cores, the GEMM's other threads wait for it.
 Two models busy at once on 2 cores, each with 2 threads, run slower than when each leaves the
-other a core (docs/benchmarks.md, *OpenBLAS threads chosen from what runs*). One model busy alone
+other a core (docs/lab-notebook.md, *OpenBLAS threads chosen from what runs*). One model busy alone
 wants every core. So while the engine is busy, once a second, `BlasThreads.tick` measures the cores
 that other processes used (the machine's busy CPU time minus this process's) and gives OpenBLAS
 the cores they left: from 1 up to the threads it started with (OPENBLAS_NUM_THREADS caps it).

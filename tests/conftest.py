@@ -18,8 +18,8 @@ def smollm():
 @pytest.fixture(scope="module")
 def load_once():
     """Engines built in this module load each model once: the weights (immutable once loaded)
-    are shared by the module's engines, which cuts a load (3-5 s for SmolLM2, 11 s for Gemma,
-    most of it its 262k-token tokenizer) from every engine after the first."""
+    are shared by the module's engines, which cuts a load (for Gemma, mostly its 262k-token
+    tokenizer) from every engine after the first."""
     import engine.engine
     from engine.loading.loader import load_model
 

@@ -22,7 +22,7 @@ index is never written: the first write into it makes a private copy (copy-on-wr
 Reads. MLX has no paged-attention kernel, and mlx_lm's attention wants one `[B, H, L, D]` array
 per layer. The plain way, a gather of every row's blocks per layer per step, costs a copy of the
 whole batch's K/V each decode step, as much memory traffic as the attention itself
-(docs/benchmarks.md, *Paged KV cache*). So a decode batch
+(docs/lab-notebook.md, *Paged KV cache*). So a decode batch
 may keep *working copies* instead (engine.kv.working_copy): per layer a contiguous K and V laid out
 as mlx_lm's batch cache (rows right-aligned), built by one gather and then written one column a
 step; decode tokens reach the pool when the loop flushes (before the batch changes, a prompt

@@ -124,6 +124,6 @@ def warn_if_slow() -> None:
     if not openblas_loaded():
         log.warning(
             "OpenBLAS is not loaded in this process: MLX on CPU falls back to the reference BLAS "
-            "(~40x slower). Reinstall mlx-orchard (its cmeel-openblas dependency) or start the process with LD_PRELOAD=%s",
+            "(much slower). Reinstall mlx-orchard (its cmeel-openblas dependency) or start the process with LD_PRELOAD=%s",
             find_openblas() or "<path to libopenblas.so.0>",
         )
