@@ -15,9 +15,10 @@ import json
 import httpx
 
 from deployments.config import RouterConfig
-from deployments.hop import GenerateRequest
+from deployments.hop import GenerateRequest, error_item
 from deployments.model_client import ModelCall
 from deployments.router import RouterCore, create_app
+from engine.errors import InvalidRequestError, OverloadedError
 
 LOOP = asyncio.new_event_loop()
 
@@ -31,6 +32,9 @@ def chunk(text, n=1, finish=None, usage=None):
 
 
 USAGE = {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6, "prompt_tokens_details": {"cached_tokens": 1}}
+# Error items as a replica sends them (their shape is tests/deployments/test_hop.py's to check).
+OVERLOADED = error_item(OverloadedError("queue full", retry_after_s=2.0))
+HOT = error_item(InvalidRequestError("temperature: too hot", param="temperature"))
 
 
 def sent(request: GenerateRequest) -> dict:

@@ -19,7 +19,7 @@ from deployments.events import Error, Finish, Logprobs, TextDelta, ToolCallArgsD
 from deployments.http.errors import ApiError
 from deployments.router import RouterCore, create_app
 from engine.request import PromptInput
-from tests.fakes import USAGE, FakeClient, chunk
+from tests.fakes import HOT, OVERLOADED, USAGE, FakeClient, chunk
 
 HI = [{"role": "user", "content": "hi"}]
 BASE = {"model": "m1", "max_tokens": 8, "messages": HI}
@@ -337,23 +337,8 @@ async def test_sdk_reads_tool_use_blocks_created_and_streamed(monkeypatch):
 
 
 async def test_sdk_raises_its_typed_errors():
-    overloaded = {
-        "error": {"message": "queue full", "type": "overloaded_error", "param": None, "code": "overloaded"},
-        "status_code": 503,
-        "retry_after_s": 2.0,
-    }
-    invalid = {
-        "error": {
-            "message": "temperature: too hot",
-            "type": "invalid_request_error",
-            "param": "temperature",
-            "code": None,
-        },
-        "status_code": 400,
-        "retry_after_s": None,
-    }
     client = sdk(
-        make_core(m1=CountingClient("m1"), busy=FakeClient("busy", [overloaded]), hot=FakeClient("hot", [invalid]))
+        make_core(m1=CountingClient("m1"), busy=FakeClient("busy", [OVERLOADED]), hot=FakeClient("hot", [HOT]))
     )
     with pytest.raises(anthropic.BadRequestError) as bad:
         await client.messages.create(model="m1", max_tokens=4, messages=HI, extra_body={"bogus": 1})

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from deployments.config import ConfigError
-from tests.fakes import USAGE, FakeClient, chunk, make_client, run, sse_events
+from tests.fakes import HOT, OVERLOADED, USAGE, FakeClient, chunk, make_client, run, sse_events
 
 CHAT = {"model": "m1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
@@ -109,24 +109,9 @@ def test_unknown_model_is_404_naming_hosted_models():
 
 
 def test_engine_errors_map_to_status_codes():
-    overloaded = {
-        "error": {"message": "queue full", "type": "overloaded_error", "param": None, "code": "overloaded"},
-        "status_code": 503,
-        "retry_after_s": 2.0,
-    }
-    invalid = {
-        "error": {
-            "message": "temperature: too hot",
-            "type": "invalid_request_error",
-            "param": "temperature",
-            "code": None,
-        },
-        "status_code": 400,
-        "retry_after_s": None,
-    }
 
     async def go():
-        client, _ = make_client(a=FakeClient("a", [overloaded]), b=FakeClient("b", [invalid]))
+        client, _ = make_client(a=FakeClient("a", [OVERLOADED]), b=FakeClient("b", [HOT]))
         async with client:
             ra = await client.post("/v1/chat/completions", json={**CHAT, "model": "a"})
             rb = await client.post("/v1/chat/completions", json={**CHAT, "model": "b", "stream": True})
