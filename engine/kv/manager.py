@@ -135,7 +135,7 @@ class PagedCacheManager:
         bs = self.pool.block_size
         fresh = -(-len(tokens) // bs) - cached // bs  # blocks beyond the reused ones (a partial one is copied)
         need = len(table) - pinned + fresh + 1
-        return self.pool.used + need <= self.pool.capacity - self.ctx.copy_blocks()
+        return need <= self.headroom()
 
     def acquire(self, tokens: list[int], max_tokens: int) -> tuple[SeqBlocks, int]:
         """The blocks of the longest cached prefix of `tokens` (all but the last token at most),
