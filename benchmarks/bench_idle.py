@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--config", default="serve_config.yaml")
     p.add_argument("--json-out")
     args = p.parse_args(argv)
-    say = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731
+    say = lambda *a: print(*a, file=sys.stderr, flush=True)  # noqa: E731 - a one-line local helper
     server = launch.start(args.config)
     try:
         wait_for_state(BUSY, "loaded")

@@ -78,7 +78,7 @@ def decode(model, logits, cache, n_tokens: int) -> None:
 def run_child(args) -> dict:
     import mlx.core as mx
     import mlx_lm  # noqa: F401 - imported before the timer so load_seconds excludes it
-    import mlx_lm.models.cache  # noqa: F401
+    import mlx_lm.models.cache  # noqa: F401 - imported before the timer, as the line above
 
     from engine.loading import cpu_fast_path
     from engine.loading.loader import load_model

@@ -94,7 +94,7 @@ def long_prompt() -> str:
 async def run(args) -> dict:
     t = Target(args.base_url, args.model)
     await t.probe()
-    say = lambda *a: print(f"[{args.label}]", *a, file=sys.stderr, flush=True)  # noqa: E731
+    say = lambda *a: print(f"[{args.label}]", *a, file=sys.stderr, flush=True)  # noqa: E731 - a one-line local helper
     await wave(t, 5)  # warm-up: kernels for these shapes, and the servers' caches
     ttfts = []
     for q in SEED_QUESTIONS * 2:

@@ -233,7 +233,7 @@ class RayModelClient:
             sent = request if attempt == 1 else request.resent(attempt)
             try:
                 gen = self._stream.remote(sent)
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:  # noqa: BLE001 - any Ray failure becomes an API error
                 raise ray_error(self.name, exc, self._retry_after_s) from exc
             call = ModelCall(self.name, gen, gen.cancel, started_at, deadline, self._retry_after_s, load_timeout_s)
             try:
@@ -265,7 +265,7 @@ class RayModelClient:
                 type="timeout_error",
                 code="timeout",
             ) from None
-        except Exception as exc:  # noqa: BLE001
+        except Exception as exc:  # noqa: BLE001 - any Ray failure becomes an API error
             raise ray_error(self.name, exc, self._retry_after_s) from exc
 
     async def stats(self, timeout_s: float) -> dict[str, Any]:

@@ -49,7 +49,7 @@ class BatchSampling:
         cls, params: list[SamplingParams], keys: list[np.ndarray], histories: list[list[int]] | None
     ) -> BatchSampling:
         """`histories`: each row's tokens so far (only read when some row has penalties)."""
-        col = lambda values, dtype=mx.float32: mx.array(values, dtype=dtype)[:, None]  # noqa: E731
+        col = _column
         all_greedy = all(p.greedy for p in params)
         filters = any(p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0 for p in params) and not all_greedy
         penalties = None
@@ -159,3 +159,8 @@ def filter_logprobs(logprobs: mx.array, top_k: mx.array, top_p: mx.array, min_p:
     floor = desc[:, :1] + mx.log(mx.maximum(min_p, 1e-30))
     threshold = mx.where(min_p > 0, mx.maximum(threshold, floor), threshold)
     return mx.where(logprobs >= threshold, logprobs, -mx.inf)
+
+
+def _column(values, dtype=mx.float32) -> mx.array:
+    """Per-row values as a `[rows, 1]` column."""
+    return mx.array(values, dtype=dtype)[:, None]

@@ -263,7 +263,7 @@ class AsyncEngine:
         self._ready.set()
         try:
             self._loop()
-        except BaseException as exc:  # noqa: BLE001
+        except BaseException as exc:  # noqa: BLE001 - the loop's death is reported to every caller (check_health)
             log.exception("engine loop for %s died", self.source)
             self._dead = exc
             self._fail_streams(EngineDeadError(f"engine for {self.source} died: {exc}"))

@@ -83,9 +83,13 @@ def with_defaults(defaults: dict, request: dict) -> dict:
     out = {**defaults, **request}
     for key in JOINED:
         if defaults.get(key) and request.get(key):
-            as_list = lambda v: [v] if isinstance(v, (str, int)) else list(v)  # noqa: E731
-            out[key] = list(dict.fromkeys(as_list(defaults[key]) + as_list(request[key])))
+            out[key] = list(dict.fromkeys(_as_list(defaults[key]) + _as_list(request[key])))
     return out
+
+
+def _as_list(value) -> list:
+    """A stop field as a list: one string or token id, or several."""
+    return [value] if isinstance(value, (str, int)) else list(value)
 
 
 def greedy(logprobs: mx.array) -> mx.array:

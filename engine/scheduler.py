@@ -212,7 +212,7 @@ class Scheduler:
         return None
 
     def _logprob_entry(self, r: Token) -> dict:
-        decode = lambda t: self.tokenizer.decode([t])  # noqa: E731
+        decode = lambda t: self.tokenizer.decode([t])  # noqa: E731 - a one-line local helper
         return {
             "id": r.token,
             "token": decode(r.token),

@@ -219,7 +219,7 @@ def run(args) -> dict:
 
 
 def table(result: dict) -> str:
-    span = lambda xs: f"{min(xs)}–{max(xs)}" if len(xs) > 1 else f"{xs[0]}"  # noqa: E731
+    span = lambda xs: f"{min(xs)}–{max(xs)}" if len(xs) > 1 else f"{xs[0]}"  # noqa: E731 - a one-line local helper
     lines = [
         f"device {result['device']}, mlx {result['mlx']}, {result['model']}, {result['cols']} keys; "
         "ranges over the rounds",

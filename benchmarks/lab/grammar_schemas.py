@@ -18,7 +18,7 @@ def _obj(props: dict, required: list[str] | None = None) -> dict:
     }
 
 
-_STR = lambda n: {"type": "string", "maxLength": n}  # noqa: E731
+_STR = lambda n: {"type": "string", "maxLength": n}  # noqa: E731 - a one-line local helper
 
 SCHEMAS: dict[str, tuple[dict, object]] = {
     "person": (

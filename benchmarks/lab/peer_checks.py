@@ -73,7 +73,7 @@ async def answers(c: httpx.AsyncClient, model: str, timeout_s: float = 120) -> d
 def error_shape(r: httpx.Response) -> tuple[bool, str]:
     try:
         body = r.json()
-    except Exception:  # noqa: BLE001
+    except Exception:  # noqa: BLE001 - any failure is reported, not raised
         return False, "not JSON: " + short(r.text, 80)
     err = body.get("error") if isinstance(body, dict) else None
     if isinstance(err, dict) and isinstance(err.get("message"), str) and err["message"]:
@@ -100,7 +100,7 @@ async def check_hostile(c: httpx.AsyncClient, model: str) -> dict:
             cases[name] = {"pass": ok, "status": r.status_code, "openai_error_shape": shaped, "observed": what}
         except TimeoutError:
             cases[name] = {"pass": False, "status": None, "observed": "no answer in 30 s"}
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - any failure is reported, not raised
             cases[name] = {"pass": False, "status": None, "observed": f"{type(e).__name__}: {short(e)}"}
         cases[name]["s"] = round(time.monotonic() - t0, 2)
         if cases[name]["status"] is None:  # a hang or a dropped connection: wait for the server to answer again
@@ -204,7 +204,7 @@ async def check_features(c: httpx.AsyncClient, model: str) -> dict:
         field = "tool" if feature == "tools" else feature
         try:
             r = await asyncio.wait_for(c.post("/v1/chat/completions", json=_feature_request(feature, model)), 120)
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - any failure is reported, not raised
             out[feature] = {"pass": False, "verdict": "no answer", "observed": f"{type(e).__name__}: {short(e)}"}
             continue
         if 400 <= r.status_code < 500:
@@ -304,7 +304,7 @@ async def _guarded(coro, timeout_s: float) -> dict:
         return await asyncio.wait_for(coro, timeout_s)
     except TimeoutError:
         return {"outcome": "timeout"}
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001 - any failure is reported, not raised
         return {"outcome": "transport error", "observed": f"{type(e).__name__}: {short(e, 80)}"}
 
 
@@ -446,7 +446,7 @@ async def run(args) -> dict:
     ) as c:
         try:
             listed = [m.get("id") for m in (await c.get("/v1/models")).json().get("data", [])]
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - any failure is reported, not raised
             listed = [f"GET /v1/models failed: {type(e).__name__}"]
         ignore_eos = args.ignore_eos == "on" or (args.ignore_eos == "auto" and await probe_ignore_eos(c, args.model))
         report = {
