@@ -106,6 +106,17 @@ def make_client(router=None, **clients):
     return httpx.AsyncClient(transport=transport, base_url="http://test"), core
 
 
+async def closing_batches(closed: list):
+    """Two event batches, then `closed` gets True when the consumer closes them (or they end)."""
+    from deployments.events import TextDelta
+
+    try:
+        yield [TextDelta("a")]
+        yield [TextDelta("b")]
+    finally:
+        closed.append(True)
+
+
 def sse_events(body: str) -> list:
     events = [line[len("data: ") :] for line in body.split("\n\n") if line.startswith("data: ")]
     assert events[-1] == "[DONE]"

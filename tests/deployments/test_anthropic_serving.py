@@ -19,7 +19,7 @@ from deployments.events import Error, Finish, Logprobs, TextDelta, ToolCallArgsD
 from deployments.http.errors import ApiError
 from deployments.router import RouterCore, create_app
 from engine.request import PromptInput
-from tests.fakes import HOT, OVERLOADED, USAGE, FakeClient, chunk
+from tests.fakes import HOT, OVERLOADED, USAGE, FakeClient, chunk, closing_batches
 
 HI = [{"role": "user", "content": "hi"}]
 BASE = {"model": "m1", "max_tokens": 8, "messages": HI}
@@ -209,15 +209,7 @@ def test_tool_call_stream_event_sequence():
 async def test_closing_the_sse_body_closes_the_chunks():
     """A client that goes away closes the body; the batches' own close is what cancels the model call."""
     closed = []
-
-    async def batches():
-        try:
-            yield [TextDelta("a")]
-            yield [TextDelta("b")]
-        finally:
-            closed.append(True)
-
-    body = stream_events(batches(), MessageEvents("msg_1", "m1", 3))
+    body = stream_events(closing_batches(closed), MessageEvents("msg_1", "m1", 3))
     assert (await body.__anext__()).startswith(b"event: message_start\n")
     await body.__anext__()
     await body.aclose()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from deployments.config import ConfigError
-from tests.fakes import HOT, OVERLOADED, USAGE, FakeClient, chunk, make_client, run, sse_events
+from tests.fakes import HOT, OVERLOADED, USAGE, FakeClient, chunk, closing_batches, make_client, run, sse_events
 
 CHAT = {"model": "m1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
@@ -222,20 +222,11 @@ def test_api_key_from_environment(monkeypatch):
 
 async def test_closing_an_openai_sse_body_closes_the_batches():
     """A client that goes away closes the body; the batches' own close is what cancels the model call."""
-    from deployments.events import TextDelta
     from deployments.openai.builders import ResponseBuilder
     from deployments.openai.serving import sse_body
 
     closed = []
-
-    async def batches():
-        try:
-            yield [TextDelta("a")]
-            yield [TextDelta("b")]
-        finally:
-            closed.append(True)
-
-    body = sse_body(batches(), ResponseBuilder("chat", "m1", "chatcmpl-1"))
+    body = sse_body(closing_batches(closed), ResponseBuilder("chat", "m1", "chatcmpl-1"))
     assert (await body.__anext__()).startswith(b"data: {")
     await body.aclose()
     assert closed == [True]
