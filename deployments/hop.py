@@ -47,6 +47,7 @@ class Chunk(TypedDict, total=False):
     request_id: str
     prompt_tokens: int
     logprobs: list[dict[str, Any]]  # present only when the request asked for logprobs
+    format: dict[str, Any]  # on the first chunk: how the output is written (engine.chat_format.OutputFormat)
 
 
 def merge_chunks(chunks: Sequence[Chunk]) -> Chunk:
@@ -61,6 +62,8 @@ def merge_chunks(chunks: Sequence[Chunk]) -> Chunk:
         "request_id": first["request_id"],
         "prompt_tokens": first["prompt_tokens"],
     }
+    if "format" in first:
+        merged["format"] = first["format"]
     if any("logprobs" in c for c in chunks):
         merged["logprobs"] = [e for c in chunks for e in c.get("logprobs") or ()]
     return merged

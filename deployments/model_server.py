@@ -202,8 +202,12 @@ class ModelServer:
                     self.engine.block_hashes(stream.prompt_ids),
                     self.engine.config.block_size,
                 )
+            first = True
             while batch := await chunks.next_batch():
-                yield merge(batch, stream)
+                item = merge(batch, stream)
+                if first:
+                    item["format"], first = stream.format.as_dict(), False
+                yield item
         except OrchardError as exc:
             yield error_item(exc)
         finally:

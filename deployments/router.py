@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import events
+from . import output
 from .anthropic.serving import install_anthropic_routes
 from .config import RouterConfig
 from .events import Event
@@ -35,9 +35,9 @@ from .model_client import ModelCall, ModelClient, RayModelClient
 from .model_directory import LOADED, ModelDirectory
 from .openai.protocol import model_card
 from .openai.serving import install_openai_routes
+from .parsers import Parsing
 from .request_router import routing_decisions
 from .settings import LOADED_CALL_TIMEOUT_S
-from .tool_parser import ToolCallParser
 
 log = logging.getLogger("ray.serve")
 
@@ -128,18 +128,18 @@ class RouterCore:
             self.metrics.cold_ttft.labels(model).observe(call.first_token_at - start)
         return call
 
-    async def collect(self, call: ModelCall, parser: ToolCallParser | None) -> list[Event]:
-        """A call's whole response (`events.collect`); closes the call."""
+    async def collect(self, call: ModelCall, parsing: Parsing | None) -> list[Event]:
+        """A call's whole response (`output.collect`); closes the call."""
         try:
-            return await events.collect(call, parser)
+            return await output.collect(call, parsing)
         finally:
             await call.close()
             self._record(call)
 
-    async def stream(self, call: ModelCall, parser: ToolCallParser | None) -> AsyncIterator[list[Event]]:
-        """A call's streamed response (`events.stream`); closes the call at the end or when abandoned."""
+    async def stream(self, call: ModelCall, parsing: Parsing | None) -> AsyncIterator[list[Event]]:
+        """A call's streamed response (`output.stream`); closes the call at the end or when abandoned."""
         try:
-            async for batch in events.stream(call, parser):
+            async for batch in output.stream(call, parsing):
                 yield batch
         finally:
             await call.close()

@@ -6,6 +6,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from .chat_format import REASONING_FORMATS, TOOL_FORMATS
+
 
 class EngineConfig(BaseModel):
     """How one model is run: scheduling, streaming and KV cache."""
@@ -45,6 +47,15 @@ class EngineConfig(BaseModel):
         description="The system-prompt text that describes tools to a model whose chat template does "
         "not take them (in the Hermes <tool_call> format); `{tools}` becomes one JSON schema per line. "
         "Default: the Hermes prompt (engine.tool_prompt.HERMES_SYSTEM).",
+    )
+    tool_format: Literal[TOOL_FORMATS] | None = Field(
+        None,
+        description="The call syntax of the model's output (engine.chat_format). None: read from the chat template.",
+    )
+    reasoning_format: Literal[REASONING_FORMATS] | Literal["none"] | None = Field(
+        None,
+        description="Where the model writes its thinking, kept out of the answer's content "
+        "(engine.chat_format). None: read from the chat template; none: the model does not think.",
     )
     fast_cpu: bool | None = Field(
         None, description="Dequantize to float32 for the OpenBLAS CPU path. None: automatic (CPU-only Linux)."

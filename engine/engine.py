@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import dataclasses
+import functools
 import logging
 import os
 import queue
@@ -21,6 +23,13 @@ import threading
 import time
 import uuid
 
+from .chat_format import (
+    OutputFormat,
+    detect_reasoning_format,
+    detect_tool_format,
+    prompt_opens_reasoning,
+    template_source,
+)
 from .config import EngineConfig
 from .constraints import Constraint
 from .cpu_threads import BlasThreads
@@ -38,6 +47,7 @@ from .text_stream import TextStream
 log = logging.getLogger(__name__)
 _STOP = object()
 ARRIVAL_WINDOW_S = 0.005  # when idle, gather requests that arrive together into one prefill
+PROMPT_TAIL_TOKENS = 8  # a prompt's last tokens, read for an opened reasoning block
 STATS_INTERVAL_S = 0.25  # the loop publishes a stats snapshot this often (other threads read it)
 
 
@@ -47,9 +57,12 @@ class RequestStream:
     Outputs the reader has not taken yet are merged into one (vLLM's output collector does the
     same): a reader slower than the engine gets bigger deltas, never a growing queue."""
 
-    def __init__(self, engine: AsyncEngine, request_id: str, prompt_ids: list[int]):
+    def __init__(
+        self, engine: AsyncEngine, request_id: str, prompt_ids: list[int], output_format: OutputFormat | None = None
+    ):
         self.request_id = request_id
         self.prompt_ids = prompt_ids
+        self.format = output_format or OutputFormat()  # how its output is written (engine.chat_format)
         self.prompt_tokens = len(prompt_ids)
         self._engine = engine
         self._pending: RequestOutput | None = None
@@ -157,6 +170,24 @@ class AsyncEngine:
         model's), tools rendered in it. Raises InvalidRequestError."""
         return encode_prompt(self.tokenizer, prompt, self.config.chat_template, self.config.tool_prompt)
 
+    @functools.cached_property
+    def model_format(self) -> OutputFormat:
+        """The model's tool-call and reasoning formats: the config's, else read from its chat template."""
+        template = template_source(self.config.chat_template or getattr(self.tokenizer, "chat_template", None))
+        reasoning = self.config.reasoning_format or detect_reasoning_format(template)
+        return OutputFormat(
+            tools=self.config.tool_format or detect_tool_format(template),
+            reasoning=None if reasoning == "none" else reasoning,
+        )
+
+    def output_format(self, prompt_ids: list[int]) -> OutputFormat:
+        """A request's output format: the model's, and whether its prompt opened a reasoning block."""
+        fmt = self.model_format
+        if fmt.reasoning is None:
+            return fmt
+        tail = self.tokenizer.decode(prompt_ids[-PROMPT_TAIL_TOKENS:])
+        return dataclasses.replace(fmt, in_reasoning=prompt_opens_reasoning(tail, fmt.reasoning))
+
     def compile_guided(self, params: SamplingParams) -> Constraint | None:
         """The matcher of a request's `guided` spec (a bad schema is an InvalidRequestError). Can
         take a while for a big schema, so callers on an event loop run it in a thread."""
@@ -182,7 +213,7 @@ class AsyncEngine:
             request_id = request_id or f"req-{uuid.uuid4().hex[:16]}"
             if request_id in self._streams:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
-            stream = RequestStream(self, request_id, prompt_ids)
+            stream = RequestStream(self, request_id, prompt_ids, self.output_format(prompt_ids))
             self._streams[request_id] = stream
         text = TextStream(self.tokenizer.detokenizer, params.stop)
         self._inbox.put(("add", Request(request_id, prompt_ids, params, max_tokens, text, constraint=constraint)))

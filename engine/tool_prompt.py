@@ -5,7 +5,7 @@ The Hermes format: the system prompt lists the tools as JSON schemas inside <too
 asks for each call as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`; an assistant
 turn's earlier calls are written back the same way, and a tool's result goes in a user turn as
 `<tool_response>...</tool_response>`. The router parses calls out of the output with the same
-tags (deployments/tool_parser.py), and forced calls use the same tags in their grammar.
+tags (deployments/parsers/hermes.py), and forced calls use the same tags in their grammar.
 """
 
 from __future__ import annotations

@@ -79,7 +79,7 @@ def tool_input(model: str, arguments: Any) -> dict[str, Any]:
 
 
 def to_message(events: list[Event], msg_id: str, model: str) -> dict[str, Any]:
-    """An Anthropic message from a whole response (`events.collect`'s batch)."""
+    """An Anthropic message from a whole response (`output.collect`'s batch)."""
     text = "".join(e.text for e in events if isinstance(e, TextDelta))
     content: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
     starts = {e.index: e for e in events if isinstance(e, ToolCallStart)}
@@ -211,9 +211,9 @@ async def create_message(core, request: Request) -> Response:
         msg_id = message_id(request_id)
         if req.stream:
             events = MessageEvents(msg_id, model, call.prompt_tokens or 0)
-            response = event_stream(stream_events(core.stream(call, chat.tool_parser()), events))
+            response = event_stream(stream_events(core.stream(call, chat.parsing()), events))
         else:
-            response = JSONResponse(to_message(await core.collect(call, chat.tool_parser()), msg_id, model))
+            response = JSONResponse(to_message(await core.collect(call, chat.parsing()), msg_id, model))
     except ApiError as exc:
         core.observe(model, "messages", exc.status_code)
         raise

@@ -1,10 +1,11 @@
 """OpenAI response bodies and stream chunks for one request, built from the router's events.
 
-A `ResponseBuilder` renders a whole response (`events.collect`) as a `chat.completion` /
-`text_completion` body, and a stream's batches (`events.stream`) as `chat.completion.chunk` /
-`text_completion` dicts. The first chunk always carries the role; a tool call is one
-`delta.tool_calls` item (index, id, name and its whole arguments), which the OpenAI SDK assembles
-as it assembles OpenAI's own; logprobs come in the chat shape or the completions (legacy) shape.
+A `ResponseBuilder` renders a whole response (`output.collect`) as a `chat.completion` /
+`text_completion` body, and a stream's batches (`output.stream`) as `chat.completion.chunk` /
+`text_completion` dicts. The first chunk always carries the role; reasoning is `reasoning_content`
+beside `content`; a tool call streams as OpenAI's do: a `delta.tool_calls` item with its index,
+id, name and empty arguments, then items with pieces of its arguments, which the OpenAI SDK
+assembles; logprobs come in the chat shape or the completions (legacy) shape.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from ..events import (
     Event,
     Finish,
     Logprobs,
+    ReasoningDelta,
     TextDelta,
     ToolCallArgsDelta,
     ToolCallEnd,
@@ -43,6 +45,34 @@ def chat_logprobs(entries: list[dict]) -> dict[str, Any]:
         ],
         "refusal": None,
     }
+
+
+def _delta(e: Event) -> dict[str, Any] | None:
+    """A chat stream's delta for one event (None: the event adds nothing to a delta)."""
+    if isinstance(e, TextDelta):
+        return {"content": e.text} if e.text else None
+    if isinstance(e, ReasoningDelta):
+        return {"reasoning_content": e.text} if e.text else None
+    if isinstance(e, ToolCallStart):
+        function = {"name": e.name, "arguments": ""}
+        return {"tool_calls": [{"index": e.index, "id": e.id, "type": "function", "function": function}]}
+    if isinstance(e, ToolCallArgsDelta):
+        return {"tool_calls": [{"index": e.index, "function": {"arguments": e.text}}]} if e.text else None
+    return None
+
+
+def _join(into: dict[str, Any], delta: dict[str, Any]) -> bool:
+    """Adds `delta` to the previous delta when both are text of one kind, or arguments of one call."""
+    for key in ("content", "reasoning_content"):
+        if key in delta and key in into:
+            into[key] += delta[key]
+            return True
+    if "tool_calls" in delta and "tool_calls" in into:
+        last, new = into["tool_calls"][-1], delta["tool_calls"][0]
+        if last["index"] == new["index"] and set(new) == {"index", "function"}:
+            last["function"]["arguments"] += new["function"]["arguments"]
+            return True
+    return False
 
 
 def tool_calls(events: list[Event]) -> list[dict[str, Any]]:
@@ -110,8 +140,9 @@ class ResponseBuilder:
     # --- a whole response ---------------------------------------------------------------
 
     def full(self, events: list[Event]) -> dict[str, Any]:
-        """The body of a whole response (`events.collect`'s batch)."""
+        """The body of a whole response (`output.collect`'s batch)."""
         text = "".join(e.text for e in events if isinstance(e, TextDelta))
+        reasoning = "".join(e.text for e in events if isinstance(e, ReasoningDelta))
         logprobs = [x for e in events if isinstance(e, Logprobs) for x in e.entries]
         finish = next((e.reason for e in events if isinstance(e, Finish)), None)
         usage = next((e.usage for e in events if isinstance(e, Usage)), None)
@@ -122,6 +153,8 @@ class ResponseBuilder:
                 message["content"] = text or (None if calls or self.forced else "")
             if calls:
                 message["tool_calls"] = calls
+            if reasoning:
+                message["reasoning_content"] = reasoning
             choice = {"index": 0, "message": message, "logprobs": self._logprobs(logprobs), "finish_reason": finish}
         else:
             choice = {"index": 0, "text": text, "logprobs": self._logprobs(logprobs), "finish_reason": finish}
@@ -130,7 +163,7 @@ class ResponseBuilder:
     # --- a stream ----------------------------------------------------------------------
 
     def chunks(self, batch: list[Event]) -> list[dict[str, Any]]:
-        """The stream items of one batch of `events.stream`; an error is its OpenAI body."""
+        """The stream items of one batch of `output.stream`; an error is its OpenAI body."""
         if batch and isinstance(batch[0], Error):
             return [batch[0].error.body]
         if batch and isinstance(batch[0], Usage):
@@ -141,19 +174,28 @@ class ResponseBuilder:
         return self._deltas(batch)
 
     def _deltas(self, batch: list[Event]) -> list[dict[str, Any]]:
-        """One replica chunk's output: its text (the first chunk always, for the role) with its
-        logprobs, then a chunk per completed call (logprobs there when no text chunk took them)."""
-        text = "".join(e.text for e in batch if isinstance(e, TextDelta))
+        """One replica chunk's output, in order: its content, reasoning and call pieces as deltas
+        (adjacent pieces of one kind joined), the batch's logprobs on the first; the first chunk
+        of the stream always goes, for the role."""
+        deltas: list[dict[str, Any]] = []
+        for e in batch:
+            delta = _delta(e)
+            if delta is None:
+                continue
+            if not deltas or not _join(deltas[-1], delta):
+                deltas.append(delta)
         logprobs = [x for e in batch if isinstance(e, Logprobs) for x in e.entries] or None
-        calls = tool_calls(batch)
+        if self.kind == "text":
+            text = "".join(d.get("content", "") for d in deltas)
+            return [self.chunk(text, logprobs=logprobs)] if text or logprobs or self._first else []
+        if not deltas and (self._first or logprobs):
+            deltas.append({"content": ""})
         out = []
-        if text or self._first or (logprobs and not calls):
-            out.append(self.chunk(text, logprobs=logprobs))
-            logprobs = None
-        for call in calls:
+        for delta in deltas:
             chunk = self.chunk(None, logprobs=logprobs)
-            chunk["choices"][0]["delta"]["tool_calls"] = [call]
+            chunk["choices"][0]["delta"].update(delta)
             out.append(chunk)
+            logprobs = None
         return out
 
     def chunk(

@@ -15,7 +15,7 @@ from engine.request import PromptInput
 
 from ..http.errors import ApiError
 from ..http.validation import Strict, parse_body, request_error
-from ..tool_parser import ToolCallParser
+from ..parsers import Parsing
 from .tools import ResponseFormat, Tool, ToolChoice, ToolPlan, tool_plan
 
 Role = Literal["system", "user", "assistant", "tool", "developer"]
@@ -185,9 +185,11 @@ class ChatCompletionRequest(_SamplingRequest):
     def plan(self) -> ToolPlan:
         return self._plan
 
-    def tool_parser(self) -> ToolCallParser | None:
-        """The parser of the calls in the output (None: the request has no tools to parse)."""
-        return ToolCallParser(forced=self.plan.grammar is not None) if self.plan.parse else None
+    def parsing(self) -> Parsing:
+        """What the output is parsed for: reasoning always, calls of the request's tools when it has any."""
+        if not self.plan.parse:
+            return Parsing()
+        return Parsing(tools=tuple(t.function.name for t in self.tools), forced=self.plan.grammar is not None)
 
     def sampling(self) -> dict[str, Any]:
         out = super().sampling()

@@ -60,12 +60,12 @@ async def complete(core, request: Request, kind: Kind) -> Response:
     except ApiError as exc:
         core.observe(model, endpoint, exc.status_code)
         raise
-    parser = req.tool_parser() if kind == "chat" else None
+    parsing = req.parsing() if kind == "chat" else None
     if req.stream:
         core.observe(model, endpoint, 200)
-        return event_stream(sse_body(core.stream(call, parser), builder))
+        return event_stream(sse_body(core.stream(call, parsing), builder))
     try:
-        events = await core.collect(call, parser)
+        events = await core.collect(call, parsing)
     except ApiError as exc:
         core.observe(model, endpoint, exc.status_code)
         raise

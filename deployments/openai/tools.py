@@ -1,5 +1,5 @@
 """OpenAI tools and response_format on the router's side: validating them and the plan they make
-for one request (the calls are parsed out of the output by deployments.tool_parser).
+for one request (the calls are parsed out of the output by deployments.parsers).
 
 The model sees tools through its chat template or the Hermes prompt (engine/tool_prompt.py) and
 calls them as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`. With tool_choice

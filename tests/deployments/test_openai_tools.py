@@ -11,8 +11,9 @@ import openai
 import pytest
 
 from deployments.config import RouterConfig
+from deployments.events import TextDelta
+from deployments.parsers.hermes import HermesParser
 from deployments.router import RouterCore, create_app
-from deployments.tool_parser import ToolCallParser
 from tests.fakes import USAGE, FakeClient, chunk
 
 WEATHER = {
@@ -72,7 +73,7 @@ async def test_a_forced_call_cut_off_by_max_tokens_is_dropped_not_shown_as_conte
     content, names, finish = "", [], None
     async for c in r:
         content += c.choices[0].delta.content or ""
-        names += [tc.function.name for tc in c.choices[0].delta.tool_calls or []]
+        names += [tc.function.name for tc in c.choices[0].delta.tool_calls or [] if tc.function.name]
         finish = c.choices[0].finish_reason or finish
     assert (content, names, finish) == ("", ["get_weather"], "length")
 
@@ -206,6 +207,8 @@ async def test_bad_tool_and_format_fields_are_400s_naming_the_field(fields, para
 
 
 def test_the_parser_keeps_text_that_only_looks_like_a_call():
-    p = ToolCallParser()
-    shown = "".join(p.feed(t)[0] for t in ["a <tool", "_call>not json</tool_call> b <to"]) + p.finish()
+    p = HermesParser(("f",))
+    events = [e for t in ["a <tool", "_call>not json</tool_call> b <to"] for e in p.feed(t)] + p.finish()
+    assert all(isinstance(e, TextDelta) for e in events)
+    shown = "".join(e.text for e in events)
     assert shown == "a <tool_call>not json</tool_call> b <to" and not p.calls
