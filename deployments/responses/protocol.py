@@ -249,7 +249,7 @@ def _refuse_hosted_choice(v: Any) -> Any:
 
 class ResponsesRequest(Strict):
     model: str = Field(min_length=1)
-    input: str | list[Item]
+    input: list[Item]  # a string is one user message
     instructions: str | None = None
     previous_response_id: str | None = Field(None, min_length=1)
     tools: list[FunctionTool] | None = None
@@ -271,6 +271,8 @@ class ResponsesRequest(Strict):
     @field_validator("input", mode="before")
     @classmethod
     def _items(cls, v):
+        if isinstance(v, str):
+            return [{"type": "message", "role": "user", "content": v}]
         return _typed(v, ITEM_TYPES, UNSUPPORTED_ITEMS, "item", default="message")
 
     @field_validator("tools", mode="before")
@@ -304,9 +306,6 @@ class ResponsesRequest(Strict):
         return self
 
     def items(self) -> list[Item]:
-        """The input as items: a string is one user message."""
-        if isinstance(self.input, str):
-            return [MessageItem(type="message", role="user", content=self.input)]
         return list(self.input)
 
 
