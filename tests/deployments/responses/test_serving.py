@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from deployments.config import RouterConfig
 from deployments.responses.store import LogBackend, StoreClient
 from deployments.router import RouterCore, create_app
-from tests.fakes import USAGE, FakeClient, chunk
+from tests.fakes import OVERLOADED, USAGE, FakeClient, chunk
 
 CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
 WEATHER = {
@@ -166,3 +166,14 @@ async def test_bad_requests_are_refused_in_openai_s_shape_before_the_model_is_ca
     assert sent(core) == [] and core.models["m1"].cancelled == 0  # nothing was sent to the model
     with pytest.raises(openai.NotFoundError, match="not hosted"):
         await client.responses.create(model="nope", input="hi")
+
+
+async def test_a_call_that_fails_mid_stream_ends_with_response_failed_and_is_kept_as_failed():
+    core = make_core([chunk("Hel"), OVERLOADED])
+    client = sdk(core)
+    async with client.responses.stream(model="m1", input="hi") as stream:
+        events = [e async for e in stream]
+    assert [e.type for e in events[-2:]] == ["error", "response.failed"]
+    failed = events[-1].response
+    assert failed.status == "failed" and failed.error.message == "queue full" and failed.output_text == "Hel"
+    assert (await client.responses.retrieve(failed.id)).status == "failed"
