@@ -140,6 +140,8 @@ class OutputItems:
 
     def _close_call(self, index: int, incomplete: bool = False) -> list[dict[str, Any]]:
         item = self.items[index]
+        if item["status"] != "in_progress":  # closed already (text came between a call's pieces)
+            return []
         if self._open == ("call", index):
             self._open = None
         item["status"] = "incomplete" if incomplete or not _parses(item["arguments"]) else "completed"

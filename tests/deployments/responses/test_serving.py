@@ -177,3 +177,18 @@ async def test_a_call_that_fails_mid_stream_ends_with_response_failed_and_is_kep
     failed = events[-1].response
     assert failed.status == "failed" and failed.error.message == "queue full" and failed.output_text == "Hel"
     assert (await client.responses.retrieve(failed.id)).status == "failed"
+
+
+async def test_reasoning_is_a_reasoning_item_streamed_and_whole_and_is_not_rendered_back():
+    think = {"tools": "hermes", "reasoning": "think", "in_reasoning": False}
+    core = make_core([{**chunk("<think>Paris is"), "format": think}, chunk(" it.</think>Paris.", 1, "stop", USAGE)])
+    client = sdk(core)
+    whole = await client.responses.create(model="m1", input="Capital of France?")
+    assert [i.type for i in whole.output] == ["reasoning", "message"] and whole.output_text == "Paris."
+    assert whole.output[0].content[0].text == "Paris is it."
+    async with client.responses.stream(model="m1", input="Capital of France?") as stream:
+        deltas = [e.delta async for e in stream if e.type == "response.reasoning_text.delta"]
+        final = await stream.get_final_response()
+    assert "".join(deltas) == "Paris is it." and comparable(final) == comparable(whole)
+    await client.responses.create(model="m1", input="Sure?", previous_response_id=whole.id)
+    assert [m["content"] for m in sent(core)[-1]["prompt"]["messages"]] == ["Capital of France?", "Paris.", "Sure?"]
