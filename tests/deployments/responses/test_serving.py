@@ -192,3 +192,14 @@ async def test_reasoning_is_a_reasoning_item_streamed_and_whole_and_is_not_rende
     assert "".join(deltas) == "Paris is it." and comparable(final) == comparable(whole)
     await client.responses.create(model="m1", input="Sure?", previous_response_id=whole.id)
     assert [m["content"] for m in sent(core)[-1]["prompt"]["messages"]] == ["Capital of France?", "Paris.", "Sure?"]
+
+
+async def test_an_evicted_response_is_a_404_like_one_never_stored():
+    core = RouterCore(RouterConfig(response_store={"max_responses": 1}), {"m1": FakeClient("m1")})
+    client = sdk(core)
+    old = await client.responses.create(model="m1", input="one")
+    new = await client.responses.create(model="m1", input="two")
+    assert (await client.responses.retrieve(new.id)).id == new.id
+    with pytest.raises(openai.NotFoundError) as info:
+        await client.responses.create(model="m1", input="more", previous_response_id=old.id)
+    assert "evicted" in info.value.body["message"] and len(sent(core)) == 2
