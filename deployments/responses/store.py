@@ -26,6 +26,8 @@ from typing import Any, Protocol
 
 from ray import serve
 
+from ..http.errors import ApiError
+
 log = logging.getLogger("ray.serve")
 
 
@@ -143,8 +145,18 @@ class StoreClient:
         return kept
 
     async def get(self, response_id: str) -> dict[str, Any] | None:
-        record = await self.backend.get(response_id)
+        record = await self._reach(self.backend.get(response_id))
         return json.loads(record) if record is not None else None
 
     async def delete(self, response_id: str) -> bool:
-        return await self.backend.delete(response_id)
+        return await self._reach(self.backend.delete(response_id))
+
+    async def _reach(self, call):
+        """A store that cannot be reached (its replica restarting) is a 503 to retry, not a 500."""
+        try:
+            return await call
+        except Exception as exc:  # noqa: BLE001 - Ray's errors for an unreachable replica vary
+            log.warning("the response store is unavailable: %s", exc)
+            raise ApiError(
+                503, "the response store is unavailable; retry", type="server_error", code="store_unavailable"
+            ) from exc

@@ -3,6 +3,9 @@ used evicted first, and the router's client over any backend."""
 
 from __future__ import annotations
 
+import pytest
+
+from deployments.http.errors import ApiError
 from deployments.responses.store import LogBackend, ResponseLog, StoreClient
 
 
@@ -34,8 +37,10 @@ def test_delete_says_whether_it_had_the_record():
 
 
 class Broken:
-    async def put(self, response_id, record):
+    async def put(self, response_id, record=None):
         raise ConnectionError("store replica is gone")
+
+    get = delete = put
 
 
 async def test_the_client_keeps_records_as_json_and_survives_a_store_that_fails():
@@ -48,3 +53,10 @@ async def test_the_client_keeps_records_as_json_and_survives_a_store_that_fails(
     }
     assert await client.delete("resp_1") and await client.get("resp_1") is None
     assert not await StoreClient(Broken()).put({"id": "resp_2"}, [])  # logged, not raised
+
+
+async def test_a_store_that_cannot_be_reached_is_a_503_to_retry():
+    for call in (StoreClient(Broken()).get, StoreClient(Broken()).delete):
+        with pytest.raises(ApiError) as info:
+            await call("resp_1")
+        assert info.value.status_code == 503 and info.value.body["error"]["code"] == "store_unavailable"
