@@ -37,6 +37,7 @@ from .config import ConfigError, ModelConfig, OrchardConfig, RouterConfig, valid
 from .governor import FALLBACK_POLICY_PATH, governor_kwargs
 from .model_server import ModelServer
 from .request_router import ROUTER_PATH
+from .responses.store import ResponseStore
 from .router import OrchardRouter
 from .settings import ModelFacts
 
@@ -226,6 +227,15 @@ def model_facts(p: ModelPlan) -> ModelFacts:
     )
 
 
+def bind_store(router: RouterConfig):
+    """The Responses API's store: one replica, beside the routers (their resources)."""
+    placement = {"resources": router.resources} if router.resources else {}
+    limits = router.response_store
+    return ResponseStore.options(ray_actor_options={"num_cpus": 0, **placement}).bind(
+        limits.max_responses, limits.max_bytes
+    )
+
+
 def bind_router(router: RouterConfig, models: dict, facts: dict, budget: int) -> Application:
     return OrchardRouter.options(
         name="OrchardRouter",
@@ -235,7 +245,7 @@ def bind_router(router: RouterConfig, models: dict, facts: dict, budget: int) ->
             "num_cpus": router.num_cpus,
             **({"resources": router.resources} if router.resources else {}),
         },
-    ).bind(router=router.model_dump(), models=models, facts=facts, budget_bytes=budget)
+    ).bind(router=router.model_dump(), models=models, facts=facts, budget_bytes=budget, store=bind_store(router))
 
 
 def build_app(args: dict) -> Application:

@@ -269,6 +269,18 @@ class ModelConfig(BaseModel):
         return "model-" + self.name.replace("/", "--").replace(":", "-")
 
 
+class ResponseStoreConfig(BaseModel):
+    """The stored responses of the Responses API (`store: true`), kept in memory by one Ray Serve
+    replica that every router replica calls; least recently used evicted first."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_responses: int = Field(4096, ge=1, description="Stored responses kept at most.")
+    max_bytes: int = Field(
+        64 * 2**20, ge=1024, description="Bytes of stored responses (each with its conversation, as JSON) at most."
+    )
+
+
 class RouterConfig(BaseModel):
     """The OpenAI-compatible HTTP router."""
 
@@ -294,6 +306,9 @@ class RouterConfig(BaseModel):
     )
     max_ongoing_requests: int = Field(
         512, ge=1, description="Requests one router replica handles at once (a stream holds one until it ends)."
+    )
+    response_store: ResponseStoreConfig = Field(
+        default_factory=ResponseStoreConfig, description="Stored responses of /v1/responses (previous_response_id)."
     )
 
     @field_validator("resources")

@@ -3,7 +3,7 @@
 The FastAPI app is built by `create_app(core)` from a RouterCore, which holds one ModelClient per
 hosted model; the Ray Serve deployment builds both at replica start (tests can drive create_app
 with any clients through httpx). RouterCore sends a request to its model and hands the API
-adapters (deployments.openai, deployments.anthropic) the router's event stream
+adapters (deployments.openai, deployments.responses, deployments.anthropic) the router's event stream
 (deployments.events); it also serves the model routes, health and metrics. No MLX here.
 """
 
@@ -37,6 +37,8 @@ from .openai.protocol import model_card
 from .openai.serving import install_openai_routes
 from .parsers import Parsing
 from .request_router import routing_decisions
+from .responses.serving import install_responses_routes
+from .responses.store import HandleBackend, LogBackend, StoreClient
 from .settings import LOADED_CALL_TIMEOUT_S
 
 log = logging.getLogger("ray.serve")
@@ -45,11 +47,20 @@ log = logging.getLogger("ray.serve")
 class RouterCore:
     """State and request handling shared by every route."""
 
-    def __init__(self, config: RouterConfig, models: dict[str, ModelClient], directory: ModelDirectory | None = None):
-        """`directory`: the models' load states (None: every model is always loaded, no governor)."""
+    def __init__(
+        self,
+        config: RouterConfig,
+        models: dict[str, ModelClient],
+        directory: ModelDirectory | None = None,
+        store: StoreClient | None = None,
+    ):
+        """`directory`: the models' load states (None: every model is always loaded, no governor);
+        `store`: the Responses API's stored responses (None: kept in this process)."""
         self.config = config
         self.models = models
         self.directory = directory
+        limits = config.response_store
+        self.store = store or StoreClient(LogBackend(limits.max_responses, limits.max_bytes))
         self.api_key = config.resolved_api_key()
         self.metrics = RouterMetrics()
         self.created = int(time.time())
@@ -248,6 +259,7 @@ def create_app(core: RouterCore) -> FastAPI:
     auth = Depends(core.check_auth)
 
     install_openai_routes(app, core, auth)
+    install_responses_routes(app, core, auth)
     _install_model_routes(app, core, auth)
     install_anthropic_routes(app, core)
 
@@ -313,10 +325,16 @@ def _install_model_routes(app: FastAPI, core: RouterCore, auth) -> None:
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=512)
 @serve.ingress()
 class OrchardRouter:
-    """The ingress deployment. `models` maps each model name to its ModelServer's handle."""
+    """The ingress deployment. `models` maps each model name to its ModelServer's handle, `store`
+    is the ResponseStore's handle (deployments.responses.store)."""
 
     def __init__(
-        self, router: dict, models: dict[str, Any], facts: dict[str, dict] | None = None, budget_bytes: int = 0
+        self,
+        router: dict,
+        models: dict[str, Any],
+        facts: dict[str, dict] | None = None,
+        budget_bytes: int = 0,
+        store: Any = None,
     ):
         config = RouterConfig.model_validate(router)
         clients = {name: RayModelClient(name, h, config) for name, h in models.items()}
@@ -328,7 +346,7 @@ class OrchardRouter:
                 lambda n: clients[n].info(timeout_s=10.0),
                 app_name=serve.get_replica_context().app_name,
             )
-        self.core = RouterCore(config, clients, directory)
+        self.core = RouterCore(config, clients, directory, StoreClient(HandleBackend(store)) if store else None)
         log.info("router ready for models: %s", ", ".join(self.core.models))
 
     def __serve_build_asgi_app__(self) -> FastAPI:

@@ -1,4 +1,5 @@
-"""The app builder (deployments.app): one deployment per model, and the router, bound for Ray Serve."""
+"""The app builder (deployments.app): one deployment per model, the router and the Responses
+API's store, bound for Ray Serve."""
 
 from __future__ import annotations
 
@@ -20,8 +21,10 @@ def test_build_app_binds_one_deployment_per_model():
     )
     built = serve_build(app, name="orchard")
     names = {d.name: d for d in built.deployments}
-    assert set(names) == {"OrchardRouter", "model-a", "model-b--c"}
+    assert set(names) == {"OrchardRouter", "ResponseStore", "model-a", "model-b--c"}
     assert built.ingress_deployment_name == "OrchardRouter"
+    store = names["ResponseStore"]
+    assert store.num_replicas == 1 and store.ray_actor_options["num_cpus"] == 0  # one replica: the records
     opts = names["model-a"].ray_actor_options
     assert opts["num_cpus"] == 0
     from engine.loading.cpu_fast_path import openblas_env
