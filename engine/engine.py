@@ -126,6 +126,7 @@ def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
         first_token_time=a.first_token_time or b.first_token_time,
         created=a.created,
         logprobs=logprobs,
+        stop_sequence=b.stop_sequence,
     )
 
 

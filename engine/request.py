@@ -63,6 +63,7 @@ class RequestOutput:
     created: float = field(default_factory=time.time)
     # with logprobs: one entry per token of token_ids, {"id", "token", "logprob", "top": [[id, token, logprob]]}
     logprobs: list[dict[str, Any]] | None = None
+    stop_sequence: str | None = None  # on the last delta: the stop string that ended the request
 
     @property
     def finished(self) -> bool:
