@@ -170,3 +170,28 @@ def test_a_request_s_kwargs_override_the_model_s_and_must_agree_with_its_effort(
     with pytest.raises(InvalidRequestError) as err:
         merged_template_kwargs({}, {"enable_thinking": True}, {"enable_thinking": False}, "reasoning_effort")
     assert err.value.param == "reasoning_effort"
+
+
+@pytest.mark.parametrize(
+    "template,variables,system,opens",
+    [
+        (QWEN3, {}, None, False),  # Qwen3 thinks by default and writes <think> itself
+        (QWEN3, {"enable_thinking": False}, None, False),  # the empty block is closed in the prompt
+        (QWQ, {}, None, True),
+        (R1_DISTILL, {}, None, True),
+        (DEEPSEEK_V31, {"thinking": True}, None, True),
+        (DEEPSEEK_V31, {"thinking": False}, None, False),
+        (SMOLLM3, {}, None, False),
+        (SMOLLM3, {}, "Be brief. /no_think", False),
+        (SMOLLM3, {"enable_thinking": False}, None, False),
+    ],
+)
+def test_each_template_s_rendered_prompt_says_whether_the_answer_starts_inside_the_block(
+    template, variables, system, opens
+):
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": "2+2?"}]
+    env = ImmutableSandboxedEnvironment()
+    prompt = env.from_string(template).render(messages=messages, add_generation_prompt=True, bos_token="", **variables)
+    assert prompt_opens_reasoning(prompt[-40:], detect_reasoning_format(template)) is opens

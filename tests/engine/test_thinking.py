@@ -95,7 +95,13 @@ async def test_greedy_requests_without_a_cap_are_unchanged_beside_a_capped_one(t
 
 
 async def test_the_model_s_cap_applies_to_every_request_and_a_request_may_ask_for_less(load_once):
-    config = EngineConfig(chat_template=THINKING, chat_template_kwargs={"enable_thinking": True}, max_thinking_tokens=6)
+    """With pipelined decoding too: a capped row's previous token is read before its next is sampled."""
+    config = EngineConfig(
+        chat_template=THINKING,
+        chat_template_kwargs={"enable_thinking": True},
+        max_thinking_tokens=6,
+        pipelined_decode=True,
+    )
     eng = AsyncEngine.from_source(SMOLLM, config)
     try:
         close = list(eng.tokenizer.encode("</think>", add_special_tokens=False))
