@@ -65,6 +65,7 @@ class Logprobs:
 @dataclass(frozen=True)
 class Finish:
     reason: str | None  # stop, length, tool_calls, abort...; None: the stream ended without one
+    stop_sequence: str | None = None  # the stop string that ended the output (reason "stop"), if one did
 
 
 @dataclass(frozen=True)

@@ -48,6 +48,7 @@ class Chunk(TypedDict, total=False):
     prompt_tokens: int
     logprobs: list[dict[str, Any]]  # present only when the request asked for logprobs
     format: dict[str, Any]  # on the first chunk: how the output is written (engine.chat_format.OutputFormat)
+    stop_sequence: str | None  # on the last chunk, when a stop string ended the request: which one
 
 
 def merge_chunks(chunks: Sequence[Chunk]) -> Chunk:
@@ -64,6 +65,8 @@ def merge_chunks(chunks: Sequence[Chunk]) -> Chunk:
     }
     if "format" in first:
         merged["format"] = first["format"]
+    if last.get("stop_sequence") is not None:
+        merged["stop_sequence"] = last["stop_sequence"]
     if any("logprobs" in c for c in chunks):
         merged["logprobs"] = [e for c in chunks for e in c.get("logprobs") or ()]
     return merged

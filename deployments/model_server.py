@@ -110,6 +110,8 @@ def chunk_of(output, stream) -> Chunk:
     }
     if output.logprobs is not None:
         chunk["logprobs"] = list(output.logprobs)
+    if output.stop_sequence is not None:
+        chunk["stop_sequence"] = output.stop_sequence
     return chunk
 
 

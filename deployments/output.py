@@ -38,9 +38,9 @@ class OutputEvents:
             out.append(Logprobs(chunk["logprobs"]))
         return out
 
-    def end(self, reason: str | None) -> list[Event]:
+    def end(self, reason: str | None, stop_sequence: str | None = None) -> list[Event]:
         rest = self.parser.finish() if self.parser is not None else []
-        return rest + [Finish(_finish_reason(reason, self.parser))]
+        return rest + [Finish(_finish_reason(reason, self.parser), stop_sequence)]
 
 
 async def stream(chunks: AsyncIterable[Chunk], parsing: Parsing | None = None) -> AsyncIterator[list[Event]]:
@@ -52,7 +52,7 @@ async def stream(chunks: AsyncIterable[Chunk], parsing: Parsing | None = None) -
             yield out.chunk(chunk)
             if chunk["finish_reason"] is not None:
                 usage = chunk["usage"]
-                yield out.end(chunk["finish_reason"])
+                yield out.end(chunk["finish_reason"], chunk.get("stop_sequence"))
         yield [Usage(usage)]
     except ApiError as exc:
         yield [Error(exc)]
@@ -69,7 +69,8 @@ async def collect(chunks: AsyncIterable[Chunk], parsing: Parsing | None = None) 
     events = [e for e in out.chunk({**whole, "logprobs": []}) if not isinstance(e, Logprobs)]
     events = _joined(events + out.end(whole["finish_reason"])[:-1])
     finish = _finish_reason(whole["finish_reason"], out.parser)
-    return [*events, Logprobs(whole.get("logprobs") or []), Finish(finish), Usage(whole["usage"])]
+    finished = Finish(finish, whole.get("stop_sequence"))
+    return [*events, Logprobs(whole.get("logprobs") or []), finished, Usage(whole["usage"])]
 
 
 def _joined(events: list[Event]) -> list[Event]:

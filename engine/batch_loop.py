@@ -45,6 +45,7 @@ from .constraints import Grammars, apply_bitmask
 from .kv.interface import BatchKV, StepWrites
 from .kv.paged_cache import BatchPagedKVCache, SeqBlocks
 from .loop import Token
+from .thinking import force_tokens
 
 if TYPE_CHECKING:
     from .request import Request
@@ -95,6 +96,7 @@ class _Batch:
     inputs: mx.array | None = None  # [B] next input token per row (device)
     positions: mx.array | None = None  # [B] index of the token each row samples next (device)
     constrained: bool = False  # some row has a grammar: the step reads the previous tokens first
+    capped: bool = False  # some row has a thinking cap (engine.thinking): the same
     top_logprobs: int | None = None  # the most any row asks for (None: no row asks)
 
 
@@ -204,11 +206,14 @@ class BatchLoop:
         inputs = batch.inputs
         logits = self._decode_logits(batch)
         read: list[Token] = []
-        if batch.constrained:  # the host computes the masks while the device runs the forward pass
+        if batch.constrained or batch.capped:  # the host computes masks while the device runs the forward pass
             mx.async_eval(logits)
             previous, self._issued = self._issued, None
             read = self._read(previous) if previous is not None else []
-            logits = apply_bitmask(logits, self.grammars.bitmask([r.request.constraint for r in batch.rows]))
+            if batch.constrained:
+                logits = apply_bitmask(logits, self.grammars.bitmask([r.request.constraint for r in batch.rows]))
+            if batch.capped:
+                logits = force_tokens(logits, [r.request.cap.forced() if r.request.cap else None for r in batch.rows])
         tokens, logprobs = batch.sampling.sample(logits, inputs, batch.positions, batch.top_logprobs)
         for r in batch.rows:
             r.issued += 1
@@ -244,7 +249,7 @@ class BatchLoop:
         batch.rows = rows
         if not rows:
             batch.caches = batch.sampling = batch.inputs = batch.positions = None
-            batch.constrained, batch.top_logprobs = False, None
+            batch.constrained, batch.capped, batch.top_logprobs = False, False, None
             return
         batch.inputs = mx.concatenate([p.astype(mx.uint32) for p in parts]) if len(parts) > 1 else parts[0]
         batch.caches = self.kv.caches([r.blocks for r in rows])
@@ -254,6 +259,7 @@ class BatchLoop:
             histories = kept + [batch_rows_history(r, joined=True) for r in joining]
         batch.sampling = BatchSampling.build([r.request.params for r in rows], [r.key for r in rows], histories)
         batch.constrained = any(r.request.constraint is not None for r in rows)
+        batch.capped = any(r.request.cap is not None for r in rows)
         asks = [r.top_logprobs for r in rows if r.top_logprobs is not None]
         batch.top_logprobs = max(asks) if asks else None
         batch.positions = mx.array(np.fromiter((r.start + r.issued for r in rows), np.uint32, len(rows)))
@@ -307,6 +313,8 @@ class BatchLoop:
             if row.history is not None:
                 row.history.append(token)
             row.produced += 1
+            if row.request.cap is not None:
+                row.request.cap.consume(token)
             finish = "stop" if token in row.stops else "length" if row.produced >= row.max_tokens else None
             constraint = row.request.constraint
             if constraint is not None and finish is None:

@@ -15,16 +15,28 @@ Tool formats (the output's call syntax):
   pythonic     `[f(a=1), g(b="x")]` (Llama 4, Gemma-style, LFM2 between `<|tool_call_start|>` tags)
   deepseek_v3  `<｜tool▁calls▁begin｜><｜tool▁call▁begin｜>function<｜tool▁sep｜>name ```json {...}``` ...`
   harmony      GPT-OSS channels: `commentary to=functions.name ... <|message|>{...}<|call|>`
-Reasoning formats (where the thinking is):
-  think        `<think>...</think>` (Qwen3, QwQ, DeepSeek-R1 distills, SmolLM3, Granite)
-  mistral      `[THINK]...[/THINK]` (Magistral)
-  harmony      GPT-OSS's `analysis` channel
+Reasoning formats (where the thinking is), read from the template in this order:
+  harmony      GPT-OSS's `analysis` channel (the template writes `<|channel|>`)
+  mistral      `[THINK]...[/THINK]` (Magistral: the template or its system prompt shows `[THINK]`)
+  think        `<think>...</think>` (Qwen3, QwQ, DeepSeek-R1 distills and V3.1, SmolLM3, Granite 3.3)
+Whether the output starts inside the block is read from each prompt's end: Qwen3 and SmolLM3 let
+the model open it (and close an empty one in the prompt when thinking is off), QwQ, R1 distills and
+DeepSeek V3.1 open it in the prompt.
+
+Thinking switches: templates read a variable that turns thinking on or off (`enable_thinking`:
+Qwen3, SmolLM3; `thinking`: Granite, DeepSeek V3.1) or sets its effort (`reasoning_effort`:
+GPT-OSS). `thinking_variables` maps a request's `reasoning_effort` (OpenAI) or thinking on/off
+(Anthropic) onto what the model's template reads, or refuses it by name when it reads nothing that
+could honour it.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import asdict, dataclass
 from typing import Any
+
+from .errors import InvalidRequestError
 
 TOOL_FORMATS = ("hermes", "llama3_json", "mistral", "qwen3_coder", "pythonic", "deepseek_v3", "harmony")
 REASONING_FORMATS = ("think", "mistral", "harmony")
@@ -65,9 +77,79 @@ def detect_tool_format(template: str) -> str:
 
 def detect_reasoning_format(template: str) -> str | None:
     """Where a chat template's model thinks; None for a model that does not."""
-    if "</think>" in template:
+    if "<|channel|>" in template:
+        return "harmony"
+    if "[THINK]" in template:
+        return "mistral"
+    if "</think>" in template or "<think>" in template:
         return "think"
     return None
+
+
+EFFORTS = ("none", "minimal", "low", "medium", "high")  # OpenAI's reasoning_effort
+SWITCHES = ("enable_thinking", "thinking")  # template variables that turn thinking on and off
+EFFORT_VARIABLE = "reasoning_effort"  # GPT-OSS reads it: low, medium or high
+# apply_chat_template's own arguments: never template variables from a request
+RESERVED_KWARGS = frozenset(
+    ("messages", "conversation", "tools", "documents", "chat_template", "add_generation_prompt", "tokenize")
+    + ("continue_final_message", "return_dict", "return_tensors", "padding", "truncation", "max_length")
+)
+
+
+@functools.lru_cache(maxsize=16)
+def template_variables(template: str) -> frozenset[str]:
+    """The variables a chat template reads from outside (jinja2's static analysis)."""
+    import jinja2.meta
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    try:
+        return frozenset(jinja2.meta.find_undeclared_variables(ImmutableSandboxedEnvironment().parse(template)))
+    except Exception:  # noqa: BLE001 - a template jinja cannot parse reads nothing we could check
+        return frozenset()
+
+
+def check_template_kwargs(kwargs: dict[str, Any], reads: frozenset[str], param: str) -> None:
+    """Template variables must be ones the template reads and not apply_chat_template's own
+    arguments: anything else would be silently ignored. Raises InvalidRequestError naming it."""
+    for key in kwargs:
+        if key in RESERVED_KWARGS:
+            raise InvalidRequestError(
+                f"{param}.{key}: an argument of the chat template call itself, not a template variable",
+                param=f"{param}.{key}",
+            )
+        if key not in reads:
+            known = ", ".join(sorted(reads - RESERVED_KWARGS - {"bos_token", "eos_token", "raise_exception"}))
+            raise InvalidRequestError(
+                f"{param}.{key}: this model's chat template does not read {key!r} (it reads: {known or 'nothing'})",
+                param=f"{param}.{key}",
+            )
+
+
+def thinking_variables(
+    reads: frozenset[str], reasoning: str | None, effort: str | None = None, thinking: bool | None = None
+) -> dict[str, Any]:
+    """The template variables that honour a request's `reasoning_effort` (OpenAI) or `thinking`
+    on/off (Anthropic), for a template that `reads` these variables and a model whose output
+    `reasoning` format is known (None: it does not think). Levels map to on where the template
+    has no levels; a request the template cannot honour is refused, naming the field."""
+    if effort is None and thinking is None:
+        return {}
+    param = "reasoning_effort" if effort is not None else "thinking"
+    on = thinking if effort is None else effort not in ("none", "minimal")
+    if effort is not None and on and EFFORT_VARIABLE in reads:
+        return {EFFORT_VARIABLE: effort}
+    switch = next((v for v in SWITCHES if v in reads), None)
+    if switch is not None:
+        return {switch: on}
+    if (reasoning is not None) == on:
+        return {}  # the model already does what was asked: it always thinks, or never does
+    if reasoning is None:
+        why = "this model does not think (its chat template shows no reasoning format)"
+    elif EFFORT_VARIABLE in reads:
+        why = "this model always thinks: its chat template takes reasoning_effort low, medium or high"
+    else:
+        why = "this model always thinks: its chat template has no switch for it"
+    raise InvalidRequestError(f"{param}: {why}", param=param)
 
 
 def prompt_opens_reasoning(prompt_tail: str, reasoning: str | None) -> bool:
@@ -77,3 +159,18 @@ def prompt_opens_reasoning(prompt_tail: str, reasoning: str | None) -> bool:
         return False
     opened, closed = prompt_tail.rfind(tags[0]), prompt_tail.rfind(tags[1])
     return opened >= 0 and opened > closed and not prompt_tail[opened + len(tags[0]) :].strip()
+
+
+def merged_template_kwargs(
+    model: dict[str, Any], request: dict[str, Any], mapped: dict[str, Any], mapped_from: str
+) -> dict[str, Any]:
+    """A request's template variables: the model's defaults, under what its reasoning_effort or
+    thinking maps to (`mapped`, from `mapped_from`), under its own chat_template_kwargs. The last
+    two must agree where both set a variable."""
+    for key, value in mapped.items():
+        if key in request and request[key] != value:
+            raise InvalidRequestError(
+                f"{mapped_from}: asks for {key}={value!r} but chat_template_kwargs.{key} is {request[key]!r}",
+                param=mapped_from,
+            )
+    return {**model, **mapped, **request}

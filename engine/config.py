@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -56,6 +56,19 @@ class EngineConfig(BaseModel):
         None,
         description="Where the model writes its thinking, kept out of the answer's content "
         "(engine.chat_format). None: read from the chat template; none: the model does not think.",
+    )
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Variables for the chat template, e.g. {enable_thinking: false}; a request's own "
+        "chat_template_kwargs (and its reasoning_effort) override them. Each must be a variable the "
+        "template reads, or the model refuses to start.",
+    )
+    max_thinking_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="Most tokens a request may spend inside its reasoning block; then the block's "
+        "closing tag is forced and the answer follows. A request may ask for fewer (Anthropic's "
+        "thinking.budget_tokens). None: no cap.",
     )
     fast_cpu: bool | None = Field(
         None, description="Dequantize to float32 for the OpenBLAS CPU path. None: automatic (CPU-only Linux)."

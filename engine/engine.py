@@ -24,16 +24,21 @@ import time
 import uuid
 
 from .chat_format import (
+    REASONING_TAGS,
     OutputFormat,
+    check_template_kwargs,
     detect_reasoning_format,
     detect_tool_format,
+    merged_template_kwargs,
     prompt_opens_reasoning,
     template_source,
+    template_variables,
+    thinking_variables,
 )
 from .config import EngineConfig
 from .constraints import Constraint
 from .cpu_threads import BlasThreads
-from .errors import EngineDeadError, InvalidRequestError, OrchardError, OverloadedError
+from .errors import EngineDeadError, InvalidRequestError, ModelLoadError, OrchardError, OverloadedError
 from .kv.interface import CacheManager
 from .kv.manager import make_cache_manager
 from .loading.loader import LoadedModel, load_model
@@ -43,6 +48,7 @@ from .request import PromptInput, Request, RequestOutput
 from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .text_stream import TextStream
+from .thinking import ThinkingCap
 
 log = logging.getLogger(__name__)
 _STOP = object()
@@ -120,6 +126,7 @@ def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
         first_token_time=a.first_token_time or b.first_token_time,
         created=a.created,
         logprobs=logprobs,
+        stop_sequence=b.stop_sequence,
     )
 
 
@@ -146,6 +153,11 @@ class AsyncEngine:
         self._ready.wait()
         if self._load_error is not None:
             raise self._load_error
+        try:
+            check_template_kwargs(self.config.chat_template_kwargs, self.template_reads, "chat_template_kwargs")
+        except InvalidRequestError as exc:
+            self.shutdown()
+            raise ModelLoadError(f"{source}: engine.{exc.message}", param=exc.param) from None
 
     @classmethod
     def from_source(cls, source: str, config: EngineConfig | None = None) -> AsyncEngine:
@@ -168,12 +180,34 @@ class AsyncEngine:
     def encode(self, prompt: PromptInput) -> list[int]:
         """A prompt's token ids as a request gets them: the chat template (the config's, else the
         model's), tools rendered in it. Raises InvalidRequestError."""
-        return encode_prompt(self.tokenizer, prompt, self.config.chat_template, self.config.tool_prompt)
+        kwargs = self.template_kwargs(prompt) if prompt.messages is not None else None
+        return encode_prompt(self.tokenizer, prompt, self.config.chat_template, self.config.tool_prompt, kwargs)
+
+    @functools.cached_property
+    def template(self) -> str:
+        """The chat template's text (the config's, else the model's; "" for a model without one)."""
+        return template_source(self.config.chat_template or getattr(self.tokenizer, "chat_template", None))
+
+    @functools.cached_property
+    def template_reads(self) -> frozenset[str]:
+        """The variables the chat template reads (where chat_template_kwargs may go)."""
+        return template_variables(self.template)
+
+    def template_kwargs(self, prompt: PromptInput) -> dict:
+        """A chat prompt's template variables: the model's defaults (EngineConfig), what its
+        reasoning_effort or thinking maps to, its own chat_template_kwargs. Raises
+        InvalidRequestError naming a field the template cannot honour."""
+        own = prompt.chat_template_kwargs or {}
+        check_template_kwargs(own, self.template_reads, "chat_template_kwargs")
+        reasoning = self.model_format.reasoning
+        mapped = thinking_variables(self.template_reads, reasoning, prompt.reasoning_effort, prompt.thinking)
+        source = "reasoning_effort" if prompt.reasoning_effort is not None else "thinking"
+        return merged_template_kwargs(self.config.chat_template_kwargs, own, mapped, source)
 
     @functools.cached_property
     def model_format(self) -> OutputFormat:
         """The model's tool-call and reasoning formats: the config's, else read from its chat template."""
-        template = template_source(self.config.chat_template or getattr(self.tokenizer, "chat_template", None))
+        template = self.template
         reasoning = self.config.reasoning_format or detect_reasoning_format(template)
         return OutputFormat(
             tools=self.config.tool_format or detect_tool_format(template),
@@ -216,8 +250,26 @@ class AsyncEngine:
             stream = RequestStream(self, request_id, prompt_ids, self.output_format(prompt_ids))
             self._streams[request_id] = stream
         text = TextStream(self.tokenizer.detokenizer, params.stop)
-        self._inbox.put(("add", Request(request_id, prompt_ids, params, max_tokens, text, constraint=constraint)))
+        cap = self._thinking_cap(stream.format, params) if constraint is None else None
+        request = Request(request_id, prompt_ids, params, max_tokens, text, constraint=constraint, cap=cap)
+        self._inbox.put(("add", request))
         return stream
+
+    def _thinking_cap(self, fmt: OutputFormat, params: SamplingParams) -> ThinkingCap | None:
+        """A request's cap on its reasoning (the lower of the model's and its own), for a model
+        whose reasoning block is delimited by tags; None: uncapped."""
+        limits = [n for n in (self.config.max_thinking_tokens, params.max_thinking_tokens) if n is not None]
+        tags = REASONING_TAGS.get(fmt.reasoning or "")
+        if not limits or tags is None:
+            return None
+        return ThinkingCap(min(limits), tags, self._close_ids(tags[1]), self._decode_one, fmt.in_reasoning)
+
+    @functools.lru_cache(maxsize=4)  # noqa: B019 - one engine per process; a handful of tags
+    def _close_ids(self, tag: str) -> tuple[int, ...]:
+        return tuple(self.tokenizer.encode(tag, add_special_tokens=False))
+
+    def _decode_one(self, token: int) -> str:
+        return self.tokenizer.decode([token])
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))

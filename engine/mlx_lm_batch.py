@@ -20,6 +20,7 @@ from .kv.interface import StepWrites
 from .loop import Token
 from .request import Request
 from .sampling import make_processors, make_sampler
+from .thinking import CapProcessor
 
 
 @dataclass
@@ -62,13 +63,14 @@ class MlxLmBatch:
         sampler, processors = make_sampler(params), make_processors(params)  # per request: may raise
         constraint = request.constraint
         grammar = GrammarProcessor(self.grammars, constraint) if constraint is not None else None
+        cap = [CapProcessor(request.cap)] if request.cap is not None else []
         (uid,) = self.gen.insert(
             [tokens[cached:]],
             max_tokens=[request.remaining],
             caches=None,
             all_tokens=[tokens[:cached]],  # penalties see the whole prompt
             samplers=[sampler],
-            logits_processors=[processors + ([grammar] if grammar is not None else [])],
+            logits_processors=[processors + ([grammar] if grammar is not None else []) + cap],
             stop_sequences=[StopSequences([[t] for t in stop_ids])],
         )
         self.rows[uid] = _Row(request.request_id, grammar, params.top_logprobs if params.logprobs else None)

@@ -10,10 +10,15 @@ from .tool_prompt import for_template, hermes, template_takes_tools
 
 
 def encode_prompt(
-    tokenizer, prompt: PromptInput, chat_template: str | None = None, tool_prompt: str | None = None
+    tokenizer,
+    prompt: PromptInput,
+    chat_template: str | None = None,
+    tool_prompt: str | None = None,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> list[int]:
     """Token ids of a prompt; `chat_template` (EngineConfig) replaces the tokenizer's own, and
-    `tool_prompt` the Hermes prompt that describes tools to a template that does not take them."""
+    `tool_prompt` the Hermes prompt that describes tools to a template that does not take them;
+    `template_kwargs` are variables for the template (checked by the caller: engine.chat_format)."""
     given = [f for f in ("messages", "text", "token_ids") if getattr(prompt, f) is not None]
     if len(given) != 1:
         raise InvalidRequestError("give exactly one of messages, prompt text or token ids", param="messages")
@@ -22,7 +27,9 @@ def encode_prompt(
     elif prompt.text is not None:
         ids = tokenizer.encode(prompt.text)
     else:
-        ids = _apply_chat_template(tokenizer, prompt.messages, chat_template, prompt.tools, tool_prompt)
+        ids = _apply_chat_template(
+            tokenizer, prompt.messages, chat_template, prompt.tools, tool_prompt, template_kwargs or {}
+        )
     if not ids:
         raise InvalidRequestError("the prompt is empty", param="prompt")
     return ids
@@ -41,6 +48,7 @@ def _apply_chat_template(
     template: str | None,
     tools: list[dict[str, Any]] | None = None,
     tool_prompt: str | None = None,
+    template_kwargs: dict[str, Any] | None = None,
 ) -> list[int]:
     if not messages:
         raise InvalidRequestError("messages must be a non-empty list", param="messages")
@@ -50,7 +58,9 @@ def _apply_chat_template(
             param="messages",
         )
     normalized = [_normalize_message(m, i) for i, m in enumerate(messages)]
-    extra: dict[str, Any] = {"chat_template": template} if template is not None else {}
+    extra: dict[str, Any] = {**(template_kwargs or {})}
+    if template is not None:
+        extra["chat_template"] = template
     if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in normalized):
         if template_takes_tools(tokenizer, template):
             normalized = for_template(normalized)

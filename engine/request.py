@@ -11,6 +11,7 @@ if TYPE_CHECKING:  # annotations only: this module is light (the router imports 
     from .kv.paged_cache import SeqBlocks
     from .sampling import SamplingParams
     from .text_stream import TextStream
+    from .thinking import ThinkingCap
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -23,6 +24,11 @@ class PromptInput:
     text: str | None = None
     token_ids: list[int] | None = None
     tools: list[dict[str, Any]] | None = None  # OpenAI function tools, rendered with the messages
+    # with messages: the chat template's variables (`enable_thinking`...), and the reasoning asked
+    # for, mapped onto what the template reads (engine.chat_format.thinking_variables)
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: str | None = None  # OpenAI's: none, minimal, low, medium, high
+    thinking: bool | None = None  # Anthropic's thinking enabled / disabled
 
 
 @dataclass
@@ -57,6 +63,7 @@ class RequestOutput:
     created: float = field(default_factory=time.time)
     # with logprobs: one entry per token of token_ids, {"id", "token", "logprob", "top": [[id, token, logprob]]}
     logprobs: list[dict[str, Any]] | None = None
+    stop_sequence: str | None = None  # on the last delta: the stop string that ended the request
 
     @property
     def finished(self) -> bool:
@@ -75,6 +82,7 @@ class Request:
     max_tokens: int
     text: TextStream
     constraint: Constraint | None = None  # its grammar (structured output); it lives with the request
+    cap: ThinkingCap | None = None  # its cap on reasoning tokens (engine.thinking), if it has one
     arrival: float = field(default_factory=time.monotonic)
     running: bool = False  # in the batch loop; False while waiting for admission (again, once preempted)
     blocks: SeqBlocks | None = None  # its K/V in the paged cache while running (None without one)

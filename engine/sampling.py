@@ -41,6 +41,9 @@ class SamplingParams(BaseModel):
     logprobs: bool = Field(False, description="Return each output token's log-probability.")
     top_logprobs: int = Field(0, ge=0, le=20, description="With logprobs: also the k most likely tokens.")
     guided: GuidedSpec | None = Field(None, description="A JSON schema or grammar the output must match.")
+    max_thinking_tokens: int | None = Field(
+        None, ge=1, description="Most tokens inside the reasoning block (the model's cap, if lower, wins)."
+    )
 
     @field_validator("stop", mode="before")
     @classmethod

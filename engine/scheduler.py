@@ -252,6 +252,7 @@ class Scheduler:
             usage=req.usage(),
             first_token_time=req.first_token_time,
             logprobs=req.pending_logprobs,
+            stop_sequence=req.text.matched if reason == "stop" else None,
         )
 
     def fail_all(self, exc: Exception) -> None:

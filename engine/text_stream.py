@@ -14,6 +14,7 @@ class TextStream:
         self._stop = stop
         self._pending = ""  # decoded, not yet released
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text, once one did
 
     def add(self, token: int) -> str:
         """Feed one generated token; return the text that is now safe to release."""
@@ -35,8 +36,9 @@ class TextStream:
         if not self._stop:
             out, self._pending = self._pending, ""
             return out
-        hit = min((i for i in (self._pending.find(s) for s in self._stop) if i >= 0), default=-1)
-        if hit >= 0:
+        hits = [(i, n, s) for n, s in enumerate(self._stop) if (i := self._pending.find(s)) >= 0]
+        if hits:
+            hit, _, self.matched = min(hits)  # the earliest; at one place, the first listed
             self.stopped = True
             out, self._pending = self._pending[:hit], ""
             return out

@@ -4,30 +4,36 @@ the prompt is built from.
 A Messages (or count_tokens) body becomes an OpenAI chat request (`to_chat_request`): its
 messages, tools and sampling fields are what the chat path renders and sends to the model, so
 templates, tool prompts and grammars stay one path. Bodies are parsed as strictly as the OpenAI
-ones: an unknown field, or a feature this server does not implement (images, documents, extended
-thinking, server tools, a prefilled assistant turn), is a 400 naming the field, never silently
-ignored.
+ones: an unknown field, or a feature this server does not implement (images, documents, server
+tools, a prefilled assistant turn), is a 400 naming the field, never silently ignored.
+
+Extended thinking: `thinking` enabled / disabled turns the model's thinking on or off through its
+chat template (engine.chat_format.thinking_variables: a model that cannot is a 400 naming
+`thinking`), and `budget_tokens` caps it (engine.thinking; below Anthropic's 1024 minimum is
+allowed, it must stay under max_tokens). Thinking blocks in earlier assistant turns are accepted
+and left out of the prompt, as Anthropic does; their signatures are not checked (ours are empty).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from typing import Annotated, Any, Literal
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
+from engine.request import PromptInput
+
 from ..http.errors import ApiError
 from ..http.validation import Strict, parse_body, request_error
 from ..openai.protocol import ChatCompletionRequest, bad_request
 
-BLOCK_TYPES = ("text", "tool_use", "tool_result")
+BLOCK_TYPES = ("text", "tool_use", "tool_result", "thinking", "redacted_thinking")
 # Anthropic features this server does not implement: refused by name, never ignored.
 UNSUPPORTED_BLOCKS = {
     "image",
     "document",
     "search_result",
-    "thinking",
-    "redacted_thinking",
     "server_tool_use",
     "web_search_tool_result",
     "web_fetch_tool_result",
@@ -37,7 +43,6 @@ UNSUPPORTED_BLOCKS = {
     "mcp_tool_result",
 }
 UNSUPPORTED_FIELDS = {
-    "thinking",
     "service_tier",
     "container",
     "mcp_servers",
@@ -86,6 +91,21 @@ class ToolUseBlock(Strict):
     cache_control: CacheControl | None = None
 
 
+class ThinkingBlock(Strict):
+    """An earlier turn's thinking: accepted, and left out of the prompt (as Anthropic does)."""
+
+    type: Literal["thinking"]
+    thinking: str
+    signature: str | None = None
+    cache_control: CacheControl | None = None
+
+
+class RedactedThinkingBlock(Strict):
+    type: Literal["redacted_thinking"]
+    data: str
+    cache_control: CacheControl | None = None
+
+
 def _text_blocks(v: Any, allowed: tuple[str, ...] = ("text",)) -> Any:
     """A string is one text block; every block needs a type we implement (see UNSUPPORTED_BLOCKS)."""
     if isinstance(v, str):
@@ -123,7 +143,10 @@ class ToolResultBlock(Strict):
         return f"Error: {text}" if self.is_error else text
 
 
-Block = Annotated[TextBlock | ToolUseBlock | ToolResultBlock, Field(discriminator="type")]
+Block = Annotated[
+    TextBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock | RedactedThinkingBlock, Field(discriminator="type")
+]
+THINKING_BLOCKS = (ThinkingBlock, RedactedThinkingBlock)
 
 
 class MessageParam(Strict):
@@ -170,6 +193,21 @@ class ToolChoice(Strict):
     disable_parallel_tool_use: bool | None = None
 
 
+class ThinkingParam(Strict):
+    """Extended thinking: `enabled` with a budget of thinking tokens, or `disabled`."""
+
+    type: Literal["enabled", "disabled"]
+    budget_tokens: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _budget(self):
+        if self.type == "enabled" and self.budget_tokens is None:
+            raise ValueError('budget_tokens: required when type is "enabled"')
+        if self.type == "disabled" and self.budget_tokens is not None:
+            raise ValueError('budget_tokens: only when type is "enabled"')
+        return self
+
+
 class Metadata(Strict):
     user_id: str | None = None  # accepted and ignored: nothing here is per end user
 
@@ -183,6 +221,7 @@ class CountTokensRequest(Strict):
     tools: list[ToolParam] | None = None
     tool_choice: ToolChoice | None = None
     cache_control: CacheControl | None = None  # automatic prompt caching: what the prefix cache does anyway
+    thinking: ThinkingParam | None = None
 
     @field_validator("system", mode="before")
     @classmethod
@@ -198,6 +237,13 @@ class MessagesRequest(CountTokensRequest):
     top_k: int | None = None
     stream: bool = False
     metadata: Metadata | None = None
+
+    @model_validator(mode="after")
+    def _budget_under_max_tokens(self):
+        budget = self.thinking.budget_tokens if self.thinking is not None else None
+        if budget is not None and budget >= self.max_tokens:
+            raise ValueError("thinking.budget_tokens: must be less than max_tokens")
+        return self
 
 
 def _field(loc, i: int) -> bool:
@@ -230,10 +276,10 @@ def _user_messages(msg: MessageParam, i: int) -> list[dict[str, Any]]:
     results = [b for b in msg.content if isinstance(b, ToolResultBlock)]
     texts = [b for b in msg.content if isinstance(b, TextBlock)]
     for j, b in enumerate(msg.content):
-        if isinstance(b, ToolUseBlock):
+        if isinstance(b, (ToolUseBlock, *THINKING_BLOCKS)):
             raise ApiError(
                 400,
-                f"messages.{i}.content.{j}: tool_use blocks belong in assistant turns",
+                f"messages.{i}.content.{j}: {b.type} blocks belong in assistant turns",
                 param=f"messages.{i}.content.{j}",
             )
     out = [{"role": "tool", "tool_call_id": r.tool_use_id, "content": r.text()} for r in results]
@@ -252,6 +298,8 @@ def _assistant_message(msg: MessageParam, i: int) -> dict[str, Any]:
                 f"messages.{i}.content.{j}: tool_result blocks belong in user turns",
                 param=f"messages.{i}.content.{j}",
             )
+        if isinstance(b, THINKING_BLOCKS):
+            continue  # an earlier turn's thinking is not part of the prompt
         if isinstance(b, TextBlock):
             texts.append(b)
         else:
@@ -332,6 +380,22 @@ def to_openai(req: CountTokensRequest) -> dict[str, Any]:
     for i, msg in enumerate(req.messages):
         messages += _user_messages(msg, i) if msg.role == "user" else [_assistant_message(msg, i)]
     return {"model": req.model, "messages": messages, **_tools(req), **_sampling(req)}
+
+
+def prompt_input(req: CountTokensRequest, chat: ChatCompletionRequest) -> PromptInput:
+    """The chat request's prompt, with the request's thinking turned on or off."""
+    prompt = chat.prompt_input()
+    if req.thinking is None:
+        return prompt
+    return dataclasses.replace(prompt, thinking=req.thinking.type == "enabled")
+
+
+def sampling(req: MessagesRequest, chat: ChatCompletionRequest) -> dict[str, Any]:
+    """The chat request's sampling fields, with the thinking budget as the request's cap."""
+    out = chat.sampling()
+    if req.thinking is not None and req.thinking.budget_tokens is not None:
+        out["max_thinking_tokens"] = req.thinking.budget_tokens
+    return out
 
 
 def to_chat_request(req: CountTokensRequest) -> ChatCompletionRequest:

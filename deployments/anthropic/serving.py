@@ -3,9 +3,14 @@ as an Anthropic message or its SSE events.
 
 The request becomes the chat request its prompt is built from (`protocol.to_chat_request`) and
 runs like any other (`RouterCore.start`); what comes back is the router's event stream, rendered
-here: text and tool_use content blocks, the stop reason, Anthropic's usage (cache reads apart),
-and every error in Anthropic's shape. Only shapes are translated: sampling, templates and tokens
-stay in the engine.
+here: thinking, text and tool_use content blocks, the stop reason, Anthropic's usage (cache reads
+apart), and every error in Anthropic's shape. Only shapes are translated: sampling, templates and
+tokens stay in the engine.
+
+Thinking blocks carry the model's reasoning whenever it wrote some (a model that thinks by
+default does so without the request's `thinking`), before the text and tool_use blocks. Their
+`signature` is empty: we keep no secret to sign with and never check one (earlier turns'
+thinking is left out of the prompt); streamed, the block still ends with its `signature_delta`.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from ..events import (
     Error,
     Event,
     Finish,
+    ReasoningDelta,
     TextDelta,
     ToolCallArgsDelta,
     ToolCallEnd,
@@ -34,22 +40,28 @@ from ..http.errors import ApiError, anthropic_error_body, anthropic_error_respon
 from ..http.sse import event_stream, sse_event
 from ..openai.builders import new_id
 from ..settings import LOADED_CALL_TIMEOUT_S
-from .protocol import CountTokensRequest, MessagesRequest, parse, to_chat_request
+from .protocol import CountTokensRequest, MessagesRequest, parse, prompt_input, sampling, to_chat_request
 
 log = logging.getLogger("ray.serve")
 
-# "stop" is both the end of the turn (EOS) and a matched stop string: the engine trims the stop
-# string and reports neither which one matched nor that one did, so stop_sequence is never
-# reported (it would be a guess) and a matched stop string reads as end_turn. "abort" only
-# happens once the client went away.
+# "stop" is the end of the turn (EOS) or a matched stop string: the engine names the string
+# (`Finish.stop_sequence`), and one of the request's stop_sequences is "stop_sequence"; one of the
+# model's own stop strings (its default_sampling) reads as end_turn. "abort" only happens once the
+# client went away.
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "content_filter": "refusal"}
+SIGNATURE = ""  # thinking blocks' signature: see the module docstring
 
 
-def stop_reason(finish_reason: str | None, used_tools: bool = False) -> str:
-    """`used_tools`: the answer has tool_use blocks; a forced (named) tool call may finish "stop"."""
-    if used_tools and finish_reason in (None, "stop"):
-        return "tool_use"
-    return STOP_REASONS.get(finish_reason or "stop", "end_turn")
+def stop_reason(finish: Finish | None, used_tools: bool = False, stop_sequences=()) -> tuple[str, str | None]:
+    """The stop reason and the stop sequence that matched. `used_tools`: the answer has tool_use
+    blocks (a forced, named tool call may finish "stop"); `stop_sequences`: the request's."""
+    reason = finish.reason if finish is not None else None
+    if used_tools and reason in (None, "stop"):
+        return "tool_use", None
+    matched = finish.stop_sequence if finish is not None else None
+    if reason == "stop" and matched is not None and matched in stop_sequences:
+        return "stop_sequence", matched
+    return STOP_REASONS.get(reason or "stop", "end_turn"), None
 
 
 def message_id(openai_id: str) -> str:
@@ -78,10 +90,14 @@ def tool_input(model: str, arguments: Any) -> dict[str, Any]:
     return arguments
 
 
-def to_message(events: list[Event], msg_id: str, model: str) -> dict[str, Any]:
+def to_message(events: list[Event], msg_id: str, model: str, stop_sequences=()) -> dict[str, Any]:
     """An Anthropic message from a whole response (`output.collect`'s batch)."""
+    thinking = "".join(e.text for e in events if isinstance(e, ReasoningDelta))
     text = "".join(e.text for e in events if isinstance(e, TextDelta))
-    content: list[dict[str, Any]] = [{"type": "text", "text": text}] if text else []
+    content: list[dict[str, Any]] = (
+        [{"type": "thinking", "thinking": thinking, "signature": SIGNATURE}] if thinking else []
+    )
+    content += [{"type": "text", "text": text}] if text else []
     starts = {e.index: e for e in events if isinstance(e, ToolCallStart)}
     for e in events:
         if isinstance(e, ToolCallEnd):
@@ -89,15 +105,16 @@ def to_message(events: list[Event], msg_id: str, model: str) -> dict[str, Any]:
             content.append(
                 {"type": "tool_use", "id": start.id, "name": start.name, "input": tool_input(model, e.arguments)}
             )
-    finish = next((e.reason for e in events if isinstance(e, Finish)), None)
+    finish = next((e for e in events if isinstance(e, Finish)), None)
+    reason, matched = stop_reason(finish, any(b["type"] == "tool_use" for b in content), stop_sequences)
     return {
         "id": msg_id,
         "type": "message",
         "role": "assistant",
         "model": model,
         "content": content,
-        "stop_reason": stop_reason(finish, any(b["type"] == "tool_use" for b in content)),
-        "stop_sequence": None,
+        "stop_reason": reason,
+        "stop_sequence": matched,
         "usage": usage(next((e.usage for e in events if isinstance(e, Usage)), None)),
     }
 
@@ -105,16 +122,18 @@ def to_message(events: list[Event], msg_id: str, model: str) -> dict[str, Any]:
 class MessageEvents:
     """Turns one response's event batches into Anthropic stream events, (name, data) pairs.
 
-    The state is the open content block: a text block, or the tool_use block of one call. Text
-    after a call, or another call, closes the block and opens the next; `Usage` (the end) closes
-    the last one and sends message_delta and message_stop.
+    The state is the open content block: a thinking block, a text block, or the tool_use block of
+    one call. Another kind of output, or another call, closes the block (a thinking block with its
+    signature_delta) and opens the next; `Usage` (the end) closes the last one and sends
+    message_delta and message_stop.
     """
 
-    def __init__(self, msg_id: str, model: str, prompt_tokens: int):
+    def __init__(self, msg_id: str, model: str, prompt_tokens: int, stop_sequences=()):
         self.msg_id, self.model, self.prompt_tokens = msg_id, model, prompt_tokens
+        self.stop_sequences = tuple(stop_sequences)
         self.index = -1
         self.open: tuple[str, int | None] | None = None
-        self.finish_reason: str | None = None
+        self.finish: Finish | None = None
         self.used_tools = False
 
     def start(self) -> list[tuple[str, dict]]:
@@ -139,6 +158,9 @@ class MessageEvents:
         return out
 
     def _event(self, e: Event) -> list[tuple[str, dict]]:
+        if isinstance(e, ReasoningDelta) and e.text:
+            block = {"type": "thinking", "thinking": "", "signature": ""}
+            return self._open(("thinking", None), block) + [self._delta({"type": "thinking_delta", "thinking": e.text})]
         if isinstance(e, TextDelta) and e.text:
             return self._open(("text", None), {"type": "text", "text": ""}) + [
                 self._delta({"type": "text_delta", "text": e.text})
@@ -149,7 +171,7 @@ class MessageEvents:
         if isinstance(e, ToolCallArgsDelta) and e.text:
             return [self._delta({"type": "input_json_delta", "partial_json": e.text})]
         if isinstance(e, Finish):
-            self.finish_reason = e.reason
+            self.finish = e
         elif isinstance(e, Usage):
             return self._finish(e.usage)
         elif isinstance(e, Error):
@@ -172,12 +194,16 @@ class MessageEvents:
     def _close(self) -> list[tuple[str, dict]]:
         if self.open is None:
             return []
+        signed = (
+            [self._delta({"type": "signature_delta", "signature": SIGNATURE})] if self.open[0] == "thinking" else []
+        )
         self.open = None
-        return [("content_block_stop", {"type": "content_block_stop", "index": self.index})]
+        return signed + [("content_block_stop", {"type": "content_block_stop", "index": self.index})]
 
     def _finish(self, u: dict | None) -> list[tuple[str, dict]]:
         """The end: close the open block, then message_delta and message_stop."""
-        delta = {"stop_reason": stop_reason(self.finish_reason, self.used_tools), "stop_sequence": None}
+        reason, matched = stop_reason(self.finish, self.used_tools, self.stop_sequences)
+        delta = {"stop_reason": reason, "stop_sequence": matched}
         return self._close() + [
             ("message_delta", {"type": "message_delta", "delta": delta, "usage": usage(u)}),
             ("message_stop", {"type": "message_stop"}),
@@ -207,13 +233,15 @@ async def create_message(core, request: Request) -> Response:
         model = req.model
         chat = to_chat_request(req)
         request_id = new_id("chatcmpl")
-        call = await core.start(model, GenerateRequest(chat.prompt_input(), chat.sampling(), request_id), start)
-        msg_id = message_id(request_id)
+        generate = GenerateRequest(prompt_input(req, chat), sampling(req, chat), request_id)
+        call = await core.start(model, generate, start)
+        msg_id, stops = message_id(request_id), req.stop_sequences or ()
         if req.stream:
-            events = MessageEvents(msg_id, model, call.prompt_tokens or 0)
+            events = MessageEvents(msg_id, model, call.prompt_tokens or 0, stops)
             response = event_stream(stream_events(core.stream(call, chat.parsing()), events))
         else:
-            response = JSONResponse(to_message(await core.collect(call, chat.parsing()), msg_id, model))
+            whole = await core.collect(call, chat.parsing())
+            response = JSONResponse(to_message(whole, msg_id, model, stops))
     except ApiError as exc:
         core.observe(model, "messages", exc.status_code)
         raise
@@ -226,7 +254,7 @@ async def count_tokens(core, request: Request) -> dict[str, int]:
     by its replica without generating. An unloaded model is loaded first, like /v1/models/{name}/load."""
     req = parse(await core.read_body(request), CountTokensRequest)
     client = core.client(req.model)
-    prompt = to_chat_request(req).prompt_input()
+    prompt = prompt_input(req, to_chat_request(req))
     load_timeout = core.load_timeout(req.model)
     core.touch(req.model)
     n = await client.count_tokens(

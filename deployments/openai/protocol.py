@@ -19,6 +19,7 @@ from ..parsers import Parsing
 from .tools import ResponseFormat, Tool, ToolChoice, ToolPlan, tool_plan
 
 Role = Literal["system", "user", "assistant", "tool", "developer"]
+ReasoningEffort = Literal["none", "minimal", "low", "medium", "high"]  # engine.chat_format.EFFORTS
 SAMPLING_FIELDS = (
     "max_tokens",
     "temperature",
@@ -48,7 +49,6 @@ UNSUPPORTED = {
     "modalities",
     "prediction",
     "web_search_options",
-    "reasoning_effort",
     "service_tier",
     "store",
     "metadata",
@@ -172,6 +172,10 @@ class ChatCompletionRequest(_SamplingRequest):
     tools: list[Tool] | None = None
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
+    # the chat template's variables, and the reasoning asked for: the model maps it onto its
+    # template or refuses it by name (engine.chat_format.thinking_variables)
+    chat_template_kwargs: dict[str, Any] | None = None
+    reasoning_effort: ReasoningEffort | None = None
     _plan: ToolPlan = PrivateAttr(default_factory=ToolPlan)
 
     @model_validator(mode="after")
@@ -204,7 +208,12 @@ class ChatCompletionRequest(_SamplingRequest):
 
     def prompt_input(self) -> PromptInput:
         tools = [t.model_dump(exclude_none=True) for t in self.tools] if self.plan.render_tools else None
-        return PromptInput(messages=[m.as_dict() for m in self.messages], tools=tools)
+        return PromptInput(
+            messages=[m.as_dict() for m in self.messages],
+            tools=tools,
+            chat_template_kwargs=self.chat_template_kwargs,
+            reasoning_effort=self.reasoning_effort,
+        )
 
 
 class CompletionRequest(_SamplingRequest):

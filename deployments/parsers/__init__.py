@@ -80,7 +80,9 @@ def make_parser(fmt: OutputFormat, parsing: Parsing | None) -> OutputParser | No
     for, or nothing to parse)."""
     if parsing is None:
         return None
-    reasoning = REASONING_PARSERS[fmt.reasoning](fmt.reasoning, fmt.in_reasoning) if fmt.reasoning else None
+    # a format whose reasoning its tool parser splits itself (GPT-OSS harmony) has no entry here
+    kind = REASONING_PARSERS.get(fmt.reasoning or "")
+    reasoning = kind(fmt.reasoning, fmt.in_reasoning) if kind is not None else None
     tools = TOOL_PARSERS[fmt.tools](parsing.tools, parsing.forced) if parsing.tools is not None else None
     if reasoning is None and tools is None:
         return None

@@ -202,7 +202,14 @@ BASE = {"model": "m1", "max_tokens": 8, "messages": HI}
     "body,param,needle",
     [
         ({**BASE, "bogus": 1}, "bogus", "unknown field"),
-        ({**BASE, "thinking": {"type": "enabled", "budget_tokens": 1024}}, "thinking", "not supported"),
+        ({**BASE, "thinking": {"type": "enabled", "budget_tokens": 8}}, "thinking.budget_tokens", "less than max"),
+        ({**BASE, "thinking": {"type": "enabled"}}, "thinking", "budget_tokens: required"),
+        ({**BASE, "thinking": {"type": "adaptive"}}, "thinking.type", "'enabled' or 'disabled'"),
+        (
+            {**BASE, "messages": [{"role": "user", "content": [{"type": "thinking", "thinking": "x"}]}]},
+            "messages.0.content.0",
+            "thinking blocks belong in assistant turns",
+        ),
         ({**BASE, "metadata": {"user_id": "u", "session": "s"}}, "metadata.session", "unknown field"),
         ({**BASE, "max_tokens": None}, "max_tokens", "valid integer"),
         ({"model": "m1", "messages": HI}, "max_tokens", "Field required"),

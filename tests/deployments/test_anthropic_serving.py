@@ -403,8 +403,8 @@ async def test_count_tokens_through_the_replica():
     ]
     with pytest.raises(anthropic.NotFoundError):
         await client.messages.count_tokens(model="nope", messages=HI)
-    with pytest.raises(anthropic.BadRequestError, match="thinking: not supported"):
-        await client.messages.count_tokens(model="m1", messages=HI, thinking={"type": "enabled", "budget_tokens": 1024})
+    await client.messages.count_tokens(model="m1", messages=HI, thinking={"type": "disabled"})
+    assert core.models["m1"].payloads[-1] == PromptInput(messages=[{"role": "user", "content": "hi"}], thinking=False)
 
 
 async def test_an_unexpected_failure_is_a_500_in_anthropics_shape():

@@ -37,3 +37,9 @@ def test_engine_errors_become_items_with_their_status_and_retry_after():
     }
     busy = error_item(OverloadedError("queue full", retry_after_s=2.0))
     assert busy["status_code"] == 503 and busy["retry_after_s"] == 2.0 and busy["error"]["code"] == "overloaded"
+
+
+def test_merged_chunks_keep_the_last_chunk_s_stop_sequence():
+    merged = merge_chunks([chunk("a"), {**chunk("", 0, "stop", USAGE), "stop_sequence": "###"}])
+    assert merged["stop_sequence"] == "###"
+    assert "stop_sequence" not in merge_chunks([chunk("a"), chunk("b", 1, "stop", USAGE)])

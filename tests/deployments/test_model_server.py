@@ -44,6 +44,7 @@ class _Out:
         self.finish_reason = "length" if last else None
         self.usage = None
         self.logprobs = None
+        self.stop_sequence = None
 
     @property
     def finished(self):

@@ -151,3 +151,11 @@ async def test_a_prompt_that_opened_the_reasoning_block_makes_the_output_start_i
         items({**chunk("hmm</think>Yes."), "format": fmt}, chunk("", 1, "stop", USAGE)), None
     )
     assert as_text[0] == TextDelta("hmm</think>Yes.")  # no parsing asked for (completions): all content
+
+
+async def test_the_stop_string_that_ended_the_output_is_on_the_finish_streamed_or_whole():
+    last = {**chunk("", 1, "stop", USAGE), "stop_sequence": "END"}
+    out = await batches(chunk("a"), last)
+    assert Finish("stop", "END") in [e for b in out for e in b]
+    whole = await output.collect(items(chunk("a"), last))
+    assert Finish("stop", "END") in whole

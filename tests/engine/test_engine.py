@@ -42,14 +42,15 @@ async def test_seed_reproducible_inside_a_batch(engine):
     assert again[1] == alone
 
 
-async def test_stop_string_is_not_returned(engine):
+async def test_stop_string_is_not_returned_and_the_one_that_matched_is_named(engine):
     text, _, outs = await run(
-        engine, chat("Count from 1 to 10, separated by commas."), temperature=0, max_tokens=40, stop=["5"]
+        engine, chat("Count from 1 to 10, separated by commas."), temperature=0, max_tokens=40, stop=["9", "5"]
     )
     unstopped, _, _ = await run(engine, chat("Count from 1 to 10, separated by commas."), temperature=0, max_tokens=40)
     assert "5" in unstopped
-    assert outs[-1].finish_reason == "stop"
+    assert outs[-1].finish_reason == "stop" and outs[-1].stop_sequence == "5"
     assert "5" not in text and unstopped.startswith(text)
+    assert (await run(engine, chat("Hi"), temperature=0, max_tokens=3))[2][-1].stop_sequence is None
 
 
 async def test_max_tokens_gives_length(engine):

@@ -1,0 +1,105 @@
+"""Reasoning end to end: `serve run tests/fixtures/thinking.yaml` (SmolLM2 given a template that
+opens <think> in the prompt and a cap that closes it) and the official `openai` and `anthropic`
+clients: reasoning apart from clean content with tools in the same request, streamed and not;
+reasoning_effort and chat_template_kwargs; Anthropic thinking blocks and stop_sequence."""
+
+from __future__ import annotations
+
+import anthropic
+import openai
+import pytest
+
+from .serving import BASE, ROOT, start_serve, stop, wait_healthy
+
+pytestmark = pytest.mark.slow
+
+CONFIG = ROOT / "tests" / "fixtures" / "thinking.yaml"
+MODEL = "smollm2-thinking"
+QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
+WEATHER = {
+    "type": "function",
+    "function": {
+        "name": "get_weather",
+        "description": "Weather in a city",
+        "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+}
+CLAUDE_WEATHER = {
+    "name": "get_weather",
+    "description": "Weather in a city",
+    "input_schema": WEATHER["function"]["parameters"],
+}
+TAGS = ("<think>", "</think>")
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    log = tmp_path_factory.mktemp("thinking") / "serve_run.log"
+    proc = start_serve(CONFIG, log)
+    try:
+        wait_healthy(proc, log)
+        yield proc
+    finally:
+        stop(proc)
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return openai.OpenAI(base_url=f"{BASE}/v1", api_key="unused", max_retries=0, timeout=240)
+
+
+@pytest.fixture(scope="module")
+def claude(server):
+    return anthropic.Anthropic(base_url=BASE, api_key="unused", max_retries=0, timeout=240)
+
+
+def test_reasoning_content_is_apart_from_clean_content_with_tools_streamed_or_not(client):
+    r = client.chat.completions.create(model=MODEL, messages=QUESTION, tools=[WEATHER], max_tokens=60)
+    message = r.choices[0].message
+    reasoning = message.reasoning_content
+    assert reasoning and message.content
+    assert not any(t in message.content or t in reasoning for t in TAGS)
+
+    stream = client.chat.completions.create(model=MODEL, messages=QUESTION, tools=[WEATHER], max_tokens=60, stream=True)
+    streamed_reasoning, streamed_content, pieces = "", "", 0
+    for c in stream:
+        delta = c.choices[0].delta
+        piece = getattr(delta, "reasoning_content", None) or ""
+        pieces += bool(piece)
+        streamed_reasoning += piece
+        streamed_content += delta.content or ""
+    assert (streamed_reasoning, streamed_content) == (reasoning, message.content)
+    assert pieces > 1  # reasoning streams as it is written
+
+
+def test_reasoning_effort_none_turns_thinking_off_and_unknown_template_kwargs_are_refused(client):
+    r = client.chat.completions.create(model=MODEL, messages=QUESTION, reasoning_effort="none", max_tokens=30)
+    assert r.choices[0].message.content and not getattr(r.choices[0].message, "reasoning_content", None)
+    with pytest.raises(openai.BadRequestError) as err:
+        client.chat.completions.create(
+            model=MODEL, messages=QUESTION, max_tokens=5, extra_body={"chat_template_kwargs": {"bogus": 1}}
+        )
+    assert err.value.body["param"] == "chat_template_kwargs.bogus"
+
+
+def test_anthropic_thinking_blocks_come_first_created_or_streamed(claude):
+    thinking = {"type": "enabled", "budget_tokens": 8}
+    kwargs = dict(model=MODEL, max_tokens=60, messages=QUESTION, tools=[CLAUDE_WEATHER], thinking=thinking)
+    msg = claude.messages.create(**kwargs)
+    assert [b.type for b in msg.content] == ["thinking", "text"]
+    assert msg.content[0].thinking and msg.content[1].text and msg.stop_reason == "end_turn"
+    with claude.messages.stream(**kwargs) as stream:
+        final = stream.get_final_message()
+    assert [(b.type, getattr(b, "thinking", None) or getattr(b, "text", None)) for b in final.content] == [
+        ("thinking", msg.content[0].thinking),
+        ("text", msg.content[1].text),
+    ]
+
+
+def test_anthropic_names_the_stop_sequence_that_ended_the_answer(claude):
+    kwargs = dict(model=MODEL, max_tokens=60, messages=QUESTION, tools=[CLAUDE_WEATHER])
+    answer = claude.messages.create(**kwargs).content[-1].text
+    stop_at = answer.split()[-1]  # the answer's last word
+    msg = claude.messages.create(**kwargs, stop_sequences=["zzz", stop_at])
+    assert msg.stop_reason == "stop_sequence" and msg.stop_sequence == stop_at
+    assert stop_at not in msg.content[-1].text
