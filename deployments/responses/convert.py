@@ -34,7 +34,12 @@ from .protocol import (
 
 ITEMS = TypeAdapter(list[Item])
 # The chat request's names for what the Responses request calls otherwise (its 400s name ours).
-RENAMED = (("response_format", "text.format"), ("max_tokens", "max_output_tokens"), ("messages", "input"))
+RENAMED = (
+    ("response_format", "text.format"),
+    ("max_tokens", "max_output_tokens"),
+    ("messages", "input"),
+    ("reasoning_effort", "reasoning.effort"),
+)
 
 
 def stored_items(items: list[dict[str, Any]]) -> list[Item]:
@@ -112,7 +117,13 @@ def _response_format(req: ResponsesRequest) -> dict[str, Any]:
 
 
 def _sampling(req: ResponsesRequest) -> dict[str, Any]:
-    pairs = (("max_tokens", req.max_output_tokens), ("temperature", req.temperature), ("top_p", req.top_p))
+    effort = req.reasoning.effort if req.reasoning is not None else None
+    pairs = (
+        ("max_tokens", req.max_output_tokens),
+        ("temperature", req.temperature),
+        ("top_p", req.top_p),
+        ("reasoning_effort", effort),
+    )
     return {k: v for k, v in pairs if v is not None}
 
 

@@ -50,7 +50,8 @@ UNSUPPORTED_FIELDS = {
     "background",
     "conversation",
     "prompt",
-    "reasoning",
+    "summary",
+    "generate_summary",
     "service_tier",
     "max_tool_calls",
     "top_logprobs",
@@ -208,6 +209,15 @@ class PlainFormat(Strict):
 TextFormat = Annotated[JsonSchemaFormat | PlainFormat, Field(discriminator="type")]
 
 
+class ReasoningConfig(Strict):
+    """How much the model thinks: `effort` becomes chat's `reasoning_effort`, which the model maps
+    onto its chat template or refuses by name. Reasoning summaries are not made here."""
+
+    effort: Literal["none", "minimal", "low", "medium", "high"] | None = None
+    summary: None = None
+    generate_summary: None = None
+
+
 class TextConfig(Strict):
     format: TextFormat = PlainFormat(type="text")
     verbosity: None = None
@@ -256,6 +266,7 @@ class ResponsesRequest(Strict):
     tool_choice: ToolChoice | None = None
     parallel_tool_calls: bool | None = None
     text: TextConfig | None = None
+    reasoning: ReasoningConfig | None = None
     max_output_tokens: int | None = None
     temperature: float | None = None
     top_p: float | None = None

@@ -118,7 +118,7 @@ def test_built_in_tools_are_refused_naming_each():
     "fields, param",
     [
         ({"background": True}, "background"),
-        ({"reasoning": {"effort": "low"}}, "reasoning"),
+        ({"reasoning": {"effort": "low", "summary": "auto"}}, "reasoning.summary"),
         ({"conversation": "conv_1"}, "conversation"),
         ({"prompt": {"id": "p"}}, "prompt"),
         ({"top_logprobs": 2}, "top_logprobs"),

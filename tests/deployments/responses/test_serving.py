@@ -157,7 +157,6 @@ async def test_bad_requests_are_refused_in_openai_s_shape_before_the_model_is_ca
             "input.0.call_id",
         ),
         ({"input": [{"type": "message", "role": "user"}]}, openai.BadRequestError, "input.0.content"),
-        ({"input": "hi", "reasoning": {"effort": "high"}}, openai.BadRequestError, "reasoning"),
     ]
     for fields, error, param in bad:
         with pytest.raises(error) as info:
@@ -192,6 +191,12 @@ async def test_reasoning_is_a_reasoning_item_streamed_and_whole_and_is_not_rende
     assert "".join(deltas) == "Paris is it." and comparable(final) == comparable(whole)
     await client.responses.create(model="m1", input="Sure?", previous_response_id=whole.id)
     assert [m["content"] for m in sent(core)[-1]["prompt"]["messages"]] == ["Capital of France?", "Paris.", "Sure?"]
+
+
+async def test_reasoning_effort_goes_to_the_model_as_chat_s_reasoning_effort():
+    core = make_core([chunk("Paris.", 1, "stop", USAGE)])
+    await sdk(core).responses.create(model="m1", input="Capital of France?", reasoning={"effort": "none"})
+    assert sent(core)[-1]["prompt"]["reasoning_effort"] == "none"
 
 
 async def test_an_evicted_response_is_a_404_like_one_never_stored():
