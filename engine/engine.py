@@ -168,7 +168,8 @@ class AsyncEngine:
     def encode(self, prompt: PromptInput) -> list[int]:
         """A prompt's token ids as a request gets them: the chat template (the config's, else the
         model's), tools rendered in it. Raises InvalidRequestError."""
-        return encode_prompt(self.tokenizer, prompt, self.config.chat_template, self.config.tool_prompt)
+        config = self.config
+        return encode_prompt(self.tokenizer, prompt, config.chat_template, config.tool_prompt, self.model_format.tools)
 
     @functools.cached_property
     def model_format(self) -> OutputFormat:
