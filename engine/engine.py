@@ -192,7 +192,9 @@ class AsyncEngine:
     def compile_guided(self, params: SamplingParams) -> Constraint | None:
         """The matcher of a request's `guided` spec (a bad schema is an InvalidRequestError). Can
         take a while for a big schema, so callers on an event loop run it in a thread."""
-        return self.scheduler.grammars.compile(params.guided) if params.guided is not None else None
+        if params.guided is None:
+            return None
+        return self.scheduler.grammars.compile(params.guided, self.model_format.tools)
 
     def submit(
         self,

@@ -191,7 +191,7 @@ class ChatCompletionRequest(_SamplingRequest):
             return Parsing()
         return Parsing(
             tools=tuple(t.function.name for t in self.tools),
-            forced=self.plan.grammar is not None,
+            forced=self.plan.forced is not None,
             schemas={t.function.name: t.function.parameters or {} for t in self.tools},
         )
 

@@ -44,7 +44,10 @@ async def test_a_required_call_is_forced_by_a_grammar_and_returned_as_tool_calls
     client, fake = sdk(*pieces(CALL_TEXT))
     r = await client.chat.completions.create(model="m1", messages=HI, tools=[WEATHER], tool_choice="required")
     sampling, prompt = fake.payloads[0]["sampling"], fake.payloads[0]["prompt"]
-    assert "get_weather" in sampling["guided"]["lark"] and prompt["tools"] == [WEATHER]
+    forced = {"tools": [{"name": "get_weather", "parameters": WEATHER["function"]["parameters"]}], "parallel": True}
+    assert sampling["guided"] == {"tool_calls": forced} and prompt["tools"] == [
+        WEATHER
+    ]  # the replica builds the grammar
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     (call,) = choice.message.tool_calls
