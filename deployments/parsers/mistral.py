@@ -40,7 +40,7 @@ class MistralParser(StepParser):
         super().__init__(names, forced)
         self.call: JsonCall | None = None
         self.args: JsonText | None = None
-        self.header = ""  # the v11 call's text so far, for a call to a tool not offered
+        self.unoffered: str | None = None  # a v11 call to a tool not offered: its text so far (content)
         self.opening = ""  # the v3 list's opening, shown with its first object if that is no call
         self.as_text = False  # the v3 list is shown as content (an object in it was no call)
 
@@ -50,10 +50,10 @@ class MistralParser(StepParser):
         if self.state == "object":
             out = self.call.finish(self.forced)
             rest = self.call.text or ""
-        elif self.state == "args" and self.header is None:
+        elif self.state == "args" and self.unoffered is None:
             out = self.events.end(parse_arguments(self.args.text))
         elif self.state == "args":
-            rest = self.header + self.args.text
+            rest = self.unoffered + self.args.text
         elif self.state in ("tag", "item") and not self.forced:
             rest = (TAG if self.state == "tag" else self.opening) + rest
         elif self.state != "text" and not (self.state == "sep" and self.as_text):
@@ -78,9 +78,9 @@ class MistralParser(StepParser):
             name, self.buffer = match.group(1), self.buffer[match.end() :]
             self.args, self.state = JsonText(), "args"
             if name in self.names:
-                self.header = None
+                self.unoffered = None
                 return self.events.start(name)
-            self.header = TAG + match.group(0)
+            self.unoffered = TAG + match.group(0)
             return []
         if not body or maybe_header(self.buffer):
             return None
@@ -92,12 +92,12 @@ class MistralParser(StepParser):
             return None
         piece = self.args.take(self.buffer)
         self.buffer = self.buffer[len(piece) :]
-        out = self.events.args(piece) if self.header is None else []
+        out = self.events.args(piece) if self.unoffered is None else []
         if self.args.done:
             self.state = "text"
-            if self.header is None:
+            if self.unoffered is None:
                 return out + self.events.end(parse_arguments(self.args.text))
-            return [TextDelta(self.header + self.args.text)]
+            return [TextDelta(self.unoffered + self.args.text)]
         return out
 
     def _item(self) -> list[Event] | None:
