@@ -70,8 +70,43 @@ def template_source(template: Any) -> str:
     return template if isinstance(template, str) else ""
 
 
+# Each format's markers in a chat template's text, in the order they are tried: a template that
+# shows several (Qwen3-Coder's <tool_call><function=...>, which Hermes' <tool_call> would also
+# match; a pythonic template that mentions JSON) takes the first.
+TOOL_MARKERS = (
+    ("harmony", ("<|channel|>", "<|message|>")),  # GPT-OSS: both, anywhere
+    ("deepseek_v3", ("<｜tool▁calls▁begin｜>",)),
+    ("mistral", ("[TOOL_CALLS]",)),
+    ("qwen3_coder", ("<function=", "<parameter=")),
+    ("pythonic", ("<|tool_call_start|>",)),  # LFM2
+    ("pythonic", ("<|python_start|>",)),  # Llama 4's pythonic template
+    ("pythonic", ("[func_name1(",)),  # the pythonic templates' instruction (Llama 3.2 / 4)
+    ("llama3_json", ("<|python_tag|>",)),  # Llama 3.1 / 3.3
+    ("llama3_json", ('"parameters": dictionary of argument name',)),  # Llama 3.2's instruction
+)
+
+
+@functools.lru_cache(maxsize=16)
+def takes_tools(template: str) -> bool:
+    """Whether a chat template renders a `tools` variable (it describes the tools itself)."""
+    import jinja2
+    from jinja2 import meta
+
+    try:
+        return "tools" in meta.find_undeclared_variables(jinja2.Environment().parse(template))
+    except jinja2.TemplateError:  # an extension the plain environment lacks: read the text
+        return "tools" in template
+
+
 def detect_tool_format(template: str) -> str:
-    """The call syntax a chat template teaches its model (Hermes when the template shows none)."""
+    """The call syntax a chat template teaches its model. Hermes when the template shows none, or
+    takes no tools: its model is then told about them, and how to call them, in the Hermes system
+    prompt (engine.tool_prompt)."""
+    if not takes_tools(template):
+        return "hermes"
+    for fmt, markers in TOOL_MARKERS:
+        if all(m in template for m in markers):
+            return fmt
     return "hermes"
 
 

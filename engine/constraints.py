@@ -22,34 +22,60 @@ from typing import Any
 
 import mlx.core as mx
 import numpy as np
-from pydantic import BaseModel, ConfigDict, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .errors import InvalidRequestError
 from .json_layout import JSON_OPTIONS
+from .tool_grammar import call_grammar
 
 log = logging.getLogger(__name__)
 
 TEMPLATES = 64  # compiled grammars kept per model (a schema's next request copies its matcher)
 
 
+class ForcedTool(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1)
+    parameters: dict[str, Any] | None = None  # its arguments' JSON schema
+
+
+class ToolCallsSpec(BaseModel):
+    """Forced tool calls: the output is calls of these tools (up to engine.tool_grammar's
+    MAX_PARALLEL_CALLS with `parallel`, else one), in the model's own call format."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    tools: list[ForcedTool] = Field(min_length=1)
+    parallel: bool = False
+
+
 class GuidedSpec(BaseModel):
-    """What a constrained request's output must match: exactly one of the three."""
+    """What a constrained request's output must match: exactly one of the four."""
 
     model_config = ConfigDict(extra="forbid")
 
     json_schema: dict[str, Any] | None = None  # OpenAI response_format json_schema
     json_object: bool = False  # OpenAI response_format json_object: any JSON object
-    lark: str | None = None  # a Lark grammar (with %json{...} for embedded schemas): forced tool calls
+    lark: str | None = None  # a Lark grammar (with %json{...} for embedded schemas)
+    tool_calls: ToolCallsSpec | None = None  # tool_choice required / a named function
 
     @model_validator(mode="after")
     def _exactly_one(self):
-        if sum((self.json_schema is not None, self.json_object, self.lark is not None)) != 1:
-            raise ValueError("give exactly one of json_schema, json_object or lark")
+        given = (self.json_schema is not None, self.json_object, self.lark is not None, self.tool_calls is not None)
+        if sum(given) != 1:
+            raise ValueError("give exactly one of json_schema, json_object, lark or tool_calls")
         return self
 
-    def grammar(self) -> str:
+    def grammar(self, tool_format: str = "hermes", special: dict[str, int] | None = None) -> str:
+        """llguidance's grammar; forced calls are written in `tool_format` (engine.chat_format),
+        their tags that are `special` tokens (text → id) matched as those tokens."""
         import llguidance
 
+        if self.tool_calls is not None:
+            tools = [t.model_dump() for t in self.tool_calls.tools]
+            lark = call_grammar(tools, self.tool_calls.parallel, tool_format, special)
+            return llguidance.LLMatcher.grammar_from_lark(lark)
         if self.lark is not None:
             return llguidance.LLMatcher.grammar_from_lark(self.lark)
         schema = self.json_schema if self.json_schema is not None else {"type": "object"}
@@ -87,6 +113,7 @@ class Grammars:
         self._executor = None
         self._lock = threading.Lock()
         self._templates: OrderedDict[str, Any] = OrderedDict()  # grammar -> a compiled matcher to copy
+        self._special: dict[str, int] | None = None
 
     def _tokenizer(self):
         with self._lock:
@@ -99,14 +126,15 @@ class Grammars:
                 self._executor = llguidance.LLExecutor()
             return self._lltok
 
-    def compile(self, spec: GuidedSpec) -> Constraint:
-        """A fresh matcher for one request; a grammar or schema that does not compile is a 400
-        naming the field it came from (a Lark grammar: the forced tool call's `tools`)."""
+    def compile(self, spec: GuidedSpec, tool_format: str = "hermes") -> Constraint:
+        """A fresh matcher for one request (forced calls in the model's `tool_format`); a grammar
+        or schema that does not compile is a 400 naming the field it came from (a Lark grammar
+        or forced calls: `tools`)."""
         import llguidance
 
-        param = "tools" if spec.lark is not None else "response_format"
+        param = "response_format" if spec.lark is None and spec.tool_calls is None else "tools"
         try:
-            grammar = spec.grammar()
+            grammar = spec.grammar(tool_format, self.special_tokens())
         except ValueError as exc:
             raise InvalidRequestError(f"{param}: {exc}", param=param) from exc
         with self._lock:
@@ -122,6 +150,13 @@ class Grammars:
             while len(self._templates) > TEMPLATES:
                 self._templates.popitem(last=False)
         return Constraint(template.deep_copy())
+
+    def special_tokens(self) -> dict[str, int]:
+        """The vocabulary's special tokens (text → id): a grammar matches them only as tokens."""
+        if self._special is None:
+            added = json.loads(tokenizer_json(self._hf)).get("added_tokens") or []
+            self._special = {t["content"]: t["id"] for t in added if t.get("special")}
+        return self._special
 
     def bitmask(self, constraints: list[Constraint | None]) -> np.ndarray:
         """[B, ceil(vocab / 32)] int32 allowed-token bits, all ones for rows without a constraint

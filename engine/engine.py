@@ -181,7 +181,10 @@ class AsyncEngine:
         """A prompt's token ids as a request gets them: the chat template (the config's, else the
         model's), tools rendered in it. Raises InvalidRequestError."""
         kwargs = self.template_kwargs(prompt) if prompt.messages is not None else None
-        return encode_prompt(self.tokenizer, prompt, self.config.chat_template, self.config.tool_prompt, kwargs)
+        config = self.config
+        return encode_prompt(
+            self.tokenizer, prompt, config.chat_template, config.tool_prompt, kwargs, self.model_format.tools
+        )
 
     @functools.cached_property
     def template(self) -> str:
@@ -225,7 +228,9 @@ class AsyncEngine:
     def compile_guided(self, params: SamplingParams) -> Constraint | None:
         """The matcher of a request's `guided` spec (a bad schema is an InvalidRequestError). Can
         take a while for a big schema, so callers on an event loop run it in a thread."""
-        return self.scheduler.grammars.compile(params.guided) if params.guided is not None else None
+        if params.guided is None:
+            return None
+        return self.scheduler.grammars.compile(params.guided, self.model_format.tools)
 
     def submit(
         self,

@@ -15,10 +15,12 @@ def encode_prompt(
     chat_template: str | None = None,
     tool_prompt: str | None = None,
     template_kwargs: dict[str, Any] | None = None,
+    tool_format: str = "hermes",
 ) -> list[int]:
-    """Token ids of a prompt; `chat_template` (EngineConfig) replaces the tokenizer's own, and
-    `tool_prompt` the Hermes prompt that describes tools to a template that does not take them;
-    `template_kwargs` are variables for the template (checked by the caller: engine.chat_format)."""
+    """Token ids of a prompt; `chat_template` (EngineConfig) replaces the tokenizer's own,
+    `tool_prompt` the Hermes prompt that describes tools to a template that does not take them,
+    `template_kwargs` are variables for the template (checked by the caller: engine.chat_format),
+    and `tool_format` is the call format of the model's output (engine.chat_format)."""
     given = [f for f in ("messages", "text", "token_ids") if getattr(prompt, f) is not None]
     if len(given) != 1:
         raise InvalidRequestError("give exactly one of messages, prompt text or token ids", param="messages")
@@ -28,7 +30,7 @@ def encode_prompt(
         ids = tokenizer.encode(prompt.text)
     else:
         ids = _apply_chat_template(
-            tokenizer, prompt.messages, chat_template, prompt.tools, tool_prompt, template_kwargs or {}
+            tokenizer, prompt.messages, chat_template, prompt.tools, tool_prompt, template_kwargs or {}, tool_format
         )
     if not ids:
         raise InvalidRequestError("the prompt is empty", param="prompt")
@@ -49,6 +51,7 @@ def _apply_chat_template(
     tools: list[dict[str, Any]] | None = None,
     tool_prompt: str | None = None,
     template_kwargs: dict[str, Any] | None = None,
+    tool_format: str = "hermes",
 ) -> list[int]:
     if not messages:
         raise InvalidRequestError("messages must be a non-empty list", param="messages")
@@ -61,14 +64,22 @@ def _apply_chat_template(
     extra: dict[str, Any] = {**(template_kwargs or {})}
     if template is not None:
         extra["chat_template"] = template
-    if tools or any(m.get("tool_calls") or m["role"] == "tool" for m in normalized):
-        if template_takes_tools(tokenizer, template):
-            normalized = for_template(normalized)
-            extra["tools"] = tools
-        else:
-            normalized = hermes(normalized, tools, tool_prompt)
+    if not (tools or any(m.get("tool_calls") or m["role"] == "tool" for m in normalized)):
+        return _render(tokenizer, normalized, extra)
+    if not template_takes_tools(tokenizer, template):
+        return _render(tokenizer, hermes(normalized, tools, tool_prompt), extra)
+    extra["tools"] = tools
     try:
-        return list(tokenizer.apply_chat_template(normalized, add_generation_prompt=True, **extra))
+        return _render(tokenizer, for_template(normalized, tool_format), extra)
+    except InvalidRequestError:  # templates that concatenate a call's arguments want them as text
+        if not any(m.get("tool_calls") for m in normalized):
+            raise
+        return _render(tokenizer, for_template(normalized, tool_format, arguments_as_text=True), extra)
+
+
+def _render(tokenizer, messages: list[dict[str, Any]], extra: dict[str, Any]) -> list[int]:
+    try:
+        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, **extra))
     except Exception as exc:  # jinja2 TemplateError and friends: the template rejected the conversation
         raise InvalidRequestError(f"the chat template rejected these messages: {exc}", param="messages") from exc
 

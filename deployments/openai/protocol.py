@@ -193,7 +193,11 @@ class ChatCompletionRequest(_SamplingRequest):
         """What the output is parsed for: reasoning always, calls of the request's tools when it has any."""
         if not self.plan.parse:
             return Parsing()
-        return Parsing(tools=tuple(t.function.name for t in self.tools), forced=self.plan.grammar is not None)
+        return Parsing(
+            tools=tuple(t.function.name for t in self.tools),
+            forced=self.plan.forced is not None,
+            schemas={t.function.name: t.function.parameters or {} for t in self.tools},
+        )
 
     def sampling(self) -> dict[str, Any]:
         out = super().sampling()

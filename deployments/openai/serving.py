@@ -27,7 +27,7 @@ def response_builder(req: ChatCompletionRequest | CompletionRequest, kind: Kind)
         req.model,
         new_id("chatcmpl" if chat else "cmpl"),
         tools=chat and req.plan.parse,
-        forced_tools=chat and req.plan.grammar is not None,
+        forced_tools=chat and req.plan.forced is not None,
         logprobs=req.logprobs not in (None, False),
         include_usage=req.include_usage,
     )

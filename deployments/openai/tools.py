@@ -2,26 +2,22 @@
 for one request (the calls are parsed out of the output by deployments.parsers).
 
 The model sees tools through its chat template or the Hermes prompt (engine/tool_prompt.py) and
-calls them as `<tool_call>{"name": ..., "arguments": {...}}</tool_call>`. With tool_choice
-"required" or a named function the call is forced by a grammar (a Lark grammar whose JSON is the
-functions' schemas), so its arguments always validate; with "auto" the model may call or answer,
-and calls are parsed out of what it wrote. tool_choice "none" leaves the tools out.
+calls them in its own format (engine.chat_format, which the replica knows and the router learns
+from the first chunk). With tool_choice "required" or a named function the call is forced: the
+router sends the forced tools (and whether several calls may be made) as the request's
+`guided.tool_calls`, and the replica builds the grammar in the model's format
+(engine.tool_grammar), so the arguments always validate; with "auto" the model may call or
+answer, and calls are parsed out of what it wrote. tool_choice "none" leaves the tools out.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from pydantic import Field
 
-from engine.json_layout import JSON_OPTIONS
-from engine.tool_prompt import CALL_CLOSE, CALL_OPEN
-
 from ..http.validation import Strict
-
-MAX_PARALLEL_CALLS = 4  # a forced parallel call makes at most this many calls
 
 
 class JsonSchemaFormat(Strict):
@@ -76,12 +72,12 @@ class ToolPlan:
 
     render_tools: bool = False  # the prompt describes the tools
     parse: bool = False  # calls are parsed out of the output
-    grammar: str | None = None  # the Lark grammar that forces the call(s)
+    forced: dict[str, Any] | None = None  # the forced call(s): the engine's GuidedSpec.tool_calls
     response_format: ResponseFormat | None = None
 
     def guided(self) -> dict[str, Any] | None:
-        if self.grammar is not None:
-            return {"lark": self.grammar}
+        if self.forced is not None:
+            return {"tool_calls": self.forced}
         return self.response_format.guided() if self.response_format is not None else None
 
 
@@ -111,28 +107,10 @@ def tool_plan(
         forced = tools
     if forced is not None and response_format is not None and response_format.type != "text":
         raise ValueError("response_format: cannot be combined with a forced tool_choice")
-    grammar = call_grammar(forced, parallel is not False and choice == "required") if forced else None
-    return ToolPlan(render_tools=True, parse=True, grammar=grammar, response_format=response_format)
-
-
-def call_grammar(tools: list[Tool], parallel: bool) -> str:
-    """A Lark grammar for one call (or up to MAX_PARALLEL_CALLS) of these functions, in the
-    Hermes tags, arguments held to each function's parameters schema."""
-    options = [
-        {
-            "type": "object",
-            "properties": {
-                "name": {"const": t.function.name},
-                "arguments": t.function.parameters or {"type": "object"},
-            },
-            "required": ["name", "arguments"],
-            "additionalProperties": False,
-        }
-        for t in tools
-    ]
-    schema = {"anyOf": options, "x-guidance": JSON_OPTIONS}
-    repeat = f"{{1,{MAX_PARALLEL_CALLS}}}" if parallel else ""
-    return (
-        f"start: call{repeat}\n"
-        f'call: {json.dumps(CALL_OPEN + chr(10))} %json {json.dumps(schema)} {json.dumps(chr(10) + CALL_CLOSE)} "\\n"?\n'
-    )
+    if forced is None:
+        return ToolPlan(render_tools=True, parse=True, response_format=response_format)
+    spec = {
+        "tools": [{"name": t.function.name, "parameters": t.function.parameters} for t in forced],
+        "parallel": parallel is not False and choice == "required",
+    }
+    return ToolPlan(render_tools=True, parse=True, forced=spec, response_format=response_format)

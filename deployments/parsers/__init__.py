@@ -12,23 +12,32 @@ the two. A parser turns text, fed as it streams, into `TextDelta`, `ReasoningDel
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Protocol
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 from engine.chat_format import OutputFormat
 
 from ..events import Event, TextDelta
+from .deepseek_v3 import DeepSeekV3Parser
+from .harmony import HarmonyParser
 from .hermes import HermesParser
+from .llama3_json import Llama3JsonParser
+from .mistral import MistralParser
+from .pythonic import PythonicParser
+from .qwen3_coder import Qwen3CoderParser
 from .reasoning import TagReasoning
 
 
 @dataclass(frozen=True)
 class Parsing:
     """What one request asks of the parser: `tools` the names it may call (None: no tool
-    calls are parsed), `forced` a grammar made the output nothing but calls."""
+    calls are parsed), `forced` a grammar made the output nothing but calls, `schemas` each
+    tool's parameters schema by name (formats whose arguments are not JSON read their types
+    from it: qwen3_coder)."""
 
     tools: tuple[str, ...] | None = None
     forced: bool = False
+    schemas: dict[str, dict[str, Any]] = field(default_factory=dict, compare=False)
 
 
 class ToolParser(Protocol):
@@ -45,7 +54,15 @@ class ReasoningParser(Protocol):
     def finish(self) -> list[Event]: ...
 
 
-TOOL_PARSERS: dict[str, type] = {"hermes": HermesParser}
+TOOL_PARSERS: dict[str, type] = {
+    "hermes": HermesParser,
+    "llama3_json": Llama3JsonParser,
+    "mistral": MistralParser,
+    "qwen3_coder": Qwen3CoderParser,
+    "pythonic": PythonicParser,
+    "deepseek_v3": DeepSeekV3Parser,
+    "harmony": HarmonyParser,
+}
 REASONING_PARSERS: dict[str, type] = {"think": TagReasoning, "mistral": TagReasoning}
 
 
@@ -80,10 +97,17 @@ def make_parser(fmt: OutputFormat, parsing: Parsing | None) -> OutputParser | No
     for, or nothing to parse)."""
     if parsing is None:
         return None
-    # a format whose reasoning its tool parser splits itself (GPT-OSS harmony) has no entry here
-    kind = REASONING_PARSERS.get(fmt.reasoning or "")
-    reasoning = kind(fmt.reasoning, fmt.in_reasoning) if kind is not None else None
-    tools = TOOL_PARSERS[fmt.tools](parsing.tools, parsing.forced) if parsing.tools is not None else None
+    if "harmony" in (fmt.tools, fmt.reasoning):  # one format for both: its parser alone
+        return OutputParser(None, HarmonyParser(parsing.tools or (), parsing.forced, fmt.in_reasoning))
+    reasoning = REASONING_PARSERS[fmt.reasoning](fmt.reasoning, fmt.in_reasoning) if fmt.reasoning else None
+    tools = make_tool_parser(fmt.tools, parsing) if parsing.tools is not None else None
     if reasoning is None and tools is None:
         return None
     return OutputParser(reasoning, tools)
+
+
+def make_tool_parser(tool_format: str, parsing: Parsing) -> ToolParser:
+    """The tool-call parser of a format for one request's tools."""
+    if tool_format == "qwen3_coder":
+        return Qwen3CoderParser(parsing.tools, parsing.forced, parsing.schemas)
+    return TOOL_PARSERS[tool_format](parsing.tools, parsing.forced)

@@ -14,7 +14,7 @@ import re
 from engine.tool_prompt import CALL_CLOSE, CALL_OPEN
 
 from ..events import Event, TextDelta
-from .calls import CallEvents, parse_arguments, partial_tail
+from .calls import CallEvents, Gaps, parse_arguments, partial_tail
 from .json_stream import JsonValueEnd
 
 _HEAD = re.compile(r'\s*\{\s*"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*')
@@ -27,6 +27,7 @@ class HermesParser:
     def __init__(self, names: tuple[str, ...], forced: bool = False):
         self.names, self.forced = names, forced
         self.events = CallEvents()
+        self.gaps = Gaps()
         self._buffer = ""
         self._state = "text"  # text | head (after the open tag) | args | tail (arguments done)
         self._args = ""
@@ -42,7 +43,7 @@ class HermesParser:
         while True:
             step = self._STEPS[self._state](self)
             if step is None:
-                return self._drop_gaps(out)
+                return self.gaps.drop(out)
             out += step
 
     def finish(self) -> list[Event]:
@@ -52,7 +53,7 @@ class HermesParser:
         if self._state == "head" and not self.forced:
             return [TextDelta(CALL_OPEN + rest)]
         if self._state == "text" and rest:
-            return [TextDelta(rest.strip() if self.calls else rest)]
+            return self.gaps.drop([TextDelta(rest)])
         return []
 
     def _text(self) -> list[Event] | None:
@@ -107,11 +108,5 @@ class HermesParser:
         if not isinstance(value, dict) or value.get("name") not in self.names:
             return [TextDelta(CALL_OPEN + body + CALL_CLOSE)]
         return self.events.whole(value["name"], value.get("arguments", value.get("parameters", {})))
-
-    def _drop_gaps(self, out: list[Event]) -> list[Event]:
-        """Whitespace between calls is not content."""
-        if self.calls:
-            return [e for e in out if not (isinstance(e, TextDelta) and not e.text.strip())]
-        return out
 
     _STEPS = {"text": _text, "head": _head, "args": _args_, "tail": _tail}

@@ -49,3 +49,20 @@ class JsonValueEnd:
             elif c in _SCALAR_END:
                 return i
         return None
+
+
+class JsonText:
+    """A JSON value's text as it streams: `take(text)` returns the part of `text` that belongs to
+    the value (all of it while the value goes on); `done` once its end was read."""
+
+    def __init__(self):
+        self.text = ""
+        self.done = False
+        self._end = JsonValueEnd()
+
+    def take(self, text: str) -> str:
+        at = self._end.feed(text)
+        piece = text if at is None else text[:at]
+        self.text += piece
+        self.done = at is not None
+        return piece

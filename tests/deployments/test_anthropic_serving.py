@@ -318,7 +318,7 @@ async def test_sdk_reads_tool_use_blocks_created_and_streamed(monkeypatch):
         model="m1", max_tokens=16, messages=HI, tools=tools, tool_choice={"type": "tool", "name": "get_weather"}
     )
     assert core.requests[0].tool_choice.model_dump() == {"type": "function", "function": {"name": "get_weather"}}
-    assert core.requests[0].plan.grammar is not None  # the named call is forced
+    assert core.requests[0].plan.forced is not None  # the named call is forced
     assert msg.stop_reason == "tool_use" and msg.content[0].type == "tool_use"
     use = msg.content[0]
     assert (use.id, use.name, use.input) == ("call_1", "get_weather", {"city": "Paris"})

@@ -44,7 +44,10 @@ async def test_a_required_call_is_forced_by_a_grammar_and_returned_as_tool_calls
     client, fake = sdk(*pieces(CALL_TEXT))
     r = await client.chat.completions.create(model="m1", messages=HI, tools=[WEATHER], tool_choice="required")
     sampling, prompt = fake.payloads[0]["sampling"], fake.payloads[0]["prompt"]
-    assert "get_weather" in sampling["guided"]["lark"] and prompt["tools"] == [WEATHER]
+    forced = {"tools": [{"name": "get_weather", "parameters": WEATHER["function"]["parameters"]}], "parallel": True}
+    assert sampling["guided"] == {"tool_calls": forced} and prompt["tools"] == [
+        WEATHER
+    ]  # the replica builds the grammar
     choice = r.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     (call,) = choice.message.tool_calls
@@ -212,3 +215,53 @@ def test_the_parser_keeps_text_that_only_looks_like_a_call():
     assert all(isinstance(e, TextDelta) for e in events)
     shown = "".join(e.text for e in events)
     assert shown == "a <tool_call>not json</tool_call> b <to" and not p.calls
+
+
+FAMILY_CALLS = {  # two calls in each family's syntax, as the replica would stream them
+    "llama3_json": '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}; '
+    '{"name": "get_weather", "parameters": {"city": "Rome"}}',
+    "mistral": '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]get_weather[ARGS]{"city": "Rome"}',
+    "qwen3_coder": "".join(
+        f"<tool_call>\n<function=get_weather>\n<parameter=city>\n{c}\n</parameter>\n</function>\n</tool_call>\n"
+        for c in ("Paris", "Rome")
+    ),
+    "pythonic": '[get_weather(city="Paris"), get_weather(city="Rome")]',
+    "deepseek_v3": "<｜tool▁calls▁begin｜>"
+    + "".join(
+        f'<｜tool▁call▁begin｜>get_weather<｜tool▁sep｜>{{"city": "{c}"}}<｜tool▁call▁end｜>' for c in ("Paris", "Rome")
+    )
+    + "<｜tool▁calls▁end｜>",
+    "harmony": "<|channel|>analysis<|message|>Two cities.<|end|>"
+    + "".join(
+        f'<|start|>assistant<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{{"city": "{c}"}}<|call|>'
+        for c in ("Paris", "Rome")
+    ),
+}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILY_CALLS))
+async def test_each_familys_calls_stream_to_the_same_calls_as_the_whole_response(family):
+    """The replica names the format on its first chunk; the SDK's accumulated stream gives the
+    non-streamed calls."""
+
+    def items():
+        out = pieces(FAMILY_CALLS[family], 3)
+        out[0] = {**out[0], "format": {"tools": family, "reasoning": "harmony" if family == "harmony" else None}}
+        return out
+
+    client, _ = sdk(*items())
+    whole = (await client.chat.completions.create(model="m1", messages=HI, tools=[WEATHER])).choices[0]
+    client, _ = sdk(*items())
+    stream = await client.chat.completions.create(model="m1", messages=HI, tools=[WEATHER], stream=True)
+    calls, content = {}, ""
+    async for c in stream:
+        content += c.choices[0].delta.content or ""
+        for tc in c.choices[0].delta.tool_calls or []:
+            entry = calls.setdefault(tc.index, {"name": "", "arguments": ""})
+            entry["name"] += tc.function.name or ""
+            entry["arguments"] += tc.function.arguments or ""
+    assert content == "" and whole.message.content is None and whole.finish_reason == "tool_calls"
+    assert [calls[i] for i in sorted(calls)] == [
+        {"name": c.function.name, "arguments": c.function.arguments} for c in whole.message.tool_calls
+    ]
+    assert [json.loads(calls[i]["arguments"]) for i in sorted(calls)] == [{"city": "Paris"}, {"city": "Rome"}]
