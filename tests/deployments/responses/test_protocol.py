@@ -84,12 +84,12 @@ def test_items_become_chat_turns_and_an_assistant_message_with_its_calls_is_one_
     assert req.prompt_input().tools == [
         {"type": "function", "function": {k: v for k, v in WEATHER.items() if k != "type"}}
     ]
-    assert req.plan.grammar is None and req.parsing().tools == ("get_weather",)
+    assert req.plan.forced is None and req.parsing().tools == ("get_weather",)
 
 
 def test_tool_choice_and_text_format_are_the_chat_request_s():
     forced = chat(tools=[WEATHER], tool_choice={"type": "function", "name": "get_weather"}, parallel_tool_calls=False)
-    assert forced.plan.grammar is not None and forced.parsing().forced
+    assert forced.plan.forced is not None and forced.parsing().forced
     schema = {"type": "object", "properties": {"a": {"type": "integer"}}}
     shaped = chat(text={"format": {"type": "json_schema", "name": "s", "schema": schema, "strict": True}})
     assert shaped.sampling()["guided"] == {"json_schema": schema}
