@@ -11,10 +11,11 @@ if [ ! -d /tmp/site/ray ]; then
   cat /tmp/accel/part_* | tar -C /tmp/accel -xf -
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site /tmp/accel/wheels/*.whl
 fi
-export PYTHONPATH=/tmp/site:$code PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1
+export PYTHONPATH=/tmp/site:$code PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
 cd "$code"
-python3 -c 'import mlx.core as mx, ray, fastapi, pydantic, llguidance, mlx_lm, vllm_mlx, deployments.app, engine.engine
+python3 -c 'import mlx.core as mx, ray, ray.serve, fastapi, pydantic, llguidance, mlx_lm, deployments.app, engine.engine
 print("mlx", mx.__version__, mx.default_device(), "ray", ray.__version__, "mlx_lm", mlx_lm.__version__)'
+python3 -c 'import vllm_mlx.server' || echo "vllm_mlx.server does not import (the suite reports why)"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
 [ $# -gt 0 ] || exit 0
 out=${OUT:-/tmp/accel-out}
