@@ -122,6 +122,8 @@ class Run:
         self.rates: dict[tuple[str, int], list[float]] = {}
         self.client_cpu: dict[tuple[str, int], list[float]] = {}
         self.serve_cpu: dict[int, list[dict]] = {}
+        self.deadline = time.monotonic() + args.budget_s  # no level starts after it
+        self.skipped: list[str] = []
 
     async def level(self, target: Target, n: int, rnd: int) -> None:
         results, wall, cpu = [], 0.0, 0.0
@@ -144,6 +146,9 @@ class Run:
         k = rnd % len(self.targets)
         for target in self.targets[k:] + self.targets[:k]:  # rotate: no target always first
             for n in self.args.clients:
+                if time.monotonic() > self.deadline:
+                    self.skipped.append(f"round {rnd + 1}: {target.label} at {n}")
+                    continue
                 await self.level(target, n, rnd)
             say(
                 f"round {rnd + 1}: {target.label}: "
@@ -154,9 +159,10 @@ class Run:
         """Every shape of the run once per target (compiled traces, kernels, connections)."""
         for target in self.targets:
             await target.probe()
+            t0 = time.monotonic()
             for n in self.args.clients:
                 await wave(target, n, self.args.max_tokens, f"warm{n}")
-            say(f"warm: {target.label} (ignore_eos {target.ignore_eos})")
+            say(f"warm: {target.label} in {time.monotonic() - t0:.1f} s (ignore_eos {target.ignore_eos})")
 
     def rows(self) -> list[dict]:
         out = []
@@ -342,15 +348,16 @@ def finish_doc(doc: dict, run: Run) -> None:
     doc["compare"] = compare(doc["rows"], run.args.clients)
     doc["goals"] = goals(doc["compare"])
     doc["serve_cpu_ms_per_token"] = {str(n): v for n, v in run.serve_cpu.items()}
+    doc["skipped_for_time"] = run.skipped
 
 
 async def measure(args, doc: dict, targets: list[Target]) -> Run:
     """Warm-up, then the rounds while the time budget lasts; the JSON saved after each round."""
-    run, started = Run(args, targets), time.monotonic()
+    run = Run(args, targets)
     await run.warm_up()
     last = 0.0
     for rnd in range(args.rounds):
-        if rnd and time.monotonic() - started + last > args.budget_s:
+        if rnd and time.monotonic() + last > run.deadline:
             say(f"time budget spent: {rnd} of {args.rounds} rounds")
             break
         t0 = time.monotonic()
