@@ -3,14 +3,16 @@
 # internet; it already has numpy, transformers, tokenizers, huggingface-hub, httpx, aiohttp, grpcio,
 # uvloop, psutil, pyyaml, requests, click, jinja2, ...): MLX's CUDA wheel, Ray Serve and its serving
 # dependencies, pydantic, llguidance, py-spy and vllm-mlx, pinned to this project's versions, as one tar
-# split into parts of 48 MiB (a device call carries 64 MiB), plus a copy of this checkout's tracked files.
+# split into parts of 51 MiB (a device call carries 64 MiB), plus a copy of this checkout's tracked files.
+# Ray's wheel loses its Java jar and the dashboard's source maps (34 MB that serving never reads), so
+# everything fits in three parts.
 #
 # Usage, from this checkout:  bash benchmarks/gpu/accel-wheels.sh [DEST]
 #   DEST (default: .accel in this checkout) must be an ignored folder of the checkout that the device
 #   tool sends (a helper working in another worktree gives the main checkout's .accel).
 # Then one device call per part, chained (the machine stays warm ~30 s):
-#   carry [".accel/p1"]: mkdir -p /tmp/accel && cp .accel/p1/* /tmp/accel/       (the same for p2, p3)
-#   carry [".accel/p4", ".accel/code"]: bash .accel/code/benchmarks/gpu/accel-on-device.sh [SUITE OPTIONS]
+#   carry [".accel/p1"]: mkdir -p /tmp/accel && cp .accel/p1/* /tmp/accel/       (the same for p2)
+#   carry [".accel/p3", ".accel/code"]: bash .accel/code/benchmarks/gpu/accel-on-device.sh [SUITE OPTIONS]
 set -euo pipefail
 here=$(git rev-parse --show-toplevel)
 dest=${1:-$here/.accel}
@@ -34,8 +36,13 @@ pins=(
 dl=$(mktemp -d)
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${plat[@]}" \
   -d "$dl/wheels" "${pins[@]}"
+ray=$(ls "$dl"/wheels/ray-*.whl)
+zip -q -d "$ray" 'ray/jars/*' 'ray/dashboard/client/build/static/js/*.map'
+info=$(basename "$ray" | cut -d- -f1-2).dist-info
+mkdir -p "$dl/$info" && unzip -p "$ray" "$info/RECORD" | grep -v -E '^ray/jars/|\.js\.map,' > "$dl/$info/RECORD"
+(cd "$dl" && zip -q "$ray" "$info/RECORD")
 rm -rf "$dest" && mkdir -p "$dest"
-tar -C "$dl" -cf - wheels | split -b 48M -d -a 1 - "$dest/part_"
+tar -C "$dl" -cf - wheels | split -b 51M -d -a 1 - "$dest/part_"
 n=0
 for part in "$dest"/part_*; do n=$((n + 1)); mkdir -p "$dest/p$n"; mv "$part" "$dest/p$n/"; done
 mkdir -p "$dest/code" && git -C "$here" ls-files -z | (cd "$here" && tar --null -T - -cf -) | tar -C "$dest/code" -xf -
