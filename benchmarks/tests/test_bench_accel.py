@@ -60,3 +60,31 @@ def test_py_spy_summary():
     assert s["samples"] == 40
     assert s["self"][0] == ["step (x.py)", 0.75]
     assert ["run (loop.py)", 1.0] in s["inclusive"]
+
+
+class FakeTarget(bench_accel.Target):
+    """Answers at once: `tokens` tokens, the first after 1 ms."""
+
+    def __init__(self, label, tokens=8):
+        super().__init__(label)
+        self.tokens = tokens
+
+    async def one(self, prompt, max_tokens):
+        import asyncio
+
+        await asyncio.sleep(0.001)
+        return bench_accel.RequestResult(ok=True, ttft=0.001, latency=0.002, completion_tokens=self.tokens)
+
+
+async def test_rounds_rows_and_table_with_fake_targets():
+    import argparse
+
+    args = argparse.Namespace(clients=[1, 4], max_tokens=8, waves=2, rounds=2, budget_s=60, out=None)
+    doc = {"servers": {}}
+    run = await bench_accel.measure(args, doc, [FakeTarget("engine"), FakeTarget("serve run", tokens=8)])
+    assert doc["rounds_done"] == 2 and not doc["skipped_for_time"]
+    by = {(r["target"], r["clients"]): r for r in doc["rows"]}
+    assert by[("serve run", 4)]["requests"] == 16 and by[("serve run", 4)]["errors"] == 0
+    assert len(by[("engine", 1)]["tok_s_rounds"]) == 2
+    assert set(doc["compare"]) == {"1", "4"} and run.serve_cpu == {}
+    assert "| 4 | engine |" in bench_accel.table(doc)
