@@ -10,7 +10,9 @@ that many concurrent streamed completions (a ~32-token text prompt unique to eac
 prefix cache helps, temperature 0, `--max-tokens` new tokens, `ignore_eos` where the target takes
 it). All servers are up together (idle ones cost a 16-core host nothing that shows) and measured in
 turn, `--rounds` times in a rotating order, so a slow minute of the card hits every target alike;
-tok/s is the median of the rounds, TTFT percentiles are over every request.
+tok/s is the median of the rounds, TTFT percentiles are over every request. Four MLX processes share
+the card's memory: on an 80 GB H100 the 64-client waves ran it out in the third round (2026-12-06),
+so read errors there as memory, not as the server (`--peers` runs fewer).
 
 The engine runs in this process (AsyncEngine with the YAML's engine options, as bench_engine and
 bench_http do); `serve run` gets a one-model YAML (every setting default but the batch width and

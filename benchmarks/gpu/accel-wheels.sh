@@ -19,13 +19,14 @@ dest=${1:-$here/.accel}
 plat=(--platform manylinux_2_35_x86_64 --platform manylinux_2_31_x86_64 --platform manylinux_2_28_x86_64
       --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
       --platform manylinux1_x86_64 --platform any)
+# grpcio-reflection must not be newer than the machine's grpcio (1.84.0 there, 2026-12-06): it refuses to import.
 pins=(
   mlx==0.32.4 mlx-cuda-13==0.32.4 mlx-lm==0.32.2 gguf==0.19.0
   pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 typing-extensions==4.16.0
   llguidance==1.9.1 threadpoolctl==3.8.0 protobuf==7.36.2 httpx==0.29.0 httpcore==1.0.9
   ray==2.60.0 jsonschema==4.26.0 jsonschema-specifications==2025.9.1 referencing==0.37.0 rpds-py==2026.9.1
   fastapi==0.165.0 starlette==1.10.0 uvicorn==0.55.0 watchfiles==1.3.0 httptools==0.9.0 websockets==17.4
-  python-dotenv==1.2.4 aiohttp-cors==0.8.1 colorful==0.5.8 smart-open==9.0.4 mmh3==5.3.1 grpcio-reflection==1.85.1
+  python-dotenv==1.2.4 aiohttp-cors==0.8.1 colorful==0.5.8 smart-open==9.0.4 mmh3==5.3.1 grpcio-reflection==1.84.0
   opencensus==0.11.4 opencensus-context==0.1.3 google-api-core==2.44.0 googleapis-common-protos==1.76.0
   proto-plus==1.29.0 google-auth==2.63.0 pyasn1==0.6.5 pyasn1-modules==0.4.2
   opentelemetry-api==1.45.2 opentelemetry-sdk==1.45.2 opentelemetry-proto==1.45.2
