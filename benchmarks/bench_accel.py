@@ -182,6 +182,8 @@ class Run:
                         "ttft_p50_ms": s["ttft_p50_ms"],
                         "ttft_p99_ms": s["ttft_p99_ms"],
                         "itl_p50_ms": s["itl_p50_ms"],
+                        "tpot_p50_ms": s["tpot_p50_ms"],  # decode speed apart from the late start
+                        "latency_p50_ms": s["latency_p50_ms"],
                         "requests": s["requests"],
                         "errors": s["errors"],
                         "error_kinds": s["error_kinds"],
