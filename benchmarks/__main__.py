@@ -22,6 +22,7 @@ SUITES: dict[str, tuple[str, str]] = {
     "openai": ("benchmarks.openai_bench.__main__", "any OpenAI-compatible endpoint: batching, prefix, sweep, plots"),
     "peers": ("benchmarks.bench_peers", "the headline table against a peer server at a URL"),
     "peers-ab": ("benchmarks.bench_peers_ab", "serve run and mlx_lm.server in turn: ratios per round"),
+    "accel": ("benchmarks.bench_accel", "on a GPU: engine, serve run, mlx_lm.server, vllm-mlx at 1-64 clients"),
     "affinity": ("benchmarks.bench_affinity", "prefix-affinity vs power-of-two routing on 2 replicas"),
     "governor": ("benchmarks.bench_governor", "3 models in a 2-model budget vs all resident: loads, TTFT, RSS"),
     "idle": ("benchmarks.bench_idle", "what an idle loaded model costs the busy one (serve run)"),
