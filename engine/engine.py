@@ -217,10 +217,12 @@ class AsyncEngine:
             reasoning=None if reasoning == "none" else reasoning,
         )
 
-    def output_format(self, prompt_ids: list[int]) -> OutputFormat:
-        """A request's output format: the model's, and whether its prompt opened a reasoning block."""
+    def output_format(self, prompt_ids: list[int], guided: bool = False) -> OutputFormat:
+        """A request's output format: the model's, and whether its prompt opened a reasoning block.
+        A `guided` request's output is what its grammar forces from the first token on (a call, a
+        JSON value): the answer, never reasoning, even after a prompt that opened the block."""
         fmt = self.model_format
-        if fmt.reasoning is None:
+        if fmt.reasoning is None or guided:
             return fmt
         tail = self.tokenizer.decode(prompt_ids[-PROMPT_TAIL_TOKENS:])
         return dataclasses.replace(fmt, in_reasoning=prompt_opens_reasoning(tail, fmt.reasoning))
@@ -252,7 +254,8 @@ class AsyncEngine:
             request_id = request_id or f"req-{uuid.uuid4().hex[:16]}"
             if request_id in self._streams:
                 raise InvalidRequestError(f"request id {request_id!r} is already in use", param="request_id")
-            stream = RequestStream(self, request_id, prompt_ids, self.output_format(prompt_ids))
+            fmt = self.output_format(prompt_ids, guided=constraint is not None)
+            stream = RequestStream(self, request_id, prompt_ids, fmt)
             self._streams[request_id] = stream
         text = TextStream(self.tokenizer.detokenizer, params.stop)
         cap = self._thinking_cap(stream.format, params) if constraint is None else None

@@ -80,5 +80,9 @@ def test_a_call_after_the_reasoning_is_made():
     assert [e.name for e in events if isinstance(e, ToolCallStart)] == ["f"]
 
 
-def test_a_format_whose_tool_parser_splits_reasoning_itself_gets_no_tag_splitter():
-    assert make_parser(OutputFormat(tools="hermes", reasoning="harmony"), Parsing()) is None
+def test_harmony_reasoning_is_split_by_the_harmony_parser_alone_with_or_without_tools():
+    for parsing in (Parsing(), Parsing(tools=("f",))):
+        parser = make_parser(OutputFormat(tools="hermes", reasoning="harmony"), parsing)
+        assert parser.reasoning is None and type(parser.tools).__name__ == "HarmonyParser"
+        events = parser.feed("<|channel|>analysis<|message|>hmm<|end|>") + parser.finish()
+        assert events == [ReasoningDelta("hmm")]

@@ -57,15 +57,14 @@ def test_create_answers_with_text_usage_and_stop_reason(client):
     assert msg.content[0].text.startswith(short.content[0].text)
 
 
-def test_a_matched_stop_sequence_reads_as_end_turn(client):
-    """The engine does not say which stop string matched (nor that one did): see STOP_REASONS."""
+def test_a_matched_stop_sequence_is_named(client):
     full = client.messages.create(model=MODEL, max_tokens=16, messages=HELLO, extra_body=GREEDY).content[0].text
     words = full.split()
     assert len(words) >= 2, full
     cut = client.messages.create(
         model=MODEL, max_tokens=16, messages=HELLO, stop_sequences=[words[1]], extra_body=GREEDY
     )
-    assert cut.stop_reason == "end_turn" and cut.stop_sequence is None
+    assert cut.stop_reason == "stop_sequence" and cut.stop_sequence == words[1]
     assert words[1] not in cut.content[0].text and full.startswith(cut.content[0].text)
 
 

@@ -5,6 +5,8 @@ reasoning_effort and chat_template_kwargs; Anthropic thinking blocks and stop_se
 
 from __future__ import annotations
 
+import json
+
 import anthropic
 import openai
 import pytest
@@ -70,6 +72,35 @@ def test_reasoning_content_is_apart_from_clean_content_with_tools_streamed_or_no
         streamed_content += delta.content or ""
     assert (streamed_reasoning, streamed_content) == (reasoning, message.content)
     assert pieces > 1  # reasoning streams as it is written
+
+
+def test_a_forced_call_after_an_opened_think_block_streams_its_arguments_in_pieces(client):
+    """The grammar writes the call from the first token, so it is the answer, not reasoning; with
+    no stream window the arguments arrive in several deltas, which the SDK's stream helper
+    assembles into the non-streamed call."""
+    args = dict(
+        model=MODEL,
+        messages=QUESTION,
+        tools=[WEATHER],
+        tool_choice={"type": "function", "function": {"name": "get_weather"}},
+        max_tokens=48,
+    )
+    whole = client.chat.completions.create(**args).choices[0].message
+    assert [c.function.name for c in whole.tool_calls] == ["get_weather"] and not whole.reasoning_content
+    assert isinstance(json.loads(whole.tool_calls[0].function.arguments)["city"], str)
+    pieces = [
+        tc.function.arguments
+        for c in client.chat.completions.create(**args, stream=True)
+        if c.choices
+        for tc in c.choices[0].delta.tool_calls or []
+        if tc.function.arguments
+    ]
+    assert len(pieces) >= 2 and "".join(pieces) == whole.tool_calls[0].function.arguments
+    with client.chat.completions.stream(**args) as stream:
+        final = stream.get_final_completion().choices[0].message
+    assert [(c.function.name, c.function.arguments) for c in final.tool_calls] == [
+        (c.function.name, c.function.arguments) for c in whole.tool_calls
+    ]
 
 
 def test_reasoning_effort_none_turns_thinking_off_and_unknown_template_kwargs_are_refused(client):

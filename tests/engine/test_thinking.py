@@ -64,6 +64,8 @@ def test_the_model_s_default_opens_the_block_and_the_request_s_kwargs_or_effort_
     assert prompt_text(thinker, ask(thinking=False)).endswith(closed)
     assert thinker.output_format(thinker.encode(ask())).in_reasoning
     assert not thinker.output_format(thinker.encode(ask(reasoning_effort="none"))).in_reasoning
+    # a grammar decides a guided request's output from its first token: the answer, not reasoning
+    assert not thinker.output_format(thinker.encode(ask()), guided=True).in_reasoning
 
 
 def test_kwargs_the_template_does_not_read_or_that_contradict_the_effort_are_refused_by_name(thinker):
