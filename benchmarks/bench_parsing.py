@@ -12,7 +12,9 @@ time per token at 16 clients (`--step-ms`: one decode step of the batch, from th
 Part 2, `--serve`: a real `serve run` with the bundled SmolLM2 twice under one chat template that
 opens a `<think>` block — `think` parses its reasoning, `plain` (`reasoning_format: none`) does
 not — and `streams` clients streaming the same greedy, EOS-ignored requests at each in turn, for
-`rounds` alternating rounds. Same prompts, same tokens: the only difference is the parsing.
+`rounds` alternating rounds. Same prompts, same tokens: the only difference is the parsing. (The
+`think` model's first visible token comes one token later: the model's first token after the
+prompt's `<think>\n` is whitespace, which belongs to neither reasoning nor content.)
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -159,6 +162,7 @@ async def wave(model: str, streams: int, max_tokens: int) -> dict:
         "temperature": 0,
         "ignore_eos": True,
         "stream": True,
+        "stream_options": {"include_usage": True},
     }
     async with httpx.AsyncClient(base_url=BASE, timeout=300) as client:
         start = time.monotonic()
@@ -190,6 +194,18 @@ def served(streams: int, rounds: int, max_tokens: int) -> list[dict]:
             launch.stop(proc)
 
 
+def medians(rows: list[dict]) -> dict[str, dict]:
+    """Per model, the median over rounds of each figure (errors summed)."""
+    out = {}
+    for model in ("think", "plain"):
+        mine = [r for r in rows if r["model"] == model]
+        pick = {k: statistics.median(r[k] or 0 for r in mine) for k in ("tok_s", "tpot_p50_ms", "latency_p50_ms")}
+        pick["ttft_p50_ms"] = statistics.median(r["ttft_p50_ms"] or 0 for r in mine)
+        pick["errors"] = sum(r["errors"] for r in mine)
+        out[model] = pick
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tokens", type=int, default=20000)
@@ -208,9 +224,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     if args.serve:
         doc["serve"] = served(args.streams, args.rounds, args.max_tokens)
+        doc["serve_medians"] = medians(doc["serve"])
         table += "\n\n" + md_table(
-            ["round", "model", "tok/s", "TTFT p50 ms", "errors"],
-            [[r["round"], r["model"], r.get("tok_s"), r.get("ttft_p50_ms"), r.get("errors")] for r in doc["serve"]],
+            ["model", "tok/s", "TPOT p50 ms", "latency p50 ms", "TTFT p50 ms", "errors"],
+            [[m, *row.values()] for m, row in doc["serve_medians"].items()],
         )
     emit(doc, table, args.json_out)
     return 0

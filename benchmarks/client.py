@@ -113,7 +113,10 @@ def _take_chunk(result: RequestResult, data: dict, now: float, texts: list[str])
         raise RuntimeError(f"error in stream: {' '.join(str(msg).split())[:120]}")
     for choice in data.get("choices") or []:
         delta = choice.get("delta") or {}
-        text = delta.get("content") if "delta" in choice else choice.get("text")
+        if "delta" in choice:  # reasoning is output too: a thinking model's first tokens are its reasoning
+            text = (delta.get("content") or "") + (delta.get("reasoning_content") or "")
+        else:
+            text = choice.get("text")
         if text:
             texts.append(text)
             result.chunk_times.append(now)
