@@ -228,12 +228,10 @@ def model_facts(p: ModelPlan) -> ModelFacts:
 
 
 def bind_store(router: RouterConfig):
-    """The Responses API's store: one replica, beside the routers (their resources)."""
-    placement = {"resources": router.resources} if router.resources else {}
+    """The Responses API's store: one replica that reserves nothing, so it lands on any node. It
+    takes none of the routers' custom resources: a node may hold exactly what its routers take."""
     limits = router.response_store
-    return ResponseStore.options(ray_actor_options={"num_cpus": 0, **placement}).bind(
-        limits.max_responses, limits.max_bytes
-    )
+    return ResponseStore.options(ray_actor_options={"num_cpus": 0}).bind(limits.max_responses, limits.max_bytes)
 
 
 def bind_router(router: RouterConfig, models: dict, facts: dict, budget: int) -> Application:

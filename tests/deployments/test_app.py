@@ -13,6 +13,7 @@ def test_build_app_binds_one_deployment_per_model():
 
     app = build_app(
         {
+            "router": {"resources": {"orchard_head": 1}},
             "models": [
                 {"name": "a", "source": SMOLLM, "deployment": {"env_vars": {"OPENBLAS_NUM_THREADS": "1"}}},
                 {"name": "b/c", "source": SMOLLM},
@@ -25,6 +26,9 @@ def test_build_app_binds_one_deployment_per_model():
     assert built.ingress_deployment_name == "OrchardRouter"
     store = names["ResponseStore"]
     assert store.num_replicas == 1 and store.ray_actor_options["num_cpus"] == 0  # one replica: the records
+    # a router may take all of a node's custom resource: the store asks for none
+    assert names["OrchardRouter"].ray_actor_options["resources"] == {"orchard_head": 1}
+    assert not store.ray_actor_options.get("resources")
     opts = names["model-a"].ray_actor_options
     assert opts["num_cpus"] == 0
     from engine.loading.cpu_fast_path import openblas_env
