@@ -17,7 +17,7 @@ def test_build_app_binds_one_deployment_per_model():
             "models": [
                 {"name": "a", "source": SMOLLM, "deployment": {"env_vars": {"OPENBLAS_NUM_THREADS": "1"}}},
                 {"name": "b/c", "source": SMOLLM},
-            ]
+            ],
         }
     )
     built = serve_build(app, name="orchard")
