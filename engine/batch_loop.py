@@ -43,7 +43,7 @@ from .batch_sampling import BatchSampling, needs_counts, row_key
 from .compiled_step import CompiledDecode, eager_unpadded
 from .constraints import Grammars, apply_bitmask
 from .kv.interface import BatchKV, StepWrites
-from .kv.paged_cache import BatchPagedKVCache, SeqBlocks
+from .kv.paged_cache import BatchCaches, SeqBlocks
 from .loop import Token
 from .thinking import force_tokens
 
@@ -91,7 +91,7 @@ class _Batch:
     """The decode batch: its rows, their caches and sampling arrays, and its next inputs."""
 
     rows: list[Row] = field(default_factory=list)
-    caches: list[BatchPagedKVCache] | None = None
+    caches: BatchCaches | None = None
     sampling: BatchSampling | None = None
     inputs: mx.array | None = None  # [B] next input token per row (device)
     positions: mx.array | None = None  # [B] index of the token each row samples next (device)
@@ -270,20 +270,31 @@ class BatchLoop:
         if not rows:
             return False
         self._flush()  # the chunk may reuse a block a decoding row has just filled
-        n = min(self.prefill_step_size, max(len(r.todo) - 1 for r in rows))
-        real = [min(n, len(r.todo) - 1) for r in rows]
+        n, real = self._chunk(rows)
         chunk = np.zeros((len(rows), n), dtype=np.uint32)
         for i, (r, k) in enumerate(zip(rows, real)):
             chunk[i, :k] = r.todo[:k]
             r.todo = r.todo[k:]
-        self.model(
-            mx.array(chunk), cache=self.kv.caches([r.blocks for r in rows], chunk=real)
-        )  # the logits are never evaluated: only the K/V writes
+        caches = self.kv.caches([r.blocks for r in rows], chunk=real)
+        self.model(mx.array(chunk), cache=caches)  # the logits are never evaluated: only the cache writes
+        self.kv.flush(caches)  # a recurrent model's rows take their state back (and may snapshot it)
         for r in rows:
             if len(r.todo) == 1:
                 self.prefilling.remove(r)
                 self.joining.append(r)
         return True
+
+    def _chunk(self, rows: list[Row]) -> tuple[int, list[int]]:
+        """The next prompt chunk's width and each row's real tokens in it. A recurrent model's
+        chunk is never padded (engine.kv.recurrent): every row computes the same number of
+        tokens, ending at the nearest snapshot point the cache asks for."""
+        if not self.kv.recurrent:
+            n = min(self.prefill_step_size, max(len(r.todo) - 1 for r in rows))
+            return n, [min(n, len(r.todo) - 1) for r in rows]
+        n = self.prefill_step_size
+        for r in rows:
+            n = min(n, len(r.todo) - 1, self.kv.chunk_limit(r.blocks) or n)
+        return n, [n] * len(rows)
 
     def next_writes(self) -> StepWrites:
         """What the next step writes: a token for each decoding row that goes on, and the next

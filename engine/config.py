@@ -128,6 +128,28 @@ class EngineConfig(BaseModel):
         "case (prompt + max_tokens) fits next to the running requests' worst cases.",
     )
     memory_aware: bool = Field(True, description="Budget by bytes (True) or by entry count (False).")
+    state_interval: int = Field(
+        512,
+        ge=0,
+        description="Hybrid and state-space models: also snapshot a prompt's recurrent state every N "
+        "tokens (besides its end and each request's end), so prompts that share a long prefix and then "
+        "differ resume from the last snapshot before they differ; 0: at prompt and request ends only. "
+        "Rounded up to a multiple of block_size.",
+    )
+    state_cache_share: float = Field(
+        0.3,
+        gt=0,
+        lt=1,
+        description="Hybrid and state-space models: the share of the KV budget that snapshots of "
+        "recurrent state may take (least recently used first out); the rest holds K/V blocks and the "
+        "running sequences' states.",
+    )
+    batch_check: bool = Field(
+        True,
+        description="At load, run a warm-up batch of prompts of different lengths and check every row "
+        "against the same prompt alone; a model whose batched step is wrong is then served one "
+        "request at a time (logged, and in the engine's stats).",
+    )
     max_cache_entries: int = Field(64, ge=1, description="Cached prompts kept when memory_aware is False.")
 
     @field_validator("tool_prompt")

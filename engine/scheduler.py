@@ -71,11 +71,13 @@ class Scheduler:
         kv = self.cache.batch_kv()
         if kv is None:
             return MlxLmBatch(self.model, **sizes)
+        # A recurrent model's decode step is the model's own call (the compiled step takes K/V
+        # only), and unpipelined: a row's state is then always exactly its tokens' (snapshots).
         return BatchLoop(
             self.model,
             kv,
-            compiled=cfg.compiled_decode,
-            pipelined=cfg.pipelined_decode,
+            compiled=cfg.compiled_decode and not kv.recurrent,
+            pipelined=False if kv.recurrent else cfg.pipelined_decode,
             column_write=cfg.decode_column_write,
             unpadded=cfg.unpadded_decode,
             **sizes,

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 if TYPE_CHECKING:
     import mlx.core as mx
 
-    from .paged_cache import BatchPagedKVCache, SeqBlocks
+    from .paged_cache import BatchCaches, SeqBlocks
     from .working_copy import Geometry, WorkingCopy
 
 
@@ -79,21 +79,25 @@ class BatchKV(Protocol):
     """The paged K/V as the batch loop sees it."""
 
     geometry: Geometry | None  # where the decode batch's tokens sit in its working copies
+    recurrent: bool  # rows carry recurrent state (engine.kv.recurrent): prompt chunks are never padded
 
-    def caches(self, rows: list[SeqBlocks], chunk: list[int] | None = None) -> list[BatchPagedKVCache]:
-        """One cache per layer for a batch of rows, what the model is called with; `chunk`: the
-        next call is a right-padded prompt chunk with `chunk[i]` real tokens in row i."""
+    def caches(self, rows: list[SeqBlocks], chunk: list[int] | None = None) -> BatchCaches:
+        """The model's cache list for a batch of rows, one per cache slot (engine.kv.layout);
+        `chunk`: the next call is a prompt chunk with `chunk[i]` real tokens in row i."""
 
-    def decode_copies(self, caches: list[BatchPagedKVCache]) -> list[WorkingCopy] | None:
+    def chunk_limit(self, row: SeqBlocks) -> int | None:
+        """Prompt tokens the row may compute before the cache wants its state (None: any)."""
+
+    def decode_copies(self, caches: BatchCaches) -> list[WorkingCopy] | None:
         """Plan the batch's one-token step; when it goes through working copies, every layer's
         copy (for the compiled step), else None (the model's own call gathers)."""
 
-    def commit_column(self, caches: list[BatchPagedKVCache], ks: list[mx.array], vs: list[mx.array]) -> None:
+    def commit_column(self, caches: BatchCaches, ks: list[mx.array], vs: list[mx.array]) -> None:
         """A compiled decode step wrote this step's column: the copies' new K and V, per layer."""
 
-    def flush(self, caches: list[BatchPagedKVCache]) -> None:
+    def flush(self, caches: BatchCaches) -> None:
         """Decode tokens held only in working copies go to the rows' blocks (before anything else
-        reads those blocks)."""
+        reads those blocks); rows take their recurrent state back from the batch."""
 
     def take_writes(self) -> list[mx.array]:
         """The arrays written since the last call, to evaluate with the step."""

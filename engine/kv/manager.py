@@ -47,8 +47,10 @@ from ..config import EngineConfig
 from .block_pool import BlockPool
 from .interface import CacheManager, StepWrites
 from .kv_storage import LayerShape, layer_block_bytes
+from .layout import CacheLayout, KVSlot, probe_layout
 from .paged_cache import PagedContext, SeqBlocks
 from .prefix_cache import PrefixCache
+from .snapshots import SnapshotStore
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +58,9 @@ log = logging.getLogger(__name__)
 class NoCache:
     """Every prompt is computed from scratch, in mlx_lm's own caches (no budget to decide on)."""
 
-    def __init__(self, budget_bytes: int):
+    def __init__(self, budget_bytes: int, why: str = "paged_cache is off"):
         self.budget_bytes = budget_bytes
+        self.why = why
 
     def can_admit(self, tokens: list[int], max_tokens: int) -> bool:
         return True
@@ -84,7 +87,7 @@ class NoCache:
         return 0
 
     def stats(self) -> dict:
-        return {"enabled": False}
+        return {"enabled": False, "path": "mlx_lm", "why": self.why}
 
     def batch_kv(self) -> None:
         return None
@@ -98,17 +101,42 @@ WORKING_COPY_SHARE = 0.25
 class PagedCacheManager:
     """Paged KV cache with prefix sharing for one model."""
 
-    def __init__(self, layers: list[LayerShape], dtype: mx.Dtype, config: EngineConfig, salt: bytes = b""):
+    def __init__(
+        self,
+        layers: list[LayerShape],
+        dtype: mx.Dtype,
+        config: EngineConfig,
+        salt: bytes = b"",
+        layout: CacheLayout | None = None,
+    ):
         bs = config.block_size
-        block_bytes = sum(layer_block_bytes(layers, dtype, bs))
+        self.layout = (
+            layout if layout is not None else CacheLayout([KVSlot(i) for i in range(len(layers))], layers, dtype)
+        )
+        # A state-space model has no K/V: its blocks are bookkeeping only (the prefix index's keys),
+        # and the budget is counted in bytes.
+        unit = sum(layer_block_bytes(layers, dtype, bs)) or 1
         self.budget_bytes = budget_bytes(config)
         self.memory_aware = config.memory_aware
         self.reserve = config.kv_admission == "reserve"
-        capacity = max(1, self.budget_bytes // block_bytes - BlockPool.RESERVED) if self.memory_aware else None
+        self.snapshots: SnapshotStore | None = None
+        self.state_blocks = 0  # what one running sequence's recurrent state takes, in blocks
+        self.interval = 0
+        pool_bytes = self.budget_bytes
+        if self.layout.recurrent:
+            share = int(self.budget_bytes * config.state_cache_share)
+            self.snapshots = SnapshotStore(share, bs)
+            pool_bytes -= share
+            self.state_blocks = -(-self.layout.state_bytes // unit)
+            self.interval = -(-config.state_interval // bs) * bs
+        capacity = max(1, pool_bytes // unit - BlockPool.RESERVED) if self.memory_aware else None
         self.pool = BlockPool(
             layers, dtype, bs, capacity, cache_share=1 - WORKING_COPY_SHARE, on_evict=self._forget_evicted
         )
-        self.ctx = PagedContext(self.pool, len(layers), copy_room=self.copy_room)
+        self.ctx = PagedContext(
+            self.pool, len(layers), copy_room=self.copy_room, layout=self.layout, on_state=self._on_state
+        )
+        self.ctx.chunk_limit = self._chunk_limit
         self.index = PrefixCache(self.pool, salt, None if self.memory_aware else config.max_cache_entries)
         self.live: dict[int, SeqBlocks] = {}  # id -> a running request's blocks
 
@@ -127,14 +155,14 @@ class PagedCacheManager:
             return False
         if self.pool.capacity is None:
             return True
-        table, cached = self._reuse(match, len(tokens))
+        table, cached, _ = self._reuse(match, len(tokens))
         pinned = sum(1 for b in table if self.pool.refs[b] > 0)  # already counted as used
         if self.reserve:
-            need = self._worst_case(len(tokens), max_tokens) - pinned
-            return self.pool.used + self._outstanding() + need <= self.pool.capacity
+            need = self._worst_case(len(tokens), max_tokens) - pinned + self.state_blocks
+            return self.pool.used + self._live_state() + self._outstanding() + need <= self.pool.capacity
         bs = self.pool.block_size
         fresh = -(-len(tokens) // bs) - cached // bs  # blocks beyond the reused ones (a partial one is copied)
-        need = len(table) - pinned + fresh + 1
+        need = len(table) - pinned + fresh + 1 + self.state_blocks
         return need <= self.headroom()
 
     def acquire(self, tokens: list[int], max_tokens: int) -> tuple[SeqBlocks, int]:
@@ -142,13 +170,15 @@ class PagedCacheManager:
         referenced, and how many tokens that is."""
         self._sync()
         match = self.index.lookup(tokens)
-        table, cached = self._reuse(match, len(tokens))
+        table, cached, resume = self._reuse(match, len(tokens))
         for b in table:
             self.pool.incref(b)
         self.index.touch(table)
         self.index.record(cached, len(tokens))
         worst = self._worst_case(len(tokens), max_tokens)
-        seq = SeqBlocks(table, cached, self.ctx.num_layers, worst, tokens, match.hashes, len(match.blocks))
+        seq = SeqBlocks(table, cached, self.ctx.seq_layers, worst, tokens, match.hashes, len(match.blocks))
+        if resume is not None:
+            seq.state = self.snapshots.take(*resume)
         for h in match.hashes[len(match.blocks) :]:  # the blocks this request will compute
             if h not in self.index.full:
                 self.index.pending.setdefault(h, seq)
@@ -180,7 +210,7 @@ class PagedCacheManager:
 
     def store(self, token_ids: list[int], blocks: SeqBlocks | None) -> None:
         """A request finished: index its blocks under `token_ids` (the tokens whose K/V it holds)
-        and drop its references."""
+        and drop its references. A recurrent model's state at that point is kept too."""
         seq = self._live(blocks)
         if seq is None:
             return
@@ -194,6 +224,10 @@ class PagedCacheManager:
         if n % bs:
             k = n // bs
             self.index.insert(self.index.parent_of(hashes, k), tuple(token_ids[k * bs : n]), seq.table[k])
+        if self.snapshots is not None:
+            if seq.state is not None and seq.state_len == n and n > 0:
+                seq.snapshots.append((n, seq.state))
+            self._attach(seq, token_ids[:n], hashes)
         self._end(seq)
 
     def release(self, blocks: SeqBlocks | None) -> None:
@@ -207,6 +241,8 @@ class PagedCacheManager:
     def clear(self) -> None:
         """Forget every cached prefix; blocks of running requests stay theirs until they end."""
         self.index.clear()
+        if self.snapshots is not None:
+            self.snapshots.clear()
         self.pool.shrink()
         self.pool.peak_used = self.pool.used
 
@@ -220,8 +256,10 @@ class PagedCacheManager:
 
     def stats(self) -> dict:
         """Read-only (other threads may call it while the engine steps)."""
-        return {
+        out = {
             "enabled": True,
+            "path": "paged",
+            "why": f"mlx_lm's caches for this model are pageable ({self.layout.describe()})",
             "mode": "memory" if self.memory_aware else "entries",
             "budget_bytes": self.budget_bytes if self.memory_aware else None,
             "live_sequences": len(self.live),
@@ -230,6 +268,13 @@ class PagedCacheManager:
             "working_copy_bytes": sum(self.ctx.copy_bytes.values()),
             **self.ctx.counters,
         }
+        if self.snapshots is not None:
+            out |= self.snapshots.stats()
+            out |= {
+                "state_bytes_per_sequence": self.layout.state_bytes,
+                "snapshot_budget_bytes": self.snapshots.budget_bytes,
+            }
+        return out
 
     def batch_kv(self) -> PagedContext:
         return self.ctx
@@ -237,18 +282,24 @@ class PagedCacheManager:
     # --- the budget (in blocks; None: entry-count mode, no budget) ----------------------------
 
     def headroom(self) -> int | None:
-        """Blocks the running requests may still take: the capacity less the blocks in use and the
-        working copies. Cached blocks count as free: they are evicted when needed."""
+        """Blocks the running requests may still take: the capacity less the blocks in use, the
+        working copies and the running sequences' recurrent state. Cached blocks count as free:
+        they are evicted when needed."""
         if self.pool.capacity is None:
             return None
-        return self.pool.capacity - self.pool.used - self.ctx.copy_blocks()
+        return self.pool.capacity - self.pool.used - self.ctx.copy_blocks() - self._live_state()
 
     def copy_room(self) -> int | None:
         """Blocks decode working copies may take: the capacity less what the pool holds or may
         grow into for the running requests."""
         if self.pool.capacity is None:
             return None
-        return self.pool.capacity - max(self.pool.total, self.pool.used + self._outstanding())
+        held = max(self.pool.total, self.pool.used + self._outstanding())
+        return self.pool.capacity - held - self._live_state()
+
+    def _live_state(self) -> int:
+        """The running sequences' recurrent state, in blocks (0 for a model without one)."""
+        return self.state_blocks * len(self.live)
 
     def _outstanding(self) -> int:
         """Blocks the running requests may still take in the worst case (reserve mode only)."""
@@ -258,10 +309,18 @@ class PagedCacheManager:
 
     # --- internals -------------------------------------------------------------------------
 
-    def _reuse(self, match, prompt_len: int) -> tuple[list[int], int]:
+    def _reuse(self, match, prompt_len: int) -> tuple[list[int], int, tuple[int, int] | None]:
         """The blocks to reference and the tokens they give: all but the prompt's last token at
-        most (mlx_lm needs one token to compute the first logits)."""
+        most (mlx_lm needs one token to compute the first logits). A recurrent model resumes only
+        where a snapshot of its state is: also the snapshot's place (block, m)."""
         bs = self.pool.block_size
+        if self.snapshots is not None:
+            cached, block, m = self.snapshots.best(
+                match.blocks, match.partial_block, match.partial_tokens, prompt_len - 1
+            )
+            if cached == 0:
+                return [], 0, None
+            return match.blocks[: -(-cached // bs) - 1] + [block], cached, (block, m)
         cached = min(match.tokens(bs), prompt_len - 1)
         if cached == 1 and prompt_len > 2:  # a lone shared BOS is no prefix worth a copy-on-write
             cached = 0
@@ -269,15 +328,58 @@ class PagedCacheManager:
         table = match.blocks[:nblocks]
         if nblocks > len(table):
             table.append(match.partial_block)
-        return table, cached
+        return table, cached, None
 
     def _worst_case(self, prompt_len: int, max_tokens: int) -> int:
         """Blocks a request can hold at most: prompt + max_tokens, plus one copy-on-write."""
         return -(-(prompt_len + max_tokens) // self.pool.block_size) + 1
 
     def _forget_evicted(self, block: int) -> None:
-        """The pool evicted a cached block: the prefix index forgets it."""
+        """The pool evicted a cached block: the prefix index forgets it (and its snapshots go)."""
         self.index.forget(block)
+        if self.snapshots is not None:
+            self.snapshots.forget_block(block)
+
+    # --- recurrent state (engine.kv.snapshots) -------------------------------------------------
+
+    def _chunk_limit(self, seq: SeqBlocks) -> int | None:
+        """Prompt tokens a row may compute before its next snapshot point (the loop ends its chunk
+        there); None: no limit."""
+        if self.snapshots is None:
+            return None
+        length, end = seq.length, len(seq.tokens) - 1
+        if length >= end:
+            return None
+        stop = min(end, (length // self.interval + 1) * self.interval) if self.interval else end
+        return stop - length
+
+    def _on_state(self, seq: SeqBlocks) -> None:
+        """A row's state was written back: keep a snapshot if it stands at a snapshot point of its
+        prompt (every `interval` tokens, and the prompt's end)."""
+        n = seq.state_len
+        if self.snapshots is None or seq.state is None or id(seq) not in self.live:
+            return
+        end = len(seq.tokens) - 1
+        at_point = n == end or (self.interval and n < end and n % self.interval == 0)
+        if at_point and n > 0 and all(p != n for p, _ in seq.snapshots):
+            seq.snapshots.append((n, list(seq.state)))
+
+    def _attach(self, seq: SeqBlocks, tokens: list[int], hashes: list[bytes]) -> None:
+        """Store the row's snapshots on the indexed blocks that hold their last tokens (whoever
+        indexed them: the same chain and tokens hold the same prefix); those not yet indexed stay
+        pending. `tokens`, `hashes`: what the row's blocks hold, and their full blocks' chain."""
+        bs = self.pool.block_size
+        pending = []
+        for n, arrays in seq.snapshots:
+            k = (n - 1) // bs
+            block = None
+            if k <= len(hashes) and n <= len(tokens):
+                block = self.index.holder(self.index.parent_of(hashes, k), tuple(tokens[k * bs : n]))
+            if block is None:
+                pending.append((n, arrays))
+            else:
+                self.snapshots.add(block, n - k * bs, arrays, self.layout.state_bytes)
+        seq.snapshots = pending
 
     def _sync(self) -> None:
         """Index the prompt blocks running requests have finished writing, so that requests with
@@ -294,6 +396,8 @@ class PagedCacheManager:
                 tokens = tuple(seq.tokens[k * bs : (k + 1) * bs])
                 self.index.insert(self.index.parent_of(hashes, k), tokens, seq.table[k], hashes[k])
             seq.registered = max(seq.registered, upto)
+            if seq.snapshots:
+                self._attach(seq, seq.tokens[: upto * bs], hashes[:upto])
 
     def _live(self, blocks: SeqBlocks | None) -> SeqBlocks | None:
         return blocks if blocks is not None and id(blocks) in self.live else None
@@ -319,20 +423,12 @@ def budget_bytes(config: EngineConfig) -> int:
 
 
 def probe_layers(model) -> tuple[list[LayerShape], mx.Dtype] | None:
-    """Per-layer K/V shapes and dtype from one token through the model with mlx_lm's own caches;
-    None when the model's caches are not plain (or sliding-window) KV caches."""
-    from mlx_lm.models.cache import KVCache, RotatingKVCache, make_prompt_cache
-
-    caches = make_prompt_cache(model)
-    if len(caches) != len(getattr(model, "layers", caches)):
+    """Per-layer K/V shapes and dtype (engine.kv.layout); None when the model's caches are not
+    all K/V."""
+    layout = probe_layout(model)
+    if layout.why_not is not None or layout.recurrent or len(layout.slots) != len(layout.kv_layers):
         return None
-    for c in caches:
-        if type(c) is not KVCache and not (type(c) is RotatingKVCache and c.keep == 0):
-            return None
-    model(mx.array([[0]]), cache=caches)
-    mx.eval([c.state for c in caches])
-    layers = [LayerShape(c.keys.shape[1], c.keys.shape[3], c.values.shape[3]) for c in caches]
-    return layers, caches[0].keys.dtype
+    return layout.kv_layers, layout.kv_dtype
 
 
 def model_salt(model, layers: list[LayerShape], dtype) -> bytes:
@@ -342,17 +438,17 @@ def model_salt(model, layers: list[LayerShape], dtype) -> bytes:
 
 
 def make_cache_manager(model, config: EngineConfig) -> CacheManager:
-    """The paged cache when the config asks for it and the model's caches are plain KV caches,
-    else `NoCache`."""
+    """The paged cache when the config asks for it and mlx_lm's caches for the model are kinds it
+    holds (engine.kv.layout), else `NoCache` (mlx_lm's own caches and loop), saying why."""
     if not config.paged_cache:
-        return NoCache(budget_bytes(config))
+        return NoCache(budget_bytes(config), "paged_cache is off in the engine config")
     try:
-        probed = probe_layers(model)
-    except Exception:  # noqa: BLE001 - an odd model: run it without the paged cache
-        log.exception("probing the model's KV layout failed; paged cache off")
-        probed = None
-    if probed is None:
-        log.warning("this model's caches are not plain KV caches: paged cache off (prompts computed from scratch)")
-        return NoCache(budget_bytes(config))
-    layers, dtype = probed
-    return PagedCacheManager(layers, dtype, config, model_salt(model, layers, dtype))
+        layout = probe_layout(model)
+    except Exception as exc:  # noqa: BLE001 - an odd model: run it without the paged cache
+        log.exception("probing the model's caches failed; paged cache off")
+        layout = CacheLayout(why_not=f"probing the model's caches failed: {type(exc).__name__}: {exc}")
+    if layout.why_not is not None:
+        log.warning("paged cache off for this model, prompts computed from scratch: %s", layout.why_not)
+        return NoCache(budget_bytes(config), layout.why_not)
+    salt = model_salt(model, layout.kv_layers, layout.kv_dtype)
+    return PagedCacheManager(layout.kv_layers, layout.kv_dtype, config, salt, layout)

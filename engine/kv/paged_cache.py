@@ -46,10 +46,12 @@ from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
-from mlx_lm.models.cache import _BaseCache
+from mlx_lm.models.cache import CacheList, _BaseCache
 
 from .block_pool import BlockPool
 from .kv_storage import row_index, slab_index
+from .layout import CacheLayout, KVSlot, StateSlot
+from .recurrent import BatchStateCache, gather_states, write_back
 from .working_copy import Geometry, WorkingCopy
 
 
@@ -58,7 +60,17 @@ class SeqBlocks:
     the cache manager needs to index its prompt blocks as they fill (the cache manager's record,
     from `acquire` to `store` / `release`). Compared by identity."""
 
-    __slots__ = ("table", "written", "max_blocks", "tokens", "prompt_hashes", "registered")
+    __slots__ = (
+        "table",
+        "written",
+        "max_blocks",
+        "tokens",
+        "prompt_hashes",
+        "registered",
+        "state",
+        "state_len",
+        "snapshots",
+    )
 
     def __init__(
         self,
@@ -76,10 +88,16 @@ class SeqBlocks:
         self.tokens = tokens if tokens is not None else []  # what it was acquired for (the request's list)
         self.prompt_hashes = prompt_hashes if prompt_hashes is not None else []  # chain hashes of full blocks
         self.registered = registered  # prompt blocks [0, registered) are in the prefix index (or skipped)
+        # Recurrent models (engine.kv.recurrent): the state after `state_len` tokens (None: none
+        # computed yet), and snapshots taken (tokens, arrays) not yet stored on an indexed block.
+        self.state: list[mx.array] | None = None
+        self.state_len = written
+        self.snapshots: list[tuple[int, list[mx.array]]] = []
 
     @property
     def length(self) -> int:
-        """Tokens whose K/V every layer has written."""
+        """Tokens every layer has taken in (K/V written; the recurrent state, for hybrid models,
+        counts as one more layer)."""
         return min(self.written)
 
 
@@ -125,6 +143,17 @@ class _Plan:
         return self._slabs[heads, width]
 
 
+class BatchCaches(list):
+    """The model's cache list for one batch (what it is called with), with the K/V layers' and the
+    recurrent slots' caches and the rows at hand for the batch loop's calls back."""
+
+    def __init__(self, kv: list[BatchPagedKVCache], rows: list[SeqBlocks]):
+        super().__init__()
+        self.kv = kv
+        self.rows = list(rows)
+        self.states: list[BatchStateCache] = []
+
+
 class PagedContext:
     """What the cache objects of one model share (the pool, the per-step memo), and the batch
     loop's one way to the paged K/V (engine.kv.interface.BatchKV)."""
@@ -132,9 +161,22 @@ class PagedContext:
     # A working copy's capacity grows by at least this many columns (engine.kv.working_copy.capacity).
     copy_step = 16
 
-    def __init__(self, pool: BlockPool, num_layers: int, copy_room: Callable[[], int | None] = lambda: None):
+    def __init__(
+        self,
+        pool: BlockPool,
+        num_layers: int,
+        copy_room: Callable[[], int | None] = lambda: None,
+        layout: CacheLayout | None = None,
+        on_state: Callable[[SeqBlocks], None] = lambda seq: None,
+    ):
         self.pool = pool
-        self.num_layers = num_layers
+        self.num_layers = num_layers  # K/V layers in the pool
+        self.layout = layout if layout is not None else CacheLayout(slots=[KVSlot(i) for i in range(num_layers)])
+        # What a sequence counts in `written`: its K/V layers, and its recurrent state as one more.
+        self.seq_layers = num_layers + (1 if self.layout.recurrent else 0)
+        self.on_state = on_state  # told of each row whose state was written back (snapshots)
+        self.chunk_limit: Callable[[SeqBlocks], int | None] = lambda seq: None  # the cache manager's
+        self._state_writes: list[mx.array] = []
         self.policy = "auto"  # working copies: "auto", "always" or "never"
         self.copy_room = copy_room  # blocks working copies may take (None: unbounded), from the cache manager
         self.counters = {"steps_gathered": 0, "steps_working_copy": 0, "working_copy_builds": 0}
@@ -211,32 +253,67 @@ class PagedContext:
 
     # --- the batch loop's interface (engine.kv.interface.BatchKV) ----------------------------
 
-    def caches(self, rows: list[SeqBlocks], chunk: list[int] | None = None) -> list[BatchPagedKVCache]:
-        """One cache per layer for a batch of rows; `chunk`: a right-padded prompt chunk follows."""
-        caches = [BatchPagedKVCache(self, layer, rows) for layer in range(self.num_layers)]
-        if chunk is not None:
-            for cache in caches:
-                cache.set_chunk(chunk)
-        return caches
+    @property
+    def recurrent(self) -> bool:
+        return self.layout.recurrent
 
-    def decode_copies(self, caches: list[BatchPagedKVCache]) -> list[WorkingCopy] | None:
+    def caches(self, rows: list[SeqBlocks], chunk: list[int] | None = None) -> BatchCaches:
+        """The model's cache list for a batch of rows, slot by slot (engine.kv.layout); `chunk`:
+        a prompt chunk with `chunk[i]` real tokens in row i follows (right-padded; a recurrent
+        model's chunks are never padded)."""
+        kv = [BatchPagedKVCache(self, layer, rows) for layer in range(self.num_layers)]
+        if chunk is not None:
+            for cache in kv:
+                cache.set_chunk(chunk)
+        out = BatchCaches(kv, rows)
+        if not self.layout.recurrent and len(self.layout.slots) == len(kv):
+            out.extend(kv)  # plain K/V, one slot per layer
+            return out
+        advance = list(chunk) if chunk is not None else [1] * len(rows)
+
+        def on_write(cache: BatchStateCache, idx: int, value: mx.array) -> None:
+            self._state_writes.append(value)
+            if cache.slot.index == 0 and idx == 0:  # each forward call writes it once: count its tokens
+                for row, n in zip(rows, advance):
+                    row.written[-1] += n
+
+        def build(slot):
+            if isinstance(slot, KVSlot):
+                return kv[slot.layer]
+            if isinstance(slot, StateSlot):
+                cache = BatchStateCache(slot, gather_states(self.layout, slot, rows), on_write)
+                out.states.append(cache)
+                return cache
+            return CacheList(*(build(child) for child in slot.children))
+
+        out.extend(build(slot) for slot in self.layout.slots)
+        return out
+
+    def decode_copies(self, caches: BatchCaches) -> list[WorkingCopy] | None:
         """Before a compiled decode step (engine.compiled_step): plan the batch's one-token step and,
         when it goes through working copies, every layer's copy; None when it gathers (the model's
         own call through the caches does that step)."""
-        if not caches[0]._step_plan(1).working_copy:
+        if not caches.kv or not caches.kv[0]._step_plan(1).working_copy:
             return None
-        return [c._working_copy() for c in caches]
+        return [c._working_copy() for c in caches.kv]
 
-    def commit_column(self, caches: list[BatchPagedKVCache], ks: list[mx.array], vs: list[mx.array]) -> None:
-        for cache, k, v in zip(caches, ks, vs):
+    def commit_column(self, caches: BatchCaches, ks: list[mx.array], vs: list[mx.array]) -> None:
+        for cache, k, v in zip(caches.kv, ks, vs):
             cache.commit_column(k, v)
 
-    def flush(self, caches: list[BatchPagedKVCache]) -> None:
-        for cache in caches:
+    def flush(self, caches: BatchCaches) -> None:
+        """Decode tokens held only in working copies go to the rows' blocks; each row's slice of
+        the batch's recurrent state becomes its own (and may be snapshotted)."""
+        for cache in caches.kv:
             cache.flush()
+        if caches.states and caches.states[0].cache[0] is not None:
+            write_back(self.layout, caches.states, caches.rows)
+            for row in caches.rows:
+                self.on_state(row)
 
     def take_writes(self) -> list[mx.array]:
-        return self.pool.storage.take_writes()
+        writes, self._state_writes = self._state_writes, []
+        return self.pool.storage.take_writes() + writes
 
     def nbytes(self, rows: list[SeqBlocks]) -> int:
         return len({b for r in rows for b in r.table}) * self.pool.block_bytes

@@ -100,6 +100,13 @@ class PrefixCache:
         match.partial_tokens = best
         return match
 
+    def holder(self, parent: bytes, tokens: tuple[int, ...]) -> int | None:
+        """An indexed block after `parent` whose tokens start with `tokens` (None: none)."""
+        for b, toks in self.children.get(parent, {}).items():
+            if toks[: len(tokens)] == tokens:
+                return b
+        return None
+
     def resident(self, hashes: list[bytes]) -> int:
         """How many of a chain's leading full blocks are indexed now (no counters, no LRU touch):
         what a replica reports to the request router as really held."""
