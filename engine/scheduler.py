@@ -172,6 +172,7 @@ class Scheduler:
         self._admit()
         self._preempt_for_room()
         outputs, stopped = [], []
+        self.cache.begin_step()
         for t in self.gen.step():
             req = self.requests.get(t.request_id)
             if req is None or not req.running:
@@ -262,11 +263,11 @@ class Scheduler:
         batch ends with an error (`take_rejected`), and a fresh batch loop starts. Requests still
         waiting for admission were not part of it: they stay, and run next."""
         error = RequestFailedError(f"the engine step this request was part of failed: {type(exc).__name__}: {exc}")
+        self.cache.recover()  # K/V written in that step may be half-done: only those blocks leave the cache
         for req in [r for r in self.requests.values() if r.running]:
             req.running = False
             self._reject(req, error)
         self.gen.close()
-        self.cache.clear()  # K/V written in that step may be half-done: drop the cached prefixes too
         self.gen = self._make_loop()
         mx.clear_cache()
 

@@ -61,6 +61,12 @@ class CacheManager(Protocol):
     def clear(self) -> None:
         """Forget every cached prefix (running requests keep their blocks)."""
 
+    def begin_step(self) -> None:
+        """A step starts: what the running requests hold now is known good."""
+
+    def recover(self) -> None:
+        """A step failed (its requests are released next): drop only what it may have half-written."""
+
     def block_hashes(self, token_ids: list[int]) -> list[bytes]:
         """Chain hashes of a prompt's full blocks (pure: any thread)."""
 

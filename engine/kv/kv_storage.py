@@ -107,6 +107,15 @@ class KVStorage:
         self.dirty = False
         return [a for layer in range(len(self.layers)) for a in (self.k[layer], self.v[layer])]
 
+    def zeroed(self) -> tuple[list[mx.array], list[mx.array]]:
+        """Zeroed arrays of the current size: what the pool starts over from when its arrays
+        cannot be evaluated (the cache is then cleared: no block's contents are kept)."""
+        self.dirty = False
+        return (
+            [self._zeros(self.num_blocks, s.k_dim, s) for s in self.layers],
+            [self._zeros(self.num_blocks, s.v_dim, s) for s in self.layers],
+        )
+
     def layer_state(self, layer: int) -> tuple[mx.array, mx.array]:
         return self.k[layer], self.v[layer]
 

@@ -54,6 +54,10 @@ class CacheLayout:
     state_shapes: list[tuple[int, ...]] = field(default_factory=list)  # flat, one entry per state array
     state_dtypes: list[mx.Dtype] = field(default_factory=list)
     why_not: str | None = None  # set when the model's caches cannot be paged
+    # The model's attention groups queries by KV head into five dimensions but applies the mask
+    # as four ([B, 1, N, L]): mlx_lm 0.32.2's gemma2 (tests/engine/test_mlx_lm_sentinels.py).
+    # Our masks then get the group axis, which makes every row see its own mask.
+    grouped_mask: bool = False
 
     @property
     def recurrent(self) -> bool:
@@ -111,6 +115,7 @@ def probe_layout(model) -> CacheLayout:
         return KVSlot(len(layout.kv_layers) - 1)
 
     layout.slots = [slot_of(c) for c in caches]
+    layout.grouped_mask = _groups_queries_in_5d(model)
     if layout.kv_dtype is None:  # a state-space model: no K/V at all
         layout.kv_dtype = mx.float16
     return layout
@@ -128,3 +133,11 @@ def _unpageable(cache) -> str | None:
     if kind is CacheList:
         return next((r for r in map(_unpageable, cache.caches) if r is not None), None)
     return f"{kind.__name__} (mlx_lm's {kind.__module__}) is not a cache kind the paged cache holds"
+
+
+def _groups_queries_in_5d(model) -> bool:
+    """mlx_lm 0.32.2's gemma2 attention with more query heads than KV heads."""
+    args = getattr(model, "args", None)
+    if getattr(args, "model_type", None) != "gemma2":
+        return False
+    return args.num_attention_heads != args.num_key_value_heads

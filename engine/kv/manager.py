@@ -80,6 +80,12 @@ class NoCache:
     def clear(self) -> None:
         return None
 
+    def begin_step(self) -> None:
+        return None
+
+    def recover(self) -> None:
+        return None
+
     def block_hashes(self, token_ids: list[int]) -> list[bytes]:
         return []
 
@@ -245,6 +251,34 @@ class PagedCacheManager:
             self.snapshots.clear()
         self.pool.shrink()
         self.pool.peak_used = self.pool.used
+
+    def begin_step(self) -> None:
+        """A step starts: what each running sequence holds now is known good (see `recover`)."""
+        for seq in self.live.values():
+            seq.good = seq.length
+
+    def recover(self) -> None:
+        """After a failed step, before its sequences are released: blocks they wrote in that step
+        leave the index (their K/V may be half-done), so do snapshots taken in it; everything
+        indexed before it, and every other request's blocks, stay. Only when the pool's arrays
+        themselves cannot be evaluated any more is the whole cache dropped."""
+        storage = self.pool.storage
+        try:
+            mx.eval(storage.k, storage.v)
+        except Exception:  # noqa: BLE001 - the arrays hold the failure: nothing in them can be trusted
+            log.exception("the KV pool cannot be evaluated after the failed step: prefix cache cleared")
+            storage.k, storage.v = storage.zeroed()
+            self.clear()
+        bs = self.pool.block_size
+        for seq in self.live.values():
+            seq.registered = len(seq.prompt_hashes)  # nothing more of it is indexed
+            seq.snapshots = []
+            for b in seq.table[seq.good // bs :]:
+                if b in self.index.meta:
+                    self.index.forget(b)
+                    self.pool.set_cached(b, False)
+                    if self.snapshots is not None:
+                        self.snapshots.forget_block(b)
 
     def block_hashes(self, token_ids: list[int]) -> list[bytes]:
         """Chain hashes of a prompt's full blocks, the prefix index's keys. Pure: any thread."""

@@ -70,6 +70,7 @@ class SeqBlocks:
         "state",
         "state_len",
         "snapshots",
+        "good",
     )
 
     def __init__(
@@ -93,6 +94,7 @@ class SeqBlocks:
         self.state: list[mx.array] | None = None
         self.state_len = written
         self.snapshots: list[tuple[int, list[mx.array]]] = []
+        self.good = written  # tokens known written before the current step (a failed step drops the rest)
 
     @property
     def length(self) -> int:
@@ -275,6 +277,8 @@ class PagedContext:
             self._state_writes.append(value)
             if cache.slot.index == 0 and idx == 0:  # each forward call writes it once: count its tokens
                 for row, n in zip(rows, advance):
+                    if not kv:  # a state-space model: its blocks (no K/V) still key the prefix index
+                        self._make_room(row, row.written[-1], row.written[-1] + n)
                     row.written[-1] += n
 
         def build(slot):
@@ -409,8 +413,12 @@ class BatchPagedKVCache(_BaseCache):
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None, **kwargs):
         if self._step_plan(N).working_copy:
-            return self.ctx.geometry.mask(window_size, return_array)
-        return self.ctx.mask(self._starts(), N, window_size)
+            mask = self.ctx.geometry.mask(window_size, return_array)
+        else:
+            mask = self.ctx.mask(self._starts(), N, window_size)
+        if self.ctx.layout.grouped_mask and isinstance(mask, mx.array) and mask.ndim == 4:
+            mask = mask[:, :, None]  # [B, 1, 1, N, L] for queries grouped [B, kv_heads, repeats, N, D]
+        return mask
 
     def set_chunk(self, real: list[int]) -> None:
         """The next forward call is a right-padded prompt chunk with `real[i]` real tokens in row i

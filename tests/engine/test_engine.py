@@ -287,7 +287,8 @@ async def _fail_one_request_beside_a_neighbour(engine, monkeypatch, add):
 async def test_a_failed_step_ends_its_batch_with_an_error_and_the_engine_serves_on(monkeypatch):
     """An exception inside a batched step (no single request known as its cause): the requests in
     that batch end with an error (never a silent empty answer); a request still waiting for
-    admission is not lost and runs next; the engine stays healthy and nothing leaks."""
+    admission is not lost and runs next, from the prefix a finished request left (a failed step
+    drops only what it may have half-written); the engine stays healthy and nothing leaks."""
     from engine.batch_loop import BatchLoop
     from engine.errors import RequestFailedError
 
@@ -295,6 +296,7 @@ async def test_a_failed_step_ends_its_batch_with_an_error_and_the_engine_serves_
     try:
         params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
         solo = (await run(eng, chat(QUESTIONS[1]), temperature=0, max_tokens=12, ignore_eos=True))[1]
+        cached_before = eng.stats()["cache"]["indexed_blocks"]
         real, calls = BatchLoop._issue_decode, []
 
         def flaky(self):
@@ -309,6 +311,8 @@ async def test_a_failed_step_ends_its_batch_with_an_error_and_the_engine_serves_
         first, second = await asyncio.gather(collect(running), collect(waiting), return_exceptions=True)
         assert isinstance(first, RequestFailedError) and "injected step failure" in str(first)
         assert second[1] == solo  # it waited, then ran in the fresh loop
+        assert second[2][-1].usage.cached_tokens > 0  # from the first run: the failure left the prefix cache
+        assert cached_before > 0
         eng.check_health()
         cache = eng.stats()["cache"]
         assert cache["live_sequences"] == 0 and cache["blocks_used"] == 0
