@@ -40,6 +40,7 @@ from .constraints import Constraint
 from .cpu_threads import BlasThreads
 from .errors import EngineDeadError, InvalidRequestError, ModelLoadError, OrchardError, OverloadedError
 from .kv.interface import CacheManager
+from .batch_check import BatchCheck, check_batching
 from .kv.manager import make_cache_manager
 from .loading.loader import LoadedModel, load_model
 from .memory import Footprint, measure_working_bytes
@@ -144,6 +145,7 @@ class AsyncEngine:
         self.loaded: LoadedModel | None = None
         self.scheduler: Scheduler | None = None
         self.footprint: Footprint | None = None
+        self.batching = BatchCheck("skipped", "not loaded")
         self._stats: dict = {}
         self._stats_at = 0.0
         self._step_started: float | None = None
@@ -342,6 +344,7 @@ class AsyncEngine:
     def _thread_main(self) -> None:
         try:
             self.loaded = load_model(self.source, fast_cpu=self.config.fast_cpu)
+            self._check_batching()
             cache = make_cache_manager(self.loaded.model, self.config)
             self.scheduler = Scheduler(self.loaded.model, self.loaded.tokenizer, self.config, cache)
             self.footprint = self._measure_footprint(cache)
@@ -360,6 +363,22 @@ class AsyncEngine:
             self._fail_streams(EngineDeadError(f"engine for {self.source} died: {exc}"))
         finally:
             self.scheduler.gen.close()  # its compiled step's traces go on the thread that made them
+
+    def _check_batching(self) -> None:
+        """The warm-up batch (engine.batch_check): a model whose batched step is wrong is served
+        one request at a time; one that fails even alone is refused."""
+        check = self.batching = check_batching(self.loaded.model, self.loaded.tokenizer, self.config)
+        if check.outcome == "unservable":
+            raise ModelLoadError(f"{self.source} cannot be served: {check.detail}")
+        if check.outcome == "failed":
+            log.error(
+                "%s: its batched step is wrong (%s): serving it ONE REQUEST AT A TIME",
+                self.source,
+                check.detail,
+            )
+            self.config = self.config.model_copy(update={"max_num_seqs": 1, "prefill_batch_size": 1})
+        else:
+            log.info("%s: batch check %s: %s", self.source, check.outcome, check.detail)
 
     def _measure_footprint(self, cache: CacheManager) -> Footprint:
         """Weights as loaded, the KV cache's budget, and the working memory of a warm-up prefill."""
@@ -411,6 +430,8 @@ class AsyncEngine:
             self._stats = {
                 **self.scheduler.stats(),
                 "cache": self.scheduler.cache.stats(),
+                "batched": self.config.max_num_seqs > 1,
+                **self.batching.stats(),
                 "cpu_threads": self._blas.threads if self._blas is not None else None,
             }
             self._stats_at = now
