@@ -23,6 +23,7 @@ import threading
 import time
 import uuid
 
+from .batch_check import BatchCheck, check_batching
 from .chat_format import (
     REASONING_TAGS,
     OutputFormat,
@@ -40,7 +41,6 @@ from .constraints import Constraint
 from .cpu_threads import BlasThreads
 from .errors import EngineDeadError, InvalidRequestError, ModelLoadError, OrchardError, OverloadedError
 from .kv.interface import CacheManager
-from .batch_check import BatchCheck, check_batching
 from .kv.manager import make_cache_manager
 from .loading.loader import LoadedModel, load_model
 from .memory import Footprint, measure_working_bytes
