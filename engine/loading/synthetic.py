@@ -1,16 +1,33 @@
-"""A random-weight model of a real model's shape, written as an MLX directory.
+"""Random-weight models of real models' shapes, as a model source: `synthetic:<name>`.
 
-Throughput does not depend on weight values, so GPU benchmarks use the seed's shape
-(Qwen3-0.6B, 8-bit) without downloading anything. The tokenizer is a byte-level BPE
-vocabulary of the right size (as the real checkpoint's) with no merges and no chat template:
-benchmarks drive it with token ids.
+Two kinds of names:
+  synthetic:qwen3-0.6b-8bit   a real model's full shape (Qwen3-0.6B, 8-bit): throughput does not
+                              depend on weight values, so GPU benchmarks use it without downloading
+  synthetic:<family>          a tiny model of one mlx_lm family (engine.loading.families): the
+                              family's real config scaled down, its distinctive layers kept, for
+                              conformance tests of every cache kind
+
+The directory is built once into the cache (`<cache>/synthetic/<name>-<digest>`; the digest covers
+the config and the way it is built) and then loaded by `mlx_lm.load` like any MLX directory.
+Weights are seeded: the same name builds the same model. The tokenizer is a byte-level BPE
+vocabulary of the config's size with no merges and no chat template, EOS id 0: callers drive these
+models with token ids (or give a real tokenizer, `synthetic_dir(..., tokenizer=DIR)`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import tempfile
 from pathlib import Path
+
+from ..errors import ModelLoadError
+from . import families
+
+PREFIX = "synthetic:"
+# Bump when the way a directory is built changes (weights, tokenizer): cached builds are rebuilt.
+BUILD_VERSION = 1
 
 SHAPES = {
     "qwen3-0.6b-8bit": {
@@ -33,35 +50,80 @@ SHAPES = {
 }
 
 
-def resolve_model(name: str, tokenizer: str | None = None) -> str:
-    """`synthetic:<shape>` → a directory (made once per process); anything else is returned as is.
-    `tokenizer`: a directory whose real tokenizer the synthetic model takes (its vocabulary
-    size too), for benchmarks that need real text, such as grammars."""
-    if not name.startswith("synthetic:"):
-        return name
-    shape = name.split(":", 1)[1]
-    out = Path(tempfile.gettempdir()) / f"orchard-{shape}{'-' + Path(tokenizer).name if tokenizer else ''}"
-    if not (out / "config.json").exists():
-        make_synthetic_model(shape, out, tokenizer)
-    return str(out)
+def names() -> list[str]:
+    """Every synthetic model's name (without the `synthetic:` prefix)."""
+    return sorted(SHAPES) + sorted(families.FAMILIES)
 
 
-def make_synthetic_model(shape: str, out: Path, tokenizer: str | None = None) -> Path:
+def config_of(name: str) -> dict:
+    if name in SHAPES:
+        return dict(SHAPES[name])
+    if name in families.FAMILIES:
+        return families.config(name)
+    raise ModelLoadError(f"unknown synthetic model {name!r}; known: {', '.join(names())}")
+
+
+def synthetic_path(name: str, cache_dir: Path | str, tokenizer: str | None = None) -> Path:
+    """Where `synthetic:<name>` is (or will be) built under `cache_dir`: named by a digest of its
+    config and the way it is built, so a changed family is built again."""
+    name = name.removeprefix(PREFIX)
+    weights = families.weights_spec(name) if name in families.FAMILIES else None
+    tok = str(Path(tokenizer).resolve()) if tokenizer else None
+    spec = json.dumps([BUILD_VERSION, config_of(name), weights, tok], sort_keys=True)
+    return Path(cache_dir) / "synthetic" / f"{name}-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
+
+
+def synthetic_dir(name: str, cache_dir: Path | str, tokenizer: str | None = None) -> Path:
+    """The directory of `synthetic:<name>` under `cache_dir`, built on first use. Processes that
+    build the same name at once each write their own temporary directory; the first rename wins.
+    `tokenizer`: a directory whose real tokenizer (and vocabulary size) the model takes."""
+    out = synthetic_path(name, cache_dir, tokenizer)
+    if (out / "config.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        make_synthetic_model(name.removeprefix(PREFIX), tmp, tokenizer)
+        tmp.rename(out)
+    except OSError:
+        if not (out / "config.json").exists():  # not another process's finished build: a real error
+            raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def local_source(source: str, cache_dir: Path | str, tokenizer: str | None = None) -> str:
+    """`synthetic:<name>` as its built directory, for what loads only directories (peer servers) or
+    gives the model a real `tokenizer`; any other source as it is."""
+    if not source.startswith(PREFIX):
+        return source
+    return str(synthetic_dir(source, cache_dir, tokenizer))
+
+
+def make_synthetic_model(name: str, out: Path, tokenizer: str | None = None) -> Path:
+    """Write the MLX directory of `name` into `out`: config.json, model.safetensors, tokenizer."""
     import mlx.core as mx
     import mlx.nn as nn
     from mlx.utils import tree_flatten
     from mlx_lm.utils import _get_classes
 
-    config = dict(SHAPES[shape])
+    config = config_of(name)
+    out.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None:
         config["vocab_size"], config["eos_token_id"] = _copy_tokenizer(Path(tokenizer), out)
     model_class, args_class = _get_classes(config)
-    model = model_class(args_class.from_dict(config))
-    model.set_dtype(mx.bfloat16)  # as mlx-community checkpoints: bf16 weights, so bf16 scales and norms
+    if name in families.FAMILIES:
+        mx.random.seed(families.SEED)
+        model = model_class(args_class.from_dict(config))
+        family = families.FAMILIES[name]
+        families.randomize(model, families.SEED, family.scale, family.embed_scale)
+    else:
+        model = model_class(args_class.from_dict(config))
+        model.set_dtype(mx.bfloat16)  # as mlx-community checkpoints: bf16 weights, so bf16 scales and norms
     quant = config.get("quantization")
     if quant:
         nn.quantize(model, group_size=quant["group_size"], bits=quant["bits"])
-    out.mkdir(parents=True, exist_ok=True)
     mx.save_safetensors(str(out / "model.safetensors"), dict(tree_flatten(model.parameters())))
     (out / "config.json").write_text(json.dumps(config, indent=2))
     if tokenizer is None:
@@ -72,11 +134,8 @@ def make_synthetic_model(shape: str, out: Path, tokenizer: str | None = None) ->
 def _copy_tokenizer(src: Path, out: Path) -> tuple[int, int]:
     """The tokenizer files of `src` into `out`; returns the vocabulary size (padded to 64) and
     the EOS id."""
-    import shutil
-
     from tokenizers import Tokenizer
 
-    out.mkdir(parents=True, exist_ok=True)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (src / name).exists():
             shutil.copy(src / name, out / name)
@@ -89,7 +148,7 @@ def _write_tokenizer(out: Path, vocab_size: int) -> None:
     """A byte-level BPE vocabulary of the model's size, as real Qwen/Llama checkpoints have, so
     that mlx_lm streams text through its incremental BPE detokenizer (a word-level vocabulary
     gets its naive one, which re-decodes every sequence's whole text each token). Id 0 is EOS,
-    then the 256 byte symbols, then " t<id>" words; there are no merges: benchmarks send ids."""
+    then the 256 byte symbols, then " t<id>" words; there are no merges: callers send ids."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from tokenizers.pre_tokenizers import ByteLevel
 
