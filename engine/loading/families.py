@@ -545,7 +545,7 @@ FAMILIES: dict[str, Family] = {
             "rms_norm_eps": 1e-6,
             "tie_word_embeddings": True,
         },
-        scale=6.0,
+        scale=8.0,
         embed_scale=0.5,
     ),
     "llama4": Family(
@@ -607,6 +607,7 @@ FAMILIES: dict[str, Family] = {
             "use_conv_bias": True,
             "tie_word_embeddings": False,
         },
+        scale=4.0,
     ),
     "gemma2": Family(
         "google/gemma-2-2b-it",
