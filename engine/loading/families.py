@@ -7,17 +7,17 @@ chunked, linear-attention, conv, Mamba and shared-KV layers at the real ratio wh
 allow), the attention kind (grouped, latent, sinks, soft-capped) and the routing. A window or a
 chunk is scaled down to 16-32 tokens so that a test's prompts cross it.
 
-Weights are random and seeded (`randomize`): at MLX's default initialisation a tiny model repeats
-one token, which hides cache bugs, so every weight matrix is scaled (`SCALE`, or the family's own
-`scale`) and every vector (norms, biases, sinks, D) gets noise; Mamba-style `A_log` and `dt_bias`
-(Mamba, Mamba2, gated delta-net layers) take Mamba2's initialisation (A in [1, 16], dt log-uniform
-in [1e-3, 1e-1]), as mlx_lm's constant defaults make every head decay alike.
+Weights are random and seeded (built by engine.loading.synthetic): at MLX's default
+initialisation a tiny model repeats one token, which hides cache bugs, so every weight matrix is
+scaled (SCALE, or the family's own `scale` / `embed_scale` where tied, scaled-up embeddings would
+make it copy its input) and every vector (norms, biases, sinks, D) gets noise; Mamba-style `A_log`
+and `dt_bias` take Mamba2's initialisation, as mlx_lm's constants make every head decay alike.
+Each family's scale is the one whose solo greedy steps have no near ties (tests/engine/test_families.py).
 """
 
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass
 
 SEED = 0
@@ -46,9 +46,11 @@ class Family:
     embed_scale: float | None = None  # the token embeddings' own scale (default: `scale`)
 
 
-def _alternate(n: int, every: int, other: str, last: str) -> list[str]:
-    """`n` layer types, each `every`-th one `last`, the others `other`."""
-    return [last if (i + 1) % every == 0 else other for i in range(n)]
+def _attention(heads: int, kv_heads: int, head_dim: int | None = None) -> dict:
+    """The attention's width: query heads, KV heads, and the head size where the config names it."""
+    return {"num_attention_heads": heads, "num_key_value_heads": kv_heads} | (
+        {"head_dim": head_dim} if head_dim else {}
+    )
 
 
 FAMILIES: dict[str, Family] = {
@@ -59,9 +61,7 @@ FAMILIES: dict[str, Family] = {
             "model_type": "llama",
             "num_hidden_layers": 2,
             "intermediate_size": 128,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 1,
-            "head_dim": 16,
+            **_attention(4, 1, 16),
             "rms_norm_eps": 1e-5,
             "rope_theta": 500000.0,
             "rope_scaling": {
@@ -82,8 +82,7 @@ FAMILIES: dict[str, Family] = {
             "model_type": "qwen2",
             "num_hidden_layers": 2,
             "intermediate_size": 128,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 1,
+            **_attention(4, 1),
             "rms_norm_eps": 1e-6,
             "rope_theta": 1000000.0,
             "tie_word_embeddings": True,
@@ -96,9 +95,7 @@ FAMILIES: dict[str, Family] = {
             "model_type": "qwen3",
             "num_hidden_layers": 2,
             "intermediate_size": 128,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 32,
+            **_attention(4, 2, 32),
             "rms_norm_eps": 1e-6,
             "rope_theta": 1000000.0,
             "tie_word_embeddings": True,
@@ -118,9 +115,7 @@ FAMILIES: dict[str, Family] = {
             "decoder_sparse_step": 1,
             "mlp_only_layers": [],
             "norm_topk_prob": True,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 1,
-            "head_dim": 16,
+            **_attention(4, 1, 16),
             "rms_norm_eps": 1e-6,
             "rope_theta": 1000000.0,
             "tie_word_embeddings": False,
@@ -128,14 +123,12 @@ FAMILIES: dict[str, Family] = {
     ),
     "mistral": Family(
         "mistralai/Ministral-8B-Instruct-2410",
-        "sliding-window layers (RotatingKVCache, window 16) interleaved with full attention",
+        "sliding-window layers (RotatingKVCache) interleaved with full ones: the real sliding_window (32768) scaled to 16; mlx_lm reads sliding layers from layer_types only",
         {
             "model_type": "mistral",
             "num_hidden_layers": 4,
             "intermediate_size": 128,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 1,
-            "head_dim": 16,
+            **_attention(4, 1, 16),
             "rms_norm_eps": 1e-5,
             "rope_theta": 100000000.0,
             "sliding_window": 16,
@@ -151,8 +144,7 @@ FAMILIES: dict[str, Family] = {
             "num_hidden_layers": 2,
             "intermediate_size": 128,
             "moe_intermediate_size": 32,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 4,
+            **_attention(4, 4),
             "n_shared_experts": 1,
             "n_routed_experts": 8,
             "num_experts_per_tok": 2,
@@ -184,15 +176,12 @@ FAMILIES: dict[str, Family] = {
     ),
     "gemma3_text": Family(
         "google/gemma-3-1b-it",
-        "5 sliding-window layers (window 16) to 1 global (sliding_window_pattern 6), one KV head, "
-        "query_pre_attn_scalar, local/global RoPE bases",
+        "5 sliding-window layers (window 16) to 1 global (sliding_window_pattern 6), one KV head, query_pre_attn_scalar, local/global RoPE bases",
         {
             "model_type": "gemma3_text",
             "num_hidden_layers": 6,
             "intermediate_size": 128,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 1,
-            "head_dim": 16,
+            **_attention(4, 1, 16),
             "query_pre_attn_scalar": 16,
             "rms_norm_eps": 1e-6,
             "rope_theta": 1000000.0,
@@ -208,8 +197,7 @@ FAMILIES: dict[str, Family] = {
             "model_type": "phi3",
             "num_hidden_layers": 2,
             "intermediate_size": 128,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 4,
+            **_attention(4, 4),
             "rms_norm_eps": 1e-5,
             "rope_theta": 10000.0,
             "tie_word_embeddings": False,
@@ -225,8 +213,7 @@ FAMILIES: dict[str, Family] = {
             "num_experts_per_tok": 2,
             "intermediate_size": 64,
             "head_dim": 16,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
+            **_attention(4, 2),
             "sliding_window": 16,
             "rms_norm_eps": 1e-5,
             "rope_theta": 150000,
@@ -248,8 +235,7 @@ FAMILIES: dict[str, Family] = {
             "model_type": "olmo2",
             "num_hidden_layers": 2,
             "intermediate_size": 128,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 4,
+            **_attention(4, 4),
             "rms_norm_eps": 1e-6,
             "rope_theta": 500000.0,
             "tie_word_embeddings": False,
@@ -262,9 +248,7 @@ FAMILIES: dict[str, Family] = {
             "model_type": "glm4",
             "num_hidden_layers": 2,
             "intermediate_size": 128,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 1,
-            "head_dim": 16,
+            **_attention(4, 1, 16),
             "attention_bias": True,
             "partial_rotary_factor": 0.5,
             "rms_norm_eps": 1e-5,
@@ -279,8 +263,7 @@ FAMILIES: dict[str, Family] = {
             "num_hidden_layers": 3,
             "intermediate_size": 128,
             "moe_intermediate_size": 32,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 4,
+            **_attention(4, 4),
             "n_shared_experts": 1,
             "n_routed_experts": 8,
             "routed_scaling_factor": 2.5,
@@ -319,8 +302,7 @@ FAMILIES: dict[str, Family] = {
             "model_type": "smollm3",
             "num_hidden_layers": 4,
             "intermediate_size": 128,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 1,
+            **_attention(4, 1),
             "rms_norm_eps": 1e-6,
             "rope_theta": 5000000.0,
             "no_rope_layer_interval": 4,
@@ -329,18 +311,15 @@ FAMILIES: dict[str, Family] = {
     ),
     "qwen3_5": Family(
         "Qwen/Qwen3.5-9B (text_config)",
-        "gated delta-net layers (ArraysCache: conv + recurrent state) 3 to 1 full attention layer, "
-        "gated attention output, partial multimodal RoPE",
+        "gated delta-net layers (ArraysCache: conv + recurrent state) 3 to 1 full attention layer, gated attention output, partial multimodal RoPE",
         {
             "model_type": "qwen3_5",
             "text_config": {
                 "model_type": "qwen3_5_text",
                 "num_hidden_layers": 4,
                 "intermediate_size": 128,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 2,
-                "head_dim": 32,
-                "layer_types": _alternate(4, 4, "linear_attention", "full_attention"),
+                **_attention(4, 2, 32),
+                "layer_types": ["linear_attention"] * 3 + ["full_attention"],
                 "full_attention_interval": 4,
                 "linear_conv_kernel_dim": 4,
                 "linear_key_head_dim": 16,
@@ -368,10 +347,8 @@ FAMILIES: dict[str, Family] = {
             "text_config": {
                 "model_type": "qwen3_5_moe_text",
                 "num_hidden_layers": 4,
-                "num_attention_heads": 4,
-                "num_key_value_heads": 1,
-                "head_dim": 32,
-                "layer_types": _alternate(4, 4, "linear_attention", "full_attention"),
+                **_attention(4, 1, 32),
+                "layer_types": ["linear_attention"] * 3 + ["full_attention"],
                 "full_attention_interval": 4,
                 "linear_conv_kernel_dim": 4,
                 "linear_key_head_dim": 16,
@@ -397,15 +374,12 @@ FAMILIES: dict[str, Family] = {
     ),
     "qwen3_next": Family(
         "Qwen/Qwen3-Next-80B-A3B-Instruct",
-        "gated delta-net layers with full attention every 4th (full_attention_interval 4), "
-        "sparse MoE with a shared expert, partial RoPE",
+        "gated delta-net layers with full attention every 4th (full_attention_interval 4), sparse MoE with a shared expert, partial RoPE",
         {
             "model_type": "qwen3_next",
             "num_hidden_layers": 4,
             "intermediate_size": 128,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 1,
-            "head_dim": 32,
+            **_attention(4, 1, 32),
             "full_attention_interval": 4,
             "linear_conv_kernel_dim": 4,
             "linear_key_head_dim": 16,
@@ -427,13 +401,11 @@ FAMILIES: dict[str, Family] = {
     ),
     "lfm2": Family(
         "LiquidAI/LFM2-1.2B",
-        "short-convolution layers (ArraysCache, conv_L_cache 3) with attention at the real "
-        "pattern's first places (2 and 5 of 6)",
+        "short-convolution layers (ArraysCache, conv_L_cache 3) with attention at the real pattern's first places (2 and 5 of 6)",
         {
             "model_type": "lfm2",
             "num_hidden_layers": 6,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
+            **_attention(4, 2),
             "norm_eps": 1e-5,
             "conv_bias": False,
             "conv_L_cache": 3,
@@ -449,14 +421,12 @@ FAMILIES: dict[str, Family] = {
     ),
     "granitemoehybrid": Family(
         "ibm-granite/granite-4.0-h-small",
-        "Mamba2 layers (ArraysCache, lengths-aware) with one attention layer in four, no positional "
-        "embedding, MoE with a shared expert, Granite's multipliers",
+        "Mamba2 layers (ArraysCache, lengths-aware) with one attention layer in four, no positional embedding, MoE with a shared expert, Granite's multipliers",
         {
             "model_type": "granitemoehybrid",
             "num_hidden_layers": 4,
             "intermediate_size": 32,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 1,
+            **_attention(4, 1),
             "attention_bias": False,
             "embedding_multiplier": 12.0,
             "attention_multiplier": 0.0078125,
@@ -482,15 +452,12 @@ FAMILIES: dict[str, Family] = {
     ),
     "falcon_h1": Family(
         "tiiuae/Falcon-H1-1.5B-Instruct",
-        "attention and Mamba2 side by side in every layer (CacheList of a KV cache and an "
-        "ArraysCache), Falcon-H1's muP multipliers",
+        "attention and Mamba2 side by side in every layer (CacheList of an ArraysCache and a KV cache), muP multipliers (mlx_lm's defaults)",
         {
             "model_type": "falcon_h1",
             "num_hidden_layers": 2,
             "intermediate_size": 128,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 2,
-            "head_dim": 16,
+            **_attention(4, 2, 16),
             "mamba_d_ssm": 64,
             "mamba_d_state": 16,
             "mamba_d_head": 16,
@@ -525,15 +492,12 @@ FAMILIES: dict[str, Family] = {
     ),
     "gemma4_text": Family(
         "google/gemma-4-E2B (text_config)",
-        "KV-sharing layers (the last 3 of 6 reuse earlier layers' K/V: fewer caches than layers), "
-        "sliding (16) and global layers with their own head sizes, per-layer input embeddings",
+        "KV-sharing layers (the last 3 of 6 reuse earlier layers' K/V: fewer caches than layers), sliding (16) and global layers with their own head sizes, per-layer input embeddings",
         {
             "model_type": "gemma4_text",
             "num_hidden_layers": 6,
             "intermediate_size": 128,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 1,
-            "head_dim": 16,
+            **_attention(4, 1, 16),
             "global_head_dim": 32,
             "num_kv_shared_layers": 3,
             "hidden_size_per_layer_input": 16,
@@ -550,8 +514,7 @@ FAMILIES: dict[str, Family] = {
     ),
     "llama4": Family(
         "meta-llama/Llama-4-Scout-17B-16E-Instruct (text_config)",
-        "chunked attention (ChunkedKVCache, chunk 32) in 3 of 4 layers, the 4th global without RoPE, "
-        "MoE (top-1 of 4) with a shared expert, Q/K norms",
+        "chunked attention (ChunkedKVCache, chunk 32) in 3 of 4 layers, the 4th global without RoPE, MoE (top-1 of 4) with a shared expert, Q/K norms",
         {
             "model_type": "llama4",
             "text_config": {
@@ -585,15 +548,12 @@ FAMILIES: dict[str, Family] = {
     ),
     "nemotron_h": Family(
         "nvidia/NVIDIA-Nemotron-Nano-9B-v2",
-        "Mamba2 mixers, MLP-only and attention layers by hybrid_override_pattern (M-M*-: mixers "
-        "ignore cache.lengths in mlx_lm 0.32.2), ReLU² MLP",
+        "Mamba2 mixers, MLP-only and attention layers by hybrid_override_pattern M-M*-M (MLP layers have no cache: 4 caches for 6 layers; the mixers ignore cache.lengths in mlx_lm 0.32.2), ReLU² MLP",
         {
             "model_type": "nemotron_h",
             "hybrid_override_pattern": ["M", "-", "M", "*", "-", "M"],
             "intermediate_size": 128,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 1,
-            "head_dim": 16,
+            **_attention(4, 1, 16),
             "attention_bias": False,
             "mamba_num_heads": 8,
             "mamba_head_dim": 8,
@@ -611,15 +571,12 @@ FAMILIES: dict[str, Family] = {
     ),
     "gemma2": Family(
         "google/gemma-2-2b-it",
-        "4 KV heads for 8 query heads (mlx_lm's batch mask breaks on it), attention and final "
-        "logit soft-capping, query_pre_attn_scalar",
+        "4 KV heads for 8 query heads (mlx_lm's batch mask breaks on it), attention and final logit soft-capping, query_pre_attn_scalar",
         {
             "model_type": "gemma2",
             "num_hidden_layers": 2,
             "intermediate_size": 128,
-            "num_attention_heads": 8,
-            "num_key_value_heads": 4,
-            "head_dim": 16,
+            **_attention(8, 4, 16),
             "rms_norm_eps": 1e-6,
             "rope_theta": 10000.0,
             "attn_logit_softcapping": 50.0,
@@ -638,34 +595,3 @@ def config(name: str) -> dict:
     if "text_config" in cfg:
         cfg["text_config"] = {**COMMON, **cfg["text_config"]}
     return cfg
-
-
-def weights_spec(name: str) -> dict:
-    """What the family's weights are drawn from, beside its config (a build's cache key)."""
-    family = FAMILIES[name]
-    return {"seed": SEED, "scale": family.scale, "embed_scale": family.embed_scale, "noise": NOISE}
-
-
-def randomize(model, seed: int = SEED, scale: float = SCALE, embed_scale: float | None = None) -> None:
-    """Seeded random weights that make a tiny model's greedy output depend on its context: weight
-    matrices scaled by `scale`, noise on every vector, Mamba2's init for `A_log` and `dt_bias`.
-    The model's own initialisation (seed the global RNG before building it) is the starting point."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten, tree_unflatten
-
-    out = []
-    for i, (path, p) in enumerate(tree_flatten(model.parameters())):
-        key = mx.random.key(seed * 1_000_003 + i)
-        leaf = path.rsplit(".", 1)[-1]
-        if leaf == "A_log":
-            p = mx.log(mx.random.uniform(1.0, 16.0, p.shape, key=key))
-        elif leaf == "dt_bias":
-            dt = mx.exp(mx.random.uniform(math.log(1e-3), math.log(1e-1), p.shape, key=key))
-            p = dt + mx.log(-mx.expm1(-dt))  # the inverse of softplus
-        elif p.ndim >= 2:
-            p = p * (embed_scale if embed_scale is not None and "embed" in path else scale)
-        else:
-            p = p + NOISE * mx.random.normal(p.shape, key=key)
-        out.append((path, p.astype(mx.float32)))
-    model.update(tree_unflatten(out))
-    mx.eval(model.parameters())

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import shutil
 import tempfile
 from pathlib import Path
@@ -67,7 +68,7 @@ def synthetic_path(name: str, cache_dir: Path | str, tokenizer: str | None = Non
     """Where `synthetic:<name>` is (or will be) built under `cache_dir`: named by a digest of its
     config and the way it is built, so a changed family is built again."""
     name = name.removeprefix(PREFIX)
-    weights = families.weights_spec(name) if name in families.FAMILIES else None
+    weights = _weights_spec(families.FAMILIES[name]) if name in families.FAMILIES else None
     tok = str(Path(tokenizer).resolve()) if tokenizer else None
     spec = json.dumps([BUILD_VERSION, config_of(name), weights, tok], sort_keys=True)
     return Path(cache_dir) / "synthetic" / f"{name}-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
@@ -116,8 +117,7 @@ def make_synthetic_model(name: str, out: Path, tokenizer: str | None = None) -> 
     if name in families.FAMILIES:
         mx.random.seed(families.SEED)
         model = model_class(args_class.from_dict(config))
-        family = families.FAMILIES[name]
-        families.randomize(model, families.SEED, family.scale, family.embed_scale)
+        randomize(model, families.FAMILIES[name])
     else:
         model = model_class(args_class.from_dict(config))
         model.set_dtype(mx.bfloat16)  # as mlx-community checkpoints: bf16 weights, so bf16 scales and norms
@@ -129,6 +129,38 @@ def make_synthetic_model(name: str, out: Path, tokenizer: str | None = None) -> 
     if tokenizer is None:
         _write_tokenizer(out, config["vocab_size"])
     return out
+
+
+def _weights_spec(family: families.Family) -> dict:
+    """What a family's weights are drawn from, beside its config (part of a build's name)."""
+    return {"seed": families.SEED, "scale": family.scale, "embed_scale": family.embed_scale, "noise": families.NOISE}
+
+
+def randomize(model, family: families.Family) -> None:
+    """Seeded random weights that make a tiny model's greedy output depend on its context, from
+    the model's own initialisation (seed MLX's generator before building it): weight matrices
+    scaled by the family's `scale` (its embeddings by `embed_scale`), noise on every vector,
+    Mamba2's init for `A_log` (A uniform in [1, 16]) and `dt_bias` (dt log-uniform in [1e-3, 1e-1])."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    out = []
+    for i, (path, p) in enumerate(tree_flatten(model.parameters())):
+        key = mx.random.key(families.SEED * 1_000_003 + i)
+        leaf = path.rsplit(".", 1)[-1]
+        if leaf == "A_log":
+            p = mx.log(mx.random.uniform(1.0, 16.0, p.shape, key=key))
+        elif leaf == "dt_bias":
+            dt = mx.exp(mx.random.uniform(math.log(1e-3), math.log(1e-1), p.shape, key=key))
+            p = dt + mx.log(-mx.expm1(-dt))  # the inverse of softplus
+        elif p.ndim >= 2:
+            embed = family.embed_scale is not None and "embed" in path
+            p = p * (family.embed_scale if embed else family.scale)
+        else:
+            p = p + families.NOISE * mx.random.normal(p.shape, key=key)
+        out.append((path, p.astype(mx.float32)))
+    model.update(tree_unflatten(out))
+    mx.eval(model.parameters())
 
 
 def _copy_tokenizer(src: Path, out: Path) -> tuple[int, int]:
