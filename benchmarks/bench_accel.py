@@ -377,12 +377,12 @@ async def measure(args, doc: dict, targets: list[Target]) -> Run:
 async def main_async(args) -> dict:
     from deployments.config import check_serve_config
     from engine.engine import AsyncEngine
-
-    from .synthetic_model import resolve_model
+    from engine.loading.loader import default_cache_dir
+    from engine.loading.synthetic import local_source
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="accel-"))
     workdir.mkdir(parents=True, exist_ok=True)
-    source = resolve_model(args.model)
+    source = local_source(args.model, default_cache_dir())  # the peers load a directory: the same one
     config = servers.write_yaml(source, max(args.clients), workdir)
     engine_config = check_serve_config(str(config))[0].models[0].engine
     doc = {"machine": machine_info(), "model": args.model, "source": source, "clients": args.clients}

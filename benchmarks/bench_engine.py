@@ -178,9 +178,7 @@ async def main_async(args) -> dict:
     from engine.config import EngineConfig
     from engine.engine import AsyncEngine
 
-    from .synthetic_model import resolve_model
-
-    source = resolve_model(args.model)
+    source = args.model
     config = EngineConfig(max_num_seqs=max(args.batches), prefill_batch_size=8, paged_cache=args.paged)
     engine = AsyncEngine.from_source(source, config)
     # The same engine with one setting changed (--eager: the model's own uncompiled decode step, for

@@ -102,10 +102,10 @@ def main(argv: list[str] | None = None) -> None:
     reexec_with_openblas()  # on Linux CPU: float32 weights over OpenBLAS, as the server runs them
     from engine.config import EngineConfig
     from engine.engine import AsyncEngine
+    from engine.loading.loader import default_cache_dir
+    from engine.loading.synthetic import local_source
 
-    from .synthetic_model import resolve_model
-
-    source = resolve_model(args.model, tokenizer=args.tokenizer)
+    source = local_source(args.model, default_cache_dir(), tokenizer=args.tokenizer)
     engine = AsyncEngine.from_source(source, EngineConfig(max_num_seqs=max(args.batches), cache_memory_mb=512))
     try:
         rows = asyncio.run(bench(engine, args.batches, args.tokens))

@@ -72,8 +72,8 @@ def default_budget_bytes() -> int:
 
 def estimate_weights_bytes(source: str, fast_cpu: bool) -> int | None:
     """Bytes the weights will take once loaded, from file headers alone; None when unknown (a hub
-    id that is not downloaded yet)."""
-    from .loading import gguf
+    id that is not downloaded yet, a synthetic model not built yet)."""
+    from .loading import gguf, synthetic
     from .loading.loader import default_cache_dir
     from .loading.sources import resolve_source
 
@@ -82,6 +82,10 @@ def estimate_weights_bytes(source: str, fast_cpu: bool) -> int | None:
     if resolved.kind == "hub":
         path = _hub_snapshot(resolved.location)
         if path is None:
+            return None
+    elif resolved.kind == "synthetic":
+        path = synthetic.synthetic_path(resolved.location, default_cache_dir())
+        if not (path / "config.json").exists():  # not built yet: unknown, as a hub id not downloaded
             return None
     elif resolved.kind == "gguf":
         exported = default_cache_dir() / "gguf" / gguf.export_cache_key(path)

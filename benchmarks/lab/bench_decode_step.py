@@ -180,9 +180,7 @@ VARIANTS = ("slice", "select", "unmasked", "mlx_lm")
 def run(args) -> dict:
     from engine.loading.loader import load_model
 
-    from ..synthetic_model import resolve_model
-
-    model = load_model(resolve_model(args.model)).model
+    model = load_model(args.model).model
     steps = {
         "slice": mx.compile(_decode_step(model, False)),
         "select": mx.compile(_decode_step(model, True)),

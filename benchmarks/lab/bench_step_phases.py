@@ -151,10 +151,9 @@ async def main_async(args) -> dict:
     from engine.engine import AsyncEngine
 
     from ..report import mlx_machine
-    from ..synthetic_model import resolve_model
 
     config = EngineConfig(max_num_seqs=max(args.batches), prefill_batch_size=8, paged_cache=True)
-    engine = AsyncEngine.from_source(resolve_model(args.model), config)
+    engine = AsyncEngine.from_source(args.model, config)
     write = "select" if select_column(config.decode_column_write) else "slice"
     try:
         rows = [await measure(engine, engine.loaded.model, b, args, write) for b in args.batches]

