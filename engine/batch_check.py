@@ -28,7 +28,7 @@ from .text_stream import TextStream
 
 log = logging.getLogger(__name__)
 
-STEPS = 3  # tokens decoded per prompt
+STEPS = 4  # tokens decoded per prompt
 NEAR_TIE = 0.05  # nats between the alone run's best two tokens: either may win in a batch
 LOGPROB_TOLERANCE = 0.5  # nats between a token's log-probability batched and alone
 TEXT = (
@@ -55,8 +55,10 @@ def check_batching(model, tokenizer, config: EngineConfig) -> BatchCheck:
         return BatchCheck("skipped", "max_num_seqs is 1: nothing is batched")
     ids = tokenizer.encode(TEXT)
     width = max(sizes)
-    lengths = [3 + (len(ids) - 4) * i // max(1, width - 1) for i in range(width)]  # 3 .. all, all different
-    prompts = [ids[:n] for n in lengths]
+    # All different, and one prefill chunk each, so that every row decodes in the same steps.
+    span = min(len(ids) - width, config.prefill_step_size + 1) - 3
+    lengths = [3 + span * i // max(1, width - 1) for i in range(width)]
+    prompts = [ids[i : i + n] for i, n in enumerate(lengths)]  # no shared prefix: they run together
     cfg = config.model_copy(update={"cache_memory_mb": 64, "max_num_seqs": width, "prefill_batch_size": width})
     sched = Scheduler(model, tokenizer, cfg, make_cache_manager(model, cfg))  # one loop: its traces are reused
     try:

@@ -35,8 +35,8 @@ class _ColumnCache(_BaseCache):
     """One layer's working copy inside the trace: this step writes column `col` of every row
     (through `onehot` [1, 1, cap, 1], the column's one-hot, when given)."""
 
-    def __init__(self, k: mx.array, v: mx.array, col: mx.array, pad: mx.array, onehot: mx.array | None = None):
-        self.k, self.v, self.col, self.pad, self.onehot = k, v, col, pad, onehot
+    def __init__(self, k: mx.array, v: mx.array, col: mx.array, pad: mx.array, onehot: mx.array | None, grouped: bool):
+        self.k, self.v, self.col, self.pad, self.onehot, self.grouped = k, v, col, pad, onehot, grouped
         if onehot is None:
             self._start = mx.concatenate([mx.zeros((2,), mx.int32), col.reshape(1), mx.zeros((1,), mx.int32)])
 
@@ -55,8 +55,10 @@ class _ColumnCache(_BaseCache):
         return self.k, self.v
 
     def make_mask(self, N: int, return_array: bool = False, window_size: int | None = None, **kwargs) -> mx.array:
-        """[B, 1, 1, cap] over the whole copy: its empty columns are hidden like the padding."""
-        return visible(mx.arange(self.k.shape[2]), self.col, self.pad, window_size)
+        """[B, 1, 1, cap] over the whole copy: its empty columns are hidden like the padding
+        ([B, 1, 1, 1, cap] for attention that groups queries in five dimensions: engine.kv.layout)."""
+        mask = visible(mx.arange(self.k.shape[2]), self.col, self.pad, window_size)
+        return mask[:, :, None] if self.grouped else mask
 
     @property
     def state(self):
@@ -88,13 +90,13 @@ def eager_unpadded(unpadded_decode: str | None = None) -> bool:
     return _on_cuda()
 
 
-def _decode_step(model, select: bool):
+def _decode_step(model, select: bool, grouped: bool):
     """The function to compile: a closure over the model only (no reference cycle through the
     CompiledDecode, so its traces go when it goes, on the thread that drops it)."""
 
     def forward(inputs: mx.array, col: mx.array, pad: mx.array, ks: list[mx.array], vs: list[mx.array]):
         onehot = (mx.arange(ks[0].shape[2]) == col)[None, None, :, None] if select else None
-        caches = [_ColumnCache(k, v, col, pad, onehot) for k, v in zip(ks, vs)]
+        caches = [_ColumnCache(k, v, col, pad, onehot, grouped) for k, v in zip(ks, vs)]
         logits = model(inputs[:, None], cache=caches)[:, -1, :]
         return logits, [c.k for c in caches], [c.v for c in caches]
 
@@ -109,10 +111,11 @@ class CompiledDecode:
 
     max_traces = 256
 
-    def __init__(self, model, column_write: str | None = None):
+    def __init__(self, model, column_write: str | None = None, grouped_mask: bool = False):
         self.model = model
         self.select = select_column(column_write)
-        self._step = mx.compile(_decode_step(model, self.select))
+        self.grouped = grouped_mask
+        self._step = mx.compile(_decode_step(model, self.select, grouped_mask))
         self.steps = 0
         self.shapes: set[tuple[int, int]] = set()  # (rows, capacity) traced so far
 
@@ -121,7 +124,7 @@ class CompiledDecode:
         self.steps += 1
         shape = (ks[0].shape[0], ks[0].shape[2])
         if shape not in self.shapes and len(self.shapes) >= self.max_traces:
-            self._step = mx.compile(_decode_step(self.model, self.select))
+            self._step = mx.compile(_decode_step(self.model, self.select, self.grouped))
             self.shapes.clear()
         self.shapes.add(shape)
         return self._step(inputs, mx.array(col, dtype=mx.int32), pad, ks, vs)

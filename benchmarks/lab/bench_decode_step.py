@@ -182,8 +182,8 @@ def run(args) -> dict:
 
     model = load_model(args.model).model
     steps = {
-        "slice": mx.compile(_decode_step(model, False)),
-        "select": mx.compile(_decode_step(model, True)),
+        "slice": mx.compile(_decode_step(model, False, False)),
+        "select": mx.compile(_decode_step(model, True, False)),
         "unmasked": _unmasked_step(model),
     }
     rows = []

@@ -95,7 +95,7 @@ async def measure(engine, model, batch: int, args, write: str) -> dict:
     tokens = args.tokens
     prompts = prompt_ids(engine.tokenizer, batch, ragged=args.ragged)
     await run_engine(engine, prompts, tokens)  # every shape of the run traced before it counts
-    bare = our_step(model, mx.compile(_decode_step(model, write == "select")), batch, 256)
+    bare = our_step(model, mx.compile(_decode_step(model, write == "select", False)), batch, 256)
     plain = mlx_lm_step(model, batch, 256)
     for loop in (bare, plain):  # warm-up
         pipelined(loop, batch, 16)
