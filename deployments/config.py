@@ -32,6 +32,7 @@ from pydantic import (
 )
 
 from engine.config import EngineConfig
+from engine.loading import synthetic
 
 from .http.validation import problem_message
 from .settings import KEEP_ALIVE_S, LOAD_TIMEOUT_S, AffinityOptions
@@ -360,6 +361,11 @@ class OrchardConfig(BaseModel):
 
 def source_problem(source: str) -> str | None:
     """A cheap check that a source can be found, without loading anything. None when it looks fine."""
+    if source.startswith(synthetic.PREFIX):
+        known = synthetic.names()
+        if source.removeprefix(synthetic.PREFIX) not in known:
+            return f"{source!r}: no synthetic model of that name (known: {', '.join(known)})"
+        return None
     if source.startswith("pkg://"):
         package, _, relative = source[len("pkg://") :].partition("/")
         if not package or not relative:
@@ -372,7 +378,7 @@ def source_problem(source: str) -> str | None:
         return None if path.exists() else f"{source!r}: no such file or directory"
     if path.exists() or source.count("/") == 1:
         return None
-    return f"{source!r}: not a pkg:// source, a local path or an org/name repo id"
+    return f"{source!r}: not a pkg:// source, a local path, an org/name repo id or a synthetic: model"
 
 
 def format_validation_error(exc: ValidationError, root: str = "args") -> str:

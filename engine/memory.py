@@ -72,7 +72,7 @@ def default_budget_bytes() -> int:
 
 def estimate_weights_bytes(source: str, fast_cpu: bool) -> int | None:
     """Bytes the weights will take once loaded, from file headers alone; None when unknown (a hub
-    id that is not downloaded yet, a synthetic model not built yet)."""
+    id that is not downloaded yet)."""
     from .loading import gguf, synthetic
     from .loading.loader import default_cache_dir
     from .loading.sources import resolve_source
@@ -83,10 +83,8 @@ def estimate_weights_bytes(source: str, fast_cpu: bool) -> int | None:
         path = _hub_snapshot(resolved.location)
         if path is None:
             return None
-    elif resolved.kind == "synthetic":
-        path = synthetic.synthetic_path(resolved.location, default_cache_dir())
-        if not (path / "config.json").exists():  # not built yet: unknown, as a hub id not downloaded
-            return None
+    elif resolved.kind == "synthetic":  # built here if it is not yet (once, into the cache the replica reads)
+        path = synthetic.synthetic_dir(resolved.location, default_cache_dir())
     elif resolved.kind == "gguf":
         exported = default_cache_dir() / "gguf" / gguf.export_cache_key(path)
         if (exported / "config.json").exists():

@@ -137,7 +137,7 @@ FAMILIES: dict[str, Family] = {
         },
     ),
     "mistral4": Family(
-        "mistralai/Mistral-Small-4-119B-2603",
+        "mistralai/Mistral-Small-4-119B-2603 (text_config)",
         "latent KV (MLA: the cache holds the compressed latent + RoPE key), MoE with a shared expert, yarn RoPE",
         {
             "model_type": "mistral4",

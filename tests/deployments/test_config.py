@@ -34,6 +34,13 @@ def test_config_rejects_bad_sampling_defaults_and_sources():
         validate_args({})
 
 
+def test_a_synthetic_model_is_a_source_checked_by_name():
+    cfg = validate_args({"models": [{"name": "hybrid", "source": "synthetic:qwen3_next"}]})
+    assert cfg.models[0].source == "synthetic:qwen3_next"
+    with pytest.raises(ConfigError, match=r"models\[0\].source.*no synthetic model of that name.*qwen3_next"):
+        validate_args({"models": [{"name": "a", "source": "synthetic:qwen9"}]})
+
+
 def test_every_field_description_is_one_clean_line():
     """What `python -m deployments.config` and the JSON schema show users: no reflow residue."""
     from pydantic import BaseModel

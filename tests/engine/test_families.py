@@ -74,7 +74,6 @@ class Case:
     name: str
     expect: Expect
     engine: AsyncEngine
-    model: object
     prompts: list[list[int]]
     solo: list[Solo]
     repeat: list[int]
@@ -120,9 +119,7 @@ def case(request, load_once):
     repeat_solo = solo_greedy(model, repeat)
     extended = repeat + repeat_solo.tokens + [int(t) for t in np.random.default_rng(99).integers(1, VOCAB, EXTRA)]
     eng = AsyncEngine(source, CONFIG)
-    yield Case(
-        name, EXPECT[name], eng, model, prompts, solo, repeat, repeat_solo, extended, solo_greedy(model, extended)
-    )
+    yield Case(name, EXPECT[name], eng, prompts, solo, repeat, repeat_solo, extended, solo_greedy(model, extended))
     eng.shutdown()
 
 

@@ -44,11 +44,12 @@ def test_the_same_name_builds_the_same_weights(tmp_path):
     assert len(set(a_log.tolist())) == a_log.size
 
 
-def test_the_weight_estimate_waits_for_the_build(tmp_path, monkeypatch):
+def test_the_weight_estimate_builds_the_model_the_replica_then_loads(tmp_path, monkeypatch):
     monkeypatch.setenv("ORCHARD_CACHE", str(tmp_path))
-    assert estimate_weights_bytes("synthetic:llama", fast_cpu=True) is None
+    estimate = estimate_weights_bytes("synthetic:llama", fast_cpu=True)
+    built = list((tmp_path / "synthetic").iterdir())
     loaded = load_model("synthetic:llama", cache_dir=tmp_path, fast_cpu=True)
-    assert estimate_weights_bytes("synthetic:llama", fast_cpu=True) == loaded.weights_bytes
+    assert [loaded.model_path] == built and estimate == loaded.weights_bytes
 
 
 def test_every_family_names_its_real_config_and_what_it_keeps():
