@@ -10,14 +10,22 @@ a step where the prompt alone had a near tie ends that row's comparison (either 
 
 Outcomes (`BatchCheck.outcome`): `passed`; `failed` (the model is served one request at a time,
 logged loudly and in the engine's stats); `unservable` (a prompt fails even alone: the model is
-refused at load, with mlx_lm's error). It costs a few dozen tokens of compute; `engine.batch_check:
-false` skips it.
+refused at load, with mlx_lm's error). It costs a few dozen tokens of compute and a trace or two of
+the compiled step (seconds on a CPU), so its outcome is kept on disk under the model's identity:
+its files, the device and dtype, the loop's settings, MLX's and mlx_lm's versions and the engine's
+own source; a load with the same identity reads it back. `engine.batch_check: false` skips it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from importlib import metadata
+from pathlib import Path
+
+import mlx.core as mx
 
 from .config import EngineConfig
 from .kv.manager import make_cache_manager
@@ -46,10 +54,48 @@ class BatchCheck:
         return {"batch_check": self.outcome, "batch_check_detail": self.detail}
 
 
-def check_batching(model, tokenizer, config: EngineConfig) -> BatchCheck:
-    """Run the warm-up batch on a throwaway scheduler and cache built like the real ones."""
+# What changes the outcome besides the model: the loop's settings.
+LOOP_FIELDS = (
+    "paged_cache", "block_size", "prefill_step_size", "compiled_decode", "pipelined_decode",
+    "decode_column_write", "unpadded_decode", "state_interval", "fast_cpu",
+)  # fmt: skip
+
+
+def check_batching(model, tokenizer, config: EngineConfig, files: Path | None = None, cache: Path | None = None):
+    """The warm-up batch's outcome: read back from `cache` (a directory) when a check of the same
+    identity (the model's `files`, ...) is there, else run on a throwaway scheduler and cache built
+    like the real ones, and kept there."""
     if not config.batch_check:
         return BatchCheck("skipped", "engine.batch_check is off")
+    path = None if files is None or cache is None else cache / f"{_identity(files, config)}.json"
+    if path is not None and path.is_file():
+        try:
+            return BatchCheck(**json.loads(path.read_text()))
+        except (OSError, ValueError, TypeError):
+            log.warning("unreadable batch check %s: checking again", path)
+    check = _check(model, tokenizer, config)
+    if path is not None and check.outcome in ("passed", "failed"):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{id(check)}.tmp")
+        tmp.write_text(json.dumps(asdict(check)))
+        tmp.replace(path)
+    return check
+
+
+def _identity(files: Path, config: EngineConfig) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    for f in sorted(files.iterdir()):
+        if f.is_file():
+            st = f.stat()
+            h.update(f"{f.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    h.update(repr([getattr(config, k) for k in LOOP_FIELDS]).encode())
+    h.update(f"{mx.default_device()}|{metadata.version('mlx')}|{metadata.version('mlx-lm')}".encode())
+    for src in sorted(Path(__file__).parent.rglob("*.py")):  # the engine's own code
+        h.update(src.read_bytes())
+    return h.hexdigest()
+
+
+def _check(model, tokenizer, config: EngineConfig) -> BatchCheck:
     sizes = sorted({2, kv_heads(model)} - {1})
     if config.max_num_seqs < 2:
         return BatchCheck("skipped", "max_num_seqs is 1: nothing is batched")

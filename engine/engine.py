@@ -42,7 +42,7 @@ from .cpu_threads import BlasThreads
 from .errors import EngineDeadError, InvalidRequestError, ModelLoadError, OrchardError, OverloadedError
 from .kv.interface import CacheManager
 from .kv.manager import make_cache_manager
-from .loading.loader import LoadedModel, load_model
+from .loading.loader import LoadedModel, default_cache_dir, load_model
 from .memory import Footprint, measure_working_bytes
 from .prompts import encode_prompt
 from .request import PromptInput, Request, RequestOutput
@@ -367,7 +367,9 @@ class AsyncEngine:
     def _check_batching(self) -> None:
         """The warm-up batch (engine.batch_check): a model whose batched step is wrong is served
         one request at a time; one that fails even alone is refused."""
-        check = self.batching = check_batching(self.loaded.model, self.loaded.tokenizer, self.config)
+        loaded = self.loaded
+        cache = default_cache_dir() / "batch-check"
+        check = self.batching = check_batching(loaded.model, loaded.tokenizer, self.config, loaded.model_path, cache)
         if check.outcome == "unservable":
             raise ModelLoadError(f"{self.source} cannot be served: {check.detail}")
         if check.outcome == "failed":

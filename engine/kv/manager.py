@@ -185,6 +185,8 @@ class PagedCacheManager:
         seq = SeqBlocks(table, cached, self.ctx.seq_layers, worst, tokens, match.hashes, len(match.blocks))
         if resume is not None:
             seq.state = self.snapshots.take(*resume)
+        if self.snapshots is not None:  # cached K/V went further than any state: snapshot there
+            seq.match_end = min(match.tokens(self.pool.block_size), len(tokens) - 1)
         for h in match.hashes[len(match.blocks) :]:  # the blocks this request will compute
             if h not in self.index.full:
                 self.index.pending.setdefault(h, seq)
@@ -385,16 +387,20 @@ class PagedCacheManager:
         if length >= end:
             return None
         stop = min(end, (length // self.interval + 1) * self.interval) if self.interval else end
+        if length < seq.match_end < stop:
+            stop = seq.match_end
         return stop - length
 
     def _on_state(self, seq: SeqBlocks) -> None:
         """A row's state was written back: keep a snapshot if it stands at a snapshot point of its
-        prompt (every `interval` tokens, and the prompt's end)."""
+        prompt: every `interval` tokens, the prompt's end, and where its match with cached K/V
+        ended (a second prompt that shares a system prompt with the first and then differs
+        leaves a snapshot where they part: the third resumes there)."""
         n = seq.state_len
         if self.snapshots is None or seq.state is None or id(seq) not in self.live:
             return
         end = len(seq.tokens) - 1
-        at_point = n == end or (self.interval and n < end and n % self.interval == 0)
+        at_point = n in (end, seq.match_end) or (self.interval and n < end and n % self.interval == 0)
         if at_point and n > 0 and all(p != n for p, _ in seq.snapshots):
             seq.snapshots.append((n, list(seq.state)))
 

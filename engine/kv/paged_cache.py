@@ -71,6 +71,7 @@ class SeqBlocks:
         "state_len",
         "snapshots",
         "good",
+        "match_end",
     )
 
     def __init__(
@@ -95,6 +96,7 @@ class SeqBlocks:
         self.state_len = written
         self.snapshots: list[tuple[int, list[mx.array]]] = []
         self.good = written  # tokens known written before the current step (a failed step drops the rest)
+        self.match_end = 0  # recurrent models: where its prompt's K/V match ended (a snapshot point)
 
     @property
     def length(self) -> int:

@@ -103,3 +103,24 @@ def test_a_prompt_resumes_from_the_snapshot_at_its_longest_matched_point_only():
     assert cached == 0 and seq.state is None  # K/V of 36 tokens match, but no state there: computed again
     manager.release(seq)
     assert manager.stats()["state_resumes"] == 1
+
+
+def test_a_prompt_that_parts_from_a_cached_one_leaves_a_snapshot_where_they_part():
+    manager = hybrid()  # interval 512: no interval point in these prompts
+    system = list(range(1, 31))
+    assert finish(manager, system + [40, 41, 42], 1.0) == 0  # a snapshot at its end only
+    seq, cached = manager.acquire(system + [50, 51, 52, 53], 4)
+    assert cached == 0 and seq.match_end == 30  # K/V match the system prompt; no state there yet
+    assert manager._chunk_limit(seq) == 30  # its prefill stops there...
+    seq.written = [30] * len(seq.written)
+    manager.ctx._make_room(seq, 0, 30)
+    seq.state, seq.state_len = [mx.full(STATE, 2.0)], 30
+    manager._on_state(seq)  # ...and its state there is kept
+    assert [n for n, _ in seq.snapshots] == [30]
+    seq.written = [34] * len(seq.written)
+    manager.ctx._make_room(seq, 30, 34)
+    seq.state, seq.state_len = [mx.full(STATE, 3.0)], 34
+    manager.store(system + [50, 51, 52, 53], seq)
+    third, cached = manager.acquire(system + [60, 61], 4)
+    assert cached == 30 and mx.all(third.state[0] == 2.0).item()
+    manager.release(third)
