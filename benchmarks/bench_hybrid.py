@@ -19,7 +19,9 @@ AsyncEngine, token-id prompts, greedy, EOS ignored.
    the peak, both sampled after every engine step. Ours: the blocks in use, the running sequences'
    recurrent states, the state snapshots and any decode working copies (the cache's stats); the
    fallback: mlx_lm's cache bytes (`nbytes`: K/V and states of every sequence it holds). Sequences
-   per GB of KV = peak batch / peak bytes (GB = 1e9 bytes).
+   per GB of KV = peak batch / peak bytes (GB = 1e9 bytes); beside it, ours with blocks and states
+   only: snapshots and working copies take only room the budget leaves spare (snapshots their own
+   share, least recently used out; no working copies when the budget is tight: decode gathers blocks).
 
 `--rounds` rounds, the engines' order alternating, after `--warmup-rounds` unrecorded ones (other
 prompts: kernels compile there); the table gives medians, the JSON every round. Progress on stderr.
@@ -70,7 +72,9 @@ class Probe:
     def reset(self) -> None:
         self.peak_batch = 0
         self.peak_bytes = 0  # everything held
-        self.peak_live = 0  # less the snapshots (a cache: least recently used out when room is needed)
+        # less what takes only room the budget leaves spare: snapshots (their own share, least recently
+        # used out) and decode working copies (none when the budget is tight: decode gathers blocks)
+        self.peak_needed = 0
         self.at_peak: dict = {}
         self.steps = 0
 
@@ -94,7 +98,7 @@ class Probe:
         total = sum(held.values())
         if total > self.peak_bytes:
             self.peak_bytes, self.at_peak = total, held
-        self.peak_live = max(self.peak_live, total - held.get("snapshots", 0))
+        self.peak_needed = max(self.peak_needed, total - held.get("snapshots", 0) - held.get("working_copies", 0))
 
 
 async def ask(engine, ids: list[int], new_tokens: int) -> dict:
@@ -144,9 +148,9 @@ async def many_clients(engine, probe: Probe, system: list[int], questions: list[
         "peak_batch": probe.peak_batch,
         "kv_bytes_peak": probe.peak_bytes,
         "kv_bytes_at_peak": probe.at_peak,
-        "kv_bytes_peak_without_snapshots": probe.peak_live,
+        "kv_bytes_peak_blocks_and_states": probe.peak_needed,
         "sequences_per_gb": per_gb(probe.peak_batch, probe.peak_bytes),
-        "sequences_per_gb_without_snapshots": per_gb(probe.peak_batch, probe.peak_live),
+        "sequences_per_gb_blocks_and_states": per_gb(probe.peak_batch, probe.peak_needed),
         "steps": probe.steps,
     }
 
@@ -194,9 +198,9 @@ def summarize(rounds: list[dict]) -> dict:
             "tok_per_s",
             "peak_batch",
             "kv_bytes_peak",
-            "kv_bytes_peak_without_snapshots",
+            "kv_bytes_peak_blocks_and_states",
             "sequences_per_gb",
-            "sequences_per_gb_without_snapshots",
+            "sequences_per_gb_blocks_and_states",
             "ttft_p50_s",
         ],
     }
@@ -214,8 +218,8 @@ def summarize(rounds: list[dict]) -> dict:
     out["ratios"] = {
         "ttft_warm_fallback_over_ours": ratio(fallback["ttft_warm_p50_s"], ours["ttft_warm_p50_s"]),
         "sequences_per_gb_ours_over_fallback": ratio(ours["sequences_per_gb"], fallback["sequences_per_gb"]),
-        "sequences_per_gb_without_snapshots_ours_over_fallback": ratio(
-            ours["sequences_per_gb_without_snapshots"], fallback["sequences_per_gb_without_snapshots"]
+        "sequences_per_gb_blocks_and_states_ours_over_fallback": ratio(
+            ours["sequences_per_gb_blocks_and_states"], fallback["sequences_per_gb_blocks_and_states"]
         ),
         "tok_per_s_ours_over_fallback": ratio(ours["tok_per_s"], fallback["tok_per_s"]),
     }
@@ -231,15 +235,15 @@ def table(doc: dict) -> str:
         "warm cached tokens",
         f"{p['clients']} clients tok/s",
         "peak batch",
-        "KV at peak MiB (without snapshots)",
-        "sequences per GB of KV (without snapshots)",
+        "KV at peak MiB (blocks and states)",
+        "sequences per GB of KV (blocks and states)",
     ]
     rows = []
     for name in ENGINES:
         r = s[name]
         mib = [
             fmt(b / 2**20 if b is not None else None)
-            for b in (r["kv_bytes_peak"], r["kv_bytes_peak_without_snapshots"])
+            for b in (r["kv_bytes_peak"], r["kv_bytes_peak_blocks_and_states"])
         ]
         rows.append(
             [
@@ -250,7 +254,7 @@ def table(doc: dict) -> str:
                 r["tok_per_s"],
                 r["peak_batch"],
                 f"{mib[0]} ({mib[1]})",
-                f"{fmt(r['sequences_per_gb'])} ({fmt(r['sequences_per_gb_without_snapshots'])})",
+                f"{fmt(r['sequences_per_gb'])} ({fmt(r['sequences_per_gb_blocks_and_states'])})",
             ]
         )
     ratios = s["ratios"]
@@ -265,7 +269,7 @@ def table(doc: dict) -> str:
             "",
             f"Warm TTFT fallback / ours: {fmt(ratios['ttft_warm_fallback_over_ours'])}; sequences per GB of KV "
             f"ours / fallback: {fmt(ratios['sequences_per_gb_ours_over_fallback'])} "
-            f"({fmt(ratios['sequences_per_gb_without_snapshots_ours_over_fallback'])} without snapshots); "
+            f"({fmt(ratios['sequences_per_gb_blocks_and_states_ours_over_fallback'])} blocks and states only); "
             f"tok/s ours / fallback: {fmt(ratios['tok_per_s_ours_over_fallback'])}. Ours snapshots the recurrent "
             f"state every {interval} prompt tokens (state_interval), so a repeat resumes from token {resumable} "
             f"of the {p['system_tokens']}-token system prompt.",
