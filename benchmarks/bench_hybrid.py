@@ -10,7 +10,7 @@ AsyncEngine, token-id prompts, greedy, EOS ignored.
 
 1. A repeated system prompt: `--system-tokens` of system prompt and a distinct 32-token question.
    The first request cold (cache cleared), then `--repeats` requests one after another, each with a
-   new question: TTFT (submit to the first token) cold and warm p50, the warm requests' cached
+   new question and one new token: TTFT (submit to the first token) cold and warm p50, the warm requests' cached
    tokens, fallback / ours warm. Ours resumes from the last snapshot of the state inside the system
    prompt: one taken every `state_interval` tokens (`--state-interval`; the engine's default unless
    given), so a system prompt shorter than that is computed again.
@@ -387,7 +387,10 @@ def main(argv: list[str] | None = None) -> None:
     from engine.loading.cpu_fast_path import reexec_with_openblas
 
     reexec_with_openblas()
-    args = parser().parse_args(argv)
+    p = parser()
+    args = p.parse_args(argv)
+    if min(args.repeats, args.clients, args.rounds, args.system_tokens) < 1:
+        p.error("--repeats, --clients, --rounds and --system-tokens must be at least 1")
     doc = asyncio.run(run(args))
     emit(doc, table(doc), args.out)
 
