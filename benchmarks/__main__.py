@@ -16,6 +16,10 @@ SUITES: dict[str, tuple[str, str]] = {
     "load": ("benchmarks.bench_load", "load time, prefill, decode of the bundled models: stock vs fast CPU path"),
     "engine": ("benchmarks.bench_engine", "the engine at 1, 5, 16 concurrent requests, against raw mlx_lm"),
     "paged": ("benchmarks.bench_paged", "KV memory, prefix reuse, paged vs contiguous decode"),
+    "hybrid": (
+        "benchmarks.bench_hybrid",
+        "a hybrid model: repeated system prompt TTFT, sequences per GB of KV, vs fallback",
+    ),
     "admission": ("benchmarks.bench_admission", "one KV budget: admission by use vs by worst case"),
     "structured": ("benchmarks.bench_structured", "what a JSON schema costs per step at batch 1 and 16"),
     "http": ("benchmarks.bench_http", "serve run over HTTP beside the engine alone: tok/s, TTFT, memory"),

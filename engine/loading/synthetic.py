@@ -3,6 +3,7 @@
 Two kinds of names:
   synthetic:qwen3-0.6b-8bit   a real model's full shape (Qwen3-0.6B, 8-bit): throughput does not
                               depend on weight values, so GPU benchmarks use it without downloading
+  synthetic:qwen3.5-0.8b-8bit the same for a hybrid model (Qwen3.5-0.8B's text layers, 8-bit)
   synthetic:<family>          a tiny model of one mlx_lm family (engine.loading.families): the
                               family's real config scaled down, its distinctive layers kept, for
                               conformance tests of every cache kind
@@ -43,6 +44,51 @@ SHAPES = {
         "rms_norm_eps": 1e-6,
         "rope_theta": 1_000_000.0,
         "max_position_embeddings": 40960,
+        "tie_word_embeddings": True,
+        "eos_token_id": 0,
+        "torch_dtype": "bfloat16",
+        "quantization": {"group_size": 64, "bits": 8},
+    },
+    # Qwen3.5's text architecture at the 0.8B width, random weights. The numbers are the text_config
+    # of Qwen/Qwen3.5-0.8B's config.json as third-party code quotes it (a test that mirrors that file,
+    # and another test config with the same numbers); Qwen's own file could not be read from here,
+    # so they are checked against those copies only: hidden 1024, 24 layers as 3 gated
+    # delta-net : 1 full attention, linear heads 16 key / 16 value x 128, conv kernel 4, attention
+    # 8 heads / 2 KV heads x 256, intermediate 3584, vocabulary 248320, tied embeddings, partial
+    # multimodal RoPE. Ours: EOS 0 (the byte-level tokenizer's), the vocabulary also at the top
+    # level (where the tokenizer is built from), and, as for qwen3-0.6b-8bit, bf16 quantized to
+    # 8 bits in groups of 64 as mlx-community checkpoints are. The vision tower is left out.
+    "qwen3.5-0.8b-8bit": {
+        "model_type": "qwen3_5",
+        "text_config": {
+            "model_type": "qwen3_5_text",
+            "hidden_size": 1024,
+            "num_hidden_layers": 24,
+            "layer_types": (["linear_attention"] * 3 + ["full_attention"]) * 6,
+            "full_attention_interval": 4,
+            "linear_num_key_heads": 16,
+            "linear_num_value_heads": 16,
+            "linear_key_head_dim": 128,
+            "linear_value_head_dim": 128,
+            "linear_conv_kernel_dim": 4,
+            "num_attention_heads": 8,
+            "num_key_value_heads": 2,
+            "head_dim": 256,
+            "intermediate_size": 3584,
+            "vocab_size": 248320,
+            "rms_norm_eps": 1e-6,
+            "max_position_embeddings": 262144,
+            "rope_parameters": {
+                "mrope_interleaved": True,
+                "mrope_section": [11, 11, 10],
+                "rope_type": "default",
+                "rope_theta": 10_000_000,
+                "partial_rotary_factor": 0.25,
+            },
+            "tie_word_embeddings": True,
+            "eos_token_id": 0,
+        },
+        "vocab_size": 248320,
         "tie_word_embeddings": True,
         "eos_token_id": 0,
         "torch_dtype": "bfloat16",
@@ -120,7 +166,7 @@ def make_synthetic_model(name: str, out: Path, tokenizer: str | None = None) -> 
         randomize(model, families.FAMILIES[name])
     else:
         model = model_class(args_class.from_dict(config))
-        model.set_dtype(mx.bfloat16)  # as mlx-community checkpoints: bf16 weights, so bf16 scales and norms
+        _cast_bf16(model)
     quant = config.get("quantization")
     if quant:
         nn.quantize(model, group_size=quant["group_size"], bits=quant["bits"])
@@ -129,6 +175,20 @@ def make_synthetic_model(name: str, out: Path, tokenizer: str | None = None) -> 
     if tokenizer is None:
         _write_tokenizer(out, config["vocab_size"])
     return out
+
+
+def _cast_bf16(model) -> None:
+    """bf16 weights, so bf16 scales and norms, as mlx-community checkpoints are; what the model's
+    `cast_predicate` keeps out (Qwen3.5's `A_log`) stays float32, as mlx_lm's convert leaves it."""
+    import mlx.core as mx
+    from mlx.utils import tree_map_with_path
+
+    keep = getattr(model, "cast_predicate", lambda _: True)
+
+    def cast(path, p):
+        return p.astype(mx.bfloat16) if keep(path) and mx.issubdtype(p.dtype, mx.floating) else p
+
+    model.update(tree_map_with_path(cast, model.parameters()))
 
 
 def _weights_spec(family: families.Family) -> dict:
