@@ -258,8 +258,6 @@ def table(doc: dict) -> str:
             ]
         )
     ratios = s["ratios"]
-    interval = p["state_interval"]
-    resumable = p["system_tokens"] // interval * interval if interval else 0
     return "\n".join(
         [
             f"### {doc['model']}: {p['system_tokens']}-token system prompt + {QUESTION_TOKENS}-token questions, "
@@ -271,8 +269,9 @@ def table(doc: dict) -> str:
             f"ours / fallback: {fmt(ratios['sequences_per_gb_ours_over_fallback'])} "
             f"({fmt(ratios['sequences_per_gb_blocks_and_states_ours_over_fallback'])} blocks and states only); "
             f"tok/s ours / fallback: {fmt(ratios['tok_per_s_ours_over_fallback'])}. Ours snapshots the recurrent "
-            f"state every {interval} prompt tokens (state_interval), so a repeat resumes from token {resumable} "
-            f"of the {p['system_tokens']}-token system prompt.",
+            f"state at prompt ends, every {p['state_interval']} prompt tokens and where a prompt's cached K/V "
+            "match ends: the first warm request computes from the last snapshot before the prompts part and "
+            "leaves one where they part; the later ones resume there (warm cached tokens, in order).",
         ]
     )
 
