@@ -161,9 +161,9 @@ def test_client_disconnect_aborts_the_request(server):
     assert engine["generated_tokens"] - before["generated_tokens"] < 200
 
 
-def test_hundred_streams_with_ten_disconnects_lose_nothing_and_leak_no_block(server):
-    """vLLM's abort test over real HTTP: 100 concurrent streams, 10 closed mid-stream by the client."""
-    model, max_tokens = MODELS[0], 12
+def test_sixty_streams_with_six_disconnects_lose_nothing_and_leak_no_block(server):
+    """vLLM's abort test over real HTTP: 60 concurrent streams, 6 closed mid-stream by the client."""
+    model, max_tokens = MODELS[0], 8
 
     async def one(c: httpx.AsyncClient, i: int) -> int | None:
         body = {
@@ -186,10 +186,10 @@ def test_hundred_streams_with_ten_disconnects_lose_nothing_and_leak_no_block(ser
 
     async def go():
         async with httpx.AsyncClient(base_url=BASE, timeout=300) as c:
-            return await asyncio.gather(*(one(c, i) for i in range(100)))
+            return await asyncio.gather(*(one(c, i) for i in range(60)))
 
     results = asyncio.run(go())
-    assert results.count(None) == 10
+    assert results.count(None) == 6
     assert all(n == max_tokens for n in results if n is not None), results
     engine, cache = _settled(model)
     assert engine["running"] == 0 and engine["waiting"] == 0, engine
@@ -211,17 +211,17 @@ def _settled(model: str, timeout_s: float = 60) -> tuple[dict, dict]:
         time.sleep(0.5)
 
 
-def test_two_hundred_clients_with_random_disconnects_get_answers_or_clean_refusals(server, client):
+def test_a_hundred_and_twenty_clients_with_random_disconnects_get_answers_or_clean_refusals(server, client):
     import random
 
     rng = random.Random(7)
-    leave_after = {i: rng.randint(0, 1) for i in rng.sample(range(200), 30)}  # chunks read before leaving
+    leave_after = {i: rng.randint(0, 1) for i in rng.sample(range(120), 18)}  # chunks read before leaving
 
     async def one(c: httpx.AsyncClient, i: int) -> str:
         body = {
             "model": MODELS[i % 2],
             "prompt": f"Tell me about the number {i}.",
-            "max_tokens": 8,
+            "max_tokens": 6,
             "temperature": 0.7,
             "stream": True,
         }
@@ -238,13 +238,13 @@ def test_two_hundred_clients_with_random_disconnects_get_answers_or_clean_refusa
             return "ok"
 
     async def go():
-        limits = httpx.Limits(max_connections=200)
+        limits = httpx.Limits(max_connections=120)
         async with httpx.AsyncClient(base_url=BASE, timeout=300, limits=limits) as c:
-            return await asyncio.gather(*(one(c, i) for i in range(200)))
+            return await asyncio.gather(*(one(c, i) for i in range(120)))
 
     outcomes = asyncio.run(go())
     refused_leavers = sum(outcomes[i].startswith("refused") for i in leave_after)
-    assert outcomes.count("left") == 30 - refused_leavers and outcomes.count("ok") >= 100, sorted(set(outcomes))
+    assert outcomes.count("left") == 18 - refused_leavers and outcomes.count("ok") >= 60, sorted(set(outcomes))
     for model in MODELS:
         engine, cache = _settled(model)
         assert engine["running"] == 0 and engine["waiting"] == 0 and cache["blocks_used"] == 0, (model, engine)
