@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from .serving import SharedServer
+from .serving import ROOT, SharedServer
 
 
 @pytest.fixture(scope="session")
@@ -14,3 +14,39 @@ def default_server(tmp_path_factory):
     shared = SharedServer(tmp_path_factory)
     yield shared
     shared.stop()
+
+
+@pytest.fixture(scope="session")
+def agents_server(tmp_path_factory):
+    """The shared `serve run tests/fixtures/agents.yaml`: a thinking model and two router replicas."""
+    shared = SharedServer(tmp_path_factory, ROOT / "tests" / "fixtures" / "agents.yaml")
+    yield shared
+    shared.stop()
+
+
+# The modules on each shared server, in the order they run: together, so each server starts once
+# (a module with its own server stops it); test_serve_e2e last of its group, as it ends with Ctrl-C.
+SHARED_SERVERS = (
+    ("test_responses_e2e.py", "test_serve_agent_apis_e2e.py", "test_serve_e2e.py"),
+    ("test_responses_replicas_e2e.py", "test_thinking_e2e.py"),
+)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """The end-to-end tests of each shared server one module after another (the default server's
+    first), then the rest in their usual order (each of those starts its own `serve run` or
+    cluster)."""
+    e2e = [i for i, item in enumerate(items) if item.path.parent.name == "e2e"]
+    if not e2e:
+        return
+
+    def key(item):
+        name = item.path.name
+        for group, modules in enumerate(SHARED_SERVERS):
+            if name in modules:
+                return group, modules.index(name)
+        return len(SHARED_SERVERS), 0
+
+    ordered = sorted((items[i] for i in e2e), key=key)  # stable: each module keeps its own order
+    for i, item in zip(e2e, ordered):
+        items[i] = item

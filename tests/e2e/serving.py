@@ -64,21 +64,24 @@ def _healthy(proc: subprocess.Popen, log: Path) -> float:
 
 
 class SharedServer:
-    """`serve run serve_config.yaml`, shared by the e2e modules that test it as users run it, so
-    it starts once for all of them, whatever order they run in: `get()` starts it when it is not
-    running (first use, or after a module ended it, e.g. with Ctrl-C), and a module that needs Ray
-    to itself stops it first (`clean_ray`). At most one runs; the session stops it at the end."""
+    """A `serve run CONFIG` shared by the e2e modules that test it (`serve_config.yaml`, as users
+    run it; tests/fixtures/agents.yaml), so it starts once for all of them, whatever order they
+    run in: `get()` starts it when it is not running (first use, or after a module ended it, e.g.
+    with Ctrl-C), and a module that needs Ray to itself, or another shared server, stops it first
+    (`clean_ray`). At most one runs; the session stops it at the end. tests/e2e/conftest.py runs
+    the modules of one shared server one after another, so each starts once."""
 
     running: SharedServer | None = None
 
-    def __init__(self, tmp_path_factory):
+    def __init__(self, tmp_path_factory, config: str | Path = "serve_config.yaml"):
         self.tmp_path_factory = tmp_path_factory
+        self.config = config
         self.info: dict | None = None
 
     def get(self) -> dict:
         if self.info is None or self.info["proc"].poll() is not None:
             log = self.tmp_path_factory.mktemp("serve") / "serve_run.log"
-            proc = start_serve("serve_config.yaml", log)
+            proc = start_serve(self.config, log)
             self.info = {"proc": proc, "log": log}
             SharedServer.running = self
             self.info["ready_s"] = _healthy(proc, log)

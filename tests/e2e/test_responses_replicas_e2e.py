@@ -1,5 +1,5 @@
 """End to end, `previous_response_id` across two router replicas: a real `serve run` of
-tests/fixtures/responses_replicas.yaml (router num_replicas 2, one SmolLM2 replica), the official
+tests/fixtures/agents.yaml (router num_replicas 2, one SmolLM2 replica of this model), the official
 `openai` SDK over the HTTP proxy, which spreads requests over both router replicas.
 
 A chain of continuations (each one's previous_response_id is the one before) is sent until both
@@ -16,22 +16,17 @@ import httpx
 import openai
 import pytest
 
-from .serving import BASE, ROOT, metric, start_serve, stop, wait_healthy
+from .serving import BASE, metric
 
 pytestmark = pytest.mark.slow
 
 MODEL = "smollm2-135m-instruct"
-CONFIG = ROOT / "tests" / "fixtures" / "responses_replicas.yaml"
 MAX_LINKS = 24
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    log = tmp_path_factory.mktemp("serve") / "serve_run.log"
-    proc = start_serve(CONFIG, log)
-    wait_healthy(proc, log)
-    yield proc
-    stop(proc)
+def server(agents_server):
+    return agents_server.get()
 
 
 def served_counts(scrapes: int = 8) -> set[int]:

@@ -1,4 +1,4 @@
-"""Reasoning end to end: `serve run tests/fixtures/thinking.yaml` (SmolLM2 given a template that
+"""Reasoning end to end: `serve run tests/fixtures/agents.yaml`'s smollm2-thinking (SmolLM2 given a template that
 opens <think> in the prompt and a cap that closes it) and the official `openai` and `anthropic`
 clients: reasoning apart from clean content with tools in the same request, streamed and not;
 reasoning_effort and chat_template_kwargs; Anthropic thinking blocks and stop_sequence."""
@@ -11,11 +11,10 @@ import anthropic
 import openai
 import pytest
 
-from .serving import BASE, ROOT, start_serve, stop, wait_healthy
+from .serving import BASE
 
 pytestmark = pytest.mark.slow
 
-CONFIG = ROOT / "tests" / "fixtures" / "thinking.yaml"
 MODEL = "smollm2-thinking"
 QUESTION = [{"role": "user", "content": "What is the weather in Paris?"}]
 WEATHER = {
@@ -35,14 +34,8 @@ TAGS = ("<think>", "</think>")
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    log = tmp_path_factory.mktemp("thinking") / "serve_run.log"
-    proc = start_serve(CONFIG, log)
-    try:
-        wait_healthy(proc, log)
-        yield proc
-    finally:
-        stop(proc)
+def server(agents_server):
+    return agents_server.get()
 
 
 @pytest.fixture(scope="module")
