@@ -8,6 +8,16 @@ SMOLLM = "smollm2-135m-instruct"
 GEMMA = "gemma-3-270m"
 
 
+def pytest_collection_modifyitems(session, config, items):
+    """Groups for pytest-xdist (`--dist loadgroup`, pyproject addopts): every end-to-end test in
+    one group, run by one worker in order (they share port 8000 and a local Ray, and reuse shared
+    servers: tests/e2e/conftest.py orders them), and each other module whole in a group of its
+    own, so that its module-scoped engines load once."""
+    for item in items:
+        group = "e2e" if item.path.parent.name == "e2e" else str(item.path)
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
 @pytest.fixture(scope="session")
 def smollm():
     from engine.loading.loader import load_model

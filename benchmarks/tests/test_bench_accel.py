@@ -76,8 +76,13 @@ class FakeTarget(bench_accel.Target):
         return bench_accel.RequestResult(ok=True, ttft=0.001, latency=0.002, completion_tokens=self.tokens)
 
 
-async def test_rounds_rows_and_table_with_fake_targets():
+async def test_rounds_rows_and_table_with_fake_targets(monkeypatch):
+    """The rounds, rows and table, with targets that answer at once. The serve target's process
+    scan is stubbed: on a machine where another `serve run` lives (the e2e tests beside this one)
+    it would find that one's processes."""
     import argparse
+
+    monkeypatch.setattr(bench_accel, "serve_procs", lambda target: {})
 
     args = argparse.Namespace(clients=[1, 4], max_tokens=8, waves=2, rounds=2, budget_s=60, out=None)
     doc = {"servers": {}}
