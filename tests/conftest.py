@@ -8,6 +8,7 @@ SMOLLM = "smollm2-135m-instruct"
 GEMMA = "gemma-3-270m"
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into node ids
 def pytest_collection_modifyitems(session, config, items):
     """Groups for pytest-xdist (`--dist loadgroup`, pyproject addopts): every end-to-end test in
     one group, run by one worker in order (they share port 8000 and a local Ray, and reuse shared
