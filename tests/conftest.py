@@ -8,15 +8,27 @@ SMOLLM = "smollm2-135m-instruct"
 GEMMA = "gemma-3-270m"
 
 
-@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups into node ids
 def pytest_collection_modifyitems(session, config, items):
-    """Groups for pytest-xdist (`--dist loadgroup`, pyproject addopts): every end-to-end test in
-    one group, run by one worker in order (they share port 8000 and a local Ray, and reuse shared
-    servers: tests/e2e/conftest.py orders them), and each other module whole in a group of its
-    own, so that its module-scoped engines load once."""
-    for item in items:
-        group = "e2e" if item.path.parent.name == "e2e" else str(item.path)
-        item.add_marker(pytest.mark.xdist_group(group))
+    """The end-to-end tests first (their worker then starts with them: see below); each group
+    keeps its order."""
+    items.sort(key=lambda item: item.path.parent.name != "e2e")
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """pytest-xdist (`-n 2`, pyproject addopts) hands out whole work units: every end-to-end test
+    in one, run by one worker in order (they share port 8000 and a local Ray, and reuse shared
+    servers: tests/e2e/conftest.py orders them), and each other module whole, so that its
+    module-scoped engines load once. The end-to-end unit goes out first: it is the longest, and
+    mostly waits on its `serve run`, while the other worker computes."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return "tests/e2e" if path.startswith("tests/e2e/") else path
+
+    config.option.loadscopereorder = False  # collection order: the end-to-end unit first
+    return ByModule(config, log)
 
 
 @pytest.fixture(scope="session")
