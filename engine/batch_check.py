@@ -9,8 +9,10 @@ Every row must pick the tokens it picked alone, with the same log-probabilities 
 a step where the prompt alone had a near tie ends that row's comparison (either token is right).
 
 Outcomes (`BatchCheck.outcome`): `passed`; `failed` (the model is served one request at a time,
-logged loudly and in the engine's stats); `unservable` (a prompt fails even alone: the model is
-refused at load, with mlx_lm's error). It costs a few dozen tokens of compute and a trace or two of
+logged loudly and in the engine's stats); `solo` (a prompt fails even alone in a batch loop, but
+mlx_lm's own `generate_step` serves it: one request at a time on engine.solo_loop, no prefix
+reuse, logged loudly); `unservable` (it fails there too: the model is refused at load, with the
+errors). It costs a few dozen tokens of compute and a trace or two of
 the compiled step (seconds on a CPU), so its outcome is kept on disk under the model's identity:
 its files, the device and dtype, the loop's settings, MLX's and mlx_lm's versions and the engine's
 own source; a load with the same identity reads it back. `engine.batch_check: false` skips it.
@@ -47,7 +49,7 @@ TEXT = (
 
 @dataclass
 class BatchCheck:
-    outcome: str  # passed, failed, unservable or skipped
+    outcome: str  # passed, failed, solo, unservable or skipped
     detail: str = ""
 
     def stats(self) -> dict:
@@ -74,7 +76,7 @@ def check_batching(model, tokenizer, config: EngineConfig, files: Path | None = 
         except (OSError, ValueError, TypeError):
             log.warning("unreadable batch check %s: checking again", path)
     check = _check(model, tokenizer, config)
-    if path is not None and check.outcome in ("passed", "failed"):
+    if path is not None and check.outcome in ("passed", "failed", "solo"):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{id(check)}.tmp")
         tmp.write_text(json.dumps(asdict(check)))
@@ -110,8 +112,8 @@ def _check(model, tokenizer, config: EngineConfig) -> BatchCheck:
     try:
         try:
             alone = [_run(sched, [p])[0] for p in prompts]
-        except Exception as exc:  # noqa: BLE001 - reported: the model cannot be served
-            return BatchCheck("unservable", f"a prompt alone fails: {type(exc).__name__}: {exc}")
+        except Exception as exc:  # noqa: BLE001 - reported: the model cannot be served batched at all
+            return _solo_or_unservable(model, tokenizer, cfg, prompts, f"{type(exc).__name__}: {exc}")
         for size in sizes:
             try:
                 together = _run(sched, prompts[:size])
@@ -124,6 +126,20 @@ def _check(model, tokenizer, config: EngineConfig) -> BatchCheck:
     finally:
         sched.gen.close()
     return BatchCheck("passed", f"batches of {', '.join(map(str, sizes))} match each prompt alone")
+
+
+def _solo_or_unservable(model, tokenizer, config: EngineConfig, prompts: list[list[int]], why: str) -> BatchCheck:
+    """A prompt alone failed in the batch loop: mlx_lm's own generate_step, one request at a time
+    (engine.solo_loop), if it serves the prompts; else the model cannot be served."""
+    sched = Scheduler(model, tokenizer, config, make_cache_manager(model, config), solo=True)
+    try:
+        for p in prompts:
+            _run(sched, [p])
+    except Exception as exc:  # noqa: BLE001 - reported: the model cannot be served
+        return BatchCheck("unservable", f"a prompt alone fails: {why}; and on mlx_lm's generate_step: {exc}")
+    finally:
+        sched.gen.close()
+    return BatchCheck("solo", f"a prompt alone fails in a batch loop ({why}): one request at a time, unbatched")
 
 
 def kv_heads(model) -> int:

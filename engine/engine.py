@@ -346,7 +346,8 @@ class AsyncEngine:
             self.loaded = load_model(self.source, fast_cpu=self.config.fast_cpu)
             self._check_batching()
             cache = make_cache_manager(self.loaded.model, self.config)
-            self.scheduler = Scheduler(self.loaded.model, self.loaded.tokenizer, self.config, cache)
+            solo = self.batching.outcome == "solo"
+            self.scheduler = Scheduler(self.loaded.model, self.loaded.tokenizer, self.config, cache, solo=solo)
             self.footprint = self._measure_footprint(cache)
             self._blas = BlasThreads.for_this_process() if self.config.adaptive_cpu_threads else None
         except BaseException as exc:  # noqa: BLE001 - reported to the constructor
@@ -372,12 +373,8 @@ class AsyncEngine:
         check = self.batching = check_batching(loaded.model, loaded.tokenizer, self.config, loaded.model_path, cache)
         if check.outcome == "unservable":
             raise ModelLoadError(f"{self.source} cannot be served: {check.detail}")
-        if check.outcome == "failed":
-            log.error(
-                "%s: its batched step is wrong (%s): serving it ONE REQUEST AT A TIME",
-                self.source,
-                check.detail,
-            )
+        if check.outcome in ("failed", "solo"):
+            log.error("%s: no batch serves it right (%s): ONE REQUEST AT A TIME", self.source, check.detail)
             self.config = self.config.model_copy(update={"max_num_seqs": 1, "prefill_batch_size": 1})
         else:
             log.info("%s: batch check %s: %s", self.source, check.outcome, check.detail)

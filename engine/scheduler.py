@@ -31,6 +31,7 @@ from .kv.interface import CacheManager
 from .loop import Loop, Token
 from .mlx_lm_batch import MlxLmBatch
 from .request import FinishReason, Request, RequestOutput
+from .solo_loop import SoloLoop
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,9 @@ log = logging.getLogger(__name__)
 class Scheduler:
     """The requests of one model over its batch loop and its cache manager (the loop thread only)."""
 
-    def __init__(self, model, tokenizer, config: EngineConfig, cache_manager: CacheManager):
+    def __init__(self, model, tokenizer, config: EngineConfig, cache_manager: CacheManager, solo: bool = False):
         self.model = model
+        self.solo = solo  # one request at a time on mlx_lm's own caches (engine.solo_loop)
         self.tokenizer = tokenizer
         self.config = config
         self.cache = cache_manager
@@ -60,7 +62,8 @@ class Scheduler:
         self.gen = self._make_loop()
 
     def _make_loop(self) -> Loop:
-        """Our loop over the cache's paged K/V, or mlx_lm's BatchGenerator when it keeps none."""
+        """Our loop over the cache's paged K/V, or mlx_lm's BatchGenerator when it keeps none (or
+        mlx_lm's generate_step one request at a time, for a model no batch serves: `solo`)."""
         cfg = self.config
         sizes = dict(
             max_num_seqs=cfg.max_num_seqs,
@@ -69,6 +72,8 @@ class Scheduler:
             grammars=self.grammars,
         )
         kv = self.cache.batch_kv()
+        if self.solo:
+            return SoloLoop(self.model, **sizes)
         if kv is None:
             return MlxLmBatch(self.model, **sizes)
         # A recurrent model's decode step is the model's own call (the compiled step takes K/V
