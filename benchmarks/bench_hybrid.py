@@ -36,6 +36,7 @@ import statistics
 import sys
 import time
 
+from .probe import after_each_step
 from .report import emit, fmt, md_table, mlx_machine
 
 QUESTION_TOKENS = 32
@@ -59,14 +60,7 @@ class Probe:
     def __init__(self, engine):
         self.sched = engine.scheduler
         self.paged = engine.config.paged_cache
-        inner = self.sched.step
-
-        def step():
-            out = inner()
-            self.sample()
-            return out
-
-        self.sched.step = step
+        after_each_step(self.sched, self.sample)
         self.reset()
 
     def reset(self) -> None:

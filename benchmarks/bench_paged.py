@@ -30,6 +30,7 @@ import statistics
 import sys
 import time
 
+from .probe import after_each_step
 from .report import emit
 
 SENTENCE = "Rule {i}: visitors of the botanical garden keep to the paths in zone {i} and never feed the fish."
@@ -59,14 +60,7 @@ class StepProbe:
         self.peak_cache_bytes = 0  # BatchGenerator.prompt_cache_nbytes
         self.peak_pool_bytes = 0  # paged: blocks in use + working copies
         self.steps = 0
-        inner = self.sched.step
-
-        def step():
-            out = inner()
-            self.sample()
-            return out
-
-        self.sched.step = step
+        after_each_step(self.sched, self.sample)
 
     def sample(self) -> None:
         from engine.kv.manager import PagedCacheManager
