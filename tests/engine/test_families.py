@@ -180,3 +180,30 @@ async def test_a_prefix_hit_decodes_as_the_cold_prompt_did(case):
     if case.expect.path == "paged":
         assert hit_usage.cached_tokens > 0, path_of(case.engine)
         assert extended_usage.cached_tokens > (len(case.repeat) if case.expect.reuses_decode_blocks else 0)
+
+
+async def test_a_hybrid_model_preempted_in_a_tight_budget_decodes_as_alone():
+    """Qwen3.5's layout (synthetic:qwen3_5): four long requests in a 1 MB budget (blocks of 16, the
+    running states counted in it) preempt each other; a preempted request resumes from the snapshot
+    of its state taken when it left (or recomputes, if that was evicted) and decodes exactly as
+    mlx_lm does alone."""
+    source = "synthetic:qwen3_5"
+    model = engine.engine.load_model(source, fast_cpu=CONFIG.fast_cpu).model
+    rng = np.random.default_rng(5)
+    prompts = [[int(t) for t in rng.integers(1, VOCAB, n)] for n in (300, 310, 320, 330)]
+    solo = [solo_greedy(model, p, 160) for p in prompts]
+    eng = AsyncEngine(source, EngineConfig(block_size=16, cache_memory_mb=1, state_interval=64))
+    try:
+        params = SamplingParams(temperature=0, max_tokens=160, ignore_eos=True)
+        results = await asyncio.gather(*(collect(eng.submit(PromptInput(token_ids=p), params)) for p in prompts))
+        for _ in range(100):  # the loop publishes its stats every STATS_INTERVAL_S
+            stats = eng.stats()
+            if stats["running"] == stats["waiting"] == 0:
+                break
+            await asyncio.sleep(0.05)
+    finally:
+        eng.shutdown()
+    for prompt, (_, got, _), ref in zip(prompts, results, solo):
+        assert_as_solo(f"qwen3_5, {len(prompt)}-token prompt, preempted", got, ref)
+    assert stats["preempted"] > 0 and stats["cache"]["over_budget_blocks"] == 0
+    assert stats["cache"]["blocks_used"] == 0 and stats["cache"]["live_sequences"] == 0
