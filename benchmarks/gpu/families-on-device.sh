@@ -31,11 +31,14 @@ async def family(name):
     try:
         got = await asyncio.gather(*(tf.generate(eng, p) for p in prompts))
         batch_ok = [g == s.tokens for (g, _), s in zip(got, solo)]
+        where = [next((i for i, (a, b) in enumerate(zip(g, s.tokens)) if a != b), None) for (g, _), s in zip(got, solo)]
+        margins = [round(s.margins[i], 5) for i, s in zip(where, solo) if i is not None]
         cold, _ = await tf.generate(eng, repeat)
         hit, usage = await tf.generate(eng, repeat)
         ref = tf.solo_greedy(model, repeat).tokens
         stats = eng.stats()
-        return {"family": name, "batch_exact": sum(batch_ok), "of": len(batch_ok), "repeat_exact": hit == ref == cold,
+        return {"family": name, "batch_exact": sum(batch_ok), "of": len(batch_ok), "solo_margin_where_differs": margins,
+                "min_solo_margin": round(min(min(s.margins) for s in solo), 5), "repeat_exact": hit == ref == cold,
                 "cached": usage.cached_tokens, "path": stats["cache"].get("path"), "batched": stats.get("batched"),
                 "batch_peak": stats.get("batch_peak"), "check": stats.get("batch_check")}
     finally:
@@ -43,7 +46,8 @@ async def family(name):
 
 print("device", mx.default_device(), file=sys.stderr)
 rows = []
-for name in sorted(tf.FAMILIES):
+import os
+for name in os.environ.get("FAMILIES", " ".join(sorted(tf.FAMILIES))).split():
     t = time.time()
     try:
         rows.append(asyncio.run(family(name)) | {"s": round(time.time() - t, 1)})
