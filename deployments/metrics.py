@@ -52,7 +52,13 @@ def derived_cache_stats(stats: dict[str, Any], cache: dict[str, Any]) -> dict[st
 class RouterMetrics:
     def __init__(self, prefix: str = "orchard"):
         self.registry = CollectorRegistry(auto_describe=True)
-        r, p = self.registry, prefix
+        self._request_metrics(prefix)
+        self._engine_metrics(prefix)
+        self._governor_metrics(prefix)
+
+    def _request_metrics(self, p: str) -> None:
+        """What the router sees of each request: counts, tokens, latencies."""
+        r = self.registry
         self.requests = Counter(
             f"{p}_requests", "HTTP requests by model, endpoint and status.", ["model", "endpoint", "status"], registry=r
         )
@@ -61,12 +67,9 @@ class RouterMetrics:
             f"{p}_cached_prompt_tokens", "Prompt tokens served from the prefix cache.", ["model"], registry=r
         )
         self.completion_tokens = Counter(f"{p}_completion_tokens", "Generated tokens.", ["model"], registry=r)
+        latency = dict(buckets=LATENCY_BUCKETS, registry=r)
         self.ttft = Histogram(
-            f"{p}_time_to_first_token_seconds",
-            "Request arrival to first token, at the router.",
-            ["model"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
+            f"{p}_time_to_first_token_seconds", "Request arrival to first token, at the router.", ["model"], **latency
         )
         self.itl = Histogram(
             f"{p}_inter_token_latency_seconds",
@@ -76,12 +79,19 @@ class RouterMetrics:
             registry=r,
         )
         self.duration = Histogram(
-            f"{p}_request_duration_seconds",
-            "Request arrival to last token.",
+            f"{p}_request_duration_seconds", "Request arrival to last token.", ["model"], **latency
+        )
+        self.cold_ttft = Histogram(
+            f"{p}_cold_request_first_token_seconds",
+            "Arrival to first token of requests that found their model unloaded.",
             ["model"],
-            buckets=LATENCY_BUCKETS,
+            buckets=COLD_BUCKETS,
             registry=r,
         )
+
+    def _engine_metrics(self, p: str) -> None:
+        """Each model's engine and cache, as its stats call reports them at a scrape."""
+        r = self.registry
         self.up = Gauge(
             f"{p}_model_up", "1 when the model answered the stats call of this scrape.", ["model"], registry=r
         )
@@ -90,7 +100,17 @@ class RouterMetrics:
         self.engine_other = Gauge(
             f"{p}_engine_stat", "Other numeric engine and cache statistics.", ["model", "stat"], registry=r
         )
-        # the memory governor (deployments.governor), as this router sees Ray Serve's replicas
+        self.routing = Gauge(
+            f"{p}_prefix_routing_decisions",
+            "Prefix-affinity routing in this router: requests "
+            "routed by affinity, as a new prefix or by balance, and replica reports taken.",
+            ["model", "decision"],
+            registry=r,
+        )
+
+    def _governor_metrics(self, p: str) -> None:
+        """The memory governor (deployments.governor), as this router sees Ray Serve's replicas."""
+        r = self.registry
         self.budget = Gauge(f"{p}_memory_budget_bytes", "The host memory budget all models share.", registry=r)
         self.used = Gauge(f"{p}_memory_used_bytes", "Footprints of the models loaded or loading.", registry=r)
         self.footprint = Gauge(
@@ -108,20 +128,6 @@ class RouterMetrics:
             registry=r,
         )
         self._seen: dict[str, tuple[int, int, int]] = {}  # loads, unloads, cold starts already counted
-        self.routing = Gauge(
-            f"{p}_prefix_routing_decisions",
-            "Prefix-affinity routing in this router: requests "
-            "routed by affinity, as a new prefix or by balance, and replica reports taken.",
-            ["model", "decision"],
-            registry=r,
-        )
-        self.cold_ttft = Histogram(
-            f"{p}_cold_request_first_token_seconds",
-            "Arrival to first token of requests that found their model unloaded.",
-            ["model"],
-            buckets=COLD_BUCKETS,
-            registry=r,
-        )
 
     def observe_request(self, model: str, endpoint: str, status: int) -> None:
         self.requests.labels(model, endpoint, str(status)).inc()

@@ -190,74 +190,70 @@ async def test_cache_stats_shapes():
 # --- report -------------------------------------------------------------------------------------
 
 
+PREFIX_ROW = {
+    "step": 1,
+    "description": "First request (prompt A)",
+    "expected": "MISS",
+    "actual": None,
+    "tokens_reused": None,
+    "prompt_tokens": 200,
+    "cached_tokens": 0,
+    "usage_label": "MISS",
+    "error": None,
+    "status": "ok (usage)",
+}
+PAGED_MEMORY = {
+    "paged": True,
+    "block_size": 32,
+    "peak_blocks_used": 2,
+    "peak_pool_bytes": 2**20,
+    "peak_engine_kv_bytes": 3 * 2**20,
+    "unshared_kv_bytes": 4 * 2**20,
+    "floor_kv_bytes": 2**19,
+    "saving": 0.75,
+    "saving_engine": 0.25,
+    "best_saving": 0.875,
+}
+MACHINE = {
+    "date": "d",
+    "platform": "p",
+    "cpus": 2,
+    "memory_gb": 24,
+    "python": "3.11",
+    "packages": {"httpx": "0.28"},
+    "command": "cmd",
+}
+
+
 def sample_doc() -> dict:
     level = summarize([ok_result(0.1, [0.1, 0.2, 0.3], 3)], 0.5)
     bad = summarize([RequestResult(error="HTTP 503: queue full")], 0.1)
-    prefix_rows = [
-        {
-            "step": 1,
-            "description": "First request (prompt A)",
-            "expected": "MISS",
-            "actual": None,
-            "tokens_reused": None,
-            "prompt_tokens": 200,
-            "cached_tokens": 0,
-            "usage_label": "MISS",
-            "error": None,
-            "status": "ok (usage)",
-        }
-    ]
     scen = {
         "batching": {"single": level, "concurrent": bad, "batch": 5, "speedup": None},
         "streaming": {"skipped": "time budget spent"},
-        "prefix": {"stats_endpoint": False, "rows": prefix_rows},
+        "prefix": {"stats_endpoint": False, "rows": [dict(PREFIX_ROW)]},
         "paged": {
             **level,
             "users": 1,
             "prompt_tokens_per_user": 10,
             "cached_tokens_total": 0,
-            "memory": {
-                "paged": True,
-                "block_size": 32,
-                "peak_blocks_used": 2,
-                "peak_pool_bytes": 2**20,
-                "peak_engine_kv_bytes": 3 * 2**20,
-                "unshared_kv_bytes": 4 * 2**20,
-                "floor_kv_bytes": 2**19,
-                "saving": 0.75,
-                "saving_engine": 0.25,
-                "best_saving": 0.875,
-            },
+            "memory": dict(PAGED_MEMORY),
         },
         "sweep": {"levels": [{"concurrency": 1, **level}, {"concurrency": 2, **bad}], "skipped_levels": [4]},
     }
+    settings = {
+        "scenarios": list(scen),
+        "max_tokens": 8,
+        "prompt_set": "seed",
+        "concurrency": [1, 2, 4],
+        "timeout_s": 60,
+        "max_duration_s": 600,
+    }
+    model = {"name": "m", "request_name": "m", "warm_up": {"ok": True, "ignore_eos": True}, "scenarios": scen}
     return {
-        "machine": {
-            "date": "d",
-            "platform": "p",
-            "cpus": 2,
-            "memory_gb": 24,
-            "python": "3.11",
-            "packages": {"httpx": "0.28"},
-            "command": "cmd",
-        },
-        "settings": {
-            "scenarios": list(scen),
-            "max_tokens": 8,
-            "prompt_set": "seed",
-            "concurrency": [1, 2, 4],
-            "timeout_s": 60,
-            "max_duration_s": 600,
-        },
-        "targets": [
-            {
-                "label": "ours",
-                "base_url": "http://h",
-                "models": [
-                    {"name": "m", "request_name": "m", "warm_up": {"ok": True, "ignore_eos": True}, "scenarios": scen}
-                ],
-            }
-        ],
+        "machine": dict(MACHINE),
+        "settings": settings,
+        "targets": [{"label": "ours", "base_url": "http://h", "models": [model]}],
     }
 
 

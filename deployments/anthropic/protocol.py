@@ -25,7 +25,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from engine.request import PromptInput
 
 from ..http.errors import ApiError
-from ..http.validation import Strict, parse_body, request_error
+from ..http.validation import Strict, parse_body, request_error, typed_items
 from ..openai.protocol import ChatCompletionRequest, bad_request
 
 BLOCK_TYPES = ("text", "tool_use", "tool_result", "thinking", "redacted_thinking")
@@ -110,18 +110,7 @@ def _text_blocks(v: Any, allowed: tuple[str, ...] = ("text",)) -> Any:
     """A string is one text block; every block needs a type we implement (see UNSUPPORTED_BLOCKS)."""
     if isinstance(v, str):
         return [{"type": "text", "text": v}]
-    if isinstance(v, list):
-        for i, block in enumerate(v):
-            kind = block.get("type") if isinstance(block, dict) else None
-            if not isinstance(kind, str):
-                raise ValueError(f'block {i} must be an object with a "type"')
-            if kind in UNSUPPORTED_BLOCKS:
-                raise ValueError(f"block {i}: {kind!r} content blocks are not supported by this server")
-            if kind not in allowed:
-                raise ValueError(
-                    f"block {i}: unknown content block type {kind!r} (expected one of {', '.join(allowed)})"
-                )
-    return v
+    return typed_items(v, allowed, UNSUPPORTED_BLOCKS, "block", "content block")
 
 
 class ToolResultBlock(Strict):

@@ -76,3 +76,33 @@ def parse_body(body: bytes, model_cls: type[BaseModel], error: Callable[[Validat
         return model_cls.model_validate_json(body)
     except ValidationError as exc:
         raise error(exc) from None
+
+
+def typed_items(
+    v: Any,
+    allowed: tuple[str, ...],
+    unsupported: set[str],
+    label: str,
+    noun: str | None = None,
+    default: str | None = None,
+) -> Any:
+    """A list whose every element needs a `type` we implement (a content block, an input part):
+    one the API has and we do not run is refused by name, any other unknown one with what we
+    take. `label` names an element in the error ("block 2"), `noun` its kind ("content block");
+    `default` is the type of an element that has none. Anything but a list is left to the model."""
+    if not isinstance(v, list):
+        return v
+    noun = noun or label
+    out = []
+    for i, item in enumerate(v):
+        if isinstance(item, dict) and "type" not in item and default is not None:
+            item = {**item, "type": default}
+        kind = item.get("type") if isinstance(item, dict) else None
+        if not isinstance(kind, str):
+            raise ValueError(f'{label} {i} must be an object with a "type"')
+        if kind in unsupported:
+            raise ValueError(f"{label} {i}: {kind!r} {noun}s are not supported by this server")
+        if kind not in allowed:
+            raise ValueError(f"{label} {i}: unknown {noun} type {kind!r} (expected one of {', '.join(allowed)})")
+        out.append(item)
+    return out

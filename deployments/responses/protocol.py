@@ -16,7 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from ..http.errors import ApiError
-from ..http.validation import Strict, parse_body, request_error
+from ..http.validation import Strict, parse_body, request_error, typed_items
 
 ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
 PART_TYPES = ("input_text", "output_text", "refusal")
@@ -71,26 +71,6 @@ UNSUPPORTED_FIELDS = {
 }
 
 
-def _typed(v: Any, allowed: tuple[str, ...], unsupported: set[str], what: str, default: str | None = None) -> Any:
-    """Each element of a list needs a `type` we implement; one the API has and we do not run is
-    refused by name. `default`: the type of an element without one (an easy input message)."""
-    if not isinstance(v, list):
-        return v
-    out = []
-    for i, item in enumerate(v):
-        if isinstance(item, dict) and "type" not in item and default is not None:
-            item = {**item, "type": default}
-        kind = item.get("type") if isinstance(item, dict) else None
-        if not isinstance(kind, str):
-            raise ValueError(f'{what} {i} must be an object with a "type"')
-        if kind in unsupported:
-            raise ValueError(f"{what} {i}: {kind!r} {what}s are not supported by this server")
-        if kind not in allowed:
-            raise ValueError(f"{what} {i}: unknown {what} type {kind!r} (expected one of {', '.join(allowed)})")
-        out.append(item)
-    return out
-
-
 class TextPart(Strict):
     type: Literal["input_text", "output_text"]
     text: str
@@ -121,7 +101,7 @@ class MessageItem(Strict):
     @field_validator("content", mode="before")
     @classmethod
     def _parts(cls, v):
-        return _typed(v, PART_TYPES, UNSUPPORTED_PARTS, "content part")
+        return typed_items(v, PART_TYPES, UNSUPPORTED_PARTS, "content part")
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(part_text(p) for p in self.content)
@@ -146,7 +126,7 @@ class FunctionCallOutputItem(Strict):
     @field_validator("output", mode="before")
     @classmethod
     def _parts(cls, v):
-        return _typed(v, ("input_text",), UNSUPPORTED_PARTS, "output part")
+        return typed_items(v, ("input_text",), UNSUPPORTED_PARTS, "output part")
 
     def text(self) -> str:
         return self.output if isinstance(self.output, str) else "".join(p.text for p in self.output)
@@ -284,7 +264,7 @@ class ResponsesRequest(Strict):
     def _items(cls, v):
         if isinstance(v, str):
             return [{"type": "message", "role": "user", "content": v}]
-        return _typed(v, ITEM_TYPES, UNSUPPORTED_ITEMS, "item", default="message")
+        return typed_items(v, ITEM_TYPES, UNSUPPORTED_ITEMS, "item", default="message")
 
     @field_validator("tools", mode="before")
     @classmethod

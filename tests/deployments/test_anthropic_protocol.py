@@ -71,38 +71,38 @@ def test_system_blocks_cache_control_and_stream_options():
     assert out["stream"] is True and out["stream_options"] == {"include_usage": True}
 
 
-def test_tool_use_and_tool_result_become_tool_calls_and_tool_messages():
-    tools = [
-        {
-            "name": "get_weather",
-            "description": "Weather of a city",
-            "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-        },
-        {"name": "now", "input_schema": {"type": "object"}},
-    ]
-    req = request(
-        tools=tools,
-        messages=[
-            {"role": "user", "content": "Weather in Paris and the time?"},
-            {
-                "role": "assistant",
-                "content": [
-                    {"type": "text", "text": "Checking."},
-                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}},
-                    {"type": "tool_use", "id": "toolu_2", "name": "now", "input": {}},
-                ],
-            },
-            {
-                "role": "user",
-                "content": [
-                    {"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "18 C"}]},
-                    {"type": "tool_result", "tool_use_id": "toolu_2", "content": "clock broken", "is_error": True},
-                    {"type": "text", "text": "Thanks"},
-                ],
-            },
+TOOLS = [
+    {
+        "name": "get_weather",
+        "description": "Weather of a city",
+        "input_schema": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+    {"name": "now", "input_schema": {"type": "object"}},
+]
+TOOL_ROUND = [
+    {"role": "user", "content": "Weather in Paris and the time?"},
+    {
+        "role": "assistant",
+        "content": [
+            {"type": "text", "text": "Checking."},
+            {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}},
+            {"type": "tool_use", "id": "toolu_2", "name": "now", "input": {}},
         ],
-    )
-    out = to_openai(req)
+    },
+    {
+        "role": "user",
+        "content": [
+            {"type": "tool_result", "tool_use_id": "toolu_1", "content": [{"type": "text", "text": "18 C"}]},
+            {"type": "tool_result", "tool_use_id": "toolu_2", "content": "clock broken", "is_error": True},
+            {"type": "text", "text": "Thanks"},
+        ],
+    },
+]
+
+
+def test_tool_use_and_tool_result_become_tool_calls_and_tool_messages():
+    tools = TOOLS
+    out = to_openai(request(tools=tools, messages=TOOL_ROUND))
     assert out["tools"] == [
         {
             "type": "function",
