@@ -287,8 +287,13 @@ class PagedCacheManager:
         return self.index.chain(token_ids)
 
     def resident(self, hashes: list[bytes]) -> int:
-        """Leading blocks of a chain the index holds now (the loop thread only)."""
-        return self.index.resident(hashes)
+        """Leading blocks of a chain the index holds now (the loop thread only); for a recurrent
+        model, only up to the last of them a state snapshot is on (the rest cannot be resumed)."""
+        n = self.index.resident(hashes)
+        if self.snapshots is not None:
+            while n and self.index.full[hashes[n - 1]] not in self.snapshots.on_block:
+                n -= 1
+        return n
 
     def stats(self) -> dict:
         """Read-only (other threads may call it while the engine steps)."""
@@ -423,21 +428,21 @@ class PagedCacheManager:
 
     def _sync(self) -> None:
         """Index the prompt blocks running requests have finished writing, so that requests with
-        the same prefix can share them now."""
+        the same prefix can share them now, and store their state snapshots on indexed blocks."""
         bs = self.pool.block_size
         for seq in self.live.values():
             hashes = seq.prompt_hashes
-            if seq.registered >= len(hashes):
-                continue
-            upto = min(seq.length // bs, len(hashes), len(seq.table))
-            for k in range(seq.registered, upto):
-                if self.index.pending.get(hashes[k]) is seq:
-                    del self.index.pending[hashes[k]]
-                tokens = tuple(seq.tokens[k * bs : (k + 1) * bs])
-                self.index.insert(self.index.parent_of(hashes, k), tokens, seq.table[k], hashes[k])
-            seq.registered = max(seq.registered, upto)
-            if seq.snapshots:
-                self._attach(seq, seq.tokens[: upto * bs], hashes[:upto])
+            if seq.registered < len(hashes):
+                upto = min(seq.length // bs, len(hashes), len(seq.table))
+                for k in range(seq.registered, upto):
+                    if self.index.pending.get(hashes[k]) is seq:
+                        del self.index.pending[hashes[k]]
+                    tokens = tuple(seq.tokens[k * bs : (k + 1) * bs])
+                    self.index.insert(self.index.parent_of(hashes, k), tokens, seq.table[k], hashes[k])
+                seq.registered = max(seq.registered, upto)
+            if seq.snapshots:  # those on blocks indexed by now (by it or before it) are stored
+                done = seq.registered
+                self._attach(seq, seq.tokens[: done * bs], hashes[:done])
 
     def _live(self, blocks: SeqBlocks | None) -> SeqBlocks | None:
         return blocks if blocks is not None and id(blocks) in self.live else None

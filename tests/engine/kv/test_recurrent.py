@@ -124,3 +124,19 @@ def test_a_prompt_that_parts_from_a_cached_one_leaves_a_snapshot_where_they_part
     third, cached = manager.acquire(system + [60, 61], 4)
     assert cached == 30 and mx.all(third.state[0] == 2.0).item()
     manager.release(third)
+
+
+def test_a_replica_reports_only_the_blocks_it_can_resume_from():
+    """Prefix-affinity routing reads `resident`: for a recurrent model, cached K/V past the last
+    state snapshot cannot be resumed, so it does not count."""
+    manager = hybrid()
+    tokens = list(range(1, 50))  # 3 full blocks and a partial one
+    finish(manager, tokens, 1.0)  # one snapshot: at its end, in the partial block
+    hashes = manager.block_hashes(tokens)
+    assert manager.index.resident(hashes) == 3 and manager.resident(hashes) == 0
+    seq, cached = manager.acquire(tokens[:32] + [7, 7], 4)
+    seq.written = [32] * len(seq.written)
+    seq.state, seq.state_len = [mx.full(STATE, 2.0)], 32
+    seq.snapshots = [(32, list(seq.state))]
+    manager.release(seq)  # its snapshot at 32 (a full block's end) is stored as it goes
+    assert manager.resident(hashes) == 2
