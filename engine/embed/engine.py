@@ -16,7 +16,8 @@ closing special token too for text). Inputs are encoded in batches of at most `m
 rows, sorted by length so that rows of a batch pad little; a row attends only to its own
 tokens, so its vector does not depend on the batch.
 
-One call at a time runs the model (a lock); `embed` may be called from any thread.
+One call at a time runs the model (a lock); `embed` may be called from any thread. On the CPU
+fast path OpenBLAS's threads follow what else runs, as in the chat engine (engine.cpu_threads).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 
+from ..cpu_threads import BlasThreads
 from ..errors import InvalidRequestError, ModelLoadError, UnsupportedModelError
 from ..loading import cpu_fast_path
 from ..loading.embedding_source import embedding_model_dir
@@ -61,17 +63,25 @@ class EmbeddingModelInfo:
 
 
 class EmbeddingEngine:
-    def __init__(self, model: Bert, tokenizer, info: EmbeddingModelInfo, max_batch_size: int = 32):
+    def __init__(
+        self,
+        model: Bert,
+        tokenizer,
+        info: EmbeddingModelInfo,
+        max_batch_size: int = 32,
+        adaptive_cpu_threads: bool = True,
+    ):
         if max_batch_size < 1:
             raise ValueError("max_batch_size must be at least 1")
         self.model = model
         self.info = info
         self.max_batch_size = max_batch_size
-        self._tokenizer = tokenizer
+        self.tokenizer = tokenizer
         self._truncating = _truncating_copy(tokenizer, info.context_length)
         self._pad_id = _pad_id(tokenizer)
         self._vocab_size = model.args.vocab_size
         self._lock = threading.Lock()
+        self._blas = BlasThreads.for_this_process() if adaptive_cpu_threads else None
         self.weights_bytes = sum(p.nbytes for _, p in _flat(model.parameters()))
         self.footprint: Footprint | None = None
 
@@ -109,7 +119,7 @@ class EmbeddingEngine:
         return Embeddings(np.ascontiguousarray(vectors), sum(len(r) for r in rows), truncated)
 
     def count_tokens(self, text: str) -> int:
-        return len(self._tokenizer.encode(text).ids)
+        return len(self.tokenizer.encode(text).ids)
 
     # -- inputs ------------------------------------------------------------------------------
 
@@ -126,7 +136,7 @@ class EmbeddingEngine:
         if not isinstance(inputs, list) or not inputs:
             raise InvalidRequestError("input must be a non-empty list of strings or of token-id lists", param="input")
         if all(isinstance(x, str) for x in inputs):
-            rows = [e.ids for e in self._tokenizer.encode_batch(inputs)]
+            rows = [e.ids for e in self.tokenizer.encode_batch(inputs)]
         elif all(isinstance(x, list) for x in inputs):
             rows = [self._check_ids(i, ids) for i, ids in enumerate(inputs)]
         else:
@@ -161,6 +171,8 @@ class EmbeddingEngine:
         out = np.empty((len(rows), self.info.dimension), dtype=np.float32)
         order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
         for start in range(0, len(order), self.max_batch_size):
+            if self._blas is not None:
+                self._blas.tick()  # between batches: no GEMM in flight
             batch = order[start : start + self.max_batch_size]
             out[batch] = self._encode_batch([rows[i] for i in batch])
         return out
@@ -215,6 +227,7 @@ class EmbeddingEngine:
             "pooling": info.pooling,
             "normalize": info.normalize,
             "max_batch_size": self.max_batch_size,
+            "cpu_threads": self._blas.threads if self._blas is not None else None,
             "footprint": self.footprint.to_dict() if self.footprint else None,
         }
 
