@@ -31,6 +31,7 @@ from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
+from mlx.utils import tree_flatten
 
 from ..cpu_threads import BlasThreads
 from ..errors import InvalidRequestError, ModelLoadError, UnsupportedModelError
@@ -46,7 +47,7 @@ WARMUP_TOKENS = 16  # per row of the warm-up batch that measures working memory
 
 
 @dataclass(frozen=True)
-class Embeddings:
+class EmbeddingResult:
     vectors: np.ndarray  # float32 [inputs, dimensions], in input order
     prompt_tokens: int  # tokens read, special tokens included, after any truncation
     truncated: int = 0  # inputs that were cut to the context
@@ -82,13 +83,13 @@ class EmbeddingEngine:
         self._vocab_size = model.args.vocab_size
         self._lock = threading.Lock()
         self._blas = BlasThreads.for_this_process() if adaptive_cpu_threads else None
-        self.weights_bytes = sum(p.nbytes for _, p in _flat(model.parameters()))
+        self.weights_bytes = sum(p.nbytes for _, p in tree_flatten(model.parameters()))
         self.footprint: Footprint | None = None
 
     @classmethod
     def from_source(
         cls, source: str, *, cache_dir: str | Path | None = None, max_batch_size: int = 32, measure: bool = True
-    ):
+    ) -> EmbeddingEngine:
         from ..loading.loader import default_cache_dir
 
         start = time.perf_counter()
@@ -105,9 +106,11 @@ class EmbeddingEngine:
 
     def embed(
         self, inputs: list[str] | list[list[int]], *, truncate: bool = False, dimensions: int | None = None
-    ) -> Embeddings:
-        """One vector per input, in order. Raises InvalidRequestError (param `input` or
-        `dimensions`) before any work for an empty, ill-typed or too long input."""
+    ) -> EmbeddingResult:
+        """One vector per input, in order. `dimensions` keeps the first components (renormalized
+        when the model normalizes): meaningful for Matryoshka-trained models, a plain cut
+        otherwise. Raises InvalidRequestError (param `input` or `dimensions`) before any work for
+        an empty, ill-typed or too long input."""
         self._check_dimensions(dimensions)
         rows, truncated = self._tokenize(inputs, truncate)
         with self._lock:
@@ -116,10 +119,7 @@ class EmbeddingEngine:
             vectors = vectors[:, :dimensions]
             if self.info.normalize:
                 vectors = _l2_normalize(vectors)
-        return Embeddings(np.ascontiguousarray(vectors), sum(len(r) for r in rows), truncated)
-
-    def count_tokens(self, text: str) -> int:
-        return len(self.tokenizer.encode(text).ids)
+        return EmbeddingResult(np.ascontiguousarray(vectors), sum(len(r) for r in rows), truncated)
 
     # -- inputs ------------------------------------------------------------------------------
 
@@ -319,12 +319,6 @@ def _read_json(path: Path) -> dict | list:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ModelLoadError(f"{path}: not valid JSON: {exc}") from exc
-
-
-def _flat(params) -> list:
-    from mlx.utils import tree_flatten
-
-    return tree_flatten(params)
 
 
 def _l2_normalize(vectors: np.ndarray) -> np.ndarray:
