@@ -37,7 +37,7 @@ from ..cpu_threads import BlasThreads
 from ..errors import InvalidRequestError, ModelLoadError, UnsupportedModelError
 from ..loading import cpu_fast_path
 from ..loading.embedding_source import embedding_model_dir
-from ..memory import Footprint
+from ..memory import Footprint, safetensors_params
 from .bert import ACTIVATIONS, Bert, BertArgs
 
 log = logging.getLogger(__name__)
@@ -232,6 +232,26 @@ class EmbeddingEngine:
         }
 
 
+def estimate_footprint(source: str, *, cache_dir: str | Path | None = None, max_batch_size: int = 32) -> Footprint:
+    """The footprint before the model was ever loaded, from its files alone (the bundled zip is
+    unzipped first): float32 weights on a CPU-only MLX (else as stored), and a full batch at the
+    full context: per token, the FFN's activations (4 x intermediate) and the layer's hidden-size
+    tensors (8 x hidden), float32; plus one layer's attention scores."""
+    from ..loading.loader import default_cache_dir
+
+    path = embedding_model_dir(source, Path(cache_dir) if cache_dir else default_cache_dir())
+    files = sorted(path.glob("*.safetensors"))
+    if cpu_fast_path.wants_fast_path():
+        weights = 4 * sum(safetensors_params(f, None) for f in files)
+    else:
+        weights = sum(f.stat().st_size for f in files)
+    args = BertArgs.from_config(_read_json(path / "config.json"))
+    context = _context_length(path, args)
+    per_token = (4 * args.intermediate_size + 8 * args.hidden_size) * 4
+    scores = max_batch_size * args.num_attention_heads * context**2 * 4
+    return Footprint(weights, 0, max_batch_size * context * per_token + scores)
+
+
 def load_embedding_model(path: Path) -> tuple[Bert, object, EmbeddingModelInfo]:
     """The encoder (float32 on a CPU-only MLX), its tokenizer and how it pools, from a directory."""
     from tokenizers import Tokenizer
@@ -262,16 +282,21 @@ def load_embedding_model(path: Path) -> tuple[Bert, object, EmbeddingModelInfo]:
     tokenizer.no_truncation()
     tokenizer.no_padding()
     pooling, normalize = _pooling(path, args.hidden_size)
-    context = _read_json(path / "sentence_bert_config.json").get("max_seq_length") or args.max_position_embeddings
     info = EmbeddingModelInfo(
         path=path,
         model_type=model_type,
         dimension=args.hidden_size,
-        context_length=min(int(context), args.max_position_embeddings),
+        context_length=_context_length(path, args),
         pooling=pooling,
         normalize=normalize,
     )
     return model, tokenizer, info
+
+
+def _context_length(path: Path, args: BertArgs) -> int:
+    """What the model was trained with (sentence_bert_config.json), within its position table."""
+    trained = _read_json(path / "sentence_bert_config.json").get("max_seq_length")
+    return min(int(trained or args.max_position_embeddings), args.max_position_embeddings)
 
 
 def _pooling(path: Path, hidden: int) -> tuple[str, bool]:

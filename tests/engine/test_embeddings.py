@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
 
-from engine.embed.engine import EmbeddingEngine
+from engine.embed.engine import EmbeddingEngine, estimate_footprint
 from engine.errors import InvalidRequestError
 
 REFERENCE = json.loads((Path(__file__).parents[1] / "fixtures" / "embedding_reference.json").read_text())
@@ -118,3 +118,10 @@ def test_the_footprint_is_measured_after_load(engine):
     assert footprint.measured and footprint.kv == 0
     assert 85e6 < footprint.weights < 95e6  # 22.7M float32 parameters, the pooler left out
     assert footprint.working > 0 and engine.stats()["footprint"]["total"] == footprint.total
+
+
+def test_the_estimate_before_load_is_near_the_measured_footprint(engine):
+    estimate, measured = estimate_footprint("all-minilm-l6-v2"), engine.footprint
+    assert not estimate.measured
+    assert abs(estimate.weights - measured.weights) / measured.weights < 0.05  # the unused pooler: 0.6%
+    assert 0.5 < estimate.working / measured.working < 2
