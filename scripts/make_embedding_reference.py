@@ -40,6 +40,10 @@ SENTENCES = [
     "Paris is the capital of France, and it is famous for the Eiffel Tower, its museums and its cafés.",
 ]
 
+# Past the model's 256-token context (max_seq_length): sentence-transformers keeps its first 254
+# wordpieces between [CLS] and [SEP]; the engine does the same when asked to truncate.
+LONG = " ".join(["the quick brown fox jumps over the lazy dog"] * 40)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -54,6 +58,8 @@ def main() -> None:
         model = SentenceTransformer(tmp, device="cpu")
         vectors = model.encode(SENTENCES, batch_size=1, convert_to_numpy=True)
         tokens = [len(model.tokenizer(s)["input_ids"]) for s in SENTENCES]
+        long_vector = model.encode([LONG], convert_to_numpy=True)[0]
+        long_tokens = len(model.tokenize([LONG])["input_ids"][0])
     reference = {
         "model": "all-minilm-l6-v2 (sentence-transformers/all-MiniLM-L6-v2)",
         "model_zip_sha256": digest,
@@ -68,6 +74,12 @@ def main() -> None:
             {"text": s, "tokens": n, "vector": [round(float(x), 6) for x in v]}
             for s, n, v in zip(SENTENCES, tokens, vectors, strict=True)
         ],
+        "truncated": {
+            "text": LONG,
+            "max_seq_length": model.max_seq_length,
+            "tokens": long_tokens,
+            "vector": [round(float(x), 6) for x in long_vector],
+        },
     }
     with open(args.out, "w") as f:
         json.dump(reference, f, ensure_ascii=False)

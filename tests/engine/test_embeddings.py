@@ -17,7 +17,7 @@ from engine.errors import InvalidRequestError
 
 REFERENCE = json.loads((Path(__file__).parents[1] / "fixtures" / "embedding_reference.json").read_text())
 TEXTS = [item["text"] for item in REFERENCE["inputs"]]
-LONG = " ".join(["the quick brown fox jumps over the lazy dog"] * 40)  # ~360 tokens, past the 256 context
+LONG = REFERENCE["truncated"]["text"]  # 362 tokens, past the 256 of the context
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +78,8 @@ def test_too_long_input_is_refused_unless_truncation_is_asked(engine):
             err.value.param == "input" and err.value.code == "context_length_exceeded" and "input[1]" in str(err.value)
         )
     cut = engine.embed([LONG], truncate=True)
-    assert (cut.prompt_tokens, cut.truncated) == (256, 1)
+    assert (cut.prompt_tokens, cut.truncated) == (REFERENCE["truncated"]["tokens"], 1)
+    assert cosine(cut.vectors[0], np.array(REFERENCE["truncated"]["vector"])) >= 0.999  # sentence-transformers' cut
     kept = [*ids[:255], ids[-1]]  # the first tokens, then [SEP]: sentence-transformers' truncation
     assert np.allclose(cut.vectors, engine.embed([kept]).vectors, atol=1e-6)
     assert np.allclose(engine.embed([ids], truncate=True).vectors, engine.embed([ids[:256]]).vectors, atol=1e-6)
