@@ -4,6 +4,10 @@ last hidden states of a padded batch, each row attending only to its own real to
 Weights load from the `BertModel` names (`embeddings.word_embeddings.weight`,
 `encoder.layer.N.attention.self.query.weight`, ...; a `bert.` prefix is stripped); the pooler and
 `position_ids` buffer are not used.
+
+Our own rather than mlx-embeddings': mlx-embeddings 0.1.0 requires mlx-vlm (which pulls datasets,
+mlx-audio, opencv-python, fastapi...) and transformers[sentencepiece] for every model it serves,
+and a BERT is this file.
 """
 
 from __future__ import annotations
