@@ -53,6 +53,26 @@ def _attention(heads: int, kv_heads: int, head_dim: int | None = None) -> dict:
     )
 
 
+# Qwen3.5's text layout, dense and MoE alike: 3 gated delta-net layers to 1 full attention layer.
+_QWEN3_5_HYBRID = {
+    "layer_types": ["linear_attention"] * 3 + ["full_attention"],
+    "full_attention_interval": 4,
+    "linear_conv_kernel_dim": 4,
+    "linear_key_head_dim": 16,
+    "linear_num_key_heads": 2,
+    "linear_num_value_heads": 4,
+    "linear_value_head_dim": 16,
+    "rms_norm_eps": 1e-6,
+    "rope_parameters": {
+        "mrope_interleaved": True,
+        "mrope_section": [2, 1, 1],
+        "rope_type": "default",
+        "rope_theta": 10000000,
+        "partial_rotary_factor": 0.25,
+    },
+    "tie_word_embeddings": False,
+}
+
 FAMILIES: dict[str, Family] = {
     "llama": Family(
         "meta-llama/Llama-3.2-1B",
@@ -319,22 +339,7 @@ FAMILIES: dict[str, Family] = {
                 "num_hidden_layers": 4,
                 "intermediate_size": 128,
                 **_attention(4, 2, 32),
-                "layer_types": ["linear_attention"] * 3 + ["full_attention"],
-                "full_attention_interval": 4,
-                "linear_conv_kernel_dim": 4,
-                "linear_key_head_dim": 16,
-                "linear_num_key_heads": 2,
-                "linear_num_value_heads": 4,
-                "linear_value_head_dim": 16,
-                "rms_norm_eps": 1e-6,
-                "rope_parameters": {
-                    "mrope_interleaved": True,
-                    "mrope_section": [2, 1, 1],
-                    "rope_type": "default",
-                    "rope_theta": 10000000,
-                    "partial_rotary_factor": 0.25,
-                },
-                "tie_word_embeddings": False,
+                **_QWEN3_5_HYBRID,
             },
             "tie_word_embeddings": False,
         },
@@ -348,26 +353,11 @@ FAMILIES: dict[str, Family] = {
                 "model_type": "qwen3_5_moe_text",
                 "num_hidden_layers": 4,
                 **_attention(4, 1, 32),
-                "layer_types": ["linear_attention"] * 3 + ["full_attention"],
-                "full_attention_interval": 4,
-                "linear_conv_kernel_dim": 4,
-                "linear_key_head_dim": 16,
-                "linear_num_key_heads": 2,
-                "linear_num_value_heads": 4,
-                "linear_value_head_dim": 16,
+                **_QWEN3_5_HYBRID,
                 "num_experts": 8,
                 "num_experts_per_tok": 2,
                 "moe_intermediate_size": 32,
                 "shared_expert_intermediate_size": 32,
-                "rms_norm_eps": 1e-6,
-                "rope_parameters": {
-                    "mrope_interleaved": True,
-                    "mrope_section": [2, 1, 1],
-                    "rope_type": "default",
-                    "rope_theta": 10000000,
-                    "partial_rotary_factor": 0.25,
-                },
-                "tie_word_embeddings": False,
             },
             "tie_word_embeddings": False,
         },
