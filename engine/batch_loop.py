@@ -128,8 +128,7 @@ class BatchLoop:
     ):
         self.model = model
         self.pipelined = mx.default_device() != mx.cpu if pipelined is None else pipelined
-        grouped = kv.layout.grouped_mask if hasattr(kv, "layout") else False
-        self.compiled = CompiledDecode(model, column_write, grouped) if compiled else None
+        self.compiled = CompiledDecode(model, column_write, kv.grouped_mask) if compiled else None
         self.eager_unpadded = eager_unpadded(unpadded)
         self.grammars = grammars
         self.kv = kv

@@ -86,6 +86,7 @@ class BatchKV(Protocol):
 
     geometry: Geometry | None  # where the decode batch's tokens sit in its working copies
     recurrent: bool  # rows carry recurrent state (engine.kv.recurrent): prompt chunks are never padded
+    grouped_mask: bool  # masks get a group axis for attention that groups queries in 5-D (engine.kv.layout)
 
     def caches(self, rows: list[SeqBlocks], chunk: list[int] | None = None) -> BatchCaches:
         """The model's cache list for a batch of rows, one per cache slot (engine.kv.layout);

@@ -261,6 +261,10 @@ class PagedContext:
     def recurrent(self) -> bool:
         return self.layout.recurrent
 
+    @property
+    def grouped_mask(self) -> bool:
+        return self.layout.grouped_mask
+
     def caches(self, rows: list[SeqBlocks], chunk: list[int] | None = None) -> BatchCaches:
         """The model's cache list for a batch of rows, slot by slot (engine.kv.layout); `chunk`:
         a prompt chunk with `chunk[i]` real tokens in row i follows (right-padded; a recurrent
