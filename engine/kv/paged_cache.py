@@ -34,6 +34,10 @@ the part of the budget the pool does not use or need; otherwise every step gathe
 prefix stays one copy in memory at the price of the gather. Prefill chunks always gather (the
 copy is small next to the chunk's compute).
 
+A model's cache list follows its slots (engine.kv.layout): a K/V slot gets a `BatchPagedKVCache`,
+a recurrent one a `BatchStateCache` over the rows' states (engine.kv.recurrent), a `CacheList`
+its children; `flush` also hands each row its slice of the batch's state back.
+
 Block lifetime is not tied to these objects (the loop makes new ones whenever its batch changes):
 the cache manager (`engine.kv.manager.PagedCacheManager`) owns each SeqBlocks from
 `acquire` to `store`/`release`.
