@@ -128,6 +128,7 @@ class PagedCacheManager:
         self.snapshots: SnapshotStore | None = None
         self.state_blocks = 0  # what one running sequence's recurrent state takes, in blocks
         self.interval = 0
+        self.min_gap = 0  # tokens (see below)
         pool_bytes = self.budget_bytes
         if self.layout.recurrent:
             share = int(self.budget_bytes * config.state_cache_share)
@@ -135,6 +136,11 @@ class PagedCacheManager:
             pool_bytes -= share
             self.state_blocks = -(-self.layout.state_bytes // unit)
             self.interval = -(-config.state_interval // bs) * bs
+            # A snapshot this close after another one of the same sequence costs more memory than
+            # recomputing the tokens between them saves: one-eighth of the tokens whose K/V would
+            # take the snapshot's bytes (models with K/V; a state-space model has only its states).
+            kv_token_bytes = sum(layer_block_bytes(layers, dtype, bs)) // bs
+            self.min_gap = self.layout.state_bytes // kv_token_bytes // 8 if kv_token_bytes else 0
         capacity = max(1, pool_bytes // unit - BlockPool.RESERVED) if self.memory_aware else None
         self.pool = BlockPool(
             layers, dtype, bs, capacity, cache_share=1 - WORKING_COPY_SHARE, on_evict=self._forget_evicted
@@ -185,6 +191,7 @@ class PagedCacheManager:
         seq = SeqBlocks(table, cached, self.ctx.seq_layers, worst, tokens, match.hashes, len(match.blocks))
         if resume is not None:
             seq.state = self.snapshots.take(*resume)
+            seq.last_state = cached
         if self.snapshots is not None:  # cached K/V went further than any state: snapshot there
             seq.match_end = min(match.tokens(self.pool.block_size), len(tokens) - 1)
         for h in match.hashes[len(match.blocks) :]:  # the blocks this request will compute
@@ -233,7 +240,7 @@ class PagedCacheManager:
             k = n // bs
             self.index.insert(self.index.parent_of(hashes, k), tuple(token_ids[k * bs : n]), seq.table[k])
         if self.snapshots is not None:
-            if seq.state is not None and seq.state_len == n and n > 0:
+            if seq.state is not None and seq.state_len == n > 0:  # the conversation so far: the next turn's
                 seq.snapshots.append((n, seq.state))
             self._attach(seq, token_ids[:n], hashes)
         self._end(seq)
@@ -405,9 +412,17 @@ class PagedCacheManager:
         if self.snapshots is None or seq.state is None or id(seq) not in self.live:
             return
         end = len(seq.tokens) - 1
-        at_point = n in (end, seq.match_end) or (self.interval and n < end and n % self.interval == 0)
+        at_point = n == seq.match_end or (self.interval and n < end and n % self.interval == 0)
+        at_point = at_point or (n == end and self._pays(seq, n))
         if at_point and n > 0 and all(p != n for p, _ in seq.snapshots):
             seq.snapshots.append((n, list(seq.state)))
+            seq.last_state = n
+
+    def _pays(self, seq: SeqBlocks, n: int) -> bool:
+        """Whether a prompt-end snapshot is worth its bytes: not when the sequence resumed from or
+        took one fewer than `min_gap` tokens before (a repeat then recomputes those few tokens from
+        there: a short question after a shared system prompt keeps no state of its own)."""
+        return seq.last_state == 0 or n - seq.last_state >= self.min_gap
 
     def _attach(self, seq: SeqBlocks, tokens: list[int], hashes: list[bytes]) -> None:
         """Store the row's snapshots on the indexed blocks that hold their last tokens (whoever

@@ -76,6 +76,7 @@ class SeqBlocks:
         "snapshots",
         "good",
         "match_end",
+        "last_state",
     )
 
     def __init__(
@@ -101,6 +102,7 @@ class SeqBlocks:
         self.snapshots: list[tuple[int, list[mx.array]]] = []
         self.good = written  # tokens known written before the current step (a failed step drops the rest)
         self.match_end = 0  # recurrent models: where its prompt's K/V match ended (a snapshot point)
+        self.last_state = 0  # recurrent models: the latest snapshot it resumed from or took (tokens)
 
     @property
     def length(self) -> int:

@@ -140,3 +140,28 @@ def test_a_replica_reports_only_the_blocks_it_can_resume_from():
     seq.snapshots = [(32, list(seq.state))]
     manager.release(seq)  # its snapshot at 32 (a full block's end) is stored as it goes
     assert manager.resident(hashes) == 2
+
+
+def test_a_short_question_after_a_resumed_system_prompt_keeps_no_state_of_its_own():
+    """A prompt-end snapshot a few tokens after the one the sequence resumed from costs more than
+    recomputing those tokens: `min_gap` is an eighth of the tokens whose K/V weigh one state."""
+    big = (1, 64, 16, 16)  # 64 KiB of state; K/V 512 bytes a token: min_gap 16 tokens
+    layout = CacheLayout(
+        [KVSlot(0), StateSlot(0, (big,), (mx.float32,)), KVSlot(1)], LAYERS, mx.float32, [big], [mx.float32]
+    )
+    manager = PagedCacheManager(LAYERS, mx.float32, EngineConfig(cache_memory_mb=1, block_size=16), layout=layout)
+    assert manager.min_gap == 16
+    system = list(range(1, 33))
+    seq, _ = manager.acquire(system + [0], 4)
+    seq.written = [32] * len(seq.written)
+    manager.ctx._make_room(seq, 0, 32)
+    seq.state, seq.state_len = [mx.zeros(big)], 32
+    manager._on_state(seq)  # a fresh prompt's end: kept
+    manager.store(system, seq)
+    seq, cached = manager.acquire(system + [40, 41, 42, 43], 4)
+    assert cached == 32
+    seq.written = [35] * len(seq.written)
+    seq.state, seq.state_len = [mx.zeros(big)], 35
+    manager._on_state(seq)  # 3 tokens past the state it resumed from: not worth 64 KiB
+    assert seq.snapshots == []
+    manager.release(seq)
