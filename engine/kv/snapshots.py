@@ -9,9 +9,12 @@ hash names every token before it and its own tokens are compared on every hit, s
 wrote it, prompt or output.
 
 Where snapshots are taken (engine.kv.manager): at the end of each prompt's prefill (all but its
-last token: a repeated prompt is a HIT), every `state_interval` tokens of a prompt (a shared
-system prompt followed by different questions resumes from the last interval before they differ),
-and when a request ends or is preempted (the conversation so far: the next turn resumes there).
+last token: a repeated prompt is a HIT) unless the sequence resumed from a snapshot only a few
+tokens before (`min_gap`: a state weighs as much as the K/V of many tokens), every
+`state_interval` tokens of a prompt, where a prompt's match with cached K/V ended (a shared system
+prompt followed by different questions: the second question leaves a state where they part, the
+third resumes there), and when a request ends or is preempted (the conversation so far: the next
+turn resumes there).
 
 Memory: a snapshot is as large as a sequence's state (often many K/V blocks' worth), so snapshots
 have their own share of the model's KV budget, least recently used first out. A snapshot goes
