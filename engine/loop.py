@@ -1,9 +1,11 @@
 """The batch loop's interface: what the scheduler drives, whichever loop runs the model.
 
-Two loops implement it: our `BatchLoop` over the paged KV cache (engine.batch_loop), and
+Three loops implement it: our `BatchLoop` over the paged KV cache (engine.batch_loop),
 `MlxLmBatch`, mlx_lm's BatchGenerator for models whose caches the paged cache cannot hold
-(engine.mlx_lm_batch). The cache manager decides which (`Scheduler` asks it): a manager that
-hands out paged K/V (`CacheManager.batch_kv`) gets our loop.
+(engine.mlx_lm_batch), and `SoloLoop`, mlx_lm's generate_step one request at a time for a model
+no batch loop serves (engine.solo_loop). The cache manager decides between the first two
+(`Scheduler` asks it: a manager that hands out paged K/V, `CacheManager.batch_kv`, gets our loop);
+the load-time batch check (engine.batch_check) decides on the third.
 """
 
 from __future__ import annotations

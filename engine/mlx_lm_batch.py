@@ -59,20 +59,17 @@ class MlxLmBatch:
         self.uids: dict[str, int] = {}  # request id -> BatchGenerator's uid
 
     def insert(self, request: Request, tokens: list[int], cached: int, stop_ids: list[int]) -> None:
-        params = request.params
-        sampler, processors = make_sampler(params), make_processors(params)  # per request: may raise
-        constraint = request.constraint
-        grammar = GrammarProcessor(self.grammars, constraint) if constraint is not None else None
-        cap = [CapProcessor(request.cap)] if request.cap is not None else []
+        sampler, processors, grammar = request_processors(request, self.grammars)  # per request: may raise
         (uid,) = self.gen.insert(
             [tokens[cached:]],
             max_tokens=[request.remaining],
             caches=None,
             all_tokens=[tokens[:cached]],  # penalties see the whole prompt
             samplers=[sampler],
-            logits_processors=[processors + ([grammar] if grammar is not None else []) + cap],
+            logits_processors=[processors],
             stop_sequences=[StopSequences([[t] for t in stop_ids])],
         )
+        params = request.params
         self.rows[uid] = _Row(request.request_id, grammar, params.top_logprobs if params.logprobs else None)
         self.uids[request.request_id] = uid
 
@@ -103,16 +100,9 @@ class MlxLmBatch:
 
     def _token(self, row: _Row, r) -> Token:
         row.output.append(r.token)
-        finish = r.finish_reason
-        if row.grammar is not None and finish is None:
-            row.grammar.feed(len(row.output) - 1, r.token)
-            finish = "stop" if row.grammar.constraint.stopped else None
-        t = Token(row.request_id, r.token, finish)
-        if row.top_logprobs is not None:
-            k = row.top_logprobs
-            chosen, top_ids, top_lps = (a.tolist() for a in best_logprobs(r.logprobs[None], mx.array([r.token]), k))
-            t.logprob, t.top = chosen[0], list(zip(top_ids[0], top_lps[0]))
-        return t
+        return output_token(
+            row.request_id, r.token, r.finish_reason, len(row.output), row.grammar, row.top_logprobs, r.logprobs
+        )
 
     @property
     def nbytes(self) -> int:
@@ -120,3 +110,34 @@ class MlxLmBatch:
 
     def close(self) -> None:
         self.gen.close()
+
+
+def request_processors(request: Request, grammars: Grammars | None) -> tuple:
+    """A request as mlx_lm's loops take it: its sampler, its logits processors (penalties, its
+    grammar, its thinking cap) and its grammar's processor (None without one). May raise."""
+    params = request.params
+    sampler, processors = make_sampler(params), make_processors(params)
+    grammar = GrammarProcessor(grammars, request.constraint) if request.constraint is not None else None
+    cap = [CapProcessor(request.cap)] if request.cap is not None else []
+    return sampler, processors + ([grammar] if grammar is not None else []) + cap, grammar
+
+
+def output_token(
+    request_id: str,
+    token: int,
+    finish: str | None,
+    produced: int,
+    grammar: GrammarProcessor | None,
+    top_logprobs: int | None,
+    logprobs: mx.array,
+) -> Token:
+    """The `produced`-th output token of a request from mlx_lm's loops: a grammar that ends it
+    makes it a stop; with logprobs asked, the chosen token's and the best `top_logprobs`."""
+    if grammar is not None and finish is None:
+        grammar.feed(produced - 1, token)
+        finish = "stop" if grammar.constraint.stopped else None
+    t = Token(request_id, token, finish)
+    if top_logprobs is not None:
+        chosen, top_ids, top_lps = (a.tolist() for a in best_logprobs(logprobs[None], mx.array([token]), top_logprobs))
+        t.logprob, t.top = chosen[0], list(zip(top_ids[0], top_lps[0]))
+    return t

@@ -18,13 +18,11 @@ import mlx.core as mx
 from mlx_lm.generate import generate_step
 from mlx_lm.models.cache import make_prompt_cache
 
-from .batch_sampling import best_logprobs
 from .constraints import GrammarProcessor, Grammars
 from .kv.interface import StepWrites
 from .loop import Token
+from .mlx_lm_batch import output_token, request_processors
 from .request import Request
-from .sampling import make_processors, make_sampler
-from .thinking import CapProcessor
 
 
 @dataclass
@@ -56,22 +54,13 @@ class SoloLoop:
         self.current: _Solo | None = None
 
     def insert(self, request: Request, tokens: list[int], cached: int, stop_ids: list[int]) -> None:
+        sampler, processors, grammar = request_processors(request, self.grammars)  # per request: may raise
         params = request.params
-        sampler, processors = make_sampler(params), make_processors(params)  # per request: may raise
-        grammar = GrammarProcessor(self.grammars, request.constraint) if request.constraint is not None else None
-        cap = [CapProcessor(request.cap)] if request.cap is not None else []
-        self.queue.append(
-            _Solo(
-                request.request_id,
-                list(tokens),
-                request.remaining,
-                frozenset(stop_ids),
-                sampler,
-                processors + ([grammar] if grammar is not None else []) + cap,
-                grammar,
-                params.top_logprobs if params.logprobs else None,
-            )
+        top = params.top_logprobs if params.logprobs else None
+        solo = _Solo(
+            request.request_id, list(tokens), request.remaining, frozenset(stop_ids), sampler, processors, grammar, top
         )
+        self.queue.append(solo)
 
     def remove(self, request: Request) -> None:
         if self.current is not None and self.current.request_id == request.request_id:
@@ -106,15 +95,8 @@ class SoloLoop:
         token = int(token)
         solo.produced += 1
         finish = "stop" if token in solo.stops else "length" if solo.produced >= solo.max_tokens else None
-        if solo.grammar is not None and finish is None:
-            solo.grammar.feed(solo.produced - 1, token)
-            finish = "stop" if solo.grammar.constraint.stopped else None
-        out = Token(solo.request_id, token, finish)
-        if solo.top_logprobs is not None:
-            k = solo.top_logprobs
-            chosen, top_ids, top_lps = (a.tolist() for a in best_logprobs(logprobs[None], mx.array([token]), k))
-            out.logprob, out.top = chosen[0], list(zip(top_ids[0], top_lps[0]))
-        if finish is not None:
+        out = output_token(solo.request_id, token, finish, solo.produced, solo.grammar, solo.top_logprobs, logprobs)
+        if out.finish is not None:
             self.current = None
         return [out]
 
