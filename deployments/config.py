@@ -282,6 +282,38 @@ class ResponseStoreConfig(BaseModel):
     )
 
 
+class ImagesConfig(BaseModel):
+    """Images in requests (vision models): the limits every image is checked against in the router,
+    before anything is queued, and the hosts image URLs may be fetched from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_per_request: int = Field(8, ge=1, le=256, description="Images in one request at most.")
+    max_bytes: int = Field(20 * 2**20, ge=1024, description="Bytes of one image file at most.")
+    max_pixels: int = Field(
+        4096 * 4096, ge=64, description="Pixels (width x height) of one image at most, read from its header."
+    )
+    allow_hosts: list[str] = Field(
+        default_factory=list,
+        description="Hosts whose http(s) image URLs the router may fetch: exact names or patterns such as "
+        "'*.example.com'. Empty (the default): only data: URLs and base64 images are taken, because a server "
+        "that fetches any URL a client names is an SSRF hole. Redirects go only to allowed hosts with public "
+        "addresses.",
+    )
+    fetch_timeout_s: float = Field(10.0, gt=0, le=120, description="Seconds one image fetch may take.")
+
+    def limits(self):
+        from .http.images import ImageLimits
+
+        return ImageLimits(
+            max_per_request=self.max_per_request,
+            max_bytes=self.max_bytes,
+            max_pixels=self.max_pixels,
+            allow_hosts=tuple(self.allow_hosts),
+            fetch_timeout_s=self.fetch_timeout_s,
+        )
+
+
 class RouterConfig(BaseModel):
     """The OpenAI-compatible HTTP router."""
 
@@ -293,7 +325,12 @@ class RouterConfig(BaseModel):
     api_key_env: str | None = Field(
         None, description="Name of an environment variable holding the API key (keeps secrets out of YAML)."
     )
-    max_request_body_bytes: int = Field(1_048_576, ge=1024, description="Larger request bodies are refused with 413.")
+    max_request_body_bytes: int = Field(
+        32 * 2**20,
+        ge=1024,
+        description="Larger request bodies are refused with 413. Images sent inline (base64) count: the default "
+        "takes a few photos per request.",
+    )
     request_timeout_s: float = Field(
         600.0, gt=0, description="A request still running after this long is aborted (504, or an error event)."
     )
@@ -310,6 +347,9 @@ class RouterConfig(BaseModel):
     )
     response_store: ResponseStoreConfig = Field(
         default_factory=ResponseStoreConfig, description="Stored responses of /v1/responses (previous_response_id)."
+    )
+    images: ImagesConfig = Field(
+        default_factory=ImagesConfig, description="Images in requests: limits, and the hosts URLs may name."
     )
 
     @field_validator("resources")

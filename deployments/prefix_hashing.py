@@ -25,9 +25,10 @@ def prompt_text(request: Any) -> str | None:
     if prompt.tools:
         parts.append(f"\x02tools:{prompt.tools!r}")  # templates render tools before the messages
     if prompt.messages is not None:
+        images = iter(prompt.images or ())
         for message in prompt.messages:
             if isinstance(message, dict):
-                parts.append(f"\x02{message.get('role')}:{_content_text(message.get('content'))}")
+                parts.append(f"\x02{message.get('role')}:{_content_text(message.get('content'), images)}")
     elif prompt.text is not None:
         parts.append(str(prompt.text))
     elif prompt.token_ids is not None:
@@ -35,12 +36,22 @@ def prompt_text(request: Any) -> str | None:
     return "".join(parts) or None
 
 
-def _content_text(content: Any) -> str:
+def _content_text(content: Any, images) -> str:
+    """A message's text; an image part stands as a digest of its bytes (the next of `images`), so
+    the same text with another image is another prefix."""
     if isinstance(content, str) or content is None:
         return content or ""
-    if isinstance(content, list):  # OpenAI content parts
-        return "".join(p.get("text", "") if isinstance(p, dict) else str(p) for p in content)
+    if isinstance(content, list):  # content parts
+        return "".join(_part_text(p, images) for p in content)
     return str(content)
+
+
+def _part_text(part: Any, images) -> str:
+    if not isinstance(part, dict):
+        return str(part)
+    if part.get("type") == "image":
+        return f"\x03image:{hashlib.blake2b(next(images, b''), digest_size=8).hexdigest()}"
+    return part.get("text", "")
 
 
 def block_hashes(text: str, block_chars: int) -> list[int]:

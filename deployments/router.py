@@ -29,6 +29,7 @@ from .hop import GenerateRequest
 from .http.auth import check_api_key
 from .http.body import read_body
 from .http.errors import ApiError, openai_error_response
+from .http.images import ImageLoader
 from .http.validation import problem_param
 from .metrics import CONTENT_TYPE_LATEST, RouterMetrics
 from .model_client import ModelCall, ModelClient, RayModelClient
@@ -62,6 +63,7 @@ class RouterCore:
         limits = config.response_store
         self.store = store or StoreClient(LogBackend(limits.max_responses, limits.max_bytes))
         self.api_key = config.resolved_api_key()
+        self.images = ImageLoader(config.images.limits())
         self.metrics = RouterMetrics()
         self.created = int(time.time())
 

@@ -29,6 +29,9 @@ class PromptInput:
     chat_template_kwargs: dict[str, Any] | None = None
     reasoning_effort: str | None = None  # OpenAI's: none, minimal, low, medium, high
     thinking: bool | None = None  # Anthropic's thinking enabled / disabled
+    # with messages: the image files (raw bytes, checked by the router), in the order of the
+    # messages' {"type": "image"} content parts
+    images: list[bytes] | None = None
 
 
 @dataclass

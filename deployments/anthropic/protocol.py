@@ -4,8 +4,9 @@ the prompt is built from.
 A Messages (or count_tokens) body becomes an OpenAI chat request (`to_chat_request`): its
 messages, tools and sampling fields are what the chat path renders and sends to the model, so
 templates, tool prompts and grammars stay one path. Bodies are parsed as strictly as the OpenAI
-ones: an unknown field, or a feature this server does not implement (images, documents, server
-tools, a prefilled assistant turn), is a 400 naming the field, never silently ignored.
+ones: an unknown field, or a feature this server does not implement (documents, server tools, a
+prefilled assistant turn), is a 400 naming the field, never silently ignored. Image blocks (base64,
+or a URL the router's allow-list permits) in user turns become the chat request's image parts.
 
 Extended thinking: `thinking` enabled / disabled turns the model's thinking on or off through its
 chat template (engine.chat_format.thinking_variables: a model that cannot is a 400 naming
@@ -25,13 +26,13 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from engine.request import PromptInput
 
 from ..http.errors import ApiError
+from ..http.images import ImageRef
 from ..http.validation import Strict, parse_body, request_error, typed_items
 from ..openai.protocol import ChatCompletionRequest, bad_request
 
-BLOCK_TYPES = ("text", "tool_use", "tool_result", "thinking", "redacted_thinking")
+BLOCK_TYPES = ("text", "image", "tool_use", "tool_result", "thinking", "redacted_thinking")
 # Anthropic features this server does not implement: refused by name, never ignored.
 UNSUPPORTED_BLOCKS = {
-    "image",
     "document",
     "search_result",
     "server_tool_use",
@@ -83,6 +84,28 @@ class TextBlock(Strict):
         return v
 
 
+class Base64Source(Strict):
+    type: Literal["base64"]
+    media_type: Literal["image/jpeg", "image/png", "image/gif", "image/webp"]
+    data: str = Field(min_length=1)
+
+
+class UrlSource(Strict):
+    type: Literal["url"]
+    url: str = Field(min_length=1)
+
+
+class ImageBlock(Strict):
+    type: Literal["image"]
+    source: Annotated[Base64Source | UrlSource, Field(discriminator="type")]
+    cache_control: CacheControl | None = None
+
+    def url(self) -> str:
+        """As the chat request's image_url: a data: URL for base64 (http.images checks the bytes)."""
+        src = self.source
+        return f"data:{src.media_type};base64,{src.data}" if isinstance(src, Base64Source) else src.url
+
+
 class ToolUseBlock(Strict):
     type: Literal["tool_use"]
     id: str = Field(min_length=1)
@@ -110,7 +133,10 @@ def _text_blocks(v: Any, allowed: tuple[str, ...] = ("text",)) -> Any:
     """A string is one text block; every block needs a type we implement (see UNSUPPORTED_BLOCKS)."""
     if isinstance(v, str):
         return [{"type": "text", "text": v}]
-    return typed_items(v, allowed, UNSUPPORTED_BLOCKS, "block", "content block")
+    unsupported = (
+        UNSUPPORTED_BLOCKS if "image" in allowed else UNSUPPORTED_BLOCKS | {"image"}
+    )  # images: user turns only
+    return typed_items(v, allowed, unsupported, "block", "content block")
 
 
 class ToolResultBlock(Strict):
@@ -133,7 +159,8 @@ class ToolResultBlock(Strict):
 
 
 Block = Annotated[
-    TextBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock | RedactedThinkingBlock, Field(discriminator="type")
+    TextBlock | ImageBlock | ToolUseBlock | ToolResultBlock | ThinkingBlock | RedactedThinkingBlock,
+    Field(discriminator="type"),
 ]
 THINKING_BLOCKS = (ThinkingBlock, RedactedThinkingBlock)
 
@@ -256,14 +283,30 @@ def parse(body: bytes, model_cls: type[CountTokensRequest]) -> Any:
 # --- Anthropic → OpenAI ----------------------------------------------------------------------
 
 
-def _parts(blocks: list[TextBlock]) -> list[dict[str, str]]:
-    return [{"type": "text", "text": b.text} for b in blocks]
+def _parts(blocks: list[TextBlock | ImageBlock]) -> list[dict[str, Any]]:
+    return [
+        {"type": "image_url", "image_url": {"url": b.url()}}
+        if isinstance(b, ImageBlock)
+        else {"type": "text", "text": b.text}
+        for b in blocks
+    ]
+
+
+def image_refs(req: CountTokensRequest) -> list[ImageRef]:
+    """The request's images in order of appearance (the chat request's order), each named by its
+    Messages field."""
+    return [
+        ImageRef(f"messages.{i}.content.{j}.source", b.url())
+        for i, msg in enumerate(req.messages)
+        for j, b in enumerate(msg.content)
+        if isinstance(b, ImageBlock)
+    ]
 
 
 def _user_messages(msg: MessageParam, i: int) -> list[dict[str, Any]]:
-    """tool_result blocks become `tool` messages, ahead of the turn's text (a user message)."""
+    """tool_result blocks become `tool` messages, ahead of the turn's text and images (a user message)."""
     results = [b for b in msg.content if isinstance(b, ToolResultBlock)]
-    texts = [b for b in msg.content if isinstance(b, TextBlock)]
+    texts = [b for b in msg.content if isinstance(b, (TextBlock, ImageBlock))]
     for j, b in enumerate(msg.content):
         if isinstance(b, (ToolUseBlock, *THINKING_BLOCKS)):
             raise ApiError(
@@ -281,10 +324,10 @@ def _assistant_message(msg: MessageParam, i: int) -> dict[str, Any]:
     """Text blocks are the content, tool_use blocks the OpenAI tool_calls (arguments as JSON text)."""
     texts, calls = [], []
     for j, b in enumerate(msg.content):
-        if isinstance(b, ToolResultBlock):
+        if isinstance(b, (ToolResultBlock, ImageBlock)):
             raise ApiError(
                 400,
-                f"messages.{i}.content.{j}: tool_result blocks belong in user turns",
+                f"messages.{i}.content.{j}: {b.type} blocks belong in user turns",
                 param=f"messages.{i}.content.{j}",
             )
         if isinstance(b, THINKING_BLOCKS):
@@ -371,9 +414,12 @@ def to_openai(req: CountTokensRequest) -> dict[str, Any]:
     return {"model": req.model, "messages": messages, **_tools(req), **_sampling(req)}
 
 
-def prompt_input(req: CountTokensRequest, chat: ChatCompletionRequest) -> PromptInput:
-    """The chat request's prompt, with the request's thinking turned on or off."""
-    prompt = chat.prompt_input()
+def prompt_input(
+    req: CountTokensRequest, chat: ChatCompletionRequest, images: list[bytes] | None = None
+) -> PromptInput:
+    """The chat request's prompt (with the bytes of `image_refs(req)`), with the request's thinking
+    turned on or off."""
+    prompt = chat.prompt_input(images)
     if req.thinking is None:
         return prompt
     return dataclasses.replace(prompt, thinking=req.thinking.type == "enabled")

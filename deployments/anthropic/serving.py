@@ -40,7 +40,15 @@ from ..http.errors import ApiError, anthropic_error_body, anthropic_error_respon
 from ..http.sse import event_stream, sse_event
 from ..openai.builders import new_id
 from ..settings import LOADED_CALL_TIMEOUT_S
-from .protocol import CountTokensRequest, MessagesRequest, parse, prompt_input, sampling, to_chat_request
+from .protocol import (
+    CountTokensRequest,
+    MessagesRequest,
+    image_refs,
+    parse,
+    prompt_input,
+    sampling,
+    to_chat_request,
+)
 
 log = logging.getLogger("ray.serve")
 
@@ -233,7 +241,8 @@ async def create_message(core, request: Request) -> Response:
         model = req.model
         chat = to_chat_request(req)
         request_id = new_id("chatcmpl")
-        generate = GenerateRequest(prompt_input(req, chat), sampling(req, chat), request_id)
+        images = await core.images.load(image_refs(req))
+        generate = GenerateRequest(prompt_input(req, chat, images), sampling(req, chat), request_id)
         call = await core.start(model, generate, start)
         msg_id, stops = message_id(request_id), req.stop_sequences or ()
         if req.stream:
@@ -254,7 +263,7 @@ async def count_tokens(core, request: Request) -> dict[str, int]:
     by its replica without generating. An unloaded model is loaded first, like /v1/models/{name}/load."""
     req = parse(await core.read_body(request), CountTokensRequest)
     client = core.client(req.model)
-    prompt = prompt_input(req, to_chat_request(req))
+    prompt = prompt_input(req, to_chat_request(req), await core.images.load(image_refs(req)))
     load_timeout = core.load_timeout(req.model)
     core.touch(req.model)
     n = await client.count_tokens(

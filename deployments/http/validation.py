@@ -35,6 +35,7 @@ def problem_param(loc: Sequence[Any], keep: Callable[[Sequence[Any], int], bool]
     return ".".join(str(p) for i, p in enumerate(loc) if keep is None or keep(loc, i)) or None
 
 
+_BRANCH_TAGS = {"str", "int", "float", "bool", "none", "null"}
 _NAMED = re.compile(r"^([a-z_]+(?:\.[a-z_0-9]+)*): ")  # "field: ..." from a check across fields
 
 
@@ -49,7 +50,10 @@ def request_error(
     the field is one this server refuses by name; `unknown_field`: the message for any other
     extra field (None: pydantic's)."""
     errors = exc.errors()
-    err = errors[0] if errors else {"type": "", "loc": (), "msg": "invalid request"}
+    # a union's plain branch failing (`content.str` when the list branch is the one meant) is not
+    # the problem when another branch says what is
+    specific = [e for e in errors if not (e["loc"] and str(e["loc"][-1]) in _BRANCH_TAGS)]
+    err = (specific or errors or [{"type": "", "loc": (), "msg": "invalid request"}])[0]
     param = problem_param(err["loc"], keep)
     if err["type"] == "json_invalid":
         return ApiError(400, f"the request body is not valid JSON: {err['ctx'].get('error', err['msg'])}")

@@ -7,13 +7,14 @@ SamplingParams, which reports them the same way.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from engine.request import PromptInput
 
 from ..http.errors import ApiError
+from ..http.images import ImageRef
 from ..http.validation import Strict, parse_body, request_error
 from ..parsers import Parsing
 from .tools import ResponseFormat, Tool, ToolChoice, ToolPlan, tool_plan
@@ -56,8 +57,10 @@ UNSUPPORTED = {
 
 
 def _field(loc, i: int) -> bool:
-    """Location parts that are fields, not pydantic's union tags (`str`, `function-after[...]`)."""
-    return str(loc[i]) not in _UNION_TAGS and "[" not in str(loc[i])
+    """Location parts that are fields, not pydantic's union tags (`str`, `function-after[...]`, the
+    part type it puts after a content part's index)."""
+    tag = i > 0 and isinstance(loc[i - 1], int) and loc[i] in PART_TYPES and i + 1 < len(loc)
+    return str(loc[i]) not in _UNION_TAGS and "[" not in str(loc[i]) and not tag
 
 
 def _unsupported(param: str | None, err: dict) -> bool:
@@ -74,6 +77,21 @@ class TextPart(Strict):
     text: str
 
 
+class ImageUrl(Strict):
+    url: str = Field(min_length=1)  # a data: URL, or http(s) where router.images.allow_hosts allows it
+    # the resolution is the model's processor's: only "auto" (OpenAI's default) is taken
+    detail: Literal["auto"] | None = None
+
+
+class ImagePart(Strict):
+    type: Literal["image_url"]
+    image_url: ImageUrl
+
+
+ContentPart = Annotated[TextPart | ImagePart, Field(discriminator="type")]
+PART_TYPES = ("text", "image_url")
+
+
 class FunctionCall(Strict):
     name: str
     arguments: str  # JSON text, as OpenAI sends it
@@ -87,18 +105,21 @@ class ToolCall(Strict):
 
 class ChatMessage(Strict):
     role: Role
-    content: str | list[TextPart] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
     tool_call_id: str | None = None  # a tool turn: the call it answers
 
     @field_validator("content", mode="before")
     @classmethod
-    def _text_only(cls, v):
+    def _known_parts(cls, v):
         if isinstance(v, list):
             for part in v:
-                if not isinstance(part, dict) or part.get("type") != "text":
-                    raise ValueError('only text content parts ({"type": "text", "text": ...}) are supported')
+                if not isinstance(part, dict) or part.get("type") not in PART_TYPES:
+                    raise ValueError(
+                        'content parts must be {"type": "text", "text": ...} or {"type": "image_url", '
+                        '"image_url": {"url": ...}} (audio and file parts are not supported)'
+                    )
         return v
 
     @model_validator(mode="after")
@@ -107,10 +128,25 @@ class ChatMessage(Strict):
             raise ValueError("tool_calls belong to an assistant message")
         if self.role == "tool" and not self.tool_call_id:
             raise ValueError("a tool message needs the tool_call_id it answers")
+        if self.role != "user" and self.images():
+            raise ValueError("content: images belong in user messages")
         return self
 
+    def images(self) -> list[ImagePart]:
+        return [p for p in self.content or [] if isinstance(p, ImagePart)] if isinstance(self.content, list) else []
+
     def as_dict(self) -> dict[str, Any]:
-        content = self.content if not isinstance(self.content, list) else "".join(p.text for p in self.content)
+        """The message as the chat template reads it: text parts joined into one string, or with
+        images, the parts in order, each image as {"type": "image"} (its bytes travel in
+        PromptInput.images, in the same order)."""
+        content: Any = self.content
+        if isinstance(content, list):
+            if self.images():
+                content = [
+                    {"type": "image"} if isinstance(p, ImagePart) else {"type": "text", "text": p.text} for p in content
+                ]
+            else:
+                content = "".join(p.text for p in content)
         msg: dict[str, Any] = {"role": self.role, "content": content or ""}
         if self.name:
             msg["name"] = self.name
@@ -210,13 +246,25 @@ class ChatCompletionRequest(_SamplingRequest):
             out["guided"] = guided
         return out
 
-    def prompt_input(self) -> PromptInput:
+    def image_refs(self) -> list[ImageRef]:
+        """The request's images in order of appearance, each with the field that names it."""
+        return [
+            ImageRef(f"messages.{i}.content.{j}.image_url", part.image_url.url)
+            for i, m in enumerate(self.messages)
+            if isinstance(m.content, list)
+            for j, part in enumerate(m.content)
+            if isinstance(part, ImagePart)
+        ]
+
+    def prompt_input(self, images: list[bytes] | None = None) -> PromptInput:
+        """The prompt; `images`: the bytes of `image_refs()`, loaded by the router (http.images)."""
         tools = [t.model_dump(exclude_none=True) for t in self.tools] if self.plan.render_tools else None
         return PromptInput(
             messages=[m.as_dict() for m in self.messages],
             tools=tools,
             chat_template_kwargs=self.chat_template_kwargs,
             reasoning_effort=self.reasoning_effort,
+            images=images or None,
         )
 
 

@@ -55,7 +55,8 @@ async def complete(core, request: Request, kind: Kind) -> Response:
         )
         model = req.model
         builder = response_builder(req, kind)
-        sent = GenerateRequest(req.prompt_input(), req.sampling(), request_id=builder.id)
+        prompt = req.prompt_input(await core.images.load(req.image_refs())) if kind == "chat" else req.prompt_input()
+        sent = GenerateRequest(prompt, req.sampling(), request_id=builder.id)
         call = await core.start(model, sent, start)
     except ApiError as exc:
         core.observe(model, endpoint, exc.status_code)

@@ -22,10 +22,12 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from ..http.errors import ApiError
+from ..http.images import ImageRef
 from ..openai.protocol import ChatCompletionRequest, bad_request
 from .protocol import (
     FunctionCallItem,
     FunctionCallOutputItem,
+    ImagePart,
     Item,
     MessageItem,
     ReasoningItem,
@@ -77,7 +79,7 @@ def to_messages(items: list[Item], instructions: str | None) -> list[dict[str, A
             continue
         if isinstance(item, MessageItem):
             turn = {"role": item.role, "content": item.text()} if item.role == "assistant" else None
-            messages.append(turn or {"role": item.role, "content": item.text()})
+            messages.append(turn or {"role": item.role, "content": item.chat_content()})
         elif isinstance(item, FunctionCallItem):
             if turn is None:
                 turn = {"role": "assistant", "content": None}
@@ -87,6 +89,18 @@ def to_messages(items: list[Item], instructions: str | None) -> list[dict[str, A
             turn = None
             messages.append({"role": "tool", "tool_call_id": item.call_id, "content": item.text()})
     return messages
+
+
+def image_refs(items: list[Item], first: int) -> list[ImageRef]:
+    """The conversation's images in order, named by this request's input fields (`first`: the index
+    of its first input item; earlier ones came with `previous_response_id`)."""
+    return [
+        ImageRef(f"input.{i - first}.content.{j}.image_url" if i >= first else "previous_response_id", part.image_url)
+        for i, item in enumerate(items)
+        if isinstance(item, MessageItem)
+        for j, part in enumerate(item.content if not isinstance(item.content, str) else [])
+        if isinstance(part, ImagePart)
+    ]
 
 
 def _tools(req: ResponsesRequest) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from ..http.errors import ApiError
 from ..http.validation import Strict, parse_body, request_error, typed_items
 
 ITEM_TYPES = ("message", "function_call", "function_call_output", "reasoning")
-PART_TYPES = ("input_text", "output_text", "refusal")
+PART_TYPES = ("input_text", "output_text", "refusal", "input_image")
 # What the Responses API has and this server does not implement: refused by name.
 UNSUPPORTED_ITEMS = {
     "item_reference",
@@ -45,8 +45,9 @@ UNSUPPORTED_ITEMS = {
     "tool_search_output",
     "compaction",
 }
-UNSUPPORTED_PARTS = {"input_image", "input_file", "input_audio"}
+UNSUPPORTED_PARTS = {"input_file", "input_audio"}
 UNSUPPORTED_FIELDS = {
+    "file_id",  # input_image by uploaded file: this server has no Files API
     "background",
     "conversation",
     "prompt",
@@ -83,10 +84,24 @@ class RefusalPart(Strict):
     refusal: str
 
 
-Part = Annotated[TextPart | RefusalPart, Field(discriminator="type")]
+class ImagePart(Strict):
+    type: Literal["input_image"]
+    image_url: str | None = Field(None, min_length=1)  # a data: URL, or http(s) as router.images allows
+    detail: Literal["auto"] | None = None  # the resolution is the model's processor's
+
+    @model_validator(mode="after")
+    def _url(self):
+        if self.image_url is None:
+            raise ValueError("image_url: required (a data: URL or an http(s) URL)")
+        return self
 
 
-def part_text(part: TextPart | RefusalPart) -> str:
+Part = Annotated[TextPart | RefusalPart | ImagePart, Field(discriminator="type")]
+
+
+def part_text(part: TextPart | RefusalPart | ImagePart) -> str:
+    if isinstance(part, ImagePart):
+        return ""
     return part.text if isinstance(part, TextPart) else part.refusal
 
 
@@ -105,6 +120,20 @@ class MessageItem(Strict):
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(part_text(p) for p in self.content)
+
+    def images(self) -> list[ImagePart]:
+        return [] if isinstance(self.content, str) else [p for p in self.content if isinstance(p, ImagePart)]
+
+    def chat_content(self) -> str | list[dict[str, Any]]:
+        """The content as a chat message's: its text, or with images the parts in order."""
+        if not self.images():
+            return self.text()
+        return [
+            {"type": "image_url", "image_url": {"url": p.image_url}}
+            if isinstance(p, ImagePart)
+            else {"type": "text", "text": part_text(p)}
+            for p in self.content
+        ]
 
 
 class FunctionCallItem(Strict):

@@ -25,7 +25,7 @@ from ..hop import GenerateRequest
 from ..http.errors import ApiError
 from ..http.sse import event_stream, sse_event
 from .builders import ResponseEvents, new_id
-from .convert import check_calls, renamed, stored_items, to_chat_request
+from .convert import check_calls, image_refs, renamed, stored_items, to_chat_request
 from .protocol import Item, ResponsesRequest, parse
 from .store import StoreClient
 
@@ -87,7 +87,8 @@ async def create_response(core, request: Request) -> Response:
         items = await conversation(core.store, req)
         chat = to_chat_request(req, items)
         response_id = new_id("resp")
-        sent = GenerateRequest(chat.prompt_input(), chat.sampling(), request_id=response_id)
+        images = await core.images.load(image_refs(items, len(items) - len(req.items())))
+        sent = GenerateRequest(chat.prompt_input(images), chat.sampling(), request_id=response_id)
         try:
             call = await core.start(model, sent, start)
         except ApiError as exc:

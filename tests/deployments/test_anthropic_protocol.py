@@ -217,9 +217,9 @@ BASE = {"model": "m1", "max_tokens": 8, "messages": HI}
         ({**BASE, "messages": []}, "messages", "at least 1"),
         ({**BASE, "messages": [{"role": "system", "content": "x"}]}, "messages.0.role", "'user' or 'assistant'"),
         (
-            {**BASE, "messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]},
-            "messages.0.content",
-            "'image' content blocks are not supported",
+            {**BASE, "messages": [{"role": "user", "content": [{"type": "image", "source": {"type": "file"}}]}]},
+            "messages.0.content.0.source",
+            "does not match any of the expected tags",
         ),
         (
             {**BASE, "messages": [{"role": "user", "content": [{"type": "document", "source": {}}]}]},

@@ -159,7 +159,11 @@ BAD = [
     ({"input": "hi", "tools": [{"type": "web_search"}, {"type": "code_interpreter"}]}, 400, "tools.0.type"),
     ({"input": [{"type": "function_call_output", "call_id": "call_x", "output": "1"}]}, 400, "input.0.call_id"),
     ({"input": [{"type": "function_call", "name": "f", "arguments": "{}"}]}, 400, "input.0.call_id"),
-    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]}, 400, "input.0.content"),
+    (
+        {"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+        400,
+        "input.0.content.0.image_url",
+    ),
     ({"input": "hi", "temperature": 5.0}, 400, "temperature"),
 ]
 

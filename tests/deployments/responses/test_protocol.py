@@ -132,9 +132,9 @@ def test_fields_this_server_does_not_implement_are_refused_by_name(fields, param
 
 def test_malformed_or_unsupported_items_name_their_field():
     assert refused(input=[{"type": "function_call", "name": "f", "arguments": "{}"}])["param"] == "input.0.call_id"
-    image = {"type": "input_image", "image_url": "http://x/y.png"}
-    err = refused(input=[{"role": "user", "content": [image]}])
-    assert err["param"] == "input.0.content" and "'input_image' content parts are not supported" in err["message"]
+    file = {"type": "input_file", "file_id": "file-1"}
+    err = refused(input=[{"role": "user", "content": [file]}])
+    assert err["param"] == "input.0.content" and "'input_file' content parts are not supported" in err["message"]
     assert (
         "'item_reference' items are not supported" in refused(input=[{"type": "item_reference", "id": "x"}])["message"]
     )
