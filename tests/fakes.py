@@ -47,6 +47,8 @@ class FakeClient:
     """Plays back a script of items; remembers what it was sent (as `sent` has it) and whether its
     stream was cancelled."""
 
+    kind = "chat"
+
     def __init__(self, name, items=None, delay=0.0):
         self.name, self.delay = name, delay
         self.items = items if items is not None else [chunk("Hel", 1), chunk("lo", 1), chunk("!", 1, "stop", USAGE)]
