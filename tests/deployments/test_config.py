@@ -45,10 +45,16 @@ def test_every_field_description_is_one_clean_line():
     """What `python -m deployments.config` and the JSON schema show users: no reflow residue."""
     from pydantic import BaseModel
 
-    from deployments.config import AffinityOptions, MemoryConfig, ModelConfig, ModelDeploymentOptions
+    from deployments.config import (
+        AffinityOptions,
+        EmbeddingOptions,
+        MemoryConfig,
+        ModelConfig,
+        ModelDeploymentOptions,
+    )
 
     models: list[type[BaseModel]] = [OrchardConfig, RouterConfig, MemoryConfig, ModelConfig]
-    models += [ModelDeploymentOptions, AffinityOptions]
+    models += [ModelDeploymentOptions, AffinityOptions, EmbeddingOptions]
     for model in models:
         for name, field in model.model_fields.items():
             assert field.description, f"{model.__name__}.{name} has no description"

