@@ -105,7 +105,7 @@ class EmbeddingServer:
         self.active = 0
         self.last_active = time.monotonic()
         self.unload_requested = False
-        self.counts = {"requests": 0, "inputs": 0, "engine_calls": 0}
+        self.counts = {"requests": 0, "inputs": 0, "batches": 0}  # batches: merged sets of requests computed
         self._busy_since: float | None = None
         self._busy_inputs = 0
         self._node_id: str | None = None
@@ -159,7 +159,7 @@ class EmbeddingServer:
             answers = embed_together(self.engine, requests)
         finally:
             self._busy_since = None
-        self.counts["engine_calls"] += 1
+        self.counts["batches"] += 1
         return answers
 
     def info(self) -> dict[str, Any]:

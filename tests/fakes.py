@@ -173,7 +173,7 @@ class FakeEmbedHandle:
         self.answers, self.delay = list(answers), delay
         self.requests, self.responses = [], []
         self.embed = _Method(self._embed)
-        self.stats = _Method(lambda: FakeResponse({"kind": "embedding", "batching": {"engine_calls": 1}}))
+        self.stats = _Method(lambda: FakeResponse({"kind": "embedding", "batching": {"batches": 1}}))
         self.info = _Method(lambda: FakeResponse({"pid": 7, "loaded_at": 1.0, "footprint": {"total": 10}}))
         self.check_health = _Method(lambda: FakeResponse(None))
         self.request_unload = _Method(lambda: FakeResponse({"unload_requested": True}))

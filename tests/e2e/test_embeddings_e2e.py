@@ -136,21 +136,21 @@ def test_models_lists_both_kinds(client):
     assert chat.choices[0].message.content
 
 
-def engine_calls() -> int:
+def batches() -> int:
     stats = httpx.get(f"{BASE}/v1/models/{EMBED}/cache", timeout=30).json()["engine"]
-    return stats["batching"]["engine_calls"]
+    return stats["batching"]["batches"]
 
 
 def test_concurrent_requests_are_merged_and_each_gets_its_own_vectors(client):
     solo = vectors(client.embeddings.create(model=EMBED, input=TEXTS))
     jobs = [TEXTS[i % len(TEXTS)] for i in range(16)]
-    before = engine_calls()
+    before = batches()
     with ThreadPoolExecutor(16) as pool:
         answers = list(pool.map(lambda text: client.embeddings.create(model=EMBED, input=text), jobs))
-    calls = engine_calls() - before
+    computed = batches() - before
     for i, answer in enumerate(answers):
         assert cosine(vectors(answer)[0], solo[i % len(TEXTS)]) >= 0.99999
-    assert 1 <= calls < len(jobs)  # @serve.batch merged some of them
+    assert 1 <= computed < len(jobs)  # @serve.batch merged some of them
 
 
 def card_in_state(state: str, timeout_s: float = 60) -> dict:
