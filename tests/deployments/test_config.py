@@ -79,6 +79,8 @@ def test_shipped_yaml_files_validate():
         "configs/one_model.yaml",
         "configs/production.yaml",
         "configs/mac_mlx_community.yaml",
+        "configs/embeddings.yaml",
+        "tests/fixtures/embeddings.yaml",
     ):
         ServeDeploySchema.model_validate(yaml.safe_load(open(path)))
         for cfg in check_serve_config(path):
