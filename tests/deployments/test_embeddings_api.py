@@ -1,23 +1,26 @@
 """POST /v1/embeddings in the router (deployments.openai.embeddings, RouterCore.embed) over the real
 RayEmbeddingClient and a fake EmbeddingServer handle: the request parsed strictly, the answer in
 OpenAI's shape (floats or base64), errors as 4xx naming the field, the other kind of model refused,
-an unloaded model waited for, a lost replica's request sent again."""
+an unloaded model waited for, a lost replica's request sent again; any JSON body is a 200 or a 4xx."""
 
 from __future__ import annotations
 
 import base64
+import json
 import re
 import time
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from deployments.hop import EmbedRequest, error_item
 from deployments.http.errors import ApiError
 from deployments.openai.embeddings import EmbeddingRequest
 from engine.errors import InvalidRequestError
-from tests.fakes import FakeClient, FakeEmbedHandle, embedding_client, fake_vectors, make_client, run
+from tests.fakes import LOOP, FakeClient, FakeEmbedHandle, embedding_client, fake_vectors, make_client, run
 
 CHAT = {"model": "m1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
 
@@ -219,3 +222,36 @@ def test_a_request_whose_replica_was_lost_is_sent_again_and_its_own_error_is_not
     with pytest.raises(ApiError) as bad:
         embed(embedding_client(handle=handle))
     assert bad.value.status_code == 400 and len(handle.requests) == 1
+
+
+_scalars = st.one_of(
+    st.none(), st.booleans(), st.integers(min_value=-(2**70), max_value=2**70), st.floats(), st.text(max_size=12)
+)
+_values = st.recursive(
+    _scalars,
+    lambda inner: st.one_of(st.lists(inner, max_size=4), st.dictionaries(st.text(max_size=8), inner, max_size=3)),
+    max_leaves=10,
+)
+_bodies = st.one_of(
+    _values,
+    st.fixed_dictionaries(
+        {"model": st.sampled_from(["e1", "m1", "nope"]), "input": _values},
+        optional={f: _values for f in ("encoding_format", "dimensions", "user", "truncate", "extra")},
+    ),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(payload=_bodies)
+def test_any_json_body_at_embeddings_is_answered_without_a_5xx(payload):
+    client, _ = make_client(m1=FakeClient("m1"), e1=embedding_client())
+
+    async def go():
+        async with client:
+            raw = json.dumps(payload, allow_nan=True).encode()
+            return await client.post("/v1/embeddings", content=raw, headers={"content-type": "application/json"})
+
+    r = LOOP.run_until_complete(go())
+    assert r.status_code < 500, (r.status_code, r.text[:300])
+    if r.status_code >= 400:
+        assert set(r.json()["error"]) == {"message", "type", "param", "code"}

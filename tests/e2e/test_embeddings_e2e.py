@@ -123,8 +123,11 @@ def test_each_kind_of_model_refuses_the_other_kinds_endpoints_naming_model(clien
     assert err.value.param == "model" and "is a chat model" in err.value.message
     with pytest.raises(openai.NotFoundError):
         client.embeddings.create(model="no-such-model", input="hi")
-    bad = httpx.post(f"{BASE}/v1/embeddings", json={"model": EMBED, "input": "hi", "pooling": "cls"}, timeout=30)
-    assert bad.status_code == 400 and bad.json()["error"]["param"] == "pooling"
+    for extra, param in (({"pooling": "cls"}, "pooling"), ({"dimensions": 385}, "dimensions")):
+        bad = httpx.post(f"{BASE}/v1/embeddings", json={"model": EMBED, "input": "hi", **extra}, timeout=30)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == param, bad.text
+    bad = httpx.post(f"{BASE}/v1/embeddings", json={"model": EMBED, "input": [101, 30522, 102]}, timeout=30)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "input", bad.text
 
 
 def test_models_lists_both_kinds(client):
