@@ -1,7 +1,7 @@
 """Embedding models in the Ray glue: the YAML's `kind: embedding` (deployments.config), the builder's
 EmbeddingServer under the governor (deployments.app), and how the replica merges concurrent
-requests into engine calls (deployments.embedding_server.embed_together) on the real bundled
-all-MiniLM-L6-v2."""
+requests into engine calls (deployments.embedding_server.embed_together), and the replica's own
+answers, reports and health, on the real bundled all-MiniLM-L6-v2."""
 
 from __future__ import annotations
 
@@ -67,6 +67,10 @@ def test_the_builder_binds_an_embedding_server_under_the_governor():
     assert kwargs["footprint_bytes"] == estimate_footprint("all-minilm-l6-v2", max_batch_size=32).total
     assert kwargs["keep_alive_s"] == 300 and kwargs["model"] == "e"
     assert built["model-c"].func_or_class.__name__ == "ModelServer"
+    from engine.loading.cpu_fast_path import openblas_env
+
+    if openblas_env():  # the CPU fast path, as for chat models
+        assert "libopenblas" in server.ray_actor_options["runtime_env"]["env_vars"]["LD_PRELOAD"]
     router = built["OrchardRouter"].init_kwargs
     assert router["facts"]["e"]["kind"] == "embedding" and router["facts"]["c"]["kind"] == "chat"
 
