@@ -152,11 +152,13 @@ def check_budget(plans: list[ModelPlan], budget: int) -> None:
     for p in plans:
         need = p.footprint_bytes * p.config.deployment.num_replicas
         if need > budget:
-            kv = f"KV {p.engine['cache_memory_mb']} MiB" if p.config.kind == "chat" else "no KV"
+            chat = p.config.kind == "chat"
+            kv = f"KV {p.engine['cache_memory_mb']} MiB" if chat else "no KV"
+            knob = "engine.cache_memory_mb" if chat else "embedding.rows_per_pass"
             raise ConfigError(
                 f"model {p.config.name!r} needs {mib(need)} (weights + {kv} + "
                 f"working memory, x{p.config.deployment.num_replicas} replicas) but the whole memory budget is "
-                f"{mib(budget)}: raise args.memory.budget_mb / budget_percent, or lower its engine.cache_memory_mb"
+                f"{mib(budget)}: raise args.memory.budget_mb / budget_percent, or lower its {knob}"
             )
     eager = [p for p in plans if p.config.load == "eager"]
     total = sum(p.footprint_bytes * p.config.deployment.num_replicas for p in eager)
@@ -239,13 +241,10 @@ def bind_embedding_model(p: ModelPlan, budget: int, per_node: bool = False):
     enough requests at once for @serve.batch to fill two batches (one running, one gathering)."""
     model = p.config
     batch = model.embedding.max_batch_size
+    per_node_cap = model.deployment.max_replicas_per_node
     return EmbeddingServer.options(
         name=model.deployment_name,
-        **(
-            {"max_replicas_per_node": model.deployment.max_replicas_per_node}
-            if model.deployment.max_replicas_per_node
-            else {}
-        ),
+        **({"max_replicas_per_node": per_node_cap} if per_node_cap else {}),
         autoscaling_config=autoscaling_config(p, budget, per_node),
         max_ongoing_requests=model.deployment.max_ongoing_requests or max(64, 2 * batch),
         max_queued_requests=model.deployment.max_queued_requests,

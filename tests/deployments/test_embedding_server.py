@@ -75,6 +75,16 @@ def test_the_builder_binds_an_embedding_server_under_the_governor():
     assert router["facts"]["e"]["kind"] == "embedding" and router["facts"]["c"]["kind"] == "chat"
 
 
+def test_an_embedding_model_larger_than_the_budget_is_refused_naming_its_knob():
+    from deployments.app import build_app
+
+    with pytest.raises(
+        ConfigError, match=r"model 'e' needs .* \(weights \+ no KV .* lower its embedding.rows_per_pass"
+    ):
+        build_app({"memory": {"budget_mb": 256}, **models(EMBED)})
+    build_app({"memory": {"budget_mb": 256}, **models({**EMBED, "embedding": {"rows_per_pass": 4}})})
+
+
 @pytest.fixture(scope="module")
 def engine():
     """One OpenBLAS thread: the tests share 2 cores with another worker."""
