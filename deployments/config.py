@@ -217,7 +217,8 @@ class ModelConfig(BaseModel):
     )
     source: str = Field(
         description="Where the weights come from: pkg://<package>/<file>.gguf, a local .gguf file or MLX "
-        "directory, or a Hugging Face repo id such as mlx-community/Qwen3-0.6B-8bit."
+        "directory, or a Hugging Face repo id such as mlx-community/Qwen3-0.6B-8bit. An embedding model: a "
+        "bundled name (all-minilm-l6-v2), pkg://<package>/<file>.zip, a local model directory or a hub id."
     )
     engine: EngineConfig = Field(
         default_factory=EngineConfig, description="Engine options: batching, streaming, KV cache, limits."
