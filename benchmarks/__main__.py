@@ -30,6 +30,10 @@ SUITES: dict[str, tuple[str, str]] = {
     "affinity": ("benchmarks.bench_affinity", "prefix-affinity vs power-of-two routing on 2 replicas"),
     "governor": ("benchmarks.bench_governor", "3 models in a 2-model budget vs all resident: loads, TTFT, RSS"),
     "idle": ("benchmarks.bench_idle", "what an idle loaded model costs the busy one (serve run)"),
+    "embeddings": (
+        "benchmarks.bench_embeddings",
+        "embeddings/s at 1-64 clients: serve run with and without @serve.batch, the engine, sentence-transformers",
+    ),
     "parsing": ("benchmarks.bench_parsing", "what reasoning and tool-call parsing cost per token in the router"),
     "soak": ("benchmarks.soak", "steady load with disconnects: is the process tree's RSS flat?"),
     "shutdown": ("benchmarks.bench_shutdown", "Ctrl-C to serve run's process group: exit code, seconds"),

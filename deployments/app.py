@@ -34,6 +34,7 @@ from ray.serve import Application
 from engine.loading.cpu_fast_path import openblas_env
 
 from .config import ConfigError, ModelConfig, OrchardConfig, RouterConfig, validate_args
+from .embedding_server import EmbeddingServer
 from .governor import FALLBACK_POLICY_PATH, governor_kwargs
 from .model_server import ModelServer
 from .request_router import ROUTER_PATH
@@ -54,7 +55,7 @@ class ModelPlan:
     """What the builder decided for one model."""
 
     config: ModelConfig
-    engine: dict  # EngineConfig fields, with the KV budget resolved against the host budget
+    engine: dict  # EngineConfig fields, with the KV budget resolved (an embedding model: its EmbeddingOptions)
     footprint_bytes: int  # per replica, estimated (a loaded replica measures its own)
 
 
@@ -92,6 +93,8 @@ def plan_model(model: ModelConfig, budget: int) -> ModelPlan:
     """Resolve the model's KV budget against the host budget and estimate its footprint."""
     from engine.memory import estimate_working_bytes
 
+    if model.kind == "embedding":
+        return plan_embedding_model(model)
     engine = model.engine.model_dump()
     if engine["cache_memory_mb"] is None:
         engine["cache_memory_mb"] = max(1, int(budget * model.engine.cache_memory_percent) >> 20)
@@ -102,6 +105,20 @@ def plan_model(model: ModelConfig, budget: int) -> ModelPlan:
             "weights is unknown: give it as weights_mb (the governor measures it after the first load)"
         )
     return ModelPlan(model, engine, weights + engine["cache_memory_mb"] * 2**20 + estimate_working_bytes(weights))
+
+
+def plan_embedding_model(model: ModelConfig) -> ModelPlan:
+    """An embedding model's footprint from its files (weights + a full pass at the full context);
+    a source that cannot be read is a config error naming the model."""
+    from engine.embed.engine import estimate_footprint
+    from engine.errors import OrchardError
+
+    options = model.embedding.model_dump()
+    try:
+        footprint = estimate_footprint(model.source, max_batch_size=options["rows_per_pass"])
+    except (OrchardError, OSError, ValueError) as exc:
+        raise ConfigError(f"model {model.name!r}: cannot read the embedding model {model.source!r}: {exc}") from None
+    return ModelPlan(model, options, footprint.total)
 
 
 def _estimate_weights(model: ModelConfig) -> int | None:
@@ -135,10 +152,13 @@ def check_budget(plans: list[ModelPlan], budget: int) -> None:
     for p in plans:
         need = p.footprint_bytes * p.config.deployment.num_replicas
         if need > budget:
+            chat = p.config.kind == "chat"
+            kv = f"KV {p.engine['cache_memory_mb']} MiB" if chat else "no KV"
+            knob = "engine.cache_memory_mb" if chat else "embedding.rows_per_pass"
             raise ConfigError(
-                f"model {p.config.name!r} needs {mib(need)} (weights + KV {p.engine['cache_memory_mb']} MiB + "
+                f"model {p.config.name!r} needs {mib(need)} (weights + {kv} + "
                 f"working memory, x{p.config.deployment.num_replicas} replicas) but the whole memory budget is "
-                f"{mib(budget)}: raise args.memory.budget_mb / budget_percent, or lower its engine.cache_memory_mb"
+                f"{mib(budget)}: raise args.memory.budget_mb / budget_percent, or lower its {knob}"
             )
     eager = [p for p in plans if p.config.load == "eager"]
     total = sum(p.footprint_bytes * p.config.deployment.num_replicas for p in eager)
@@ -180,6 +200,8 @@ def autoscaling_config(p: ModelPlan, budget: int, per_node: bool = False) -> dic
 
 
 def bind_model(p: ModelPlan, budget: int, per_node: bool = False):
+    if p.config.kind == "embedding":
+        return bind_embedding_model(p, budget, per_node)
     model, engine = p.config, p.engine
     max_ongoing = model.deployment.max_ongoing_requests or engine["max_num_seqs"] + engine["max_waiting"]
     placement = {
@@ -214,11 +236,30 @@ def bind_model(p: ModelPlan, budget: int, per_node: bool = False):
     )
 
 
+def bind_embedding_model(p: ModelPlan, budget: int, per_node: bool = False):
+    """An embedding model's EmbeddingServer, under the same governor as the chat models. It takes
+    enough requests at once for @serve.batch to fill two batches (one running, one gathering)."""
+    model = p.config
+    batch = model.embedding.max_batch_size
+    per_node_cap = model.deployment.max_replicas_per_node
+    return EmbeddingServer.options(
+        name=model.deployment_name,
+        **({"max_replicas_per_node": per_node_cap} if per_node_cap else {}),
+        autoscaling_config=autoscaling_config(p, budget, per_node),
+        max_ongoing_requests=model.deployment.max_ongoing_requests or max(64, 2 * batch),
+        max_queued_requests=model.deployment.max_queued_requests,
+        graceful_shutdown_wait_loop_s=0.5,
+        max_constructor_retry_count=MAX_LOAD_RETRIES,
+        ray_actor_options=model_actor_options(model, p.footprint_bytes if per_node else None),
+    ).bind(name=model.name, source=model.source, embedding=p.engine, memory_share_bytes=p.footprint_bytes)
+
+
 def model_facts(p: ModelPlan) -> ModelFacts:
     """What the router reports of a model before it ever loaded (/v1/models, metrics)."""
     m = p.config
     return ModelFacts(
         deployment=m.deployment_name,
+        kind=m.kind,
         load=m.load,
         keep_alive_s=m.keep_alive,
         load_timeout_s=m.load_timeout_s,

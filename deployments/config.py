@@ -157,12 +157,57 @@ class MemoryConfig(BaseModel):
         return default_budget_bytes()
 
 
+class EmbeddingOptions(BaseModel):
+    """How an embedding model's replica batches its requests (`kind: embedding`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(
+        16,
+        ge=1,
+        le=256,
+        description="Requests Ray Serve's @serve.batch merges into one engine call (their inputs encoded "
+        "together); 1 turns batching off: each request is its own call, one at a time.",
+    )
+    batch_wait_timeout_s: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="How long a batch waits for more requests after its first one. 0: it takes the requests "
+        "already queued (those that came while the previous batch ran).",
+    )
+    rows_per_pass: int = Field(
+        32,
+        ge=1,
+        le=1024,
+        description="Inputs encoded in one forward pass (sorted by length, padded to the longest of the pass); "
+        "the footprint reserves the working memory of this many rows at the full context.",
+    )
+
+
+# Fields of a chat model that mean nothing to an embedding model: given for one, a config error.
+CHAT_ONLY = (
+    "weights_mb",
+    "engine",
+    "default_sampling",
+    "stream_window_ms",
+    "stream_max_chunks_per_s",
+    "allow_ignore_eos",
+)
+
+
 class ModelConfig(BaseModel):
     """One hosted model."""
 
     model_config = ConfigDict(extra="forbid")
 
     name: str = Field(description="The name clients send as `model` (also the deployment's name: model-<name>).")
+    kind: Literal["chat", "embedding"] = Field(
+        "chat",
+        description="chat: a generative model (chat/completions, completions, responses, messages); embedding: "
+        "a sentence-transformers-style encoder served at /v1/embeddings (declared before `source`, which it "
+        "decides how to check).",
+    )
     weights_mb: int | None = Field(
         None,
         ge=1,
@@ -172,7 +217,8 @@ class ModelConfig(BaseModel):
     )
     source: str = Field(
         description="Where the weights come from: pkg://<package>/<file>.gguf, a local .gguf file or MLX "
-        "directory, or a Hugging Face repo id such as mlx-community/Qwen3-0.6B-8bit."
+        "directory, or a Hugging Face repo id such as mlx-community/Qwen3-0.6B-8bit. An embedding model: a "
+        "bundled name (all-minilm-l6-v2), pkg://<package>/<file>.zip, a local model directory or a hub id."
     )
     engine: EngineConfig = Field(
         default_factory=EngineConfig, description="Engine options: batching, streaming, KV cache, limits."
@@ -203,6 +249,9 @@ class ModelConfig(BaseModel):
         False,
         description="Let clients send ignore_eos (generate past the end of text to max_tokens: benchmarks "
         "want it; on a shared server it lets one client force full-length generations).",
+    )
+    embedding: EmbeddingOptions | None = Field(
+        None, description="Batching options of an embedding model (kind: embedding); defaults when left out."
     )
     load: Literal["eager", "on_demand"] = Field(
         "eager", description="eager: loaded when the app starts; on_demand: loaded by the first request for it."
@@ -244,6 +293,10 @@ class ModelConfig(BaseModel):
         v = v.strip()
         if not v:
             raise ValueError("must not be empty")
+        if info.data.get("kind") == "embedding":
+            if problem := embedding_source_problem(v):
+                raise ValueError(f"{problem} on this machine (where the app is built)")
+            return v
         problem = source_problem(v)
         if problem and not info.data.get("weights_mb"):
             raise ValueError(
@@ -264,6 +317,21 @@ class ModelConfig(BaseModel):
         except ValidationError as exc:
             raise ValueError(format_validation_error(exc, root="default_sampling")) from None
         return parsed.model_dump(include=set(v))
+
+    @model_validator(mode="after")
+    def _kind_fields(self) -> ModelConfig:
+        """An embedding model refuses the chat-only fields by name (and a chat model `embedding`)."""
+        if self.kind == "chat":
+            if self.embedding is not None:
+                raise ValueError("embedding: only for an embedding model (kind: embedding)")
+            return self
+        given = [f for f in CHAT_ONLY if f in self.model_fields_set]
+        given += [f"deployment.{f}" for f in ("request_router", "affinity") if f in self.deployment.model_fields_set]
+        if given:
+            raise ValueError(f"{given[0]}: not an option of an embedding model (kind: embedding); remove it")
+        if self.embedding is None:
+            self.embedding = EmbeddingOptions()
+        return self
 
     @property
     def deployment_name(self) -> str:
@@ -419,6 +487,31 @@ def source_problem(source: str) -> str | None:
     if path.exists() or source.count("/") == 1:
         return None
     return f"{source!r}: not a pkg:// source, a local path, an org/name repo id or a synthetic: model"
+
+
+def embedding_source_problem(source: str) -> str | None:
+    """The same cheap check for an embedding model's source (engine.loading.embedding_source's
+    forms: a bundled name, pkg://…zip, a local model directory, a hub id). None when it looks fine."""
+    from engine.loading.embedding_source import REQUIRED
+    from engine.loading.sources import BUNDLED_EMBEDDINGS
+
+    resolved = BUNDLED_EMBEDDINGS.get(source, source)
+    if resolved.startswith("pkg://"):
+        if not resolved.endswith(".zip"):
+            return f"{source!r}: a packaged embedding model is a zipped model directory (pkg://<package>/<file>.zip)"
+        return source_problem(resolved)
+    path = Path(resolved).expanduser()
+    if path.is_dir():
+        missing = [name for name in REQUIRED if not (path / name).exists()]
+        return f"{source!r}: not an embedding model directory (no {', '.join(missing)})" if missing else None
+    if source.startswith(("/", "./", "../", "~")) or path.exists():
+        return f"{source!r}: no such directory"
+    if source.count("/") == 1:
+        return None
+    return (
+        f"{source!r}: not an embedding model source: a bundled name ({', '.join(BUNDLED_EMBEDDINGS)}), "
+        "pkg://<package>/<file>.zip, a local model directory or an org/name hub id"
+    )
 
 
 def format_validation_error(exc: ValidationError, root: str = "args") -> str:

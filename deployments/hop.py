@@ -86,3 +86,23 @@ def error_item(exc: OrchardError) -> ErrorItem:
         "status_code": exc.status_code,
         "retry_after_s": exc.retry_after_s if isinstance(exc, OverloadedError) else None,
     }
+
+
+# --- embedding models (deployments.embedding_server): one call, one answer ---------------------
+
+
+@dataclass(frozen=True)
+class EmbedRequest:
+    """One /v1/embeddings request for an embedding model's replica (`EmbeddingServer.embed`)."""
+
+    inputs: list[str] | list[list[int]]  # texts, or token-id lists of the model's own tokenizer
+    truncate: bool = False  # cut an over-long input to the context instead of refusing it
+    dimensions: int | None = None  # keep the first components (renormalized)
+    request_id: str | None = None
+
+
+class Embeddings(TypedDict):
+    """The answer to an EmbedRequest (or an ErrorItem instead)."""
+
+    vectors: Any  # numpy float32 [inputs, dimensions], in input order
+    prompt_tokens: int  # tokens read, special tokens included, after any truncation

@@ -12,7 +12,7 @@ import asyncio
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import (
@@ -25,7 +25,7 @@ from ray.serve.exceptions import (
 from engine.request import PromptInput
 
 from .config import RouterConfig
-from .hop import GenerateRequest
+from .hop import Embeddings, EmbedRequest, GenerateRequest
 from .http.errors import ApiError
 
 log = logging.getLogger("ray.serve")
@@ -85,13 +85,7 @@ class ModelCall:
         except TimeoutError:
             if load_deadline is not None and load_deadline < self.deadline:
                 raise load_timeout_error(self.model, self.load_timeout_s, self._retry_after_s) from None
-            raise ApiError(
-                504,
-                f"the request took longer than the router's request_timeout_s "
-                f"({self.deadline - self.started_at:.0f} s)",
-                type="timeout_error",
-                code="timeout",
-            ) from None
+            raise deadline_error(self.started_at, self.deadline) from None
         except (ApiError, asyncio.CancelledError):
             raise
         except Exception as exc:  # noqa: BLE001 - Ray failures become API errors
@@ -160,6 +154,25 @@ def load_timeout_error(model: str, load_timeout_s: float, retry_after_s: int = 1
     )
 
 
+def deadline_error(started_at: float, deadline: float) -> ApiError:
+    return ApiError(
+        504,
+        f"the request took longer than the router's request_timeout_s ({deadline - started_at:.0f} s)",
+        type="timeout_error",
+        code="timeout",
+    )
+
+
+def wrong_kind_error(model: str, kind: str) -> ApiError:
+    """A request for a model of the other kind: an embedding model at a generation endpoint, a
+    chat model at /v1/embeddings."""
+    if kind == "embedding":
+        message = f"model {model!r} is an embedding model: use it with POST /v1/embeddings"
+    else:
+        message = f"model {model!r} is a chat model, not an embedding model: use it with a generation endpoint"
+    return ApiError(400, message, param="model", code="model_not_supported")
+
+
 def ray_error(model: str, exc: BaseException, retry_after_s: int = 1) -> ApiError:
     """A failure of the hop (Ray Serve's own queue limits included) as an ApiError (each API answers it in its own shape)."""
     retry = {"Retry-After": str(retry_after_s)}
@@ -189,6 +202,7 @@ def ray_error(model: str, exc: BaseException, retry_after_s: int = 1) -> ApiErro
 
 class ModelClient(Protocol):
     name: str
+    kind: Literal["chat", "embedding"]
 
     async def start(
         self, request: GenerateRequest, started_at: float, deadline: float, load_timeout_s: float | None = None
@@ -205,15 +219,18 @@ class ModelClient(Protocol):
     async def count_tokens(self, prompt: PromptInput, timeout_s: float, load: bool = False) -> int: ...
 
 
-async def _wait(response, timeout_s: float):
-    async def get():
-        return await response
+async def _resolve(response):
+    return await response
 
-    return await asyncio.wait_for(get(), timeout_s)
+
+async def _wait(response, timeout_s: float):
+    return await asyncio.wait_for(_resolve(response), timeout_s)
 
 
 class RayModelClient:
     """A ModelClient over a ModelServer's DeploymentHandle (the streaming handle is made once)."""
+
+    kind: Literal["chat", "embedding"] = "chat"
 
     def __init__(self, name: str, handle, config: RouterConfig):
         self.name = name
@@ -287,3 +304,62 @@ class RayModelClient:
         if "error" in result:
             raise ApiError.from_item(result, self._retry_after_s)
         return int(result["input_tokens"])
+
+
+class RayEmbeddingClient(RayModelClient):
+    """A ModelClient over an EmbeddingServer's DeploymentHandle: `embed` instead of generating."""
+
+    kind: Literal["chat", "embedding"] = "embedding"
+
+    async def start(self, request, started_at, deadline, load_timeout_s=None) -> ModelCall:
+        raise wrong_kind_error(self.name, self.kind)
+
+    async def count_tokens(self, prompt: PromptInput, timeout_s: float, load: bool = False) -> int:
+        raise wrong_kind_error(self.name, self.kind)
+
+    async def embed(
+        self,
+        request: EmbedRequest,
+        started_at: float,
+        deadline: float,
+        load_timeout_s: float | None = None,
+        loaded: Callable[[], bool] = lambda: True,
+    ) -> Embeddings:
+        """The request's vectors. `load_timeout_s`: the model is not loaded; unless it is loaded by
+        then (`loaded()`), the answer must come within this long, else 503. A request whose replica
+        was lost is sent again (embedding is idempotent), at most START_ATTEMPTS times in all."""
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                answer = await self._embed_once(request, started_at, deadline, load_timeout_s, loaded)
+            except ApiError as err:
+                if attempt == START_ATTEMPTS or not replica_lost(err) or time.monotonic() >= deadline:
+                    raise
+                log.warning("model %s: its replica was lost; sending the request again", self.name)
+                continue
+            if "error" in answer:
+                raise ApiError.from_item(answer, self._retry_after_s)
+            return answer
+        raise AssertionError("unreachable")
+
+    async def _embed_once(self, request, started_at, deadline, load_timeout_s, loaded) -> dict:
+        try:
+            response = self._handle.embed.remote(request)
+        except Exception as exc:  # noqa: BLE001 - any Ray failure becomes an API error
+            raise ray_error(self.name, exc, self._retry_after_s) from exc
+        task = asyncio.ensure_future(_resolve(response))
+        try:
+            if load_timeout_s is not None:
+                load_deadline = min(deadline, started_at + load_timeout_s)
+                await asyncio.wait({task}, timeout=max(0.0, load_deadline - time.monotonic()))
+                if not task.done() and not loaded():
+                    raise load_timeout_error(self.name, load_timeout_s, self._retry_after_s)
+            await asyncio.wait({task}, timeout=max(0.0, deadline - time.monotonic()))
+            if not task.done():
+                raise deadline_error(started_at, deadline)
+            return task.result()
+        except (ApiError, asyncio.CancelledError):
+            response.cancel()
+            task.cancel()
+            raise
+        except Exception as exc:  # noqa: BLE001 - Ray failures become API errors
+            raise ray_error(self.name, exc, self._retry_after_s) from exc

@@ -25,22 +25,23 @@ from . import output
 from .anthropic.serving import install_anthropic_routes
 from .config import RouterConfig
 from .events import Event
-from .hop import GenerateRequest
+from .hop import Embeddings, EmbedRequest, GenerateRequest
 from .http.auth import check_api_key
 from .http.body import read_body
 from .http.errors import ApiError, openai_error_response
 from .http.images import ImageLoader
 from .http.validation import problem_param
 from .metrics import CONTENT_TYPE_LATEST, RouterMetrics
-from .model_client import ModelCall, ModelClient, RayModelClient
+from .model_client import ModelCall, ModelClient, RayEmbeddingClient, RayModelClient, wrong_kind_error
 from .model_directory import LOADED, ModelDirectory
+from .openai.embeddings import install_embedding_routes
 from .openai.protocol import model_card
 from .openai.serving import install_openai_routes
 from .parsers import Parsing
 from .request_router import routing_decisions
 from .responses.serving import install_responses_routes
 from .responses.store import HandleBackend, LogBackend, StoreClient
-from .settings import LOADED_CALL_TIMEOUT_S
+from .settings import LOADED_CALL_TIMEOUT_S, ModelFacts
 
 log = logging.getLogger("ray.serve")
 
@@ -104,7 +105,7 @@ class RouterCore:
         if self.directory is not None:
             self.directory.start()  # a client that only ever lists the models sees them load too
         extra = self.directory.record(name).card() if self.directory is not None else {"state": LOADED}
-        return model_card(name, self.created, **extra)
+        return model_card(name, self.created, kind=self.models[name].kind, **extra)
 
     def loaded_names(self) -> list[str]:
         return [n for n in self.models if self.is_loaded(n)]
@@ -120,6 +121,13 @@ class RouterCore:
             )
         return self.models[name]
 
+    def client_of_kind(self, name: str, kind: str) -> ModelClient:
+        """The model's client, if the model is of this kind (404 unknown, 400 the other kind)."""
+        client = self.client(name)
+        if client.kind != kind:
+            raise wrong_kind_error(name, client.kind)
+        return client
+
     async def read_body(self, request: Request) -> bytes:
         return await read_body(request, self.config.max_request_body_bytes)
 
@@ -133,13 +141,24 @@ class RouterCore:
     async def start(self, model: str, request: GenerateRequest, start: float) -> ModelCall:
         """Send a request to its model; returns once its first chunk is there (or raises ApiError).
         Every API adapter calls this, then reads the call through `stream` or `collect`."""
-        client = self.client(model)
+        client = self.client_of_kind(model, "chat")
         load_timeout = self.load_timeout(model)
         self.touch(model)
         call = await client.start(request, start, start + self.config.request_timeout_s, load_timeout)
         if load_timeout is not None and call.first_token_at is not None:
             self.metrics.cold_ttft.labels(model).observe(call.first_token_at - start)
         return call
+
+    async def embed(self, model: str, request: EmbedRequest, start: float) -> Embeddings:
+        """An embedding model's vectors (POST /v1/embeddings); an unloaded model is loaded first,
+        as for `start` (503 after its load_timeout_s)."""
+        client = self.client_of_kind(model, "embedding")
+        load_timeout = self.load_timeout(model)
+        self.touch(model)
+        deadline = start + self.config.request_timeout_s
+        answer = await client.embed(request, start, deadline, load_timeout, lambda: self.is_loaded(model))
+        self.metrics.observe_usage(model, {"prompt_tokens": answer["prompt_tokens"]})
+        return answer
 
     async def collect(self, call: ModelCall, parsing: Parsing | None) -> list[Event]:
         """A call's whole response (`output.collect`); closes the call."""
@@ -261,6 +280,7 @@ def create_app(core: RouterCore) -> FastAPI:
     auth = Depends(core.check_auth)
 
     install_openai_routes(app, core, auth)
+    install_embedding_routes(app, core, auth)
     install_responses_routes(app, core, auth)
     _install_model_routes(app, core, auth)
     install_anthropic_routes(app, core)
@@ -339,7 +359,11 @@ class OrchardRouter:
         store: Any = None,
     ):
         config = RouterConfig.model_validate(router)
-        clients = {name: RayModelClient(name, h, config) for name, h in models.items()}
+        kinds = {name: ModelFacts.model_validate(f).kind for name, f in (facts or {}).items()}
+        clients = {
+            name: (RayEmbeddingClient if kinds.get(name) == "embedding" else RayModelClient)(name, h, config)
+            for name, h in models.items()
+        }
         directory = None
         if facts is not None:
             directory = ModelDirectory(

@@ -28,6 +28,7 @@ class ModelFacts(_Frozen):
     estimated footprint (a loaded replica reports the measured one)."""
 
     deployment: str
+    kind: Literal["chat", "embedding"] = "chat"
     load: Literal["eager", "on_demand"]
     keep_alive_s: float | None = Field(description="None: pinned, never unloaded")
     load_timeout_s: float

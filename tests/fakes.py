@@ -13,9 +13,10 @@ import dataclasses
 import json
 
 import httpx
+import numpy as np
 
 from deployments.config import RouterConfig
-from deployments.hop import GenerateRequest, error_item
+from deployments.hop import EmbedRequest, GenerateRequest, error_item
 from deployments.model_client import ModelCall
 from deployments.router import RouterCore, create_app
 from engine.errors import InvalidRequestError, OverloadedError
@@ -46,6 +47,8 @@ def sent(request: GenerateRequest) -> dict:
 class FakeClient:
     """Plays back a script of items; remembers what it was sent (as `sent` has it) and whether its
     stream was cancelled."""
+
+    kind = "chat"
 
     def __init__(self, name, items=None, delay=0.0):
         self.name, self.delay = name, delay
@@ -121,3 +124,75 @@ def sse_events(body: str) -> list:
     events = [line[len("data: ") :] for line in body.split("\n\n") if line.startswith("data: ")]
     assert events[-1] == "[DONE]"
     return [json.loads(e) for e in events[:-1]]
+
+
+# --- embedding models: a fake EmbeddingServer handle under the real RayEmbeddingClient ---------
+
+
+class FakeResponse:
+    """What a handle call returns: awaitable (after `delay`, its answer or its exception), cancellable."""
+
+    def __init__(self, answer, delay=0.0):
+        self.answer, self.delay, self.cancelled = answer, delay, False
+
+    def __await__(self):
+        return self._get().__await__()
+
+    async def _get(self):
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        if isinstance(self.answer, BaseException):
+            raise self.answer
+        return self.answer
+
+    def cancel(self):
+        self.cancelled = True
+
+
+class _Method:
+    def __init__(self, fn):
+        self.fn = fn
+
+    def remote(self, *args):
+        return self.fn(*args)
+
+
+def fake_vectors(inputs) -> np.ndarray:
+    """Input i's vector: [i + 1, 0.5, -0.25, 2**-20] (exact in float32)."""
+    return np.array([[i + 1, 0.5, -0.25, 2**-20] for i in range(len(inputs))], dtype=np.float32)
+
+
+class FakeEmbedHandle:
+    """An EmbeddingServer's handle: `embed` answers `fake_vectors` (one prompt token per input
+    character or id) after `delay`, or plays back `answers` (an answer, an error item or an
+    exception each) first; remembers the requests and the responses it gave."""
+
+    deployment_name = "model-e1"
+
+    def __init__(self, answers=(), delay=0.0):
+        self.answers, self.delay = list(answers), delay
+        self.requests, self.responses = [], []
+        self.embed = _Method(self._embed)
+        self.stats = _Method(lambda: FakeResponse({"kind": "embedding", "batching": {"batches": 1}}))
+        self.info = _Method(lambda: FakeResponse({"pid": 7, "loaded_at": 1.0, "footprint": {"total": 10}}))
+        self.check_health = _Method(lambda: FakeResponse(None))
+        self.request_unload = _Method(lambda: FakeResponse({"unload_requested": True}))
+
+    def options(self, **_):
+        return self
+
+    def _embed(self, request: EmbedRequest) -> FakeResponse:
+        self.requests.append(request)
+        if self.answers:
+            answer = self.answers.pop(0)
+        else:
+            answer = {"vectors": fake_vectors(request.inputs), "prompt_tokens": sum(len(x) for x in request.inputs)}
+        self.responses.append(FakeResponse(answer, self.delay))
+        return self.responses[-1]
+
+
+def embedding_client(name="e1", handle=None, router=None):
+    """The real RayEmbeddingClient over a FakeEmbedHandle."""
+    from deployments.model_client import RayEmbeddingClient
+
+    return RayEmbeddingClient(name, handle or FakeEmbedHandle(), RouterConfig.model_validate(router or {}))

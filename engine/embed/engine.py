@@ -51,6 +51,7 @@ class EmbeddingResult:
     vectors: np.ndarray  # float32 [inputs, dimensions], in input order
     prompt_tokens: int  # tokens read, special tokens included, after any truncation
     truncated: int = 0  # inputs that were cut to the context
+    input_tokens: tuple[int, ...] = ()  # tokens read per input, in input order (they sum to prompt_tokens)
 
 
 @dataclass(frozen=True)
@@ -119,7 +120,8 @@ class EmbeddingEngine:
             vectors = vectors[:, :dimensions]
             if self.info.normalize:
                 vectors = _l2_normalize(vectors)
-        return EmbeddingResult(np.ascontiguousarray(vectors), sum(len(r) for r in rows), truncated)
+        lengths = tuple(len(r) for r in rows)
+        return EmbeddingResult(np.ascontiguousarray(vectors), sum(lengths), truncated, lengths)
 
     # -- inputs ------------------------------------------------------------------------------
 

@@ -45,10 +45,16 @@ def test_every_field_description_is_one_clean_line():
     """What `python -m deployments.config` and the JSON schema show users: no reflow residue."""
     from pydantic import BaseModel
 
-    from deployments.config import AffinityOptions, MemoryConfig, ModelConfig, ModelDeploymentOptions
+    from deployments.config import (
+        AffinityOptions,
+        EmbeddingOptions,
+        MemoryConfig,
+        ModelConfig,
+        ModelDeploymentOptions,
+    )
 
     models: list[type[BaseModel]] = [OrchardConfig, RouterConfig, MemoryConfig, ModelConfig]
-    models += [ModelDeploymentOptions, AffinityOptions]
+    models += [ModelDeploymentOptions, AffinityOptions, EmbeddingOptions]
     for model in models:
         for name, field in model.model_fields.items():
             assert field.description, f"{model.__name__}.{name} has no description"
@@ -73,6 +79,8 @@ def test_shipped_yaml_files_validate():
         "configs/one_model.yaml",
         "configs/production.yaml",
         "configs/mac_mlx_community.yaml",
+        "configs/embeddings.yaml",
+        "tests/fixtures/embeddings.yaml",
     ):
         ServeDeploySchema.model_validate(yaml.safe_load(open(path)))
         for cfg in check_serve_config(path):

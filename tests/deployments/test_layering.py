@@ -14,6 +14,8 @@ ROUTER_SIDE = [
     "deployments.request_router",
     "deployments.config",
     "deployments.openai.serving",
+    "deployments.openai.embeddings",
+    "deployments.embedding_server",
     "deployments.anthropic.serving",
 ]
 
