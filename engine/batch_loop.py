@@ -128,7 +128,7 @@ class BatchLoop:
     ):
         self.model = model
         self.pipelined = mx.default_device() != mx.cpu if pipelined is None else pipelined
-        self.compiled = CompiledDecode(model, column_write, kv.grouped_mask) if compiled else None
+        self.compiled = CompiledDecode(model, column_write, kv.grouped_mask, kv.quant) if compiled else None
         self.eager_unpadded = eager_unpadded(unpadded)
         self.grammars = grammars
         self.kv = kv
@@ -228,10 +228,10 @@ class BatchLoop:
         geom = self.kv.geometry
         if copies is None or (self.eager_unpadded and geom.sees_all(None)):
             return self.model(batch.inputs[:, None], cache=batch.caches)[:, -1, :]
-        logits, ks, vs = self.compiled(
+        logits, ks, vs, *columns = self.compiled(
             batch.inputs, geom.col - 1, geom.pad_array, [c.k for c in copies], [c.v for c in copies]
         )
-        self.kv.commit_column(batch.caches, ks, vs)
+        self.kv.commit_column(batch.caches, ks, vs, *columns)
         return logits
 
     def _rebatch(self, keep: list[int], joining: list[Row]) -> None:

@@ -21,6 +21,11 @@ plus a kernel for the offset, so one select over the copy (`mx.where` with the c
 cheaper (docs/lab-notebook.md, *Kernels per step on the H200*). The loop's bookkeeping (blocks, the
 geometry, the rows' lengths) happens outside the compiled function, once a step
 (`PagedContext.decode_copies` before it, `PagedContext.commit_column` after).
+
+With quantized blocks (`EngineConfig.kv_bits`, engine.kv.quantized_storage) the step quantizes its
+column, writes the dequantized values into the copies (what the blocks will hold, so attention
+reads now what a later step or a cache hit reads) and returns the quantized parts, which
+`commit_column` writes to the blocks.
 """
 
 from __future__ import annotations
@@ -35,8 +40,12 @@ class _ColumnCache(_BaseCache):
     """One layer's working copy inside the trace: this step writes column `col` of every row
     (through `onehot` [1, 1, cap, 1], the column's one-hot, when given)."""
 
-    def __init__(self, k: mx.array, v: mx.array, col: mx.array, pad: mx.array, onehot: mx.array | None, grouped: bool):
+    def __init__(
+        self, k: mx.array, v: mx.array, col: mx.array, pad: mx.array, onehot: mx.array | None, grouped: bool, quant
+    ):
         self.k, self.v, self.col, self.pad, self.onehot, self.grouped = k, v, col, pad, onehot, grouped
+        self.quant = quant
+        self.parts = None  # the column's quantized K and V parts (quantized blocks)
         if onehot is None:
             self._start = mx.concatenate([mx.zeros((2,), mx.int32), col.reshape(1), mx.zeros((1,), mx.int32)])
 
@@ -46,6 +55,9 @@ class _ColumnCache(_BaseCache):
         return self.col - self.pad
 
     def update_and_fetch(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
+        if self.quant is not None:
+            (keys, kparts), (values, vparts) = self.quant.round_trip(keys), self.quant.round_trip(values)
+            self.parts = (kparts, vparts)
         if self.onehot is not None:
             self.k = mx.where(self.onehot, keys.astype(self.k.dtype), self.k)
             self.v = mx.where(self.onehot, values.astype(self.v.dtype), self.v)
@@ -90,15 +102,16 @@ def eager_unpadded(unpadded_decode: str | None = None) -> bool:
     return _on_cuda()
 
 
-def _decode_step(model, select: bool, grouped: bool):
+def _decode_step(model, select: bool, grouped: bool, quant):
     """The function to compile: a closure over the model only (no reference cycle through the
     CompiledDecode, so its traces go when it goes, on the thread that drops it)."""
 
     def forward(inputs: mx.array, col: mx.array, pad: mx.array, ks: list[mx.array], vs: list[mx.array]):
         onehot = (mx.arange(ks[0].shape[2]) == col)[None, None, :, None] if select else None
-        caches = [_ColumnCache(k, v, col, pad, onehot, grouped) for k, v in zip(ks, vs)]
+        caches = [_ColumnCache(k, v, col, pad, onehot, grouped, quant) for k, v in zip(ks, vs)]
         logits = model(inputs[:, None], cache=caches)[:, -1, :]
-        return logits, [c.k for c in caches], [c.v for c in caches]
+        out = logits, [c.k for c in caches], [c.v for c in caches]
+        return out if quant is None else (*out, [c.parts for c in caches])
 
     return forward
 
@@ -107,24 +120,27 @@ class CompiledDecode:
     """`model`'s one-token step over working copies, compiled (one trace per batch shape).
 
     MLX keeps every trace of a compiled function until the function goes, so past `max_traces`
-    shapes the function is made again (its traces dropped) rather than grow without bound."""
+    shapes the function is made again (its traces dropped) rather than grow without bound.
+    `quant`: the blocks are stored quantized (engine.kv.quantized_storage.KVQuant)."""
 
     max_traces = 256
 
-    def __init__(self, model, column_write: str | None = None, grouped_mask: bool = False):
+    def __init__(self, model, column_write: str | None = None, grouped_mask: bool = False, quant=None):
         self.model = model
         self.select = select_column(column_write)
         self.grouped = grouped_mask
-        self._step = mx.compile(_decode_step(model, self.select, grouped_mask))
+        self.quant = quant
+        self._step = mx.compile(_decode_step(model, self.select, grouped_mask, quant))
         self.steps = 0
         self.shapes: set[tuple[int, int]] = set()  # (rows, capacity) traced so far
 
     def __call__(self, inputs: mx.array, col: int, pad: mx.array, ks: list[mx.array], vs: list[mx.array]):
-        """Logits `[B, vocab]` for `inputs` `[B]` written at column `col`; the copies' new K and V."""
+        """Logits `[B, vocab]` for `inputs` `[B]` written at column `col`; the copies' new K and V
+        (and with `quant`, per layer the column's quantized (K, V) parts)."""
         self.steps += 1
         shape = (ks[0].shape[0], ks[0].shape[2])
         if shape not in self.shapes and len(self.shapes) >= self.max_traces:
-            self._step = mx.compile(_decode_step(self.model, self.select, self.grouped))
+            self._step = mx.compile(_decode_step(self.model, self.select, self.grouped, self.quant))
             self.shapes.clear()
         self.shapes.add(shape)
         return self._step(inputs, mx.array(col, dtype=mx.int32), pad, ks, vs)

@@ -128,6 +128,18 @@ class EngineConfig(BaseModel):
         "case (prompt + max_tokens) fits next to the running requests' worst cases.",
     )
     memory_aware: bool = Field(True, description="Budget by bytes (True) or by entry count (False).")
+    kv_bits: Literal[16, 8, 4] = Field(
+        16,
+        description="Bits per stored K/V value in the paged pool: 16 keeps the model's dtype; 8 or 4 store "
+        "each block quantized (MLX's affine `mx.quantize` per token along the head dimension, with a "
+        "scale and a bias per group), so the same cache_memory_mb holds ~1.9x / ~3.6x the tokens (float16 "
+        "model, group 64; 3.6x / 6.4x for float32). Attention reads the dequantized blocks. The paged cache only.",
+    )
+    kv_group_size: Literal[32, 64, 128] = Field(
+        64,
+        description="Values per quantization group (one scale and bias each) when kv_bits is 8 or 4; it "
+        "must divide the model's K and V head dimensions, or the model does not load.",
+    )
     state_interval: int = Field(
         512,
         ge=0,

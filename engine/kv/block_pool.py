@@ -17,7 +17,8 @@ from collections.abc import Callable
 import mlx.core as mx
 
 from . import kv_storage
-from .kv_storage import KVStorage, LayerShape
+from .kv_storage import LayerShape
+from .quantized_storage import KVQuant, make_storage
 
 log = logging.getLogger(__name__)
 
@@ -34,14 +35,15 @@ class BlockPool:
         first_growth: int = 64,
         cache_share: float = 1.0,
         on_evict: Callable[[int], None] | None = None,
+        quant: KVQuant | None = None,
     ):
         """`capacity_blocks`: most usable blocks (the byte budget / block_bytes); None: unbounded.
         `cache_share`: the pool grows past this share of the capacity only for referenced blocks
         (running requests); up to it, it grows rather than evict cached blocks. The rest of the
         budget is left to decode working copies (engine.kv.paged_cache) while nothing else needs it.
         `on_evict(block)`: told of each cached block the pool evicts, before it is reused (the
-        prefix index forgets it)."""
-        self.storage = KVStorage(layers, dtype, block_size)
+        prefix index forgets it). `quant`: blocks stored quantized (engine.kv.quantized_storage)."""
+        self.storage = make_storage(layers, dtype, block_size, quant)
         self.block_size = block_size
         self.block_bytes = self.storage.block_bytes
         self.capacity = capacity_blocks
@@ -191,6 +193,8 @@ class BlockPool:
         return {
             "block_size": self.block_size,
             "block_bytes": self.block_bytes,
+            "kv_bits": 16 if self.storage.quant is None else self.storage.quant.bits,
+            "kv_group_size": None if self.storage.quant is None else self.storage.quant.group_size,
             "blocks_total": self.total,
             "blocks_used": self.used,
             "blocks_cached": len(self.lru),

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import mlx.core as mx
 
     from .paged_cache import BatchCaches, SeqBlocks
+    from .quantized_storage import KVQuant
     from .working_copy import Geometry, WorkingCopy
 
 
@@ -87,6 +88,7 @@ class BatchKV(Protocol):
     geometry: Geometry | None  # where the decode batch's tokens sit in its working copies
     recurrent: bool  # rows carry recurrent state (engine.kv.recurrent): prompt chunks are never padded
     grouped_mask: bool  # masks get a group axis for attention that groups queries in 5-D (engine.kv.layout)
+    quant: KVQuant | None  # blocks stored quantized (engine.kv.quantized_storage); None: the model's dtype
 
     def caches(self, rows: list[SeqBlocks], chunk: list[int] | None = None) -> BatchCaches:
         """The model's cache list for a batch of rows, one per cache slot (engine.kv.layout);
@@ -99,8 +101,11 @@ class BatchKV(Protocol):
         """Plan the batch's one-token step; when it goes through working copies, every layer's
         copy (for the compiled step), else None (the model's own call gathers)."""
 
-    def commit_column(self, caches: BatchCaches, ks: list[mx.array], vs: list[mx.array]) -> None:
-        """A compiled decode step wrote this step's column: the copies' new K and V, per layer."""
+    def commit_column(
+        self, caches: BatchCaches, ks: list[mx.array], vs: list[mx.array], columns: list | None = None
+    ) -> None:
+        """A compiled decode step wrote this step's column: the copies' new K and V, per layer, and
+        with quantized blocks the column's quantized (K, V) parts per layer, written to the blocks."""
 
     def flush(self, caches: BatchCaches) -> None:
         """Decode tokens held only in working copies go to the rows' blocks (before anything else

@@ -40,6 +40,8 @@ def layer_block_bytes(layers: list[LayerShape], dtype: mx.Dtype, block_size: int
 
 
 class KVStorage:
+    quant = None  # the model's dtype, unquantized (engine.kv.quantized_storage for quantized blocks)
+
     def __init__(self, layers: list[LayerShape], dtype: mx.Dtype, block_size: int):
         self.layers = list(layers)
         self.dtype = dtype

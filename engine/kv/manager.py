@@ -46,10 +46,11 @@ import mlx.core as mx
 from ..config import EngineConfig
 from .block_pool import BlockPool
 from .interface import CacheManager, StepWrites
-from .kv_storage import LayerShape, layer_block_bytes
+from .kv_storage import LayerShape
 from .layout import CacheLayout, KVSlot, probe_layout
 from .paged_cache import PagedContext, SeqBlocks
 from .prefix_cache import PrefixCache
+from .quantized_storage import KVQuant, kv_quant, storage_block_bytes
 from .snapshots import SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ class NoCache:
         return 0
 
     def stats(self) -> dict:
-        return {"enabled": False, "path": "mlx_lm", "why": self.why}
+        return {"enabled": False, "path": "mlx_lm", "why": self.why, "kv_bits": 16}
 
     def batch_kv(self) -> None:
         return None
@@ -120,8 +121,9 @@ class PagedCacheManager:
             layout if layout is not None else CacheLayout([KVSlot(i) for i in range(len(layers))], layers, dtype)
         )
         # A state-space model has no K/V: its blocks are bookkeeping only (the prefix index's keys),
-        # and the budget is counted in bytes.
-        unit = sum(layer_block_bytes(layers, dtype, bs)) or 1
+        # and the budget is counted in bytes: the bytes blocks take as stored (quantized or not).
+        quant = kv_quant(config.kv_bits, config.kv_group_size)
+        unit = sum(storage_block_bytes(layers, dtype, bs, quant)) or 1
         self.budget_bytes = budget_bytes(config)
         self.memory_aware = config.memory_aware
         self.reserve = config.kv_admission == "reserve"
@@ -139,11 +141,11 @@ class PagedCacheManager:
             # A snapshot this close after another one of the same sequence costs more memory than
             # recomputing the tokens between them saves: one-eighth of the tokens whose K/V would
             # take the snapshot's bytes (models with K/V; a state-space model has only its states).
-            kv_token_bytes = sum(layer_block_bytes(layers, dtype, bs)) // bs
+            kv_token_bytes = unit // bs if layers else 0
             self.min_gap = self.layout.state_bytes // kv_token_bytes // 8 if kv_token_bytes else 0
         capacity = max(1, pool_bytes // unit - BlockPool.RESERVED) if self.memory_aware else None
         self.pool = BlockPool(
-            layers, dtype, bs, capacity, cache_share=1 - WORKING_COPY_SHARE, on_evict=self._forget_evicted
+            layers, dtype, bs, capacity, cache_share=1 - WORKING_COPY_SHARE, on_evict=self._forget_evicted, quant=quant
         )
         self.ctx = PagedContext(
             self.pool, len(layers), copy_room=self.copy_room, layout=self.layout, on_state=self._on_state
@@ -491,9 +493,13 @@ def probe_layers(model) -> tuple[list[LayerShape], mx.Dtype] | None:
     return layout.kv_layers, layout.kv_dtype
 
 
-def model_salt(model, layers: list[LayerShape], dtype) -> bytes:
+def model_salt(model, layers: list[LayerShape], dtype, quant: KVQuant | None = None) -> bytes:
+    """The cache identity of a model's blocks: its module, args and K/V shapes, and how blocks are
+    stored (quantized blocks never share a hash with unquantized ones or another width)."""
     args = getattr(model, "args", None)
     text = f"{type(model).__module__}|{args!r}|{layers!r}|{dtype}"
+    if quant is not None:
+        text += f"|kv_bits={quant.bits}|kv_group_size={quant.group_size}"
     return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
 
@@ -510,5 +516,5 @@ def make_cache_manager(model, config: EngineConfig) -> CacheManager:
     if layout.why_not is not None:
         log.warning("paged cache off for this model, prompts computed from scratch: %s", layout.why_not)
         return NoCache(budget_bytes(config), layout.why_not)
-    salt = model_salt(model, layout.kv_layers, layout.kv_dtype)
+    salt = model_salt(model, layout.kv_layers, layout.kv_dtype, kv_quant(config.kv_bits, config.kv_group_size))
     return PagedCacheManager(layout.kv_layers, layout.kv_dtype, config, salt, layout)

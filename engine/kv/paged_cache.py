@@ -53,7 +53,7 @@ import numpy as np
 from mlx_lm.models.cache import CacheList, _BaseCache
 
 from .block_pool import BlockPool
-from .kv_storage import row_index, slab_index
+from .kv_storage import layer_block_bytes, row_index, slab_index
 from .layout import CacheLayout, KVSlot, StateSlot
 from .recurrent import BatchStateCache, gather_states, write_back
 from .working_copy import Geometry, WorkingCopy
@@ -244,8 +244,14 @@ class PagedContext:
         if 2 * shared >= held:
             return False
         room = self.copy_room()
-        need = len(rows) * (width + -(-self.copy_step // self.pool.block_size))
-        return room is None or need - self.copy_blocks() <= room
+        need = len(rows) * (width + -(-self.copy_step // self.pool.block_size)) * self._copy_block_bytes()
+        return room is None or -(-need // self.pool.block_bytes) - self.copy_blocks() <= room
+
+    def _copy_block_bytes(self) -> int:
+        """Bytes a block's tokens take in a working copy: dense, in the model's dtype, also when
+        the blocks are stored quantized."""
+        store = self.pool.storage
+        return sum(layer_block_bytes(store.layers, store.dtype, self.pool.block_size))
 
     def copy_blocks(self) -> int:
         """The working copies' bytes, in blocks: budget they take from the running requests."""
@@ -313,9 +319,19 @@ class PagedContext:
             return None
         return [c._working_copy() for c in caches.kv]
 
-    def commit_column(self, caches: BatchCaches, ks: list[mx.array], vs: list[mx.array]) -> None:
-        for cache, k, v in zip(caches.kv, ks, vs):
-            cache.commit_column(k, v)
+    @property
+    def quant(self):
+        """How the blocks are stored (engine.kv.quantized_storage.KVQuant; None: unquantized): a
+        compiled decode step stores its column that way and attends to what the blocks hold."""
+        return self.pool.storage.quant
+
+    def commit_column(
+        self, caches: BatchCaches, ks: list[mx.array], vs: list[mx.array], columns: list | None = None
+    ) -> None:
+        """A compiled decode step's new copies; `columns`: per layer the step's quantized K and V
+        parts (quantized blocks), written to the blocks now."""
+        for i, (cache, k, v) in enumerate(zip(caches.kv, ks, vs)):
+            cache.commit_column(k, v, columns[i] if columns is not None else None)
 
     def flush(self, caches: BatchCaches) -> None:
         """Decode tokens held only in working copies go to the rows' blocks; each row's slice of
@@ -391,8 +407,22 @@ class BatchPagedKVCache(_BaseCache):
 
     def _through_copy(self, keys: mx.array, values: mx.array) -> tuple[mx.array, mx.array]:
         """Decode through the working copy (engine.kv.working_copy): built by one gather when the
-        geometry is new, then one column per step; the tokens reach the pool at `flush`."""
-        return self._working_copy().append(keys, values)
+        geometry is new, then one column per step; the tokens reach the pool at `flush`. Quantized
+        blocks: the column is written to them now and the copy takes what they hold."""
+        quant = self.ctx.pool.storage.quant
+        if quant is None:
+            return self._working_copy().append(keys, values)
+        (k, kparts), (v, vparts) = quant.round_trip(keys), quant.round_trip(values)
+        self._write_through(kparts, vparts)
+        return self._working_copy().append(k, v)
+
+    def _write_through(self, kparts, vparts) -> None:
+        """This decode step's quantized column into the rows' blocks (the copy then has nothing
+        of its own to flush: re-quantizing its dequantized values would not give them back)."""
+        pool = self.ctx.pool
+        rows = self._step_plan(1).rows(pool.storage.layers[self.layer].kv_heads, pool.block_size)
+        pool.storage.write_parts(self.layer, rows, kparts, vparts)
+        self._working_copy().flushed = self.ctx.geometry.col
 
     def _working_copy(self) -> WorkingCopy:
         """This layer's copy for the decode batch's geometry, at the geometry's capacity."""
@@ -406,9 +436,12 @@ class BatchPagedKVCache(_BaseCache):
             self.ctx.copy_bytes[id(self)] = self._copy.nbytes
         return self._copy
 
-    def commit_column(self, k: mx.array, v: mx.array) -> None:
-        """A compiled decode step wrote this step's column: its copy's new K and V."""
+    def commit_column(self, k: mx.array, v: mx.array, parts=None) -> None:
+        """A compiled decode step wrote this step's column: its copy's new K and V (and, for
+        quantized blocks, the column's stored parts: (K's, V's))."""
         self._copy.k, self._copy.v = k, v
+        if parts is not None:
+            self._write_through(*parts)
         for row in self.rows:
             row.written[self.layer] += 1
 
