@@ -59,7 +59,7 @@ class BatchCheck:
 # What changes the outcome besides the model: the loop's settings.
 LOOP_FIELDS = (
     "paged_cache", "block_size", "prefill_step_size", "compiled_decode", "pipelined_decode",
-    "decode_column_write", "unpadded_decode", "state_interval", "fast_cpu",
+    "decode_column_write", "unpadded_decode", "state_interval", "fast_cpu", "kv_bits", "kv_group_size",
 )  # fmt: skip
 
 
