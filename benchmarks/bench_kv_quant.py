@@ -33,14 +33,16 @@ MODELS = ["smollm2-135m-instruct", "gemma-3-270m"]
 TEXT = Path(__file__).parent / "data" / "kv_quality_text.txt"
 
 
-def perplexity(model, tokens: list[int], bits: int, chunk: int, block_size: int = 32) -> float:
+def perplexity(model, tokens: list[int], bits: int, chunk: int, group: int = 64, block_size: int = 32) -> float:
     """exp(mean NLL) of `tokens[1:]`, the text prefilled in chunks through a fresh paged cache."""
     import mlx.core as mx
 
     from engine.config import EngineConfig
     from engine.kv.manager import PagedCacheManager, make_cache_manager
 
-    mgr = make_cache_manager(model, EngineConfig(kv_bits=bits, block_size=block_size, cache_memory_mb=1024))
+    mgr = make_cache_manager(
+        model, EngineConfig(kv_bits=bits, kv_group_size=group, block_size=block_size, cache_memory_mb=1024)
+    )
     assert isinstance(mgr, PagedCacheManager), "the model's caches are not paged"
     seq, _ = mgr.acquire(tokens, 1)
     ctx = mgr.batch_kv()
@@ -67,12 +69,12 @@ def prompt_for(model_name: str, question: str):
     return PromptInput(messages=[{"role": "user", "content": question}])
 
 
-async def greedy_outputs(source: str, bits: int, max_tokens: int) -> list[list[int]]:
+async def greedy_outputs(source: str, bits: int, max_tokens: int, group: int = 64) -> list[list[int]]:
     from engine.config import EngineConfig
     from engine.engine import AsyncEngine
     from engine.sampling import SamplingParams
 
-    engine = AsyncEngine.from_source(source, EngineConfig(kv_bits=bits))
+    engine = AsyncEngine.from_source(source, EngineConfig(kv_bits=bits, kv_group_size=group))
     try:
         params = SamplingParams(temperature=0, max_tokens=max_tokens)
 
@@ -105,13 +107,14 @@ async def quality(source: str, args) -> list[dict]:
     rows, reference = [], None
     for bits in args.bits:
         start = time.perf_counter()
-        ppl = perplexity(loaded.model, tokens, bits, args.chunk)
-        outputs = await greedy_outputs(source, bits, args.agree_tokens)
+        ppl = perplexity(loaded.model, tokens, bits, args.chunk, args.group_size)
+        outputs = await greedy_outputs(source, bits, args.agree_tokens, args.group_size)
         reference = outputs if reference is None else reference
         rows.append(
             {
                 "model": source,
                 "kv_bits": bits,
+                "kv_group_size": args.group_size if bits < 16 else None,
                 "text_tokens": len(tokens),
                 "perplexity": round(ppl, 4),
                 **{f"agree_{k}": v for k, v in agreement(reference, outputs).items()},
@@ -132,7 +135,9 @@ def capacity(source: str, args) -> list[dict]:
     model = load_model(source).model
     rows = []
     for bits in args.bits:
-        mgr = make_cache_manager(model, EngineConfig(kv_bits=bits, cache_memory_mb=args.cache_mb))
+        mgr = make_cache_manager(
+            model, EngineConfig(kv_bits=bits, kv_group_size=args.group_size, cache_memory_mb=args.cache_mb)
+        )
         stats = mgr.stats()
         per_seq = -(-args.seq_tokens // stats["block_size"])
         rows.append(
@@ -155,7 +160,8 @@ async def throughput_run(source: str, bits: int, clients: int, args) -> dict:
     from engine.sampling import SamplingParams
 
     engine = AsyncEngine.from_source(
-        source, EngineConfig(kv_bits=bits, cache_memory_mb=args.cache_mb, max_num_seqs=clients)
+        source,
+        EngineConfig(kv_bits=bits, kv_group_size=args.group_size, cache_memory_mb=args.cache_mb, max_num_seqs=clients),
     )
     params = SamplingParams(temperature=0, max_tokens=args.max_tokens, ignore_eos=True)
 
@@ -188,9 +194,9 @@ async def throughput(source: str, args) -> list[dict]:
 def tables(doc: dict) -> str:
     out = []
     if doc.get("quality"):
-        head = ["model", "kv_bits", "perplexity", "vs first", "identical outputs", "matched share"]
+        head = ["model", "kv_bits", "group", "perplexity", "vs first", "identical outputs", "matched share"]
         rows = [
-            [r["model"], r["kv_bits"], f"{r['perplexity']:.3f}", f"{100 * r['perplexity_vs_first']:+.2f}%",
+            [r["model"], r["kv_bits"], r["kv_group_size"] or "-", f"{r['perplexity']:.3f}", f"{100 * r['perplexity_vs_first']:+.2f}%",
              f"{r['agree_identical']}/{r['agree_prompts']}", r["agree_matched_share"]]
             for r in doc["quality"]
         ]  # fmt: skip
@@ -236,6 +242,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--bits", nargs="+", type=int, choices=[16, 8, 4], default=[16, 8, 4], help="the first is the reference"
     )
+    p.add_argument("--group-size", type=int, choices=[32, 64, 128], default=64, help="kv_group_size of 8 and 4 bits")
     p.add_argument("--text-tokens", type=int, default=8192, help="most tokens of the text (it has ~4,100)")
     p.add_argument("--chunk", type=int, default=256, help="prefill chunk of the perplexity run (tokens)")
     p.add_argument("--agree-tokens", type=int, default=64, help="max_tokens of the greedy agreement run")

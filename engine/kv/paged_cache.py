@@ -34,6 +34,11 @@ the part of the budget the pool does not use or need; otherwise every step gathe
 prefix stays one copy in memory at the price of the gather. Prefill chunks always gather (the
 copy is small next to the chunk's compute).
 
+Quantized blocks (`EngineConfig.kv_bits`, engine.kv.quantized_storage): gathers dequantize, working
+copies stay dense (they count in the budget at their dense bytes), and a decode step writes its
+quantized column to the blocks at once, the copy taking the dequantized value: re-quantizing a
+copy's values at `flush` would not give back what was attended to.
+
 A model's cache list follows its slots (engine.kv.layout): a K/V slot gets a `BatchPagedKVCache`,
 a recurrent one a `BatchStateCache` over the rows' states (engine.kv.recurrent), a `CacheList`
 its children; `flush` also hands each row its slice of the batch's state back.

@@ -17,7 +17,7 @@ from engine.errors import ModelLoadError
 from engine.request import PromptInput
 from engine.sampling import SamplingParams
 
-from ...conftest import SMOLLM
+from ...conftest import GEMMA, SMOLLM
 
 # The seed's five prompts (benchmarks/openai_bench/prompts.py SEED_QUESTIONS)
 SEED = ["What is 2+2?", "Name 3 colors.", "What is Python?", "Capital of Japan?", "Who wrote Hamlet?"]
@@ -65,9 +65,14 @@ async def alone_cold(engine, prompts, **params) -> list[list[int]]:
     return out
 
 
-async def test_at_8_bits_a_cache_hit_or_a_batch_neighbour_never_changes_greedy_output(q8):
+@pytest.fixture(scope="module")
+def want(q8):
+    """QUESTIONS alone, nothing cached, at 8 bits: what every other way of running them must give."""
+    return asyncio.run(alone_cold(q8, [chat(q) for q in QUESTIONS]))
+
+
+async def test_at_8_bits_a_cache_hit_or_a_batch_neighbour_never_changes_greedy_output(q8, want):
     prompts = [chat(q) for q in QUESTIONS]
-    want = await alone_cold(q8, prompts)
     q8.clear_cache()
     together = await asyncio.gather(*(run(q8, p) for p in prompts))  # batched, sharing the system prompt
     assert [ids for ids, _ in together] == want
@@ -79,11 +84,10 @@ async def test_at_8_bits_a_cache_hit_or_a_batch_neighbour_never_changes_greedy_o
     assert stats["kv_bits"] == 8 and stats["kv_group_size"] == 64 and stats["hits"] >= 3
 
 
-async def test_at_8_bits_the_decode_path_never_changes_greedy_output(q8):
+async def test_at_8_bits_the_decode_path_never_changes_greedy_output(q8, want):
     """Working copies (their column written through to the blocks) or a gather of the blocks
     every step give the same tokens."""
     prompts = [chat(q) for q in QUESTIONS]
-    want = await alone_cold(q8, prompts)
     ctx = q8.scheduler.cache.ctx
     try:
         for policy in ("always", "never"):
@@ -98,11 +102,10 @@ async def test_at_8_bits_the_decode_path_never_changes_greedy_output(q8):
     assert q8.stats()["compiled_steps"] > 0
 
 
-async def test_at_8_bits_chunk_size_block_size_and_the_eager_step_never_change_greedy_output(q8):
+async def test_at_8_bits_chunk_size_block_size_and_the_eager_step_never_change_greedy_output(want):
     """Prefill in chunks of 16 into blocks of 16, decode through the model's own call (no compiled
     step): the same tokens as one chunk and the compiled step."""
     prompts = [chat(q) for q in QUESTIONS]
-    want = await alone_cold(q8, prompts)
     config = EngineConfig(kv_bits=8, prefill_step_size=16, block_size=16, compiled_decode=False, **FAST)
     eng = AsyncEngine.from_source(SMOLLM, config)
     try:
@@ -196,6 +199,28 @@ async def test_a_hybrid_model_at_8_bits_keeps_its_state_and_never_changes_greedy
     assert [ids for ids, _ in together] == want and [ids for ids, _ in again] == want
     assert all(usage.cached_tokens > 0 for _, usage in again)
     assert stats["kv_bits"] == 8 and stats["state_bytes_per_sequence"] > 0
+
+
+async def test_gemma_3s_sliding_windows_at_8_bits_never_change_greedy_output():
+    """The real Gemma 3 270M (5 of 6 layers attend to a 512-token window; head_dim 256, group 64;
+    the synthetic gemma3_text's head_dim 16 is below MLX's smallest group): two ~600-token prompts
+    sharing 550 tokens, past the window and across two prefill chunks, alone and cold, then
+    batched, then as cache hits: the same tokens."""
+
+    text = " ".join(f"Station {i} of the coastal railway lies {i * 3} miles north of the harbour." for i in range(40))
+    prompts = [PromptInput(text=text + tail) for tail in (" The next station is", " Trains stop here every")]
+    eng = AsyncEngine.from_source(GEMMA, EngineConfig(kv_bits=8, **FAST))
+    try:
+        want = await alone_cold(eng, prompts, max_tokens=6)
+        eng.clear_cache()
+        together = await asyncio.gather(*(run(eng, p, max_tokens=6) for p in prompts))
+        again = [await run(eng, p, max_tokens=6) for p in prompts]
+        stats = eng.stats()["cache"]
+    finally:
+        eng.shutdown()
+    assert [ids for ids, _ in together] == want and [ids for ids, _ in again] == want
+    assert together[0][1].prompt_tokens > 512 + 64 and all(u.cached_tokens > 512 for _, u in again)
+    assert stats["kv_bits"] == 8 and stats["path"] == "paged"
 
 
 def test_a_model_whose_head_dimension_the_group_size_does_not_divide_does_not_load():
