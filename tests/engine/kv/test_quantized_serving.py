@@ -1,8 +1,8 @@
 """Serving with quantized KV blocks (`engine.kv_bits`): at 8 bits a cache hit, a chunk boundary, a
-batch neighbour, the decode path (working copy, compiled or eager, or gather) and a preemption never
-change a greedy output; greedy output agrees with 16-bit KV at the measured level on the seed's
-prompts; a shared prefix is stored once. On the real SmolLM2 (float32 on the CPU fast path), and
-the synthetic hybrid qwen3_next (gated delta-net state beside K/V, engine.loading.families)."""
+batch neighbour and the decode path (working copy, compiled or eager, or gather) never change a
+greedy output; a preemption's outputs and greedy agreement with 16-bit KV on the seed's prompts
+hold at the measured level (why not exactly: the preemption test); a shared prefix is stored once. On the real SmolLM2 (float32 on the CPU fast path), the
+real Gemma 3 270M (sliding windows), and the synthetic families whose head dims MLX can group."""
 
 from __future__ import annotations
 
@@ -177,17 +177,20 @@ async def test_at_8_bits_a_budget_too_small_preempts_and_outputs_agree_at_the_me
     assert stats["cache"]["blocks_capacity"] == 5 and stats["cache"]["over_budget_blocks"] == 0
 
 
-async def test_a_hybrid_model_at_8_bits_keeps_its_state_and_never_changes_greedy_output():
-    """synthetic:qwen3_next (head_dim 32; gated delta-net layers beside K/V layers): the recurrent
-    state and its snapshots stay unquantized; batched, alone, chunked and resumed from a cached
-    prefix (K/V blocks + a state snapshot) give the same tokens."""
+@pytest.mark.parametrize("family", ["qwen3", "qwen3_5", "qwen3_next", "mamba2"])
+async def test_the_synthetic_families_mlx_can_group_at_8_bits_never_change_greedy_output(family):
+    """The families whose K/V head dims MLX can group (32; the others have 16) and a state-space
+    model with no K/V at all (engine.loading.families): qwen3 (K/V only), qwen3_5 and qwen3_next
+    (gated delta-net state beside K/V: the state and its snapshots stay unquantized), mamba2 (only
+    state). Batched, alone, chunked by 16 and resumed from a cached prefix (K/V blocks + a state
+    snapshot) give the same tokens."""
     from engine.loading.families import VOCAB
 
     rng = np.random.default_rng(5)
     shared = [int(t) for t in rng.integers(1, VOCAB, 21)]
     prompts = [PromptInput(token_ids=shared + [int(t) for t in rng.integers(1, VOCAB, n)]) for n in (3, 9, 17)]
     config = EngineConfig(kv_bits=8, kv_group_size=32, block_size=4, prefill_step_size=16, cache_memory_mb=16)
-    eng = AsyncEngine.from_source("synthetic:qwen3_next", config)
+    eng = AsyncEngine.from_source(f"synthetic:{family}", config)
     try:
         want = await alone_cold(eng, prompts, max_tokens=6, ignore_eos=True)
         eng.clear_cache()
@@ -198,7 +201,8 @@ async def test_a_hybrid_model_at_8_bits_keeps_its_state_and_never_changes_greedy
         eng.shutdown()
     assert [ids for ids, _ in together] == want and [ids for ids, _ in again] == want
     assert all(usage.cached_tokens > 0 for _, usage in again)
-    assert stats["kv_bits"] == 8 and stats["state_bytes_per_sequence"] > 0
+    assert stats["path"] == "paged" and stats["kv_bits"] == 8
+    assert (stats.get("state_bytes_per_sequence", 0) > 0) == (family != "qwen3")
 
 
 async def test_gemma_3s_sliding_windows_at_8_bits_never_change_greedy_output():
