@@ -507,7 +507,7 @@ def make_cache_manager(model, config: EngineConfig) -> CacheManager:
     """The paged cache when the config asks for it and mlx_lm's caches for the model are kinds it
     holds (engine.kv.layout), else `NoCache` (mlx_lm's own caches and loop), saying why."""
     if not config.paged_cache:
-        return NoCache(budget_bytes(config), "paged_cache is off in the engine config")
+        return _no_cache(config, "paged_cache is off in the engine config")
     try:
         layout = probe_layout(model)
     except Exception as exc:  # noqa: BLE001 - an odd model: run it without the paged cache
@@ -515,6 +515,12 @@ def make_cache_manager(model, config: EngineConfig) -> CacheManager:
         layout = CacheLayout(why_not=f"probing the model's caches failed: {type(exc).__name__}: {exc}")
     if layout.why_not is not None:
         log.warning("paged cache off for this model, prompts computed from scratch: %s", layout.why_not)
-        return NoCache(budget_bytes(config), layout.why_not)
+        return _no_cache(config, layout.why_not)
     salt = model_salt(model, layout.kv_layers, layout.kv_dtype, kv_quant(config.kv_bits, config.kv_group_size))
     return PagedCacheManager(layout.kv_layers, layout.kv_dtype, config, salt, layout)
+
+
+def _no_cache(config: EngineConfig, why: str) -> NoCache:
+    if config.kv_bits < 16:
+        log.warning("kv_bits %d applies to the paged cache only: this model's K/V stay unquantized", config.kv_bits)
+    return NoCache(budget_bytes(config), why)
