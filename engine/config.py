@@ -151,6 +151,14 @@ class EngineConfig(BaseModel):
         "request at a time (logged, and in the engine's stats).",
     )
     max_cache_entries: int = Field(64, ge=1, description="Cached prompts kept when memory_aware is False.")
+    # vision-language models (engine.vision)
+    max_images: int = Field(8, ge=1, le=64, description="Vision models: most images in one request.")
+    vision_cache_mb: float = Field(
+        64,
+        ge=0,
+        description="Vision models: the vision encoder's outputs kept by image hash (least recently "
+        "used out past this many MB; counted in the model's footprint); 0: none kept.",
+    )
 
     @field_validator("tool_prompt")
     @classmethod

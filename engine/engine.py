@@ -44,12 +44,14 @@ from .kv.interface import CacheManager
 from .kv.manager import make_cache_manager
 from .loading.loader import LoadedModel, default_cache_dir, load_model
 from .memory import Footprint, measure_working_bytes
-from .prompts import encode_prompt
+from .prompts import encode_prompt, render_chat
 from .request import PromptInput, Request, RequestOutput
 from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .text_stream import TextStream
 from .thinking import ThinkingCap
+from .vision import Vision, load_vision
+from .vision.encoder import image_parts
 
 log = logging.getLogger(__name__)
 _STOP = object()
@@ -145,6 +147,7 @@ class AsyncEngine:
         self.loaded: LoadedModel | None = None
         self.scheduler: Scheduler | None = None
         self.footprint: Footprint | None = None
+        self.vision = Vision()
         self.batching = BatchCheck("skipped", "not loaded")
         self._stats: dict = {}
         self._stats_at = 0.0
@@ -248,7 +251,8 @@ class AsyncEngine:
         self.check_health()
         if params.guided is not None and constraint is None:
             constraint = self.compile_guided(params)
-        prompt_ids = self.encode(prompt)
+        self.vision.check(self.source, prompt.images, image_parts(prompt.messages))
+        prompt_ids, vision = self._encode_images(prompt) if prompt.images else (self.encode(prompt), None)
         max_tokens = self._max_tokens(len(prompt_ids), params)
         with self._lock:
             if len(self._streams) >= self.config.max_num_seqs + self.config.max_waiting:
@@ -262,8 +266,23 @@ class AsyncEngine:
         text = TextStream(self.tokenizer.detokenizer, params.stop)
         cap = self._thinking_cap(stream.format, params) if constraint is None else None
         request = Request(request_id, prompt_ids, params, max_tokens, text, constraint=constraint, cap=cap)
+        request.vision = vision
         self._inbox.put(("add", request))
         return stream
+
+    def _encode_images(self, prompt: PromptInput):
+        """A chat prompt with images: its token ids (each image's run of image tokens) and its
+        engine.vision.prompt.VisionPrompt. The images are encoded later, on the loop thread."""
+        if not self.scheduler.takes_images:
+            raise InvalidRequestError(
+                f"model {self.source} takes images only on the paged batch loop (paged_cache on)", param="messages"
+            )
+        config = self.config
+        kwargs = self.template_kwargs(prompt)
+        text = render_chat(
+            self.tokenizer, prompt, config.chat_template, config.tool_prompt, kwargs, self.model_format.tools
+        )
+        return self.vision.encoder.prepare(text, prompt.images)
 
     def _thinking_cap(self, fmt: OutputFormat, params: SamplingParams) -> ThinkingCap | None:
         """A request's cap on its reasoning (the lower of the model's and its own), for a model
@@ -344,10 +363,14 @@ class AsyncEngine:
     def _thread_main(self) -> None:
         try:
             self.loaded = load_model(self.source, fast_cpu=self.config.fast_cpu)
+            self.vision = load_vision(self.loaded, self.config)
             self._check_batching()
             cache = make_cache_manager(self.loaded.model, self.config)
             solo = self.batching.outcome == "solo"
-            self.scheduler = Scheduler(self.loaded.model, self.loaded.tokenizer, self.config, cache, solo=solo)
+            encoder = self.vision.encoder
+            self.scheduler = Scheduler(
+                self.loaded.model, self.loaded.tokenizer, self.config, cache, solo=solo, vision=encoder
+            )
             self.footprint = self._measure_footprint(cache)
             self._blas = BlasThreads.for_this_process() if self.config.adaptive_cpu_threads else None
         except BaseException as exc:  # noqa: BLE001 - reported to the constructor
@@ -383,7 +406,12 @@ class AsyncEngine:
         """Weights as loaded, the KV cache's budget, and the working memory of a warm-up prefill."""
         cfg = self.config
         working = measure_working_bytes(self.loaded.model, cfg.prefill_batch_size, cfg.prefill_step_size)
-        return Footprint(weights=self.loaded.weights_bytes, kv=cache.budget_bytes, working=working, measured=True)
+        weights, kv = self.loaded.weights_bytes, cache.budget_bytes
+        encoder = self.vision.encoder
+        if encoder is not None:  # its tower's weights, one largest image's working memory, its cache's budget
+            weights += encoder.weights_bytes
+            working += encoder.measure_working_bytes() + encoder.cache_bytes
+        return Footprint(weights=weights, kv=kv, working=working, measured=True)
 
     def _loop(self) -> None:
         sched = self.scheduler
@@ -432,6 +460,7 @@ class AsyncEngine:
                 "batched": self.config.max_num_seqs > 1,
                 **self.batching.stats(),
                 "cpu_threads": self._blas.threads if self._blas is not None else None,
+                **({"vision": self.vision.encoder.stats()} if self.vision.encoder is not None else {}),
             }
             self._stats_at = now
 
