@@ -21,6 +21,8 @@ import logging
 from collections import OrderedDict
 from pathlib import Path
 
+import numpy as np
+
 from ..errors import InvalidRequestError, ModelLoadError
 from .prompt import ImageSpan, VisionPrompt
 
@@ -105,7 +107,7 @@ class VisionEncoder:
                 raise InvalidRequestError(f"images[{i}] could not be decoded: {exc}", param=f"images[{i}]") from None
         inputs = prepare_inputs(self.processor, images=pictures, prompts=[text], image_token_index=self.image_token)
         ids = inputs["input_ids"][0].tolist()
-        pixels = inputs["pixel_values"]
+        pixels = np.asarray(inputs["pixel_values"])  # no MLX op on the caller's thread: the loop thread encodes
         runs = _runs(ids, self.image_token)
         if len(runs) != len(images) or pixels.shape[0] != len(images):
             raise InvalidRequestError(
@@ -133,7 +135,7 @@ class VisionEncoder:
                 self.counters["hits"] += 1
             else:
                 self.counters["misses"] += 1
-                features = self._features(span.pixels)
+                features = self._features(mx.array(span.pixels))
                 if features.shape[0] != span.length:
                     raise InvalidRequestError(
                         f"the image gives {features.shape[0]} features for its {span.length} tokens", param="images"

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import mlx.core as mx
+    import numpy as np
 
 
 @dataclass
@@ -28,7 +29,7 @@ class ImageSpan:
     start: int  # position of its first image token
     length: int  # image tokens in the run
     digest: bytes  # SHA-256 of the image file
-    pixels: mx.array | None = None  # [1, C, H, W] from the processor, until encoded
+    pixels: np.ndarray | None = None  # [1, C, H, W] from the processor, until encoded
     features: mx.array | None = None  # [length, hidden] in the embedding space, once encoded
 
     def keys(self) -> list[int]:
