@@ -6,7 +6,8 @@
                             gemma3's special and image tokens, gemma3's real chat template, and
                             the processor files mlx-vlm's `Gemma3Processor` reads offline
   synthetic:gemma-3-4b-vlm  gemma-3-4b-it's real shapes (text and vision), random weights, the
-                            same small tokenizer (for benchmarks on a GPU machine)
+                            same small tokenizer padded to gemma3's vocabulary size, bf16
+                            (for benchmarks on a GPU machine)
 
 The directory is one checkpoint both libraries load: `mlx_lm.load` takes its language model (its
 gemma3 drops the vision weights) and `mlx_vlm.load` all of it. Weights are seeded and scaled as
@@ -88,7 +89,8 @@ _TINY_VISION = {
     "patch_size": 4,
     "layer_norm_eps": 1e-6,
 }
-# google/gemma-3-4b-it's config.json (text_config and vision_config), vocabulary ours.
+# google/gemma-3-4b-it's config.json (text_config and vision_config) and vocabulary size (the
+# tokenizer is still ours: its ids past the bytes are filler words).
 _4B_TEXT = {
     "model_type": "gemma3_text",
     "hidden_size": 2560,
@@ -107,7 +109,7 @@ _4B_TEXT = {
     "sliding_window_pattern": 6,
     "max_position_embeddings": 131072,
     "mm_tokens_per_image": 256,
-    "vocab_size": TINY_VOCAB,
+    "vocab_size": 262208,
 }
 _4B_VISION = {
     "model_type": "siglip_vision_model",

@@ -35,7 +35,8 @@ class ImageSpan:
     def keys(self) -> list[int]:
         """The run's cache ids: negative, one per position, drawn from the image's digest."""
         return [
-            -1 - int.from_bytes(hashlib.blake2b(self.digest + j.to_bytes(4, "little"), digest_size=7).digest(), "little")
+            -1
+            - int.from_bytes(hashlib.blake2b(self.digest + j.to_bytes(4, "little"), digest_size=7).digest(), "little")
             for j in range(self.length)
         ]
 
