@@ -52,6 +52,7 @@ from .text_stream import TextStream
 from .thinking import ThinkingCap
 from .vision import Vision, load_vision
 from .vision.encoder import image_parts
+from .vision.prompt import VisionPrompt
 
 log = logging.getLogger(__name__)
 _STOP = object()
@@ -184,12 +185,20 @@ class AsyncEngine:
 
     def encode(self, prompt: PromptInput) -> list[int]:
         """A prompt's token ids as a request gets them: the chat template (the config's, else the
-        model's), tools rendered in it. Raises InvalidRequestError."""
+        model's), tools rendered in it, each image as its run of image tokens. Raises InvalidRequestError."""
+        return self._prompt_ids(prompt)[0]
+
+    def _prompt_ids(self, prompt: PromptInput) -> tuple[list[int], VisionPrompt | None]:
+        """A prompt's token ids, and where its images are (None without images)."""
+        self.vision.check(self.source, prompt.images, image_parts(prompt.messages))
+        if prompt.images:
+            return self._encode_images(prompt)
         kwargs = self.template_kwargs(prompt) if prompt.messages is not None else None
         config = self.config
-        return encode_prompt(
+        ids = encode_prompt(
             self.tokenizer, prompt, config.chat_template, config.tool_prompt, kwargs, self.model_format.tools
         )
+        return ids, None
 
     @functools.cached_property
     def template(self) -> str:
@@ -251,8 +260,7 @@ class AsyncEngine:
         self.check_health()
         if params.guided is not None and constraint is None:
             constraint = self.compile_guided(params)
-        self.vision.check(self.source, prompt.images, image_parts(prompt.messages))
-        prompt_ids, vision = self._encode_images(prompt) if prompt.images else (self.encode(prompt), None)
+        prompt_ids, vision = self._prompt_ids(prompt)
         max_tokens = self._max_tokens(len(prompt_ids), params)
         with self._lock:
             if len(self._streams) >= self.config.max_num_seqs + self.config.max_waiting:
@@ -270,7 +278,7 @@ class AsyncEngine:
         self._inbox.put(("add", request))
         return stream
 
-    def _encode_images(self, prompt: PromptInput):
+    def _encode_images(self, prompt: PromptInput) -> tuple[list[int], VisionPrompt]:
         """A chat prompt with images: its token ids (each image's run of image tokens) and its
         engine.vision.prompt.VisionPrompt. The images are encoded later, on the loop thread."""
         if not self.scheduler.takes_images:

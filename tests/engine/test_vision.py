@@ -195,3 +195,44 @@ def test_an_images_tokens_are_keyed_by_the_image_and_the_text_around_them_by_its
     assert a[:5] == b[:5] == ids[:5] and a[9:] == b[9:] == ids[9:]
     assert all(x != y and x < 0 and y < 0 for x, y in zip(a[5:9], b[5:9]))
     assert len(set(a[5:9])) == 4
+
+
+async def test_an_image_request_with_tools_renders_them_and_counts_its_image_tokens(vlm):
+    tool = {
+        "type": "function",
+        "function": {"name": "lookup", "description": "Look a thing up.", "parameters": {"type": "object"}},
+    }
+    plain = ask("What is this?", png(11))
+    with_tools = ask("What is this?", png(11))
+    with_tools.tools = [tool]
+    ids, usage = await greedy(vlm, with_tools, tokens=4)
+    assert len(ids) == 4
+    assert usage.prompt_tokens == len(vlm.encode(with_tools)) > len(vlm.encode(plain))
+    assert vlm.encode(plain).count(vlm.vision.encoder.image_token) == 16
+
+
+async def test_image_requests_preempted_in_a_tight_budget_decode_as_alone():
+    eng = AsyncEngine(VLM, CONFIG.model_copy(update={"cache_memory_mb": 1, "block_size": 16}))
+    try:
+        prompts = [ask(f"Question {i}: what is it?", png(20 + i)) for i in range(4)]
+        alone = []
+        for p in prompts:
+            eng.clear_cache()
+            alone.append((await greedy(eng, p, tokens=300))[0])
+        eng.clear_cache()
+        together = await asyncio.gather(*(greedy(eng, p, tokens=300) for p in prompts))
+        assert eng.stats()["preempted"] > 0
+        assert [ids for ids, _ in together] == alone
+    finally:
+        eng.shutdown()
+
+
+def test_a_vision_model_without_mlx_vlm_is_a_load_error_naming_the_extra(vlm, monkeypatch):
+    import sys
+
+    from engine.errors import ModelLoadError
+    from engine.vision.encoder import VisionEncoder
+
+    monkeypatch.setitem(sys.modules, "mlx_vlm.utils", None)
+    with pytest.raises(ModelLoadError, match=r"pip install '\.\[vision\]'"):
+        VisionEncoder(vlm.loaded.model_path, vlm.loaded.config, None, False, 1, 0)
