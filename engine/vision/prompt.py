@@ -3,7 +3,7 @@ ids the prefix cache keys its blocks by.
 
 The language model decodes a prompt with images like any other: its token ids (each image
 expanded by the processor into its run of image tokens), except that the prefill reads the
-embeddings of those runs from the vision encoder (`embeddings`). The prefix cache keys blocks by
+embeddings of those runs from the vision encoder (`merged_embeddings`). The prefix cache keys blocks by
 token ids, so an image's run is keyed by ids of its own (`cache_ids`): negative ids (never a real
 token) drawn from the image's SHA-256 and the token's place in the run. The chained hash of every
 block holding one of them is thereby salted with the image: the same image and prompt hit, another
@@ -13,6 +13,7 @@ the text alone (shared with text-only prompts and other images).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -32,6 +33,7 @@ class ImageSpan:
     pixels: np.ndarray | None = None  # [1, C, H, W] from the processor, until encoded
     features: mx.array | None = None  # [length, hidden] in the embedding space, once encoded
 
+    @functools.cached_property
     def keys(self) -> list[int]:
         """The run's cache ids: negative, one per position, drawn from the image's digest."""
         return [
@@ -56,7 +58,7 @@ class VisionPrompt:
         """The prompt's ids as the prefix cache keys them: each image's run replaced by its keys."""
         out = list(ids)
         for s in self.spans:
-            out[s.start : s.start + s.length] = s.keys()
+            out[s.start : s.start + s.length] = s.keys
         return out
 
     def overrides(self, start: int, k: int) -> list[tuple[int, int, mx.array | None]]:

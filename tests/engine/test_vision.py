@@ -236,3 +236,22 @@ def test_a_vision_model_without_mlx_vlm_is_a_load_error_naming_the_extra(vlm, mo
     monkeypatch.setitem(sys.modules, "mlx_vlm.utils", None)
     with pytest.raises(ModelLoadError, match=r"pip install '\.\[vision\]'"):
         VisionEncoder(vlm.loaded.model_path, vlm.loaded.config, None, False, 1, 0)
+
+
+def test_the_vision_side_holds_the_towers_weights_and_no_second_language_model(vlm):
+    import gc
+
+    import mlx.core as mx
+
+    from engine.vision import text_embedding
+    from engine.vision.encoder import VisionEncoder
+
+    loaded = vlm.loaded
+    gc.collect()
+    mx.clear_cache()
+    before = mx.get_active_memory()
+    encoder = VisionEncoder(loaded.model_path, loaded.config, text_embedding(loaded.model), loaded.fast_cpu, 1, 0)
+    gc.collect()
+    mx.clear_cache()
+    held = mx.get_active_memory() - before
+    assert encoder.weights_bytes <= held < encoder.weights_bytes + loaded.weights_bytes // 2
