@@ -145,11 +145,8 @@ class VisionEncoder:
             span.features, span.pixels = features, None
 
     def _features(self, pixels):
-        """[tokens, hidden]: one image through gemma3's tower and projector, divided by
-        sqrt(hidden) as mlx-vlm's merge does (the language model multiplies its inputs back)."""
-        hidden, _, _ = self.tower(pixels.transpose(0, 2, 3, 1).astype(self.dtype), output_hidden_states=True)
-        features = self.projector(hidden)
-        return (features / (self.hidden_size**0.5))[0].astype(self.dtype)
+        """[tokens, hidden]: one image's embeddings, as the family's merge puts them in the prompt."""
+        return FEATURES[self.family](self, pixels)
 
     def _keep(self, digest: bytes, features) -> None:
         self.cache[digest] = features
@@ -178,6 +175,19 @@ class VisionEncoder:
             "max_images": self.max_images,
             "encoder_cache": {"entries": len(self.cache), "bytes": cached, **self.counters},
         }
+
+
+def _gemma3_features(encoder: VisionEncoder, pixels):
+    """mlx-vlm's gemma3 (`Model.get_input_embeddings`, `prepare_inputs_for_multimodal`): the tower
+    over NHWC pixels in the embeddings' dtype, the projector, divided by sqrt(hidden) (the language
+    model multiplies every input embedding back)."""
+    hidden, _, _ = encoder.tower(pixels.transpose(0, 2, 3, 1).astype(encoder.dtype), output_hidden_states=True)
+    features = encoder.projector(hidden)
+    return (features / (encoder.hidden_size**0.5))[0].astype(encoder.dtype)
+
+
+# family -> its image features as the language model reads them; one entry per family in FAMILIES
+FEATURES = {"gemma3": _gemma3_features}
 
 
 def _runs(ids: list[int], token: int) -> list[tuple[int, int]]:
