@@ -162,7 +162,7 @@ def make_synthetic_model(name: str, out: Path, tokenizer: str | None = None) -> 
     from mlx_lm.utils import _get_classes
 
     if name in synthetic_vlm.VLMS:
-        return synthetic_vlm.make_synthetic_vlm(name, out)
+        return synthetic_vlm.make_synthetic_vlm(name, out, randomize)
     config = config_of(name)
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None:

@@ -153,16 +153,15 @@ def config_of(name: str) -> dict:
     }
 
 
-def make_synthetic_vlm(name: str, out: Path) -> Path:
-    """Write `name`'s checkpoint into `out`: config, weights, tokenizer, processor files."""
+def make_synthetic_vlm(name: str, out: Path, randomize) -> Path:
+    """Write `name`'s checkpoint into `out`: config, weights (drawn by `randomize`, the text
+    families' engine.loading.synthetic.randomize), tokenizer, processor files."""
     try:
         import mlx.core as mx
         from mlx.utils import tree_flatten
         from mlx_vlm.models import gemma3
     except ImportError as exc:
         raise ModelLoadError(f"synthetic:{name} is a vision model: pip install '.[vision]' ({exc})") from None
-    from .synthetic import randomize
-
     config = config_of(name)
     out.mkdir(parents=True, exist_ok=True)
     mx.random.seed(families.SEED)
