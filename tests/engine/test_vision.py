@@ -255,3 +255,18 @@ def test_the_vision_side_holds_the_towers_weights_and_no_second_language_model(v
     mx.clear_cache()
     held = mx.get_active_memory() - before
     assert encoder.weights_bytes <= held < encoder.weights_bytes + loaded.weights_bytes // 2
+
+
+async def test_a_pad_token_in_an_image_prompt_is_zeroed_as_mlx_vlm_does(vlm):
+    prompt = ask("Is there a <pad> here?", png(12))
+    ids, _ = await greedy(vlm, prompt)
+    assert ids == mlx_vlm_greedy(vlm, prompt)
+
+
+def test_synthetic_gemma3_vlm_is_a_model_source_whose_weight_estimate_counts_the_tower(vlm):
+    from engine.loading.sources import resolve_source
+    from engine.memory import estimate_weights_bytes
+
+    assert resolve_source(VLM).kind == "synthetic"
+    estimate = estimate_weights_bytes(VLM, fast_cpu=True)
+    assert estimate >= vlm.loaded.weights_bytes + vlm.vision.encoder.weights_bytes
