@@ -416,9 +416,10 @@ class AsyncEngine:
         working = measure_working_bytes(self.loaded.model, cfg.prefill_batch_size, cfg.prefill_step_size)
         weights, kv = self.loaded.weights_bytes, cache.budget_bytes
         encoder = self.vision.encoder
-        if encoder is not None:  # its tower's weights, one largest image's working memory, its cache's budget
+        if encoder is not None:  # its tower, one largest image's working memory, its cache, running requests' features
             weights += encoder.weights_bytes
             working += encoder.measure_working_bytes() + encoder.cache_bytes
+            working += cfg.max_num_seqs * cfg.max_images * encoder.image_bytes
         return Footprint(weights=weights, kv=kv, working=working, measured=True)
 
     def _loop(self) -> None:

@@ -65,5 +65,6 @@ def load_vision(loaded, config) -> Vision:
         loaded.fast_cpu,
         config.max_images,
         int(config.vision_cache_mb * 2**20),
+        config.max_image_pixels,
     )
     return Vision(encoder=encoder)

@@ -53,7 +53,16 @@ def refusal(config: dict) -> str | None:
 class VisionEncoder:
     """The vision tower of one loaded model (the engine's loop thread runs `encode`)."""
 
-    def __init__(self, model_path: Path, config: dict, embed, fast_cpu: bool, max_images: int, cache_bytes: int):
+    def __init__(
+        self,
+        model_path: Path,
+        config: dict,
+        embed,
+        fast_cpu: bool,
+        max_images: int,
+        cache_bytes: int,
+        max_image_pixels: int = 2**25,
+    ):
         try:
             from mlx_vlm.utils import load_model, load_processor
         except ImportError as exc:
@@ -82,7 +91,9 @@ class VisionEncoder:
         self.dtype = embed.weight.dtype if hasattr(embed, "weight") else mx.float32
         self.weights_bytes = weights_nbytes(self.tower) + weights_nbytes(self.projector)
         self.max_images = max_images
+        self.max_image_pixels = max_image_pixels
         self.cache_bytes = cache_bytes
+        self.image_bytes = 0  # one image's features (measure_working_bytes)
         self.cache: OrderedDict[bytes, mx.array] = OrderedDict()
         self.counters = {"hits": 0, "misses": 0}
 
@@ -99,12 +110,7 @@ class VisionEncoder:
                 f"this model takes at most {self.max_images} images per request; got {len(images)}",
                 param=f"images[{self.max_images}]",
             )
-        pictures = []
-        for i, data in enumerate(images):
-            try:
-                pictures.append(load_image(io.BytesIO(data)))
-            except Exception as exc:  # noqa: BLE001 - PIL's many errors: the image is at fault
-                raise InvalidRequestError(f"images[{i}] could not be decoded: {exc}", param=f"images[{i}]") from None
+        pictures = [self._decode(i, data, load_image) for i, data in enumerate(images)]
         inputs = prepare_inputs(self.processor, images=pictures, prompts=[text], image_token_index=self.image_token)
         ids = inputs["input_ids"][0].tolist()
         pixels = np.asarray(inputs["pixel_values"])  # no MLX op on the caller's thread: the loop thread encodes
@@ -121,6 +127,25 @@ class VisionEncoder:
         ]
         zeros = [p for p, t in enumerate(ids) if t == self.pad_token]
         return ids, VisionPrompt(spans, zeros)
+
+    def _decode(self, i: int, data: bytes, load_image):
+        """images[i] as an RGB picture; its header is read first, so an image past
+        `max_image_pixels` is refused before it is decoded."""
+        from PIL import Image
+
+        try:
+            picture = Image.open(io.BytesIO(data))
+            width, height = picture.size
+            if width * height > self.max_image_pixels:
+                raise InvalidRequestError(
+                    f"images[{i}] is {width}x{height} pixels; this model takes at most {self.max_image_pixels} pixels",
+                    param=f"images[{i}]",
+                )
+            return load_image(picture)
+        except InvalidRequestError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - PIL's many errors: the image is at fault
+            raise InvalidRequestError(f"images[{i}] could not be decoded: {exc}", param=f"images[{i}]") from None
 
     # --- the loop thread ----------------------------------------------------------------
 
@@ -163,8 +188,11 @@ class VisionEncoder:
         mx.clear_cache()
         base = mx.get_active_memory()
         mx.reset_peak_memory()
-        mx.eval(self._features(pixels))
+        features = self._features(pixels)
+        mx.eval(features)
         peak = max(0, mx.get_peak_memory() - base)
+        self.image_bytes = features.nbytes
+        del features
         mx.clear_cache()
         return peak
 
@@ -173,6 +201,7 @@ class VisionEncoder:
         return {
             "family": self.family,
             "max_images": self.max_images,
+            "max_image_pixels": self.max_image_pixels,
             "encoder_cache": {"entries": len(self.cache), "bytes": cached, **self.counters},
         }
 

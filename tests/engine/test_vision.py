@@ -153,7 +153,8 @@ def test_the_footprint_counts_the_vision_tower_and_the_encoder_cache(vlm):
     encoder = vlm.vision.encoder
     assert vlm.footprint.weights == vlm.loaded.weights_bytes + encoder.weights_bytes
     assert encoder.weights_bytes > 0
-    assert vlm.footprint.working >= encoder.cache_bytes
+    assert vlm.footprint.working >= encoder.cache_bytes + CONFIG.max_num_seqs * CONFIG.max_images * encoder.image_bytes
+    assert encoder.image_bytes == 16 * 64 * 4  # 16 tokens x hidden 64, float32
 
 
 def test_images_the_model_cannot_take_are_refused_naming_the_image(vlm):
@@ -270,3 +271,13 @@ def test_synthetic_gemma3_vlm_is_a_model_source_whose_weight_estimate_counts_the
     assert resolve_source(VLM).kind == "synthetic"
     estimate = estimate_weights_bytes(VLM, fast_cpu=True)
     assert estimate >= vlm.loaded.weights_bytes + vlm.vision.encoder.weights_bytes
+
+
+def test_an_image_past_the_models_pixel_limit_is_refused_before_it_is_decoded():
+    eng = AsyncEngine(VLM, CONFIG.model_copy(update={"max_image_pixels": 40 * 50 - 1, "batch_check": False}))
+    try:
+        with pytest.raises(InvalidRequestError) as big:
+            eng.submit(ask("What?", png(0, (10, 10)), png(1, (40, 50))), SamplingParams(max_tokens=2))
+        assert big.value.param == "images[1]" and "40" in big.value.message
+    finally:
+        eng.shutdown()
