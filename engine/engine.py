@@ -273,8 +273,9 @@ class AsyncEngine:
             self._streams[request_id] = stream
         text = TextStream(self.tokenizer.detokenizer, params.stop)
         cap = self._thinking_cap(stream.format, params) if constraint is None else None
-        request = Request(request_id, prompt_ids, params, max_tokens, text, constraint=constraint, cap=cap)
-        request.vision = vision
+        request = Request(
+            request_id, prompt_ids, params, max_tokens, text, constraint=constraint, cap=cap, vision=vision
+        )
         self._inbox.put(("add", request))
         return stream
 

@@ -80,7 +80,9 @@ def _apply_chat_template(
             param="messages",
         )
     normalized = [_normalize_message(m, i, images) for i, m in enumerate(messages)]
-    extra: dict[str, Any] = {**(template_kwargs or {}), "tokenize": not images}
+    extra: dict[str, Any] = {**(template_kwargs or {})}
+    if images:
+        extra["tokenize"] = False
     if template is not None:
         extra["chat_template"] = template
     if not (tools or any(m.get("tool_calls") or m["role"] == "tool" for m in normalized)):
