@@ -9,8 +9,8 @@ round uses a fresh random image (`--image-size` pixels square; the processor res
 model's size) and a fresh question, in this order:
   cold         the new image and question, cache cleared first: preprocessing, the vision encoder,
                the whole prompt's prefill
-  same         the same image and question again: the encoder cache and the prefix cache (only the
-               prompt's last token is computed)
+  same         the same image and question again: the prefix cache holds the whole prompt but
+               its last token, so the image is not even encoded again
   seen image   the same image, another question: the encoder cache only (the question comes
                before the image in the prompt, so no block of the image is reused)
   text only    a new question alone, no image (its first blocks, the chat template's opening, hit)

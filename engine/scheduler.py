@@ -119,10 +119,10 @@ class Scheduler:
                 self._reject(req, exc)
 
     def _insert(self, req: Request) -> None:
-        if req.vision is not None and not req.vision.encoded:
-            self.vision.encode(req.vision)
         stops = ([] if req.params.ignore_eos else self.eos_ids) + req.params.stop_token_ids
         req.blocks, cached = self.cache.acquire(req.cache_tokens, req.remaining)
+        if req.vision is not None:  # the images whose tokens are not all cached go through the encoder
+            self.vision.encode(req.vision, after=cached)
         if not req.output_ids:
             req.cached_tokens = cached
         self.gen.insert(req, req.tokens, cached, stops)

@@ -149,11 +149,15 @@ class VisionEncoder:
 
     # --- the loop thread ----------------------------------------------------------------
 
-    def encode(self, prompt: VisionPrompt) -> None:
-        """Fill in each span's features: from the encoder cache, else through the vision tower."""
+    def encode(self, prompt: VisionPrompt, after: int = 0) -> None:
+        """Fill in the features of each span that ends past position `after` (the prompt's cached
+        tokens: a span they hold whole is never read): from the encoder cache, else through the
+        vision tower."""
         import mlx.core as mx
 
         for span in prompt.spans:
+            if span.features is not None or span.start + span.length <= after:
+                continue
             features = self.cache.get(span.digest)
             if features is not None and features.shape[0] == span.length:
                 self.cache.move_to_end(span.digest)

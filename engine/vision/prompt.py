@@ -50,10 +50,6 @@ class VisionPrompt:
     spans: list[ImageSpan]
     zeros: list[int] = field(default_factory=list)
 
-    @property
-    def encoded(self) -> bool:
-        return all(s.features is not None for s in self.spans)
-
     def cache_ids(self, ids: list[int]) -> list[int]:
         """The prompt's ids as the prefix cache keys them: each image's run replaced by its keys."""
         out = list(ids)

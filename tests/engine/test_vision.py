@@ -281,3 +281,14 @@ def test_an_image_past_the_models_pixel_limit_is_refused_before_it_is_decoded():
         assert big.value.param == "images[1]" and "40" in big.value.message
     finally:
         eng.shutdown()
+
+
+async def test_an_image_the_prefix_cache_holds_whole_is_not_encoded_again(vlm):
+    prompt = ask("Look at this, then answer.", png(13))
+    vlm.clear_cache()
+    first, _ = await greedy(vlm, prompt)
+    before = dict(vlm.stats()["vision"]["encoder_cache"])
+    again, usage = await greedy(vlm, prompt)
+    after = vlm.stats()["vision"]["encoder_cache"]
+    assert again == first and usage.cached_tokens > image_start(vlm, prompt) + 16
+    assert (after["hits"], after["misses"]) == (before["hits"], before["misses"])
