@@ -113,17 +113,17 @@ class VisionEncoder:
         pictures = [self._decode(i, data, load_image) for i, data in enumerate(images)]
         inputs = prepare_inputs(self.processor, images=pictures, prompts=[text], image_token_index=self.image_token)
         ids = inputs["input_ids"][0].tolist()
-        pixels = np.asarray(inputs["pixel_values"])  # no MLX op on the caller's thread: the loop thread encodes
         runs = _runs(ids, self.image_token)
-        if len(runs) != len(images) or pixels.shape[0] != len(images):
+        if len(runs) != len(images) or inputs["pixel_values"].shape[0] != len(images):
             raise InvalidRequestError(
                 f"the prompt renders {len(runs)} images for the {len(images)} given", param="messages"
             )
         if ids[-1] == self.image_token:
             raise InvalidRequestError("a prompt cannot end inside an image", param="messages")
+        # a span keeps the encoded file, not its pixels (a waiting request holds no float images):
+        # the loop thread preprocesses it again if the encoder cache does not have it
         spans = [
-            ImageSpan(start, length, hashlib.sha256(data).digest(), pixels[i : i + 1])
-            for i, ((start, length), data) in enumerate(zip(runs, images))
+            ImageSpan(start, length, hashlib.sha256(data).digest(), data) for (start, length), data in zip(runs, images)
         ]
         zeros = [p for p, t in enumerate(ids) if t == self.pad_token]
         return ids, VisionPrompt(spans, zeros)
@@ -164,14 +164,24 @@ class VisionEncoder:
                 self.counters["hits"] += 1
             else:
                 self.counters["misses"] += 1
-                features = self._features(mx.array(span.pixels))
+                features = self._features(self._pixels(span.data))
                 if features.shape[0] != span.length:
                     raise InvalidRequestError(
                         f"the image gives {features.shape[0]} features for its {span.length} tokens", param="images"
                     )
                 mx.eval(features)
                 self._keep(span.digest, features)
-            span.features, span.pixels = features, None
+            span.features, span.data = features, None
+
+    def _pixels(self, data: bytes):
+        """[1, C, H, W]: one image as the processor makes it (its image processor treats each image
+        of a prompt alone: the same pixels as prepare's)."""
+        import mlx.core as mx
+        from mlx_vlm.utils import load_image
+        from PIL import Image
+
+        pixels = self.processor.image_processor(load_image(Image.open(io.BytesIO(data))))["pixel_values"]
+        return mx.array(np.asarray(pixels))
 
     def _features(self, pixels):
         """[tokens, hidden]: one image's embeddings, as the family's merge puts them in the prompt."""

@@ -20,7 +20,6 @@ from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     import mlx.core as mx
-    import numpy as np
 
 
 @dataclass
@@ -30,7 +29,7 @@ class ImageSpan:
     start: int  # position of its first image token
     length: int  # image tokens in the run
     digest: bytes  # SHA-256 of the image file
-    pixels: np.ndarray | None = None  # [1, C, H, W] from the processor, until encoded
+    data: bytes | None = None  # the encoded image file, until its features are in
     features: mx.array | None = None  # [length, hidden] in the embedding space, once encoded
 
     @functools.cached_property
