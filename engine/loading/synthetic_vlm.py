@@ -76,6 +76,7 @@ GEMMA3_TEMPLATE = (
 _TINY_TEXT = {
     **families.config("gemma3_text"),
     "rope_global_base_freq": 1000000.0,  # mlx-vlm's name for mlx_lm's rope_theta
+    "rope_scaling": {"factor": 8.0, "rope_type": "linear"},  # gemma-3-4b's, on its global layers
     "mm_tokens_per_image": 16,
     "vocab_size": TINY_VOCAB,
 }
