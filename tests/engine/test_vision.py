@@ -292,3 +292,35 @@ async def test_an_image_the_prefix_cache_holds_whole_is_not_encoded_again(vlm):
     after = vlm.stats()["vision"]["encoder_cache"]
     assert again == first and usage.cached_tokens > image_start(vlm, prompt) + 16
     assert (after["hits"], after["misses"]) == (before["hits"], before["misses"])
+
+
+async def test_a_text_request_to_the_vision_model_decodes_as_mlx_lm_generate_does(vlm):
+    import mlx_lm
+    from mlx_lm.sample_utils import make_sampler
+
+    prompt = PromptInput(messages=[{"role": "user", "content": "Tell me about rivers."}])
+    ids, _ = await greedy(vlm, prompt)
+    model, tokenizer = mlx_lm.load(str(vlm.loaded.model_path))
+    expected = [
+        r.token
+        for r in mlx_lm.stream_generate(
+            model, tokenizer, vlm.encode(prompt), max_tokens=TOKENS, sampler=make_sampler(temp=0.0)
+        )
+    ]
+    assert ids == expected
+
+
+def test_a_refused_family_loads_text_only_and_its_images_are_a_400_naming_it():
+    from types import SimpleNamespace
+
+    from engine.vision import load_vision
+
+    loaded = SimpleNamespace(
+        config={"model_type": "qwen2_5_vl", "vision_config": {}}, source=SimpleNamespace(original="qwen-vl")
+    )
+    vision = load_vision(loaded, CONFIG)
+    assert vision.encoder is None
+    with pytest.raises(InvalidRequestError, match="qwen2_5_vl.*M-RoPE") as refused:
+        vision.check("qwen-vl", [png(0)], 1)
+    assert refused.value.param == "messages"
+    vision.check("qwen-vl", None, 0)  # text is served
