@@ -151,6 +151,20 @@ class EngineConfig(BaseModel):
         "request at a time (logged, and in the engine's stats).",
     )
     max_cache_entries: int = Field(64, ge=1, description="Cached prompts kept when memory_aware is False.")
+    # vision-language models (engine.vision)
+    max_images: int = Field(8, ge=1, le=64, description="Vision models: most images in one request.")
+    max_image_pixels: int = Field(
+        2**25,
+        ge=1,
+        description="Vision models: the most pixels (width x height) of one image, read from its "
+        "header before it is decoded (the processor then resizes it to the model's size).",
+    )
+    vision_cache_mb: float = Field(
+        64,
+        ge=0,
+        description="Vision models: the vision encoder's outputs kept by image hash (least recently "
+        "used out past this many MB; counted in the model's footprint); 0: none kept.",
+    )
 
     @field_validator("tool_prompt")
     @classmethod

@@ -44,12 +44,15 @@ from .kv.interface import CacheManager
 from .kv.manager import make_cache_manager
 from .loading.loader import LoadedModel, default_cache_dir, load_model
 from .memory import Footprint, measure_working_bytes
-from .prompts import encode_prompt
+from .prompts import encode_prompt, render_chat
 from .request import PromptInput, Request, RequestOutput
 from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .text_stream import TextStream
 from .thinking import ThinkingCap
+from .vision import Vision, load_vision
+from .vision.encoder import image_parts
+from .vision.prompt import VisionPrompt
 
 log = logging.getLogger(__name__)
 _STOP = object()
@@ -145,6 +148,7 @@ class AsyncEngine:
         self.loaded: LoadedModel | None = None
         self.scheduler: Scheduler | None = None
         self.footprint: Footprint | None = None
+        self.vision = Vision()
         self.batching = BatchCheck("skipped", "not loaded")
         self._stats: dict = {}
         self._stats_at = 0.0
@@ -181,12 +185,20 @@ class AsyncEngine:
 
     def encode(self, prompt: PromptInput) -> list[int]:
         """A prompt's token ids as a request gets them: the chat template (the config's, else the
-        model's), tools rendered in it. Raises InvalidRequestError."""
+        model's), tools rendered in it, each image as its run of image tokens. Raises InvalidRequestError."""
+        return self._prompt_ids(prompt)[0]
+
+    def _prompt_ids(self, prompt: PromptInput) -> tuple[list[int], VisionPrompt | None]:
+        """A prompt's token ids, and where its images are (None without images)."""
+        self.vision.check(self.source, prompt.images, image_parts(prompt.messages))
+        if prompt.images:
+            return self._encode_images(prompt)
         kwargs = self.template_kwargs(prompt) if prompt.messages is not None else None
         config = self.config
-        return encode_prompt(
+        ids = encode_prompt(
             self.tokenizer, prompt, config.chat_template, config.tool_prompt, kwargs, self.model_format.tools
         )
+        return ids, None
 
     @functools.cached_property
     def template(self) -> str:
@@ -248,7 +260,7 @@ class AsyncEngine:
         self.check_health()
         if params.guided is not None and constraint is None:
             constraint = self.compile_guided(params)
-        prompt_ids = self.encode(prompt)
+        prompt_ids, vision = self._prompt_ids(prompt)
         max_tokens = self._max_tokens(len(prompt_ids), params)
         with self._lock:
             if len(self._streams) >= self.config.max_num_seqs + self.config.max_waiting:
@@ -261,9 +273,25 @@ class AsyncEngine:
             self._streams[request_id] = stream
         text = TextStream(self.tokenizer.detokenizer, params.stop)
         cap = self._thinking_cap(stream.format, params) if constraint is None else None
-        request = Request(request_id, prompt_ids, params, max_tokens, text, constraint=constraint, cap=cap)
+        request = Request(
+            request_id, prompt_ids, params, max_tokens, text, constraint=constraint, cap=cap, vision=vision
+        )
         self._inbox.put(("add", request))
         return stream
+
+    def _encode_images(self, prompt: PromptInput) -> tuple[list[int], VisionPrompt]:
+        """A chat prompt with images: its token ids (each image's run of image tokens) and its
+        engine.vision.prompt.VisionPrompt. The images are encoded later, on the loop thread."""
+        if not self.scheduler.takes_images:
+            raise InvalidRequestError(
+                f"model {self.source} takes images only on the paged batch loop (paged_cache on)", param="messages"
+            )
+        config = self.config
+        kwargs = self.template_kwargs(prompt)
+        text = render_chat(
+            self.tokenizer, prompt, config.chat_template, config.tool_prompt, kwargs, self.model_format.tools
+        )
+        return self.vision.encoder.prepare(text, prompt.images)
 
     def _thinking_cap(self, fmt: OutputFormat, params: SamplingParams) -> ThinkingCap | None:
         """A request's cap on its reasoning (the lower of the model's and its own), for a model
@@ -344,10 +372,14 @@ class AsyncEngine:
     def _thread_main(self) -> None:
         try:
             self.loaded = load_model(self.source, fast_cpu=self.config.fast_cpu)
+            self.vision = load_vision(self.loaded, self.config)
             self._check_batching()
             cache = make_cache_manager(self.loaded.model, self.config)
             solo = self.batching.outcome == "solo"
-            self.scheduler = Scheduler(self.loaded.model, self.loaded.tokenizer, self.config, cache, solo=solo)
+            encoder = self.vision.encoder
+            self.scheduler = Scheduler(
+                self.loaded.model, self.loaded.tokenizer, self.config, cache, solo=solo, vision=encoder
+            )
             self.footprint = self._measure_footprint(cache)
             self._blas = BlasThreads.for_this_process() if self.config.adaptive_cpu_threads else None
         except BaseException as exc:  # noqa: BLE001 - reported to the constructor
@@ -383,7 +415,13 @@ class AsyncEngine:
         """Weights as loaded, the KV cache's budget, and the working memory of a warm-up prefill."""
         cfg = self.config
         working = measure_working_bytes(self.loaded.model, cfg.prefill_batch_size, cfg.prefill_step_size)
-        return Footprint(weights=self.loaded.weights_bytes, kv=cache.budget_bytes, working=working, measured=True)
+        weights, kv = self.loaded.weights_bytes, cache.budget_bytes
+        encoder = self.vision.encoder
+        if encoder is not None:  # its tower, one largest image's working memory, its cache, running requests' features
+            weights += encoder.weights_bytes
+            working += encoder.measure_working_bytes() + encoder.cache_bytes
+            working += cfg.max_num_seqs * cfg.max_images * encoder.image_bytes
+        return Footprint(weights=weights, kv=kv, working=working, measured=True)
 
     def _loop(self) -> None:
         sched = self.scheduler
@@ -432,6 +470,7 @@ class AsyncEngine:
                 "batched": self.config.max_num_seqs > 1,
                 **self.batching.stats(),
                 "cpu_threads": self._blas.threads if self._blas is not None else None,
+                **({"vision": self.vision.encoder.stats()} if self.vision.encoder is not None else {}),
             }
             self._stats_at = now
 
