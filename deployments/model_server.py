@@ -188,7 +188,11 @@ class ModelServer:
                     param="ignore_eos",
                 )
             constraint = await asyncio.to_thread(self.engine.compile_guided, params) if params.guided else None
-            stream = self.engine.submit(request.prompt, params, request.request_id, constraint)
+            # an image prompt's processor reads every image: off the event loop, like a grammar
+            prepared = (
+                await asyncio.to_thread(self.engine.prepare_prompt, request.prompt) if request.prompt.images else None
+            )
+            stream = self.engine.submit(request.prompt, params, request.request_id, constraint, prepared)
         except OrchardError as exc:
             yield error_item(exc)
             return

@@ -186,10 +186,13 @@ class AsyncEngine:
     def encode(self, prompt: PromptInput) -> list[int]:
         """A prompt's token ids as a request gets them: the chat template (the config's, else the
         model's), tools rendered in it, each image as its run of image tokens. Raises InvalidRequestError."""
-        return self._prompt_ids(prompt)[0]
+        return self.prepare_prompt(prompt)[0]
 
-    def _prompt_ids(self, prompt: PromptInput) -> tuple[list[int], VisionPrompt | None]:
-        """A prompt's token ids, and where its images are (None without images)."""
+    def prepare_prompt(self, prompt: PromptInput) -> tuple[list[int], VisionPrompt | None]:
+        """A prompt's token ids, and where its images are (None without images): what `submit`
+        does first, which for an image prompt (the processor reads every image) can take tens of
+        ms, so a caller on an event loop may run it in a thread and hand the result to `submit`.
+        Raises InvalidRequestError for a prompt the model cannot take."""
         self.vision.check(self.source, prompt.images, image_parts(prompt.messages))
         if prompt.images:
             return self._encode_images(prompt)
@@ -254,13 +257,15 @@ class AsyncEngine:
         params: SamplingParams,
         request_id: str | None = None,
         constraint: Constraint | None = None,
+        prepared: tuple[list[int], VisionPrompt | None] | None = None,
     ) -> RequestStream:
         """Validate and enqueue a request. Raises InvalidRequestError / OverloadedError at once.
-        `constraint`: the request's compiled `guided` spec (compiled here when not given)."""
+        `constraint`: the request's compiled `guided` spec (compiled here when not given);
+        `prepared`: `prepare_prompt(prompt)`'s result (computed here when not given)."""
         self.check_health()
         if params.guided is not None and constraint is None:
             constraint = self.compile_guided(params)
-        prompt_ids, vision = self._prompt_ids(prompt)
+        prompt_ids, vision = prepared if prepared is not None else self.prepare_prompt(prompt)
         max_tokens = self._max_tokens(len(prompt_ids), params)
         with self._lock:
             if len(self._streams) >= self.config.max_num_seqs + self.config.max_waiting:
