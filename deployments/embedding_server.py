@@ -23,12 +23,12 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from ray import serve
 
 from engine.errors import InvalidRequestError, OrchardError
+from engine.threads import MlxWorker
 
 from .config import EmbeddingOptions
 from .governed import GovernedReplica
@@ -105,7 +105,7 @@ class EmbeddingServer(GovernedReplica):
         self.counts = {"requests": 0, "inputs": 0, "batches": 0}  # batches: merged sets of requests computed
         self._busy_since: float | None = None
         self._busy_inputs = 0
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"embed-{name}")  # the engine runs one call at a time
+        self._thread = MlxWorker(f"embed-{name}")  # the engine runs one call at a time
         self._embed_batch.set_max_batch_size(self.options.max_batch_size)
         self._embed_batch.set_batch_wait_timeout_s(self.options.batch_wait_timeout_s)
         self.engine = EmbeddingEngine.from_source(source, max_batch_size=self.options.rows_per_pass)
@@ -147,7 +147,7 @@ class EmbeddingServer(GovernedReplica):
 
     async def _run(self, requests: list[EmbedRequest]) -> list[Embeddings | ErrorItem]:
         """The requests' answers, computed on the engine's thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._thread, self._compute, requests)
+        return await asyncio.get_running_loop().run_in_executor(self._thread.executor, self._compute, requests)
 
     def _compute(self, requests: list[EmbedRequest]) -> list[Embeddings | ErrorItem]:
         self._busy_since, self._busy_inputs = time.monotonic(), sum(len(r.inputs) for r in requests)
@@ -191,7 +191,7 @@ class EmbeddingServer(GovernedReplica):
         in flight when the process exits) and drops the engine."""
         thread = getattr(self, "_thread", None)
         if thread is not None:
-            thread.shutdown(wait=wait, cancel_futures=True)
+            thread.shutdown(wait=wait)
         self.engine = None
 
     def __del__(self):

@@ -17,7 +17,6 @@ import concurrent.futures
 import dataclasses
 import functools
 import logging
-import os
 import queue
 import threading
 import time
@@ -50,6 +49,7 @@ from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .text_stream import TextStream
 from .thinking import ThinkingCap
+from .threads import wait_until_gone
 from .vision import Vision, load_vision
 from .vision.encoder import image_parts
 from .vision.prompt import VisionPrompt
@@ -351,7 +351,7 @@ class AsyncEngine:
         self._inbox.put((_STOP, None))
         self._thread.join(timeout)
         if not self._thread.is_alive():
-            _wait_until_gone(self._thread.native_id)
+            wait_until_gone(self._thread.native_id)
 
     def _max_tokens(self, prompt_len: int, params: SamplingParams) -> int:
         room = self.context_length - prompt_len
@@ -552,21 +552,3 @@ def _post(loop, fn, *args) -> bool:
 def _put_all(items) -> None:  # runs on the streams' event loop
     for stream, out in items:
         stream.put(out)
-
-
-def _wait_until_gone(native_id: int | None, timeout: float = 2.0) -> None:
-    """Wait for a joined thread's OS thread to end, so the interpreter does not finalize under it.
-
-    `Thread.join` returns before the OS thread runs its thread-local destructors, and MLX's take
-    the GIL: if the interpreter is finalizing by then, CPython ends that thread from inside a C++
-    destructor and the process aborts ('terminate called without an active exception'), seen at
-    the exit of a script that shut an engine down on a busy machine. Linux names live threads in
-    /proc/self/task; elsewhere a short sleep lets the destructors run.
-    """
-    task = f"/proc/self/task/{native_id}"
-    if native_id is None or not os.path.isdir("/proc/self/task"):
-        time.sleep(0.05)
-        return
-    deadline = time.monotonic() + timeout
-    while os.path.exists(task) and time.monotonic() < deadline:
-        time.sleep(0.002)
