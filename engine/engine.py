@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 
-from .batch_check import BatchCheck, check_batching
+from .batch_check import BatchCheck, check_batching, files_digest
 from .chat_format import (
     REASONING_TAGS,
     OutputFormat,
@@ -56,6 +56,7 @@ _STOP = object()
 ARRIVAL_WINDOW_S = 0.005  # when idle, gather requests that arrive together into one prefill
 PROMPT_TAIL_TOKENS = 8  # a prompt's last tokens, read for an opened reasoning block
 STATS_INTERVAL_S = 0.25  # the loop publishes a stats snapshot this often (other threads read it)
+DISK_FLUSH_S = 5.0  # at shutdown, the disk KV cache's queued blocks are written for this long at most
 
 
 class RequestStream:
@@ -315,6 +316,8 @@ class AsyncEngine:
             )
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the loop thread: running requests end with an error, the disk KV cache's queued
+        blocks are written (DISK_FLUSH_S at most); waits `timeout` s for it."""
         self._inbox.put((_STOP, None))
         self._thread.join(timeout)
         if not self._thread.is_alive():
@@ -345,7 +348,8 @@ class AsyncEngine:
         try:
             self.loaded = load_model(self.source, fast_cpu=self.config.fast_cpu)
             self._check_batching()
-            cache = make_cache_manager(self.loaded.model, self.config)
+            weights_id = files_digest(self.loaded.model_path) if self.config.disk_cache.enabled else None
+            cache = make_cache_manager(self.loaded.model, self.config, default_cache_dir() / "kv-disk", weights_id)
             solo = self.batching.outcome == "solo"
             self.scheduler = Scheduler(self.loaded.model, self.loaded.tokenizer, self.config, cache, solo=solo)
             self.footprint = self._measure_footprint(cache)
@@ -363,6 +367,7 @@ class AsyncEngine:
             self._dead = exc
             self._fail_streams(EngineDeadError(f"engine for {self.source} died: {exc}"))
         finally:
+            self.scheduler.cache.close(DISK_FLUSH_S)  # what the disk tier has queued is written
             self.scheduler.gen.close()  # its compiled step's traces go on the thread that made them
 
     def _check_batching(self) -> None:
