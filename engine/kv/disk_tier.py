@@ -300,11 +300,12 @@ def open_disk_tier(
     config, root: Path | None, weights_id: str | None, salt: bytes, storage
 ) -> tuple[DiskTier | None, str]:
     """The disk tier of one model's paged cache (`config`: the EngineConfig), or None and why not.
-    `root`: the directory of every model's tiers; `weights_id`: a digest of the model's files;
+    `root`: the directory of every model's tiers unless the config names one; `weights_id`: a digest of the model's files;
     `storage`: its KVStorage (the shapes of a block's arrays)."""
     disk = config.disk_cache
     if not disk.enabled:
         return None, "engine.disk_cache.enabled is false"
+    root = Path(disk.path).expanduser() if disk.path else root
     if root is None or weights_id is None:
         return None, "no model files to key the disk cache on"
     kv_bits = getattr(config, "kv_bits", None)

@@ -574,6 +574,5 @@ def make_cache_manager(
         manager.disk_why = "recurrent state (hybrid or state-space model): its snapshots are not kept on disk"
         log.warning("disk KV cache off for this model: %s", manager.disk_why)
     elif config.disk_cache.enabled:
-        root = Path(config.disk_cache.path).expanduser() if config.disk_cache.path else disk_root
-        manager.disk, manager.disk_why = open_disk_tier(config, root, weights_id, salt, manager.pool.storage)
+        manager.disk, manager.disk_why = open_disk_tier(config, disk_root, weights_id, salt, manager.pool.storage)
     return manager
