@@ -368,6 +368,7 @@ class AsyncEngine:
             self._fail_streams(EngineDeadError(f"engine for {self.source} died: {exc}"))
         finally:
             self.scheduler.cache.close(DISK_FLUSH_S)  # what the disk tier has queued is written
+            self._publish_stats(force=True)  # the last word (what was written)
             self.scheduler.gen.close()  # its compiled step's traces go on the thread that made them
 
     def _check_batching(self) -> None:
