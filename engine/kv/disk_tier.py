@@ -224,6 +224,10 @@ class DiskTier:
             try:
                 if self.writing:
                     self._write(h, parent, tokens, arrays)
+            except Exception:  # noqa: BLE001 - the writer must not die with blocks still queued
+                log.exception("disk KV cache writer failed: RAM-only from now on")
+                self.writing = False
+                self.counters["errors"] += 1
             finally:
                 with self._lock:
                     self._queued.discard(h)

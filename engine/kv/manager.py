@@ -263,7 +263,8 @@ class PagedCacheManager:
             self._end(seq)
 
     def clear(self) -> None:
-        """Forget every cached prefix; blocks of running requests stay theirs until they end."""
+        """Forget every cached prefix; blocks of running requests stay theirs until they end. The
+        disk tier keeps its files (a later prompt may read them back)."""
         self.index.clear()
         if self.snapshots is not None:
             self.snapshots.clear()
