@@ -20,8 +20,10 @@ computing its usual system prompt again.
 - A write that fails (a full or failing disk) turns writing off with a warning: the model goes on
   with its RAM cache alone.
 
-Several processes may share a directory (replicas of one model on one machine): a file another
-one evicted is a miss; each keeps the cap for what it knows.
+Several processes may share a directory (replicas of one model on one machine): a block missing
+from the index is looked for on disk once per prompt (another replica may have written it since),
+a file another one evicted is a miss; each keeps the cap for what it knows. Files are the owner's
+only (0600, the directory 0700): they hold prompts.
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ class DiskTier:
         self._queued: set[bytes] = set()
         self._queued_bytes = 0
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self.dir.mkdir(parents=True, exist_ok=True)
+        self.dir.mkdir(parents=True, exist_ok=True, mode=0o700)  # prompts at rest: the owner's only
         self._scan()
         self._thread = threading.Thread(target=self._write_loop, name="orchard-kv-disk", daemon=True)
         self._thread.start()
@@ -101,6 +103,19 @@ class DiskTier:
 
     def has(self, h: bytes) -> bool:
         return h in self._index
+
+    def _adopt(self, h: bytes) -> bool:
+        """Index block `h` if its file exists after all: another process (a replica of the same
+        model on this machine) wrote it after this one read the directory."""
+        try:
+            size = self._path(h).stat().st_size
+        except OSError:
+            return False
+        with self._lock:
+            if h not in self._index:
+                self._index[h] = size
+                self._bytes += size
+        return True
 
     def _path(self, h: bytes) -> Path:
         return self.dir / f"{h.hex()}{SUFFIX}"
@@ -136,7 +151,7 @@ class DiskTier:
         """The arrays of block `h` (after `parent`, holding `tokens`), or None: not on disk, or a
         file that does not hold exactly that block of this identity (skipped with a warning and
         removed: never loaded as K/V)."""
-        if h not in self._index:
+        if h not in self._index and not self._adopt(h):
             return None
         path = self._path(h)
         try:
@@ -247,7 +262,7 @@ class DiskTier:
         path = self._path(h)
         tmp = self.dir / f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp"
         try:
-            with open(tmp, "wb") as f:
+            with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
                 f.write(MAGIC + struct.pack("<I", len(header)) + header)
                 for a in arrays:
                     f.write(np.ascontiguousarray(a).data)

@@ -350,27 +350,31 @@ class PagedCacheManager:
         there (and whole) is read into a fresh pool block and indexed, while the budget has room;
         then the match is made again over the longer index."""
         hashes, k, bs = match.hashes, len(match.blocks), self.pool.block_size
-        if self.disk is None or k >= len(hashes) or not self.disk.has(hashes[k]):
+        if self.disk is None or k >= len(hashes):
+            return match
+        arrays = self._disk_read(hashes, tokens, k)
+        if arrays is None:
             return match
         held = list(match.blocks)
         for b in held:  # not evicted to make room for their own continuation
             self.pool.incref(b)
-        loaded = 0
         try:
-            while k < len(hashes) and (self.pool.capacity is None or self.headroom() > 1):
-                parent, toks = self.index.parent_of(hashes, k), tuple(tokens[k * bs : (k + 1) * bs])
-                arrays = self.disk.read(hashes[k], parent, toks)
-                if arrays is None:
-                    break
+            while arrays is not None and (self.pool.capacity is None or self.headroom() > 1):
                 block = self.pool.allocate()
                 held.append(block)
                 self.pool.storage.load_block(block, arrays)
+                parent, toks = self.index.parent_of(hashes, k), tuple(tokens[k * bs : (k + 1) * bs])
                 if not self.index.insert(parent, toks, block, hashes[k]):
                     break
-                k, loaded = k + 1, loaded + 1
+                k += 1
+                arrays = self._disk_read(hashes, tokens, k) if k < len(hashes) else None
         finally:
             self.pool.release(held)
-        return self.index.lookup(tokens, hashes) if loaded else match
+        return self.index.lookup(tokens, hashes)
+
+    def _disk_read(self, hashes: list[bytes], tokens: list[int], k: int):
+        bs = self.pool.block_size
+        return self.disk.read(hashes[k], self.index.parent_of(hashes, k), tuple(tokens[k * bs : (k + 1) * bs]))
 
     def _offer(self, hashes: list[bytes]) -> None:
         """Offer the indexed full blocks of a chain to the disk tier (those not there yet)."""

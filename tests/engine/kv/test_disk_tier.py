@@ -74,6 +74,19 @@ def test_a_blocks_arrays_come_back_from_disk_bit_for_bit_into_another_block(tmp_
     assert again.stats()["hits"] == 1
 
 
+def test_a_block_another_replica_wrote_after_this_one_opened_is_found_and_files_are_the_owners_only(tmp_path):
+    s = storage()
+    want = random_block(s, 3, seed=8)
+    reader = tier(tmp_path, s)  # opened first: its index is empty
+    writer = tier(tmp_path, s)
+    put(writer, s, 3, 7)
+    flushed(writer)
+    got = reader.read(key(7), key(6), (7, 7, 7, 7))
+    assert got is not None and all(np.array_equal(a, b) for a, b in zip(want, got))
+    assert reader.stats()["entries"] == 1 and reader.stats()["bytes"] > 0
+    assert (tmp_path / f"{key(7).hex()}.kvb").stat().st_mode & 0o777 == 0o600
+
+
 def test_a_file_of_another_identity_or_chain_is_skipped_with_a_warning_and_removed(tmp_path, caplog):
     s = storage()
     random_block(s, 3, seed=2)
