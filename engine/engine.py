@@ -348,7 +348,7 @@ class AsyncEngine:
         try:
             self.loaded = load_model(self.source, fast_cpu=self.config.fast_cpu)
             self._check_batching()
-            weights_id = files_digest(self.loaded.model_path) if self.config.disk_cache.enabled else None
+            weights_id = self._weights_id() if self.config.disk_cache.enabled else None
             cache = make_cache_manager(self.loaded.model, self.config, default_cache_dir() / "kv-disk", weights_id)
             solo = self.batching.outcome == "solo"
             self.scheduler = Scheduler(self.loaded.model, self.loaded.tokenizer, self.config, cache, solo=solo)
@@ -370,6 +370,11 @@ class AsyncEngine:
             self.scheduler.cache.close(DISK_FLUSH_S)  # what the disk tier has queued is written
             self._publish_stats(force=True)  # the last word (what was written)
             self.scheduler.gen.close()  # its compiled step's traces go on the thread that made them
+
+    def _weights_id(self) -> str:
+        """The weights as loaded, for the disk KV cache's key: the model's files, and whether they
+        were dequantized to float32 (the fast CPU path computes other K/V from the same files)."""
+        return f"{files_digest(self.loaded.model_path)}|fast_cpu={self.loaded.fast_cpu}"
 
     def _check_batching(self) -> None:
         """The warm-up batch (engine.batch_check): a model whose batched step is wrong is served
