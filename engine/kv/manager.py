@@ -577,7 +577,8 @@ def make_cache_manager(
     manager = PagedCacheManager(layout.kv_layers, layout.kv_dtype, config, salt, layout)
     if config.disk_cache.enabled and layout.recurrent:
         manager.disk_why = "recurrent state (hybrid or state-space model): its snapshots are not kept on disk"
-        log.warning("disk KV cache off for this model: %s", manager.disk_why)
+        if weights_id is not None:  # the engine's own cache (not a load-time check's)
+            log.warning("disk KV cache off for this model: %s", manager.disk_why)
     elif config.disk_cache.enabled:
         manager.disk, manager.disk_why = open_disk_tier(config, disk_root, weights_id, salt, manager.pool.storage)
     return manager
