@@ -207,6 +207,12 @@ class EngineConfig(BaseModel):
         return v
 
     @model_validator(mode="after")
+    def _disk_cache_needs_the_paged_cache(self) -> EngineConfig:
+        if self.disk_cache.enabled and not self.paged_cache:
+            raise ValueError("disk_cache.enabled needs paged_cache: the disk keeps the paged cache's blocks")
+        return self
+
+    @model_validator(mode="after")
     def _simple_mode(self) -> EngineConfig:
         if not self.continuous_batching:
             self.max_num_seqs = 1

@@ -266,6 +266,12 @@ def test_a_corrupt_block_ends_the_disk_match_there(tmp_path):
     assert second.stats()["disk"]["skipped"] == 1
 
 
+def test_the_disk_cache_without_the_paged_cache_is_refused_by_name():
+    with pytest.raises(ValueError, match="disk_cache.enabled needs paged_cache"):
+        EngineConfig(paged_cache=False, disk_cache={"enabled": True})
+    assert not EngineConfig().disk_cache.enabled  # off by default
+
+
 def test_a_hybrid_model_gets_no_disk_tier_and_says_why(tmp_path, monkeypatch):
     state = (1, 2, 4, 4)
     layout = CacheLayout(
