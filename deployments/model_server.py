@@ -277,10 +277,20 @@ class ModelServer(GovernedReplica):
         self.engine.check_health()
 
     def shutdown_engine(self) -> None:
+        """Stop the engine (running requests end, the disk KV cache's queue is written)."""
         engine = getattr(self, "engine", None)
         if engine is not None:
             self.engine = None
             engine.shutdown()
+            disk = (engine.stats().get("cache") or {}).get("disk") or {}
+            if disk.get("enabled"):
+                log.info(
+                    "model %s: engine stopped; disk KV cache flushed: %d blocks on disk, %d written, %d unwritten",
+                    self.name,
+                    disk["entries"],
+                    disk["writes"],
+                    disk["queued"],
+                )
 
     def __del__(self):
         """Ray Serve calls this when the replica stops (after in-flight requests drained)."""

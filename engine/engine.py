@@ -22,7 +22,7 @@ import threading
 import time
 import uuid
 
-from .batch_check import BatchCheck, check_batching
+from .batch_check import BatchCheck, check_batching, files_digest
 from .chat_format import (
     REASONING_TAGS,
     OutputFormat,
@@ -59,6 +59,7 @@ _STOP = object()
 ARRIVAL_WINDOW_S = 0.005  # when idle, gather requests that arrive together into one prefill
 PROMPT_TAIL_TOKENS = 8  # a prompt's last tokens, read for an opened reasoning block
 STATS_INTERVAL_S = 0.25  # the loop publishes a stats snapshot this often (other threads read it)
+DISK_FLUSH_S = 5.0  # at shutdown, the disk KV cache's queued blocks are written for this long at most
 
 
 class RequestStream:
@@ -348,6 +349,8 @@ class AsyncEngine:
             )
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the loop thread: running requests end with an error, the disk KV cache's queued
+        blocks are written (DISK_FLUSH_S at most); waits `timeout` s for it."""
         self._inbox.put((_STOP, None))
         self._thread.join(timeout)
         if not self._thread.is_alive():
@@ -379,7 +382,8 @@ class AsyncEngine:
             self.loaded = load_model(self.source, fast_cpu=self.config.fast_cpu)
             self.vision = load_vision(self.loaded, self.config)
             self._check_batching()
-            cache = make_cache_manager(self.loaded.model, self.config)
+            weights_id = self._weights_id() if self.config.disk_cache.enabled else None
+            cache = make_cache_manager(self.loaded.model, self.config, default_cache_dir() / "kv-disk", weights_id)
             solo = self.batching.outcome == "solo"
             encoder = self.vision.encoder
             self.scheduler = Scheduler(
@@ -400,7 +404,14 @@ class AsyncEngine:
             self._dead = exc
             self._fail_streams(EngineDeadError(f"engine for {self.source} died: {exc}"))
         finally:
+            self.scheduler.cache.close(DISK_FLUSH_S)  # what the disk tier has queued is written
+            self._publish_stats(force=True)  # the last word (what was written)
             self.scheduler.gen.close()  # its compiled step's traces go on the thread that made them
+
+    def _weights_id(self) -> str:
+        """The weights as loaded, for the disk KV cache's key: the model's files, and whether they
+        were dequantized to float32 (the fast CPU path computes other K/V from the same files)."""
+        return f"{files_digest(self.loaded.model_path)}|fast_cpu={self.loaded.fast_cpu}"
 
     def _check_batching(self) -> None:
         """The warm-up batch (engine.batch_check): a model whose batched step is wrong is served
