@@ -21,6 +21,11 @@ SUITES: dict[str, tuple[str, str]] = {
         "a hybrid model: repeated system prompt TTFT, sequences per GB of KV, vs fallback",
     ),
     "kvquant": ("benchmarks.bench_kv_quant", "KV blocks at 16/8/4 bits: perplexity, greedy agreement, capacity, tok/s"),
+    "vision": ("benchmarks.bench_vision", "a vision model's TTFT: cold image, same image again, seen image, text only"),
+    "diskcache": (
+        "benchmarks.bench_disk_cache",
+        "TTFT of a long system prompt after an eviction: cold, from the disk KV cache, from RAM",
+    ),
     "admission": ("benchmarks.bench_admission", "one KV budget: admission by use vs by worst case"),
     "structured": ("benchmarks.bench_structured", "what a JSON schema costs per step at batch 1 and 16"),
     "http": ("benchmarks.bench_http", "serve run over HTTP beside the engine alone: tok/s, TTFT, memory"),

@@ -23,16 +23,15 @@ import logging
 import os
 import time
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-import ray
 from ray import serve
 
 from engine.errors import InvalidRequestError, OrchardError
+from engine.threads import MlxWorker
 
 from .config import EmbeddingOptions
-from .governor import NODE_METRIC
+from .governed import GovernedReplica
 from .hop import Embeddings, EmbedRequest, ErrorItem, error_item
 
 log = logging.getLogger("ray.serve")
@@ -92,7 +91,7 @@ def _embed_group(engine, group: list[EmbedRequest]) -> list[Embeddings] | None:
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, health_check_period_s=10, health_check_timeout_s=30)
-class EmbeddingServer:
+class EmbeddingServer(GovernedReplica):
     """Hosts one embedding model. Constructed by the app builder with validated ModelConfig fields."""
 
     def __init__(self, name: str, source: str, embedding: dict, memory_share_bytes: int | None = None):
@@ -102,14 +101,11 @@ class EmbeddingServer:
         started = time.monotonic()
         self.name = name
         self.options = EmbeddingOptions.model_validate(embedding)
-        self.active = 0
-        self.last_active = time.monotonic()
-        self.unload_requested = False
+        self._init_governed()
         self.counts = {"requests": 0, "inputs": 0, "batches": 0}  # batches: merged sets of requests computed
         self._busy_since: float | None = None
         self._busy_inputs = 0
-        self._node_id: str | None = None
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix=f"embed-{name}")  # the engine runs one call at a time
+        self._thread = MlxWorker(f"embed-{name}")  # the engine runs one call at a time
         self._embed_batch.set_max_batch_size(self.options.max_batch_size)
         self._embed_batch.set_batch_wait_timeout_s(self.options.batch_wait_timeout_s)
         self.engine = EmbeddingEngine.from_source(source, max_batch_size=self.options.rows_per_pass)
@@ -151,7 +147,7 @@ class EmbeddingServer:
 
     async def _run(self, requests: list[EmbedRequest]) -> list[Embeddings | ErrorItem]:
         """The requests' answers, computed on the engine's thread."""
-        return await asyncio.get_running_loop().run_in_executor(self._thread, self._compute, requests)
+        return await asyncio.get_running_loop().run_in_executor(self._thread.executor, self._compute, requests)
 
     def _compute(self, requests: list[EmbedRequest]) -> list[Embeddings | ErrorItem]:
         self._busy_since, self._busy_inputs = time.monotonic(), sum(len(r.inputs) for r in requests)
@@ -181,31 +177,6 @@ class EmbeddingServer:
             "replica": self.loaded_info,
         }
 
-    def idle_s(self) -> float:
-        return 0.0 if self.active else time.monotonic() - self.last_active
-
-    @property
-    def node_id(self) -> str:
-        """This replica's Ray node (asked once, when Ray first asks for stats)."""
-        if self._node_id is None:
-            self._node_id = ray.get_runtime_context().get_node_id()
-        return self._node_id
-
-    def record_autoscaling_stats(self) -> dict[str, float]:
-        """Custom autoscaling metrics, read by the memory governor (the same as ModelServer's)."""
-        return {
-            "footprint_bytes": float(self.engine.footprint.total),
-            "idle_s": self.idle_s(),
-            "unload_requested": float(self.unload_requested),
-            "active": float(self.active),
-            NODE_METRIC + self.node_id: 1.0,
-        }
-
-    def request_unload(self) -> dict[str, Any]:
-        """An operator asked to unload this model: the governor stops this replica once it is idle."""
-        self.unload_requested = True
-        return {"name": self.name, "unload_requested": True, "active": self.active}
-
     def check_health(self) -> None:
         """Ray Serve's health hook: a stopped engine, or an engine call that hangs, fails it."""
         if self.engine is None:
@@ -215,9 +186,14 @@ class EmbeddingServer:
         if busy is not None and time.monotonic() - busy > limit:
             raise RuntimeError(f"an embedding call has run for {time.monotonic() - busy:.0f} s (limit {limit:.0f} s)")
 
-    def __del__(self):
-        """Ray Serve calls this when the replica stops (after in-flight requests drained)."""
+    def shutdown_engine(self, wait: bool = True) -> None:
+        """Stops the engine's thread (`wait`: after the call it is running, so no MLX work is left
+        in flight when the process exits) and drops the engine."""
         thread = getattr(self, "_thread", None)
         if thread is not None:
-            thread.shutdown(wait=False, cancel_futures=True)
+            thread.shutdown(wait=wait)
         self.engine = None
+
+    def __del__(self):
+        """Ray Serve calls this when the replica stops (after in-flight requests drained)."""
+        self.shutdown_engine(wait=False)

@@ -19,14 +19,13 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
-import ray
 from ray import serve
 
 from engine.config import EngineConfig
 from engine.errors import InvalidRequestError, OrchardError
 from engine.request import PromptInput
 
-from .governor import NODE_METRIC
+from .governed import GovernedReplica
 from .hop import Chunk, ErrorItem, GenerateRequest, error_item, merge_chunks
 from .prefix_residency import PrefixResidency
 
@@ -121,7 +120,7 @@ def merge(batch: list, stream) -> Chunk:
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, health_check_period_s=10, health_check_timeout_s=30)
-class ModelServer:
+class ModelServer(GovernedReplica):
     """Hosts one model. Constructed by the app builder with validated ModelConfig fields."""
 
     def __init__(
@@ -145,11 +144,8 @@ class ModelServer:
         self.allow_ignore_eos = allow_ignore_eos
         self.window_s = stream_window_ms / 1000.0
         self.max_chunks_per_s = stream_max_chunks_per_s
-        self.active_streams = 0
-        self.last_active = time.monotonic()
-        self.unload_requested = False
+        self._init_governed()
         self.served = 0  # generate calls taken (record_routing_stats)
-        self._node_id: str | None = None
         # prefix-affinity routing: what this replica's cache holds, reported to the routers
         self.residency = PrefixResidency(prefix_block_chars) if prefix_block_chars else None
         self._report: dict[str, Any] | None = None
@@ -188,12 +184,16 @@ class ModelServer:
                     param="ignore_eos",
                 )
             constraint = await asyncio.to_thread(self.engine.compile_guided, params) if params.guided else None
-            stream = self.engine.submit(request.prompt, params, request.request_id, constraint)
+            # an image prompt's processor reads every image: off the event loop, like a grammar
+            prepared = (
+                await asyncio.to_thread(self.engine.prepare_prompt, request.prompt) if request.prompt.images else None
+            )
+            stream = self.engine.submit(request.prompt, params, request.request_id, constraint, prepared)
         except OrchardError as exc:
             yield error_item(exc)
             return
         chunks = Coalescer(stream, self._stream_window)
-        self.active_streams += 1
+        self.active += 1
         self.served += 1
         prompt_key = None
         try:
@@ -213,7 +213,7 @@ class ModelServer:
         except OrchardError as exc:
             yield error_item(exc)
         finally:
-            self.active_streams -= 1
+            self.active -= 1
             self.last_active = time.monotonic()
             if self.residency is not None:
                 self.residency.finished(prompt_key)
@@ -222,7 +222,7 @@ class ModelServer:
     def _stream_window(self) -> float:
         """Seconds between two chunks of one stream: the configured window, widened when many streams
         are active so that the replica sends at most max_chunks_per_s chunks in all."""
-        return max(self.window_s, self.active_streams / self.max_chunks_per_s)
+        return max(self.window_s, self.active / self.max_chunks_per_s)
 
     def count_tokens(self, prompt: PromptInput) -> dict[str, Any]:
         """{"input_tokens": n}: a prompt as `generate` would encode it, without generating
@@ -239,27 +239,6 @@ class ModelServer:
     def stats(self) -> dict[str, Any]:
         return {**self.engine.stats(), "name": self.name, "replica": self.loaded_info}
 
-    def idle_s(self) -> float:
-        return 0.0 if self.active_streams else time.monotonic() - self.last_active
-
-    @property
-    def node_id(self) -> str:
-        """This replica's Ray node (asked once, when Ray first asks for stats: asking in a process
-        without Ray, as local testing mode is, would start one)."""
-        if self._node_id is None:
-            self._node_id = ray.get_runtime_context().get_node_id()
-        return self._node_id
-
-    def record_autoscaling_stats(self) -> dict[str, float]:
-        """Custom autoscaling metrics, read by the memory governor (deployments.governor)."""
-        return {
-            "footprint_bytes": float(self.engine.footprint.total),
-            "idle_s": self.idle_s(),
-            "unload_requested": float(self.unload_requested),
-            "active": float(self.active_streams),
-            NODE_METRIC + self.node_id: 1.0,
-        }  # the governor places replicas node by node
-
     async def record_routing_stats(self) -> dict[str, Any]:
         """Ray Serve's per-replica routing stats (RunningReplica.routing_stats in a request router,
         ReplicaActor.record_routing_stats for an operator): where this replica runs, what it served,
@@ -269,7 +248,7 @@ class ModelServer:
             "node_id": self.node_id,
             "pid": os.getpid(),
             "served": self.served,
-            "active": self.active_streams,
+            "active": self.active,
             "cache": {k: v for k, v in cache.items() if isinstance(v, (int, float))},
         }
         if self.residency is not None and (report := self._prefix_report()) is not None:
@@ -293,20 +272,25 @@ class ModelServer:
         except (TimeoutError, RuntimeError) as exc:  # busy, or stopping: the routers keep what they know
             log.debug("model %s: no prefix report this time (%s)", self.name, type(exc).__name__)
 
-    def request_unload(self) -> dict[str, Any]:
-        """An operator asked to unload this model: the governor stops this replica once it is idle."""
-        self.unload_requested = True
-        return {"name": self.name, "unload_requested": True, "active": self.active_streams}
-
     def check_health(self) -> None:
         """Ray Serve's health hook: raising marks the replica unhealthy and Serve replaces it."""
         self.engine.check_health()
 
     def shutdown_engine(self) -> None:
+        """Stop the engine (running requests end, the disk KV cache's queue is written)."""
         engine = getattr(self, "engine", None)
         if engine is not None:
             self.engine = None
             engine.shutdown()
+            disk = (engine.stats().get("cache") or {}).get("disk") or {}
+            if disk.get("enabled"):
+                log.info(
+                    "model %s: engine stopped; disk KV cache flushed: %d blocks on disk, %d written, %d unwritten",
+                    self.name,
+                    disk["entries"],
+                    disk["writes"],
+                    disk["queued"],
+                )
 
     def __del__(self):
         """Ray Serve calls this when the replica stops (after in-flight requests drained)."""

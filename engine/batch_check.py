@@ -84,12 +84,21 @@ def check_batching(model, tokenizer, config: EngineConfig, files: Path | None = 
     return check
 
 
-def _identity(files: Path, config: EngineConfig) -> str:
+def files_digest(files: Path) -> str:
+    """A model's identity on disk: its files' names, sizes and modification times (a model
+    exported or converted again is another model). Shared by this check's cache and the disk KV
+    cache (engine.kv.disk_tier)."""
     h = hashlib.blake2b(digest_size=16)
     for f in sorted(files.iterdir()):
         if f.is_file():
             st = f.stat()
             h.update(f"{f.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _identity(files: Path, config: EngineConfig) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    h.update(files_digest(files).encode())
     h.update(repr([getattr(config, k) for k in LOOP_FIELDS]).encode())
     h.update(f"{mx.default_device()}|{metadata.version('mlx')}|{metadata.version('mlx-lm')}".encode())
     for src in sorted(Path(__file__).parent.rglob("*.py")):  # the engine's own code

@@ -46,6 +46,7 @@ from .kv.interface import BatchKV, StepWrites
 from .kv.paged_cache import BatchCaches, SeqBlocks
 from .loop import Token
 from .thinking import force_tokens
+from .vision.prompt import merged_embeddings
 
 if TYPE_CHECKING:
     from .request import Request
@@ -63,6 +64,7 @@ class Row:
     key: np.ndarray
     history: list[int] | None  # prompt + output so far, kept only for penalties
     start: int = 0  # output tokens before this insert (a preempted request resumes): seeds' positions
+    pos: int = 0  # the position of todo[0] in the request's tokens
     issued: int = 0  # output tokens computed or in flight
     produced: int = 0  # output tokens read back
     done: bool = False
@@ -125,8 +127,10 @@ class BatchLoop:
         pipelined: bool | None = None,
         column_write: str | None = None,
         unpadded: str | None = None,
+        embed=None,
     ):
         self.model = model
+        self.embed = embed  # a vision model's token embedding table: image rows prefill from embeddings
         self.pipelined = mx.default_device() != mx.cpu if pipelined is None else pipelined
         self.compiled = CompiledDecode(model, column_write, kv.grouped_mask, kv.quant) if compiled else None
         self.eager_unpadded = eager_unpadded(unpadded)
@@ -160,6 +164,7 @@ class BatchLoop:
             row_key(params),
             list(tokens) if needs_counts(params) else None,
             len(request.output_ids),
+            pos=cached,
         )
         self.rows[request.request_id] = row
         (self.prefilling if len(todo) > 1 else self.joining).append(row)
@@ -272,11 +277,17 @@ class BatchLoop:
         self._flush()  # the chunk may reuse a block a decoding row has just filled
         n, real = self._chunk(rows)
         chunk = np.zeros((len(rows), n), dtype=np.uint32)
+        starts = [r.pos for r in rows]
         for i, (r, k) in enumerate(zip(rows, real)):
             chunk[i, :k] = r.todo[:k]
-            r.todo = r.todo[k:]
+            r.todo, r.pos = r.todo[k:], r.pos + k
         caches = self.kv.caches([r.blocks for r in rows], chunk=real)
-        self.model(mx.array(chunk), cache=caches)  # the logits are never evaluated: only the cache writes
+        inputs = mx.array(chunk)
+        if self.embed is not None and any(r.request.vision is not None for r in rows):  # image rows: their features
+            vision = [(r.request.vision, p, k) for r, p, k in zip(rows, starts, real)]
+            self.model(inputs, cache=caches, input_embeddings=merged_embeddings(self.embed, inputs, vision))
+        else:
+            self.model(inputs, cache=caches)  # the logits are never evaluated: only the cache writes
         self.kv.flush(caches)  # a recurrent model's rows take their state back (and may snapshot it)
         for r in rows:
             if len(r.todo) == 1:

@@ -9,6 +9,36 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from .chat_format import REASONING_FORMATS, TOOL_FORMATS
 
 
+class DiskCacheConfig(BaseModel):
+    """A prefix cache on disk (engine.kv.disk_tier): full KV blocks written behind, read back on a
+    prefix hit after an unload or a restart. Off by default: a block file holds the token ids of
+    the prompt it came from (the prompt itself) and K/V derived from it, at rest on disk."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(
+        False,
+        description="Keep full prefix-cache blocks on disk too, so that a model unloaded and loaded "
+        "again (or a restarted server) reuses its cached prompts. Off by default: the files hold "
+        "prompts' token ids and their K/V, at rest.",
+    )
+    path: str | None = Field(
+        None,
+        description="Directory of the blocks; one subdirectory per model identity (weights, block "
+        "size, KV dtype, format). Default: `kv-disk` under the engine's cache directory "
+        "($ORCHARD_CACHE, else ~/.cache/mlx-orchard).",
+    )
+    max_gb: float = Field(
+        4.0, gt=0, description="Most bytes the model's block files take, in GB; least recently used out."
+    )
+    queue_mb: int = Field(
+        256,
+        ge=1,
+        description="Most bytes of blocks waiting for the writer thread; blocks offered beyond it are "
+        "dropped (counted), never waited for.",
+    )
+
+
 class EngineConfig(BaseModel):
     """How one model is run: scheduling, streaming and KV cache."""
 
@@ -163,6 +193,24 @@ class EngineConfig(BaseModel):
         "request at a time (logged, and in the engine's stats).",
     )
     max_cache_entries: int = Field(64, ge=1, description="Cached prompts kept when memory_aware is False.")
+    # vision-language models (engine.vision)
+    max_images: int = Field(8, ge=1, le=64, description="Vision models: most images in one request.")
+    max_image_pixels: int = Field(
+        2**25,
+        ge=1,
+        description="Vision models: the most pixels (width x height) of one image, read from its "
+        "header before it is decoded (the processor then resizes it to the model's size).",
+    )
+    vision_cache_mb: float = Field(
+        64,
+        ge=0,
+        description="Vision models: the vision encoder's outputs kept by image hash (least recently "
+        "used out past this many MB; counted in the model's footprint); 0: none kept.",
+    )
+    disk_cache: DiskCacheConfig = Field(
+        default_factory=DiskCacheConfig,
+        description="A prefix cache on disk that outlives the process (paged cache, K/V models only).",
+    )
 
     @field_validator("tool_prompt")
     @classmethod
@@ -183,6 +231,12 @@ class EngineConfig(BaseModel):
             except TemplateSyntaxError as exc:
                 raise ValueError(f"not a valid Jinja template: {exc}") from exc
         return v
+
+    @model_validator(mode="after")
+    def _disk_cache_needs_the_paged_cache(self) -> EngineConfig:
+        if self.disk_cache.enabled and not self.paged_cache:
+            raise ValueError("disk_cache.enabled needs paged_cache: the disk keeps the paged cache's blocks")
+        return self
 
     @model_validator(mode="after")
     def _simple_mode(self) -> EngineConfig:

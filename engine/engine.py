@@ -17,13 +17,12 @@ import concurrent.futures
 import dataclasses
 import functools
 import logging
-import os
 import queue
 import threading
 import time
 import uuid
 
-from .batch_check import BatchCheck, check_batching
+from .batch_check import BatchCheck, check_batching, files_digest
 from .chat_format import (
     REASONING_TAGS,
     OutputFormat,
@@ -44,18 +43,23 @@ from .kv.interface import CacheManager
 from .kv.manager import make_cache_manager
 from .loading.loader import LoadedModel, default_cache_dir, load_model
 from .memory import Footprint, measure_working_bytes
-from .prompts import encode_prompt
+from .prompts import encode_prompt, render_chat
 from .request import PromptInput, Request, RequestOutput
 from .sampling import SamplingParams
 from .scheduler import Scheduler
 from .text_stream import TextStream
 from .thinking import ThinkingCap
+from .threads import wait_until_gone
+from .vision import Vision, load_vision
+from .vision.encoder import image_parts
+from .vision.prompt import VisionPrompt
 
 log = logging.getLogger(__name__)
 _STOP = object()
 ARRIVAL_WINDOW_S = 0.005  # when idle, gather requests that arrive together into one prefill
 PROMPT_TAIL_TOKENS = 8  # a prompt's last tokens, read for an opened reasoning block
 STATS_INTERVAL_S = 0.25  # the loop publishes a stats snapshot this often (other threads read it)
+DISK_FLUSH_S = 5.0  # at shutdown, the disk KV cache's queued blocks are written for this long at most
 
 
 class RequestStream:
@@ -145,6 +149,7 @@ class AsyncEngine:
         self.loaded: LoadedModel | None = None
         self.scheduler: Scheduler | None = None
         self.footprint: Footprint | None = None
+        self.vision = Vision()
         self.batching = BatchCheck("skipped", "not loaded")
         self._stats: dict = {}
         self._stats_at = 0.0
@@ -181,12 +186,23 @@ class AsyncEngine:
 
     def encode(self, prompt: PromptInput) -> list[int]:
         """A prompt's token ids as a request gets them: the chat template (the config's, else the
-        model's), tools rendered in it. Raises InvalidRequestError."""
+        model's), tools rendered in it, each image as its run of image tokens. Raises InvalidRequestError."""
+        return self.prepare_prompt(prompt)[0]
+
+    def prepare_prompt(self, prompt: PromptInput) -> tuple[list[int], VisionPrompt | None]:
+        """A prompt's token ids, and where its images are (None without images): what `submit`
+        does first, which for an image prompt (the processor reads every image) can take tens of
+        ms, so a caller on an event loop may run it in a thread and hand the result to `submit`.
+        Raises InvalidRequestError for a prompt the model cannot take."""
+        self.vision.check(self.source, prompt.images, image_parts(prompt.messages))
+        if prompt.images:
+            return self._encode_images(prompt)
         kwargs = self.template_kwargs(prompt) if prompt.messages is not None else None
         config = self.config
-        return encode_prompt(
+        ids = encode_prompt(
             self.tokenizer, prompt, config.chat_template, config.tool_prompt, kwargs, self.model_format.tools
         )
+        return ids, None
 
     @functools.cached_property
     def template(self) -> str:
@@ -242,13 +258,15 @@ class AsyncEngine:
         params: SamplingParams,
         request_id: str | None = None,
         constraint: Constraint | None = None,
+        prepared: tuple[list[int], VisionPrompt | None] | None = None,
     ) -> RequestStream:
         """Validate and enqueue a request. Raises InvalidRequestError / OverloadedError at once.
-        `constraint`: the request's compiled `guided` spec (compiled here when not given)."""
+        `constraint`: the request's compiled `guided` spec (compiled here when not given);
+        `prepared`: `prepare_prompt(prompt)`'s result (computed here when not given)."""
         self.check_health()
         if params.guided is not None and constraint is None:
             constraint = self.compile_guided(params)
-        prompt_ids = self.encode(prompt)
+        prompt_ids, vision = prepared if prepared is not None else self.prepare_prompt(prompt)
         max_tokens = self._max_tokens(len(prompt_ids), params)
         with self._lock:
             if len(self._streams) >= self.config.max_num_seqs + self.config.max_waiting:
@@ -261,9 +279,25 @@ class AsyncEngine:
             self._streams[request_id] = stream
         text = TextStream(self.tokenizer.detokenizer, params.stop)
         cap = self._thinking_cap(stream.format, params) if constraint is None else None
-        request = Request(request_id, prompt_ids, params, max_tokens, text, constraint=constraint, cap=cap)
+        request = Request(
+            request_id, prompt_ids, params, max_tokens, text, constraint=constraint, cap=cap, vision=vision
+        )
         self._inbox.put(("add", request))
         return stream
+
+    def _encode_images(self, prompt: PromptInput) -> tuple[list[int], VisionPrompt]:
+        """A chat prompt with images: its token ids (each image's run of image tokens) and its
+        engine.vision.prompt.VisionPrompt. The images are encoded later, on the loop thread."""
+        if not self.scheduler.takes_images:
+            raise InvalidRequestError(
+                f"model {self.source} takes images only on the paged batch loop (paged_cache on)", param="messages"
+            )
+        config = self.config
+        kwargs = self.template_kwargs(prompt)
+        text = render_chat(
+            self.tokenizer, prompt, config.chat_template, config.tool_prompt, kwargs, self.model_format.tools
+        )
+        return self.vision.encoder.prepare(text, prompt.images)
 
     def _thinking_cap(self, fmt: OutputFormat, params: SamplingParams) -> ThinkingCap | None:
         """A request's cap on its reasoning (the lower of the model's and its own), for a model
@@ -315,10 +349,12 @@ class AsyncEngine:
             )
 
     def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop the loop thread: running requests end with an error, the disk KV cache's queued
+        blocks are written (DISK_FLUSH_S at most); waits `timeout` s for it."""
         self._inbox.put((_STOP, None))
         self._thread.join(timeout)
         if not self._thread.is_alive():
-            _wait_until_gone(self._thread.native_id)
+            wait_until_gone(self._thread.native_id)
 
     def _max_tokens(self, prompt_len: int, params: SamplingParams) -> int:
         room = self.context_length - prompt_len
@@ -344,10 +380,15 @@ class AsyncEngine:
     def _thread_main(self) -> None:
         try:
             self.loaded = load_model(self.source, fast_cpu=self.config.fast_cpu)
+            self.vision = load_vision(self.loaded, self.config)
             self._check_batching()
-            cache = make_cache_manager(self.loaded.model, self.config)
+            weights_id = self._weights_id() if self.config.disk_cache.enabled else None
+            cache = make_cache_manager(self.loaded.model, self.config, default_cache_dir() / "kv-disk", weights_id)
             solo = self.batching.outcome == "solo"
-            self.scheduler = Scheduler(self.loaded.model, self.loaded.tokenizer, self.config, cache, solo=solo)
+            encoder = self.vision.encoder
+            self.scheduler = Scheduler(
+                self.loaded.model, self.loaded.tokenizer, self.config, cache, solo=solo, vision=encoder
+            )
             self.footprint = self._measure_footprint(cache)
             self._blas = BlasThreads.for_this_process() if self.config.adaptive_cpu_threads else None
         except BaseException as exc:  # noqa: BLE001 - reported to the constructor
@@ -363,7 +404,14 @@ class AsyncEngine:
             self._dead = exc
             self._fail_streams(EngineDeadError(f"engine for {self.source} died: {exc}"))
         finally:
+            self.scheduler.cache.close(DISK_FLUSH_S)  # what the disk tier has queued is written
+            self._publish_stats(force=True)  # the last word (what was written)
             self.scheduler.gen.close()  # its compiled step's traces go on the thread that made them
+
+    def _weights_id(self) -> str:
+        """The weights as loaded, for the disk KV cache's key: the model's files, and whether they
+        were dequantized to float32 (the fast CPU path computes other K/V from the same files)."""
+        return f"{files_digest(self.loaded.model_path)}|fast_cpu={self.loaded.fast_cpu}"
 
     def _check_batching(self) -> None:
         """The warm-up batch (engine.batch_check): a model whose batched step is wrong is served
@@ -383,7 +431,13 @@ class AsyncEngine:
         """Weights as loaded, the KV cache's budget, and the working memory of a warm-up prefill."""
         cfg = self.config
         working = measure_working_bytes(self.loaded.model, cfg.prefill_batch_size, cfg.prefill_step_size)
-        return Footprint(weights=self.loaded.weights_bytes, kv=cache.budget_bytes, working=working, measured=True)
+        weights, kv = self.loaded.weights_bytes, cache.budget_bytes
+        encoder = self.vision.encoder
+        if encoder is not None:  # its tower, one largest image's working memory, its cache, running requests' features
+            weights += encoder.weights_bytes
+            working += encoder.measure_working_bytes() + encoder.cache_bytes
+            working += cfg.max_num_seqs * cfg.max_images * encoder.image_bytes
+        return Footprint(weights=weights, kv=kv, working=working, measured=True)
 
     def _loop(self) -> None:
         sched = self.scheduler
@@ -432,6 +486,7 @@ class AsyncEngine:
                 "batched": self.config.max_num_seqs > 1,
                 **self.batching.stats(),
                 "cpu_threads": self._blas.threads if self._blas is not None else None,
+                **({"vision": self.vision.encoder.stats()} if self.vision.encoder is not None else {}),
             }
             self._stats_at = now
 
@@ -508,21 +563,3 @@ def _post(loop, fn, *args) -> bool:
 def _put_all(items) -> None:  # runs on the streams' event loop
     for stream, out in items:
         stream.put(out)
-
-
-def _wait_until_gone(native_id: int | None, timeout: float = 2.0) -> None:
-    """Wait for a joined thread's OS thread to end, so the interpreter does not finalize under it.
-
-    `Thread.join` returns before the OS thread runs its thread-local destructors, and MLX's take
-    the GIL: if the interpreter is finalizing by then, CPython ends that thread from inside a C++
-    destructor and the process aborts ('terminate called without an active exception'), seen at
-    the exit of a script that shut an engine down on a busy machine. Linux names live threads in
-    /proc/self/task; elsewhere a short sleep lets the destructors run.
-    """
-    task = f"/proc/self/task/{native_id}"
-    if native_id is None or not os.path.isdir("/proc/self/task"):
-        time.sleep(0.05)
-        return
-    deadline = time.monotonic() + timeout
-    while os.path.exists(task) and time.monotonic() < deadline:
-        time.sleep(0.002)

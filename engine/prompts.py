@@ -37,6 +37,23 @@ def encode_prompt(
     return ids
 
 
+def render_chat(
+    tokenizer,
+    prompt: PromptInput,
+    chat_template: str | None = None,
+    tool_prompt: str | None = None,
+    template_kwargs: dict[str, Any] | None = None,
+    tool_format: str = "hermes",
+) -> str:
+    """A chat prompt with images as the chat template's text, each `{"type": "image"}` part
+    rendered by the template (its image marker, which the model's processor expands)."""
+    if prompt.messages is None or prompt.text is not None or prompt.token_ids is not None:
+        raise InvalidRequestError("images come with chat messages only", param="messages")
+    return _apply_chat_template(
+        tokenizer, prompt.messages, chat_template, prompt.tools, tool_prompt, template_kwargs or {}, tool_format, True
+    )
+
+
 def _check_ids(ids: list[int], vocab: int) -> list[int]:
     bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab]
     if bad:
@@ -52,7 +69,9 @@ def _apply_chat_template(
     tool_prompt: str | None = None,
     template_kwargs: dict[str, Any] | None = None,
     tool_format: str = "hermes",
-) -> list[int]:
+    images: bool = False,
+) -> list[int] | str:
+    """Token ids of the rendered messages; with `images`, the text (image parts kept for the template)."""
     if not messages:
         raise InvalidRequestError("messages must be a non-empty list", param="messages")
     if template is None and not tokenizer.has_chat_template:
@@ -60,8 +79,10 @@ def _apply_chat_template(
             "this model has no chat template (a base model): use /v1/completions with a prompt",
             param="messages",
         )
-    normalized = [_normalize_message(m, i) for i, m in enumerate(messages)]
+    normalized = [_normalize_message(m, i, images) for i, m in enumerate(messages)]
     extra: dict[str, Any] = {**(template_kwargs or {})}
+    if images:
+        extra["tokenize"] = False
     if template is not None:
         extra["chat_template"] = template
     if not (tools or any(m.get("tool_calls") or m["role"] == "tool" for m in normalized)):
@@ -77,18 +98,23 @@ def _apply_chat_template(
         return _render(tokenizer, for_template(normalized, tool_format, arguments_as_text=True), extra)
 
 
-def _render(tokenizer, messages: list[dict[str, Any]], extra: dict[str, Any]) -> list[int]:
+def _render(tokenizer, messages: list[dict[str, Any]], extra: dict[str, Any]) -> list[int] | str:
     try:
-        return list(tokenizer.apply_chat_template(messages, add_generation_prompt=True, **extra))
+        out = tokenizer.apply_chat_template(messages, add_generation_prompt=True, **extra)
+        return out if isinstance(out, str) else list(out)
     except Exception as exc:  # jinja2 TemplateError and friends: the template rejected the conversation
         raise InvalidRequestError(f"the chat template rejected these messages: {exc}", param="messages") from exc
 
 
-def _normalize_message(message: dict[str, Any], index: int) -> dict[str, Any]:
-    """OpenAI content may be a string or a list of text parts; templates want a string."""
+def _normalize_message(message: dict[str, Any], index: int, images: bool = False) -> dict[str, Any]:
+    """OpenAI content may be a string or a list of text parts; templates want a string. With
+    `images`, a content list holding image parts stays a list of text and image parts (VLM
+    templates render both)."""
     if not isinstance(message, dict) or "role" not in message:
         raise InvalidRequestError(f"messages[{index}] needs a role and content", param=f"messages.{index}")
     content = message.get("content")
+    if images and isinstance(content, list) and any(isinstance(p, dict) and p.get("type") == "image" for p in content):
+        return {**message, "content": [_image_or_text(p, index) for p in content]}
     if isinstance(content, list):
         texts = []
         for part in content:
@@ -103,3 +129,13 @@ def _normalize_message(message: dict[str, Any], index: int) -> dict[str, Any]:
     elif not isinstance(content, str):
         raise InvalidRequestError(f"messages[{index}].content must be a string", param=f"messages.{index}.content")
     return {**message, "content": content}
+
+
+def _image_or_text(part: Any, index: int) -> dict[str, Any]:
+    if isinstance(part, dict) and part.get("type") == "image":
+        return {"type": "image"}
+    if isinstance(part, dict) and part.get("type") == "text":
+        return {"type": "text", "text": str(part.get("text", ""))}
+    raise InvalidRequestError(
+        f"messages[{index}]: only text and image content parts are supported", param=f"messages.{index}.content"
+    )

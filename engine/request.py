@@ -12,6 +12,7 @@ if TYPE_CHECKING:  # annotations only: this module is light (the router imports 
     from .sampling import SamplingParams
     from .text_stream import TextStream
     from .thinking import ThinkingCap
+    from .vision.prompt import VisionPrompt
 
 FinishReason = Literal["stop", "length", "abort"]
 
@@ -86,6 +87,7 @@ class Request:
     text: TextStream
     constraint: Constraint | None = None  # its grammar (structured output); it lives with the request
     cap: ThinkingCap | None = None  # its cap on reasoning tokens (engine.thinking), if it has one
+    vision: VisionPrompt | None = None  # its images (engine.vision): where their tokens are, their features
     arrival: float = field(default_factory=time.monotonic)
     running: bool = False  # in the batch loop; False while waiting for admission (again, once preempted)
     blocks: SeqBlocks | None = None  # its K/V in the paged cache while running (None without one)
@@ -101,6 +103,13 @@ class Request:
     def tokens(self) -> list[int]:
         """What its cache must hold to go on: the prompt and, after a preemption, its output."""
         return self.prompt_ids + self.output_ids if self.output_ids else self.prompt_ids
+
+    @property
+    def cache_tokens(self) -> list[int]:
+        """`tokens` as the prefix cache keys them: an image's tokens by ids of that image (engine.vision.prompt)."""
+        if self.vision is None:
+            return self.tokens
+        return self.vision.cache_ids(self.prompt_ids) + self.output_ids
 
     @property
     def remaining(self) -> int:

@@ -39,8 +39,12 @@ log = logging.getLogger(__name__)
 class Scheduler:
     """The requests of one model over its batch loop and its cache manager (the loop thread only)."""
 
-    def __init__(self, model, tokenizer, config: EngineConfig, cache_manager: CacheManager, solo: bool = False):
+    def __init__(
+        self, model, tokenizer, config: EngineConfig, cache_manager: CacheManager, solo: bool = False, vision=None
+    ):
         self.model = model
+        self.vision = vision  # a vision model's encoder (engine.vision.encoder): images encoded at admission
+        self.embed = vision.embed if vision is not None else None  # image rows prefill from embeddings
         self.solo = solo  # one request at a time on mlx_lm's own caches (engine.solo_loop)
         self.tokenizer = tokenizer
         self.config = config
@@ -60,6 +64,11 @@ class Scheduler:
         self.rejected: list[tuple[str, Exception]] = []
         self.grammars = Grammars(tokenizer, logits_width(model), self.eos_ids)
         self.gen = self._make_loop()
+
+    @property
+    def takes_images(self) -> bool:
+        """Image rows need our batch loop (the prefill from embeddings)."""
+        return isinstance(self.gen, BatchLoop) and self.embed is not None
 
     def _make_loop(self) -> Loop:
         """Our loop over the cache's paged K/V, or mlx_lm's BatchGenerator when it keeps none (or
@@ -85,6 +94,7 @@ class Scheduler:
             pipelined=False if kv.recurrent else cfg.pipelined_decode,
             column_write=cfg.decode_column_write,
             unpadded=cfg.unpadded_decode,
+            embed=self.embed,
             **sizes,
         )
 
@@ -100,7 +110,7 @@ class Scheduler:
     def _admit(self) -> None:
         """Insert waiting requests, in order, while the cache manager admits them. A request that
         cannot be inserted fails alone (`take_rejected`); the others go on."""
-        while self.waiting and self.cache.can_admit(self.waiting[0].tokens, self.waiting[0].remaining):
+        while self.waiting and self.cache.can_admit(self.waiting[0].cache_tokens, self.waiting[0].remaining):
             req = self.waiting.popleft()
             try:
                 self._insert(req)
@@ -110,11 +120,12 @@ class Scheduler:
 
     def _insert(self, req: Request) -> None:
         stops = ([] if req.params.ignore_eos else self.eos_ids) + req.params.stop_token_ids
-        tokens = req.tokens
-        req.blocks, cached = self.cache.acquire(tokens, req.remaining)
+        req.blocks, cached = self.cache.acquire(req.cache_tokens, req.remaining)
+        if req.vision is not None:  # the images whose tokens are not all cached go through the encoder
+            self.vision.encode(req.vision, after=cached)
         if not req.output_ids:
             req.cached_tokens = cached
-        self.gen.insert(req, tokens, cached, stops)
+        self.gen.insert(req, req.tokens, cached, stops)
         req.running = True
 
     def _preempt_for_room(self) -> None:
@@ -130,7 +141,7 @@ class Scheduler:
 
     def _preempt(self, req: Request) -> None:
         self.gen.remove(req)
-        self.cache.store(req.tokens[:-1], req.blocks)  # the K/V it holds: all but its newest token
+        self.cache.store(req.cache_tokens[:-1], req.blocks)  # the K/V it holds: all but its newest token
         req.blocks, req.running = None, False
         self.waiting.appendleft(req)
         self.counters["preempted"] += 1
@@ -250,7 +261,7 @@ class Scheduler:
         if reason == "abort":
             self.cache.release(req.blocks)
         else:  # the K/V of the prompt and of every output token but the last is in the cache
-            self.cache.store(req.prompt_ids + req.output_ids[:-1], req.blocks)
+            self.cache.store(req.cache_tokens[: len(req.prompt_ids) + len(req.output_ids) - 1], req.blocks)
         req.blocks = None
         return RequestOutput(
             req.request_id,

@@ -80,6 +80,9 @@ class CacheManager(Protocol):
     def batch_kv(self) -> BatchKV | None:
         """The paged K/V our batch loop runs over; None: mlx_lm's own caches (and its loop)."""
 
+    def close(self, timeout_s: float) -> None:
+        """The engine stops (its loop thread): finish what is owed to disk, within `timeout_s`."""
+
 
 @runtime_checkable
 class BatchKV(Protocol):

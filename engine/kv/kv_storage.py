@@ -81,6 +81,29 @@ class KVStorage:
                 arrays[i][dst * n : (dst + 1) * n] = data
         self.dirty = True
 
+    def block_arrays(self, block: int) -> list[np.ndarray]:
+        """One block's rows of every array, copied out, in a fixed order (K then V, layer by layer;
+        each `[kv_heads * block_size, dim]`). The raw values: bfloat16, which numpy lacks, as its
+        uint16 bits (`load_block` takes them back)."""
+        rows = [a[i][self._rows(block, s)] for i, s in enumerate(self.layers) for a in (self.k, self.v)]
+        if self.dtype == mx.bfloat16:
+            rows = [r.view(mx.uint16) for r in rows]
+        mx.eval(rows)
+        return [np.array(r, copy=True) for r in rows]
+
+    def load_block(self, block: int, arrays: list[np.ndarray]) -> None:
+        """Write one block's rows of every array (`block_arrays`' order and shapes) into `block`."""
+        for j, data in enumerate(arrays):
+            layer, s = j // 2, self.layers[j // 2]
+            target = (self.k, self.v)[j % 2]
+            rows = mx.array(data)
+            target[layer][self._rows(block, s)] = rows.view(self.dtype) if rows.dtype != self.dtype else rows
+        self.dirty = True
+
+    def _rows(self, block: int, s: LayerShape) -> slice:
+        n = s.kv_heads * self.block_size
+        return slice(block * n, (block + 1) * n)
+
     # --- reads and writes (one layer) -----------------------------------------------------
 
     def write(self, layer: int, rows: mx.array, keys: mx.array, values: mx.array) -> None:

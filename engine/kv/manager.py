@@ -40,11 +40,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
+from pathlib import Path
 
 import mlx.core as mx
 
 from ..config import EngineConfig
 from .block_pool import BlockPool
+from .disk_tier import DiskTier, open_disk_tier
 from .interface import CacheManager, StepWrites
 from .kv_storage import LayerShape
 from .layout import CacheLayout, KVSlot, probe_layout
@@ -97,6 +99,9 @@ class NoCache:
         return {"enabled": False, "path": "mlx_lm", "why": self.why, "kv_bits": 16}
 
     def batch_kv(self) -> None:
+        return None
+
+    def close(self, timeout_s: float) -> None:
         return None
 
 
@@ -153,6 +158,8 @@ class PagedCacheManager:
         self.ctx.chunk_limit = self._chunk_limit
         self.index = PrefixCache(self.pool, salt, None if self.memory_aware else config.max_cache_entries)
         self.live: dict[int, SeqBlocks] = {}  # id -> a running request's blocks
+        self.disk: DiskTier | None = None  # engine.kv.disk_tier (attached by make_cache_manager)
+        self.disk_why = "engine.disk_cache.enabled is false"
 
     # --- the seam --------------------------------------------------------------------------
 
@@ -183,7 +190,7 @@ class PagedCacheManager:
         """The blocks of the longest cached prefix of `tokens` (all but the last token at most),
         referenced, and how many tokens that is."""
         self._sync()
-        match = self.index.lookup(tokens)
+        match = self._from_disk(self.index.lookup(tokens), tokens)
         table, cached, resume = self._reuse(match, len(tokens))
         for b in table:
             self.pool.incref(b)
@@ -241,6 +248,7 @@ class PagedCacheManager:
         if n % bs:
             k = n // bs
             self.index.insert(self.index.parent_of(hashes, k), tuple(token_ids[k * bs : n]), seq.table[k])
+        self._offer(hashes)
         if self.snapshots is not None:
             if seq.state is not None and seq.state_len == n > 0:  # the conversation so far: the next turn's
                 seq.snapshots.append((n, seq.state))
@@ -253,10 +261,12 @@ class PagedCacheManager:
         seq = self._live(blocks)
         if seq is not None:
             self._sync()
+            self._offer(seq.prompt_hashes[: seq.registered])
             self._end(seq)
 
     def clear(self) -> None:
-        """Forget every cached prefix; blocks of running requests stay theirs until they end."""
+        """Forget every cached prefix; blocks of running requests stay theirs until they end. The
+        disk tier keeps its files (a later prompt may read them back)."""
         self.index.clear()
         if self.snapshots is not None:
             self.snapshots.clear()
@@ -318,6 +328,7 @@ class PagedCacheManager:
             "working_copy_bytes": sum(self.ctx.copy_bytes.values()),
             **self.ctx.counters,
         }
+        out["disk"] = self.disk.stats() if self.disk is not None else {"enabled": False, "why": self.disk_why}
         if self.snapshots is not None:
             out |= self.snapshots.stats()
             out |= {
@@ -328,6 +339,54 @@ class PagedCacheManager:
 
     def batch_kv(self) -> PagedContext:
         return self.ctx
+
+    def close(self, timeout_s: float) -> None:
+        """The engine stops: write what the disk tier has queued, for `timeout_s` at most."""
+        if self.disk is not None:
+            self.disk.close(timeout_s)
+
+    # --- the disk tier (engine.kv.disk_tier) ---------------------------------------------------
+
+    def _from_disk(self, match, tokens: list[int]):
+        """Continue a prefix match past the RAM index down the disk tier: each full block found
+        there (and whole) is read into a fresh pool block and indexed, while the budget has room;
+        then the match is made again over the longer index."""
+        hashes, k, bs = match.hashes, len(match.blocks), self.pool.block_size
+        if self.disk is None or k >= len(hashes):
+            return match
+        arrays = self._disk_read(hashes, tokens, k)
+        if arrays is None:
+            return match
+        held = list(match.blocks)
+        for b in held:  # not evicted to make room for their own continuation
+            self.pool.incref(b)
+        try:
+            while arrays is not None and (self.pool.capacity is None or self.headroom() > 1):
+                block = self.pool.allocate()
+                held.append(block)
+                self.pool.storage.load_block(block, arrays)
+                parent, toks = self.index.parent_of(hashes, k), tuple(tokens[k * bs : (k + 1) * bs])
+                if not self.index.insert(parent, toks, block, hashes[k]):
+                    break
+                k += 1
+                arrays = self._disk_read(hashes, tokens, k) if k < len(hashes) else None
+        finally:
+            self.pool.release(held)
+        return self.index.lookup(tokens, hashes)
+
+    def _disk_read(self, hashes: list[bytes], tokens: list[int], k: int):
+        bs = self.pool.block_size
+        return self.disk.read(hashes[k], self.index.parent_of(hashes, k), tuple(tokens[k * bs : (k + 1) * bs]))
+
+    def _offer(self, hashes: list[bytes]) -> None:
+        """Offer the indexed full blocks of a chain to the disk tier (those not there yet)."""
+        if self.disk is None or not self.disk.writing:
+            return
+        for h in hashes:
+            b = self.index.full.get(h)
+            if b is not None and not self.disk.has(h):
+                parent, toks, _ = self.index.meta[b]
+                self.disk.offer(h, parent, toks, lambda b=b: self.pool.storage.block_arrays(b))
 
     # --- the budget (in blocks; None: entry-count mode, no budget) ----------------------------
 
@@ -503,9 +562,13 @@ def model_salt(model, layers: list[LayerShape], dtype, quant: KVQuant | None = N
     return hashlib.blake2b(text.encode(), digest_size=16).digest()
 
 
-def make_cache_manager(model, config: EngineConfig) -> CacheManager:
+def make_cache_manager(
+    model, config: EngineConfig, disk_root: Path | None = None, weights_id: str | None = None
+) -> CacheManager:
     """The paged cache when the config asks for it and mlx_lm's caches for the model are kinds it
-    holds (engine.kv.layout), else `NoCache` (mlx_lm's own caches and loop), saying why."""
+    holds (engine.kv.layout), else `NoCache` (mlx_lm's own caches and loop), saying why. With
+    `engine.disk_cache` on, a model with K/V only also gets its disk tier, under `disk_root` (or
+    the config's path) and keyed on `weights_id` (a digest of its files)."""
     if not config.paged_cache:
         return _no_cache(config, "paged_cache is off in the engine config")
     try:
@@ -517,7 +580,14 @@ def make_cache_manager(model, config: EngineConfig) -> CacheManager:
         log.warning("paged cache off for this model, prompts computed from scratch: %s", layout.why_not)
         return _no_cache(config, layout.why_not)
     salt = model_salt(model, layout.kv_layers, layout.kv_dtype, kv_quant(config.kv_bits, config.kv_group_size))
-    return PagedCacheManager(layout.kv_layers, layout.kv_dtype, config, salt, layout)
+    manager = PagedCacheManager(layout.kv_layers, layout.kv_dtype, config, salt, layout)
+    if config.disk_cache.enabled and layout.recurrent:
+        manager.disk_why = "recurrent state (hybrid or state-space model): its snapshots are not kept on disk"
+        if weights_id is not None:  # the engine's own cache (not a load-time check's)
+            log.warning("disk KV cache off for this model: %s", manager.disk_why)
+    elif config.disk_cache.enabled:
+        manager.disk, manager.disk_why = open_disk_tier(config, disk_root, weights_id, salt, manager.pool.storage)
+    return manager
 
 
 def _no_cache(config: EngineConfig, why: str) -> NoCache:

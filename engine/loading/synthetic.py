@@ -4,6 +4,8 @@ Two kinds of names:
   synthetic:qwen3-0.6b-8bit   a real model's full shape (Qwen3-0.6B, 8-bit): throughput does not
                               depend on weight values, so GPU benchmarks use it without downloading
   synthetic:qwen3.5-0.8b-8bit the same for a hybrid model (Qwen3.5-0.8B's text layers, 8-bit)
+  synthetic:gemma3-vlm        a vision-language model (engine.loading.synthetic_vlm): mlx-vlm's
+                              gemma3 at a tiny size, or gemma-3-4b's shapes (gemma-3-4b-vlm)
   synthetic:<family>          a tiny model of one mlx_lm family (engine.loading.families): the
                               family's real config scaled down, its distinctive layers kept, for
                               conformance tests of every cache kind
@@ -25,7 +27,7 @@ import tempfile
 from pathlib import Path
 
 from ..errors import ModelLoadError
-from . import families
+from . import families, synthetic_vlm
 
 PREFIX = "synthetic:"
 # Bump when the way a directory is built changes (weights, tokenizer): cached builds are rebuilt.
@@ -99,12 +101,14 @@ SHAPES = {
 
 def names() -> list[str]:
     """Every synthetic model's name (without the `synthetic:` prefix)."""
-    return sorted(SHAPES) + sorted(families.FAMILIES)
+    return sorted(SHAPES) + sorted(synthetic_vlm.VLMS) + sorted(families.FAMILIES)
 
 
 def config_of(name: str) -> dict:
     if name in SHAPES:
         return dict(SHAPES[name])
+    if name in synthetic_vlm.VLMS:
+        return synthetic_vlm.config_of(name)
     if name in families.FAMILIES:
         return families.config(name)
     raise ModelLoadError(f"unknown synthetic model {name!r}; known: {', '.join(names())}")
@@ -115,6 +119,8 @@ def synthetic_path(name: str, cache_dir: Path | str, tokenizer: str | None = Non
     config and the way it is built, so a changed family is built again."""
     name = name.removeprefix(PREFIX)
     weights = _weights_spec(families.FAMILIES[name]) if name in families.FAMILIES else None
+    if name in synthetic_vlm.VLMS:
+        weights = {"seed": families.SEED, "scales": synthetic_vlm.VLMS[name][2:], "noise": families.NOISE}
     tok = str(Path(tokenizer).resolve()) if tokenizer else None
     spec = json.dumps([BUILD_VERSION, config_of(name), weights, tok], sort_keys=True)
     return Path(cache_dir) / "synthetic" / f"{name}-{hashlib.sha256(spec.encode()).hexdigest()[:12]}"
@@ -155,6 +161,8 @@ def make_synthetic_model(name: str, out: Path, tokenizer: str | None = None) -> 
     from mlx.utils import tree_flatten
     from mlx_lm.utils import _get_classes
 
+    if name in synthetic_vlm.VLMS:
+        return synthetic_vlm.make_synthetic_vlm(name, out, randomize)
     config = config_of(name)
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer is not None:

@@ -147,7 +147,9 @@ def server():
     from deployments.embedding_server import EmbeddingServer
 
     with threadpool_limits(1, user_api="blas"):
-        yield EmbeddingServer.func_or_class("e", "all-minilm-l6-v2", {"max_batch_size": 1, "rows_per_pass": 4})
+        replica = EmbeddingServer.func_or_class("e", "all-minilm-l6-v2", {"max_batch_size": 1, "rows_per_pass": 4})
+        yield replica
+        replica.shutdown_engine()
 
 
 def test_the_replica_answers_and_reports_what_the_governor_and_operators_read(server):

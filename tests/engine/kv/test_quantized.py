@@ -200,3 +200,24 @@ def test_attention_reads_what_the_blocks_hold_in_prefill_chunks_and_both_decode_
     done += 1
     check(done, {i: (ks[i], vs[i]) for i in range(30)})
     assert seq.length == done and ctx.counters["steps_working_copy"] == 2
+
+
+def test_a_quantized_block_round_trips_through_the_disk_tier(tmp_path):
+    """The disk tier (engine.kv.disk_tier) stores `block_arrays` and hands them back to `load_block`:
+    a quantized block's packed values, scales and biases come back bit for bit into another block."""
+    from engine.kv.disk_tier import DiskTier, identity_digest
+
+    store = _storage(mx.bfloat16)
+    for layer in range(2):
+        _write_block(store, layer, 2, seed=layer)
+    want = store.block_arrays(2)
+    shapes = [(a.shape, a.dtype.name) for a in store.block_arrays(0)]
+    identity = identity_digest("weights", b"salt", store.block_size, str(store.dtype), 8)
+    key, parent, tokens = bytes([7]) * 16, bytes([6]) * 16, (7, 7, 7, 7)
+    tier = DiskTier(tmp_path, identity, shapes, 10**9, 10**9)
+    assert tier.offer(key, parent, tokens, lambda: store.block_arrays(2))
+    assert tier.close(10) == 0
+    again = DiskTier(tmp_path, identity, shapes, 10**9, 10**9)  # a new process reads the directory
+    store.load_block(3, again.read(key, parent, tokens))
+    assert all(np.array_equal(a, b) for a, b in zip(want, store.block_arrays(3)))
+    assert all(mx.array_equal(a, b).item() for a, b in zip(_read_block(store, 1, 2), _read_block(store, 1, 3)))
