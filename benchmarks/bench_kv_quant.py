@@ -64,7 +64,7 @@ def perplexity(model, tokens: list[int], bits: int, chunk: int, group: int = 64,
 def prompt_for(model_name: str, question: str):
     from engine.request import PromptInput
 
-    if "gemma" in model_name:  # a base model: no chat template
+    if "gemma" in model_name or model_name.startswith("synthetic:"):  # no chat template worth the name
         return PromptInput(text=question)
     return PromptInput(messages=[{"role": "user", "content": question}])
 
