@@ -136,6 +136,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from engine.loading.cpu_fast_path import reexec_with_openblas
+
+    reexec_with_openblas()  # on a CPU-only Linux, OpenBLAS as the replicas get it (a no-op elsewhere)
     args = parse_args(argv)
     rounds = []
     for i in range(args.warmup_rounds + args.rounds):

@@ -91,7 +91,7 @@ def test_a_bad_request_is_a_bad_request_error(client):
     with pytest.raises(anthropic.BadRequestError) as info:
         client.messages.create(model=MODEL, max_tokens=8, messages=[{"role": "user", "content": [image]}])
     assert info.value.body["type"] == "error" and info.value.body["error"]["type"] == "invalid_request_error"
-    assert "'image' content blocks are not supported" in info.value.body["error"]["message"]
+    assert "messages.0.content.0.source: not a decodable image" in info.value.body["error"]["message"]
     with pytest.raises(anthropic.BadRequestError, match="temperature"):  # refused by the engine's range check
         client.messages.create(model=MODEL, max_tokens=8, messages=HELLO, extra_body={"temperature": 5})
 
