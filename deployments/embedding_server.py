@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -96,7 +95,7 @@ class EmbeddingServer(GovernedReplica):
 
     def __init__(self, name: str, source: str, embedding: dict, memory_share_bytes: int | None = None):
         from engine.embed.engine import EmbeddingEngine  # MLX loads in the replica, not in the builder
-        from engine.memory import apply_process_limits, mib
+        from engine.memory import mib
 
         started = time.monotonic()
         self.name = name
@@ -109,14 +108,8 @@ class EmbeddingServer(GovernedReplica):
         self._embed_batch.set_max_batch_size(self.options.max_batch_size)
         self._embed_batch.set_batch_wait_timeout_s(self.options.batch_wait_timeout_s)
         self.engine = EmbeddingEngine.from_source(source, max_batch_size=self.options.rows_per_pass)
+        self._loaded(started, memory_share_bytes)
         footprint = self.engine.footprint
-        self.limits = apply_process_limits(max(memory_share_bytes or 0, footprint.total))
-        self.loaded_info = {
-            "pid": os.getpid(),
-            "loaded_at": time.time(),
-            "cold_start_s": round(time.monotonic() - started, 3),
-            "footprint": footprint.to_dict(),
-        }
         log.info(
             "embedding model %s ready in %.1fs: %d dims, context %d; footprint %s (weights %s, working %s)",
             name,

@@ -4,6 +4,7 @@ operator asked to unload it, and its node (deployments.governor places replicas 
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Any
 
@@ -25,6 +26,20 @@ class GovernedReplica:
         self.last_active = time.monotonic()
         self.unload_requested = False
         self._node_id: str | None = None
+
+    def _loaded(self, started: float, memory_share_bytes: int | None) -> None:
+        """Once `engine` is loaded: cap MLX's memory at the larger of the builder's share and the
+        measured footprint (engine.memory.apply_process_limits), and keep what `info` reports."""
+        from engine.memory import apply_process_limits
+
+        footprint = self.engine.footprint
+        self.limits = apply_process_limits(max(memory_share_bytes or 0, footprint.total))
+        self.loaded_info = {
+            "pid": os.getpid(),
+            "loaded_at": time.time(),
+            "cold_start_s": round(time.monotonic() - started, 3),
+            "footprint": footprint.to_dict(),
+        }
 
     def idle_s(self) -> float:
         return 0.0 if self.active else time.monotonic() - self.last_active

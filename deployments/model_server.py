@@ -136,7 +136,7 @@ class ModelServer(GovernedReplica):
         prefix_block_chars: int | None = None,
     ):
         from engine.engine import AsyncEngine  # MLX loads in the replica, not in the builder
-        from engine.memory import apply_process_limits, mib
+        from engine.memory import mib
 
         started = time.monotonic()
         self.name = name
@@ -152,14 +152,8 @@ class ModelServer(GovernedReplica):
         self._report_made = 0.0
         self._refresh: asyncio.Task | None = None
         self.engine = AsyncEngine.from_source(source, EngineConfig.model_validate(engine))
+        self._loaded(started, memory_share_bytes)
         footprint = self.engine.footprint
-        self.limits = apply_process_limits(max(memory_share_bytes or 0, footprint.total))
-        self.loaded_info = {
-            "pid": os.getpid(),
-            "loaded_at": time.time(),
-            "cold_start_s": round(time.monotonic() - started, 3),
-            "footprint": footprint.to_dict(),
-        }
         log.info(
             "model %s ready in %.1fs: %s; footprint %s (weights %s, KV %s, working %s)",
             name,
