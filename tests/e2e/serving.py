@@ -146,3 +146,18 @@ def metric(text: str, name: str, **labels: str) -> float | None:
         if line.startswith(prefix):
             return float(line[len(prefix) :])
     return None
+
+
+def module_server(config: str | Path):
+    """A module's own `serve run CONFIG` as its `server` fixture: started once for the module (a
+    SharedServer, so any other is stopped first) and stopped after it. `server = module_server(CONFIG)`."""
+
+    @pytest.fixture(scope="module")
+    def server(tmp_path_factory):
+        shared = SharedServer(tmp_path_factory, config)
+        try:
+            yield shared.get()
+        finally:
+            shared.stop()
+
+    return server

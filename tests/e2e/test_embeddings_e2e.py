@@ -19,7 +19,7 @@ import numpy as np
 import openai
 import pytest
 
-from .serving import BASE, ROOT, SharedServer
+from .serving import BASE, ROOT, module_server
 
 pytestmark = pytest.mark.slow
 
@@ -30,13 +30,7 @@ TEXTS = [item["text"] for item in REFERENCE["inputs"]]
 VECTORS = np.array([item["vector"] for item in REFERENCE["inputs"]])
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    shared = SharedServer(tmp_path_factory, CONFIG)
-    try:
-        yield shared.get()
-    finally:
-        shared.stop()
+server = module_server(CONFIG)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ import numpy as np
 import openai
 import pytest
 
-from .serving import BASE, ROOT, SharedServer
+from .serving import BASE, ROOT, module_server
 
 pytestmark = pytest.mark.slow
 
@@ -55,13 +55,7 @@ def data_url(image: bytes) -> str:
 CAT, DOG = png(1), png(2)
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    shared = SharedServer(tmp_path_factory, CONFIG)
-    try:
-        yield shared.get()
-    finally:
-        shared.stop()
+server = module_server(CONFIG)
 
 
 @pytest.fixture(scope="module")
