@@ -45,10 +45,14 @@ from .constraints import Grammars, apply_bitmask
 from .kv.interface import BatchKV, StepWrites
 from .kv.paged_cache import BatchCaches, SeqBlocks
 from .loop import Token
+from .speculative import RowSpec, Speculator, expand, kept
 from .thinking import force_tokens
 from .vision.prompt import merged_embeddings
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from .config import SpeculativeConfig
     from .request import Request
 
 
@@ -68,6 +72,7 @@ class Row:
     issued: int = 0  # output tokens computed or in flight
     produced: int = 0  # output tokens read back
     done: bool = False
+    spec: RowSpec | None = None  # its tokens and drafting record, when the loop speculates
 
     @property
     def top_logprobs(self) -> int | None:
@@ -128,10 +133,18 @@ class BatchLoop:
         column_write: str | None = None,
         unpadded: str | None = None,
         embed=None,
+        speculative: SpeculativeConfig | None = None,
+        room: Callable[[StepWrites], bool] | None = None,
     ):
         self.model = model
         self.embed = embed  # a vision model's token embedding table: image rows prefill from embeddings
         self.pipelined = mx.default_device() != mx.cpu if pipelined is None else pipelined
+        # Speculative decoding (engine.speculative): drafts need each row's tokens on the host, so
+        # the loop runs unpipelined; `room` says whether a verify step's extra writes fit the budget.
+        self.spec = Speculator(speculative) if speculative is not None and speculative.method else None
+        self.room = room
+        if self.spec is not None:
+            self.pipelined = False
         self.compiled = CompiledDecode(model, column_write, kv.grouped_mask, kv.quant) if compiled else None
         self.eager_unpadded = eager_unpadded(unpadded)
         self.grammars = grammars
@@ -166,6 +179,8 @@ class BatchLoop:
             len(request.output_ids),
             pos=cached,
         )
+        if self.spec is not None:
+            row.spec = self.spec.start(tokens)
         self.rows[request.request_id] = row
         (self.prefilling if len(todo) > 1 else self.joining).append(row)
 
@@ -186,7 +201,11 @@ class BatchLoop:
 
     def step(self) -> list[Token]:
         """Issue the next decode step and prefill chunk, then report the previous step's tokens
-        (unpipelined: this step's)."""
+        (unpipelined: this step's). A speculating loop verifies drafts instead when rows have some."""
+        if self.spec is not None:
+            verified = self._speculate()
+            if verified is not None:
+                return verified
         issued, out = self._issue_decode()
         prefilled = self._issue_prefill()
         if issued is not None or prefilled:  # the tokens, and the K/V writes into the pool
@@ -200,11 +219,7 @@ class BatchLoop:
         """The next decode step (None without rows), and the previous step's tokens when a
         grammar needed them before this step's sampling."""
         batch = self.batch
-        keep = [i for i, r in enumerate(batch.rows) if not r.done and r.issued < r.max_tokens]
-        room = self.max_num_seqs - len(keep)
-        joining, self.joining = self.joining[:room], self.joining[room:]
-        if len(keep) != len(batch.rows) or joining:
-            self._rebatch(keep, joining)
+        self._update_batch()
         if not batch.rows:
             return None, []
         self.peak_batch = max(self.peak_batch, len(batch.rows))
@@ -224,6 +239,15 @@ class BatchLoop:
             r.issued += 1
         batch.inputs, batch.positions = tokens, batch.positions + 1
         return _Issued(list(batch.rows), tokens, logprobs), read
+
+    def _update_batch(self) -> None:
+        """Rows that finished leave the decode batch and prefilled ones join it (up to `max_num_seqs`)."""
+        batch = self.batch
+        keep = [i for i, r in enumerate(batch.rows) if not r.done and r.issued < r.max_tokens]
+        room = self.max_num_seqs - len(keep)
+        joining, self.joining = self.joining[:room], self.joining[room:]
+        if len(keep) != len(batch.rows) or joining:
+            self._rebatch(keep, joining)
 
     def _decode_logits(self, batch: _Batch) -> mx.array:
         """[B, vocab]: the compiled step when the batch decodes through working copies, else the
@@ -326,31 +350,93 @@ class BatchLoop:
     def _read(self, issued: _Issued) -> list[Token]:
         """The host sync: one step's tokens, with their finish reasons (and logprobs if asked)."""
         out = []
-        chosen = top_ids = top_lps = None
-        if issued.logprobs is not None:
-            chosen, top_ids, top_lps = (a.tolist() for a in issued.logprobs)
+        lps = tuple(a.tolist() for a in issued.logprobs) if issued.logprobs is not None else None
         for i, (row, token) in enumerate(zip(issued.rows, issued.tokens.tolist())):
             if row.done:  # removed, or finished in an earlier step: this token was spare work
                 continue
-            if row.history is not None:
-                row.history.append(token)
-            row.produced += 1
-            if row.request.cap is not None:
-                row.request.cap.consume(token)
-            finish = "stop" if token in row.stops else "length" if row.produced >= row.max_tokens else None
-            constraint = row.request.constraint
-            if constraint is not None and finish is None:
-                finish = "stop" if not constraint.consume(token) or constraint.stopped else None
-            if finish is not None:
-                row.done = True
-                self.rows.pop(row.request.request_id, None)
-            t = Token(row.request.request_id, token, finish)
-            if row.top_logprobs is not None:
-                k = row.top_logprobs
-                t.logprob, t.top = chosen[i], list(zip(top_ids[i][:k], top_lps[i][:k]))
-            out.append(t)
+            out.append(self._emit(row, token, lps, i))
         if any(t.finish for t in out):
             self._flush()  # the finished rows' blocks go to the prefix cache next
+        return out
+
+    def _emit(self, row: Row, token: int, lps: tuple | None, i: int) -> Token:
+        """One output token of a row read back: its finish reason (a stop token, `max_tokens`, its
+        grammar's end), and its logprobs from entry `i` of the step's (chosen, top ids, top values)."""
+        if row.history is not None:
+            row.history.append(token)
+        if row.spec is not None:
+            row.spec.extend([token])
+        row.produced += 1
+        if row.request.cap is not None:
+            row.request.cap.consume(token)
+        finish = "stop" if token in row.stops else "length" if row.produced >= row.max_tokens else None
+        constraint = row.request.constraint
+        if constraint is not None and finish is None:
+            finish = "stop" if not constraint.consume(token) or constraint.stopped else None
+        if finish is not None:
+            row.done = True
+            self.rows.pop(row.request.request_id, None)
+        t = Token(row.request.request_id, token, finish)
+        if row.top_logprobs is not None:
+            chosen, top_ids, top_lps = lps
+            k = row.top_logprobs
+            t.logprob, t.top = chosen[i], list(zip(top_ids[i][:k], top_lps[i][:k]))
+        return t
+
+    # --- speculative decoding (engine.speculative) --------------------------------------
+
+    def _speculate(self) -> list[Token] | None:
+        """A verify step when rows have drafts and their writes fit; None: a plain step instead."""
+        self._update_batch()
+        batch = self.batch
+        if not batch.rows or batch.constrained or batch.capped or batch.sampling.penalties is not None:
+            return None
+        drafts = [self.spec.propose(r.spec, r.max_tokens - r.issued - 1) for r in batch.rows]
+        if not any(drafts):
+            return None
+        if self.room is not None:
+            writes = self.next_writes()
+            extra = [(r.blocks, len(d)) for r, d in zip(batch.rows, drafts) if d]
+            if not self.room(StepWrites(writes.decode, writes.prefill + extra)):
+                return None
+        return self._verify(drafts)
+
+    def _verify(self, drafts: list[list[int]]) -> list[Token]:
+        """One forward pass over each row's input and drafts (a right-padded chunk), the batch's
+        sampler at every position, and each row's longest agreeing prefix kept (its K/V beyond
+        cut back). The prefill chunk of waiting prompts runs in the same step."""
+        batch, rows = self.batch, self.batch.rows
+        self._flush()
+        real = [1 + len(d) for d in drafts]
+        n = max(real)
+        chunk = np.zeros((len(rows), n), dtype=np.uint32)
+        for i, (r, d) in enumerate(zip(rows, drafts)):
+            chunk[i, : real[i]] = [int(r.spec.tokens[-1]), *d]
+        starts = [r.blocks.length for r in rows]
+        logits = self.model(mx.array(chunk), cache=self.kv.caches([r.blocks for r in rows], chunk=real))
+        first = np.fromiter((r.start + r.issued for r in rows), np.uint32, len(rows))
+        positions = mx.array((first[:, None] + np.arange(n, dtype=np.uint32)).reshape(-1))
+        flat = logits.reshape(len(rows) * n, logits.shape[-1])
+        tokens, logprobs = expand(batch.sampling, n).sample(flat, None, positions, batch.top_logprobs)
+        self._issue_prefill()
+        mx.async_eval(tokens, *(logprobs or ()), *self.kv.take_writes())
+        sampled = np.asarray(tokens.tolist()).reshape(len(rows), n)
+        lps = tuple(a.tolist() for a in logprobs) if logprobs is not None else None
+        out = []
+        for i, (r, d) in enumerate(zip(rows, drafts)):  # kept drafts, then the first token sampled past them
+            emitted = sampled[i, : kept(d, sampled[i]) + 1].tolist()
+            for j, token in enumerate(emitted):
+                out.append(self._emit(r, token, lps, i * n + j))
+                if r.done:
+                    emitted = emitted[: j + 1]
+                    break
+            self.kv.truncate(r.blocks, starts[i] + len(emitted))  # the K/V of its input and kept drafts
+            r.issued += len(emitted)
+            self.spec.record(r.spec, len(d), kept(d, sampled[i]), len(emitted))
+        self.spec.counters.verify_steps += 1
+        batch.inputs = mx.array([int(r.spec.tokens[-1]) for r in rows], dtype=mx.uint32)
+        batch.positions = mx.array(np.fromiter((r.start + r.issued for r in rows), np.uint32, len(rows)))
+        batch.caches = self.kv.caches([r.blocks for r in rows])  # the old ones' working copies are stale
         return out
 
     @property

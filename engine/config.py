@@ -39,6 +39,43 @@ class DiskCacheConfig(BaseModel):
     )
 
 
+class SpeculativeConfig(BaseModel):
+    """Speculative decoding in the continuous batch (engine.speculative): rows propose draft tokens,
+    the whole batch verifies them in one forward pass, and each row keeps the longest prefix its
+    own sampler agrees with, so outputs are those of decoding without it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    method: Literal["ngram", "draft"] | None = Field(
+        None,
+        description="None: off. `ngram`: prompt lookup, drafts copied from where the row's last "
+        "tokens occurred before in its prompt or output (no second model; wins when the answer "
+        "repeats the prompt: editing, extraction, RAG, code). `draft`: a smaller model that shares "
+        "the target's tokenizer (`draft_model`) proposes them.",
+    )
+    num_draft_tokens: int = Field(4, ge=1, le=16, description="Most tokens a row drafts per step.")
+    ngram_max: int = Field(4, ge=1, le=16, description="ngram: the longest suffix looked up.")
+    ngram_min: int = Field(2, ge=1, le=16, description="ngram: the shortest suffix looked up.")
+    draft_model: str | None = Field(
+        None, description="draft: the draft model (a path or Hugging Face id, as `model`), same tokenizer."
+    )
+    min_acceptance: float = Field(
+        0.3,
+        ge=0.0,
+        le=1.0,
+        description="A row whose recent share of accepted draft tokens falls below this stops drafting "
+        "for a while (longer each time), so output that does not repeat costs nearly nothing.",
+    )
+
+    @model_validator(mode="after")
+    def _consistent(self) -> SpeculativeConfig:
+        if self.ngram_min > self.ngram_max:
+            raise ValueError("ngram_min must not exceed ngram_max")
+        if (self.method == "draft") != (self.draft_model is not None):
+            raise ValueError("draft_model is needed with method: draft, and only with it")
+        return self
+
+
 class EngineConfig(BaseModel):
     """How one model is run: scheduling, streaming and KV cache."""
 
@@ -210,6 +247,10 @@ class EngineConfig(BaseModel):
     disk_cache: DiskCacheConfig = Field(
         default_factory=DiskCacheConfig,
         description="A prefix cache on disk that outlives the process (paged cache, K/V models only).",
+    )
+    speculative: SpeculativeConfig = Field(
+        default_factory=SpeculativeConfig,
+        description="Speculative decoding (paged cache, K/V models; off by default).",
     )
 
     @field_validator("tool_prompt")

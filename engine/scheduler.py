@@ -81,10 +81,16 @@ class Scheduler:
             grammars=self.grammars,
         )
         kv = self.cache.batch_kv()
+        if cfg.speculative.method and (self.solo or kv is None):
+            log.warning("speculative decoding is off for this model: it needs our batch loop over the paged cache")
         if self.solo:
             return SoloLoop(self.model, **sizes)
         if kv is None:
             return MlxLmBatch(self.model, **sizes)
+        speculative = cfg.speculative if cfg.speculative.method else None
+        if speculative is not None and kv.recurrent:
+            log.warning("speculative decoding is off for this model: its recurrent state cannot be cut back")
+            speculative = None
         # A recurrent model's decode step is the model's own call (the compiled step takes K/V
         # only), and unpipelined: a row's state is then always exactly its tokens' (snapshots).
         return BatchLoop(
@@ -95,6 +101,8 @@ class Scheduler:
             column_write=cfg.decode_column_write,
             unpadded=cfg.unpadded_decode,
             embed=self.embed,
+            speculative=speculative,
+            room=self.cache.can_allocate,
             **sizes,
         )
 
@@ -191,7 +199,7 @@ class Scheduler:
         self.cache.begin_step()
         for t in self.gen.step():
             req = self.requests.get(t.request_id)
-            if req is None or not req.running:
+            if req is None or not req.running or req.text.stopped:  # a stop string ended it this step
                 continue
             try:
                 out = self._on_token(req, t)
@@ -300,4 +308,5 @@ class Scheduler:
             "compiled_steps": compiled.steps if compiled else 0,
             "compiled_shapes": len(compiled.shapes) if compiled else 0,  # traces made (rows x capacity)
             **self.counters,
+            **({"speculative": spec.stats()} if (spec := getattr(self.gen, "spec", None)) is not None else {}),
         }

@@ -114,6 +114,9 @@ class BatchKV(Protocol):
         """Decode tokens held only in working copies go to the rows' blocks (before anything else
         reads those blocks); rows take their recurrent state back from the batch."""
 
+    def truncate(self, seq: SeqBlocks, length: int) -> None:
+        """Keep only a row's first `length` tokens of K/V (draft tokens a verify step rejected)."""
+
     def take_writes(self) -> list[mx.array]:
         """The arrays written since the last call, to evaluate with the step."""
 

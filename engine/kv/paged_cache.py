@@ -348,6 +348,14 @@ class PagedContext:
             for row in caches.rows:
                 self.on_state(row)
 
+    def truncate(self, seq: SeqBlocks, length: int) -> None:
+        """Cut a row's K/V back to its first `length` tokens: a verify step wrote draft tokens the
+        row did not keep (engine.speculative). The tail is overwritten as the row goes on; its
+        blocks stay the row's (they were private copies or new ones: `_make_room`)."""
+        if self.layout.recurrent:
+            raise ValueError("a recurrent state cannot be cut back")
+        seq.written = [min(w, length) for w in seq.written]
+
     def take_writes(self) -> list[mx.array]:
         writes, self._state_writes = self._state_writes, []
         return self.pool.storage.take_writes() + writes

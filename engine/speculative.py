@@ -1,0 +1,173 @@
+"""Speculative decoding inside the continuous batch: drafts proposed per row, verified for the
+whole batch in one forward pass (engine.batch_loop's verify step).
+
+A row that drafts feeds `[its input, d1 .. dk]` in one call; the rows that do not draft ride
+along with their one input token (the call is a right-padded chunk through the paged cache).
+Every position's logits then go through the batch's own sampler (engine.batch_sampling), the
+greedy argmax or the seeded Gumbel draw that decoding without speculation would have made for
+that output position, and a row keeps its drafts while they equal what was sampled, plus the
+first sampled token that differs (or the one after the last draft). So:
+
+- greedy rows give exactly the tokens they give without speculation;
+- sampled rows too, token for token under the same seed: each position's draw is keyed by the
+  row's key and the output position (`batch_sampling.fold`), not by the step. This is the
+  standard rejection sampling for drafts that are one token each (prompt lookup, and a draft
+  model read greedily): a draft d is kept with probability p(d) = min(1, p(d) / q(d)), and a
+  rejected position takes a token from p with d excluded, the normalized residual (p - q)+.
+
+The K/V written for rejected drafts are cut off after the step (`BatchKV.truncate`).
+
+Who drafts: a row whose tokens the host knows (the loop runs unpipelined while speculating),
+which has no grammar, thinking cap or penalties, and which has room before `max_tokens`. A batch
+with such a constrained row verifies nothing that step (the masks are per token). A row whose
+recent drafts were mostly rejected (`min_acceptance`) pauses, 4 steps at first and twice as long
+each time after, so open-ended output costs a lookup a step and rarely a wasted verify.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import mlx.core as mx
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from .batch_sampling import BatchSampling
+from .config import SpeculativeConfig
+
+EMA = 0.5  # weight of a step's acceptance in a row's running estimate
+PAUSE_MIN, PAUSE_MAX = 4, 256  # steps a row with low acceptance waits before drafting again
+
+
+def prompt_lookup(tokens: np.ndarray, n_min: int, n_max: int, k: int) -> np.ndarray:
+    """Up to k tokens that followed the latest earlier occurrence of the row's last n tokens
+    (the longest n in [n_min, n_max] that occurs), else none."""
+    length = len(tokens)
+    for n in range(min(n_max, length - 1), n_min - 1, -1):
+        windows = sliding_window_view(tokens[: length - 1], n)  # every earlier n-gram but the suffix itself
+        hits = np.flatnonzero((windows == tokens[length - n :]).all(axis=1))
+        if hits.size:
+            start = int(hits[-1]) + n
+            return tokens[start : start + k]
+    return tokens[:0]
+
+
+@dataclass(eq=False)
+class RowSpec:
+    """What speculation keeps of one row: its tokens on the host, and how well it drafts."""
+
+    buf: np.ndarray  # the row's tokens (prompt, then output) in [:n]
+    n: int
+    estimate: float = 1.0  # recent share of its draft tokens accepted
+    floor: float = 0.3  # min_acceptance
+    pause: int = 0  # steps left before it drafts again
+    pauses: int = 0  # pauses so far (each one twice as long)
+
+    @classmethod
+    def of(cls, tokens: list[int], floor: float) -> RowSpec:
+        buf = np.zeros(max(64, 2 * len(tokens)), dtype=np.int64)
+        buf[: len(tokens)] = tokens
+        return cls(buf, len(tokens), floor=floor)
+
+    @property
+    def tokens(self) -> np.ndarray:
+        return self.buf[: self.n]
+
+    def extend(self, tokens: list[int]) -> None:
+        if self.n + len(tokens) > len(self.buf):
+            self.buf = np.concatenate([self.buf, np.zeros(len(self.buf) + len(tokens), dtype=np.int64)])
+        self.buf[self.n : self.n + len(tokens)] = tokens
+        self.n += len(tokens)
+
+    def judge(self, drafted: int, accepted: int) -> None:
+        """A verify step kept `accepted` of its `drafted` tokens: pause when drafting stops paying."""
+        self.estimate = (1 - EMA) * self.estimate + EMA * accepted / drafted
+        if self.estimate < self.floor:
+            self.pause = min(PAUSE_MAX, PAUSE_MIN << self.pauses)
+            self.pauses += 1
+            self.estimate = 1.0  # a fresh start after the pause
+        elif accepted == drafted:
+            self.pauses = max(0, self.pauses - 1)
+
+
+@dataclass
+class SpecCounters:
+    verify_steps: int = 0  # steps that verified drafts
+    drafting_rows: int = 0  # row-steps that drafted
+    drafted: int = 0  # draft tokens proposed
+    accepted: int = 0  # draft tokens kept
+    emitted: int = 0  # tokens the verify steps' rows produced (kept drafts + one sampled each)
+    rows: int = 0  # row-steps in verify steps (drafting or not)
+
+    def stats(self, method: str) -> dict:
+        return {
+            "method": method,
+            "verify_steps": self.verify_steps,
+            "drafted_tokens": self.drafted,
+            "accepted_tokens": self.accepted,
+            "acceptance_rate": round(self.accepted / self.drafted, 4) if self.drafted else 0.0,
+            # tokens a drafting row gets from one forward pass (1 without speculation)
+            "tokens_per_step": round(1 + self.accepted / self.drafting_rows, 4) if self.drafting_rows else 1.0,
+        }
+
+
+@dataclass
+class Speculator:
+    """The batch loop's drafts: which rows draft, what they propose, how they fared."""
+
+    config: SpeculativeConfig
+    counters: SpecCounters = field(default_factory=SpecCounters)
+
+    def start(self, tokens: list[int]) -> RowSpec:
+        return RowSpec.of(tokens, self.config.min_acceptance)
+
+    def propose(self, spec: RowSpec, room: int) -> list[int]:
+        """A row's drafts (at most `room`), or none while it pauses or its suffix never occurred."""
+        if spec.pause > 0:
+            spec.pause -= 1
+            return []
+        cfg = self.config
+        k = min(cfg.num_draft_tokens, room)
+        if k <= 0:
+            return []
+        return prompt_lookup(spec.tokens, cfg.ngram_min, cfg.ngram_max, k).tolist()
+
+    def record(self, spec: RowSpec | None, drafted: int, accepted: int, emitted: int) -> None:
+        c = self.counters
+        c.rows += 1
+        c.emitted += emitted
+        if drafted:
+            c.drafting_rows += 1
+            c.drafted += drafted
+            c.accepted += accepted
+            spec.judge(drafted, accepted)
+
+    def stats(self) -> dict:
+        return self.counters.stats(self.config.method)
+
+
+def expand(sampling: BatchSampling, n: int) -> BatchSampling:
+    """The batch's sampling arrays for `n` positions of each row ([B * n] rows, row-major): every
+    position samples with its row's parameters and key. Penalties are not expanded (a batch with
+    penalty rows does not verify)."""
+
+    def rep(a):
+        return None if a is None else mx.repeat(a, n, axis=0)
+
+    return replace(
+        sampling,
+        inv_temp=rep(sampling.inv_temp),
+        is_greedy=rep(sampling.is_greedy),
+        top_k=rep(sampling.top_k),
+        top_p=rep(sampling.top_p),
+        min_p=rep(sampling.min_p),
+        keys=rep(sampling.keys),
+    )
+
+
+def kept(drafts: list[int], sampled: list[int]) -> int:
+    """How many drafts a row keeps: the longest prefix equal to the tokens sampled before each."""
+    a = 0
+    while a < len(drafts) and sampled[a] == drafts[a]:
+        a += 1
+    return a
