@@ -30,7 +30,7 @@ import numpy as np
 import pytest
 
 import engine.engine
-from engine.config import EngineConfig
+from engine.config import EngineConfig, SpeculativeConfig
 from engine.engine import AsyncEngine
 from engine.loading.families import FAMILIES, VOCAB
 from engine.request import PromptInput
@@ -207,3 +207,48 @@ async def test_a_hybrid_model_preempted_in_a_tight_budget_decodes_as_alone():
         assert_as_solo(f"qwen3_5, {len(prompt)}-token prompt, preempted", got, ref)
     assert stats["preempted"] > 0 and stats["cache"]["over_budget_blocks"] == 0
     assert stats["cache"]["blocks_used"] == 0 and stats["cache"]["live_sequences"] == 0
+
+
+async def test_verified_drafts_decode_as_mlx_lm(case, monkeypatch):
+    """Speculation's verify step (engine.speculative) on each family: drafts from an oracle that
+    knows mlx_lm's solo continuation, right for two tokens then wrong, so that every verify keeps
+    some drafts and cuts the K/V of a rejected one back. The batch of different lengths (rows
+    padded in the verify chunk) and the extended prompt (a prefix hit on blocks written by verify
+    steps) decode exactly as mlx_lm does alone. Families whose state cannot be cut back (recurrent
+    layers) or that no batch serves run without speculation, and say so (no `speculative` stats)."""
+    from engine.speculative import Speculator
+
+    continuations = {tuple(p): s.tokens for p, s in zip(case.prompts, case.solo)}
+    continuations[tuple(case.repeat)] = case.repeat_solo.tokens
+    continuations[tuple(case.extended)] = case.extended_solo.tokens
+
+    def oracle(self, spec, room):
+        tokens = spec.tokens.tolist()
+        for prompt, solo in continuations.items():
+            if tuple(tokens[: len(prompt)]) == prompt:
+                done = len(tokens) - len(prompt)
+                right = solo[done : done + 2]
+                return (right + [(right[-1] + 1) % VOCAB if right else 1])[: max(0, min(3, room))]
+        return []
+
+    monkeypatch.setattr(Speculator, "propose", oracle)
+    spec_config = CONFIG.model_copy(update={"speculative": SpeculativeConfig(method="ngram")})
+    eng = AsyncEngine(f"synthetic:{case.name}", spec_config)
+    try:
+        results = await asyncio.gather(*(generate(eng, p) for p in case.prompts))
+        await generate(eng, case.repeat)
+        extended, usage = await generate(eng, case.extended)
+        stats = eng.stats()
+    finally:
+        eng.shutdown()
+    for prompt, (got, _), ref in zip(case.prompts, results, case.solo):
+        assert_as_solo(f"{case.name}, speculating, {len(prompt)}-token prompt in a batch", got, ref)
+    assert_as_solo(f"{case.name}, speculating, prompt + output + {EXTRA}", extended, case.extended_solo)
+    recurrent = "state_bytes_per_sequence" in stats["cache"]
+    if case.expect.path != "paged" or recurrent:
+        assert "speculative" not in stats, "speculation is off where the state cannot be cut back"
+        return
+    spec = stats["speculative"]
+    assert spec["verify_steps"] > 0 and 0 < spec["accepted_tokens"] < spec["drafted_tokens"]
+    if case.expect.reuses_decode_blocks:
+        assert usage.cached_tokens > len(case.repeat)

@@ -1,0 +1,130 @@
+"""Speculative decoding in the batch (engine.speculative), on the bundled SmolLM2-135M-Instruct
+(real weights, float32 on the CPU): with prompt-lookup drafts every request decodes exactly as
+without them — greedy, seeded sampling, logprobs, penalties, stop strings, max_tokens — alone
+or in a batch with rows that do not draft, and the K/V it leaves in the prefix cache are those
+of the tokens it kept. (tests/engine/test_families.py checks the verify step on every family's
+random-weight model.)"""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+import pytest
+
+from engine.config import EngineConfig, SpeculativeConfig
+from engine.engine import AsyncEngine
+from engine.request import PromptInput
+from engine.speculative import PAUSE_MIN, RowSpec, kept, prompt_lookup
+
+from ..conftest import SMOLLM
+from .helpers import chat, run
+
+PASSAGE = (
+    "The quick brown fox jumps over the lazy dog. Alice met Bob at the market on Tuesday, and they "
+    "bought three apples, two pears and a melon for the picnic by the river."
+)
+EDIT = chat("Repeat this text exactly, word for word:\n" + PASSAGE)
+OPEN = chat("Write a short poem about the sea.")
+CONFIG = EngineConfig(cache_memory_mb=64, max_num_seqs=8)
+
+
+@pytest.fixture(scope="module")
+def engines(load_once):
+    off = AsyncEngine.from_source(SMOLLM, CONFIG)
+    on = AsyncEngine.from_source(SMOLLM, CONFIG.model_copy(update={"speculative": SpeculativeConfig(method="ngram")}))
+    yield off, on
+    off.shutdown()
+    on.shutdown()
+
+
+def test_prompt_lookup_takes_what_followed_the_latest_longest_match():
+    tokens = np.array([1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 1, 2, 3])
+    assert prompt_lookup(tokens, 2, 3, 2).tolist() == [7, 8]  # the latest "1 2 3", not the first
+    assert prompt_lookup(tokens, 2, 3, 10).tolist() == [7, 8, 5, 1, 2, 3]  # up to the end
+    assert prompt_lookup(np.array([4, 5, 6, 1, 2]), 2, 3, 4).tolist() == []  # the suffix never occurred
+    assert prompt_lookup(np.array([5, 6, 5, 6, 9, 5, 6]), 2, 2, 1).tolist() == [9]
+    assert prompt_lookup(np.array([3]), 1, 4, 4).tolist() == []
+
+
+def test_a_row_pauses_when_its_drafts_are_rejected_and_longer_each_time():
+    spec = RowSpec.of([1, 2, 3], floor=0.3)
+    spec.judge(4, 0)
+    spec.judge(4, 0)
+    assert spec.pause == PAUSE_MIN
+    spec.pause = 0
+    spec.judge(4, 0)
+    spec.judge(4, 0)
+    assert spec.pause == 2 * PAUSE_MIN
+    assert kept([5, 6, 7], [5, 6, 8, 9]) == 2 and kept([5], [4, 1]) == 0 and kept([], [3]) == 0
+
+
+async def test_greedy_editing_decodes_the_same_in_fewer_steps(engines):
+    off, on = engines
+    before = on.stats().get("speculative") or {}
+    text_off, ids_off, _ = await run(off, EDIT, max_tokens=48, temperature=0)
+    text_on, ids_on, outs = await run(on, EDIT, max_tokens=48, temperature=0)
+    assert ids_on == ids_off and text_on == text_off
+    assert PASSAGE[:40] in text_on, "the model repeats the passage (the workload drafting pays on)"
+    spec = on.stats()["speculative"]
+    assert spec["method"] == "ngram"
+    assert spec["accepted_tokens"] - before.get("accepted_tokens", 0) >= 20
+    assert spec["tokens_per_step"] > 2
+
+
+async def test_a_mixed_batch_decodes_each_row_as_without_speculation(engines):
+    """Rows that draft (editing), rows that mostly do not (open-ended), seeded sampling, logprobs,
+    a penalty row (its batch verifies nothing while it runs) and a stop string, all at once."""
+    off, on = engines
+    cases = [
+        (EDIT, dict(max_tokens=40, temperature=0)),
+        (OPEN, dict(max_tokens=24, temperature=0)),
+        (EDIT, dict(max_tokens=32, temperature=0.8, seed=7)),
+        (OPEN, dict(max_tokens=24, temperature=0.7, top_p=0.9, seed=3)),
+        (EDIT, dict(max_tokens=20, temperature=0, logprobs=True, top_logprobs=2)),
+        (EDIT, dict(max_tokens=40, temperature=0, stop=["melon"])),
+    ]
+    alone = [await run(off, p, **kw) for p, kw in cases]
+    together = await asyncio.gather(*(run(on, p, **kw) for p, kw in cases))
+    for (prompt, kw), (text_a, ids_a, outs_a), (text_b, ids_b, outs_b) in zip(cases, alone, together):
+        assert ids_b == ids_a and text_b == text_a, kw
+        assert outs_b[-1].finish_reason == outs_a[-1].finish_reason, kw
+        if kw.get("logprobs"):
+            lp_a = [e for o in outs_a for e in o.logprobs or ()]
+            lp_b = [e for o in outs_b for e in o.logprobs or ()]
+            assert [e["id"] for e in lp_b] == [e["id"] for e in lp_a]
+            assert [t[0] for e in lp_b for t in e["top"]] == [t[0] for e in lp_a for t in e["top"]]
+            assert np.allclose([e["logprob"] for e in lp_b], [e["logprob"] for e in lp_a], atol=1e-3)
+    assert "melon" not in together[-1][0] and together[-1][2][-1].finish_reason == "stop"
+    penalty = dict(max_tokens=16, temperature=0, repetition_penalty=1.3)
+    assert (await run(on, EDIT, **penalty))[1] == (await run(off, EDIT, **penalty))[1]
+
+
+async def test_max_tokens_is_exact_when_drafts_would_run_past_it(engines):
+    off, on = engines
+    for n in (1, 2, 5, 7):
+        _, ids_on, outs = await run(on, EDIT, max_tokens=n, temperature=0)
+        _, ids_off, _ = await run(off, EDIT, max_tokens=n, temperature=0)
+        assert ids_on == ids_off and len(ids_on) == n and outs[-1].finish_reason == "length"
+
+
+async def test_the_prefix_cache_holds_the_kept_tokens_k_v(engines):
+    """A follow-up turn reuses the blocks the speculating request wrote (its prompt and answer):
+    it decodes as the engine without speculation does, so no rejected draft's K/V was kept."""
+    off, on = engines
+    on.clear_cache()
+    first, _, _ = await run(on, EDIT, max_tokens=40, temperature=0)
+    follow = PromptInput(
+        messages=[*EDIT.messages, {"role": "assistant", "content": first}, {"role": "user", "content": "Again."}]
+    )
+    _, ids_on, outs = await run(on, follow, max_tokens=24, temperature=0)
+    _, ids_off, _ = await run(off, follow, max_tokens=24, temperature=0)
+    assert ids_on == ids_off
+    assert outs[-1].usage.cached_tokens > len(on.prepare_prompt(EDIT)[0])
+
+
+async def test_no_block_is_leaked(engines):
+    _, on = engines
+    await asyncio.gather(*(run(on, EDIT, max_tokens=12 + i, temperature=0) for i in range(4)))
+    cache = on.stats()["cache"]
+    assert cache["live_sequences"] == 0
