@@ -128,7 +128,9 @@ def _estimate_weights(model: ModelConfig) -> int | None:
     from engine.memory import estimate_weights_bytes
 
     try:
-        return estimate_weights_bytes(model.source, _fast_cpu(model))
+        weights = estimate_weights_bytes(model.source, _fast_cpu(model))
+        draft = model.engine.speculative.draft_model  # a draft model lives in the same process
+        return weights + (estimate_weights_bytes(draft, _fast_cpu(model)) or 0) if draft and weights else weights
     except Exception as exc:  # noqa: BLE001 - a corrupt or truncated file
         log.warning(
             "model %s: cannot read the size of %s (%s): estimating from the file size", model.name, model.source, exc

@@ -26,6 +26,14 @@ ENGINE_GAUGES = {
     "running": ("running_sequences", "Sequences decoding now."),
     "waiting": ("waiting_requests", "Requests waiting for a slot or for their prefill."),
     "kv_cache_bytes": ("kv_cache_bytes", "Bytes of KV cache held by running sequences."),
+    "speculative_acceptance_rate": (
+        "speculative_acceptance_rate",
+        "Speculative decoding: draft tokens kept / draft tokens proposed.",
+    ),
+    "speculative_tokens_per_step": (
+        "speculative_tokens_per_step",
+        "Speculative decoding: tokens a drafting sequence gets from one forward pass (1 without).",
+    ),
 }
 CACHE_GAUGES = {
     "blocks_total": ("cache_blocks_total", "KV blocks in the pool."),

@@ -53,6 +53,7 @@ if TYPE_CHECKING:
     from collections.abc import Callable
 
     from .config import SpeculativeConfig
+    from .draft_model import ModelDrafter
     from .request import Request
 
 
@@ -134,6 +135,7 @@ class BatchLoop:
         unpadded: str | None = None,
         embed=None,
         speculative: SpeculativeConfig | None = None,
+        drafter: ModelDrafter | None = None,
         room: Callable[[StepWrites], bool] | None = None,
     ):
         self.model = model
@@ -141,7 +143,9 @@ class BatchLoop:
         self.pipelined = mx.default_device() != mx.cpu if pipelined is None else pipelined
         # Speculative decoding (engine.speculative): drafts need each row's tokens on the host, so
         # the loop runs unpipelined; `room` says whether a verify step's extra writes fit the budget.
-        self.spec = Speculator(speculative) if speculative is not None and speculative.method else None
+        if speculative is not None and speculative.method == "draft" and drafter is None:
+            speculative = None  # no draft model loaded (a load-time check's loop): plain decoding
+        self.spec = Speculator(speculative, drafter) if speculative is not None and speculative.method else None
         self.room = room
         if self.spec is not None:
             self.pipelined = False
@@ -189,6 +193,8 @@ class BatchLoop:
         if row is not None:
             self._flush()  # its blocks go back to the cache manager next
             row.done = True
+            if self.spec is not None:
+                self.spec.drop(row.spec)
             if row in self.prefilling:
                 self.prefilling.remove(row)
             if row in self.joining:
@@ -376,6 +382,8 @@ class BatchLoop:
         if finish is not None:
             row.done = True
             self.rows.pop(row.request.request_id, None)
+            if self.spec is not None:
+                self.spec.drop(row.spec)
         t = Token(row.request.request_id, token, finish)
         if row.top_logprobs is not None:
             chosen, top_ids, top_lps = lps
@@ -391,13 +399,15 @@ class BatchLoop:
         batch = self.batch
         if not batch.rows or batch.constrained or batch.capped or batch.sampling.penalties is not None:
             return None
-        drafts = [self.spec.propose(r.spec, r.max_tokens - r.issued - 1) for r in batch.rows]
+        specs = [r.spec for r in batch.rows]
+        drafts = self.spec.drafts(specs, [r.max_tokens - r.issued - 1 for r in batch.rows])
         if not any(drafts):
             return None
         if self.room is not None:
             writes = self.next_writes()
             extra = [(r.blocks, len(d)) for r, d in zip(batch.rows, drafts) if d]
             if not self.room(StepWrites(writes.decode, writes.prefill + extra)):
+                self.spec.unused(specs)
                 return None
         return self._verify(drafts)
 
@@ -424,7 +434,9 @@ class BatchLoop:
         lps = tuple(a.tolist() for a in logprobs) if logprobs is not None else None
         out = []
         for i, (r, d) in enumerate(zip(rows, drafts)):  # kept drafts, then the first token sampled past them
-            emitted = sampled[i, : kept(d, sampled[i]) + 1].tolist()
+            a = kept(d, sampled[i])
+            self.spec.record(r.spec, len(d), a, a + 1)
+            emitted = sampled[i, : a + 1].tolist()
             for j, token in enumerate(emitted):
                 out.append(self._emit(r, token, lps, i * n + j))
                 if r.done:
@@ -432,7 +444,6 @@ class BatchLoop:
                     break
             self.kv.truncate(r.blocks, starts[i] + len(emitted))  # the K/V of its input and kept drafts
             r.issued += len(emitted)
-            self.spec.record(r.spec, len(d), kept(d, sampled[i]), len(emitted))
         self.spec.counters.verify_steps += 1
         batch.inputs = mx.array([int(r.spec.tokens[-1]) for r in rows], dtype=mx.uint32)
         batch.positions = mx.array(np.fromiter((r.start + r.issued for r in rows), np.uint32, len(rows)))
@@ -445,6 +456,8 @@ class BatchLoop:
         return self.kv.nbytes([r.blocks for r in self.rows.values()])
 
     def close(self) -> None:
+        if self.spec is not None:
+            self.spec.close()
         self.compiled = None
         self.prefilling.clear()
         self.joining.clear()

@@ -38,6 +38,7 @@ from .chat_format import (
 from .config import EngineConfig
 from .constraints import Constraint
 from .cpu_threads import BlasThreads
+from .draft_model import load_drafter
 from .errors import EngineDeadError, InvalidRequestError, ModelLoadError, OrchardError, OverloadedError
 from .kv.interface import CacheManager
 from .kv.manager import make_cache_manager
@@ -386,8 +387,15 @@ class AsyncEngine:
             cache = make_cache_manager(self.loaded.model, self.config, default_cache_dir() / "kv-disk", weights_id)
             solo = self.batching.outcome == "solo"
             encoder = self.vision.encoder
+            self.drafter = None if solo else load_drafter(self.config, self.loaded, cache, load_model)
             self.scheduler = Scheduler(
-                self.loaded.model, self.loaded.tokenizer, self.config, cache, solo=solo, vision=encoder
+                self.loaded.model,
+                self.loaded.tokenizer,
+                self.config,
+                cache,
+                solo=solo,
+                vision=encoder,
+                drafter=self.drafter,
             )
             self.footprint = self._measure_footprint(cache)
             self._blas = BlasThreads.for_this_process() if self.config.adaptive_cpu_threads else None
@@ -432,6 +440,9 @@ class AsyncEngine:
         cfg = self.config
         working = measure_working_bytes(self.loaded.model, cfg.prefill_batch_size, cfg.prefill_step_size)
         weights, kv = self.loaded.weights_bytes, cache.budget_bytes
+        if self.drafter is not None:  # the draft model's weights and KV budget (engine.draft_model)
+            weights += self.drafter.weights_bytes
+            kv += self.drafter.kv_budget_bytes
         encoder = self.vision.encoder
         if encoder is not None:  # its tower, one largest image's working memory, its cache, running requests' features
             weights += encoder.weights_bytes

@@ -40,9 +40,17 @@ class Scheduler:
     """The requests of one model over its batch loop and its cache manager (the loop thread only)."""
 
     def __init__(
-        self, model, tokenizer, config: EngineConfig, cache_manager: CacheManager, solo: bool = False, vision=None
+        self,
+        model,
+        tokenizer,
+        config: EngineConfig,
+        cache_manager: CacheManager,
+        solo: bool = False,
+        vision=None,
+        drafter=None,
     ):
         self.model = model
+        self.drafter = drafter  # speculation's draft model (engine.draft_model), when the config names one
         self.vision = vision  # a vision model's encoder (engine.vision.encoder): images encoded at admission
         self.embed = vision.embed if vision is not None else None  # image rows prefill from embeddings
         self.solo = solo  # one request at a time on mlx_lm's own caches (engine.solo_loop)
@@ -102,6 +110,7 @@ class Scheduler:
             unpadded=cfg.unpadded_decode,
             embed=self.embed,
             speculative=speculative,
+            drafter=self.drafter,
             room=self.cache.can_allocate,
             **sizes,
         )

@@ -27,6 +27,7 @@ each time after, so open-ended output costs a lookup a step and rarely a wasted 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import numpy as np
@@ -34,6 +35,9 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 from .batch_sampling import BatchSampling
 from .config import SpeculativeConfig
+
+if TYPE_CHECKING:
+    from .draft_model import ModelDrafter
 
 EMA = 0.5  # weight of a step's acceptance in a row's running estimate
 PAUSE_MIN, PAUSE_MAX = 4, 256  # steps a row with low acceptance waits before drafting again
@@ -113,37 +117,71 @@ class SpecCounters:
 
 @dataclass
 class Speculator:
-    """The batch loop's drafts: which rows draft, what they propose, how they fared."""
+    """The batch loop's drafts: which rows draft, what they propose (prompt lookup, or the draft
+    model: engine.draft_model), how they fared."""
 
     config: SpeculativeConfig
+    drafter: ModelDrafter | None = None  # method "draft"
     counters: SpecCounters = field(default_factory=SpecCounters)
 
     def start(self, tokens: list[int]) -> RowSpec:
         return RowSpec.of(tokens, self.config.min_acceptance)
 
-    def propose(self, spec: RowSpec, room: int) -> list[int]:
-        """A row's drafts (at most `room`), or none while it pauses or its suffix never occurred."""
-        if spec.pause > 0:
-            spec.pause -= 1
-            return []
+    def drafts(self, specs: list[RowSpec], rooms: list[int]) -> list[list[int]]:
+        """Each row's drafts (at most its room): none while it pauses, has no room, or (prompt
+        lookup) its last tokens never occurred before."""
         cfg = self.config
-        k = min(cfg.num_draft_tokens, room)
-        if k <= 0:
-            return []
-        return prompt_lookup(spec.tokens, cfg.ngram_min, cfg.ngram_max, k).tolist()
+        wants = []
+        for i, (spec, room) in enumerate(zip(specs, rooms)):
+            if spec.pause > 0:
+                spec.pause -= 1
+            elif room > 0:
+                wants.append(i)
+        out: list[list[int]] = [[] for _ in specs]
+        if not wants:
+            return out
+        if self.drafter is None:
+            for i in wants:
+                k = min(cfg.num_draft_tokens, rooms[i])
+                out[i] = prompt_lookup(specs[i].tokens, cfg.ngram_min, cfg.ngram_max, k).tolist()
+            return out
+        proposed = self.drafter.propose([specs[i] for i in wants], cfg.num_draft_tokens)
+        for i, drafts in zip(wants, proposed):
+            out[i] = drafts[: rooms[i]]
+        return out
 
-    def record(self, spec: RowSpec | None, drafted: int, accepted: int, emitted: int) -> None:
+    def record(self, spec: RowSpec, drafted: int, accepted: int, emitted: int) -> None:
+        """A verify step's outcome for one row (`drafted` 0: it rode along without drafts), told
+        before its tokens are emitted (a row that finishes then leaves with its draft cache cut)."""
         c = self.counters
         c.rows += 1
         c.emitted += emitted
         if drafted:
+            if self.drafter is not None:  # its draft cache keeps what the target kept
+                self.drafter.accept(spec, accepted, self.config.num_draft_tokens)
             c.drafting_rows += 1
             c.drafted += drafted
             c.accepted += accepted
             spec.judge(drafted, accepted)
 
+    def unused(self, specs: list[RowSpec]) -> None:
+        """Drafts made but not verified (the step's writes did not fit): nothing was kept."""
+        if self.drafter is not None:
+            for spec in specs:
+                self.drafter.accept(spec, 0, self.config.num_draft_tokens)
+
+    def drop(self, spec: RowSpec | None) -> None:
+        """A row left the loop."""
+        if self.drafter is not None and spec is not None:
+            self.drafter.drop(spec)
+
+    def close(self) -> None:
+        if self.drafter is not None:
+            self.drafter.reset()
+
     def stats(self) -> dict:
-        return self.counters.stats(self.config.method)
+        out = self.counters.stats(self.config.method)
+        return out if self.drafter is None else {**out, **self.drafter.stats()}
 
 
 def expand(sampling: BatchSampling, n: int) -> BatchSampling:

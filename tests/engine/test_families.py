@@ -216,22 +216,22 @@ async def test_verified_drafts_decode_as_mlx_lm(case, monkeypatch):
     padded in the verify chunk) and the extended prompt (a prefix hit on blocks written by verify
     steps) decode exactly as mlx_lm does alone. Families whose state cannot be cut back (recurrent
     layers) or that no batch serves run without speculation, and say so (no `speculative` stats)."""
-    from engine.speculative import Speculator
+    import engine.speculative
 
     continuations = {tuple(p): s.tokens for p, s in zip(case.prompts, case.solo)}
     continuations[tuple(case.repeat)] = case.repeat_solo.tokens
     continuations[tuple(case.extended)] = case.extended_solo.tokens
 
-    def oracle(self, spec, room):
-        tokens = spec.tokens.tolist()
+    def oracle(tokens, n_min, n_max, k):  # in place of prompt lookup
+        tokens = tokens.tolist()
         for prompt, solo in continuations.items():
             if tuple(tokens[: len(prompt)]) == prompt:
                 done = len(tokens) - len(prompt)
                 right = solo[done : done + 2]
-                return (right + [(right[-1] + 1) % VOCAB if right else 1])[: max(0, min(3, room))]
-        return []
+                return np.array((right + [(right[-1] + 1) % VOCAB if right else 1])[:k], dtype=np.int64)
+        return np.zeros(0, dtype=np.int64)
 
-    monkeypatch.setattr(Speculator, "propose", oracle)
+    monkeypatch.setattr(engine.speculative, "prompt_lookup", oracle)
     spec_config = CONFIG.model_copy(update={"speculative": SpeculativeConfig(method="ngram")})
     eng = AsyncEngine(f"synthetic:{case.name}", spec_config)
     try:

@@ -1,6 +1,7 @@
 """Speculative decoding in the batch (engine.speculative), on the bundled SmolLM2-135M-Instruct
-(real weights, float32 on the CPU): with prompt-lookup drafts every request decodes exactly as
-without them — greedy, seeded sampling, logprobs, penalties, stop strings, max_tokens — alone
+(real weights, float32 on the CPU): with prompt-lookup drafts, or a draft model (SmolLM2 itself,
+or SmolLM2 with seeded noise on its weights so that drafts are partly wrong), every request
+decodes exactly as without them — greedy, seeded sampling, logprobs, penalties, stop strings, max_tokens — alone
 or in a batch with rows that do not draft, and the K/V it leaves in the prefix cache are those
 of the tokens it kept. (tests/engine/test_families.py checks the verify step on every family's
 random-weight model.)"""
@@ -86,7 +87,7 @@ async def test_a_mixed_batch_decodes_each_row_as_without_speculation(engines):
     ]
     alone = [await run(off, p, **kw) for p, kw in cases]
     together = await asyncio.gather(*(run(on, p, **kw) for p, kw in cases))
-    for (prompt, kw), (text_a, ids_a, outs_a), (text_b, ids_b, outs_b) in zip(cases, alone, together):
+    for (_, kw), (text_a, ids_a, outs_a), (text_b, ids_b, outs_b) in zip(cases, alone, together):
         assert ids_b == ids_a and text_b == text_a, kw
         assert outs_b[-1].finish_reason == outs_a[-1].finish_reason, kw
         if kw.get("logprobs"):
@@ -128,3 +129,75 @@ async def test_no_block_is_leaked(engines):
     await asyncio.gather(*(run(on, EDIT, max_tokens=12 + i, temperature=0) for i in range(4)))
     cache = on.stats()["cache"]
     assert cache["live_sequences"] == 0
+
+
+def perturbed(loaded, scale: float):
+    """The same model with seeded multiplicative noise on every weight: a draft model that shares
+    the tokenizer and mostly, not always, agrees with it."""
+    import dataclasses
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten, tree_unflatten
+
+    from engine.loading.loader import load_model
+
+    copy = load_model(SMOLLM)
+    mx.random.seed(0)
+    weights = [(k, v * (1 + scale * mx.random.normal(v.shape))) for k, v in tree_flatten(copy.model.parameters())]
+    copy.model.update(tree_unflatten(weights))
+    mx.eval(copy.model.parameters())
+    return dataclasses.replace(copy, source=loaded.source)
+
+
+@pytest.fixture(scope="module")
+def drafted(load_once, engines, monkeypatch_module):
+    """Engines speculating with a draft model: SmolLM2 itself (every greedy draft right) and a
+    perturbed SmolLM2 (drafts partly wrong: rejections cut both caches back)."""
+    import engine.engine
+
+    shared = engine.engine.load_model
+    noisy = perturbed(shared(SMOLLM), 0.15)
+    monkeypatch_module.setattr(engine.engine, "load_model", lambda s, **kw: noisy if s == "noisy" else shared(s, **kw))
+    make = lambda draft: AsyncEngine.from_source(  # noqa: E731
+        SMOLLM, CONFIG.model_copy(update={"speculative": SpeculativeConfig(method="draft", draft_model=draft)})
+    )
+    same, noisy_engine = make(SMOLLM), make("noisy")
+    yield same, noisy_engine
+    same.shutdown()
+    noisy_engine.shutdown()
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+async def test_a_draft_model_batch_decodes_each_row_as_without_speculation(engines, drafted):
+    off, _ = engines
+    cases = [
+        (EDIT, dict(max_tokens=40, temperature=0)),
+        (OPEN, dict(max_tokens=32, temperature=0)),
+        (OPEN, dict(max_tokens=24, temperature=0.8, seed=11)),
+        (EDIT, dict(max_tokens=16, temperature=0, logprobs=True, top_logprobs=1)),
+    ]
+    alone = [await run(off, p, **kw) for p, kw in cases]
+    for eng in drafted:
+        for _ in range(2):  # the second time, both the target's and the draft's prefix caches hit
+            together = await asyncio.gather(*(run(eng, p, **kw) for p, kw in cases))
+            for (_, kw), a, b in zip(cases, alone, together):
+                assert b[1] == a[1], kw
+    same, noisy = (eng.stats()["speculative"] for eng in drafted)
+    assert same["method"] == "draft" and same["draft_model"] == SMOLLM
+    assert same["acceptance_rate"] > 0.6  # greedy drafts from the model itself: all kept (sampled rows not)
+    assert 0 < noisy["accepted_tokens"] < noisy["drafted_tokens"], noisy
+    assert drafted[0].footprint.weights >= 2 * off.footprint.weights * 0.99, "the draft's weights are counted"
+    assert drafted[0].footprint.kv > off.footprint.kv
+
+
+def test_a_draft_model_with_another_tokenizer_is_refused(load_once):
+    from engine.errors import ModelLoadError
+
+    config = CONFIG.model_copy(update={"speculative": SpeculativeConfig(method="draft", draft_model="synthetic:llama")})
+    with pytest.raises(ModelLoadError, match="does not share the tokenizer"):
+        AsyncEngine.from_source(SMOLLM, config)
