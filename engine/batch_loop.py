@@ -33,6 +33,7 @@ cache manager decides whether that fits.
 from __future__ import annotations
 
 import itertools
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -149,6 +150,8 @@ class BatchLoop:
         self.room = room
         if self.spec is not None:
             self.pipelined = False
+        self._after_verify: tuple[int, float] | None = None  # (tokens, seconds) of the last verify step
+        self._verify_tokens = 0
         self.compiled = CompiledDecode(model, column_write, kv.grouped_mask, kv.quant) if compiled else None
         self.eager_unpadded = eager_unpadded(unpadded)
         self.grammars = grammars
@@ -209,9 +212,10 @@ class BatchLoop:
         """Issue the next decode step and prefill chunk, then report the previous step's tokens
         (unpipelined: this step's). A speculating loop verifies drafts instead when rows have some."""
         if self.spec is not None:
-            verified = self._speculate()
-            if verified is not None:
-                return verified
+            return self._timed_step()
+        return self._plain_step()
+
+    def _plain_step(self) -> list[Token]:
         issued, out = self._issue_decode()
         prefilled = self._issue_prefill()
         if issued is not None or prefilled:  # the tokens, and the K/V writes into the pool
@@ -393,6 +397,26 @@ class BatchLoop:
 
     # --- speculative decoding (engine.speculative) --------------------------------------
 
+    def _timed_step(self) -> list[Token]:
+        """A speculating loop's step, a verify step or a plain one, timed for `StepCosts` when
+        it ran no prompt chunk (a plain step right after a verify counts with the verify: it
+        rebuilds the decode working copies)."""
+        start, waiting = time.perf_counter(), bool(self.prefilling)
+        verified = self._speculate()
+        out = verified if verified is not None else self._plain_step()
+        seconds, costs, rows = time.perf_counter() - start, self.spec.costs, len(self.batch.rows)
+        after, self._after_verify = self._after_verify, None
+        if waiting or not rows:
+            return out
+        if verified is not None:
+            self._after_verify = (self._verify_tokens, seconds)
+        elif after is not None:
+            plain = costs.predict(rows)
+            costs.observe(after[0], after[1] + max(0.0, seconds - plain) if plain is not None else after[1])
+        else:
+            costs.observe(rows, seconds)
+        return out
+
     def _speculate(self) -> list[Token] | None:
         """A verify step when rows have drafts and their writes fit; None: a plain step instead."""
         self._update_batch()
@@ -402,6 +426,9 @@ class BatchLoop:
         specs = [r.spec for r in batch.rows]
         drafts = self.spec.drafts(specs, [r.max_tokens - r.issued - 1 for r in batch.rows])
         if not any(drafts):
+            return None
+        if not self.spec.worth(specs, drafts):
+            self.spec.unused(specs)
             return None
         if self.room is not None:
             writes = self.next_writes()
@@ -419,6 +446,7 @@ class BatchLoop:
         self._flush()
         real = [1 + len(d) for d in drafts]
         n = max(real)
+        self._verify_tokens = len(rows) * n
         chunk = np.zeros((len(rows), n), dtype=np.uint32)
         for i, (r, d) in enumerate(zip(rows, drafts)):
             chunk[i, : real[i]] = [int(r.spec.tokens[-1]), *d]

@@ -21,7 +21,10 @@ Who drafts: a row whose tokens the host knows (the loop runs unpipelined while s
 which has no grammar, thinking cap or penalties, and which has room before `max_tokens`. A batch
 with such a constrained row verifies nothing that step (the masks are per token). A row whose
 recent drafts were mostly rejected (`min_acceptance`) pauses, 4 steps at first and twice as long
-each time after, so open-ended output costs a lookup a step and rarely a wasted verify.
+each time after, so open-ended output costs a lookup a step and rarely a wasted verify. And a
+step verifies only when it should pay: the loop measures what plain and verify steps cost on
+this hardware (`StepCosts`, the step after a verify, which rebuilds the decode working copies,
+counted with it), and verifies when the drafts' expected keep makes tokens per second higher.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ if TYPE_CHECKING:
 
 EMA = 0.5  # weight of a step's acceptance in a row's running estimate
 PAUSE_MIN, PAUSE_MAX = 4, 256  # steps a row with low acceptance waits before drafting again
+EXPLORE = 32  # a verify step that does not pay is still taken once in this many, to measure again
 
 
 def prompt_lookup(tokens: np.ndarray, n_min: int, n_max: int, k: int) -> np.ndarray:
@@ -116,6 +120,45 @@ class SpecCounters:
 
 
 @dataclass
+class StepCosts:
+    """What steps cost here, measured: seconds by the tokens a step computes (a decode step's
+    rows, or a verify step's rows x its width), as running averages. A verify step is worth it
+    when its expected tokens per second beat a plain step's; the hardware decides, not a guess
+    (on a CPU a wide verify step costs nearly its width in compute, on a GPU nearly nothing)."""
+
+    seconds: dict[int, float] = field(default_factory=dict)
+    refused: int = 0  # verify steps declined in a row (every EXPLORE-th is taken, to measure again)
+
+    def observe(self, tokens: int, seconds: float) -> None:
+        old = self.seconds.get(tokens)
+        self.seconds[tokens] = seconds if old is None else (1 - EMA) * old + EMA * seconds
+
+    def predict(self, tokens: int) -> float | None:
+        """Seconds for a step of `tokens`: measured, or between two measured sizes; None: unknown."""
+        if tokens in self.seconds:
+            return self.seconds[tokens]
+        below = max((t for t in self.seconds if t < tokens), default=None)
+        above = min((t for t in self.seconds if t > tokens), default=None)
+        if below is None or above is None:
+            return None
+        lo, hi = self.seconds[below], self.seconds[above]
+        return lo + (hi - lo) * (tokens - below) / (above - below)
+
+    def worth(self, rows: int, width: int, expected: float) -> bool:
+        """Whether a verify step of `rows` x `width` that should keep `expected` drafts beats a
+        plain step of `rows`; unknown costs are measured first."""
+        plain, verify = self.predict(rows), self.predict(rows * width)
+        if plain is None or verify is None or (rows + expected) / verify >= rows / plain:
+            self.refused = 0
+            return True
+        self.refused += 1
+        if self.refused >= EXPLORE:
+            self.refused = 0
+            return True
+        return False
+
+
+@dataclass
 class Speculator:
     """The batch loop's drafts: which rows draft, what they propose (prompt lookup, or the draft
     model: engine.draft_model), how they fared."""
@@ -123,6 +166,14 @@ class Speculator:
     config: SpeculativeConfig
     drafter: ModelDrafter | None = None  # method "draft"
     counters: SpecCounters = field(default_factory=SpecCounters)
+    costs: StepCosts = field(default_factory=StepCosts)
+
+    def worth(self, specs: list[RowSpec], drafts: list[list[int]]) -> bool:
+        """Whether verifying these drafts should beat a plain step (each row's recent acceptance
+        share times its drafts is what it should keep)."""
+        width = 1 + max(len(d) for d in drafts)
+        expected = sum(s.estimate * len(d) for s, d in zip(specs, drafts))
+        return self.costs.worth(len(specs), width, expected)
 
     def start(self, tokens: list[int]) -> RowSpec:
         return RowSpec.of(tokens, self.config.min_acceptance)
@@ -145,7 +196,10 @@ class Speculator:
                 k = min(cfg.num_draft_tokens, rooms[i])
                 out[i] = prompt_lookup(specs[i].tokens, cfg.ngram_min, cfg.ngram_max, k).tolist()
             return out
-        proposed = self.drafter.propose([specs[i] for i in wants], cfg.num_draft_tokens)
+        k = cfg.num_draft_tokens
+        if not self.costs.worth(len(specs), 1 + k, sum(specs[i].estimate * min(k, rooms[i]) for i in wants)):
+            return out  # a draft model's drafts cost forward passes: decided before they are made
+        proposed = self.drafter.propose([specs[i] for i in wants], k)
         for i, drafts in zip(wants, proposed):
             out[i] = drafts[: rooms[i]]
         return out
