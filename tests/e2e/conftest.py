@@ -29,7 +29,7 @@ def agents_server(tmp_path_factory):
 # (a module with its own server stops it); test_serve_e2e last of its group, as it ends with Ctrl-C.
 SHARED_SERVERS = (
     ("test_responses_e2e.py", "test_serve_agent_apis_e2e.py", "test_serve_e2e.py"),
-    ("test_hybrid_e2e.py", "test_responses_replicas_e2e.py", "test_thinking_e2e.py"),
+    ("test_hybrid_e2e.py", "test_responses_replicas_e2e.py", "test_speculative_e2e.py", "test_thinking_e2e.py"),
 )
 
 
