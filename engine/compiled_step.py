@@ -133,6 +133,7 @@ class CompiledDecode:
         self._step = mx.compile(_decode_step(model, self.select, grouped_mask, quant))
         self.steps = 0
         self.shapes: set[tuple[int, int]] = set()  # (rows, capacity) traced so far
+        self.traces = 0  # shapes traced in all (`shapes` is cleared past max_traces; this is not)
 
     def __call__(self, inputs: mx.array, col: int, pad: mx.array, ks: list[mx.array], vs: list[mx.array]):
         """Logits `[B, vocab]` for `inputs` `[B]` written at column `col`; the copies' new K and V
@@ -142,5 +143,7 @@ class CompiledDecode:
         if shape not in self.shapes and len(self.shapes) >= self.max_traces:
             self._step = mx.compile(_decode_step(self.model, self.select, self.grouped, self.quant))
             self.shapes.clear()
+        if shape not in self.shapes:
+            self.traces += 1
         self.shapes.add(shape)
         return self._step(inputs, mx.array(col, dtype=mx.int32), pad, ks, vs)
