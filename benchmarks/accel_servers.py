@@ -76,14 +76,15 @@ applications:
 
 
 def _popen(argv: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
-    """A child in its own session (Ctrl-C and stop() reach its group), output to LOG."""
+    """A child in its own session (Ctrl-C and stop() reach its group), output to LOG; `env` added
+    to this process's environment."""
     out = log.open("w")
     return subprocess.Popen(
         argv,
         cwd=ROOT,
         stdout=out,
         stderr=subprocess.STDOUT,
-        env=env,
+        env={**os.environ, **env} if env else None,
         start_new_session=True,
         preexec_fn=launch._default_sigint,
     )
@@ -129,13 +130,14 @@ def write_yaml(source: str, max_num_seqs: int, workdir: Path) -> Path:
     return config
 
 
-def launch_serve(config: Path, workdir: Path) -> Server:
-    """`serve run CONFIG` on a clean Ray (not waited for: see `wait_ready`)."""
+def launch_serve(config: Path, workdir: Path, env: dict | None = None) -> Server:
+    """`serve run CONFIG` on a clean Ray (not waited for: see `wait_ready`), with `env` added to its
+    environment (Ray's processes, which it starts, inherit it)."""
     ray_stop()
     log = workdir / "serve_run.log"
     server = Server("serve run", "http://127.0.0.1:8000", MODEL_NAME, log=log)
-    server.proc = _popen([PY, "-c", SERVE_CLI, "run", str(config)], log)
-    server.info = {"config": config.read_text()}
+    server.proc = _popen([PY, "-c", SERVE_CLI, "run", str(config)], log, env)
+    server.info = {"config": config.read_text(), "env": dict(env or {})}
     return server
 
 
