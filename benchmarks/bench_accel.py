@@ -416,6 +416,7 @@ async def main_async(args) -> dict:
     from engine.engine import AsyncEngine
     from engine.loading.loader import default_cache_dir
     from engine.loading.synthetic import local_source
+    from engine.memory import apply_process_limits
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="accel-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -432,6 +433,7 @@ async def main_async(args) -> dict:
     doc["serve_env"] = env
     launched = launch_all(args, source, config, workdir, env)
     engine = AsyncEngine.from_source(source, engine_config)
+    apply_process_limits(engine.footprint.total)  # capped as a model replica caps itself (GovernedReplica)
     if hops is not None:
         engine.step_log = collections.deque(maxlen=100_000)
     targets: list[Target] = []
