@@ -221,6 +221,8 @@ class ModelServer(GovernedReplica):
             if self.residency is not None:
                 self.residency.finished(prompt_key)
             await chunks.aclose()
+            if self._trace is not None:  # a burst's last steps are written with its last request
+                hop_trace.write_steps(self._trace, self.engine)
 
     def _trace_first(self, times: tuple[float, float], stream, output) -> None:
         """The request's hop timestamps (deployments.hop_trace), and the engine's step log so far."""
