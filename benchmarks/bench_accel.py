@@ -23,6 +23,11 @@ CPU per second (is the client the bottleneck?); for `serve run` also the CPU ms 
 proxy, router and model replica. Then serve-run/engine and each target/best-peer ratios, and the
 TTFT p50 that `serve run` adds to the engine's. Stops Ray at the start and the end (`ray stop
 --force`): run it only where nothing else of Ray's runs.
+
+`--hops` adds per-hop timestamps of every request and the engine's step log (benchmarks.accel_hops,
+deployments.hop_trace); `--staggered` then adds `engine (staggered)`, the engine alone fed the
+arrival offsets measured through `serve run`; `--serve-env KEY=VALUE` sets `serve run`'s
+environment (Ray Serve's switches, say).
 """
 
 from __future__ import annotations
@@ -351,7 +356,7 @@ async def profile_serve(args, target: Target, outdir: Path) -> dict:
     from . import accel_profile
 
     procs = serve_procs(target)
-    running = accel_profile.start(procs, args.profile_s, outdir)
+    running = accel_profile.start(procs, args.profile_s, outdir, gil=args.profile_gil)
     if not running:
         return {"error": "py-spy not found" if procs else "serve processes not found"}
     deadline, waves, results = time.perf_counter() + args.profile_s, 0, []
@@ -362,6 +367,7 @@ async def profile_serve(args, target: Target, outdir: Path) -> dict:
     return {
         "clients": args.profile_clients,
         "seconds": args.profile_s,
+        "gil_only": args.profile_gil,
         "waves": waves,
         "ttft_p50_ms": summary["ttft_p50_ms"],
         "errors": summary["errors"],
@@ -472,6 +478,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--start-timeout-s", type=float, default=300, help="wait this long for each server")
     p.add_argument("--profile-s", type=float, default=0, help="then py-spy serve run's processes this long")
     p.add_argument("--profile-clients", type=int, default=16, help="clients of the profiled waves")
+    p.add_argument("--profile-gil", action="store_true", help="profile only threads holding the GIL (py-spy --gil)")
     p.add_argument("--workdir", help="YAML, server logs and profiles (default: a temporary folder)")
     p.add_argument("--out", help="write the JSON here (also after each round)")
     p.add_argument("--hops", action="store_true", help="per-hop timestamps of every request (deployments.hop_trace)")
