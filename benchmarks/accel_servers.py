@@ -47,9 +47,11 @@ class Server:
         return self.log.read_text(errors="replace")[-chars:]
 
 
-def serve_yaml(source: str, max_num_seqs: int) -> str:
+def serve_yaml(source: str, max_num_seqs: int, router_replicas: int = 1) -> str:
     """The YAML of `serve run` for one model: every setting default but the model, a batch as wide
-    as the widest client wave, and `allow_ignore_eos` (every request makes max_tokens tokens)."""
+    as the widest client wave, and `allow_ignore_eos` (every request makes max_tokens tokens);
+    `router_replicas` > 1: that many router replicas (`router.num_replicas`)."""
+    router = f"      router:\n        num_replicas: {router_replicas}\n" if router_replicas > 1 else ""
     return f"""proxy_location: HeadOnly
 http_options:
   host: 127.0.0.1
@@ -65,7 +67,7 @@ applications:
     autoscaling_policy:
       policy_function: deployments.governor:governor_policy
     args:
-      models:
+{router}      models:
         - name: {MODEL_NAME}
           source: {source}
           engine:
@@ -124,9 +126,9 @@ def ray_stop() -> None:
     subprocess.run([PY, "-c", RAY_CLI, "stop", "--force"], cwd=ROOT, capture_output=True, timeout=120)
 
 
-def write_yaml(source: str, max_num_seqs: int, workdir: Path) -> Path:
+def write_yaml(source: str, max_num_seqs: int, workdir: Path, router_replicas: int = 1) -> Path:
     config = workdir / "accel_serve.yaml"
-    config.write_text(serve_yaml(source, max_num_seqs))
+    config.write_text(serve_yaml(source, max_num_seqs, router_replicas))
     return config
 
 
