@@ -395,6 +395,9 @@ def finish_doc(doc: dict, run: Run) -> None:
     doc["goals"] = goals(doc["compare"])
     doc["serve_cpu_ms_per_token"] = {str(n): v for n, v in run.serve_cpu.items()}
     doc["skipped_for_time"] = run.skipped
+    hops = next((t.hops for t in run.targets if t.hops is not None), None)
+    if hops is not None:  # after each round too: a run cut short keeps what it measured
+        doc["hops"] = hops.summary([t.label for t in run.targets], run.args.clients)
 
 
 async def measure(args, doc: dict, targets: list[Target]) -> Run:
