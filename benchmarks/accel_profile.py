@@ -28,8 +28,9 @@ def py_spy() -> str | None:
     return None
 
 
-def start(procs: dict, seconds: float, outdir: Path) -> dict[str, subprocess.Popen]:
-    """One `py-spy record` per process (role -> psutil.Process), running in the background."""
+def start(procs: dict, seconds: float, outdir: Path, gil: bool = False) -> dict[str, subprocess.Popen]:
+    """One `py-spy record` per process (role -> psutil.Process), running in the background; `gil`:
+    only threads holding the GIL (who keeps the others waiting)."""
     exe = py_spy()
     if exe is None:
         return {}
@@ -38,6 +39,7 @@ def start(procs: dict, seconds: float, outdir: Path) -> dict[str, subprocess.Pop
     for role, proc in procs.items():
         argv = [exe, "record", "--pid", str(proc.pid), "--duration", str(int(seconds)), "--rate", "200"]
         argv += ["--format", "raw", "--threads", "--nonblocking", "--output", str(outdir / f"{role}.txt")]
+        argv += ["--gil"] if gil else []
         running[role] = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     return running
 

@@ -47,9 +47,11 @@ class Server:
         return self.log.read_text(errors="replace")[-chars:]
 
 
-def serve_yaml(source: str, max_num_seqs: int) -> str:
+def serve_yaml(source: str, max_num_seqs: int, router_replicas: int = 1) -> str:
     """The YAML of `serve run` for one model: every setting default but the model, a batch as wide
-    as the widest client wave, and `allow_ignore_eos` (every request makes max_tokens tokens)."""
+    as the widest client wave, and `allow_ignore_eos` (every request makes max_tokens tokens);
+    `router_replicas` > 1: that many router replicas (`router.num_replicas`)."""
+    router = f"      router:\n        num_replicas: {router_replicas}\n" if router_replicas > 1 else ""
     return f"""proxy_location: HeadOnly
 http_options:
   host: 127.0.0.1
@@ -65,7 +67,7 @@ applications:
     autoscaling_policy:
       policy_function: deployments.governor:governor_policy
     args:
-      models:
+{router}      models:
         - name: {MODEL_NAME}
           source: {source}
           engine:
@@ -76,14 +78,15 @@ applications:
 
 
 def _popen(argv: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
-    """A child in its own session (Ctrl-C and stop() reach its group), output to LOG."""
+    """A child in its own session (Ctrl-C and stop() reach its group), output to LOG; `env` added
+    to this process's environment."""
     out = log.open("w")
     return subprocess.Popen(
         argv,
         cwd=ROOT,
         stdout=out,
         stderr=subprocess.STDOUT,
-        env=env,
+        env={**os.environ, **env} if env else None,
         start_new_session=True,
         preexec_fn=launch._default_sigint,
     )
@@ -123,19 +126,20 @@ def ray_stop() -> None:
     subprocess.run([PY, "-c", RAY_CLI, "stop", "--force"], cwd=ROOT, capture_output=True, timeout=120)
 
 
-def write_yaml(source: str, max_num_seqs: int, workdir: Path) -> Path:
+def write_yaml(source: str, max_num_seqs: int, workdir: Path, router_replicas: int = 1) -> Path:
     config = workdir / "accel_serve.yaml"
-    config.write_text(serve_yaml(source, max_num_seqs))
+    config.write_text(serve_yaml(source, max_num_seqs, router_replicas))
     return config
 
 
-def launch_serve(config: Path, workdir: Path) -> Server:
-    """`serve run CONFIG` on a clean Ray (not waited for: see `wait_ready`)."""
+def launch_serve(config: Path, workdir: Path, env: dict | None = None) -> Server:
+    """`serve run CONFIG` on a clean Ray (not waited for: see `wait_ready`), with `env` added to its
+    environment (Ray's processes, which it starts, inherit it)."""
     ray_stop()
     log = workdir / "serve_run.log"
     server = Server("serve run", "http://127.0.0.1:8000", MODEL_NAME, log=log)
-    server.proc = _popen([PY, "-c", SERVE_CLI, "run", str(config)], log)
-    server.info = {"config": config.read_text()}
+    server.proc = _popen([PY, "-c", SERVE_CLI, "run", str(config)], log, env)
+    server.info = {"config": config.read_text(), "env": dict(env or {})}
     return server
 
 

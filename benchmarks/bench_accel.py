@@ -23,25 +23,34 @@ CPU per second (is the client the bottleneck?); for `serve run` also the CPU ms 
 proxy, router and model replica. Then serve-run/engine and each target/best-peer ratios, and the
 TTFT p50 that `serve run` adds to the engine's. Stops Ray at the start and the end (`ray stop
 --force`): run it only where nothing else of Ray's runs.
+
+`--hops` adds per-hop timestamps of every request and the engine's step log (benchmarks.accel_hops,
+deployments.hop_trace); `--staggered` then adds `engine (staggered)`, the engine alone fed the
+arrival offsets measured through `serve run`; `--serve-env KEY=VALUE` sets `serve run`'s
+environment (Ray Serve's switches, say).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from . import accel_hops
 from . import accel_servers as servers
+from .accel_hops import Hops
 from .client import make_client, request_body, stream_request
 from .metrics import RequestResult, ratio, summarize
 from .report import emit, fmt, md_table, write_json
 
 ENGINE = "engine"
 SERVE = "serve run"
+STAGGERED = "engine (staggered)"
 PEERS = ("mlx_lm.server", "vllm-mlx")
 PROMPT_WORDS = "the quick brown fox jumps over a lazy dog "
 
@@ -55,20 +64,25 @@ def prompt_text(tag: str, chars: int = 32) -> str:
 # --- one request, one wave -------------------------------------------------------------------
 
 
-async def engine_request(engine, prompt: str, max_tokens: int) -> RequestResult:
+async def engine_request(engine, prompt: str, max_tokens: int, stamp=None) -> RequestResult:
+    """One request to the engine in this process; `stamp(stream, first_token_time)` after it (--hops)."""
     from engine.request import PromptInput
     from engine.sampling import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True)
-    result, start = RequestResult(), time.perf_counter()
+    result, start, first = RequestResult(), time.perf_counter(), None
     try:
-        async for out in engine.submit(PromptInput(text=prompt), params):
+        stream = engine.submit(PromptInput(text=prompt), params)
+        async for out in stream:
             if out.token_ids:
                 now = time.perf_counter() - start
                 result.ttft = result.ttft if result.ttft is not None else now
+                first = first or out.first_token_time
                 result.chunk_times.append(now)
                 result.completion_tokens += len(out.token_ids)
         result.ok, result.latency = True, time.perf_counter() - start
+        if stamp is not None:
+            stamp(stream, first)
     except Exception as exc:  # noqa: BLE001 - counted, as the HTTP client counts its errors
         result.error = f"{type(exc).__name__}: {str(exc)[:120]}"
     return result
@@ -77,18 +91,28 @@ async def engine_request(engine, prompt: str, max_tokens: int) -> RequestResult:
 class Target:
     """What one row measures: the engine in this process or a server over HTTP."""
 
-    def __init__(self, label: str, engine=None, server: servers.Server | None = None):
-        self.label, self.engine, self.server = label, engine, server
+    def __init__(self, label: str, engine=None, server: servers.Server | None = None, hops: Hops | None = None):
+        self.label, self.engine, self.server, self.hops = label, engine, server, hops
         self.client = make_client_for(server) if server else None
+        if self.client is not None and hops is not None:
+            self.client.event_hooks = {"request": [accel_hops.add_header], "response": []}
         self.ignore_eos = True
+        self.staggered = label == STAGGERED  # replays serve run's arrival offsets (--staggered)
 
-    async def one(self, prompt: str, max_tokens: int) -> RequestResult:
+    async def one(self, prompt: str, max_tokens: int, where: tuple[int, str] | None = None) -> RequestResult:
+        """One request; `where` (clients, wave) stamps it for --hops."""
+        key = self.hops.begin(self.label, *where) if self.hops is not None and where is not None else None
         if self.engine is not None:
-            return await engine_request(self.engine, prompt, max_tokens)
-        body = request_body(
-            self.server.model, prompt=prompt, max_tokens=max_tokens, ignore_eos=self.ignore_eos, stream=True
-        )
-        return await stream_request(self.client, "/v1/completions", body)
+            stamp = (lambda stream, first: self.hops.engine_stream(key, stream, first)) if key else None
+            result = await engine_request(self.engine, prompt, max_tokens, stamp)
+        else:
+            body = request_body(
+                self.server.model, prompt=prompt, max_tokens=max_tokens, ignore_eos=self.ignore_eos, stream=True
+            )
+            result = await stream_request(self.client, "/v1/completions", body)
+        if key is not None:
+            self.hops.first(key, result.ttft)
+        return result
 
     async def probe(self) -> None:
         """Send ignore_eos only where the server takes it (mlx_lm.server has no such field)."""
@@ -105,10 +129,23 @@ def make_client_for(server: servers.Server):
     return make_client(ClientTarget(server.label, server.base_url, []), timeout_s=600, max_connections=256)
 
 
-async def wave(target: Target, n: int, max_tokens: int, tag: str) -> tuple[list[RequestResult], float, float]:
-    """N requests at once; (results, wall seconds, this process's CPU seconds)."""
-    cpu0, start = time.process_time(), time.perf_counter()
-    results = await asyncio.gather(*(target.one(prompt_text(f"{tag}c{i}"), max_tokens) for i in range(n)))
+async def wave(
+    target: Target, n: int, max_tokens: int, tag: str, index: int = 0
+) -> tuple[list[RequestResult], float, float]:
+    """N requests at once (the staggered engine: at serve run's offsets, its `index`-th such wave);
+    (results, wall seconds, this process's CPU seconds)."""
+    offsets = target.hops.replay(n, index) if target.staggered else None
+    offsets = offsets or [0.0] * n
+
+    async def one(i: int) -> RequestResult:
+        if offsets[i]:
+            await asyncio.sleep(offsets[i])
+        return await target.one(prompt_text(f"{tag}c{i}"), max_tokens, (n, tag))
+
+    cpu0, start, began = time.process_time(), time.perf_counter(), time.time()
+    results = await asyncio.gather(*(one(i) for i in range(n)))
+    if target.hops is not None:
+        target.hops.wave_done(target.label, n, tag, began, target.engine)
     return list(results), time.perf_counter() - start, time.process_time() - cpu0
 
 
@@ -132,7 +169,7 @@ class Run:
         procs = serve_procs(target)
         before = cpu_seconds(procs)
         for w in range(self.args.waves):
-            res, secs, used = await wave(target, n, self.args.max_tokens, f"r{rnd}w{w}")
+            res, secs, used = await wave(target, n, self.args.max_tokens, f"r{rnd}w{w}", rnd * self.args.waves + w)
             results, wall, cpu = results + res, wall + secs, cpu + used
         key = (target.label, n)
         tokens = sum(r.completion_tokens for r in results if r.ok)
@@ -281,6 +318,9 @@ def table(doc: dict) -> str:
     out += "\n\n" + md_table(
         ["clients", "serve run / engine", "added TTFT p50 ms", "best peer", "serve run / best peer"], cmp_rows
     )
+    if doc.get("hops"):
+        out += "\n\nPer hop, ms p50 (p99); the engine's admission of a wave: spread, steps; new traces:\n\n"
+        out += accel_hops.table(doc["hops"])
     failed = {label: s["error"] for label, s in doc["servers"].items() if s.get("error")}
     for label, why in failed.items():
         out += f"\n\n{label} did not serve: {why[:600]}"
@@ -290,10 +330,11 @@ def table(doc: dict) -> str:
 # --- the whole run ---------------------------------------------------------------------------
 
 
-def launch_all(args, source: str, config: Path, workdir: Path) -> dict[str, servers.Server]:
-    """Every server started at once (each loads while the others do); waited for later."""
+def launch_all(args, source: str, config: Path, workdir: Path, env: dict) -> dict[str, servers.Server]:
+    """Every server started at once (each loads while the others do); waited for later. `env`:
+    extra environment of `serve run` (its Ray processes inherit it)."""
     width = max(args.clients)
-    launched = {SERVE: servers.launch_serve(config, workdir)}
+    launched = {SERVE: servers.launch_serve(config, workdir, env)}
     if "mlx_lm.server" in args.peers:
         launched["mlx_lm.server"] = servers.launch_mlx_lm_server(source, 8081, width, workdir)
     if "vllm-mlx" in args.peers:
@@ -315,7 +356,7 @@ async def profile_serve(args, target: Target, outdir: Path) -> dict:
     from . import accel_profile
 
     procs = serve_procs(target)
-    running = accel_profile.start(procs, args.profile_s, outdir)
+    running = accel_profile.start(procs, args.profile_s, outdir, gil=args.profile_gil)
     if not running:
         return {"error": "py-spy not found" if procs else "serve processes not found"}
     deadline, waves, results = time.perf_counter() + args.profile_s, 0, []
@@ -326,6 +367,7 @@ async def profile_serve(args, target: Target, outdir: Path) -> dict:
     return {
         "clients": args.profile_clients,
         "seconds": args.profile_s,
+        "gil_only": args.profile_gil,
         "waves": waves,
         "ttft_p50_ms": summary["ttft_p50_ms"],
         "errors": summary["errors"],
@@ -353,6 +395,9 @@ def finish_doc(doc: dict, run: Run) -> None:
     doc["goals"] = goals(doc["compare"])
     doc["serve_cpu_ms_per_token"] = {str(n): v for n, v in run.serve_cpu.items()}
     doc["skipped_for_time"] = run.skipped
+    hops = next((t.hops for t in run.targets if t.hops is not None), None)
+    if hops is not None:  # after each round too: a run cut short keeps what it measured
+        doc["hops"] = hops.summary([t.label for t in run.targets], run.args.clients)
 
 
 async def measure(args, doc: dict, targets: list[Target]) -> Run:
@@ -375,28 +420,41 @@ async def measure(args, doc: dict, targets: list[Target]) -> Run:
 
 
 async def main_async(args) -> dict:
+    from deployments import hop_trace
     from deployments.config import check_serve_config
     from engine.engine import AsyncEngine
     from engine.loading.loader import default_cache_dir
     from engine.loading.synthetic import local_source
+    from engine.memory import apply_process_limits
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="accel-"))
     workdir.mkdir(parents=True, exist_ok=True)
     source = local_source(args.model, default_cache_dir())  # the peers load a directory: the same one
-    config = servers.write_yaml(source, max(args.clients), workdir)
+    config = servers.write_yaml(source, max(args.clients), workdir, args.router_replicas)
     engine_config = check_serve_config(str(config))[0].models[0].engine
     doc = {"machine": machine_info(), "model": args.model, "source": source, "clients": args.clients}
     doc.update({"max_tokens": args.max_tokens, "waves": args.waves, "rounds": args.rounds})
     doc["engine_config"] = engine_config.model_dump(mode="json", exclude_defaults=True)
-    launched = launch_all(args, source, config, workdir)
+    env = dict(kv.split("=", 1) for kv in args.serve_env)
+    hops = Hops(workdir) if args.hops else None
+    if hops is not None:
+        env[hop_trace.ENV] = str(hops.folder)
+    doc["serve_env"] = env
+    launched = launch_all(args, source, config, workdir, env)
     engine = AsyncEngine.from_source(source, engine_config)
+    apply_process_limits(engine.footprint.total)  # capped as a model replica caps itself (GovernedReplica)
+    if hops is not None:
+        engine.step_log = collections.deque(maxlen=100_000)
+    targets: list[Target] = []
     try:
         for s in launched.values():
             servers.wait_ready(s, args.start_timeout_s)
             say(f"{s.label}: " + (f"ready in {s.ready_s} s" if s.error is None else f"FAILED: {s.error[:300]}"))
         doc["servers"] = server_report(launched)
-        targets = [Target(ENGINE, engine=engine)]
-        targets += [Target(label, server=s) for label, s in launched.items() if s.proc is not None]
+        targets += [Target(ENGINE, engine=engine, hops=hops)]
+        targets += [Target(label, server=s, hops=hops) for label, s in launched.items() if s.proc is not None]
+        if args.staggered and hops is not None:
+            targets.insert(2, Target(STAGGERED, engine=engine, hops=hops))  # after serve run: its offsets first
         await measure(args, doc, targets)
         serve = next((t for t in targets if t.label == SERVE), None)
         if args.profile_s and serve is not None:
@@ -406,6 +464,8 @@ async def main_async(args) -> dict:
             servers.stop(s)
         engine.shutdown()
     doc["servers"] = server_report(launched)
+    if hops is not None:
+        doc["hops"] = hops.summary([t.label for t in targets], args.clients)
     return doc
 
 
@@ -421,8 +481,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--start-timeout-s", type=float, default=300, help="wait this long for each server")
     p.add_argument("--profile-s", type=float, default=0, help="then py-spy serve run's processes this long")
     p.add_argument("--profile-clients", type=int, default=16, help="clients of the profiled waves")
+    p.add_argument("--profile-gil", action="store_true", help="profile only threads holding the GIL (py-spy --gil)")
     p.add_argument("--workdir", help="YAML, server logs and profiles (default: a temporary folder)")
     p.add_argument("--out", help="write the JSON here (also after each round)")
+    p.add_argument("--hops", action="store_true", help="per-hop timestamps of every request (deployments.hop_trace)")
+    p.add_argument(
+        "--staggered", action="store_true", help="with --hops: also the engine fed serve run's measured arrival offsets"
+    )
+    p.add_argument("--router-replicas", type=int, default=1, help="serve run's router replicas")
+    p.add_argument("--serve-env", nargs="*", default=[], metavar="KEY=VALUE", help="environment of `serve run`")
     return p.parse_args(argv)
 
 

@@ -13,6 +13,7 @@ client disconnects) aborts the request.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import time
@@ -25,6 +26,7 @@ from engine.config import EngineConfig
 from engine.errors import InvalidRequestError, OrchardError
 from engine.request import PromptInput
 
+from . import hop_trace
 from .governed import GovernedReplica
 from .hop import Chunk, ErrorItem, GenerateRequest, error_item, merge_chunks
 from .prefix_residency import PrefixResidency
@@ -152,6 +154,9 @@ class ModelServer(GovernedReplica):
         self._report_made = 0.0
         self._refresh: asyncio.Task | None = None
         self.engine = AsyncEngine.from_source(source, EngineConfig.model_validate(engine))
+        self._trace = hop_trace.open_trace("replica")  # per-hop timestamps (ORCHARD_HOP_TRACE), else None
+        if self._trace is not None:
+            self.engine.step_log = collections.deque(maxlen=100_000)
         self._loaded(started, memory_share_bytes)
         footprint = self.engine.footprint
         log.info(
@@ -169,6 +174,7 @@ class ModelServer(GovernedReplica):
         """Stream one request's output, coalesced; an error is the last item."""
         from engine.sampling import SamplingParams, with_defaults
 
+        arrived = time.time()
         try:
             params = SamplingParams.parse(with_defaults(self.default_sampling, request.sampling))
             if params.ignore_eos and not self.allow_ignore_eos:
@@ -183,6 +189,7 @@ class ModelServer(GovernedReplica):
                 await asyncio.to_thread(self.engine.prepare_prompt, request.prompt) if request.prompt.images else None
             )
             stream = self.engine.submit(request.prompt, params, request.request_id, constraint, prepared)
+            submitted = time.time()
         except OrchardError as exc:
             yield error_item(exc)
             return
@@ -203,6 +210,8 @@ class ModelServer(GovernedReplica):
                 item = merge(batch, stream)
                 if first:
                     item["format"], first = stream.format.as_dict(), False
+                    if self._trace is not None:
+                        self._trace_first((arrived, submitted), stream, batch[0])
                 yield item
         except OrchardError as exc:
             yield error_item(exc)
@@ -212,6 +221,23 @@ class ModelServer(GovernedReplica):
             if self.residency is not None:
                 self.residency.finished(prompt_key)
             await chunks.aclose()
+            if self._trace is not None:  # a burst's last steps are written with its last request
+                hop_trace.write_steps(self._trace, self.engine)
+
+    def _trace_first(self, times: tuple[float, float], stream, output) -> None:
+        """The request's hop timestamps (deployments.hop_trace), and the engine's step log so far."""
+        self._trace.write(
+            {
+                "id": hop_trace.request_key(),
+                "replica_in": times[0],
+                "submitted": times[1],
+                "admitted": stream.admitted_at,
+                "admit_step": stream.admitted_step,
+                "first_token": hop_trace.wall(output.first_token_time),
+                "first_yield": time.time(),
+            }
+        )
+        hop_trace.write_steps(self._trace, self.engine)
 
     def _stream_window(self) -> float:
         """Seconds between two chunks of one stream: the configured window, widened when many streams

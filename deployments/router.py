@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from . import output
+from . import hop_trace, output
 from .anthropic.serving import install_anthropic_routes
 from .config import RouterConfig
 from .events import Event
@@ -67,6 +67,7 @@ class RouterCore:
         self.images = ImageLoader(config.images.limits())
         self.metrics = RouterMetrics()
         self.created = int(time.time())
+        self.trace = hop_trace.open_trace("router")  # per-hop timestamps (ORCHARD_HOP_TRACE), else None
 
     def is_loaded(self, name: str) -> bool:
         if self.directory is None:
@@ -144,7 +145,14 @@ class RouterCore:
         client = self.client_of_kind(model, "chat")
         load_timeout = self.load_timeout(model)
         self.touch(model)
+        handle_call = time.time()
         call = await client.start(request, start, start + self.config.request_timeout_s, load_timeout)
+        if self.trace is not None:
+            first = hop_trace.wall(call.first_token_at)
+            key = hop_trace.request_key()
+            self.trace.write(
+                {"id": key, "router_in": hop_trace.wall(start), "handle_call": handle_call, "router_first": first}
+            )
         if load_timeout is not None and call.first_token_at is not None:
             self.metrics.cold_ttft.labels(model).observe(call.first_token_at - start)
         return call

@@ -119,28 +119,49 @@ def _decode_step(model, select: bool, grouped: bool, quant):
 class CompiledDecode:
     """`model`'s one-token step over working copies, compiled (one trace per batch shape).
 
+    A shape is traced at its `compile_after`-th step; before that the same function runs
+    uncompiled. A trace costs many steps' time on a GPU (the graph, then new fused kernels), and
+    a burst that reaches the engine spread out over a few steps makes a new shape at each of them,
+    each used for a step or two while the rows join; the batch they end in stays for many steps
+    and is traced then (docs/results/accel_hops_notes.md).
+
     MLX keeps every trace of a compiled function until the function goes, so past `max_traces`
     shapes the function is made again (its traces dropped) rather than grow without bound.
     `quant`: the blocks are stored quantized (engine.kv.quantized_storage.KVQuant)."""
 
     max_traces = 256
+    compile_after = 3
 
     def __init__(self, model, column_write: str | None = None, grouped_mask: bool = False, quant=None):
         self.model = model
         self.select = select_column(column_write)
         self.grouped = grouped_mask
         self.quant = quant
+        self._eager = _decode_step(model, self.select, grouped_mask, quant)  # the same step, uncompiled
         self._step = mx.compile(_decode_step(model, self.select, grouped_mask, quant))
-        self.steps = 0
+        self.steps = 0  # every call, compiled or not
+        self.eager_steps = 0  # calls that ran uncompiled (their shape not traced yet)
         self.shapes: set[tuple[int, int]] = set()  # (rows, capacity) traced so far
+        self.traces = 0  # shapes traced in all (`shapes` is cleared past max_traces; this is not)
+        self._untraced: dict[tuple[int, int], int] = {}  # steps run so far by shapes not traced yet
 
     def __call__(self, inputs: mx.array, col: int, pad: mx.array, ks: list[mx.array], vs: list[mx.array]):
         """Logits `[B, vocab]` for `inputs` `[B]` written at column `col`; the copies' new K and V
         (and with `quant`, per layer the column's quantized (K, V) parts)."""
         self.steps += 1
         shape = (ks[0].shape[0], ks[0].shape[2])
-        if shape not in self.shapes and len(self.shapes) >= self.max_traces:
-            self._step = mx.compile(_decode_step(self.model, self.select, self.grouped, self.quant))
-            self.shapes.clear()
-        self.shapes.add(shape)
-        return self._step(inputs, mx.array(col, dtype=mx.int32), pad, ks, vs)
+        col_array = mx.array(col, dtype=mx.int32)
+        if shape not in self.shapes:
+            seen = self._untraced.pop(shape, 0) + 1
+            if seen < self.compile_after:
+                if len(self._untraced) >= self.max_traces:
+                    self._untraced.clear()
+                self._untraced[shape] = seen
+                self.eager_steps += 1
+                return self._eager(inputs, col_array, pad, ks, vs)
+            if len(self.shapes) >= self.max_traces:
+                self._step = mx.compile(_decode_step(self.model, self.select, self.grouped, self.quant))
+                self.shapes.clear()
+            self.traces += 1
+            self.shapes.add(shape)
+        return self._step(inputs, col_array, pad, ks, vs)

@@ -13,6 +13,7 @@ with `loop.call_soon_threadsafe`.
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import dataclasses
 import functools
@@ -82,6 +83,8 @@ class RequestStream:
         self._ready = asyncio.Event()
         self._loop = asyncio.get_running_loop()
         self.finished = False
+        self.admitted_at: float | None = None  # time.time() when the loop thread took it (hop timing)
+        self.admitted_step: int | None = None  # AsyncEngine.steps by then
 
     def __aiter__(self):
         return self
@@ -155,6 +158,10 @@ class AsyncEngine:
         self._stats: dict = {}
         self._stats_at = 0.0
         self._step_started: float | None = None
+        self.steps = 0  # engine steps run
+        # when a deque: per step (time.time() at its start, seconds, requests in the engine, outputs,
+        # compiled-decode traces made so far); readers popleft (deployments.hop_trace)
+        self.step_log: collections.deque | None = None
         self._blas: BlasThreads | None = None
         self._thread = threading.Thread(target=self._thread_main, name=f"orchard-engine-{source}", daemon=True)
         self._thread.start()
@@ -458,7 +465,7 @@ class AsyncEngine:
             self._publish_stats()
             if not sched.has_work():
                 continue
-            self._step_started = time.monotonic()
+            self._step_started, began = time.monotonic(), time.time()
             try:
                 outputs = sched.step()
             except OrchardError:
@@ -469,10 +476,18 @@ class AsyncEngine:
                 outputs = []
             finally:
                 self._step_started = None
+            self.steps += 1
+            if self.step_log is not None:
+                self._log_step(began, len(outputs))
             self._deliver(outputs)
             self._fail_rejected()
             if self._blas is not None:
                 self._blas.tick()
+
+    def _log_step(self, began: float, outputs: int) -> None:
+        compiled = self.scheduler.gen.compiled
+        traces = compiled.traces if compiled is not None else 0
+        self.step_log.append((round(began, 6), round(time.time() - began, 6), len(self._streams), outputs, traces))
 
     def _fail_rejected(self) -> None:
         """End the requests the scheduler could not start, each with its own error."""
@@ -519,7 +534,9 @@ class AsyncEngine:
                 self._fail_streams(EngineDeadError(f"engine for {self.source} is shutting down"))
                 return False
             if kind == "add":
-                if item.request_id in self._streams:
+                stream = self._streams.get(item.request_id)
+                if stream is not None:
+                    stream.admitted_at, stream.admitted_step = time.time(), self.steps
                     self.scheduler.add(item)
                     self._fail_rejected()
             elif kind == "abort":

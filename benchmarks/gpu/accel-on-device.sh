@@ -25,4 +25,5 @@ python3 -m benchmarks accel --workdir /tmp/accel-run --out "$out/accel.json" "$@
 cp /tmp/accel-run/*.log "$out/" 2>/dev/null || true
 tail -n 30 /tmp/ray/session_latest/logs/serve/*.log > "$out/ray_serve_tail.txt" 2>/dev/null || true
 [ ! -d /tmp/accel-run/profile ] || tar -C /tmp/accel-run -czf "$out/profile.tar.gz" profile
+ls -d /tmp/accel-run/hops-* >/dev/null 2>&1 && tar -C /tmp/accel-run -czf "$out/hops.tar.gz" $(cd /tmp/accel-run && ls -d hops-*)
 exit $status
