@@ -123,7 +123,7 @@ class CompiledDecode:
     uncompiled. A trace costs many steps' time on a GPU (the graph, then new fused kernels), and
     a burst that reaches the engine spread out over a few steps makes a new shape at each of them,
     each used for a step or two while the rows join; the batch they end in stays for many steps
-    and is traced then (docs/results/accel_hops_notes.md).
+    and is traced then (docs/lab-notebook.md, *Where a burst's time goes through `serve run`*).
 
     MLX keeps every trace of a compiled function until the function goes, so past `max_traces`
     shapes the function is made again (its traces dropped) rather than grow without bound.
