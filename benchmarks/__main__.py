@@ -27,6 +27,10 @@ SUITES: dict[str, tuple[str, str]] = {
         "TTFT of a long system prompt after an eviction: cold, from the disk KV cache, from RAM",
     ),
     "admission": ("benchmarks.bench_admission", "one KV budget: admission by use vs by worst case"),
+    "speculative": (
+        "benchmarks.bench_speculative",
+        "speculative decoding off vs ngram: editing and open-ended prompts at 1 and 5 clients",
+    ),
     "structured": ("benchmarks.bench_structured", "what a JSON schema costs per step at batch 1 and 16"),
     "http": ("benchmarks.bench_http", "serve run over HTTP beside the engine alone: tok/s, TTFT, memory"),
     "openai": ("benchmarks.openai_bench.__main__", "any OpenAI-compatible endpoint: batching, prefix, sweep, plots"),
