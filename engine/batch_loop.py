@@ -463,7 +463,7 @@ class BatchLoop:
         out = []
         for i, (r, d) in enumerate(zip(rows, drafts)):  # kept drafts, then the first token sampled past them
             a = kept(d, sampled[i])
-            self.spec.record(r.spec, len(d), a, a + 1)
+            self.spec.keep(r.spec, len(d), a)
             emitted = sampled[i, : a + 1].tolist()
             for j, token in enumerate(emitted):
                 out.append(self._emit(r, token, lps, i * n + j))
@@ -472,6 +472,7 @@ class BatchLoop:
                     break
             self.kv.truncate(r.blocks, starts[i] + len(emitted))  # the K/V of its input and kept drafts
             r.issued += len(emitted)
+            self.spec.record(r.spec, len(d), min(a, len(emitted) - 1), len(emitted))
         self.spec.counters.verify_steps += 1
         batch.inputs = mx.array([int(r.spec.tokens[-1]) for r in rows], dtype=mx.uint32)
         batch.positions = mx.array(np.fromiter((r.start + r.issued for r in rows), np.uint32, len(rows)))

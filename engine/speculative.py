@@ -44,7 +44,8 @@ if TYPE_CHECKING:
 
 EMA = 0.5  # weight of a step's acceptance in a row's running estimate
 PAUSE_MIN, PAUSE_MAX = 4, 256  # steps a row with low acceptance waits before drafting again
-EXPLORE = 32  # a verify step that does not pay is still taken once in this many, to measure again
+EXPLORE = 64  # a verify step that does not pay is still taken once in this many, to measure again
+FAIR = 0.9  # a verify step may slow no row's own token rate below this share of a plain step's
 
 
 def prompt_lookup(tokens: np.ndarray, n_min: int, n_max: int, k: int) -> np.ndarray:
@@ -93,7 +94,7 @@ class RowSpec:
         if self.estimate < self.floor:
             self.pause = min(PAUSE_MAX, PAUSE_MIN << self.pauses)
             self.pauses += 1
-            self.estimate = 1.0  # a fresh start after the pause
+            self.estimate = (1 + self.floor) / 2  # after the pause, a second chance, not full trust
         elif accepted == drafted:
             self.pauses = max(0, self.pauses - 1)
 
@@ -144,11 +145,18 @@ class StepCosts:
         lo, hi = self.seconds[below], self.seconds[above]
         return lo + (hi - lo) * (tokens - below) / (above - below)
 
-    def worth(self, rows: int, width: int, expected: float) -> bool:
-        """Whether a verify step of `rows` x `width` that should keep `expected` drafts beats a
-        plain step of `rows`; unknown costs are measured first."""
+    def worth(self, expected: list[float], width: int) -> bool:
+        """Whether a verify step `width` wide, whose rows should keep `expected` drafts each, beats
+        a plain step: more tokens per second for the batch, and no row's own rate below FAIR of
+        what a plain step gives it (a row that drafts nothing pays the width too). Unknown costs
+        are measured first."""
+        rows = len(expected)
         plain, verify = self.predict(rows), self.predict(rows * width)
-        if plain is None or verify is None or (rows + expected) / verify >= rows / plain:
+        if plain is None or verify is None:
+            self.refused = 0
+            return True
+        batch = (rows + sum(expected)) / verify >= rows / plain
+        if batch and (1 + min(expected)) / verify >= FAIR / plain:
             self.refused = 0
             return True
         self.refused += 1
@@ -172,8 +180,7 @@ class Speculator:
         """Whether verifying these drafts should beat a plain step (each row's recent acceptance
         share times its drafts is what it should keep)."""
         width = 1 + max(len(d) for d in drafts)
-        expected = sum(s.estimate * len(d) for s, d in zip(specs, drafts))
-        return self.costs.worth(len(specs), width, expected)
+        return self.costs.worth([s.estimate * len(d) for s, d in zip(specs, drafts)], width)
 
     def start(self, tokens: list[int]) -> RowSpec:
         return RowSpec.of(tokens, self.config.min_acceptance)
@@ -197,22 +204,27 @@ class Speculator:
                 out[i] = prompt_lookup(specs[i].tokens, cfg.ngram_min, cfg.ngram_max, k).tolist()
             return out
         k = cfg.num_draft_tokens
-        if not self.costs.worth(len(specs), 1 + k, sum(specs[i].estimate * min(k, rooms[i]) for i in wants)):
+        expected = [specs[i].estimate * min(k, rooms[i]) if i in wants else 0.0 for i in range(len(specs))]
+        if not self.costs.worth(expected, 1 + k):
             return out  # a draft model's drafts cost forward passes: decided before they are made
         proposed = self.drafter.propose([specs[i] for i in wants], k)
         for i, drafts in zip(wants, proposed):
             out[i] = drafts[: rooms[i]]
         return out
 
+    def keep(self, spec: RowSpec, drafted: int, accepted: int) -> None:
+        """Before a verified row's tokens are emitted (a row that finishes leaves with them): its
+        draft cache keeps what the target kept."""
+        if drafted and self.drafter is not None:
+            self.drafter.accept(spec, accepted, self.config.num_draft_tokens)
+
     def record(self, spec: RowSpec, drafted: int, accepted: int, emitted: int) -> None:
-        """A verify step's outcome for one row (`drafted` 0: it rode along without drafts), told
-        before its tokens are emitted (a row that finishes then leaves with its draft cache cut)."""
+        """A verify step's outcome for one row (`drafted` 0: it rode along without drafts;
+        `accepted`: the drafts it kept and emitted, up to a stop)."""
         c = self.counters
         c.rows += 1
         c.emitted += emitted
         if drafted:
-            if self.drafter is not None:  # its draft cache keeps what the target kept
-                self.drafter.accept(spec, accepted, self.config.num_draft_tokens)
             c.drafting_rows += 1
             c.drafted += drafted
             c.accepted += accepted

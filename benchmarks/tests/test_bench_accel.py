@@ -69,7 +69,7 @@ class FakeTarget(bench_accel.Target):
         super().__init__(label)
         self.tokens = tokens
 
-    async def one(self, prompt, max_tokens):
+    async def one(self, prompt, max_tokens, where=None):
         import asyncio
 
         await asyncio.sleep(0.001)

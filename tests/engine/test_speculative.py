@@ -60,18 +60,20 @@ def test_a_row_pauses_when_its_drafts_are_rejected_and_longer_each_time():
     assert kept([5, 6, 7], [5, 6, 8, 9]) == 2 and kept([5], [4, 1]) == 0 and kept([], [3]) == 0
 
 
-def test_a_verify_step_is_taken_when_its_expected_tokens_per_second_beat_a_plain_step():
+def test_a_verify_step_is_taken_when_it_should_pay_for_the_batch_and_slow_no_row_much():
     costs = StepCosts()
-    assert costs.worth(2, 5, 0.0), "unknown costs are measured first"
-    costs.observe(2, 0.010)  # a plain step of 2 rows: 200 tokens/s
+    assert costs.worth([0.0, 0.0], 5), "unknown costs are measured first"
+    costs.observe(2, 0.010)  # a plain step of 2 rows: 100 tokens/s each
     costs.observe(20, 0.030)  # 2 rows x 10 wide (a CPU: the width costs compute)
     assert costs.predict(11) == pytest.approx(0.020)  # between the two measured sizes
     costs.observe(10, 0.020)
-    assert costs.worth(2, 5, 3.0)  # 5 tokens in 20 ms: 250/s
-    assert not costs.worth(2, 5, 1.0)  # 3 tokens in 20 ms: 150/s
+    assert costs.worth([1.5, 1.5], 5)  # each row: 2.5 tokens in 20 ms
+    assert not costs.worth([3.0, 0.0], 5), "the batch gains, but the row without drafts halves its rate"
+    gpu = StepCosts({2: 0.010, 10: 0.0105})  # a GPU-like width: nearly free
+    assert gpu.worth([3.0, 0.0], 5)
     for _ in range(EXPLORE - 2):
-        assert not costs.worth(2, 5, 1.0)
-    assert costs.worth(2, 5, 1.0), "now and then it measures again"
+        assert not costs.worth([0.5, 0.0], 5)
+    assert costs.worth([0.5, 0.0], 5), "now and then it measures again"
 
 
 async def test_greedy_editing_decodes_the_same_in_fewer_steps(engines):
