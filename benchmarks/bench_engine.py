@@ -2,14 +2,21 @@
 
     python -m benchmarks engine                       # SmolLM2 on this machine
     python -m benchmarks engine --model synthetic:qwen3-0.6b-8bit --batches 1 5 16   # GPU
-    python -m benchmarks engine --paged --eager       # + the engine without the compiled step
-    python -m benchmarks engine --paged --pipelining  # + decode pipelined and not, side by side
-    python -m benchmarks engine --paged --column-write  # + KV column by slice update and by select
-    python -m benchmarks engine --paged --unpadded --ragged  # + unpadded batches eager and compiled
+    python -m benchmarks engine --eager               # + the engine without the compiled step
+    python -m benchmarks engine --pipelining          # + decode pipelined and not, side by side
+    python -m benchmarks engine --column-write        # + KV column by slice update and by select
+    python -m benchmarks engine --unpadded --ragged   # + unpadded batches eager and compiled
+    python -m benchmarks engine --mlx-lm-loop         # the engine over mlx_lm's BatchGenerator
 
 For each batch size it runs our AsyncEngine (N requests submitted together) and then raw
 mlx_lm BatchGenerator on the same loaded weights, in the same process, with the seed's prompts
-cycled, a fixed max_tokens and EOS ignored. With `--rounds N` every run is made N times,
+cycled, a fixed max_tokens and EOS ignored. The engine runs with the options users get: the
+model's `engine:` block in the serve config (`--config`, default serve_config.yaml) when it names
+the model, else EngineConfig's defaults, so the paged cache is on; only the batch is widened to the
+largest batch measured. `--mlx-lm-loop` turns the paged cache off: the engine then runs mlx_lm's
+BatchGenerator itself (the loop of models whose caches the paged cache cannot hold), so it differs
+from raw only by the engine around the loop. Each run records OpenBLAS's threads at its end (the
+engine chooses them while it runs, `engine.cpu_threads`, and the raw run after it inherits them). With `--rounds N` every run is made N times,
 interleaved, and the table gives each one's median (the JSON keeps every round's tok/s): a
 single pass on a noisy host says little. Prints one JSON document and a markdown table.
 """
@@ -22,9 +29,12 @@ import collections
 import statistics
 import sys
 import time
+from pathlib import Path
 
 from .openai_bench.prompts import SEED_QUESTIONS
 from .report import emit, mlx_machine
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def prompt_ids(tokenizer, n: int, ragged: bool = False) -> list[list[int]]:
@@ -122,7 +132,10 @@ def run_scheduler(engine, prompts, max_tokens: int, profile: bool = False) -> di
 def median_run(runs: list[dict]) -> dict:
     """The run with the median tok/s, with every run's tok/s beside it (`--rounds`)."""
     ranked = sorted(runs, key=lambda r: r["tok_per_s"])
-    return {**ranked[(len(ranked) - 1) // 2], "tok_per_s_rounds": [r["tok_per_s"] for r in runs]}
+    out = {**ranked[(len(ranked) - 1) // 2], "tok_per_s_rounds": [r["tok_per_s"] for r in runs]}
+    if "blas_threads" in runs[0]:
+        out["blas_threads_rounds"] = [r["blas_threads"] for r in runs]
+    return out
 
 
 def summarize(results, wall: float) -> dict:
@@ -174,12 +187,32 @@ VARIANTS = {
 }
 
 
-async def main_async(args) -> dict:
+def engine_config(args):
+    """The engine's options as users get them (see the module's docstring)."""
+    from deployments.config import check_serve_config
     from engine.config import EngineConfig
+
+    named = {m.name: m.engine for app in check_serve_config(args.config) for m in app.models if m.kind == "chat"}
+    options = named[args.model].model_dump(exclude_unset=True) if args.model in named else {}
+    options["max_num_seqs"] = max(options.get("max_num_seqs", 1), *args.batches)
+    if args.mlx_lm_loop:
+        options["paged_cache"] = False
+    return EngineConfig.model_validate(options)
+
+
+def blas_threads() -> int | None:
+    """OpenBLAS's threads in this process now (None: MLX's BLAS is not OpenBLAS)."""
+    from threadpoolctl import ThreadpoolController
+
+    libs = ThreadpoolController().select(prefix="libopenblas").info()
+    return libs[0]["num_threads"] if libs else None
+
+
+async def main_async(args) -> dict:
     from engine.engine import AsyncEngine
 
     source = args.model
-    config = EngineConfig(max_num_seqs=max(args.batches), prefill_batch_size=8, paged_cache=args.paged)
+    config = engine_config(args)
     engine = AsyncEngine.from_source(source, config)
     # The same engine with one setting changed (--eager: the model's own uncompiled decode step, for
     # the compiled step's gain; --pipelining: decode pipelined and not, for what pipelining buys).
@@ -202,8 +235,9 @@ async def main_async(args) -> dict:
             await run_engine(variant, prompts, args.warmup_tokens)
         runs = collections.defaultdict(list)
         for _ in range(args.rounds):  # interleaved, so a slow minute of the host hits every run alike
-            runs["ours"].append(await run_engine(engine, prompts, args.max_tokens))
-            runs["raw"].append(run_raw(model, prompts, args.max_tokens, config))  # same weights; our loop idle
+            runs["ours"].append({**await run_engine(engine, prompts, args.max_tokens), "blas_threads": blas_threads()})
+            raw = run_raw(model, prompts, args.max_tokens, config)  # same weights; our loop idle
+            runs["raw"].append({**raw, "blas_threads": blas_threads()})
             for k, variant in variants.items():
                 runs[k].append(await run_engine(variant, prompts, args.max_tokens))
         sched = run_scheduler(engine, prompts, args.max_tokens, profile=args.profile and n == args.batches[0])
@@ -216,7 +250,13 @@ async def main_async(args) -> dict:
         )
     for e in (engine, *variants.values()):
         e.shutdown()
-    return {"machine": mlx_machine(), "model": engine.info, "max_tokens": args.max_tokens, "rows": rows}
+    return {
+        "machine": mlx_machine(),
+        "model": engine.info,
+        "engine_config": config.model_dump(mode="json", exclude_defaults=True),
+        "max_tokens": args.max_tokens,
+        "rows": rows,
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -230,7 +270,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--warmup-tokens", type=int, default=8, help="tokens of the warm-up run before each measurement"
     )
-    parser.add_argument("--paged", action="store_true", help="run the engine with the paged KV cache")
+    parser.add_argument(
+        "--config", default=str(ROOT / "serve_config.yaml"), help="the serve config whose engine options the model gets"
+    )
+    parser.add_argument(
+        "--mlx-lm-loop",
+        action="store_true",
+        help="run the engine without the paged cache, over mlx_lm's BatchGenerator (raw's own loop)",
+    )
+    parser.add_argument("--paged", action="store_true", help="the default now (kept for older commands)")
     parser.add_argument("--eager", action="store_true", help="also run the engine without the compiled decode step")
     parser.add_argument(
         "--pipelining", action="store_true", help="also run the engine with its decode steps pipelined and unpipelined"
