@@ -281,17 +281,9 @@ def share_loaded_model():
     """Engines built from now on load each model once (as tests/conftest.py's `load_once`): the
     engines of the methods run one loaded model, so they differ only in their config."""
     import engine.engine
+    from engine.loading.loader import memoized
 
-    load = engine.engine.load_model
-    loaded: dict = {}
-
-    def once(source, **kwargs):
-        key = (source, tuple(sorted(kwargs.items())))
-        if key not in loaded:
-            loaded[key] = load(source, **kwargs)
-        return loaded[key]
-
-    engine.engine.load_model = once
+    engine.engine.load_model = memoized(engine.engine.load_model)
 
 
 def make_engines(args) -> dict:

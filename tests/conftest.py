@@ -44,16 +44,8 @@ def load_once():
     are shared by the module's engines, which cuts a load (for Gemma, mostly its 262k-token
     tokenizer) from every engine after the first."""
     import engine.engine
-    from engine.loading.loader import load_model
-
-    loaded: dict = {}
-
-    def once(source, **kwargs):
-        key = (source, tuple(sorted(kwargs.items())))
-        if key not in loaded:
-            loaded[key] = load_model(source, **kwargs)
-        return loaded[key]
+    from engine.loading.loader import load_model, memoized
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(engine.engine, "load_model", once)
+        patch.setattr(engine.engine, "load_model", memoized(load_model))
         yield

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -59,6 +60,21 @@ class LoadedModel:
             "fast_cpu": self.fast_cpu,
             "dtype": weights_dtype(self.model),
         }
+
+
+def memoized(load: Callable[..., LoadedModel]) -> Callable[..., LoadedModel]:
+    """`load` (a `load_model`) loading each (source, options) once: engines built through it share
+    the weights (immutable once loaded). Tests and benchmarks that build several engines of one
+    model use it; a server never does (each model is its own process)."""
+    loaded: dict = {}
+
+    def once(source: str, **kwargs) -> LoadedModel:
+        key = (source, tuple(sorted(kwargs.items())))
+        if key not in loaded:
+            loaded[key] = load(source, **kwargs)
+        return loaded[key]
+
+    return once
 
 
 def load_model(source: str, *, fast_cpu: bool | None = None, cache_dir: str | Path | None = None) -> LoadedModel:
