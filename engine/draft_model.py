@@ -99,7 +99,7 @@ class ModelDrafter:
         row = self.rows.get(id(spec))
         if row is not None:
             return row[1]
-        seq, _ = self.cache.acquire(spec.tokens.tolist(), 0)
+        seq, _ = self.cache.acquire(list(spec.tokens), 0)
         self.rows[id(spec)] = (spec, seq, seq.length)
         return seq
 
@@ -129,7 +129,7 @@ class ModelDrafter:
         row = self.rows.pop(id(spec), None)
         if row is not None:
             _, seq, _ = row
-            self.cache.store(spec.tokens[: seq.length].tolist(), seq)
+            self.cache.store(spec.tokens[: seq.length], seq)
 
     def reset(self) -> None:
         """The loop starts over (a failed step): every row's draft blocks go back."""

@@ -33,8 +33,6 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
-import numpy as np
-from numpy.lib.stride_tricks import sliding_window_view
 
 from .batch_sampling import BatchSampling
 from .config import SpeculativeConfig
@@ -48,45 +46,51 @@ EXPLORE = 64  # a verify step that does not pay is still taken once in this many
 FAIR = 0.9  # a verify step may slow no row's own token rate below this share of a plain step's
 
 
-def prompt_lookup(tokens: np.ndarray, n_min: int, n_max: int, k: int) -> np.ndarray:
-    """Up to k tokens that followed the latest earlier occurrence of the row's last n tokens
-    (the longest n in [n_min, n_max] that occurs), else none."""
-    length = len(tokens)
-    for n in range(min(n_max, length - 1), n_min - 1, -1):
-        windows = sliding_window_view(tokens[: length - 1], n)  # every earlier n-gram but the suffix itself
-        hits = np.flatnonzero((windows == tokens[length - n :]).all(axis=1))
-        if hits.size:
-            start = int(hits[-1]) + n
-            return tokens[start : start + k]
-    return tokens[:0]
+class NgramIndex:
+    """Prompt lookup's index of one row: each n-gram of its tokens (n in [n_min, n_max]) mapped to
+    the position of the token after its latest occurrence. Kept as tokens arrive (n_max entries
+    per token), so a lookup is n_max dictionary probes, not a scan of the row."""
+
+    def __init__(self, n_min: int, n_max: int):
+        self.n_min, self.n_max = n_min, n_max
+        self.after: dict[tuple[int, ...], int] = {}
+
+    def add(self, tokens: list[int], start: int) -> None:
+        """Index what `tokens[start:]` (the row's newest tokens) follow."""
+        for p in range(max(1, start), len(tokens)):
+            for n in range(self.n_min, min(self.n_max, p) + 1):
+                self.after[tuple(tokens[p - n : p])] = p
+
+    def lookup(self, tokens: list[int], k: int) -> list[int]:
+        """Up to k tokens that followed the latest earlier occurrence of the row's last n tokens
+        (the longest n that occurred), else none."""
+        length = len(tokens)
+        for n in range(min(self.n_max, length - 1), self.n_min - 1, -1):
+            p = self.after.get(tuple(tokens[length - n :]))
+            if p is not None:
+                return tokens[p : p + k]
+        return []
 
 
 @dataclass(eq=False)
 class RowSpec:
     """What speculation keeps of one row: its tokens on the host, and how well it drafts."""
 
-    buf: np.ndarray  # the row's tokens (prompt, then output) in [:n]
-    n: int
+    tokens: list[int]  # the row's tokens (prompt, then output)
+    index: NgramIndex | None = None  # prompt lookup's (method ngram)
     estimate: float = 1.0  # recent share of its draft tokens accepted
     floor: float = 0.3  # min_acceptance
     pause: int = 0  # steps left before it drafts again
     pauses: int = 0  # pauses so far (each one twice as long)
 
-    @classmethod
-    def of(cls, tokens: list[int], floor: float) -> RowSpec:
-        buf = np.zeros(max(64, 2 * len(tokens)), dtype=np.int64)
-        buf[: len(tokens)] = tokens
-        return cls(buf, len(tokens), floor=floor)
-
-    @property
-    def tokens(self) -> np.ndarray:
-        return self.buf[: self.n]
-
     def extend(self, tokens: list[int]) -> None:
-        if self.n + len(tokens) > len(self.buf):
-            self.buf = np.concatenate([self.buf, np.zeros(len(self.buf) + len(tokens), dtype=np.int64)])
-        self.buf[self.n : self.n + len(tokens)] = tokens
-        self.n += len(tokens)
+        start = len(self.tokens)
+        self.tokens.extend(tokens)
+        if self.index is not None:
+            self.index.add(self.tokens, start)
+
+    def lookup(self, k: int) -> list[int]:
+        return self.index.lookup(self.tokens, k)
 
     def judge(self, drafted: int, accepted: int) -> None:
         """A verify step kept `accepted` of its `drafted` tokens: pause when drafting stops paying."""
@@ -183,7 +187,11 @@ class Speculator:
         return self.costs.worth([s.estimate * len(d) for s, d in zip(specs, drafts)], width)
 
     def start(self, tokens: list[int]) -> RowSpec:
-        return RowSpec.of(tokens, self.config.min_acceptance)
+        cfg = self.config
+        index = NgramIndex(cfg.ngram_min, cfg.ngram_max) if self.drafter is None else None
+        spec = RowSpec([], index, floor=cfg.min_acceptance)
+        spec.extend(list(tokens))
+        return spec
 
     def drafts(self, specs: list[RowSpec], rooms: list[int]) -> list[list[int]]:
         """Each row's drafts (at most its room): none while it pauses, has no room, or (prompt
@@ -201,7 +209,7 @@ class Speculator:
         if self.drafter is None:
             for i in wants:
                 k = min(cfg.num_draft_tokens, rooms[i])
-                out[i] = prompt_lookup(specs[i].tokens, cfg.ngram_min, cfg.ngram_max, k).tolist()
+                out[i] = specs[i].lookup(k)
             return out
         k = cfg.num_draft_tokens
         expected = [specs[i].estimate * min(k, rooms[i]) if i in wants else 0.0 for i in range(len(specs))]

@@ -222,16 +222,16 @@ async def test_verified_drafts_decode_as_mlx_lm(case, monkeypatch):
     continuations[tuple(case.repeat)] = case.repeat_solo.tokens
     continuations[tuple(case.extended)] = case.extended_solo.tokens
 
-    def oracle(tokens, n_min, n_max, k):  # in place of prompt lookup
-        tokens = tokens.tolist()
+    def oracle(spec, k):  # in place of prompt lookup
+        tokens = spec.tokens
         for prompt, solo in continuations.items():
             if tuple(tokens[: len(prompt)]) == prompt:
                 done = len(tokens) - len(prompt)
                 right = solo[done : done + 2]
-                return np.array((right + [(right[-1] + 1) % VOCAB if right else 1])[:k], dtype=np.int64)
-        return np.zeros(0, dtype=np.int64)
+                return (right + [(right[-1] + 1) % VOCAB if right else 1])[:k]
+        return []
 
-    monkeypatch.setattr(engine.speculative, "prompt_lookup", oracle)
+    monkeypatch.setattr(engine.speculative.RowSpec, "lookup", oracle)
     spec_config = CONFIG.model_copy(update={"speculative": SpeculativeConfig(method="ngram")})
     eng = AsyncEngine(f"synthetic:{case.name}", spec_config)
     try:

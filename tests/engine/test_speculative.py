@@ -16,7 +16,7 @@ import pytest
 from engine.config import EngineConfig, SpeculativeConfig
 from engine.engine import AsyncEngine
 from engine.request import PromptInput
-from engine.speculative import EXPLORE, PAUSE_MIN, RowSpec, StepCosts, kept, prompt_lookup
+from engine.speculative import EXPLORE, PAUSE_MIN, NgramIndex, RowSpec, StepCosts, kept
 
 from ..conftest import SMOLLM
 from .helpers import chat, run
@@ -39,17 +39,46 @@ def engines(load_once):
     on.shutdown()
 
 
+def brute_lookup(tokens: list[int], n_min: int, n_max: int, k: int) -> list[int]:
+    """Prompt lookup by a scan of the row: what followed the latest earlier occurrence of its last
+    n tokens, the longest n that occurred."""
+    for n in range(min(n_max, len(tokens) - 1), n_min - 1, -1):
+        suffix = tokens[len(tokens) - n :]
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start : start + n] == suffix:
+                return tokens[start + n : start + n + k]
+    return []
+
+
+def lookup(tokens: list[int], n_min: int, n_max: int, k: int, split: int | None = None) -> list[int]:
+    """The row's index built as the loop builds it: the prompt, then tokens arriving."""
+    index = NgramIndex(n_min, n_max)
+    row = list(tokens[:split])
+    index.add(row, 0)
+    for t in tokens[len(row) :]:
+        row.append(t)
+        index.add(row, len(row) - 1)
+    return index.lookup(row, k)
+
+
 def test_prompt_lookup_takes_what_followed_the_latest_longest_match():
-    tokens = np.array([1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 1, 2, 3])
-    assert prompt_lookup(tokens, 2, 3, 2).tolist() == [7, 8]  # the latest "1 2 3", not the first
-    assert prompt_lookup(tokens, 2, 3, 10).tolist() == [7, 8, 5, 1, 2, 3]  # up to the end
-    assert prompt_lookup(np.array([4, 5, 6, 1, 2]), 2, 3, 4).tolist() == []  # the suffix never occurred
-    assert prompt_lookup(np.array([5, 6, 5, 6, 9, 5, 6]), 2, 2, 1).tolist() == [9]
-    assert prompt_lookup(np.array([3]), 1, 4, 4).tolist() == []
+    tokens = [1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 1, 2, 3]
+    assert lookup(tokens, 2, 3, 2) == [7, 8]  # the latest "1 2 3", not the first
+    assert lookup(tokens, 2, 3, 10, split=5) == [7, 8, 5, 1, 2, 3]  # up to the end
+    assert lookup([4, 5, 6, 1, 2], 2, 3, 4) == []  # the suffix never occurred
+    assert lookup([5, 6, 5, 6, 9, 5, 6], 2, 2, 1) == [9]
+    assert lookup([3], 1, 4, 4) == []
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        row = rng.integers(0, 4, int(rng.integers(1, 40))).tolist()
+        n_min = int(rng.integers(1, 4))
+        n_max = n_min + int(rng.integers(0, 3))
+        split = int(rng.integers(0, len(row) + 1))
+        assert lookup(row, n_min, n_max, 4, split) == brute_lookup(row, n_min, n_max, 4), (row, n_min, n_max)
 
 
 def test_a_row_pauses_when_its_drafts_are_rejected_and_longer_each_time():
-    spec = RowSpec.of([1, 2, 3], floor=0.3)
+    spec = RowSpec([1, 2, 3], floor=0.3)
     spec.judge(4, 0)
     spec.judge(4, 0)
     assert spec.pause == PAUSE_MIN
