@@ -426,6 +426,7 @@ async def main_async(args) -> dict:
     from engine.loading.loader import default_cache_dir
     from engine.loading.synthetic import local_source
     from engine.memory import apply_process_limits
+    from engine.threads import share_gil_with_engine
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="accel-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -443,6 +444,7 @@ async def main_async(args) -> dict:
     launched = launch_all(args, source, config, workdir, env)
     engine = AsyncEngine.from_source(source, engine_config)
     apply_process_limits(engine.footprint.total)  # capped as a model replica caps itself (GovernedReplica)
+    doc["engine_gil_switch_interval_s"] = share_gil_with_engine()  # as ModelServer sets it
     if hops is not None:
         engine.step_log = collections.deque(maxlen=100_000)
     targets: list[Target] = []

@@ -28,7 +28,7 @@ from engine.request import PromptInput
 
 from . import hop_trace
 from .governed import GovernedReplica
-from .hop import Chunk, ErrorItem, GenerateRequest, error_item, merge_chunks
+from .hop import Chunk, ErrorItem, GenerateRequest, error_item
 from .prefix_residency import PrefixResidency
 
 log = logging.getLogger("ray.serve")
@@ -36,67 +36,18 @@ REPORT_MIN_INTERVAL_S = 1.0  # prefix reports (record_routing_stats) are reused 
 REPORT_TIMEOUT_S = 5.0  # the engine answers between two steps; a prefill step can take seconds on a CPU
 
 
-class Coalescer:
-    """Reads an engine stream in a background task and hands out merged chunks, one per window.
-
-    `window_s` is a number or a function returning one (read again for every chunk).
-    """
-
-    def __init__(self, stream, window_s: float | Callable[[], float]):
-        self.stream = stream
-        self._window = window_s if callable(window_s) else (lambda: window_s)
-        self._items: list = []
-        self._event = asyncio.Event()
-        self._done = False
-        self._error: BaseException | None = None
-        self._last_sent = float("-inf")
-        self._task = asyncio.get_running_loop().create_task(self._pump())
-
-    async def _pump(self) -> None:
+async def coalesced(stream, window_s: Callable[[], float]) -> AsyncIterator:
+    """`stream`'s outputs, merged: the first at once, then at most one per window (`window_s()`,
+    read again for every output), the last as soon as it exists. The engine's RequestStream holds
+    and merges what comes in between, and wakes this reader once per window, not once per step."""
+    not_before = 0.0
+    while not stream.finished:
         try:
-            async for out in self.stream:
-                self._items.append(out)
-                self._event.set()
-        except Exception as exc:  # noqa: BLE001 - handed to the consumer
-            self._error = exc
-        finally:
-            self._done = True
-            self._event.set()
-
-    def _finished(self) -> bool:
-        return self._done or (bool(self._items) and self._items[-1].finished)
-
-    async def _wait(self, timeout: float | None) -> bool:
-        self._event.clear()
-        try:
-            await asyncio.wait_for(self._event.wait(), timeout)
-            return True
-        except TimeoutError:
-            return False
-
-    async def next_batch(self) -> list:
-        """The outputs to send next; [] when the stream has ended."""
-        while not self._items and not self._done:
-            await self._wait(None)
-        deadline = self._last_sent + self._window()
-        while not self._finished():
-            remaining = deadline - time.monotonic()
-            if remaining <= 0 or not await self._wait(remaining):
-                break
-        batch, self._items = self._items, []
-        if not batch and self._error is not None:
-            raise self._error
-        self._last_sent = time.monotonic()
-        return batch
-
-    async def aclose(self) -> None:
-        if not self._task.done():
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
-        await self.stream.aclose()
+            out = await stream.next_output(not_before)
+        except StopAsyncIteration:
+            return
+        not_before = time.monotonic() + window_s()
+        yield out
 
 
 def chunk_of(output, stream) -> Chunk:
@@ -114,11 +65,6 @@ def chunk_of(output, stream) -> Chunk:
     if output.stop_sequence is not None:
         chunk["stop_sequence"] = output.stop_sequence
     return chunk
-
-
-def merge(batch: list, stream) -> Chunk:
-    """Several RequestOutput deltas → one chunk."""
-    return merge_chunks([chunk_of(o, stream) for o in batch])
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, health_check_period_s=10, health_check_timeout_s=30)
@@ -139,8 +85,10 @@ class ModelServer(GovernedReplica):
     ):
         from engine.engine import AsyncEngine  # MLX loads in the replica, not in the builder
         from engine.memory import mib
+        from engine.threads import share_gil_with_engine
 
         started = time.monotonic()
+        gil_switch_s = share_gil_with_engine()
         self.name = name
         self.default_sampling = dict(default_sampling or {})
         self.allow_ignore_eos = allow_ignore_eos
@@ -158,6 +106,7 @@ class ModelServer(GovernedReplica):
         if self._trace is not None:
             self.engine.step_log = collections.deque(maxlen=100_000)
         self._loaded(started, memory_share_bytes)
+        self.loaded_info["gil_switch_interval_s"] = gil_switch_s
         footprint = self.engine.footprint
         log.info(
             "model %s ready in %.1fs: %s; footprint %s (weights %s, KV %s, working %s)",
@@ -193,7 +142,7 @@ class ModelServer(GovernedReplica):
         except OrchardError as exc:
             yield error_item(exc)
             return
-        chunks = Coalescer(stream, self._stream_window)
+        outputs = coalesced(stream, self._stream_window)
         self.active += 1
         self.served += 1
         prompt_key = None
@@ -206,12 +155,12 @@ class ModelServer(GovernedReplica):
                     self.engine.config.block_size,
                 )
             first = True
-            while batch := await chunks.next_batch():
-                item = merge(batch, stream)
+            async for out in outputs:
+                item = chunk_of(out, stream)
                 if first:
                     item["format"], first = stream.format.as_dict(), False
                     if self._trace is not None:
-                        self._trace_first((arrived, submitted), stream, batch[0])
+                        self._trace_first((arrived, submitted), stream, out)
                 yield item
         except OrchardError as exc:
             yield error_item(exc)
@@ -220,7 +169,8 @@ class ModelServer(GovernedReplica):
             self.last_active = time.monotonic()
             if self.residency is not None:
                 self.residency.finished(prompt_key)
-            await chunks.aclose()
+            await outputs.aclose()
+            await stream.aclose()  # aborts the request if it is still running (the client left)
             if self._trace is not None:  # a burst's last steps are written with its last request
                 hop_trace.write_steps(self._trace, self.engine)
 

