@@ -12,7 +12,6 @@ with `loop.call_soon_threadsafe`.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import concurrent.futures
 import dataclasses
@@ -49,6 +48,7 @@ from .prompts import encode_prompt, render_chat
 from .request import PromptInput, Request, RequestOutput
 from .sampling import SamplingParams
 from .scheduler import Scheduler
+from .stream import RequestStream
 from .text_stream import TextStream
 from .thinking import ThinkingCap
 from .threads import wait_until_gone
@@ -62,81 +62,6 @@ ARRIVAL_WINDOW_S = 0.005  # when idle, gather requests that arrive together into
 PROMPT_TAIL_TOKENS = 8  # a prompt's last tokens, read for an opened reasoning block
 STATS_INTERVAL_S = 0.25  # the loop publishes a stats snapshot this often (other threads read it)
 DISK_FLUSH_S = 5.0  # at shutdown, the disk KV cache's queued blocks are written for this long at most
-
-
-class RequestStream:
-    """Async iterator over one request's outputs; closing it early aborts the request.
-
-    Outputs the reader has not taken yet are merged into one (vLLM's output collector does the
-    same): a reader slower than the engine gets bigger deltas, never a growing queue."""
-
-    def __init__(
-        self, engine: AsyncEngine, request_id: str, prompt_ids: list[int], output_format: OutputFormat | None = None
-    ):
-        self.request_id = request_id
-        self.prompt_ids = prompt_ids
-        self.format = output_format or OutputFormat()  # how its output is written (engine.chat_format)
-        self.prompt_tokens = len(prompt_ids)
-        self._engine = engine
-        self._pending: RequestOutput | None = None
-        self._error: BaseException | None = None
-        self._ready = asyncio.Event()
-        self._loop = asyncio.get_running_loop()
-        self.finished = False
-        self.admitted_at: float | None = None  # time.time() when the loop thread took it (hop timing)
-        self.admitted_step: int | None = None  # AsyncEngine.steps by then
-
-    def __aiter__(self):
-        return self
-
-    def put(self, item: RequestOutput | BaseException) -> None:
-        """Runs on the stream's event loop (the engine posts it there)."""
-        if isinstance(item, BaseException):
-            self._error = item
-        elif self._pending is None:
-            self._pending = item
-        else:
-            self._pending = _merge(self._pending, item)
-        self._ready.set()
-
-    async def __anext__(self) -> RequestOutput:
-        if self.finished:
-            raise StopAsyncIteration
-        try:
-            await self._ready.wait()
-        except asyncio.CancelledError:
-            self._engine.abort(self.request_id)
-            raise
-        item, self._pending = self._pending, None
-        if item is None:  # only an error is left: what was produced before it came first
-            self.finished = True
-            raise self._error
-        if self._error is None:
-            self._ready.clear()
-        if item.finished:
-            self.finished = True
-        return item
-
-    async def aclose(self) -> None:
-        if not self.finished:
-            self.finished = True
-            self._engine.abort(self.request_id)
-
-
-def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
-    """Two deltas of one request as one (b came after a)."""
-    logprobs = (a.logprobs or []) + (b.logprobs or []) if a.logprobs is not None or b.logprobs is not None else None
-    return RequestOutput(
-        a.request_id,
-        a.text + b.text,
-        a.token_ids + b.token_ids,
-        finish_reason=b.finish_reason,
-        usage=b.usage,
-        first_token_time=a.first_token_time or b.first_token_time,
-        created=a.created,
-        logprobs=logprobs,
-        stop_sequence=b.stop_sequence,
-    )
 
 
 class AsyncEngine:
