@@ -12,6 +12,7 @@ malformed adapter fails only its requests; nothing leaks."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 
 import mlx.core as mx
@@ -29,14 +30,20 @@ KEYS = ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]
 PROMPT = [1, 504, 3575, 282, 4649, 314, 7042, 30, 2, 198]
 
 
+@functools.cache
+def lora_shapes(rank: int, num_layers: int) -> list[tuple[str, tuple[int, ...]]]:
+    """The parameters `mlx_lm.lora` trains and saves: its LoRA layers on the base's KEYS."""
+    model = load_model(SMOLLM).model
+    model.freeze()  # as mlx_lm.lora does: only the LoRA layers train (and are saved)
+    linear_to_lora_layers(model, num_layers, {"rank": rank, "scale": 4.0, "dropout": 0.0, "keys": KEYS})
+    return [(k, v.shape) for k, v in tree_flatten(model.trainable_parameters())]
+
+
 def make_adapter(path, seed: int, rank: int, num_layers: int = 8) -> None:
     """An adapter as `mlx_lm.lora` writes one, with random non-zero a and b."""
-    model = load_model(SMOLLM).model
     params = {"rank": rank, "scale": 4.0, "dropout": 0.0, "keys": KEYS}
-    model.freeze()  # as mlx_lm.lora does: only the LoRA layers train (and are saved)
-    linear_to_lora_layers(model, num_layers, params)
     mx.random.seed(seed)
-    weights = {k: mx.random.normal(v.shape) * 0.1 for k, v in tree_flatten(model.trainable_parameters())}
+    weights = {k: mx.random.normal(shape) * 0.1 for k, shape in lora_shapes(rank, num_layers)}
     path.mkdir()
     mx.save_safetensors(str(path / "adapters.safetensors"), weights)
     config = {"fine_tune_type": "lora", "num_layers": num_layers, "lora_parameters": params}
