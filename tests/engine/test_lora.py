@@ -260,3 +260,15 @@ async def test_three_adapters_share_two_slots_and_a_busy_one_is_never_evicted(th
         assert engine.adapter_states()[unloaded]["state"] == "unloaded"
     finally:
         engine.shutdown()
+
+
+def test_adapter_names_must_be_unique():
+    from pydantic import ValidationError
+
+    from engine.config import EngineConfig
+
+    assert EngineConfig().adapters == [] and EngineConfig().max_loaded_adapters == 4
+    with pytest.raises(ValidationError, match="adapter names must be unique; repeated: a"):
+        EngineConfig(adapters=[{"name": "a", "path": "/x"}, {"name": "a", "path": "/y"}, {"name": "b", "path": "/z"}])
+    with pytest.raises(ValidationError, match="max_loaded_adapters"):
+        EngineConfig(max_loaded_adapters=0)
