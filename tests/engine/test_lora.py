@@ -150,7 +150,7 @@ def expected(three):
     return out
 
 
-def make_engine(three, slots: int):
+def make_engine(three, slots: int, **options):
     from engine.config import EngineConfig
     from engine.engine import AsyncEngine
 
@@ -162,6 +162,7 @@ def make_engine(three, slots: int):
         prefill_batch_size=4,
         adapters=adapters,
         max_loaded_adapters=slots,
+        **options,
     )
     return AsyncEngine.from_source(SMOLLM, config)
 
@@ -241,7 +242,8 @@ async def test_a_malformed_adapter_fails_only_its_requests(engine, expected):
 
 
 async def test_three_adapters_share_two_slots_and_a_busy_one_is_never_evicted(three, expected):
-    engine = make_engine(three, slots=2)
+    """With speculation on: verify steps run adapter rows under their adapters (exact outputs)."""
+    engine = make_engine(three, slots=2, speculative={"method": "ngram"})
     try:
         cases = [(q, name) for name in "abc" for q in ("base", "a")] + [("b", None)]
         got = await asyncio.gather(*(generate(engine, q, name) for q, name in cases))
@@ -252,6 +254,7 @@ async def test_three_adapters_share_two_slots_and_a_busy_one_is_never_evicted(th
         states = engine.adapter_states()
         assert sorted(states[n]["state"] for n in "abc") == ["loaded", "loaded", "unloaded"]
         assert all(states[n]["requests"] == 2 for n in "abc")
+        assert engine.stats()["speculative"]["verify_steps"] > 0
         assert_idle(engine)
         unloaded = next(n for n in "abc" if states[n]["state"] == "unloaded")
         await asyncio.to_thread(engine.load_adapter, unloaded)  # the operator's load evicts the LRU idle one
