@@ -243,7 +243,7 @@ async def test_a_malformed_adapter_fails_only_its_requests(engine, expected):
 
 async def test_three_adapters_share_two_slots_and_a_busy_one_is_never_evicted(three, expected):
     """With speculation on: verify steps run adapter rows under their adapters (exact outputs)."""
-    engine = make_engine(three, slots=2, speculative={"method": "ngram"})
+    engine = make_engine(three, slots=2, speculative={"method": "ngram", "ngram_min": 1, "num_draft_tokens": 2})
     try:
         cases = [(q, name) for name in "abc" for q in ("base", "a")] + [("b", None)]
         got = await asyncio.gather(*(generate(engine, q, name) for q, name in cases))
