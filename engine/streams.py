@@ -17,20 +17,23 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from .chat_format import OutputFormat
 from .request import RequestOutput
 
-if TYPE_CHECKING:
-    from .engine import AsyncEngine
+
+class Aborts(Protocol):
+    """What a stream needs of its engine (engine.engine.AsyncEngine)."""
+
+    def abort(self, request_id: str) -> None: ...
 
 
 class RequestStream:
     """Async iterator over one request's outputs; closing it early aborts the request."""
 
     def __init__(
-        self, engine: AsyncEngine, request_id: str, prompt_ids: list[int], output_format: OutputFormat | None = None
+        self, engine: Aborts, request_id: str, prompt_ids: list[int], output_format: OutputFormat | None = None
     ):
         self.request_id = request_id
         self.prompt_ids = prompt_ids
