@@ -188,7 +188,9 @@ class ModelServer(GovernedReplica):
             prepared = (
                 await asyncio.to_thread(self.engine.prepare_prompt, request.prompt) if request.prompt.images else None
             )
-            stream = self.engine.submit(request.prompt, params, request.request_id, constraint, prepared)
+            stream = self.engine.submit(
+                request.prompt, params, request.request_id, constraint, prepared, adapter=request.adapter
+            )
             submitted = time.time()
         except OrchardError as exc:
             yield error_item(exc)
@@ -252,6 +254,28 @@ class ModelServer(GovernedReplica):
         except OrchardError as exc:
             return error_item(exc)
         return {"input_tokens": len(ids)}
+
+    def adapter_states(self) -> dict[str, dict[str, Any]]:
+        """The engine's LoRA adapters by name, each with its state (loaded, unloaded, loading, failed)."""
+        return self.engine.adapter_states()
+
+    async def load_adapter(self, name: str) -> dict[str, Any]:
+        """Make one adapter resident (an operator's load): its state once loaded, or an error item
+        (unknown, malformed) as `generate` yields. The engine reads it in a thread of its own."""
+        try:
+            await asyncio.to_thread(self.engine.load_adapter, name)
+        except OrchardError as exc:
+            return error_item(exc)
+        return self.engine.adapter_states()[name]
+
+    def unload_adapter(self, name: str) -> dict[str, Any]:
+        """Evict one adapter from the engine's slots (the base stays): its state, or an error item
+        (unknown, or busy with requests)."""
+        try:
+            self.engine.unload_adapter(name)
+        except OrchardError as exc:
+            return error_item(exc)
+        return self.engine.adapter_states()[name]
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, **self.engine.info, **self.loaded_info}
