@@ -261,7 +261,7 @@ class ModelConfig(BaseModel):
     max_loaded_adapters: int = Field(
         MAX_LOADED_ADAPTERS,
         ge=1,
-        le=64,
+        le=256,
         description="Adapters resident in a replica at once (the least recently used idle one makes room); "
         "the footprint counts this many slots of the largest adapter.",
     )

@@ -261,18 +261,19 @@ class ModelServer(GovernedReplica):
 
     async def load_adapter(self, name: str) -> dict[str, Any]:
         """Make one adapter resident (an operator's load): its state once loaded, or an error item
-        (unknown, malformed) as `generate` yields. The engine reads it in a thread of its own."""
+        (unknown, malformed) as `generate` yields. The engine reads it on a loader thread and puts
+        it in its slot between two steps; this waits in a thread."""
         try:
             await asyncio.to_thread(self.engine.load_adapter, name)
         except OrchardError as exc:
             return error_item(exc)
         return self.engine.adapter_states()[name]
 
-    def unload_adapter(self, name: str) -> dict[str, Any]:
+    async def unload_adapter(self, name: str) -> dict[str, Any]:
         """Evict one adapter from the engine's slots (the base stays): its state, or an error item
-        (unknown, or busy with requests)."""
+        (unknown, or busy with requests). The engine does it between two steps."""
         try:
-            self.engine.unload_adapter(name)
+            await asyncio.to_thread(self.engine.unload_adapter, name)
         except OrchardError as exc:
             return error_item(exc)
         return self.engine.adapter_states()[name]
