@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import itertools
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -46,6 +47,7 @@ from .constraints import Grammars, apply_bitmask
 from .kv.interface import BatchKV, StepWrites
 from .kv.paged_cache import BatchCaches, SeqBlocks
 from .loop import Token
+from .lora import LoRATable
 from .speculative import RowSpec, Speculator, expand, kept
 from .thinking import force_tokens
 from .vision.prompt import merged_embeddings
@@ -107,6 +109,7 @@ class _Batch:
     constrained: bool = False  # some row has a grammar: the step reads the previous tokens first
     capped: bool = False  # some row has a thinking cap (engine.thinking): the same
     top_logprobs: int | None = None  # the most any row asks for (None: no row asks)
+    lora: mx.array | None = None  # [B] each row's adapter slot (engine.lora); None: no row has one
 
 
 def batch_rows_history(row: Row, joined: bool) -> list[int]:
@@ -138,8 +141,12 @@ class BatchLoop:
         speculative: SpeculativeConfig | None = None,
         drafter: ModelDrafter | None = None,
         room: Callable[[StepWrites], bool] | None = None,
+        lora: LoRATable | None = None,
     ):
         self.model = model
+        # LoRA adapters (engine.adapters): every forward call (prefill chunk, decode, verify) gets
+        # its rows' slots; a call where no row has an adapter runs the base alone
+        self.lora = lora
         self.embed = embed  # a vision model's token embedding table: image rows prefill from embeddings
         self.pipelined = mx.default_device() != mx.cpu if pipelined is None else pipelined
         # Speculative decoding (engine.speculative): drafts need each row's tokens on the host, so
@@ -152,7 +159,7 @@ class BatchLoop:
             self.pipelined = False
         self._after_verify: tuple[int, float] | None = None  # (tokens, seconds) of the last verify step
         self._verify_tokens = 0
-        self.compiled = CompiledDecode(model, column_write, kv.grouped_mask, kv.quant) if compiled else None
+        self.compiled = CompiledDecode(model, column_write, kv.grouped_mask, kv.quant, lora) if compiled else None
         self.eager_unpadded = eager_unpadded(unpadded)
         self.grammars = grammars
         self.kv = kv
@@ -266,9 +273,10 @@ class BatchLoop:
         copies = self.kv.decode_copies(batch.caches) if self.compiled is not None else None
         geom = self.kv.geometry
         if copies is None or (self.eager_unpadded and geom.sees_all(None)):
-            return self.model(batch.inputs[:, None], cache=batch.caches)[:, -1, :]
+            with self._applied(batch.lora):
+                return self.model(batch.inputs[:, None], cache=batch.caches)[:, -1, :]
         logits, ks, vs, *columns = self.compiled(
-            batch.inputs, geom.col - 1, geom.pad_array, [c.k for c in copies], [c.v for c in copies]
+            batch.inputs, geom.col - 1, geom.pad_array, [c.k for c in copies], [c.v for c in copies], batch.lora
         )
         self.kv.commit_column(batch.caches, ks, vs, *columns)
         return logits
@@ -287,11 +295,12 @@ class BatchLoop:
         rows = [batch.rows[i] for i in keep] + joining
         batch.rows = rows
         if not rows:
-            batch.caches = batch.sampling = batch.inputs = batch.positions = None
+            batch.caches = batch.sampling = batch.inputs = batch.positions = batch.lora = None
             batch.constrained, batch.capped, batch.top_logprobs = False, False, None
             return
         batch.inputs = mx.concatenate([p.astype(mx.uint32) for p in parts]) if len(parts) > 1 else parts[0]
         batch.caches = self.kv.caches([r.blocks for r in rows])
+        batch.lora = self._slots(rows)
         histories = None
         if any(r.history is not None for r in rows):  # what each row has seen before its next input
             kept = [batch_rows_history(r, joined=False) for r in rows[: len(rows) - len(joining)]]
@@ -317,11 +326,12 @@ class BatchLoop:
             r.todo, r.pos = r.todo[k:], r.pos + k
         caches = self.kv.caches([r.blocks for r in rows], chunk=real)
         inputs = mx.array(chunk)
-        if self.embed is not None and any(r.request.vision is not None for r in rows):  # image rows: their features
-            vision = [(r.request.vision, p, k) for r, p, k in zip(rows, starts, real)]
-            self.model(inputs, cache=caches, input_embeddings=merged_embeddings(self.embed, inputs, vision))
-        else:
-            self.model(inputs, cache=caches)  # the logits are never evaluated: only the cache writes
+        with self._applied(self._slots(rows)):
+            if self.embed is not None and any(r.request.vision is not None for r in rows):  # image rows: features
+                vision = [(r.request.vision, p, k) for r, p, k in zip(rows, starts, real)]
+                self.model(inputs, cache=caches, input_embeddings=merged_embeddings(self.embed, inputs, vision))
+            else:
+                self.model(inputs, cache=caches)  # the logits are never evaluated: only the cache writes
         self.kv.flush(caches)  # a recurrent model's rows take their state back (and may snapshot it)
         for r in rows:
             if len(r.todo) == 1:
@@ -351,6 +361,13 @@ class BatchLoop:
             (r.blocks, min(self.prefill_step_size, len(r.todo) - 1)) for r in self.prefilling[: self.prefill_batch_size]
         ]
         return StepWrites(decode, prefill)
+
+    def _slots(self, rows: list[Row]) -> mx.array | None:
+        """The rows' adapter slots for a forward call; None when no row has an adapter."""
+        return None if self.lora is None else LoRATable.slot_array([r.request.lora_slot for r in rows])
+
+    def _applied(self, slots: mx.array | None):
+        return self.lora.applied(slots) if self.lora is not None else nullcontext()
 
     def _flush(self) -> None:
         """Decode tokens held only in working copies go to the rows' blocks."""
@@ -451,7 +468,8 @@ class BatchLoop:
         for i, (r, d) in enumerate(zip(rows, drafts)):
             chunk[i, : real[i]] = [int(r.spec.tokens[-1]), *d]
         starts = [r.blocks.length for r in rows]
-        logits = self.model(mx.array(chunk), cache=self.kv.caches([r.blocks for r in rows], chunk=real))
+        with self._applied(batch.lora):  # adapter rows verify under their adapters: speculation stays exact
+            logits = self.model(mx.array(chunk), cache=self.kv.caches([r.blocks for r in rows], chunk=real))
         first = np.fromiter((r.start + r.issued for r in rows), np.uint32, len(rows))
         positions = mx.array((first[:, None] + np.arange(n, dtype=np.uint32)).reshape(-1))
         flat = logits.reshape(len(rows) * n, logits.shape[-1])

@@ -102,9 +102,12 @@ def eager_unpadded(unpadded_decode: str | None = None) -> bool:
     return _on_cuda()
 
 
-def _decode_step(model, select: bool, grouped: bool, quant):
+def _decode_step(model, select: bool, grouped: bool, quant, lora=None):
     """The function to compile: a closure over the model only (no reference cycle through the
-    CompiledDecode, so its traces go when it goes, on the thread that drops it)."""
+    CompiledDecode, so its traces go when it goes, on the thread that drops it). With `lora` (the
+    engine.lora.LoRATable), the step of a batch where some row has an adapter: its last input is
+    [rows' slots, scales, *stacks], so the trace reads the slots and the adapters' weights as
+    arrays (a new mix of rows, or an adapter loaded into a slot, needs no new trace)."""
 
     def forward(inputs: mx.array, col: mx.array, pad: mx.array, ks: list[mx.array], vs: list[mx.array]):
         onehot = (mx.arange(ks[0].shape[2]) == col)[None, None, :, None] if select else None
@@ -113,7 +116,14 @@ def _decode_step(model, select: bool, grouped: bool, quant):
         out = logits, [c.k for c in caches], [c.v for c in caches]
         return out if quant is None else (*out, [c.parts for c in caches])
 
-    return forward
+    if lora is None:
+        return forward
+
+    def forward_lora(inputs, col, pad, ks, vs, adapters: list[mx.array]):
+        with lora.applied(adapters[0], adapters[1:]):
+            return forward(inputs, col, pad, ks, vs)
+
+    return forward_lora
 
 
 class CompiledDecode:
@@ -132,25 +142,40 @@ class CompiledDecode:
     max_traces = 256
     compile_after = 3
 
-    def __init__(self, model, column_write: str | None = None, grouped_mask: bool = False, quant=None):
+    def __init__(self, model, column_write: str | None = None, grouped_mask: bool = False, quant=None, lora=None):
         self.model = model
         self.select = select_column(column_write)
         self.grouped = grouped_mask
         self.quant = quant
-        self._eager = _decode_step(model, self.select, grouped_mask, quant)  # the same step, uncompiled
-        self._step = mx.compile(_decode_step(model, self.select, grouped_mask, quant))
+        self.lora = lora  # engine.lora.LoRATable: batches with adapter rows take the LoRA variant
+        self._eager = self._make(False)  # the same step, uncompiled
+        self._step = mx.compile(self._make(False))
+        # the LoRA variant: made (and traced) only once a batch has a row with an adapter
+        self._lora_eager = self._lora_step = None
         self.steps = 0  # every call, compiled or not
         self.eager_steps = 0  # calls that ran uncompiled (their shape not traced yet)
-        self.shapes: set[tuple[int, int]] = set()  # (rows, capacity) traced so far
+        self.shapes: set[tuple] = set()  # (rows, capacity[, "lora"]) traced so far
         self.traces = 0  # shapes traced in all (`shapes` is cleared past max_traces; this is not)
         self._untraced: dict[tuple[int, int], int] = {}  # steps run so far by shapes not traced yet
 
-    def __call__(self, inputs: mx.array, col: int, pad: mx.array, ks: list[mx.array], vs: list[mx.array]):
+    def _make(self, lora: bool):
+        return _decode_step(self.model, self.select, self.grouped, self.quant, self.lora if lora else None)
+
+    def __call__(self, inputs: mx.array, col: int, pad: mx.array, ks: list[mx.array], vs: list[mx.array], rows=None):
         """Logits `[B, vocab]` for `inputs` `[B]` written at column `col`; the copies' new K and V
-        (and with `quant`, per layer the column's quantized (K, V) parts)."""
+        (and with `quant`, per layer the column's quantized (K, V) parts). `rows`: each row's
+        adapter slot (engine.lora), None when no row has one: the plain step. The LoRA variant is
+        its own compiled function, traced per shape as the plain one ((rows, capacity, "lora"))."""
         self.steps += 1
+        args = (inputs, mx.array(col, dtype=mx.int32), pad, ks, vs)
         shape = (ks[0].shape[0], ks[0].shape[2])
-        col_array = mx.array(col, dtype=mx.int32)
+        if rows is None:
+            return self._run(shape, False, args)
+        if self._lora_step is None:
+            self._lora_eager, self._lora_step = self._make(True), mx.compile(self._make(True))
+        return self._run((*shape, "lora"), True, (*args, [rows, self.lora.scales, *self.lora.arrays()]))
+
+    def _run(self, shape: tuple, lora: bool, args: tuple):
         if shape not in self.shapes:
             seen = self._untraced.pop(shape, 0) + 1
             if seen < self.compile_after:
@@ -158,10 +183,11 @@ class CompiledDecode:
                     self._untraced.clear()
                 self._untraced[shape] = seen
                 self.eager_steps += 1
-                return self._eager(inputs, col_array, pad, ks, vs)
-            if len(self.shapes) >= self.max_traces:
-                self._step = mx.compile(_decode_step(self.model, self.select, self.grouped, self.quant))
+                return (self._lora_eager if lora else self._eager)(*args)
+            if len(self.shapes) >= self.max_traces:  # every trace goes: both functions made again
+                self._step = mx.compile(self._make(False))
+                self._lora_step = mx.compile(self._make(True)) if self._lora_step is not None else None
                 self.shapes.clear()
             self.traces += 1
             self.shapes.add(shape)
-        return self._step(inputs, col_array, pad, ks, vs)
+        return (self._lora_step if lora else self._step)(*args)

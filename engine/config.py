@@ -76,6 +76,20 @@ class SpeculativeConfig(BaseModel):
         return self
 
 
+class AdapterConfig(BaseModel):
+    """A LoRA adapter of the model, served by name (engine.adapters)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(..., min_length=1, description="What clients send as `model` to get this adapter.")
+    path: str = Field(
+        ...,
+        min_length=1,
+        description="Directory in mlx_lm's adapter format: adapter_config.json and adapters.safetensors, "
+        "as `mlx_lm.lora` writes them.",
+    )
+
+
 class EngineConfig(BaseModel):
     """How one model is run: scheduling, streaming and KV cache."""
 
@@ -252,6 +266,28 @@ class EngineConfig(BaseModel):
         default_factory=SpeculativeConfig,
         description="Speculative decoding (paged cache, K/V models; off by default).",
     )
+
+    adapters: list[AdapterConfig] = Field(
+        default_factory=list,
+        description="LoRA adapters of this model, each served by its name in the same continuous batch "
+        "as the base (our batch loop over the paged cache). Loaded on first use.",
+    )
+    max_loaded_adapters: int = Field(
+        4,
+        ge=1,
+        le=256,
+        description="Most adapters resident at once; past it the least recently used idle one is "
+        "evicted, and a request whose adapter finds no idle slot waits.",
+    )
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names_unique(cls, v: list[AdapterConfig]) -> list[AdapterConfig]:
+        names = [a.name for a in v]
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"adapter names must be unique; repeated: {', '.join(repeated)}")
+        return v
 
     @field_validator("tool_prompt")
     @classmethod

@@ -12,7 +12,6 @@ with `loop.call_soon_threadsafe`.
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import concurrent.futures
 import dataclasses
@@ -23,6 +22,7 @@ import threading
 import time
 import uuid
 
+from .adapters import Adapters
 from .batch_check import BatchCheck, check_batching, files_digest
 from .chat_format import (
     REASONING_TAGS,
@@ -40,7 +40,14 @@ from .config import EngineConfig
 from .constraints import Constraint
 from .cpu_threads import BlasThreads
 from .draft_model import load_drafter
-from .errors import EngineDeadError, InvalidRequestError, ModelLoadError, OrchardError, OverloadedError
+from .errors import (
+    EngineDeadError,
+    InvalidRequestError,
+    ModelLoadError,
+    OrchardError,
+    OverloadedError,
+    UnknownAdapterError,
+)
 from .kv.interface import CacheManager
 from .kv.manager import make_cache_manager
 from .loading.loader import LoadedModel, default_cache_dir, load_model
@@ -49,6 +56,7 @@ from .prompts import encode_prompt, render_chat
 from .request import PromptInput, Request, RequestOutput
 from .sampling import SamplingParams
 from .scheduler import Scheduler
+from .stream import RequestStream
 from .text_stream import TextStream
 from .thinking import ThinkingCap
 from .threads import wait_until_gone
@@ -64,81 +72,6 @@ STATS_INTERVAL_S = 0.25  # the loop publishes a stats snapshot this often (other
 DISK_FLUSH_S = 5.0  # at shutdown, the disk KV cache's queued blocks are written for this long at most
 
 
-class RequestStream:
-    """Async iterator over one request's outputs; closing it early aborts the request.
-
-    Outputs the reader has not taken yet are merged into one (vLLM's output collector does the
-    same): a reader slower than the engine gets bigger deltas, never a growing queue."""
-
-    def __init__(
-        self, engine: AsyncEngine, request_id: str, prompt_ids: list[int], output_format: OutputFormat | None = None
-    ):
-        self.request_id = request_id
-        self.prompt_ids = prompt_ids
-        self.format = output_format or OutputFormat()  # how its output is written (engine.chat_format)
-        self.prompt_tokens = len(prompt_ids)
-        self._engine = engine
-        self._pending: RequestOutput | None = None
-        self._error: BaseException | None = None
-        self._ready = asyncio.Event()
-        self._loop = asyncio.get_running_loop()
-        self.finished = False
-        self.admitted_at: float | None = None  # time.time() when the loop thread took it (hop timing)
-        self.admitted_step: int | None = None  # AsyncEngine.steps by then
-
-    def __aiter__(self):
-        return self
-
-    def put(self, item: RequestOutput | BaseException) -> None:
-        """Runs on the stream's event loop (the engine posts it there)."""
-        if isinstance(item, BaseException):
-            self._error = item
-        elif self._pending is None:
-            self._pending = item
-        else:
-            self._pending = _merge(self._pending, item)
-        self._ready.set()
-
-    async def __anext__(self) -> RequestOutput:
-        if self.finished:
-            raise StopAsyncIteration
-        try:
-            await self._ready.wait()
-        except asyncio.CancelledError:
-            self._engine.abort(self.request_id)
-            raise
-        item, self._pending = self._pending, None
-        if item is None:  # only an error is left: what was produced before it came first
-            self.finished = True
-            raise self._error
-        if self._error is None:
-            self._ready.clear()
-        if item.finished:
-            self.finished = True
-        return item
-
-    async def aclose(self) -> None:
-        if not self.finished:
-            self.finished = True
-            self._engine.abort(self.request_id)
-
-
-def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
-    """Two deltas of one request as one (b came after a)."""
-    logprobs = (a.logprobs or []) + (b.logprobs or []) if a.logprobs is not None or b.logprobs is not None else None
-    return RequestOutput(
-        a.request_id,
-        a.text + b.text,
-        a.token_ids + b.token_ids,
-        finish_reason=b.finish_reason,
-        usage=b.usage,
-        first_token_time=a.first_token_time or b.first_token_time,
-        created=a.created,
-        logprobs=logprobs,
-        stop_sequence=b.stop_sequence,
-    )
-
-
 class AsyncEngine:
     def __init__(self, source: str, config: EngineConfig | None = None):
         """Start the loop thread, which loads the model; blocks until it is ready."""
@@ -152,7 +85,8 @@ class AsyncEngine:
         self._dead: BaseException | None = None
         self.loaded: LoadedModel | None = None
         self.scheduler: Scheduler | None = None
-        self.footprint: Footprint | None = None
+        self.footprint: Footprint | None = None  # weights (adapters' slots included), KV budget, working memory
+        self.adapters: Adapters | None = None  # LoRA adapters (engine.adapters), when the config names some
         self.vision = Vision()
         self.batching = BatchCheck("skipped", "not loaded")
         self._stats: dict = {}
@@ -267,11 +201,19 @@ class AsyncEngine:
         request_id: str | None = None,
         constraint: Constraint | None = None,
         prepared: tuple[list[int], VisionPrompt | None] | None = None,
+        adapter: str | None = None,
     ) -> RequestStream:
         """Validate and enqueue a request. Raises InvalidRequestError / OverloadedError at once.
         `constraint`: the request's compiled `guided` spec (compiled here when not given);
-        `prepared`: `prepare_prompt(prompt)`'s result (computed here when not given)."""
+        `prepared`: `prepare_prompt(prompt)`'s result (computed here when not given); `adapter`:
+        the LoRA adapter to run under (None: the base), UnknownAdapterError when not configured.
+        One whose load fails ends its stream with an AdapterLoadError."""
         self.check_health()
+        if adapter is not None and adapter not in self.adapter_names():
+            raise UnknownAdapterError(
+                f"model {adapter!r} is not served here (adapters of {self.source}: "
+                f"{', '.join(self.adapter_names()) or 'none'})"
+            )
         if params.guided is not None and constraint is None:
             constraint = self.compile_guided(params)
         prompt_ids, vision = prepared if prepared is not None else self.prepare_prompt(prompt)
@@ -288,7 +230,15 @@ class AsyncEngine:
         text = TextStream(self.tokenizer.detokenizer, params.stop)
         cap = self._thinking_cap(stream.format, params) if constraint is None else None
         request = Request(
-            request_id, prompt_ids, params, max_tokens, text, constraint=constraint, cap=cap, vision=vision
+            request_id,
+            prompt_ids,
+            params,
+            max_tokens,
+            text,
+            constraint=constraint,
+            cap=cap,
+            vision=vision,
+            adapter=adapter,
         )
         self._inbox.put(("add", request))
         return stream
@@ -330,6 +280,34 @@ class AsyncEngine:
         """The loop thread's latest snapshot (at most STATS_INTERVAL_S old): never read live
         scheduler state from another thread."""
         return {"model": self.source, **self._stats}
+
+    def adapter_names(self) -> list[str]:
+        """The configured adapters' names, in config order (failed ones too)."""
+        return [a.name for a in self.config.adapters]
+
+    def adapter_states(self) -> dict[str, dict]:
+        """Each adapter's {"state": loaded|unloaded|loading|failed, "bytes", "path", "rank",
+        "error", "last_used" (time.time() or None), "requests"} (any thread)."""
+        return self.adapters.snapshot() if self.adapters is not None else {}
+
+    def load_adapter(self, name: str, timeout: float | None = None) -> None:
+        """Load an adapter now (a failed one is tried again). BLOCKS until it is loaded: from an
+        event loop, run it in a thread. Raises UnknownAdapterError, AdapterLoadError, or
+        AdapterBusyError when every slot holds an adapter in use."""
+        self._adapter_command("load", name).result(timeout)
+
+    def unload_adapter(self, name: str, timeout: float | None = None) -> None:
+        """Evict an adapter now. BLOCKS until the loop thread did it (between two steps): from an
+        event loop, run it in a thread. Raises AdapterBusyError while requests use it."""
+        self._adapter_command("unload", name).result(timeout)
+
+    def _adapter_command(self, op: str, name: str) -> concurrent.futures.Future:
+        self.check_health()
+        if name not in self.adapter_names():
+            raise UnknownAdapterError(f"model {name!r} is not an adapter of {self.source}")
+        done: concurrent.futures.Future = concurrent.futures.Future()
+        self._inbox.put(("adapter", (op, name, done)))
+        return done
 
     def clear_cache(self) -> None:
         self._inbox.put(("clear_cache", None))
@@ -395,6 +373,8 @@ class AsyncEngine:
             solo = self.batching.outcome == "solo"
             encoder = self.vision.encoder
             self.drafter = None if solo else load_drafter(self.config, self.loaded, cache, load_model)
+            if self.config.adapters:  # after the batch check and before the footprint's warm-up
+                self.adapters = Adapters(self.config.adapters, self.loaded.model, self.config.max_loaded_adapters)
             self.scheduler = Scheduler(
                 self.loaded.model,
                 self.loaded.tokenizer,
@@ -403,6 +383,7 @@ class AsyncEngine:
                 solo=solo,
                 vision=encoder,
                 drafter=self.drafter,
+                adapters=self.adapters,
             )
             self.footprint = self._measure_footprint(cache)
             self._blas = BlasThreads.for_this_process() if self.config.adaptive_cpu_threads else None
@@ -422,6 +403,8 @@ class AsyncEngine:
             self.scheduler.cache.close(DISK_FLUSH_S)  # what the disk tier has queued is written
             self._publish_stats(force=True)  # the last word (what was written)
             self.scheduler.gen.close()  # its compiled step's traces go on the thread that made them
+            if self.adapters is not None:
+                self.adapters.close()
 
     def _weights_id(self) -> str:
         """The weights as loaded, for the disk KV cache's key: the model's files, and whether they
@@ -450,6 +433,8 @@ class AsyncEngine:
         if self.drafter is not None:  # the draft model's weights and KV budget (engine.draft_model)
             weights += self.drafter.weights_bytes
             kv += self.drafter.kv_budget_bytes
+        if self.adapters is not None:  # every slot's stacks, allocated at start (engine.adapters)
+            weights += self.adapters.table.nbytes
         encoder = self.vision.encoder
         if encoder is not None:  # its tower, one largest image's working memory, its cache, running requests' features
             weights += encoder.weights_bytes
@@ -546,10 +531,26 @@ class AsyncEngine:
                     self._streams.pop(item, None)
             elif kind == "clear_cache":
                 self.scheduler.cache.clear()
+            elif kind == "adapter":
+                self._adapter_op(*item)
             elif kind == "resident":
                 chains, done = item
                 if done.set_running_or_notify_cancel():  # the asker may have given up (timed out)
                     done.set_result([self.scheduler.cache.resident(c) for c in chains])
+
+    def _adapter_op(self, op: str, name: str, done: concurrent.futures.Future) -> None:
+        """An operator's load / unload, on the loop thread between two steps."""
+        if not done.set_running_or_notify_cancel():
+            return
+        if op == "load":
+            self.adapters.load(name, done)  # resolved once read and put in its slot
+            return
+        try:
+            self.adapters.unload(name)
+        except OrchardError as exc:
+            done.set_exception(exc)
+        else:
+            done.set_result(None)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         """Hand a step's outputs to their streams: one thread hop per event loop, not per token.

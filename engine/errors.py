@@ -54,3 +54,33 @@ class RequestFailedError(OrchardError):
 
     status_code = 500
     error_type = "server_error"
+
+
+class UnknownAdapterError(OrchardError):
+    """A request named an adapter (a `model`) this engine does not serve."""
+
+    status_code = 404
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str, param: str | None = "model"):
+        super().__init__(message, param=param, code="model_not_found")
+
+
+class AdapterLoadError(InvalidRequestError):
+    """An adapter could not be loaded (missing file, shapes that do not fit the base...): the
+    requests for it fail with the reason; the base and the other adapters keep serving."""
+
+    status_code = 422
+
+    def __init__(self, message: str):
+        super().__init__(message, param="model", code="adapter_load_failed")
+
+
+class AdapterBusyError(OrchardError):
+    """An operator's unload (or load) that would evict an adapter requests are using."""
+
+    status_code = 409
+    error_type = "invalid_request_error"
+
+    def __init__(self, message: str):
+        super().__init__(message, param="model", code="adapter_busy")

@@ -18,12 +18,15 @@ at all when no row has one (`rows` None: a base-only batch pays nothing).
 
 from __future__ import annotations
 
+import hashlib
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlx.core as mx
 import mlx.nn as nn
+import numpy as np
 
 from .errors import ModelLoadError
 
@@ -37,10 +40,20 @@ class Adapter:
     rank: int
     scale: float
     weights: dict[str, tuple[mx.array, mx.array]]  # module path -> (a [in, rank], b [rank, out])
+    digest: bytes = b""  # of its name and files: its prefix-cache identity (engine.adapters)
 
     @property
     def nbytes(self) -> int:
         return sum(a.nbytes + b.nbytes for a, b in self.weights.values())
+
+
+@dataclass
+class AdapterFiles:
+    """An adapter's files as read, before any check: plain numpy, so any thread may read them."""
+
+    config: dict
+    tensors: dict[str, np.ndarray]
+    digest: bytes
 
 
 def linear_dims(module: nn.Module) -> tuple[int, int] | None:
@@ -54,15 +67,80 @@ def linear_dims(module: nn.Module) -> tuple[int, int] | None:
     return None
 
 
+def _where(name: str, path: Path) -> str:
+    return f"adapter {name!r} ({path})"
+
+
+def read_files(name: str, path: str | Path) -> AdapterFiles:
+    """Read an adapter's two files with numpy only (no MLX: a loader thread may call it while the
+    engine's thread steps). A ModelLoadError says what cannot be read."""
+    path = Path(path)
+    try:
+        raw_config = (path / "adapter_config.json").read_bytes()
+        raw = (path / "adapters.safetensors").read_bytes()
+        config = json.loads(raw_config)
+        tensors = _safetensors(raw)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(
+            f"{_where(name, path)}: cannot read adapter_config.json and adapters.safetensors: {exc}"
+        ) from None
+    digest = hashlib.blake2b(name.encode() + b"|" + raw_config + b"|" + raw, digest_size=16).digest()
+    return AdapterFiles(config, tensors, digest)
+
+
+def _header(data: bytes) -> tuple[dict, int]:
+    """A safetensors file's header (tensor name -> dtype, shape, offsets) and where its data start."""
+    n = int.from_bytes(data[:8], "little")
+    head = json.loads(data[8 : 8 + n])
+    head.pop("__metadata__", None)
+    return head, 8 + n
+
+
+def _safetensors(data: bytes) -> dict[str, np.ndarray]:
+    """The tensors of a safetensors file, as float arrays (bfloat16 widened exactly to float32)."""
+    head, base = _header(data)
+    out = {}
+    for key, info in head.items():
+        begin, end = info["data_offsets"]
+        kind = info["dtype"]
+        if kind not in _NUMPY:
+            raise ValueError(f"tensor {key} has dtype {kind} (float32, float16 or bfloat16 expected)")
+        array = np.frombuffer(data, _NUMPY[kind], (end - begin) // _NUMPY[kind].itemsize, base + begin)
+        if kind == "BF16":
+            array = (array.astype(np.uint32) << 16).view(np.float32)
+        out[key] = array.reshape(info["shape"])
+    return out
+
+
+_NUMPY = {"F32": np.dtype(np.float32), "F16": np.dtype(np.float16), "BF16": np.dtype(np.uint16)}
+
+
+def adapter_shape(name: str, path: str | Path) -> tuple[int, list[str]]:
+    """An adapter's rank and the modules it targets, from adapter_config.json and the
+    safetensors header alone (the weights are read when it is first used)."""
+    path = Path(path)
+    try:
+        params = json.loads((path / "adapter_config.json").read_text()).get("lora_parameters") or {}
+        with open(path / "adapters.safetensors", "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            head = json.loads(f.read(n))
+        rank = int(params["rank"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ModelLoadError(f"{_where(name, path)}: cannot read its config and tensor names: {exc!r}") from None
+    head.pop("__metadata__", None)
+    return rank, sorted({key.rpartition(".")[0] for key in head})
+
+
 def read_adapter(name: str, path: str | Path, base: nn.Module) -> Adapter:
     """An mlx_lm LoRA adapter, checked against `base`; a ModelLoadError says what is wrong."""
+    return check_adapter(name, path, read_files(name, path), base)
+
+
+def check_adapter(name: str, path: str | Path, files: AdapterFiles, base: nn.Module) -> Adapter:
+    """An adapter's files checked against `base` (every module it names is a linear layer of the
+    base, with matching shapes), as MLX arrays; a ModelLoadError says what is wrong."""
     path = Path(path)
-    where = f"adapter {name!r} ({path})"
-    try:
-        config = json.loads((path / "adapter_config.json").read_text())
-        tensors = mx.load(str(path / "adapters.safetensors"))
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise ModelLoadError(f"{where}: cannot read adapter_config.json and adapters.safetensors: {exc}") from None
+    where, config = _where(name, path), files.config
     kind = config.get("fine_tune_type", "lora")
     if kind != "lora":
         raise ModelLoadError(f"{where}: fine_tune_type {kind!r} is not served (only lora)")
@@ -70,8 +148,8 @@ def read_adapter(name: str, path: str | Path, base: nn.Module) -> Adapter:
     if "rank" not in params or "scale" not in params:
         raise ModelLoadError(f"{where}: lora_parameters needs rank and scale")
     modules = dict(base.named_modules())
-    pairs: dict[str, dict[str, mx.array]] = {}
-    for key, value in tensors.items():
+    pairs: dict[str, dict[str, np.ndarray]] = {}
+    for key, value in files.tensors.items():
         module, _, leaf = key.rpartition(".")
         if leaf not in ("lora_a", "lora_b"):
             raise ModelLoadError(f"{where}: unexpected tensor {key!r} (a LoRA adapter holds lora_a / lora_b)")
@@ -81,12 +159,14 @@ def read_adapter(name: str, path: str | Path, base: nn.Module) -> Adapter:
         weights[module] = _checked(where, module, pair, modules.get(module), int(params["rank"]))
     if not weights:
         raise ModelLoadError(f"{where}: adapters.safetensors holds no lora_a / lora_b pair")
-    return Adapter(name, path, int(params["rank"]), float(params["scale"]), weights)
+    return Adapter(name, path, int(params["rank"]), float(params["scale"]), weights, files.digest)
 
 
 def _checked(where: str, module: str, pair: dict, target, rank: int) -> tuple[mx.array, mx.array]:
     if "lora_a" not in pair or "lora_b" not in pair:
         raise ModelLoadError(f"{where}: {module} has only {sorted(pair)}")
+    if isinstance(target, BatchedLoRALinear):
+        target = target.base
     dims = linear_dims(target) if target is not None else None
     if dims is None:
         raise ModelLoadError(f"{where}: {module} is not a linear layer of the base model")
@@ -96,7 +176,7 @@ def _checked(where: str, module: str, pair: dict, target, rank: int) -> tuple[mx
             f"{where}: {module} has lora_a {tuple(a.shape)} and lora_b {tuple(b.shape)}; the base layer "
             f"needs ({dims[0]}, {rank}) and ({rank}, {dims[1]})"
         )
-    return a, b
+    return mx.array(a), mx.array(b)
 
 
 class LoRATable:
@@ -105,6 +185,7 @@ class LoRATable:
     def __init__(self, base: nn.Module, slots: int):
         self.base = base
         self.slots = slots  # resident adapters at most, plus slot 0 (none)
+        self.rank = 0
         self.adapters: list[Adapter | None] = [None] * (slots + 1)
         self.stacks: dict[str, tuple[mx.array, mx.array]] = {}  # module -> ([S, in, r], [S, r, out])
         self.scales = mx.zeros((slots + 1,))
@@ -113,11 +194,23 @@ class LoRATable:
     def attach(self, modules: list[str], rank: int) -> None:
         """Wrap the base's `modules` (linear layers) for adapters of up to `rank`; once per base."""
         named = dict(self.base.named_modules())
+        self.rank = rank
         for path in modules:
-            inp, out = linear_dims(named[path])
+            if isinstance(named.get(path), BatchedLoRALinear):
+                raise ModelLoadError(f"{path} already serves adapters (a model object shared by two engines?)")
+            dims = linear_dims(named[path]) if path in named else None
+            if dims is None:
+                raise ModelLoadError(f"adapters target {path}, which is not a linear layer of the base model")
+            inp, out = dims
             self.stacks[path] = (mx.zeros((self.slots + 1, inp, rank)), mx.zeros((self.slots + 1, rank, out)))
             parent, _, leaf = path.rpartition(".")
             named[parent].update_modules({leaf: BatchedLoRALinear(named[path], self, path)})
+        mx.eval(self.scales, *self.arrays())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the stacks: every slot's, resident or not (they are allocated once)."""
+        return self.scales.nbytes + sum(a.nbytes + b.nbytes for a, b in self.stacks.values())
 
     def put(self, slot: int, adapter: Adapter) -> None:
         """`adapter` into `slot` (1..slots), replacing what was there; its rank is padded with zeros."""
@@ -129,11 +222,35 @@ class LoRATable:
             b_stack[slot] = b_new.astype(b_stack.dtype)
         self.scales[slot] = adapter.scale
         self.adapters[slot] = adapter
-        mx.eval(self.scales, *(x for pair in self.stacks.values() for x in pair))
+        mx.eval(self.scales, *self.arrays())
 
     def use(self, slots: list[int]) -> None:
         """The rows of the next forward call, by slot (0: the base alone)."""
-        self.rows = mx.array(slots, dtype=mx.uint32) if any(slots) else None
+        self.rows = self.slot_array(slots)
+
+    @staticmethod
+    def slot_array(slots: list[int]) -> mx.array | None:
+        """The rows' slots as the layers take them; None when no row has an adapter."""
+        return mx.array(slots, dtype=mx.uint32) if any(slots) else None
+
+    def arrays(self) -> list[mx.array]:
+        """The stacks, flat and in a fixed order: a compiled step's inputs (engine.compiled_step)."""
+        return [x for pair in self.stacks.values() for x in pair]
+
+    @contextmanager
+    def applied(self, rows: mx.array | None, inputs: list[mx.array] | None = None):
+        """The layers use `rows` (and, inside a compiled function, `inputs`: [scales, *arrays()],
+        the traced stand-ins of the stacks) for the calls in the block; the base alone after."""
+        saved = self.rows, self.stacks, self.scales
+        self.rows = rows
+        if inputs is not None:
+            self.scales = inputs[0]
+            flat = iter(inputs[1:])
+            self.stacks = {path: (next(flat), next(flat)) for path in saved[1]}
+        try:
+            yield
+        finally:
+            self.rows, self.stacks, self.scales = saved
 
 
 def _pad(x: mx.array, shape: tuple[int, int]) -> mx.array:

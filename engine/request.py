@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
@@ -88,6 +89,9 @@ class Request:
     constraint: Constraint | None = None  # its grammar (structured output); it lives with the request
     cap: ThinkingCap | None = None  # its cap on reasoning tokens (engine.thinking), if it has one
     vision: VisionPrompt | None = None  # its images (engine.vision): where their tokens are, their features
+    adapter: str | None = None  # the LoRA adapter it runs under (engine.adapters); None: the base
+    lora_slot: int = 0  # its adapter's slot in the table once admitted (0: the base)
+    cache_salt: bytes | None = None  # its adapter's digest once admitted: the prefix cache's salt
     arrival: float = field(default_factory=time.monotonic)
     running: bool = False  # in the batch loop; False while waiting for admission (again, once preempted)
     blocks: SeqBlocks | None = None  # its K/V in the paged cache while running (None without one)
@@ -106,10 +110,10 @@ class Request:
 
     @property
     def cache_tokens(self) -> list[int]:
-        """`tokens` as the prefix cache keys them: an image's tokens by ids of that image (engine.vision.prompt)."""
-        if self.vision is None:
-            return self.tokens
-        return self.vision.cache_ids(self.prompt_ids) + self.output_ids
+        """`tokens` as the prefix cache keys them: an image's tokens by ids of that image
+        (engine.vision.prompt), and under an adapter the first token by a key of that adapter."""
+        ids = self.tokens if self.vision is None else self.vision.cache_ids(self.prompt_ids) + self.output_ids
+        return ids if self.cache_salt is None else salted(ids, self.cache_salt)
 
     @property
     def remaining(self) -> int:
@@ -117,3 +121,16 @@ class Request:
 
     def usage(self) -> Usage:
         return Usage(len(self.prompt_ids), len(self.output_ids), self.cached_tokens)
+
+
+ADAPTER_KEYS = 1 << 40  # adapter keys start here: above every real token id (vision keys are negative)
+
+
+def salted(ids: list[int], salt: bytes) -> list[int]:
+    """`ids` as an adapter's requests key them in the prefix cache: the first id replaced by a key
+    drawn from the adapter's digest and that id. A block's hash chains from the first block's, and
+    a hit compares ids, so no block is shared with the base or another adapter (K/V differ from the
+    first token on), while requests of one adapter share theirs as base requests do."""
+    first = int(ids[0]).to_bytes(8, "little", signed=True)
+    key = ADAPTER_KEYS + int.from_bytes(hashlib.blake2b(salt + first, digest_size=7).digest(), "little")
+    return [key, *ids[1:]]

@@ -26,7 +26,7 @@ import mlx.core as mx
 from .batch_loop import BatchLoop
 from .config import EngineConfig
 from .constraints import Grammars, logits_width
-from .errors import RequestFailedError
+from .errors import AdapterLoadError, RequestFailedError
 from .kv.interface import CacheManager
 from .loop import Loop, Token
 from .mlx_lm_batch import MlxLmBatch
@@ -34,6 +34,7 @@ from .request import FinishReason, Request, RequestOutput
 from .solo_loop import SoloLoop
 
 log = logging.getLogger(__name__)
+ADAPTER_WAIT_S = 0.05  # with nothing running, the loop waits this long at most for an adapter's read
 
 
 class Scheduler:
@@ -48,8 +49,10 @@ class Scheduler:
         solo: bool = False,
         vision=None,
         drafter=None,
+        adapters=None,
     ):
         self.model = model
+        self.adapters = adapters  # LoRA adapters (engine.adapters), when the config names some
         self.drafter = drafter  # speculation's draft model (engine.draft_model), when the config names one
         self.vision = vision  # a vision model's encoder (engine.vision.encoder): images encoded at admission
         self.embed = vision.embed if vision is not None else None  # image rows prefill from embeddings
@@ -72,6 +75,8 @@ class Scheduler:
         self.rejected: list[tuple[str, Exception]] = []
         self.grammars = Grammars(tokenizer, logits_width(model), self.eos_ids)
         self.gen = self._make_loop()
+        if adapters is not None and not isinstance(self.gen, BatchLoop):
+            adapters.refuse_all("adapters are served only on our batch loop over the paged cache (paged_cache on)")
 
     @property
     def takes_images(self) -> bool:
@@ -112,6 +117,7 @@ class Scheduler:
             speculative=speculative,
             drafter=self.drafter,
             room=self.cache.can_allocate,
+            lora=self.adapters.table if self.adapters is not None else None,
             **sizes,
         )
 
@@ -120,20 +126,60 @@ class Scheduler:
     def add(self, req: Request) -> None:
         self.requests[req.request_id] = req
         self.waiting.append(req)
+        if req.adapter is not None:
+            self.adapters.enter(req.adapter)
         self.counters["requests"] += 1
         self.counters["prompt_tokens"] += len(req.prompt_ids)
         self._admit()
 
     def _admit(self) -> None:
         """Insert waiting requests, in order, while the cache manager admits them. A request that
-        cannot be inserted fails alone (`take_rejected`); the others go on."""
-        while self.waiting and self.cache.can_admit(self.waiting[0].cache_tokens, self.waiting[0].remaining):
-            req = self.waiting.popleft()
+        cannot be inserted fails alone (`take_rejected`); the others go on. A request whose
+        adapter is not resident yet keeps its place and lets the ones behind it go first."""
+        held: list[Request] = []
+        while self.waiting:
+            req = self.waiting[0]
+            try:
+                ready = req.adapter is None or self._bind_adapter(req)
+            except AdapterLoadError as exc:
+                self.waiting.popleft()
+                self._reject(req, exc)
+                continue
+            if not ready:
+                held.append(self.waiting.popleft())
+                continue
+            if not self.cache.can_admit(req.cache_tokens, req.remaining):
+                break
+            self.waiting.popleft()
             try:
                 self._insert(req)
             except Exception as exc:  # noqa: BLE001 - this request's own failure, not the batch's
                 log.exception("request %s could not be started", req.request_id)
                 self._reject(req, exc)
+        self.waiting.extendleft(reversed(held))
+
+    def _bind_adapter(self, req: Request) -> bool:
+        """Whether the request's adapter is resident (its load starts when a slot can be had); if
+        so the request takes its slot and its prefix-cache salt. AdapterLoadError when it failed."""
+        slot = self.adapters.ready(req.adapter)
+        if slot:
+            req.lora_slot, req.cache_salt = slot, self.adapters.states[req.adapter].digest
+        return bool(slot)
+
+    def _poll_adapters(self) -> None:
+        """Adapters read since the last step go into their slots; while nothing runs and a read is
+        under way, wait for it a little rather than spin."""
+        adapters = self.adapters
+        if adapters is None or not adapters.loading:
+            return
+        if not any(r.running for r in self.requests.values()):
+            adapters.wait(ADAPTER_WAIT_S)
+        adapters.poll()
+
+    def _ended(self, req: Request) -> None:
+        """A request leaves the scheduler (finished, aborted or failed): exactly once."""
+        if self.requests.pop(req.request_id, None) is not None and req.adapter is not None:
+            self.adapters.leave(req.adapter)
 
     def _insert(self, req: Request) -> None:
         stops = ([] if req.params.ignore_eos else self.eos_ids) + req.params.stop_token_ids
@@ -175,7 +221,7 @@ class Scheduler:
         if req.blocks is not None:
             self.cache.release(req.blocks)
             req.blocks = None
-        self.requests.pop(req.request_id, None)
+        self._ended(req)
         self.counters["rejected"] += 1
         self.rejected.append((req.request_id, exc))
 
@@ -198,10 +244,12 @@ class Scheduler:
     # --- stepping ----------------------------------------------------------------------
 
     def has_work(self) -> bool:
-        return bool(self.requests)
+        """Requests to step, or an adapter's read to finish (an operator's load waits on it)."""
+        return bool(self.requests) or (self.adapters is not None and self.adapters.loading)
 
     def step(self) -> list[RequestOutput]:
         """One decode step of the running batch plus one prefill chunk; the outputs it produced."""
+        self._poll_adapters()
         self._admit()
         self._preempt_for_room()
         outputs, stopped = [], []
@@ -272,7 +320,7 @@ class Scheduler:
     def _finish(self, req: Request, reason: FinishReason) -> RequestOutput:
         req.finish_reason = reason
         req.pending_text += req.text.finish()
-        self.requests.pop(req.request_id, None)
+        self._ended(req)
         req.running = False
         self.counters["finished"] += 1
         if reason == "abort":
@@ -318,4 +366,5 @@ class Scheduler:
             "compiled_shapes": len(compiled.shapes) if compiled else 0,  # traces made (rows x capacity)
             **self.counters,
             **({"speculative": spec.stats()} if (spec := getattr(self.gen, "spec", None)) is not None else {}),
+            **({"adapters": self.adapters.stats()} if self.adapters is not None else {}),
         }
