@@ -89,9 +89,7 @@ def adapter_bytes(adapters: list[AdapterConfig], max_loaded: int) -> int:
 
 
 def engine_fields(adapters: list[AdapterConfig], max_loaded: int) -> dict[str, Any]:
-    """The EngineConfig fields of a model's adapters (a model without adapters passes none)."""
-    if not adapters:
-        return {}
+    """The EngineConfig fields of a model's adapters."""
     return {"adapters": [a.model_dump() for a in adapters], "max_loaded_adapters": max_loaded}
 
 
