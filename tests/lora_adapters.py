@@ -1,6 +1,7 @@
 """LoRA adapters made for tests, on the bundled SmolLM2-135M-Instruct: mlx_lm's own LoRA layers
 given random non-zero weights and saved as `mlx_lm.lora` saves them (adapter_config.json +
-adapters.safetensors), and a malformed one (shapes that do not fit the base)."""
+adapters.safetensors), and a malformed one (shapes that do not fit the base); the ones
+tests/fixtures/agents.yaml serves."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from engine.loading.loader import load_model
 
 SMOLLM = "smollm2-135m-instruct"
 KEYS = ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]
+SERVED = {"sql": (1, 8), "poet": (2, 4), "chef": (3, 8)}  # tests/fixtures/agents.yaml's: name -> (seed, rank)
 
 
 def make_adapter(path: Path, seed: int, rank: int, num_layers: int = 4, std: float = 0.05) -> Path:
@@ -42,3 +44,12 @@ def make_malformed_adapter(path: Path, like: Path) -> Path:
     mx.save_safetensors(str(path / "adapters.safetensors"), {**tensors, key: mx.zeros((3, 7))})
     (path / "adapter_config.json").write_text((like / "adapter_config.json").read_text())
     return path
+
+
+def make_served_adapters(root: Path) -> Path:
+    """tests/fixtures/agents.yaml's adapters under `root`: SERVED, strong enough to change SmolLM2's
+    greedy answers (8 layers, std 0.1), and `broken`, malformed."""
+    for name, (seed, rank) in SERVED.items():
+        make_adapter(root / name, seed=seed, rank=rank, num_layers=8, std=0.1)
+    make_malformed_adapter(root / "broken", like=root / "sql")
+    return root

@@ -1,11 +1,11 @@
-"""End to end, LoRA adapters served by name: one real `serve run` of tests/fixtures/lora.yaml (the
-bundled SmolLM2-135M with three adapters made here, random non-zero LoRA weights in mlx_lm's
-format, one malformed adapter, and two slots for the three), driven with the official `openai`
-and `anthropic` SDKs. A burst of the three adapters and the base, greedy, answers each as it
-answers alone; the adapters are listed in /v1/models with their base, path and state; an unknown
-name is a 404; the malformed adapter is a 4xx naming it while the others keep answering; the
-load and unload routes take adapter names. That each row of a mixed batch equals mlx_lm's own
-adapter is tests/engine's to check."""
+"""End to end, LoRA adapters served by name: the shared `serve run tests/fixtures/agents.yaml`,
+whose smollm2-135m-instruct (the bundled SmolLM2-135M) has three adapters made by
+tests/e2e/conftest.py (random non-zero LoRA weights in mlx_lm's format), one malformed adapter,
+and two slots for the three, driven with the official `openai` and `anthropic` SDKs. A burst of
+the three adapters and the base, greedy, answers each as it answers alone; the adapters are listed
+in /v1/models with their base, path and state; an unknown name is a 404; the malformed adapter is
+a 4xx naming it while the others keep answering; the load and unload routes take adapter names.
+That each row of a mixed batch equals mlx_lm's own adapter is tests/engine's to check."""
 
 from __future__ import annotations
 
@@ -16,32 +16,20 @@ import httpx
 import openai
 import pytest
 
-from tests.lora_adapters import make_adapter, make_malformed_adapter
+from tests.lora_adapters import SERVED
 
-from .serving import BASE, ROOT, SharedServer
+from .serving import BASE
 
 pytestmark = pytest.mark.slow
 
 MODEL = "smollm2-135m-instruct"
-ADAPTERS = {"sql": (1, 8), "poet": (2, 4), "chef": (3, 8)}  # name: (seed, rank)
-NAMES = [MODEL, *ADAPTERS]
+NAMES = [MODEL, *SERVED]
 ASK = [{"role": "user", "content": "Name a color."}]
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """The adapters, then one `serve run` of the fixture with their directory filled in."""
-    root = tmp_path_factory.mktemp("adapters")
-    for name, (seed, rank) in ADAPTERS.items():
-        make_adapter(root / name, seed=seed, rank=rank, num_layers=8, std=0.1)  # strong enough to change greedy text
-    make_malformed_adapter(root / "broken", like=root / "sql")
-    config = root / "lora.yaml"
-    config.write_text((ROOT / "tests" / "fixtures" / "lora.yaml").read_text().replace("${ADAPTERS}", str(root)))
-    shared = SharedServer(tmp_path_factory, config)
-    try:
-        yield shared.get() | {"adapters": root}
-    finally:
-        shared.stop()
+def server(agents_server):
+    return agents_server.get() | {"adapters": agents_server.adapters}
 
 
 def client() -> openai.OpenAI:
@@ -71,7 +59,7 @@ def test_a_burst_of_three_adapters_and_the_base_answers_each_as_alone(alone):
         return [out.choices[0].message.content for out in await asyncio.gather(*asks)]
 
     assert dict(zip(NAMES, asyncio.run(burst()))) == alone
-    assert all(alone[name] != alone[MODEL] for name in ADAPTERS), alone  # each adapter changes the answer
+    assert all(alone[name] != alone[MODEL] for name in SERVED), alone  # each adapter changes the answer
     loaded = [n for n, m in models().items() if m.get("parent") == MODEL and m["state"] == "loaded"]
     assert len(loaded) <= 2, loaded  # two slots: the least recently used idle adapter made room
 
@@ -80,7 +68,7 @@ def test_every_api_answers_for_an_adapter_name(alone):
     responses = client().responses.create(model="sql", input=ASK[0]["content"], max_output_tokens=8, temperature=0)
     assert responses.model == "sql" and responses.output_text == alone["sql"]
     messages = anthropic.Anthropic(base_url=BASE, api_key="not-needed", max_retries=0, timeout=120)
-    msg = messages.messages.create(model="sql", max_tokens=8, messages=ASK)  # greedy: the YAML's default
+    msg = messages.messages.create(model="sql", max_tokens=8, messages=ASK, extra_body={"temperature": 0})
     assert msg.model == "sql" and msg.content[0].text == alone["sql"]
     counted = [messages.messages.count_tokens(model=n, messages=ASK).input_tokens for n in ("sql", MODEL)]
     assert counted[0] == counted[1] > 0
@@ -89,7 +77,7 @@ def test_every_api_answers_for_an_adapter_name(alone):
 def test_v1_models_lists_each_adapter_with_its_base_path_and_state(server, alone):
     cards = models()
     assert set(NAMES) | {"broken"} <= set(cards)
-    for name in [*ADAPTERS, "broken"]:
+    for name in [*SERVED, "broken"]:
         card = cards[name]
         assert card["parent"] == MODEL and card["root"] == str(server["adapters"] / name)
         assert card["state"] in ("loaded", "unloaded", "failed")
