@@ -170,8 +170,9 @@ class RouterCore:
         return name, None
 
     def client_of_kind(self, name: str, kind: str) -> ModelClient:
-        """The model's client, if the model is of this kind (404 unknown, 400 the other kind)."""
-        client = self.client(name)
+        """The client of the model that serves `name` (an adapter's: its base's), if that model is
+        of this kind (404 unknown, 400 the other kind)."""
+        client = self.client(self.resolve(name)[0])
         if client.kind != kind:
             raise wrong_kind_error(name, client.kind)
         return client

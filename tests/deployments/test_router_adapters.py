@@ -80,15 +80,17 @@ async def test_count_tokens_of_an_adapter_is_its_bases_count():
     assert r.status_code == 200 and r.json() == {"input_tokens": 7}
 
 
-async def test_an_unknown_name_is_a_404_in_each_apis_shape_listing_the_adapters():
+async def test_an_unknown_name_is_a_404_in_each_apis_shape_and_an_adapter_is_no_embedding_model():
     client, _ = router(AdapterClient("base"))
     async with client:
         openai = await client.post("/v1/chat/completions", json={"model": "nope", "messages": HELLO})
         anthropic = await client.post("/v1/messages", json={"model": "nope", "max_tokens": 4, "messages": HELLO})
         card = await client.get("/v1/models/nope")
+        embed = await client.post("/v1/embeddings", json={"model": "sql", "input": "Hi"})
     assert openai.status_code == 404 and openai.json()["error"]["code"] == "model_not_found"
     assert "hosted models: base; adapters: bad, sql" in openai.json()["error"]["message"]
     assert anthropic.status_code == 404 and anthropic.json()["type"] == "error"
+    assert embed.status_code == 400 and "'sql' is a chat model" in embed.json()["error"]["message"]
     assert anthropic.json()["error"]["type"] == "not_found_error"
     assert card.status_code == 404
 
