@@ -5,6 +5,7 @@ tests/fixtures/agents.yaml serves."""
 
 from __future__ import annotations
 
+import functools
 import json
 from pathlib import Path
 
@@ -19,15 +20,22 @@ KEYS = ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]
 SERVED = {"sql": (1, 8), "poet": (2, 4), "chef": (3, 8)}  # tests/fixtures/agents.yaml's: name -> (seed, rank)
 
 
-def make_adapter(path: Path, seed: int, rank: int, num_layers: int = 4, std: float = 0.05) -> Path:
-    """An adapter as `mlx_lm.lora` writes one for the last `num_layers` layers, with random
-    non-zero a and b (normal, `std`)."""
+@functools.cache
+def lora_shapes(rank: int, num_layers: int) -> list[tuple[str, tuple[int, ...]]]:
+    """The parameters `mlx_lm.lora` trains and saves: its LoRA layers on the base's KEYS (one model
+    load per rank and depth)."""
     model = load_model(SMOLLM).model
-    params = {"rank": rank, "scale": 4.0, "dropout": 0.0, "keys": KEYS}
     model.freeze()  # as mlx_lm.lora does: only the LoRA layers train (and are saved)
-    linear_to_lora_layers(model, num_layers, params)
+    linear_to_lora_layers(model, num_layers, {"rank": rank, "scale": 4.0, "dropout": 0.0, "keys": KEYS})
+    return [(k, v.shape) for k, v in tree_flatten(model.trainable_parameters())]
+
+
+def make_adapter(path: Path, seed: int, rank: int, num_layers: int = 8, std: float = 0.1) -> Path:
+    """An adapter as `mlx_lm.lora` writes one for the last `num_layers` layers, with random
+    non-zero a and b (normal, `std`: at the defaults, enough to change SmolLM2's greedy answers)."""
+    params = {"rank": rank, "scale": 4.0, "dropout": 0.0, "keys": KEYS}
     mx.random.seed(seed)
-    weights = {k: mx.random.normal(v.shape) * std for k, v in tree_flatten(model.trainable_parameters())}
+    weights = {k: mx.random.normal(shape) * std for k, shape in lora_shapes(rank, num_layers)}
     path.mkdir(parents=True)
     mx.save_safetensors(str(path / "adapters.safetensors"), weights)
     config = {"fine_tune_type": "lora", "num_layers": num_layers, "lora_parameters": params}
@@ -47,9 +55,8 @@ def make_malformed_adapter(path: Path, like: Path) -> Path:
 
 
 def make_served_adapters(root: Path) -> Path:
-    """tests/fixtures/agents.yaml's adapters under `root`: SERVED, strong enough to change SmolLM2's
-    greedy answers (8 layers, std 0.1), and `broken`, malformed."""
+    """tests/fixtures/agents.yaml's adapters under `root`: SERVED and `broken`, malformed."""
     for name, (seed, rank) in SERVED.items():
-        make_adapter(root / name, seed=seed, rank=rank, num_layers=8, std=0.1)
+        make_adapter(root / name, seed=seed, rank=rank)
     make_malformed_adapter(root / "broken", like=root / "sql")
     return root
