@@ -31,6 +31,10 @@ SUITES: dict[str, tuple[str, str]] = {
         "benchmarks.bench_speculative",
         "speculative decoding off vs ngram: editing and open-ended prompts at 1 and 5 clients",
     ),
+    "lora": (
+        "benchmarks.bench_lora",
+        "16 requests over 1, 4, 8 LoRA adapters in one batch vs the base alone vs separate fused models",
+    ),
     "structured": ("benchmarks.bench_structured", "what a JSON schema costs per step at batch 1 and 16"),
     "http": ("benchmarks.bench_http", "serve run over HTTP beside the engine alone: tok/s, TTFT, memory"),
     "openai": ("benchmarks.openai_bench.__main__", "any OpenAI-compatible endpoint: batching, prefix, sweep, plots"),

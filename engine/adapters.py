@@ -70,6 +70,7 @@ class Adapters:
 
     def __init__(self, specs: list[AdapterConfig], base, slots: int):
         self.base = base
+        self._lock = threading.Lock()
         self.states = {spec.name: AdapterState(spec.name, spec.path) for spec in specs}
         for st in self.states.values():
             try:
@@ -83,7 +84,6 @@ class Adapters:
             self.table.attach(modules, max(st.rank for st in usable))
         self.free = list(range(slots, 0, -1))
         self.refused: str | None = None  # why no adapter can be served on this model, if none can
-        self._lock = threading.Lock()
         self._reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="orchard-adapter-read")
 
     # --- requests (the scheduler) --------------------------------------------------------

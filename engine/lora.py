@@ -1,11 +1,13 @@
-"""LoRA adapters of one base model, each row of a batch under its own (issue 37, the first part:
-the adapters and the batched layer; the loop, the cache salt and the YAML come next).
+"""LoRA adapters of one base model, each row of a batch under its own (issue 37): the adapters'
+files and the batched layer. Which adapters are resident, and loading them, is engine.adapters.
 
 An adapter is what `mlx_lm.lora` writes: `adapter_config.json` (`fine_tune_type: lora`,
 `lora_parameters: {rank, scale, ...}`) and `adapters.safetensors`, whose `<module>.lora_a`
 [in, rank] and `<module>.lora_b` [rank, out] pairs update the base's linear layers:
 y = base(x) + scale * (x @ a) @ b. `read_adapter` checks it against the base (every module it names
-is a linear layer of the base, with matching shapes) and refuses a malformed one with the reason.
+is a linear layer of the base, with matching shapes) and refuses a malformed one with the reason;
+it is `read_files` (numpy only: a loader thread may run it) then `check_adapter` (MLX: the engine's
+thread).
 
 `LoRATable` holds the resident adapters stacked per module ([slots, in, rank] and [slots, rank,
 out]; slot 0 is "no adapter", all zeros) and, for the forward call at hand, each row's slot. The
@@ -13,7 +15,9 @@ base model's targeted linear layers are wrapped once (`LoRATable.attach`, throug
 public `update_modules`, as mlx_lm's own LoRA does) by `BatchedLoRALinear`, which adds each row's
 update with two `mx.gather_mm` (the rows' adapters gathered by index, the way mixture-of-experts
 layers gather experts): one product for the whole batch whatever its mix of adapters, and nothing
-at all when no row has one (`rows` None: a base-only batch pays nothing).
+at all when no row has one (`rows` None: a base-only batch pays nothing). The rows are set for
+one forward call at a time (`LoRATable.applied`); inside a compiled function the stacks and scales
+are the function's inputs too (engine.compiled_step), never constants baked into its trace.
 """
 
 from __future__ import annotations

@@ -1,11 +1,18 @@
-"""LoRA adapters in one batch (engine.lora) on the bundled SmolLM2-135M-Instruct (real weights):
-adapters made here, in mlx_lm's format (its own LoRA layers, given random non-zero weights, saved
-as `mlx_lm.lora` saves them). A batch whose rows are the base, one adapter and another gives each
-row the logits mlx_lm gives that adapter alone (`mlx_lm.tuner.utils.load_adapters`), and a
-malformed adapter is refused with the reason."""
+"""LoRA adapters (engine.lora, engine.adapters) on the bundled SmolLM2-135M-Instruct (real
+weights): adapters made here, in mlx_lm's format (its own LoRA layers, given random non-zero
+weights, saved as `mlx_lm.lora` saves them), scaled so that each changes the greedy tokens.
+
+The reference is mlx_lm alone: the model with `mlx_lm.tuner.utils.load_adapters` (what
+`mlx_lm.load(path, adapter_path=...)` does, on our loader's weights, which are float32 on the CPU
+fast path like the engine's) and mlx_lm's `generate_step`, greedy. Through the engine: each adapter
+in one continuous batch with the base and the other adapters gives mlx_lm's tokens; the prefix
+cache never shares a block between adapters; slots are recycled LRU among idle adapters; a
+malformed adapter fails only its requests; nothing leaks."""
 
 from __future__ import annotations
 
+import asyncio
+import functools
 import json
 
 import mlx.core as mx
@@ -23,14 +30,20 @@ KEYS = ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]
 PROMPT = [1, 504, 3575, 282, 4649, 314, 7042, 30, 2, 198]
 
 
-def make_adapter(path, seed: int, rank: int, num_layers: int = 4) -> None:
-    """An adapter as `mlx_lm.lora` writes one, with random non-zero a and b."""
+@functools.cache
+def lora_shapes(rank: int, num_layers: int) -> list[tuple[str, tuple[int, ...]]]:
+    """The parameters `mlx_lm.lora` trains and saves: its LoRA layers on the base's KEYS."""
     model = load_model(SMOLLM).model
-    params = {"rank": rank, "scale": 4.0, "dropout": 0.0, "keys": KEYS}
     model.freeze()  # as mlx_lm.lora does: only the LoRA layers train (and are saved)
-    linear_to_lora_layers(model, num_layers, params)
+    linear_to_lora_layers(model, num_layers, {"rank": rank, "scale": 4.0, "dropout": 0.0, "keys": KEYS})
+    return [(k, v.shape) for k, v in tree_flatten(model.trainable_parameters())]
+
+
+def make_adapter(path, seed: int, rank: int, num_layers: int = 8) -> None:
+    """An adapter as `mlx_lm.lora` writes one, with random non-zero a and b."""
+    params = {"rank": rank, "scale": 4.0, "dropout": 0.0, "keys": KEYS}
     mx.random.seed(seed)
-    weights = {k: mx.random.normal(v.shape) * 0.05 for k, v in tree_flatten(model.trainable_parameters())}
+    weights = {k: mx.random.normal(shape) * 0.1 for k, shape in lora_shapes(rank, num_layers)}
     path.mkdir()
     mx.save_safetensors(str(path / "adapters.safetensors"), weights)
     config = {"fine_tune_type": "lora", "num_layers": num_layers, "lora_parameters": params}
@@ -92,3 +105,170 @@ def test_a_malformed_adapter_is_refused_with_the_reason(adapters, tmp_path):
     (wrong / "adapter_config.json").write_text(json.dumps(config))
     with pytest.raises(ModelLoadError, match="dora"):
         read_adapter("wrong", wrong, base)
+
+
+# --- through the engine ---------------------------------------------------------------------
+
+MAX_TOKENS = 6
+SYSTEM = list(range(1000, 1040))  # 40 tokens: with block_size 16, two full blocks before the question
+QUESTIONS = {"base": [1, 504, 3575, 282, 2], "a": [1, 504, 7042, 30, 2], "b": [1, 4649, 314, 30, 2]}
+
+
+@pytest.fixture(scope="module")
+def three(adapters, tmp_path_factory):
+    """Adapters a, b (made above) and c, and two broken ones: wrong shapes, and no files at all."""
+    root = tmp_path_factory.mktemp("more")
+    make_adapter(root / "c", seed=3, rank=8)
+    broken = root / "broken"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text((adapters / "a" / "adapter_config.json").read_text())
+    tensors = mx.load(str(adapters / "a" / "adapters.safetensors"))
+    key = next(k for k in tensors if k.endswith("v_proj.lora_b"))
+    mx.save_safetensors(str(broken / "adapters.safetensors"), {**tensors, key: mx.zeros((8, 5))})
+    return {"a": adapters / "a", "b": adapters / "b", "c": root / "c", "broken": broken, "missing": root / "none"}
+
+
+def generate_alone(prompts: list[list[int]], path=None) -> list[list[int]]:
+    """mlx_lm alone, greedy, one prompt at a time: `MAX_TOKENS` tokens of the model (with
+    `load_adapters(path)`) for each prompt."""
+    from mlx_lm.generate import generate_step
+
+    model = load_model(SMOLLM).model
+    if path is not None:
+        load_adapters(model, str(path))
+    return [[int(t) for t, _ in generate_step(mx.array(p), model, max_tokens=MAX_TOKENS)] for p in prompts]
+
+
+@pytest.fixture(scope="module")
+def expected(three):
+    """mlx_lm's tokens for each (question, adapter) the tests run."""
+    prompts = [SYSTEM + ids for ids in QUESTIONS.values()]
+    out = {}
+    for name in (None, "a", "b", "c"):
+        for q, ids in zip(QUESTIONS, generate_alone(prompts, three[name] if name else None)):
+            out[q, name] = ids
+    return out
+
+
+def make_engine(three, slots: int):
+    from engine.config import EngineConfig
+    from engine.engine import AsyncEngine
+
+    adapters = [{"name": name, "path": str(path)} for name, path in three.items()]
+    config = EngineConfig(
+        cache_memory_mb=64,
+        block_size=16,
+        prefill_step_size=64,
+        prefill_batch_size=4,
+        adapters=adapters,
+        max_loaded_adapters=slots,
+    )
+    return AsyncEngine.from_source(SMOLLM, config)
+
+
+@pytest.fixture(scope="module")
+def engine(three):
+    from engine.compiled_step import CompiledDecode
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(CompiledDecode, "compile_after", 1)  # every batch shape traced: the compiled LoRA step runs
+        eng = make_engine(three, slots=3)
+        yield eng
+        eng.shutdown()
+
+
+async def generate(engine, q: str, adapter: str | None):
+    from engine.request import PromptInput
+    from engine.sampling import SamplingParams
+
+    params = SamplingParams(temperature=0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    outs = [o async for o in engine.submit(PromptInput(token_ids=SYSTEM + QUESTIONS[q]), params, adapter=adapter)]
+    return [t for o in outs for t in o.token_ids], outs[-1].usage
+
+
+def assert_idle(engine) -> None:
+    """Nothing leaked: no request, no sequence holds blocks, no adapter counts a user."""
+    stats = engine.stats()
+    assert stats["running"] == stats["waiting"] == 0
+    assert stats["cache"]["live_sequences"] == 0
+    assert all(st.users == 0 for st in engine.adapters.states.values())
+
+
+async def test_each_adapter_in_one_mixed_batch_gives_mlx_lm_s_tokens_alone(engine, expected):
+    cases = [("base", None), ("a", "a"), ("b", "b"), ("base", "c"), ("b", None), ("a", "b")]
+    got = await asyncio.gather(*(generate(engine, q, name) for q, name in cases))
+    for (q, name), (ids, _) in zip(cases, got):
+        assert ids == expected[q, name], (q, name)
+    for name in "abc":
+        assert expected["base", name] != expected["base", None], f"adapter {name} changes the greedy tokens"
+    assert engine.stats()["batch_peak"] >= 4, "the rows ran in one batch"
+    assert any(shape[-1] == "lora" for shape in engine.scheduler.gen.compiled.shapes), "the compiled LoRA step ran"
+    assert_idle(engine)
+
+
+async def test_the_prefix_cache_never_shares_blocks_between_adapters(engine, expected):
+    engine.clear_cache()
+    ids, usage = await generate(engine, "base", "a")
+    assert ids == expected["base", "a"] and usage.cached_tokens == 0
+    ids, usage = await generate(engine, "base", "b")  # the same prompt under another adapter
+    assert ids == expected["base", "b"] and usage.cached_tokens == 0
+    ids, usage = await generate(engine, "base", None)  # and under the base
+    assert ids == expected["base", None] and usage.cached_tokens == 0
+    ids, usage = await generate(engine, "a", "a")  # the same system prompt under a again: shared
+    assert ids == expected["a", "a"] and usage.cached_tokens >= len(SYSTEM)
+    ids, usage = await generate(engine, "base", "a")  # the whole prompt again
+    assert ids == expected["base", "a"] and usage.cached_tokens == len(SYSTEM + QUESTIONS["base"]) - 1
+    assert_idle(engine)
+
+
+async def test_a_malformed_adapter_fails_only_its_requests(engine, expected):
+    from engine.errors import AdapterLoadError, UnknownAdapterError
+
+    states = engine.adapter_states()
+    assert states["missing"]["state"] == "failed" and "cannot read" in states["missing"]["error"]
+    with pytest.raises(UnknownAdapterError) as unknown:
+        await generate(engine, "base", "nope")
+    assert unknown.value.status_code == 404 and unknown.value.code == "model_not_found"
+    cases = [("base", "broken"), ("a", "a"), ("base", "missing"), ("b", None)]
+    got = await asyncio.gather(*(generate(engine, q, name) for q, name in cases), return_exceptions=True)
+    for name in ("broken", "missing"):
+        error = got[[n for _, n in cases].index(name)]
+        assert isinstance(error, AdapterLoadError) and error.status_code == 422 and repr(name) in error.message
+    assert "v_proj has lora_a" in got[0].message
+    assert got[1][0] == expected["a", "a"] and got[3][0] == expected["b", None]
+    assert engine.adapter_states()["broken"]["state"] == "failed"
+    assert_idle(engine)
+
+
+async def test_three_adapters_share_two_slots_and_a_busy_one_is_never_evicted(three, expected):
+    engine = make_engine(three, slots=2)
+    try:
+        cases = [(q, name) for name in "abc" for q in ("base", "a")] + [("b", None)]
+        got = await asyncio.gather(*(generate(engine, q, name) for q, name in cases))
+        for (q, name), (ids, _) in zip(cases, got):
+            assert ids == expected[q, name], (q, name)
+        stats = engine.stats()["adapters"]
+        assert stats["slots_used"] == 2 and stats["slots_total"] == 2
+        states = engine.adapter_states()
+        assert sorted(states[n]["state"] for n in "abc") == ["loaded", "loaded", "unloaded"]
+        assert all(states[n]["requests"] == 2 for n in "abc")
+        assert_idle(engine)
+        unloaded = next(n for n in "abc" if states[n]["state"] == "unloaded")
+        await asyncio.to_thread(engine.load_adapter, unloaded)  # the operator's load evicts the LRU idle one
+        assert engine.adapter_states()[unloaded]["state"] == "loaded"
+        await asyncio.to_thread(engine.unload_adapter, unloaded)
+        assert engine.adapter_states()[unloaded]["state"] == "unloaded"
+    finally:
+        engine.shutdown()
+
+
+def test_adapter_names_must_be_unique():
+    from pydantic import ValidationError
+
+    from engine.config import EngineConfig
+
+    assert EngineConfig().adapters == [] and EngineConfig().max_loaded_adapters == 4
+    with pytest.raises(ValidationError, match="adapter names must be unique; repeated: a"):
+        EngineConfig(adapters=[{"name": "a", "path": "/x"}, {"name": "a", "path": "/y"}, {"name": "b", "path": "/z"}])
+    with pytest.raises(ValidationError, match="max_loaded_adapters"):
+        EngineConfig(max_loaded_adapters=0)
