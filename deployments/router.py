@@ -458,7 +458,8 @@ class OrchardRouter:
         store_client = StoreClient(HandleBackend(store)) if store else None
         adapters = adapter_routes({n: ModelFacts.model_validate(f) for n, f in (facts or {}).items()})
         self.core = RouterCore(config, clients, directory, store_client, adapters)
-        log.info("router ready for models: %s", ", ".join(self.core.models))
+        names = ", ".join([*self.core.models, *(f"{a} (adapter of {r.base})" for a, r in adapters.items())])
+        log.info("router ready for models: %s", names)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self.core)
