@@ -33,6 +33,7 @@ from ray.serve import Application
 
 from engine.loading.cpu_fast_path import openblas_env
 
+from .adapters import adapter_bytes, engine_fields
 from .config import ConfigError, ModelConfig, OrchardConfig, RouterConfig, validate_args
 from .embedding_server import EmbeddingServer
 from .governor import FALLBACK_POLICY_PATH, governor_kwargs
@@ -95,7 +96,7 @@ def plan_model(model: ModelConfig, budget: int) -> ModelPlan:
 
     if model.kind == "embedding":
         return plan_embedding_model(model)
-    engine = model.engine.model_dump()
+    engine = {**model.engine.model_dump(), **engine_fields(model.adapters, model.max_loaded_adapters)}
     if engine["cache_memory_mb"] is None:
         engine["cache_memory_mb"] = max(1, int(budget * model.engine.cache_memory_percent) >> 20)
     weights = model.weights_mb * 2**20 if model.weights_mb else _estimate_weights(model)
@@ -104,7 +105,9 @@ def plan_model(model: ModelConfig, budget: int) -> ModelPlan:
             f"model {model.name!r}: {model.source!r} is not downloaded yet, so the size of its "
             "weights is unknown: give it as weights_mb (the governor measures it after the first load)"
         )
-    return ModelPlan(model, engine, weights + engine["cache_memory_mb"] * 2**20 + estimate_working_bytes(weights))
+    adapters = adapter_bytes(model.adapters, model.max_loaded_adapters)  # resident in the same process
+    kv = engine["cache_memory_mb"] * 2**20
+    return ModelPlan(model, engine, weights + adapters + kv + estimate_working_bytes(weights))
 
 
 def plan_embedding_model(model: ModelConfig) -> ModelPlan:
@@ -267,6 +270,7 @@ def model_facts(p: ModelPlan) -> ModelFacts:
         load_timeout_s=m.load_timeout_s,
         footprint_bytes=p.footprint_bytes,
         replicas=m.deployment.num_replicas,
+        adapters={a.name: a.path for a in m.adapters},
     )
 
 

@@ -34,11 +34,11 @@ from pydantic import (
 from engine.config import EngineConfig
 from engine.loading import synthetic
 
+from .adapters import MAX_LOADED_ADAPTERS, AdapterConfig, check_adapter_names
 from .http.validation import problem_message
-from .settings import KEEP_ALIVE_S, LOAD_TIMEOUT_S, AffinityOptions
+from .settings import KEEP_ALIVE_S, LOAD_TIMEOUT_S, NAME_RE, NAME_RULE, AffinityOptions
 
 IMPORT_PATH = "deployments.app:build_app"
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 
 
 _DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
@@ -193,7 +193,10 @@ CHAT_ONLY = (
     "stream_window_ms",
     "stream_max_chunks_per_s",
     "allow_ignore_eos",
+    "adapters",
+    "max_loaded_adapters",
 )
+ADAPTER_FIELDS = ("adapters", "max_loaded_adapters")  # under the model, not under its engine
 
 
 class ModelConfig(BaseModel):
@@ -250,6 +253,18 @@ class ModelConfig(BaseModel):
         description="Let clients send ignore_eos (generate past the end of text to max_tokens: benchmarks "
         "want it; on a shared server it lets one client force full-length generations).",
     )
+    adapters: list[AdapterConfig] = Field(
+        default_factory=list,
+        description="LoRA adapters of this model, each served by its own name on this model's replicas, in one "
+        "batch with the base; loaded on demand.",
+    )
+    max_loaded_adapters: int = Field(
+        MAX_LOADED_ADAPTERS,
+        ge=1,
+        le=256,
+        description="Adapters resident in a replica at once (the least recently used idle one makes room); "
+        "the footprint counts this many slots of the largest adapter.",
+    )
     embedding: EmbeddingOptions | None = Field(
         None, description="Batching options of an embedding model (kind: embedding); defaults when left out."
     )
@@ -281,8 +296,8 @@ class ModelConfig(BaseModel):
     @classmethod
     def _name(cls, v: str) -> str:
         v = v.strip()
-        if not _NAME_RE.match(v):
-            raise ValueError("must be 1-128 characters: letters, digits and . _ : / -, starting with a letter or digit")
+        if not NAME_RE.match(v):
+            raise ValueError(NAME_RULE)
         return v
 
     @field_validator("source")
@@ -324,6 +339,8 @@ class ModelConfig(BaseModel):
         if self.kind == "chat":
             if self.embedding is not None:
                 raise ValueError("embedding: only for an embedding model (kind: embedding)")
+            if given := [f for f in ADAPTER_FIELDS if f in self.engine.model_fields_set]:
+                raise ValueError(f"engine.{given[0]}: give {given[0]} under the model, beside engine")
             return self
         given = [f for f in CHAT_ONLY if f in self.model_fields_set]
         given += [f"deployment.{f}" for f in ("request_router", "affinity") if f in self.deployment.model_fields_set]
@@ -464,6 +481,7 @@ class OrchardConfig(BaseModel):
                 if key in seen:
                     raise ValueError(f"two models share the {attr.replace('_', ' ')} {key!r}; names must be unique")
                 seen.add(key)
+        check_adapter_names(self.models)
         return self
 
 

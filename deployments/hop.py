@@ -28,6 +28,7 @@ class GenerateRequest:
     prompt: PromptInput
     sampling: dict[str, Any] = field(default_factory=dict)  # the fields the client set, by SamplingParams' names
     request_id: str | None = None  # the engine's id for the request (the API response's id)
+    adapter: str | None = None  # the LoRA adapter of the model to answer with (None: the model itself)
 
     def resent(self, attempt: int) -> GenerateRequest:
         """The same request under its own id: a replica that was only unreachable may still hold

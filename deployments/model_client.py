@@ -29,6 +29,7 @@ from .hop import Embeddings, EmbedRequest, GenerateRequest
 from .http.errors import ApiError
 
 log = logging.getLogger("ray.serve")
+AdapterMethod = Literal["adapter_states", "load_adapter", "unload_adapter"]  # ModelServer's adapter calls
 
 
 class ModelCall:
@@ -218,6 +219,8 @@ class ModelClient(Protocol):
 
     async def count_tokens(self, prompt: PromptInput, timeout_s: float, load: bool = False) -> int: ...
 
+    async def adapters(self, method: AdapterMethod, timeout_s: float, *args: str) -> dict[str, Any]: ...
+
 
 async def _resolve(response):
     return await response
@@ -304,6 +307,14 @@ class RayModelClient:
         if "error" in result:
             raise ApiError.from_item(result, self._retry_after_s)
         return int(result["input_tokens"])
+
+    async def adapters(self, method: AdapterMethod, timeout_s: float, *args: str) -> dict[str, Any]:
+        """A loaded model's LoRA adapters: `adapter_states()`, or `load_adapter(name)` /
+        `unload_adapter(name)` (its state); a refusal of the replica as an ApiError."""
+        result = await self._call(method, timeout_s, *args)
+        if "error" in result and "status_code" in result:
+            raise ApiError.from_item(result, self._retry_after_s)
+        return result
 
 
 class RayEmbeddingClient(RayModelClient):

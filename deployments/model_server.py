@@ -137,7 +137,9 @@ class ModelServer(GovernedReplica):
             prepared = (
                 await asyncio.to_thread(self.engine.prepare_prompt, request.prompt) if request.prompt.images else None
             )
-            stream = self.engine.submit(request.prompt, params, request.request_id, constraint, prepared)
+            stream = self.engine.submit(
+                request.prompt, params, request.request_id, constraint, prepared, adapter=request.adapter
+            )
             submitted = time.time()
         except OrchardError as exc:
             yield error_item(exc)
@@ -202,6 +204,29 @@ class ModelServer(GovernedReplica):
         except OrchardError as exc:
             return error_item(exc)
         return {"input_tokens": len(ids)}
+
+    def adapter_states(self) -> dict[str, dict[str, Any]]:
+        """The engine's LoRA adapters by name, each with its state (loaded, unloaded, loading, failed)."""
+        return self.engine.adapter_states()
+
+    async def load_adapter(self, name: str) -> dict[str, Any]:
+        """Make one adapter resident (an operator's load): its state once loaded, or an error item
+        (unknown, malformed) as `generate` yields. The engine reads it on a loader thread and puts
+        it in its slot between two steps; this waits in a thread."""
+        try:
+            await asyncio.to_thread(self.engine.load_adapter, name)
+        except OrchardError as exc:
+            return error_item(exc)
+        return self.engine.adapter_states()[name]
+
+    async def unload_adapter(self, name: str) -> dict[str, Any]:
+        """Evict one adapter from the engine's slots (the base stays): its state, or an error item
+        (unknown, or busy with requests). The engine does it between two steps."""
+        try:
+            await asyncio.to_thread(self.engine.unload_adapter, name)
+        except OrchardError as exc:
+            return error_item(exc)
+        return self.engine.adapter_states()[name]
 
     def info(self) -> dict[str, Any]:
         return {"name": self.name, **self.engine.info, **self.loaded_info}

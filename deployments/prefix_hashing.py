@@ -17,11 +17,13 @@ from .hop import GenerateRequest
 
 def prompt_text(request: Any) -> str | None:
     """The text whose prefix decides a `GenerateRequest`'s replica, in the order the chat template
-    renders it; None for anything else (the arguments of other calls)."""
+    renders it, after the request's adapter if it names one; None for anything else (the
+    arguments of other calls)."""
     if not isinstance(request, GenerateRequest):
         return None
     prompt = request.prompt
-    parts: list[str] = []
+    # an adapter changes K/V from the first token on: the same prompt under another adapter is another prefix
+    parts: list[str] = [f"\x02adapter:{request.adapter}"] if request.adapter else []
     if prompt.tools:
         parts.append(f"\x02tools:{prompt.tools!r}")  # templates render tools before the messages
     if prompt.messages is not None:

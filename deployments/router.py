@@ -10,6 +10,7 @@ adapters (deployments.openai, deployments.responses, deployments.anthropic) the 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import hop_trace, output
+from .adapters import AdapterRoute, adapter_card_fields, adapter_routes
 from .anthropic.serving import install_anthropic_routes
 from .config import RouterConfig
 from .events import Event
@@ -55,11 +57,14 @@ class RouterCore:
         models: dict[str, ModelClient],
         directory: ModelDirectory | None = None,
         store: StoreClient | None = None,
+        adapters: dict[str, AdapterRoute] | None = None,
     ):
         """`directory`: the models' load states (None: every model is always loaded, no governor);
-        `store`: the Responses API's stored responses (None: kept in this process)."""
+        `store`: the Responses API's stored responses (None: kept in this process); `adapters`:
+        the LoRA adapter names, each served by its base model."""
         self.config = config
         self.models = models
+        self.adapters = adapters or {}
         self.directory = directory
         limits = config.response_store
         self.store = store or StoreClient(LogBackend(limits.max_responses, limits.max_bytes))
@@ -108,23 +113,66 @@ class RouterCore:
         extra = self.directory.record(name).card() if self.directory is not None else {"state": LOADED}
         return model_card(name, self.created, kind=self.models[name].kind, **extra)
 
+    async def card(self, name: str) -> dict[str, Any]:
+        """A model's or an adapter's /v1/models entry (404 for neither)."""
+        base, adapter = self.resolve(name)
+        if adapter is None:
+            return self.model_card(name)
+        return self.adapter_card(adapter, await self.adapter_states(base))
+
+    async def cards(self) -> list[dict[str, Any]]:
+        """Every model's entry, then every adapter's (each loaded base asked once for its adapters)."""
+        bases = sorted({r.base for r in self.adapters.values()})
+        states = dict(zip(bases, await asyncio.gather(*(self.adapter_states(b) for b in bases))))
+        adapters = [self.adapter_card(name, states[r.base]) for name, r in self.adapters.items()]
+        return [self.model_card(n) for n in self.models] + adapters
+
+    def adapter_card(self, name: str, states: dict[str, dict] | None) -> dict[str, Any]:
+        """An adapter's entry from its base's state and the engine's `states` of the base's adapters."""
+        route = self.adapters[name]
+        base_state = self.model_card(route.base)["state"]
+        engine_state = None if states is None else states.get(name)
+        return model_card(name, self.created, **adapter_card_fields(route, base_state, engine_state))
+
+    async def adapter_states(self, base: str) -> dict[str, dict] | None:
+        """The states of a loaded base's adapters (one replica's); None for a base that is not loaded
+        (asking would load it) or that did not answer."""
+        if not self.is_loaded(base):
+            return None
+        try:
+            return await self.models[base].adapters("adapter_states", 5.0)
+        except ApiError as exc:
+            log.debug("model %s: no adapter states (%s)", base, exc.message)
+            return None
+
     def loaded_names(self) -> list[str]:
         return [n for n in self.models if self.is_loaded(n)]
 
     def client(self, name: str) -> ModelClient:
         if name not in self.models:
             hosted = ", ".join(sorted(self.models))
+            adapters = f"; adapters: {', '.join(sorted(self.adapters))}" if self.adapters else ""
             raise ApiError(
                 404,
-                f"model {name!r} is not hosted here; hosted models: {hosted}",
+                f"model {name!r} is not hosted here; hosted models: {hosted}{adapters}",
                 param="model",
                 code="model_not_found",
             )
         return self.models[name]
 
+    def resolve(self, name: str) -> tuple[str, str | None]:
+        """The model that serves `name`, and the adapter `name` is (None: the model itself); 404
+        for a name that is neither."""
+        route = self.adapters.get(name)
+        if route is not None:
+            return route.base, name
+        self.client(name)
+        return name, None
+
     def client_of_kind(self, name: str, kind: str) -> ModelClient:
-        """The model's client, if the model is of this kind (404 unknown, 400 the other kind)."""
-        client = self.client(name)
+        """The client of the model that serves `name` (an adapter's: its base's), if that model is
+        of this kind (404 unknown, 400 the other kind)."""
+        client = self.client(self.resolve(name)[0])
         if client.kind != kind:
             raise wrong_kind_error(name, client.kind)
         return client
@@ -137,12 +185,17 @@ class RouterCore:
 
     def observe(self, model: str, endpoint: str, status: int) -> None:
         """Count one answered request (a model not hosted here counts as "-")."""
-        self.metrics.observe_request(model if model in self.models else "-", endpoint, status)
+        known = model in self.models or model in self.adapters
+        self.metrics.observe_request(model if known else "-", endpoint, status)
 
     async def start(self, model: str, request: GenerateRequest, start: float) -> ModelCall:
         """Send a request to its model; returns once its first chunk is there (or raises ApiError).
-        Every API adapter calls this, then reads the call through `stream` or `collect`."""
+        Every API adapter calls this, then reads the call through `stream` or `collect`. A LoRA
+        adapter's name goes to its base model, the request naming the adapter."""
+        model, adapter = self.resolve(model)
         client = self.client_of_kind(model, "chat")
+        if adapter is not None:
+            request = dataclasses.replace(request, adapter=adapter)
         load_timeout = self.load_timeout(model)
         self.touch(model)
         handle_call = time.time()
@@ -217,6 +270,9 @@ class RouterCore:
 
     async def load(self, name: str) -> dict[str, Any]:
         """POST /v1/models/{name}/load: returns once the model is loaded (503 after load_timeout_s)."""
+        base, adapter = self.resolve(name)
+        if adapter is not None:
+            return await self.load_adapter(base, adapter)
         client = self.client(name)
         self.touch(name)
         timeout = self.load_timeout(name) or LOADED_CALL_TIMEOUT_S
@@ -225,8 +281,28 @@ class RouterCore:
             await self.directory.refresh()
         return {**self.model_card(name), "replica": info}
 
+    async def load_adapter(self, base: str, adapter: str) -> dict[str, Any]:
+        """POST /v1/models/{adapter}/load: its base first (as the base's own load), then the adapter
+        into one of the base's slots (one replica's, with several); a malformed adapter is a 4xx
+        naming it and what is wrong."""
+        await self.load(base)
+        state = await self.models[base].adapters("load_adapter", LOADED_CALL_TIMEOUT_S, adapter)
+        return self.adapter_card(adapter, {adapter: state})
+
+    async def unload_adapter(self, base: str, adapter: str) -> dict[str, Any]:
+        """POST /v1/models/{adapter}/unload: evicts it from its base's slots, the base stays (an
+        adapter with requests running: the engine's refusal); nothing to do while the base is not
+        loaded."""
+        if not self.is_loaded(base):
+            return {**self.adapter_card(adapter, None), "unload_requested": False}
+        state = await self.models[base].adapters("unload_adapter", LOADED_CALL_TIMEOUT_S, adapter)
+        return {**self.adapter_card(adapter, {adapter: state}), "unload_requested": True}
+
     async def unload(self, name: str) -> dict[str, Any]:
         """POST /v1/models/{name}/unload: the governor unloads it once idle (pinned: 409)."""
+        base, adapter = self.resolve(name)
+        if adapter is not None:
+            return await self.unload_adapter(base, adapter)
         client = self.client(name)
         if self.directory is None:
             raise ApiError(
@@ -318,7 +394,7 @@ def _install_model_routes(app: FastAPI, core: RouterCore, auth) -> None:
     async def list_models():
         return {
             "object": "list",
-            "data": [core.model_card(n) for n in core.models],
+            "data": await core.cards(),
             **({"memory": memory_summary(core.directory)} if core.directory is not None else {}),
         }
 
@@ -332,7 +408,7 @@ def _install_model_routes(app: FastAPI, core: RouterCore, auth) -> None:
 
     @app.get("/v1/models/{name:path}/cache", dependencies=[auth])
     async def model_cache(name: str):
-        core.client(name)
+        name, _ = core.resolve(name)  # an adapter's cache is its base's
         if not core.is_loaded(name):
             return {
                 "object": "model.cache",
@@ -348,8 +424,7 @@ def _install_model_routes(app: FastAPI, core: RouterCore, auth) -> None:
 
     @app.get("/v1/models/{name:path}", dependencies=[auth])
     async def retrieve_model(name: str):
-        core.client(name)
-        return core.model_card(name)
+        return await core.card(name)
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=512)
@@ -380,8 +455,11 @@ class OrchardRouter:
                 lambda n: clients[n].info(timeout_s=10.0),
                 app_name=serve.get_replica_context().app_name,
             )
-        self.core = RouterCore(config, clients, directory, StoreClient(HandleBackend(store)) if store else None)
-        log.info("router ready for models: %s", ", ".join(self.core.models))
+        store_client = StoreClient(HandleBackend(store)) if store else None
+        adapters = adapter_routes({n: ModelFacts.model_validate(f) for n, f in (facts or {}).items()})
+        self.core = RouterCore(config, clients, directory, store_client, adapters)
+        names = ", ".join([*self.core.models, *(f"{a} (adapter of {r.base})" for a, r in adapters.items())])
+        log.info("router ready for models: %s", names)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self.core)

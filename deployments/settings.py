@@ -10,6 +10,7 @@ The defaults every module shares live here and nowhere else, as do the prefix-af
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,6 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field
 KEEP_ALIVE_S = 1800.0  # idle seconds before a model unloads (ModelConfig.keep_alive)
 LOAD_TIMEOUT_S = 120.0  # how long a request waits for its model to load (ModelConfig.load_timeout_s)
 LOADED_CALL_TIMEOUT_S = 30.0  # a call that needs no load (a loaded model's info, a token count)
+# What clients may send as `model`: a model's name or a LoRA adapter's (ModelConfig, AdapterConfig).
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
+NAME_RULE = "must be 1-128 characters: letters, digits and . _ : / -, starting with a letter or digit"
 
 
 class _Frozen(BaseModel):
@@ -34,6 +38,7 @@ class ModelFacts(_Frozen):
     load_timeout_s: float
     footprint_bytes: int
     replicas: int = 1
+    adapters: dict[str, str] = Field(default_factory=dict, description="its LoRA adapters: name -> directory")
 
 
 class PolicyKwargs(_Frozen):

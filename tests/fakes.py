@@ -41,7 +41,8 @@ HOT = error_item(InvalidRequestError("temperature: too hot", param="temperature"
 def sent(request: GenerateRequest) -> dict:
     """What a request asked for, as plain dicts (the prompt's unset fields left out)."""
     prompt = {k: v for k, v in dataclasses.asdict(request.prompt).items() if v is not None}
-    return {"request_id": request.request_id, "prompt": prompt, "sampling": request.sampling}
+    adapter = {"adapter": request.adapter} if request.adapter else {}
+    return {"request_id": request.request_id, "prompt": prompt, "sampling": request.sampling, **adapter}
 
 
 class FakeClient:

@@ -262,10 +262,11 @@ async def count_tokens(core, request: Request) -> dict[str, int]:
     """POST /v1/messages/count_tokens: the prompt's tokens through the model's chat template, counted
     by its replica without generating. An unloaded model is loaded first, like /v1/models/{name}/load."""
     req = parse(await core.read_body(request), CountTokensRequest)
-    client = core.client(req.model)
+    model, _ = core.resolve(req.model)  # an adapter's prompt is its base's tokens
+    client = core.client(model)
     prompt = prompt_input(req, to_chat_request(req), await core.images.load(image_refs(req)))
-    load_timeout = core.load_timeout(req.model)
-    core.touch(req.model)
+    load_timeout = core.load_timeout(model)
+    core.touch(model)
     n = await client.count_tokens(
         prompt, timeout_s=load_timeout or LOADED_CALL_TIMEOUT_S, load=load_timeout is not None
     )

@@ -45,6 +45,7 @@ def test_every_field_description_is_one_clean_line():
     """What `python -m deployments.config` and the JSON schema show users: no reflow residue."""
     from pydantic import BaseModel
 
+    from deployments.adapters import AdapterConfig
     from deployments.config import (
         AffinityOptions,
         EmbeddingOptions,
@@ -54,7 +55,7 @@ def test_every_field_description_is_one_clean_line():
     )
 
     models: list[type[BaseModel]] = [OrchardConfig, RouterConfig, MemoryConfig, ModelConfig]
-    models += [ModelDeploymentOptions, AffinityOptions, EmbeddingOptions]
+    models += [ModelDeploymentOptions, AffinityOptions, EmbeddingOptions, AdapterConfig]
     for model in models:
         for name, field in model.model_fields.items():
             assert field.description, f"{model.__name__}.{name} has no description"

@@ -18,9 +18,16 @@ def default_server(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def agents_server(tmp_path_factory):
-    """The shared `serve run tests/fixtures/agents.yaml`: a thinking model, a hybrid one and two
-    router replicas."""
-    shared = SharedServer(tmp_path_factory, ROOT / "tests" / "fixtures" / "agents.yaml")
+    """The shared `serve run tests/fixtures/agents.yaml`: a thinking model, a hybrid one, two
+    router replicas and LoRA adapters, made here first (`shared.adapters`: their directory, which
+    the served copy of the YAML names in place of ${ADAPTERS})."""
+    from tests.lora_adapters import make_served_adapters  # MLX: only when these modules run
+
+    root = make_served_adapters(tmp_path_factory.mktemp("adapters"))
+    config = root / "agents.yaml"
+    config.write_text((ROOT / "tests" / "fixtures" / "agents.yaml").read_text().replace("${ADAPTERS}", str(root)))
+    shared = SharedServer(tmp_path_factory, config)
+    shared.adapters = root
     yield shared
     shared.stop()
 
@@ -29,7 +36,13 @@ def agents_server(tmp_path_factory):
 # (a module with its own server stops it); test_serve_e2e last of its group, as it ends with Ctrl-C.
 SHARED_SERVERS = (
     ("test_responses_e2e.py", "test_serve_agent_apis_e2e.py", "test_serve_e2e.py"),
-    ("test_hybrid_e2e.py", "test_responses_replicas_e2e.py", "test_speculative_e2e.py", "test_thinking_e2e.py"),
+    (
+        "test_hybrid_e2e.py",
+        "test_responses_replicas_e2e.py",
+        "test_speculative_e2e.py",
+        "test_thinking_e2e.py",
+        "test_lora_e2e.py",  # last: its requests stay out of the speculation stats the others read
+    ),
 )
 
 
