@@ -9,9 +9,12 @@ GEMMA = "gemma-3-270m"
 
 
 def pytest_collection_modifyitems(session, config, items):
-    """The end-to-end tests first (their worker then starts with them: see below); each group
-    keeps its order."""
-    items.sort(key=lambda item: item.path.parent.name != "e2e")
+    """The end-to-end tests first (their worker then starts with them: see below), then the other
+    modules with a `slow` test (a server of their own: minutes, not seconds), then the rest; each
+    group keeps its order. The long modules start early, so the short ones fill the end of the run
+    on whichever worker is free, rather than one worker running a long module alone at the end."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: (item.path.parent.name != "e2e", item.path not in slow))
 
 
 def pytest_xdist_make_scheduler(config, log):

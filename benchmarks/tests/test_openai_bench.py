@@ -4,6 +4,7 @@ mock transport), and one bounded run against a real `mlx_lm.server` on the expor
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -299,7 +300,9 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def mlx_lm_server(tmp_path_factory):
-    """mlx_lm.server on SmolLM2 exported to a float32 MLX directory (the same weights we serve)."""
+    """mlx_lm.server on SmolLM2 exported to a float32 MLX directory (the same weights we serve),
+    with one OpenBLAS thread, as the test YAMLs give their replicas: on a 2-core machine beside
+    the test worker, a second thread spins against it and each request takes seconds, not one."""
     out = tmp_path_factory.mktemp("smollm2") / "mlx"
     subprocess.run(
         [sys.executable, "-m", "engine.cli", "export", "smollm2-135m-instruct", str(out), "--dequantize"],
@@ -314,6 +317,7 @@ def mlx_lm_server(tmp_path_factory):
         [sys.executable, "-m", "mlx_lm", "server", "--model", str(out), "--port", str(port)],
         stdout=log,
         stderr=subprocess.STDOUT,
+        env={**os.environ, "OPENBLAS_NUM_THREADS": "1"},
     )
     try:
         deadline = time.monotonic() + 120

@@ -38,15 +38,22 @@ def ray_processes() -> list[str]:
     return found
 
 
+_ray_stopped = False  # this process's last `stop()` ended with `ray stop` and nothing started since
+
+
 def clean_ray() -> None:
-    """`ray stop`, after stopping the shared default server if it runs; but never under anyone
-    else's live server: fail instead of killing someone else's cluster."""
+    """`ray stop`, after stopping the shared default server if it runs (not again when the last
+    `stop()` here already did and nothing started since: one `ray stop` costs seconds); but never
+    under anyone else's live server: fail instead of killing someone else's cluster."""
+    global _ray_stopped
     if SharedServer.running is not None:
         SharedServer.running.stop()
     try:
         httpx.get(f"{BASE}/", timeout=2)
     except httpx.HTTPError:
-        ray("stop", "--force")
+        if not _ray_stopped:
+            ray("stop", "--force")
+        _ray_stopped = False  # the caller starts Ray next
         return
     pytest.fail(f"{BASE} is already serving: stop that server (or its Ray cluster) before this test")
 
@@ -135,7 +142,9 @@ def stop(proc: subprocess.Popen, stop_ray: bool = True) -> None:
     """SIGINT the `serve run` (a clean shutdown), kill it if it hangs, then stop Ray (not for a
     `ray.cluster_utils.Cluster`: its nodes are this process's children, so `ray stop` kills them
     into zombies and then waits ~24 s for them to exit; `Cluster.shutdown` reaps them)."""
+    global _ray_stopped
     launch.stop(proc, stop_ray=stop_ray)
+    _ray_stopped = stop_ray
 
 
 def metric(text: str, name: str, **labels: str) -> float | None:
