@@ -4,6 +4,7 @@ served as separate fused models.
 
     python -m benchmarks lora                                  # SmolLM2, 8 adapters, 16 clients
     python -m benchmarks lora --max-tokens 16 --rounds 2 --out docs/results/bench_lora_cpu.json
+    python -m benchmarks lora --step-ab      # one decode forward, base vs 8 adapters, interleaved pairs
 
 Adapters are made here, in mlx_lm's format (`mlx_lm.lora`'s layers on every layer's q, v, o and
 down projections, rank `--rank`, random non-zero weights), under a temporary directory.
@@ -191,6 +192,52 @@ def run_one(name: str, args) -> dict:
     return out
 
 
+# --- one forward pass, base rows vs adapter rows, interleaved ------------------------------------
+
+
+def step_ab(args) -> dict:
+    """The model's decode forward of 16 rows (one token each, at a `--context`-token KV cache), all
+    on the base vs spread over 8 adapters, alternated pair by pair (`--pairs`): the ratio of each
+    pair cancels the load drift of a shared machine that whole waves do not."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    from engine.loading.loader import load_model
+    from engine.lora import LoRATable, read_adapter
+
+    model = load_model(args.model, fast_cpu=True if mx.default_device() == mx.cpu else None).model
+    with tempfile.TemporaryDirectory() as tmp:
+        adapters = [read_adapter(p.name, p, model) for p in make_adapters(Path(tmp), 8, args.rank, args.model)]
+    table = LoRATable(model, 8)
+    table.attach(sorted(adapters[0].weights), args.rank)
+    for i, adapter in enumerate(adapters):
+        table.put(i + 1, adapter)
+    cache = make_prompt_cache(model)
+    mx.eval(model(mx.zeros((16, args.context), dtype=mx.uint32), cache=cache))
+    x = mx.zeros((16, 1), dtype=mx.uint32)
+
+    def once(slots: list[int]) -> float:
+        start = time.perf_counter()
+        with table.applied(LoRATable.slot_array(slots)):
+            mx.eval(model(x, cache=cache))
+        for c in cache:
+            c.offset -= 1  # the same position every time
+        return time.perf_counter() - start
+
+    base, mixed = [0] * 16, [1 + i % 8 for i in range(16)]
+    for _ in range(5):
+        once(base), once(mixed)
+    pairs = [(once(base), once(mixed)) for _ in range(args.pairs)]
+    return {
+        "machine": mlx_machine(),
+        "model": args.model,
+        "options": {"context": args.context, "pairs": args.pairs, "rank": args.rank},
+        "base_ms": round(statistics.median(b for b, _ in pairs) * 1e3, 2),
+        "adapters_8_ms": round(statistics.median(m for _, m in pairs) * 1e3, 2),
+        "adapters_8_vs_base": round(statistics.median(b / m for b, m in pairs), 3),  # base time / adapter time
+    }
+
+
 # --- the suite -----------------------------------------------------------------------------
 
 
@@ -238,6 +285,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per request (EOS ignored)")
     p.add_argument("--rank", type=int, default=8, help="the adapters' rank")
     p.add_argument("--cache-mb", type=int, default=256, help="the KV budget of each engine (cache_memory_mb)")
+    p.add_argument("--step-ab", action="store_true", help="only one decode forward, base vs 8 adapters, interleaved")
+    p.add_argument("--context", type=int, default=256, help="--step-ab: the KV cache's length")
+    p.add_argument("--pairs", type=int, default=40, help="--step-ab: base / adapters pairs measured")
     p.add_argument("--out", "--json-out", dest="json_out", help="write the JSON here too")
     p.add_argument("--one", help=argparse.SUPPRESS)  # a child: run this configuration, print its JSON
     p.add_argument("--adapters", help=argparse.SUPPRESS)  # a child: where the adapters are
@@ -251,6 +301,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parser().parse_args(argv if argv is not None else sys.argv[1:])
     if args.one:
         print(json.dumps(run_one(args.one, args)), flush=True)
+        return
+    if args.step_ab:
+        doc = step_ab(args)
+        row = [doc["base_ms"], doc["adapters_8_ms"], doc["adapters_8_vs_base"]]
+        emit(doc, md_table(["base ms", "8 adapters ms", "8 adapters vs base (median of pairs)"], [row]), args.json_out)
         return
     doc = main_all(args)
     emit(doc, table(doc["rows"]), args.json_out)
