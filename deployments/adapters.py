@@ -18,7 +18,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from .settings import NAME_RE, NAME_RULE, ModelFacts
+from .settings import ModelFacts, served_name
 
 FILES = ("adapter_config.json", "adapters.safetensors")  # what mlx_lm.lora writes
 MAX_LOADED_ADAPTERS = 4  # resident adapters per replica unless the YAML says (the engine's default)
@@ -41,10 +41,7 @@ class AdapterConfig(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        v = v.strip()
-        if not NAME_RE.match(v):
-            raise ValueError(NAME_RULE)
-        return v
+        return served_name(v)
 
     @field_validator("path")
     @classmethod

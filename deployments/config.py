@@ -36,7 +36,7 @@ from engine.loading import synthetic
 
 from .adapters import MAX_LOADED_ADAPTERS, AdapterConfig, check_adapter_names
 from .http.validation import problem_message
-from .settings import KEEP_ALIVE_S, LOAD_TIMEOUT_S, NAME_RE, NAME_RULE, AffinityOptions
+from .settings import KEEP_ALIVE_S, LOAD_TIMEOUT_S, AffinityOptions, served_name
 
 IMPORT_PATH = "deployments.app:build_app"
 
@@ -295,10 +295,7 @@ class ModelConfig(BaseModel):
     @field_validator("name")
     @classmethod
     def _name(cls, v: str) -> str:
-        v = v.strip()
-        if not NAME_RE.match(v):
-            raise ValueError(NAME_RULE)
-        return v
+        return served_name(v)
 
     @field_validator("source")
     @classmethod

@@ -23,6 +23,14 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 NAME_RULE = "must be 1-128 characters: letters, digits and . _ : / -, starting with a letter or digit"
 
 
+def served_name(v: str) -> str:
+    """A model's or an adapter's name as clients send it, stripped; ValueError (NAME_RULE) otherwise."""
+    v = v.strip()
+    if not NAME_RE.match(v):
+        raise ValueError(NAME_RULE)
+    return v
+
+
 class _Frozen(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 

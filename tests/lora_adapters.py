@@ -43,13 +43,13 @@ def make_adapter(path: Path, seed: int, rank: int, num_layers: int = 8, std: flo
     return path
 
 
-def make_malformed_adapter(path: Path, like: Path) -> Path:
-    """`like`'s adapter with one q_proj's lora_b of a shape no SmolLM2 layer takes: both files
-    there, readable, wrong for the base."""
+def make_malformed_adapter(path: Path, like: Path, suffix: str = "q_proj.lora_b", shape=(3, 7)) -> Path:
+    """`like`'s adapter with its first tensor ending in `suffix` of a `shape` no SmolLM2 layer
+    takes: both files there, readable, wrong for the base."""
     tensors = mx.load(str(like / "adapters.safetensors"))
-    key = next(k for k in tensors if k.endswith("q_proj.lora_b"))
+    key = next(k for k in tensors if k.endswith(suffix))
     path.mkdir(parents=True)
-    mx.save_safetensors(str(path / "adapters.safetensors"), {**tensors, key: mx.zeros((3, 7))})
+    mx.save_safetensors(str(path / "adapters.safetensors"), {**tensors, key: mx.zeros(shape)})
     (path / "adapter_config.json").write_text((like / "adapter_config.json").read_text())
     return path
 

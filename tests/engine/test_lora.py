@@ -12,42 +12,20 @@ malformed adapter fails only its requests; nothing leaks."""
 from __future__ import annotations
 
 import asyncio
-import functools
 import json
 
 import mlx.core as mx
 import pytest
-from mlx.utils import tree_flatten
-from mlx_lm.tuner.utils import linear_to_lora_layers, load_adapters
+from mlx_lm.tuner.utils import load_adapters
 
 from engine.errors import ModelLoadError
 from engine.loading.loader import load_model
 from engine.lora import LoRATable, read_adapter
 
 from ..conftest import SMOLLM
+from ..lora_adapters import make_adapter, make_malformed_adapter
 
-KEYS = ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]
 PROMPT = [1, 504, 3575, 282, 4649, 314, 7042, 30, 2, 198]
-
-
-@functools.cache
-def lora_shapes(rank: int, num_layers: int) -> list[tuple[str, tuple[int, ...]]]:
-    """The parameters `mlx_lm.lora` trains and saves: its LoRA layers on the base's KEYS."""
-    model = load_model(SMOLLM).model
-    model.freeze()  # as mlx_lm.lora does: only the LoRA layers train (and are saved)
-    linear_to_lora_layers(model, num_layers, {"rank": rank, "scale": 4.0, "dropout": 0.0, "keys": KEYS})
-    return [(k, v.shape) for k, v in tree_flatten(model.trainable_parameters())]
-
-
-def make_adapter(path, seed: int, rank: int, num_layers: int = 8) -> None:
-    """An adapter as `mlx_lm.lora` writes one, with random non-zero a and b."""
-    params = {"rank": rank, "scale": 4.0, "dropout": 0.0, "keys": KEYS}
-    mx.random.seed(seed)
-    weights = {k: mx.random.normal(shape) * 0.1 for k, shape in lora_shapes(rank, num_layers)}
-    path.mkdir()
-    mx.save_safetensors(str(path / "adapters.safetensors"), weights)
-    config = {"fine_tune_type": "lora", "num_layers": num_layers, "lora_parameters": params}
-    (path / "adapter_config.json").write_text(json.dumps(config))
 
 
 @pytest.fixture(scope="module")
@@ -87,12 +65,7 @@ def test_a_malformed_adapter_is_refused_with_the_reason(adapters, tmp_path):
     base = load_model(SMOLLM).model
     with pytest.raises(ModelLoadError, match="cannot read"):
         read_adapter("missing", tmp_path / "nowhere", base)
-    wrong = tmp_path / "wrong"
-    wrong.mkdir()
-    (wrong / "adapter_config.json").write_text((adapters / "a" / "adapter_config.json").read_text())
-    tensors = mx.load(str(adapters / "a" / "adapters.safetensors"))
-    key = next(k for k in tensors if k.endswith("q_proj.lora_b"))
-    mx.save_safetensors(str(wrong / "adapters.safetensors"), {**tensors, key: mx.zeros((8, 7))})
+    wrong = make_malformed_adapter(tmp_path / "wrong", adapters / "a", "q_proj.lora_b", (8, 7))
     with pytest.raises(ModelLoadError, match=r"q_proj has lora_a .* the base layer needs"):
         read_adapter("wrong", wrong, base)
     mx.save_safetensors(
@@ -119,12 +92,7 @@ def three(adapters, tmp_path_factory):
     """Adapters a, b (made above) and c, and two broken ones: wrong shapes, and no files at all."""
     root = tmp_path_factory.mktemp("more")
     make_adapter(root / "c", seed=3, rank=8)
-    broken = root / "broken"
-    broken.mkdir()
-    (broken / "adapter_config.json").write_text((adapters / "a" / "adapter_config.json").read_text())
-    tensors = mx.load(str(adapters / "a" / "adapters.safetensors"))
-    key = next(k for k in tensors if k.endswith("v_proj.lora_b"))
-    mx.save_safetensors(str(broken / "adapters.safetensors"), {**tensors, key: mx.zeros((8, 5))})
+    broken = make_malformed_adapter(root / "broken", adapters / "a", "v_proj.lora_b", (8, 5))
     return {"a": adapters / "a", "b": adapters / "b", "c": root / "c", "broken": broken, "missing": root / "none"}
 
 
