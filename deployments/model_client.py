@@ -79,7 +79,8 @@ class ModelCall:
         try:
             if remaining <= 0:
                 raise TimeoutError
-            item = await asyncio.wait_for(self._items.__anext__(), remaining)
+            async with asyncio.timeout(remaining):  # no task per chunk, as wait_for would make
+                item = await self._items.__anext__()
         except StopAsyncIteration:
             self.done = True
             return None

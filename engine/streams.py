@@ -134,3 +134,18 @@ def _merge(a: RequestOutput, b: RequestOutput) -> RequestOutput:
         logprobs=logprobs,
         stop_sequence=b.stop_sequence,
     )
+
+
+def post(loop, fn, *args) -> bool:
+    """Run fn(*args) on a stream's event loop (from the engine's thread); False when that loop has closed."""
+    try:
+        loop.call_soon_threadsafe(fn, *args)
+        return True
+    except RuntimeError:
+        return False
+
+
+def put_all(items) -> None:
+    """One step's outputs into their streams: runs on the streams' event loop."""
+    for stream, out in items:
+        stream.put(out)

@@ -9,7 +9,9 @@ return wrong K/V.
 A lookup walks the prompt's full blocks from the start while they are indexed, then looks among
 the children of the last matched block (every indexed block, full or partial, that follows it) for
 the one sharing the longest run of tokens with the rest of the prompt: that block is reused
-partially (the writer copies it first). So prompts of any length can hit, and a prompt that
+partially (the writer copies it first). Children are grouped by their first token, so that search
+reads only the children that share at least one token: after a system prompt shared by thousands
+of cached conversations, an admission compares a handful of blocks, not every conversation. So prompts of any length can hit, and a prompt that
 differs from a cached one inside a block still reuses the tokens before the difference.
 
 Blocks a running request is still computing are *pending*: another request with the same prefix
@@ -51,7 +53,8 @@ class PrefixCache:
         self.root = hashlib.blake2b(b"mlx-orchard kv blocks v1|" + salt, digest_size=16).digest()
         self.full: dict[bytes, int] = {}  # chain hash -> block
         self.meta: dict[int, tuple[bytes, tuple[int, ...], bytes | None]] = {}  # block -> (parent, tokens, hash)
-        self.children: dict[bytes, dict[int, tuple[int, ...]]] = {}  # parent hash -> {block: tokens}
+        # parent hash -> first token -> {block: tokens}: the children of a block, by how they start
+        self.children: dict[bytes, dict[int, dict[int, tuple[int, ...]]]] = {}
         self.pending: dict[bytes, object] = {}  # chain hash -> the running sequence computing it
         self.max_entries = max_entries
         self.entries: OrderedDict[int, list[int]] = OrderedDict()  # entry-count mode only
@@ -93,7 +96,7 @@ class PrefixCache:
         match.pending = k - len(blocks)
         rest = token_ids[len(blocks) * bs : (len(blocks) + 1) * bs]
         best = 0
-        for b, toks in self.children.get(self.parent_of(hashes, len(blocks)), {}).items():
+        for b, toks in self._starting(self.parent_of(hashes, len(blocks)), rest).items():
             n = _common_prefix(toks, rest)
             if n > best:
                 best, match.partial_block = n, b
@@ -102,10 +105,14 @@ class PrefixCache:
 
     def holder(self, parent: bytes, tokens: tuple[int, ...]) -> int | None:
         """An indexed block after `parent` whose tokens start with `tokens` (None: none)."""
-        for b, toks in self.children.get(parent, {}).items():
+        for b, toks in self._starting(parent, tokens).items():
             if toks[: len(tokens)] == tokens:
                 return b
         return None
+
+    def _starting(self, parent: bytes, tokens) -> dict[int, tuple[int, ...]]:
+        """The children of `parent` whose first token is `tokens`' first (none for no tokens)."""
+        return self.children.get(parent, {}).get(tokens[0], {}) if len(tokens) else {}
 
     def resident(self, hashes: list[bytes]) -> int:
         """How many of a chain's leading full blocks are indexed now (no counters, no LRU touch):
@@ -143,28 +150,32 @@ class PrefixCache:
         partial one when `h` is None). False when it adds nothing."""
         if block in self.meta or block < BlockPool.RESERVED:
             return False
-        siblings = self.children.setdefault(parent, {})
+        if not tokens:
+            return False
         if h is not None:
             if h in self.full:
                 return False
             self.full[h] = block
-        elif any(_common_prefix(t, tokens) == len(tokens) for t in siblings.values()):
+        elif self.holder(parent, tokens) is not None:
             return False  # an indexed block already starts with these tokens
-        siblings[block] = tokens
+        self.children.setdefault(parent, {}).setdefault(tokens[0], {})[block] = tokens
         self.meta[block] = (parent, tokens, h)
         self.pool.set_cached(block, True)
         return True
 
     def forget(self, block: int) -> None:
         """Drop an evicted block from the index (the pool's `on_evict`)."""
-        parent, _, h = self.meta.pop(block)
+        parent, tokens, h = self.meta.pop(block)
         if h is not None:
             self.full.pop(h, None)
-        siblings = self.children.get(parent)
+        starts = self.children.get(parent, {})
+        siblings = starts.get(tokens[0])
         if siblings is not None:
             siblings.pop(block, None)
             if not siblings:
-                del self.children[parent]
+                del starts[tokens[0]]
+                if not starts:
+                    del self.children[parent]
         for e in self._entries_of.pop(block, ()):
             if e in self.entries:
                 self.entries[e].remove(block)

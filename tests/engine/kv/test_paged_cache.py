@@ -107,6 +107,30 @@ def test_chained_hashes_do_not_reuse_a_run_after_another_prefix():
     assert index.lookup([1, 2, 9, 9, 7]).partial_tokens == 2  # a partial hit inside block 0
 
 
+def test_partial_lookup_reads_only_children_that_share_a_token():
+    """Many cached continuations after one parent: a lookup finds the longest one, compares only
+    those starting with the prompt's next token, and forgetting a block leaves no trace."""
+    pool = _pool(capacity=64, block_size=8)
+    index = PrefixCache(pool, b"salt")
+    root = index.root
+    others = {pool.allocate(): (t, t + 1, t + 2) for t in range(100, 140)}  # 40 runs, other first tokens
+    for b, toks in others.items():
+        assert index.insert(root, toks, b)
+    short, long_ = pool.allocate(), pool.allocate()
+    assert index.insert(root, (5, 6), short)
+    assert index.insert(root, (5, 6, 7, 8), long_)
+    assert not index.insert(root, (5, 6, 7), pool.allocate())  # an indexed block already starts so
+    match = index.lookup([5, 6, 7, 9, 1])
+    assert (match.partial_block, match.partial_tokens) == (long_, 3)
+    assert index.holder(root, (5, 6, 7)) == long_ and index.holder(root, (9,)) is None
+    assert len(index._starting(root, [5])) == 2  # the 40 other runs are never compared
+    index.forget(long_)
+    assert (index.lookup([5, 6, 7]).partial_block, index.lookup([5, 6, 7]).partial_tokens) == (short, 2)
+    for b in [short, *others]:
+        index.forget(b)
+    assert index.children == {} and index.meta == {}
+
+
 def test_copy_on_write_copies_every_layer():
     pool = _pool(capacity=8)
     src = pool.allocate()
