@@ -107,9 +107,9 @@ def test_chained_hashes_do_not_reuse_a_run_after_another_prefix():
     assert index.lookup([1, 2, 9, 9, 7]).partial_tokens == 2  # a partial hit inside block 0
 
 
-def test_partial_lookup_reads_only_children_that_share_a_token():
-    """Many cached continuations after one parent: a lookup finds the longest one, compares only
-    those starting with the prompt's next token, and forgetting a block leaves no trace."""
+def test_partial_lookup_compares_two_children_of_many():
+    """Many cached continuations after one parent: a lookup finds the longest one by comparing
+    only the two beside the prompt in sorted order, and forgetting a block leaves no trace."""
     pool = _pool(capacity=64, block_size=8)
     index = PrefixCache(pool, b"salt")
     root = index.root
@@ -123,7 +123,9 @@ def test_partial_lookup_reads_only_children_that_share_a_token():
     match = index.lookup([5, 6, 7, 9, 1])
     assert (match.partial_block, match.partial_tokens) == (long_, 3)
     assert index.holder(root, (5, 6, 7)) == long_ and index.holder(root, (9,)) is None
-    assert len(index._starting(root, [5])) == 2  # the 40 other runs are never compared
+    assert len(index._beside(root, (5, 6, 7, 9, 1))) == 2  # of 42 children
+    assert (index.lookup([100, 101, 7]).partial_tokens, index.lookup([139, 140]).partial_tokens) == (2, 2)
+    assert index.lookup([99, 101]).partial_tokens == 0  # before every child: none shares a token
     index.forget(long_)
     assert (index.lookup([5, 6, 7]).partial_block, index.lookup([5, 6, 7]).partial_tokens) == (short, 2)
     for b in [short, *others]:
