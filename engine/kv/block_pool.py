@@ -170,10 +170,15 @@ class BlockPool:
 
     def copy_block(self, src: int) -> int:
         """Copy-on-write: a new block (ref 1) with the contents of `src` in every layer."""
-        dst = self.allocate()
-        self.storage.copy(src, dst)
-        self.counters["cow_copies"] += 1
-        return dst
+        return self.copy_blocks([src])[0]
+
+    def copy_blocks(self, sources: list[int]) -> list[int]:
+        """Copy-on-write of several blocks at once (one host sync): new blocks, ref 1 each."""
+        pairs = [(src, self.allocate()) for src in sources]
+        if pairs:
+            self.storage.copy(pairs)
+            self.counters["cow_copies"] += len(pairs)
+        return [dst for _, dst in pairs]
 
     # --- numbers ---------------------------------------------------------------------------
 

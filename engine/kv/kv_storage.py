@@ -69,16 +69,23 @@ class KVStorage:
     def _zeros(self, blocks: int, dim: int, s: LayerShape) -> mx.array:
         return mx.zeros((blocks * s.kv_heads * self.block_size, dim), self.dtype)
 
-    def copy(self, src: int, dst: int) -> None:
-        """The contents of block `src` into block `dst`, in every layer."""
+    def copy(self, pairs: list[tuple[int, int]]) -> None:
+        """The contents of each block `src` into its block `dst`, in every layer, with one host
+        sync for them all (a sync per layer and block stalled a step that admitted rows reusing
+        part of a cached block)."""
+        parts = []
         for i, s in enumerate(self.layers):
             n = s.kv_heads * self.block_size
             for arrays in (self.k, self.v):
-                # A real copy, evaluated now: a view of the array would keep its buffer shared and
-                # turn the update below into a copy of the whole array.
-                data = mx.contiguous(arrays[i][src * n : (src + 1) * n])
-                mx.eval(data)
-                arrays[i][dst * n : (dst + 1) * n] = data
+                for src, dst in pairs:
+                    # A real copy, evaluated before the update: a view of the array would keep its
+                    # buffer shared and turn the update into a copy of the whole array.
+                    parts.append(
+                        (arrays, i, slice(dst * n, (dst + 1) * n), mx.contiguous(arrays[i][src * n : (src + 1) * n]))
+                    )
+        mx.eval([data for *_, data in parts])
+        for arrays, i, rows, data in parts:
+            arrays[i][rows] = data
         self.dirty = True
 
     def block_arrays(self, block: int) -> list[np.ndarray]:

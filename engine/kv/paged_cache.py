@@ -213,9 +213,7 @@ class PagedContext:
         key = (self.pool.epoch, tuple(rows), tuple(starts), tuple(real), n)
         if key == self._plan_key:
             return self._plan
-        for row, start, count in zip(rows, starts, real):
-            if count:
-                self._make_room(row, start, start + count)
+        self._make_rooms([(row, start, start + count) for row, start, count in zip(rows, starts, real) if count])
         bs = self.pool.block_size
         width = max(-(-(s + n) // bs) for s in starts)
         tables = np.full((len(rows), width), BlockPool.NULL, dtype=np.int64)
@@ -263,14 +261,25 @@ class PagedContext:
         return sum(self.copy_bytes.values()) // max(1, self.pool.block_bytes)
 
     def _make_room(self, row: SeqBlocks, start: int, end: int) -> None:
+        self._make_rooms([(row, start, end)])
+
+    def _make_rooms(self, spans: list[tuple[SeqBlocks, int, int]]) -> None:
+        """Blocks for each row's tokens [start, end): a shared or cached block there is copied
+        first (copy-on-write, all of the step's copies with one host sync), then new ones."""
         pool, bs = self.pool, self.pool.block_size
-        for k in range(start // bs, min(len(row.table), -(-end // bs))):
-            if pool.frozen(row.table[k]):  # shared or cached: write into a private copy
-                old = row.table[k]
-                row.table[k] = pool.copy_block(old)
-                pool.decref(old)
-        while len(row.table) * bs < end:
-            row.table.append(pool.allocate())
+        frozen = [
+            (row, k)
+            for row, start, end in spans
+            for k in range(start // bs, min(len(row.table), -(-end // bs)))
+            if pool.frozen(row.table[k])
+        ]
+        copies = pool.copy_blocks([row.table[k] for row, k in frozen])
+        for (row, k), new in zip(frozen, copies):
+            pool.decref(row.table[k])
+            row.table[k] = new
+        for row, _, end in spans:
+            while len(row.table) * bs < end:
+                row.table.append(pool.allocate())
 
     # --- the batch loop's interface (engine.kv.interface.BatchKV) ----------------------------
 

@@ -97,12 +97,10 @@ class PrefixCache:
             k += 1
         match.pending = k - len(blocks)
         rest = token_ids[len(blocks) * bs : (len(blocks) + 1) * bs]
-        best = 0
-        for toks, b in self._beside(self.parent_of(hashes, len(blocks)), tuple(rest)):
-            n = _common_prefix(toks, rest)
-            if n > best:
-                best, match.partial_block = n, b
-        match.partial_tokens = best
+        parent = self.parent_of(hashes, len(blocks))
+        best = max((_common_prefix(toks, rest) for toks, _ in self._beside(parent, tuple(rest))), default=0)
+        if best:  # of the blocks sharing that run, the one `holder` names (where snapshots were attached)
+            match.partial_block, match.partial_tokens = self.holder(parent, tuple(rest[:best])), best
         return match
 
     def holder(self, parent: bytes, tokens: tuple[int, ...]) -> int | None:

@@ -129,14 +129,18 @@ class QuantizedKVStorage(KVStorage):
         n = self.layers[layer].kv_heads * self.block_size
         return slice(block * n, (block + 1) * n)
 
-    def copy(self, src: int, dst: int) -> None:
+    def copy(self, pairs: list[tuple[int, int]]) -> None:
+        """As KVStorage.copy: every pair in every layer's arrays, one host sync for them all."""
+        parts = []
         for i in range(len(self.layers)):
-            s, d = self._block_rows(src, i), self._block_rows(dst, i)
-            for parts in (self.k[i], self.v[i]):
-                for a in parts:
-                    data = mx.contiguous(a[s])  # evaluated now: a view would keep the buffer shared
-                    mx.eval(data)
-                    a[d] = data
+            for src, dst in pairs:
+                s, d = self._block_rows(src, i), self._block_rows(dst, i)
+                for arrays in (self.k[i], self.v[i]):
+                    for a in arrays:
+                        parts.append((a, d, mx.contiguous(a[s])))  # evaluated first: a view would share the buffer
+        mx.eval([data for *_, data in parts])
+        for a, d, data in parts:
+            a[d] = data
         self.dirty = True
 
     def block_arrays(self, block: int) -> list[np.ndarray]:

@@ -72,7 +72,7 @@ def test_copy_on_write_and_the_disk_tier_round_trip_every_quantized_array():
         for layer in range(2):
             _write_block(store, layer, 2, seed=layer)
         before = [_read_block(store, layer, 2) for layer in range(2)]
-        store.copy(2, 4)
+        store.copy([(2, 4)])
         arrays = store.block_arrays(2)
         assert len(arrays) == 2 * 2 * 3 and all(isinstance(a, np.ndarray) for a in arrays)
         store.load_block(5, arrays)
