@@ -486,19 +486,25 @@ class PagedCacheManager:
         return seq.last_state == 0 or n - seq.last_state >= self.min_gap
 
     def _attach(self, seq: SeqBlocks, tokens: list[int], hashes: list[bytes]) -> None:
-        """Store the row's snapshots on the indexed blocks that hold their last tokens (whoever
-        indexed them: the same chain and tokens hold the same prefix); those not yet indexed stay
-        pending. `tokens`, `hashes`: what the row's blocks hold, and their full blocks' chain."""
+        """Store the row's snapshots on the indexed blocks that hold their last tokens; those not
+        yet indexed stay pending. `tokens`, `hashes`: what the row's blocks hold, and their full
+        blocks' chain. A snapshot inside a full block goes on the block its chain indexes (a
+        repeat of this prompt walks that chain) and on the one a lookup of its tokens names
+        (`holder`: a prompt that parts from this one there resumes from it), which may be a
+        sibling's: a row that matched a sibling's block part-way snapshots where they part."""
         bs = self.pool.block_size
         pending = []
         for n, arrays in seq.snapshots:
             k = (n - 1) // bs
-            block = None
-            if k <= len(hashes) and n <= len(tokens):
-                block = self.index.holder(self.index.parent_of(hashes, k), tuple(tokens[k * bs : n]))
-            if block is None:
+            blocks = set()
+            if k < len(hashes) or (k >= len(seq.prompt_hashes) and n <= len(tokens)):
+                blocks.add(self.index.holder(self.index.parent_of(hashes, k), tuple(tokens[k * bs : n])))
+                if k < len(hashes):
+                    blocks.add(self.index.full.get(hashes[k]))
+            blocks.discard(None)
+            if not blocks:  # its own block is not indexed yet (a prompt block still being written)
                 pending.append((n, arrays))
-            else:
+            for block in blocks:
                 self.snapshots.add(block, n - k * bs, arrays, self.layout.state_bytes)
         seq.snapshots = pending
 

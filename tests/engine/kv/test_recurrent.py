@@ -124,6 +124,11 @@ def test_a_prompt_that_parts_from_a_cached_one_leaves_a_snapshot_where_they_part
     third, cached = manager.acquire(system + [60, 61], 4)
     assert cached == 30 and mx.all(third.state[0] == 2.0).item()
     manager.release(third)
+    # the second prompt again: its chain's own block holds that snapshot too (the one a lookup of
+    # the parting tokens names is the first prompt's block), so it resumes there, not from zero
+    again, cached = manager.acquire(system + [50, 51, 52, 53], 4)
+    assert cached == 30 and mx.all(again.state[0] == 2.0).item()
+    manager.release(again)
 
 
 def test_a_replica_reports_only_the_blocks_it_can_resume_from():
