@@ -14,7 +14,8 @@ leaves (its blocks go to the prefix cache or back to the pool).
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import mlx.core as mx
 import numpy as np
@@ -54,6 +55,7 @@ class Geometry:
     cap: int
     gen: int  # a new geometry means every layer rebuilds its copy
     _pad: mx.array | None = None
+    _indices: dict = field(default_factory=dict)  # pool rows of this step's gather / flush, per key
 
     def __post_init__(self):
         self.padded = bool(self.pad.any())  # fixed for the geometry; asked by every layer a step
@@ -82,6 +84,17 @@ class Geometry:
             self._pad = mx.array(self.pad)
         return self._pad
 
+    def indices(self, key: tuple, build: Callable[[], np.ndarray]) -> mx.array:
+        """The pool rows `build()` gives, on the device, made once for every layer that asks with
+        `key` (its heads and columns): the layers of a step share the rows' tables and padding, so
+        a batch of 28 layers indexes its rows once, not 28 times on the host."""
+        rows = self._indices.get(key)
+        if rows is None:
+            if len(self._indices) >= 8:  # the keys of earlier steps
+                self._indices.clear()
+            rows = self._indices[key] = mx.array(build().reshape(-1).astype(np.int32))
+        return rows
+
     def sees_all(self, window_size: int | None) -> bool:
         """Whether every row sees every column written so far: no padding, no window cut."""
         return not self.padded and (window_size is None or self.col <= window_size)
@@ -102,19 +115,13 @@ class WorkingCopy:
         self.pool, self.layer, self.geom = pool, layer, geom
         store = pool.storage
         shape = store.layers[layer]
-        B, H, bs = len(lengths), shape.kv_heads, pool.block_size
+        B, H = len(lengths), shape.kv_heads
         self.k = mx.zeros((B, H, geom.cap, shape.k_dim), store.dtype)
         self.v = mx.zeros((B, H, geom.cap, shape.v_dim), store.dtype)
         longest = max(lengths)
         if longest:
-            pos = np.arange(longest)[None, :] - geom.pad[:, None]  # [B, longest] position per column
-            valid = pos >= 0
-            table = np.zeros((B, max(1, -(-longest // bs))), dtype=np.int64)
-            for b, t in enumerate(tables):
-                table[b, : min(len(t), table.shape[1])] = t[: table.shape[1]]
-            blocks = np.take_along_axis(table, np.where(valid, pos // bs, 0), axis=1)
-            rows = row_index(np.where(valid, blocks, pool.NULL), np.where(valid, pos % bs, 0), H, bs)
-            k, v = store.read_rows(layer, mx.array(rows.reshape(-1).astype(np.int32)))
+            rows = geom.indices(("gather", H, geom.col), lambda: _gather_rows(pool, geom.pad, tables, longest, H))
+            k, v = store.read_rows(layer, rows)
             self.k[:, :, :longest, :] = k.reshape(B, H, longest, shape.k_dim)
             self.v[:, :, :longest, :] = v.reshape(B, H, longest, shape.v_dim)
         self.flushed = longest
@@ -145,15 +152,29 @@ class WorkingCopy:
         start, end = self.flushed, self.geom.col
         if end <= start:
             return
-        pool, bs = self.pool, self.pool.block_size
+        pool, geom = self.pool, self.geom
         H = pool.storage.layers[self.layer].kv_heads
-        pos = np.arange(start, end)[None, :] - self.geom.pad[:, None]  # [B, m]
-        blocks = np.stack([np.asarray(t, dtype=np.int64)[np.minimum(p // bs, len(t) - 1)] for t, p in zip(tables, pos)])
-        rows = row_index(np.where(pos >= 0, blocks, pool.TRASH), pos % bs, H, bs)
-        pool.storage.write(
-            self.layer,
-            mx.array(rows.reshape(-1).astype(np.int32)),
-            self.k[:, :, start:end, :],
-            self.v[:, :, start:end, :],
-        )
+        rows = geom.indices(("flush", H, start, end), lambda: _flush_rows(pool, geom.pad, tables, start, end, H))
+        pool.storage.write(self.layer, rows, self.k[:, :, start:end, :], self.v[:, :, start:end, :])
         self.flushed = end
+
+
+def _gather_rows(pool, pad: np.ndarray, tables: list[list[int]], longest: int, H: int) -> np.ndarray:
+    """Pool rows of the rows' first `longest` columns, right-aligned (`pad`), the null block's
+    in the padding: what a copy gathers."""
+    bs = pool.block_size
+    pos = np.arange(longest)[None, :] - pad[:, None]  # [B, longest] position per column
+    valid = pos >= 0
+    table = np.zeros((len(tables), max(1, -(-longest // bs))), dtype=np.int64)
+    for b, t in enumerate(tables):
+        table[b, : min(len(t), table.shape[1])] = t[: table.shape[1]]
+    blocks = np.take_along_axis(table, np.where(valid, pos // bs, 0), axis=1)
+    return row_index(np.where(valid, blocks, pool.NULL), np.where(valid, pos % bs, 0), H, bs)
+
+
+def _flush_rows(pool, pad: np.ndarray, tables: list[list[int]], start: int, end: int, H: int) -> np.ndarray:
+    """Pool rows of columns `start:end` in the rows' blocks (the trash block's in the padding)."""
+    bs = pool.block_size
+    pos = np.arange(start, end)[None, :] - pad[:, None]  # [B, m]
+    blocks = np.stack([np.asarray(t, dtype=np.int64)[np.minimum(p // bs, len(t) - 1)] for t, p in zip(tables, pos)])
+    return row_index(np.where(pos >= 0, blocks, pool.TRASH), pos % bs, H, bs)
