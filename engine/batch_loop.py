@@ -1,11 +1,14 @@
 """Our continuous-batching loop over an mlx_lm model and the paged KV cache.
 
 Each `step()` issues, without waiting for the device:
-- one decode step of the running batch: its input tokens are the previous step's sampled tokens,
-  still on the device (a lazy array), so the step is enqueued before those are read;
 - one prefill chunk (up to `prefill_step_size` tokens of up to `prefill_batch_size` prompts,
   right-padded): the prompt but its last token, whose K/V go to the pool; the last token is the
-  row's input to its first decode step, which samples its first output token.
+  row's input to its first decode step, which samples its first output token. The chunk is
+  handed to the device at once, so it runs while the host builds the decode step;
+- one decode step of the running batch, with the rows whose prompt that chunk finished: a
+  prompt's first token comes from the step that computed the rest of it. Its input tokens are
+  the previous step's sampled tokens, still on the device (a lazy array), so the step is
+  enqueued before those are read.
 
 Then it reads the previous step's tokens (the one host sync of the step) and reports them. A
 row that finished there (a stop token) was already in the step just issued: that one token of
@@ -112,13 +115,14 @@ class _Batch:
     lora: mx.array | None = None  # [B] each row's adapter slot (engine.lora); None: no row has one
 
 
-def batch_rows_history(row: Row, joined: bool) -> list[int]:
+def batch_rows_history(row: Row) -> list[int]:
     """The tokens a row's penalties count before its next input (the step adds that one). The
-    host history lacks a running row's in-flight token, which is that input; a row that just
-    joined has its input, its last prompt token, in the history already."""
+    input is the row's newest token. The host history has it once it was read back: a row that
+    just joined (its last prompt token), and every row of an unpipelined loop; a pipelined loop
+    has not read a running row's input yet (it is in flight)."""
     if row.history is None:
         return []
-    return row.history[:-1] if joined else row.history
+    return row.history[:-1] if row.produced == row.issued else row.history
 
 
 class BatchLoop:
@@ -223,10 +227,11 @@ class BatchLoop:
         return self._plain_step()
 
     def _plain_step(self) -> list[Token]:
-        issued, out = self._issue_decode()
-        prefilled = self._issue_prefill()
-        if issued is not None or prefilled:  # the tokens, and the K/V writes into the pool
-            mx.async_eval(*(issued.arrays() if issued is not None else []), *self.kv.take_writes())
+        if self._issue_prefill():  # the device starts the chunk while the host builds the decode step
+            mx.async_eval(*self.kv.take_writes())
+        issued, out = self._issue_decode()  # rows whose prompt the chunk finished decode in it
+        if issued is not None:  # the tokens, and the K/V writes into the pool
+            mx.async_eval(*issued.arrays(), *self.kv.take_writes())
         if not self.pipelined:
             return out + self._read(issued) if issued is not None else out
         previous, self._issued = self._issued, issued
@@ -303,8 +308,7 @@ class BatchLoop:
         batch.lora = self._slots(rows)
         histories = None
         if any(r.history is not None for r in rows):  # what each row has seen before its next input
-            kept = [batch_rows_history(r, joined=False) for r in rows[: len(rows) - len(joining)]]
-            histories = kept + [batch_rows_history(r, joined=True) for r in joining]
+            histories = [batch_rows_history(r) for r in rows]
         batch.sampling = BatchSampling.build([r.request.params for r in rows], [r.key for r in rows], histories)
         batch.constrained = any(r.request.constraint is not None for r in rows)
         batch.capped = any(r.request.cap is not None for r in rows)
@@ -352,15 +356,17 @@ class BatchLoop:
         return n, [n] * len(rows)
 
     def next_writes(self) -> StepWrites:
-        """What the next step writes: a token for each decoding row that goes on, and the next
-        prompt chunk."""
+        """What the next step writes: the next prompt chunk, and a token for each decoding row
+        that goes on, the rows whose prompt that chunk finishes among them."""
+        rows = self.prefilling[: self.prefill_batch_size]
+        real = self._chunk(rows)[1] if rows else []
+        finishing = [r for r, k in zip(rows, real) if k == len(r.todo) - 1]
         decode = [
-            r.blocks for r in itertools.chain(self.batch.rows, self.joining) if not r.done and r.issued < r.max_tokens
+            r.blocks
+            for r in itertools.chain(self.batch.rows, self.joining, finishing)
+            if not r.done and r.issued < r.max_tokens
         ]
-        prefill = [
-            (r.blocks, min(self.prefill_step_size, len(r.todo) - 1)) for r in self.prefilling[: self.prefill_batch_size]
-        ]
-        return StepWrites(decode, prefill)
+        return StepWrites(decode, [(r.blocks, k) for r, k in zip(rows, real)])
 
     def _slots(self, rows: list[Row]) -> mx.array | None:
         """The rows' adapter slots for a forward call; None when no row has an adapter."""

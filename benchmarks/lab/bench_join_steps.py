@@ -11,7 +11,8 @@ steps, then decodes steadily, and times each step and its parts (engine methods 
 run, as bench_step_phases does): `issue_decode` (its `decode_copies` and `compiled_call`),
 `issue_prefill`, `async_eval` (on CUDA it encodes and launches the step's kernels) and `read` (the
 host sync). `--rounds` repeats the schedule on the same scheduler, so the later rounds run with
-every shape already seen. Prints JSON, then a table per step kind, ms.
+every shape already seen. Each request's time to its first token is measured from its `add` (`--join
+1 --join-steps 1`: one request alone). Prints JSON, then a table per step kind, ms.
 """
 
 from __future__ import annotations
@@ -27,8 +28,10 @@ from .bench_step_phases import TIMED, timers
 PARTS = ["issue_decode", "decode_copies", "compiled_call", "issue_prefill", "read"]
 
 
-def run_schedule(sched, tokenizer, args, tag: str) -> list[dict]:
-    """One round: requests joining `args.join` a step, then steady decode until all finish."""
+def run_schedule(sched, tokenizer, args, tag: str) -> tuple[list[dict], list[float]]:
+    """One round: requests joining `args.join` a step, then steady decode until all finish. Its
+    steps, and each request's time to its first token (ms, from its `add` to the step that
+    returned it)."""
     import mlx.core as mx
 
     from engine import batch_loop
@@ -37,7 +40,7 @@ def run_schedule(sched, tokenizer, args, tag: str) -> list[dict]:
     from engine.text_stream import TextStream
 
     params = SamplingParams(temperature=0, max_tokens=args.tokens, ignore_eos=True)
-    steps, totals, n = [], collections.Counter(), 0
+    steps, totals, n, added, ttft = [], collections.Counter(), 0, {}, []
     launch = batch_loop.mx.async_eval
 
     def timed_launch(*arrays):
@@ -51,6 +54,7 @@ def run_schedule(sched, tokenizer, args, tag: str) -> list[dict]:
             joined = args.join if step < args.join_steps else 0
             for _ in range(joined):
                 ids = tokenizer.encode(f"{tag} request {n}: the quick brown fox jumps over the lazy dog")[:32]
+                added[f"{tag}-{n}"] = time.perf_counter()
                 sched.add(Request(f"{tag}-{n}", ids, params, args.tokens, TextStream(tokenizer.detokenizer, [])))
                 n += 1
             if not sched.has_work():
@@ -60,8 +64,10 @@ def run_schedule(sched, tokenizer, args, tag: str) -> list[dict]:
             rows, prefilling = len(loop.batch.rows), len(loop.prefilling) + len(loop.joining)
             start = time.perf_counter()
             with timers(totals):
-                sched.step()
-            wall = time.perf_counter() - start
+                outputs = sched.step()
+            now = time.perf_counter()
+            wall = now - start
+            ttft += [1000 * (now - added.pop(o.request_id)) for o in outputs if o.request_id in added]
             kind = "join" if prefilling or len(loop.batch.rows) != rows else "steady"
             ms = {k: round(1000 * totals[k], 2) for k in [*PARTS, "async_eval"]}
             steps.append(
@@ -70,7 +76,7 @@ def run_schedule(sched, tokenizer, args, tag: str) -> list[dict]:
     finally:
         batch_loop.mx.async_eval = launch
         mx.synchronize()
-    return steps
+    return steps, ttft
 
 
 def summary(steps: list[dict]) -> dict:
@@ -96,9 +102,10 @@ def main(argv=None) -> None:
     sched = Scheduler(loaded.model, loaded.tokenizer, config, make_cache_manager(loaded.model, config))
     rounds = []
     for r in range(args.rounds):
-        steps = run_schedule(sched, loaded.tokenizer, args, f"r{r}")
-        rounds.append({"round": r, "summary": summary(steps), "steps": steps})
-        print(f"round {r}: {summary(steps)}", flush=True)
+        steps, ttft = run_schedule(sched, loaded.tokenizer, args, f"r{r}")
+        ttft_ms = {"p50": round(statistics.median(ttft), 2), "max": round(max(ttft), 2)}
+        rounds.append({"round": r, "summary": summary(steps), "ttft_ms": ttft_ms, "steps": steps})
+        print(f"round {r}: {summary(steps)} first token {ttft_ms}", flush=True)
     last = rounds[-1]["summary"]
     table = [[kind, s["steps"], s["wall_ms"], *(s[k] for k in [*PARTS, "async_eval"])] for kind, s in last.items()]
     doc = {

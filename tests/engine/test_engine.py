@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
+import numpy as np
 import pytest
 
 from engine.config import EngineConfig
@@ -359,8 +360,9 @@ async def test_the_pipelined_loop_gives_the_same_tokens_as_the_unpipelined_one()
 
 @pytest.mark.parametrize("pipelined", [False, True])
 def test_an_unpipelined_step_reports_its_own_tokens(smollm, pipelined):
-    """Unpipelined (the CPU's default), the step that computes a token reports it: the first token
-    comes out of the row's first decode step, not the step after (a step of latency on every token)."""
+    """Unpipelined (the CPU's default), the step that computes a token reports it (pipelined, the
+    step after). A short prompt's first token is computed by the step that prefills it: its
+    chunk, then its first decode step, in one step (not a step of latency more)."""
     from engine.kv.manager import make_cache_manager
     from engine.request import Request
     from engine.scheduler import Scheduler
@@ -379,5 +381,39 @@ def test_an_unpipelined_step_reports_its_own_tokens(smollm, pipelined):
         if not sched.has_work():
             break
     sched.gen.close()
-    # the prompt's chunk at step 1; its first decode step at 2 (reported there, or at 3 pipelined)
-    assert steps_with_tokens == ([3, 4, 5] if pipelined else [2, 3, 4])
+    # the prompt's chunk and its first decode step at step 1 (reported there, or at 2 pipelined)
+    assert steps_with_tokens == ([2, 3, 4] if pipelined else [1, 2, 3])
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_a_penalty_row_counts_each_token_once_when_a_neighbour_joins(smollm, pipelined):
+    """A frequency penalty counts the prompt and every output token once, also across a step
+    where the batch is rebuilt for a neighbour that joins (unpipelined, the running row's input
+    is already in its host history then: counted twice, it skewed the row's penalties)."""
+    from engine.kv.manager import make_cache_manager
+    from engine.request import Request
+    from engine.scheduler import Scheduler
+    from engine.text_stream import TextStream
+
+    config = EngineConfig(pipelined_decode=pipelined)
+    model, tokenizer = smollm.model, smollm.tokenizer
+    sched = Scheduler(model, tokenizer, config, make_cache_manager(model, config))
+
+    def add(rid, text, **penalty):
+        ids = tokenizer.encode(text)
+        params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, **penalty)
+        sched.add(Request(rid, ids, params, 8, TextStream(tokenizer.detokenizer, [])))
+        return ids
+
+    prompt = add("pen", "The river runs", frequency_penalty=0.5)
+    for _ in range(3):
+        sched.step()
+    add("late", "A short poem")
+    sched.step()  # the late row's chunk, then a decode step of a rebuilt batch
+    loop = sched.gen
+    row = loop.rows["pen"]
+    assert [r.request.request_id for r in loop.batch.rows] == ["pen", "late"]
+    inputs = prompt + sched.requests["pen"].output_ids[: row.issued - 1]  # what its steps consumed
+    want = np.bincount(inputs, minlength=loop.batch.sampling.counts.shape[-1])
+    assert np.array_equal(np.asarray(loop.batch.sampling.counts[0]), want)
+    loop.close()

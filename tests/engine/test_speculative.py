@@ -198,11 +198,12 @@ def perturbed(loaded, scale: float):
 @pytest.fixture(scope="module")
 def drafted(load_once, engines, monkeypatch_module):
     """An engine speculating with a draft model: SmolLM2 with seeded noise on its weights (drafts
-    mostly right, partly wrong: rejections cut both caches back)."""
+    mostly right, partly wrong: rejections cut both caches back). At 0.05 about half the drafted
+    tokens are kept; at 0.15 it was 3%, so whether any was kept hung on one or two steps."""
     import engine.engine
 
     shared = engine.engine.load_model
-    noisy = perturbed(shared(SMOLLM), 0.15)
+    noisy = perturbed(shared(SMOLLM), 0.05)
     monkeypatch_module.setattr(engine.engine, "load_model", lambda s, **kw: noisy if s == "noisy" else shared(s, **kw))
     config = CONFIG.model_copy(update={"speculative": SpeculativeConfig(method="draft", draft_model="noisy")})
     eng = AsyncEngine.from_source(SMOLLM, config)
