@@ -6,6 +6,7 @@ so it refuses to run while something already serves on the port) and stops with 
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
@@ -58,10 +59,22 @@ def clean_ray() -> None:
     pytest.fail(f"{BASE} is already serving: stop that server (or its Ray cluster) before this test")
 
 
+def ray_logs_off_stderr() -> bool:
+    """Whether this run's Ray Serve keeps its actors' logs off stderr: Ray's throughput switch
+    (`RAY_SERVE_THROUGHPUT_OPTIMIZED=1`) sets `RAY_SERVE_LOG_TO_STDERR=0`."""
+    return (
+        os.environ.get("RAY_SERVE_LOG_TO_STDERR", "1") == "0" or os.environ.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == "1"
+    )
+
+
 def start_serve(config: str | Path, log: Path) -> subprocess.Popen:
+    """`serve run CONFIG`, its output in `log`. Under Ray's throughput switch a replica also holds
+    up to 1,000 log records before writing its file; here it writes each at once (the tests read
+    replicas' lines as they happen: `serve_output`)."""
     clean_ray()
+    env = {**os.environ, "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1"} if ray_logs_off_stderr() else None
     with open(log, "w") as out:
-        return launch.start(config, out)
+        return launch.start(config, out, env=env)
 
 
 def _healthy(proc: subprocess.Popen, log: Path) -> float:
@@ -108,11 +121,22 @@ def wait_healthy(proc: subprocess.Popen, log: Path, timeout_s: float = 180) -> f
         pytest.fail(f"{e}:\n{log.read_text()[-4000:]}")
 
 
+def serve_output(log: Path) -> str:
+    """What `serve run` printed, and, when Ray Serve keeps its actors' logs off stderr
+    (`RAY_SERVE_THROUGHPUT_OPTIMIZED=1` sets `RAY_SERVE_LOG_TO_STDERR=0`), its replicas' log files
+    of this Ray session: where our replicas' lines are then."""
+    text = log.read_text()
+    if ray_logs_off_stderr():
+        files = sorted(Path("/tmp/ray/session_latest/logs/serve").glob("replica_*.log"))
+        text += "".join(f.read_text(errors="replace") for f in files)
+    return text
+
+
 def wait_for_log(proc: subprocess.Popen, log: Path, text: str, timeout_s: float = 120) -> str:
     deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and text not in log.read_text() and proc.poll() is None:
+    while time.monotonic() < deadline and text not in serve_output(log) and proc.poll() is None:
         time.sleep(1)
-    return log.read_text()
+    return serve_output(log)
 
 
 def failed_deploy_outputs(config_texts: dict[str, str], tmp_path: Path) -> str:

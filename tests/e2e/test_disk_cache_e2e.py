@@ -23,7 +23,7 @@ import pytest
 
 from engine.kv.disk_tier import MAGIC
 
-from .serving import BASE, ROOT, start_serve, stop, wait_for_log, wait_healthy
+from .serving import BASE, ROOT, serve_output, start_serve, stop, wait_for_log, wait_healthy
 
 pytestmark = pytest.mark.slow
 
@@ -119,7 +119,7 @@ def test_3_after_ctrl_c_and_a_new_serve_run_the_prompt_comes_from_disk(server, c
     proc = server["proc"]
     os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C in a terminal: the whole process group
     proc.wait(120)
-    flushes = [line for line in server["log"].read_text().splitlines() if FLUSHED in line]
+    flushes = [line for line in serve_output(server["log"]).splitlines() if FLUSHED in line]
     assert len(flushes) == 2, flushes  # the unload's, then Ctrl-C's (Ray Serve's graceful stop of the replica)
     assert all(line.endswith(" 0 unwritten") for line in flushes), flushes
     stop(proc)
