@@ -491,7 +491,8 @@ class PagedCacheManager:
         blocks' chain. A snapshot inside a full block goes on the block its chain indexes (a
         repeat of this prompt walks that chain) and on the one a lookup of its tokens names
         (`holder`: a prompt that parts from this one there resumes from it), which may be a
-        sibling's: a row that matched a sibling's block part-way snapshots where they part."""
+        sibling's: a row that matched a sibling's block part-way snapshots where they part. The
+        two share the arrays; the store's budget counts them once per block (it may evict one)."""
         bs = self.pool.block_size
         pending = []
         for n, arrays in seq.snapshots:
