@@ -486,13 +486,10 @@ class PagedCacheManager:
         return seq.last_state == 0 or n - seq.last_state >= self.min_gap
 
     def _attach(self, seq: SeqBlocks, tokens: list[int], hashes: list[bytes]) -> None:
-        """Store the row's snapshots on the indexed blocks that hold their last tokens; those not
-        yet indexed stay pending. `tokens`, `hashes`: what the row's blocks hold, and their full
-        blocks' chain. A snapshot inside a full block goes on the block its chain indexes (a
-        repeat of this prompt walks that chain) and on the one a lookup of its tokens names
-        (`holder`: a prompt that parts from this one there resumes from it), which may be a
-        sibling's: a row that matched a sibling's block part-way snapshots where they part. The
-        two share the arrays; the store's budget counts them once per block (it may evict one)."""
+        """Store the row's snapshots on the indexed blocks holding their last tokens (those not yet
+        indexed stay pending): its chain's block (a repeat walks that chain) and the one a lookup
+        of its tokens names (`holder`, maybe a sibling's: a prompt parting there resumes from it).
+        `tokens`, `hashes`: what the row's blocks hold, and their full blocks' chain."""
         bs = self.pool.block_size
         pending = []
         for n, arrays in seq.snapshots:
