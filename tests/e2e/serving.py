@@ -122,9 +122,8 @@ def wait_healthy(proc: subprocess.Popen, log: Path, timeout_s: float = 180) -> f
 
 
 def serve_output(log: Path) -> str:
-    """What `serve run` printed, and, when Ray Serve keeps its actors' logs off stderr
-    (`RAY_SERVE_THROUGHPUT_OPTIMIZED=1` sets `RAY_SERVE_LOG_TO_STDERR=0`), its replicas' log files
-    of this Ray session: where our replicas' lines are then."""
+    """What `serve run` printed, and its replicas' log files of this Ray session when
+    `ray_logs_off_stderr()` (our replicas' lines are only there then)."""
     text = log.read_text()
     if ray_logs_off_stderr():
         files = sorted(Path("/tmp/ray/session_latest/logs/serve").glob("replica_*.log"))
