@@ -27,19 +27,18 @@ How a request goes through the paged cache:
   max_cache_entries.
 
 The budget, in blocks (memory-aware mode; entry-count mode has none):
-- `BlockPool.capacity`: what the byte budget buys (`budget_bytes` / block bytes, less the reserved blocks).
-- `WORKING_COPY_SHARE`: the share of it that cached (unreferenced) blocks leave to decode working
-  copies: the pool grows for cached blocks only up to the rest (`BlockPool.cache_capacity`).
-- `headroom()`: what running requests may still take: capacity less the blocks in use and the
-  working copies (cached blocks count as free: they are evicted when needed).
-- `copy_room()`: what working copies may take: capacity less what the pool holds or has promised
-  (`_outstanding`, reserve mode only).
+- `BlockPool.capacity`: what the byte budget buys (`budget_bytes` / block bytes, less the reserved
+  blocks); `WORKING_COPY_SHARE` of it is left to decode working copies by cached (unreferenced)
+  blocks (`BlockPool.cache_capacity`). `headroom()`: what running requests may still take (capacity
+  less the blocks in use and the working copies; cached blocks are evicted when needed).
+  `copy_room()`: what working copies may take (capacity less what the pool holds or has promised).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from pathlib import Path
 
 import mlx.core as mx
@@ -108,6 +107,8 @@ class NoCache:
 # Share of the budget that cached (unreferenced) blocks leave to decode working copies; running
 # requests may still take the whole budget (then decode gathers blocks instead).
 WORKING_COPY_SHARE = 0.25
+# `ORCHARD_PARTIAL_BLOCKS=recompute`: a partly matched block is computed again, not copied (measuring)
+RECOMPUTE_PARTIAL = os.environ.get("ORCHARD_PARTIAL_BLOCKS") == "recompute"
 
 
 class PagedCacheManager:
@@ -433,6 +434,7 @@ class PagedCacheManager:
         cached = min(match.tokens(bs), prompt_len - 1)
         if cached == 1 and prompt_len > 2:  # a lone shared BOS is no prefix worth a copy-on-write
             cached = 0
+        cached -= cached % bs if RECOMPUTE_PARTIAL else 0
         nblocks = -(-cached // bs)
         table = match.blocks[:nblocks]
         if nblocks > len(table):
