@@ -153,13 +153,14 @@ class BatchLoop:
         self.lora = lora
         self.embed = embed  # a vision model's token embedding table: image rows prefill from embeddings
         self.pipelined = mx.default_device() != mx.cpu if pipelined is None else pipelined
-        # Speculative decoding (engine.speculative): drafts need each row's tokens on the host, so
-        # the loop runs unpipelined; `room` says whether a verify step's extra writes fit the budget.
+        # Speculative decoding (engine.speculative): drafts need each row's tokens on the host, so a
+        # pipelined loop reads its step in flight first when a row would draft (a draft model's loop
+        # runs unpipelined); `room` says whether a verify step's extra writes fit the budget.
         if speculative is not None and speculative.method == "draft" and drafter is None:
             speculative = None  # no draft model loaded (a load-time check's loop): plain decoding
         self.spec = Speculator(speculative, drafter) if speculative is not None and speculative.method else None
         self.room = room
-        if self.spec is not None:
+        if self.spec is not None and self.spec.drafter is not None:
             self.pipelined = False
         self._after_verify: tuple[int, float] | None = None  # (tokens, seconds) of the last verify step
         self._verify_tokens = 0
@@ -425,8 +426,9 @@ class BatchLoop:
         it ran no prompt chunk (a plain step right after a verify counts with the verify: it
         rebuilds the decode working copies)."""
         start, waiting = time.perf_counter(), bool(self.prefilling)
-        verified = self._speculate()
-        out = verified if verified is not None else self._plain_step()
+        out = self._read_for_drafts()
+        verified = self._speculate() if self._issued is None else None
+        out += verified if verified is not None else self._plain_step()
         seconds, costs, rows = time.perf_counter() - start, self.spec.costs, len(self.batch.rows)
         after, self._after_verify = self._after_verify, None
         if waiting or not rows:
@@ -440,11 +442,30 @@ class BatchLoop:
             costs.observe(rows, seconds)
         return out
 
+    def _read_for_drafts(self) -> list[Token]:
+        """Pipelined, with a step in flight: its tokens, read now when a row would draft on the
+        tokens the host has (a verify step needs every row's last one); else the pauses run down
+        and the loop stays pipelined."""
+        if self._issued is None or not self._verifiable():
+            return []
+        rows = self.batch.rows
+        specs = [r.spec for r in rows]
+        if self.spec.may_draft(specs, [r.max_tokens - r.issued - 1 for r in rows]):
+            previous, self._issued = self._issued, None
+            return self._read(previous)
+        self.spec.tick(specs)
+        return []
+
+    def _verifiable(self) -> bool:
+        """Whether the batch may verify drafts: masks (grammars, caps) and penalties are per token."""
+        batch = self.batch
+        return bool(batch.rows) and not (batch.constrained or batch.capped or batch.sampling.penalties is not None)
+
     def _speculate(self) -> list[Token] | None:
         """A verify step when rows have drafts and their writes fit; None: a plain step instead."""
         self._update_batch()
         batch = self.batch
-        if not batch.rows or batch.constrained or batch.capped or batch.sampling.penalties is not None:
+        if not self._verifiable():
             return None
         specs = [r.spec for r in batch.rows]
         drafts = self.spec.drafts(specs, [r.max_tokens - r.issued - 1 for r in batch.rows])

@@ -17,9 +17,10 @@ first sampled token that differs (or the one after the last draft). So:
 
 The K/V written for rejected drafts are cut off after the step (`BatchKV.truncate`).
 
-Who drafts: a row whose tokens the host knows (the loop runs unpipelined while speculating),
-which has no grammar, thinking cap or penalties, and which has room before `max_tokens`. A batch
-with such a constrained row verifies nothing that step (the masks are per token). A row whose
+Who drafts: a row whose tokens the host knows (a pipelined loop first reads its step in flight
+when a row would draft on the tokens it has; a draft model's loop runs unpipelined), which has
+no grammar, thinking cap or penalties, and which has room before `max_tokens`. A batch with such
+a constrained row verifies nothing that step (the masks are per token). A row whose
 recent drafts were mostly rejected (`min_acceptance`) pauses, 4 steps at first and twice as long
 each time after, so open-ended output costs a lookup a step and rarely a wasted verify. And a
 step verifies only when it should pay: the loop measures what plain and verify steps cost on
@@ -219,6 +220,16 @@ class Speculator:
         for i, drafts in zip(wants, proposed):
             out[i] = drafts[: rooms[i]]
         return out
+
+    def may_draft(self, specs: list[RowSpec], rooms: list[int]) -> bool:
+        """Whether a row would draft by prompt lookup on the tokens the host has (no pause runs down)."""
+        k = self.config.num_draft_tokens
+        return any(s.pause == 0 and room > 0 and s.lookup(min(k, room)) for s, room in zip(specs, rooms))
+
+    def tick(self, specs: list[RowSpec]) -> None:
+        """A step that made no drafts: the rows' pauses run down as `drafts` runs them down."""
+        for spec in specs:
+            spec.pause = max(0, spec.pause - 1)
 
     def keep(self, spec: RowSpec, drafted: int, accepted: int) -> None:
         """Before a verified row's tokens are emitted (a row that finishes leaves with them): its

@@ -16,7 +16,7 @@ import pytest
 from engine.config import EngineConfig, SpeculativeConfig
 from engine.engine import AsyncEngine
 from engine.request import PromptInput
-from engine.speculative import EXPLORE, PAUSE_MIN, NgramIndex, RowSpec, StepCosts, kept
+from engine.speculative import EXPLORE, PAUSE_MIN, NgramIndex, RowSpec, Speculator, StepCosts, kept
 
 from ..conftest import SMOLLM
 from .helpers import chat, run
@@ -31,11 +31,21 @@ CONFIG = EngineConfig(cache_memory_mb=64, max_num_seqs=8)
 
 
 @pytest.fixture(scope="module")
-def engines(load_once):
-    off = AsyncEngine.from_source(SMOLLM, CONFIG)
-    on = AsyncEngine.from_source(SMOLLM, CONFIG.model_copy(update={"speculative": SpeculativeConfig(method="ngram")}))
+def off(load_once):
+    eng = AsyncEngine.from_source(SMOLLM, CONFIG)
+    yield eng
+    eng.shutdown()
+
+
+@pytest.fixture(scope="module", params=["unpipelined", "pipelined"])
+def engines(off, request):
+    """Without speculation, and with prompt lookup: in the CPU's unpipelined loop, and in the
+    pipelined one a GPU runs (it reads its step in flight first whenever a row would draft)."""
+    pipelined = request.param == "pipelined"
+    update = {"speculative": SpeculativeConfig(method="ngram"), "pipelined_decode": pipelined}
+    on = AsyncEngine.from_source(SMOLLM, CONFIG.model_copy(update=update))
+    assert on.scheduler.gen.pipelined is pipelined
     yield off, on
-    off.shutdown()
     on.shutdown()
 
 
@@ -86,6 +96,15 @@ def test_a_row_pauses_when_its_drafts_are_rejected_and_longer_each_time():
     spec.judge(4, 0)
     spec.judge(4, 0)
     assert spec.pause == 2 * PAUSE_MIN
+    # a pipelined loop asks first whether a row would draft (no pause runs down), then ticks
+    speculator = Speculator(SpeculativeConfig(method="ngram"))
+    rows = [speculator.start([1, 2, 3, 1, 2]), speculator.start([4, 5, 6])]
+    assert speculator.may_draft(rows, [4, 4]) and not speculator.may_draft(rows, [0, 4])
+    rows[0].pause = 2
+    assert not speculator.may_draft(rows, [4, 4]) and rows[0].pause == 2
+    speculator.tick(rows)
+    speculator.tick(rows)
+    assert speculator.may_draft(rows, [4, 4]) and rows[1].pause == 0
     assert kept([5, 6, 7], [5, 6, 8, 9]) == 2 and kept([5], [4, 1]) == 0 and kept([], [3]) == 0
 
 
@@ -196,7 +215,7 @@ def perturbed(loaded, scale: float):
 
 
 @pytest.fixture(scope="module")
-def drafted(load_once, engines, monkeypatch_module):
+def drafted(load_once, monkeypatch_module):
     """An engine speculating with a draft model: SmolLM2 with seeded noise on its weights (drafts
     mostly right, partly wrong: rejections cut both caches back). At 0.05 about half the drafted
     tokens are kept; at 0.15 it was 3%, so whether any was kept hung on one or two steps."""
@@ -217,8 +236,7 @@ def monkeypatch_module():
         yield patch
 
 
-async def test_a_draft_model_batch_decodes_each_row_as_without_speculation(engines, drafted):
-    off, _ = engines
+async def test_a_draft_model_batch_decodes_each_row_as_without_speculation(off, drafted):
     cases = [
         (EDIT, dict(max_tokens=20, temperature=0)),
         (OPEN, dict(max_tokens=16, temperature=0)),
