@@ -136,10 +136,16 @@ def spec_counters(engine) -> dict:
     return dataclasses.asdict(spec.counters)
 
 
+def prompt_input(engine, text: str):
+    """A user's chat turn; the text as it is for a base model (a synthetic one, on a GPU)."""
+    from engine.request import PromptInput
+
+    return PromptInput(messages=[{"role": "user", "content": text}]) if engine.template else PromptInput(text=text)
+
+
 async def run_wave(engine, prompts: list[str], max_tokens: int) -> dict:
     """`prompts` submitted together, run to completion: tok/s, TTFTs, each output's token ids, and
     what speculation did meanwhile."""
-    from engine.request import PromptInput
     from engine.sampling import SamplingParams
 
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens)
@@ -147,7 +153,7 @@ async def run_wave(engine, prompts: list[str], max_tokens: int) -> dict:
     async def one(text: str):
         start = time.perf_counter()
         ttft, ids = None, []
-        async for out in engine.submit(PromptInput(messages=[{"role": "user", "content": text}]), params):
+        async for out in engine.submit(prompt_input(engine, text), params):
             if out.token_ids and ttft is None:
                 ttft = time.perf_counter() - start
             ids += out.token_ids
@@ -257,11 +263,10 @@ async def measure(engines: dict, workload: str, clients: int, args) -> list[dict
                 file=sys.stderr,
                 flush=True,
             )
-    from engine.request import PromptInput
 
     any_engine = next(iter(engines.values()))
     codec = (
-        lambda text: any_engine.encode(PromptInput(messages=[{"role": "user", "content": text}])),
+        lambda text: any_engine.encode(prompt_input(any_engine, text)),
         any_engine.tokenizer.decode,
     )
     reference = runs.get("off")
