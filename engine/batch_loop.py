@@ -168,6 +168,7 @@ class BatchLoop:
         self.eager_unpadded = eager_unpadded(unpadded)
         self.grammars = grammars
         self.kv = kv
+        kv.pipelined = self.pipelined
         self.max_num_seqs = max_num_seqs
         self.prefill_batch_size = prefill_batch_size
         self.prefill_step_size = prefill_step_size

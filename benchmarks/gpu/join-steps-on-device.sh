@@ -2,7 +2,7 @@
 # Runs ON the lent GPU machine, after accel-on-device.sh installed the wheels into /tmp/site: the
 # join-step lab (benchmarks/lab/bench_join_steps.py) in each variant, alternating, on one card.
 # A variant is LABEL=TREE[:ENV=VALUE] (TREE: a checkout, e.g. a carried export of an older commit).
-#   bash benchmarks/gpu/join-steps-on-device.sh before=.accel/base after=. recompute=.:ORCHARD_PARTIAL_BLOCKS=recompute
+#   bash benchmarks/gpu/join-steps-on-device.sh before=.accel/base after=.
 # Each variant runs a lone request (`--join 1 --join-steps 1 --tokens 16 --rounds 8`), then twice the
 # default schedule (4 requests join each of 16 steps, 64 tokens, 2 rounds); JSON under $OUT/join/.
 # JOIN_ARGS: more arguments for every run (e.g. `--model smollm2-135m-instruct` to try it on a CPU).

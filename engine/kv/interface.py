@@ -92,6 +92,7 @@ class BatchKV(Protocol):
     recurrent: bool  # rows carry recurrent state (engine.kv.recurrent): prompt chunks are never padded
     grouped_mask: bool  # masks get a group axis for attention that groups queries in 5-D (engine.kv.layout)
     quant: KVQuant | None  # blocks stored quantized (engine.kv.quantized_storage); None: the model's dtype
+    pipelined: bool  # the loop's steps overlap: copies made while it runs stall it (the cache recomputes instead)
 
     def caches(self, rows: list[SeqBlocks], chunk: list[int] | None = None) -> BatchCaches:
         """The model's cache list for a batch of rows, one per cache slot (engine.kv.layout);

@@ -15,9 +15,10 @@ How a request goes through the paged cache:
   `kv_admission: reserve` it waits instead while its worst case (prompt + max_tokens, in blocks)
   does not fit next to the running requests' worst cases. A request alone always runs, even one
   larger than the budget (the pool grows past it, logged).
-- `acquire`: the longest indexed prefix (full blocks by chained hash, then the best partial block)
-  is referenced, never copied; at most all but the last prompt token (HIT), else PREFIX_HIT or
-  MISS. As it runs, each full prompt block it finishes is indexed at once (`_sync`).
+- `acquire`: the longest indexed prefix (full blocks by chained hash, then the best partial block,
+  but while a pipelined loop runs whole blocks only: a copy would wait for its step in flight) is
+  referenced; at most all but the last prompt token (HIT), else PREFIX_HIT or MISS. As it runs,
+  each full prompt block it finishes is indexed at once (`_sync`).
 - `can_allocate`, before every step: the blocks the step may take (a decoding row crossing into a
   new block or copying a shared one, a prompt chunk's new blocks plus a copy of a shared partial
   one) against `headroom`. When they do not fit, the scheduler preempts the newest request.
@@ -38,7 +39,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 from pathlib import Path
 
 import mlx.core as mx
@@ -107,8 +107,6 @@ class NoCache:
 # Share of the budget that cached (unreferenced) blocks leave to decode working copies; running
 # requests may still take the whole budget (then decode gathers blocks instead).
 WORKING_COPY_SHARE = 0.25
-# `ORCHARD_PARTIAL_BLOCKS=recompute`: a partly matched block is computed again, not copied (measuring)
-RECOMPUTE_PARTIAL = os.environ.get("ORCHARD_PARTIAL_BLOCKS") == "recompute"
 
 
 class PagedCacheManager:
@@ -434,7 +432,7 @@ class PagedCacheManager:
         cached = min(match.tokens(bs), prompt_len - 1)
         if cached == 1 and prompt_len > 2:  # a lone shared BOS is no prefix worth a copy-on-write
             cached = 0
-        cached -= cached % bs if RECOMPUTE_PARTIAL else 0
+        cached -= cached % bs if self.ctx.pipelined and self.live else 0  # (the module's `acquire`)
         nblocks = -(-cached // bs)
         table = match.blocks[:nblocks]
         if nblocks > len(table):

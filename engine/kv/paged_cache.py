@@ -193,6 +193,7 @@ class PagedContext:
         self.chunk_limit: Callable[[SeqBlocks], int | None] = lambda seq: None  # the cache manager's
         self._state_writes: list[mx.array] = []
         self.policy = "auto"  # working copies: "auto", "always" or "never"
+        self.pipelined = False  # set by a pipelined loop: a copy-on-write would wait for its step in flight
         self.copy_room = copy_room  # blocks working copies may take (None: unbounded), from the cache manager
         self.counters = {"steps_gathered": 0, "steps_working_copy": 0, "working_copy_builds": 0}
         self.copy_bytes: dict[int, int] = {}  # id(cache object) -> bytes of its working copy

@@ -178,6 +178,27 @@ async def test_exact_repeats_equal_cache_off(on, off):
             assert usage.cached_tokens == usage.prompt_tokens - 1  # a full hit: all but the last token
 
 
+async def test_a_pipelined_loop_computes_a_partly_matched_block_again_while_it_runs(off):
+    """A GPU's loop is pipelined: copying a cached block's first tokens would wait for the step in
+    flight, so while a request runs, a repeat reuses whole blocks only and computes the rest; on an
+    idle loop it copies (a full hit). Outputs equal cache off either way (SmolLM2, real weights)."""
+    eng = AsyncEngine.from_source(SMOLLM, EngineConfig(pipelined_decode=True))
+    try:
+        bs, prompt = eng.config.block_size, chat("Which day are you closed?")
+        want, _ = await run(off, prompt)
+        assert (await run(eng, prompt))[0] == want
+        got, usage = await run(eng, prompt)
+        assert got == want and usage.cached_tokens == usage.prompt_tokens - 1
+        long = eng.submit(chat("Describe the library's reading room."), SamplingParams(temperature=0, max_tokens=200))
+        await anext(long)  # it runs: the loop has a step in flight from now on
+        got, usage = await run(eng, prompt)
+        assert got == want and usage.cached_tokens == (usage.prompt_tokens - 1) // bs * bs > 0
+        await long.aclose()
+        assert (await settled(eng))["cache"]["live_sequences"] == 0
+    finally:
+        eng.shutdown()
+
+
 async def test_shared_system_prompt_equals_cache_off(on, off):
     want = [(await run(off, chat(q)))[0] for q in QUESTIONS]
     got = await asyncio.gather(*(run(on, chat(q)) for q in QUESTIONS))
