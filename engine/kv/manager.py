@@ -432,7 +432,7 @@ class PagedCacheManager:
         cached = min(match.tokens(bs), prompt_len - 1)
         if cached == 1 and prompt_len > 2:  # a lone shared BOS is no prefix worth a copy-on-write
             cached = 0
-        cached -= cached % bs if self.ctx.pipelined and self.live else 0  # (the module's `acquire`)
+        cached -= cached % bs if self.ctx.pipelined and self.live else 0  # a copy would stall the running step
         nblocks = -(-cached // bs)
         table = match.blocks[:nblocks]
         if nblocks > len(table):
