@@ -11,12 +11,21 @@ actors and subprocesses, `reexec_with_openblas()` for our own command-line entry
 The preload names the library by its soname and puts the wheel's directory first on
 LD_LIBRARY_PATH, so a process on another machine of a cluster finds its own copy (the same venv
 path, or its system library) and a machine with neither only gets the dynamic loader's warning.
+
+The wheel's OpenBLAS needs `libgfortran.so.5`, which a machine without the system package
+(Debian's libgfortran5) lacks: every process preloading it would die at exec. numpy's wheel bundles
+a libgfortran 5 under another name, so the fallback links that name to it in the cache folder.
+Before any preload is handed out, a throwaway process checks that it loads; if it cannot, the
+process runs without it and the log says why (slow, never dead).
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
+import shutil
+import subprocess
 import sys
 import sysconfig
 from pathlib import Path
@@ -24,6 +33,7 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 OPENBLAS_SONAME = "libopenblas.so.0"
+GFORTRAN_SONAME = "libgfortran.so.5"  # what the wheel's OpenBLAS links against
 SYSTEM_CANDIDATES = (
     "/usr/lib/x86_64-linux-gnu/openblas-pthread/libopenblas.so.0",
     "/usr/lib/aarch64-linux-gnu/openblas-pthread/libopenblas.so.0",
@@ -87,19 +97,78 @@ def openblas_env(require_local: bool = True) -> dict[str, str]:
     `ORCHARD_OPENBLAS` is preloaded by its path; otherwise the soname, found first in the wheel's
     directory (prepended to LD_LIBRARY_PATH), then in the system's. With `require_local` (a child
     on this machine) it is {} when this machine has no OpenBLAS; without it (a Ray actor that may
-    start on another node) the soname is preloaded regardless.
+    start on another node) the soname is preloaded regardless. Either way it is {} when this
+    machine has an OpenBLAS that cannot load (logged), since a child preloading it would not start.
     """
     if not sys.platform.startswith("linux"):
         return {}
     explicit = os.environ.get("ORCHARD_OPENBLAS")
-    if require_local and find_openblas() is None:
+    local = find_openblas()
+    if require_local and local is None:
         return {}
     inherited = os.environ.get("LD_PRELOAD", "") if require_local else ""
     env = {"LD_PRELOAD": _prepend(explicit or OPENBLAS_SONAME, inherited, drop_openblas=True)}
     wheel = wheel_openblas_dir()
+    library_path = os.environ.get("LD_LIBRARY_PATH", "")
     if wheel is not None and not explicit:
-        env["LD_LIBRARY_PATH"] = _prepend(str(wheel), os.environ.get("LD_LIBRARY_PATH", ""))
-    return env
+        env["LD_LIBRARY_PATH"] = _prepend(str(wheel), library_path)
+    if local is None or (error := _load_error(env["LD_PRELOAD"], env.get("LD_LIBRARY_PATH", ""))) is None:
+        return env
+    if wheel is not None and not explicit and (extra := _bundled_gfortran_dirs()):
+        env["LD_LIBRARY_PATH"] = ":".join([str(wheel), *extra, *[p for p in library_path.split(":") if p]])
+        if (error := _load_error(env["LD_PRELOAD"], env["LD_LIBRARY_PATH"])) is None:
+            return env
+    log.warning(
+        "OpenBLAS (%s) cannot be loaded on this machine (%s): model processes run without it, on the "
+        "reference BLAS (much slower). Install the system's libgfortran5, or set ORCHARD_OPENBLAS.",
+        local,
+        error,
+    )
+    return {}
+
+
+@functools.cache
+def _load_error(preload: str, library_path: str) -> str | None:
+    """None when a process starts with this preload, else the dynamic loader's complaint."""
+    true = shutil.which("true") or "/bin/true"
+    env = {**os.environ, "LD_PRELOAD": preload, "LD_LIBRARY_PATH": library_path}
+    try:
+        done = subprocess.run([true], env=env, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return str(e)
+    return None if done.returncode == 0 else (done.stderr.strip() or f"exit status {done.returncode}")
+
+
+def _bundled_gfortran_dirs() -> list[str]:
+    """Folders that let the wheel's OpenBLAS find `libgfortran.so.5` without the system package:
+    one holding that name, linked to the copy numpy's (or scipy's) wheel bundles under another
+    name, and the copy's own folder (its renamed libquadmath). [] when no wheel bundles one."""
+    bundled = next(
+        (
+            found
+            for key in ("purelib", "platlib")
+            for libs in ("numpy.libs", "scipy.libs")
+            for found in sorted((Path(sysconfig.get_paths()[key]) / libs).glob("libgfortran-*.so.5*"))
+        ),
+        None,
+    )
+    if bundled is None:
+        return []
+    from .loader import default_cache_dir  # loader imports this module
+
+    folder = default_cache_dir() / "openblas-deps"
+    link = folder / GFORTRAN_SONAME
+    try:
+        if not (link.is_symlink() and link.resolve() == bundled.resolve()):
+            folder.mkdir(parents=True, exist_ok=True)
+            staged = folder / f".{GFORTRAN_SONAME}.{os.getpid()}"
+            staged.unlink(missing_ok=True)
+            staged.symlink_to(bundled)
+            os.replace(staged, link)  # atomic: processes racing here agree
+    except OSError as e:
+        log.warning("could not link %s to %s: %s", link, bundled, e)
+        return []
+    return [str(folder), str(bundled.parent)]
 
 
 def reexec_with_openblas() -> None:
