@@ -162,8 +162,8 @@ class BatchLoop:
         self.room = room
         if self.spec is not None and self.spec.drafter is not None:
             self.pipelined = False
-        self._after_verify: tuple[int, float] | None = None  # (tokens, seconds) of the last verify step
-        self._verify_tokens = 0
+        self._after_verify: tuple[tuple[int, int], float, float] | None = None  # the last verify step's (_timed_step)
+        self._verify_shape = (0, 0)
         self.compiled = CompiledDecode(model, column_write, kv.grouped_mask, kv.quant, lora) if compiled else None
         self.eager_unpadded = eager_unpadded(unpadded)
         self.grammars = grammars
@@ -423,24 +423,29 @@ class BatchLoop:
     # --- speculative decoding (engine.speculative) --------------------------------------
 
     def _timed_step(self) -> list[Token]:
-        """A speculating loop's step, a verify step or a plain one, timed for `StepCosts` when
-        it ran no prompt chunk (a plain step right after a verify counts with the verify: it
-        rebuilds the decode working copies)."""
+        """A speculating loop's step, a verify step or a plain one, timed for `StepCosts` when it
+        ran no prompt chunk. A verify step and the plain step after it yield the verify's tokens
+        and one plain step's (a pipelined loop's step in flight, read before verifying; else the
+        next step's own, which rebuilds the decode working copies): the verify step costs the two
+        less a plain step, and no less than its own call after that read. Followed by a verify
+        step, it costs its own call."""
         start, waiting = time.perf_counter(), bool(self.prefilling)
         out = self._read_for_drafts()
+        drained = time.perf_counter()
         verified = self._speculate() if self._issued is None else None
         out += verified if verified is not None else self._plain_step()
-        seconds, costs, rows = time.perf_counter() - start, self.spec.costs, len(self.batch.rows)
+        end, costs, rows = time.perf_counter(), self.spec.costs, len(self.batch.rows)
         after, self._after_verify = self._after_verify, None
         if waiting or not rows:
             return out
+        if after is not None:  # ((rows, width), its call's seconds, from after the read) of the verify step before
+            shape, whole, own = after
+            plain = costs.predict(rows) if verified is None else None
+            costs.observe_verify(*shape, own if plain is None else max(own, whole + end - start - plain))
         if verified is not None:
-            self._after_verify = (self._verify_tokens, seconds)
-        elif after is not None:
-            plain = costs.predict(rows)
-            costs.observe(after[0], after[1] + max(0.0, seconds - plain) if plain is not None else after[1])
-        else:
-            costs.observe(rows, seconds)
+            self._after_verify = (self._verify_shape, end - start, end - drained)
+        elif after is None:
+            costs.observe_plain(rows, end - start)
         return out
 
     def _read_for_drafts(self) -> list[Token]:
@@ -491,7 +496,7 @@ class BatchLoop:
         self._flush()
         real = [1 + len(d) for d in drafts]
         n = max(real)
-        self._verify_tokens = len(rows) * n
+        self._verify_shape = (len(rows), n)
         chunk = np.zeros((len(rows), n), dtype=np.uint32)
         for i, (r, d) in enumerate(zip(rows, drafts)):
             chunk[i, : real[i]] = [int(r.spec.tokens[-1]), *d]

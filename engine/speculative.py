@@ -23,9 +23,10 @@ no grammar, thinking cap or penalties, and which has room before `max_tokens`. A
 a constrained row verifies nothing that step (the masks are per token). A row whose
 recent drafts were mostly rejected (`min_acceptance`) pauses, 4 steps at first and twice as long
 each time after, so open-ended output costs a lookup a step and rarely a wasted verify. And a
-step verifies only when it should pay: the loop measures what plain and verify steps cost on
-this hardware (`StepCosts`, the step after a verify, which rebuilds the decode working copies,
-counted with it), and verifies when the drafts' expected keep makes tokens per second higher.
+step verifies only when it should pay: the loop measures what plain steps (by rows) and verify
+steps (by rows and width) cost on this hardware, each kind apart (`StepCosts`; the step after a
+verify, which rebuilds the decode working copies, counted with it), and verifies when the drafts'
+expected keep makes tokens per second higher.
 """
 
 from __future__ import annotations
@@ -127,41 +128,56 @@ class SpecCounters:
 
 @dataclass
 class StepCosts:
-    """What steps cost here, measured: seconds by the tokens a step computes (a decode step's
-    rows, or a verify step's rows x its width), as running averages. A verify step is worth it
-    when its expected tokens per second beat a plain step's; the hardware decides, not a guess
-    (on a CPU a wide verify step costs nearly its width in compute, on a GPU nearly nothing)."""
+    """What steps cost here, measured, as running averages: a plain decode step by its rows, a
+    verify step by its rows and width (1 + its most drafts). The two kinds never share an
+    estimate: a verify step runs the prompt-chunk path, so a step of N tokens costs what its kind
+    costs (on a CPU both kinds cost about their tokens; on a GPU a plain step of N rows costs far
+    less than a verify step of N tokens). A verify step is worth it when its expected tokens per
+    second beat a plain step's; the hardware decides, not a guess.
 
-    seconds: dict[int, float] = field(default_factory=dict)
+    Cold start, a shape never measured: a batch whose plain step is unknown (neither measured nor
+    between two measured sizes) decodes plain first, since that is what a verify step must beat;
+    a verify shape is taken once to measure it, unless a measured verify step with no more rows
+    and no more width (so no dearer) already does not pay."""
+
+    plain: dict[int, float] = field(default_factory=dict)  # seconds by rows
+    verify: dict[tuple[int, int], float] = field(default_factory=dict)  # seconds by (rows, width)
     refused: int = 0  # verify steps declined in a row (every EXPLORE-th is taken, to measure again)
 
-    def observe(self, tokens: int, seconds: float) -> None:
-        old = self.seconds.get(tokens)
-        self.seconds[tokens] = seconds if old is None else (1 - EMA) * old + EMA * seconds
+    def observe_plain(self, rows: int, seconds: float) -> None:
+        _average(self.plain, rows, seconds)
 
-    def predict(self, tokens: int) -> float | None:
-        """Seconds for a step of `tokens`: measured, or between two measured sizes; None: unknown."""
-        if tokens in self.seconds:
-            return self.seconds[tokens]
-        below = max((t for t in self.seconds if t < tokens), default=None)
-        above = min((t for t in self.seconds if t > tokens), default=None)
+    def observe_verify(self, rows: int, width: int, seconds: float) -> None:
+        _average(self.verify, (rows, width), seconds)
+
+    def predict(self, rows: int) -> float | None:
+        """Seconds for a plain step of `rows`: measured, or between two measured sizes; None: unknown."""
+        if rows in self.plain:
+            return self.plain[rows]
+        below = max((r for r in self.plain if r < rows), default=None)
+        above = min((r for r in self.plain if r > rows), default=None)
         if below is None or above is None:
             return None
-        lo, hi = self.seconds[below], self.seconds[above]
-        return lo + (hi - lo) * (tokens - below) / (above - below)
+        lo, hi = self.plain[below], self.plain[above]
+        return lo + (hi - lo) * (rows - below) / (above - below)
+
+    def floor(self, rows: int, width: int) -> float | None:
+        """The dearest measured verify step no larger than `rows` x `width` in either: what a verify
+        step of that shape costs at least; None: none measured."""
+        return max((s for (r, w), s in self.verify.items() if r <= rows and w <= width), default=None)
 
     def worth(self, expected: list[float], width: int) -> bool:
         """Whether a verify step `width` wide, whose rows should keep `expected` drafts each, beats
         a plain step: more tokens per second for the batch, and no row's own rate below FAIR of
-        what a plain step gives it (a row that drafts nothing pays the width too). Unknown costs
-        are measured first."""
+        what a plain step gives it (a row that drafts nothing pays the width too)."""
         rows = len(expected)
-        plain, verify = self.predict(rows), self.predict(rows * width)
-        if plain is None or verify is None:
-            self.refused = 0
-            return True
-        batch = (rows + sum(expected)) / verify >= rows / plain
-        if batch and (1 + min(expected)) / verify >= FAIR / plain:
+        plain = self.predict(rows)
+        if plain is None:
+            return False  # cold start: the plain step first
+        verify = self.verify.get((rows, width))
+        if verify is None:
+            verify = self.floor(rows, width)  # cold start: taken unless even its floor does not pay
+        if verify is None or _pays(expected, plain, verify):
             self.refused = 0
             return True
         self.refused += 1
@@ -169,6 +185,18 @@ class StepCosts:
             self.refused = 0
             return True
         return False
+
+
+def _average(seconds: dict, key, value: float) -> None:
+    old = seconds.get(key)
+    seconds[key] = value if old is None else (1 - EMA) * old + EMA * value
+
+
+def _pays(expected: list[float], plain: float, verify: float) -> bool:
+    """A verify step of `verify` seconds against a plain step of `plain`: the batch's tokens per
+    second higher, and its worst row's at least FAIR of a plain step's."""
+    rows = len(expected)
+    return (rows + sum(expected)) / verify >= rows / plain and (1 + min(expected)) / verify >= FAIR / plain
 
 
 @dataclass

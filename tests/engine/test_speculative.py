@@ -110,18 +110,52 @@ def test_a_row_pauses_when_its_drafts_are_rejected_and_longer_each_time():
 
 def test_a_verify_step_is_taken_when_it_should_pay_for_the_batch_and_slow_no_row_much():
     costs = StepCosts()
-    assert costs.worth([0.0, 0.0], 5), "unknown costs are measured first"
-    costs.observe(2, 0.010)  # a plain step of 2 rows: 100 tokens/s each
-    costs.observe(20, 0.030)  # 2 rows x 10 wide (a CPU: the width costs compute)
-    assert costs.predict(11) == pytest.approx(0.020)  # between the two measured sizes
-    costs.observe(10, 0.020)
+    costs.observe_plain(2, 0.010)  # a plain step of 2 rows: 100 tokens/s each
+    costs.observe_plain(4, 0.014)
+    assert costs.predict(3) == pytest.approx(0.012)  # between the two measured sizes
+    costs.observe_verify(2, 5, 0.020)  # 2 rows x 5 wide (a CPU: the width costs compute)
     assert costs.worth([1.5, 1.5], 5)  # each row: 2.5 tokens in 20 ms
     assert not costs.worth([3.0, 0.0], 5), "the batch gains, but the row without drafts halves its rate"
-    gpu = StepCosts({2: 0.010, 10: 0.0105})  # a GPU-like width: nearly free
+    gpu = StepCosts({2: 0.010}, {(2, 5): 0.0105})  # a GPU-like width: nearly free
     assert gpu.worth([3.0, 0.0], 5)
     for _ in range(EXPLORE - 2):
         assert not costs.worth([0.5, 0.0], 5)
     assert costs.worth([0.5, 0.0], 5), "now and then it measures again"
+
+
+def test_a_verify_step_is_judged_by_verify_steps_not_by_plain_steps_computing_as_many_tokens():
+    """A GPU: a plain step of 1 to 5 rows costs about 10 ms, a verify step (the prompt-chunk path)
+    of 1 row x 5 tokens 30 ms, of 5 rows x 5 tokens 40 ms. Keyed by the tokens a step computes,
+    the plain step of 5 rows and the verify step of 1 x 5 would share one estimate (and the
+    plain step of 5 rows would stand for a verify step of 5 tokens measured never)."""
+    costs = StepCosts()
+    costs.observe_verify(1, 5, 0.030)
+    costs.observe_verify(5, 5, 0.040)
+    for rows in (1, 2, 3, 4, 5, 5, 5):
+        costs.observe_plain(rows, 0.010)
+    assert costs.verify[(1, 5)] == pytest.approx(0.030) and costs.predict(5) == pytest.approx(0.010)
+    assert not costs.worth([1.5], 5), "2.5 tokens in 30 ms against 1 in 10 ms"
+    assert not costs.worth([1.5] * 5, 5)
+    assert costs.worth([3.5] * 5, 5), "4.5 tokens a row in 40 ms beats 1 in 10 ms"
+    assert costs.predict(6) is None, "a plain step is never guessed from verify steps"
+
+
+def test_a_shape_never_measured_is_measured_first_unless_a_smaller_one_already_does_not_pay():
+    costs = StepCosts()
+    assert not costs.worth([3.0], 5), "no plain step measured: a plain step first, what verifying must beat"
+    assert costs.refused == 0
+    costs.observe_plain(1, 0.010)
+    costs.observe_plain(2, 0.012)
+    assert costs.worth([1.0], 5), "a verify shape never measured is taken, to measure it"
+    costs.observe_verify(1, 3, 0.045)  # 1 row x 3 wide: 2 tokens in 45 ms, against 1 in 10 ms
+    assert not costs.worth([1.0], 3)
+    assert not costs.worth([3.0], 5), "1 x 5 costs no less than 1 x 3: 4 tokens in >= 45 ms do not pay"
+    assert not costs.worth([2.0, 2.0], 5), "nor 2 x 5: 6 tokens in >= 45 ms, against 2 in 12 ms"
+    assert costs.worth([1.0], 2), "1 x 2 may cost less than 1 x 3: measured"
+    costs.observe_verify(1, 2, 0.011)
+    assert costs.worth([1.0], 2)
+    assert costs.worth([3.0, 3.0], 5), "2 x 5 at 45 ms or more: 8 tokens might pay, so it is measured"
+    assert costs.refused == 0
 
 
 async def test_greedy_editing_decodes_the_same_in_fewer_steps(engines):
@@ -135,6 +169,8 @@ async def test_greedy_editing_decodes_the_same_in_fewer_steps(engines):
     assert spec["method"] == "ngram"
     assert spec["accepted_tokens"] > before.get("accepted_tokens", 0)
     assert spec["tokens_per_step"] > 2
+    costs = on.scheduler.gen.spec.costs  # each kind of step measured apart: a verify step is >= 2 wide
+    assert costs.plain and costs.verify and all(width >= 2 for _, width in costs.verify)
 
 
 async def test_a_mixed_batch_decodes_each_row_as_without_speculation(engines):
