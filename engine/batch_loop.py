@@ -449,14 +449,15 @@ class BatchLoop:
         return out
 
     def _read_for_drafts(self) -> list[Token]:
-        """Pipelined, with a step in flight: its tokens, read now when a row would draft on the
-        tokens the host has (a verify step needs every row's last one); else the pauses run down
-        and the loop stays pipelined."""
+        """Pipelined, with a step in flight: its tokens, read now when a verify step may come
+        (a row would draft on the tokens the host has, and the cost rule would take the step: a
+        verify step needs every row's last token, and a read it would refuse costs the overlap);
+        else the pauses run down and the loop stays pipelined."""
         if self._issued is None or not self._verifiable():
             return []
         rows = self.batch.rows
         specs = [r.spec for r in rows]
-        if self.spec.may_draft(specs, [r.max_tokens - r.issued - 1 for r in rows]):
+        if self.spec.may_verify(specs, [r.max_tokens - r.issued - 1 for r in rows]):
             previous, self._issued = self._issued, None
             return self._read(previous)
         self.spec.tick(specs)

@@ -249,10 +249,13 @@ class Speculator:
             out[i] = drafts[: rooms[i]]
         return out
 
-    def may_draft(self, specs: list[RowSpec], rooms: list[int]) -> bool:
-        """Whether a row would draft by prompt lookup on the tokens the host has (no pause runs down)."""
+    def may_verify(self, specs: list[RowSpec], rooms: list[int]) -> bool:
+        """Whether a verify step may come next, judged on the tokens the host has (all but a
+        pipelined loop's step in flight): a row would draft by prompt lookup (no pause runs down)
+        and the cost rule would take a step of those drafts (a refusal here counts as one)."""
         k = self.config.num_draft_tokens
-        return any(s.pause == 0 and room > 0 and s.lookup(min(k, room)) for s, room in zip(specs, rooms))
+        drafts = [s.lookup(min(k, room)) if s.pause == 0 and room > 0 else [] for s, room in zip(specs, rooms)]
+        return any(drafts) and self.worth(specs, drafts)
 
     def tick(self, specs: list[RowSpec]) -> None:
         """A step that made no drafts: the rows' pauses run down as `drafts` runs them down."""

@@ -96,15 +96,22 @@ def test_a_row_pauses_when_its_drafts_are_rejected_and_longer_each_time():
     spec.judge(4, 0)
     spec.judge(4, 0)
     assert spec.pause == 2 * PAUSE_MIN
-    # a pipelined loop asks first whether a row would draft (no pause runs down), then ticks
+    # a pipelined loop asks first whether a row would draft (no pause runs down) and the cost rule
+    # would take the step, then ticks
     speculator = Speculator(SpeculativeConfig(method="ngram"))
+    speculator.costs.observe_plain(2, 0.010)
+    speculator.costs.observe_verify(2, 4, 0.011)  # pays: 2 rows x 4 wide for about a plain step
     rows = [speculator.start([1, 2, 3, 1, 2]), speculator.start([4, 5, 6])]
-    assert speculator.may_draft(rows, [4, 4]) and not speculator.may_draft(rows, [0, 4])
+    assert speculator.may_verify(rows, [4, 4]) and not speculator.may_verify(rows, [0, 4])
     rows[0].pause = 2
-    assert not speculator.may_draft(rows, [4, 4]) and rows[0].pause == 2
+    assert not speculator.may_verify(rows, [4, 4]) and rows[0].pause == 2
     speculator.tick(rows)
     speculator.tick(rows)
-    assert speculator.may_draft(rows, [4, 4]) and rows[1].pause == 0
+    assert speculator.may_verify(rows, [4, 4]) and rows[1].pause == 0
+    # where such a step does not pay, the loop keeps its step in flight (every EXPLORE-th is taken)
+    speculator.costs.verify[2, 4] = 0.050
+    taken = [speculator.may_verify(rows, [4, 4]) for _ in range(EXPLORE)]
+    assert taken == [False] * (EXPLORE - 1) + [True]
     assert kept([5, 6, 7], [5, 6, 8, 9]) == 2 and kept([5], [4, 1]) == 0 and kept([], [3]) == 0
 
 
