@@ -30,6 +30,8 @@ import sys
 import sysconfig
 from pathlib import Path
 
+from .cache_dir import default_cache_dir
+
 log = logging.getLogger(__name__)
 
 OPENBLAS_SONAME = "libopenblas.so.0"
@@ -154,8 +156,6 @@ def _bundled_gfortran_dirs() -> list[str]:
     )
     if bundled is None:
         return []
-    from .loader import default_cache_dir  # loader imports this module
-
     folder = default_cache_dir() / "openblas-deps"
     link = folder / GFORTRAN_SONAME
     try:

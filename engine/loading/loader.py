@@ -12,7 +12,6 @@ float32 for the OpenBLAS fast path (engine.loading.cpu_fast_path); on Metal and 
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -25,14 +24,10 @@ from mlx.utils import tree_flatten, tree_map
 
 from ..errors import ModelLoadError
 from . import cpu_fast_path, gguf, synthetic
+from .cache_dir import default_cache_dir
 from .sources import OFFLINE_HINT, ResolvedSource, resolve_source
 
 log = logging.getLogger(__name__)
-
-
-def default_cache_dir() -> Path:
-    root = os.environ.get("ORCHARD_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "mlx-orchard")
-    return Path(root).expanduser()
 
 
 @dataclass
