@@ -164,6 +164,7 @@ class BatchLoop:
             self.pipelined = False
         self._after_verify: tuple[tuple[int, int], float, float] | None = None  # the last verify step's (_timed_step)
         self._verify_shape = (0, 0)
+        self._cleared = False  # the cost rule took this step's verify before the read ahead (may_verify)
         self.compiled = CompiledDecode(model, column_write, kv.grouped_mask, kv.quant, lora) if compiled else None
         self.eager_unpadded = eager_unpadded(unpadded)
         self.grammars = grammars
@@ -459,6 +460,7 @@ class BatchLoop:
         specs = [r.spec for r in rows]
         if self.spec.may_verify(specs, [r.max_tokens - r.issued - 1 for r in rows]):
             previous, self._issued = self._issued, None
+            self._cleared = True
             return self._read(previous)
         self.spec.tick(specs)
         return []
@@ -469,7 +471,9 @@ class BatchLoop:
         return bool(batch.rows) and not (batch.constrained or batch.capped or batch.sampling.penalties is not None)
 
     def _speculate(self) -> list[Token] | None:
-        """A verify step when rows have drafts and their writes fit; None: a plain step instead."""
+        """A verify step when rows have drafts and their writes fit; None: a plain step instead. The
+        cost rule is asked once a step: not again when the read ahead was for a step it took."""
+        cleared, self._cleared = self._cleared, False  # asking again would undo its EXPLORE take
         self._update_batch()
         batch = self.batch
         if not self._verifiable():
@@ -478,7 +482,7 @@ class BatchLoop:
         drafts = self.spec.drafts(specs, [r.max_tokens - r.issued - 1 for r in batch.rows])
         if not any(drafts):
             return None
-        if not self.spec.worth(specs, drafts):
+        if not cleared and not self.spec.worth(specs, drafts):
             self.spec.unused(specs)
             return None
         if self.room is not None:

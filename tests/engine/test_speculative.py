@@ -180,6 +180,27 @@ async def test_greedy_editing_decodes_the_same_in_fewer_steps(engines):
     assert costs.plain and costs.verify and all(width >= 2 for _, width in costs.verify)
 
 
+async def test_a_rule_that_refuses_every_verify_step_still_takes_every_explore_th(engines, monkeypatch):
+    """Measured costs go stale unless a refused verify step is taken now and then (EXPLORE). The
+    pipelined loop asks the rule before it reads ahead; asked again after the read, it would refuse
+    the very step it took, and a refusing rule would never measure again."""
+    import engine.speculative as speculative
+
+    _, on = engines
+    spec = on.scheduler.gen.spec
+    saved = dict(spec.costs.plain), dict(spec.costs.verify), spec.costs.refused
+    monkeypatch.setattr(speculative, "EXPLORE", 2)
+    spec.costs.plain[1] = 0.001  # a lone row: its plain step cheap, every verify step dear
+    for width in range(2, spec.config.num_draft_tokens + 2):
+        spec.costs.verify[1, width] = 10.0
+    before = on.stats().get("speculative", {}).get("verify_steps", 0)
+    try:
+        await run(on, EDIT, max_tokens=24, temperature=0)
+        assert on.stats()["speculative"]["verify_steps"] > before
+    finally:
+        spec.costs.plain, spec.costs.verify, spec.costs.refused = saved
+
+
 async def test_a_mixed_batch_decodes_each_row_as_without_speculation(engines):
     """Rows that draft (editing), rows that mostly do not (open-ended), seeded sampling, logprobs,
     a penalty row (its batch verifies nothing while it runs) and a stop string, all at once, each
