@@ -195,3 +195,34 @@ async def test_health_metrics_and_cache_never_call_an_unloaded_model():
     assert 'orchard_model_state{model="m2",state="unloaded"} 1.0' in metrics
     assert 'orchard_model_loads_total{model="m1"} 1.0' in metrics
     assert "orchard_memory_budget_bytes 5000.0" in metrics
+
+
+def test_the_status_read_from_the_controllers_details_is_what_serve_status_reports():
+    """`status_view` against Ray's own parser (what `serve.status()` runs) on the same details: a
+    dict from a real Ray Serve 2.60 controller (tests/fixtures/serve_details.json, paths scrubbed),
+    with a second replica starting and a deployment failing to start added."""
+    import copy
+    import json
+    from pathlib import Path
+
+    from ray.serve.schema import ServeInstanceDetails
+
+    from deployments.model_directory import _load_error, model_state, status_view
+
+    details = json.loads((Path(__file__).parents[1] / "fixtures" / "serve_details.json").read_text())
+    deps = details["applications"]["orchard"]["deployments"]
+    starting = copy.deepcopy(deps["model-smol"]["replicas"][0])
+    deps["model-smol"]["replicas"].append({**starting, "replica_id": "second", "state": "STARTING"})
+    deps["ResponseStore"].update(status="DEPLOY_FAILED", message="replica failed\nModelLoadError: bad shapes")
+
+    ours = status_view(details).applications["orchard"].deployments
+    rays = ServeInstanceDetails(**details)._get_status().applications["orchard"].deployments
+    assert set(ours) == set(rays) == {"model-smol", "ResponseStore", "OrchardRouter"}
+    for name, dep in rays.items():
+        assert ours[name].replica_states == {str(k): v for k, v in dep.replica_states.items()}
+        assert (_load_error(ours[name]), model_state(ours[name].replica_states)) == (
+            _load_error(dep),
+            model_state(dep.replica_states),
+        )
+    assert ours["model-smol"].replica_states == {"RUNNING": 1, "STARTING": 1}
+    assert _load_error(ours["ResponseStore"]) == "ModelLoadError: bad shapes"
