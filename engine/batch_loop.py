@@ -1,10 +1,11 @@
 """Our continuous-batching loop over an mlx_lm model and the paged KV cache.
 
 Each `step()` issues, without waiting for the device:
-- one prefill chunk (up to `prefill_step_size` tokens of up to `prefill_batch_size` prompts,
-  right-padded): the prompt but its last token, whose K/V go to the pool; the last token is the
-  row's input to its first decode step, which samples its first output token. The chunk is
-  handed to the device at once, so it runs while the host builds the decode step;
+- one prefill chunk (up to `prefill_step_size` tokens of each waiting prompt, right-padded; as
+  many prompts as fit in `prefill_batch_size` x `prefill_step_size` token slots): the prompt but
+  its last token, whose K/V go to the pool; the last token is the row's input to its first
+  decode step, which samples its first output token. The chunk is handed to the device at once,
+  so it runs while the host builds the decode step;
 - one decode step of the running batch, with the rows whose prompt that chunk finished: a
   prompt's first token comes from the step that computed the rest of it. Its input tokens are
   the previous step's sampled tokens, still on the device (a lazy array), so the step is
@@ -321,7 +322,7 @@ class BatchLoop:
 
     def _issue_prefill(self) -> bool:
         """One chunk of the waiting prompts (all but their last token), if any wait."""
-        rows = self.prefilling[: self.prefill_batch_size]
+        rows = self._prefill_rows()
         if not rows:
             return False
         self._flush()  # the chunk may reuse a block a decoding row has just filled
@@ -346,6 +347,21 @@ class BatchLoop:
                 self.joining.append(r)
         return True
 
+    def _prefill_rows(self) -> list[Row]:
+        """The waiting prompts the next chunk takes, in arrival order: as many as fit in
+        `prefill_batch_size` x `prefill_step_size` token slots, padding counted (the chunk shape
+        whose working memory the engine measured), so short prompts join many at once; at least one."""
+        budget = self.prefill_batch_size * self.prefill_step_size
+        rows: list[Row] = []
+        width = 0
+        for r in self.prefilling:
+            wider = max(width, min(self.prefill_step_size, len(r.todo) - 1))
+            if rows and wider * (len(rows) + 1) > budget:
+                break
+            rows.append(r)
+            width = wider
+        return rows
+
     def _chunk(self, rows: list[Row]) -> tuple[int, list[int]]:
         """The next prompt chunk's width and each row's real tokens in it. A recurrent model's
         chunk is never padded (engine.kv.recurrent): every row computes the same number of
@@ -361,7 +377,7 @@ class BatchLoop:
     def next_writes(self) -> StepWrites:
         """What the next step writes: the next prompt chunk, and a token for each decoding row
         that goes on, the rows whose prompt that chunk finishes among them."""
-        rows = self.prefilling[: self.prefill_batch_size]
+        rows = self._prefill_rows()
         real = self._chunk(rows)[1] if rows else []
         finishing = [r for r, k in zip(rows, real) if k == len(r.todo) - 1]
         decode = [

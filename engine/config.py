@@ -101,7 +101,14 @@ class EngineConfig(BaseModel):
         "False is simple mode: one request at a time, the others wait in FIFO order.",
     )
     max_num_seqs: int = Field(16, ge=1, le=1024, description="Most sequences decoding at once.")
-    prefill_batch_size: int = Field(8, ge=1, le=256, description="Most prompts prefilled together.")
+    prefill_batch_size: int = Field(
+        8,
+        ge=1,
+        le=256,
+        description="Prompts of prefill_step_size tokens one prefill chunk holds: a chunk is at most this "
+        "many x prefill_step_size tokens, padding counted (the shape whose working memory is measured at "
+        "load), so shorter prompts are prefilled more at once, up to max_num_seqs.",
+    )
     prefill_step_size: int = Field(
         512,
         ge=16,

@@ -417,3 +417,60 @@ def test_a_penalty_row_counts_each_token_once_when_a_neighbour_joins(smollm, pip
     want = np.bincount(inputs, minlength=loop.batch.sampling.counts.shape[-1])
     assert np.array_equal(np.asarray(loop.batch.sampling.counts[0]), want)
     loop.close()
+
+
+def test_short_prompts_share_a_prefill_chunk_within_its_token_slots_and_keep_their_outputs(smollm):
+    """A prefill chunk holds prefill_batch_size x prefill_step_size token slots, padding counted
+    (here 2 x 16 = 32): six short prompts go in one chunk (two at a time before), long ones two at
+    most; no chunk exceeds the slots, and every greedy output equals its prompt's alone (SmolLM2,
+    the bundled GGUF)."""
+    from engine.kv.manager import make_cache_manager
+    from engine.request import Request
+    from engine.scheduler import Scheduler
+    from engine.text_stream import TextStream
+
+    config = EngineConfig(prefill_batch_size=2, prefill_step_size=16, max_num_seqs=8, pipelined_decode=False)
+    model, tokenizer = smollm.model, smollm.tokenizer
+    short = [
+        "The old river bend",
+        "A small grey cat",
+        "Red sky at night",
+        "Two dogs ran far",
+        "Old town square",
+        "Blue waves crash",
+    ]
+    long = [
+        f"{w}: the long road to the northern mountains winds past old farms, rivers, lakes and quiet villages"
+        for w in "ABC"
+    ]
+    prompts = {f"s{i}": tokenizer.encode(t) for i, t in enumerate(short)}
+    prompts.update({f"l{i}": tokenizer.encode(t) for i, t in enumerate(long)})
+    assert max(len(prompts[f"s{i}"]) for i in range(6)) <= 6 and min(len(prompts[f"l{i}"]) for i in range(3)) > 17
+
+    def run(names):
+        sched = Scheduler(model, tokenizer, config, make_cache_manager(model, config))
+        loop, chunks = sched.gen, []
+        chunk = loop._chunk
+
+        def recording(rows):
+            n, real = chunk(rows)
+            chunks.append((len(rows), n))
+            return n, real
+
+        loop._chunk = recording
+        params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+        for n in names:
+            sched.add(Request(n, prompts[n], params, 4, TextStream(tokenizer.detokenizer, [])))
+        outputs = {n: [] for n in names}
+        while sched.has_work():
+            for out in sched.step():
+                outputs[out.request_id] += out.token_ids
+        loop.close()
+        return chunks, outputs
+
+    chunks, batched = run(list(prompts))
+    assert chunks[0][0] == 6  # the six short prompts in the first chunk
+    assert all(rows * width <= 32 for rows, width in chunks)
+    assert max(rows for rows, width in chunks if width == 16) == 2
+    solo = {n: run([n])[1][n] for n in prompts}
+    assert batched == solo
