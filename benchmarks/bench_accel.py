@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
+import os
 import statistics
 import sys
 import tempfile
@@ -45,6 +46,7 @@ from . import accel_hops
 from . import accel_servers as servers
 from .accel_hops import Hops
 from .client import make_client, request_body, stream_request
+from .client_pool import ClientPool, Sent
 from .metrics import RequestResult, ratio, summarize
 from .report import emit, fmt, md_table, write_json
 
@@ -91,9 +93,18 @@ async def engine_request(engine, prompt: str, max_tokens: int, stamp=None) -> Re
 class Target:
     """What one row measures: the engine in this process or a server over HTTP."""
 
-    def __init__(self, label: str, engine=None, server: servers.Server | None = None, hops: Hops | None = None):
+    def __init__(
+        self,
+        label: str,
+        engine=None,
+        server: servers.Server | None = None,
+        hops: Hops | None = None,
+        client_procs: int = 1,
+    ):
         self.label, self.engine, self.server, self.hops = label, engine, server, hops
         self.client = make_client_for(server) if server else None
+        # a wave's requests from several client processes (benchmarks.client_pool); 1: from this one
+        self.pool = ClientPool(server.base_url, client_procs) if server and client_procs > 1 else None
         if self.client is not None and hops is not None:
             self.client.event_hooks = {"request": [accel_hops.add_header], "response": []}
         self.ignore_eos = True
@@ -134,6 +145,8 @@ async def wave(
 ) -> tuple[list[RequestResult], float, float]:
     """N requests at once (the staggered engine: at serve run's offsets, its `index`-th such wave);
     (results, wall seconds, this process's CPU seconds)."""
+    if target.pool is not None:
+        return await pool_wave(target, n, max_tokens, tag)
     offsets = target.hops.replay(n, index) if target.staggered else None
     offsets = offsets or [0.0] * n
 
@@ -147,6 +160,25 @@ async def wave(
     if target.hops is not None:
         target.hops.wave_done(target.label, n, tag, began, target.engine)
     return list(results), time.perf_counter() - start, time.process_time() - cpu0
+
+
+async def pool_wave(target: Target, n: int, max_tokens: int, tag: str) -> tuple[list[RequestResult], float, float]:
+    """`wave` from the target's client processes, all starting at one instant."""
+    hops, requests = target.hops, []
+    for i in range(n):
+        key = hops.begin(target.label, n, tag) if hops is not None else None
+        body = request_body(
+            target.server.model, prompt=prompt_text(f"{tag}c{i}"), max_tokens=max_tokens, ignore_eos=target.ignore_eos
+        )
+        requests.append(Sent("/v1/completions", body, key))
+    began = time.time()
+    done = await target.pool.wave(requests)
+    if hops is not None:
+        for request, result, sent in zip(requests, done.results, done.sent):
+            hops.stamps[request.key]["sent"] = sent
+            hops.first(request.key, result.ttft)
+        hops.wave_done(target.label, n, tag, began)
+    return done.results, done.seconds, done.cpu_seconds
 
 
 # --- the run ---------------------------------------------------------------------------------
@@ -435,6 +467,7 @@ async def main_async(args) -> dict:
     engine_config = check_serve_config(str(config))[0].models[0].engine
     doc = {"machine": machine_info(), "model": args.model, "source": source, "clients": args.clients}
     doc.update({"max_tokens": args.max_tokens, "waves": args.waves, "rounds": args.rounds})
+    doc["client_procs"] = args.client_procs
     doc["engine_config"] = engine_config.model_dump(mode="json", exclude_defaults=True)
     env = dict(kv.split("=", 1) for kv in args.serve_env)
     hops = Hops(workdir) if args.hops else None
@@ -454,7 +487,11 @@ async def main_async(args) -> dict:
             say(f"{s.label}: " + (f"ready in {s.ready_s} s" if s.error is None else f"FAILED: {s.error[:300]}"))
         doc["servers"] = server_report(launched)
         targets += [Target(ENGINE, engine=engine, hops=hops)]
-        targets += [Target(label, server=s, hops=hops) for label, s in launched.items() if s.proc is not None]
+        targets += [
+            Target(label, server=s, hops=hops, client_procs=args.client_procs)
+            for label, s in launched.items()
+            if s.proc is not None
+        ]
         if args.staggered and hops is not None:
             targets.insert(2, Target(STAGGERED, engine=engine, hops=hops))  # after serve run: its offsets first
         await measure(args, doc, targets)
@@ -462,6 +499,9 @@ async def main_async(args) -> dict:
         if args.profile_s and serve is not None:
             doc["profile"] = await profile_serve(args, serve, workdir / "profile")
     finally:
+        for target in targets:
+            if target.pool is not None:
+                target.pool.close()
         for s in launched.values():
             servers.stop(s)
         engine.shutdown()
@@ -491,6 +531,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--staggered", action="store_true", help="with --hops: also the engine fed serve run's measured arrival offsets"
     )
     p.add_argument("--router-replicas", type=int, default=1, help="serve run's router replicas")
+    p.add_argument(
+        "--client-procs",
+        type=int,
+        default=min(8, max(1, (os.cpu_count() or 2) // 2)),
+        help="processes sending the HTTP waves (benchmarks.client_pool); 1: this process",
+    )
     p.add_argument("--serve-env", nargs="*", default=[], metavar="KEY=VALUE", help="environment of `serve run`")
     return p.parse_args(argv)
 

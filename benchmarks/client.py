@@ -127,11 +127,13 @@ def _take_chunk(result: RequestResult, data: dict, now: float, texts: list[str])
     _take_usage(result, data.get("usage"))
 
 
-async def stream_request(client: httpx.AsyncClient, path: str, body: dict) -> RequestResult:
+async def stream_request(
+    client: httpx.AsyncClient, path: str, body: dict, headers: dict | None = None
+) -> RequestResult:
     """POST a streamed completion; time every content chunk. Never raises: errors are results."""
     result, texts, start, done = RequestResult(), [], time.perf_counter(), False
     try:
-        async with client.stream("POST", path, json=body) as resp:
+        async with client.stream("POST", path, json=body, headers=headers) as resp:
             result.status = resp.status_code
             if resp.status_code != 200:
                 result.error = _error_text(resp.status_code, await resp.aread())
