@@ -138,7 +138,9 @@ class StepCosts:
     Cold start, a shape never measured: a batch whose plain step is unknown (neither measured nor
     between two measured sizes) decodes plain first, since that is what a verify step must beat;
     a verify shape is taken once to measure it, unless a measured verify step with no more rows
-    and no more width (so no dearer) already does not pay."""
+    and no more width (so no dearer) already does not pay, or, with none such, the cheapest
+    verify step measured at all would not (on an H100 each verify step cost several plain ones,
+    and measuring each of the 20 shapes of 5 rows cost the batch 0.6x its plain rate)."""
 
     plain: dict[int, float] = field(default_factory=dict)  # seconds by rows
     verify: dict[tuple[int, int], float] = field(default_factory=dict)  # seconds by (rows, width)
@@ -166,6 +168,13 @@ class StepCosts:
         step of that shape costs at least; None: none measured."""
         return max((s for (r, w), s in self.verify.items() if r <= rows and w <= width), default=None)
 
+    def guess(self) -> float | None:
+        """What a verify step of a shape never measured (and larger than none measured) may cost:
+        the cheapest measured one. On a GPU a verify step costs about the same at any small shape,
+        so one measurement stands for all; on a CPU it overprices a smaller shape, which is then
+        measured at the next EXPLORE-th refusal. None: no verify step measured yet."""
+        return min(self.verify.values(), default=None)
+
     def worth(self, expected: list[float], width: int) -> bool:
         """Whether a verify step `width` wide, whose rows should keep `expected` drafts each, beats
         a plain step: more tokens per second for the batch, and no row's own rate below FAIR of
@@ -175,8 +184,8 @@ class StepCosts:
         if plain is None:
             return False  # cold start: the plain step first
         verify = self.verify.get((rows, width))
-        if verify is None:
-            verify = self.floor(rows, width)  # cold start: taken unless even its floor does not pay
+        if verify is None:  # cold start: taken unless even its floor, or a guess from other shapes, does not pay
+            verify = self.floor(rows, width) or self.guess()
         if verify is None or _pays(expected, plain, verify):
             self.refused = 0
             return True

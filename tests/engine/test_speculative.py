@@ -158,11 +158,27 @@ def test_a_shape_never_measured_is_measured_first_unless_a_smaller_one_already_d
     assert not costs.worth([1.0], 3)
     assert not costs.worth([3.0], 5), "1 x 5 costs no less than 1 x 3: 4 tokens in >= 45 ms do not pay"
     assert not costs.worth([2.0, 2.0], 5), "nor 2 x 5: 6 tokens in >= 45 ms, against 2 in 12 ms"
-    assert costs.worth([1.0], 2), "1 x 2 may cost less than 1 x 3: measured"
+    assert not costs.worth([1.0], 2), "1 x 2, never measured, guessed at the cheapest measured: 45 ms"
     costs.observe_verify(1, 2, 0.011)
     assert costs.worth([1.0], 2)
     assert costs.worth([3.0, 3.0], 5), "2 x 5 at 45 ms or more: 8 tokens might pay, so it is measured"
-    assert costs.refused == 0
+
+
+def test_a_shape_with_no_smaller_one_measured_is_guessed_from_the_cheapest_measured():
+    """A GPU: a verify step costs ~30 ms at every small shape, a plain step 5 ms. Measured once at
+    5 x 5, the shapes below it are not each taken to be measured (20 shapes for 5 rows, each a
+    loss), only every EXPLORE-th refused step."""
+    costs = StepCosts({r: 0.005 for r in range(1, 6)})
+    assert costs.guess() is None and costs.worth([3.0] * 5, 5), "no verify step measured: measured"
+    costs.observe_verify(5, 5, 0.030)
+    shapes = [(rows, width) for rows in range(1, 6) for width in range(2, 6) if (rows, width) != (5, 5)]
+    taken = [costs.worth([1.0] * rows, width) for rows, width in shapes]
+    assert not any(taken) and costs.refused == len(shapes)
+    assert not costs.worth([4.0] * 5, 5), "measured: 25 tokens in 30 ms against 5 in 5 ms"
+    costs.refused = EXPLORE - 1
+    assert costs.worth([1.0], 2), "the EXPLORE-th refusal measures again"
+    cpu = StepCosts({1: 0.010}, {(1, 5): 0.030})  # a CPU: 5 tokens cost 30 ms, 2 would cost ~12
+    assert cpu.worth([4.0], 5) and not cpu.worth([1.0], 2), "a smaller shape overpriced until measured"
 
 
 async def test_greedy_editing_decodes_the_same_in_fewer_steps(engines):
