@@ -1,14 +1,14 @@
 """What the router knows of every configured model: loaded, loading, unloading or unloaded.
 
 The governor (deployments.governor) decides; Ray Serve starts and stops the replicas; this
-module watches. It polls Ray Serve's own status (`serve.status()`: replicas per state, per
-deployment) twice a second while something may change (a model loading or unloading, for ACTIVE_S
-after a request for a model that is not loaded or a load/unload call) and every IDLE_POLL_S
-otherwise, since each poll costs the router and Ray's controller CPU that the models' compute
-threads would rather have; it turns transitions into the figures operators read: state, loads,
-unloads, cold-start seconds, bytes. It never calls an unloaded model (a call would queue a
-request and so load it), and calls a loaded one only once per replica, for its measured
-footprint.
+module watches. It polls Ray Serve's own status (what `serve.status()` reports, replicas per
+state per deployment, read from the controller's details: `_serve_status`) twice a second while
+something may change (a model loading or unloading, for ACTIVE_S after a request for a model that
+is not loaded or a load/unload call) and every IDLE_POLL_S otherwise, since each poll costs the
+router and Ray's controller CPU that the models' compute threads would rather have; it turns
+transitions into the figures operators read: state, loads, unloads, cold-start seconds, bytes. It
+never calls an unloaded model (a call would queue a request and so load it), and calls a loaded
+one only once per replica, for its measured footprint.
 """
 
 from __future__ import annotations
