@@ -46,6 +46,11 @@ EMA = 0.5  # weight of a step's acceptance in a row's running estimate
 PAUSE_MIN, PAUSE_MAX = 4, 256  # steps a row with low acceptance waits before drafting again
 EXPLORE = 64  # a verify step that does not pay is still taken once in this many, to measure again
 FAIR = 0.9  # a verify step may slow no row's own token rate below this share of a plain step's
+# A verify step must promise this much more of the batch's tokens a second than a plain step: its
+# cost is a running average of noisy steps, and in a pipelined loop (a GPU) it also stops the
+# overlap of host and device, which its measurement sees only in part (on an H100 the synthetic
+# model's width-2 verify steps, taken at par, cost 0.89-0.96x of decoding without them).
+MARGIN = 1.25
 
 
 class NgramIndex:
@@ -203,9 +208,9 @@ def _average(seconds: dict, key, value: float) -> None:
 
 def _pays(expected: list[float], plain: float, verify: float) -> bool:
     """A verify step of `verify` seconds against a plain step of `plain`: the batch's tokens per
-    second higher, and its worst row's at least FAIR of a plain step's."""
+    second MARGIN higher, and its worst row's at least FAIR of a plain step's."""
     rows = len(expected)
-    return (rows + sum(expected)) / verify >= rows / plain and (1 + min(expected)) / verify >= FAIR / plain
+    return (rows + sum(expected)) / verify >= MARGIN * rows / plain and (1 + min(expected)) / verify >= FAIR / plain
 
 
 @dataclass
