@@ -52,7 +52,7 @@ from .kv.interface import BatchKV, StepWrites
 from .kv.paged_cache import BatchCaches, SeqBlocks
 from .loop import Token
 from .lora import LoRATable
-from .speculative import RowSpec, Speculator, expand, kept
+from .speculative import PIPELINED_MARGIN, RowSpec, Speculator, expand, kept
 from .thinking import force_tokens
 from .vision.prompt import merged_embeddings
 
@@ -163,6 +163,8 @@ class BatchLoop:
         self.room = room
         if self.spec is not None and self.spec.drafter is not None:
             self.pipelined = False
+        if self.spec is not None and self.pipelined:
+            self.spec.costs.margin = PIPELINED_MARGIN
         self._after_verify: tuple[tuple[int, int], float, float] | None = None  # the last verify step's (_timed_step)
         self._verify_shape = (0, 0)
         self._cleared = False  # the cost rule took this step's verify before the read ahead (may_verify)

@@ -46,11 +46,11 @@ EMA = 0.5  # weight of a step's acceptance in a row's running estimate
 PAUSE_MIN, PAUSE_MAX = 4, 256  # steps a row with low acceptance waits before drafting again
 EXPLORE = 64  # a verify step that does not pay is still taken once in this many, to measure again
 FAIR = 0.9  # a verify step may slow no row's own token rate below this share of a plain step's
-# A verify step must promise this much more of the batch's tokens a second than a plain step: its
-# cost is a running average of noisy steps, and in a pipelined loop (a GPU) it also stops the
-# overlap of host and device, which its measurement sees only in part (on an H100 the synthetic
-# model's width-2 verify steps, taken at par, cost 0.89-0.96x of decoding without them).
-MARGIN = 1.25
+# In a pipelined loop (a GPU) a verify step must promise this much more of the batch's tokens a
+# second than a plain step: it also stops the overlap of host and device, which its measurement
+# sees only in part (on an H100 the synthetic model's verify steps, taken at par, cost 0.89-0.96x
+# of decoding without them). An unpipelined loop (the CPU) takes a verify step at par.
+PIPELINED_MARGIN = 1.25
 
 
 class NgramIndex:
@@ -150,6 +150,7 @@ class StepCosts:
     plain: dict[int, float] = field(default_factory=dict)  # seconds by rows
     verify: dict[tuple[int, int], float] = field(default_factory=dict)  # seconds by (rows, width)
     refused: int = 0  # verify steps declined in a row (every EXPLORE-th is taken, to measure again)
+    margin: float = 1.0  # how much a verify step's batch rate must beat a plain step's (PIPELINED_MARGIN)
 
     def observe_plain(self, rows: int, seconds: float) -> None:
         _average(self.plain, rows, seconds)
@@ -191,7 +192,7 @@ class StepCosts:
         verify = self.verify.get((rows, width))
         if verify is None:  # cold start: taken unless even its floor, or a guess from other shapes, does not pay
             verify = self.floor(rows, width) or self.guess()
-        if verify is None or _pays(expected, plain, verify):
+        if verify is None or _pays(expected, plain, verify, self.margin):
             self.refused = 0
             return True
         self.refused += 1
@@ -206,11 +207,11 @@ def _average(seconds: dict, key, value: float) -> None:
     seconds[key] = value if old is None else (1 - EMA) * old + EMA * value
 
 
-def _pays(expected: list[float], plain: float, verify: float) -> bool:
+def _pays(expected: list[float], plain: float, verify: float, margin: float) -> bool:
     """A verify step of `verify` seconds against a plain step of `plain`: the batch's tokens per
-    second MARGIN higher, and its worst row's at least FAIR of a plain step's."""
+    second `margin` times a plain step's or more, and its worst row's at least FAIR of a plain step's."""
     rows = len(expected)
-    return (rows + sum(expected)) / verify >= MARGIN * rows / plain and (1 + min(expected)) / verify >= FAIR / plain
+    return (rows + sum(expected)) / verify >= margin * rows / plain and (1 + min(expected)) / verify >= FAIR / plain
 
 
 @dataclass
