@@ -106,7 +106,24 @@ async def test_the_engine_gives_openblas_the_cores_other_processes_leave(load_on
             p.kill()
             p.wait()
     try:
-        assert await busy_until(engine, 2) == 2
+        before = others_cpu()
+        got = await busy_until(engine, 2)
+        busy = others_cpu(before)
+        if got != 2 and busy > 0.5:  # xdist's other worker (an e2e `serve run`) holds a core: 1 is right
+            pytest.skip(f"other processes used {busy:.2f} of the cores while the engine waited for 2 threads")
+        assert got == 2
         assert mlx_blas_threads() == {2}
     finally:
         engine.shutdown()
+
+
+def others_cpu(since: tuple[float, float, float] | None = None):
+    """(wall, machine busy s, this process's s) now; with `since`: the cores other processes used
+    on average since then (as engine.cpu_threads reads them)."""
+    import psutil
+
+    times, own = psutil.cpu_times(), psutil.Process().cpu_times()
+    now = (time.monotonic(), sum(times) - times.idle - getattr(times, "iowait", 0.0), own.user + own.system)
+    if since is None:
+        return now
+    return max(0.0, (now[1] - since[1]) - (now[2] - since[2])) / max(1e-6, now[0] - since[0])
