@@ -144,8 +144,9 @@ class StepCosts:
     between two measured sizes) decodes plain first, since that is what a verify step must beat;
     a verify shape is taken once to measure it, unless a measured verify step with no more rows
     and no more width (so no dearer) already does not pay, or, with none such, the cheapest
-    verify step measured at all would not (on an H100 each verify step cost several plain ones,
-    and measuring each of the 20 shapes of 5 rows cost the batch 0.6x its plain rate)."""
+    verify step measured at all would not (on a GPU a verify step costs about the same at any
+    small shape, and taking each of the 20 shapes of 5 rows once to measure it is 20 verify steps
+    that do not pay)."""
 
     plain: dict[int, float] = field(default_factory=dict)  # seconds by rows
     verify: dict[tuple[int, int], float] = field(default_factory=dict)  # seconds by (rows, width)
