@@ -77,6 +77,14 @@ class BlasThreads:
         three quarters of it (a light neighbour, such as Ray Serve's own processes, does not count)."""
         return max(1, min(self.max_threads, int(self.cores - others + 0.75)))
 
+    def restore(self) -> None:
+        """OpenBLAS's threads back to what they were at the start, when the engine is done: the
+        setting is the process's, and its next user (another engine, NumPy) finds it as this one did."""
+        if self.threads != self.max_threads:
+            mx.synchronize()
+            self._controller.limit(limits=self.max_threads)
+            self.threads, self._pending = self.max_threads, None
+
     def tick(self) -> None:
         """Called by the engine loop between steps while it is busy; cheap unless a second passed."""
         if self._sample is not None and time.monotonic() - self._sample[0] < INTERVAL_S:

@@ -411,6 +411,8 @@ class AsyncEngine:
             self.scheduler.gen.close()  # its compiled step's traces go on the thread that made them
             if self.adapters is not None:
                 self.adapters.close()
+            if self._blas is not None:
+                self._blas.restore()
 
     def _weights_id(self) -> str:
         """The weights as loaded, for the disk KV cache's key: the model's files, and whether they

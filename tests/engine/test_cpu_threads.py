@@ -61,6 +61,17 @@ def test_a_change_needs_two_readings_that_agree_and_an_idle_gap_starts_over():
     assert ctl.limits == [1, 2]
 
 
+def test_a_finished_engine_leaves_openblas_as_it_found_it():
+    """The thread count is the process's: an engine that lowered it gives it back when it ends
+    (a lowered count left behind made the next engine in a test worker skip its thread tests)."""
+    blas, ctl = scripted([(0, 0, 0), (1, 2, 1), (2, 4, 2)])
+    blas.restore()  # nothing lowered: nothing to do
+    blas.tick(), blas.tick(), blas.tick()
+    assert ctl.limits == [1] and blas.threads == 1
+    blas.restore()
+    assert ctl.limits == [1, 2] and blas.threads == 2
+
+
 def spinners(n: int) -> list[subprocess.Popen]:
     return [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(n)]
 
@@ -108,13 +119,13 @@ async def test_the_engine_gives_openblas_the_cores_other_processes_leave(load_on
     try:
         before = others_cpu()
         got = await busy_until(engine, 2)
-        busy = others_cpu(before)
-        if got != 2 and busy > 0.5:  # xdist's other worker (an e2e `serve run`) holds a core: 1 is right
-            pytest.skip(f"other processes used {busy:.2f} of the cores while the engine waited for 2 threads")
-        assert got == 2
-        assert mlx_blas_threads() == {2}
+        busy, running = others_cpu(before), mlx_blas_threads()
     finally:
         engine.shutdown()
+    assert mlx_blas_threads() == {2}, "a finished engine leaves OpenBLAS as it found it"
+    if got != 2 and busy > 0.5:  # xdist's other worker (an e2e `serve run`) holds a core: 1 is right
+        pytest.skip(f"other processes used {busy:.2f} of the cores while the engine waited for 2 threads")
+    assert got == 2 and running == {2}
 
 
 def others_cpu(since: tuple[float, float, float] | None = None):
