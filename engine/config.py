@@ -107,7 +107,8 @@ class EngineConfig(BaseModel):
         le=256,
         description="Prompts of prefill_step_size tokens one prefill chunk holds: a chunk is at most this "
         "many x prefill_step_size tokens, padding counted (the shape whose working memory is measured at "
-        "load), so shorter prompts are prefilled more at once, up to max_num_seqs.",
+        "load), so shorter prompts are prefilled more at once, up to max_num_seqs. mlx_lm's BatchGenerator "
+        "(the fallback loop) takes it as a count of prompts.",
     )
     prefill_step_size: int = Field(
         512,
