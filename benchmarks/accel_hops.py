@@ -176,7 +176,8 @@ class Hops:
         }
 
     def _wave_steps(self, source: str, wave: dict) -> dict:
-        """The engine's steps during one wave: how many, their mean and longest ms, new traces."""
+        """The engine's steps during one wave: how many, their mean, median, longest and total ms, the
+        long ones (over twice the median: a join's), new traces."""
         log = self.steps.get(source, [])
         inside = [s for s in log if wave["start"] <= s[0] <= wave["end"]]
         before = [s for s in log if s[0] < wave["start"]]
@@ -184,13 +185,17 @@ class Hops:
             return {"wave": wave["wave"], "steps": 0}
         traces_before = before[-1][4] if before else inside[0][4]
         durations = [1000 * s[1] for s in inside]
+        median = statistics.median(durations)
         return {
             "wave": wave["wave"],
             "seconds": _r(wave["end"] - wave["start"], 3),
             "steps": len(inside),
             "step_ms_mean": _r(statistics.fmean(durations)),
+            "step_ms_median": _r(median),
             "step_ms_max": _r(max(durations)),
-            "steps_over_2x_median": sum(d > 2 * statistics.median(durations) for d in durations),
+            "step_ms_total": _r(sum(durations)),
+            "steps_over_2x_median": sum(d > 2 * median for d in durations),
+            "ms_in_steps_over_2x_median": _r(sum(d for d in durations if d > 2 * median)),
             "new_traces": inside[-1][4] - traces_before,
             "most_requests": max(s[2] for s in inside),
         }

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import dataclasses
 import json
 import statistics
@@ -161,10 +162,12 @@ async def run_wave(engine, prompts: list[str], max_tokens: int) -> dict:
 
     engine.clear_cache()  # queued before the requests: every wave prefills from scratch
     before = spec_counters(engine)
+    engine.step_log = collections.deque()
     start = time.perf_counter()
     results = await asyncio.gather(*(one(p) for p in prompts))
     wall = time.perf_counter() - start
     after = spec_counters(engine)
+    steps, engine.step_log = list(engine.step_log), None
     tokens = sum(len(ids) for _, ids in results)
     return {
         "tokens": tokens,
@@ -173,6 +176,21 @@ async def run_wave(engine, prompts: list[str], max_tokens: int) -> dict:
         "ttft_ms": [round(t * 1000, 1) for t, _ in results],
         "outputs": [ids for _, ids in results],
         "spec": {k: after[k] - before[k] for k in after},
+        "steps": step_summary(steps),
+    }
+
+
+def step_summary(steps: list[tuple]) -> dict:
+    """The engine's steps in a wave (its step log: start, seconds, streams, outputs, compiled traces
+    so far): how many, their median and total ms, and the compiled-decode traces made meanwhile."""
+    if not steps:
+        return {"steps": 0}
+    ms = [1000 * s[1] for s in steps]
+    return {
+        "steps": len(steps),
+        "median_ms": round(statistics.median(ms), 2),
+        "total_ms": round(sum(ms), 1),
+        "traces": steps[-1][4] - steps[0][4],
     }
 
 
@@ -232,6 +250,12 @@ def cell(workload: str, clients: int, method: str, runs: list[dict], reference: 
         "acceptance_rate": round(spec["accepted"] / spec["drafted"], 4) if spec["drafted"] else None,
         # tokens a drafting row got from one forward pass (1 without speculation), as the engine counts
         "tokens_per_step": round(1 + spec["accepted"] / spec["drafting_rows"], 3) if spec["drafting_rows"] else None,
+        "steps": sum(r["steps"]["steps"] for r in runs),
+        "step_median_ms": statistics.median(r["steps"].get("median_ms", 0) for r in runs),
+        "step_ms_share": round(
+            sum(r["steps"].get("total_ms", 0) for r in runs) / (10 * sum(r["wall_s"] for r in runs)), 1
+        ),
+        "traces": sum(r["steps"].get("traces", 0) for r in runs),
         "sample_output": decode(outputs[0])[:600],
         "rounds": [{k: v for k, v in r.items() if k not in ("outputs", "texts")} for r in runs],
     }
@@ -314,11 +338,11 @@ def vs_off(row: dict) -> str:
 
 def table(rows: list[dict]) -> str:
     head = ["workload", "clients", "method", "tok/s (median)", "rounds", "vs off (rounds)", "TTFT p50 ms",
-            "tokens/req", "acceptance", "tokens/step", "verify steps", "identical", "repeat share", "lookup share"]  # fmt: skip
+            "tokens/req", "acceptance", "tokens/step", "verify steps", "steps", "step p50 ms", "traces", "identical", "repeat share", "lookup share"]  # fmt: skip
     body = [
         [r["workload"], r["clients"], r["method"], r["tok_per_s"], " / ".join(str(t) for t in r["tok_per_s_rounds"]),
          vs_off(r), r["ttft_p50_ms"], r["tokens_per_request"], r["acceptance_rate"], r["tokens_per_step"],
-         r["verify_steps"], r.get("identical_requests", "-"), r["repeat_share"], r["lookup_share"]]
+         r["verify_steps"], r["steps"], r["step_median_ms"], r["traces"], r.get("identical_requests", "-"), r["repeat_share"], r["lookup_share"]]
         for r in rows
     ]  # fmt: skip
     return md_table(head, body)

@@ -89,6 +89,28 @@ def summary(steps: list[dict]) -> dict:
     return out
 
 
+def floor(model, join: int, tokens: int, repeats: int = 5) -> dict:
+    """MLX's own cost of a join's work, with mlx_lm's cache and nothing of ours: a [join, tokens]
+    prompt chunk, then one decode step of those rows, each evaluated alone (ms, median)."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    prompt = mx.ones((join, tokens), dtype=mx.uint32)
+    times = collections.defaultdict(list)
+    for _ in range(repeats + 1):  # the first is a warm-up
+        cache = make_prompt_cache(model)
+        mx.synchronize()
+        start = time.perf_counter()
+        logits = model(prompt, cache=cache)
+        mx.eval(logits, [c.state for c in cache])
+        mid = time.perf_counter()
+        mx.eval(model(mx.argmax(logits[:, -1:], axis=-1).astype(mx.uint32), cache=cache))
+        end = time.perf_counter()
+        times["prefill_ms"].append(1000 * (mid - start))
+        times["decode_ms"].append(1000 * (end - mid))
+    return {k: round(statistics.median(v[1:]), 2) for k, v in times.items()}
+
+
 def main(argv=None) -> None:
     from engine.config import EngineConfig
     from engine.kv.manager import make_cache_manager
@@ -106,6 +128,8 @@ def main(argv=None) -> None:
         ttft_ms = {"p50": round(statistics.median(ttft), 2), "max": round(max(ttft), 2)}
         rounds.append({"round": r, "summary": summary(steps), "ttft_ms": ttft_ms, "steps": steps})
         print(f"round {r}: {summary(steps)} first token {ttft_ms}", flush=True)
+    floors = {n: floor(loaded.model, n, 32) for n in sorted({1, args.join})}
+    print(f"mlx_lm's own prefill + decode of [rows, 32] prompts: {floors}", flush=True)
     last = rounds[-1]["summary"]
     table = [[kind, s["steps"], s["wall_ms"], *(s[k] for k in [*PARTS, "async_eval"])] for kind, s in last.items()]
     doc = {
@@ -114,6 +138,7 @@ def main(argv=None) -> None:
         "join_steps": args.join_steps,
         "tokens": args.tokens,
         "rounds": rounds,
+        "mlx_lm_floor": floors,
     }
     emit(doc, md_table(["step kind", "steps", "wall", *PARTS, "async_eval"], table), args.out)
 
