@@ -70,9 +70,10 @@ _STOP = object()
 # Woken from idle, the loop gathers requests sent together into one prefill: it keeps draining
 # while each next one follows within ARRIVAL_GAP_S, for ARRIVAL_WINDOW_S at most. A lone request
 # waits one gap (it used to wait the whole window: 5 ms of every idle request's TTFT).
-# `ORCHARD_ARRIVAL_GAP_MS` in a replica's environment sets the gap (for measuring it).
+# `ORCHARD_ARRIVAL_GAP_MS` / `ORCHARD_ARRIVAL_WINDOW_MS` in a replica's environment set them (for
+# measuring them).
 ARRIVAL_GAP_S = float(os.environ.get("ORCHARD_ARRIVAL_GAP_MS", "0.5")) / 1000
-ARRIVAL_WINDOW_S = 0.005
+ARRIVAL_WINDOW_S = float(os.environ.get("ORCHARD_ARRIVAL_WINDOW_MS", "5")) / 1000
 PROMPT_TAIL_TOKENS = 8  # a prompt's last tokens, read for an opened reasoning block
 STATS_INTERVAL_S = 0.25  # the loop publishes a stats snapshot this often (other threads read it)
 DISK_FLUSH_S = 5.0  # at shutdown, the disk KV cache's queued blocks are written for this long at most
