@@ -297,6 +297,17 @@ def _replica_nodes(metrics: dict) -> tuple[str, ...]:
     )
 
 
+def _latest_idle(ctx, now: float) -> float | None:
+    """Seconds idle now by each replica's latest report, the largest over replicas (None before any).
+    Not the look-back window's mean (`aggregated_metrics`), which lags: a model used one second ago
+    could read as idler than one used two seconds ago, and be kept while the other is evicted. A
+    replica idle at its report has been idle since (a request since would show as demand)."""
+    series = (getattr(ctx, "raw_metrics", None) or {}).get("idle_s") or {}
+    latest = [max(points, key=lambda p: p.timestamp) for points in series.values() if points]
+    idle = [p.value + max(0.0, now - p.timestamp) if p.value > 0 else 0.0 for p in latest]
+    return max(idle) if idle else None
+
+
 def _usage(ctx, now: float) -> tuple[ModelUsage | None, dict]:
     """One deployment's ModelUsage, and the policy state to keep for it."""
     raw = getattr(getattr(ctx.config, "policy", None), "policy_kwargs", None) or {}
@@ -314,7 +325,9 @@ def _usage(ctx, now: float) -> tuple[ModelUsage | None, dict]:
     if demand > 0 or "last_busy" not in state:
         state["last_busy"] = now
     idle = now - state["last_busy"]
-    reported_idle = largest("idle_s")
+    reported_idle = _latest_idle(ctx, now)
+    if reported_idle is None:
+        reported_idle = largest("idle_s")
     if reported_idle is not None and ctx.current_num_replicas > 0:
         idle = min(idle, reported_idle) if demand > 0 else reported_idle
     measured = largest("footprint_bytes")

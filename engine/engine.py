@@ -17,13 +17,13 @@ import concurrent.futures
 import dataclasses
 import functools
 import logging
-import os
 import queue
 import threading
 import time
 import uuid
 
 from .adapters import Adapters
+from .arrivals import ArrivalGather
 from .batch_check import BatchCheck, check_batching, files_digest
 from .chat_format import (
     REASONING_TAGS,
@@ -67,13 +67,6 @@ from .vision.prompt import VisionPrompt
 
 log = logging.getLogger(__name__)
 _STOP = object()
-# Woken from idle, the loop gathers requests sent together into one prefill: it keeps draining
-# while each next one follows within ARRIVAL_GAP_S, for ARRIVAL_WINDOW_S at most. A lone request
-# waits one gap (it used to wait the whole window: 5 ms of every idle request's TTFT).
-# `ORCHARD_ARRIVAL_GAP_MS` / `ORCHARD_ARRIVAL_WINDOW_MS` in a replica's environment set them (for
-# measuring them).
-ARRIVAL_GAP_S = float(os.environ.get("ORCHARD_ARRIVAL_GAP_MS", "0.5")) / 1000
-ARRIVAL_WINDOW_S = float(os.environ.get("ORCHARD_ARRIVAL_WINDOW_MS", "5")) / 1000
 PROMPT_TAIL_TOKENS = 8  # a prompt's last tokens, read for an opened reasoning block
 STATS_INTERVAL_S = 0.25  # the loop publishes a stats snapshot this often (other threads read it)
 DISK_FLUSH_S = 5.0  # at shutdown, the disk KV cache's queued blocks are written for this long at most
@@ -85,6 +78,7 @@ class AsyncEngine:
         self.config = config or EngineConfig()
         self.source = source
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._arrivals = ArrivalGather()  # how long the idle loop gathers a burst (engine.arrivals)
         self._streams: dict[str, RequestStream] = {}
         self._lock = threading.Lock()
         self._ready = threading.Event()
@@ -512,13 +506,13 @@ class AsyncEngine:
 
     def _drain_inbox(self, block: bool) -> bool:
         """Apply queued adds/aborts (then refresh the stats snapshot). False when asked to stop."""
-        changed, gather_until = False, None
+        changed, gathering = False, False
         while True:
             try:
-                if gather_until is None:
+                if not gathering:
                     kind, item = self._inbox.get(block=block, timeout=0.5 if block else None)
-                else:  # woken from idle: requests sent together, until a gap or the window's end
-                    gap = min(ARRIVAL_GAP_S, gather_until - time.monotonic())
+                else:  # woken from idle: requests sent together, until a gap (engine.arrivals)
+                    gap = self._arrivals.gap(time.monotonic())
                     kind, item = self._inbox.get(block=gap > 0, timeout=gap if gap > 0 else None)
             except queue.Empty:
                 if changed:
@@ -526,8 +520,11 @@ class AsyncEngine:
                 return True
             changed = True
             if block:
-                gather_until = time.monotonic() + ARRIVAL_WINDOW_S
+                self._arrivals.wake(time.monotonic())
+                gathering = True
             block = False
+            if kind == "add":
+                self._arrivals.arrived(time.monotonic())
             if kind is _STOP:
                 self._fail_streams(EngineDeadError(f"engine for {self.source} is shutting down"))
                 return False

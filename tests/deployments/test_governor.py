@@ -289,6 +289,33 @@ def test_policy_keeps_counting_an_unloaded_model_until_its_process_is_gone():
     assert governor_policy(contexts)[0] == {"C": 1}
 
 
+def test_the_policy_evicts_by_each_replicas_latest_idle_report_not_the_look_back_mean():
+    """CI caught it (the vision e2e's three models in a budget of two): a model used one second ago
+    averaged over Ray's look-back window as idler than one used two seconds ago, so the governor
+    evicted the more recently used one. The latest report, aged to now, orders them right."""
+    import time
+
+    from ray.serve._private.common import TimeStampedValue
+
+    now = time.time()
+
+    def reports(seconds_ago: float) -> dict:
+        """A replica busy 1.4 s ago by one report and idle since `seconds_ago` by its last (0.4 s ago)."""
+        points = [TimeStampedValue(now - 1.4, 0.0), TimeStampedValue(now - 0.4, seconds_ago - 0.4)]
+        return {"idle_s": {"r1": points}}
+
+    contexts = {}
+    for name, seconds_ago, mean in (("A", 2.0, 0.8), ("B", 1.0, 1.5)):  # the means say B is idler
+        contexts[name] = ctx(name.lower(), replicas=1, target=1, metrics={"idle_s": {"r1": mean}})
+        contexts[name].raw_metrics = reports(seconds_ago)
+    contexts["C"] = ctx("c", requests=1)
+    targets, _ = governor_policy(contexts)
+    assert targets == {"A": 0}, targets  # A was used longest ago
+    for name in ("A", "B"):  # without raw reports (an older Ray), the mean decides, as before
+        del contexts[name].raw_metrics
+    assert governor_policy(contexts)[0] == {"B": 0}
+
+
 # --- config and the builder's budget checks ----------------------------------------------------
 
 
