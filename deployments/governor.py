@@ -300,11 +300,13 @@ def _replica_nodes(metrics: dict) -> tuple[str, ...]:
 def _latest_idle(ctx, now: float) -> float | None:
     """Seconds idle now by each replica's latest report, the largest over replicas (None before any).
     Not the look-back window's mean (`aggregated_metrics`), which lags: a model used one second ago
-    could read as idler than one used two seconds ago, and be kept while the other is evicted. A
-    replica idle at its report has been idle since (a request since would show as demand)."""
+    could read as idler than one used two seconds ago, and be kept while the other is evicted. Each
+    report aged to now: a replica idle at its report has been idle since, and one busy then has not
+    been busy since unless requests show it (demand); a replica's reports reach the controller in
+    batches, so its latest one can be seconds old."""
     series = (getattr(ctx, "raw_metrics", None) or {}).get("idle_s") or {}
     latest = [max(points, key=lambda p: p.timestamp) for points in series.values() if points]
-    idle = [p.value + max(0.0, now - p.timestamp) if p.value > 0 else 0.0 for p in latest]
+    idle = [p.value + max(0.0, now - p.timestamp) for p in latest]
     return max(idle) if idle else None
 
 
