@@ -28,9 +28,10 @@ ARRIVAL_WINDOW_S = float(os.environ.get("ORCHARD_ARRIVAL_WINDOW_MS", "25")) / 10
 
 
 class ArrivalGather:
-    """The gathering of one engine loop: `wake(now)` when a request wakes it from idle, `arrived(now)`
-    for every request taken (the waking one included, and those taken by later steps), `gap(now)`:
-    how long to wait for the next one now (0: stop gathering)."""
+    """The gathering of one engine loop: `wake(now)` when a request wakes it from idle (not another
+    message, such as a router's query of the cache, which would reset what the last burst taught),
+    `arrived(now)` for every request taken (the waking one included, and those taken by later
+    steps), `gap(now)`: how long to wait for the next one now (0: stop gathering)."""
 
     def __init__(
         self, gap_s: float = ARRIVAL_GAP_S, burst_gap_s: float = BURST_GAP_S, window_s: float = ARRIVAL_WINDOW_S

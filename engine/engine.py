@@ -519,12 +519,13 @@ class AsyncEngine:
                     self._publish_stats(force=True)
                 return True
             changed = True
-            if block:
-                self._arrivals.wake(time.monotonic())
-                gathering = True
-            block = False
             if kind == "add":
-                self._arrivals.arrived(time.monotonic())
+                now = time.monotonic()
+                if block:  # a request woke the idle loop (not a stats or cache query): gather its burst
+                    self._arrivals.wake(now)
+                    gathering = True
+                self._arrivals.arrived(now)
+            block = False
             if kind is _STOP:
                 self._fail_streams(EngineDeadError(f"engine for {self.source} is shutting down"))
                 return False
