@@ -3,7 +3,7 @@
 Woken from idle by a request, the loop keeps taking requests while each next one follows within a
 *gap*, for a *window* at most, so that requests sent together share one prompt chunk and one
 decode step. Every request admitted a step later costs a step that takes newcomers (a prompt
-chunk plus the first decode of a changed batch: 1.5-2x a steady step on an H100, and that step
+chunk plus the first decode of a changed batch: 1.4-1.8x a steady step on an H100, and that step
 holds back the rows already decoding), and through `serve run` a burst reaches the engine spread
 over milliseconds (the router, the handle hop).
 
