@@ -505,7 +505,9 @@ class AsyncEngine:
             self._stats_at = now
 
     def _drain_inbox(self, block: bool) -> bool:
-        """Apply queued adds/aborts (then refresh the stats snapshot). False when asked to stop."""
+        """Apply queued adds/aborts (then refresh the stats snapshot). False when asked to stop. A
+        request that wakes the idle loop starts a gathering of the requests sent with it
+        (engine.arrivals)."""
         changed, gathering = False, False
         while True:
             try:
@@ -518,18 +520,16 @@ class AsyncEngine:
                 if changed:
                     self._publish_stats(force=True)
                 return True
-            changed = True
-            if kind == "add":
-                now = time.monotonic()
-                if block:  # a request woke the idle loop (not a stats or cache query): gather its burst
-                    self._arrivals.wake(now)
-                    gathering = True
-                self._arrivals.arrived(now)
-            block = False
+            changed, idle, block = True, block, False
             if kind is _STOP:
                 self._fail_streams(EngineDeadError(f"engine for {self.source} is shutting down"))
                 return False
             if kind == "add":
+                now = time.monotonic()
+                if idle:  # a request woke the idle loop (not a stats or cache query): gather its burst
+                    self._arrivals.wake(now)
+                    gathering = True
+                self._arrivals.arrived(now)
                 stream = self._streams.get(item.request_id)
                 if stream is not None:
                     stream.admitted_at, stream.admitted_step = time.time(), self.steps
