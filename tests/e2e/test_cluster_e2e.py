@@ -83,18 +83,25 @@ def cluster(tmp_path_factory):
     started = time.monotonic()
     room = int(1.5 * replica_footprint())  # each node's memory budget: one replica, not two
     c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "memory": room, "resources": {"orchard_head": 1}})
-    worker = c.add_node(num_cpus=1, memory=room)
-    ray.init(address=c.address)
-    log = tmp / "serve.log"
-    proc = start_serve_on(c.address, log)
-    STATE.update(
-        cluster=c, worker=worker, proc=proc, log=log, t0=started, cluster_start_s=time.monotonic() - started, room=room
-    )
-    STATE["start_s"] = wait_healthy(proc, log, timeout_s=300)
-    try:
+    proc = None
+    try:  # a start that fails must not leave this process a driver of nodes the next module's `ray stop` kills
+        worker = c.add_node(num_cpus=1, memory=room)
+        ray.init(address=c.address)
+        log = tmp / "serve.log"
+        proc = start_serve_on(c.address, log)
+        STATE.update(
+            cluster=c,
+            worker=worker,
+            proc=proc,
+            log=log,
+            t0=started,
+            cluster_start_s=time.monotonic() - started,
+            room=room,
+        )
+        STATE["start_s"] = wait_healthy(proc, log, timeout_s=300)
         yield STATE
     finally:
-        if proc.poll() is None:
+        if proc is not None and proc.poll() is None:
             stop(proc, stop_ray=False)
         ray.shutdown()
         if not STATE.get("shut_down"):
