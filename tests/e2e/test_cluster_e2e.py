@@ -224,7 +224,11 @@ def test_3_worker_node_dies_in_flight_requests_end_cleanly_new_ones_succeed(clus
     on_worker = [name for name, s in replicas().items() if s["node_id"] == worker_id]
     assert len(on_worker) == 1
     pool = ThreadPoolExecutor(9)
-    futures = [pool.submit(stream_until_done, f"Stream {i}. " + SYSTEMS[i % 4], 160) for i in range(6)]
+    # 64 tokens: each stream is still in flight when the last one starts (its first tokens come within
+    # ~1 s of the others'), and the head's three, one BLAS thread between them (~6 tok/s each here,
+    # a quarter of that beside CI's other worker), end well inside the router's 120 s request timeout.
+    # 160 tokens took ~27 s after the kill on a quiet box and over 120 s in CI (2026-12-07).
+    futures = [pool.submit(stream_until_done, f"Stream {i}. " + SYSTEMS[i % 4], 64) for i in range(6)]
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and len(STREAMING) < len(futures):  # every stream has output
         time.sleep(0.2)
