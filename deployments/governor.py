@@ -54,6 +54,10 @@ POLICY_PATH = "deployments.governor:governor_policy"
 # exits (graceful shutdown, then the actor is killed): an unloaded model's footprint stays
 # counted this long after its target went to 0 (an idle replica stops in ~0.6 s here).
 RELEASE_S = 2.0
+# An eviction waits up to this long for every idle candidate to report from after the cold model's
+# first request: a report from before it may miss that candidate's latest use (reports come every
+# 0.5 s, in batches), and the governor would evict a model used a moment ago (CI caught it).
+FRESH_REPORT_WAIT_S = 2.0
 FALLBACK_POLICY_PATH = "deployments.governor:keep_alive_policy"
 NODE_METRIC = "on_node:"  # + node id: the custom autoscaling metric naming a replica's node
 
@@ -79,6 +83,7 @@ class ModelUsage:
     nodes: tuple[str, ...] = ()  # the node of each running replica
     resources: tuple[tuple[str, float], ...] = ()  # Ray custom resources each replica holds
     max_per_node: int | None = None  # deployment.max_replicas_per_node
+    reported_at: float | None = None  # wall time of the stalest replica's latest idle report
 
     @property
     def held_count(self) -> int:
@@ -123,9 +128,16 @@ class Plan:
         self.reasons[name] = reason
 
 
-def plan(models: list[ModelUsage], budget: int, nodes: dict[str, dict[str, float]] | None = None) -> Plan:
+def plan(
+    models: list[ModelUsage],
+    budget: int,
+    nodes: dict[str, dict[str, float]] | None = None,
+    now: float | None = None,
+) -> Plan:
     """The governor's decision: replica targets for the models that must change. `nodes`: each
-    live node's resources that replicas hold (see Room), where every replica must also find room."""
+    live node's resources that replicas hold (see Room), where every replica must also find room.
+    `now` (wall time): an eviction waits for reports newer than the cold model's first request
+    (see `_reports_behind`); without it, the reports are taken as they are."""
     out, room = Plan(), Room(budget, nodes)
     for m in models:
         if m.loaded and m.replicas == 0 and not m.busy and m.loading_s > m.load_timeout_s:
@@ -153,6 +165,8 @@ def plan(models: list[ModelUsage], budget: int, nodes: dict[str, dict[str, float
             held.append(wanted)
             continue
         staying = [x for x in held if x.loaded and out.targets.get(x.name) != 0]  # what is released: back
+        if now is not None and _reports_behind(models, out, m, now):
+            break  # rank the candidates once each has reported from after m's first request
         victims = _lru_victims(models, out, [*staying, wanted], room)
         if victims is None:
             break  # nothing can make room now: it (and everything queued behind it) waits
@@ -217,6 +231,16 @@ class Room:
 def _take(free: dict[str, float], need: dict[str, float]) -> None:
     for k, v in need.items():
         free[k] = free.get(k, 0) - v
+
+
+def _reports_behind(models: list[ModelUsage], out: Plan, cold: ModelUsage, now: float) -> bool:
+    """Whether some idle candidate's latest report predates the cold model's first request (it may
+    have served a request since), while that request has waited less than FRESH_REPORT_WAIT_S."""
+    since = cold.waiting_since
+    if since is None or now - since >= FRESH_REPORT_WAIT_S:
+        return False
+    candidates = (x for x in models if x.evictable and x.name not in out.targets)
+    return any(x.reported_at is not None and x.reported_at < since for x in candidates)
 
 
 def _lru_victims(
@@ -297,17 +321,19 @@ def _replica_nodes(metrics: dict) -> tuple[str, ...]:
     )
 
 
-def _latest_idle(ctx, now: float) -> float | None:
-    """Seconds idle now by each replica's latest report, the largest over replicas (None before any).
-    Not the look-back window's mean (`aggregated_metrics`), which lags: a model used one second ago
-    could read as idler than one used two seconds ago, and be kept while the other is evicted. Each
-    report aged to now: a replica idle at its report has been idle since, and one busy then has not
-    been busy since unless requests show it (demand); a replica's reports reach the controller in
-    batches, so its latest one can be seconds old."""
+def _latest_idle(ctx, now: float) -> tuple[float | None, float | None]:
+    """Seconds idle now by each replica's latest report, the largest over replicas, and when the
+    stalest of those reports was made (None, None before any). Not the look-back window's mean
+    (`aggregated_metrics`), which lags: a model used one second ago could read as idler than one
+    used two seconds ago, and be kept while the other is evicted. Each report aged to now: a replica
+    idle at its report has been idle since, and one busy then has not been busy since unless
+    requests show it (demand); a replica's reports reach the controller in batches, so its latest
+    one can be seconds old (an eviction waits for newer ones: `_reports_behind`)."""
     series = (getattr(ctx, "raw_metrics", None) or {}).get("idle_s") or {}
     latest = [max(points, key=lambda p: p.timestamp) for points in series.values() if points]
-    idle = [p.value + max(0.0, now - p.timestamp) for p in latest]
-    return max(idle) if idle else None
+    if not latest:
+        return None, None
+    return max(p.value + max(0.0, now - p.timestamp) for p in latest), min(p.timestamp for p in latest)
 
 
 def _usage(ctx, now: float) -> tuple[ModelUsage | None, dict]:
@@ -327,7 +353,7 @@ def _usage(ctx, now: float) -> tuple[ModelUsage | None, dict]:
     if demand > 0 or "last_busy" not in state:
         state["last_busy"] = now
     idle = now - state["last_busy"]
-    reported_idle = _latest_idle(ctx, now)
+    reported_idle, reported_at = _latest_idle(ctx, now)
     if reported_idle is None:
         reported_idle = largest("idle_s")
     if reported_idle is not None and ctx.current_num_replicas > 0:
@@ -361,6 +387,7 @@ def _usage(ctx, now: float) -> tuple[ModelUsage | None, dict]:
         nodes=_replica_nodes(metrics),
         resources=tuple(sorted(kwargs.resources.items())),
         max_per_node=kwargs.max_replicas_per_node,
+        reported_at=reported_at,
     )
     placed = bool(kwargs.per_node or usage.resources or usage.max_per_node)
     return usage, {
@@ -388,7 +415,7 @@ def governor_policy(contexts: dict) -> tuple[dict, dict]:
     placed = any(states[ids[u.name]].get("placed") for u in usages)  # on nodes: memory, resources or a cap
     per_node = any(states[ids[u.name]]["per_node"] for u in usages)
     nodes = CLUSTER_NODES(now, memory=per_node) if placed else None
-    decision = plan(usages, budget, nodes)  # a lost node takes what it had out of the room
+    decision = plan(usages, budget, nodes, now)  # a lost node takes what it had out of the room
     for name, reason in decision.reasons.items():
         if contexts[ids[name]].target_num_replicas != decision.targets[name]:
             log.info("governor: %s -> %d replica(s): %s", name, decision.targets[name], reason)

