@@ -14,8 +14,9 @@ have. The decision is `plan()`, a pure function of what every model costs, uses 
 2. Cold models with waiting requests are taken first come, first served. One that fits in what
    is free loads (per node: each of its replicas finds a live node with room, next to the
    replicas already placed there; see `Room`). One that does not makes room: the least
-   recently used idle, unpinned loaded models unload until it fits, and it loads once their
-   memory is really returned (their replicas are gone). While nothing can be freed (the others
+   recently used idle, unpinned loaded models unload until it fits (ranked once each has
+   reported from after its first request, or after FRESH_REPORT_WAIT_S), and it loads once
+   their memory is really returned (their replicas are gone). While nothing can be freed (the others
    are busy or pinned) it waits, and so do the cold models behind it; its requests get 503 at
    the router after load_timeout_s.
 3. A model that is serving (requests running or queued) is never unloaded.
