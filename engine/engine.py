@@ -57,7 +57,7 @@ from .prompts import encode_prompt, render_chat
 from .request import PromptInput, Request, RequestOutput
 from .sampling import SamplingParams
 from .scheduler import Scheduler
-from .streams import RequestStream, post, put_all
+from .streams import RequestStream, post, wake_all
 from .text_stream import TextStream
 from .thinking import ThinkingCap
 from .threads import wait_until_gone
@@ -564,25 +564,30 @@ class AsyncEngine:
             done.set_result(None)
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
-        """Hand a step's outputs to their streams: one thread hop per event loop, not per token.
-        When a request finishes, the stats snapshot is refreshed first (a caller that saw its last
-        output then reads stats that include it)."""
+        """Merge a step's outputs into their streams on this thread, and wake only the readers
+        that wait for a stream now ready: one thread hop per event loop at most, none while every
+        reader waits out its window (engine.streams). When a request finishes, the stats snapshot
+        is refreshed first (a caller that saw its last output then reads stats that include it)."""
         if any(out.finished for out in outputs):
             self._publish_stats(force=True)
-        by_loop: dict = {}
+        wake: dict = {}
         with self._lock:
             for out in outputs:
                 stream = self._streams.get(out.request_id)
                 if out.finished:
                     self._streams.pop(out.request_id, None)
-                if stream is not None:
-                    by_loop.setdefault(stream._loop, []).append((stream, out))
-        for loop, items in by_loop.items():
-            if not post(loop, put_all, items):  # nobody reads these streams any more
-                log.warning("dropping %d stream(s) whose event loop has closed", len(items))
-                for stream, out in items:
+                if stream is None:
+                    continue
+                if stream._loop.is_closed():  # nobody reads this stream any more
                     if not out.finished:
                         self.abort(stream.request_id)
+                elif stream.deliver(out):
+                    wake.setdefault(stream._loop, []).append(stream)
+        for loop, streams in wake.items():
+            if not post(loop, wake_all, streams):  # the loop closed meanwhile
+                log.warning("dropping %d stream(s) whose event loop has closed", len(streams))
+                for stream in streams:
+                    self.abort(stream.request_id)
 
     def _fail_streams(self, exc: BaseException) -> None:
         with self._lock:

@@ -1,21 +1,24 @@
 """RequestStream: one request's outputs, read on the caller's event loop.
 
-The engine's loop thread posts each step's outputs to the streams' event loop (one thread hop
-per step, `AsyncEngine._deliver`); `put` runs there. Outputs the reader has not taken yet are
-merged into one (vLLM's output collector does the same): a reader slower than the engine gets
-bigger deltas, never a growing queue.
+The engine's loop thread merges each step's outputs into their streams itself (`deliver`, under
+the stream's lock): outputs the reader has not taken yet are merged into one (vLLM's output
+collector does the same), so a reader slower than the engine gets bigger deltas, never a growing
+queue. The loop thread wakes a reader's event loop (`AsyncEngine._deliver`: one hop per event
+loop and step, `wake_all`) only for a stream that is ready for a reader that waits.
 
 A reader that sends each delta over a costly hop (a model replica streaming to the router) reads
-with `next_output(not_before)`: it is woken once the window has passed and output is waiting, or
-at once for the last output or an error, and not for every step in between. With 64 streams and
-a step every 15 ms, that is one wake-up per stream per window instead of one per step: the event
-loop stays idle, and it shares the GIL with the engine's loop thread, whose steps it would
-otherwise slow down.
+with `next_output(not_before)`: until `not_before` only a last output or an error is ready, so
+the loop thread merges the steps in between and wakes nobody; the first step past the window
+wakes the reader (a reader's own timer does, for output merged before it began to wait). With a
+step every 6 ms and a 30 ms window, a stream's reader wakes once per window instead of once per
+step, and the replica's event loop no longer runs every step for every stream: it shares the GIL
+with the engine's loop thread, whose steps each of its wake-ups would slow down.
 """
 
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from typing import Protocol
 
@@ -40,12 +43,13 @@ class RequestStream:
         self.format = output_format or OutputFormat()  # how its output is written (engine.chat_format)
         self.prompt_tokens = len(prompt_ids)
         self._engine = engine
+        self._loop = asyncio.get_running_loop()
+        self._lock = threading.Lock()  # the engine's thread and the reader's loop share what follows
         self._pending: RequestOutput | None = None
         self._error: BaseException | None = None
-        self._loop = asyncio.get_running_loop()
-        self._waiter: asyncio.Future | None = None  # the reader, while it waits
         self._not_before = 0.0  # time.monotonic() before which the reader takes only a last output
-        self._timer: asyncio.TimerHandle | None = None
+        self._waiting = False  # the reader waits: wake it once the stream is ready
+        self._waiter: asyncio.Future | None = None  # the reader's, on its loop only
         self.finished = False
         self.admitted_at: float | None = None  # time.time() when the loop thread took it (hop timing)
         self.admitted_step: int | None = None  # AsyncEngine.steps by then
@@ -56,33 +60,37 @@ class RequestStream:
     async def __anext__(self) -> RequestOutput:
         return await self.next_output()
 
-    def put(self, item: RequestOutput | BaseException) -> None:
-        """Runs on the stream's event loop (the engine posts it there)."""
-        if isinstance(item, BaseException):
-            self._error = item
-        elif self._pending is None:
-            self._pending = item
-        else:
-            self._pending = _merge(self._pending, item)
-        waiter = self._waiter
-        if waiter is None or waiter.done():
-            return
-        if self._ready():
-            waiter.set_result(None)
-        elif self._timer is None:  # output waits for the window: one wake-up when it ends
-            self._timer = self._loop.call_later(self._not_before - time.monotonic(), self._wake)
+    def deliver(self, item: RequestOutput | BaseException) -> bool:
+        """Merge an output (or set the error) from any thread. True when the reader waits and is
+        now ready: the caller wakes it on its loop (`wake`), once."""
+        with self._lock:
+            if isinstance(item, BaseException):
+                self._error = item
+            elif self._pending is None:
+                self._pending = item
+            else:
+                self._pending = _merge(self._pending, item)
+            if self._waiting and self._ready():
+                self._waiting = False
+                return True
+            return False
 
-    def _ready(self) -> bool:
+    def put(self, item: RequestOutput | BaseException) -> None:
+        """`deliver` on the stream's own event loop."""
+        if self.deliver(item):
+            self.wake()
+
+    def wake(self) -> None:
+        """On the stream's loop: let the reader look again (a spurious wake-up only costs a look)."""
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _ready(self) -> bool:  # under the lock
         if self._error is not None:
             return True
         if self._pending is None:
             return False
         return self._pending.finished or time.monotonic() >= self._not_before
-
-    def _wake(self) -> None:
-        self._timer = None
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
 
     async def next_output(self, not_before: float = 0.0) -> RequestOutput:
         """The output produced since the last read, merged. Before `not_before` (time.monotonic())
@@ -91,11 +99,18 @@ class RequestStream:
         before it was read. Cancelling the read aborts the request."""
         if self.finished:
             raise StopAsyncIteration
-        self._not_before = not_before
-        while not self._ready():
+        while True:
+            with self._lock:
+                self._not_before = not_before
+                if self._ready():
+                    item, self._pending, error = self._pending, None, self._error
+                    break
+                self._waiting = True
+                # output merged before this wait is taken when the window ends; output that comes
+                # later wakes the reader from the engine's thread at the first step past the window
+                early = not_before - time.monotonic() if self._pending is not None else 0.0
             self._waiter = self._loop.create_future()
-            if self._pending is not None:
-                self._timer = self._loop.call_later(not_before - time.monotonic(), self._wake)
+            timer = self._loop.call_later(early, self.wake) if early > 0 else None
             try:
                 await self._waiter
             except asyncio.CancelledError:
@@ -103,13 +118,13 @@ class RequestStream:
                 raise
             finally:
                 self._waiter = None
-                if self._timer is not None:
-                    self._timer.cancel()
-                    self._timer = None
-        item, self._pending = self._pending, None
+                if timer is not None:
+                    timer.cancel()
+                with self._lock:
+                    self._waiting = False
         if item is None:  # only an error is left: what was produced before it came first
             self.finished = True
-            raise self._error
+            raise error
         if item.finished:
             self.finished = True
         return item
@@ -145,7 +160,7 @@ def post(loop, fn, *args) -> bool:
         return False
 
 
-def put_all(items) -> None:
-    """One step's outputs into their streams: runs on the streams' event loop."""
-    for stream, out in items:
-        stream.put(out)
+def wake_all(streams) -> None:
+    """Wake the readers of streams that became ready in one step: runs on their event loop."""
+    for stream in streams:
+        stream.wake()

@@ -1,0 +1,96 @@
+"""RequestStream between the engine's loop thread and a reader's event loop (engine/streams.py):
+outputs merged on the engine's thread, the reader woken only when its stream is ready. No model:
+a thread plays the engine's loop, delivering outputs as `AsyncEngine._deliver` does."""
+
+import asyncio
+import threading
+import time
+
+from engine.request import RequestOutput
+from engine.streams import RequestStream, post, wake_all
+
+
+class _Engine:
+    def __init__(self):
+        self.aborted = []
+
+    def abort(self, request_id):
+        self.aborted.append(request_id)
+
+
+def _engine_thread(stream, loop, n, gap, posts):
+    """Deliver n outputs `gap` seconds apart from another thread; count the reader's wake-ups."""
+
+    def run():
+        for i in range(n):
+            time.sleep(gap)
+            out = RequestOutput("r", f"{i},", [i], finish_reason="length" if i == n - 1 else None)
+            if stream.deliver(out):
+                posts.append(i)
+                post(loop, wake_all, [stream])
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_a_reader_in_its_window_is_woken_once_per_window_not_once_per_step():
+    async def go():
+        loop = asyncio.get_running_loop()
+        stream, posts, reads = RequestStream(_Engine(), "r", [1]), [], []
+        thread = _engine_thread(stream, loop, 40, 0.002, posts)
+        not_before = 0.0
+        while True:
+            try:
+                out = await stream.next_output(not_before)
+            except StopAsyncIteration:
+                break
+            reads.append(out.token_ids)
+            not_before = time.monotonic() + 0.03
+        thread.join()
+        return posts, reads
+
+    posts, reads = asyncio.run(go())
+    assert [t for ids in reads for t in ids] == list(range(40)), "every token once, in order"
+    assert reads[0] == [0] and len(reads) <= 6, [len(r) for r in reads]
+    # the engine's thread wakes the reader for the first token (no window yet), then once per
+    # window (the first step past it) and for the last output; the steps in between it merges
+    assert posts[0] == 0 and posts[-1] == 39 and len(posts) <= len(reads) <= 6, (posts, len(reads))
+
+
+def test_a_reader_without_a_window_gets_every_step_and_an_error_after_the_output_before_it():
+    async def go():
+        loop = asyncio.get_running_loop()
+        stream, posts = RequestStream(_Engine(), "r", [1]), []
+        thread = _engine_thread(stream, loop, 5, 0.005, posts)
+        got = [out.token_ids async for out in stream]
+        thread.join()
+        failing = RequestStream(_Engine(), "f", [1])
+        failing.put(RequestOutput("f", "a", [7]))
+        failing.put(ValueError("boom"))
+        first = await failing.next_output()
+        try:
+            await failing.next_output()
+        except ValueError as exc:
+            return got, posts, first.token_ids, str(exc)
+
+    got, posts, first, error = asyncio.run(go())
+    assert [t for ids in got for t in ids] == [0, 1, 2, 3, 4] and len(posts) == len(got)
+    assert first == [7] and error == "boom"
+
+
+def test_cancelling_a_waiting_reader_aborts_and_a_later_delivery_wakes_nobody():
+    async def go():
+        engine = _Engine()
+        stream = RequestStream(engine, "r", [1])
+        task = asyncio.ensure_future(stream.next_output(time.monotonic() + 5))
+        await asyncio.sleep(0.01)
+        task.cancel()
+        try:
+            await task
+        except asyncio.CancelledError:
+            pass
+        return engine.aborted, stream.deliver(RequestOutput("r", "x", [1], finish_reason="stop"))
+
+    aborted, woke = asyncio.run(go())
+    assert aborted == ["r"] and woke is False
