@@ -5,8 +5,9 @@ comes back is a `Chunk` of output or, last, an `ErrorItem` (deployments.hop).
 
 A hop costs several ms, so output is coalesced: the first token goes at once, then whatever the
 engine produced is sent at most once per window, the windows of every stream ending together (so
-that one event-loop wake-up sends them all); the last chunk goes as soon as it exists. The window is `stream_window_ms`, widened when many streams are active so that the replica sends at
-most `stream_max_chunks_per_s` chunks in all. Closing the stream (the router cancels it when its
+that one event-loop wake-up sends them all); the last chunk goes as soon as it exists. The window
+is `stream_window_ms`, widened when many streams are active so that the replica sends at most
+`stream_max_chunks_per_s` chunks in all. Closing the stream (the router cancels it when its
 client disconnects) aborts the request.
 """
 
@@ -38,7 +39,7 @@ REPORT_TIMEOUT_S = 5.0  # the engine answers between two steps; a prefill step c
 
 
 async def coalesced(stream, window_s: Callable[[], float]) -> AsyncIterator:
-    """`stream`'s outputs, merged: the first at once, then about one per window (`window_s()`,
+    """`stream`'s outputs, merged: the first at once, then at most one per window (`window_s()`,
     read again for every output), the last as soon as it exists. The engine's RequestStream holds
     and merges what comes in between, and wakes this reader once per window, not once per step."""
     not_before = 0.0
