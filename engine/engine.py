@@ -570,19 +570,20 @@ class AsyncEngine:
         is refreshed first (a caller that saw its last output then reads stats that include it)."""
         if any(out.finished for out in outputs):
             self._publish_stats(force=True)
-        wake: dict = {}
         with self._lock:
+            pairs = [(self._streams.get(out.request_id), out) for out in outputs]
             for out in outputs:
-                stream = self._streams.get(out.request_id)
                 if out.finished:
                     self._streams.pop(out.request_id, None)
-                if stream is None:
-                    continue
-                if stream._loop.is_closed():  # nobody reads this stream any more
-                    if not out.finished:
-                        self.abort(stream.request_id)
-                elif stream.deliver(out):
-                    wake.setdefault(stream._loop, []).append(stream)
+        wake: dict = {}
+        for stream, out in pairs:
+            if stream is None:
+                continue
+            if stream._loop.is_closed():  # nobody reads this stream any more
+                if not out.finished:
+                    self.abort(stream.request_id)
+            elif stream.deliver(out):
+                wake.setdefault(stream._loop, []).append(stream)
         for loop, streams in wake.items():
             if not post(loop, wake_all, streams):  # the loop closed meanwhile
                 log.warning("dropping %d stream(s) whose event loop has closed", len(streams))
