@@ -54,8 +54,8 @@ async def coalesced(stream, window_s: Callable[[], float]) -> AsyncIterator:
 
 def window_end(now: float, window: float) -> float:
     """The end of the window after `now` on one grid for every stream of the process, half a window
-    to one and a half away: the streams' windows end together, so the engine's first step past
-    them wakes every reader in one event-loop wake-up instead of a few readers at every step."""
+    to one and a half away: the streams' windows end together, so their readers' timers
+    (engine.streams) fire in one event-loop wake-up instead of a few readers at every step."""
     return (math.floor(now / window + 0.5) + 1) * window
 
 

@@ -8,11 +8,13 @@ loop and step, `wake_all`) only for a stream that is ready for a reader that wai
 
 A reader that sends each delta over a costly hop (a model replica streaming to the router) reads
 with `next_output(not_before)`: until `not_before` only a last output or an error is ready, so
-the loop thread merges the steps in between and wakes nobody; the first step past the window
-wakes the reader (a reader's own timer does, for output merged before it began to wait). With a
-step every 6 ms and a 30 ms window, a stream's reader wakes once per window instead of once per
-step, and the replica's event loop no longer runs every step for every stream: it shares the GIL
-with the engine's loop thread, whose steps each of its wake-ups would slow down.
+the loop thread merges the steps in between and wakes nobody; the reader's own timer wakes it when
+its window ends (on one grid for every stream: deployments.model_server.window_end, so one
+event-loop wake-up serves them all), and a stream with nothing to send then is woken by the first
+step after. With a step every 6 ms and a 30 ms window, a stream's reader wakes once per window
+instead of once per step, and the replica's event loop no longer runs every step for every
+stream: it shares the GIL with the engine's loop thread, whose steps each of its wake-ups would
+slow down.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class RequestStream:
         self._error: BaseException | None = None
         self._not_before = 0.0  # time.monotonic() before which the reader takes only a last output
         self._waiting = False  # the reader waits: wake it once the stream is ready
+        self._armed = False  # ...and its timer will wake it when its window ends
         self._waiter: asyncio.Future | None = None  # the reader's, on its loop only
         self.finished = False
         self.admitted_at: float | None = None  # time.time() when the loop thread took it (hop timing)
@@ -70,7 +73,7 @@ class RequestStream:
                 self._pending = item
             else:
                 self._pending = _merge(self._pending, item)
-            if self._waiting and self._ready():
+            if self._waiting and self._ready() and not (self._armed and not self._final()):
                 self._waiting = False
                 return True
             return False
@@ -85,12 +88,19 @@ class RequestStream:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
+    def _window_ended(self) -> None:
+        """The reader's timer, on its loop: the window is over, output merged during it can go."""
+        with self._lock:
+            self._armed = False
+        self.wake()
+
+    def _final(self) -> bool:  # under the lock: what goes at once, window or not
+        return self._error is not None or (self._pending is not None and self._pending.finished)
+
     def _ready(self) -> bool:  # under the lock
-        if self._error is not None:
+        if self._final():
             return True
-        if self._pending is None:
-            return False
-        return self._pending.finished or time.monotonic() >= self._not_before
+        return self._pending is not None and time.monotonic() >= self._not_before
 
     async def next_output(self, not_before: float = 0.0) -> RequestOutput:
         """The output produced since the last read, merged. Before `not_before` (time.monotonic())
@@ -106,11 +116,10 @@ class RequestStream:
                     item, self._pending, error = self._pending, None, self._error
                     break
                 self._waiting = True
-                # output merged before this wait is taken when the window ends; output that comes
-                # later wakes the reader from the engine's thread at the first step past the window
-                early = not_before - time.monotonic() if self._pending is not None else 0.0
+                window = not_before - time.monotonic()  # the timer wakes the reader at its end;
+                self._armed = window > 0  # past it, the engine's thread does, at the next output
             self._waiter = self._loop.create_future()
-            timer = self._loop.call_later(early, self.wake) if early > 0 else None
+            timer = self._loop.call_later(window, self._window_ended) if window > 0 else None
             try:
                 await self._waiter
             except asyncio.CancelledError:
@@ -121,7 +130,7 @@ class RequestStream:
                 if timer is not None:
                     timer.cancel()
                 with self._lock:
-                    self._waiting = False
+                    self._waiting = self._armed = False
         if item is None:  # only an error is left: what was produced before it came first
             self.finished = True
             raise error

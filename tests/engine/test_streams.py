@@ -94,3 +94,41 @@ def test_cancelling_a_waiting_reader_aborts_and_a_later_delivery_wakes_nobody():
 
     aborted, woke = asyncio.run(go())
     assert aborted == ["r"] and woke is False
+
+
+def test_output_merged_inside_the_window_goes_when_it_ends_though_no_step_follows():
+    """A row that stops producing for a while (preempted, or waiting behind a long prefill) after a
+    step inside its reader's window: the reader's timer sends what was merged when the window
+    ends, not when the row's next output comes."""
+
+    async def go():
+        loop = asyncio.get_running_loop()
+        stream, posts = RequestStream(_Engine(), "r", [1]), []
+        first = await asyncio.gather(stream.next_output(), _later(loop, stream, 0.0, [0], posts))
+        not_before = time.monotonic() + 0.05
+        reader = asyncio.ensure_future(stream.next_output(not_before))
+        await _later(loop, stream, 0.01, [1], posts)  # inside the window; then nothing for 1 s
+        late = _later(loop, stream, 1.0, [2], posts, finish="length")
+        out = await reader
+        got_at = time.monotonic()
+        await late
+        return first[0].token_ids, out.token_ids, got_at - not_before, posts
+
+    first, second, after_window_s, posts = asyncio.run(go())
+    assert first == [0] and second == [1]
+    assert 0 <= after_window_s < 0.5, after_window_s  # at the window's end, not the next output's
+    assert posts == [0], posts  # the timer woke it, not the engine's thread
+
+
+async def _later(loop, stream, delay, ids, posts, finish=None):
+    """After `delay`, deliver `ids` from another thread as the engine's loop would."""
+    await asyncio.sleep(delay)
+
+    def run():
+        if stream.deliver(RequestOutput("r", "x", ids, finish_reason=finish)):
+            posts.append(ids[0])
+            post(loop, wake_all, [stream])
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    await asyncio.to_thread(thread.join)
