@@ -82,7 +82,10 @@ def cluster(tmp_path_factory):
     os.environ["ORCHARD_CACHE"] = str(tmp / "cache")  # empty, inherited by both nodes: both replicas export at once
     started = time.monotonic()
     room = int(1.5 * replica_footprint())  # each node's memory budget: one replica, not two
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "memory": room, "resources": {"orchard_head": 1}})
+    c = Cluster(  # no dashboard: nothing here reads it, and on 2 cores its processes slow the start
+        initialize_head=True,
+        head_node_args={"num_cpus": 2, "memory": room, "resources": {"orchard_head": 1}, "include_dashboard": False},
+    )
     proc = None
     try:  # a start that fails must not leave this process a driver of nodes the next module's `ray stop` kills
         worker = c.add_node(num_cpus=1, memory=room)
