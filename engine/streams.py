@@ -73,7 +73,7 @@ class RequestStream:
                 self._pending = item
             else:
                 self._pending = _merge(self._pending, item)
-            if self._waiting and self._ready() and not (self._armed and not self._final()):
+            if self._waiting and (self._final() or (self._ready() and not self._armed)):
                 self._waiting = False
                 return True
             return False
