@@ -38,6 +38,7 @@ def test_a_reader_in_its_window_is_woken_once_per_window_not_once_per_step():
     async def go():
         loop = asyncio.get_running_loop()
         stream, posts, reads = RequestStream(_Engine(), "r", [1]), [], []
+        started = time.monotonic()
         thread = _engine_thread(stream, loop, 40, 0.002, posts)
         not_before = 0.0
         while True:
@@ -48,14 +49,17 @@ def test_a_reader_in_its_window_is_woken_once_per_window_not_once_per_step():
             reads.append(out.token_ids)
             not_before = time.monotonic() + 0.03
         thread.join()
-        return posts, reads
+        return posts, reads, time.monotonic() - started
 
-    posts, reads = asyncio.run(go())
+    posts, reads, took_s = asyncio.run(go())
     assert [t for ids in reads for t in ids] == list(range(40)), "every token once, in order"
-    assert reads[0] == [0] and len(reads) <= 6, [len(r) for r in reads]
-    # the engine's thread wakes the reader for the first token (no window yet), then once per
-    # window (the first step past it) and for the last output; the steps in between it merges
-    assert posts[0] == 0 and posts[-1] == 39 and len(posts) <= len(reads) <= 6, (posts, len(reads))
+    # one read per 30 ms window (40 steps 2 ms apart take >= 80 ms; longer on a loaded box), plus
+    # the first token's and the last output's
+    assert reads[0] == [0] and len(reads) <= took_s / 0.03 + 2, (len(reads), took_s)
+    # the engine's thread wakes the reader for the first token (no window yet) and the last output
+    # if the reader waits for it, and past a window only when the reader's timer found nothing;
+    # the steps in between it merges, and a reader that was not waiting is woken by nobody
+    assert posts[0] == 0 and len(posts) <= len(reads), (posts, len(reads))
 
 
 def test_a_reader_without_a_window_gets_every_step_and_an_error_after_the_output_before_it():
@@ -75,7 +79,8 @@ def test_a_reader_without_a_window_gets_every_step_and_an_error_after_the_output
             return got, posts, first.token_ids, str(exc)
 
     got, posts, first, error = asyncio.run(go())
-    assert [t for ids in got for t in ids] == [0, 1, 2, 3, 4] and len(posts) == len(got)
+    # each step's output as it comes (merged only while the reader was busy with the one before)
+    assert [t for ids in got for t in ids] == [0, 1, 2, 3, 4] and 1 <= len(posts) <= len(got)
     assert first == [7] and error == "boom"
 
 
@@ -108,8 +113,8 @@ def test_output_merged_inside_the_window_goes_when_it_ends_though_no_step_follow
         not_before = time.monotonic() + 0.05
         reader = asyncio.ensure_future(stream.next_output(not_before))
         await _later(loop, stream, 0.01, [1], posts)  # inside the window; then nothing for 1 s
-        late = _later(loop, stream, 1.0, [2], posts, finish="length")
-        out = await reader
+        late = asyncio.ensure_future(_later(loop, stream, 1.0, [2], posts, finish="length"))
+        out = await asyncio.wait_for(reader, 5)
         got_at = time.monotonic()
         await late
         return first[0].token_ids, out.token_ids, got_at - not_before, posts
