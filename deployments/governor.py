@@ -418,8 +418,11 @@ def governor_policy(contexts: dict) -> tuple[dict, dict]:
     nodes = CLUSTER_NODES(now, memory=per_node) if placed else None
     decision = plan(usages, budget, nodes, now)  # a lost node takes what it had out of the room
     for name, reason in decision.reasons.items():
-        if contexts[ids[name]].target_num_replicas != decision.targets[name]:
-            log.info("governor: %s -> %d replica(s): %s", name, decision.targets[name], reason)
+        state, target = states[ids[name]], contexts[ids[name]].target_num_replicas
+        change = (target, decision.targets[name])
+        if target != change[1] and state.get("logged") != change:  # once: Ray may not apply it at once
+            log.info("governor: %s -> %d replica(s): %s", name, change[1], reason)
+            state["logged"] = change
     return {ids[n]: r for n, r in decision.targets.items()}, states
 
 

@@ -3,6 +3,8 @@ the builder's budget checks. The same rules run for real in tests/e2e/test_gover
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -231,6 +233,20 @@ def test_a_load_that_never_finishes_is_given_up_once_nobody_waits():
     waited = ModelUsage("s", 800 * MiB, 1, target=1, loading_s=200, load_timeout_s=120, demand=1)
     assert plan([waited], 2000 * MiB).targets == {}  # someone still waits: keep trying
     assert plan([ModelUsage("s", 800 * MiB, 1, target=1, loading_s=30)], 2000 * MiB).targets == {}
+
+
+def test_a_decision_ray_has_not_applied_yet_is_logged_once(caplog):
+    """Ray Serve applies no autoscaling decision while a deployment is still being deployed: the
+    policy repeats it every 0.1 s tick, and the log said it every tick (thousands of lines while a
+    slow first load ran past its load_timeout_s)."""
+    caplog.set_level(logging.INFO, logger="ray.serve")
+    state = {"loading_since": time.time() - 200}  # its replica has been starting for 200 s
+    for _ in range(5):
+        contexts = {"A": ctx("a", target=1, state=state)}
+        targets, states = governor_policy(contexts)
+        assert targets == {"A": 0}
+        state = states["A"]
+    assert len([r for r in caplog.records if "gave up a load" in r.getMessage()]) == 1
 
 
 def test_an_operator_unload_waits_until_the_model_is_idle():
