@@ -47,6 +47,7 @@ from . import accel_servers as servers
 from .accel_hops import Hops
 from .client import make_client, request_body, stream_request
 from .client_pool import ClientPool, Sent
+from .host_cpu import HostCpu
 from .metrics import RequestResult, ratio, summarize
 from .report import emit, fmt, md_table, write_json
 
@@ -193,17 +194,20 @@ class Run:
         self.rates: dict[tuple[str, int], list[float]] = {}
         self.client_cpu: dict[tuple[str, int], list[float]] = {}
         self.serve_cpu: dict[int, list[dict]] = {}
+        self.spans: dict[tuple[str, int], list[tuple[float, float]]] = {}  # wall times of each level
+        self.host: HostCpu | None = None
         self.deadline = time.monotonic() + args.budget_s  # no level starts after it
         self.skipped: list[str] = []
 
     async def level(self, target: Target, n: int, rnd: int) -> None:
         results, wall, cpu = [], 0.0, 0.0
         procs = serve_procs(target)
-        before = cpu_seconds(procs)
+        before, began = cpu_seconds(procs), time.time()
         for w in range(self.args.waves):
             res, secs, used = await wave(target, n, self.args.max_tokens, f"r{rnd}w{w}", rnd * self.args.waves + w)
             results, wall, cpu = results + res, wall + secs, cpu + used
         key = (target.label, n)
+        self.spans.setdefault(key, []).append((began, time.time()))
         tokens = sum(r.completion_tokens for r in results if r.ok)
         self.results.setdefault(key, []).extend(results)
         self.rates.setdefault(key, []).append(round(tokens / wall, 2))
@@ -353,6 +357,20 @@ def table(doc: dict) -> str:
     if doc.get("hops"):
         out += "\n\nPer hop, ms p50 (p99); the engine's admission of a wave: spread, steps; new traces:\n\n"
         out += accel_hops.table(doc["hops"])
+    if doc.get("host_cpu"):
+        out += "\n\nThe host's busy vCPUs while each target served (benchmarks.host_cpu, 100 ms samples):\n\n"
+        out += md_table(
+            ["target @ clients", "busy vCPUs mean / p90", "vCPUs > half busy p50 / max"],
+            [
+                [
+                    k,
+                    f"{v['busy_cpus_mean']} / {v['busy_cpus_p90']}",
+                    f"{v['cpus_over_half_p50']} / {v['cpus_over_half_max']}",
+                ]
+                for k, v in doc["host_cpu"].items()
+                if v
+            ],
+        )
     failed = {label: s["error"] for label, s in doc["servers"].items() if s.get("error")}
     for label, why in failed.items():
         out += f"\n\n{label} did not serve: {why[:600]}"
@@ -427,14 +445,26 @@ def finish_doc(doc: dict, run: Run) -> None:
     doc["goals"] = goals(doc["compare"])
     doc["serve_cpu_ms_per_token"] = {str(n): v for n, v in run.serve_cpu.items()}
     doc["skipped_for_time"] = run.skipped
+    if run.host is not None:  # the host's busy CPUs while each target served each client count
+        doc["host_cpu"] = {f"{label} @ {n}": run.host.over(spans) for (label, n), spans in run.spans.items()}
     hops = next((t.hops for t in run.targets if t.hops is not None), None)
     if hops is not None:  # after each round too: a run cut short keeps what it measured
         doc["hops"] = hops.summary([t.label for t in run.targets], run.args.clients)
 
 
-async def measure(args, doc: dict, targets: list[Target]) -> Run:
+async def measure(args, doc: dict, targets: list[Target], workdir: Path) -> Run:
     """Warm-up, then the rounds while the time budget lasts; the JSON saved after each round."""
     run = Run(args, targets)
+    run.host = HostCpu.start(workdir / "host_cpu.jsonl")
+    try:
+        await run_rounds(args, doc, run)
+    finally:
+        if run.host is not None:
+            run.host.stop()
+    return run
+
+
+async def run_rounds(args, doc: dict, run: Run) -> None:
     await run.warm_up()
     last = 0.0
     for rnd in range(args.rounds):
@@ -448,7 +478,6 @@ async def measure(args, doc: dict, targets: list[Target]) -> Run:
         finish_doc(doc, run)
         if args.out:
             write_json(doc, args.out)
-    return run
 
 
 async def main_async(args) -> dict:
@@ -494,7 +523,7 @@ async def main_async(args) -> dict:
         ]
         if args.staggered and hops is not None:
             targets.insert(2, Target(STAGGERED, engine=engine, hops=hops))  # after serve run: its offsets first
-        await measure(args, doc, targets)
+        await measure(args, doc, targets, workdir)
         serve = next((t for t in targets if t.label == SERVE), None)
         if args.profile_s and serve is not None:
             doc["profile"] = await profile_serve(args, serve, workdir / "profile")
