@@ -53,7 +53,10 @@ class GovernedReplica:
         return self._node_id
 
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """Ray Serve's custom autoscaling metrics, read by the memory governor."""
+        """Ray Serve's custom autoscaling metrics, read by the memory governor; none once the engine
+        is shut down (Ray may still ask while the replica stops)."""
+        if self.engine is None:
+            return {}
         return {
             "footprint_bytes": float(self.engine.footprint.total),
             "idle_s": self.idle_s(),

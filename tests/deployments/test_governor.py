@@ -396,3 +396,17 @@ def test_the_kv_budget_is_a_share_of_the_host_budget():
     p = plan_model(cfg.models[0], cfg.memory.budget_bytes())
     assert p.engine["cache_memory_mb"] == 400
     assert p.footprint_bytes > 400 * MiB + 500 * MiB  # KV + SmolLM2's float32 weights + working memory
+
+
+def test_a_replica_whose_engine_is_shut_down_reports_nothing_instead_of_failing():
+    """Ray may ask a stopping replica for its stats after `shutdown_engine`: the serve log showed
+    "Replica autoscaling stats failed. 'NoneType' object has no attribute 'footprint'"."""
+    from deployments.governed import GovernedReplica
+
+    replica = GovernedReplica()
+    replica._init_governed()
+    replica.engine = SimpleNamespace(footprint=SimpleNamespace(total=5 * MiB))
+    replica._node_id = "n1"
+    assert replica.record_autoscaling_stats()["footprint_bytes"] == 5 * MiB
+    replica.engine = None
+    assert replica.record_autoscaling_stats() == {}
