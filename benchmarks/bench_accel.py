@@ -452,10 +452,11 @@ def finish_doc(doc: dict, run: Run) -> None:
         doc["hops"] = hops.summary([t.label for t in run.targets], run.args.clients)
 
 
-async def measure(args, doc: dict, targets: list[Target], workdir: Path) -> Run:
-    """Warm-up, then the rounds while the time budget lasts; the JSON saved after each round."""
+async def measure(args, doc: dict, targets: list[Target], workdir: Path | None = None) -> Run:
+    """Warm-up, then the rounds while the time budget lasts; the JSON saved after each round. With
+    `workdir`, the host's busy CPUs are sampled there (benchmarks.host_cpu)."""
     run = Run(args, targets)
-    run.host = HostCpu.start(workdir / "host_cpu.jsonl")
+    run.host = HostCpu.start(workdir / "host_cpu.jsonl") if workdir is not None else None
     try:
         await run_rounds(args, doc, run)
     finally:

@@ -30,7 +30,9 @@ Inputs per model come from Ray: running/target replicas and queued + running req
 the model's replicas, as custom autoscaling metrics (ModelServer.record_autoscaling_stats): the
 measured footprint, seconds idle and an operator's unload request; and from the builder, in the
 deployment's `autoscaling_config.policy.policy_kwargs`: the budget, keep_alive and the estimated
-footprint (used until a replica has measured it). Each replica also reports the node it runs on
+footprint (used until a replica has measured it). A model's idle time is the less of its
+replicas' latest report (aged to now) and the time since this policy last saw it had requests:
+reports come in batches and can predate the model's latest request. Each replica also reports the node it runs on
 (a metric named NODE_METRIC + node id). When a model asks for node resources (`memory.per_node`,
 `deployment.resources` such as an `apple_gpu` per Mac, or `deployment.max_replicas_per_node`),
 the live nodes' resources come from Ray every 5 s (ClusterNodes), and every replica must find
@@ -171,8 +173,9 @@ def plan(
         victims = _lru_victims(models, out, [*staying, wanted], room)
         if victims is None:
             break  # nothing can make room now: it (and everything queued behind it) waits
+        kept = ", ".join(_standing(x) for x in held if x.loaded and x.name not in {v.name for v in victims})
         for v in victims:
-            out.set(v.name, 0, f"evicted (least recently used, idle {v.idle_s:.0f}s) to load {m.name}")
+            out.set(v.name, 0, f"evicted (least recently used, idle {v.idle_s:.0f}s) to load {m.name}; kept: {kept}")
         break  # it loads once the memory is really returned
     return out
 
@@ -242,6 +245,13 @@ def _reports_behind(models: list[ModelUsage], out: Plan, cold: ModelUsage, now: 
         return False
     candidates = (x for x in models if x.evictable and x.name not in out.targets)
     return any(x.reported_at is not None and x.reported_at < since for x in candidates)
+
+
+def _standing(m: ModelUsage) -> str:
+    """Why a loaded model was kept, for the eviction's log line."""
+    if m.busy:
+        return f"{m.name} (busy)"
+    return f"{m.name} (idle {m.idle_s:.1f}s)" if m.evictable else f"{m.name} (pinned or starting)"
 
 
 def _lru_victims(
@@ -351,14 +361,16 @@ def _usage(ctx, now: float) -> tuple[ModelUsage | None, dict]:
         return max(values) if values else None
 
     demand = float(ctx.total_num_requests or 0.0)
-    if demand > 0 or "last_busy" not in state:
+    state.setdefault("first_seen", now)
+    if demand > 0:
         state["last_busy"] = now
-    idle = now - state["last_busy"]
+    seen = state.get("last_busy")  # requests seen here bound the idle time, whatever reports say
+    idle = now - (seen if seen is not None else state["first_seen"])
     reported_idle, reported_at = _latest_idle(ctx, now)
     if reported_idle is None:
         reported_idle = largest("idle_s")
     if reported_idle is not None and ctx.current_num_replicas > 0:
-        idle = min(idle, reported_idle) if demand > 0 else reported_idle
+        idle = reported_idle if seen is None else min(idle, reported_idle)
     measured = largest("footprint_bytes")
     if measured:
         state["footprint"] = int(measured)

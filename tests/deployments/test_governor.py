@@ -332,6 +332,23 @@ def test_the_policy_evicts_by_each_replicas_latest_idle_report_not_the_look_back
     assert governor_policy(contexts)[0] == {"B": 0}
 
 
+def test_requests_the_controller_saw_bound_a_models_idle_time_whatever_its_reports_say():
+    """CI caught it again (the governor e2e, a loaded box): b's last report predated its last
+    request by more than FRESH_REPORT_WAIT_S, so b read as idle since the request before, and was
+    evicted in place of a. The controller saw b's requests (demand) itself: b cannot have been idle
+    longer than since then."""
+    from ray.serve._private.common import TimeStampedValue
+
+    now = time.time()
+    contexts = {}
+    for name, idle_then, state in (("A", 3.0, {}), ("B", 10.0, {"last_busy": now - 0.5})):
+        contexts[name] = ctx(name.lower(), replicas=1, target=1, state=state)
+        contexts[name].raw_metrics = {"idle_s": {"r1": [TimeStampedValue(now - 0.4, idle_then)]}}
+    contexts["C"] = ctx("c", requests=1, state={"waiting_since": now - FRESH_REPORT_WAIT_S - 1})
+    targets, _ = governor_policy(contexts)
+    assert targets == {"A": 0}, targets  # B was seen busy half a second ago
+
+
 def test_an_eviction_waits_for_reports_from_after_the_cold_models_first_request():
     """CI caught it (the governor e2e): b served a request just before c's came, but b's latest
     report was from before that request, so b looked idler than a, and the governor evicted b."""
