@@ -78,8 +78,13 @@ def cluster(tmp_path_factory):
 
     clean_ray()
     tmp = tmp_path_factory.mktemp("cluster")
-    saved_cache = os.environ.get("ORCHARD_CACHE")
+    saved = {k: os.environ.get(k) for k in ("ORCHARD_CACHE", "RAY_worker_niceness")}
     os.environ["ORCHARD_CACHE"] = str(tmp / "cache")  # empty, inherited by both nodes: both replicas export at once
+    # Ray starts its workers at nice 15. These nodes are this test process's children, so they share
+    # its scheduling group (Linux autogroup) with the other xdist worker's CPU-bound tests: at nice 15
+    # the replicas got a few percent of a core there, and this module took ~300 s instead of ~120.
+    # (`serve run` elsewhere starts in a session of its own, where nice only ranks its own processes.)
+    os.environ["RAY_worker_niceness"] = "0"  # noqa: SIM112 - Ray reads this exact (lower-case) name
     started = time.monotonic()
     room = int(1.5 * replica_footprint())  # each node's memory budget: one replica, not two
     c = Cluster(  # no dashboard: nothing here reads it, and on 2 cores its processes slow the start
@@ -109,7 +114,8 @@ def cluster(tmp_path_factory):
         ray.shutdown()
         if not STATE.get("shut_down"):
             c.shutdown()
-        os.environ.pop("ORCHARD_CACHE") if saved_cache is None else os.environ.update(ORCHARD_CACHE=saved_cache)
+        for key, value in saved.items():
+            os.environ.pop(key, None) if value is None else os.environ.update({key: value})
 
 
 def replica_footprint() -> int:
