@@ -20,8 +20,9 @@ have. The decision is `plan()`, a pure function of what every model costs, uses 
    are busy or pinned) it waits, and so do the cold models behind it; its requests get 503 at
    the router after load_timeout_s.
 3. A model that is serving (requests running or queued) is never unloaded.
-4. A load that has not finished after load_timeout_s, with no request waiting any more (its
-   replica keeps failing to start), is given up, so that it stops holding budget.
+4. A load that no request has waited for in load_timeout_s (its replica keeps failing to start,
+   and the requests that wanted it got 503) is given up, so that it stops holding budget. A slow
+   load lives as long as requests keep coming for it (a client retrying after its 503 too).
 
 Omitting a model from the answer leaves it as it is: that is how a cold model waits (Ray's own
 cold-start path would otherwise start any deployment with queued requests at once).
@@ -80,7 +81,7 @@ class ModelUsage:
     unload_requested: bool = False
     waiting_since: float | None = None  # when requests started waiting for it while unloaded
     releasing: bool = False  # unloaded a moment ago: its process may still be exiting
-    loading_s: float = 0.0  # how long it has had a target but no running replica
+    loading_s: float = 0.0  # how long it has had a target but no running replica, and no request
     load_timeout_s: float = LOAD_TIMEOUT_S
     reserve: int = 0  # bytes of a node's `memory` each replica reserves (memory.per_node; 0: footprint)
     nodes: tuple[str, ...] = ()  # the node of each running replica
@@ -144,7 +145,7 @@ def plan(
     out, room = Plan(), Room(budget, nodes)
     for m in models:
         if m.loaded and m.replicas == 0 and not m.busy and m.loading_s > m.load_timeout_s:
-            out.set(m.name, 0, f"gave up a load unfinished after {m.loading_s:.0f}s with no request waiting")
+            out.set(m.name, 0, f"gave up a load that no request has waited for in {m.loading_s:.0f}s")
         elif m.loaded and not m.busy and m.keep_alive_s is not None:
             if m.unload_requested:
                 out.set(m.name, 0, "unload requested")
@@ -394,7 +395,7 @@ def _usage(ctx, now: float) -> tuple[ModelUsage | None, dict]:
         unload_requested=bool(largest("unload_requested")),
         waiting_since=state["waiting_since"],
         releasing=releasing,
-        loading_s=now - state["loading_since"] if starting else 0.0,
+        loading_s=now - max(state["loading_since"], state.get("last_busy") or 0.0) if starting else 0.0,
         load_timeout_s=kwargs.load_timeout_s,
         reserve=kwargs.footprint_bytes,
         nodes=_replica_nodes(metrics),

@@ -235,6 +235,17 @@ def test_a_load_that_never_finishes_is_given_up_once_nobody_waits():
     assert plan([ModelUsage("s", 800 * MiB, 1, target=1, loading_s=30)], 2000 * MiB).targets == {}
 
 
+def test_a_slow_load_lives_while_requests_keep_coming_for_it():
+    """A load slower than load_timeout_s (a large model from a slow disk) was given up whenever no
+    request happened to wait at that instant, so a client retrying after its 503 restarted it from
+    nothing each time. The time counts from the last request seen waiting for it."""
+    now = time.time()
+    for seen_ago, given_up in ((30, False), (150, True)):
+        state = {"loading_since": now - 200, "last_busy": now - seen_ago}
+        targets, _ = governor_policy({"A": ctx("a", target=1, state=state)})  # 0 running, 0 waiting now
+        assert targets == ({"A": 0} if given_up else {}), (seen_ago, targets)
+
+
 def test_a_decision_ray_has_not_applied_yet_is_logged_once(caplog):
     """Ray Serve applies no autoscaling decision while a deployment is still being deployed: the
     policy repeats it every 0.1 s tick, and the log said it every tick (thousands of lines while a
