@@ -33,11 +33,11 @@ measured footprint, seconds idle and an operator's unload request; and from the 
 deployment's `autoscaling_config.policy.policy_kwargs`: the budget, keep_alive and the estimated
 footprint (used until a replica has measured it). A model's idle time is the less of its
 replicas' latest report (aged to now) and the time since this policy last saw it had requests:
-reports come in batches and can predate the model's latest request. Each replica also reports the node it runs on
-(a metric named NODE_METRIC + node id). When a model asks for node resources (`memory.per_node`,
-`deployment.resources` such as an `apple_gpu` per Mac, or `deployment.max_replicas_per_node`),
-the live nodes' resources come from Ray every 5 s (ClusterNodes), and every replica must find
-what it needs free on one node.
+reports come in batches and can predate the model's latest request. Each replica also reports
+the node it runs on (a metric named NODE_METRIC + node id). When a model asks for node
+resources (`memory.per_node`, `deployment.resources` such as an `apple_gpu` per Mac, or
+`deployment.max_replicas_per_node`), the live nodes' resources come from Ray every 5 s
+(ClusterNodes), and every replica must find what it needs free on one node.
 """
 
 from __future__ import annotations
@@ -174,7 +174,7 @@ def plan(
         victims = _lru_victims(models, out, [*staying, wanted], room)
         if victims is None:
             break  # nothing can make room now: it (and everything queued behind it) waits
-        kept = ", ".join(_standing(x) for x in held if x.loaded and x.name not in {v.name for v in victims})
+        kept = ", ".join(_standing(x) for x in staying if x.name not in {v.name for v in victims})
         for v in victims:
             out.set(v.name, 0, f"evicted (least recently used, idle {v.idle_s:.0f}s) to load {m.name}; kept: {kept}")
         break  # it loads once the memory is really returned
