@@ -7,7 +7,8 @@ ORCHARD_HOP_TRACE names a folder) and the model replica writes the engine's step
 alone gets the same stamps from its stream (`admitted_at`) and its own step log. Per target and
 client count the summary gives each hop's p50 / p99 (ms), the spread of each stamp within a wave
 (last minus first, ms), how many engine steps a wave's admissions took, and per wave the engine's
-steps, their mean and longest duration and the compiled decode's new traces.
+steps, their mean and longest duration, the compiled decode's new traces and how many steps
+went through it (padded rows: the masked step, slower on CUDA than the unpadded one).
 
 `engine (staggered)` replays, wave by wave, the offsets at which `serve run`'s requests reached
 `engine.submit` (measured in this run, same client count): the engine alone fed the same spread, to
@@ -184,6 +185,7 @@ class Hops:
         if not inside:
             return {"wave": wave["wave"], "steps": 0}
         traces_before = before[-1][4] if before else inside[0][4]
+        masked_before = before[-1][5] if before else inside[0][5]
         durations = [1000 * s[1] for s in inside]
         median = statistics.median(durations)
         return {
@@ -197,6 +199,7 @@ class Hops:
             "steps_over_2x_median": sum(d > 2 * median for d in durations),
             "ms_in_steps_over_2x_median": _r(sum(d for d in durations if d > 2 * median)),
             "new_traces": inside[-1][4] - traces_before,
+            "masked_steps": inside[-1][5] - masked_before,  # padded rows: the compiled, masked decode
             "most_requests": max(s[2] for s in inside),
         }
 
@@ -221,7 +224,19 @@ def table(summary: dict) -> str:
         cells = [f"{hops[h][0]} ({hops[h][1]})" if h in hops else "" for h in names]
         spread = s["spread_ms_median_over_waves"]
         traces = sum(w.get("new_traces", 0) for w in s["waves"])
+        masked = sum(w.get("masked_steps", 0) for w in s["waves"])
+        total = sum(w.get("steps", 0) for w in s["waves"])
         steps = statistics.median(s["admission_steps_per_wave"]) if s["admission_steps_per_wave"] else None
-        rows.append([level, *cells, spread.get("admitted"), steps, traces])
-    header = ["target @ clients", *names, "admit spread ms", "admit steps", "new traces"]
+        medians = [w["step_ms_median"] for w in s["waves"] if "step_ms_median" in w]
+        median = statistics.median(medians) if medians else None
+        rows.append([level, *cells, spread.get("admitted"), steps, traces, f"{masked}/{total}", median])
+    header = [
+        "target @ clients",
+        *names,
+        "admit spread ms",
+        "admit steps",
+        "new traces",
+        "masked steps",
+        "step ms (median of waves)",
+    ]
     return md_table(header, rows)

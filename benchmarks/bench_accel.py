@@ -567,7 +567,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=min(8, max(1, (os.cpu_count() or 2) // 2)),
         help="processes sending the HTTP waves (benchmarks.client_pool); 1: this process",
     )
-    p.add_argument("--serve-env", nargs="*", default=[], metavar="KEY=VALUE", help="environment of `serve run`")
+    p.add_argument(
+        "--serve-env", nargs="*", action="extend", default=[], metavar="KEY=VALUE", help="environment of `serve run`"
+    )
     return p.parse_args(argv)
 
 

@@ -473,9 +473,13 @@ class AsyncEngine:
                 self._blas.tick()
 
     def _log_step(self, began: float, outputs: int) -> None:
+        """(start, seconds, requests, outputs, compiled-decode traces so far, padded steps so far: the
+        decode steps that went through the compiled, masked step)."""
         compiled = self.scheduler.gen.compiled
-        traces = compiled.traces if compiled is not None else 0
-        self.step_log.append((round(began, 6), round(time.time() - began, 6), len(self._streams), outputs, traces))
+        traces, masked = (compiled.traces, compiled.steps) if compiled is not None else (0, 0)
+        self.step_log.append(
+            (round(began, 6), round(time.time() - began, 6), len(self._streams), outputs, traces, masked)
+        )
 
     def _fail_rejected(self) -> None:
         """End the requests the scheduler could not start, each with its own error."""

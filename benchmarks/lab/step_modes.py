@@ -213,6 +213,7 @@ async def one_wave(engine, args, tag: str, tid: int, topo: dict, gpu: GpuLog) ->
     return {
         "tok_s": round(sum(r.completion_tokens for r in results) / wall, 1),
         "steps": len(steps),
+        "masked_steps": steps[-1][5] - steps[0][5] if steps else 0,  # padded rows: the compiled step
         "step_ms_median": round(statistics.median(decode), 2) if decode else None,
         "loop_cpus": sorted(set(seen)),
         "loop_cpu": main_cpu,
