@@ -41,14 +41,23 @@ def smollm():
     return load_model(SMOLLM)
 
 
-@pytest.fixture(scope="module")
-def load_once():
-    """Engines built in this module load each model once: the weights (immutable once loaded)
-    are shared by the module's engines, which cuts a load (for Gemma, mostly its 262k-token
-    tokenizer) from every engine after the first."""
-    import engine.engine
+@pytest.fixture(scope="session")
+def _engine_loads():
+    """The session's engine loads: `load_model` loading each (source, options) once."""
     from engine.loading.loader import load_model, memoized
 
+    return memoized(load_model)
+
+
+@pytest.fixture(scope="module")
+def load_once(_engine_loads):
+    """Engines built in this module load each model once in the session (the test process): the
+    weights (immutable once loaded) are shared by the engines of every module that asks for this,
+    which cuts a load (for Gemma, mostly its 262k-token tokenizer) from every engine after the
+    session's first. A module whose engines change their model (LoRA adapters attach layers to
+    it) does not ask for it."""
+    import engine.engine
+
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(engine.engine, "load_model", memoized(load_model))
+        patch.setattr(engine.engine, "load_model", _engine_loads)
         yield

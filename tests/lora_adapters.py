@@ -5,6 +5,7 @@ tests/fixtures/agents.yaml serves."""
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 from pathlib import Path
@@ -13,7 +14,7 @@ import mlx.core as mx
 from mlx.utils import tree_flatten
 from mlx_lm.tuner.utils import linear_to_lora_layers
 
-from engine.loading.loader import load_model
+from engine.loading.loader import LoadedModel, load_model
 
 SMOLLM = "smollm2-135m-instruct"
 KEYS = ["self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"]
@@ -21,10 +22,23 @@ SERVED = {"sql": (1, 8), "poet": (2, 4), "chef": (3, 8)}  # tests/fixtures/agent
 
 
 @functools.cache
+def smollm() -> LoadedModel:
+    """SmolLM2, loaded once per process: take its model through `fresh_model`."""
+    return load_model(SMOLLM)
+
+
+def fresh_model():
+    """A copy of SmolLM2's model, as a load of its own would give: LoRA layers put into the copy
+    (mlx_lm's `load_adapters`, `linear_to_lora_layers`, the engine's LoRA table) and freezing it
+    leave the loaded model, and so the next copy, the plain base. A copy costs milliseconds (MLX
+    arrays are immutable: the copies share their memory), a load seconds."""
+    return copy.deepcopy(smollm().model)
+
+
+@functools.cache
 def lora_shapes(rank: int, num_layers: int) -> list[tuple[str, tuple[int, ...]]]:
-    """The parameters `mlx_lm.lora` trains and saves: its LoRA layers on the base's KEYS (one model
-    load per rank and depth)."""
-    model = load_model(SMOLLM).model
+    """The parameters `mlx_lm.lora` trains and saves: its LoRA layers on the base's KEYS."""
+    model = fresh_model()
     model.freeze()  # as mlx_lm.lora does: only the LoRA layers train (and are saved)
     linear_to_lora_layers(model, num_layers, {"rank": rank, "scale": 4.0, "dropout": 0.0, "keys": KEYS})
     return [(k, v.shape) for k, v in tree_flatten(model.trainable_parameters())]
@@ -34,8 +48,9 @@ def make_adapter(path: Path, seed: int, rank: int, num_layers: int = 8, std: flo
     """An adapter as `mlx_lm.lora` writes one for the last `num_layers` layers, with random
     non-zero a and b (normal, `std`: at the defaults, enough to change SmolLM2's greedy answers)."""
     params = {"rank": rank, "scale": 4.0, "dropout": 0.0, "keys": KEYS}
+    shapes = lora_shapes(rank, num_layers)  # first: making them draws random numbers (the layers' init)
     mx.random.seed(seed)
-    weights = {k: mx.random.normal(shape) * std for k, shape in lora_shapes(rank, num_layers)}
+    weights = {k: mx.random.normal(shape) * std for k, shape in shapes}
     path.mkdir(parents=True)
     mx.save_safetensors(str(path / "adapters.safetensors"), weights)
     config = {"fine_tune_type": "lora", "num_layers": num_layers, "lora_parameters": params}
@@ -59,4 +74,5 @@ def make_served_adapters(root: Path) -> Path:
     for name, (seed, rank) in SERVED.items():
         make_adapter(root / name, seed=seed, rank=rank)
     make_malformed_adapter(root / "broken", like=root / "sql")
+    smollm.cache_clear()  # the caller serves them: its server loads the model, this process needs it no more
     return root

@@ -12,6 +12,7 @@ malformed adapter fails only its requests; nothing leaks."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 
 import mlx.core as mx
@@ -23,9 +24,26 @@ from engine.loading.loader import load_model
 from engine.lora import LoRATable, read_adapter
 
 from ..conftest import SMOLLM
-from ..lora_adapters import make_adapter, make_malformed_adapter
+from ..lora_adapters import fresh_model, make_adapter, make_malformed_adapter, smollm
 
 PROMPT = [1, 504, 3575, 282, 4649, 314, 7042, 30, 2, 198]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_load():
+    """SmolLM2 loads once in this module: the references and the engines each take a copy of its
+    model (tests/lora_adapters.fresh_model), into which they put their LoRA layers as into a model
+    loaded for them alone; the engines' loads are the loader's own `load_model` otherwise."""
+    import engine.engine
+
+    def load(source: str, **options):
+        if source != SMOLLM or options.get("fast_cpu") is not None:
+            return load_model(source, **options)
+        return dataclasses.replace(smollm(), model=fresh_model())
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine.engine, "load_model", load)
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -37,14 +55,14 @@ def adapters(tmp_path_factory):
 
 
 def reference_logits(path=None) -> mx.array:
-    model = load_model(SMOLLM).model
+    model = fresh_model()
     if path is not None:
         load_adapters(model, str(path))
     return model(mx.array([PROMPT]))[0]
 
 
 def test_a_mixed_batch_gives_each_row_its_own_adapters_logits(adapters):
-    base = load_model(SMOLLM).model
+    base = fresh_model()
     a, b = read_adapter("a", adapters / "a", base), read_adapter("b", adapters / "b", base)
     table = LoRATable(base, slots=2)
     table.attach(sorted(set(a.weights) | set(b.weights)), rank=8)
@@ -62,7 +80,7 @@ def test_a_mixed_batch_gives_each_row_its_own_adapters_logits(adapters):
 
 
 def test_a_malformed_adapter_is_refused_with_the_reason(adapters, tmp_path):
-    base = load_model(SMOLLM).model
+    base = fresh_model()
     with pytest.raises(ModelLoadError, match="cannot read"):
         read_adapter("missing", tmp_path / "nowhere", base)
     wrong = make_malformed_adapter(tmp_path / "wrong", adapters / "a", "q_proj.lora_b", (8, 7))
@@ -101,7 +119,7 @@ def generate_alone(prompts: list[list[int]], path=None) -> list[list[int]]:
     `load_adapters(path)`) for each prompt."""
     from mlx_lm.generate import generate_step
 
-    model = load_model(SMOLLM).model
+    model = fresh_model()
     if path is not None:
         load_adapters(model, str(path))
     return [[int(t) for t, _ in generate_step(mx.array(p), model, max_tokens=MAX_TOKENS)] for p in prompts]
