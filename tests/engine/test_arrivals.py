@@ -4,6 +4,7 @@ wiring in a real engine (SmolLM2, the bundled GGUF)."""
 from __future__ import annotations
 
 import asyncio
+import random
 
 import pytest
 
@@ -89,3 +90,38 @@ async def test_the_engine_starts_a_gathering_only_for_a_request_and_counts_every
         assert calls.count("arrived") == 4 and 1 <= calls.count("wake") <= 4, calls
     finally:
         eng.shutdown()
+
+
+def spread_burst(n: int, seed: int) -> list[float]:
+    """Arrival offsets (ms) of an n-request burst as `serve run` delivers one to a replica: a request
+    every ~1.5 ms, every eighth after a 3.5-4.5 ms hiccup (the replica's GIL, Ray's threads)."""
+    rng = random.Random(seed)
+    offsets, t = [], 0.0
+    for i in range(n):
+        offsets.append(t)
+        t += rng.uniform(3.5, 4.5) if i % 8 == 7 else rng.uniform(0.8, 2.2)
+    return offsets
+
+
+def test_the_defaults_take_a_spread_burst_in_one_step_and_the_old_ones_did_not():
+    """A 64-request burst spread over ~120 ms with a few gaps of ~4 ms: the defaults (a 5 ms gap in
+    a burst, 150 ms at most) gather all of it, so its rows share one step and none is padded; the
+    previous defaults (2 ms, 25 ms) admitted a part and left the rest to later steps."""
+    for seed in range(5):
+        burst = spread_burst(64, seed)
+        assert 90 < burst[-1] < 150
+        policy = ArrivalGather()  # this module's defaults
+        assert gathered(policy, 0.0, [0]) == 1  # a lone request first: not bursty yet
+        assert gathered(policy, 1.0, [0, 0.3]) == 2
+        assert gathered(policy, 2.0, burst) == 64
+        old = ArrivalGather(gap_s=0.5 * MS, burst_gap_s=2 * MS, window_s=25 * MS)
+        gathered(old, 1.0, [0, 0.3])
+        assert gathered(old, 2.0, burst) < 20
+
+
+def test_the_window_still_bounds_an_endless_burst():
+    policy = ArrivalGather()
+    gathered(policy, 0.0, [0, 0.3])
+    trickle = [1.0 * i for i in range(400)]  # a request a millisecond, for 400 ms
+    assert gathered(policy, 1.0, trickle) == 151  # 0..150 ms: the window's
+    assert policy.gap(1.0 + 150 * MS) == 0.0
