@@ -473,8 +473,7 @@ class AsyncEngine:
                 self._blas.tick()
 
     def _log_step(self, began: float, outputs: int) -> None:
-        """(start, seconds, requests, outputs, compiled-decode traces so far, padded steps so far: the
-        decode steps that went through the compiled, masked step)."""
+        """(start, seconds, requests, outputs, compiled-decode traces and calls so far: on CUDA, padded)."""
         compiled = self.scheduler.gen.compiled
         traces, masked = (compiled.traces, compiled.steps) if compiled is not None else (0, 0)
         self.step_log.append(
