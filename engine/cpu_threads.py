@@ -74,8 +74,10 @@ class BlasThreads:
 
     def choose(self, others: float) -> int:
         """The threads for the cores others leave; a core counts as taken once others use more than
-        three quarters of it (a light neighbour, such as Ray Serve's own processes, does not count)."""
-        return max(1, min(self.max_threads, int(self.cores - others + 0.75)))
+        half of it. A busy neighbour reads as less than a core while our threads compete with it
+        (one busy loop beside a two-thread engine on 2 cores: 0.62), and a light one, such as Ray
+        Serve's own processes (0.17-0.24 of a core while serving), does not count."""
+        return max(1, min(self.max_threads, int(self.cores - others + 0.5)))
 
     def restore(self) -> None:
         """OpenBLAS's threads back to what they were at the start, when the engine is done: the

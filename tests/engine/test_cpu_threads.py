@@ -40,7 +40,8 @@ def scripted(readings, max_threads=2, cores=2) -> tuple[BlasThreads, FakeControl
 
 def test_the_choice_leaves_the_cores_others_use():
     blas, _ = scripted([])
-    assert [blas.choose(x) for x in (0.0, 0.2, 0.74, 0.8, 1.3, 2.0)] == [2, 2, 2, 1, 1, 1]
+    # more than half a core taken counts: a busy neighbour reads as ~0.6 while our threads compete
+    assert [blas.choose(x) for x in (0.0, 0.24, 0.45, 0.62, 0.8, 1.3, 2.0)] == [2, 2, 2, 1, 1, 1, 1]
     assert BlasThreads(FakeController(), 4, 8).choose(1.0) == 4  # never above what OpenBLAS started with
 
 
