@@ -170,6 +170,11 @@ class EmbeddingServer(GovernedReplica):
             "replica": self.loaded_info,
         }
 
+    def record_routing_stats(self) -> dict[str, Any]:
+        """Ray Serve's per-replica routing stats: the engine stats, for the router's status reads
+        (deployments.replica_status), which must not count as requests."""
+        return {"engine": self.stats()} if self.engine is not None else {}
+
     def check_health(self) -> None:
         """Ray Serve's health hook: a stopped engine, or an engine call that hangs, fails it."""
         if self.engine is None:

@@ -57,6 +57,7 @@ class ModelRecord:
     cold_starts: list = field(default_factory=list)  # seconds from replica start to ready, per load
     seen_replicas: set = field(default_factory=set)
     load_error: str | None = None  # Ray's message while the deployment fails to start its replicas
+    actors: tuple[str, ...] = ()  # the running replicas' actor names, for status reads (replica_status)
 
     @property
     def footprint_bytes(self) -> int:
@@ -165,6 +166,7 @@ class ModelDirectory:
         for rec in self.models.values():
             dep = deployments.get(rec.facts.deployment)
             await self._update(rec, model_state(dep.replica_states) if dep is not None else UNLOADED)
+            rec.actors = tuple(getattr(dep, "running_actors", ())) if rec.state == LOADED else ()
             rec.load_error = _load_error(dep) if rec.state != LOADED else None
         self.polled_at = time.monotonic()
 
@@ -228,14 +230,21 @@ def _serve_status():
 
 def status_view(details: dict) -> SimpleNamespace:
     """What `serve.status()` reports, from the controller's details: per application and deployment,
-    the replica count per state, the deployment's status and its message."""
+    the replica count per state, the deployment's status and its message; and (not in
+    `serve.status()`) the running replicas' actor names."""
     apps = {}
     for app_name, app in (details.get("applications") or {}).items():
         deployments = {}
         for name, dep in (app.get("deployments") or {}).items():
-            states = Counter(_value(r.get("state")) for r in dep.get("replicas") or ())
+            replicas = dep.get("replicas") or ()
+            states = Counter(_value(r.get("state")) for r in replicas)
             deployments[name] = SimpleNamespace(
-                replica_states=dict(states), status=_value(dep.get("status")), message=dep.get("message") or ""
+                replica_states=dict(states),
+                status=_value(dep.get("status")),
+                message=dep.get("message") or "",
+                running_actors=[
+                    r["actor_name"] for r in replicas if _value(r.get("state")) == "RUNNING" and r.get("actor_name")
+                ],
             )
         apps[app_name] = SimpleNamespace(deployments=deployments)
     return SimpleNamespace(applications=apps)

@@ -245,15 +245,18 @@ class ModelServer(GovernedReplica):
 
     async def record_routing_stats(self) -> dict[str, Any]:
         """Ray Serve's per-replica routing stats (RunningReplica.routing_stats in a request router,
-        ReplicaActor.record_routing_stats for an operator): where this replica runs, what it served,
-        and with prefix-affinity routing, the prompt prefixes its cache holds (`prefixes`)."""
-        cache = self.engine.stats().get("cache") or {}
+        ReplicaActor.record_routing_stats for an operator and the router's status reads): where this
+        replica runs, what it served, its engine stats (`engine`, what `stats` returns), and with
+        prefix-affinity routing, the prompt prefixes its cache holds (`prefixes`)."""
+        engine = self.stats()
+        cache = engine.get("cache") or {}
         stats = {
             "node_id": self.node_id,
             "pid": os.getpid(),
             "served": self.served,
             "active": self.active,
             "cache": {k: v for k, v in cache.items() if isinstance(v, (int, float))},
+            "engine": engine,  # the router's status reads (deployments.replica_status)
         }
         if self.residency is not None and (report := self._prefix_report()) is not None:
             stats["prefixes"] = report

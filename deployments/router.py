@@ -40,6 +40,7 @@ from .openai.embeddings import install_embedding_routes
 from .openai.protocol import model_card
 from .openai.serving import install_openai_routes
 from .parsers import Parsing
+from .replica_status import ReplicaGone, ReplicaStatus
 from .request_router import routing_decisions
 from .responses.serving import install_responses_routes
 from .responses.store import HandleBackend, LogBackend, StoreClient
@@ -71,6 +72,7 @@ class RouterCore:
         self.api_key = config.resolved_api_key()
         self.images = ImageLoader(config.images.limits())
         self.metrics = RouterMetrics()
+        self.replica_status = ReplicaStatus()
         self.created = int(time.time())
         self.trace = hop_trace.open_trace("router")  # per-hop timestamps (ORCHARD_HOP_TRACE), else None
 
@@ -255,9 +257,10 @@ class RouterCore:
         """GET /health: the loaded models' health checks; unloaded ones report their state, eager
         ones still on their first load make it 503 (starting)."""
         names = self.loaded_names()
-        results = await asyncio.gather(*(self.models[n].health(timeout_s=5.0) for n in names), return_exceptions=True)
+        results = await asyncio.gather(*(self.model_health(n, timeout_s=5.0) for n in names), return_exceptions=True)
         status = {n: self.model_card(n)["state"] for n in self.models}
-        status.update({n: ("ok" if r is None else f"unhealthy: {r}") for n, r in zip(names, results)})
+        checked = [(n, r) for n, r in zip(names, results) if r is not None or self.is_loaded(n)]  # not unloaded since
+        status.update({n: ("ok" if r is None else f"unhealthy: {r}") for n, r in checked})
         starting = self.starting()
         status.update({n: "starting" for n in starting})
         healthy = all(r is None for r in results) and not starting
@@ -268,8 +271,46 @@ class RouterCore:
     async def gather_stats(self) -> dict[str, dict | None]:
         """Stats of the loaded models (calling an unloaded one would load it)."""
         names = self.loaded_names()
-        results = await asyncio.gather(*(self.models[n].stats(timeout_s=5.0) for n in names), return_exceptions=True)
+        results = await asyncio.gather(*(self.model_stats(n, timeout_s=5.0) for n in names), return_exceptions=True)
         return {n: (None if isinstance(r, BaseException) else r) for n, r in zip(names, results)}
+
+    async def _from_replicas(self, name: str, read, timeout_s: float):
+        """`read` (ReplicaStatus.stats or .health) on the model's running replicas as the directory
+        last saw them; once more after a fresh poll when those are gone (replaced, or stopped)."""
+        for attempt in range(2):
+            try:
+                return await read(self.directory.record(name).actors, timeout_s)
+            except ReplicaGone:
+                if attempt:
+                    raise
+                await self.directory.refresh()
+            except TimeoutError:
+                raise ApiError(
+                    504, f"model {name!r} did not answer within {timeout_s:g} s", type="timeout_error", code="timeout"
+                ) from None
+
+    def _names_known(self, name: str) -> bool:
+        """Whether status reads can go to the replica actors (the directory has their names; not
+        with a Ray whose status carries none): else they go through the handle, and count."""
+        return self.directory is not None and bool(self.directory.record(name).actors)
+
+    async def model_stats(self, name: str, timeout_s: float) -> dict[str, Any]:
+        """A loaded model's engine stats, read from a replica actor, so that the read is no request
+        the governor counts as use (deployments.replica_status)."""
+        if self._names_known(name):
+            return await self._from_replicas(name, self.replica_status.stats, timeout_s)
+        return await self.models[name].stats(timeout_s=timeout_s)
+
+    async def model_health(self, name: str, timeout_s: float) -> None:
+        """A loaded model's health checks, every replica's, the same way as `model_stats`; a model
+        whose replicas stopped since the directory's poll (an unload) is not unhealthy."""
+        if not self._names_known(name):
+            return await self.models[name].health(timeout_s=timeout_s)
+        try:
+            await self._from_replicas(name, self.replica_status.health, timeout_s)
+        except ReplicaGone:
+            if self.is_loaded(name):
+                raise
 
     async def load(self, name: str) -> dict[str, Any]:
         """POST /v1/models/{name}/load: returns once the model is loaded (503 after load_timeout_s)."""
@@ -420,7 +461,7 @@ def _install_model_routes(app: FastAPI, core: RouterCore, auth) -> None:
                 "cache": {},
                 "engine": {},
             }
-        stats = await core.client(name).stats(timeout_s=10.0)
+        stats = await core.model_stats(name, timeout_s=10.0)
         cache = stats.get("cache") if isinstance(stats.get("cache"), dict) else {}
         engine = {k: v for k, v in stats.items() if k != "cache"}
         return {"object": "model.cache", "model": name, "cache": cache, "engine": engine}

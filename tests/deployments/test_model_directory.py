@@ -225,4 +225,56 @@ def test_the_status_read_from_the_controllers_details_is_what_serve_status_repor
             model_state(dep.replica_states),
         )
     assert ours["model-smol"].replica_states == {"RUNNING": 1, "STARTING": 1}
+    running = deps["model-smol"]["replicas"][0]["actor_name"]
+    assert running.startswith("SERVE_REPLICA::orchard#model-smol#")  # what ray.get_actor finds in "serve"
+    assert ours["model-smol"].running_actors == [running]  # the starting one is not read yet
     assert _load_error(ours["ResponseStore"]) == "ModelLoadError: bad shapes"
+
+
+class FakeReplicas:
+    """ReplicaStatus with no Ray: the actor names it was asked, and replicas that are gone."""
+
+    def __init__(self, gone=()):
+        self.asked, self.gone = [], set(gone)
+
+    async def _check(self, actors):
+        self.asked.append(tuple(actors))
+        if not actors or set(actors) <= self.gone:
+            from deployments.replica_status import ReplicaGone
+
+            raise ReplicaGone(", ".join(actors))
+
+    async def stats(self, actors, timeout_s):
+        await self._check(actors)
+        return {"name": "from-the-actor", "cache": {"hits": 7}}
+
+    async def health(self, actors, timeout_s):
+        await self._check(actors)
+
+
+async def test_status_reads_go_to_the_replica_actors_not_through_the_handle():
+    """GET /metrics, /health and a model's cache card read the running replicas by actor name (the
+    directory's poll), so that no status read counts as a request in the governor's demand; a
+    replica gone since the poll is read again after a fresh poll, and a model that unloaded
+    meanwhile is not unhealthy."""
+    from types import SimpleNamespace
+
+    client, core = governed_client({"m1": {"RUNNING": 1}}, m1=FakeClient("m1"))
+    deps = core.directory._read_status().applications["orchard"].deployments
+    deps["model-m1"].running_actors = ["SERVE_REPLICA::orchard#model-m1#a"]
+    core.replica_status = replicas = FakeReplicas(gone={"SERVE_REPLICA::orchard#model-m1#a"})
+    await core.directory.refresh()
+    deps["model-m1"].running_actors = ["SERVE_REPLICA::orchard#model-m1#b"]  # replaced after the poll
+    async with client:
+        cache = (await client.get("/v1/models/m1/cache")).json()
+        assert cache["cache"] == {"hits": 7} and cache["engine"]["name"] == "from-the-actor"
+        assert replicas.asked == [("SERVE_REPLICA::orchard#model-m1#a",), ("SERVE_REPLICA::orchard#model-m1#b",)]
+        scrape = (await client.get("/metrics")).text
+        assert 'orchard_engine_stat{model="m1",stat="cache_hits"} 7.0' in scrape  # the actor's, not the handle's 1
+        assert (await client.get("/health")).json()["models"] == {"m1": "ok"}
+        assert len(replicas.asked) == 4
+        deps["model-m1"] = SimpleNamespace(replica_states={"STOPPING": 1}, running_actors=[])
+        replicas.gone.add("SERVE_REPLICA::orchard#model-m1#b")  # unloaded since the last poll
+        health = (await client.get("/health")).json()
+    assert health == {"status": "ok", "models": {"m1": "unloading"}}
+    assert getattr(core.models["m1"], "health_calls", 0) == 0  # never through the handle

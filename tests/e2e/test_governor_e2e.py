@@ -216,7 +216,19 @@ def test_5_keep_alive_unloads_the_model_and_its_memory_is_returned(client):
     pid = card["pid"]
     rss = psutil.Process(pid).memory_info().rss
     assert rss > card["footprint"]["weights"] * 0.9  # its float32 weights live in that process
-    wait_until(lambda: states()["tiny-e"] == "unloaded", 30, "tiny-e to unload after its keep_alive")
+
+    def scraped_and_unloaded() -> bool:
+        """A scrape and a health poll every half second, as a monitor would: status reads are no
+        use of a model, so they must not keep it loaded (they reach the replicas without a request)."""
+        health = httpx.get(f"{BASE}/health", timeout=30)
+        assert health.status_code == 200, health.text
+        httpx.get(f"{BASE}/metrics", timeout=30).raise_for_status()
+        return states()["tiny-e"] == "unloaded"
+
+    scrape = httpx.get(f"{BASE}/metrics", timeout=30).text
+    assert metric(scrape, "orchard_model_up", model="tiny-e") == 1.0  # its replica answered the status read
+
+    wait_until(scraped_and_unloaded, 30, "tiny-e to unload after its keep_alive")
     wait_until(lambda: process_gone(pid), 15, "tiny-e's process to exit")
     assert models()["tiny-e"]["unloads"] == 1
 

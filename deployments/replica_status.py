@@ -1,0 +1,77 @@
+"""Status reads (GET /metrics, /health, a model's cache card) straight from the replica actors.
+
+A call through a model's deployment handle is a request to Ray Serve: the handle counts it in the
+deployment's `total_num_requests`, the demand the memory governor reads. A scrape would then make
+every loaded model look used a moment ago; a Prometheus scrape or a /health poll more often than
+`keep_alive` would keep every model resident, and the LRU order between loaded models would be
+chance. So status reads take the way Ray's controller takes for its own health checks and routing
+stats: the replica actor's `check_health` and `record_routing_stats`, which run the deployment's
+hooks of the same names (ModelServer's routing stats carry its engine stats under "engine") and
+count as no request.
+
+The running replicas' actor names come from the router's ModelDirectory (Ray's serve details);
+a model it does not know as loaded, or a replica gone since its last poll, is read through the
+handle as before (the caller's fallback)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import ray
+
+SERVE_NAMESPACE = "serve"  # ray.serve._private.constants.SERVE_NAMESPACE
+
+
+class ReplicaGone(Exception):
+    """None of the actor names still names a live replica."""
+
+
+class ReplicaStatus:
+    """Actor handles by name (a lookup asks the GCS, once per replica)."""
+
+    def __init__(self):
+        self._actors: dict[str, Any] = {}
+
+    async def _actor(self, name: str):
+        actor = self._actors.get(name)
+        if actor is None:
+            try:
+                actor = await asyncio.to_thread(ray.get_actor, name, SERVE_NAMESPACE)
+            except ValueError:  # replaced since the directory's last poll
+                return None
+            self._actors[name] = actor
+        return actor
+
+    async def _call(self, name: str, method: str, timeout_s: float):
+        actor = await self._actor(name)
+        if actor is None:
+            raise ReplicaGone(name)
+        try:
+            return await asyncio.wait_for(getattr(actor, method).remote(), timeout_s)
+        except ray.exceptions.RayActorError:
+            self._actors.pop(name, None)
+            raise ReplicaGone(name) from None
+
+    async def stats(self, actors: tuple[str, ...], timeout_s: float) -> dict[str, Any]:
+        """The first live replica's engine stats (ModelServer.record_routing_stats' "engine")."""
+        for name in actors:
+            try:
+                report = await self._call(name, "record_routing_stats", timeout_s)
+            except ReplicaGone:
+                continue
+            if isinstance(report.get("engine"), dict):
+                return report["engine"]
+        raise ReplicaGone(", ".join(actors))
+
+    async def health(self, actors: tuple[str, ...], timeout_s: float) -> None:
+        """Every replica's health check (raises the first failure); ReplicaGone when none is left."""
+        checked = 0
+        for name in actors:
+            try:
+                await self._call(name, "check_health", timeout_s)
+            except ReplicaGone:
+                continue
+            checked += 1
+        if not checked:
+            raise ReplicaGone(", ".join(actors))
