@@ -168,10 +168,19 @@ def measure_working_bytes(model, prefill_batch: int, prefill_tokens: int) -> int
 
 def apply_process_limits(share_bytes: int) -> dict:
     """Cap MLX in this process at its share of the host budget, so that two model processes never
-    both wire (or cache) the whole working set. Returns what was set."""
+    both wire (or cache) the whole working set. Returns what was set.
+
+    The buffer cache may fill what the share leaves: MLX's allocators (Metal and CUDA) reclaim
+    cached buffers when active + cached memory would pass the memory limit, so the two together
+    stay within the share, as MLX's own default (cache limit = memory limit) keeps them within its
+    limit. A smaller cache limit costs speed and saves nothing the budget counts: a decode batch
+    whose working copies grow frees buffers of the old sizes every few steps, and on CUDA each free
+    over the limit is a cudaFree that waits for the device. With a quarter of the share, an H100
+    took 8-17 steps of twice the median in a 64-client wave, against one without
+    (benchmarks.lab.long_steps --limits, docs/lab-notebook.md, 2026-12-08)."""
     import mlx.core as mx
 
-    limits = {"memory_limit": share_bytes, "cache_limit": max(share_bytes // 4, 32 * 2**20)}
+    limits = {"memory_limit": share_bytes, "cache_limit": share_bytes}
     mx.set_memory_limit(limits["memory_limit"])
     mx.set_cache_limit(limits["cache_limit"])
     if mx.metal.is_available():

@@ -19,7 +19,8 @@ delivery), and the steady steps' median parts beside them. `--beside serve`: a `
 same model (accel's YAML) idles beside the engine while it runs, as in `python -m benchmarks
 accel`, whose engine-alone waves had 4-14 long steps where this lab had one. `--limits`: MLX's
 memory and cache limits set as a model replica sets them (engine.memory.apply_process_limits, which
-accel's engine row applies too).
+accel's engine row applies too); `--cache-share 0.25` with it: the cache limit a replica set before
+2026-12-08 (a quarter of its share).
 """
 
 from __future__ import annotations
@@ -168,6 +169,9 @@ async def measure_engine(args, parts: collections.Counter | None) -> dict:
 
     engine = AsyncEngine.from_source(args.model, EngineConfig(max_num_seqs=max(64, args.clients)))
     limits = apply_process_limits(engine.footprint.total) if args.limits else {}
+    if args.limits and args.cache_share is not None:  # another cache limit than the replica's
+        limits["cache_limit"] = int(engine.footprint.total * args.cache_share)
+        mx.set_cache_limit(limits["cache_limit"])
     notes: list = []
     after_each_step(engine.scheduler, lambda: notes.append(snapshot(engine, parts)))
     waves = []
@@ -237,6 +241,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--waves", type=int, default=4)
     p.add_argument("--parts", action="store_true", help="time each step's parts (wraps engine methods)")
     p.add_argument("--limits", action="store_true", help="MLX's memory and cache limits as a replica sets them")
+    p.add_argument(
+        "--cache-share", type=float, help="with --limits: MLX's cache limit as this share of the footprint instead"
+    )
     p.add_argument("--beside", choices=["none", "serve"], default="none", help="a server idling beside")
     p.add_argument("--out", help="write the JSON here too")
     args = p.parse_args(argv)
