@@ -20,7 +20,8 @@ same model (accel's YAML) idles beside the engine while it runs, as in `python -
 accel`, whose engine-alone waves had 4-14 long steps where this lab had one. `--limits`: MLX's
 memory and cache limits set as a model replica sets them (engine.memory.apply_process_limits, which
 accel's engine row applies too); `--cache-share 0.25` with it: the cache limit a replica set before
-2026-12-08 (a quarter of its share).
+2026-12-08 (a quarter of its share). `--warm-clients 64 --clients 1`: lone requests after a wide
+wave, as accel's engine row meets them (its warm-up runs every width first).
 """
 
 from __future__ import annotations
@@ -93,12 +94,12 @@ def changes(before: tuple, after: tuple) -> list[str]:
     return what or ["nothing seen"]
 
 
-async def one_wave(engine, args, tag: str, notes: list, parts: collections.Counter | None) -> dict:
+async def one_wave(engine, args, tag: str, notes: list, parts: collections.Counter | None, clients: int) -> dict:
     engine.step_log = collections.deque()
     notes.clear()
     notes.append(snapshot(engine, parts))
     results = await asyncio.gather(
-        *(engine_request(engine, prompt_text(f"{tag}c{i}"), args.max_tokens) for i in range(args.clients))
+        *(engine_request(engine, prompt_text(f"{tag}c{i}"), args.max_tokens) for i in range(clients))
     )
     steps, engine.step_log = list(engine.step_log), None
     snaps = list(notes)
@@ -177,7 +178,8 @@ async def measure_engine(args, parts: collections.Counter | None) -> dict:
     waves = []
     try:
         for w in range(args.waves + 1):
-            wave = await one_wave(engine, args, f"w{w}", notes, parts)
+            clients = args.clients if w else (args.warm_clients or args.clients)
+            wave = await one_wave(engine, args, f"w{w}", notes, parts, clients)
             print(
                 f"wave {w}: {wave['steps']} steps, median {wave['median_ms']} ms, TTFT p50 {wave['ttft_p50_ms']} ms, "
                 f"{len(wave['long'])} long ({wave['long_ms']} ms)",
@@ -243,6 +245,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--limits", action="store_true", help="MLX's memory and cache limits as a replica sets them")
     p.add_argument(
         "--cache-share", type=float, help="with --limits: MLX's cache limit as this share of the footprint instead"
+    )
+    p.add_argument(
+        "--warm-clients",
+        type=int,
+        help="the first (uncounted) wave's clients: e.g. 64 before lone requests, as in accel",
     )
     p.add_argument("--beside", choices=["none", "serve"], default="none", help="a server idling beside")
     p.add_argument("--out", help="write the JSON here too")
