@@ -6,11 +6,7 @@
 #   3.   the accelerator table, ours only (python -m benchmarks accel "$@"), if arguments are given.
 # Each stage time-boxed; JSON and logs under $OUT.
 set -uo pipefail
-code=$(cd "$(dirname "$0")/../.." && pwd)
-export PYTHONPATH=/tmp/site:$code PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
-cd "$code"
-out=${OUT:-/tmp/cache-out}
-mkdir -p "$out"
+. "$(dirname "$0")/on-device.sh" cache
 ray stop --force >/dev/null 2>&1
 long() {  # name timeout args...
   local name=$1 limit=$2

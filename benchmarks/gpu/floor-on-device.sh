@@ -7,11 +7,7 @@
 #   3. what the engine's long steps coincide with (benchmarks.lab.long_steps), 64 clients.
 # JSON and logs under $OUT.
 set -uo pipefail
-code=$(cd "$(dirname "$0")/../.." && pwd)
-export PYTHONPATH=/tmp/site:$code PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
-cd "$code"
-out=${OUT:-/tmp/floor-out}
-mkdir -p "$out"
+. "$(dirname "$0")/on-device.sh" floor
 ray stop --force >/dev/null 2>&1
 echo "== serve_floor, Ray's proxy"
 timeout "${FLOOR_S:-60}" python3 -m benchmarks.lab.serve_floor --clients 1 5 16 64 --waves 4 \

@@ -7,11 +7,7 @@
 #   - speculation off vs ngram at 1 and 5 clients, with the engine's steps per wave
 #     (python -m benchmarks speculative).
 set -uo pipefail
-code=$(cd "$(dirname "$0")/../.." && pwd)
-export PYTHONPATH=/tmp/site:$code PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
-cd "$code"
-out=${OUT:-/tmp/lab-out}
-mkdir -p "$out"
+. "$(dirname "$0")/on-device.sh" lab
 model=${MODEL:-synthetic:qwen3-0.6b-8bit}
 log=$out/lab.log
 for join in 32 16 4; do

@@ -10,11 +10,7 @@
 #        without and with the limits;
 #   6.   a lone request in the join-step lab (the scheduler on one thread, no asyncio).
 set -uo pipefail
-code=$(cd "$(dirname "$0")/../.." && pwd)
-export PYTHONPATH=/tmp/site:$code PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
-cd "$code"
-out=${OUT:-/tmp/steps-out}
-mkdir -p "$out"
+. "$(dirname "$0")/on-device.sh" steps
 ray stop --force >/dev/null 2>&1
 stage() {  # name args...
   local name=$1

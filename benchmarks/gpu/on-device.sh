@@ -1,0 +1,9 @@
+# Sourced by the on-device scripts that run after accel-on-device.sh installed the wheels into
+# /tmp/site: `. "$(dirname "$0")/on-device.sh" NAME`. Sets `code` (the carried checkout, also the
+# working directory), the environment (PYTHONPATH, PATH, unbuffered output, no Ray usage stats) and
+# `out` ($OUT, or /tmp/NAME-out when run by hand), created.
+code=$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)
+export PYTHONPATH=/tmp/site:$code PATH=/tmp/site/bin:$PATH PYTHONUNBUFFERED=1 RAY_USAGE_STATS_ENABLED=0
+cd "$code" || exit 1
+out=${OUT:-/tmp/$1-out}
+mkdir -p "$out"
