@@ -177,8 +177,8 @@ class EmbeddingServer(GovernedReplica):
 
     def check_health(self) -> None:
         """Ray Serve's health hook: a stopped engine, or an engine call that hangs, fails it."""
-        if self.engine is None:
-            raise RuntimeError(f"embedding model {self.name} is shut down")
+        if self.engine is None:  # stopping (an unload, keep_alive): not unhealthy
+            return
         busy = self._busy_since
         limit = HUNG_BASE_S + HUNG_PER_INPUT_S * self._busy_inputs
         if busy is not None and time.monotonic() - busy > limit:

@@ -248,6 +248,8 @@ class ModelServer(GovernedReplica):
         ReplicaActor.record_routing_stats for an operator and the router's status reads): where this
         replica runs, what it served, its engine stats (`engine`, what `stats` returns), and with
         prefix-affinity routing, the prompt prefixes its cache holds (`prefixes`)."""
+        if self.engine is None:  # stopping: nothing to report
+            return {}
         engine = self.stats()
         cache = engine.get("cache") or {}
         stats = {
@@ -280,8 +282,10 @@ class ModelServer(GovernedReplica):
             log.debug("model %s: no prefix report this time (%s)", self.name, type(exc).__name__)
 
     def check_health(self) -> None:
-        """Ray Serve's health hook: raising marks the replica unhealthy and Serve replaces it."""
-        self.engine.check_health()
+        """Ray Serve's health hook: raising marks the replica unhealthy and Serve replaces it. A
+        replica whose engine was shut down is stopping (an unload, keep_alive): not unhealthy."""
+        if self.engine is not None:
+            self.engine.check_health()
 
     def shutdown_engine(self) -> None:
         """Stop the engine (running requests end, the disk KV cache's queue is written)."""

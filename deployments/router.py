@@ -297,9 +297,17 @@ class RouterCore:
     async def model_stats(self, name: str, timeout_s: float) -> dict[str, Any]:
         """A loaded model's engine stats, read from a replica actor, so that the read is no request
         the governor counts as use (deployments.replica_status)."""
-        if self._names_known(name):
+        if not self._names_known(name):
+            return await self.models[name].stats(timeout_s=timeout_s)
+        try:
             return await self._from_replicas(name, self.replica_status.stats, timeout_s)
-        return await self.models[name].stats(timeout_s=timeout_s)
+        except ReplicaGone:
+            raise ApiError(
+                503,
+                f"model {name!r} stopped while its stats were read (it is unloading); retry",
+                type="server_error",
+                code="model_unloading",
+            ) from None
 
     async def model_health(self, name: str, timeout_s: float) -> None:
         """A loaded model's health checks, every replica's, the same way as `model_stats`; a model

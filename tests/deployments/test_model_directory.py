@@ -278,3 +278,16 @@ async def test_status_reads_go_to_the_replica_actors_not_through_the_handle():
         health = (await client.get("/health")).json()
     assert health == {"status": "ok", "models": {"m1": "unloading"}}
     assert getattr(core.models["m1"], "health_calls", 0) == 0  # never through the handle
+
+
+async def test_a_model_whose_replicas_stopped_under_a_stats_read_is_a_503_not_a_500():
+    """The directory still lists a replica that has stopped (its last poll was before the stop):
+    the cache card's read finds no replica even after a fresh poll, and says so."""
+    client, core = governed_client({"m1": {"RUNNING": 1}}, m1=FakeClient("m1"))
+    deps = core.directory._read_status().applications["orchard"].deployments
+    deps["model-m1"].running_actors = ["SERVE_REPLICA::orchard#model-m1#a"]
+    core.replica_status = FakeReplicas(gone={"SERVE_REPLICA::orchard#model-m1#a"})
+    await core.directory.refresh()
+    async with client:
+        r = await client.get("/v1/models/m1/cache")
+    assert r.status_code == 503 and r.json()["error"]["code"] == "model_unloading", r.text
