@@ -9,9 +9,11 @@ stats: the replica actor's `check_health` and `record_routing_stats`, which run 
 hooks of the same names (ModelServer's routing stats carry its engine stats under "engine") and
 count as no request.
 
-The running replicas' actor names come from the router's ModelDirectory (Ray's serve details);
-a model it does not know as loaded, or a replica gone since its last poll, is read through the
-handle as before (the caller's fallback)."""
+The running replicas' actor names come from the router's ModelDirectory (Ray's serve details).
+A replica gone since its last poll raises ReplicaGone; the router (RouterCore.model_stats and
+.model_health) then polls again and reads once more, and reports a model that has meanwhile
+unloaded by its state. Only a model whose actor names the directory does not have (no governor)
+is read through the handle."""
 
 from __future__ import annotations
 
