@@ -19,10 +19,4 @@ long() {  # name timeout args...
 }
 long cache_share 240  # the first run also builds the synthetic model (~2 min on a fresh machine)
 long cache_quarter 90 --cache-share 0.25
-if [ $# -gt 0 ]; then
-  echo "== accel $*"
-  timeout "${ACCEL_S:-240}" python3 -m benchmarks accel --workdir /tmp/cache-accel --out "$out/accel.json" "$@" \
-    >"$out/accel.log" 2>&1
-  echo "exit $?"
-  grep -A 8 -E '^\| (clients|target)' "$out/accel.log" | cut -c1-300
-fi
+accel_stage /tmp/cache-accel "$@"

@@ -17,13 +17,7 @@ echo "== serve_floor, HAProxy"
 RAY_SERVE_ENABLE_HA_PROXY=1 RAY_SERVE_HAPROXY_MAXCONN=1000 timeout "${FLOOR_S:-60}" python3 -m benchmarks.lab.serve_floor \
   --clients 1 5 16 64 --waves 4 --ingress-replicas 4 --out "$out/floor_haproxy.json" >"$out/floor_haproxy.log" 2>&1; grep '^|' "$out/floor_haproxy.log"
 ray stop --force >/dev/null 2>&1; pkill -x haproxy 2>/dev/null
-if [ $# -gt 0 ]; then
-  echo "== accel $*"
-  timeout "${ACCEL_S:-300}" python3 -m benchmarks accel --workdir /tmp/floor-accel --out "$out/accel.json" "$@" \
-    > "$out/accel.log" 2>&1
-  echo "exit $?"
-  grep -A 12 -E '^\| (clients|target)' "$out/accel.log" | cut -c1-300
-fi
+accel_stage /tmp/floor-accel "$@"
 echo "== long_steps"
 timeout "${LONG_S:-90}" python3 -m benchmarks.lab.long_steps --clients 64 --waves 4 --out "$out/long_steps.json" \
   >"$out/long_steps.log" 2>&1; grep -E '^\||^wave|^step' "$out/long_steps.log" | head -60
