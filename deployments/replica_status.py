@@ -18,11 +18,13 @@ is read through the handle."""
 from __future__ import annotations
 
 import asyncio
+from collections import OrderedDict
 from typing import Any
 
 import ray
 
 SERVE_NAMESPACE = "serve"  # ray.serve._private.constants.SERVE_NAMESPACE
+MAX_ACTORS = 256  # handles kept (LRU): every load starts a replica of a new name
 
 
 class ReplicaGone(Exception):
@@ -30,10 +32,10 @@ class ReplicaGone(Exception):
 
 
 class ReplicaStatus:
-    """Actor handles by name (a lookup asks the GCS, once per replica)."""
+    """Actor handles by name (a lookup asks the GCS, once per replica; the latest MAX_ACTORS kept)."""
 
     def __init__(self):
-        self._actors: dict[str, Any] = {}
+        self._actors: OrderedDict[str, Any] = OrderedDict()
 
     async def _actor(self, name: str):
         actor = self._actors.get(name)
@@ -43,6 +45,9 @@ class ReplicaStatus:
             except ValueError:  # replaced since the directory's last poll
                 return None
             self._actors[name] = actor
+            while len(self._actors) > MAX_ACTORS:
+                self._actors.popitem(last=False)
+        self._actors.move_to_end(name)
         return actor
 
     async def _call(self, name: str, method: str, timeout_s: float):

@@ -254,6 +254,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--beside", choices=["none", "serve"], default="none", help="a server idling beside")
     p.add_argument("--out", help="write the JSON here too")
     args = p.parse_args(argv)
+    if args.cache_share is not None and not args.limits:
+        p.error("--cache-share changes the cache limit that --limits sets: give --limits too")
     doc = asyncio.run(measure(args))
     emit(doc, table(doc), args.out)
 
