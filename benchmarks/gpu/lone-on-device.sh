@@ -9,8 +9,9 @@
 #   lone_warm64       after one 64-client wave
 #   lone_beside       a `serve run` of the same model idling beside
 #   lone_warm64_beside both
+#   lone_pool         the KV pool grown to 6,000 blocks (~11 GB) first, as accel's waves leave it
 # then, with ARGS, `python -m benchmarks accel ARGS` (accel_stage; e.g. --clients 1 --rounds 2
-# --waves 4 --hops --peers). JSON under $OUT (5 files, the accel log a sixth), the stages' tables on
+# --waves 4 --hops --peers). JSON under $OUT (6 files, the accel log a seventh), the stages' tables on
 # stdout. The first stage builds the synthetic model on a fresh machine (~150 s): FIRST_S boxes it.
 set -uo pipefail
 . "$(dirname "$0")/on-device.sh" lone
@@ -30,4 +31,5 @@ stage "${FIRST_S:-300}" lone_plain
 stage "${STAGE_S:-120}" lone_warm64 --warm-clients 64
 stage "${STAGE_S:-120}" lone_beside --beside serve
 stage "${STAGE_S:-120}" lone_warm64_beside --warm-clients 64 --beside serve
+stage "${STAGE_S:-120}" lone_pool --grow-pool 6000
 accel_stage "$(mktemp -d)" "$@"

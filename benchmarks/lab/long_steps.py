@@ -21,7 +21,8 @@ accel`, whose engine-alone waves had 4-14 long steps where this lab had one. `--
 memory and cache limits set as a model replica sets them (engine.memory.apply_process_limits, which
 accel's engine row applies too); `--cache-share 0.25` with it: the cache limit a replica set before
 2026-12-08 (a quarter of its share). `--warm-clients 64 --clients 1`: lone requests after a wide
-wave, as accel's engine row meets them (its warm-up runs every width first).
+wave, as accel's engine row meets them (its warm-up runs every width first). `--grow-pool 3000`:
+the KV pool grown to 3,000 blocks after the warm wave (accel's waves leave it large).
 """
 
 from __future__ import annotations
@@ -174,7 +175,14 @@ async def measure_engine(args, parts: collections.Counter | None) -> dict:
         limits["cache_limit"] = int(engine.footprint.total * args.cache_share)
         mx.set_cache_limit(limits["cache_limit"])
     notes: list = []
-    after_each_step(engine.scheduler, lambda: notes.append(snapshot(engine, parts)))
+    grow: list[int] = []  # a pool size to grow to, on the engine's thread, after the step at hand
+
+    def after_step() -> None:
+        if grow:
+            engine.scheduler.cache.pool._grow(grow.pop(), None)
+        notes.append(snapshot(engine, parts))
+
+    after_each_step(engine.scheduler, after_step)
     waves = []
     try:
         for w in range(args.waves + 1):
@@ -187,6 +195,9 @@ async def measure_engine(args, parts: collections.Counter | None) -> dict:
             )
             if w:
                 waves.append(wave)
+            elif args.grow_pool:  # between the warm wave and the counted ones, in a request of its own
+                grow.append(args.grow_pool)
+                await engine_request(engine, prompt_text("grow"), 2)
     finally:
         engine.shutdown()
     tally = collections.Counter(" + ".join(x["what"]) for wave in waves for x in wave["long"])
@@ -197,6 +208,7 @@ async def measure_engine(args, parts: collections.Counter | None) -> dict:
         "beside": args.beside,
         "limits": limits,  # MLX's memory and cache limits, as a model replica sets them (--limits)
         "footprint_bytes": engine.footprint.total,
+        "pool_blocks": engine.scheduler.cache.pool.num_blocks,
         "mlx_memory": {"peak": mx.get_peak_memory(), "active": mx.get_active_memory(), "cache": mx.get_cache_memory()},
         "waves": waves,
         "tally": dict(tally),
@@ -250,6 +262,11 @@ def main(argv: list[str] | None = None) -> None:
         "--warm-clients",
         type=int,
         help="the first (uncounted) wave's clients: e.g. 64 before lone requests, as in accel",
+    )
+    p.add_argument(
+        "--grow-pool",
+        type=int,
+        help="after the warm wave, grow the KV block pool to this many blocks (a cost that scales with it)",
     )
     p.add_argument("--beside", choices=["none", "serve"], default="none", help="a server idling beside")
     p.add_argument("--out", help="write the JSON here too")
