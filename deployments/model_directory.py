@@ -211,10 +211,10 @@ def _serve_status():
     """Ray Serve's status as `serve.status()` gives it, read from the controller's details dict.
 
     `serve.status()` parses that dict into pydantic models, and parsing a deployment's request-router
-    config cloudpickles the router class by value (Ray 2.60), walking every module loaded: measured
-    on the 2-core box under load, 0.15 s of the router's GIL a poll, a quarter of all it held. The
-    same dict read as it is costs the router ~1 ms. Ray pinned (pyproject); a Ray without this
-    client method gets `serve.status()`.
+    config cloudpickles the router class by value (Ray 2.60), walking every module loaded: on a
+    busy 2-core host, a quarter of all the GIL the router held (the lab notebook); the same dict
+    read as it is costs almost nothing. Ray pinned (pyproject); a Ray without this client method
+    gets `serve.status()`.
     """
     from ray.serve.context import _get_global_client
 

@@ -3,23 +3,19 @@
 Woken from idle by a request, the loop keeps taking requests while each next one follows within a
 *gap*, for a *window* at most, so that requests sent together share one prompt chunk and one
 decode step. Every request admitted a step later costs a step that takes newcomers (a prompt
-chunk plus the first decode of a changed batch: 1.4-1.8x a steady step on an H100, and that step
-holds back the rows already decoding), and through `serve run` a burst reaches the engine spread
-over milliseconds (the router, the handle hop).
+chunk plus the first decode of a changed batch, which holds back the rows already decoding), and
+through `serve run` a burst reaches the engine spread over milliseconds (the router, the handle
+hop).
 
-The gap is short (`ARRIVAL_GAP_S`) for a lone request, which waits it in full: a user who sends
-one request at a time pays 0.5 ms. It is longer (`BURST_GAP_S`) once the traffic comes in bursts:
-in this gathering after a second request, or from the start when more than one request arrived
-within the window of the last wake-up (seen by the steps that followed it).
+The gap is short (`ARRIVAL_GAP_S`) for a lone request, which waits it in full. It is longer
+(`BURST_GAP_S`) once the traffic comes in bursts: in this gathering after a second request, or
+from the start when more than one request arrived within the window of the last wake-up (seen by
+the steps that followed it).
 
-On CUDA a batch whose rows joined at different steps is padded for as long as they all run, and
-a padded decode step is ~15-20% slower there (MLX's fused attention kernel takes no array mask:
-docs/lab-notebook.md, *Unmasked when nothing is padded*), so a burst split over two steps costs
-more than its join step. Behind `serve run` on an H100 (the notebook's *A burst in one step*) a
-16-client burst reached the engine over ~60 ms and a 64-client one over ~100-130 ms, a request
-every 1-2 ms with gaps of a few: a 2 ms gap and a 25 ms window admitted them in 2-3 steps and
-padded 98% of the decode steps; 5 ms and 150 ms admitted every 16-client wave in one step
-(nothing padded) and half the 64-client waves. The lone request's 0.5 ms is unchanged.
+On CUDA a batch whose rows joined at different steps is padded for as long as they all run, and a
+padded decode step is slower there (MLX's fused attention kernel takes no array mask), so a burst
+split over two steps costs more than its join step. The defaults are what admitted `serve run`'s
+bursts in one step on an H100 (the lab notebook's *A burst in one step*).
 
 `ORCHARD_ARRIVAL_GAP_MS`, `ORCHARD_BURST_GAP_MS` and `ORCHARD_ARRIVAL_WINDOW_MS` in a replica's
 environment set them (for measuring them).

@@ -175,9 +175,8 @@ def apply_process_limits(share_bytes: int) -> dict:
     stay within the share, as MLX's own default (cache limit = memory limit) keeps them within its
     limit. A smaller cache limit costs speed and saves nothing the budget counts: a decode batch
     whose working copies grow frees buffers of the old sizes every few steps, and on CUDA each free
-    over the limit is a cudaFree that waits for the device. With a quarter of the share, an H100
-    took 8-17 steps of twice the median in a 64-client wave, against one without
-    (benchmarks.lab.long_steps --limits, docs/lab-notebook.md, 2026-12-08)."""
+    over the limit is a cudaFree that waits for the device (measured: the lab notebook's *MLX's
+    cache limit made the long steps*)."""
     import mlx.core as mx
 
     limits = {"memory_limit": share_bytes, "cache_limit": share_bytes}

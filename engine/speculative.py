@@ -48,8 +48,8 @@ EXPLORE = 64  # a verify step that does not pay is still taken once in this many
 FAIR = 0.9  # a verify step may slow no row's own token rate below this share of a plain step's
 # In a pipelined loop (a GPU) a verify step must promise this much more of the batch's tokens a
 # second than a plain step: it also stops the overlap of host and device, which its measurement
-# sees only in part (on an H100 the synthetic model's verify steps, taken at par, cost 0.89-0.96x
-# of decoding without them). An unpipelined loop (the CPU) takes a verify step at par.
+# sees only in part (verify steps taken at par made decoding slower: the lab notebook's
+# *Speculation on the H100*). An unpipelined loop (the CPU) takes a verify step at par.
 PIPELINED_MARGIN = 1.25
 
 

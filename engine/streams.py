@@ -11,10 +11,9 @@ with `next_output(not_before)`: until `not_before` only a last output or an erro
 the loop thread merges the steps in between and wakes nobody; the reader's own timer wakes it when
 its window ends (on one grid for every stream: deployments.model_server.window_end, so one
 event-loop wake-up serves them all), and a stream with nothing to send then is woken by the first
-step after. With a step every 6 ms and a 30 ms window, a stream's reader wakes once per window
-instead of once per step, and the replica's event loop no longer runs every step for every
-stream: it shares the GIL with the engine's loop thread, whose steps each of its wake-ups would
-slow down.
+step after. So a stream's reader wakes once per window instead of once per step, and the
+replica's event loop does not run every step for every stream: it shares the GIL with the
+engine's loop thread, whose steps each of its wake-ups would slow down.
 """
 
 from __future__ import annotations

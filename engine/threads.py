@@ -16,16 +16,16 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 GIL_SWITCH_ENV = "ORCHARD_GIL_SWITCH_INTERVAL_MS"
-GIL_SWITCH_MS = 0.0  # Python's own (5 ms) until an accelerator run measures 0.5 (lab notebook, issue 36)
+GIL_SWITCH_MS = 0.0  # Python's own: a shorter one measured no gain (the lab notebook, issue 36)
 
 
 def share_gil_with_engine() -> float:
     """Shorten Python's GIL switch interval in a process whose engine loop thread shares the GIL
     with an event loop (a model replica: Ray Serve's loop relays the streams). Every step, the loop
-    thread drops the GIL while MLX evaluates, and then needs it back; with the default 5 ms interval
-    it waits up to 5 ms for a busy event loop to let go, which is most of a 7 ms decode step on a
-    GPU. `ORCHARD_GIL_SWITCH_INTERVAL_MS` sets it (0, the default until it is measured on an
-    accelerator: Python's own). Returns the interval in force, in seconds."""
+    thread drops the GIL while MLX evaluates, and then needs it back; it may wait up to the switch
+    interval for a busy event loop to let go, which on a GPU is as long as a decode step.
+    `ORCHARD_GIL_SWITCH_INTERVAL_MS` sets it (0, the default: Python's own). Returns the interval
+    in force, in seconds."""
     ms = float(os.environ.get(GIL_SWITCH_ENV, GIL_SWITCH_MS))
     if ms > 0:
         sys.setswitchinterval(ms / 1000.0)

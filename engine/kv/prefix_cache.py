@@ -12,7 +12,7 @@ the one sharing the longest run of tokens with the rest of the prompt: that bloc
 partially (the writer copies it first). A block's children are kept sorted by their tokens, so the
 child sharing the longest run is one of the two beside the prompt's place in that order (a binary
 search): after a system prompt shared by thousands of cached conversations, an admission compares
-two blocks, not every conversation (a scan of 5,000 took 2-3 ms, on the engine's thread). So
+two blocks, not every conversation (a scan of them all would hold the engine's thread). So
 prompts of any length can hit, and a prompt that differs from a cached one inside a block still
 reuses the tokens before the difference.
 
