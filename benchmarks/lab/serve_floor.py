@@ -25,7 +25,50 @@ from ..metrics import percentile
 from ..report import emit, md_table
 
 
-def build_app(ingress_replicas: int):
+class Gathered:
+    """`--gather`: one ingress replica's requests for the sink, sent together. The first request
+    of a quiet moment goes at once, alone; requests that come while a call has not yet reached the
+    sink (its first item, an acknowledgement, is not back) wait and go in the next call, all of
+    them (a group commit). Each request gets its own queue of the call's items."""
+
+    def __init__(self, handle):
+        self.handle = handle.options(stream=True, method_name="generate_many")
+        self.waiting: list[tuple[str, float, asyncio.Queue]] = []
+        self.sending = False
+
+    def submit(self, key: str, sent: float) -> asyncio.Queue:
+        queue: asyncio.Queue = asyncio.Queue()
+        self.waiting.append((key, sent, queue))
+        if not self.sending:
+            self.sending = True
+            asyncio.get_running_loop().create_task(self._send())
+        return queue
+
+    async def _send(self) -> None:
+        try:
+            while self.waiting:
+                batch, self.waiting = self.waiting, []
+                acked = asyncio.Event()
+                asyncio.get_running_loop().create_task(self._pump(batch, acked))
+                await acked.wait()
+        finally:
+            self.sending = False
+
+    async def _pump(self, batch, acked: asyncio.Event) -> None:
+        queues = [q for *_, q in batch]
+        try:
+            async for i, item in self.handle.remote([(key, sent) for key, sent, _ in batch]):
+                if i < 0:
+                    acked.set()
+                else:
+                    queues[i].put_nowait(item)
+        finally:
+            acked.set()
+            for q in queues:
+                q.put_nowait(None)
+
+
+def build_app(ingress_replicas: int, gather: bool = False):
     from ray import serve
     from starlette.requests import Request
     from starlette.responses import StreamingResponse
@@ -39,6 +82,13 @@ def build_app(ingress_replicas: int):
             self.arrived.append((key, time.time(), sent))
             yield {"key": key, "text": "x"}
 
+        async def generate_many(self, requests: list[tuple[str, float]]):
+            now = time.time()
+            self.arrived.extend((key, now, sent) for key, sent in requests)
+            yield -1, None  # the call reached this replica
+            for i, (key, _) in enumerate(requests):
+                yield i, {"key": key, "text": "x"}
+
         def take(self) -> list[tuple[str, float, float]]:
             out, self.arrived = self.arrived, []
             return out
@@ -47,11 +97,17 @@ def build_app(ingress_replicas: int):
     class Ingress:
         def __init__(self, sink):
             self.sink = sink.options(stream=True, method_name="generate")
+            self.gathered = Gathered(sink) if gather else None
 
         async def __call__(self, request: Request):
             key = request.query_params["key"]
 
             async def body():
+                if self.gathered is not None:
+                    queue = self.gathered.submit(key, time.time())
+                    while (item := await queue.get()) is not None:
+                        yield f"{item['text']}\n"
+                    return
                 async for item in self.sink.remote(key, time.time()):
                     yield f"{item['text']}\n"
 
@@ -79,7 +135,7 @@ async def measure(args) -> dict:
 
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": args.port})
-    serve.run(build_app(args.ingress_replicas), name="floor", route_prefix="/")
+    serve.run(build_app(args.ingress_replicas, args.gather), name="floor", route_prefix="/")
     sink = serve.get_deployment_handle("Sink", app_name="floor")
     url = f"http://127.0.0.1:{args.port}/"
     levels = {}
@@ -105,7 +161,13 @@ async def measure(args) -> dict:
     finally:
         serve.shutdown()
         ray.shutdown()
-    return {"clients": args.clients, "waves": args.waves, "ingress_replicas": args.ingress_replicas, "levels": levels}
+    doc = {
+        "clients": args.clients,
+        "waves": args.waves,
+        "ingress_replicas": args.ingress_replicas,
+        "gather": args.gather,
+    }
+    return {**doc, "levels": levels}
 
 
 def table(doc: dict) -> str:
@@ -130,6 +192,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ingress-replicas", type=int, default=4)
     p.add_argument("--cpus", type=int, default=None, help="Ray's CPU count (default: the machine's)")
     p.add_argument("--port", type=int, default=8123)
+    p.add_argument("--gather", action="store_true", help="each ingress replica sends its waiting requests in one call")
     p.add_argument("--out", help="write the JSON here too")
     args = p.parse_args(argv)
     doc = asyncio.run(measure(args))
