@@ -418,6 +418,12 @@ class RouterConfig(BaseModel):
     )
     retry_after_s: int = Field(1, ge=1, le=3600, description="Retry-After seconds sent with 503 responses.")
     num_replicas: int = Field(1, ge=1, le=64, description="Router replicas (metrics are per replica).")
+    gather_requests: bool = Field(
+        True,
+        description="Send a model's requests that arrive while the previous call to it is on its way together, "
+        "in one call (a burst pays Ray Serve's per-call cost once). Only for models with one replica; a model "
+        "with several routes each request by itself.",
+    )
     num_cpus: float = Field(0.0, ge=0, description="CPUs Ray reserves per router replica.")
     resources: dict[str, float] = Field(
         default_factory=dict,

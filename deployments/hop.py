@@ -29,6 +29,7 @@ class GenerateRequest:
     sampling: dict[str, Any] = field(default_factory=dict)  # the fields the client set, by SamplingParams' names
     request_id: str | None = None  # the engine's id for the request (the API response's id)
     adapter: str | None = None  # the LoRA adapter of the model to answer with (None: the model itself)
+    trace_key: str | None = None  # the router's id of the request in hop traces (deployments.hop_trace)
 
     def resent(self, attempt: int) -> GenerateRequest:
         """The same request under its own id: a replica that was only unreachable may still hold
@@ -86,6 +87,20 @@ def error_item(exc: OrchardError) -> ErrorItem:
         "error": {"message": exc.message, "type": exc.error_type, "param": exc.param, "code": exc.code},
         "status_code": exc.status_code,
         "retry_after_s": exc.retry_after_s if isinstance(exc, OverloadedError) else None,
+    }
+
+
+def failure_item(model: str, exc: BaseException) -> ErrorItem:
+    """An unexpected failure of one request in the replica, as the router reports one of a call."""
+    return {
+        "error": {
+            "message": f"model {model!r} failed: {type(exc).__name__}",
+            "type": "server_error",
+            "param": None,
+            "code": None,
+        },
+        "status_code": 500,
+        "retry_after_s": None,
     }
 
 

@@ -25,6 +25,7 @@ from ray.serve.exceptions import (
 from engine.request import PromptInput
 
 from .config import RouterConfig
+from .gather import Gatherer
 from .hop import Embeddings, EmbedRequest, GenerateRequest
 from .http.errors import ApiError
 
@@ -232,15 +233,17 @@ async def _wait(response, timeout_s: float):
 
 
 class RayModelClient:
-    """A ModelClient over a ModelServer's DeploymentHandle (the streaming handle is made once)."""
+    """A ModelClient over a ModelServer's DeploymentHandle (the streaming handle is made once).
+    `gather`: requests that come while one is on its way go together (deployments.gather)."""
 
     kind: Literal["chat", "embedding"] = "chat"
 
-    def __init__(self, name: str, handle, config: RouterConfig):
+    def __init__(self, name: str, handle, config: RouterConfig, gather: bool = False):
         self.name = name
         self.deployment = getattr(handle, "deployment_name", None)  # the model's Ray Serve deployment
         self._handle = handle
         self._stream = handle.options(stream=True, method_name="generate")
+        self._gatherer = Gatherer(handle) if gather else None
         self._retry_after_s = config.retry_after_s
 
     async def start(
@@ -253,7 +256,7 @@ class RayModelClient:
         for attempt in range(1, START_ATTEMPTS + 1):
             sent = request if attempt == 1 else request.resent(attempt)
             try:
-                gen = self._stream.remote(sent)
+                gen = self._stream.remote(sent) if self._gatherer is None else self._gatherer.open(sent)
             except Exception as exc:  # noqa: BLE001 - any Ray failure becomes an API error
                 raise ray_error(self.name, exc, self._retry_after_s) from exc
             call = ModelCall(self.name, gen, gen.cancel, started_at, deadline, self._retry_after_s, load_timeout_s)

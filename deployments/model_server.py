@@ -29,8 +29,9 @@ from engine.errors import InvalidRequestError, OrchardError
 from engine.request import PromptInput
 
 from . import hop_trace
+from .gather import serve_gathered
 from .governed import GovernedReplica
-from .hop import Chunk, ErrorItem, GenerateRequest, error_item
+from .hop import Chunk, ErrorItem, GenerateRequest, error_item, failure_item
 from .prefix_residency import PrefixResidency
 
 log = logging.getLogger("ray.serve")
@@ -105,6 +106,7 @@ class ModelServer(GovernedReplica):
         self.max_chunks_per_s = stream_max_chunks_per_s
         self._init_governed()
         self.served = 0  # generate calls taken (record_routing_stats)
+        self._gathered: dict[str, dict[int, asyncio.Task]] = {}  # generate_many's calls: each request's task
         # prefix-affinity routing: what this replica's cache holds, reported to the routers
         self.residency = PrefixResidency(prefix_block_chars) if prefix_block_chars else None
         self._report: dict[str, Any] | None = None
@@ -171,7 +173,7 @@ class ModelServer(GovernedReplica):
                 if first:
                     item["format"], first = stream.format.as_dict(), False
                     if self._trace is not None:
-                        self._trace_first((arrived, submitted), stream, out)
+                        self._trace_first(request.trace_key, (arrived, submitted), stream, out)
                 yield item
         except OrchardError as exc:
             yield error_item(exc)
@@ -185,11 +187,11 @@ class ModelServer(GovernedReplica):
             if self._trace is not None:  # a burst's last steps are written with its last request
                 hop_trace.write_steps(self._trace, self.engine)
 
-    def _trace_first(self, times: tuple[float, float], stream, output) -> None:
+    def _trace_first(self, key: str | None, times: tuple[float, float], stream, output) -> None:
         """The request's hop timestamps (deployments.hop_trace), and the engine's step log so far."""
         self._trace.write(
             {
-                "id": hop_trace.request_key(),
+                "id": key or hop_trace.request_key(),
                 "replica_in": times[0],
                 "submitted": times[1],
                 "admitted": stream.admitted_at,
@@ -199,6 +201,26 @@ class ModelServer(GovernedReplica):
             }
         )
         hop_trace.write_steps(self._trace, self.engine)
+
+    async def generate_many(self, call_id: str, requests: list[GenerateRequest]) -> AsyncIterator[list]:
+        """Several requests in one call (deployments.gather), each run as `generate` runs it: `[]`
+        first, then lists of `(index, item)`."""
+        running = self._gathered[call_id] = {}
+        try:
+            async for items in serve_gathered(
+                self.generate, requests, running, lambda exc: failure_item(self.name, exc)
+            ):
+                yield items
+        finally:
+            self._gathered.pop(call_id, None)
+
+    async def cancel_gathered(self, call_id: str, indices: list[int]) -> None:
+        """End these requests of a `generate_many` call (their clients left); the others go on."""
+        running = self._gathered.get(call_id, {})
+        for i in indices:
+            task = running.get(i)
+            if task is not None:
+                task.cancel()
 
     def _stream_window(self) -> float:
         """Seconds between two chunks of one stream: the configured window, widened when many streams

@@ -203,6 +203,8 @@ class RouterCore:
             request = dataclasses.replace(request, adapter=adapter)
         load_timeout = self.load_timeout(model)
         self.touch(model)
+        if self.trace is not None:  # the replica's trace records take the router's id
+            request = dataclasses.replace(request, trace_key=hop_trace.request_key())
         handle_call = time.time()
         call = await client.start(request, start, start + self.config.request_timeout_s, load_timeout)
         if self.trace is not None:
@@ -479,6 +481,14 @@ def _install_model_routes(app: FastAPI, core: RouterCore, auth) -> None:
         return await core.card(name)
 
 
+def model_client(name: str, handle, config: RouterConfig, facts: ModelFacts | None) -> ModelClient:
+    """The router's client of one model; a chat model with one replica gathers its requests."""
+    if facts is not None and facts.kind == "embedding":
+        return RayEmbeddingClient(name, handle, config)
+    gather = config.gather_requests and facts is not None and facts.replicas == 1
+    return RayModelClient(name, handle, config, gather=gather)
+
+
 @serve.deployment(ray_actor_options={"num_cpus": 0}, max_ongoing_requests=512)
 @serve.ingress()
 class OrchardRouter:
@@ -494,11 +504,8 @@ class OrchardRouter:
         store: Any = None,
     ):
         config = RouterConfig.model_validate(router)
-        kinds = {name: ModelFacts.model_validate(f).kind for name, f in (facts or {}).items()}
-        clients = {
-            name: (RayEmbeddingClient if kinds.get(name) == "embedding" else RayModelClient)(name, h, config)
-            for name, h in models.items()
-        }
+        known = {name: ModelFacts.model_validate(f) for name, f in (facts or {}).items()}
+        clients = {name: model_client(name, h, config, known.get(name)) for name, h in models.items()}
         directory = None
         if facts is not None:
             directory = ModelDirectory(
@@ -508,7 +515,7 @@ class OrchardRouter:
                 app_name=serve.get_replica_context().app_name,
             )
         store_client = StoreClient(HandleBackend(store)) if store else None
-        adapters = adapter_routes({n: ModelFacts.model_validate(f) for n, f in (facts or {}).items()})
+        adapters = adapter_routes(known)
         self.core = RouterCore(config, clients, directory, store_client, adapters)
         names = ", ".join([*self.core.models, *(f"{a} (adapter of {r.base})" for a, r in adapters.items())])
         log.info("router ready for models: %s", names)
