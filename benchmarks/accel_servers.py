@@ -47,11 +47,15 @@ class Server:
         return self.log.read_text(errors="replace")[-chars:]
 
 
-def serve_yaml(source: str, max_num_seqs: int, router_replicas: int = 1) -> str:
+def serve_yaml(source: str, max_num_seqs: int, router_replicas: int = 1, gather: bool = True) -> str:
     """The YAML of `serve run` for one model: every setting default but the model, a batch as wide
     as the widest client wave, and `allow_ignore_eos` (every request makes max_tokens tokens);
-    `router_replicas` > 1: that many router replicas (`router.num_replicas`)."""
-    router = f"      router:\n        num_replicas: {router_replicas}\n" if router_replicas > 1 else ""
+    `router_replicas` > 1: that many router replicas (`router.num_replicas`); `gather` False: each
+    request its own handle call (`router.gather_requests`)."""
+    options = (f"        num_replicas: {router_replicas}\n" if router_replicas > 1 else "") + (
+        "" if gather else "        gather_requests: false\n"
+    )
+    router = f"      router:\n{options}" if options else ""
     return f"""proxy_location: HeadOnly
 http_options:
   host: 127.0.0.1
@@ -126,9 +130,9 @@ def ray_stop() -> None:
     subprocess.run([PY, "-c", RAY_CLI, "stop", "--force"], cwd=ROOT, capture_output=True, timeout=120)
 
 
-def write_yaml(source: str, max_num_seqs: int, workdir: Path, router_replicas: int = 1) -> Path:
+def write_yaml(source: str, max_num_seqs: int, workdir: Path, router_replicas: int = 1, gather: bool = True) -> Path:
     config = workdir / "accel_serve.yaml"
-    config.write_text(serve_yaml(source, max_num_seqs, router_replicas))
+    config.write_text(serve_yaml(source, max_num_seqs, router_replicas, gather))
     return config
 
 

@@ -493,7 +493,7 @@ async def main_async(args) -> dict:
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="accel-"))
     workdir.mkdir(parents=True, exist_ok=True)
     source = local_source(args.model, default_cache_dir())  # the peers load a directory: the same one
-    config = servers.write_yaml(source, max(args.clients), workdir, args.router_replicas)
+    config = servers.write_yaml(source, max(args.clients), workdir, args.router_replicas, not args.no_gather)
     engine_config = check_serve_config(str(config))[0].models[0].engine
     doc = {"machine": machine_info(), "model": args.model, "source": source, "clients": args.clients}
     doc.update({"max_tokens": args.max_tokens, "waves": args.waves, "rounds": args.rounds})
@@ -561,6 +561,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--staggered", action="store_true", help="with --hops: also the engine fed serve run's measured arrival offsets"
     )
     p.add_argument("--router-replicas", type=int, default=1, help="serve run's router replicas")
+    p.add_argument("--no-gather", action="store_true", help="serve run's router sends each request in its own call")
     p.add_argument(
         "--client-procs",
         type=int,

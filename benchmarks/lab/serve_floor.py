@@ -10,8 +10,10 @@ The same shape as our app, with no model: an ingress deployment (`--ingress-repl
 proxy in front) that streams what it gets from a handle to one `Sink` replica, whose generator
 notes when each request arrived (time.time()) and yields one small chunk. Per client count: the
 sink's arrival spread per wave (last minus first, ms), the client's time to that chunk (p50 / p99),
-and the handle hop (ingress call to sink arrival, ms p50 / p99). Starts its own Ray (a local
-cluster in this process): run it where no other Ray runs. `--port` keeps it off 8000.
+and the handle hop (ingress call to sink arrival, ms p50 / p99). `--gather`: the ingress sends its
+requests as the router does by default (deployments.gather: those that come while its last call
+is on its way go together, in one call). Starts its own Ray (a local cluster in this process):
+run it where no other Ray runs. `--port` keeps it off 8000.
 """
 
 from __future__ import annotations
@@ -25,49 +27,6 @@ from ..metrics import percentile
 from ..report import emit, md_table
 
 
-class Gathered:
-    """`--gather`: one ingress replica's requests for the sink, sent together. The first request
-    of a quiet moment goes at once, alone; requests that come while a call has not yet reached the
-    sink (its first item, an acknowledgement, is not back) wait and go in the next call, all of
-    them (a group commit). Each request gets its own queue of the call's items."""
-
-    def __init__(self, handle):
-        self.handle = handle.options(stream=True, method_name="generate_many")
-        self.waiting: list[tuple[str, float, asyncio.Queue]] = []
-        self.sending = False
-
-    def submit(self, key: str, sent: float) -> asyncio.Queue:
-        queue: asyncio.Queue = asyncio.Queue()
-        self.waiting.append((key, sent, queue))
-        if not self.sending:
-            self.sending = True
-            asyncio.get_running_loop().create_task(self._send())
-        return queue
-
-    async def _send(self) -> None:
-        try:
-            while self.waiting:
-                batch, self.waiting = self.waiting, []
-                acked = asyncio.Event()
-                asyncio.get_running_loop().create_task(self._pump(batch, acked))
-                await acked.wait()
-        finally:
-            self.sending = False
-
-    async def _pump(self, batch, acked: asyncio.Event) -> None:
-        queues = [q for *_, q in batch]
-        try:
-            async for i, item in self.handle.remote([(key, sent) for key, sent, _ in batch]):
-                if i < 0:
-                    acked.set()
-                else:
-                    queues[i].put_nowait(item)
-        finally:
-            acked.set()
-            for q in queues:
-                q.put_nowait(None)
-
-
 def build_app(ingress_replicas: int, gather: bool = False):
     from ray import serve
     from starlette.requests import Request
@@ -77,17 +36,27 @@ def build_app(ingress_replicas: int, gather: bool = False):
     class Sink:
         def __init__(self):
             self.arrived: list[tuple[str, float]] = []
+            self.running: dict[str, dict] = {}  # generate_many's calls (deployments.gather)
 
         async def generate(self, key: str, sent: float):
             self.arrived.append((key, time.time(), sent))
             yield {"key": key, "text": "x"}
 
-        async def generate_many(self, requests: list[tuple[str, float]]):
-            now = time.time()
-            self.arrived.extend((key, now, sent) for key, sent in requests)
-            yield -1, None  # the call reached this replica
-            for i, (key, _) in enumerate(requests):
-                yield i, {"key": key, "text": "x"}
+        async def generate_many(self, call_id: str, requests: list[tuple[str, float]]):
+            from deployments.gather import serve_gathered
+
+            running = self.running[call_id] = {}
+            try:
+                async for items in serve_gathered(lambda r: self.generate(*r), requests, running, repr):
+                    yield items
+            finally:
+                self.running.pop(call_id, None)
+
+        async def cancel_gathered(self, call_id: str, indices: list[int]) -> None:
+            for i in indices:
+                task = self.running.get(call_id, {}).get(i)
+                if task is not None:
+                    task.cancel()
 
         def take(self) -> list[tuple[str, float, float]]:
             out, self.arrived = self.arrived, []
@@ -97,15 +66,18 @@ def build_app(ingress_replicas: int, gather: bool = False):
     class Ingress:
         def __init__(self, sink):
             self.sink = sink.options(stream=True, method_name="generate")
-            self.gathered = Gathered(sink) if gather else None
+            self.gathered = None
+            if gather:
+                from deployments.gather import Gatherer
+
+                self.gathered = Gatherer(sink)
 
         async def __call__(self, request: Request):
             key = request.query_params["key"]
 
             async def body():
                 if self.gathered is not None:
-                    queue = self.gathered.submit(key, time.time())
-                    while (item := await queue.get()) is not None:
+                    async for item in self.gathered.open((key, time.time())):
                         yield f"{item['text']}\n"
                     return
                 async for item in self.sink.remote(key, time.time()):
@@ -192,7 +164,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ingress-replicas", type=int, default=4)
     p.add_argument("--cpus", type=int, default=None, help="Ray's CPU count (default: the machine's)")
     p.add_argument("--port", type=int, default=8123)
-    p.add_argument("--gather", action="store_true", help="each ingress replica sends its waiting requests in one call")
+    p.add_argument(
+        "--gather", action="store_true", help="the ingress gathers its requests into calls as the router does"
+    )
     p.add_argument("--out", help="write the JSON here too")
     args = p.parse_args(argv)
     doc = asyncio.run(measure(args))
