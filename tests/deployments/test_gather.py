@@ -212,3 +212,28 @@ def test_a_ray_failure_of_the_call_is_every_request_s_failure():
         return out
 
     assert asyncio.run(main()) == [[], []]
+
+
+def test_the_router_gathers_only_for_chat_models_with_one_replica_unless_told_not_to():
+    from deployments.config import RouterConfig
+    from deployments.router import model_client
+    from deployments.settings import ModelFacts
+
+    def facts(replicas: int, kind: str = "chat") -> ModelFacts:
+        return ModelFacts(
+            deployment="d",
+            kind=kind,
+            load="eager",
+            keep_alive_s=None,
+            load_timeout_s=60,
+            footprint_bytes=1,
+            replicas=replicas,
+        )
+
+    def gathers(config: RouterConfig, f: ModelFacts) -> bool:
+        return getattr(model_client("m", Handle(Replica()), config, f), "_gatherer", None) is not None
+
+    assert gathers(RouterConfig(), facts(1))
+    assert not gathers(RouterConfig(), facts(2))  # several replicas: each request routed by itself
+    assert not gathers(RouterConfig(gather_requests=False), facts(1))
+    assert not gathers(RouterConfig(), facts(1, "embedding"))
