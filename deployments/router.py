@@ -20,6 +20,8 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from ray import serve
+from ray.exceptions import TaskCancelledError
+from ray.serve.exceptions import RequestCancelledError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from . import hop_trace, output
@@ -400,6 +402,9 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(_request: Request, exc: Exception):
+        if isinstance(exc, (TaskCancelledError, RequestCancelledError)):  # its client left: nobody to answer
+            log.debug("a request was cancelled: %r", exc)
+            return openai_error_response(ApiError(499, "the request was cancelled", type="server_error"))
         log.exception("unexpected error in the router")
         return openai_error_response(ApiError(500, f"internal error: {type(exc).__name__}", type="server_error"))
 

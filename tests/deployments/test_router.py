@@ -230,3 +230,42 @@ async def test_closing_an_openai_sse_body_closes_the_batches():
     assert (await body.__anext__()).startswith(b"data: {")
     await body.aclose()
     assert closed == [True]
+
+
+def test_a_request_ray_cancelled_because_its_client_left_is_no_error_in_the_log():
+    """Ray cancels a request whose client disconnected; what surfaces in the router then (a
+    TaskCancelledError) is a 499 for nobody, not an 'unexpected error' with its traceback."""
+    import logging
+
+    import httpx
+    from ray.exceptions import TaskCancelledError
+
+    from deployments.config import RouterConfig
+    from deployments.router import RouterCore, create_app
+
+    class Cancelled(FakeClient):
+        async def start(self, request, started_at, deadline, load_timeout_s=None):
+            raise TaskCancelledError()
+
+    class Errors(logging.Handler):
+        def __init__(self):
+            super().__init__(logging.ERROR)
+            self.records = []
+
+        def emit(self, record):
+            self.records.append(record)
+
+    errors = Errors()
+    logging.getLogger("ray.serve").addHandler(errors)
+
+    async def go():
+        core = RouterCore(RouterConfig(), {"m1": Cancelled("m1")})
+        transport = httpx.ASGITransport(app=create_app(core), raise_app_exceptions=False)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+            return await client.post("/v1/chat/completions", json=CHAT)
+
+    try:
+        r = run(go())
+    finally:
+        logging.getLogger("ray.serve").removeHandler(errors)
+    assert r.status_code == 499 and errors.records == []
