@@ -18,10 +18,15 @@ class _Engine:
         self.aborted.append(request_id)
 
 
-def _engine_thread(stream, loop, n, gap, posts):
-    """Deliver n outputs `gap` seconds apart from another thread; count the reader's wake-ups."""
+def _engine_thread(stream, loop, n, gap, posts, after_reader_waits=False):
+    """Deliver n outputs `gap` seconds apart from another thread; count the reader's wake-ups.
+    `after_reader_waits`: the first only once the reader waits (on a loaded box the thread could
+    otherwise deliver it before the reader's loop first runs, and nobody would be woken for it)."""
 
     def run():
+        deadline = time.monotonic() + 10
+        while after_reader_waits and not stream._waiting and time.monotonic() < deadline:
+            time.sleep(0.0005)
         for i in range(n):
             time.sleep(gap)
             out = RequestOutput("r", f"{i},", [i], finish_reason="length" if i == n - 1 else None)
@@ -39,7 +44,7 @@ def test_a_reader_in_its_window_is_woken_once_per_window_not_once_per_step():
         loop = asyncio.get_running_loop()
         stream, posts, reads = RequestStream(_Engine(), "r", [1]), [], []
         started = time.monotonic()
-        thread = _engine_thread(stream, loop, 40, 0.002, posts)
+        thread = _engine_thread(stream, loop, 40, 0.002, posts, after_reader_waits=True)
         not_before = 0.0
         while True:
             try:
