@@ -186,12 +186,10 @@ async def serve_gathered(
         try:
             async for item in generate(request):
                 queue.put_nowait((i, item))
-        except asyncio.CancelledError:
-            pass  # cancelled alone (cancel_gathered); generate's own cleanup has run
         except Exception as exc:  # noqa: BLE001 - this request's failure, not its neighbours'
             log.exception("a gathered request failed")
             queue.put_nowait((i, on_error(exc)))
-        finally:
+        finally:  # also when cancelled alone (cancel_gathered): the call goes on without it
             queue.put_nowait((i, _END))
 
     for i, request in enumerate(requests):
